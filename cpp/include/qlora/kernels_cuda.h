@@ -1,0 +1,35 @@
+// CUDA entry points of the torch-free kernel library. Each takes device pointers, sizes and the
+// stream to launch on, and returns the launch's error code (cudaSuccess or the first failure).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "qlora/blockwise8.h"
+#include "qlora/float_types.h"
+#include "qlora/nf4.h"
+
+namespace qlora {
+
+// nf4_quantize_cuda.cu: x [n] of `type` -> packed [(n+1)/2] uint8, absmax [ceil(n/blocksize)] fp32.
+cudaError_t nf4_quantize_cuda(const void* x, FloatType type, int64_t n, int64_t blocksize,
+                              uint8_t* packed, float* absmax, cudaStream_t stream);
+
+// nf4_dequantize_cuda.cu: packed + scales -> out [n] of `type`.
+cudaError_t nf4_dequantize_cuda(const uint8_t* packed, const NF4Scales& scales, int64_t n,
+                                int64_t blocksize, void* out, FloatType type,
+                                cudaStream_t stream);
+
+// blockwise8_cuda.cu: x [n] fp32 -> codes [n] uint8, absmax [ceil(n/blocksize)] fp32.
+// code_map is a device pointer to the 256-entry sorted map.
+cudaError_t blockwise8_quantize_cuda(const float* x, int64_t n, const float* code_map,
+                                     int64_t blocksize, uint8_t* codes, float* absmax,
+                                     cudaStream_t stream);
+
+// blockwise8_cuda.cu: codes [n] -> out [n] fp32.
+cudaError_t blockwise8_dequantize_cuda(const uint8_t* codes, const float* absmax,
+                                       const float* code_map, int64_t n, int64_t blocksize,
+                                       float* out, cudaStream_t stream);
+
+}  // namespace qlora

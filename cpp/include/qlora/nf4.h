@@ -1,0 +1,92 @@
+// NF4 blockwise 4-bit quantization, bit-compatible with bitsandbytes (DESIGN.md §3).
+//
+// A weight of n elements is cut into consecutive blocks of `blocksize` elements of its row-major
+// flattening (the last block may be partial). Each block stores absmax = max|x| in fp32, and each
+// element the 4-bit index of the NF4 code nearest to x / absmax (ties to the lower code). Two codes
+// share a byte, the even flat element in the high nibble; an odd n pads the last low nibble with
+// code 7 (0.0). With double quantization the absmax vector is itself stored as 8-bit codes of a
+// dynamic map (blockwise8.h) around an fp32 offset.
+//
+// This header is torch-free: plain pointers and sizes. CPU functions work on a range of blocks so
+// that the caller can split the work over threads; CUDA entry points are in nf4_cuda.h.
+#pragma once
+
+#include <cstdint>
+
+#include "qlora/float_types.h"
+
+#if defined(__CUDACC__)
+#define QLORA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define QLORA_HOST_DEVICE inline
+#endif
+
+namespace qlora {
+
+// The 16 NF4 values, index = 4-bit code (bitsandbytes' literals, which are canonical). A function
+// rather than an array so that device code can fold it (namespace-scope arrays are host-only).
+struct NF4Table {
+  float values[16] = {
+      -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+      -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+      0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+      0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+};
+QLORA_HOST_DEVICE constexpr float nf4_code(int i) { return NF4Table{}.values[i]; }
+
+// Midpoints between neighbouring codes, computed in fp32 exactly as the reference does.
+QLORA_HOST_DEVICE constexpr float nf4_midpoint(int i) { return (nf4_code(i) + nf4_code(i + 1)) / 2.0f; }
+
+// Smallest absmax used as a divisor: an all-zero block then maps to code 7 (0.0) instead of NaN.
+constexpr float kMinAbsmax = 1e-38f;
+
+// Code of a scaled value in [-1, 1]: the number of midpoints strictly below it, so a value exactly
+// on a midpoint takes the lower code. `midpoints` has 15 entries (host array or shared memory).
+QLORA_HOST_DEVICE int nf4_code_of(float scaled, const float* midpoints) {
+  int code = scaled > midpoints[7] ? 8 : 0;
+  code += scaled > midpoints[code + 3] ? 4 : 0;
+  code += scaled > midpoints[code + 1] ? 2 : 0;
+  code += scaled > midpoints[code] ? 1 : 0;
+  return code;
+}
+
+// Where the per-block scales of an NF4 tensor come from.
+struct NF4Scales {
+  // Plain: fp32 absmax per block, [n_blocks].
+  const float* absmax = nullptr;
+  // Double-quantized (absmax == nullptr): 8-bit codes per block [n_blocks], the 256-entry dynamic
+  // map, fp32 scales per group of `nested_blocksize` blocks, and a pointer to the fp32 offset.
+  const uint8_t* absmax_codes = nullptr;
+  const float* nested_code = nullptr;
+  const float* nested_absmax = nullptr;
+  const float* nested_offset = nullptr;
+  int64_t nested_blocksize = 256;
+};
+
+// The scale of block b, rounded exactly as bitsandbytes' dequantize: the 8-bit product and the
+// offset addition are two separate fp32 roundings (never an FMA).
+QLORA_HOST_DEVICE float nf4_block_scale(const NF4Scales& s, int64_t b) {
+  if (s.absmax != nullptr) return s.absmax[b];
+#if defined(__CUDA_ARCH__)
+  const float product = __fmul_rn(__ldg(s.nested_code + s.absmax_codes[b]),
+                                  __ldg(s.nested_absmax + b / s.nested_blocksize));
+  return __fadd_rn(product, __ldg(s.nested_offset));
+#else
+  // The CPU kernels build with -ffp-contract=off, so these stay two roundings.
+  const float product = s.nested_code[s.absmax_codes[b]] * s.nested_absmax[b / s.nested_blocksize];
+  return product + *s.nested_offset;
+#endif
+}
+
+// Quantize blocks [block_begin, block_end) of x (n elements of `type`). Writes the bytes of those
+// blocks in `packed` [(n+1)/2] and their absmax [n_blocks]. absmax is NaN for a block holding NaN
+// and +inf for one holding only finite values and inf, so the caller can reject such weights.
+void nf4_quantize_cpu(const void* x, FloatType type, int64_t n, int64_t blocksize,
+                      int64_t block_begin, int64_t block_end, uint8_t* packed, float* absmax);
+
+// Dequantize blocks [block_begin, block_end) into out (n elements of `type`).
+void nf4_dequantize_cpu(const uint8_t* packed, const NF4Scales& scales, int64_t n,
+                        int64_t blocksize, int64_t block_begin, int64_t block_end, void* out,
+                        FloatType type);
+
+}  // namespace qlora

@@ -1,0 +1,79 @@
+// 8-bit blockwise quantize / dequantize against a sorted 256-entry map (math: qlora/blockwise8.h).
+// Used for the double-quantized NF4 scales (n = weight elements / 64, block 256), so sizes are
+// modest; the kernels aim for simplicity over peak bandwidth.
+//
+// Quantize launch: one CTA of 256 threads per quantization block; the block's absmax is a
+// shared-memory reduction, and each element's code an 8-step binary search over the 255 midpoints
+// held in shared memory. Bytes: 5n read+written. Dequantize: one thread per element.
+#include "cuda_common.cuh"
+#include "qlora/kernels_cuda.h"
+
+namespace qlora {
+namespace {
+
+using namespace cuda_detail;
+
+constexpr int kThreads = 256;
+
+__global__ void __launch_bounds__(kThreads)
+blockwise8_quantize_kernel(const float* __restrict__ x, int64_t n, const float* __restrict__ code_map,
+                           int64_t blocksize, uint8_t* __restrict__ codes,
+                           float* __restrict__ absmax) {
+  __shared__ float midpoints[kCodeMapSize - 1];
+  __shared__ float partial[kThreads];
+  if (threadIdx.x < kCodeMapSize - 1) {
+    midpoints[threadIdx.x] = (code_map[threadIdx.x] + code_map[threadIdx.x + 1]) / 2.0f;
+  }
+  const int64_t begin = int64_t(blockIdx.x) * blocksize;
+  const int64_t end = min(n, begin + blocksize);
+  float amax = 0.0f;
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) amax = nan_propagating_absmax(amax, x[i]);
+  partial[threadIdx.x] = amax;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) {
+      const float other = partial[threadIdx.x + stride];
+      const float mine = partial[threadIdx.x];
+      partial[threadIdx.x] = (other > mine || other != other) ? other : mine;
+    }
+    __syncthreads();
+  }
+  amax = partial[0];
+  if (threadIdx.x == 0) absmax[blockIdx.x] = amax;
+  const float inv = 1.0f / fmaxf(amax, kMinAbsmax);
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+    const float scaled = fminf(1.0f, fmaxf(-1.0f, x[i] * inv));
+    codes[i] = uint8_t(code8_of(scaled, midpoints));
+  }
+}
+
+__global__ void blockwise8_dequantize_kernel(const uint8_t* __restrict__ codes,
+                                             const float* __restrict__ absmax,
+                                             const float* __restrict__ code_map, int64_t n,
+                                             int64_t blocksize, float* __restrict__ out) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = __ldg(code_map + codes[i]) * __ldg(absmax + i / blocksize);
+}
+
+}  // namespace
+
+cudaError_t blockwise8_quantize_cuda(const float* x, int64_t n, const float* code_map,
+                                     int64_t blocksize, uint8_t* codes, float* absmax,
+                                     cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = ceil_div(n, blocksize);
+  blockwise8_quantize_kernel<<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(
+      x, n, code_map, blocksize, codes, absmax);
+  return cudaGetLastError();
+}
+
+cudaError_t blockwise8_dequantize_cuda(const uint8_t* codes, const float* absmax,
+                                       const float* code_map, int64_t n, int64_t blocksize,
+                                       float* out, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  blockwise8_dequantize_kernel<<<dim3(unsigned(ceil_div(n, kThreads))), kThreads, 0, stream>>>(
+      codes, absmax, code_map, n, blocksize, out);
+  return cudaGetLastError();
+}
+
+}  // namespace qlora

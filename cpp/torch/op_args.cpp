@@ -1,0 +1,162 @@
+#include "op_args.h"
+
+#include <c10/core/DeviceGuard.h>
+
+namespace qlora_torch {
+namespace {
+
+void check_nf4_blocksize(int64_t blocksize, const char* arg) {
+  TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
+              arg, " must be a power of two in [32, 4096], got ", blocksize);
+}
+
+void check_power_of_two_blocksize(int64_t blocksize, const char* arg) {
+  TORCH_CHECK(blocksize >= 1 && blocksize <= (int64_t(1) << 30) && (blocksize & (blocksize - 1)) == 0,
+              arg, " must be a positive power of two, got ", blocksize);
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& reference, const char* arg,
+                       const char* reference_arg) {
+  TORCH_CHECK(t.device() == reference.device(), arg, " is on ", t.device(), " but ",
+              reference_arg, " is on ", reference.device(), "; move both to one device");
+}
+
+void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* arg) {
+  TORCH_CHECK(t.scalar_type() == dtype, arg, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+void check_numel(const at::Tensor& t, int64_t expected, const char* arg, const char* why) {
+  TORCH_CHECK(t.numel() == expected, arg, " must have ", expected, " elements (", why, "), got ",
+              t.numel(), " (shape ", t.sizes(), ")");
+}
+
+// A code map must be sorted for nearest-code search; it is 1 KiB, so a host copy is cheap.
+void check_code_map(const at::Tensor& code, const char* arg) {
+  check_dtype(code, at::kFloat, arg);
+  check_numel(code, qlora::kCodeMapSize, arg, "a 256-entry code map");
+  const at::Tensor host = code.to(at::kCPU).contiguous();
+  const float* c = host.data_ptr<float>();
+  for (int i = 0; i + 1 < qlora::kCodeMapSize; ++i) {
+    TORCH_CHECK(c[i] <= c[i + 1], arg, " must be sorted ascending (entry ", i, " = ", c[i],
+                " > entry ", i + 1, " = ", c[i + 1], ")");
+  }
+}
+
+}  // namespace
+
+qlora::FloatType float_type_of(at::ScalarType dtype, const char* arg) {
+  switch (dtype) {
+    case at::kFloat: return qlora::FloatType::F32;
+    case at::kHalf: return qlora::FloatType::F16;
+    case at::kBFloat16: return qlora::FloatType::BF16;
+    default:
+      TORCH_CHECK(false, arg, " must be float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+NF4QuantizeArgs check_nf4_quantize(const at::Tensor& weight, int64_t blocksize) {
+  check_nf4_blocksize(blocksize, "blocksize");
+  NF4QuantizeArgs args;
+  args.type = float_type_of(weight.scalar_type(), "weight");
+  TORCH_CHECK(!weight.is_sparse(), "weight must be a dense tensor");
+  args.weight = weight.contiguous();
+  args.n = weight.numel();
+  args.n_blocks = ceil_div(args.n, blocksize);
+  return args;
+}
+
+qlora::NF4Scales NF4DequantizeArgs::scales() const {
+  qlora::NF4Scales s;
+  if (!nested) {
+    s.absmax = absmax.data_ptr<float>();
+    return s;
+  }
+  s.absmax_codes = absmax.data_ptr<uint8_t>();
+  s.nested_code = nested_code.data_ptr<float>();
+  s.nested_absmax = nested_absmax.data_ptr<float>();
+  s.nested_offset = nested_offset.data_ptr<float>();
+  return s;
+}
+
+NF4DequantizeArgs check_nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax,
+                                       int64_t blocksize, c10::SymIntArrayRef shape,
+                                       at::ScalarType dtype,
+                                       const std::optional<at::Tensor>& nested_absmax,
+                                       const std::optional<at::Tensor>& nested_code,
+                                       const std::optional<at::Tensor>& nested_offset,
+                                       int64_t nested_blocksize) {
+  check_nf4_blocksize(blocksize, "blocksize");
+  NF4DequantizeArgs args;
+  args.type = float_type_of(dtype, "dtype");
+  int64_t n = 1;
+  for (const auto& d : shape) {
+    const int64_t size = d.expect_int();
+    TORCH_CHECK(size >= 0, "shape must not have negative sizes, got ", shape);
+    n *= size;
+  }
+  args.n = n;
+  args.n_blocks = ceil_div(n, blocksize);
+  check_dtype(packed, at::kByte, "packed");
+  check_numel(packed, (n + 1) / 2, "packed", "two 4-bit codes per byte of the shape's elements");
+  check_same_device(absmax, packed, "absmax", "packed");
+  check_numel(absmax, args.n_blocks, "absmax", "one scale per block");
+  args.packed = packed.contiguous();
+
+  const int given = int(nested_absmax.has_value()) + int(nested_code.has_value()) +
+                    int(nested_offset.has_value());
+  TORCH_CHECK(given == 0 || given == 3,
+              "nested_absmax, nested_code and nested_offset go together (double quantization); "
+              "got ", given, " of the 3");
+  args.nested = given == 3;
+  if (!args.nested) {
+    check_dtype(absmax, at::kFloat, "absmax");
+    args.absmax = absmax.contiguous();
+    return args;
+  }
+  check_power_of_two_blocksize(nested_blocksize, "nested_blocksize");
+  check_dtype(absmax, at::kByte, "absmax (8-bit codes when double-quantized)");
+  check_dtype(*nested_absmax, at::kFloat, "nested_absmax");
+  check_dtype(*nested_code, at::kFloat, "nested_code");
+  check_dtype(*nested_offset, at::kFloat, "nested_offset");
+  check_same_device(*nested_absmax, packed, "nested_absmax", "packed");
+  check_same_device(*nested_code, packed, "nested_code", "packed");
+  check_same_device(*nested_offset, packed, "nested_offset", "packed");
+  check_numel(*nested_absmax, ceil_div(args.n_blocks, nested_blocksize), "nested_absmax",
+              "one scale per nested block");
+  check_numel(*nested_code, qlora::kCodeMapSize, "nested_code", "a 256-entry code map");
+  check_numel(*nested_offset, 1, "nested_offset", "one offset");
+  args.absmax = absmax.contiguous();
+  args.nested_absmax = nested_absmax->contiguous();
+  args.nested_code = nested_code->contiguous();
+  args.nested_offset = nested_offset->contiguous();
+  return args;
+}
+
+Blockwise8Args check_blockwise8_quantize(const at::Tensor& x, const at::Tensor& code,
+                                         int64_t blocksize) {
+  check_power_of_two_blocksize(blocksize, "blocksize");
+  check_dtype(x, at::kFloat, "x");
+  check_same_device(code, x, "code", "x");
+  check_code_map(code, "code");
+  Blockwise8Args args{x.contiguous(), code.contiguous(), x.numel(), ceil_div(x.numel(), blocksize)};
+  return args;
+}
+
+Blockwise8Args check_blockwise8_dequantize(const at::Tensor& codes, const at::Tensor& absmax,
+                                           const at::Tensor& code, int64_t blocksize) {
+  check_power_of_two_blocksize(blocksize, "blocksize");
+  check_dtype(codes, at::kByte, "codes");
+  check_dtype(absmax, at::kFloat, "absmax");
+  check_dtype(code, at::kFloat, "code");
+  check_same_device(absmax, codes, "absmax", "codes");
+  check_same_device(code, codes, "code", "codes");
+  check_numel(code, qlora::kCodeMapSize, "code", "a 256-entry code map");
+  const int64_t n_blocks = ceil_div(codes.numel(), blocksize);
+  check_numel(absmax, n_blocks, "absmax", "one scale per block");
+  Blockwise8Args args{codes.contiguous(), code.contiguous(), codes.numel(), n_blocks};
+  return args;
+}
+
+}  // namespace qlora_torch

@@ -1,0 +1,56 @@
+// Argument validation shared by the CPU and CUDA registrations: each check names the argument
+// and what was expected, so a bad call fails with a clear message instead of a crash or garbage.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "qlora/blockwise8.h"
+#include "qlora/float_types.h"
+#include "qlora/nf4.h"
+
+namespace qlora_torch {
+
+// The kernel layer's element type for a float tensor; rejects every other dtype.
+qlora::FloatType float_type_of(at::ScalarType dtype, const char* arg);
+
+int64_t ceil_div(int64_t a, int64_t b);
+
+// Checks shared by both devices; they return what the kernels need.
+struct NF4QuantizeArgs {
+  at::Tensor weight;  // contiguous
+  int64_t n;
+  int64_t n_blocks;
+  qlora::FloatType type;
+};
+NF4QuantizeArgs check_nf4_quantize(const at::Tensor& weight, int64_t blocksize);
+
+struct NF4DequantizeArgs {
+  at::Tensor packed, absmax, nested_absmax, nested_code, nested_offset;  // contiguous
+  int64_t n;
+  int64_t n_blocks;
+  qlora::FloatType type;
+  bool nested;
+  // Kernel view of the scales; pointers into the tensors above.
+  qlora::NF4Scales scales() const;
+};
+NF4DequantizeArgs check_nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax,
+                                       int64_t blocksize, c10::SymIntArrayRef shape,
+                                       at::ScalarType dtype,
+                                       const std::optional<at::Tensor>& nested_absmax,
+                                       const std::optional<at::Tensor>& nested_code,
+                                       const std::optional<at::Tensor>& nested_offset,
+                                       int64_t nested_blocksize);
+
+struct Blockwise8Args {
+  at::Tensor data, code;  // contiguous
+  int64_t n;
+  int64_t n_blocks;
+};
+Blockwise8Args check_blockwise8_quantize(const at::Tensor& x, const at::Tensor& code,
+                                         int64_t blocksize);
+Blockwise8Args check_blockwise8_dequantize(const at::Tensor& codes, const at::Tensor& absmax,
+                                           const at::Tensor& code, int64_t blocksize);
+
+}  // namespace qlora_torch

@@ -1,0 +1,88 @@
+// CPU registrations: validate (op_args.h), then split whole quantization blocks over threads.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "op_args.h"
+#include "qlora/blockwise8.h"
+#include "qlora/nf4.h"
+
+namespace qlora_torch {
+namespace {
+
+// Blocks per parallel task: enough work (>= 16K elements) to amortise scheduling.
+int64_t grain_blocks(int64_t blocksize) { return std::max<int64_t>(1, 16384 / blocksize); }
+
+std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& weight, int64_t blocksize) {
+  const NF4QuantizeArgs a = check_nf4_quantize(weight, blocksize);
+  at::Tensor packed = at::empty({(a.n + 1) / 2, 1}, weight.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({a.n_blocks}, weight.options().dtype(at::kFloat));
+  const void* x = a.weight.data_ptr();
+  uint8_t* p = packed.data_ptr<uint8_t>();
+  float* m = absmax.data_ptr<float>();
+  at::parallel_for(0, a.n_blocks, grain_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    qlora::nf4_quantize_cpu(x, a.type, a.n, blocksize, begin, end, p, m);
+  });
+  return {packed, absmax};
+}
+
+at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                              c10::SymIntArrayRef shape, at::ScalarType dtype,
+                              const std::optional<at::Tensor>& nested_absmax,
+                              const std::optional<at::Tensor>& nested_code,
+                              const std::optional<at::Tensor>& nested_offset,
+                              int64_t nested_blocksize) {
+  const NF4DequantizeArgs a = check_nf4_dequantize(packed, absmax, blocksize, shape, dtype,
+                                                   nested_absmax, nested_code, nested_offset,
+                                                   nested_blocksize);
+  at::Tensor out = at::empty(C10_AS_INTARRAYREF_SLOW(shape), packed.options().dtype(dtype));
+  qlora::NF4Scales scales = a.scales();
+  scales.nested_blocksize = nested_blocksize;
+  const uint8_t* p = a.packed.data_ptr<uint8_t>();
+  void* o = out.data_ptr();
+  at::parallel_for(0, a.n_blocks, grain_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    qlora::nf4_dequantize_cpu(p, scales, a.n, blocksize, begin, end, o, a.type);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cpu(const at::Tensor& x,
+                                                           const at::Tensor& code,
+                                                           int64_t blocksize) {
+  const Blockwise8Args a = check_blockwise8_quantize(x, code, blocksize);
+  at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({a.n_blocks}, x.options().dtype(at::kFloat));
+  const float* src = a.data.data_ptr<float>();
+  const float* map = a.code.data_ptr<float>();
+  uint8_t* q = codes.data_ptr<uint8_t>();
+  float* m = absmax.data_ptr<float>();
+  at::parallel_for(0, a.n_blocks, grain_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    qlora::blockwise8_quantize_cpu(src, a.n, map, blocksize, begin, end, q, m);
+  });
+  return {codes, absmax};
+}
+
+at::Tensor blockwise8_dequantize_cpu(const at::Tensor& codes, const at::Tensor& absmax,
+                                     const at::Tensor& code, int64_t blocksize) {
+  const Blockwise8Args a = check_blockwise8_dequantize(codes, absmax, code, blocksize);
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  const at::Tensor scales = absmax.contiguous();
+  const uint8_t* q = a.data.data_ptr<uint8_t>();
+  const float* m = scales.data_ptr<float>();
+  const float* map = a.code.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, a.n_blocks, grain_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    qlora::blockwise8_dequantize_cpu(q, m, map, a.n, blocksize, begin, end, o);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
+  m.impl("nf4_quantize", &nf4_quantize_cpu);
+  m.impl("nf4_dequantize", &nf4_dequantize_cpu);
+  m.impl("blockwise8_quantize", &blockwise8_quantize_cpu);
+  m.impl("blockwise8_dequantize", &blockwise8_dequantize_cpu);
+}
+
+}  // namespace qlora_torch

@@ -1,0 +1,89 @@
+// CUDA registrations: validate (op_args.h), guard the device, launch on the current stream, and
+// turn a launch failure into an error naming the operator.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "op_args.h"
+#include "qlora/kernels_cuda.h"
+
+namespace qlora_torch {
+namespace {
+
+void check_launch(cudaError_t status, const char* op) {
+  TORCH_CHECK(status == cudaSuccess, "qlora_ext::", op, ": CUDA launch failed: ",
+              cudaGetErrorString(status));
+}
+
+std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& weight, int64_t blocksize) {
+  const NF4QuantizeArgs a = check_nf4_quantize(weight, blocksize);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  at::Tensor packed = at::empty({(a.n + 1) / 2, 1}, weight.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({a.n_blocks}, weight.options().dtype(at::kFloat));
+  check_launch(qlora::nf4_quantize_cuda(a.weight.data_ptr(), a.type, a.n, blocksize,
+                                        packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+                                        at::cuda::getCurrentCUDAStream()),
+               "nf4_quantize");
+  return {packed, absmax};
+}
+
+at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absmax,
+                               int64_t blocksize, c10::SymIntArrayRef shape, at::ScalarType dtype,
+                               const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& nested_code,
+                               const std::optional<at::Tensor>& nested_offset,
+                               int64_t nested_blocksize) {
+  const NF4DequantizeArgs a = check_nf4_dequantize(packed, absmax, blocksize, shape, dtype,
+                                                   nested_absmax, nested_code, nested_offset,
+                                                   nested_blocksize);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  at::Tensor out = at::empty(C10_AS_INTARRAYREF_SLOW(shape), packed.options().dtype(dtype));
+  qlora::NF4Scales scales = a.scales();
+  scales.nested_blocksize = nested_blocksize;
+  check_launch(qlora::nf4_dequantize_cuda(a.packed.data_ptr<uint8_t>(), scales, a.n, blocksize,
+                                          out.data_ptr(), a.type,
+                                          at::cuda::getCurrentCUDAStream()),
+               "nf4_dequantize");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cuda(const at::Tensor& x,
+                                                            const at::Tensor& code,
+                                                            int64_t blocksize) {
+  const Blockwise8Args a = check_blockwise8_quantize(x, code, blocksize);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({a.n_blocks}, x.options().dtype(at::kFloat));
+  check_launch(qlora::blockwise8_quantize_cuda(a.data.data_ptr<float>(), a.n,
+                                               a.code.data_ptr<float>(), blocksize,
+                                               codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+                                               at::cuda::getCurrentCUDAStream()),
+               "blockwise8_quantize");
+  return {codes, absmax};
+}
+
+at::Tensor blockwise8_dequantize_cuda(const at::Tensor& codes, const at::Tensor& absmax,
+                                      const at::Tensor& code, int64_t blocksize) {
+  const Blockwise8Args a = check_blockwise8_dequantize(codes, absmax, code, blocksize);
+  const c10::cuda::CUDAGuard guard(codes.device());
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  const at::Tensor scales = absmax.contiguous();
+  check_launch(qlora::blockwise8_dequantize_cuda(a.data.data_ptr<uint8_t>(),
+                                                 scales.data_ptr<float>(),
+                                                 a.code.data_ptr<float>(), a.n, blocksize,
+                                                 out.data_ptr<float>(),
+                                                 at::cuda::getCurrentCUDAStream()),
+               "blockwise8_dequantize");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
+  m.impl("nf4_quantize", &nf4_quantize_cuda);
+  m.impl("nf4_dequantize", &nf4_dequantize_cuda);
+  m.impl("blockwise8_quantize", &blockwise8_quantize_cuda);
+  m.impl("blockwise8_dequantize", &blockwise8_dequantize_cuda);
+}
+
+}  // namespace qlora_torch

@@ -1,0 +1,101 @@
+"""Pure-PyTorch references of every operator: readable, slow, and the ground truth of the tests.
+
+They follow DESIGN.md §3 literally and compute in fp32 (the format's own arithmetic), so a
+kernel is expected to match them bit for bit except where a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .codebooks import nf4_code
+
+MIN_ABSMAX = 1e-38  # an all-zero block divides by this, so its codes are 7 (0.0), never NaN
+
+
+def _blocks(x_flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """[n] -> [n_blocks, blocksize], zero-padded."""
+    n = x_flat.numel()
+    n_blocks = -(-n // blocksize)
+    return torch.nn.functional.pad(x_flat, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+
+
+def _absmax(blocks: torch.Tensor) -> torch.Tensor:
+    absmax = blocks.abs().amax(dim=1)
+    return torch.where(blocks.isnan().any(dim=1), torch.nan, absmax)
+
+
+def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of a sorted map; a value exactly on a midpoint takes the lower."""
+    midpoints = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(scaled, midpoints, right=False)
+
+
+def nf4_quantize(weight: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    x = weight.reshape(-1).float()
+    n = x.numel()
+    blocks = _blocks(x, blocksize)
+    absmax = _absmax(blocks)
+    inv = 1.0 / absmax.clamp(min=MIN_ABSMAX)
+    scaled = (blocks * inv[:, None]).clamp(-1, 1).reshape(-1)
+    codes = _nearest_code(scaled, nf4_code(x.device)).to(torch.uint8)[: n + (n % 2)]
+    if n % 2:
+        codes[-1] = 7  # padding nibble: the code of 0.0
+    packed = (codes[0::2] << 4) | codes[1::2]
+    return packed.view(-1, 1), absmax
+
+
+def nested_absmax(
+    absmax_codes: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    nested_code: torch.Tensor,
+    nested_offset: torch.Tensor,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """Decoded fp32 block scales of a double-quantized tensor (two fp32 roundings)."""
+    values = nested_code[absmax_codes.long().reshape(-1)]
+    scale = nested_absmax.repeat_interleave(nested_blocksize)[: values.numel()]
+    return (values * scale) + nested_offset.reshape(())
+
+
+def nf4_dequantize(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    nested_absmax_: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    n = math.prod(shape)
+    if nested_absmax_ is not None:
+        absmax = nested_absmax(absmax, nested_absmax_, nested_code, nested_offset, nested_blocksize)
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:n].long()
+    values = nf4_code(packed.device)[codes]
+    scales = absmax.float().repeat_interleave(blocksize)[:n]
+    return (values * scales).to(dtype).reshape(tuple(shape))
+
+
+def blockwise8_quantize(
+    x: torch.Tensor, code: torch.Tensor, blocksize: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = x.reshape(-1).float()
+    blocks = _blocks(flat, blocksize)
+    absmax = _absmax(blocks)
+    inv = 1.0 / absmax.clamp(min=MIN_ABSMAX)
+    scaled = (blocks * inv[:, None]).clamp(-1, 1).reshape(-1)[: flat.numel()]
+    return _nearest_code(scaled, code.float()).to(torch.uint8).reshape(x.shape), absmax
+
+
+def blockwise8_dequantize(
+    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256
+) -> torch.Tensor:
+    flat = codes.reshape(-1).long()
+    scales = absmax.repeat_interleave(blocksize)[: flat.numel()]
+    return (code[flat] * scales).reshape(codes.shape)
