@@ -30,11 +30,14 @@ void check_numel(const at::Tensor& t, int64_t expected, const char* arg, const c
               t.numel(), " (shape ", t.sizes(), ")");
 }
 
-// A code map must be sorted for nearest-code search; it is 1 KiB, so a host copy is cheap.
+// A code map must be sorted for the nearest-code search. A CPU map is checked here; a device map
+// is not (that would cost a device-to-host copy and a sync per call): the Python wrapper checks any
+// map that is not the library's own (qlora_ext/_ops.py).
 void check_code_map(const at::Tensor& code, const char* arg) {
   check_dtype(code, at::kFloat, arg);
   check_numel(code, qlora::kCodeMapSize, arg, "a 256-entry code map");
-  const at::Tensor host = code.to(at::kCPU).contiguous();
+  if (!code.device().is_cpu()) return;
+  const at::Tensor host = code.contiguous();
   const float* c = host.data_ptr<float>();
   for (int i = 0; i + 1 < qlora::kCodeMapSize; ++i) {
     TORCH_CHECK(c[i] <= c[i + 1], arg, " must be sorted ascending (entry ", i, " = ", c[i],

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ._native import native
+from .codebooks import is_library_map
 
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -59,7 +60,14 @@ def nf4_dequantize(
 def blockwise8_quantize(
     x: torch.Tensor, code: torch.Tensor, blocksize: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit blockwise quantize fp32 `x` against a sorted 256-entry map: (codes uint8, absmax fp32)."""
+    """8-bit blockwise quantize fp32 `x` against a sorted 256-entry map: (codes uint8, absmax fp32).
+
+    `code` must be sorted ascending; a map that is not the library's own is checked here (the
+    native op checks only CPU maps, to avoid a device sync per call).
+    """
+    if isinstance(code, torch.Tensor) and code.numel() > 1 and not is_library_map(code):
+        if not bool((code[1:] >= code[:-1]).all()):
+            raise ValueError("code must be sorted ascending")
     return _ops().blockwise8_quantize(x, code, blocksize)
 
 

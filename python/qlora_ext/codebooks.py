@@ -43,6 +43,19 @@ def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def dynamic_map(signed: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
-    """bitsandbytes' 8-bit dynamic map, fp32 [256], sorted (signed: index 127 = 0, 255 = 1)."""
+@functools.lru_cache(maxsize=16)
+def _dynamic_map_on(signed: bool, device: torch.device) -> torch.Tensor:
     return _dynamic_map_cpu(signed).to(device)
+
+
+def dynamic_map(signed: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
+    """bitsandbytes' 8-bit dynamic map, fp32 [256], sorted (signed: index 127 = 0, 255 = 1).
+
+    One cached tensor per device (no host-to-device copy per call); treat it as read-only.
+    """
+    return _dynamic_map_on(signed, torch.device(device))
+
+
+def is_library_map(code: torch.Tensor) -> bool:
+    """True for a map returned by `dynamic_map` (known sorted, so it needs no check)."""
+    return any(code is _dynamic_map_on(s, code.device) for s in (True, False))

@@ -76,11 +76,17 @@ class NF4Weight:
         if blocksize not in _ops.NF4_BLOCKSIZES:
             raise ValueError(f"blocksize must be one of {_ops.NF4_BLOCKSIZES}, got {blocksize}")
         packed, absmax = _ops.nf4_quantize(weight.detach(), blocksize)
-        if absmax.numel() and not bool(torch.isfinite(absmax).all()):
+        if absmax.numel() == 0:
+            return cls(packed, absmax, weight.shape, weight.dtype, blocksize, None)
+        # The kernels give a block holding NaN absmax NaN, and one holding inf absmax inf, so the
+        # mean is finite exactly when the weight is (one reduction, one device sync).
+        offset = absmax.mean()
+        if not bool(torch.isfinite(offset)):
+            if bool(torch.isfinite(absmax).all()):
+                raise ValueError("weight's block scales overflow float32 when averaged (|w| near 3e38)")
             raise ValueError("weight contains NaN or Inf values, which NF4 cannot represent")
         nested = None
-        if double_quant and absmax.numel():
-            offset = absmax.mean()
+        if double_quant:
             code = dynamic_map(signed=True, device=absmax.device)
             codes, absmax2 = _ops.blockwise8_quantize(absmax - offset, code, NESTED_BLOCKSIZE)
             nested = NestedScales(absmax2, code, offset)

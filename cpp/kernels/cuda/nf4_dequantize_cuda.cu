@@ -4,13 +4,15 @@
 //   fp32(map8[q] * absmax2[b / 256]) + offset (two roundings, as bitsandbytes).
 //
 // Bytes: n/2 (codes) + n/blocksize (8-bit or 4n/blocksize fp32 scales) read, n*sizeof(T) written:
-// 2.52 n bytes for bf16 at block 64 with double quantization. The kernel is memory-bound; the
-// target is the device's copy bandwidth. FLOPs: one multiply per element.
+// 2.52 n bytes for bf16 at block 64 with double quantization. Memory-bound: the target is the
+// device's copy bandwidth. FLOPs: one multiply per element.
 //
-// Launch: one thread per 32 elements (one 16-byte load of codes, four 16-byte stores of bf16);
-// blocksize >= 32 so those 32 share one scale. 256 threads per CTA. The NF4 table lives in shared
-// memory (16 banks, no conflicts). An unaligned codes pointer or a tail of < 32 elements takes a
-// scalar path.
+// Launch: the output is cut into 16-byte segments (8 elements of a 16-bit type, 4 of fp32), each
+// fed by 4 (or 2) bytes of codes. A thread handles kSegmentsPerThread segments spaced one CTA
+// apart, so every warp-wide load and store is contiguous (full 32-byte sectors) and each thread
+// has all its code loads in flight before the first use. blocksize >= 32 > segment, so a segment
+// has one scale. The NF4 table lives in shared memory (16 entries, no bank conflicts). Segments
+// past the last whole one, or an unaligned pointer, take a scalar path.
 #include "cuda_common.cuh"
 #include "qlora/kernels_cuda.h"
 
@@ -20,12 +22,19 @@ namespace {
 using namespace cuda_detail;
 
 constexpr int kThreads = 256;
-constexpr int kElementsPerThread = 32;
+constexpr int kSegmentsPerThread = 8;
+
+template <typename T> struct Segment {
+  static constexpr int kElements = 16 / sizeof(T);  // outputs per 16-byte store
+  static constexpr int kCodeBytes = kElements / 2;   // 4 for 16-bit types, 2 for fp32
+  using CodeWord = std::conditional_t<kCodeBytes == 4, uint32_t, uint16_t>;
+};
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Scales scales, int64_t n,
                       int blocksize_log2, bool vector_ok, T* __restrict__ out) {
+  using Seg = Segment<T>;
   __shared__ float table[16];
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
@@ -33,32 +42,40 @@ nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Scales scales, int6
   }
   __syncthreads();
 
-  const int64_t chunk = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t first = chunk * kElementsPerThread;
-  if (first >= n) return;
-  const float scale = nf4_block_scale(scales, first >> blocksize_log2);
-
-  if (vector_ok && first + kElementsPerThread <= n) {
-    const uint4 bytes16 = __ldg(reinterpret_cast<const uint4*>(packed + first / 2));
-    const uint32_t words[4] = {bytes16.x, bytes16.y, bytes16.z, bytes16.w};
-    float values[kElementsPerThread];
+  const int64_t whole_segments = vector_ok ? n / Seg::kElements : 0;
+  const int64_t cta_first = int64_t(blockIdx.x) * kThreads * kSegmentsPerThread;
+  typename Seg::CodeWord words[kSegmentsPerThread];
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
+  for (int j = 0; j < kSegmentsPerThread; ++j) {
+    const int64_t seg = cta_first + j * kThreads + threadIdx.x;
+    words[j] = seg < whole_segments
+                   ? __ldg(reinterpret_cast<const typename Seg::CodeWord*>(packed) + seg)
+                   : 0;
+  }
 #pragma unroll
-      for (int byte = 0; byte < 4; ++byte) {
-        const uint32_t b = (words[w] >> (8 * byte)) & 0xffu;
-        values[w * 8 + byte * 2] = table[b >> 4] * scale;
-        values[w * 8 + byte * 2 + 1] = table[b & 0x0fu] * scale;
+  for (int j = 0; j < kSegmentsPerThread; ++j) {
+    const int64_t seg = cta_first + j * kThreads + threadIdx.x;
+    const int64_t first = seg * Seg::kElements;
+    if (seg < whole_segments) {
+      const float scale = nf4_block_scale(scales, first >> blocksize_log2);
+      float values[Seg::kElements];
+#pragma unroll
+      for (int byte = 0; byte < Seg::kCodeBytes; ++byte) {
+        const uint32_t b = (uint32_t(words[j]) >> (8 * byte)) & 0xffu;
+        values[2 * byte] = table[b >> 4] * scale;
+        values[2 * byte + 1] = table[b & 0x0fu] * scale;
+      }
+      store_vectorized<Seg::kElements>(out + first, values);
+    } else if (first < n) {
+      // Scalar path: the ragged tail, or everything when a pointer is not 16-byte aligned.
+      const int64_t last = min(n, first + Seg::kElements);
+      const float scale = nf4_block_scale(scales, first >> blocksize_log2);
+      for (int64_t i = first; i < last; ++i) {
+        const uint8_t b = packed[i / 2];
+        const uint8_t code = (i & 1) ? (b & 0x0fu) : (b >> 4);
+        out[i] = Element<T>::from_float(table[code] * scale);
       }
     }
-    store_vectorized<kElementsPerThread>(out + first, values);
-    return;
-  }
-  const int64_t last = min(n, first + kElementsPerThread);
-  for (int64_t i = first; i < last; ++i) {
-    const uint8_t b = packed[i / 2];
-    const uint8_t code = (i & 1) ? (b & 0x0fu) : (b >> 4);
-    out[i] = Element<T>::from_float(table[code] * scale);
   }
 }
 
@@ -70,10 +87,11 @@ cudaError_t nf4_dequantize_cuda(const uint8_t* packed, const NF4Scales& scales, 
   if (n == 0) return cudaSuccess;
   int blocksize_log2 = 0;
   while ((int64_t(1) << blocksize_log2) < blocksize) ++blocksize_log2;
-  const int64_t grid = ceil_div(ceil_div(n, kElementsPerThread), kThreads);
   const bool vector_ok = is_aligned(packed, 16) && is_aligned(out, 16);
   return dispatch_float_type(type, [&](auto tag) {
     using T = decltype(tag);
+    const int64_t segments = ceil_div(n, Segment<T>::kElements);
+    const int64_t grid = ceil_div(segments, int64_t(kThreads) * kSegmentsPerThread);
     nf4_dequantize_kernel<T><<<dim3(unsigned(grid)), kThreads, 0, stream>>>(
         packed, scales, n, blocksize_log2, vector_ok, static_cast<T*>(out));
     return cudaGetLastError();
