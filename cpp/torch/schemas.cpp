@@ -5,6 +5,12 @@
 TORCH_LIBRARY(qlora_ext, m) {
   // weight [any shape, n elements] fp32/fp16/bf16 -> (packed uint8 [(n+1)//2, 1], absmax fp32 [ceil(n/blocksize)])
   m.def("nf4_quantize(Tensor weight, int blocksize) -> (Tensor packed, Tensor absmax)");
+  // nf4_quantize, then the absmax centred on its mean (offset, fp32 0-d) and 8-bit quantized with
+  // nested_code (fp32 [256], sorted) in blocks of nested_blocksize:
+  // -> (packed, absmax codes uint8 [n_blocks], nested_absmax fp32 [ceil(n_blocks/nested_blocksize)], offset)
+  m.def(
+      "nf4_double_quantize(Tensor weight, int blocksize, Tensor nested_code, int nested_blocksize=256) "
+      "-> (Tensor packed, Tensor absmax, Tensor nested_absmax, Tensor offset)");
   // packed uint8 [(n+1)//2 elements] + scales -> dtype tensor of `shape` (n = prod(shape)).
   // Plain: absmax fp32 [n_blocks]. Double-quantized: absmax uint8 codes [n_blocks], nested_absmax
   // fp32 [ceil(n_blocks/nested_blocksize)], nested_code fp32 [256], nested_offset fp32 [1].

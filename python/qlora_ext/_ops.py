@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ._native import native
-from .codebooks import is_library_map
+from .codebooks import dynamic_map, is_library_map
 
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -37,6 +37,22 @@ def nf4_quantize(weight: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tenso
     gets absmax NaN and one containing inf gets absmax inf; `NF4Weight.from_float` rejects both.
     """
     return _ops().nf4_quantize(weight, blocksize)
+
+
+def nf4_double_quantize(
+    weight: torch.Tensor, blocksize: int = 64, nested_code: torch.Tensor | None = None, nested_blocksize: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NF4-quantize with double quantization in one native call.
+
+    Returns (packed uint8 [(n+1)//2, 1], absmax codes uint8 [n_blocks], nested_absmax fp32
+    [ceil(n_blocks/nested_blocksize)], offset fp32 0-d). `nested_code` defaults to the signed
+    dynamic map on the weight's device.
+    """
+    if nested_code is None:
+        nested_code = dynamic_map(signed=True, device=weight.device)
+    elif not is_library_map(nested_code):
+        _check_sorted(nested_code, "nested_code")
+    return _ops().nf4_double_quantize(weight, blocksize, nested_code, nested_blocksize)
 
 
 def nf4_dequantize(
@@ -65,10 +81,14 @@ def blockwise8_quantize(
     `code` must be sorted ascending; a map that is not the library's own is checked here (the
     native op checks only CPU maps, to avoid a device sync per call).
     """
-    if isinstance(code, torch.Tensor) and code.numel() > 1 and not is_library_map(code):
-        if not bool((code[1:] >= code[:-1]).all()):
-            raise ValueError("code must be sorted ascending")
+    if not is_library_map(code):
+        _check_sorted(code, "code")
     return _ops().blockwise8_quantize(x, code, blocksize)
+
+
+def _check_sorted(code: torch.Tensor, name: str) -> None:
+    if isinstance(code, torch.Tensor) and code.numel() > 1 and not bool((code[1:] >= code[:-1]).all()):
+        raise ValueError(f"{name} must be sorted ascending")
 
 
 def blockwise8_dequantize(

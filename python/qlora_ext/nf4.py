@@ -75,22 +75,21 @@ class NF4Weight:
             raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
         if blocksize not in _ops.NF4_BLOCKSIZES:
             raise ValueError(f"blocksize must be one of {_ops.NF4_BLOCKSIZES}, got {blocksize}")
-        packed, absmax = _ops.nf4_quantize(weight.detach(), blocksize)
-        if absmax.numel() == 0:
+        if weight.numel() == 0:
+            packed, absmax = _ops.nf4_quantize(weight.detach(), blocksize)
             return cls(packed, absmax, weight.shape, weight.dtype, blocksize, None)
-        # The kernels give a block holding NaN absmax NaN, and one holding inf absmax inf, so the
-        # mean is finite exactly when the weight is (one reduction, one device sync).
-        offset = absmax.mean()
-        if not bool(torch.isfinite(offset)):
-            if bool(torch.isfinite(absmax).all()):
-                raise ValueError("weight's block scales overflow float32 when averaged (|w| near 3e38)")
-            raise ValueError("weight contains NaN or Inf values, which NF4 cannot represent")
         nested = None
         if double_quant:
-            code = dynamic_map(signed=True, device=absmax.device)
-            codes, absmax2 = _ops.blockwise8_quantize(absmax - offset, code, NESTED_BLOCKSIZE)
+            code = dynamic_map(signed=True, device=weight.device)
+            packed, absmax, absmax2, offset = _ops.nf4_double_quantize(weight.detach(), blocksize, code)
             nested = NestedScales(absmax2, code, offset)
-            absmax = codes
+        else:
+            packed, absmax = _ops.nf4_quantize(weight.detach(), blocksize)
+            offset = absmax.mean()
+        # A block holding NaN gets absmax NaN and one holding inf absmax inf, so the mean (the
+        # offset) is finite exactly when the weight is: one check, one device sync, at the end.
+        if not bool(torch.isfinite(offset)):
+            raise ValueError("weight contains NaN or Inf values (or |w| near 3e38), which NF4 cannot represent")
         return cls(packed, absmax, weight.shape, weight.dtype, blocksize, nested)
 
     # ---- use -------------------------------------------------------------------------------

@@ -40,14 +40,33 @@ QLORA_HOST_DEVICE constexpr float nf4_midpoint(int i) { return (nf4_code(i) + nf
 // Smallest absmax used as a divisor: an all-zero block then maps to code 7 (0.0) instead of NaN.
 constexpr float kMinAbsmax = 1e-38f;
 
-// Code of a scaled value in [-1, 1]: the number of midpoints strictly below it, so a value exactly
-// on a midpoint takes the lower code. `midpoints` has 15 entries (host array or shared memory).
-QLORA_HOST_DEVICE int nf4_code_of(float scaled, const float* midpoints) {
-  int code = scaled > midpoints[7] ? 8 : 0;
-  code += scaled > midpoints[code + 3] ? 4 : 0;
-  code += scaled > midpoints[code + 1] ? 2 : 0;
-  code += scaled > midpoints[code] ? 1 : 0;
-  return code;
+// Code of a scaled value in [-1, 1] = the number of midpoints strictly below it (a value exactly
+// on a midpoint takes the lower code). Found in O(1): [-1, 1] is cut into 32 cells of 1/16, each
+// holding at most one midpoint (neighbouring midpoints are >= 0.08 apart), so the code is the
+// count of midpoints below the cell plus one comparison. The cell index (v + 1) * 16 is off by at
+// most an ulp, and no midpoint lies within 1e-3 of a cell edge, so the cell is always right.
+struct NF4Cell {
+  float midpoint;  // the midpoint inside the cell, or 2 (above every scaled value) if none
+  int base;        // midpoints below the cell's lower edge
+};
+constexpr int kNF4Cells = 32;
+
+QLORA_HOST_DEVICE constexpr NF4Cell nf4_cell(int cell) {
+  const float lo = -1.0f + float(cell) / 16.0f, hi = -1.0f + float(cell + 1) / 16.0f;
+  NF4Cell c{2.0f, 0};
+  for (int i = 0; i < 15; ++i) {
+    const float m = nf4_midpoint(i);
+    if (m < lo) ++c.base;
+    if (m >= lo && m < hi) c.midpoint = m;
+  }
+  return c;
+}
+
+QLORA_HOST_DEVICE int nf4_code_of(float scaled, const NF4Cell* cells) {
+  int cell = int((scaled + 1.0f) * 16.0f);
+  cell = cell < 0 ? 0 : (cell > kNF4Cells - 1 ? kNF4Cells - 1 : cell);
+  const NF4Cell c = cells[cell];
+  return c.base + (scaled > c.midpoint ? 1 : 0);
 }
 
 // Where the per-block scales of an NF4 tensor come from.

@@ -21,8 +21,14 @@ namespace {
 
 using namespace cuda_detail;
 
-constexpr int kThreads = 256;
-constexpr int kSegmentsPerThread = 8;
+#ifndef QLORA_DEQUANT_THREADS
+#define QLORA_DEQUANT_THREADS 256
+#endif
+constexpr int kThreads = QLORA_DEQUANT_THREADS;
+#ifndef QLORA_DEQUANT_SEGMENTS
+#define QLORA_DEQUANT_SEGMENTS 8
+#endif
+constexpr int kSegmentsPerThread = QLORA_DEQUANT_SEGMENTS;
 
 template <typename T> struct Segment {
   static constexpr int kElements = 16 / sizeof(T);  // outputs per 16-byte store

@@ -27,59 +27,24 @@ __device__ __forceinline__ float group_max(float v, int lanes) {
   return v;
 }
 
-// threads_per_block_q = blocksize / 8. CTA size: max(256, threads_per_block_q).
+// Quantizes one 8-element vector per thread given its values, reducing absmax over the
+// `threads_per_qblock` lanes that share a quantization block (<= 32: a shuffle reduction).
 template <typename T>
-__global__ void __launch_bounds__(512)
-nf4_quantize_kernel(const T* __restrict__ x, int64_t n, int threads_per_qblock, bool aligned,
-                    uint8_t* __restrict__ packed, float* __restrict__ absmax) {
-  __shared__ float midpoints[15];
-  __shared__ float warp_max[16];
-  // Constant indices after unrolling: host constexpr data folds into immediates.
-#pragma unroll
-  for (int i = 0; i < 15; ++i) {
-    if (threadIdx.x == i) midpoints[i] = nf4_midpoint(i);
-  }
-
-  const int64_t first = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
-  float v[kVec];
-  const int64_t n_left = n - first;  // may be <= 0 for threads past the end; they load zeros
-  load8(x + (first < n ? first : 0), n_left, aligned && n_left >= kVec, v);
-  if (n_left <= 0) {
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) v[i] = 0.0f;
-  }
-  float amax = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) amax = nan_propagating_absmax(amax, v[i]);
-
-  if (threads_per_qblock <= 32) {
-    amax = group_max(amax, threads_per_qblock);
-  } else {
-    amax = group_max(amax, 32);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (lane == 0) warp_max[warp] = amax;
-    __syncthreads();
-    if (warp == 0) {
-      const int warps = blockDim.x / 32;
-      amax = group_max(lane < warps ? warp_max[lane] : 0.0f, 32);
-      if (lane == 0) warp_max[0] = amax;
-    }
-    __syncthreads();
-    amax = warp_max[0];
-  }
-  __syncthreads();  // midpoints visible
+__device__ __forceinline__ void quantize_vector(const float (&v)[kVec], int64_t first, int64_t n,
+                                                int threads_per_qblock, float amax,
+                                                const NF4Cell* cells, uint8_t* packed,
+                                                float* absmax) {
+  const int64_t n_left = n - first;
   if (n_left <= 0) return;
-
-  const int64_t qblock = first / (int64_t(threads_per_qblock) * kVec);
-  if (first % (int64_t(threads_per_qblock) * kVec) == 0) absmax[qblock] = amax;
-
+  const int64_t qblock_elems = int64_t(threads_per_qblock) * kVec;
+  if (first % qblock_elems == 0) absmax[first / qblock_elems] = amax;
   const float inv = 1.0f / fmaxf(amax, kMinAbsmax);
   uint32_t word = 0;
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
     const float scaled = fminf(1.0f, fmaxf(-1.0f, v[i] * inv));
     // Elements past n (odd tail) have v = 0 and so take code 7, the padding bitsandbytes uses.
-    const uint32_t code = uint32_t(nf4_code_of(scaled, midpoints));
+    const uint32_t code = uint32_t(nf4_code_of(scaled, cells));
     // Byte j of the word holds elements 2j (high nibble) and 2j+1 (low nibble).
     word |= code << ((i / 2) * 8 + ((i & 1) ? 0 : 4));
   }
@@ -91,23 +56,101 @@ nf4_quantize_kernel(const T* __restrict__ x, int64_t n, int threads_per_qblock, 
   }
 }
 
+__device__ __forceinline__ void load_cells(NF4Cell* cells) {
+  // Constant indices after unrolling: the constexpr table folds into immediates.
+#pragma unroll
+  for (int i = 0; i < kNF4Cells; ++i) {
+    if (threadIdx.x == i) cells[i] = nf4_cell(i);
+  }
+}
+
+// Blocks of <= 256 elements (<= 32 threads each). A thread handles kVectorsPerThread vectors spaced
+// one CTA apart (coalesced), all loaded before the first is reduced, to keep loads in flight.
+template <typename T, int kVectorsPerThread>
+__global__ void __launch_bounds__(256)
+nf4_quantize_small_blocks_kernel(const T* __restrict__ x, int64_t n, int threads_per_qblock,
+                                 bool aligned, uint8_t* __restrict__ packed,
+                                 float* __restrict__ absmax) {
+  __shared__ NF4Cell cells[kNF4Cells];
+  load_cells(cells);
+  const int64_t cta_first = int64_t(blockIdx.x) * blockDim.x * kVectorsPerThread;
+  float v[kVectorsPerThread][kVec];
+#pragma unroll
+  for (int j = 0; j < kVectorsPerThread; ++j) {
+    const int64_t first = (cta_first + j * blockDim.x + threadIdx.x) * kVec;
+    const int64_t n_left = n - first;
+    if (n_left > 0) {
+      load8(x + first, n_left, aligned && n_left >= kVec, v[j]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) v[j][i] = 0.0f;
+    }
+  }
+  __syncthreads();  // cells visible
+#pragma unroll
+  for (int j = 0; j < kVectorsPerThread; ++j) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) amax = nan_propagating_absmax(amax, v[j][i]);
+    amax = group_max(amax, threads_per_qblock);  // all lanes take part, also those past n
+    const int64_t first = (cta_first + j * blockDim.x + threadIdx.x) * kVec;
+    quantize_vector<T>(v[j], first, n, threads_per_qblock, amax, cells, packed, absmax);
+  }
+}
+
+// Blocks of 512..4096 elements: one CTA (64..512 threads) per block, reduced through shared memory.
+template <typename T>
+__global__ void __launch_bounds__(512)
+nf4_quantize_large_blocks_kernel(const T* __restrict__ x, int64_t n, bool aligned,
+                                 uint8_t* __restrict__ packed, float* __restrict__ absmax) {
+  __shared__ NF4Cell cells[kNF4Cells];
+  __shared__ float warp_max[16];
+  load_cells(cells);
+  const int64_t first = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
+  const int64_t n_left = n - first;
+  float v[kVec] = {};
+  if (n_left > 0) load8(x + first, n_left, aligned && n_left >= kVec, v);
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) amax = nan_propagating_absmax(amax, v[i]);
+  amax = group_max(amax, 32);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_max[warp] = amax;
+  __syncthreads();  // also makes the cells visible
+  if (warp == 0) {
+    amax = group_max(lane < int(blockDim.x / 32) ? warp_max[lane] : 0.0f, 32);
+    if (lane == 0) warp_max[0] = amax;
+  }
+  __syncthreads();
+  quantize_vector<T>(v, first, n, blockDim.x, warp_max[0], cells, packed, absmax);
+}
+
 }  // namespace
 
 cudaError_t nf4_quantize_cuda(const void* x, FloatType type, int64_t n, int64_t blocksize,
                               uint8_t* packed, float* absmax, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  const int threads_per_qblock = int(blocksize / kVec);
-  // Small blocks: 256-thread CTAs reduce in warps. Large ones: one CTA per block.
-  const int cta = threads_per_qblock <= 32 ? 256 : threads_per_qblock;
-  const int64_t threads = ceil_div(n, kVec);
-  const int64_t grid = ceil_div(threads, cta);
-  // packed + first/2 is 4-byte aligned whenever packed is; x + first is 16-byte aligned if x is.
-  const bool aligned = is_aligned(x, 16) && is_aligned(packed, 4);
+  // packed + first/2 is 4-byte aligned for every vector; x + first is 16-byte aligned if x is.
   if (!is_aligned(packed, 4)) return cudaErrorMisalignedAddress;
+  const bool aligned = is_aligned(x, 16);
+  const int threads_per_qblock = int(blocksize / kVec);
+  const int64_t vectors = ceil_div(n, kVec);
   return dispatch_float_type(type, [&](auto tag) {
     using T = decltype(tag);
-    nf4_quantize_kernel<T><<<dim3(unsigned(grid)), cta, 0, stream>>>(
-        static_cast<const T*>(x), n, threads_per_qblock, aligned, packed, absmax);
+    const T* src = static_cast<const T*>(x);
+    if (threads_per_qblock <= 32) {
+#ifndef QLORA_QUANT_VECTORS
+#define QLORA_QUANT_VECTORS 4
+#endif
+      constexpr int kVectorsPerThread = QLORA_QUANT_VECTORS;
+      const int64_t grid = ceil_div(vectors, 256 * kVectorsPerThread);
+      nf4_quantize_small_blocks_kernel<T, kVectorsPerThread><<<dim3(unsigned(grid)), 256, 0, stream>>>(
+          src, n, threads_per_qblock, aligned, packed, absmax);
+    } else {
+      const int64_t grid = ceil_div(vectors, threads_per_qblock);
+      nf4_quantize_large_blocks_kernel<T><<<dim3(unsigned(grid)), threads_per_qblock, 0, stream>>>(
+          src, n, aligned, packed, absmax);
+    }
     return cudaGetLastError();
   });
 }

@@ -1,0 +1,40 @@
+// Operators built from other qlora_ext operators and ATen ops, registered once for every device
+// (CompositeImplicitAutograd): torch.compile and autograd see through them to their parts.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace qlora_torch {
+namespace {
+
+using QuantizeFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t);
+using Quantize8Fn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t);
+
+// NF4 with double quantization in one call (bitsandbytes' compress_statistics): the per-block
+// absmax is centred on its mean and stored as 8-bit codes of the signed dynamic map, blocks of
+// `nested_blocksize`. Saves the Python round trips between the four steps.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize(
+    const at::Tensor& weight, int64_t blocksize, const at::Tensor& nested_code,
+    int64_t nested_blocksize) {
+  static const auto quantize4 = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("qlora_ext::nf4_quantize", "")
+                                    .typed<QuantizeFn>();
+  static const auto quantize8 = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("qlora_ext::blockwise8_quantize", "")
+                                    .typed<Quantize8Fn>();
+  // Symbolic-size friendly (torch.compile traces through this function).
+  TORCH_SYM_CHECK(weight.sym_numel().sym_gt(0), "weight must not be empty for double quantization");
+  auto [packed, absmax] = quantize4.call(weight, blocksize);
+  // at::mean reduces as torch.mean does, so the offset equals bitsandbytes' on the same device.
+  at::Tensor offset = absmax.mean();
+  auto [codes, nested_absmax] = quantize8.call(absmax - offset, nested_code, nested_blocksize);
+  return {packed, codes, nested_absmax, offset};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora_ext, CompositeImplicitAutograd, m) {
+  m.impl("nf4_double_quantize", &nf4_double_quantize);
+}
+
+}  // namespace qlora_torch
