@@ -50,9 +50,9 @@ blockwise8_quantize_kernel(const float* __restrict__ x, int64_t n, const float* 
 __global__ void blockwise8_dequantize_kernel(const uint8_t* __restrict__ codes,
                                              const float* __restrict__ absmax,
                                              const float* __restrict__ code_map, int64_t n,
-                                             int64_t blocksize, float* __restrict__ out) {
+                                             int blocksize_log2, float* __restrict__ out) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) out[i] = __ldg(code_map + codes[i]) * __ldg(absmax + i / blocksize);
+  if (i < n) out[i] = __ldg(code_map + codes[i]) * __ldg(absmax + (i >> blocksize_log2));
 }
 
 }  // namespace
@@ -72,7 +72,7 @@ cudaError_t blockwise8_dequantize_cuda(const uint8_t* codes, const float* absmax
                                        float* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   blockwise8_dequantize_kernel<<<dim3(unsigned(ceil_div(n, kThreads))), kThreads, 0, stream>>>(
-      codes, absmax, code_map, n, blocksize, out);
+      codes, absmax, code_map, n, log2_of_power_of_two(blocksize), out);
   return cudaGetLastError();
 }
 

@@ -110,6 +110,11 @@ inline bool is_aligned(const void* p, uintptr_t bytes) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int log2_of_power_of_two(int64_t v) {
+  int log2 = 0;
+  while ((int64_t(1) << log2) < v) ++log2;
+  return log2;
+}
 
 }  // namespace cuda_detail
 }  // namespace qlora

@@ -26,7 +26,7 @@ using namespace cuda_detail;
 #endif
 constexpr int kThreads = QLORA_DEQUANT_THREADS;
 #ifndef QLORA_DEQUANT_SEGMENTS
-#define QLORA_DEQUANT_SEGMENTS 8
+#define QLORA_DEQUANT_SEGMENTS 4
 #endif
 constexpr int kSegmentsPerThread = QLORA_DEQUANT_SEGMENTS;
 
@@ -91,8 +91,7 @@ cudaError_t nf4_dequantize_cuda(const uint8_t* packed, const NF4Scales& scales, 
                                 int64_t blocksize, void* out, FloatType type,
                                 cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  int blocksize_log2 = 0;
-  while ((int64_t(1) << blocksize_log2) < blocksize) ++blocksize_log2;
+  const int blocksize_log2 = log2_of_power_of_two(blocksize);
   const bool vector_ok = is_aligned(packed, 16) && is_aligned(out, 16);
   return dispatch_float_type(type, [&](auto tag) {
     using T = decltype(tag);

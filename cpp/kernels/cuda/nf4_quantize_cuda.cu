@@ -2,13 +2,15 @@
 // (math and rounding: qlora/nf4.h; the reciprocal is IEEE, never fast-math).
 //
 // Bytes: n*sizeof(T) read, n/2 + 4n/blocksize written (bf16, block 64: 2.56 n bytes).
-// FLOPs: ~10 per element (abs, max, multiply, clamp, 4-step code search); memory-bound.
+// FLOPs: ~10 per element (abs, max, multiply, clamp, cell lookup); memory-bound.
 //
 // Launch: each thread loads 8 consecutive elements (one 16-byte load for 16-bit types), so a
 // quantization block is blocksize/8 threads. Up to block 256 (<= 32 threads) the block's absmax is
 // a shuffle reduction inside a warp and a CTA of 256 threads covers 2048 elements; from 512 up a
 // CTA is one quantization block (64..512 threads) reduced through shared memory. Each thread
 // writes its 8 codes as one 32-bit word.
+#include <utility>
+
 #include "cuda_common.cuh"
 #include "qlora/kernels_cuda.h"
 
@@ -31,13 +33,13 @@ __device__ __forceinline__ float group_max(float v, int lanes) {
 // `threads_per_qblock` lanes that share a quantization block (<= 32: a shuffle reduction).
 template <typename T>
 __device__ __forceinline__ void quantize_vector(const float (&v)[kVec], int64_t first, int64_t n,
-                                                int threads_per_qblock, float amax,
+                                                int qblock_log2, float amax,
                                                 const NF4Cell* cells, uint8_t* packed,
                                                 float* absmax) {
   const int64_t n_left = n - first;
   if (n_left <= 0) return;
-  const int64_t qblock_elems = int64_t(threads_per_qblock) * kVec;
-  if (first % qblock_elems == 0) absmax[first / qblock_elems] = amax;
+  // Shifts, not 64-bit division: a runtime int64 divide is a long subroutine on the GPU.
+  if ((first & ((int64_t(1) << qblock_log2) - 1)) == 0) absmax[first >> qblock_log2] = amax;
   const float inv = 1.0f / fmaxf(amax, kMinAbsmax);
   uint32_t word = 0;
 #pragma unroll
@@ -56,12 +58,15 @@ __device__ __forceinline__ void quantize_vector(const float (&v)[kVec], int64_t 
   }
 }
 
+// The cell table as compile-time constants (a constexpr array built from an index pack: calling
+// nf4_cell(i) in an unrolled loop instead left ~500 compares per thread in the prologue).
+template <int... I>
+__device__ __forceinline__ void load_cells(NF4Cell* cells, std::integer_sequence<int, I...>) {
+  constexpr NF4Cell kTable[] = {nf4_cell(I)...};
+  ((threadIdx.x == I ? (void)(cells[I] = kTable[I]) : (void)0), ...);
+}
 __device__ __forceinline__ void load_cells(NF4Cell* cells) {
-  // Constant indices after unrolling: the constexpr table folds into immediates.
-#pragma unroll
-  for (int i = 0; i < kNF4Cells; ++i) {
-    if (threadIdx.x == i) cells[i] = nf4_cell(i);
-  }
+  load_cells(cells, std::make_integer_sequence<int, kNF4Cells>{});
 }
 
 // Blocks of <= 256 elements (<= 32 threads each). A thread handles kVectorsPerThread vectors spaced
@@ -69,7 +74,7 @@ __device__ __forceinline__ void load_cells(NF4Cell* cells) {
 template <typename T, int kVectorsPerThread>
 __global__ void __launch_bounds__(256)
 nf4_quantize_small_blocks_kernel(const T* __restrict__ x, int64_t n, int threads_per_qblock,
-                                 bool aligned, uint8_t* __restrict__ packed,
+                                 int qblock_log2, bool aligned, uint8_t* __restrict__ packed,
                                  float* __restrict__ absmax) {
   __shared__ NF4Cell cells[kNF4Cells];
   load_cells(cells);
@@ -94,14 +99,14 @@ nf4_quantize_small_blocks_kernel(const T* __restrict__ x, int64_t n, int threads
     for (int i = 0; i < kVec; ++i) amax = nan_propagating_absmax(amax, v[j][i]);
     amax = group_max(amax, threads_per_qblock);  // all lanes take part, also those past n
     const int64_t first = (cta_first + j * blockDim.x + threadIdx.x) * kVec;
-    quantize_vector<T>(v[j], first, n, threads_per_qblock, amax, cells, packed, absmax);
+    quantize_vector<T>(v[j], first, n, qblock_log2, amax, cells, packed, absmax);
   }
 }
 
 // Blocks of 512..4096 elements: one CTA (64..512 threads) per block, reduced through shared memory.
 template <typename T>
 __global__ void __launch_bounds__(512)
-nf4_quantize_large_blocks_kernel(const T* __restrict__ x, int64_t n, bool aligned,
+nf4_quantize_large_blocks_kernel(const T* __restrict__ x, int64_t n, int qblock_log2, bool aligned,
                                  uint8_t* __restrict__ packed, float* __restrict__ absmax) {
   __shared__ NF4Cell cells[kNF4Cells];
   __shared__ float warp_max[16];
@@ -122,7 +127,7 @@ nf4_quantize_large_blocks_kernel(const T* __restrict__ x, int64_t n, bool aligne
     if (lane == 0) warp_max[0] = amax;
   }
   __syncthreads();
-  quantize_vector<T>(v, first, n, blockDim.x, warp_max[0], cells, packed, absmax);
+  quantize_vector<T>(v, first, n, qblock_log2, warp_max[0], cells, packed, absmax);
 }
 
 }  // namespace
@@ -134,6 +139,7 @@ cudaError_t nf4_quantize_cuda(const void* x, FloatType type, int64_t n, int64_t 
   if (!is_aligned(packed, 4)) return cudaErrorMisalignedAddress;
   const bool aligned = is_aligned(x, 16);
   const int threads_per_qblock = int(blocksize / kVec);
+  const int qblock_log2 = log2_of_power_of_two(blocksize);
   const int64_t vectors = ceil_div(n, kVec);
   return dispatch_float_type(type, [&](auto tag) {
     using T = decltype(tag);
@@ -145,11 +151,11 @@ cudaError_t nf4_quantize_cuda(const void* x, FloatType type, int64_t n, int64_t 
       constexpr int kVectorsPerThread = QLORA_QUANT_VECTORS;
       const int64_t grid = ceil_div(vectors, 256 * kVectorsPerThread);
       nf4_quantize_small_blocks_kernel<T, kVectorsPerThread><<<dim3(unsigned(grid)), 256, 0, stream>>>(
-          src, n, threads_per_qblock, aligned, packed, absmax);
+          src, n, threads_per_qblock, qblock_log2, aligned, packed, absmax);
     } else {
       const int64_t grid = ceil_div(vectors, threads_per_qblock);
       nf4_quantize_large_blocks_kernel<T><<<dim3(unsigned(grid)), threads_per_qblock, 0, stream>>>(
-          src, n, aligned, packed, absmax);
+          src, n, qblock_log2, aligned, packed, absmax);
     }
     return cudaGetLastError();
   });
