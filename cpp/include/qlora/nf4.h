@@ -49,7 +49,7 @@ struct NF4Cell {
   float midpoint;  // the midpoint inside the cell, or 2 (above every scaled value) if none
   int base;        // midpoints below the cell's lower edge
 };
-constexpr int kNF4Cells = 32;
+constexpr int kNF4Cells = 33;  // 32 cells, plus one for exactly 1.0 (index 32)
 
 QLORA_HOST_DEVICE constexpr NF4Cell nf4_cell(int cell) {
   const float lo = -1.0f + float(cell) / 16.0f, hi = -1.0f + float(cell + 1) / 16.0f;
@@ -62,9 +62,11 @@ QLORA_HOST_DEVICE constexpr NF4Cell nf4_cell(int cell) {
   return c;
 }
 
+// `scaled` need not be clamped: |x| <= absmax gives |scaled| <= 1 + 1 ulp, whose cell is 0 or 32,
+// and any other value (NaN included) lands in a valid cell through the unsigned clamp.
 QLORA_HOST_DEVICE int nf4_code_of(float scaled, const NF4Cell* cells) {
-  int cell = int((scaled + 1.0f) * 16.0f);
-  cell = cell < 0 ? 0 : (cell > kNF4Cells - 1 ? kNF4Cells - 1 : cell);
+  const float position = (scaled + 1.0f) * 16.0f;
+  const unsigned cell = position >= 0.0f ? unsigned(position < 32.0f ? position : 32.0f) : 0u;
   const NF4Cell c = cells[cell];
   return c.base + (scaled > c.midpoint ? 1 : 0);
 }

@@ -29,6 +29,18 @@ __device__ __forceinline__ float group_max(float v, int lanes) {
   return v;
 }
 
+// max |v| over a vector, NaN if any element is NaN (inf if one is inf): fmaxf drops NaN, so NaN and
+// inf are tracked apart by v * 0 (NaN for both), one FMA per element instead of a compare chain.
+__device__ __forceinline__ float vector_absmax(const float (&v)[kVec]) {
+  float amax = 0.0f, poison = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    amax = fmaxf(amax, fabsf(v[i]));
+    poison = fmaf(v[i], 0.0f, poison);
+  }
+  return (poison != poison && amax != INFINITY) ? NAN : amax;
+}
+
 // Quantizes one 8-element vector per thread given its values, reducing absmax over the
 // `threads_per_qblock` lanes that share a quantization block (<= 32: a shuffle reduction).
 template <typename T>
@@ -44,7 +56,7 @@ __device__ __forceinline__ void quantize_vector(const float (&v)[kVec], int64_t 
   uint32_t word = 0;
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
-    const float scaled = fminf(1.0f, fmaxf(-1.0f, v[i] * inv));
+    const float scaled = v[i] * inv;  // in [-1, 1] up to an ulp; nf4_code_of handles the rest
     // Elements past n (odd tail) have v = 0 and so take code 7, the padding bitsandbytes uses.
     const uint32_t code = uint32_t(nf4_code_of(scaled, cells));
     // Byte j of the word holds elements 2j (high nibble) and 2j+1 (low nibble).
@@ -94,9 +106,7 @@ nf4_quantize_small_blocks_kernel(const T* __restrict__ x, int64_t n, int threads
   __syncthreads();  // cells visible
 #pragma unroll
   for (int j = 0; j < kVectorsPerThread; ++j) {
-    float amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) amax = nan_propagating_absmax(amax, v[j][i]);
+    float amax = vector_absmax(v[j]);
     amax = group_max(amax, threads_per_qblock);  // all lanes take part, also those past n
     const int64_t first = (cta_first + j * blockDim.x + threadIdx.x) * kVec;
     quantize_vector<T>(v[j], first, n, qblock_log2, amax, cells, packed, absmax);
@@ -115,10 +125,7 @@ nf4_quantize_large_blocks_kernel(const T* __restrict__ x, int64_t n, int qblock_
   const int64_t n_left = n - first;
   float v[kVec] = {};
   if (n_left > 0) load8(x + first, n_left, aligned && n_left >= kVec, v);
-  float amax = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) amax = nan_propagating_absmax(amax, v[i]);
-  amax = group_max(amax, 32);
+  float amax = group_max(vector_absmax(v), 32);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_max[warp] = amax;
   __syncthreads();  // also makes the cells visible
