@@ -602,7 +602,7 @@ def test_safetensors_round_trip(tmp_path, device, dtype, double_quant):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     q = NF4Weight.from_float(random_weight((77, 130), dtype, device), blocksize=64, double_quant=double_quant)
     path = tmp_path / "layer.safetensors"
-    safetensors_torch.save_file({k: v.contiguous() for k, v in q.state_dict("model.layer.weight").items()}, str(path))
+    safetensors_torch.save_file({k: v.contiguous().cpu() for k, v in q.state_dict("model.layer.weight").items()}, str(path))
     loaded = safetensors_torch.load_file(str(path), device=device)
     q2 = NF4Weight.from_state_dict(loaded, prefix="model.layer.weight")
     assert (q2.shape, q2.dtype, q2.blocksize, q2.device.type) == (q.shape, q.dtype, q.blocksize, device)
