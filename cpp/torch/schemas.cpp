@@ -23,3 +23,13 @@ TORCH_LIBRARY(qlora_ext, m) {
   // codes uint8 [any shape, n] + absmax fp32 [ceil(n/blocksize)] + code fp32 [256] -> fp32 [codes.shape]
   m.def("blockwise8_dequantize(Tensor codes, Tensor absmax, Tensor code, int blocksize) -> Tensor");
 }
+
+// None of these operators is differentiable (codes are piecewise constant; the quantized base
+// weight is frozen, DESIGN.md §1). Autograd falls through, so outputs never require grad instead
+// of carrying a "not implemented" grad_fn that PyTorch warns may be silently wrong.
+TORCH_LIBRARY_IMPL(qlora_ext, Autograd, m) {
+  m.impl("nf4_quantize", torch::CppFunction::makeFallthrough());
+  m.impl("nf4_dequantize", torch::CppFunction::makeFallthrough());
+  m.impl("blockwise8_quantize", torch::CppFunction::makeFallthrough());
+  m.impl("blockwise8_dequantize", torch::CppFunction::makeFallthrough());
+}

@@ -100,6 +100,14 @@ def blockwise8_dequantize(
 
 # ---- fake kernels ---------------------------------------------------------------------------
 
+
+def _check_power_of_two_blocksize(blocksize) -> None:
+    torch._check(
+        blocksize > 0 and blocksize & (blocksize - 1) == 0,
+        lambda: f"blocksize must be a positive power of two, got {blocksize}",
+    )
+
+
 _fakes_registered = False
 
 
@@ -125,6 +133,7 @@ def register_fakes() -> None:
     @torch.library.register_fake("qlora_ext::nf4_dequantize")
     def _(packed, absmax, blocksize, shape, dtype, nested_absmax=None, nested_code=None,
           nested_offset=None, nested_blocksize=256):  # fmt: skip
+        torch._check(blocksize in NF4_BLOCKSIZES, lambda: f"blocksize must be one of {NF4_BLOCKSIZES}")
         n = math.prod(shape)
         torch._check(packed.dtype == torch.uint8, lambda: "packed must be uint8")
         torch._check(packed.numel() == (n + 1) // 2, lambda: "packed size does not match shape")
@@ -133,6 +142,7 @@ def register_fakes() -> None:
 
     @torch.library.register_fake("qlora_ext::blockwise8_quantize")
     def _(x, code, blocksize):
+        _check_power_of_two_blocksize(blocksize)
         torch._check(x.dtype == torch.float32, lambda: "x must be float32")
         codes = x.new_empty(x.shape, dtype=torch.uint8)
         absmax = x.new_empty((_ceil_div(x.numel(), blocksize),), dtype=torch.float32)
@@ -140,5 +150,6 @@ def register_fakes() -> None:
 
     @torch.library.register_fake("qlora_ext::blockwise8_dequantize")
     def _(codes, absmax, code, blocksize):
+        _check_power_of_two_blocksize(blocksize)
         torch._check(codes.dtype == torch.uint8, lambda: "codes must be uint8")
         return codes.new_empty(codes.shape, dtype=torch.float32)

@@ -228,7 +228,8 @@ class NF4Weight:
             raise ValueError(f"{prefix}.quant_map: is not the NF4 code map")
         n_blocks = -(-n // blocksize)
         nested = None
-        if f"{prefix}.nested_absmax" in sd:
+        # Double-quantized if either the tensors or the JSON say so; then both must be complete.
+        if f"{prefix}.nested_absmax" in sd or "nested_offset" in state:
             nested_blocksize = field("nested_blocksize", int)
             if nested_blocksize <= 0 or nested_blocksize & (nested_blocksize - 1):
                 raise ValueError(f"{state_key}: nested_blocksize {nested_blocksize} is not a power of two")
