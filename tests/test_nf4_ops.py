@@ -472,7 +472,11 @@ BAD_CALLS = {
     # blockwise8_quantize / blockwise8_dequantize
     "blockwise8_x_half": (lambda: ops.blockwise8_quantize(W.half(), CODE, 256), RuntimeError, "x must be Float"),
     "blockwise8_x_int": (lambda: ops.blockwise8_quantize(W.int(), CODE, 256), RuntimeError, "x must be Float"),
-    "blockwise8_code_unsorted": (lambda: ops.blockwise8_quantize(W, UNSORTED_CODE, 256), RuntimeError, "code must be sorted ascending"),
+    # The Python wrapper checks any map that is not the library's own; the native op checks CPU maps.
+    "blockwise8_code_unsorted": (lambda: ops.blockwise8_quantize(W, UNSORTED_CODE, 256), ValueError, "code must be sorted ascending"),
+    "blockwise8_native_code_unsorted": (lambda: torch.ops.qlora_ext.blockwise8_quantize(W, UNSORTED_CODE, 256), RuntimeError, "code must be sorted ascending"),
+    "double_quantize_code_unsorted": (lambda: ops.nf4_double_quantize(W, 64, UNSORTED_CODE), ValueError, "nested_code must be sorted ascending"),
+    "double_quantize_empty": (lambda: ops.nf4_double_quantize(torch.empty(0), 64), RuntimeError, "weight must not be empty"),
     "blockwise8_code_255": (lambda: ops.blockwise8_quantize(W, CODE[:255], 256), RuntimeError, "code must have 256 elements"),
     "blockwise8_code_float64": (lambda: ops.blockwise8_quantize(W, CODE.double(), 256), RuntimeError, "code must be Float"),
     "blockwise8_blocksize_0": (lambda: ops.blockwise8_quantize(W, CODE, 0), RuntimeError, "blocksize must be a positive power of two, got 0"),
