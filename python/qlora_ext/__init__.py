@@ -11,6 +11,7 @@ from . import _ops as ops  # noqa: E402
 from ._native import build_info, native  # noqa: E402
 from .nf4 import NF4Weight  # noqa: E402
 from . import optim  # noqa: E402
+from .optim import PagedAdamW  # noqa: E402
 
 try:
     native()
@@ -21,3 +22,4 @@ except ImportError:
     pass
 
 __all__ = ["NF4Weight", "ops", "build_info"]
+__all__ += ["PagedAdamW", "optim"]

@@ -25,6 +25,16 @@ def _as_list(x):
     return [x] if isinstance(x, torch.Tensor) else list(x)
 
 
+def _check_dense(**lists) -> None:
+    # The dispatcher would reject a sparse tensor with a message naming the backend, not the
+    # argument; say which one it is.
+    for name, tensors in lists.items():
+        for i, t in enumerate(tensors):
+            if t.layout != torch.strided:
+                raise ValueError(f"{name}[{i}] must be a dense tensor, got layout {t.layout} "
+                                 "(sparse gradients are not supported)")  # fmt: skip
+
+
 def adamw_step(
     params: torch.Tensor | Sequence[torch.Tensor],
     grads: torch.Tensor | Sequence[torch.Tensor],
@@ -41,8 +51,10 @@ def adamw_step(
 ) -> None:
     """One AdamW update, in place, of each `params[i]` (fp32/fp16/bf16, contiguous) with fp32
     state `exp_avgs[i]`, `exp_avg_sqs[i]` (numel as the param). `step` counts this update (>= 1)."""
+    params, grads, exp_avgs, exp_avg_sqs = map(_as_list, (params, grads, exp_avgs, exp_avg_sqs))
+    _check_dense(params=params, grads=grads)
     _ops().adamw_step(
-        _as_list(params), _as_list(grads), _as_list(exp_avgs), _as_list(exp_avg_sqs),
+        params, grads, exp_avgs, exp_avg_sqs,
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
         float(grad_scale),
     )  # fmt: skip
@@ -55,8 +67,10 @@ def adamw_step_8bit(
 ) -> None:  # fmt: skip
     """AdamW with 8-bit blockwise state, in place: codes uint8 [n], absmax fp32 [ceil(n/256)];
     m against `exp_avg_map` (signed dynamic map), v against `exp_avg_sq_map` (unsigned)."""
+    params, grads = _as_list(params), _as_list(grads)
+    _check_dense(params=params, grads=grads)
     _ops().adamw_step_8bit(
-        _as_list(params), _as_list(grads), _as_list(exp_avg_codes), _as_list(exp_avg_absmax),
+        params, grads, _as_list(exp_avg_codes), _as_list(exp_avg_absmax),
         _as_list(exp_avg_sq_codes), _as_list(exp_avg_sq_absmax), exp_avg_map, exp_avg_sq_map,
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
         float(grad_scale),
