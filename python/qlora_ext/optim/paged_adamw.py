@@ -189,8 +189,7 @@ class PagedAdamW(torch.optim.Optimizer):
         if self.check_finite or self.max_grad_norm is not None:
             grad_list = [grads[i] for i in active]
             if self.check_finite:
-                # max |g|: unlike a sum of squares it cannot overflow, so inf/NaN means a bad grad
-                peak = torch.stack([n.float() for n in torch._foreach_norm(grad_list, math.inf)]).max()
+                peak = _max_abs(grad_list)
                 if not torch.isfinite(peak).item():
                     self.skipped_steps += 1
                     warnings.warn(f"PagedAdamW: non-finite gradient, step skipped "
@@ -352,6 +351,16 @@ class PagedAdamW(torch.optim.Optimizer):
         step = entry.get("step", 0)
         step = int(step.item() if isinstance(step, torch.Tensor) else step)
         return step, {name: entry[name].to(self._pager.home.device) for name in expected}
+
+
+def _max_abs(grads: list[torch.Tensor]) -> torch.Tensor:
+    """max |g| over all grads, NaN-propagating: unlike a sum of squares it cannot overflow, so a
+    non-finite result means a non-finite gradient. One fused multi-tensor reduction on CUDA; on
+    the CPU amax/amin, since torch's CPU inf-norm takes a slow path (~20x slower)."""
+    if grads[0].device.type == "cuda":
+        return torch.stack([n.float() for n in torch._foreach_norm(grads, math.inf)]).max()
+    peaks = [torch.maximum(g.amax().float(), -g.amin().float()) for g in grads if g.numel()]
+    return torch.stack(peaks).max() if peaks else torch.tensor(0.0)
 
 
 def _check_hyper(group: dict, gi: int) -> None:
