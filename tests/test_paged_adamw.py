@@ -372,7 +372,7 @@ def test_cuda_budget_is_never_exceeded(bits):
     for step in range(5):
         opt.step()
     torch.cuda.synchronize()
-    assert opt.paged and opt.state_bytes() > 4 * budget
+    assert opt.paged and opt.state_bytes() > 1.5 * budget
     assert peak_base - base <= budget
     # scratch of the finiteness check: one float per parameter tensor, rounded up by the allocator
     assert torch.cuda.max_memory_allocated() - base <= budget + 64 * 1024
