@@ -2,6 +2,9 @@
 
 #include <c10/core/DeviceGuard.h>
 
+#include <cmath>
+#include <string>
+
 namespace qlora_torch {
 namespace {
 
@@ -159,6 +162,149 @@ Blockwise8Args check_blockwise8_dequantize(const at::Tensor& codes, const at::Te
   const int64_t n_blocks = ceil_div(codes.numel(), blocksize);
   check_numel(absmax, n_blocks, "absmax", "one scale per block");
   Blockwise8Args args{codes.contiguous(), code.contiguous(), codes.numel(), n_blocks};
+  return args;
+}
+
+namespace {
+
+// "params[3]": the name of element i of a list argument.
+std::string item(const char* list, size_t i) { return std::string(list) + "[" + std::to_string(i) + "]"; }
+
+void check_adamw_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
+                       int64_t step, double grad_scale) {
+  TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, "lr must be a finite number >= 0, got ", lr);
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, "beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, "beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0.0, "eps must be a finite number > 0, got ", eps);
+  TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0.0,
+              "weight_decay must be a finite number >= 0, got ", weight_decay);
+  TORCH_CHECK(step >= 1, "step must be >= 1 (the count of this update, bias correction), got ", step);
+  TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite, got ", grad_scale);
+}
+
+// A tensor written in place: dense, contiguous, of `dtype`, n elements, on `device`.
+void check_state(const at::Tensor& t, at::ScalarType dtype, int64_t n, const at::Device& device,
+                 const std::string& arg, const char* what) {
+  TORCH_CHECK(t.layout() == at::kStrided, arg, " must be a dense tensor");
+  check_dtype(t, dtype, arg.c_str());
+  check_numel(t, n, arg.c_str(), what);
+  TORCH_CHECK(t.device() == device, arg, " is on ", t.device(), " but its parameter is on ",
+              device, "; move both to one device");
+  TORCH_CHECK(t.is_contiguous(), arg, " must be contiguous (it is updated in place)");
+}
+
+// Checks param i and its grad, appends the contiguous grad; returns the param's element type.
+qlora::FloatType check_param_and_grad(const at::Tensor& param, const at::Tensor& grad, size_t i,
+                                      AdamWStepArgs& args) {
+  const std::string p = item("params", i), g = item("grads", i);
+  TORCH_CHECK(param.layout() == at::kStrided, p, " must be a dense tensor");
+  const qlora::FloatType type = float_type_of(param.scalar_type(), p.c_str());
+  TORCH_CHECK(param.is_contiguous(), p, " must be contiguous (it is updated in place)");
+  if (!args.device) args.device = param.device();
+  TORCH_CHECK(param.device() == *args.device, p, " is on ", param.device(), " but params[0] is on ",
+              *args.device, "; one call updates tensors of one device");
+  TORCH_CHECK(grad.layout() == at::kStrided, g, " must be a dense tensor, got layout ",
+              grad.layout(), " (sparse gradients are not supported)");
+  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), g, " must have its parameter's dtype ",
+              param.scalar_type(), ", got ", grad.scalar_type());
+  check_numel(grad, param.numel(), g.c_str(), "one gradient per parameter element");
+  TORCH_CHECK(grad.device() == param.device(), g, " is on ", grad.device(), " but ", p, " is on ",
+              param.device());
+  args.grads.push_back(grad.contiguous());
+  args.types.push_back(type);
+  return type;
+}
+
+void check_list_lengths(std::initializer_list<std::pair<const char*, size_t>> lists) {
+  const auto& first = *lists.begin();
+  for (const auto& l : lists) {
+    TORCH_CHECK(l.second == first.second, l.first, " has ", l.second, " tensors but ", first.first,
+                " has ", first.second, "; the lists go together element by element");
+  }
+}
+
+}  // namespace
+
+AdamWStepArgs check_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                               at::TensorList exp_avg_sqs, double lr, double beta1, double beta2,
+                               double eps, double weight_decay, int64_t step, double grad_scale) {
+  check_adamw_hyper(lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+  check_list_lengths({{"params", params.size()}, {"grads", grads.size()},
+                      {"exp_avgs", exp_avgs.size()}, {"exp_avg_sqs", exp_avg_sqs.size()}});
+  AdamWStepArgs args;
+  args.hyper = qlora::make_adamw_hyper(lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_param_and_grad(params[i], grads[i], i, args);
+    const int64_t n = params[i].numel();
+    check_state(exp_avgs[i], at::kFloat, n, *args.device, item("exp_avgs", i), "one per parameter element");
+    check_state(exp_avg_sqs[i], at::kFloat, n, *args.device, item("exp_avg_sqs", i),
+                "one per parameter element");
+    qlora::AdamW32Tensor t;
+    t.param = params[i].data_ptr();
+    t.grad = args.grads.back().data_ptr();
+    t.exp_avg = exp_avgs[i].data_ptr<float>();
+    t.exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
+    t.n = n;
+    args.tensors32.push_back(t);
+  }
+  return args;
+}
+
+AdamWStepArgs check_adamw_step_8bit(at::TensorList params, at::TensorList grads,
+                                    at::TensorList exp_avg_codes, at::TensorList exp_avg_absmax,
+                                    at::TensorList exp_avg_sq_codes,
+                                    at::TensorList exp_avg_sq_absmax, const at::Tensor& exp_avg_map,
+                                    const at::Tensor& exp_avg_sq_map, double lr, double beta1,
+                                    double beta2, double eps, double weight_decay, int64_t step,
+                                    double grad_scale) {
+  check_adamw_hyper(lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+  check_list_lengths({{"params", params.size()}, {"grads", grads.size()},
+                      {"exp_avg_codes", exp_avg_codes.size()},
+                      {"exp_avg_absmax", exp_avg_absmax.size()},
+                      {"exp_avg_sq_codes", exp_avg_sq_codes.size()},
+                      {"exp_avg_sq_absmax", exp_avg_sq_absmax.size()}});
+  AdamWStepArgs args;
+  args.hyper = qlora::make_adamw_hyper(lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+  // Sortedness needs the values; it is checked for host maps only, since reading a device map
+  // would synchronise every optimizer step (the optimizer passes qlora_ext.codebooks' maps).
+  for (const auto& [map, name] : {std::pair<const at::Tensor&, const char*>{exp_avg_map, "exp_avg_map"},
+                                  {exp_avg_sq_map, "exp_avg_sq_map"}}) {
+    if (map.is_cpu()) {
+      check_code_map(map, name);
+    } else {
+      check_dtype(map, at::kFloat, name);
+      check_numel(map, qlora::kCodeMapSize, name, "a 256-entry code map");
+    }
+  }
+  args.exp_avg_map = exp_avg_map.contiguous();
+  args.exp_avg_sq_map = exp_avg_sq_map.contiguous();
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_param_and_grad(params[i], grads[i], i, args);
+    const int64_t n = params[i].numel();
+    const int64_t n_blocks = ceil_div(n, qlora::kAdamW8BlockSize);
+    const at::Device& device = *args.device;
+    check_state(exp_avg_codes[i], at::kByte, n, device, item("exp_avg_codes", i),
+                "one code per parameter element");
+    check_state(exp_avg_absmax[i], at::kFloat, n_blocks, device, item("exp_avg_absmax", i),
+                "one scale per block of 256");
+    check_state(exp_avg_sq_codes[i], at::kByte, n, device, item("exp_avg_sq_codes", i),
+                "one code per parameter element");
+    check_state(exp_avg_sq_absmax[i], at::kFloat, n_blocks, device, item("exp_avg_sq_absmax", i),
+                "one scale per block of 256");
+    qlora::AdamW8Tensor t;
+    t.param = params[i].data_ptr();
+    t.grad = args.grads.back().data_ptr();
+    t.exp_avg_codes = exp_avg_codes[i].data_ptr<uint8_t>();
+    t.exp_avg_absmax = exp_avg_absmax[i].data_ptr<float>();
+    t.exp_avg_sq_codes = exp_avg_sq_codes[i].data_ptr<uint8_t>();
+    t.exp_avg_sq_absmax = exp_avg_sq_absmax[i].data_ptr<float>();
+    t.n = n;
+    args.tensors8.push_back(t);
+  }
+  if (args.device) {
+    check_same_device(args.exp_avg_map, params[0], "exp_avg_map", "params[0]");
+    check_same_device(args.exp_avg_sq_map, params[0], "exp_avg_sq_map", "params[0]");
+  }
   return args;
 }
 

@@ -5,7 +5,9 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
+#include "qlora/adamw.h"
 #include "qlora/blockwise8.h"
 #include "qlora/float_types.h"
 #include "qlora/nf4.h"
@@ -52,5 +54,27 @@ Blockwise8Args check_blockwise8_quantize(const at::Tensor& x, const at::Tensor& 
                                          int64_t blocksize);
 Blockwise8Args check_blockwise8_dequantize(const at::Tensor& codes, const at::Tensor& absmax,
                                            const at::Tensor& code, int64_t blocksize);
+
+// AdamW steps (adamw_ops_cpu.cpp, adamw_ops_cuda.cpp). Tensors i of each list belong together;
+// params and state are updated in place, so they must be contiguous; grads are made contiguous.
+struct AdamWStepArgs {
+  std::vector<qlora::AdamW32Tensor> tensors32;  // adamw_step
+  std::vector<qlora::AdamW8Tensor> tensors8;    // adamw_step_8bit
+  std::vector<qlora::FloatType> types;          // per tensor
+  std::vector<at::Tensor> grads;                // contiguous, kept alive for the kernels
+  at::Tensor exp_avg_map, exp_avg_sq_map;       // 8-bit only, contiguous
+  qlora::AdamWHyper hyper;
+  std::optional<at::Device> device;             // of every tensor; empty for empty lists
+};
+AdamWStepArgs check_adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                               at::TensorList exp_avg_sqs, double lr, double beta1, double beta2,
+                               double eps, double weight_decay, int64_t step, double grad_scale);
+AdamWStepArgs check_adamw_step_8bit(at::TensorList params, at::TensorList grads,
+                                    at::TensorList exp_avg_codes, at::TensorList exp_avg_absmax,
+                                    at::TensorList exp_avg_sq_codes,
+                                    at::TensorList exp_avg_sq_absmax, const at::Tensor& exp_avg_map,
+                                    const at::Tensor& exp_avg_sq_map, double lr, double beta1,
+                                    double beta2, double eps, double weight_decay, int64_t step,
+                                    double grad_scale);
 
 }  // namespace qlora_torch

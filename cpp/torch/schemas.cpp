@@ -1,5 +1,6 @@
 // Every operator of the qlora_ext namespace, one line each on what it computes and its shapes.
 // Implementations: ops_cpu.cpp, ops_cuda.cpp; fake kernels and autograd: python/qlora_ext/_ops.py.
+// AdamW steps: adamw_ops_cpu.cpp, adamw_ops_cuda.cpp; their fakes: python/qlora_ext/optim/ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(qlora_ext, m) {
@@ -22,6 +23,19 @@ TORCH_LIBRARY(qlora_ext, m) {
   m.def("blockwise8_quantize(Tensor x, Tensor code, int blocksize) -> (Tensor codes, Tensor absmax)");
   // codes uint8 [any shape, n] + absmax fp32 [ceil(n/blocksize)] + code fp32 [256] -> fp32 [codes.shape]
   m.def("blockwise8_dequantize(Tensor codes, Tensor absmax, Tensor code, int blocksize) -> Tensor");
+  // AdamW in place on tensor lists (math: qlora/adamw.h): params[i], grads[i] [n_i] fp32/fp16/bf16
+  // (same dtype), exp_avgs[i], exp_avg_sqs[i] fp32 [n_i]; step >= 1; grad_scale multiplies grads.
+  m.def(
+      "adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, int step, float grad_scale=1.0) -> ()");
+  // AdamW with 8-bit blockwise state, in place: codes uint8 [n_i], absmax fp32 [ceil(n_i/256)],
+  // m against exp_avg_map (signed dynamic map fp32 [256]), v against exp_avg_sq_map (unsigned).
+  m.def(
+      "adamw_step_8bit(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_codes, "
+      "Tensor(c!)[] exp_avg_absmax, Tensor(d!)[] exp_avg_sq_codes, Tensor(e!)[] exp_avg_sq_absmax, "
+      "Tensor exp_avg_map, Tensor exp_avg_sq_map, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, int step, float grad_scale=1.0) -> ()");
 }
 
 // None of these operators is differentiable (codes are piecewise constant; the quantized base

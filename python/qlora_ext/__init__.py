@@ -10,12 +10,16 @@ __version__ = "0.1.0"
 from . import _ops as ops  # noqa: E402
 from ._native import build_info, native  # noqa: E402
 from .nf4 import NF4Weight  # noqa: E402
+from . import optim  # noqa: E402
+from .optim import PagedAdamW  # noqa: E402
 
 try:
     native()
     ops.register_fakes()
+    optim.ops.register_fakes()
 except ImportError:
     # Importable without the compiled extension; operators raise a clear ImportError on use.
     pass
 
 __all__ = ["NF4Weight", "ops", "build_info"]
+__all__ += ["PagedAdamW", "optim"]

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "qlora/adamw.h"
 #include "qlora/blockwise8.h"
 #include "qlora/float_types.h"
 #include "qlora/nf4.h"
@@ -31,5 +32,16 @@ cudaError_t blockwise8_quantize_cuda(const float* x, int64_t n, const float* cod
 cudaError_t blockwise8_dequantize_cuda(const uint8_t* codes, const float* absmax,
                                        const float* code_map, int64_t n, int64_t blocksize,
                                        float* out, cudaStream_t stream);
+
+// adamw_cuda.cu: AdamW update of `count` tensors (host array of descriptors holding device
+// pointers), all of parameter type `type`, 32-bit state (qlora/adamw.h).
+cudaError_t adamw32_step_cuda(const AdamW32Tensor* tensors, int count, FloatType type,
+                              const AdamWHyper& h, cudaStream_t stream);
+
+// adamw_cuda.cu: the same with 8-bit blockwise state; exp_avg_map / exp_avg_sq_map are device
+// pointers to the sorted 256-entry signed and unsigned dynamic maps.
+cudaError_t adamw8_step_cuda(const AdamW8Tensor* tensors, int count, FloatType type,
+                             const float* exp_avg_map, const float* exp_avg_sq_map,
+                             const AdamWHyper& h, cudaStream_t stream);
 
 }  // namespace qlora

@@ -1,0 +1,396 @@
+"""PagedAdamW: AdamW with fused update kernels and paged 32-bit or 8-bit blockwise state.
+
+    opt = qlora_ext.PagedAdamW(model.parameters(), lr=2e-4)                  # 32-bit state
+    opt = qlora_ext.PagedAdamW(params, bits=8, device_budget=256 << 20)     # 8-bit, 256 MiB pool
+
+Math: cpp/include/qlora/adamw.h (torch.optim.AdamW's, decoupled weight decay). State placement:
+pager.py. Behaviour worth knowing:
+
+- Parameters with requires_grad=False get no state; those whose .grad is None are skipped (their
+  pages are not even copied when no parameter of the page has a grad).
+- Non-finite gradients: before touching anything, one fused reduction (max |g| over all grads)
+  checks every gradient; if any is inf/NaN the whole step is skipped (no parameter, state or step
+  count changes), `skipped_steps` is incremented and a RuntimeWarning is issued, as AMP's
+  GradScaler does. This costs one device-to-host sync per step; `check_finite=False` removes it.
+- `max_grad_norm`: global L2 clipping, applied in the kernels as a gradient multiplier.
+- 8-bit state: tensors with fewer than 4096 elements keep 32-bit state (as bitsandbytes).
+- device_budget=None: state is resident on the parameters' device when it takes at most half the
+  device's free memory, else paged with a pool of a quarter of it. A budget at least the size of
+  the state means resident. CPU parameters: resident (the fused CPU kernels) unless a budget is
+  given, which pages between two CPU buffers (used by the tests to exercise the pager).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+
+import torch
+
+from ..codebooks import dynamic_map
+from . import ops
+from .pager import Pager, Segment, plan_pages, segment_bytes
+
+MIN_8BIT_SIZE = 4096
+DEFAULT_PAGE_BYTES = 4 << 20
+_FORMAT = 1
+
+
+class PagedAdamW(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        bits: int = 32,
+        device_budget: int | None = None,
+        page_bytes: int = DEFAULT_PAGE_BYTES,
+        max_grad_norm: float | None = None,
+        check_finite: bool = True,
+    ):
+        if bits not in (32, 8):
+            raise ValueError(f"bits must be 32 or 8, got {bits!r}")
+        if not isinstance(page_bytes, int) or page_bytes < 4096 or page_bytes % 256:
+            raise ValueError(f"page_bytes must be an int >= 4096 and a multiple of 256, got {page_bytes!r}")
+        if device_budget is not None and (not isinstance(device_budget, int) or device_budget < 0):
+            raise ValueError(f"device_budget must be None or a number of bytes >= 0, got {device_budget!r}")
+        if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        self.bits = bits
+        self.device_budget = device_budget
+        self.page_bytes = page_bytes
+        self.max_grad_norm = max_grad_norm
+        self.check_finite = check_finite
+        self.skipped_steps = 0
+        self._pager: Pager | None = None
+        super().__init__(params, defaults)
+
+    # ---- parameter groups -------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_pager", None) is not None:
+            raise RuntimeError("PagedAdamW: add_param_group after the first step is not supported "
+                               "(the state pages are laid out then); create a new optimizer")  # fmt: skip
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        _check_hyper(group, gi)
+        for pi, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise TypeError(f"param_groups[{gi}]['params'][{pi}] is complex ({p.dtype}); "
+                                "PagedAdamW supports float32, float16 and bfloat16 parameters")  # fmt: skip
+            if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise TypeError(f"param_groups[{gi}]['params'][{pi}] has dtype {p.dtype}; "
+                                "PagedAdamW supports float32, float16 and bfloat16 parameters")  # fmt: skip
+
+    # ---- layout ------------------------------------------------------------------------------
+
+    def _state_bits(self, p: torch.Tensor) -> int:
+        return 8 if self.bits == 8 and p.numel() >= MIN_8BIT_SIZE else 32
+
+    def _build(self) -> None:
+        """Lays the state of every trainable parameter out in pages and places them."""
+        managed = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"] if p.requires_grad]
+        devices = {p.device for _, p in managed}
+        if len(devices) > 1:
+            raise ValueError(f"PagedAdamW needs all trainable parameters on one device, got {sorted(map(str, devices))}")
+        self._device = devices.pop() if devices else torch.device("cpu")
+        for gi, p in managed:
+            if not p.is_contiguous():
+                raise ValueError(f"a parameter of param_groups[{gi}] (shape {tuple(p.shape)}) is not "
+                                 "contiguous; PagedAdamW updates parameters in place as flat arrays")  # fmt: skip
+        self._params = [p for _, p in managed]
+        self._group_of = [gi for gi, _ in managed]
+        self._index_of = {id(p): i for i, p in enumerate(self._params)}
+        self._steps = [0] * len(self._params)
+        sizes = [(p.numel(), self._state_bits(p)) for p in self._params]
+        pages = plan_pages(sizes, self.page_bytes)
+        self._segments_of: list[list[tuple[int, Segment]]] = [[] for _ in self._params]
+        for k, page in enumerate(pages):
+            for seg in page:
+                self._segments_of[seg.param].append((k, seg))
+        self._maps = None
+        map_bytes = 0
+        if any(bits == 8 for _, bits in sizes):
+            self._maps = (dynamic_map(True, self._device), dynamic_map(False, self._device))
+            map_bytes = 2 * 256 * 4
+        zero_codes = (_zero_code(dynamic_map(True)), _zero_code(dynamic_map(False)))
+        state_bytes = len(pages) * self.page_bytes
+        self._pager = Pager(pages, self.page_bytes, self._device,
+                            self._n_slots(state_bytes, map_bytes, len(pages)),
+                            lambda seg, views: _init_segment(seg, views, zero_codes))  # fmt: skip
+        self._map_bytes = map_bytes
+
+    def _n_slots(self, state_bytes: int, map_bytes: int, n_pages: int) -> int | None:
+        """None for resident state, else the number of device pages of the pool."""
+        budget = self.device_budget
+        if budget is not None:
+            if budget - map_bytes < self.page_bytes:
+                raise ValueError(f"device_budget ({budget} bytes) is smaller than one page "
+                                 f"(page_bytes = {self.page_bytes}) plus {map_bytes} bytes of "
+                                 "8-bit code maps; raise the budget or lower page_bytes")  # fmt: skip
+            if budget - map_bytes >= state_bytes:
+                return None
+            return (budget - map_bytes) // self.page_bytes
+        if self._device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(self._device)
+        if state_bytes <= free // 2:
+            return None
+        return max(2, (free // 4) // self.page_bytes)
+
+    # ---- reporting ---------------------------------------------------------------------------
+
+    def device_bytes(self) -> int:
+        """Bytes this optimizer holds on the parameters' device (state pages or pool + maps)."""
+        if self._pager is None:
+            return 0
+        return self._pager.device_bytes() + self._map_bytes
+
+    def state_bytes(self) -> int:
+        """Bytes of all optimizer state (every page), wherever it lives."""
+        return 0 if self._pager is None else len(self._pager.pages) * self.page_bytes
+
+    @property
+    def paged(self) -> bool:
+        return self._pager is not None and self._pager.paged
+
+    @property
+    def pager_stats(self) -> dict:
+        return {} if self._pager is None else dict(self._pager.stats)
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._pager is None:
+            self._build()
+        active = []
+        for i, p in enumerate(self._params):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"PagedAdamW does not support sparse gradients (parameter {i} of "
+                                   f"shape {tuple(p.shape)} in param_groups[{self._group_of[i]}])")  # fmt: skip
+            active.append(i)
+        if not active:
+            return loss
+        grads = {i: self._params[i].grad.contiguous() for i in active}
+        grad_scale = 1.0
+        if self.check_finite or self.max_grad_norm is not None:
+            grad_list = [grads[i] for i in active]
+            if self.check_finite:
+                peak = _max_abs(grad_list)
+                if not torch.isfinite(peak).item():
+                    self.skipped_steps += 1
+                    warnings.warn(f"PagedAdamW: non-finite gradient, step skipped "
+                                  f"({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)  # fmt: skip
+                    return loss
+            if self.max_grad_norm is not None:
+                total = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grad_list)]))
+                grad_scale = min(1.0, self.max_grad_norm / (total.item() + 1e-6))
+        for i in active:
+            self._steps[i] += 1
+        by_page: dict[int, list[Segment]] = {}
+        for i in active:
+            for k, seg in self._segments_of[i]:
+                by_page.setdefault(k, []).append(seg)
+        self._pager.update(sorted(by_page), lambda pages: self._update(pages, by_page, grads, grad_scale))
+        return loss
+
+    def _update(self, pages, by_page, grads, grad_scale: float) -> None:
+        """Launches the fused update of every active segment of `pages` [(k, bytes on device)],
+        one operator call per (group, step, state width)."""
+        calls: dict[tuple[int, int, int], list] = {}
+        for k, buf in pages:
+            for seg in by_page[k]:
+                i = seg.param
+                key = (self._group_of[i], self._steps[i], seg.bits)
+                p = self._params[i].view(-1)[seg.begin : seg.end]
+                g = grads[i].view(-1)[seg.begin : seg.end]
+                calls.setdefault(key, []).append((p, g, seg.views(buf)))
+        for (gi, step, bits), items in calls.items():
+            group = self.param_groups[gi]
+            beta1, beta2 = group["betas"]
+            hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                         eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                         step=step, grad_scale=grad_scale)  # fmt: skip
+            params = [p for p, _, _ in items]
+            grads_ = [g for _, g, _ in items]
+            if bits == 32:
+                ops.adamw_step(params, grads_, [v["exp_avg"] for _, _, v in items],
+                               [v["exp_avg_sq"] for _, _, v in items], **hyper)  # fmt: skip
+            else:
+                ops.adamw_step_8bit(
+                    params, grads_,
+                    [v["exp_avg_codes"] for _, _, v in items], [v["exp_avg_absmax"] for _, _, v in items],
+                    [v["exp_avg_sq_codes"] for _, _, v in items], [v["exp_avg_sq_absmax"] for _, _, v in items],
+                    self._maps[0], self._maps[1], **hyper,
+                )  # fmt: skip
+
+    # ---- state dict --------------------------------------------------------------------------
+
+    def _flat_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict:
+        """torch's layout (`state` by parameter index, `param_groups`), with the state as
+        ordinary tensors: exp_avg/exp_avg_sq fp32 shaped like the parameter (32-bit), or
+        exp_avg_codes/exp_avg_sq_codes uint8 [n] and *_absmax fp32 [ceil(n/256)] (8-bit)."""
+        sd = super().state_dict()  # param_groups, with torch's numbering and hooks
+        state = {}
+        if self._pager is not None:
+            for index, p in enumerate(self._flat_params()):
+                i = self._index_of.get(id(p))
+                if i is None or self._steps[i] == 0:
+                    continue
+                entry = {"step": torch.tensor(float(self._steps[i]))}
+                entry.update(self._export(i))
+                state[index] = entry
+        sd["state"] = state
+        sd["qlora_ext"] = {"format": _FORMAT, "bits": self.bits, "blocksize": 256,
+                           "min_8bit_size": MIN_8BIT_SIZE}  # fmt: skip
+        return sd
+
+    def _export(self, i: int) -> dict[str, torch.Tensor]:
+        parts: dict[str, list[torch.Tensor]] = {}
+        for k, seg in self._segments_of[i]:
+            for name, view in seg.views(self._pager.host_view(k)).items():
+                parts.setdefault(name, []).append(view)
+        out = {name: torch.cat(views) for name, views in parts.items()}
+        p = self._params[i]
+        if "exp_avg" in out:
+            out["exp_avg"] = out["exp_avg"].view(p.shape)
+            out["exp_avg_sq"] = out["exp_avg_sq"].view(p.shape)
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a state dict of this class (or torch.optim.AdamW's, for bits=32) after checking
+        that it fits these parameters; then steps resume bit-exactly."""
+        meta = state_dict.get("qlora_ext")
+        bits = meta["bits"] if meta is not None else 32
+        if bits != self.bits:
+            raise ValueError(f"state_dict holds bits={bits} optimizer state but this PagedAdamW has "
+                             f"bits={self.bits}")  # fmt: skip
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups but this optimizer "
+                             f"has {len(self.param_groups)}")  # fmt: skip
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict param_groups[{gi}] has {len(saved['params'])} "
+                                 f"parameters but this optimizer's has {len(group['params'])}")  # fmt: skip
+        if self._pager is None:
+            self._build()
+        flat = self._flat_params()
+        # map saved ids (torch numbers them in group order) to our parameters
+        saved_ids = [pid for g in saved_groups for pid in g["params"]]
+        id_to_param = dict(zip(saved_ids, flat))
+        loads = []
+        for pid, entry in state_dict["state"].items():
+            if pid not in id_to_param:
+                raise ValueError(f"state_dict state has parameter id {pid!r}, not in its param_groups")
+            p = id_to_param[pid]
+            i = self._index_of.get(id(p))
+            if i is None:
+                raise ValueError(f"state_dict has state for parameter {pid} but that parameter does "
+                                 "not require grad here")  # fmt: skip
+            loads.append((i, self._check_entry(pid, p, entry)))
+        # only now that everything checked out, change anything
+        for saved, group in zip(saved_groups, self.param_groups):
+            for key, value in saved.items():
+                if key != "params":
+                    group[key] = value
+        self._steps = [0] * len(self._params)
+        for k, page in enumerate(self._pager.pages):
+            zero_codes = (_zero_code(dynamic_map(True)), _zero_code(dynamic_map(False)))
+            for seg in page:
+                _init_segment(seg, seg.views(self._pager.host_view(k)), zero_codes)
+        for i, (step, tensors) in loads:
+            self._steps[i] = step
+            for k, seg in self._segments_of[i]:
+                views = seg.views(self._pager.host_view(k))
+                for name, view in views.items():
+                    src = tensors[name].reshape(-1)
+                    if name.endswith("absmax"):
+                        src = src[seg.begin // 256 : seg.begin // 256 + view.numel()]
+                    else:
+                        src = src[seg.begin : seg.end]
+                    view.copy_(src)
+
+    def _check_entry(self, pid, p: torch.Tensor, entry: dict) -> tuple[int, dict]:
+        bits = self._state_bits(p)
+        n = p.numel()
+        if bits == 32:
+            expected = {"exp_avg": n, "exp_avg_sq": n}
+        else:
+            nb = -(-n // 256)
+            expected = {"exp_avg_codes": n, "exp_avg_sq_codes": n, "exp_avg_absmax": nb,
+                        "exp_avg_sq_absmax": nb}  # fmt: skip
+        for name, numel in expected.items():
+            if name not in entry:
+                raise ValueError(f"state_dict state[{pid}] lacks {name!r} ({bits}-bit state for a "
+                                 f"parameter of shape {tuple(p.shape)}); it has {sorted(entry)}")  # fmt: skip
+            t = entry[name]
+            if not isinstance(t, torch.Tensor) or t.numel() != numel:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"state_dict state[{pid}][{name!r}] has shape {shape} but the "
+                                 f"parameter has shape {tuple(p.shape)} ({numel} expected)")  # fmt: skip
+            dtype = torch.uint8 if name.endswith("codes") else torch.float32
+            if t.dtype != dtype:
+                raise ValueError(f"state_dict state[{pid}][{name!r}] is {t.dtype}, expected {dtype}")
+        step = entry.get("step", 0)
+        step = int(step.item() if isinstance(step, torch.Tensor) else step)
+        return step, {name: entry[name].to(self._pager.home.device) for name in expected}
+
+
+def _max_abs(grads: list[torch.Tensor]) -> torch.Tensor:
+    """max |g| over all grads, NaN-propagating: unlike a sum of squares it cannot overflow, so a
+    non-finite result means a non-finite gradient. One fused multi-tensor reduction on CUDA; on
+    the CPU amax/amin, since torch's CPU inf-norm takes a slow path (~20x slower)."""
+    if grads[0].device.type == "cuda":
+        return torch.stack([n.float() for n in torch._foreach_norm(grads, math.inf)]).max()
+    peaks = [torch.maximum(g.amax().float(), -g.amin().float()) for g in grads if g.numel()]
+    return torch.stack(peaks).max() if peaks else torch.tensor(0.0)
+
+
+def _check_hyper(group: dict, gi: int) -> None:
+    lr, eps, wd, betas = group["lr"], group["eps"], group["weight_decay"], group["betas"]
+    if isinstance(lr, torch.Tensor):
+        raise TypeError(f"param_groups[{gi}]['lr'] must be a float, not a tensor")
+    if not (lr >= 0):
+        raise ValueError(f"param_groups[{gi}]['lr'] must be >= 0, got {lr}")
+    if not (eps > 0):
+        raise ValueError(f"param_groups[{gi}]['eps'] must be > 0, got {eps}")
+    if not (wd >= 0):
+        raise ValueError(f"param_groups[{gi}]['weight_decay'] must be >= 0, got {wd}")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"param_groups[{gi}]['betas'] must be two numbers in [0, 1), got {betas}")
+
+
+def _zero_code(code_map: torch.Tensor) -> int:
+    """Index of the map entry nearest to 0 (what the kernels' quantizer gives 0.0)."""
+    midpoints = (code_map[:-1] + code_map[1:]) / 2
+    return int(torch.bucketize(torch.tensor(0.0), midpoints, right=False))
+
+
+def _init_segment(seg: Segment, views: dict[str, torch.Tensor], zero_codes: tuple[int, int]) -> None:
+    for name, view in views.items():
+        if name == "exp_avg_codes":
+            view.fill_(zero_codes[0])
+        elif name == "exp_avg_sq_codes":
+            view.fill_(zero_codes[1])
+        else:
+            view.zero_()
+
+
+__all__ = ["PagedAdamW", "segment_bytes"]
