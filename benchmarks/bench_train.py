@@ -1,0 +1,213 @@
+"""End-to-end QLoRA training step: qlora_ext vs transformers+bitsandbytes+PEFT vs Unsloth.
+
+    python benchmarks/bench_train.py --model 8b --seq 2048 --steps 10 [--stacks ours,bnb_peft,unsloth] [--out F]
+
+Random bf16 weights of Llama-3 shapes (BENCHMARKS.md: speed and memory do not depend on the
+values), batch 1, LoRA r=16 alpha=16 dropout 0 on q,k,v,o,gate,up,down, gradient checkpointing,
+lr 2e-4, random token ids with labels = inputs. Each stack runs in its own subprocess (Unsloth
+patches transformers on import, and peak-memory counters must not mix). Tokens/s is measured over
+steps 3..N (after warm-up); peak memory is torch.cuda.max_memory_allocated() over the same steps.
+Peers are skipped, with the reason, when not importable (bring them with
+shared/tools/peer-bundle.sh). Prints one JSON object per case and a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000, rope_theta=10000.0),
+}  # fmt: skip
+
+
+def llama_config(size: str, seq: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SHAPES[size], max_position_embeddings=max(seq, 8192), rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, torch_dtype="bfloat16")  # fmt: skip
+
+
+def random_model(size: str, seq: int):
+    """A Llama of the given shapes with random bf16 weights, built directly on the GPU."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(llama_config(size, seq))
+    finally:
+        torch.set_default_dtype(previous)
+    model.config.use_cache = False
+    return model
+
+
+def checkpoint_dir(size: str, seq: int) -> str:
+    """Peers load from disk, as their users do: save the random model once."""
+    path = os.path.join(tempfile.gettempdir(), f"qlora_bench_llama_{size}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        model = random_model(size, seq)
+        model.save_pretrained(path, safe_serialization=True)
+        del model
+    return path
+
+
+def build_ours(size, seq):
+    import torch
+
+    import qlora_ext
+
+    model = random_model(size, seq)
+    model = qlora_ext.prepare(model, r=16, alpha=16, dropout=0.0, target_modules=TARGETS, gradient_checkpointing=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if hasattr(qlora_ext, "PagedAdamW"):
+        opt = qlora_ext.PagedAdamW(params, lr=2e-4)
+    else:
+        opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
+    return model, opt
+
+
+def build_bnb_peft(size, seq):
+    import bitsandbytes as bnb
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = checkpoint_dir(size, seq)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0})
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    opt = bnb.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    return model, opt
+
+
+def build_unsloth(size, seq):
+    import unsloth  # noqa: F401  (must be imported before transformers)
+    import bitsandbytes as bnb
+    from unsloth import FastLanguageModel
+
+    path = checkpoint_dir(size, seq)
+    model, _ = FastLanguageModel.from_pretrained(path, load_in_4bit=True, max_seq_length=seq, dtype=None)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, target_modules=TARGETS,
+                                             use_gradient_checkpointing="unsloth", random_state=0)  # fmt: skip
+    opt = bnb.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    return model, opt
+
+
+BUILDERS = {"ours": build_ours, "bnb_peft": build_bnb_peft, "unsloth": build_unsloth}
+
+
+def flops_per_token(size: str, seq: int) -> float:
+    """Forward + recomputation + input-gradient backward over the frozen matmuls, plus attention."""
+    s = SHAPES[size]
+    h, i, layers, heads, kv = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["num_attention_heads"], s["num_key_value_heads"]
+    head_dim = h // heads
+    matmul_params = layers * (h * h * 2 + 2 * h * kv * head_dim + 3 * h * i) + h * s["vocab_size"]
+    attention = layers * 2 * 2 * seq * h / 2  # QK^T and PV, causal half, per token
+    # 2 FLOP per MAC; forward, recompute forward, backward for inputs = 3 passes of the weights.
+    return 2 * 3 * matmul_params + 3 * 2 * attention
+
+
+def run_one(stack: str, size: str, seq: int, steps: int) -> dict:
+    """Runs in the subprocess: build, train `steps` steps, measure steps 3..N."""
+    import torch
+
+    torch.manual_seed(0)
+    build_start = time.perf_counter()
+    model, opt = BUILDERS[stack](size, seq)
+    build_s = time.perf_counter() - build_start
+    vocab = SHAPES[size]["vocab_size"]
+    model.train()
+    times, losses = [], []
+    for step in range(steps):
+        if step == 2:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(0, vocab, (1, seq), device="cuda")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+    measured = times[2:]
+    step_s = sorted(measured)[len(measured) // 2]
+    tokens_per_s = seq / step_s
+    return {
+        "stack": stack, "model": size, "seq": seq, "batch": 1, "steps": steps,
+        "median_step_s": step_s, "tokens_per_s": tokens_per_s,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "mfu_vs_748_tflops": tokens_per_s * flops_per_token(size, seq) / 748e12,
+        "build_s": build_s, "first_loss": losses[0], "last_loss": losses[-1],
+    }  # fmt: skip
+
+
+def environment() -> dict:
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit or None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--seq", type=int, nargs="+", default=[2048])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--stacks", default="ours,bnb_peft,unsloth")
+    parser.add_argument("--out", help="write all JSON records to this file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_one(args.child, args.model, args.seq[0], args.steps)), flush=True)
+        return
+
+    env = environment()
+    records = []
+    for seq in args.seq:
+        for stack in args.stacks.split(","):
+            cmd = [sys.executable, __file__, "--child", stack, "--model", args.model, "--seq", str(seq), "--steps", str(args.steps)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if lines:
+                record = {**env, **json.loads(lines[-1][len("RESULT "):])}
+            else:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                record = {**env, "stack": stack, "model": args.model, "seq": seq, "skipped": " | ".join(tail)}
+            print(json.dumps(record), flush=True)
+            records.append(record)
+    ours = {r["seq"]: r for r in records if r["stack"] == "ours" and "tokens_per_s" in r}
+    print(f"\n{'stack':10} {'seq':>6} {'tokens/s':>9} {'peak GiB':>9} {'MFU':>6} {'ours/this':>9}")
+    for r in records:
+        if "tokens_per_s" not in r:
+            print(f"{r['stack']:10} {r['seq']:>6}  skipped: {r['skipped'][:90]}")
+            continue
+        ratio = ours[r["seq"]]["tokens_per_s"] / r["tokens_per_s"] if r["seq"] in ours else float("nan")
+        print(f"{r['stack']:10} {r['seq']:>6} {r['tokens_per_s']:>9.0f} {r['peak_allocated_gib']:>9.2f} {r['mfu_vs_748_tflops']:>6.1%} {ratio:>9.2f}")
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(records, f, indent=1)
+        os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
