@@ -374,8 +374,8 @@ def test_cuda_budget_is_never_exceeded(bits):
     torch.cuda.synchronize()
     assert opt.paged and opt.state_bytes() > 1.5 * budget
     assert peak_base - base <= budget
-    # scratch of the finiteness check: one float per parameter tensor, rounded up by the allocator
-    assert torch.cuda.max_memory_allocated() - base <= budget + 64 * 1024
+    # The budget includes the per-step scratch (the max |g| reduction), so the peak stays inside it.
+    assert torch.cuda.max_memory_allocated() - base <= budget
 
 
 @cuda

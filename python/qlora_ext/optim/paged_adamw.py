@@ -29,6 +29,12 @@ from collections.abc import Iterable
 import torch
 
 from ..codebooks import dynamic_map
+
+#: Device bytes of a CUDA budget kept for the tensors a step allocates besides the pool: the max |g|
+#: reduction makes one 0-d tensor per parameter (the CUDA allocator's smallest block is 512 B) and
+#: a few scalars.
+RESERVED_BYTES = 64 << 10
+RESERVED_BYTES_PER_TENSOR = 512
 from . import ops
 from .pager import Pager, Segment, plan_pages, segment_bytes
 
@@ -127,13 +133,20 @@ class PagedAdamW(torch.optim.Optimizer):
         self._map_bytes = map_bytes
 
     def _n_slots(self, state_bytes: int, map_bytes: int, n_pages: int) -> int | None:
-        """None for resident state, else the number of device pages of the pool."""
+        """None for resident state, else the number of device pages of the pool.
+
+        On CUDA the budget covers the pool, the 8-bit code maps, and a reserve for the small
+        tensors a step allocates (RESERVED_BYTES*), so that the device memory this optimizer uses,
+        measured, never exceeds device_budget.
+        """
         budget = self.device_budget
         if budget is not None:
+            if self._device.type == "cuda":
+                map_bytes += RESERVED_BYTES + RESERVED_BYTES_PER_TENSOR * stepped_tensor_count(self)
             if budget - map_bytes < self.page_bytes:
                 raise ValueError(f"device_budget ({budget} bytes) is smaller than one page "
                                  f"(page_bytes = {self.page_bytes}) plus {map_bytes} bytes of "
-                                 "8-bit code maps; raise the budget or lower page_bytes")  # fmt: skip
+                                 "code maps and per-step scratch; raise the budget or lower page_bytes")  # fmt: skip
             if budget - map_bytes >= state_bytes:
                 return None
             return (budget - map_bytes) // self.page_bytes
@@ -351,6 +364,11 @@ class PagedAdamW(torch.optim.Optimizer):
         step = entry.get("step", 0)
         step = int(step.item() if isinstance(step, torch.Tensor) else step)
         return step, {name: entry[name].to(self._pager.home.device) for name in expected}
+
+
+def stepped_tensor_count(opt) -> int:
+    """Parameters this optimizer steps (each costs one small tensor in the max |g| reduction)."""
+    return sum(1 for group in opt.param_groups for p in group["params"] if p.requires_grad)
 
 
 def _max_abs(grads: list[torch.Tensor]) -> torch.Tensor:
