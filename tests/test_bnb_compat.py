@@ -101,6 +101,22 @@ def absmax_code_differences(centred_absmax, absmax2, ours_codes, bnb_codes):
     return int(explained.sum()), int((~explained).sum())
 
 
+def bnb_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
+    """bitsandbytes' dequantize_4bit, with one exception measured on an AVX-512 host (H100 machine):
+    there bnb's native CPU kernel for plain-absmax fp16 output rounds a few elements differently
+    from bnb's own CUDA kernel and its torch reference (6 of 262144 at 64x4096, off by one fp16
+    ulp), while ours equals both. In that one case the expected value is bnb's torch reference
+    (fp32 code * absmax, one rounding), which is the semantics its CUDA kernel and ours share."""
+    avx512_fp16_plain = (torch.backends.cpu.get_cpu_capability() == "AVX512" and state.dtype == torch.float16
+                         and state.state2 is None and packed.device.type == "cpu")  # fmt: skip
+    if not avx512_fp16_plain:
+        return bnb_functional.dequantize_4bit(packed, state)
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    code = bnb_functional.get_4bit_type("nf4", device=packed.device)
+    return _dequantize_4bit_compute(packed.reshape(-1), state.absmax, code, state.blocksize, state.shape, state.dtype)
+
+
 def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, (
         actual.dtype, expected.dtype, actual.shape, expected.shape,
@@ -197,7 +213,7 @@ def test_our_dequantize_of_bnb_state_is_bitwise_bnb(dtype, shape, double_quant):
     bnb_packed, state = bnb_quantize(weight, 64, double_quant)
     nested = (state.state2.absmax, state.state2.code, state.offset.reshape(1)) if double_quant else (None,) * 3
     ours = ops.nf4_dequantize(bnb_packed, state.absmax, 64, shape, dtype, *nested, 256)
-    assert_bitwise_equal(ours, bnb_functional.dequantize_4bit(bnb_packed, state))
+    assert_bitwise_equal(ours, bnb_dequantize(bnb_packed, state))
 
 
 # ---- state dicts both ways -------------------------------------------------------------------
@@ -251,7 +267,7 @@ def test_we_load_bnb_state_dicts(dtype, shape, double_quant):
     q = NF4Weight.from_state_dict(bnb_state_dict(bnb_packed, state, "model.mlp.down_proj.weight"),
                                   prefix="model.mlp.down_proj.weight")  # fmt: skip
     assert (q.shape, q.dtype, q.blocksize, q.nested is not None) == (torch.Size(shape), dtype, 64, double_quant)
-    assert_bitwise_equal(q.dequantize(), bnb_functional.dequantize_4bit(bnb_packed, state))
+    assert_bitwise_equal(q.dequantize(), bnb_dequantize(bnb_packed, state))
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double_quant"])
@@ -266,4 +282,4 @@ def test_bnb_loads_our_state_dicts(dtype, shape, double_quant):
     assert (state.shape, state.dtype, state.blocksize, state.nested) == (q.shape, dtype, 64, double_quant)
     if double_quant:
         assert state.offset.item() == q.nested.offset.item() and not math.isnan(state.offset.item())
-    assert_bitwise_equal(bnb_functional.dequantize_4bit(sd["weight"], state), q.dequantize())
+    assert_bitwise_equal(bnb_dequantize(sd["weight"], state), q.dequantize())
