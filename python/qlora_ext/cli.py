@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--eval-data", metavar="FILE",
                      help="held-out JSONL (default: the built-in held-out split, or --eval-size examples of --data)")
     src.add_argument("--eval-size", type=int, metavar="N",
-                     help="with --data and no --eval-data: hold out N examples (default: 10%%, at most 100)")
+                     help="held-out examples: with --data and no --eval-data, hold out N of --data (default 10%%, "
+                          "at most 100); with the built-in data, use the first N of its held-out split (200)")
     src.add_argument("--seq-len", type=int, metavar="T", help="longest example in tokens, the answer is cut past it (256)")
     src.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                      help="--model's compute dtype (auto: bfloat16 on CUDA, else float32)")
@@ -261,6 +262,8 @@ def _load_data(s: dict, encoding, say) -> tuple[list, list]:
     if s["data"] is None:
         train_records, eval_records = builtin_data.load_splits()
         train_src, eval_src = str(builtin_data.TRAIN_FILE), str(builtin_data.HELDOUT_FILE)
+        if s["eval_size"] is not None:
+            eval_records = eval_records[: s["eval_size"]]
     else:
         train_records, train_src = read_jsonl(s["data"]), s["data"]
         if s["eval_data"] is not None:

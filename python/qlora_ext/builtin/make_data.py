@@ -60,10 +60,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def main() -> None:
+def build_splits() -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows), the same on every call."""
     rng = random.Random(SEED)
     heldout = make_split(rng, N_HELDOUT_PER_TASK, avoid=set())
     train = make_split(rng, N_TRAIN_PER_TASK, avoid={r["prompt"].split(": ", 1)[1] for r in heldout})
+    return train, heldout
+
+
+def main() -> None:
+    train, heldout = build_splits()
     DATA_DIR.mkdir(exist_ok=True)
     write_jsonl(DATA_DIR / "string_tasks_train.jsonl", train)
     write_jsonl(DATA_DIR / "string_tasks_heldout.jsonl", heldout)
