@@ -170,3 +170,18 @@ def test_cuda_matches_cpu():
     y_cpu = nf4_lora_linear(x, q, bias, a, b, 0.5)
     y_cuda = nf4_lora_linear(x.cuda(), q.to("cuda"), bias.cuda(), a.cuda(), b.cuda(), 0.5)
     torch.testing.assert_close(y_cuda.cpu(), y_cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_non_contiguous_inputs():
+    q, x, a, b, bias = make_case((4, 6), 48, 20, 4)
+    xt = x.transpose(0, 1).requires_grad_(True)  # [6, 4, 48], non-contiguous
+    a_t = a.t().contiguous().t().requires_grad_(True)  # [r, K] with transposed strides
+    y = nf4_lora_linear(xt, q, bias, a_t, b, 0.5)
+    dy = torch.randn(6, 4, 20).transpose(0, 1).contiguous().transpose(0, 1)
+    y.backward(dy)
+    x_r, a_r = xt.detach().clone().requires_grad_(True), a.clone().requires_grad_(True)
+    y_r = reference(x_r, q.dequantize(), bias, a_r, b, 0.5)
+    y_r.backward(dy)
+    torch.testing.assert_close(y, y_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xt.grad, x_r.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a_t.grad, a_r.grad, rtol=1e-5, atol=1e-5)

@@ -173,8 +173,8 @@ def _target_adapters(model, config, config_path, file_paths, adapter_name) -> di
     fresh = {}
     for path in sorted(file_paths):
         layer = layers[path]
-        w = layer.adapters[next(iter(layer.adapters))].lora_A.weight if layer.adapters else None
-        dtype = w.dtype if w is not None else torch.float32
+        # the dtype of the layer's other adapters (prepare's adapter_dtype), else PEFT's fp32
+        dtype = next((p.dtype for p in layer.adapters.parameters()), torch.float32)
         fresh[path] = cls.from_peft_config(layer.in_features, layer.out_features, _layer_config(config, path),
                                            device=layer.weight.device, dtype=dtype)  # fmt: skip
     return fresh
