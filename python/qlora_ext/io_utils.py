@@ -74,10 +74,12 @@ def read_safetensors(path: str | os.PathLike, device="cpu") -> dict[str, torch.T
 
     if not Path(path).is_file():
         raise ValueError(f"{path}: file not found")
-    key = None
+    key, tensors = None, {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            return {(key := k): f.get_tensor(k) for k in f.keys()}
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+        return tensors
     except Exception as exc:  # safetensors raises its own error types for every kind of damage
         where = f" (tensor {key!r})" if key else ""
         raise ValueError(f"{path}: not a valid safetensors file{where}: {exc}") from None
