@@ -215,3 +215,24 @@ def test_plain_module_trains():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prepare_on_cuda_matches_cpu(dtype):
+    """Quantization happens on the weight's device; CUDA and CPU give the same model."""
+    ids = token_batch()
+    cpu = hf_model("llama", dtype=dtype)
+    cuda = hf_model("llama", dtype=dtype).cuda()
+    for m in (cpu, cuda):
+        torch.manual_seed(7)
+        qlora_ext.prepare(m, r=4, verbose=False)
+        randomize_adapters(m)
+    layer = cuda.model.layers[0].mlp.up_proj
+    assert layer.weight.device.type == "cuda" and layer.lora_A["default"].weight.device.type == "cuda"
+    assert torch.equal(layer.weight.packed.cpu(), cpu.model.layers[0].mlp.up_proj.weight.packed)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(logits(cuda, ids.cuda()).float().cpu(), logits(cpu, ids).float(), rtol=tol, atol=tol)
+    cuda.train()
+    cuda(ids.cuda(), labels=ids.cuda()).loss.backward()
+    assert all(p.grad is not None for p in cuda.parameters() if p.requires_grad)
