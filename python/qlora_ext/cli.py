@@ -52,7 +52,7 @@ FIXED_ON_RESUME = ("model", "data", "eval_data", "eval_size", "r", "alpha", "dro
                    "seq_len", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "max_grad_norm",
                    "seed", "optimizer", "gradient_checkpointing", "dtype", "builtin_config")
 
-BUILTIN_DEFAULTS = {"lr": 3e-3, "steps": 600, "r": 16, "alpha": 32.0, "batch_size": 32, "warmup_steps": 30}
+BUILTIN_DEFAULTS = {"lr": 3e-3, "steps": 1200, "r": 16, "alpha": 32.0, "batch_size": 32, "warmup_steps": 30}
 HF_DEFAULTS = {"lr": 2e-4, "epochs": 1.0, "r": 16, "alpha": 16.0, "batch_size": 4, "warmup_steps": 10}
 COMMON_DEFAULTS = {"dropout": 0.0, "rslora": False, "seq_len": 256, "grad_accum": 1, "weight_decay": 0.0,
                    "max_grad_norm": 1.0, "seed": 0, "optimizer": "adamw", "gradient_checkpointing": True,
@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     opt = ft.add_argument_group("optimization")
     opt.add_argument("--lr", type=float, help="peak learning rate (built-in 3e-3, else 2e-4)")
     length = opt.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimizer steps (built-in 600)")
+    length.add_argument("--steps", type=int, help="optimizer steps (built-in 1200)")
     length.add_argument("--epochs", type=float, help="passes over the training data (with --model: 1)")
     opt.add_argument("--batch-size", type=int, help="examples per micro-batch (built-in 32, else 4)")
     opt.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (1)")
