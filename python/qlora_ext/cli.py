@@ -52,7 +52,9 @@ FIXED_ON_RESUME = ("model", "data", "eval_data", "eval_size", "r", "alpha", "dro
                    "seq_len", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "max_grad_norm",
                    "seed", "optimizer", "gradient_checkpointing", "dtype", "builtin_config")
 
-BUILTIN_DEFAULTS = {"lr": 3e-3, "steps": 1200, "r": 16, "alpha": 32.0, "batch_size": 32, "warmup_steps": 30}
+# The built-in model is so small that recomputing activations (checkpointing) only costs time.
+BUILTIN_DEFAULTS = {"lr": 3e-3, "steps": 1200, "r": 16, "alpha": 32.0, "batch_size": 32, "warmup_steps": 30,
+                    "gradient_checkpointing": False}
 HF_DEFAULTS = {"lr": 2e-4, "epochs": 1.0, "r": 16, "alpha": 16.0, "batch_size": 4, "warmup_steps": 10}
 COMMON_DEFAULTS = {"dropout": 0.0, "rslora": False, "seq_len": 256, "grad_accum": 1, "weight_decay": 0.0,
                    "max_grad_norm": 1.0, "seed": 0, "optimizer": "adamw", "gradient_checkpointing": True,
@@ -101,8 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--weight-decay", type=float, help="AdamW weight decay (0)")
     opt.add_argument("--max-grad-norm", type=float, help="clip the gradient norm (1.0; 0 = off)")
     opt.add_argument("--optimizer", choices=["adamw", "paged_adamw"], help="adamw (torch) or qlora_ext's PagedAdamW")
-    opt.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
-                     default=None, help="keep activations instead of recomputing them (faster, more memory)")
+    ckpt = opt.add_mutually_exclusive_group()
+    ckpt.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,
+                      help="recompute activations in backward (default with --model; off for the built-in model)")
+    ckpt.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                      default=None, help="keep activations instead of recomputing them (faster, more memory)")
     opt.add_argument("--seed", type=int, help="seed of the adapter initialisation, data order and dropout (0)")
     run = ft.add_argument_group("run")
     run.add_argument("--output-dir", default="qlora-ext-out", metavar="DIR", help="where outputs go (./qlora-ext-out)")
