@@ -1,6 +1,8 @@
 """qlora_ext: QLoRA fine-tuning on one small GPU.
 
-Public API (DESIGN.md §6): NF4Weight; the operators in `qlora_ext.ops`; `build_info()`.
+Public API (DESIGN.md §6): NF4Weight; the operators in `qlora_ext.ops`; `build_info()`;
+training: prepare, QLoRALinear, save_adapter, load_adapter, merge_and_export, load_bnb_4bit;
+optimizer: PagedAdamW (and `qlora_ext.optim`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,12 @@ from ._native import build_info, native  # noqa: E402
 from .nf4 import NF4Weight  # noqa: E402
 from . import optim  # noqa: E402
 from .optim import PagedAdamW  # noqa: E402
+from .lora_linear import nf4_linear, nf4_lora_linear  # noqa: E402
+from .adapters import Adapter, LoRAAdapter  # noqa: E402
+from .layers import QLoRALinear  # noqa: E402
+from .prepare import prepare, print_trainable_parameters, set_adapter  # noqa: E402
+from .adapters_io import load_adapter, merge_and_export, merged_state_dict, save_adapter  # noqa: E402
+from .checkpoint import load_bnb_4bit  # noqa: E402
 
 try:
     native()
@@ -21,5 +29,9 @@ except ImportError:
     # Importable without the compiled extension; operators raise a clear ImportError on use.
     pass
 
-__all__ = ["NF4Weight", "ops", "build_info"]
-__all__ += ["PagedAdamW", "optim"]
+__all__ = [
+    "NF4Weight", "ops", "build_info", "PagedAdamW", "optim",
+    "prepare", "QLoRALinear", "Adapter", "LoRAAdapter", "save_adapter", "load_adapter",
+    "merge_and_export", "merged_state_dict", "load_bnb_4bit", "set_adapter", "print_trainable_parameters",
+    "nf4_linear", "nf4_lora_linear",
+]  # fmt: skip

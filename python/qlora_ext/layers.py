@@ -1,0 +1,231 @@
+"""`QLoRALinear`: a linear layer with a frozen NF4 base weight and named, switchable adapters.
+
+The base weight is an `NF4Weight` (not a Parameter: it is never trained and must not be cast by
+`model.half()`); it moves with `.to(device)`/`.cuda()`, and appears in the module's state_dict
+under bitsandbytes' keys (`weight`, `weight.absmax`, …, DESIGN.md §3), so `model.state_dict()`
+round-trips and reads like a bnb-4bit checkpoint. Adapters live in `self.adapters[name]`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import Adapter, LoRAAdapter
+from .lora_linear import nf4_linear
+from .nf4 import NF4Weight
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's transformers `Conv1D`: a linear layer whose weight is stored [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+class QLoRALinear(nn.Module):
+    """y = x·deq(W)ᵀ (+ bias) + the active adapter's update.
+
+    x [..., in] -> y [..., out]. W [out, in] is NF4; `bias` [out] is a frozen Parameter.
+    `compute_dtype` (optional) casts x for the computation and the result back to x's dtype.
+    `fan_in_fan_out` records that the layer came from a GPT-2 `Conv1D` (weight [in, out] there),
+    so that an export writes the weight in the original orientation.
+    """
+
+    def __init__(
+        self,
+        weight: NF4Weight,
+        bias: Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+        fan_in_fan_out: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(weight, NF4Weight) or len(weight.shape) != 2:
+            raise TypeError("weight must be a 2-D NF4Weight [out, in]")
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.compute_dtype = compute_dtype
+        self.fan_in_fan_out = fan_in_fan_out
+        self.adapters = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.adapters_enabled = True
+        self.merged = False
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> "QLoRALinear":
+        """Quantize an nn.Linear (or GPT-2 Conv1D) on its weight's device; the bias is kept as is."""
+        fan_in_fan_out = is_conv1d(linear)
+        w = linear.weight.detach()
+        if fan_in_fan_out:
+            w = w.t().contiguous()  # Conv1D stores [in, out]; NF4 blocks follow the [out, in] layout
+        q = NF4Weight.from_float(w, blocksize=blocksize, double_quant=double_quant)
+        return cls(q, getattr(linear, "bias", None), compute_dtype, fan_in_fan_out)
+
+    # ---- adapters --------------------------------------------------------------------------------
+
+    def add_adapter(
+        self,
+        name: str,
+        adapter: Adapter | None = None,
+        *,
+        r: int = 16,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> Adapter:
+        """Add `adapter`, or a new LoRA adapter (r, alpha, dropout, rslora) in `dtype` on the
+        weight's device. The first adapter added becomes the active one."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists in this layer")
+        if adapter is None:
+            adapter = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout, rslora,
+                                  device=self.weight.device, dtype=dtype)  # fmt: skip
+        elif not isinstance(adapter, Adapter):
+            raise TypeError(f"adapter must be an Adapter, got {type(adapter).__name__}")
+        self.adapters[name] = adapter
+        if self.active_adapter is None:
+            self.active_adapter = name
+        return adapter
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make `name` the adapter used by forward (None: base layer only)."""
+        if name is not None and name not in self.adapters:
+            raise ValueError(f"no adapter {name!r}; this layer has {list(self.adapters)}")
+        if self.merged:
+            raise RuntimeError("unmerge() before switching adapters")
+        self.active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise ValueError(f"no adapter {name!r}; this layer has {list(self.adapters)}")
+        if self.merged and name == self.active_adapter:
+            raise RuntimeError("unmerge() before deleting the merged adapter")
+        del self.adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def disable_adapters(self) -> None:
+        self.adapters_enabled = False
+
+    def enable_adapters(self) -> None:
+        self.adapters_enabled = True
+
+    @property
+    def lora_A(self) -> dict[str, nn.Linear]:
+        """PEFT-style view: adapter name -> its `lora_A` (nn.Linear, weight [r, in])."""
+        return {n: a.lora_A for n, a in self.adapters.items() if isinstance(a, LoRAAdapter)}
+
+    @property
+    def lora_B(self) -> dict[str, nn.Linear]:
+        """PEFT-style view: adapter name -> its `lora_B` (nn.Linear, weight [out, r])."""
+        return {n: a.lora_B for n, a in self.adapters.items() if isinstance(a, LoRAAdapter)}
+
+    def current_adapter(self) -> Adapter | None:
+        """The adapter forward applies, or None (disabled, merged, or none set)."""
+        if not self.adapters_enabled or self.merged or self.active_adapter is None:
+            return None
+        return self.adapters[self.active_adapter]
+
+    # ---- merge ---------------------------------------------------------------------------------
+
+    def dense_weight(self, adapter: str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """deq(W) + ΔW of `adapter` (None: no adapter) as a dense [out, in] tensor.
+
+        A merged layer's W already holds its active adapter, which is then not added again.
+        """
+        w = self.weight.dequantize(torch.float32)
+        if adapter is not None and not (self.merged and adapter == self.active_adapter):
+            w = w + self.adapters[adapter].delta_weight().to(w.device)
+        return w.to(dtype)
+
+    def merge(self) -> None:
+        """Fold the active adapter into the NF4 base: W ← NF4(deq(W) + ΔW).
+
+        LOSSY: the sum is re-quantized to 4 bits, so most of a small ΔW is rounded away (as in
+        PEFT's 4-bit merge). For a faithful merged model use `qlora_ext.merge_and_export`, which
+        writes deq(W) + ΔW densely. `unmerge()` subtracts ΔW with a second rounding.
+        """
+        self._requantize(+1)
+
+    def unmerge(self) -> None:
+        """Undo `merge()` (approximately: see merge)."""
+        self._requantize(-1)
+
+    def _requantize(self, sign: int) -> None:
+        if (sign > 0) == self.merged:
+            raise RuntimeError("already merged" if self.merged else "not merged")
+        if self.active_adapter is None:
+            raise RuntimeError("no active adapter to merge")
+        delta = self.adapters[self.active_adapter].delta_weight().to(self.weight.device)
+        dense = (self.weight.dequantize(torch.float32) + sign * delta).to(self.weight.dtype)
+        self.weight = NF4Weight.from_float(dense, self.weight.blocksize, self.weight.nested is not None)
+        self.merged = sign > 0
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        """x·deq(W)ᵀ (+ bias) with no adapter."""
+        return nf4_linear(x, self.weight, self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        in_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        adapter = self.current_adapter()
+        y = self.base_forward(x) if adapter is None else adapter.forward_with_base(self, x)
+        return y.to(in_dtype)
+
+    # ---- device moves and state dict ---------------------------------------------------------
+
+    def _apply(self, fn, recurse=True):
+        # Parameters and buffers follow `fn`; the NF4 weight follows only its device change (a
+        # dtype cast such as model.half() must not touch codes or fp32 scales). `fn` applied to an
+        # empty probe tells the target device whatever `fn` is (.to, .cuda, .cpu, ...).
+        super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, device=self.weight.device))
+        if probe.device != self.weight.device:
+            self.weight = self.weight.to(probe.device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.update(self.weight.state_dict(prefix + "weight"))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # fmt: skip
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)  # fmt: skip
+        key = prefix + "weight"
+        mine = {k: v for k, v in state_dict.items() if k == key or k.startswith(key + ".")}
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in mine]
+        if not mine:
+            missing_keys.append(key)
+            return
+        try:
+            q = NF4Weight.from_state_dict(mine, key)
+        except ValueError as exc:
+            error_msgs.append(str(exc))
+            return
+        if q.shape != self.weight.shape:
+            error_msgs.append(f"{key}: shape {tuple(q.shape)} does not match the layer's {tuple(self.weight.shape)}")
+            return
+        self.weight = q.to(self.weight.device)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight={self.weight!r}, active_adapter={self.active_adapter!r}"
+        )

@@ -1,0 +1,260 @@
+"""Linear layers on an NF4 base weight, as PyTorch operators with autograd.
+
+    qlora_ext::nf4_linear       y = x·deq(W)ᵀ (+ bias)
+    qlora_ext::nf4_lora_linear  y = x·deq(W)ᵀ (+ bias) + s·(x_lora·Aᵀ)·Bᵀ,  also returns xa = x_lora·Aᵀ
+
+Shapes: x, x_lora [..., K]; W [N, K] (stored NF4); A [r, K]; B [N, r]; bias [N]; y [..., N];
+xa [..., r]. M below is the number of rows of x flattened to [M, K].
+
+Design (DESIGN.md §4):
+- The compute dtype is x.dtype. W is dequantized to its stored dtype (bit-exact with
+  bitsandbytes) and then cast, so fp64 works for gradcheck although NF4 stores at most fp32.
+  A, B and bias are cast to x.dtype for the products; their gradients come back in their own dtype
+  (adapters are usually kept in fp32 while activations are bf16, as with autocast).
+- No dequantized W lives between forward and backward: backward dequantizes again. Saved for
+  backward: x_lora [M, K] (an input that autograd keeps anyway), xa [M, r], and references to
+  A, B and the quantized tensors.
+- Thin products are bracketed so that nothing N×K beyond deq(W), and nothing K×K, forms:
+  g = s·(dY·B) [M, r];  dX = dY·deq(W) (+ g·A);  dA = gᵀ·x_lora;  dB = s·dYᵀ·xa.
+- `x_lora=None` means "the LoRA path sees x itself" (no dropout): then the LoRA input gradient
+  is folded into dX with one addmm instead of a second [M, K] tensor and a sum.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _ops
+from .nf4 import NESTED_BLOCKSIZE, NF4Weight
+
+
+def _dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
+                weight_shape, weight_dtype, dtype) -> Tensor:  # fmt: skip
+    """deq(W) [N, K] in `dtype`: dequantized to the stored dtype first, so values equal
+    NF4Weight.dequantize() exactly, then cast (a no-op when the dtypes agree)."""
+    w = _ops.nf4_dequantize(
+        packed, absmax, blocksize, weight_shape, weight_dtype,
+        nested_absmax, nested_code, nested_offset, nested_blocksize,
+    )  # fmt: skip
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+# ---- qlora_ext::nf4_linear ---------------------------------------------------------------------
+
+
+@torch.library.custom_op("qlora_ext::nf4_linear", mutates_args=())
+def _nf4_linear(
+    x: Tensor,  # [..., K]
+    packed: Tensor,  # uint8 [(N*K+1)//2, 1]
+    absmax: Tensor,  # fp32 [n_blocks], or uint8 codes when nested
+    nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor],
+    nested_offset: Optional[Tensor],  # fp32 [1]
+    blocksize: int,
+    nested_blocksize: int,
+    weight_shape: list[int],  # [N, K]
+    weight_dtype: torch.dtype,
+    bias: Optional[Tensor],  # [N]
+) -> Tensor:  # [..., N]
+    w = _dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+                    nested_blocksize, weight_shape, weight_dtype, x.dtype)  # fmt: skip
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@_nf4_linear.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
+      weight_shape, weight_dtype, bias):  # fmt: skip
+    torch._check(len(weight_shape) == 2, lambda: f"weight_shape must be [N, K], got {weight_shape}")
+    torch._check(x.shape[-1] == weight_shape[1], lambda: f"x has {x.shape[-1]} features, W expects {weight_shape[1]}")
+    return x.new_empty((*x.shape[:-1], weight_shape[0]))
+
+
+def _nf4_linear_setup(ctx, inputs, output):
+    x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, wdtype, bias = inputs
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, nested_offset)
+    ctx.quant = (blocksize, nested_blocksize, shape, wdtype)
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _nf4_linear_backward(ctx, dy):
+    packed, absmax, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
+    blocksize, nested_blocksize, shape, wdtype = ctx.quant
+    dx = dbias = None
+    if ctx.needs_input_grad[0]:
+        w = _dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+                        nested_blocksize, shape, wdtype, ctx.x_dtype)  # fmt: skip
+        dx = dy @ w  # [..., N]·[N, K]
+    if ctx.needs_input_grad[10]:
+        dbias = dy.reshape(math.prod(dy.shape[:-1]), dy.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return dx, None, None, None, None, None, None, None, None, None, dbias
+
+
+_nf4_linear.register_autograd(_nf4_linear_backward, setup_context=_nf4_linear_setup)
+
+
+# ---- qlora_ext::nf4_lora_linear ----------------------------------------------------------------
+
+
+@torch.library.custom_op("qlora_ext::nf4_lora_linear", mutates_args=())
+def _nf4_lora_linear(
+    x: Tensor,  # [..., K]
+    x_lora: Optional[Tensor],  # [..., K] (dropout applied) or None for x
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor],
+    nested_offset: Optional[Tensor],
+    blocksize: int,
+    nested_blocksize: int,
+    weight_shape: list[int],
+    weight_dtype: torch.dtype,
+    bias: Optional[Tensor],
+    lora_A: Tensor,  # [r, K]
+    lora_B: Tensor,  # [N, r]
+    scale: float,
+) -> tuple[Tensor, Tensor]:  # y [..., N], xa [..., r]
+    xl = x if x_lora is None else x_lora
+    w = _dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+                    nested_blocksize, weight_shape, weight_dtype, x.dtype)  # fmt: skip
+    y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    del w  # the only dense W; gone before the thin products allocate
+    xa = F.linear(xl, lora_A.to(x.dtype))  # [..., r]
+    m = math.prod(x.shape[:-1])
+    # y += s·xa·Bᵀ in place on the fresh output: one [M, N] tensor instead of two.
+    y.view(m, weight_shape[0]).addmm_(xa.reshape(m, -1), lora_B.to(x.dtype).t(), alpha=scale)
+    return y, xa
+
+
+@_nf4_lora_linear.register_fake
+def _(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+      nested_blocksize, weight_shape, weight_dtype, bias, lora_A, lora_B, scale):  # fmt: skip
+    torch._check(len(weight_shape) == 2, lambda: f"weight_shape must be [N, K], got {weight_shape}")
+    n_out, k = weight_shape
+    torch._check(x.shape[-1] == k, lambda: f"x has {x.shape[-1]} features, W expects {k}")
+    torch._check(lora_A.dim() == 2 and lora_A.shape[1] == k, lambda: f"lora_A must be [r, {k}], got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    torch._check(tuple(lora_B.shape) == (n_out, r), lambda: f"lora_B must be [{n_out}, {r}], got {tuple(lora_B.shape)}")
+    if x_lora is not None:
+        torch._check(x_lora.shape == x.shape, lambda: "x_lora must have the shape of x")
+    lead = x.shape[:-1]
+    return x.new_empty((*lead, n_out)), x.new_empty((*lead, r))
+
+
+def _nf4_lora_setup(ctx, inputs, output):
+    (x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
+     shape, wdtype, bias, lora_A, lora_B, scale) = inputs  # fmt: skip
+    _, xa = output
+    ctx.x_is_lora_input = x_lora is None
+    xl = x if x_lora is None else x_lora
+    ctx.save_for_backward(xl, xa, lora_A, lora_B, packed, absmax, nested_absmax, nested_code, nested_offset)
+    ctx.quant = (blocksize, nested_blocksize, shape, wdtype)
+    ctx.scale = scale
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _nf4_lora_backward(ctx, dy, dxa):
+    xl, xa, lora_A, lora_B, packed, absmax, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
+    blocksize, nested_blocksize, shape, wdtype = ctx.quant
+    need = ctx.needs_input_grad
+    s, dtype = ctx.scale, xl.dtype
+    n_out, k = shape
+    m = math.prod(dy.shape[:-1])
+    dy2 = dy.reshape(m, n_out)  # [M, N]
+    xl2 = xl.reshape(m, k)  # [M, K]
+    xa2 = xa.reshape(m, -1)  # [M, r]
+    a, b = lora_A.to(dtype), lora_B.to(dtype)
+
+    g = torch.mm(dy2, b).mul_(s)  # [M, r] gradient reaching xa through the LoRA path
+    if dxa is not None:  # xa is also an output; honour a gradient that reached it directly
+        g = g + dxa.reshape(g.shape)
+
+    dx = dx_lora = d_a = d_b = dbias = None
+    if need[0]:
+        w = _dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+                        nested_blocksize, shape, wdtype, dtype)  # fmt: skip
+        dx2 = torch.mm(dy2, w)  # [M, K]
+        del w
+        if ctx.x_is_lora_input:
+            dx2.addmm_(g, a)
+        dx = dx2.view(*dy.shape[:-1], k)
+    if need[1]:
+        dx_lora = torch.mm(g, a).view(*dy.shape[:-1], k)
+    if need[11]:
+        dbias = dy2.sum(0).to(ctx.bias_dtype)
+    if need[12]:
+        d_a = torch.mm(g.t(), xl2).to(lora_A.dtype)  # [r, K]
+    if need[13]:
+        d_b = torch.mm(dy2.t(), xa2).mul_(s).to(lora_B.dtype)  # [N, r]
+    return dx, dx_lora, None, None, None, None, None, None, None, None, None, dbias, d_a, d_b, None
+
+
+_nf4_lora_linear.register_autograd(_nf4_lora_backward, setup_context=_nf4_lora_setup)
+
+
+# ---- Python entry points -------------------------------------------------------------------------
+
+
+def _weight_args(weight: NF4Weight) -> tuple:
+    """The quantized tensors and fields of `weight`, in the operators' argument order."""
+    nested = weight.nested
+    return (
+        weight.packed,
+        weight.absmax,
+        nested.absmax2 if nested else None,
+        nested.code if nested else None,
+        nested.offset.reshape(1) if nested else None,
+        weight.blocksize,
+        nested.blocksize if nested else NESTED_BLOCKSIZE,
+        list(weight.shape),
+        weight.dtype,
+    )
+
+
+def _check_input(x: Tensor, weight: NF4Weight) -> None:
+    if not isinstance(weight, NF4Weight):
+        raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a float tensor, got {x.dtype}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim, the weight expects {weight.shape[1]}")
+
+
+def nf4_linear(x: Tensor, weight: NF4Weight, bias: Tensor | None = None) -> Tensor:
+    """y [..., N] = x [..., K] · deq(W)ᵀ (+ bias), differentiable in x and bias."""
+    _check_input(x, weight)
+    return torch.ops.qlora_ext.nf4_linear(x, *_weight_args(weight), bias)
+
+
+def nf4_lora_linear(
+    x: Tensor,
+    weight: NF4Weight,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    x_lora: Tensor | None = None,
+) -> Tensor:
+    """y [..., N] = x·deq(W)ᵀ (+ bias) + scale·(x_lora·Aᵀ)·Bᵀ with A [r, K], B [N, r].
+
+    `x_lora` is the input of the low-rank path (x after dropout); None means x itself.
+    Differentiable in x, x_lora, bias, A and B; never in W.
+    """
+    _check_input(x, weight)
+    n_out, k = weight.shape
+    if lora_A.dim() != 2 or lora_A.shape[1] != k:
+        raise ValueError(f"lora_A must be [r, {k}], got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (n_out, lora_A.shape[0]):
+        raise ValueError(f"lora_B must be [{n_out}, {lora_A.shape[0]}], got {tuple(lora_B.shape)}")
+    if x_lora is not None and x_lora.shape != x.shape:
+        raise ValueError(f"x_lora must have the shape of x {tuple(x.shape)}, got {tuple(x_lora.shape)}")
+    wargs = _weight_args(weight)
+    y, _ = torch.ops.qlora_ext.nf4_lora_linear(x, x_lora, *wargs, bias, lora_A, lora_B, float(scale))
+    return y

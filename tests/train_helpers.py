@@ -1,0 +1,101 @@
+"""Tiny models and helpers shared by the training-library tests (prepare, layers, adapter I/O).
+
+Models are built from small configs (hidden 32-64, 2 layers) with fixed seeds, so every test is
+fast on a CPU and deterministic.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qlora_ext
+
+VOCAB = 64
+
+# The tests multiply tiny matrices, where waking OpenMP threads costs far more than the work (on a
+# loaded 2-core machine, 20 ms per matmul instead of 4 us). One thread keeps the suite fast.
+torch.set_num_threads(1)
+
+devices = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
+
+
+def hf_config(arch: str):
+    """A tiny transformers config of `arch` (llama, mistral, qwen2, gpt2, phi)."""
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    if arch == "llama":
+        return transformers.LlamaConfig(**common)
+    if arch == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=None)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if arch == "phi":
+        return transformers.PhiConfig(**common)
+    if arch == "gpt2":
+        return transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                       bos_token_id=0, eos_token_id=0)  # fmt: skip
+    raise ValueError(arch)
+
+
+def hf_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch), dtype=dtype)
+    return model.eval()
+
+
+class PlainLM(nn.Module):
+    """Not a transformers model: embedding -> 2 x (MLP block) -> `lm_head`."""
+
+    def __init__(self, dim: int = 32, vocab: int = VOCAB):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"up": nn.Linear(dim, 2 * dim), "down": nn.Linear(2 * dim, dim, bias=False)}) for _ in range(2)
+        )
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for b in self.blocks:
+            x = x + b["down"](torch.relu(b["up"](x)))
+        return self.lm_head(x)
+
+
+def plain_lm(seed: int = 0) -> PlainLM:
+    torch.manual_seed(seed)
+    return PlainLM()
+
+
+def logits(model, ids):
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def dequantized_copy(prepared: nn.Module, fresh: nn.Module, adapter_name: str = "") -> nn.Module:
+    """`fresh` (an unprepared model of the same architecture) loaded with the prepared model's
+    dequantized base weights (plus `adapter_name` merged, "" for none), in fp32."""
+    sd = qlora_ext.merged_state_dict(prepared, dtype=None, adapter_name=adapter_name)
+    missing, unexpected = fresh.load_state_dict(sd, strict=False)
+    assert not unexpected, unexpected
+    assert all("lm_head" in k for k in missing), missing  # only a tied head may be absent
+    return fresh.eval()
+
+
+def randomize_adapters(model: nn.Module, seed: int = 1, std: float = 0.05) -> None:
+    """Give every adapter parameter random values (fresh LoRA has B = 0, which hides bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def token_batch(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
