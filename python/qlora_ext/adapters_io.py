@@ -24,7 +24,7 @@ from .adapters import Adapter
 from .io_utils import atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
 from .layers import QLoRALinear
 from .methods import adapter_class
-from .prepare import linear_layers, qlora_layers
+from .prepare import linear_layers, qlora_layers, set_adapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -222,8 +222,9 @@ def _validated_updates(weights_path, tensors, adapters) -> list[tuple[torch.Tens
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
-    """Load a PEFT-format LoRA adapter (ours or PEFT's) into a prepared model as `adapter_name`,
-    and make it the active adapter.
+    """Load a PEFT-format adapter (ours or PEFT's: LoRA, rsLoRA, DoRA, VeRA, and our LoRA-FA and
+    Delta-LoRA files) into a prepared model as `adapter_name`, and make it the active adapter of
+    every layer (layers without it run the base weight alone).
 
     If the model already has `adapter_name`, its parameters are overwritten in place (an optimizer
     holding them stays valid) and its alpha is taken from the file; otherwise the adapter is
@@ -249,7 +250,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         if adapter_name not in layers[path].adapters:
             layers[path].add_adapter(adapter_name, adapter)
             adapter.mark_trainable()
-        layers[path].set_adapter(adapter_name)
+    set_adapter(model, adapter_name)  # layers the file does not cover run the base alone, as in PEFT
     return model
 
 
