@@ -11,16 +11,18 @@ the factors when the updates began. So instead of re-quantizing an NF4 base ever
 4-bit rounding would swallow each small update) or keeping a dense [out, in] residual (not
 compact), this adapter keeps W_0 in NF4 and the snapshot (A_K, B_K) as buffers, and computes
 
-    y = x·deq(W_0)ᵀ + s·(x·Aᵀ)·Bᵀ  +  λ·(x·[A; A_K]ᵀ)·[B, −B_K]ᵀ
-        ─────── LoRA op, trains A, B ──  ── W_t − W_0, A and B treated as constants ──
+    y = x·deq(W_0)ᵀ + s·(x·Aᵀ)·Bᵀ  +  λ·(x·Aᵀ)·Bᵀ − λ·(x·A_Kᵀ)·B_Kᵀ
+        ─────── LoRA, trains A, B ──  ── W_t − W_0: A, B treated as constants ──
 
 which is the paper's forward and its gradients exactly (up to floating-point rounding; it is in
 fact more exact than updating a 16-bit W in place, which rounds every step). dx sees the whole
-W_t; dA, dB see only the LoRA path, as in the paper.
+W_t; dA, dB see only the LoRA path, as in the paper. The first two low-rank terms are one call of
+the LoRA op with scale s + λ, and A's and B's gradients (linear in the scale) are multiplied by
+s/(s + λ) on the way back, so Delta-LoRA costs no extra GEMM over LoRA while B_K = 0.
 
-Cost: memory, one more copy of A and B (the snapshot; adapter-sized, ~0.5% of the model at
-r = 16); compute, two thin GEMMs more per forward and backward (rank 2r, or r while B_K = 0).
-The snapshot is B_K = 0 when the updates start at step 0 (B starts at zero), the default.
+Cost: memory, one more copy of A and B (the snapshot buffers; adapter-sized, ~0.5% of the model
+at r = 16); compute, nothing while B_K = 0 (updates from step 0, the default, since B starts at
+zero), two thin GEMMs per forward and backward after a warm-up of K > 0 steps.
 
 `DeltaLoRAUpdater(model, start_step=K).step()` after each optimizer step implements the schedule:
 the λ term is off for the first K steps, and at step K the snapshot is taken and it turns on.
@@ -47,6 +49,19 @@ def check_delta_lambda(value) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
         raise ValueError(f"delta_lambda (Delta-LoRA's update ratio λ) must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in forward; multiplies the gradient by `factor` in backward."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.factor, None
 
 
 class DeltaLoRAAdapter(LoRAAdapter):
@@ -94,11 +109,19 @@ class DeltaLoRAAdapter(LoRAAdapter):
         return torch.cat([a, self.delta_lora_A0]), torch.cat([b, -self.delta_lora_B0], dim=1) * lam
 
     def forward_with_base(self, layer, x: Tensor) -> Tensor:
-        y = nf4_lora_linear(x, layer.weight, layer.bias, self.lora_A.weight, self.lora_B.weight, self.scale)
-        if self._lambda_now == 0:
+        a, b, lam = self.lora_A.weight, self.lora_B.weight, self._lambda_now
+        if lam == 0:
+            return nf4_lora_linear(x, layer.weight, layer.bias, a, b, self.scale)
+        # λ·(x·Aᵀ)·Bᵀ rides in the LoRA op as scale s + λ (dx = dy·W_t is then exact); A and B must
+        # get only the s-part of their gradients, which are linear in the scale: scale them back.
+        total = self.scale + lam
+        keep = self.scale / total
+        a, b = _ScaleGrad.apply(a, keep), _ScaleGrad.apply(b, keep)
+        y = nf4_lora_linear(x, layer.weight, layer.bias, a, b, total)
+        if self._snapshot_is_zero:
             return y
-        p, q = self._base_shift_factors()
-        return y + (x @ p.to(x.dtype).t()) @ q.to(x.dtype).t()
+        a0, b0 = self.delta_lora_A0.to(x.dtype), self.delta_lora_B0.to(x.dtype)
+        return y - lam * (x @ a0.t()) @ b0.t()  # − λ·B_K·A_K, a constant
 
     def delta(self, x: Tensor) -> Tensor:
         out = super().delta(x)

@@ -15,7 +15,8 @@ transient dequantized W that the base GEMM makes anyway:
 - W·Aᵀ [out, r] changes every step (A trains); the op `qlora_ext::nf4_dora_linear` takes it from
   the dequantized W the forward GEMM already holds: cost 2·out·in·r FLOPs per forward
   (r/M of the base GEMM's 2·M·out·in; 0.8% at r = 16, M = 2048), no extra dequantization.
-- A·Aᵀ [r, r] and the row sums cost O(out·r² + in·r²).
+- A·Aᵀ [r, r] and the row sums cost O(out·r² + in·r²): six small kernels per forward
+  (the fp32 cast of wa, A·Aᵀ, one addmm, one row dot, +‖W‖², rsqrt), plus m/n and the scaling.
 - Backward is LoRA's (the norm is constant); m's gradient is Σ_M dy ⊙ z / n, so z [M, out] is
   kept for backward (one activation the size of the layer output, as in PEFT).
 
@@ -161,23 +162,26 @@ class DoRAAdapter(LoRAAdapter):
         ba = self.lora_B.weight.float() @ self.lora_A.weight.float()  # [out, in]: init/merge only
         return torch.linalg.vector_norm(w + self.scale * ba.to(w.device), dim=1)
 
-    def weight_norm(self, layer, wa: Tensor) -> Tensor:
-        """n = ‖deq(W) + s·BA‖_row [out] (fp32, no grad) from wa = deq(W)·Aᵀ [out, r], without
-        forming anything [out, in]."""
+    def weight_norm_sq(self, layer, wa: Tensor) -> Tensor:
+        """n² = ‖deq(W) + s·BA‖²_row [out] (fp32, no grad) from wa = deq(W)·Aᵀ [out, r], without
+        forming anything [out, in]: n² = ‖W‖² + Σ_j B_ij·(2s·wa + s²·B·(A·Aᵀ))_ij.
+        Six small kernels (the forward is launch-bound at small M, so they are counted)."""
         with torch.no_grad():
             a, b, s = self.lora_A.weight.float(), self.lora_B.weight.float(), self.scale
-            cross = (b * wa.float()).sum(1)  # ⟨W_i, (BA)_i⟩
-            ba_sq = ((b @ (a @ a.t())) * b).sum(1)  # ‖(BA)_i‖²
-            n_sq = self.weight_sq_norm(layer) + (2 * s) * cross + (s * s) * ba_sq
-            return n_sq.clamp_min_(0).sqrt_()
+            t = torch.addmm(wa.float(), b, a @ a.t(), beta=2 * s, alpha=s * s)  # [out, r]
+            return torch.linalg.vecdot(b, t).add_(self.weight_sq_norm(layer))
+
+    def weight_norm(self, layer, wa: Tensor) -> Tensor:
+        """n = ‖deq(W) + s·BA‖_row [out] (fp32, no grad); see weight_norm_sq."""
+        return self.weight_norm_sq(layer, wa).clamp_min_(0).sqrt_()
 
     # ---- forward ------------------------------------------------------------------------------
 
     def forward_with_base(self, layer, x: Tensor) -> Tensor:
         x_lora = self.dropout(x) if self.training and self.dropout_p > 0 else None
         z, wa = nf4_dora_linear(x, layer.weight, self.lora_A.weight, self.lora_B.weight, self.scale, x_lora)
-        norm = self.weight_norm(layer, wa)  # detached: a constant in backward
-        y = z * (self.lora_magnitude_vector / norm).to(z.dtype)
+        inv_norm = self.weight_norm_sq(layer, wa).rsqrt_()  # 1/n, detached: a constant in backward
+        y = z * (self.lora_magnitude_vector * inv_norm).to(z.dtype)
         return y if layer.bias is None else y + layer.bias.to(y.dtype)
 
     def delta(self, x: Tensor) -> Tensor:
