@@ -111,10 +111,11 @@ def test_opcheck_dora_op(dtype, with_x_lora):
     torch.library.opcheck(torch.ops.qlora_ext.nf4_dora_linear.default, args)
 
 
-def test_dora_bf16_error_within_plain_pytorch_bf16():
+@pytest.mark.parametrize("device", devices)
+def test_dora_bf16_error_within_plain_pytorch_bf16(device):
     """bf16 forward vs the fp32 reference: at most 2x the error of the same formula in plain bf16."""
-    layer, ad = make_layer(qlora_ext.DoRAAdapter, k=256, n=96, r=8)
-    x = torch.randn(16, 256)
+    layer, ad = make_layer(qlora_ext.DoRAAdapter, k=256, n=96, r=8, device=device)
+    x = torch.randn(16, 256, device=device)
     w, s = layer.weight.dequantize().float(), ad.scale
     a, b, m = ad.lora_A.weight.detach(), ad.lora_B.weight.detach(), ad.lora_magnitude_vector.detach()
 
@@ -235,7 +236,7 @@ def test_rslora_scale_and_prepare():
 
 
 def train(model, steps=12, lr=1e-2, groups=None, updater=None):
-    ids = token_batch(batch=4, seq=16)
+    ids = token_batch(batch=4, seq=16).to(next(model.parameters()).device)
     opt = torch.optim.AdamW(groups or [p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     losses = []
@@ -260,6 +261,17 @@ def test_tiny_llama_trains(method):
     updater = qlora_ext.DeltaLoRAUpdater(model) if method == "delta_lora" else None
     losses = train(model, lr=lr, updater=updater)
     assert losses[-1] < target * losses[0], losses
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", METHODS)
+def test_tiny_llama_trains_bf16_cuda(method):
+    model = hf_model(dtype=torch.bfloat16).cuda()
+    r, lr, target = (128, 1e-1, 0.9) if method == "vera" else (8, 1e-2, 0.8)
+    qlora_ext.prepare(model, r=r, alpha=16, method=method, verbose=False)
+    updater = qlora_ext.DeltaLoRAUpdater(model) if method == "delta_lora" else None
+    losses = train(model, lr=lr, updater=updater)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < target * losses[0], losses
 
 
 def test_tiny_llama_trains_with_loraplus_and_checkpointing():
