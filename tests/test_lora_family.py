@@ -267,7 +267,7 @@ def test_tiny_llama_trains(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_tiny_llama_trains_bf16_cuda(method):
     model = hf_model(dtype=torch.bfloat16).cuda()
-    r, lr, target = (128, 1e-1, 0.9) if method == "vera" else (8, 1e-2, 0.8)
+    r, lr, target = (128, 1e-1, 0.9) if method == "vera" else (8, 1e-2, 0.85)  # bf16: a little slack
     qlora_ext.prepare(model, r=r, alpha=16, method=method, verbose=False)
     updater = qlora_ext.DeltaLoRAUpdater(model) if method == "delta_lora" else None
     losses = train(model, lr=lr, updater=updater)
