@@ -99,12 +99,13 @@ def test_dora_norm_without_dense_update():
     assert (45, 67) not in shapes and (67, 45) not in shapes, shapes
 
 
+@pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_x_lora", [False, True], ids=["x", "x_lora"])
-def test_opcheck_dora_op(dtype, with_x_lora):
-    layer, ad = make_layer(qlora_ext.DoRAAdapter)
-    x = torch.randn(2, 3, 67, dtype=dtype, requires_grad=True)
-    xl = torch.randn(2, 3, 67, dtype=dtype, requires_grad=True) if with_x_lora else None
+def test_opcheck_dora_op(dtype, with_x_lora, device):
+    layer, ad = make_layer(qlora_ext.DoRAAdapter, device=device)
+    x = torch.randn(2, 3, 67, dtype=dtype, device=device, requires_grad=True)
+    xl = torch.randn(2, 3, 67, dtype=dtype, device=device, requires_grad=True) if with_x_lora else None
     a = ad.lora_A.weight.detach().to(dtype).requires_grad_(True)
     b = ad.lora_B.weight.detach().to(dtype).requires_grad_(True)
     args = (x, xl, *_weight_args(layer.weight), None, a, b, 0.5)

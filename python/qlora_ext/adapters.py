@@ -4,8 +4,11 @@ An `Adapter` is an nn.Module whose parameter names are exactly the per-layer suf
 on disk (LoRA: `lora_A.weight` [r, in], `lora_B.weight` [out, r]), so saving and loading need no
 per-variant code: the on-disk key is `<layer path>.<adapter parameter name>`.
 
-A new variant (DoRA, VeRA, …) is a new subclass: it implements `delta` and `delta_weight`, and may
-override `forward_with_base` when it can fuse its update with the base GEMM (LoRA does).
+A new variant is a new subclass in its own file (dora.py, lora_fa.py, vera.py, delta_lora.py;
+methods.py maps `prepare(method=...)` names and adapter_config.json to classes): it implements
+`delta` and `delta_weight` (or `merged_weight` when it rescales W, as DoRA), its config fields
+(`peft_config`, `peft_model_config`, `from_peft_config`), and may override `forward_with_base`
+when it can fuse its update with the base GEMM (LoRA does).
 """
 
 from __future__ import annotations
