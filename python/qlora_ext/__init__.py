@@ -3,6 +3,8 @@
 Public API (DESIGN.md §6): NF4Weight; the operators in `qlora_ext.ops`; `build_info()`;
 training: prepare, QLoRALinear, save_adapter, load_adapter, merge_and_export, load_bnb_4bit;
 optimizer: PagedAdamW (and `qlora_ext.optim`).
+LoRA family (prepare(method=...)): DoRAAdapter, LoRAFAAdapter, VeRAAdapter, DeltaLoRAAdapter (+
+DeltaLoRAUpdater); LoRA+ optimizer groups: loraplus_param_groups.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from .optim import PagedAdamW  # noqa: E402
 from .lora_linear import nf4_linear, nf4_lora_linear  # noqa: E402
 from .adapters import Adapter, LoRAAdapter  # noqa: E402
 from .layers import QLoRALinear  # noqa: E402
+from .dora import DoRAAdapter, nf4_dora_linear  # noqa: E402
+from .lora_fa import LoRAFAAdapter  # noqa: E402
+from .vera import VeRAAdapter  # noqa: E402
+from .delta_lora import DeltaLoRAAdapter, DeltaLoRAUpdater  # noqa: E402
+from .methods import METHODS  # noqa: E402
+from .loraplus import loraplus_param_groups  # noqa: E402
 from .prepare import prepare, print_trainable_parameters, set_adapter  # noqa: E402
 from .adapters_io import load_adapter, merge_and_export, merged_state_dict, save_adapter  # noqa: E402
 from .checkpoint import load_bnb_4bit  # noqa: E402
@@ -34,4 +42,6 @@ __all__ = [
     "prepare", "QLoRALinear", "Adapter", "LoRAAdapter", "save_adapter", "load_adapter",
     "merge_and_export", "merged_state_dict", "load_bnb_4bit", "set_adapter", "print_trainable_parameters",
     "nf4_linear", "nf4_lora_linear",
+    "DoRAAdapter", "LoRAFAAdapter", "VeRAAdapter", "DeltaLoRAAdapter", "DeltaLoRAUpdater", "METHODS",
+    "loraplus_param_groups", "nf4_dora_linear",
 ]  # fmt: skip

@@ -4,13 +4,17 @@ An `Adapter` is an nn.Module whose parameter names are exactly the per-layer suf
 on disk (LoRA: `lora_A.weight` [r, in], `lora_B.weight` [out, r]), so saving and loading need no
 per-variant code: the on-disk key is `<layer path>.<adapter parameter name>`.
 
-A new variant (DoRA, VeRA, …) is a new subclass: it implements `delta` and `delta_weight`, and may
-override `forward_with_base` when it can fuse its update with the base GEMM (LoRA does).
+A new variant is a new subclass in its own file (dora.py, lora_fa.py, vera.py, delta_lora.py;
+methods.py maps `prepare(method=...)` names and adapter_config.json to classes): it implements
+`delta` and `delta_weight` (or `merged_weight` when it rescales W, as DoRA), its config fields
+(`peft_config`, `peft_model_config`, `from_peft_config`), and may override `forward_with_base`
+when it can fuse its update with the base GEMM (LoRA does).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +27,8 @@ class Adapter(nn.Module):
 
     #: PEFT's `peft_type` for adapter_config.json
     peft_type: str = ""
+    #: the name `prepare(method=...)` selects this variant by
+    method: str = ""
 
     def delta(self, x: Tensor) -> Tensor:
         """The update to add to the base output: x [..., in] -> [..., out]."""
@@ -32,13 +38,44 @@ class Adapter(nn.Module):
         """The dense equivalent ΔW [out, in] (fp32), for merging and export."""
         raise NotImplementedError
 
+    def merged_weight(self, w: Tensor) -> Tensor:
+        """The dense weight this adapter makes of base weight w [out, in] (fp32): w + ΔW by default;
+        variants that rescale W (DoRA) override it."""
+        return w + self.delta_weight().to(w.device)
+
+    def unmerged_weight(self, w: Tensor) -> Tensor:
+        """The inverse of `merged_weight` (used by QLoRALinear.unmerge)."""
+        return w - self.delta_weight().to(w.device)
+
     def forward_with_base(self, layer, x: Tensor) -> Tensor:
         """Base output plus update. `layer` is the QLoRALinear; override to fuse the two."""
         return layer.base_forward(x) + self.delta(x).to(x.dtype)
 
+    def mark_trainable(self) -> None:
+        """Set requires_grad on the parameters this variant trains (all of them by default)."""
+        for p in self.parameters():
+            p.requires_grad_(True)
+
     def peft_config(self) -> dict:
-        """This adapter's fields of PEFT's adapter_config.json."""
+        """This adapter's (one layer's) fields of PEFT's adapter_config.json."""
         raise NotImplementedError
+
+    @classmethod
+    def peft_model_config(cls, layer_configs: dict[str, dict]) -> dict:
+        """The variant-specific fields of adapter_config.json, from every layer's `peft_config()`
+        (layer path -> fields). The common fields (peft_type, target_modules, ...) are added by
+        adapters_io."""
+        raise NotImplementedError
+
+    @classmethod
+    def validate_peft_config(cls, config: dict) -> None:
+        """Raise ValueError (naming the field) if adapter_config.json `config` cannot be loaded."""
+
+    @classmethod
+    def shared_config(cls, config: dict, shapes: list[tuple[int, int]]) -> dict:
+        """Fields derived from all the adapted layers' shapes [(out, in), ...], merged into every
+        layer's config on load (VeRA: the size of the shared projections). None by default."""
+        return {}
 
     @classmethod
     def from_peft_config(cls, in_features: int, out_features: int, config: dict, device=None, dtype=None) -> "Adapter":
@@ -55,6 +92,7 @@ class LoRAAdapter(Adapter):
     """
 
     peft_type = "LORA"
+    method = "lora"
 
     def __init__(
         self,
@@ -96,6 +134,26 @@ class LoRAAdapter(Adapter):
 
     def peft_config(self) -> dict:
         return {"r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout_p, "use_rslora": self.rslora}
+
+    @classmethod
+    def peft_model_config(cls, layer_configs: dict[str, dict]) -> dict:
+        """The most common r and alpha, plus rank_pattern/alpha_pattern for the layers that differ."""
+        first = next(iter(layer_configs.values()))
+        base = {k: Counter(c[k] for c in layer_configs.values()).most_common(1)[0][0] for k in first}
+        return {
+            **base,
+            "use_dora": False,
+            "init_lora_weights": True,
+            "rank_pattern": {p: c["r"] for p, c in layer_configs.items() if c["r"] != base["r"]},
+            "alpha_pattern": {p: c["lora_alpha"] for p, c in layer_configs.items() if c["lora_alpha"] != base["lora_alpha"]},
+        }
+
+    @classmethod
+    def validate_peft_config(cls, config: dict) -> None:
+        for field in ("r", "lora_alpha"):
+            value = config.get(field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"field {field!r} must be a positive number, got {value!r}")
 
     @classmethod
     def from_peft_config(cls, in_features, out_features, config, device=None, dtype=None) -> "LoRAAdapter":

@@ -4,29 +4,31 @@ Adapter directory (what PEFT's `PeftModel.from_pretrained` reads):
     adapter_config.json        peft_type "LORA", r, lora_alpha, target_modules, ...
     adapter_model.safetensors  base_model.model.<layer path>.lora_A.weight [r, in]
                                base_model.model.<layer path>.lora_B.weight [out, r]
-The per-layer key suffixes are the adapter modules' own parameter names (see adapters.py), so a
-new variant saves and loads with no change here beyond its entry in ADAPTER_TYPES.
+                               (DoRA: + .lora_magnitude_vector [out]; VeRA: .vera_lambda_b [out],
+                               .vera_lambda_d [r]; see methods.py for every variant)
+The per-layer key suffixes are the adapter modules' own state-dict names (see adapters.py), and
+the variant-specific config fields come from the adapter class, so a new variant saves and loads
+with no change here beyond its entry in methods.adapter_class.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections import Counter
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .adapters import Adapter, LoRAAdapter
+from .adapters import Adapter
 from .io_utils import atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
 from .layers import QLoRALinear
-from .prepare import linear_layers, qlora_layers
+from .methods import adapter_class
+from .prepare import linear_layers, qlora_layers, set_adapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-ADAPTER_TYPES: dict[str, type[Adapter]] = {"LORA": LoRAAdapter}
 
 
 # ---- saving --------------------------------------------------------------------------------------
@@ -62,38 +64,32 @@ def _base_model_name(model: nn.Module) -> str | None:
 
 
 def adapter_config(model: nn.Module, adapter_name: str = "default") -> dict:
-    """adapter_config.json for `adapter_name`: PEFT's baseline keys (readable by PEFT >= 0.8).
-
-    Layers whose rank or alpha differ from the most common one go to rank_pattern/alpha_pattern.
+    """adapter_config.json for `adapter_name`: PEFT's baseline keys (readable by PEFT >= 0.8) plus
+    the variant's own (`Adapter.peft_model_config`; LoRA: layers whose rank or alpha differ from
+    the most common one go to rank_pattern/alpha_pattern).
     """
     layers = _layers_with(model, adapter_name)
     adapters = {p: m.adapters[adapter_name] for p, m in layers.items()}
-    kinds = {type(a).peft_type for a in adapters.values()}
+    kinds = {type(a) for a in adapters.values()}
     if len(kinds) != 1:
-        raise ValueError(f"adapter {adapter_name!r} mixes adapter types {sorted(kinds)} across layers")
-    configs = {p: a.peft_config() for p, a in adapters.items()}
-    base = {k: Counter(c[k] for c in configs.values()).most_common(1)[0][0] for k in next(iter(configs.values()))}
-    rank_pattern = {p: c["r"] for p, c in configs.items() if c["r"] != base["r"]}
-    alpha_pattern = {p: c["lora_alpha"] for p, c in configs.items() if c.get("lora_alpha") != base.get("lora_alpha")}
+        raise ValueError(f"adapter {adapter_name!r} mixes adapter types {sorted(k.__name__ for k in kinds)} across layers")
+    cls = kinds.pop()
+    variant = cls.peft_model_config({p: a.peft_config() for p, a in adapters.items()})
     is_causal_lm = type(model).__name__.endswith("ForCausalLM") or callable(getattr(model, "get_output_embeddings", None))
     return {
-        "peft_type": kinds.pop(),
+        "peft_type": cls.peft_type,
         "task_type": "CAUSAL_LM" if is_causal_lm else None,
         "base_model_name_or_path": _base_model_name(model),
         "revision": None,
         "inference_mode": True,
         "auto_mapping": None,
-        **base,
+        **variant,
         "target_modules": _compact_targets(model, list(layers)),
         "bias": "none",
         "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
-        "use_dora": False,
         "modules_to_save": None,
-        "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
     }
 
 
@@ -125,6 +121,21 @@ def _normalize_key(key: str) -> str:
     return f"{m.group(1)}.{m.group(2)}" if m else key
 
 
+def _file_layer_paths(model: nn.Module, tensors: dict) -> dict:
+    """Layer path -> one file key, for the QLoRALinear layers the file's keys belong to (the
+    longest layer path that prefixes the key); a key belonging to no layer is under None."""
+    layer_paths = set(qlora_layers(model))
+    found = {}
+    for raw_key in sorted(tensors):
+        key = _normalize_key(raw_key)
+        path = _layer_of(key, layer_paths)
+        if path is None:
+            found.setdefault(None, raw_key)
+        else:
+            found.setdefault(path, raw_key)
+    return found
+
+
 def _pattern_value(pattern: dict, path: str, default):
     """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module path as a dotted suffix regex."""
     for key, value in (pattern or {}).items():
@@ -141,23 +152,19 @@ def _layer_config(config: dict, path: str) -> dict:
     }
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: Path) -> tuple[dict, type[Adapter]]:
     config = read_json(path)
-    peft_type = config.get("peft_type")
-    if peft_type not in ADAPTER_TYPES:
-        raise ValueError(f"{path}: peft_type {peft_type!r} is not supported (supported: {sorted(ADAPTER_TYPES)})")
-    if config.get("use_dora"):
-        raise ValueError(f"{path}: DoRA adapters (use_dora=true) are not supported yet")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{path}: bias={config['bias']!r} is not supported, only 'none'")
-    for field in ("r", "lora_alpha"):
-        value = config.get(field)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{path}: field {field!r} must be a positive number, got {value!r}")
-    return config
+    try:
+        cls = adapter_class(config)
+        if config.get("bias", "none") != "none":
+            raise ValueError(f"bias={config['bias']!r} is not supported, only 'none'")
+        cls.validate_peft_config(config)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return config, cls
 
 
-def _target_adapters(model, config, config_path, file_paths, adapter_name) -> dict[str, Adapter]:
+def _target_adapters(model, config, cls, config_path, file_paths, adapter_name) -> dict[str, Adapter]:
     """Layer path -> the adapter that will receive the weights: the existing `adapter_name` of each
     layer, or (when the model has none) fresh adapters for the layers the file names."""
     layers = qlora_layers(model)
@@ -165,17 +172,21 @@ def _target_adapters(model, config, config_path, file_paths, adapter_name) -> di
         raise ValueError("the model has no QLoRALinear layers: call qlora_ext.prepare(model) first")
     existing = {p: m.adapters[adapter_name] for p, m in layers.items() if adapter_name in m.adapters}
     if existing:
+        wrong = sorted({type(a).__name__ for a in existing.values() if type(a) is not cls})
+        if wrong:
+            raise ValueError(f"{config_path}: describes a {cls.__name__}, but the model's adapter "
+                             f"{adapter_name!r} is a {wrong[0]}; load it under another adapter_name")  # fmt: skip
         return existing
-    unknown = sorted(p for p in file_paths if p not in layers)
-    if unknown:
-        raise ValueError(f"{config_path.parent / WEIGHTS_NAME}: key for {unknown[0]!r}, which is not a quantized layer of this model")
-    cls = ADAPTER_TYPES[config["peft_type"]]
+    if None in file_paths:
+        raise ValueError(f"{config_path.parent / WEIGHTS_NAME}: key {file_paths[None]!r}, which is not a quantized layer of this model")
     fresh = {}
+    shared = cls.shared_config(config, [(layers[p].out_features, layers[p].in_features) for p in file_paths])
     for path in sorted(file_paths):
         layer = layers[path]
         # the dtype of the layer's other adapters (prepare's adapter_dtype), else PEFT's fp32
         dtype = next((p.dtype for p in layer.adapters.parameters()), torch.float32)
-        fresh[path] = cls.from_peft_config(layer.in_features, layer.out_features, _layer_config(config, path),
+        fresh[path] = cls.from_peft_config(layer.in_features, layer.out_features,
+                                           {**_layer_config(config, path), **shared},
                                            device=layer.weight.device, dtype=dtype)  # fmt: skip
     return fresh
 
@@ -211,8 +222,9 @@ def _validated_updates(weights_path, tensors, adapters) -> list[tuple[torch.Tens
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
-    """Load a PEFT-format LoRA adapter (ours or PEFT's) into a prepared model as `adapter_name`,
-    and make it the active adapter.
+    """Load a PEFT-format adapter (ours or PEFT's: LoRA, rsLoRA, DoRA, VeRA, and our LoRA-FA and
+    Delta-LoRA files) into a prepared model as `adapter_name`, and make it the active adapter of
+    every layer (layers without it run the base weight alone).
 
     If the model already has `adapter_name`, its parameters are overwritten in place (an optimizer
     holding them stays valid) and its alpha is taken from the file; otherwise the adapter is
@@ -222,23 +234,23 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     """
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    config = _read_config(config_path)
+    config, cls = _read_config(config_path)
     tensors = read_safetensors(weights_path)
-    file_paths = {_normalize_key(k).rsplit(".", 2)[0] for k in tensors}
-    adapters = _target_adapters(model, config, config_path, file_paths, adapter_name)
+    file_paths = _file_layer_paths(model, tensors)
+    adapters = _target_adapters(model, config, cls, config_path, file_paths, adapter_name)
     updates = _validated_updates(weights_path, tensors, adapters)
 
     with torch.no_grad():
         for param, value in updates:
             param.copy_(value)
     layers = qlora_layers(model)
+    shared = cls.shared_config(config, [(layers[p].out_features, layers[p].in_features) for p in adapters])
     for path, adapter in adapters.items():
-        adapter.apply_peft_config(_layer_config(config, path))
+        adapter.apply_peft_config({**_layer_config(config, path), **shared})
         if adapter_name not in layers[path].adapters:
             layers[path].add_adapter(adapter_name, adapter)
-            for p in adapter.parameters():
-                p.requires_grad_(True)
-        layers[path].set_adapter(adapter_name)
+            adapter.mark_trainable()
+    set_adapter(model, adapter_name)  # layers the file does not cover run the base alone, as in PEFT
     return model
 
 

@@ -148,11 +148,11 @@ class QLoRALinear(nn.Module):
         """
         w = self.weight.dequantize(torch.float32)
         if adapter is not None and not (self.merged and adapter == self.active_adapter):
-            w = w + self.adapters[adapter].delta_weight().to(w.device)
+            w = self.adapters[adapter].merged_weight(w)
         return w.to(dtype)
 
     def merge(self) -> None:
-        """Fold the active adapter into the NF4 base: W ← NF4(deq(W) + ΔW).
+        """Fold the active adapter into the NF4 base: W ← NF4(deq(W) + ΔW) (DoRA: its rescaled W').
 
         LOSSY: the sum is re-quantized to 4 bits, so most of a small ΔW is rounded away (as in
         PEFT's 4-bit merge). For a faithful merged model use `qlora_ext.merge_and_export`, which
@@ -169,8 +169,8 @@ class QLoRALinear(nn.Module):
             raise RuntimeError("already merged" if self.merged else "not merged")
         if self.active_adapter is None:
             raise RuntimeError("no active adapter to merge")
-        delta = self.adapters[self.active_adapter].delta_weight().to(self.weight.device)
-        dense = (self.weight.dequantize(torch.float32) + sign * delta).to(self.weight.dtype)
+        adapter, w = self.adapters[self.active_adapter], self.weight.dequantize(torch.float32)
+        dense = (adapter.merged_weight(w) if sign > 0 else adapter.unmerged_weight(w)).to(self.weight.dtype)
         self.weight = NF4Weight.from_float(dense, self.weight.blocksize, self.weight.nested is not None)
         self.merged = sign > 0
 

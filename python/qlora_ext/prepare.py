@@ -1,7 +1,7 @@
 """`prepare(model)`: turn a float model into a QLoRA-trainable one, in place.
 
 Each target linear layer is quantized to NF4 on its own device and swapped for a `QLoRALinear`
-with a LoRA adapter; the float weight is released right after, so peak memory is about the final
+with an adapter (LoRA or a variant: methods.py); the float weight is released right after, so peak memory is about the final
 model plus one float layer. Everything except the adapters is frozen; nothing is upcast (norms and
 embeddings stay in the model's dtype: PEFT's fp32 upcast costs memory for little gain).
 """
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .layers import QLoRALinear, is_conv1d
+from .methods import adapter_factory, check_method
 from .nf4 import NF4Weight
 
 ALL_LINEAR = "all-linear"
@@ -103,6 +105,20 @@ def _to_qlora(module: nn.Module, blocksize: int, double_quant: bool, compute_dty
     return QLoRALinear.from_linear(module, blocksize, double_quant, compute_dtype)
 
 
+class _LayerShape(NamedTuple):
+    in_features: int
+    out_features: int
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a targetable layer, before quantization."""
+    if isinstance(module, QLoRALinear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]  # Conv1D stores [in, out]
+    return module.in_features, module.out_features
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -167,10 +183,20 @@ def prepare(
     adapter_name: str = "default",
     adapter_dtype: torch.dtype = torch.float32,
     verbose: bool = True,
+    method: str = "lora",
+    vera_prng_key: int | None = None,
+    vera_d_initial: float | None = None,
+    delta_lambda: float | None = None,
 ) -> nn.Module:
-    """Quantize the target linear layers of `model` to NF4 and add a LoRA adapter to each; in place.
+    """Quantize the target linear layers of `model` to NF4 and add an adapter to each; in place.
 
-    r, alpha, dropout, rslora: LoRA rank, alpha (scale alpha/r, or alpha/√r with rslora), dropout.
+    method: the LoRA-family variant (qlora_ext/methods.py): "lora" (default), "dora", "lora_fa"
+    (A frozen), "vera" (shared random projections, trained vectors), "delta_lora" (the base moves
+    by λ·Δ(B·A); call `DeltaLoRAUpdater(model).step()` after each optimizer step).
+    r, alpha, dropout, rslora: rank, alpha (scale alpha/r, or alpha/√r with rslora), dropout
+    (VeRA: r and dropout only; Delta-LoRA: no dropout).
+    vera_prng_key (default 0), vera_d_initial (default 0.1): VeRA's projection seed and d init.
+    delta_lambda (default 2.0): Delta-LoRA's update ratio λ. Each is an error with another method.
     target_modules: "all-linear" (all but the LM head), a regex, or a list of name suffixes.
     blocksize, double_quant: NF4 format (DESIGN.md §3). compute_dtype: dtype of the layer math
     (default: the input's). adapter_dtype: dtype of the LoRA parameters (fp32 as PEFT does).
@@ -186,18 +212,24 @@ def prepare(
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if not adapter_dtype.is_floating_point:
         raise TypeError(f"adapter_dtype must be a float dtype, got {adapter_dtype}")
+    check_method(method)
+    options = {k: v for k, v in (("vera_prng_key", vera_prng_key), ("vera_d_initial", vera_d_initial),
+                                 ("delta_lambda", delta_lambda)) if v is not None}  # fmt: skip
     linears = linear_layers(model)
     names = select_targets(model, target_modules)
     _check_float_weights(linears, names)
     for name in names:
         if adapter_name in getattr(linears[name], "adapters", {}):
             raise ValueError(f"{name} already has an adapter named {adapter_name!r}")
+    shapes = [_LayerShape(*_in_out(linears[n])) for n in names]
+    make_adapter = adapter_factory(method, shapes, r=r, alpha=alpha, dropout=dropout, rslora=rslora,
+                                   dtype=adapter_dtype, options=options)  # fmt: skip
 
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         layer = _to_qlora(linears[name], blocksize, double_quant, compute_dtype)
-        layer.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dtype=adapter_dtype)
+        layer.add_adapter(adapter_name, make_adapter(layer))
         layer.set_adapter(adapter_name)
         _set_submodule(model, name, layer)
         linears[name] = layer  # drops the last reference to the float layer: its weight is freed

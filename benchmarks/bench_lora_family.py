@@ -1,0 +1,188 @@
+"""End-to-end training step of each LoRA-family variant vs plain QLoRA, in one run.
+
+What it measures: one optimizer step (forward + backward + AdamW) of a transformers
+LlamaForCausalLM with random bf16 weights, prepared by `qlora_ext.prepare(method=...)` (NF4 base,
+double quantization, adapters on q,k,v,o,gate,up,down, fp32 adapters, non-reentrant gradient
+checkpointing unless --no-checkpointing), batch 1 x seq 2048 by default, r 16.
+
+Per case: median step time over --steps timed steps (after --warmup), tokens/s, model TFLOP/s by
+the 6·N·T convention (N = all parameters, T = tokens; checkpointing's recomputed forward is not
+counted, so this is "useful" throughput), peak allocated memory, and the ratio of each to plain
+QLoRA (`lora`) measured in the same run. Prints one JSON object per case and a table; --out FILE
+writes the JSON list. The issue's bar: QDoRA step time <= 1.15x QLoRA.
+
+    python benchmarks/bench_lora_family.py --shapes 1b --out bench_lora_family.json
+    python benchmarks/bench_lora_family.py --shapes 1b,8b --out bench_lora_family.json
+    python benchmarks/bench_lora_family.py --shapes tiny --device cpu --steps 2 --warmup 1   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+import qlora_ext  # noqa: E402
+from qlora_ext.io_utils import atomic_write_json  # noqa: E402
+
+SHAPES = {
+    # hidden, intermediate, layers, heads, kv heads, vocab
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),  # fmt: skip
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),  # fmt: skip
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512),  # fmt: skip
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# name -> (prepare kwargs, whether the optimizer gets LoRA+ groups, whether a DeltaLoRAUpdater steps)
+CASES = {
+    "lora": ({"method": "lora"}, False, False),
+    "lora+rslora": ({"method": "lora", "rslora": True}, False, False),
+    "lora+loraplus": ({"method": "lora"}, True, False),
+    "dora": ({"method": "dora"}, False, False),
+    "lora_fa": ({"method": "lora_fa"}, False, False),
+    "vera": ({"method": "vera"}, False, False),
+    "vera_r256": ({"method": "vera", "r": 256}, False, False),
+    "delta_lora": ({"method": "delta_lora"}, False, True),
+}
+
+
+def build_model(shape: str, device: str, seq: int):
+    import transformers
+
+    config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq, 2048))
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_case(name: str, shape: str, args) -> dict:
+    prepare_kw, loraplus, delta = CASES[name]
+    device = args.device
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    model = build_model(shape, device, args.seq)
+    n_params = sum(p.numel() for p in model.parameters())
+    kw = {"r": args.r, "alpha": 2 * args.r, **prepare_kw}
+    qlora_ext.prepare(model, target_modules=TARGETS, gradient_checkpointing=not args.no_checkpointing,
+                      verbose=False, **kw)  # fmt: skip
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    fused = device.startswith("cuda")
+    params = qlora_ext.loraplus_param_groups(model, lr=args.lr) if loraplus else trainable
+    opt = torch.optim.AdamW(params, lr=args.lr, fused=fused)
+    updater = qlora_ext.DeltaLoRAUpdater(model) if delta else None
+    ids = torch.randint(0, SHAPES[shape]["vocab_size"], (args.batch, args.seq), device=device)
+
+    def step() -> float:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if updater is not None:
+            updater.step()
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        loss = step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+    median = statistics.median(times)
+    tokens = args.batch * args.seq
+    result = {
+        "case": name, "shape": shape, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "r": kw["r"], "batch": args.batch, "seq": args.seq, "checkpointing": not args.no_checkpointing,
+        "params": n_params, "trainable_params": n_trainable,
+        "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times),
+        "tokens_per_s": tokens / median, "model_tflops": 6 * n_params * tokens / median / 1e12,
+        "peak_alloc_gib": peak / 2**30, "final_loss": float(loss),
+        "torch": torch.__version__,
+    }  # fmt: skip
+    del model, opt, updater, trainable, params
+    return result
+
+
+def print_table(results: list[dict]) -> None:
+    base = {r["shape"]: r for r in results if r["case"] == "lora"}
+    head = f"{'shape':5} {'case':14} {'trainable':>11} {'step ms':>9} {'x QLoRA':>8} {'tok/s':>9} {'TFLOP/s':>8} {'peak GiB':>9} {'x QLoRA':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        b = base.get(r["shape"])
+        t_ratio = r["step_s_median"] / b["step_s_median"] if b else float("nan")
+        m_ratio = r["peak_alloc_gib"] / b["peak_alloc_gib"] if b and b["peak_alloc_gib"] else float("nan")
+        print(f"{r['shape']:5} {r['case']:14} {r['trainable_params']:>11,} {1e3 * r['step_s_median']:>9.1f} {t_ratio:>8.3f} "
+              f"{r['tokens_per_s']:>9.0f} {r['model_tflops']:>8.1f} {r['peak_alloc_gib']:>9.2f} {m_ratio:>8.3f}")  # fmt: skip
+    for shape, b in base.items():
+        dora = next((r for r in results if r["shape"] == shape and r["case"] == "dora"), None)
+        if dora:
+            ratio = dora["step_s_median"] / b["step_s_median"]
+            print(f"[{shape}] QDoRA / QLoRA step time = {ratio:.3f} (bar <= 1.15: {'PASS' if ratio <= 1.15 else 'FAIL'})")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="1b", help="comma-separated: " + ",".join(SHAPES))
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ",".join(CASES))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--out", type=Path, help="write the JSON list of results here")
+    args = p.parse_args(argv)
+    shapes, cases = args.shapes.split(","), args.cases.split(",")
+    for s in shapes:
+        if s not in SHAPES:
+            p.error(f"unknown shape {s!r}; choose from {list(SHAPES)}")
+    for c in cases:
+        if c not in CASES:
+            p.error(f"unknown case {c!r}; choose from {list(CASES)}")
+    if "lora" not in cases:
+        cases.insert(0, "lora")  # the baseline every ratio refers to
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("no CUDA device; pass --device cpu (with --shapes tiny) for a smoke test")
+    print(json.dumps({"build": qlora_ext.build_info()} if hasattr(qlora_ext, "build_info") else {}, default=str))
+    results = []
+    for shape in shapes:
+        for case in cases:
+            r = run_case(case, shape, args)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    print_table(results)
+    if args.out:
+        atomic_write_json(args.out, results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

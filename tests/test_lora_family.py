@@ -1,0 +1,483 @@
+"""The LoRA family (DoRA, LoRA-FA, VeRA, Delta-LoRA, rsLoRA, LoRA+): each variant's forward and
+gradients against a plain-PyTorch reference of its paper's formula, training a tiny Llama,
+save -> load round trips, PEFT interop where PEFT has the method, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import dequantized_copy, devices, hf_model, logits, randomize_adapters, token_batch
+
+import qlora_ext
+from qlora_ext.adapters_io import CONFIG_NAME, WEIGHTS_NAME
+from qlora_ext.dora import nf4_dora_linear
+from qlora_ext.lora_linear import _weight_args
+from qlora_ext.prepare import qlora_layers
+
+METHODS = ["lora", "dora", "lora_fa", "vera", "delta_lora"]
+
+
+# ---- one layer vs the paper's formula ----------------------------------------------------------
+
+
+def make_layer(adapter_cls, k=67, n=45, r=4, device="cpu", seed=0, **kw):
+    """A QLoRALinear [n, k] with bias (odd sizes: k not a multiple of the NF4 block) and one
+    adapter of `adapter_cls` with random (nonzero) parameters."""
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.1)
+        lin.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    layer = qlora_ext.QLoRALinear.from_linear(lin.to(device))
+    adapter = adapter_cls(k, n, r, device=device, **kw)
+    if isinstance(adapter, qlora_ext.DoRAAdapter):
+        adapter.init_magnitude(layer)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(device) * 0.1)
+    layer.add_adapter("default", adapter)
+    return layer, adapter
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_(t.requires_grad)
+
+
+def check_against_reference(layer, params, reference, x, rtol=1e-5, atol=1e-5):
+    """Forward and every gradient (x and each trainable adapter parameter) of `layer` vs
+    `reference(x, W, bias, *params)` run by autograd on fresh leaves."""
+    w = layer.weight.dequantize().float()
+    x1, x2 = leaf(x).requires_grad_(True), leaf(x).requires_grad_(True)
+    refs = [leaf(p) for p in params]
+    y = layer(x1)
+    y_ref = reference(x2, w, layer.bias, *refs)
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=rtol, atol=atol)
+    for p, ref in zip(params, refs):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref.grad, rtol=rtol, atol=atol)
+        else:
+            assert p.grad is None
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("rslora", [False, True], ids=["s=a/r", "rslora"])
+def test_dora_matches_paper(device, rslora):
+    layer, ad = make_layer(qlora_ext.DoRAAdapter, alpha=8, rslora=rslora, device=device)
+    assert ad.scale == (8 / math.sqrt(4) if rslora else 8 / 4)
+    s = ad.scale
+
+    def reference(x, w, bias, a, b, m):  # W' = m ⊙ (W + sBA) / ‖W + sBA‖_row, norm detached
+        v = w + s * b @ a
+        w_prime = m[:, None] * v / torch.linalg.vector_norm(v, dim=1).detach()[:, None]
+        return x @ w_prime.t() + bias
+
+    x = torch.randn(2, 3, 67, device=device)
+    check_against_reference(layer, [ad.lora_A.weight, ad.lora_B.weight, ad.lora_magnitude_vector], reference, x)
+
+
+def test_dora_norm_without_dense_update():
+    """n from ‖W‖² + 2s⟨W,BA⟩ + s²‖BA‖² equals the dense row norm; no [out, in] tensor is saved
+    for backward, and the magnitude starts at ‖deq(W)‖_row."""
+    layer, ad = make_layer(qlora_ext.DoRAAdapter)
+    w = layer.weight.dequantize().float()
+    _, wa = nf4_dora_linear(torch.randn(3, 67), layer.weight, ad.lora_A.weight, ad.lora_B.weight, ad.scale)
+    torch.testing.assert_close(ad.weight_norm(layer, wa), ad._dense_row_norm(w), rtol=1e-5, atol=1e-6)
+    fresh = qlora_ext.DoRAAdapter(67, 45, 4)
+    fresh.init_magnitude(layer)
+    torch.testing.assert_close(fresh.lora_magnitude_vector.detach(), torch.linalg.vector_norm(w, dim=1))
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (shapes.append(tuple(t.shape)), t)[1], lambda t: t):
+        layer(torch.randn(5, 67, requires_grad=True)).sum()
+    assert (45, 67) not in shapes and (67, 45) not in shapes, shapes
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_x_lora", [False, True], ids=["x", "x_lora"])
+def test_opcheck_dora_op(dtype, with_x_lora, device):
+    layer, ad = make_layer(qlora_ext.DoRAAdapter, device=device)
+    x = torch.randn(2, 3, 67, dtype=dtype, device=device, requires_grad=True)
+    xl = torch.randn(2, 3, 67, dtype=dtype, device=device, requires_grad=True) if with_x_lora else None
+    a = ad.lora_A.weight.detach().to(dtype).requires_grad_(True)
+    b = ad.lora_B.weight.detach().to(dtype).requires_grad_(True)
+    args = (x, xl, *_weight_args(layer.weight), None, a, b, 0.5)
+    torch.library.opcheck(torch.ops.qlora_ext.nf4_dora_linear.default, args)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_dora_bf16_error_within_plain_pytorch_bf16(device):
+    """bf16 forward vs the fp32 reference: at most 2x the error of the same formula in plain bf16."""
+    layer, ad = make_layer(qlora_ext.DoRAAdapter, k=256, n=96, r=8, device=device)
+    x = torch.randn(16, 256, device=device)
+    w, s = layer.weight.dequantize().float(), ad.scale
+    a, b, m = ad.lora_A.weight.detach(), ad.lora_B.weight.detach(), ad.lora_magnitude_vector.detach()
+
+    def formula(x, w, a, b, m, bias):
+        v = w + s * b @ a
+        return (x @ v.t()) * (m / torch.linalg.vector_norm(v.float(), dim=1).to(v.dtype)) + bias
+
+    exact = formula(x, w, a, b, m, layer.bias)
+    plain = formula(*(t.bfloat16() for t in (x, w, a, b, m, layer.bias))).float()
+    with torch.no_grad():
+        ours = layer(x.bfloat16()).float()
+    assert (ours - exact).abs().max() <= 2 * (plain - exact).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("device", devices)
+def test_lora_fa_matches_paper_and_keeps_no_input(device):
+    layer, ad = make_layer(qlora_ext.LoRAFAAdapter, alpha=8, device=device)
+    assert not ad.lora_A.weight.requires_grad and ad.lora_B.weight.requires_grad
+    s = ad.scale
+
+    def reference(x, w, bias, a, b):
+        return x @ w.t() + bias + s * (x @ a.t()) @ b.t()
+
+    x = torch.randn(2, 3, 67, device=device)
+    check_against_reference(layer, [ad.lora_A.weight, ad.lora_B.weight], reference, x)
+    # backward needs x·Aᵀ [M, r] only: nothing shaped like x is saved by the layer
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
+        layer(torch.randn(2, 3, 67, device=device, requires_grad=True))
+    assert saved and all(t.shape[-1] != 67 or t.dim() == 2 and t.shape[0] == 4 for t in saved), \
+        [tuple(t.shape) for t in saved]  # only A [r, in] may have `in` columns  # fmt: skip
+
+
+@pytest.mark.parametrize("device", devices)
+def test_vera_matches_paper(device):
+    layer, ad = make_layer(qlora_ext.VeRAAdapter, r=6, prng_key=7, projection_shape=(50, 70), device=device)
+    a_full, b_full = qlora_ext.vera.vera_projections(7, 6, 70, 50, torch.device(device), torch.float32)
+    a, b = a_full[:, :67], b_full[:45, :]
+
+    def reference(x, w, bias, lam_b, lam_d):  # ΔW = diag(b)·B·diag(d)·A
+        return x @ (w + torch.diag(lam_b) @ b @ torch.diag(lam_d) @ a).t() + bias
+
+    x = torch.randn(2, 3, 67, device=device)
+    check_against_reference(layer, [ad.vera_lambda_b, ad.vera_lambda_d], reference, x)
+    # fresh vectors: d = d_initial, b = 0 (a no-op), projections kaiming-uniform with fan_in = in_max / r
+    fresh = qlora_ext.VeRAAdapter(67, 45, 6, d_initial=0.3)
+    assert torch.equal(fresh.vera_lambda_d, torch.full((6,), 0.3)) and not fresh.vera_lambda_b.any()
+    assert a_full.abs().max() <= math.sqrt(6 / 70) and b_full.abs().max() <= math.sqrt(6 / 6)
+    assert a_full.abs().max() > 0.9 * math.sqrt(6 / 70)
+
+
+def delta_lora_reference_run(w0, a0, b0, s, lam, start_step, batches, lr):
+    """The paper's algorithm, literally: dense W updated after each optimizer step from
+    `start_step` on by λ·(B_{t+1}A_{t+1} − B_tA_t); A, B trained by SGD through the LoRA path only."""
+    w, a, b = w0.clone(), a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    outputs = []
+    for step, (x, target) in enumerate(batches):
+        y = x @ (w + s * b @ a).t()
+        outputs.append(y.detach())
+        ((y - target) ** 2).mean().backward()
+        prev = (b @ a).detach()
+        with torch.no_grad():
+            a -= lr * a.grad
+            b -= lr * b.grad
+            a.grad = b.grad = None
+            if step + 1 > start_step:
+                w += lam * (b @ a - prev)
+    return outputs, a.detach(), b.detach()
+
+
+@pytest.mark.parametrize("start_step", [0, 2])
+def test_delta_lora_matches_paper_algorithm(start_step):
+    layer = qlora_ext.QLoRALinear.from_linear(torch.nn.Linear(33, 21, bias=False))
+    torch.manual_seed(3)
+    ad = qlora_ext.DeltaLoRAAdapter(33, 21, r=3, alpha=6, delta_lambda=0.5)
+    layer.add_adapter("default", ad)
+    model = torch.nn.Sequential(layer)
+    updater = qlora_ext.DeltaLoRAUpdater(model, start_step=start_step)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 33, generator=g), torch.randn(8, 21, generator=g)) for _ in range(6)]
+    ref_out, ref_a, ref_b = delta_lora_reference_run(layer.weight.dequantize().float(), ad.lora_A.weight.detach(),
+                                                     ad.lora_B.weight.detach(), ad.scale, 0.5, start_step, batches, 0.5)  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for (x, target), y_ref in zip(batches, ref_out):
+        y = model(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        ((y - target) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        updater.step()
+    torch.testing.assert_close(ad.lora_A.weight.detach(), ref_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ad.lora_B.weight.detach(), ref_b, rtol=1e-5, atol=1e-6)
+    assert updater.started and ad._snapshot_is_zero == (start_step == 0)
+
+
+def test_delta_lora_gradients_through_lora_path_only():
+    layer, ad = make_layer(qlora_ext.DeltaLoRAAdapter, alpha=8, delta_lambda=1.5)
+    with torch.no_grad():  # a nonzero snapshot (A_K, B_K), as after a warm-up of K steps
+        ad.start()
+        ad.lora_A.weight.add_(0.1)
+        ad.lora_B.weight.mul_(1.5)
+    s, a0, b0 = ad.scale, ad.delta_lora_A0.clone(), ad.delta_lora_B0.clone()
+
+    def reference(x, w, bias, a, b):  # W_t = W_0 + λ(BA − B_K A_K) is a constant for A's, B's gradients
+        w_t = w + 1.5 * (b @ a - b0 @ a0).detach()
+        return x @ (w_t + s * b @ a).t() + bias
+
+    check_against_reference(layer, [ad.lora_A.weight, ad.lora_B.weight], reference, torch.randn(4, 67))
+
+
+def test_rslora_scale_and_prepare():
+    model = hf_model()
+    qlora_ext.prepare(model, r=16, alpha=8, rslora=True, method="dora", verbose=False)
+    assert all(layer.adapters["default"].scale == 2.0 for layer in qlora_layers(model).values())
+
+
+# ---- a tiny Llama trains with each method ---------------------------------------------------------
+
+
+def train(model, steps=12, lr=1e-2, groups=None, updater=None):
+    ids = token_batch(batch=4, seq=16).to(next(model.parameters()).device)
+    opt = torch.optim.AdamW(groups or [p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if updater is not None:
+            updater.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tiny_llama_trains(method):
+    model = hf_model()
+    # VeRA trains only ~r + out numbers per layer: its paper uses a high rank and a larger lr, and it
+    # still falls more slowly in 12 steps
+    r, lr, target = (128, 1e-1, 0.9) if method == "vera" else (8, 1e-2, 0.8)
+    qlora_ext.prepare(model, r=r, alpha=16, method=method, verbose=False, gradient_checkpointing=False)
+    updater = qlora_ext.DeltaLoRAUpdater(model) if method == "delta_lora" else None
+    losses = train(model, lr=lr, updater=updater)
+    assert losses[-1] < target * losses[0], losses
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", METHODS)
+def test_tiny_llama_trains_bf16_cuda(method):
+    model = hf_model(dtype=torch.bfloat16).cuda()
+    r, lr, target = (128, 1e-1, 0.9) if method == "vera" else (8, 1e-2, 0.85)  # bf16: a little slack
+    qlora_ext.prepare(model, r=r, alpha=16, method=method, verbose=False)
+    updater = qlora_ext.DeltaLoRAUpdater(model) if method == "delta_lora" else None
+    losses = train(model, lr=lr, updater=updater)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < target * losses[0], losses
+
+
+def test_tiny_llama_trains_with_loraplus_and_checkpointing():
+    model = hf_model()
+    qlora_ext.prepare(model, r=8, alpha=16, method="dora", verbose=False)
+    losses = train(model, lr=2e-3, groups=qlora_ext.loraplus_param_groups(model, lr=2e-3, ratio=16))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+# ---- LoRA+ groups -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "lora_fa", "vera"])
+def test_loraplus_groups(method):
+    model = hf_model()
+    qlora_ext.prepare(model, r=4, method=method, verbose=False)
+    groups = qlora_ext.loraplus_param_groups(model, lr=1e-3, ratio=8, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    fast = {names[id(p)] for g in groups if g["lr"] == 8e-3 for p in g["params"]}
+    slow = {names[id(p)] for g in groups if g["lr"] == 1e-3 for p in g["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert fast | slow == trainable and not fast & slow and all(g["weight_decay"] == 0.1 for g in groups)
+    assert all(".lora_B." in n or "magnitude" in n or "vera_lambda" in n for n in fast)
+    assert all(".lora_A." in n for n in slow)
+    if method == "lora_fa":
+        assert not slow  # A is frozen
+    torch.optim.Adam(groups).step()  # usable by any torch optimizer
+
+
+# ---- save -> load --------------------------------------------------------------------------------
+
+
+def prepared(method, seed=0, adapter_seed=1, **kw):
+    model = hf_model(seed=seed)
+    torch.manual_seed(99)
+    qlora_ext.prepare(model, r=4, alpha=8, method=method, verbose=False, **kw)
+    randomize_adapters(model, seed=adapter_seed)
+    if method == "delta_lora":  # a nonzero snapshot, then B moves on: all of Delta-LoRA's state
+        for layer in qlora_layers(model).values():
+            layer.adapters["default"].start()
+        randomize_adapters(model, seed=adapter_seed + 1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_round_trip(tmp_path, method):
+    ids = token_batch()
+    model = prepared(method)
+    qlora_ext.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["peft_type"] == ("VERA" if method == "vera" else "LORA")
+    assert config.get("use_dora", False) == (method == "dora")
+    assert config.get("qlora_ext_method", "lora") == (method if method in ("lora_fa", "delta_lora") else "lora")
+    expected = logits(model, ids)
+    # into the same method's existing adapter (overwritten in place) ...
+    target = prepared(method, adapter_seed=5)
+    qlora_ext.load_adapter(target, tmp_path)
+    torch.testing.assert_close(logits(target, ids), expected, rtol=0, atol=0)
+    # ... and as a fresh adapter on a model prepared with plain LoRA: the file picks the class
+    other = prepared("lora", adapter_seed=5)
+    qlora_ext.load_adapter(other, tmp_path, adapter_name="loaded")
+    torch.testing.assert_close(logits(other, ids), expected, rtol=0, atol=0)
+    kinds = {type(layer.adapters["loaded"]) for layer in qlora_layers(other).values()}
+    assert kinds == {qlora_ext.METHODS[method]}
+    assert trainable_names(other, "loaded") == trainable_names(target, "default")  # LoRA-FA: A stays frozen
+
+
+def trainable_names(model, adapter_name):
+    tag = f".{adapter_name}."
+    return {n.replace(tag, ".*.") for n, p in model.named_parameters() if p.requires_grad and tag in n}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merged_export_equals_adapter(method):
+    ids = token_batch()
+    model = prepared(method)
+    dense = dequantized_copy(model, hf_model(seed=3), adapter_name="default")
+    torch.testing.assert_close(logits(dense, ids), logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_dora_merge_unmerge_inverse():
+    layer, ad = make_layer(qlora_ext.DoRAAdapter)
+    w = layer.weight.dequantize().float()
+    torch.testing.assert_close(ad.unmerged_weight(ad.merged_weight(w)), w, rtol=1e-5, atol=1e-6)
+
+
+def test_vera_file_stores_only_vectors(tmp_path):
+    model = prepared("vera", vera_prng_key=11)
+    qlora_ext.save_adapter(model, tmp_path)
+    keys = load_file(tmp_path / WEIGHTS_NAME).keys()
+    assert keys and all(k.endswith((".vera_lambda_b", ".vera_lambda_d")) for k in keys)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["projection_prng_key"] == 11 and config["save_projection"] is False and config["r"] == 4
+
+
+# ---- PEFT interop ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,kw", [("dora", {}), ("dora", {"rslora": True}), ("vera", {"vera_prng_key": 3}),
+                                       ("lora_fa", {})], ids=["dora", "dora-rslora", "vera", "lora_fa"])  # fmt: skip
+def test_peft_loads_our_adapter(tmp_path, method, kw):
+    peft = pytest.importorskip("peft")
+    ids = token_batch()
+    model = prepared(method, **kw)
+    qlora_ext.save_adapter(model, tmp_path)
+    base = dequantized_copy(model, hf_model(seed=3))
+    peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    torch.testing.assert_close(logits(peft_model, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_we_load_peft_dora(tmp_path):
+    peft = pytest.importorskip("peft")
+    ids = token_batch()
+    model = prepared("lora")
+    base = dequantized_copy(model, hf_model(seed=3))
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
+                             use_dora=True, task_type="CAUSAL_LM")  # fmt: skip
+    peft_model = peft.get_peft_model(base, config).eval()
+    with torch.no_grad():  # magnitudes away from ‖W‖ so that a wrong norm would show
+        for n, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1.0 + 0.1 * torch.rand(p.shape))
+    peft_model.save_pretrained(str(tmp_path))
+    keys = load_file(tmp_path / WEIGHTS_NAME).keys()
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" in keys
+    qlora_ext.load_adapter(model, tmp_path, adapter_name="peft_dora")
+    assert all(isinstance(m.adapters["peft_dora"], qlora_ext.DoRAAdapter) for m in qlora_layers(model).values())
+    torch.testing.assert_close(logits(model, ids), logits(peft_model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_we_load_peft_vera(tmp_path):
+    peft = pytest.importorskip("peft")
+    ids = token_batch()
+    model = prepared("lora")
+    base = dequantized_copy(model, hf_model(seed=3))
+    config = peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+                             projection_prng_key=5, save_projection=False, task_type="CAUSAL_LM")  # fmt: skip
+    peft_model = peft.get_peft_model(base, config).eval()
+    randomize_adapters(peft_model, seed=4)
+    peft_model.save_pretrained(str(tmp_path))
+    keys = load_file(tmp_path / WEIGHTS_NAME).keys()
+    assert "base_model.model.model.layers.0.self_attn.q_proj.vera_lambda_b" in keys
+    assert "base_model.model.model.layers.0.self_attn.q_proj.vera_lambda_d" in keys
+    qlora_ext.load_adapter(model, tmp_path, adapter_name="peft_vera")
+    torch.testing.assert_close(logits(model, ids), logits(peft_model, ids), rtol=1e-5, atol=1e-5)
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"method": "qlora"}, "unknown method 'qlora'"),
+        ({"method": "lora", "vera_prng_key": 1}, "vera_prng_key applies only to method='vera'"),
+        ({"method": "dora", "delta_lambda": 1.0}, "delta_lambda applies only to method='delta_lora'"),
+        ({"method": "delta_lora", "delta_lambda": -1.0}, "delta_lambda .* >= 0"),
+        ({"method": "delta_lora", "dropout": 0.1}, "removes dropout"),
+        ({"method": "vera", "rslora": True}, "VeRA has no alpha/r scale"),
+        ({"method": "vera", "vera_d_initial": float("nan")}, "vera_d_initial must be a finite number"),
+        ({"method": "vera", "vera_prng_key": "seed"}, "vera_prng_key must be an int"),
+    ],
+    ids=["unknown", "vera-arg-on-lora", "delta-arg-on-dora", "negative-lambda", "delta-dropout",
+         "vera-rslora", "vera-nan-d", "vera-str-key"],
+)  # fmt: skip
+def test_prepare_bad_method_args(kw, match):
+    model = hf_model()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        qlora_ext.prepare(model, r=4, verbose=False, **kw)
+    assert not qlora_layers(model) and all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+def test_other_bad_input(tmp_path):
+    model = prepared("lora")
+    with pytest.raises(ValueError, match="ratio must be a positive number"):
+        qlora_ext.loraplus_param_groups(model, lr=1e-3, ratio=0)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        qlora_ext.loraplus_param_groups(model, lr=-1)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        qlora_ext.loraplus_param_groups(hf_model().requires_grad_(False), lr=1e-3)
+    with pytest.raises(ValueError, match="no Delta-LoRA adapters"):
+        qlora_ext.DeltaLoRAUpdater(model)
+    with pytest.raises(ValueError, match="start_step"):
+        qlora_ext.DeltaLoRAUpdater(prepared("delta_lora"), start_step=-1)
+    # a DoRA file cannot overwrite an existing plain-LoRA adapter of the same name
+    qlora_ext.save_adapter(prepared("dora"), tmp_path / "dora")
+    with pytest.raises(ValueError, match="describes a DoRAAdapter.*LoRAAdapter"):
+        qlora_ext.load_adapter(model, tmp_path / "dora")
+    # VeRA files with stored projections, DoRA combined with LoRA-FA: refused with the reason
+    qlora_ext.save_adapter(prepared("vera"), tmp_path / "vera")
+    config = json.loads((tmp_path / "vera" / CONFIG_NAME).read_text())
+    (tmp_path / "vera" / CONFIG_NAME).write_text(json.dumps({**config, "save_projection": True}))
+    with pytest.raises(ValueError, match="save_projection=true"):
+        qlora_ext.load_adapter(model, tmp_path / "vera", adapter_name="v")
+    config = json.loads((tmp_path / "dora" / CONFIG_NAME).read_text())
+    (tmp_path / "dora" / CONFIG_NAME).write_text(json.dumps({**config, "qlora_ext_method": "lora_fa"}))
+    with pytest.raises(ValueError, match="use_dora=true cannot be combined"):
+        qlora_ext.load_adapter(model, tmp_path / "dora", adapter_name="d")
+    with pytest.raises(NotImplementedError, match="forward_with_base"):
+        qlora_ext.DoRAAdapter(8, 4, 2).delta(torch.randn(1, 8))
+
+
+def test_torch_compile_dora_layer():
+    layer, _ = make_layer(qlora_ext.DoRAAdapter)
+    x = torch.randn(3, 67)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
