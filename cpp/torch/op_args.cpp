@@ -140,6 +140,46 @@ NF4DequantizeArgs check_nf4_dequantize(const at::Tensor& packed, const at::Tenso
   return args;
 }
 
+NF4GemvArgs check_nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           int64_t blocksize, c10::SymIntArrayRef weight_shape,
+                           const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& nested_code,
+                           const std::optional<at::Tensor>& nested_offset,
+                           int64_t nested_blocksize) {
+  NF4GemvArgs args;
+  args.type = float_type_of(x.scalar_type(), "x");
+  TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension [..., K], got a 0-d tensor");
+  TORCH_CHECK(weight_shape.size() == 2, "weight_shape must be [N, K] (2 dimensions), got ",
+              weight_shape);
+  args.N = weight_shape[0].expect_int();
+  args.K = weight_shape[1].expect_int();
+  TORCH_CHECK(x.size(-1) == args.K, "x must have K = weight_shape[1] = ", args.K,
+              " elements in its last dimension, got shape ", x.sizes());
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  args.M = M;
+  TORCH_CHECK(M <= kNF4GemvMaxRows, "x has M = ", M,
+              " rows (the product of its leading dimensions, shape ", x.sizes(),
+              "); nf4_gemv takes at most ", kNF4GemvMaxRows,
+              ": use nf4_dequantize and a matrix product for more");
+  check_same_device(packed, x, "packed", "x");
+  args.weight = check_nf4_dequantize(packed, absmax, blocksize, weight_shape, x.scalar_type(),
+                                     nested_absmax, nested_code, nested_offset, nested_blocksize);
+  if (bias.has_value()) {
+    check_same_device(*bias, x, "bias", "x");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ",
+                x.scalar_type(), ", got ", bias->scalar_type());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == args.N, "bias must be [N] = [", args.N,
+                "], got shape ", bias->sizes());
+    args.bias = bias->contiguous();
+  }
+  args.x = x.contiguous().view({M, args.K});
+  args.out_shape = x.sizes().vec();
+  args.out_shape.back() = args.N;
+  return args;
+}
+
 Blockwise8Args check_blockwise8_quantize(const at::Tensor& x, const at::Tensor& code,
                                          int64_t blocksize) {
   check_power_of_two_blocksize(blocksize, "blocksize");

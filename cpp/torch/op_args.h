@@ -45,6 +45,25 @@ NF4DequantizeArgs check_nf4_dequantize(const at::Tensor& packed, const at::Tenso
                                        const std::optional<at::Tensor>& nested_offset,
                                        int64_t nested_blocksize);
 
+struct NF4GemvArgs {
+  at::Tensor x;     // contiguous, viewed as [M, K]
+  at::Tensor bias;  // contiguous [N], or undefined
+  NF4DequantizeArgs weight;
+  int64_t M, N, K;
+  std::vector<int64_t> out_shape;  // x.shape[:-1] + [N]
+  qlora::FloatType type;
+};
+NF4GemvArgs check_nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           int64_t blocksize, c10::SymIntArrayRef weight_shape,
+                           const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& nested_code,
+                           const std::optional<at::Tensor>& nested_offset,
+                           int64_t nested_blocksize);
+
+// Largest M (product of x's leading dimensions) that nf4_gemv accepts.
+constexpr int64_t kNF4GemvMaxRows = 16;
+
 struct Blockwise8Args {
   at::Tensor data, code;  // contiguous
   int64_t n;

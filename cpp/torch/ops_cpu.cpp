@@ -45,6 +45,33 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
   return out;
 }
 
+at::Tensor nf4_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                        int64_t blocksize, c10::SymIntArrayRef weight_shape,
+                        const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& nested_absmax,
+                        const std::optional<at::Tensor>& nested_code,
+                        const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize) {
+  const NF4GemvArgs a = check_nf4_gemv(x, packed, absmax, blocksize, weight_shape, bias,
+                                       nested_absmax, nested_code, nested_offset, nested_blocksize);
+  at::Tensor y = at::empty({a.M, a.N}, x.options());
+  if (a.M > 0 && a.N > 0) {
+    // The kernel reads x as fp32 (exact for every input dtype), converted once here.
+    const at::Tensor x32 = a.x.to(at::kFloat).contiguous();
+    qlora::NF4Scales scales = a.weight.scales();
+    scales.nested_blocksize = nested_blocksize;
+    const float* xp = x32.data_ptr<float>();
+    const uint8_t* p = a.weight.packed.data_ptr<uint8_t>();
+    const void* b = a.bias.defined() ? a.bias.data_ptr() : nullptr;
+    void* yp = y.data_ptr();
+    // Rows per task: >= 32K weights each, to amortise scheduling.
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.K, 1));
+    at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) {
+      qlora::nf4_gemv_cpu(xp, a.M, a.K, p, scales, blocksize, a.N, begin, end, b, yp, a.type);
+    });
+  }
+  return y.view(a.out_shape);
+}
+
 std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cpu(const at::Tensor& x,
                                                            const at::Tensor& code,
                                                            int64_t blocksize) {
@@ -81,6 +108,7 @@ at::Tensor blockwise8_dequantize_cpu(const at::Tensor& codes, const at::Tensor& 
 TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
   m.impl("nf4_quantize", &nf4_quantize_cpu);
   m.impl("nf4_dequantize", &nf4_dequantize_cpu);
+  m.impl("nf4_gemv", &nf4_gemv_cpu);
   m.impl("blockwise8_quantize", &blockwise8_quantize_cpu);
   m.impl("blockwise8_dequantize", &blockwise8_dequantize_cpu);
 }

@@ -47,6 +47,33 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absma
   return out;
 }
 
+at::Tensor nf4_gemv_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                         int64_t blocksize, c10::SymIntArrayRef weight_shape,
+                         const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& nested_absmax,
+                         const std::optional<at::Tensor>& nested_code,
+                         const std::optional<at::Tensor>& nested_offset,
+                         int64_t nested_blocksize) {
+  const NF4GemvArgs a = check_nf4_gemv(x, packed, absmax, blocksize, weight_shape, bias,
+                                       nested_absmax, nested_code, nested_offset, nested_blocksize);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (a.K == 0) {
+    // An empty dot product: y is the bias (or zeros), no kernel needed.
+    at::Tensor y = a.bias.defined() ? a.bias.expand({a.M, a.N}).contiguous()
+                                    : at::zeros({a.M, a.N}, x.options());
+    return y.view(a.out_shape);
+  }
+  at::Tensor y = at::empty({a.M, a.N}, x.options());
+  qlora::NF4Scales scales = a.weight.scales();
+  scales.nested_blocksize = nested_blocksize;
+  check_launch(qlora::nf4_gemv_cuda(a.x.data_ptr(), a.type, a.M, a.K,
+                                    a.weight.packed.data_ptr<uint8_t>(), scales, blocksize, a.N,
+                                    a.bias.defined() ? a.bias.data_ptr() : nullptr, y.data_ptr(),
+                                    at::cuda::getCurrentCUDAStream()),
+               "nf4_gemv");
+  return y.view(a.out_shape);
+}
+
 std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cuda(const at::Tensor& x,
                                                             const at::Tensor& code,
                                                             int64_t blocksize) {
@@ -82,6 +109,7 @@ at::Tensor blockwise8_dequantize_cuda(const at::Tensor& codes, const at::Tensor&
 TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("nf4_quantize", &nf4_quantize_cuda);
   m.impl("nf4_dequantize", &nf4_dequantize_cuda);
+  m.impl("nf4_gemv", &nf4_gemv_cuda);
   m.impl("blockwise8_quantize", &blockwise8_quantize_cuda);
   m.impl("blockwise8_dequantize", &blockwise8_dequantize_cuda);
 }

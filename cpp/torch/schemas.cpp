@@ -19,6 +19,12 @@ TORCH_LIBRARY(qlora_ext, m) {
       "nf4_dequantize(Tensor packed, Tensor absmax, int blocksize, SymInt[] shape, ScalarType dtype, "
       "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? nested_offset=None, "
       "int nested_blocksize=256) -> Tensor");
+  // y [..., N] = x [..., K] · deq(W [N, K])ᵀ (+ bias [N]) in x's dtype (fp32/fp16/bf16), fp32 sums;
+  // prod(x.shape[:-1]) <= 16 (decode); W as for nf4_dequantize, dequantized to x's dtype.
+  m.def(
+      "nf4_gemv(Tensor x, Tensor packed, Tensor absmax, int blocksize, SymInt[] weight_shape, "
+      "Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, "
+      "Tensor? nested_offset=None, int nested_blocksize=256) -> Tensor");
   // x fp32 [any shape, n] + sorted code map fp32 [256] -> (codes uint8 [x.shape], absmax fp32 [ceil(n/blocksize)])
   m.def("blockwise8_quantize(Tensor x, Tensor code, int blocksize) -> (Tensor codes, Tensor absmax)");
   // codes uint8 [any shape, n] + absmax fp32 [ceil(n/blocksize)] + code fp32 [256] -> fp32 [codes.shape]

@@ -7,15 +7,23 @@ error under torch.compile reads like the eager one.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from ._native import native
 from .codebooks import dynamic_map, is_library_map
 
+if TYPE_CHECKING:
+    from .nf4 import NF4Weight
+
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NF4_GEMV_MAX_ROWS = 16  # largest prod(x.shape[:-1]) that nf4_gemv takes (decode-sized batches)
+
+logger = logging.getLogger("qlora_ext")
 
 
 def _ops():
@@ -71,6 +79,77 @@ def nf4_dequantize(
         packed, absmax, blocksize, list(shape), dtype,
         nested_absmax, nested_code, nested_offset, nested_blocksize,
     )  # fmt: skip
+
+
+def nf4_gemv(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    weight_shape: Sequence[int],
+    bias: torch.Tensor | None = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """y [..., N] = x [..., K] @ deq(W [N, K]).T (+ bias [N]), fused (W is never materialised).
+
+    x: fp32/fp16/bf16 with prod(x.shape[:-1]) <= 16; W's values are rounded to x's dtype exactly
+    as `nf4_dequantize(..., x.dtype)` would store them; sums in fp32, y in x's dtype. The weight
+    arguments are those of `nf4_dequantize`. Differentiable in x and bias (not in W).
+    """
+    return _ops().nf4_gemv(
+        x, packed, absmax, blocksize, list(weight_shape), bias,
+        nested_absmax, nested_code, nested_offset, nested_blocksize,
+    )  # fmt: skip
+
+
+def _weight_args(weight: NF4Weight) -> tuple:
+    """The weight's arguments of nf4_gemv / nf4_dequantize, after x (packed .. nested_blocksize)."""
+    nested = weight.nested
+    return (
+        weight.packed, weight.absmax, weight.blocksize, list(weight.shape),
+        nested.absmax2 if nested else None,
+        nested.code if nested else None,
+        nested.offset.reshape(1) if nested else None,
+        nested.blocksize if nested else 256,
+    )  # fmt: skip
+
+
+def nf4_linear_forward(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, deq(weight), bias)` for an NF4 weight [N, K], by the fastest correct route.
+
+    Decode-sized inference (x on CUDA, fp16/bf16, at most 16 rows, no gradient needed) takes the
+    fused `nf4_gemv`, which reads the 4-bit weight once and never materialises it. Anything else
+    dequantizes to x's dtype and calls `torch.nn.functional.linear`. The route is logged at debug
+    level on the "qlora_ext" logger.
+    """
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must be [..., K] with K = {weight.shape[1]}, got shape {tuple(x.shape)}")
+    rows = math.prod(x.shape[:-1])
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    fused = (
+        x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and rows <= NF4_GEMV_MAX_ROWS
+        and not needs_grad
+        and (bias is None or bias.dtype == x.dtype)
+    )
+    if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
+        route = "nf4_gemv" if fused else "dequantize + linear"
+        logger.debug(
+            "nf4_linear_forward: %s (M=%d, N=%d, K=%d, %s, %s, requires_grad=%s)",
+            route, rows, weight.shape[0], weight.shape[1], x.dtype, x.device, needs_grad,
+        )  # fmt: skip
+    if fused:
+        packed, absmax, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_bs = _weight_args(weight)
+        return _ops().nf4_gemv(
+            x, packed, absmax, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_bs
+        )
+    return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
 
 
 def blockwise8_quantize(
@@ -142,6 +221,50 @@ def register_fakes() -> None:
         torch._check(packed.numel() == (n + 1) // 2, lambda: "packed size does not match shape")
         torch._check(absmax.numel() == _ceil_div(n, blocksize), lambda: "absmax size does not match")
         return packed.new_empty(tuple(shape), dtype=dtype)
+
+    @torch.library.register_fake("qlora_ext::nf4_gemv")
+    def _(x, packed, absmax, blocksize, weight_shape, bias=None, nested_absmax=None, nested_code=None,
+          nested_offset=None, nested_blocksize=256):  # fmt: skip
+        torch._check(
+            x.dtype in (torch.float32, torch.float16, torch.bfloat16),
+            lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}",
+        )
+        torch._check(len(weight_shape) == 2, lambda: f"weight_shape must be [N, K], got {weight_shape}")
+        torch._check(x.dim() >= 1, lambda: "x must have at least one dimension [..., K]")
+        n, k = weight_shape
+        torch._check(x.shape[-1] == k, lambda: f"x must have K = {k} elements in its last dimension")
+        rows = math.prod(x.shape[:-1])
+        torch._check(rows <= NF4_GEMV_MAX_ROWS, lambda: f"x has M = {rows} rows; nf4_gemv takes at most 16")
+        torch._check(packed.dtype == torch.uint8, lambda: "packed must be uint8")
+        torch._check(packed.numel() == (n * k + 1) // 2, lambda: "packed size does not match weight_shape")
+        torch._check(absmax.numel() == _ceil_div(n * k, blocksize), lambda: "absmax size does not match")
+        if bias is not None:
+            torch._check(bias.dtype == x.dtype, lambda: "bias must have x's dtype")
+            torch._check(bias.dim() == 1 and bias.shape[0] == n, lambda: f"bias must be [N] = [{n}]")
+        return x.new_empty((*x.shape[:-1], n))
+
+    def _gemv_setup_context(ctx, inputs, output):
+        x, packed, absmax, blocksize, weight_shape, bias, nested_absmax, nested_code, nested_offset, nested_bs = inputs
+        ctx.weight = (packed, absmax, blocksize, list(weight_shape), nested_absmax, nested_code, nested_offset, nested_bs)
+        ctx.x_dtype = x.dtype
+        ctx.has_bias = bias is not None
+
+    def _gemv_backward(ctx, grad_y):
+        # dx = dy @ deq(W) (W in x's dtype, as the forward used it); dbias = sum of dy over rows.
+        packed, absmax, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_bs = ctx.weight
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = _ops().nf4_dequantize(
+                packed, absmax, blocksize, shape, ctx.x_dtype, nested_absmax, nested_code, nested_offset, nested_bs
+            )
+            grad_x = grad_y @ w
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            grad_bias = grad_y.reshape(-1, shape[0]).sum(0)
+        return grad_x, None, None, None, None, grad_bias, None, None, None, None
+
+    torch.library.register_autograd(
+        "qlora_ext::nf4_gemv", _gemv_backward, setup_context=_gemv_setup_context
+    )
 
     @torch.library.register_fake("qlora_ext::blockwise8_quantize")
     def _(x, code, blocksize):

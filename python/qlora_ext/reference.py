@@ -82,6 +82,31 @@ def nf4_dequantize(
     return (values * scales).to(dtype).reshape(tuple(shape))
 
 
+def nf4_gemv(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    weight_shape: Sequence[int],
+    bias: torch.Tensor | None = None,
+    nested_absmax_: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """fp32 `x @ deq(W).T + bias`, W dequantized to x's dtype first (what the kernel multiplies).
+
+    Returns fp32 (not x's dtype): it is the high-precision side of the tests' error comparison.
+    """
+    w = nf4_dequantize(
+        packed, absmax, blocksize, weight_shape, x.dtype, nested_absmax_, nested_code, nested_offset, nested_blocksize
+    )
+    y = x.float() @ w.float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
 def blockwise8_quantize(
     x: torch.Tensor, code: torch.Tensor, blocksize: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:

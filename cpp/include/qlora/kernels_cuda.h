@@ -22,6 +22,12 @@ cudaError_t nf4_dequantize_cuda(const uint8_t* packed, const NF4Scales& scales, 
                                 int64_t blocksize, void* out, FloatType type,
                                 cudaStream_t stream);
 
+// nf4_gemv_cuda.cu: y [M, N] = x [M, K] · deq(W [N, K])ᵀ (+ bias [N]), x/bias/y of `type`,
+// 1 <= M <= 16, K >= 1; W as packed codes [(N*K+1)/2] + scales. bias may be nullptr.
+cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
+                          const uint8_t* packed, const NF4Scales& scales, int64_t blocksize,
+                          int64_t N, const void* bias, void* y, cudaStream_t stream);
+
 // blockwise8_cuda.cu: x [n] fp32 -> codes [n] uint8, absmax [ceil(n/blocksize)] fp32.
 // code_map is a device pointer to the 256-entry sorted map.
 cudaError_t blockwise8_quantize_cuda(const float* x, int64_t n, const float* code_map,

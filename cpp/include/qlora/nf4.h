@@ -110,4 +110,12 @@ void nf4_dequantize_cpu(const uint8_t* packed, const NF4Scales& scales, int64_t 
                         int64_t blocksize, int64_t block_begin, int64_t block_end, void* out,
                         FloatType type);
 
+// y[m, n] = sum_k x[m, k] * deq(W)[n, k] (+ bias[n]) for output rows n in [n_begin, n_end) and
+// every m < M. x: fp32 [M, K] (the caller converts); W [N, K] as packed codes + scales, each value
+// rounded to `type` as nf4_dequantize stores it; bias [N] and y [M, N] of `type` (bias may be
+// nullptr). Sums in fp32, rounded to `type` once.
+void nf4_gemv_cpu(const float* x, int64_t M, int64_t K, const uint8_t* packed,
+                  const NF4Scales& scales, int64_t blocksize, int64_t N, int64_t n_begin,
+                  int64_t n_end, const void* bias, void* y, FloatType type);
+
 }  // namespace qlora

@@ -1,0 +1,298 @@
+"""nf4_gemv (fused NF4 GEMV / skinny GEMM) against the fp32 reference, on every device present.
+
+Tolerance follows FlashAttention's rule: the op's error against the fp32 reference may be at most
+twice the error that plain PyTorch makes in the same dtype (`x @ deq(W).T + bias` computed in x's
+dtype), plus one ulp of the output's scale for the cases where PyTorch happens to be exact, plus
+fp32 summation-order noise.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import qlora_ext
+from qlora_ext import ops, reference
+
+pytest.importorskip("qlora_ext._C", reason="the compiled extension is not built")
+
+HAS_CUDA = torch.cuda.is_available() and qlora_ext.build_info()["with_cuda"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU"))]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _dtype_id(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def make_case(device, dtype, M, N, K, blocksize=64, double_quant=True, bias=True, x_shape=None, seed=None):
+    """Fresh random weight (NF4), x and bias; returns (x, weight, bias)."""
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % (2**31))
+    w = torch.randn(N, K, generator=gen) * 0.05
+    weight = qlora_ext.NF4Weight.from_float(w.to(device), blocksize=blocksize, double_quant=double_quant)
+    x = torch.randn(M, K, generator=gen).to(device=device, dtype=dtype)
+    if x_shape is not None:
+        x = x.reshape(x_shape)
+    b = (torch.randn(N, generator=gen) * 0.1).to(device=device, dtype=dtype) if bias else None
+    return x, weight, b
+
+
+def gemv(x, weight, bias=None):
+    packed, absmax, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_bs = ops._weight_args(weight)
+    return ops.nf4_gemv(x, packed, absmax, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_bs)
+
+
+def gemv_reference(x, weight, bias=None):
+    packed, absmax, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_bs = ops._weight_args(weight)
+    y = reference.nf4_gemv(
+        x.reshape(-1, shape[1]), packed, absmax, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_bs
+    )
+    return y.reshape(*x.shape[:-1], shape[0])
+
+
+def assert_close_to_reference(out, x, weight, bias):
+    ref = gemv_reference(x, weight, bias)
+    w = weight.dequantize(x.dtype)
+    baseline = x @ w.T if bias is None else torch.nn.functional.linear(x, w, bias)  # plain PyTorch, x's dtype
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all(), "non-finite output"
+    err = (out.float() - ref).abs().max().item()
+    base_err = (baseline.float() - ref).abs().max().item()
+    # One ulp of the output's scale, plus fp32 summation-order noise (the op and PyTorch sum in
+    # different orders; for fp32 PyTorch's product *is* the reference).
+    dot_scale = (x.float().abs() @ w.float().abs().T).max().item() if x.numel() else 0.0
+    slack = torch.finfo(x.dtype).eps * ref.abs().max().item() + torch.finfo(torch.float32).eps * dot_scale + 1e-7
+    assert err <= 2 * base_err + slack, f"error {err:.3g} > 2 x PyTorch's {base_err:.3g} + {slack:.2g}"
+
+
+# ---- correctness ------------------------------------------------------------------------------
+
+SHAPES = [  # (N, K): aligned, K not a multiple of 64 or 32 (blocks straddle rows), odd N, tiny
+    (64, 4096),
+    (33, 4100),
+    (7, 100),
+    (129, 96),
+    (1, 4160),
+    (48, 33),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("M", [1, 2, 3, 7, 16])
+@pytest.mark.parametrize("N,K", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
+def test_matches_reference(device, dtype, M, N, K):
+    x, weight, bias = make_case(device, dtype, M, N, K)
+    assert_close_to_reference(gemv(x, weight, bias), x, weight, bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("blocksize", ops.NF4_BLOCKSIZES)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double_quant"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_block_sizes_and_scales(device, blocksize, double_quant, with_bias):
+    for dtype, (M, N, K) in [(torch.bfloat16, (3, 40, 4096 + 96)), (torch.float16, (9, 17, 2 * blocksize + 36))]:
+        x, weight, bias = make_case(device, dtype, M, N, K, blocksize, double_quant, with_bias)
+        assert_close_to_reference(gemv(x, weight, bias), x, weight, bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_leading_dims_and_1d_x(device):
+    x, weight, bias = make_case(device, torch.bfloat16, 6, 24, 256, x_shape=(2, 3, 256))
+    out = gemv(x, weight, bias)
+    assert out.shape == (2, 3, 24)
+    assert_close_to_reference(out, x, weight, bias)
+    x1 = x[0, 0]
+    out1 = gemv(x1, weight, bias)
+    assert out1.shape == (24,)
+    assert torch.equal(out1, out[0, 0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_and_misaligned(device):
+    # A transposed x, and x / codes whose data start 2 or 1 bytes past an aligned address: the CUDA
+    # kernel must take its scalar path for those and still be right.
+    x, weight, bias = make_case(device, torch.float16, 4, 32, 512)
+    xt = x.T.contiguous().T
+    assert not xt.is_contiguous()
+    assert_close_to_reference(gemv(xt, weight, bias), x, weight, bias)
+
+    storage = torch.empty(x.numel() + 1, dtype=x.dtype, device=device)
+    x_off = storage[1:].view_as(x)
+    x_off.copy_(x)
+    assert x_off.data_ptr() % 16 != 0
+    assert_close_to_reference(gemv(x_off, weight, bias), x, weight, bias)
+
+    packed_storage = torch.empty(weight.packed.numel() + 1, dtype=torch.uint8, device=device)
+    packed_off = packed_storage[1:].view_as(weight.packed)
+    packed_off.copy_(weight.packed)
+    shifted = qlora_ext.NF4Weight(packed_off, weight.absmax, weight.shape, weight.dtype, weight.blocksize, weight.nested)
+    assert_close_to_reference(gemv(x, shifted, bias), x, weight, bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_shapes(device):
+    x, weight, bias = make_case(device, torch.bfloat16, 1, 8, 0)
+    out = gemv(x, weight, bias)
+    assert torch.equal(out, bias.reshape(1, 8))
+    x, weight, _ = make_case(device, torch.bfloat16, 2, 0, 64, bias=False)
+    assert gemv(x, weight).shape == (2, 0)
+    x0 = torch.empty(0, 64, dtype=torch.bfloat16, device=device)
+    assert gemv(x0, weight).shape == (0, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic(device):
+    x, weight, bias = make_case(device, torch.bfloat16, 16, 96, 4096)
+    assert torch.equal(gemv(x, weight, bias), gemv(x, weight, bias))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
+def test_cuda_matches_cpu_kernel(dtype):
+    # The same weight, bytes and x on both devices: both round W the same way, so outputs differ
+    # only by summation order.
+    x, weight, bias = make_case("cpu", dtype, 5, 300, 2048)
+    out_cpu = gemv(x, weight, bias)
+    out_cuda = gemv(x.cuda(), weight.to("cuda"), bias.cuda()).cpu()
+    torch.testing.assert_close(out_cuda.float(), out_cpu.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")
+def test_cuda_kernel_is_registered():
+    # A CUDA build must dispatch to its own kernel, never silently fall back.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("qlora_ext::nf4_gemv", "CUDA")
+
+
+def test_cpu_kernel_is_registered():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("qlora_ext::nf4_gemv", "CPU")
+
+
+# ---- autograd, opcheck, compile ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients(device):
+    x, weight, bias = make_case(device, torch.float32, 3, 20, 200)
+    x.requires_grad_(True)
+    bias.requires_grad_(True)
+    gemv(x, weight, bias).square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    b_ref = bias.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x_ref, weight.dequantize(torch.float32), b_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bias.grad, b_ref.grad, rtol=1e-4, atol=1e-4)
+
+
+def _opcheck_samples(device):
+    samples = []
+    for dtype, M, N, K, blocksize, dq, with_bias, grad in [
+        (torch.float32, 2, 12, 100, 64, True, True, True),
+        (torch.bfloat16, 1, 16, 256, 64, False, False, False),
+        (torch.float16, 16, 9, 4128, 128, True, True, False),
+        (torch.bfloat16, 3, 5, 64, 32, True, True, True),
+    ]:
+        x, weight, bias = make_case(device, dtype, M, N, K, blocksize, dq, with_bias)
+        if grad:
+            x.requires_grad_(True)
+        samples.append((x, *ops._weight_args(weight)[:4], bias, *ops._weight_args(weight)[4:]))
+    return samples
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in _opcheck_samples(device):
+        torch.library.opcheck(torch.ops.qlora_ext.nf4_gemv.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    x, weight, bias = make_case(device, torch.bfloat16, 4, 32, 256)
+
+    def f(x, bias):
+        return ops.nf4_linear_forward(x, weight, bias) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, bias), f(x, bias))
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs(device):
+    x, weight, bias = make_case(device, torch.bfloat16, 2, 8, 64)
+    with pytest.raises(RuntimeError, match=r"x has M = 17 rows"):
+        gemv(torch.randn(17, 64, dtype=torch.bfloat16, device=device), weight)
+    with pytest.raises(RuntimeError, match=r"x has M = 18 rows"):
+        gemv(torch.randn(2, 9, 64, dtype=torch.bfloat16, device=device), weight)
+    with pytest.raises(RuntimeError, match=r"x must have K = weight_shape\[1\] = 64"):
+        gemv(torch.randn(2, 65, dtype=torch.bfloat16, device=device), weight)
+    with pytest.raises(RuntimeError, match=r"x must be float32, float16 or bfloat16"):
+        gemv(torch.ones(2, 64, dtype=torch.int32, device=device), weight)
+    with pytest.raises(RuntimeError, match=r"x must have at least one dimension"):
+        gemv(torch.tensor(1.0, dtype=torch.bfloat16, device=device), weight)
+    with pytest.raises(RuntimeError, match=r"bias must have x's dtype"):
+        gemv(x, weight, bias.float())
+    with pytest.raises(RuntimeError, match=r"bias must be \[N\] = \[8\]"):
+        gemv(x, weight, torch.zeros(9, dtype=torch.bfloat16, device=device))
+    packed, absmax, blocksize, shape, *nested = ops._weight_args(weight)
+    with pytest.raises(RuntimeError, match=r"weight_shape must be \[N, K\]"):
+        ops.nf4_gemv(x, packed, absmax, blocksize, [8, 8, 8], None, *nested)
+    with pytest.raises(RuntimeError, match=r"packed must have 256 elements"):
+        ops.nf4_gemv(x, packed[:-1], absmax, blocksize, shape, None, *nested)
+    with pytest.raises(RuntimeError, match=r"blocksize must be a power of two"):
+        ops.nf4_gemv(x, packed, absmax, 48, shape, None, *nested)
+    with pytest.raises(RuntimeError, match=r"nested_absmax, nested_code and nested_offset go together"):
+        ops.nf4_gemv(x, packed, absmax, blocksize, shape, None, nested[0], None, None)
+
+
+def test_bad_devices():
+    x, weight, bias = make_case("cpu", torch.bfloat16, 2, 8, 64)
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA build and GPU")
+    with pytest.raises(RuntimeError, match=r"packed is on cuda.* but x is on cpu"):
+        gemv(x, weight.to("cuda"))
+    with pytest.raises(RuntimeError, match=r"bias is on cpu but x is on cuda"):
+        gemv(x.cuda(), weight.to("cuda"), bias)
+    with pytest.raises(RuntimeError, match=r"absmax is on cpu but packed is on cuda"):
+        packed, absmax, blocksize, shape, *nested = ops._weight_args(weight)
+        ops.nf4_gemv(x.cuda(), packed.cuda(), absmax, blocksize, shape, None, *[t.cuda() for t in nested[:3]], 256)
+
+
+# ---- nf4_linear_forward -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("M", [1, 16, 17])
+def test_linear_forward(device, dtype, M, caplog):
+    x, weight, bias = make_case(device, dtype, M, 24, 512)
+    with caplog.at_level(logging.DEBUG, logger="qlora_ext"):
+        out = ops.nf4_linear_forward(x, weight, bias)
+    assert_close_to_reference(out, x, weight, bias)
+    fused = device == "cuda" and dtype != torch.float32 and M <= 16
+    expected = "nf4_gemv" if fused else "dequantize + linear"
+    assert any(f"nf4_linear_forward: {expected} " in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_forward_with_grad_takes_dense_route(device, caplog):
+    x, weight, bias = make_case(device, torch.bfloat16, 2, 24, 512)
+    x.requires_grad_(True)
+    with caplog.at_level(logging.DEBUG, logger="qlora_ext"):
+        out = ops.nf4_linear_forward(x, weight, bias)
+    out.float().sum().backward()
+    assert x.grad is not None
+    assert any("dequantize + linear" in r.getMessage() for r in caplog.records)
+
+
+def test_linear_forward_bad_shapes():
+    x, weight, bias = make_case("cpu", torch.bfloat16, 2, 8, 64)
+    with pytest.raises(ValueError, match="x must be"):
+        ops.nf4_linear_forward(torch.zeros(2, 63, dtype=torch.bfloat16), weight)
+    w3 = qlora_ext.NF4Weight.from_float(torch.randn(2, 4, 64))
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        ops.nf4_linear_forward(x, w3)
