@@ -54,13 +54,29 @@ def random_model(size: str, seq: int):
     return model
 
 
+def save_word_tokenizer(path: str, vocab_size: int) -> None:
+    """A stand-in tokenizer (no hub here): Unsloth's loader insists on one beside the weights.
+    The benchmark feeds token ids directly, so its vocabulary is irrelevant."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    vocab.update({f"w{i}": i for i in range(4, min(vocab_size, 1024))})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(path)  # fmt: skip
+
+
 def checkpoint_dir(size: str, seq: int) -> str:
-    """Peers load from disk, as their users do: save the random model once."""
+    """Peers load from disk, as their users do: save the random model (and a tokenizer) once."""
     path = os.path.join(tempfile.gettempdir(), f"qlora_bench_llama_{size}")
     if not os.path.exists(os.path.join(path, "config.json")):
         model = random_model(size, seq)
         model.save_pretrained(path, safe_serialization=True)
         del model
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        save_word_tokenizer(path, SHAPES[size]["vocab_size"])
     return path
 
 
