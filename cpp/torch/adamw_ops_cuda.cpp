@@ -14,7 +14,7 @@ constexpr qlora::FloatType kFloatTypes[] = {qlora::FloatType::F32, qlora::FloatT
                                             qlora::FloatType::BF16};
 
 void check_launch(cudaError_t status, const char* op) {
-  TORCH_CHECK(status == cudaSuccess, "qlora_ext::", op, ": CUDA launch failed: ",
+  QLORA_CHECK(status == cudaSuccess, "qlora_ext::", op, ": CUDA launch failed: ",
               cudaGetErrorString(status));
 }
 

@@ -9,27 +9,27 @@ namespace qlora_torch {
 namespace {
 
 void check_nf4_blocksize(int64_t blocksize, const char* arg) {
-  TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
+  QLORA_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
               arg, " must be a power of two in [32, 4096], got ", blocksize);
 }
 
 void check_power_of_two_blocksize(int64_t blocksize, const char* arg) {
-  TORCH_CHECK(blocksize >= 1 && blocksize <= (int64_t(1) << 30) && (blocksize & (blocksize - 1)) == 0,
+  QLORA_CHECK(blocksize >= 1 && blocksize <= (int64_t(1) << 30) && (blocksize & (blocksize - 1)) == 0,
               arg, " must be a positive power of two, got ", blocksize);
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& reference, const char* arg,
                        const char* reference_arg) {
-  TORCH_CHECK(t.device() == reference.device(), arg, " is on ", t.device(), " but ",
+  QLORA_CHECK(t.device() == reference.device(), arg, " is on ", t.device(), " but ",
               reference_arg, " is on ", reference.device(), "; move both to one device");
 }
 
 void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* arg) {
-  TORCH_CHECK(t.scalar_type() == dtype, arg, " must be ", dtype, ", got ", t.scalar_type());
+  QLORA_CHECK(t.scalar_type() == dtype, arg, " must be ", dtype, ", got ", t.scalar_type());
 }
 
 void check_numel(const at::Tensor& t, int64_t expected, const char* arg, const char* why) {
-  TORCH_CHECK(t.numel() == expected, arg, " must have ", expected, " elements (", why, "), got ",
+  QLORA_CHECK(t.numel() == expected, arg, " must have ", expected, " elements (", why, "), got ",
               t.numel(), " (shape ", t.sizes(), ")");
 }
 
@@ -43,7 +43,7 @@ void check_code_map(const at::Tensor& code, const char* arg) {
   const at::Tensor host = code.contiguous();
   const float* c = host.data_ptr<float>();
   for (int i = 0; i + 1 < qlora::kCodeMapSize; ++i) {
-    TORCH_CHECK(c[i] <= c[i + 1], arg, " must be sorted ascending (entry ", i, " = ", c[i],
+    QLORA_CHECK(c[i] <= c[i + 1], arg, " must be sorted ascending (entry ", i, " = ", c[i],
                 " > entry ", i + 1, " = ", c[i + 1], ")");
   }
 }
@@ -56,7 +56,7 @@ qlora::FloatType float_type_of(at::ScalarType dtype, const char* arg) {
     case at::kHalf: return qlora::FloatType::F16;
     case at::kBFloat16: return qlora::FloatType::BF16;
     default:
-      TORCH_CHECK(false, arg, " must be float32, float16 or bfloat16, got ", dtype);
+      QLORA_CHECK(false, arg, " must be float32, float16 or bfloat16, got ", dtype);
   }
 }
 
@@ -66,7 +66,7 @@ NF4QuantizeArgs check_nf4_quantize(const at::Tensor& weight, int64_t blocksize) 
   check_nf4_blocksize(blocksize, "blocksize");
   NF4QuantizeArgs args;
   args.type = float_type_of(weight.scalar_type(), "weight");
-  TORCH_CHECK(!weight.is_sparse(), "weight must be a dense tensor");
+  QLORA_CHECK(!weight.is_sparse(), "weight must be a dense tensor");
   args.weight = weight.contiguous();
   args.n = weight.numel();
   args.n_blocks = ceil_div(args.n, blocksize);
@@ -99,7 +99,7 @@ NF4DequantizeArgs check_nf4_dequantize(const at::Tensor& packed, const at::Tenso
   int64_t n = 1;
   for (const auto& d : shape) {
     const int64_t size = d.expect_int();
-    TORCH_CHECK(size >= 0, "shape must not have negative sizes, got ", shape);
+    QLORA_CHECK(size >= 0, "shape must not have negative sizes, got ", shape);
     n *= size;
   }
   args.n = n;
@@ -112,7 +112,7 @@ NF4DequantizeArgs check_nf4_dequantize(const at::Tensor& packed, const at::Tenso
 
   const int given = int(nested_absmax.has_value()) + int(nested_code.has_value()) +
                     int(nested_offset.has_value());
-  TORCH_CHECK(given == 0 || given == 3,
+  QLORA_CHECK(given == 0 || given == 3,
               "nested_absmax, nested_code and nested_offset go together (double quantization); "
               "got ", given, " of the 3");
   args.nested = given == 3;
@@ -149,17 +149,17 @@ NF4GemvArgs check_nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const 
                            int64_t nested_blocksize) {
   NF4GemvArgs args;
   args.type = float_type_of(x.scalar_type(), "x");
-  TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension [..., K], got a 0-d tensor");
-  TORCH_CHECK(weight_shape.size() == 2, "weight_shape must be [N, K] (2 dimensions), got ",
+  QLORA_CHECK(x.dim() >= 1, "x must have at least one dimension [..., K], got a 0-d tensor");
+  QLORA_CHECK(weight_shape.size() == 2, "weight_shape must be [N, K] (2 dimensions), got ",
               weight_shape);
   args.N = weight_shape[0].expect_int();
   args.K = weight_shape[1].expect_int();
-  TORCH_CHECK(x.size(-1) == args.K, "x must have K = weight_shape[1] = ", args.K,
+  QLORA_CHECK(x.size(-1) == args.K, "x must have K = weight_shape[1] = ", args.K,
               " elements in its last dimension, got shape ", x.sizes());
   int64_t M = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
   args.M = M;
-  TORCH_CHECK(M <= kNF4GemvMaxRows, "x has M = ", M,
+  QLORA_CHECK(M <= kNF4GemvMaxRows, "x has M = ", M,
               " rows (the product of its leading dimensions, shape ", x.sizes(),
               "); nf4_gemv takes at most ", kNF4GemvMaxRows,
               ": use nf4_dequantize and a matrix product for more");
@@ -168,9 +168,9 @@ NF4GemvArgs check_nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const 
                                      nested_absmax, nested_code, nested_offset, nested_blocksize);
   if (bias.has_value()) {
     check_same_device(*bias, x, "bias", "x");
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ",
+    QLORA_CHECK(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ",
                 x.scalar_type(), ", got ", bias->scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == args.N, "bias must be [N] = [", args.N,
+    QLORA_CHECK(bias->dim() == 1 && bias->size(0) == args.N, "bias must be [N] = [", args.N,
                 "], got shape ", bias->sizes());
     args.bias = bias->contiguous();
   }
@@ -212,43 +212,43 @@ std::string item(const char* list, size_t i) { return std::string(list) + "[" + 
 
 void check_adamw_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
                        int64_t step, double grad_scale) {
-  TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, "lr must be a finite number >= 0, got ", lr);
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, "beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, "beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK(std::isfinite(eps) && eps > 0.0, "eps must be a finite number > 0, got ", eps);
-  TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0.0,
+  QLORA_CHECK(std::isfinite(lr) && lr >= 0.0, "lr must be a finite number >= 0, got ", lr);
+  QLORA_CHECK(beta1 >= 0.0 && beta1 < 1.0, "beta1 must be in [0, 1), got ", beta1);
+  QLORA_CHECK(beta2 >= 0.0 && beta2 < 1.0, "beta2 must be in [0, 1), got ", beta2);
+  QLORA_CHECK(std::isfinite(eps) && eps > 0.0, "eps must be a finite number > 0, got ", eps);
+  QLORA_CHECK(std::isfinite(weight_decay) && weight_decay >= 0.0,
               "weight_decay must be a finite number >= 0, got ", weight_decay);
-  TORCH_CHECK(step >= 1, "step must be >= 1 (the count of this update, bias correction), got ", step);
-  TORCH_CHECK(std::isfinite(grad_scale), "grad_scale must be finite, got ", grad_scale);
+  QLORA_CHECK(step >= 1, "step must be >= 1 (the count of this update, bias correction), got ", step);
+  QLORA_CHECK(std::isfinite(grad_scale), "grad_scale must be finite, got ", grad_scale);
 }
 
 // A tensor written in place: dense, contiguous, of `dtype`, n elements, on `device`.
 void check_state(const at::Tensor& t, at::ScalarType dtype, int64_t n, const at::Device& device,
                  const std::string& arg, const char* what) {
-  TORCH_CHECK(t.layout() == at::kStrided, arg, " must be a dense tensor");
+  QLORA_CHECK(t.layout() == at::kStrided, arg, " must be a dense tensor");
   check_dtype(t, dtype, arg.c_str());
   check_numel(t, n, arg.c_str(), what);
-  TORCH_CHECK(t.device() == device, arg, " is on ", t.device(), " but its parameter is on ",
+  QLORA_CHECK(t.device() == device, arg, " is on ", t.device(), " but its parameter is on ",
               device, "; move both to one device");
-  TORCH_CHECK(t.is_contiguous(), arg, " must be contiguous (it is updated in place)");
+  QLORA_CHECK(t.is_contiguous(), arg, " must be contiguous (it is updated in place)");
 }
 
 // Checks param i and its grad, appends the contiguous grad; returns the param's element type.
 qlora::FloatType check_param_and_grad(const at::Tensor& param, const at::Tensor& grad, size_t i,
                                       AdamWStepArgs& args) {
   const std::string p = item("params", i), g = item("grads", i);
-  TORCH_CHECK(param.layout() == at::kStrided, p, " must be a dense tensor");
+  QLORA_CHECK(param.layout() == at::kStrided, p, " must be a dense tensor");
   const qlora::FloatType type = float_type_of(param.scalar_type(), p.c_str());
-  TORCH_CHECK(param.is_contiguous(), p, " must be contiguous (it is updated in place)");
+  QLORA_CHECK(param.is_contiguous(), p, " must be contiguous (it is updated in place)");
   if (!args.device) args.device = param.device();
-  TORCH_CHECK(param.device() == *args.device, p, " is on ", param.device(), " but params[0] is on ",
+  QLORA_CHECK(param.device() == *args.device, p, " is on ", param.device(), " but params[0] is on ",
               *args.device, "; one call updates tensors of one device");
-  TORCH_CHECK(grad.layout() == at::kStrided, g, " must be a dense tensor, got layout ",
+  QLORA_CHECK(grad.layout() == at::kStrided, g, " must be a dense tensor, got layout ",
               grad.layout(), " (sparse gradients are not supported)");
-  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), g, " must have its parameter's dtype ",
+  QLORA_CHECK(grad.scalar_type() == param.scalar_type(), g, " must have its parameter's dtype ",
               param.scalar_type(), ", got ", grad.scalar_type());
   check_numel(grad, param.numel(), g.c_str(), "one gradient per parameter element");
-  TORCH_CHECK(grad.device() == param.device(), g, " is on ", grad.device(), " but ", p, " is on ",
+  QLORA_CHECK(grad.device() == param.device(), g, " is on ", grad.device(), " but ", p, " is on ",
               param.device());
   args.grads.push_back(grad.contiguous());
   args.types.push_back(type);
@@ -258,7 +258,7 @@ qlora::FloatType check_param_and_grad(const at::Tensor& param, const at::Tensor&
 void check_list_lengths(std::initializer_list<std::pair<const char*, size_t>> lists) {
   const auto& first = *lists.begin();
   for (const auto& l : lists) {
-    TORCH_CHECK(l.second == first.second, l.first, " has ", l.second, " tensors but ", first.first,
+    QLORA_CHECK(l.second == first.second, l.first, " has ", l.second, " tensors but ", first.first,
                 " has ", first.second, "; the lists go together element by element");
   }
 }

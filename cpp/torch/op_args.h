@@ -4,7 +4,10 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdio>
 #include <optional>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "qlora/adamw.h"
@@ -13,6 +16,49 @@
 #include "qlora/nf4.h"
 
 namespace qlora_torch {
+
+// Error messages are assembled without streaming numbers through std::ostream. On the H100
+// machine's toolchain (g++ 13.3, torch 2.11 CUDA wheels) this module carried its own instances of
+// libstdc++'s numeric stream insertion, and inserting an integer into c10::str crashed in num_put
+// (strings were fine). QLORA_CHECK formats each argument itself and hands TORCH_CHECK one string.
+namespace msg {
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, bool v) { s += v ? "true" : "false"; }
+template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int> = 0>
+void append(std::string& s, T v) { s += std::to_string(v); }
+inline void append(std::string& s, double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  s += buf;
+}
+inline void append(std::string& s, float v) { append(s, double(v)); }
+inline void append(std::string& s, at::ScalarType v) { s += c10::toString(v); }
+inline void append(std::string& s, const at::Device& v) { s += v.str(); }
+inline void append(std::string& s, c10::Layout v) { s += v == c10::kStrided ? "Strided" : (v == c10::kSparse ? "Sparse" : "non-strided"); }
+inline void append(std::string& s, c10::IntArrayRef v) {
+  s += "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  s += "]";
+}
+inline void append(std::string& s, c10::SymIntArrayRef v) {
+  s += "[";
+  for (size_t i = 0; i < v.size(); ++i) {
+    const auto value = v[i].maybe_as_int();
+    s += (i ? ", " : "") + (value ? std::to_string(*value) : std::string("?"));
+  }
+  s += "]";
+}
+template <typename... Args>
+std::string make(const Args&... args) {
+  std::string s;
+  (append(s, args), ...);
+  return s;
+}
+}  // namespace msg
+
+#define QLORA_CHECK(cond, ...) TORCH_CHECK(cond, ::qlora_torch::msg::make(__VA_ARGS__))
+
 
 // The kernel layer's element type for a float tensor; rejects every other dtype.
 qlora::FloatType float_type_of(at::ScalarType dtype, const char* arg);

@@ -11,7 +11,7 @@ namespace qlora_torch {
 namespace {
 
 void check_launch(cudaError_t status, const char* op) {
-  TORCH_CHECK(status == cudaSuccess, "qlora_ext::", op, ": CUDA launch failed: ",
+  QLORA_CHECK(status == cudaSuccess, "qlora_ext::", op, ": CUDA launch failed: ",
               cudaGetErrorString(status));
 }
 
