@@ -103,18 +103,21 @@ def absmax_code_differences(centred_absmax, absmax2, ours_codes, bnb_codes):
 
 def bnb_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
     """bitsandbytes' dequantize_4bit, with one exception measured on an AVX-512 host (H100 machine):
-    there bnb's native CPU kernel for plain-absmax fp16 output rounds a few elements differently
-    from bnb's own CUDA kernel and its torch reference (6 of 262144 at 64x4096, off by one fp16
-    ulp), while ours equals both. In that one case the expected value is bnb's torch reference
-    (fp32 code * absmax, one rounding), which is the semantics its CUDA kernel and ours share."""
-    avx512_fp16_plain = (torch.backends.cpu.get_cpu_capability() == "AVX512" and state.dtype == torch.float16
-                         and state.state2 is None and packed.device.type == "cpu")  # fmt: skip
-    if not avx512_fp16_plain:
+    there bnb's native CPU kernel for fp16 output rounds a few elements differently from bnb's own
+    CUDA kernel and its torch reference (e.g. 6 of 262144 at 64x4096, one fp16 ulp), while ours
+    equals both. In that case the expected value is bnb's torch reference (scales decoded by bnb,
+    then fp32 code * absmax, one rounding): the semantics its CUDA kernel and ours share."""
+    avx512_fp16 = (torch.backends.cpu.get_cpu_capability() == "AVX512" and state.dtype == torch.float16
+                   and packed.device.type == "cpu")  # fmt: skip
+    if not avx512_fp16:
         return bnb_functional.dequantize_4bit(packed, state)
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
+    absmax = state.absmax
+    if state.state2 is not None:
+        absmax = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
     code = bnb_functional.get_4bit_type("nf4", device=packed.device)
-    return _dequantize_4bit_compute(packed.reshape(-1), state.absmax, code, state.blocksize, state.shape, state.dtype)
+    return _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), code, state.blocksize, state.shape, state.dtype)
 
 
 def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:

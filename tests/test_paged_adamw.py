@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qlora_ext
-from qlora_ext.optim import PagedAdamW, loraplus_param_groups
+from qlora_ext.optim import PagedAdamW, loraplus_param_groups, paged_adamw
 from qlora_ext.optim import reference as ref
 from qlora_ext.optim.pager import plan_pages, segment_bytes
 
@@ -38,7 +38,12 @@ def _train(opt, params, first, last, scheduler=None):
 
 
 def _paged(params, bits=32, pages=3, **kw):
+    """A PagedAdamW whose pool holds exactly `pages` pages: the budget adds the 8-bit code maps and,
+    on CUDA, the per-step scratch reserve that the budget also covers."""
     budget = pages * PAGE + (2048 if bits == 8 else 0)
+    tensors = [p for group in params for p in group["params"]] if isinstance(params[0], dict) else list(params)
+    if tensors[0].device.type == "cuda":
+        budget += paged_adamw.RESERVED_BYTES + paged_adamw.RESERVED_BYTES_PER_TENSOR * len(tensors)
     return PagedAdamW(params, bits=bits, device_budget=budget, page_bytes=PAGE, **kw)
 
 
