@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import LoRAAdapter
-from .lora_linear import _check_input, _dequantize, _nf4_lora_backward, _nf4_lora_setup, _weight_args
+from .lora_linear import _check_input, _dequantize, _nf4_lora_backward, _nf4_lora_setup, _weight_args, check_lora_shapes
 from .nf4 import NF4Weight
 
 # ---- qlora_ext::nf4_dora_linear ----------------------------------------------------------------
@@ -75,15 +75,7 @@ def _nf4_dora_linear(
 @_nf4_dora_linear.register_fake
 def _(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
       nested_blocksize, weight_shape, weight_dtype, bias, lora_A, lora_B, scale):  # fmt: skip
-    torch._check(len(weight_shape) == 2, lambda: f"weight_shape must be [N, K], got {weight_shape}")
-    n_out, k = weight_shape
-    torch._check(x.shape[-1] == k, lambda: f"x has {x.shape[-1]} features, W expects {k}")
-    torch._check(lora_A.dim() == 2 and lora_A.shape[1] == k, lambda: f"lora_A must be [r, {k}], got {tuple(lora_A.shape)}")
-    r = lora_A.shape[0]
-    torch._check(tuple(lora_B.shape) == (n_out, r), lambda: f"lora_B must be [{n_out}, {r}], got {tuple(lora_B.shape)}")
-    if x_lora is not None:
-        torch._check(x_lora.shape == x.shape, lambda: "x_lora must have the shape of x")
-    lead = x.shape[:-1]
+    lead, n_out, r = check_lora_shapes(x, x_lora, weight_shape, lora_A, lora_B)
     return x.new_empty((*lead, n_out)), x.new_empty((*lead, r)), x.new_empty((n_out, r))
 
 

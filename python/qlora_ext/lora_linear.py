@@ -131,9 +131,8 @@ def _nf4_lora_linear(
     return y, xa
 
 
-@_nf4_lora_linear.register_fake
-def _(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
-      nested_blocksize, weight_shape, weight_dtype, bias, lora_A, lora_B, scale):  # fmt: skip
+def check_lora_shapes(x, x_lora, weight_shape, lora_A, lora_B) -> tuple[tuple, int, int]:
+    """Shape checks shared by the fake kernels of the low-rank ops: (leading dims, N, r)."""
     torch._check(len(weight_shape) == 2, lambda: f"weight_shape must be [N, K], got {weight_shape}")
     n_out, k = weight_shape
     torch._check(x.shape[-1] == k, lambda: f"x has {x.shape[-1]} features, W expects {k}")
@@ -142,7 +141,13 @@ def _(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, bloc
     torch._check(tuple(lora_B.shape) == (n_out, r), lambda: f"lora_B must be [{n_out}, {r}], got {tuple(lora_B.shape)}")
     if x_lora is not None:
         torch._check(x_lora.shape == x.shape, lambda: "x_lora must have the shape of x")
-    lead = x.shape[:-1]
+    return x.shape[:-1], n_out, r
+
+
+@_nf4_lora_linear.register_fake
+def _(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+      nested_blocksize, weight_shape, weight_dtype, bias, lora_A, lora_B, scale):  # fmt: skip
+    lead, n_out, r = check_lora_shapes(x, x_lora, weight_shape, lora_A, lora_B)
     return x.new_empty((*lead, n_out)), x.new_empty((*lead, r))
 
 
