@@ -117,13 +117,21 @@ def test_refuses_a_foreign_non_empty_output_dir(tmp_path, capsys):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
 
 
-def test_paged_adamw_is_clear_when_missing(tmp_path, capsys):
-    import qlora_ext
+# VeRA trains a few scaling vectors only: it needs a larger learning rate (as its paper uses).
+@pytest.mark.parametrize("method, optimizer, peft_type, lr", [("dora", "paged_adamw", "LORA", "3e-3"), ("vera", "adamw", "VERA", "5e-2")])
+def test_finetune_with_other_methods_and_paged_adamw(tmp_path, method, optimizer, peft_type, lr):
+    assert run(tmp_path, "--steps", "30", "--save-every", "0", "--method", method, "--optimizer", optimizer, "--lr", lr) == 0
+    out = tmp_path / "out"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == peft_type and config.get("use_dora", False) == (method == "dora")
+    train = [r for r in metrics(out) if r["type"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"]
 
-    if hasattr(qlora_ext, "PagedAdamW"):
-        pytest.skip("PagedAdamW is available")
-    assert run(tmp_path, "--optimizer", "paged_adamw") == 2
-    assert "PagedAdamW" in capsys.readouterr().err
+
+def test_method_change_is_refused_on_resume(tmp_path, capsys):
+    assert run(tmp_path, "--steps", "4", "--save-every", "2", "--stop-after", "2") == 0
+    assert run(tmp_path, "--steps", "4", "--resume", "--method", "dora") == 2
+    assert "method" in capsys.readouterr().err
 
 
 def test_version_and_info_through_the_module_entry_point():

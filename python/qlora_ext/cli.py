@@ -48,7 +48,7 @@ Outputs in --output-dir (default ./qlora-ext-out):
 """
 
 # Settings that change the result: a resumed run must keep them (the run's own values are used).
-FIXED_ON_RESUME = ("model", "data", "eval_data", "eval_size", "r", "alpha", "dropout", "rslora", "lr",
+FIXED_ON_RESUME = ("model", "data", "eval_data", "eval_size", "method", "r", "alpha", "dropout", "rslora", "lr",
                    "seq_len", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "max_grad_norm",
                    "seed", "optimizer", "gradient_checkpointing", "dtype", "builtin_config")
 
@@ -56,7 +56,7 @@ FIXED_ON_RESUME = ("model", "data", "eval_data", "eval_size", "r", "alpha", "dro
 BUILTIN_DEFAULTS = {"lr": 3e-3, "steps": 1200, "r": 16, "alpha": 32.0, "batch_size": 32, "warmup_steps": 30,
                     "gradient_checkpointing": False}
 HF_DEFAULTS = {"lr": 2e-4, "epochs": 1.0, "r": 16, "alpha": 16.0, "batch_size": 4, "warmup_steps": 10}
-COMMON_DEFAULTS = {"dropout": 0.0, "rslora": False, "seq_len": 256, "grad_accum": 1, "weight_decay": 0.0,
+COMMON_DEFAULTS = {"method": "lora", "dropout": 0.0, "rslora": False, "seq_len": 256, "grad_accum": 1, "weight_decay": 0.0,
                    "max_grad_norm": 1.0, "seed": 0, "optimizer": "adamw", "gradient_checkpointing": True,
                    "dtype": "auto", "log_every": 10, "eval_every": 0, "save_every": 100, "eval_size": None,
                    "builtin_config": "default", "model": None, "data": None, "eval_data": None}
@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                      help="--model's compute dtype (auto: bfloat16 on CUDA, else float32)")
     lora = ft.add_argument_group("LoRA")
+    # Delta-LoRA is left out: its base update runs after each optimizer step (DeltaLoRAUpdater),
+    # which this loop does not drive yet.
+    lora.add_argument("--method", choices=["lora", "dora", "lora_fa", "vera"],
+                      help="adapter type (lora): DoRA, LoRA-FA (A frozen) or VeRA (shared random projections)")
     lora.add_argument("--r", type=int, help="LoRA rank (16)")
     lora.add_argument("--alpha", type=float, help="LoRA alpha; scale alpha/r (built-in 32, else 16)")
     lora.add_argument("--dropout", type=float, help="LoRA dropout (0)")
@@ -297,12 +301,9 @@ def _load_data(s: dict, encoding, say) -> tuple[list, list]:
 
 def _optimizer(name: str, params: list, lr: float, weight_decay: float):
     if name == "paged_adamw":
-        import qlora_ext
+        from .optim import PagedAdamW
 
-        paged = getattr(qlora_ext, "PagedAdamW", None)
-        if paged is None:
-            raise UsageError("--optimizer paged_adamw: this build of qlora_ext has no PagedAdamW yet; use adamw")
-        return paged(params, lr=lr, weight_decay=weight_decay)
+        return PagedAdamW(params, lr=lr, weight_decay=weight_decay) if params else None
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
@@ -338,15 +339,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     per_step = s["batch_size"] * s["grad_accum"]
     if s.get("steps") is None:
         s["steps"] = steps_for_epochs(s["epochs"], len(train_set), per_step)
-    if args.optimizer == "paged_adamw":
-        _optimizer("paged_adamw", [], 1.0, 0.0)  # fails now, not after the model is prepared
 
     from .adapters_io import save_adapter
     from .prepare import prepare
 
     torch.manual_seed(s["seed"])
     model.to(device)
-    prepare(model, r=s["r"], alpha=s["alpha"], dropout=s["dropout"], rslora=s["rslora"],
+    prepare(model, r=s["r"], alpha=s["alpha"], dropout=s["dropout"], rslora=s["rslora"], method=s["method"],
             gradient_checkpointing=s["gradient_checkpointing"])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(s["optimizer"], params, s["lr"], s["weight_decay"])
