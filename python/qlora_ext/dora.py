@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import LoRAAdapter
-from .lora_linear import _check_input, _dequantize, _nf4_lora_backward, _nf4_lora_setup, _weight_args, check_lora_shapes
+from .lora_linear import _dequantize, _nf4_lora_backward, _nf4_lora_setup, _weight_args, check_lora_args, check_lora_shapes
 from .nf4 import NF4Weight
 
 # ---- qlora_ext::nf4_dora_linear ----------------------------------------------------------------
@@ -103,14 +103,7 @@ def nf4_dora_linear(
 ) -> tuple[Tensor, Tensor]:
     """(z, wa): z [..., N] = x·deq(W)ᵀ + scale·(x_lora·Aᵀ)·Bᵀ (no bias), differentiable in x,
     x_lora, A, B; wa [N, r] = deq(W)·Aᵀ, not differentiable (it feeds DoRA's detached norm)."""
-    _check_input(x, weight)
-    n_out, k = weight.shape
-    if lora_A.dim() != 2 or lora_A.shape[1] != k:
-        raise ValueError(f"lora_A must be [r, {k}], got {tuple(lora_A.shape)}")
-    if tuple(lora_B.shape) != (n_out, lora_A.shape[0]):
-        raise ValueError(f"lora_B must be [{n_out}, {lora_A.shape[0]}], got {tuple(lora_B.shape)}")
-    if x_lora is not None and x_lora.shape != x.shape:
-        raise ValueError(f"x_lora must have the shape of x {tuple(x.shape)}, got {tuple(x_lora.shape)}")
+    check_lora_args(x, weight, lora_A, lora_B, x_lora)
     z, _, wa = torch.ops.qlora_ext.nf4_dora_linear(x, x_lora, *_weight_args(weight), None, lora_A, lora_B, float(scale))
     return z, wa
 

@@ -131,6 +131,18 @@ def _nf4_lora_linear(
     return y, xa
 
 
+def check_lora_args(x: Tensor, weight: NF4Weight, lora_A: Tensor, lora_B: Tensor, x_lora: Tensor | None) -> None:
+    """Eager checks of the low-rank wrappers (LoRA, DoRA): each error names the argument."""
+    _check_input(x, weight)
+    n_out, k = weight.shape
+    if lora_A.dim() != 2 or lora_A.shape[1] != k:
+        raise ValueError(f"lora_A must be [r, {k}], got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (n_out, lora_A.shape[0]):
+        raise ValueError(f"lora_B must be [{n_out}, {lora_A.shape[0]}], got {tuple(lora_B.shape)}")
+    if x_lora is not None and x_lora.shape != x.shape:
+        raise ValueError(f"x_lora must have the shape of x {tuple(x.shape)}, got {tuple(x_lora.shape)}")
+
+
 def check_lora_shapes(x, x_lora, weight_shape, lora_A, lora_B) -> tuple[tuple, int, int]:
     """Shape checks shared by the fake kernels of the low-rank ops: (leading dims, N, r)."""
     torch._check(len(weight_shape) == 2, lambda: f"weight_shape must be [N, K], got {weight_shape}")
@@ -252,14 +264,7 @@ def nf4_lora_linear(
     `x_lora` is the input of the low-rank path (x after dropout); None means x itself.
     Differentiable in x, x_lora, bias, A and B; never in W.
     """
-    _check_input(x, weight)
-    n_out, k = weight.shape
-    if lora_A.dim() != 2 or lora_A.shape[1] != k:
-        raise ValueError(f"lora_A must be [r, {k}], got {tuple(lora_A.shape)}")
-    if tuple(lora_B.shape) != (n_out, lora_A.shape[0]):
-        raise ValueError(f"lora_B must be [{n_out}, {lora_A.shape[0]}], got {tuple(lora_B.shape)}")
-    if x_lora is not None and x_lora.shape != x.shape:
-        raise ValueError(f"x_lora must have the shape of x {tuple(x.shape)}, got {tuple(x_lora.shape)}")
+    check_lora_args(x, weight, lora_A, lora_B, x_lora)
     wargs = _weight_args(weight)
     y, _ = torch.ops.qlora_ext.nf4_lora_linear(x, x_lora, *wargs, bias, lora_A, lora_B, float(scale))
     return y
