@@ -130,6 +130,18 @@ def test_values_on_a_midpoint_take_the_lower_code(device):
     assert codes.tolist() == expected
 
 
+def test_values_at_lookup_cell_edges_match_the_reference(device):
+    # The kernels find a code in O(1) through 32 cells of width 1/16 over [-1, 1]; values on and
+    # one ulp either side of every cell edge (and of +-1) must still take the nearest code.
+    edges = torch.arange(33, dtype=torch.float32) / 16 - 1
+    near = torch.cat([edges, torch.nextafter(edges, torch.tensor(2.0)), torch.nextafter(edges, torch.tensor(-2.0))])
+    near = near.clamp(-1, 1)
+    values = torch.cat([torch.tensor([1.0]), near])  # absmax 1: x * (1/absmax) is x exactly
+    packed, _ = ops.nf4_quantize(values.to(device), 4096)
+    expected, _ = reference.nf4_quantize(values, 4096)
+    assert_bitwise_equal(packed.cpu(), expected)
+
+
 def test_all_zero_block_stores_code_of_zero(device):
     weight = torch.zeros(200, device=device)
     weight[64:128] = torch.randn(64, device=device)
@@ -200,6 +212,23 @@ def test_blockwise8_matches_reference(device, blocksize, shape):
         assert_bitwise_equal(absmax, expected_absmax)
         out = ops.blockwise8_dequantize(codes, absmax, code.to(device), blocksize)
         assert_bitwise_equal(out, reference.blockwise8_dequantize(expected_codes, expected_absmax, code, blocksize))
+
+
+@pytest.mark.parametrize("shape", [(1,), (300,), (3, 1000)], ids=shape_id)
+@pytest.mark.parametrize("blocksize", [64, 256, 4096])
+def test_blockwise8_offset_is_subtracted_first(device, blocksize, shape):
+    # Double quantization centres the absmax vector on its mean inside the kernel: the result must
+    # be bitwise that of quantizing the torch difference x - offset.
+    x = random_weight(shape, torch.float32).abs() + 0.5
+    offset = x.mean().reshape(1)
+    code = codebooks.dynamic_map(signed=True)
+    codes, absmax = ops.blockwise8_quantize(x.to(device), code.to(device), blocksize, offset.to(device))
+    expected_codes, expected_absmax = reference.blockwise8_quantize(x - offset, code, blocksize)
+    assert_bitwise_equal(codes, expected_codes)
+    assert_bitwise_equal(absmax, expected_absmax)
+    ref_codes, ref_absmax = reference.blockwise8_quantize(x, code, blocksize, offset)
+    assert_bitwise_equal(ref_codes, expected_codes)
+    assert_bitwise_equal(ref_absmax, expected_absmax)
 
 
 NONCONTIGUOUS_VIEWS = {
@@ -322,6 +351,7 @@ def opcheck_samples(device):
     for shape, blocksize in [((1000,), 256), ((3, 77), 64)]:
         x = random_weight(shape, torch.float32, device)
         samples.append((torch.ops.qlora_ext.blockwise8_quantize.default, (x, code, blocksize)))
+        samples.append((torch.ops.qlora_ext.blockwise8_quantize.default, (x, code, blocksize, x.mean().reshape(1))))
         codes, absmax = ops.blockwise8_quantize(x, code, blocksize)
         samples.append((torch.ops.qlora_ext.blockwise8_dequantize.default, (codes, absmax, code, blocksize)))
     return samples
@@ -480,6 +510,8 @@ BAD_CALLS = {
     "double_quantize_code_unsorted": (lambda: ops.nf4_double_quantize(W, 64, UNSORTED_CODE), ValueError, "nested_code must be sorted ascending"),
     "double_quantize_empty": (lambda: ops.nf4_double_quantize(torch.empty(0), 64), RuntimeError, "weight must not be empty"),
     "blockwise8_code_255": (lambda: ops.blockwise8_quantize(W, CODE[:255], 256), RuntimeError, "code must have 256 elements"),
+    "blockwise8_offset_two_values": (lambda: ops.blockwise8_quantize(W, CODE, 256, torch.ones(2)), RuntimeError, "offset must have 1 elements"),
+    "blockwise8_offset_half": (lambda: ops.blockwise8_quantize(W, CODE, 256, torch.ones(1, dtype=torch.half)), RuntimeError, "offset must be Float"),
     "blockwise8_code_float64": (lambda: ops.blockwise8_quantize(W, CODE.double(), 256), RuntimeError, "code must be Float"),
     "blockwise8_blocksize_0": (lambda: ops.blockwise8_quantize(W, CODE, 0), RuntimeError, "blocksize must be a positive power of two, got 0"),
     "blockwise8_blocksize_300": (lambda: ops.blockwise8_quantize(W, CODE, 300), RuntimeError, "blocksize .* got 300"),
@@ -529,6 +561,8 @@ def test_device_mix_raises_naming_the_tensor(on_cpu):
 def test_blockwise8_code_on_other_device_raises():
     with pytest.raises(RuntimeError, match="code is on cpu but x is on cuda"):
         ops.blockwise8_quantize(W.cuda(), CODE, 256)
+    with pytest.raises(RuntimeError, match="offset is on cpu but x is on cuda"):
+        ops.blockwise8_quantize(W.cuda(), CODE.cuda(), 256, torch.ones(1))
 
 
 # ---- NF4Weight ---------------------------------------------------------------------------------

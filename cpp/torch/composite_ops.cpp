@@ -8,7 +8,8 @@ namespace qlora_torch {
 namespace {
 
 using QuantizeFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t);
-using Quantize8Fn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t);
+using Quantize8Fn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
+                                                        const std::optional<at::Tensor>&);
 
 // NF4 with double quantization in one call (bitsandbytes' compress_statistics): the per-block
 // absmax is centred on its mean and stored as 8-bit codes of the signed dynamic map, blocks of
@@ -27,7 +28,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize(
   auto [packed, absmax] = quantize4.call(weight, blocksize);
   // at::mean reduces as torch.mean does, so the offset equals bitsandbytes' on the same device.
   at::Tensor offset = absmax.mean();
-  auto [codes, nested_absmax] = quantize8.call(absmax - offset, nested_code, nested_blocksize);
+  // The 8-bit kernel subtracts the offset as it reads (one fp32 rounding, as `absmax - offset`).
+  auto [codes, nested_absmax] = quantize8.call(absmax, nested_code, nested_blocksize, offset.reshape({1}));
   return {packed, codes, nested_absmax, offset};
 }
 

@@ -181,12 +181,20 @@ NF4GemvArgs check_nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const 
 }
 
 Blockwise8Args check_blockwise8_quantize(const at::Tensor& x, const at::Tensor& code,
-                                         int64_t blocksize) {
+                                         int64_t blocksize,
+                                         const std::optional<at::Tensor>& offset) {
   check_power_of_two_blocksize(blocksize, "blocksize");
   check_dtype(x, at::kFloat, "x");
   check_same_device(code, x, "code", "x");
   check_code_map(code, "code");
-  Blockwise8Args args{x.contiguous(), code.contiguous(), x.numel(), ceil_div(x.numel(), blocksize)};
+  Blockwise8Args args{x.contiguous(), code.contiguous(), x.numel(), ceil_div(x.numel(), blocksize),
+                      std::nullopt};
+  if (offset.has_value()) {
+    check_dtype(*offset, at::kFloat, "offset");
+    check_same_device(*offset, x, "offset", "x");
+    check_numel(*offset, 1, "offset", "one value");
+    args.offset = offset->contiguous();
+  }
   return args;
 }
 

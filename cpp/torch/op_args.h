@@ -114,9 +114,11 @@ struct Blockwise8Args {
   at::Tensor data, code;  // contiguous
   int64_t n;
   int64_t n_blocks;
+  std::optional<at::Tensor> offset;  // quantize: fp32 [1] subtracted from x first
 };
 Blockwise8Args check_blockwise8_quantize(const at::Tensor& x, const at::Tensor& code,
-                                         int64_t blocksize);
+                                         int64_t blocksize,
+                                         const std::optional<at::Tensor>& offset);
 Blockwise8Args check_blockwise8_dequantize(const at::Tensor& codes, const at::Tensor& absmax,
                                            const at::Tensor& code, int64_t blocksize);
 

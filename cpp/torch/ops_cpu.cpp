@@ -72,10 +72,11 @@ at::Tensor nf4_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const at:
   return y.view(a.out_shape);
 }
 
-std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cpu(const at::Tensor& x,
-                                                           const at::Tensor& code,
-                                                           int64_t blocksize) {
-  const Blockwise8Args a = check_blockwise8_quantize(x, code, blocksize);
+std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cpu(
+    const at::Tensor& x, const at::Tensor& code, int64_t blocksize,
+    const std::optional<at::Tensor>& offset) {
+  const Blockwise8Args a = check_blockwise8_quantize(x, code, blocksize, offset);
+  const float* shift = a.offset ? a.offset->data_ptr<float>() : nullptr;
   at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({a.n_blocks}, x.options().dtype(at::kFloat));
   const float* src = a.data.data_ptr<float>();
@@ -83,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cpu(const at::Tensor& x,
   uint8_t* q = codes.data_ptr<uint8_t>();
   float* m = absmax.data_ptr<float>();
   at::parallel_for(0, a.n_blocks, grain_blocks(blocksize), [&](int64_t begin, int64_t end) {
-    qlora::blockwise8_quantize_cpu(src, a.n, map, blocksize, begin, end, q, m);
+    qlora::blockwise8_quantize_cpu(src, a.n, map, blocksize, begin, end, q, m, shift);
   });
   return {codes, absmax};
 }

@@ -74,17 +74,18 @@ at::Tensor nf4_gemv_cuda(const at::Tensor& x, const at::Tensor& packed, const at
   return y.view(a.out_shape);
 }
 
-std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cuda(const at::Tensor& x,
-                                                            const at::Tensor& code,
-                                                            int64_t blocksize) {
-  const Blockwise8Args a = check_blockwise8_quantize(x, code, blocksize);
+std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cuda(
+    const at::Tensor& x, const at::Tensor& code, int64_t blocksize,
+    const std::optional<at::Tensor>& offset) {
+  const Blockwise8Args a = check_blockwise8_quantize(x, code, blocksize, offset);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({a.n_blocks}, x.options().dtype(at::kFloat));
   check_launch(qlora::blockwise8_quantize_cuda(a.data.data_ptr<float>(), a.n,
                                                a.code.data_ptr<float>(), blocksize,
                                                codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
-                                               at::cuda::getCurrentCUDAStream()),
+                                               at::cuda::getCurrentCUDAStream(),
+                                               a.offset ? a.offset->data_ptr<float>() : nullptr),
                "blockwise8_quantize");
   return {codes, absmax};
 }

@@ -26,7 +26,7 @@ TORCH_LIBRARY(qlora_ext, m) {
       "Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, "
       "Tensor? nested_offset=None, int nested_blocksize=256) -> Tensor");
   // x fp32 [any shape, n] + sorted code map fp32 [256] -> (codes uint8 [x.shape], absmax fp32 [ceil(n/blocksize)])
-  m.def("blockwise8_quantize(Tensor x, Tensor code, int blocksize) -> (Tensor codes, Tensor absmax)");
+  m.def("blockwise8_quantize(Tensor x, Tensor code, int blocksize, Tensor? offset=None) -> (Tensor codes, Tensor absmax)");
   // codes uint8 [any shape, n] + absmax fp32 [ceil(n/blocksize)] + code fp32 [256] -> fp32 [codes.shape]
   m.def("blockwise8_dequantize(Tensor codes, Tensor absmax, Tensor code, int blocksize) -> Tensor");
   // AdamW in place on tensor lists (math: qlora/adamw.h): params[i], grads[i] [n_i] fp32/fp16/bf16

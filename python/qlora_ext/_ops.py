@@ -153,16 +153,17 @@ def nf4_linear_forward(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | 
 
 
 def blockwise8_quantize(
-    x: torch.Tensor, code: torch.Tensor, blocksize: int = 256
+    x: torch.Tensor, code: torch.Tensor, blocksize: int = 256, offset: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit blockwise quantize fp32 `x` against a sorted 256-entry map: (codes uint8, absmax fp32).
+    """8-bit blockwise quantize fp32 `x` (or `x - offset`, offset an fp32 tensor of one element,
+    subtracted as torch would) against a sorted 256-entry map: (codes uint8, absmax fp32).
 
     `code` must be sorted ascending; a map that is not the library's own is checked here (the
     native op checks only CPU maps, to avoid a device sync per call).
     """
     if not is_library_map(code):
         _check_sorted(code, "code")
-    return _ops().blockwise8_quantize(x, code, blocksize)
+    return _ops().blockwise8_quantize(x, code, blocksize, offset)
 
 
 def _check_sorted(code: torch.Tensor, name: str) -> None:
@@ -267,9 +268,12 @@ def register_fakes() -> None:
     )
 
     @torch.library.register_fake("qlora_ext::blockwise8_quantize")
-    def _(x, code, blocksize):
+    def _(x, code, blocksize, offset=None):
         _check_power_of_two_blocksize(blocksize)
         torch._check(x.dtype == torch.float32, lambda: "x must be float32")
+        if offset is not None:
+            torch._check(offset.dtype == torch.float32, lambda: "offset must be float32")
+            torch._check(offset.numel() == 1, lambda: "offset must have one element")
         codes = x.new_empty(x.shape, dtype=torch.uint8)
         absmax = x.new_empty((_ceil_div(x.numel(), blocksize),), dtype=torch.float32)
         return codes, absmax

@@ -87,8 +87,9 @@ class NF4Weight:
             packed, absmax = _ops.nf4_quantize(weight.detach(), blocksize)
             offset = absmax.mean()
         # A block holding NaN gets absmax NaN and one holding inf absmax inf, so the mean (the
-        # offset) is finite exactly when the weight is: one check, one device sync, at the end.
-        if not bool(torch.isfinite(offset)):
+        # offset) is finite exactly when the weight is: one check, one device sync, at the end
+        # (the value itself is copied, not an isfinite of it: two fewer kernels).
+        if not math.isfinite(offset.item()):
             raise ValueError("weight contains NaN or Inf values (or |w| near 3e38), which NF4 cannot represent")
         return cls(packed, absmax, weight.shape, weight.dtype, blocksize, nested)
 

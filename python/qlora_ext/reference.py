@@ -108,9 +108,11 @@ def nf4_gemv(
 
 
 def blockwise8_quantize(
-    x: torch.Tensor, code: torch.Tensor, blocksize: int = 256
+    x: torch.Tensor, code: torch.Tensor, blocksize: int = 256, offset: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     flat = x.reshape(-1).float()
+    if offset is not None:
+        flat = flat - offset.reshape(()).float()
     blocks = _blocks(flat, blocksize)
     absmax = _absmax(blocks)
     inv = 1.0 / absmax.clamp(min=MIN_ABSMAX)

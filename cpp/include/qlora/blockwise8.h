@@ -29,10 +29,11 @@ int code8_of(float scaled, const float* midpoints) {
   return lo;
 }
 
-// blocks [block_begin, block_end) of x (fp32, n elements) -> codes [n], absmax [n_blocks].
+// blocks [block_begin, block_end) of x - *offset (fp32, n elements; offset nullptr: 0) ->
+// codes [n], absmax [n_blocks]. The subtraction is one fp32 rounding, as `x - offset` in torch.
 void blockwise8_quantize_cpu(const float* x, int64_t n, const float* code_map, int64_t blocksize,
                              int64_t block_begin, int64_t block_end, uint8_t* codes,
-                             float* absmax);
+                             float* absmax, const float* offset = nullptr);
 
 // blocks [block_begin, block_end) of codes -> out (fp32, n elements).
 void blockwise8_dequantize_cpu(const uint8_t* codes, const float* absmax, const float* code_map,

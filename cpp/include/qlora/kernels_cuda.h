@@ -28,11 +28,12 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
                           const uint8_t* packed, const NF4Scales& scales, int64_t blocksize,
                           int64_t N, const void* bias, void* y, cudaStream_t stream);
 
-// blockwise8_cuda.cu: x [n] fp32 -> codes [n] uint8, absmax [ceil(n/blocksize)] fp32.
-// code_map is a device pointer to the 256-entry sorted map.
+// blockwise8_cuda.cu: x [n] fp32 -> codes [n] uint8, absmax [ceil(n/blocksize)] fp32, of
+// x - *offset when offset (a device pointer to one fp32) is given. code_map is a device pointer
+// to the 256-entry sorted map.
 cudaError_t blockwise8_quantize_cuda(const float* x, int64_t n, const float* code_map,
                                      int64_t blocksize, uint8_t* codes, float* absmax,
-                                     cudaStream_t stream);
+                                     cudaStream_t stream, const float* offset = nullptr);
 
 // blockwise8_cuda.cu: codes [n] -> out [n] fp32.
 cudaError_t blockwise8_dequantize_cuda(const uint8_t* codes, const float* absmax,

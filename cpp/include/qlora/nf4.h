@@ -42,33 +42,69 @@ constexpr float kMinAbsmax = 1e-38f;
 
 // Code of a scaled value in [-1, 1] = the number of midpoints strictly below it (a value exactly
 // on a midpoint takes the lower code). Found in O(1): [-1, 1] is cut into 32 cells of 1/16, each
-// holding at most one midpoint (neighbouring midpoints are >= 0.08 apart), so the code is the
-// count of midpoints below the cell plus one comparison. The cell index (v + 1) * 16 is off by at
-// most an ulp, and no midpoint lies within 1e-3 of a cell edge, so the cell is always right.
-struct NF4Cell {
-  float midpoint;  // the midpoint inside the cell, or 2 (above every scaled value) if none
-  int base;        // midpoints below the cell's lower edge
-};
-constexpr int kNF4Cells = 33;  // 32 cells, plus one for exactly 1.0 (index 32)
+// holding at most one midpoint (neighbouring midpoints are >= 0.08 apart; the last cell holds
+// none, so 1.0 and the ulp above it can join it), and the code is the count of midpoints below the
+// cell plus one comparison with the cell's midpoint. The cell index (v + 1) * 16 is off by at most
+// an ulp, and no midpoint lies within 1e-3 of a cell edge, so the cell is always right.
+//
+// Kernels keep the 32 midpoints in a table (32 floats: one per shared-memory bank, so a warp's
+// lookups never conflict) and count the midpoints below a cell with a popcount of kNF4CellMask.
+constexpr int kNF4Cells = 32;
 
-QLORA_HOST_DEVICE constexpr NF4Cell nf4_cell(int cell) {
+// The midpoint inside `cell`, or +inf (above every value, so any input maps to a valid code) if
+// the cell holds none.
+QLORA_HOST_DEVICE constexpr float nf4_cell_midpoint(int cell) {
   const float lo = -1.0f + float(cell) / 16.0f, hi = -1.0f + float(cell + 1) / 16.0f;
-  NF4Cell c{2.0f, 0};
+  float midpoint = __builtin_huge_valf();
   for (int i = 0; i < 15; ++i) {
     const float m = nf4_midpoint(i);
-    if (m < lo) ++c.base;
-    if (m >= lo && m < hi) c.midpoint = m;
+    if (m >= lo && m < hi) midpoint = m;
   }
-  return c;
+  return midpoint;
 }
 
-// `scaled` need not be clamped: |x| <= absmax gives |scaled| <= 1 + 1 ulp, whose cell is 0 or 32,
-// and any other value (NaN included) lands in a valid cell through the unsigned clamp.
-QLORA_HOST_DEVICE int nf4_code_of(float scaled, const NF4Cell* cells) {
+// Bit c is set when cell c holds a midpoint.
+QLORA_HOST_DEVICE constexpr uint32_t nf4_cell_mask() {
+  uint32_t mask = 0;
+  for (int c = 0; c < kNF4Cells; ++c) mask |= (nf4_cell_midpoint(c) < 1.0f ? 1u : 0u) << c;
+  return mask;
+}
+constexpr uint32_t kNF4CellMask = nf4_cell_mask();
+static_assert(kNF4CellMask >> 31 == 0, "the last cell must hold no midpoint (1.0 joins it)");
+
+// Cell of a scaled value: 0..31. Values below -1 (and NaN) go to cell 0, values from 31/16 - 1 up
+// (1.0 and above included) to cell 31; both hold the right answer for them.
+QLORA_HOST_DEVICE unsigned nf4_cell_of(float scaled) {
+#if defined(__CUDA_ARCH__)
+  // fma(v, 16, 16) rounds 16(v + 1) once, which is exactly (v + 1) * 16 (scaling by 16 is exact).
+  // The conversion saturates (negative and NaN give 0), so one min finishes the clamp.
+  return min(__float2uint_rz(fmaf(scaled, 16.0f, 16.0f)), unsigned(kNF4Cells - 1));
+#else
   const float position = (scaled + 1.0f) * 16.0f;
-  const unsigned cell = position >= 0.0f ? unsigned(position < 32.0f ? position : 32.0f) : 0u;
-  const NF4Cell c = cells[cell];
-  return c.base + (scaled > c.midpoint ? 1 : 0);
+  return position >= 0.0f ? unsigned(position < 31.0f ? position : 31.0f) : 0u;
+#endif
+}
+
+// Midpoints below the lower edge of `cell`.
+QLORA_HOST_DEVICE int nf4_cell_base(unsigned cell) {
+  const uint32_t below = kNF4CellMask & ((1u << cell) - 1u);
+#if defined(__CUDA_ARCH__)
+  return __popc(below);
+#else
+  return __builtin_popcount(below);
+#endif
+}
+
+// `cell_midpoints` holds nf4_cell_midpoint(c) for c = 0..31.
+QLORA_HOST_DEVICE int nf4_code_of(float scaled, const float* cell_midpoints) {
+  const unsigned cell = nf4_cell_of(scaled);
+#if defined(__CUDA_ARCH__)
+  // The count of midpoints below cell + 1 includes the cell's own: one popcount covers both
+  // terms (cell + 1 <= 31 when it is taken, as the last cell holds no midpoint).
+  return nf4_cell_base(cell + (scaled > cell_midpoints[cell] ? 1u : 0u));
+#else
+  return nf4_cell_base(cell) + (scaled > cell_midpoints[cell] ? 1 : 0);
+#endif
 }
 
 // Where the per-block scales of an NF4 tensor come from.

@@ -12,13 +12,13 @@
 namespace qlora {
 namespace {
 
-struct Cells {
-  NF4Cell values[kNF4Cells];
-  constexpr Cells() : values{} {
-    for (int i = 0; i < kNF4Cells; ++i) values[i] = nf4_cell(i);
+struct CellMidpoints {
+  float values[kNF4Cells];
+  constexpr CellMidpoints() : values{} {
+    for (int i = 0; i < kNF4Cells; ++i) values[i] = nf4_cell_midpoint(i);
   }
 };
-constexpr Cells kCells{};
+constexpr CellMidpoints kCellMidpoints{};
 constexpr NF4Table kCodes{};
 
 template <typename Load>
@@ -40,7 +40,7 @@ void quantize_blocks(Load load, int64_t n, int64_t blocksize, int64_t block_begi
     auto code_at = [&](int64_t i) -> uint8_t {
       if (i >= end) return 7;  // padding nibble of an odd n: the code of 0.0
       const float scaled = std::min(1.0f, std::max(-1.0f, load(i) * inv));
-      return static_cast<uint8_t>(nf4_code_of(scaled, kCells.values));
+      return static_cast<uint8_t>(nf4_code_of(scaled, kCellMidpoints.values));
     };
     for (int64_t i = begin; i < end; i += 2) {
       packed[i / 2] = static_cast<uint8_t>((code_at(i) << 4) | code_at(i + 1));

@@ -34,6 +34,29 @@ __device__ __forceinline__ float nan_propagating_absmax(float running, float v) 
   return (a > running || a != a) ? a : running;
 }
 
+// max(|v|, running) that lets NaN through; one instruction on sm_80+ (max.NaN takes the abs as an
+// operand modifier), a compare-select pair before.
+__device__ __forceinline__ float max_abs_nan(float running, float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(running), "f"(fabsf(v)));
+  return r;
+#else
+  return nan_propagating_absmax(running, v);
+#endif
+}
+
+// max(a, b), NaN if either is NaN.
+__device__ __forceinline__ float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return (b > a || b != b) ? b : a;
+#endif
+}
+
 // Calls f.template operator()<T>() with T the CUDA element type of `type`.
 template <typename F>
 cudaError_t dispatch_float_type(FloatType type, F&& f) {
@@ -88,15 +111,14 @@ __device__ __forceinline__ void load8(const T* src, int64_t n_left, bool vector,
       const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        T lo, hi;
-        const unsigned short lo_bits = words[i] & 0xffffu, hi_bits = words[i] >> 16;
         if constexpr (std::is_same_v<T, __half>) {
-          lo = __ushort_as_half(lo_bits); hi = __ushort_as_half(hi_bits);
+          v[2 * i] = Element<T>::to_float(__ushort_as_half(words[i] & 0xffffu));
+          v[2 * i + 1] = Element<T>::to_float(__ushort_as_half(words[i] >> 16));
         } else {
-          lo = __ushort_as_bfloat16(lo_bits); hi = __ushort_as_bfloat16(hi_bits);
+          // bf16 is the top half of an fp32: one shift or mask per element.
+          v[2 * i] = __uint_as_float(words[i] << 16);
+          v[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
         }
-        v[2 * i] = Element<T>::to_float(lo);
-        v[2 * i + 1] = Element<T>::to_float(hi);
       }
     }
     return;

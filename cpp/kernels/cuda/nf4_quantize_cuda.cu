@@ -2,14 +2,16 @@
 // (math and rounding: qlora/nf4.h; the reciprocal is IEEE, never fast-math).
 //
 // Bytes: n*sizeof(T) read, n/2 + 4n/blocksize written (bf16, block 64: 2.56 n bytes).
-// FLOPs: ~10 per element (abs, max, multiply, clamp, cell lookup); memory-bound.
+// Instructions: ~25 per element (convert, abs-max, shuffles, reciprocal, multiply, cell, popcount,
+// one shared-memory lookup, pack), so on the H100 issue and DRAM are nearly balanced: every
+// instruction per element counts (see the cell lookup in qlora/nf4.h).
 //
 // Launch: each thread loads 8 consecutive elements (one 16-byte load for 16-bit types), so a
 // quantization block is blocksize/8 threads. Up to block 256 (<= 32 threads) the block's absmax is
 // a shuffle reduction inside a warp and a CTA of 256 threads covers 2048 elements; from 512 up a
 // CTA is one quantization block (64..512 threads) reduced through shared memory. Each thread
 // writes its 8 codes as one 32-bit word.
-#include <utility>
+#include <type_traits>
 
 #include "cuda_common.cuh"
 #include "qlora/kernels_cuda.h"
@@ -21,24 +23,21 @@ using namespace cuda_detail;
 
 constexpr int kVec = 8;
 
-__device__ __forceinline__ float group_max(float v, int lanes) {
-  for (int offset = lanes / 2; offset > 0; offset >>= 1) {
-    const float other = __shfl_xor_sync(0xffffffffu, v, offset);
-    v = (other > v || other != other) ? other : v;
+template <int kLanes>
+__device__ __forceinline__ float group_max(float v) {
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
+    v = max_nan(v, __shfl_xor_sync(0xffffffffu, v, offset));
   }
   return v;
 }
 
-// max |v| over a vector, NaN if any element is NaN (inf if one is inf): fmaxf drops NaN, so NaN and
-// inf are tracked apart by v * 0 (NaN for both), one FMA per element instead of a compare chain.
+// max |v| over a vector: NaN if any element is NaN, else inf if one is inf.
 __device__ __forceinline__ float vector_absmax(const float (&v)[kVec]) {
-  float amax = 0.0f, poison = 0.0f;
+  float amax = 0.0f;
 #pragma unroll
-  for (int i = 0; i < kVec; ++i) {
-    amax = fmaxf(amax, fabsf(v[i]));
-    poison = fmaf(v[i], 0.0f, poison);
-  }
-  return (poison != poison && amax != INFINITY) ? NAN : amax;
+  for (int i = 0; i < kVec; ++i) amax = max_abs_nan(amax, v[i]);
+  return amax;
 }
 
 // Quantizes one 8-element vector per thread given its values, reducing absmax over the
@@ -46,7 +45,7 @@ __device__ __forceinline__ float vector_absmax(const float (&v)[kVec]) {
 template <typename T>
 __device__ __forceinline__ void quantize_vector(const float (&v)[kVec], int64_t first, int64_t n,
                                                 int qblock_log2, float amax,
-                                                const NF4Cell* cells, uint8_t* packed,
+                                                const float* cells, uint8_t* packed,
                                                 float* absmax) {
   const int64_t n_left = n - first;
   if (n_left <= 0) return;
@@ -70,25 +69,31 @@ __device__ __forceinline__ void quantize_vector(const float (&v)[kVec], int64_t 
   }
 }
 
-// The cell table as compile-time constants (a constexpr array built from an index pack: calling
-// nf4_cell(i) in an unrolled loop instead left ~500 compares per thread in the prologue).
-template <int... I>
-__device__ __forceinline__ void load_cells(NF4Cell* cells, std::integer_sequence<int, I...>) {
-  constexpr NF4Cell kTable[] = {nf4_cell(I)...};
-  ((threadIdx.x == I ? (void)(cells[I] = kTable[I]) : (void)0), ...);
-}
-__device__ __forceinline__ void load_cells(NF4Cell* cells) {
-  load_cells(cells, std::make_integer_sequence<int, kNF4Cells>{});
+// The cell midpoints, staged into shared memory by the first 32 threads of a CTA with one
+// coalesced load (building them from constants in each thread cost ~170 instructions per thread,
+// ~5 per element).
+struct CellMidpoints {
+  float values[kNF4Cells];
+  constexpr CellMidpoints() : values{} {
+    for (int i = 0; i < kNF4Cells; ++i) values[i] = nf4_cell_midpoint(i);
+  }
+};
+__device__ const CellMidpoints kCellMidpoints{};
+
+__device__ __forceinline__ void load_cells(float* cells) {
+  if (threadIdx.x < kNF4Cells) cells[threadIdx.x] = kCellMidpoints.values[threadIdx.x];
 }
 
 // Blocks of <= 256 elements (<= 32 threads each). A thread handles kVectorsPerThread vectors spaced
 // one CTA apart (coalesced), all loaded before the first is reduced, to keep loads in flight.
-template <typename T, int kVectorsPerThread>
+// kLanes = blocksize / 8 threads share a quantization block (a compile-time shuffle count).
+template <typename T, int kVectorsPerThread, int kLanes>
 __global__ void __launch_bounds__(256)
-nf4_quantize_small_blocks_kernel(const T* __restrict__ x, int64_t n, int threads_per_qblock,
-                                 int qblock_log2, bool aligned, uint8_t* __restrict__ packed,
-                                 float* __restrict__ absmax) {
-  __shared__ NF4Cell cells[kNF4Cells];
+nf4_quantize_small_blocks_kernel(const T* __restrict__ x, int64_t n, bool aligned,
+                                 uint8_t* __restrict__ packed, float* __restrict__ absmax) {
+  constexpr int kQBlockLog2 = kLanes == 4 ? 5 : kLanes == 8 ? 6 : kLanes == 16 ? 7 : 8;
+  static_assert((kVec << (kQBlockLog2 - 3)) == kVec * kLanes, "kLanes must be 4, 8, 16 or 32");
+  __shared__ float cells[kNF4Cells];
   load_cells(cells);
   const int64_t cta_first = int64_t(blockIdx.x) * blockDim.x * kVectorsPerThread;
   float v[kVectorsPerThread][kVec];
@@ -107,9 +112,9 @@ nf4_quantize_small_blocks_kernel(const T* __restrict__ x, int64_t n, int threads
 #pragma unroll
   for (int j = 0; j < kVectorsPerThread; ++j) {
     float amax = vector_absmax(v[j]);
-    amax = group_max(amax, threads_per_qblock);  // all lanes take part, also those past n
+    amax = group_max<kLanes>(amax);  // all lanes take part, also those past n
     const int64_t first = (cta_first + j * blockDim.x + threadIdx.x) * kVec;
-    quantize_vector<T>(v[j], first, n, qblock_log2, amax, cells, packed, absmax);
+    quantize_vector<T>(v[j], first, n, kQBlockLog2, amax, cells, packed, absmax);
   }
 }
 
@@ -118,19 +123,19 @@ template <typename T>
 __global__ void __launch_bounds__(512)
 nf4_quantize_large_blocks_kernel(const T* __restrict__ x, int64_t n, int qblock_log2, bool aligned,
                                  uint8_t* __restrict__ packed, float* __restrict__ absmax) {
-  __shared__ NF4Cell cells[kNF4Cells];
+  __shared__ float cells[kNF4Cells];
   __shared__ float warp_max[16];
   load_cells(cells);
   const int64_t first = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
   const int64_t n_left = n - first;
   float v[kVec] = {};
   if (n_left > 0) load8(x + first, n_left, aligned && n_left >= kVec, v);
-  float amax = group_max(vector_absmax(v), 32);
+  float amax = group_max<32>(vector_absmax(v));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_max[warp] = amax;
   __syncthreads();  // also makes the cells visible
   if (warp == 0) {
-    amax = group_max(lane < int(blockDim.x / 32) ? warp_max[lane] : 0.0f, 32);
+    amax = group_max<32>(lane < int(blockDim.x / 32) ? warp_max[lane] : 0.0f);
     if (lane == 0) warp_max[0] = amax;
   }
   __syncthreads();
@@ -153,12 +158,22 @@ cudaError_t nf4_quantize_cuda(const void* x, FloatType type, int64_t n, int64_t 
     const T* src = static_cast<const T*>(x);
     if (threads_per_qblock <= 32) {
 #ifndef QLORA_QUANT_VECTORS
-#define QLORA_QUANT_VECTORS 4
+// Measured on the H100 (bf16, block 64): 1 vector per thread beats 2 by 3% and 4 by 15% (more
+// registers per thread cost occupancy; the loads in flight are enough either way).
+#define QLORA_QUANT_VECTORS 1
 #endif
       constexpr int kVectorsPerThread = QLORA_QUANT_VECTORS;
-      const int64_t grid = ceil_div(vectors, 256 * kVectorsPerThread);
-      nf4_quantize_small_blocks_kernel<T, kVectorsPerThread><<<dim3(unsigned(grid)), 256, 0, stream>>>(
-          src, n, threads_per_qblock, qblock_log2, aligned, packed, absmax);
+      const dim3 grid(unsigned(ceil_div(vectors, 256 * kVectorsPerThread)));
+      auto launch = [&](auto lanes) {
+        nf4_quantize_small_blocks_kernel<T, kVectorsPerThread, decltype(lanes)::value>
+            <<<grid, 256, 0, stream>>>(src, n, aligned, packed, absmax);
+      };
+      switch (threads_per_qblock) {
+        case 4: launch(std::integral_constant<int, 4>{}); break;
+        case 8: launch(std::integral_constant<int, 8>{}); break;
+        case 16: launch(std::integral_constant<int, 16>{}); break;
+        default: launch(std::integral_constant<int, 32>{}); break;
+      }
     } else {
       const int64_t grid = ceil_div(vectors, threads_per_qblock);
       nf4_quantize_large_blocks_kernel<T><<<dim3(unsigned(grid)), threads_per_qblock, 0, stream>>>(
