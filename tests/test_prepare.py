@@ -92,8 +92,10 @@ def test_bf16_model_keeps_its_dtype():
     assert model.lm_head.weight.dtype == torch.bfloat16
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.weight.dtype == torch.bfloat16 and layer.lora_A["default"].weight.dtype == torch.float32
-    out = model(token_batch(), labels=token_batch())
-    assert out.logits.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(token_batch()).logits.dtype == torch.bfloat16
+    out = model(token_batch(), labels=token_batch())  # training: the fused loss, logits not formed
+    assert out.logits is None and out.loss.dtype == torch.float32
     out.loss.backward()
 
 

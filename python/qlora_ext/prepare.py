@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .fused_loss import enable_fused_loss
 from .layers import QLoRALinear, is_conv1d
 from .methods import adapter_factory, check_method
 from .nf4 import NF4Weight
@@ -187,6 +188,7 @@ def prepare(
     vera_prng_key: int | None = None,
     vera_d_initial: float | None = None,
     delta_lambda: float | None = None,
+    fused_loss: bool = True,
 ) -> nn.Module:
     """Quantize the target linear layers of `model` to NF4 and add an adapter to each; in place.
 
@@ -202,6 +204,9 @@ def prepare(
     (default: the input's). adapter_dtype: dtype of the LoRA parameters (fp32 as PEFT does).
     Layers already quantized (a prepared model, a bnb-4bit model) just get the new adapter, so
     calling prepare twice with another adapter_name adds a second adapter.
+    fused_loss: for Llama/Mistral/Qwen2-family causal LMs, compute the training loss
+    (`model(..., labels=...)` with gradients enabled) by cross-entropy fused with the LM head and
+    chunked over tokens (fused_loss.py): the full logits never exist; `logits` is None then.
     Returns `model`, with only adapter parameters trainable; prints the trainable-parameter line.
     """
     if not isinstance(model, nn.Module):
@@ -236,6 +241,8 @@ def prepare(
 
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if fused_loss:
+        enable_fused_loss(model)
     if verbose:
         print_trainable_parameters(model)
     return model
