@@ -22,6 +22,7 @@ Design (DESIGN.md §4):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -229,17 +230,33 @@ _nf4_lora_linear.register_autograd(_nf4_lora_backward, setup_context=_nf4_lora_s
 
 
 def eager_twin(name: str, impl, setup_context, backward) -> type[torch.autograd.Function]:
-    """An autograd.Function computing `impl` with the operator's own setup_context/backward."""
+    """An autograd.Function computing `impl` with the operator's own setup_context/backward.
+
+    Like the operators (which have no autocast kernel, so autocast passes through them and their
+    bodies run in x's dtype), the twins run with autocast off: under autocast a caller's fp32 x
+    and fp32 adapters stay fp32 here instead of mixing with autocast's bf16 products."""
 
     def forward(ctx, *inputs):
-        output = impl(*inputs)
-        setup_context(ctx, inputs, output)
+        with _autocast_off(inputs[0].device.type):
+            output = impl(*inputs)
+            setup_context(ctx, inputs, output)
+        ctx.device_type = inputs[0].device.type
         return output
+
+    def backward_(ctx, *grads):
+        with _autocast_off(ctx.device_type):
+            return backward(ctx, *grads)
 
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward),
-        "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads)),
+        "backward": staticmethod(backward_),
     })  # fmt: skip
+
+
+def _autocast_off(device_type: str):
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 _EagerNF4Linear = eager_twin("_EagerNF4Linear", _nf4_linear_impl, _nf4_linear_setup, _nf4_linear_backward)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import checkpointing
 from .fused_loss import enable_fused_loss
 from .layers import QLoRALinear, is_conv1d
 from .methods import adapter_factory, check_method
@@ -151,11 +152,14 @@ def _check_float_weights(linears: dict[str, nn.Module], names: list[str]) -> Non
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> bool:
-    """Non-reentrant checkpointing where the model supports it (transformers models, or any module
-    with `gradient_checkpointing_enable`). Non-reentrant needs no input-grad hook on the
-    embeddings, unlike the reentrant kind. Returns whether it was enabled."""
+    """Per-layer checkpointing where the model supports it: transformers models get
+    qlora_ext.checkpointing's one-node-per-layer checkpoint (far less host time than
+    torch.utils.checkpoint's per-tensor hooks); other modules with `gradient_checkpointing_enable`
+    get their own, non-reentrant. Returns whether it was enabled."""
     if not getattr(model, "supports_gradient_checkpointing", True):
         return False
+    if checkpointing.enable(model):
+        return True
     kwargs = {"use_reentrant": False}
     # transformers >= 5.2x renamed the method (the old name warns); older ones only have the old name.
     if callable(getattr(model, "activation_checkpointing_enable", None)):

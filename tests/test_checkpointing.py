@@ -1,0 +1,87 @@
+"""Per-layer checkpointing (qlora_ext.checkpointing): same loss and gradients as no checkpointing,
+layers really recomputed, little saved, RNG and autocast replayed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_helpers import hf_model, randomize_adapters, token_batch
+
+import qlora_ext
+from qlora_ext import checkpointing
+from qlora_ext.prepare import enable_gradient_checkpointing
+
+
+def _model(arch="llama", dropout=0.0, checkpoint=True):
+    model = hf_model(arch)
+    torch.manual_seed(3)
+    qlora_ext.prepare(model, r=4, alpha=8, dropout=dropout, gradient_checkpointing=checkpoint, verbose=False)
+    randomize_adapters(model)
+    return model.train()
+
+
+def _step(model, seed=11, autocast=False):
+    ids = token_batch()
+    torch.manual_seed(seed)  # the same dropout masks for every model of a comparison
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_same_loss_and_gradients_as_without_checkpointing(arch, dropout):
+    checked, plain = _model(arch, dropout, True), _model(arch, dropout, False)
+    assert checkpointing.is_enabled(checked) and not checkpointing.is_enabled(plain)
+    loss, grads = _step(checked)
+    ref_loss, ref_grads = _step(plain)
+    # Dropout masks must be replayed exactly in the recomputation, or the gradients differ.
+    assert torch.equal(loss, ref_loss)
+    assert all(g is not None for g in grads)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+
+
+def test_autocast_is_replayed_in_the_recomputation():
+    loss, grads = _step(_model(), autocast=True)
+    ref_loss, ref_grads = _step(_model(checkpoint=False), autocast=True)
+    assert torch.equal(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+
+
+def test_layers_are_recomputed_and_only_their_inputs_saved():
+    def saved_bytes_and_calls(model):
+        layers = model.model.layers
+        calls = {"n": 0}
+        hooks = [layer.mlp.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1)) for layer in layers]
+        saved = []
+        ids = token_batch()
+        # Only the forward's saves stay alive until backward (the recomputation saves one layer's).
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        for h in hooks:
+            h.remove()
+        return sum(saved), calls["n"]
+
+    checked_bytes, checked_calls = saved_bytes_and_calls(_model())
+    plain_bytes, plain_calls = saved_bytes_and_calls(_model(checkpoint=False))
+    n_layers = 2
+    assert plain_calls == n_layers and checked_calls == 2 * n_layers  # forward + recomputation
+    assert checked_bytes < plain_bytes / 2
+
+
+def test_no_grad_runs_the_layer_plainly():
+    model = _model()
+    ids = token_batch()
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    assert out.logits is not None and not out.logits.requires_grad
+
+
+def test_plain_modules_keep_their_own_checkpointing():
+    assert not checkpointing.enable(torch.nn.Linear(2, 2))
+    model = hf_model("llama")
+    assert enable_gradient_checkpointing(model) and checkpointing.is_enabled(model)
