@@ -127,10 +127,23 @@ class PagedAdamW(torch.optim.Optimizer):
             map_bytes = 2 * 256 * 4
         zero_codes = (_zero_code(dynamic_map(True)), _zero_code(dynamic_map(False)))
         state_bytes = len(pages) * self.page_bytes
-        self._pager = Pager(pages, self.page_bytes, self._device,
-                            self._n_slots(state_bytes, map_bytes, len(pages)),
+        n_slots = self._n_slots(state_bytes, map_bytes, len(pages))
+        page_bytes = self.page_bytes
+        if n_slots is None and sizes:
+            # Resident: one page sized to the state, so every parameter is one whole segment and
+            # the update is a few operator calls over precomputed lists (_resident_calls).
+            page_bytes = sum(segment_bytes(bits, n) for n, bits in sizes)
+            pages = plan_pages(sizes, page_bytes)
+            self._segments_of = [[] for _ in self._params]
+            for k, page in enumerate(pages):
+                for seg in page:
+                    self._segments_of[seg.param].append((k, seg))
+        self._pager = Pager(pages, page_bytes, self._device, n_slots,
                             lambda seg, views: _init_segment(seg, views, zero_codes))  # fmt: skip
         self._map_bytes = map_bytes
+        self._param_views: dict[tuple[int, int], torch.Tensor] = {}
+        self._state_views: dict[tuple[int, int], list[dict[str, torch.Tensor]]] = {}
+        self._resident_calls = self._group_resident_calls() if not self._pager.paged else None
 
     def _n_slots(self, state_bytes: int, map_bytes: int, n_pages: int) -> int | None:
         """None for resident state, else the number of device pages of the pool.
@@ -157,6 +170,21 @@ class PagedAdamW(torch.optim.Optimizer):
             return None
         return max(2, (free // 4) // self.page_bytes)
 
+    def _group_resident_calls(self) -> dict[tuple[int, int], dict]:
+        """(param group, state bits) -> parameter indices and state views, in parameter order:
+        the argument lists of a resident step where every parameter steps (built once)."""
+        calls: dict[tuple[int, int], dict] = {}
+        for i, segments in enumerate(self._segments_of):
+            for k, seg in segments:  # exactly one whole segment per parameter when resident
+                entry = calls.setdefault((self._group_of[i], seg.bits), {"index": [], "params": [], "views": []})
+                entry["index"].append(i)
+                entry["params"].append(self._params[i])
+                entry["views"].append(seg.views(self._pager.home[k]))
+        for entry in calls.values():
+            views = entry.pop("views")
+            entry["state"] = {name: [v[name] for v in views] for name in views[0]} if views else {}
+        return calls
+
     # ---- reporting ---------------------------------------------------------------------------
 
     def device_bytes(self) -> int:
@@ -167,7 +195,7 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of all optimizer state (every page), wherever it lives."""
-        return 0 if self._pager is None else len(self._pager.pages) * self.page_bytes
+        return 0 if self._pager is None else len(self._pager.pages) * self._pager.page_bytes
 
     @property
     def paged(self) -> bool:
@@ -213,6 +241,11 @@ class PagedAdamW(torch.optim.Optimizer):
                 grad_scale = min(1.0, self.max_grad_norm / (total.item() + 1e-6))
         for i in active:
             self._steps[i] += 1
+        if self._resident_calls is not None and len(active) == len(self._params):
+            steps = set(self._steps)
+            if len(steps) == 1:
+                self._resident_step(grads, steps.pop(), grad_scale)
+                return loss
         by_page: dict[int, list[Segment]] = {}
         for i in active:
             for k, seg in self._segments_of[i]:
@@ -220,35 +253,64 @@ class PagedAdamW(torch.optim.Optimizer):
         self._pager.update(sorted(by_page), lambda pages: self._update(pages, by_page, grads, grad_scale))
         return loss
 
+    def _resident_step(self, grads: dict[int, torch.Tensor], step: int, grad_scale: float) -> None:
+        """Every parameter steps, all at the same count: one operator call per (group, bits) over
+        the precomputed lists; only the gradients are gathered."""
+        for (gi, bits), entry in self._resident_calls.items():
+            grads_ = [grads[i] for i in entry["index"]]
+            self._launch(gi, bits, step, grad_scale, entry["params"], grads_, entry["state"])
+        self._pager.stats["updates"] += 1
+
+    def _launch(self, gi: int, bits: int, step: int, grad_scale: float, params, grads_, state) -> None:
+        group = self.param_groups[gi]
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                     step=step, grad_scale=grad_scale)  # fmt: skip
+        if bits == 32:
+            ops.adamw_step(params, grads_, state["exp_avg"], state["exp_avg_sq"], **hyper)
+        else:
+            ops.adamw_step_8bit(params, grads_, state["exp_avg_codes"], state["exp_avg_absmax"],
+                                state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"],
+                                self._maps[0], self._maps[1], **hyper)  # fmt: skip
+
+    def _param_view(self, seg: Segment) -> torch.Tensor:
+        """The parameter's elements of `seg` (the parameter itself for a whole one), cached."""
+        key = (seg.param, seg.begin)
+        view = self._param_views.get(key)
+        if view is None:
+            p = self._params[seg.param]
+            view = p if seg.begin == 0 and seg.end == p.numel() else p.view(-1)[seg.begin : seg.end]
+            self._param_views[key] = view
+        return view
+
+    def _page_views(self, k: int, buf: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """State views of page k's segments in `buf` (its home or a pool slot), cached per slot."""
+        key = (k, buf.data_ptr())
+        views = self._state_views.get(key)
+        if views is None:
+            views = [seg.views(buf) for seg in self._pager.pages[k]]
+            self._state_views[key] = views
+        return views
+
     def _update(self, pages, by_page, grads, grad_scale: float) -> None:
         """Launches the fused update of every active segment of `pages` [(k, bytes on device)],
         one operator call per (group, step, state width)."""
         calls: dict[tuple[int, int, int], list] = {}
         for k, buf in pages:
-            for seg in by_page[k]:
+            active = {id(seg) for seg in by_page[k]}
+            for seg, views in zip(self._pager.pages[k], self._page_views(k, buf)):
+                if id(seg) not in active:
+                    continue
                 i = seg.param
-                key = (self._group_of[i], self._steps[i], seg.bits)
-                p = self._params[i].view(-1)[seg.begin : seg.end]
-                g = grads[i].view(-1)[seg.begin : seg.end]
-                calls.setdefault(key, []).append((p, g, seg.views(buf)))
+                g = grads[i]
+                if seg.begin != 0 or seg.end != g.numel():
+                    g = g.view(-1)[seg.begin : seg.end]
+                calls.setdefault((self._group_of[i], self._steps[i], seg.bits), []).append(
+                    (self._param_view(seg), g, views))
         for (gi, step, bits), items in calls.items():
-            group = self.param_groups[gi]
-            beta1, beta2 = group["betas"]
-            hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
-                         eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-                         step=step, grad_scale=grad_scale)  # fmt: skip
-            params = [p for p, _, _ in items]
-            grads_ = [g for _, g, _ in items]
-            if bits == 32:
-                ops.adamw_step(params, grads_, [v["exp_avg"] for _, _, v in items],
-                               [v["exp_avg_sq"] for _, _, v in items], **hyper)  # fmt: skip
-            else:
-                ops.adamw_step_8bit(
-                    params, grads_,
-                    [v["exp_avg_codes"] for _, _, v in items], [v["exp_avg_absmax"] for _, _, v in items],
-                    [v["exp_avg_sq_codes"] for _, _, v in items], [v["exp_avg_sq_absmax"] for _, _, v in items],
-                    self._maps[0], self._maps[1], **hyper,
-                )  # fmt: skip
+            state = {name: [v[name] for _, _, v in items] for name in items[0][2]}
+            self._launch(gi, bits, step, grad_scale, [p for p, _, _ in items], [g for _, g, _ in items], state)
 
     # ---- state dict --------------------------------------------------------------------------
 
