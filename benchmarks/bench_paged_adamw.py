@@ -121,12 +121,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="also write the JSON lines to this file")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--page-mib", type=int, default=4)
+    parser.add_argument("--page-mib", type=int, default=None,
+                        help="page size (default: PagedAdamW's automatic choice, a quarter of the budget up to 16 MiB)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_paged_adamw needs a CUDA device")
     dtype = getattr(torch, args.dtype)
-    page_bytes = args.page_mib << 20
+    page_bytes = None if args.page_mib is None else args.page_mib << 20
     common = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "commit": commit(), "param_dtype": args.dtype, "n_tensors": LAYERS * len(PROJECTIONS) * 2,
@@ -158,13 +159,14 @@ def main() -> None:
 
         state_bytes = opt.state_bytes()
         del opt
-        budget = max(state_bytes // 8, 2 * page_bytes + 2048)
+        budget = state_bytes // 8 if page_bytes is None else max(state_bytes // 8, 2 * page_bytes + 2048)
         torch.cuda.empty_cache()
         opt, ms, held = run_steps(lambda: qlora_ext.PagedAdamW(
             params, lr=2e-4, bits=bits, device_budget=budget, page_bytes=page_bytes), steps=10)
         bound = pcie_bounds(state_bytes)
         emit({"case": f"paged-{bits}bit", "n_params": n, "median_ms": ms, "state_bytes": state_bytes,
-              "device_budget": budget, "device_bytes": opt.device_bytes(), "max_extra_allocated": held,
+              "device_budget": budget, "page_bytes": opt.page_bytes, "device_bytes": opt.device_bytes(),
+              "max_extra_allocated": held,
               "within_budget": held <= budget, "pcie": bound,
               "fraction_of_duplex_bound": bound["duplex_ms"] / ms,
               "fraction_of_sequential_bound": bound["sequential_ms"] / ms})  # fmt: skip

@@ -412,3 +412,45 @@ def test_cuda_state_dict_round_trip_paged(bits):
     _train(opt2, resumed, 20, 40)
     for x, y in zip(straight, resumed):
         assert torch.equal(x, y)
+
+
+# ---- resident layout and automatic page size ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_params_whose_grads_come_and_go_step_like_torch(mode):
+    # The resident fast path covers "every parameter steps at the same count"; a parameter without
+    # a grad on some steps (frozen for a while, unused branch) leaves it for the general path,
+    # and the per-parameter step counts must still match torch's.
+    params = _params()
+    mirror = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = MODES[mode](params)
+    peer = torch.optim.AdamW(mirror, lr=1e-3, foreach=False)
+    for step in range(8):
+        grads = _grads(params, step)
+        for i, (p, q, g) in enumerate(zip(params, mirror, grads)):
+            use = not (i == 2 and step < 3) and not (i == 4 and step % 3 == 1)
+            p.grad = g.clone() if use else None
+            q.grad = g.clone() if use else None
+        opt.step()
+        peer.step()
+    for p, q in zip(params, mirror):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_resident_state_is_one_page_of_whole_parameters():
+    params = _params()
+    opt = PagedAdamW(params)
+    _train(opt, params, 0, 1)
+    assert not opt.paged and len(opt._pager.pages) == 1
+    assert all(seg.begin == 0 and seg.end == p.numel() for seg, p in zip(opt._pager.pages[0], params))
+    assert opt.state_bytes() == sum(segment_bytes(32, p.numel()) for p in params)
+
+
+def test_automatic_page_size_follows_the_budget():
+    assert paged_adamw.auto_page_bytes(None) == 16 << 20
+    assert paged_adamw.auto_page_bytes(40 << 20) == 10 << 20
+    assert paged_adamw.auto_page_bytes(1 << 30) == 16 << 20
+    assert paged_adamw.auto_page_bytes(100_000) == 64 << 10
+    assert PagedAdamW(_params(), device_budget=8 << 20).page_bytes == 2 << 20
+    assert PagedAdamW(_params(), device_budget=8 << 20, page_bytes=PAGE).page_bytes == PAGE

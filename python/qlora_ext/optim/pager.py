@@ -139,20 +139,24 @@ class _SyncCopies:
 class _CudaCopies:
     """Copies on two side streams (one per direction), ordered against the compute stream by
     events: update j waits for load j; store j waits for update j; the load that reuses update
-    j's slot waits for store j."""
+    j's slot waits for store j.
 
-    def __init__(self, device: torch.device, stats: dict):
+    Events are reused per slot (j % n_slots) instead of created per page: every wait on an event
+    is enqueued before the event is recorded again (the slot's next load is issued only after its
+    store), and a wait sees the record made before it, so reuse orders exactly the same work."""
+
+    def __init__(self, device: torch.device, stats: dict, n_slots: int):
         self.stats = stats
         self.device = device
+        self.n_slots = max(n_slots, 1)
         self.h2d = torch.cuda.Stream(device)
         self.d2h = torch.cuda.Stream(device)
-        self.loaded: dict[int, torch.cuda.Event] = {}
-        self.stored: dict[int, torch.cuda.Event] = {}
+        self.loaded = [torch.cuda.Event() for _ in range(self.n_slots)]
+        self.updated = [torch.cuda.Event() for _ in range(self.n_slots)]
+        self.stored = [torch.cuda.Event() for _ in range(self.n_slots)]
         self.last_store: torch.cuda.Event | None = None
 
     def start(self) -> None:
-        self.loaded.clear()
-        self.stored.clear()
         # This step's loads may overwrite slots and read pages that last step's stores still use,
         # and the compute stream's writes to the grads/params are ordered by program order.
         if self.last_store is not None:
@@ -161,28 +165,25 @@ class _CudaCopies:
     def load(self, slot: torch.Tensor, page: torch.Tensor, j: int) -> None:
         with torch.cuda.stream(self.h2d):
             slot.copy_(page, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.h2d)
-        self.loaded[j] = event
+        self.loaded[j % self.n_slots].record(self.h2d)
         self.stats["h2d_pages"] += 1
 
     def ready(self, j: int) -> None:
-        torch.cuda.current_stream(self.device).wait_event(self.loaded.pop(j))
+        torch.cuda.current_stream(self.device).wait_event(self.loaded[j % self.n_slots])
 
     def store(self, page: torch.Tensor, slot: torch.Tensor, j: int) -> None:
-        updated = torch.cuda.Event()
+        updated = self.updated[j % self.n_slots]
         updated.record(torch.cuda.current_stream(self.device))
         self.d2h.wait_event(updated)
         with torch.cuda.stream(self.d2h):
             page.copy_(slot, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.d2h)
-        self.stored[j] = event
+        event = self.stored[j % self.n_slots]
+        event.record(self.d2h)
         self.last_store = event
         self.stats["d2h_pages"] += 1
 
     def slot_free(self, j: int) -> None:
-        self.h2d.wait_event(self.stored.pop(j))
+        self.h2d.wait_event(self.stored[j % self.n_slots])
 
     def finish(self) -> None:
         # Work after the step (the next forward, a state_dict) sees the written-back pages.
@@ -212,7 +213,8 @@ class Pager:
             self.n_slots = min(n_slots, n_pages) if n_pages else 0
             self.pool = torch.empty((max(self.n_slots, 1), page_bytes) if n_pages else (0, page_bytes),
                                     dtype=torch.uint8, device=device)  # fmt: skip
-            self.copies = _CudaCopies(device, self.stats) if device.type == "cuda" else _SyncCopies(self.stats)
+            self.copies = (_CudaCopies(device, self.stats, self.n_slots) if device.type == "cuda"
+                           else _SyncCopies(self.stats))  # fmt: skip
         else:
             self.home = torch.zeros((n_pages, page_bytes), dtype=torch.uint8, device=device)
             self.n_slots = 0
