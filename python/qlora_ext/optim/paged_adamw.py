@@ -159,6 +159,7 @@ class PagedAdamW(torch.optim.Optimizer):
         self._map_bytes = map_bytes
         self._param_views: dict[tuple[int, int], torch.Tensor] = {}
         self._state_views: dict[tuple[int, int], list[dict[str, torch.Tensor]]] = {}
+        self._page_calls: dict[tuple[int, int], dict] = {}
         self._resident_calls = self._group_resident_calls() if not self._pager.paged else None
 
     def _n_slots(self, state_bytes: int, map_bytes: int, n_pages: int) -> int | None:
@@ -259,10 +260,15 @@ class PagedAdamW(torch.optim.Optimizer):
                 grad_scale = min(1.0, self.max_grad_norm / (total.item() + 1e-6))
         for i in active:
             self._steps[i] += 1
-        if self._resident_calls is not None and len(active) == len(self._params):
+        if len(active) == len(self._params):
             steps = set(self._steps)
-            if len(steps) == 1:
-                self._resident_step(grads, steps.pop(), grad_scale)
+            if len(steps) == 1:  # the usual step: every parameter, one count
+                step = steps.pop()
+                if self._resident_calls is not None:
+                    self._resident_step(grads, step, grad_scale)
+                else:
+                    self._pager.update(range(len(self._pager.pages)),
+                                       lambda pages: self._paged_full_update(pages, grads, step, grad_scale))  # fmt: skip
                 return loss
         by_page: dict[int, list[Segment]] = {}
         for i in active:
@@ -294,6 +300,32 @@ class PagedAdamW(torch.optim.Optimizer):
             native.adamw_step_8bit(params, grads_, state["exp_avg_codes"], state["exp_avg_absmax"],
                                    state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"],
                                    self._maps[0], self._maps[1], *h)  # fmt: skip
+
+    def _paged_full_update(self, pages, grads: dict[int, torch.Tensor], step: int, grad_scale: float) -> None:
+        """Every segment of `pages` steps at one count: per (page, slot) argument lists built once;
+        per step only the gradients are gathered (sliced where a parameter spans pages)."""
+        for k, buf in pages:
+            key = (k, buf.data_ptr())
+            calls = self._page_calls.get(key)
+            if calls is None:
+                calls = self._page_calls[key] = self._group_page_calls(k, buf)
+            for (gi, bits), entry in calls.items():
+                grads_ = [grads[i] if whole else grads[i].view(-1)[b:e] for i, whole, b, e in entry["grads"]]
+                self._launch(gi, bits, step, grad_scale, entry["params"], grads_, entry["state"])
+
+    def _group_page_calls(self, k: int, buf: torch.Tensor) -> dict[tuple[int, int], dict]:
+        calls: dict[tuple[int, int], dict] = {}
+        for seg, views in zip(self._pager.pages[k], self._page_views(k, buf)):
+            i = seg.param
+            entry = calls.setdefault((self._group_of[i], seg.bits), {"grads": [], "params": [], "views": []})
+            whole = seg.begin == 0 and seg.end == self._params[i].numel()
+            entry["grads"].append((i, whole, seg.begin, seg.end))
+            entry["params"].append(self._param_view(seg))
+            entry["views"].append(views)
+        for entry in calls.values():
+            views = entry.pop("views")
+            entry["state"] = {name: [v[name] for v in views] for name in views[0]}
+        return calls
 
     def _param_view(self, seg: Segment) -> torch.Tensor:
         """The parameter's elements of `seg` (the parameter itself for a whole one), cached."""
