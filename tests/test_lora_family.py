@@ -481,3 +481,26 @@ def test_torch_compile_dora_layer():
     x = torch.randn(3, 67)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_x_lora", [False, True], ids=["x", "x_lora"])
+def test_dora_eager_twin_equals_the_operator(with_x_lora):
+    # Eager code runs nf4_dora_linear's functions through a plain autograd.Function; outputs and
+    # gradients must be bitwise the operator's.
+    from qlora_ext.dora import _EagerNF4DoRALinear
+    from qlora_ext.lora_linear import _weight_args
+
+    g = torch.Generator().manual_seed(5)
+    q = qlora_ext.NF4Weight.from_float(torch.randn(24, 40, generator=g) * 0.1)
+    x0, a0, b0 = torch.randn(3, 40, generator=g), torch.randn(4, 40, generator=g) * 0.2, torch.randn(24, 4, generator=g) * 0.2
+    dz = torch.randn(3, 24, generator=g)
+
+    def run(fn):
+        x, a, b = (t.clone().requires_grad_(True) for t in (x0, a0, b0))
+        xl = x * 0.5 if with_x_lora else None
+        z, xa, wa = fn(x, xl, *_weight_args(q), None, a, b, 0.7)
+        z.backward(dz)
+        return [z, xa, wa, x.grad, a.grad, b.grad]
+
+    for got, want in zip(run(_EagerNF4DoRALinear.apply), run(torch.ops.qlora_ext.nf4_dora_linear)):
+        assert torch.equal(got, want)

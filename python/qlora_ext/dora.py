@@ -35,14 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import LoRAAdapter
-from .lora_linear import _dequantize, _nf4_lora_backward, _nf4_lora_setup, _weight_args, check_lora_args, check_lora_shapes
+from .lora_linear import (_dequantize, _nf4_lora_backward, _nf4_lora_setup, _weight_args, check_lora_args,
+                          check_lora_shapes, eager_twin, use_operators)  # fmt: skip
 from .nf4 import NF4Weight
 
 # ---- qlora_ext::nf4_dora_linear ----------------------------------------------------------------
 
 
-@torch.library.custom_op("qlora_ext::nf4_dora_linear", mutates_args=())
-def _nf4_dora_linear(
+def _nf4_dora_linear_impl(
     x: Tensor,  # [..., K]
     x_lora: Optional[Tensor],  # [..., K] input of the low-rank path (None: x)
     packed: Tensor,
@@ -72,6 +72,9 @@ def _nf4_dora_linear(
     return z, xa, wa
 
 
+_nf4_dora_linear = torch.library.custom_op("qlora_ext::nf4_dora_linear", mutates_args=())(_nf4_dora_linear_impl)
+
+
 @_nf4_dora_linear.register_fake
 def _(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
       nested_blocksize, weight_shape, weight_dtype, bias, lora_A, lora_B, scale):  # fmt: skip
@@ -91,6 +94,8 @@ def _nf4_dora_backward(ctx, dz, dxa, dwa):
 
 
 _nf4_dora_linear.register_autograd(_nf4_dora_backward, setup_context=_nf4_dora_setup)
+# Outside torch.compile the same functions run as a plain autograd.Function (lora_linear.py says why).
+_EagerNF4DoRALinear = eager_twin("_EagerNF4DoRALinear", _nf4_dora_linear_impl, _nf4_dora_setup, _nf4_dora_backward)
 
 
 def nf4_dora_linear(
@@ -104,7 +109,8 @@ def nf4_dora_linear(
     """(z, wa): z [..., N] = x·deq(W)ᵀ + scale·(x_lora·Aᵀ)·Bᵀ (no bias), differentiable in x,
     x_lora, A, B; wa [N, r] = deq(W)·Aᵀ, not differentiable (it feeds DoRA's detached norm)."""
     check_lora_args(x, weight, lora_A, lora_B, x_lora)
-    z, _, wa = torch.ops.qlora_ext.nf4_dora_linear(x, x_lora, *_weight_args(weight), None, lora_A, lora_B, float(scale))
+    op = torch.ops.qlora_ext.nf4_dora_linear if use_operators() else _EagerNF4DoRALinear.apply
+    z, _, wa = op(x, x_lora, *_weight_args(weight), None, lora_A, lora_B, float(scale))
     return z, wa
 
 
