@@ -18,9 +18,34 @@ get an autograd node: a zero-size dummy input that requires grad is passed along
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch import Tensor
+
+
+_phase = threading.local()
+
+
+_calls = iter(range(1, 1 << 62))  # tokens of checkpointed calls
+
+
+def phase() -> tuple[str, int] | None:
+    """("forward", token) while a checkpointed layer runs its first (graph-less) forward,
+    ("recompute", the same token) while its backward replays it, None elsewhere. Layers may pass
+    values that depend only on the parameters (DoRA's weight norm) from the first to the second,
+    keyed by the token: checkpointing itself relies on the parameters not changing in between."""
+    return getattr(_phase, "value", None)
+
+
+@contextlib.contextmanager
+def _in_phase(value: tuple[str, int]):
+    previous = phase()
+    _phase.value = value
+    try:
+        yield
+    finally:
+        _phase.value = previous
 
 
 class _LayerCheckpoint(torch.autograd.Function):
@@ -34,7 +59,8 @@ class _LayerCheckpoint(torch.autograd.Function):
         ctx.cpu_rng = torch.get_rng_state()
         ctx.device_rng = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None
         ctx.autocast = [(t, torch.get_autocast_dtype(t)) for t in ("cuda", "cpu") if torch.is_autocast_enabled(t)]
-        with torch.no_grad():
+        ctx.token = next(_calls)
+        with torch.no_grad(), _in_phase(("forward", ctx.token)):
             return fn(*args)
 
     @staticmethod
@@ -47,7 +73,8 @@ class _LayerCheckpoint(torch.autograd.Function):
             args[position] = leaf
             inputs.append(leaf)
         devices = [ctx.device] if ctx.device_rng is not None else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _autocast(ctx.autocast):
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _autocast(ctx.autocast), \
+                _in_phase(("recompute", ctx.token)):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.device_rng is not None:
                 torch.cuda.set_rng_state(ctx.device_rng, ctx.device)

@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import checkpointing
 from .adapters import LoRAAdapter
 from .lora_linear import (_dequantize, _nf4_lora_backward, _nf4_lora_setup, _weight_args, check_lora_args,
-                          check_lora_shapes, eager_twin, use_operators)  # fmt: skip
+                          check_lora_shapes, eager_twin, nf4_lora_linear, use_operators)  # fmt: skip
 from .nf4 import NF4Weight
 
 # ---- qlora_ext::nf4_dora_linear ----------------------------------------------------------------
@@ -131,6 +132,9 @@ class DoRAAdapter(LoRAAdapter):
         self._weight_sq: Tensor | None = None  # ‖deq(W)_i‖² [out] fp32, for the NF4 weight in _weight_key
         self._weight_key: tuple | None = None
         self._merge_norm: Tensor | None = None  # n at merge time, so unmerge can invert it
+        # 1/n of each call in a checkpointed layer's first forward, for its recomputation (FIFO:
+        # a layer replays its calls in order)
+        self._replay: list[tuple[int, Tensor]] = []
 
     # ---- norms ---------------------------------------------------------------------------------
 
@@ -170,10 +174,30 @@ class DoRAAdapter(LoRAAdapter):
 
     def forward_with_base(self, layer, x: Tensor) -> Tensor:
         x_lora = self.dropout(x) if self.training and self.dropout_p > 0 else None
-        z, wa = nf4_dora_linear(x, layer.weight, self.lora_A.weight, self.lora_B.weight, self.scale, x_lora)
-        inv_norm = self.weight_norm_sq(layer, wa).rsqrt_()  # 1/n, detached: a constant in backward
+        stage = checkpointing.phase()
+        inv_norm = self._replayed_inv_norm(stage)
+        if inv_norm is not None:
+            # The recomputation of a checkpointed layer: same parameters as its first forward, so
+            # the same norm. Reusing it skips deq(W)·Aᵀ and the norm's small kernels (host time).
+            z = nf4_lora_linear(x, layer.weight, None, self.lora_A.weight, self.lora_B.weight, self.scale, x_lora)
+        else:
+            z, wa = nf4_dora_linear(x, layer.weight, self.lora_A.weight, self.lora_B.weight, self.scale, x_lora)
+            inv_norm = self.weight_norm_sq(layer, wa).rsqrt_()  # 1/n, detached: a constant in backward
+            if stage is not None and stage[0] == "forward":
+                self._replay.append((stage[1], inv_norm))
         y = z * (self.lora_magnitude_vector * inv_norm).to(z.dtype)
         return y if layer.bias is None else y + layer.bias.to(y.dtype)
+
+    def _replayed_inv_norm(self, stage) -> Tensor | None:
+        """1/n saved by this call's first forward when `stage` is its recomputation, else None.
+        Entries of other checkpointed calls (a forward whose backward never ran) are dropped."""
+        if stage is None or stage[0] != "recompute":
+            return None
+        while self._replay:
+            token, inv_norm = self._replay.pop(0)
+            if token == stage[1]:
+                return inv_norm
+        return None
 
     def delta(self, x: Tensor) -> Tensor:
         raise NotImplementedError("DoRA rescales the base weight, so it has no additive delta(x); "
