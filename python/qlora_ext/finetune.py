@@ -87,7 +87,9 @@ def _optimizer_to_files(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
             else:
                 scalars[f"{idx}.{key}"] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
+    # Other top-level entries (PagedAdamW's "qlora_ext": state format and bit width) are JSON.
+    extra = {k: v for k, v in sd.items() if k not in ("state", "param_groups")}
+    return tensors, {"param_groups": groups, "scalars": scalars, "extra": extra}
 
 
 def _optimizer_from_files(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -96,7 +98,7 @@ def _optimizer_from_files(optimizer, tensors: dict[str, torch.Tensor], meta: dic
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    optimizer.load_state_dict({"state": state, "param_groups": groups, **meta.get("extra", {})})
 
 
 def save_checkpoint(output_dir: Path, step: int, samples: int, model, optimizer, settings: TrainSettings,
