@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from .finetune_data import BatchOrder, Example, collate, evaluate, model_loss
 from .io_utils import atomic_save_safetensors, atomic_write, atomic_write_json
+from .oom import explain_oom
 from .png_plot import plot_lines
 from .progress import ProgressBar
 
@@ -49,6 +50,12 @@ class TrainSettings:
     save_every: int
     stop_after: int | None = None  # end early at this step, as if interrupted (tests)
     run_config: dict = field(default_factory=dict)
+
+
+#: What lowers a training step's memory, in the order that usually helps most.
+TRAINING_OOM_REMEDY = ("Lower --batch-size (raise --grad-accum to keep the effective batch) or the "
+                       "example length, keep gradient checkpointing on (--gradient-checkpointing), "
+                       "or use --optimizer paged_adamw, whose state can live in host memory")
 
 
 def lr_at(step: int, s: TrainSettings) -> float:
@@ -253,8 +260,11 @@ def train(model, optimizer, train_set: list[Example], eval_set: list[Example], p
             batch = [train_set[i] for i in idx[micro * settings.batch_size : (micro + 1) * settings.batch_size]]
             input_ids, labels = collate(batch, pad_token_id)
             window_tokens += int((input_ids != pad_token_id).sum())
-            loss, _ = model_loss(model, input_ids.to(device), labels.to(device))
-            (loss / settings.grad_accum).backward()
+            doing = (f"training step {step + 1} (a micro-batch of {input_ids.shape[0]} x "
+                     f"{input_ids.shape[1]} tokens: forward and backward)")  # fmt: skip
+            with explain_oom(doing, TRAINING_OOM_REMEDY):
+                loss, _ = model_loss(model, input_ids.to(device), labels.to(device))
+                (loss / settings.grad_accum).backward()
             step_loss += float(loss.detach()) / settings.grad_accum
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"the training loss became {step_loss} at step {step + 1}; try a lower --lr")

@@ -20,6 +20,7 @@ from .fused_loss import enable_fused_loss
 from .layers import QLoRALinear, is_conv1d
 from .methods import adapter_factory, check_method
 from .nf4 import NF4Weight
+from .oom import explain_oom
 
 ALL_LINEAR = "all-linear"
 HEAD_NAMES = ("lm_head", "output")  # output-head names excluded by "all-linear" in plain modules
@@ -237,7 +238,13 @@ def prepare(
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        layer = _to_qlora(linears[name], blocksize, double_quant, compute_dtype)
+        # (the shape only: a reference to the float weight here would keep it alive a layer longer)
+        doing = f"quantizing {name} {list(getattr(linears[name].weight, 'shape', ()))} to NF4 on its device"
+        with explain_oom(doing, "prepare() quantizes layer by layer on each weight's device and frees "
+                                "the float weight right after, so the float model itself must fit: "
+                                "load it on the CPU and move the prepared model to the GPU, or load a "
+                                "*-bnb-4bit checkpoint with load_bnb_4bit"):  # fmt: skip
+            layer = _to_qlora(linears[name], blocksize, double_quant, compute_dtype)
         layer.add_adapter(adapter_name, make_adapter(layer))
         layer.set_adapter(adapter_name)
         _set_submodule(model, name, layer)

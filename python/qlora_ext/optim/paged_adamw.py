@@ -36,6 +36,7 @@ from ..codebooks import dynamic_map
 RESERVED_BYTES = 64 << 10
 RESERVED_BYTES_PER_TENSOR = 512
 from . import ops
+from ..oom import explain_oom
 from .pager import Pager, Segment, plan_pages, segment_bytes
 
 MIN_8BIT_SIZE = 4096
@@ -154,8 +155,13 @@ class PagedAdamW(torch.optim.Optimizer):
             for k, page in enumerate(pages):
                 for seg in page:
                     self._segments_of[seg.param].append((k, seg))
-        self._pager = Pager(pages, page_bytes, self._device, n_slots,
-                            lambda seg, views: _init_segment(seg, views, zero_codes))  # fmt: skip
+        where = ("resident optimizer state" if n_slots is None
+                 else f"the optimizer's device pool ({n_slots} pages of {page_bytes} bytes)")  # fmt: skip
+        with explain_oom(f"allocating {where}, {len(pages) * page_bytes} bytes of state in all",
+                         "Pass PagedAdamW(device_budget=<bytes>) to keep the state in pinned host "
+                         "memory with a device pool of that size (or a smaller budget), or bits=8"):  # fmt: skip
+            self._pager = Pager(pages, page_bytes, self._device, n_slots,
+                                lambda seg, views: _init_segment(seg, views, zero_codes))  # fmt: skip
         self._map_bytes = map_bytes
         self._param_views: dict[tuple[int, int], torch.Tensor] = {}
         self._state_views: dict[tuple[int, int], list[dict[str, torch.Tensor]]] = {}
