@@ -1,0 +1,83 @@
+"""A CUDA workload for compute-sanitizer that reaches every qlora_ext kernel with odd sizes, every
+dtype and block size, unaligned views, multi-tensor batches and the GEMV fast and generic paths.
+
+    compute-sanitizer --tool memcheck  --error-exitcode 9 python benchmarks/sanitize_workload.py
+    compute-sanitizer --tool racecheck --error-exitcode 9 python benchmarks/sanitize_workload.py
+    compute-sanitizer --tool initcheck --error-exitcode 9 python benchmarks/sanitize_workload.py
+
+(The pytest CUDA suites run too long under the sanitizer's instrumentation; this covers the same
+kernels and launch shapes in seconds of GPU time.)"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+import qlora_ext  # noqa: E402
+from qlora_ext import NF4Weight, codebooks  # noqa: E402
+from qlora_ext.optim import ops as optim_ops  # noqa: E402
+
+torch.manual_seed(0)
+dev = "cuda"
+code = codebooks.dynamic_map(device=dev)
+# NF4 quantize / double quantize / dequantize, blockwise8 (with and without the offset)
+for n in (1, 7, 33, 1000, 4097, 65537):
+    for bs in (32, 64, 512, 4096):
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            w = torch.randn(n, dtype=dt, device=dev)
+            for dq in (False, True):
+                q = NF4Weight.from_float(w, bs, double_quant=dq)
+                q.dequantize()
+                q.dequantize(torch.float32)
+        x = torch.randn(n, device=dev)
+        for offset in (None, x.mean().reshape(1)):
+            c, a = qlora_ext.ops.blockwise8_quantize(x, code, 256, offset)
+            qlora_ext.ops.blockwise8_dequantize(c, a, code, 256)
+# unaligned views (scalar paths)
+w = torch.randn(10001, dtype=torch.bfloat16, device=dev)[1:]
+q = NF4Weight.from_float(w, 64)
+q.dequantize()
+p = torch.empty(5001, dtype=torch.uint8, device=dev)[1:]
+p.copy_(q.packed.view(-1))
+qlora_ext.ops.nf4_dequantize(p, q.absmax, 64, [10000], torch.bfloat16, q.nested.absmax2, q.nested.code,
+                             q.nested.offset.reshape(1))  # fmt: skip
+# AdamW 32-bit and 8-bit, multi-tensor batches of odd sizes and dtypes (> 32 tensors: two batches)
+for dt in (torch.float32, torch.bfloat16, torch.float16):
+    sizes = [1, 3, 255, 256, 257, 4096, 5000, 70001] * 5
+    params = [torch.randn(s, device=dev).to(dt) for s in sizes]
+    grads = [torch.randn(s, device=dev).to(dt) for s in sizes]
+    m = [torch.zeros(s, device=dev) for s in sizes]
+    v = [torch.zeros(s, device=dev) for s in sizes]
+    optim_ops.adamw_step(params, grads, m, v, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=1)
+    nb = [-(-s // 256) for s in sizes]
+    zero = (int(torch.argmin(codebooks.dynamic_map(True).abs())), int(torch.argmin(codebooks.dynamic_map(False).abs())))
+    c1 = [torch.full((s,), zero[0], dtype=torch.uint8, device=dev) for s in sizes]
+    c2 = [torch.full((s,), zero[1], dtype=torch.uint8, device=dev) for s in sizes]
+    a1 = [torch.zeros(b, device=dev) for b in nb]
+    a2 = [torch.zeros(b, device=dev) for b in nb]
+    for step in (1, 2):
+        optim_ops.adamw_step_8bit(params, grads, c1, a1, c2, a2, codebooks.dynamic_map(True, torch.device(dev)),
+                                  codebooks.dynamic_map(False, torch.device(dev)), lr=1e-3, beta1=0.9,
+                                  beta2=0.999, eps=1e-8, weight_decay=0.01, step=step)  # fmt: skip
+# PagedAdamW paged through a small pool
+ps = [torch.nn.Parameter(torch.randn(s, device=dev)) for s in (5000, 70001, 300)]
+for prm in ps:
+    prm.grad = torch.randn_like(prm)
+opt = qlora_ext.PagedAdamW(ps, device_budget=(64 << 10) + 512 * 3 + 3 * 65536, page_bytes=65536)
+for _ in range(2):
+    opt.step()
+# GEMV: M 1..16, fast path (K % 32 == 0) and generic (odd K, fp32), bias, plain and nested scales
+for (n_out, k) in ((64, 128), (33, 96), (17, 45), (130, 256)):
+    for dq in (False, True):
+        q = NF4Weight.from_float(torch.randn(n_out, k, device=dev) * 0.1, 64, double_quant=dq)
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            for m_rows in (1, 2, 7, 16):
+                x = torch.randn(m_rows, k, device=dev, dtype=dt)
+                bias = torch.randn(n_out, device=dev, dtype=dt)
+                nested = q.nested
+                scales = (nested.absmax2, nested.code, nested.offset.reshape(1), nested.blocksize) if nested else ()
+                for b in (bias, None):  # the operator itself: fast path for 16-bit x, generic for fp32/odd K
+                    qlora_ext.ops.nf4_gemv(x, q.packed, q.absmax, q.blocksize, list(q.shape), b, *scales)
+torch.cuda.synchronize()
+print("sanitize workload done")
