@@ -163,7 +163,9 @@ def _nf4_dora_backward(ctx, dy, _dz, _dxa, _dinv_norm, _dc):
         grads[11] = dy.sum(rows).to(ctx.bias_dtype)
     dm = None
     if need[15]:  # Σ_rows dy ⊙ z, accumulated in the norm's dtype, then / n
-        dm = torch.mul(dy, z).sum(rows, dtype=inv_norm.dtype).mul_(inv_norm).to(ctx.magnitude_dtype)
+        dm = torch.mul(dy, z).sum(rows, dtype=inv_norm.dtype).mul_(inv_norm)
+        if dm.dtype != ctx.magnitude_dtype:  # a no-op .to() still costs a dispatch
+            dm = dm.to(ctx.magnitude_dtype)
     return (*grads, dm, None)
 
 
