@@ -14,7 +14,6 @@ from train_helpers import dequantized_copy, devices, hf_model, logits, randomize
 
 import qlora_ext
 from qlora_ext.adapters_io import CONFIG_NAME, WEIGHTS_NAME
-from qlora_ext.dora import nf4_dora_linear
 from qlora_ext.lora_linear import _weight_args
 from qlora_ext.prepare import qlora_layers
 
@@ -84,12 +83,17 @@ def test_dora_matches_paper(device, rslora):
 
 
 def test_dora_norm_without_dense_update():
-    """n from ‖W‖² + 2s⟨W,BA⟩ + s²‖BA‖² equals the dense row norm; no [out, in] tensor is saved
-    for backward, and the magnitude starts at ‖deq(W)‖_row."""
+    """n from ‖W‖² + 2s⟨W,BA⟩ + s²‖BA‖² equals the dense row norm (the op's 1/n output and the
+    adapter's weight_norm); no [out, in] tensor is saved for backward, and the magnitude starts
+    at ‖deq(W)‖_row."""
     layer, ad = make_layer(qlora_ext.DoRAAdapter)
     w = layer.weight.dequantize().float()
-    _, wa = nf4_dora_linear(torch.randn(3, 67), layer.weight, ad.lora_A.weight, ad.lora_B.weight, ad.scale)
-    torch.testing.assert_close(ad.weight_norm(layer, wa), ad._dense_row_norm(w), rtol=1e-5, atol=1e-6)
+    dense = ad._dense_row_norm(w)
+    args = dora_op_args(layer, ad, torch.randn(3, 67))
+    _, _, _, inv_norm, c = torch.ops.qlora_ext.nf4_dora_linear(*args)
+    torch.testing.assert_close(inv_norm.reciprocal(), dense, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c, ad.lora_magnitude_vector.detach() / dense, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ad.weight_norm(layer), dense, rtol=1e-5, atol=1e-6)
     fresh = qlora_ext.DoRAAdapter(67, 45, 4)
     fresh.init_magnitude(layer)
     torch.testing.assert_close(fresh.lora_magnitude_vector.detach(), torch.linalg.vector_norm(w, dim=1))
@@ -99,17 +103,120 @@ def test_dora_norm_without_dense_update():
     assert (45, 67) not in shapes and (67, 45) not in shapes, shapes
 
 
+def dora_op_args(layer, ad, x, x_lora=None, dtype=None, bias=None, grad=False):
+    """Arguments of qlora_ext::nf4_dora_linear for `layer`/`ad` (fresh leaves if grad)."""
+    def t(p):
+        p = p.detach().to(dtype or p.dtype)
+        return p.requires_grad_(True) if grad else p
+    return (x, x_lora, *_weight_args(layer.weight), bias, t(ad.lora_A.weight), t(ad.lora_B.weight), float(ad.scale),
+            t(ad.lora_magnitude_vector), ad.weight_sq_norm(layer))  # fmt: skip
+
+
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_x_lora", [False, True], ids=["x", "x_lora"])
-def test_opcheck_dora_op(dtype, with_x_lora, device):
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_opcheck_dora_op(dtype, with_x_lora, with_bias, device):
     layer, ad = make_layer(qlora_ext.DoRAAdapter, device=device)
     x = torch.randn(2, 3, 67, dtype=dtype, device=device, requires_grad=True)
     xl = torch.randn(2, 3, 67, dtype=dtype, device=device, requires_grad=True) if with_x_lora else None
-    a = ad.lora_A.weight.detach().to(dtype).requires_grad_(True)
-    b = ad.lora_B.weight.detach().to(dtype).requires_grad_(True)
-    args = (x, xl, *_weight_args(layer.weight), None, a, b, 0.5)
+    bias = layer.bias.detach().clone().requires_grad_(True) if with_bias else None
+    args = dora_op_args(layer, ad, x, xl, dtype=dtype, bias=bias, grad=True)
     torch.library.opcheck(torch.ops.qlora_ext.nf4_dora_linear.default, args)
+
+
+# odd sizes: K not a multiple of the NF4 block, N odd, a single row, a 3-D batch
+DORA_SHAPES = [(67, 45, 4, (2, 3)), (130, 7, 3, (1,)), (64, 33, 1, (5,))]
+
+
+def dora_reference(x, xl, w, bias, a, b, m, s):
+    """The paper's formula with autograd: W' = m ⊙ (W + sBA)/‖W + sBA‖_row (norm detached); the
+    low-rank path sees xl (dropout), the base path x."""
+    v = w + s * b @ a
+    n = torch.linalg.vector_norm(v, dim=1).detach()
+    z = x @ w.t() + s * (xl @ a.t()) @ b.t()
+    y = z * (m / n)
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("shape", DORA_SHAPES, ids=lambda s: "x".join(map(str, s[:3])))
+@pytest.mark.parametrize("with_x_lora", [False, True], ids=["x", "x_lora"])
+def test_dora_op_gradients_match_reference(shape, with_x_lora, device):
+    """Forward and the gradients of x, x_lora, A, B, m and bias (all trainable here) vs autograd
+    through the reference formula."""
+    k, n, r, lead = shape
+    layer, ad = make_layer(qlora_ext.DoRAAdapter, k=k, n=n, r=r, device=device)
+    w = layer.weight.dequantize().float()
+    x = torch.randn(*lead, k, device=device)
+    xl = torch.randn(*lead, k, device=device) if with_x_lora else None
+    bias = layer.bias.detach()
+    ins = [leaf(t).requires_grad_(True) for t in (x, bias, ad.lora_A.weight, ad.lora_B.weight, ad.lora_magnitude_vector)]
+    refs = [leaf(t).requires_grad_(True) for t in ins]
+    xl1, xl2 = (None, None) if xl is None else (leaf(xl).requires_grad_(True), leaf(xl).requires_grad_(True))
+    y = qlora_ext.nf4_dora_linear(ins[0], layer.weight, ins[1], ins[2], ins[3], ins[4], ad.weight_sq_norm(layer),
+                                  ad.scale, xl1)  # fmt: skip
+    x2, b2, a2, bb2, m2 = refs
+    y_ref = dora_reference(x2, x2 if xl2 is None else xl2, w, b2, a2, bb2, m2, ad.scale)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    for got, want in zip([*ins, xl1], [*refs, xl2]):
+        if got is not None:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_x_lora", [False, True], ids=["x", "x_lora"])
+def test_dora_eager_twin_matches_operator_bitwise(dtype, with_x_lora, device):
+    """Outside torch.compile the layer runs the operator's functions through a plain
+    autograd.Function: outputs and every gradient must be the operator's, bit for bit."""
+    from qlora_ext.dora import _EagerNF4DoRALinear
+
+    layer, ad = make_layer(qlora_ext.DoRAAdapter, device=device)
+    x = torch.randn(2, 3, 67, dtype=dtype, device=device)
+    xl = torch.randn(2, 3, 67, dtype=dtype, device=device) if with_x_lora else None
+    dy = torch.randn(2, 3, 45, dtype=dtype, device=device)
+    results = []
+    for fn in (torch.ops.qlora_ext.nf4_dora_linear, _EagerNF4DoRALinear.apply):
+        x1 = leaf(x).requires_grad_(True)
+        xl1 = None if xl is None else leaf(xl).requires_grad_(True)
+        bias = layer.bias.detach().clone().requires_grad_(True)
+        args = dora_op_args(layer, ad, x1, xl1, bias=bias, grad=True)
+        out = fn(*args)
+        out[0].backward(dy)
+        grads = [t.grad for t in (x1, xl1, bias, args[12], args[13], args[15]) if t is not None]
+        results.append((*out, *grads))
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_dora_dropout_path():
+    """Training with dropout: the low-rank path sees dropout(x), the base path x; forward and
+    gradients vs the reference with the same mask; eval ignores dropout."""
+    layer, ad = make_layer(qlora_ext.DoRAAdapter, dropout=0.5)
+    layer.train()
+    w, s = layer.weight.dequantize().float(), ad.scale
+    x = torch.randn(4, 67)
+    params = [ad.lora_A.weight, ad.lora_B.weight, ad.lora_magnitude_vector]
+    refs = [leaf(p) for p in params]
+    x1, x2 = leaf(x).requires_grad_(True), leaf(x).requires_grad_(True)
+    torch.manual_seed(5)
+    y = layer(x1)
+    torch.manual_seed(5)
+    xl = torch.nn.functional.dropout(x2, 0.5, training=True)
+    y_ref = dora_reference(x2, xl, w, layer.bias, *refs, s)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    for got, want in zip([x1, *params], [x2, *refs]):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), dora_reference(x, x, w, layer.bias, *params, s), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", devices)
@@ -481,26 +588,3 @@ def test_torch_compile_dora_layer():
     x = torch.randn(3, 67)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("with_x_lora", [False, True], ids=["x", "x_lora"])
-def test_dora_eager_twin_equals_the_operator(with_x_lora):
-    # Eager code runs nf4_dora_linear's functions through a plain autograd.Function; outputs and
-    # gradients must be bitwise the operator's.
-    from qlora_ext.dora import _EagerNF4DoRALinear
-    from qlora_ext.lora_linear import _weight_args
-
-    g = torch.Generator().manual_seed(5)
-    q = qlora_ext.NF4Weight.from_float(torch.randn(24, 40, generator=g) * 0.1)
-    x0, a0, b0 = torch.randn(3, 40, generator=g), torch.randn(4, 40, generator=g) * 0.2, torch.randn(24, 4, generator=g) * 0.2
-    dz = torch.randn(3, 24, generator=g)
-
-    def run(fn):
-        x, a, b = (t.clone().requires_grad_(True) for t in (x0, a0, b0))
-        xl = x * 0.5 if with_x_lora else None
-        z, xa, wa = fn(x, xl, *_weight_args(q), None, a, b, 0.7)
-        z.backward(dz)
-        return [z, xa, wa, x.grad, a.grad, b.grad]
-
-    for got, want in zip(run(_EagerNF4DoRALinear.apply), run(torch.ops.qlora_ext.nf4_dora_linear)):
-        assert torch.equal(got, want)

@@ -7,18 +7,24 @@ at init); the norm n [out] is taken over each output row (dim 1 of W [out, in], 
 is detached, i.e. a constant in backward (paper §4.3). Nothing [out, in] is formed besides the
 transient dequantized W that the base GEMM makes anyway:
 
-    y = (m / n) ⊙ z (+ bias),   z = x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ           (one fused op, below)
+    y = c ⊙ z (+ bias),   c = m / n,   z = x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ
     n_i² = ‖W_i‖² + 2s·⟨W_i, (BA)_i⟩ + s²·‖(BA)_i‖²
-         = ‖W_i‖² + 2s·Σ_j B_ij·(W·Aᵀ)_ij + s²·(B·(A·Aᵀ) ⊙ B)_i·1
+         = ‖W_i‖² + Σ_j B_ij·(2s·W·Aᵀ + s²·B·(A·Aᵀ))_ij
 
-- ‖W_i‖² [out] is computed once per NF4 weight (W is frozen) and cached.
-- W·Aᵀ [out, r] changes every step (A trains); the op `qlora_ext::nf4_dora_linear` takes it from
-  the dequantized W the forward GEMM already holds: cost 2·out·in·r FLOPs per forward
-  (r/M of the base GEMM's 2·M·out·in; 0.8% at r = 16, M = 2048), no extra dequantization.
-- A·Aᵀ [r, r] and the row sums cost O(out·r² + in·r²): six small kernels per forward
-  (the fp32 cast of wa, A·Aᵀ, one addmm, one row dot, +‖W‖², rsqrt), plus m/n and the scaling.
-- Backward is LoRA's (the norm is constant); m's gradient is Σ_M dy ⊙ z / n, so z [M, out] is
-  kept for backward (one activation the size of the layer output, as in PEFT).
+The whole layer is one autograd unit, `qlora_ext::nf4_dora_linear` (and its eager twin, see
+lora_linear.py: the operator's dispatch costs ~0.3 ms a call, and training is host-bound, so every
+small op per layer counts):
+- ‖W_i‖² [out] is computed once per NF4 weight (W is frozen), cached by the adapter, passed in.
+- wa = W·Aᵀ [out, r] changes every step (A trains); it comes from the dequantized W the forward
+  GEMM already holds: 2·out·in·r FLOPs (r/M of the base GEMM; 0.8% at r = 16, M = 2048).
+- n² then takes three small products (A·Aᵀ [r, r], one addmm [out, r], one row dot) and the add
+  of ‖W‖²; c = m·rsqrt(n²); y = z·c (+ bias) in one addcmul.
+- Backward is written by hand: dz = dy·c once, then LoRA's backward on dz (the norm is constant);
+  dm = Σ_rows(dy ⊙ z)/n; dbias = Σ_rows dy. That replaces autograd's graph of the scaling
+  (a mul node saving both operands, an expand/sum for m, the cast, the bias add).
+- z [M, out] is kept for dm (one activation the size of the layer output, as in PEFT).
+  Recomputing it instead would cost a second base GEMM in backward (M·out·in MACs, the dominant
+  cost of the layer) to save memory that gradient checkpointing already bounds to one block.
 
 Dropout: with dropout > 0 in training the low-rank path sees dropout(x), the base path x:
 z = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ. (PEFT instead computes x·Wᵀ + (m/n − 1)·dropout(x)·Wᵀ + …, a
@@ -34,13 +40,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import checkpointing
 from .adapters import LoRAAdapter
-from .lora_linear import (_dequantize, _nf4_lora_backward, _nf4_lora_setup, _weight_args, check_lora_args,
-                          check_lora_shapes, eager_twin, nf4_lora_linear, use_operators)  # fmt: skip
+from .lora_linear import (
+    _dequantize,
+    _nf4_lora_backward,
+    _weight_args,
+    check_lora_args,
+    check_lora_shapes,
+    eager_twin,
+    use_operators,
+)
 from .nf4 import NF4Weight
 
+# ---- the norm ------------------------------------------------------------------------------------
+
+
+def _row_norm_sq(wa: Tensor, lora_A: Tensor, lora_B: Tensor, weight_sq: Tensor, scale: float) -> Tensor:
+    """n² = ‖W + s·BA‖²_row [out] in weight_sq's dtype (fp32) from wa = W·Aᵀ [out, r] and
+    ‖W‖² [out]: n² = ‖W‖² + Σ_j B_ij·(2s·wa + s²·B·(A·Aᵀ))_ij. Casts are skipped when the
+    operands already have that dtype (fp32 adapters: only wa, computed in x's dtype, is cast)."""
+    nd = weight_sq.dtype
+    a = lora_A if lora_A.dtype == nd else lora_A.to(nd)
+    b = lora_B if lora_B.dtype == nd else lora_B.to(nd)
+    wa = wa if wa.dtype == nd else wa.to(nd)
+    t = torch.addmm(wa, b, F.linear(a, a), beta=2 * scale, alpha=scale * scale)  # [out, r]; A·Aᵀ is symmetric
+    return torch.linalg.vecdot(b, t).add_(weight_sq)
+
+
 # ---- qlora_ext::nf4_dora_linear ----------------------------------------------------------------
+# Arguments 0-14 are nf4_lora_linear's, in its order, so that LoRA's backward can be reused with
+# the same needs_input_grad positions; the magnitude and the cached ‖W‖² follow.
 
 
 def _nf4_dora_linear_impl(
@@ -55,22 +84,30 @@ def _nf4_dora_linear_impl(
     nested_blocksize: int,
     weight_shape: list[int],  # [N, K]
     weight_dtype: torch.dtype,
-    bias: Optional[Tensor],  # [N]
+    bias: Optional[Tensor],  # [N], added after the scaling
     lora_A: Tensor,  # [r, K]
     lora_B: Tensor,  # [N, r]
     scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:  # z [..., N], xa [..., r], wa = deq(W)·Aᵀ [N, r]
+    magnitude: Tensor,  # m [N]
+    weight_sq: Tensor,  # ‖deq(W)_i‖² [N] (fp32), constant
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # y [..., N]; z [..., N]; xa [..., r]; 1/n [N] (weight_sq's dtype); c = m/n [N] (x's dtype)
+    dtype = x.dtype
     xl = x if x_lora is None else x_lora
     w = _dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
-                    nested_blocksize, weight_shape, weight_dtype, x.dtype)  # fmt: skip
-    a = lora_A.to(x.dtype)
-    z = F.linear(x, w, None if bias is None else bias.to(x.dtype))
-    wa = torch.mm(w, a.t())  # [N, r], from the W already dequantized for the GEMM
+                    nested_blocksize, weight_shape, weight_dtype, dtype)  # fmt: skip
+    a = lora_A.to(dtype)
+    z = F.linear(x, w)
+    wa = F.linear(w, a)  # [N, r] = W·Aᵀ from the W already dequantized for the GEMM
     del w
     xa = F.linear(xl, a)  # [..., r]
-    m = math.prod(x.shape[:-1])
-    z.view(m, weight_shape[0]).addmm_(xa.reshape(m, -1), lora_B.to(x.dtype).t(), alpha=scale)
-    return z, xa, wa
+    rows, n_out = math.prod(x.shape[:-1]), weight_shape[0]
+    z.view(rows, n_out).addmm_(xa.reshape(rows, -1), lora_B.to(dtype).t(), alpha=scale)
+    inv_norm = _row_norm_sq(wa, lora_A, lora_B, weight_sq, scale).rsqrt_()
+    # c rounded to x's dtype once, used by forward and backward alike (as autograd would)
+    c = (magnitude * inv_norm).to(dtype)
+    y = torch.mul(z, c) if bias is None else torch.addcmul(bias.to(dtype), z, c)
+    return y, z, xa, inv_norm, c
 
 
 _nf4_dora_linear = torch.library.custom_op("qlora_ext::nf4_dora_linear", mutates_args=())(_nf4_dora_linear_impl)
@@ -78,41 +115,84 @@ _nf4_dora_linear = torch.library.custom_op("qlora_ext::nf4_dora_linear", mutates
 
 @_nf4_dora_linear.register_fake
 def _(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
-      nested_blocksize, weight_shape, weight_dtype, bias, lora_A, lora_B, scale):  # fmt: skip
+      nested_blocksize, weight_shape, weight_dtype, bias, lora_A, lora_B, scale, magnitude, weight_sq):  # fmt: skip
     lead, n_out, r = check_lora_shapes(x, x_lora, weight_shape, lora_A, lora_B)
-    return x.new_empty((*lead, n_out)), x.new_empty((*lead, r)), x.new_empty((n_out, r))
+    torch._check(tuple(magnitude.shape) == (n_out,), lambda: f"magnitude must be [{n_out}], got {tuple(magnitude.shape)}")
+    torch._check(tuple(weight_sq.shape) == (n_out,), lambda: f"weight_sq must be [{n_out}], got {tuple(weight_sq.shape)}")
+    y = x.new_empty((*lead, n_out))
+    return y, torch.empty_like(y), x.new_empty((*lead, r)), weight_sq.new_empty(n_out), x.new_empty(n_out)
 
 
 def _nf4_dora_setup(ctx, inputs, output):
-    z, xa, wa = output
-    _nf4_lora_setup(ctx, inputs, (z, xa))
-    ctx.mark_non_differentiable(wa)  # only feeds the (detached) norm
+    (x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
+     shape, wdtype, bias, lora_A, lora_B, scale, magnitude, weight_sq) = inputs  # fmt: skip
+    _, z, xa, inv_norm, c = output
+    # Only y is differentiable; the rest are returned so that they can be saved. Without
+    # materialized grads their (absent) gradients arrive as None, not as zero tensors to add.
+    ctx.mark_non_differentiable(z, xa, inv_norm, c)
+    ctx.set_materialize_grads(False)
+    xl = x if x_lora is None else x_lora
+    ctx.save_for_backward(xl, xa, lora_A, lora_B, packed, absmax, nested_absmax, nested_code, nested_offset,
+                          z, inv_norm, c)  # fmt: skip
+    ctx.x_is_lora_input = x_lora is None
+    ctx.quant = (blocksize, nested_blocksize, shape, wdtype)
+    ctx.scale = scale
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.magnitude_dtype = magnitude.dtype
 
 
-def _nf4_dora_backward(ctx, dz, dxa, dwa):
-    # z and xa are exactly nf4_lora_linear's outputs, with the same inputs: same gradients.
-    return _nf4_lora_backward(ctx, dz, dxa)
+class _LoRAGradContext:
+    """What _nf4_lora_backward reads from its ctx: LoRA's saved tensors and fields, with the bias
+    masked out of needs_input_grad (DoRA's bias gradient is Σ dy, not Σ dz)."""
+
+    def __init__(self, ctx, saved):
+        self.saved_tensors = saved[:9]
+        self.needs_input_grad = (*ctx.needs_input_grad[:11], False, *ctx.needs_input_grad[12:15])
+        self.x_is_lora_input, self.quant, self.scale = ctx.x_is_lora_input, ctx.quant, ctx.scale
+
+
+def _nf4_dora_backward(ctx, dy, _dz, _dxa, _dinv_norm, _dc):
+    need = ctx.needs_input_grad
+    if dy is None:  # y did not reach the loss
+        return (None,) * 17
+    saved = ctx.saved_tensors
+    z, inv_norm, c = saved[9:]
+    grads = list(_nf4_lora_backward(_LoRAGradContext(ctx, saved), dy * c, None))  # dz = dy·c, n constant
+    rows = list(range(dy.dim() - 1))
+    if need[11]:
+        grads[11] = dy.sum(rows).to(ctx.bias_dtype)
+    dm = None
+    if need[15]:  # Σ_rows dy ⊙ z, accumulated in the norm's dtype, then / n
+        dm = torch.mul(dy, z).sum(rows, dtype=inv_norm.dtype).mul_(inv_norm)
+        if dm.dtype != ctx.magnitude_dtype:  # a no-op .to() still costs a dispatch
+            dm = dm.to(ctx.magnitude_dtype)
+    return (*grads, dm, None)
 
 
 _nf4_dora_linear.register_autograd(_nf4_dora_backward, setup_context=_nf4_dora_setup)
-# Outside torch.compile the same functions run as a plain autograd.Function (lora_linear.py says why).
 _EagerNF4DoRALinear = eager_twin("_EagerNF4DoRALinear", _nf4_dora_linear_impl, _nf4_dora_setup, _nf4_dora_backward)
 
 
 def nf4_dora_linear(
     x: Tensor,
     weight: NF4Weight,
+    bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
+    magnitude: Tensor,
+    weight_sq: Tensor,
     scale: float,
     x_lora: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """(z, wa): z [..., N] = x·deq(W)ᵀ + scale·(x_lora·Aᵀ)·Bᵀ (no bias), differentiable in x,
-    x_lora, A, B; wa [N, r] = deq(W)·Aᵀ, not differentiable (it feeds DoRA's detached norm)."""
+) -> Tensor:
+    """DoRA's y [..., N] = m/n ⊙ (x·deq(W)ᵀ + scale·(x_lora·Aᵀ)·Bᵀ) (+ bias), n = ‖deq(W) + s·BA‖_row
+    detached, from weight_sq = ‖deq(W)‖²_row [N] (fp32; DoRAAdapter.weight_sq_norm caches it).
+    Differentiable in x, x_lora, bias, A, B and magnitude m [N]; never in W."""
     check_lora_args(x, weight, lora_A, lora_B, x_lora)
+    n_out = weight.shape[0]
+    if magnitude.shape != (n_out,) or weight_sq.shape != (n_out,):
+        raise ValueError(f"magnitude and weight_sq must be [{n_out}], got {tuple(magnitude.shape)}, {tuple(weight_sq.shape)}")
     op = torch.ops.qlora_ext.nf4_dora_linear if use_operators() else _EagerNF4DoRALinear.apply
-    z, _, wa = op(x, x_lora, *_weight_args(weight), None, lora_A, lora_B, float(scale))
-    return z, wa
+    return op(x, x_lora, *_weight_args(weight), bias, lora_A, lora_B, float(scale), magnitude, weight_sq)[0]
 
 
 # ---- the adapter --------------------------------------------------------------------------------
@@ -132,9 +212,6 @@ class DoRAAdapter(LoRAAdapter):
         self._weight_sq: Tensor | None = None  # ‖deq(W)_i‖² [out] fp32, for the NF4 weight in _weight_key
         self._weight_key: tuple | None = None
         self._merge_norm: Tensor | None = None  # n at merge time, so unmerge can invert it
-        # 1/n of each call in a checkpointed layer's first forward, for its recomputation (FIFO:
-        # a layer replays its calls in order)
-        self._replay: list[tuple[int, Tensor]] = []
 
     # ---- norms ---------------------------------------------------------------------------------
 
@@ -157,47 +234,21 @@ class DoRAAdapter(LoRAAdapter):
         ba = self.lora_B.weight.float() @ self.lora_A.weight.float()  # [out, in]: init/merge only
         return torch.linalg.vector_norm(w + self.scale * ba.to(w.device), dim=1)
 
-    def weight_norm_sq(self, layer, wa: Tensor) -> Tensor:
-        """n² = ‖deq(W) + s·BA‖²_row [out] (fp32, no grad) from wa = deq(W)·Aᵀ [out, r], without
-        forming anything [out, in]: n² = ‖W‖² + Σ_j B_ij·(2s·wa + s²·B·(A·Aᵀ))_ij.
-        Six small kernels (the forward is launch-bound at small M, so they are counted)."""
+    def weight_norm(self, layer) -> Tensor:
+        """n = ‖deq(W) + s·BA‖_row [out] (fp32, no grad) by the forward's formula (wa from one
+        transient deq(W), nothing else [out, in]); for inspection, the forward computes its own."""
         with torch.no_grad():
-            a, b, s = self.lora_A.weight.float(), self.lora_B.weight.float(), self.scale
-            t = torch.addmm(wa.float(), b, a @ a.t(), beta=2 * s, alpha=s * s)  # [out, r]
-            return torch.linalg.vecdot(b, t).add_(self.weight_sq_norm(layer))
-
-    def weight_norm(self, layer, wa: Tensor) -> Tensor:
-        """n = ‖deq(W) + s·BA‖_row [out] (fp32, no grad); see weight_norm_sq."""
-        return self.weight_norm_sq(layer, wa).clamp_min_(0).sqrt_()
+            a = self.lora_A.weight.float()
+            wa = F.linear(layer.weight.dequantize().float(), a)
+            n_sq = _row_norm_sq(wa, a, self.lora_B.weight.float(), self.weight_sq_norm(layer), self.scale)
+            return n_sq.clamp_min_(0).sqrt_()
 
     # ---- forward ------------------------------------------------------------------------------
 
     def forward_with_base(self, layer, x: Tensor) -> Tensor:
         x_lora = self.dropout(x) if self.training and self.dropout_p > 0 else None
-        stage = checkpointing.phase()
-        inv_norm = self._replayed_inv_norm(stage)
-        if inv_norm is not None:
-            # The recomputation of a checkpointed layer: same parameters as its first forward, so
-            # the same norm. Reusing it skips deq(W)·Aᵀ and the norm's small kernels (host time).
-            z = nf4_lora_linear(x, layer.weight, None, self.lora_A.weight, self.lora_B.weight, self.scale, x_lora)
-        else:
-            z, wa = nf4_dora_linear(x, layer.weight, self.lora_A.weight, self.lora_B.weight, self.scale, x_lora)
-            inv_norm = self.weight_norm_sq(layer, wa).rsqrt_()  # 1/n, detached: a constant in backward
-            if stage is not None and stage[0] == "forward":
-                self._replay.append((stage[1], inv_norm))
-        y = z * (self.lora_magnitude_vector * inv_norm).to(z.dtype)
-        return y if layer.bias is None else y + layer.bias.to(y.dtype)
-
-    def _replayed_inv_norm(self, stage) -> Tensor | None:
-        """1/n saved by this call's first forward when `stage` is its recomputation, else None.
-        Entries of other checkpointed calls (a forward whose backward never ran) are dropped."""
-        if stage is None or stage[0] != "recompute":
-            return None
-        while self._replay:
-            token, inv_norm = self._replay.pop(0)
-            if token == stage[1]:
-                return inv_norm
-        return None
+        return nf4_dora_linear(x, layer.weight, layer.bias, self.lora_A.weight, self.lora_B.weight,
+                               self.lora_magnitude_vector, self.weight_sq_norm(layer), self.scale, x_lora)  # fmt: skip
 
     def delta(self, x: Tensor) -> Tensor:
         raise NotImplementedError("DoRA rescales the base weight, so it has no additive delta(x); "
