@@ -296,12 +296,12 @@ class PagedAdamW(torch.optim.Optimizer):
     def _launch(self, gi: int, bits: int, step: int, grad_scale: float, params, grads_, state) -> None:
         group = self.param_groups[gi]
         beta1, beta2 = group["betas"]
-        hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
-                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))  # fmt: skip
+        # Read per call: a scheduler may change lr (or anything else) between steps.
+        h = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+             float(group["weight_decay"]), step, grad_scale)  # fmt: skip
         # The native operators directly: the lists are dense by construction (step() rejected
         # sparse grads), so the Python wrappers' per-tensor layout checks would only cost time.
         native = ops._ops()
-        h = (hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"], step, grad_scale)
         if bits == 32:
             native.adamw_step(params, grads_, state["exp_avg"], state["exp_avg_sq"], *h)
         else:

@@ -155,8 +155,11 @@ class _CudaCopies:
         self.updated = [torch.cuda.Event() for _ in range(self.n_slots)]
         self.stored = [torch.cuda.Event() for _ in range(self.n_slots)]
         self.last_store: torch.cuda.Event | None = None
+        self.compute: torch.cuda.Stream | None = None
 
     def start(self) -> None:
+        # The stream the update runs on, looked up once a step rather than twice a page.
+        self.compute = torch.cuda.current_stream(self.device)
         # This step's loads may overwrite slots and read pages that last step's stores still use,
         # and the compute stream's writes to the grads/params are ordered by program order.
         if self.last_store is not None:
@@ -169,11 +172,11 @@ class _CudaCopies:
         self.stats["h2d_pages"] += 1
 
     def ready(self, j: int) -> None:
-        torch.cuda.current_stream(self.device).wait_event(self.loaded[j % self.n_slots])
+        self.compute.wait_event(self.loaded[j % self.n_slots])
 
     def store(self, page: torch.Tensor, slot: torch.Tensor, j: int) -> None:
         updated = self.updated[j % self.n_slots]
-        updated.record(torch.cuda.current_stream(self.device))
+        updated.record(self.compute)
         self.d2h.wait_event(updated)
         with torch.cuda.stream(self.d2h):
             page.copy_(slot, non_blocking=True)
@@ -188,7 +191,7 @@ class _CudaCopies:
     def finish(self) -> None:
         # Work after the step (the next forward, a state_dict) sees the written-back pages.
         if self.last_store is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.last_store)
+            self.compute.wait_event(self.last_store)
 
     def synchronize(self) -> None:
         self.d2h.synchronize()
