@@ -4,13 +4,14 @@ tests (budget, paged == resident on the GPU) skip without a GPU."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
 import torch
 
 import qlora_ext
-from qlora_ext.optim import PagedAdamW, loraplus_param_groups, paged_adamw
+from qlora_ext.optim import PagedAdamW, loraplus_param_groups, ops, paged_adamw
 from qlora_ext.optim import reference as ref
 from qlora_ext.optim.pager import plan_pages, segment_bytes
 
@@ -232,9 +233,10 @@ def test_frozen_and_gradless_params_are_skipped(mode):
 
 @pytest.mark.parametrize("bits", [32, 8])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_non_finite_gradient_skips_the_whole_step(bits, bad):
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+def test_non_finite_gradient_skips_the_whole_step(bits, bad, max_grad_norm):
     ps = _params()
-    opt = PagedAdamW(ps, bits=bits, lr=1e-2)
+    opt = PagedAdamW(ps, bits=bits, lr=1e-2, max_grad_norm=max_grad_norm)
     _train(opt, ps, 0, 3)
     sd = opt.state_dict()
     before = [p.detach().clone() for p in ps]
@@ -454,3 +456,110 @@ def test_automatic_page_size_follows_the_budget():
     assert paged_adamw.auto_page_bytes(100_000) == 64 << 10
     assert PagedAdamW(_params(), device_budget=8 << 20).page_bytes == 2 << 20
     assert PagedAdamW(_params(), device_budget=8 << 20, page_bytes=PAGE).page_bytes == PAGE
+
+
+# ---- cached argument lists (plans) --------------------------------------------------------------
+
+
+def _oracle_train(params, grads_of_step, steps, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, wd=0.01):
+    """Per-parameter AdamW through the same operator, one tensor per call with its own count: the
+    bit-exact reference for any grouping of parameters into calls."""
+    state = [[0, torch.zeros(p.numel()), torch.zeros(p.numel())] for p in params]
+    with torch.no_grad():
+        for step in steps:
+            for p, g, st in zip(params, grads_of_step(step), state):
+                if g is None:
+                    continue
+                st[0] += 1
+                ops.adamw_step([p.view(-1)], [g.reshape(-1)], [st[1]], [st[2]], lr=lr, beta1=betas[0],
+                               beta2=betas[1], eps=eps, weight_decay=wd, step=st[0])  # fmt: skip
+
+
+def _patterned_grads(params):
+    """Grads for step s: new tensors every step; parameter 0 has none before step 3, parameter 1
+    never has one, parameter 3 none at step 5, parameter 2's is non-contiguous at step 4."""
+
+    def grads_of_step(step):
+        out = []
+        for i, g in enumerate(_grads(params, step)):
+            if (i == 0 and step < 3) or i == 1 or (i == 3 and step == 5):
+                out.append(None)
+            elif i == 2 and step == 4:
+                out.append(g.t().contiguous().t())  # same values, transposed strides
+            else:
+                out.append(g)
+        return out
+
+    return grads_of_step
+
+
+def _train_pattern(opt, params, steps, grads_of_step):
+    for step in steps:
+        for p, g in zip(params, grads_of_step(step)):
+            p.grad = None if g is None else g.clone() if g.is_contiguous() else g
+        opt.step()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cached_plans_follow_grads_that_come_and_go_bit_exactly(mode):
+    ours, theirs = _params(), _params()
+    grads_of_step = _patterned_grads(ours)
+    opt = MODES[mode](ours, lr=1e-2)
+    _train_pattern(opt, ours, range(12), grads_of_step)
+    _oracle_train(theirs, grads_of_step, range(12))
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    assert opt.state_dict()["state"].keys() == {0, 2, 3, 4, 5}  # parameter 1 never stepped
+    assert opt.state_dict()["state"][0]["step"] == 9 and opt.state_dict()["state"][3]["step"] == 11
+    # a steady set of grads reuses its plan; a bounded number of plans is kept
+    plan = opt._plans[opt._last_active]
+    _train_pattern(opt, ours, [12], grads_of_step)
+    assert opt._plans[opt._last_active] is plan
+    assert len(opt._plans) <= paged_adamw._MAX_PLANS
+
+
+@pytest.mark.parametrize("save_mode", MODES)
+@pytest.mark.parametrize("load_mode", MODES)
+def test_state_dict_with_uneven_step_counts_resumes_bit_exactly(save_mode, load_mode):
+    # Saved while the parameters' counts differ (1: 0, 0: 3 behind, 3: 1 behind): the loaded
+    # optimizer must not reuse relative counts from before the load.
+    straight = _params()
+    grads_of_step = _patterned_grads(straight)
+    _train_pattern(MODES[save_mode](straight, lr=1e-2), straight, range(14), grads_of_step)
+    first = _params()
+    opt1 = MODES[save_mode](first, lr=1e-2)
+    _train_pattern(opt1, first, range(7), grads_of_step)
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    opt2 = MODES[load_mode](resumed, lr=1e-2)
+    # a plan for the same set of grads as after the load, built with other relative counts
+    _train_pattern(opt2, resumed, range(3, 5), grads_of_step)
+    for p, q in zip(resumed, first):
+        p.data.copy_(q.detach())
+    opt2.load_state_dict(opt1.state_dict())
+    _train_pattern(opt2, resumed, range(7, 14), grads_of_step)
+    for x, y in zip(straight, resumed):
+        assert torch.equal(x, y)
+
+
+def test_max_abs_on_the_cpu_covers_small_large_and_mixed_dtype_grads():
+    small = [torch.randn(300), torch.randn(17, 3).to(torch.bfloat16)]
+    large = torch.randn(70000)
+    assert paged_adamw._max_abs(small + [large]).item() == max(t.abs().max().float().item() for t in small + [large])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for target in (large.clone(), small[1].clone()):
+            target.view(-1)[5] = bad
+            grads = [small[0], target] if target.numel() < 1000 else small + [target]
+            assert not math.isfinite(paged_adamw._max_abs(grads).item())
+
+
+def test_clipping_with_an_overflowing_norm_of_finite_grads_does_not_skip():
+    # The sum of squares overflows fp32 but every gradient is finite: not a skipped step (the
+    # clipping multiplier is then 0, as min(1, max_norm / inf)).
+    ps = _params()
+    opt = PagedAdamW(ps, lr=1e-2, max_grad_norm=1.0)
+    for p in ps:
+        p.grad = torch.full_like(p, 1e30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert opt.skipped_steps == 0 and opt.state_dict()["state"][0]["step"] == 1

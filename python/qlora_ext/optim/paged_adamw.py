@@ -23,6 +23,7 @@ pager.py. Behaviour worth knowing:
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Iterable
 
@@ -148,7 +149,7 @@ class PagedAdamW(torch.optim.Optimizer):
         page_bytes = self.page_bytes
         if n_slots is None and sizes:
             # Resident: one page sized to the state, so every parameter is one whole segment and
-            # the update is a few operator calls over precomputed lists (_resident_calls).
+            # the update is a few operator calls over lists built once (_Plan).
             page_bytes = sum(segment_bytes(bits, n) for n, bits in sizes)
             pages = plan_pages(sizes, page_bytes)
             self._segments_of = [[] for _ in self._params]
@@ -165,8 +166,9 @@ class PagedAdamW(torch.optim.Optimizer):
         self._map_bytes = map_bytes
         self._param_views: dict[tuple[int, int], torch.Tensor] = {}
         self._state_views: dict[tuple[int, int], list[dict[str, torch.Tensor]]] = {}
-        self._page_calls: dict[tuple[int, int], dict] = {}
-        self._resident_calls = self._group_resident_calls() if not self._pager.paged else None
+        # Argument lists of the update, by the tuple of parameters that have a grad (_Plan).
+        self._plans: dict[tuple[int, ...], _Plan] = {}
+        self._last_active: tuple[int, ...] | None = None
 
     def _n_slots(self, state_bytes: int, map_bytes: int, n_pages: int) -> int | None:
         """None for resident state, else the number of device pages of the pool.
@@ -192,21 +194,6 @@ class PagedAdamW(torch.optim.Optimizer):
         if state_bytes <= free // 2:
             return None
         return max(2, (free // 4) // self.page_bytes)
-
-    def _group_resident_calls(self) -> dict[tuple[int, int], dict]:
-        """(param group, state bits) -> parameter indices and state views, in parameter order:
-        the argument lists of a resident step where every parameter steps (built once)."""
-        calls: dict[tuple[int, int], dict] = {}
-        for i, segments in enumerate(self._segments_of):
-            for k, seg in segments:  # exactly one whole segment per parameter when resident
-                entry = calls.setdefault((self._group_of[i], seg.bits), {"index": [], "params": [], "views": []})
-                entry["index"].append(i)
-                entry["params"].append(self._params[i])
-                entry["views"].append(seg.views(self._pager.home[k]))
-        for entry in calls.values():
-            views = entry.pop("views")
-            entry["state"] = {name: [v[name] for v in views] for name in views[0]} if views else {}
-        return calls
 
     # ---- reporting ---------------------------------------------------------------------------
 
@@ -238,8 +225,10 @@ class PagedAdamW(torch.optim.Optimizer):
                 loss = closure()
         if self._pager is None:
             self._build()
-        # One pass over the parameters: this loop runs every step for hundreds of tensors.
-        grads: dict[int, torch.Tensor] = {}
+        # One pass over the parameters: this loop runs every step for hundreds of tensors, so it
+        # does nothing but collect the grads (a list aligned with self._params, None = no grad).
+        grads: list[torch.Tensor | None] = [None] * len(self._params)
+        active = []
         for i, p in enumerate(self._params):
             g = p.grad
             if g is None:
@@ -248,58 +237,77 @@ class PagedAdamW(torch.optim.Optimizer):
                 raise RuntimeError(f"PagedAdamW does not support sparse gradients (parameter {i} of "
                                    f"shape {tuple(p.shape)} in param_groups[{self._group_of[i]}])")  # fmt: skip
             grads[i] = g if g.is_contiguous() else g.contiguous()
-        active = list(grads)
+            active.append(i)
         if not active:
             return loss
-        grad_scale = 1.0
-        if self.check_finite or self.max_grad_norm is not None:
-            grad_list = [grads[i] for i in active]
-            if self.check_finite:
-                peak = _max_abs(grad_list)
-                if not math.isfinite(peak.item()):
-                    self.skipped_steps += 1
-                    warnings.warn(f"PagedAdamW: non-finite gradient, step skipped "
-                                  f"({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)  # fmt: skip
-                    return loss
-            if self.max_grad_norm is not None:
-                total = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grad_list)]))
-                grad_scale = min(1.0, self.max_grad_norm / (total.item() + 1e-6))
+        grad_scale = self._grad_scale(grads if len(active) == len(grads) else [grads[i] for i in active])
+        if grad_scale is None:
+            self.skipped_steps += 1
+            warnings.warn(f"PagedAdamW: non-finite gradient, step skipped "
+                          f"({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)  # fmt: skip
+            return loss
+        steps = self._steps
         for i in active:
-            self._steps[i] += 1
-        if len(active) == len(self._params):
-            steps = set(self._steps)
-            if len(steps) == 1:  # the usual step: every parameter, one count
-                step = steps.pop()
-                if self._resident_calls is not None:
-                    self._resident_step(grads, step, grad_scale)
-                else:
-                    self._pager.update(range(len(self._pager.pages)),
-                                       lambda pages: self._paged_full_update(pages, grads, step, grad_scale))  # fmt: skip
-                return loss
-        by_page: dict[int, list[Segment]] = {}
-        for i in active:
-            for k, seg in self._segments_of[i]:
-                by_page.setdefault(k, []).append(seg)
-        self._pager.update(sorted(by_page), lambda pages: self._update(pages, by_page, grads, grad_scale))
+            steps[i] += 1
+        plan = self._plan(tuple(active))
+        base = steps[active[0]]
+        self._pager.update(plan.pages, lambda pages: self._run(plan, pages, grads, base, grad_scale))
         return loss
 
-    def _resident_step(self, grads: dict[int, torch.Tensor], step: int, grad_scale: float) -> None:
-        """Every parameter steps, all at the same count: one operator call per (group, bits) over
-        the precomputed lists; only the gradients are gathered."""
-        for (gi, bits), entry in self._resident_calls.items():
-            grads_ = [grads[i] for i in entry["index"]]
-            self._launch(gi, bits, step, grad_scale, entry["params"], grads_, entry["state"])
-        self._pager.stats["updates"] += 1
+    def _grad_scale(self, grad_list: list[torch.Tensor]) -> float | None:
+        """The clipping multiplier (1.0 without max_grad_norm), or None when a gradient is not
+        finite. One device-to-host sync: with clipping, a finite global L2 norm already proves
+        every gradient finite (a non-finite one makes it inf/NaN), so max |g| is only computed
+        when the norm is not finite, to tell a non-finite gradient from a norm that overflowed."""
+        if self.max_grad_norm is None:
+            if self.check_finite and not math.isfinite(_max_abs(grad_list).item()):
+                return None
+            return 1.0
+        # stack promotes mixed dtypes; .float() so the sum of squares is taken in fp32
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grad_list)).float()).item()
+        if not math.isfinite(total) and self.check_finite and not math.isfinite(_max_abs(grad_list).item()):
+            return None
+        return min(1.0, self.max_grad_norm / (total + 1e-6))
+
+    def _plan(self, active: tuple[int, ...]) -> _Plan:
+        """The update's argument lists for this set of parameters with grads, built once and
+        reused while the set and the parameters' relative step counts stay the same. Parameters
+        that step together keep their relative counts, so a step with the same set as the last
+        one needs no check; another set (grads that come and go) is checked against its cached
+        plan's relative counts and rebuilt when they moved."""
+        plan = self._plans.get(active)
+        if plan is not None and active == self._last_active:
+            return plan
+        base = self._steps[active[0]]
+        offsets = tuple(self._steps[i] - base for i in active)
+        if plan is None or plan.offsets != offsets:
+            if len(self._plans) >= _MAX_PLANS:  # bound the views held for unusual grad patterns
+                self._plans.pop(next(iter(self._plans)))
+            plan = self._plans[active] = _Plan(active, offsets, self._pager.pages, self._segments_of)
+        self._last_active = active
+        return plan
+
+    def _run(self, plan: _Plan, pages, grads: list, base: int, grad_scale: float) -> None:
+        """Launches the update of `pages` [(k, page bytes on the device)]: one operator call per
+        (group, relative step, state width) of each page, over lists built once per page and
+        buffer; per step only the grads are gathered (sliced where a parameter spans pages)."""
+        for k, buf in pages:
+            key = (k, buf.data_ptr())
+            calls = plan.calls.get(key)
+            if calls is None:
+                calls = plan.calls[key] = self._page_calls(plan, k, buf)
+            for gi, bits, offset, gather, params, state in calls:
+                self._launch(gi, bits, base + offset, grad_scale, params, gather(grads), state)
 
     def _launch(self, gi: int, bits: int, step: int, grad_scale: float, params, grads_, state) -> None:
         group = self.param_groups[gi]
         beta1, beta2 = group["betas"]
-        hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
-                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))  # fmt: skip
+        # Read per call: a scheduler may change lr (or anything else) between steps.
+        h = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+             float(group["weight_decay"]), step, grad_scale)  # fmt: skip
         # The native operators directly: the lists are dense by construction (step() rejected
         # sparse grads), so the Python wrappers' per-tensor layout checks would only cost time.
         native = ops._ops()
-        h = (hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"], step, grad_scale)
         if bits == 32:
             native.adamw_step(params, grads_, state["exp_avg"], state["exp_avg_sq"], *h)
         else:
@@ -307,30 +315,25 @@ class PagedAdamW(torch.optim.Optimizer):
                                    state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"],
                                    self._maps[0], self._maps[1], *h)  # fmt: skip
 
-    def _paged_full_update(self, pages, grads: dict[int, torch.Tensor], step: int, grad_scale: float) -> None:
-        """Every segment of `pages` steps at one count: per (page, slot) argument lists built once;
-        per step only the gradients are gathered (sliced where a parameter spans pages)."""
-        for k, buf in pages:
-            key = (k, buf.data_ptr())
-            calls = self._page_calls.get(key)
-            if calls is None:
-                calls = self._page_calls[key] = self._group_page_calls(k, buf)
-            for (gi, bits), entry in calls.items():
-                grads_ = [grads[i] if whole else grads[i].view(-1)[b:e] for i, whole, b, e in entry["grads"]]
-                self._launch(gi, bits, step, grad_scale, entry["params"], grads_, entry["state"])
-
-    def _group_page_calls(self, k: int, buf: torch.Tensor) -> dict[tuple[int, int], dict]:
-        calls: dict[tuple[int, int], dict] = {}
+    def _page_calls(self, plan: _Plan, k: int, buf: torch.Tensor) -> list[tuple]:
+        """(group, bits, relative step, grad gatherer, params, state lists) for page k's segments
+        of the plan's parameters, with their state in `buf`."""
+        groups: dict[tuple[int, int, int], dict] = {}
         for seg, views in zip(self._pager.pages[k], self._page_views(k, buf)):
-            i = seg.param
-            entry = calls.setdefault((self._group_of[i], seg.bits), {"grads": [], "params": [], "views": []})
-            whole = seg.begin == 0 and seg.end == self._params[i].numel()
-            entry["grads"].append((i, whole, seg.begin, seg.end))
+            offset = plan.offset_of.get(seg.param)
+            if offset is None:  # no grad this step
+                continue
+            entry = groups.setdefault((self._group_of[seg.param], seg.bits, offset),
+                                      {"grads": [], "params": [], "views": []})  # fmt: skip
+            whole = seg.begin == 0 and seg.end == self._params[seg.param].numel()
+            entry["grads"].append((seg.param, None if whole else (seg.begin, seg.end)))
             entry["params"].append(self._param_view(seg))
             entry["views"].append(views)
-        for entry in calls.values():
-            views = entry.pop("views")
-            entry["state"] = {name: [v[name] for v in views] for name in views[0]}
+        calls = []
+        for (gi, bits, offset), entry in groups.items():
+            views = entry["views"]
+            state = {name: [v[name] for v in views] for name in views[0]}
+            calls.append((gi, bits, offset, _gatherer(entry["grads"]), entry["params"], state))
         return calls
 
     def _param_view(self, seg: Segment) -> torch.Tensor:
@@ -351,25 +354,6 @@ class PagedAdamW(torch.optim.Optimizer):
             views = [seg.views(buf) for seg in self._pager.pages[k]]
             self._state_views[key] = views
         return views
-
-    def _update(self, pages, by_page, grads, grad_scale: float) -> None:
-        """Launches the fused update of every active segment of `pages` [(k, bytes on device)],
-        one operator call per (group, step, state width)."""
-        calls: dict[tuple[int, int, int], list] = {}
-        for k, buf in pages:
-            active = {id(seg) for seg in by_page[k]}
-            for seg, views in zip(self._pager.pages[k], self._page_views(k, buf)):
-                if id(seg) not in active:
-                    continue
-                i = seg.param
-                g = grads[i]
-                if seg.begin != 0 or seg.end != g.numel():
-                    g = g.view(-1)[seg.begin : seg.end]
-                calls.setdefault((self._group_of[i], self._steps[i], seg.bits), []).append(
-                    (self._param_view(seg), g, views))
-        for (gi, step, bits), items in calls.items():
-            state = {name: [v[name] for _, _, v in items] for name in items[0][2]}
-            self._launch(gi, bits, step, grad_scale, [p for p, _, _ in items], [g for _, g, _ in items], state)
 
     # ---- state dict --------------------------------------------------------------------------
 
@@ -445,6 +429,8 @@ class PagedAdamW(torch.optim.Optimizer):
                 if key != "params":
                     group[key] = value
         self._steps = [0] * len(self._params)
+        self._plans.clear()  # their relative step counts no longer hold
+        self._last_active = None
         for k, page in enumerate(self._pager.pages):
             zero_codes = (_zero_code(dynamic_map(True)), _zero_code(dynamic_map(False)))
             for seg in page:
@@ -494,12 +480,51 @@ def stepped_tensor_count(opt) -> int:
 
 def _max_abs(grads: list[torch.Tensor]) -> torch.Tensor:
     """max |g| over all grads, NaN-propagating: unlike a sum of squares it cannot overflow, so a
-    non-finite result means a non-finite gradient. One fused multi-tensor reduction on CUDA; on
-    the CPU amax/amin, since torch's CPU inf-norm takes a slow path (~20x slower)."""
+    non-finite result means a non-finite gradient. One fused multi-tensor reduction on CUDA. On
+    the CPU torch's inf-norm takes a slow path (~20x slower than amin/amax on large tensors) and
+    per-tensor reductions cost one dispatch each, so small grads are flattened into one tensor
+    (a copy of few bytes) and reduced once; large ones are reduced alone, where the dispatch is
+    negligible next to the data."""
     if grads[0].device.type == "cuda":
         return torch.stack(torch._foreach_norm(grads, math.inf)).max()  # stack promotes mixed dtypes
-    peaks = [torch.maximum(g.amax().float(), -g.amin().float()) for g in grads if g.numel()]
+    small = [g.view(-1) for g in grads if 0 < g.numel() <= _CPU_CAT_NUMEL]
+    large = [g for g in grads if g.numel() > _CPU_CAT_NUMEL]
+    peaks = [torch.stack(torch.aminmax(t.float() if t.dtype != torch.float32 else t)).abs().max()
+             for t in ([torch.cat(small)] if small else []) + large]  # fmt: skip
     return torch.stack(peaks).max() if peaks else torch.tensor(0.0)
+
+
+#: CPU grads up to this many elements are concatenated for the finiteness check (_max_abs).
+_CPU_CAT_NUMEL = 1 << 16
+#: Plans kept at once (_plan): one per distinct set of parameters with grads seen recently.
+_MAX_PLANS = 4
+
+
+class _Plan:
+    """Argument lists of the update for one set of parameters with grads (`active`, ascending)
+    whose step counts are `offsets` above the first one's: the pages to visit and, filled per
+    (page, device buffer) as they are first visited, the operator calls (PagedAdamW._page_calls).
+    """
+
+    __slots__ = ("active", "offsets", "offset_of", "pages", "calls")
+
+    def __init__(self, active: tuple[int, ...], offsets: tuple[int, ...], pages, segments_of):
+        self.active = active
+        self.offsets = offsets
+        self.offset_of = dict(zip(active, offsets))
+        self.pages = sorted({k for i in active for k, _ in segments_of[i]})
+        self.calls: dict[tuple[int, int], list[tuple]] = {}
+
+
+def _gatherer(specs: list[tuple[int, tuple[int, int] | None]]):
+    """grads (aligned with the parameters) -> this call's grad list. Whole parameters are picked
+    by one C-level itemgetter; a parameter split across pages needs its element range sliced."""
+    if all(rng is None for _, rng in specs):
+        if len(specs) == 1:
+            only = specs[0][0]
+            return lambda grads: [grads[only]]
+        return operator.itemgetter(*(i for i, _ in specs))
+    return lambda grads: [grads[i] if rng is None else grads[i].view(-1)[rng[0] : rng[1]] for i, rng in specs]
 
 
 def _check_hyper(group: dict, gi: int) -> None:

@@ -155,8 +155,11 @@ class _CudaCopies:
         self.updated = [torch.cuda.Event() for _ in range(self.n_slots)]
         self.stored = [torch.cuda.Event() for _ in range(self.n_slots)]
         self.last_store: torch.cuda.Event | None = None
+        self.compute: torch.cuda.Stream | None = None
 
     def start(self) -> None:
+        # The stream the update runs on, looked up once a step rather than twice a page.
+        self.compute = torch.cuda.current_stream(self.device)
         # This step's loads may overwrite slots and read pages that last step's stores still use,
         # and the compute stream's writes to the grads/params are ordered by program order.
         if self.last_store is not None:
@@ -169,11 +172,11 @@ class _CudaCopies:
         self.stats["h2d_pages"] += 1
 
     def ready(self, j: int) -> None:
-        torch.cuda.current_stream(self.device).wait_event(self.loaded[j % self.n_slots])
+        self.compute.wait_event(self.loaded[j % self.n_slots])
 
     def store(self, page: torch.Tensor, slot: torch.Tensor, j: int) -> None:
         updated = self.updated[j % self.n_slots]
-        updated.record(torch.cuda.current_stream(self.device))
+        updated.record(self.compute)
         self.d2h.wait_event(updated)
         with torch.cuda.stream(self.d2h):
             page.copy_(slot, non_blocking=True)
@@ -188,7 +191,7 @@ class _CudaCopies:
     def finish(self) -> None:
         # Work after the step (the next forward, a state_dict) sees the written-back pages.
         if self.last_store is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.last_store)
+            self.compute.wait_event(self.last_store)
 
     def synchronize(self) -> None:
         self.d2h.synchronize()
@@ -220,9 +223,13 @@ class Pager:
             self.n_slots = 0
             self.pool = None
             self.copies = None
+        # Per-page and per-slot views made once: indexing home/pool makes a new tensor each time,
+        # a few microseconds apiece on the per-page path of every step.
+        self._homes = list(self.home.unbind(0))
+        self._slots = list(self.pool.unbind(0)) if self.paged else []
         for k, page in enumerate(pages):
             for seg in page:
-                init(seg, seg.views(self.home[k]))
+                init(seg, seg.views(self._homes[k]))
 
     def device_bytes(self) -> int:
         """Bytes of optimizer state held on the device: the pool, or every page if resident."""
@@ -237,27 +244,28 @@ class Pager:
         if not page_ids:
             return
         if not self.paged:
-            fn([(k, self.home[k]) for k in page_ids])
+            homes = self._homes
+            fn([(k, homes[k]) for k in page_ids])
             self.stats["updates"] += 1
             return
-        copies, slots = self.copies, self.n_slots
+        copies, slots, homes, pool = self.copies, self.n_slots, self._homes, self._slots
         if isinstance(copies, _CudaCopies):
             copies.start()
         for j in range(min(slots, len(page_ids))):
-            copies.load(self.pool[j], self.home[page_ids[j]], j)
+            copies.load(pool[j], homes[page_ids[j]], j)
         for j, k in enumerate(page_ids):
-            slot = self.pool[j % slots]
+            slot = pool[j % slots]
             copies.ready(j)
             fn([(k, slot)])
-            self.stats["updates"] += 1
-            copies.store(self.home[k], slot, j)
+            copies.store(homes[k], slot, j)
             if j + slots < len(page_ids):
                 copies.slot_free(j)
-                copies.load(slot, self.home[page_ids[j + slots]], j + slots)
+                copies.load(slot, homes[page_ids[j + slots]], j + slots)
+        self.stats["updates"] += len(page_ids)
         copies.finish()
 
     def host_view(self, k: int) -> torch.Tensor:
         """Page k in its home, after any pending write-back (for export and import)."""
         if self.paged:
             self.copies.synchronize()
-        return self.home[k]
+        return self._homes[k]
