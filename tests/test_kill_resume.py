@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 14
+STEPS = 40
 ARGS = ["--builtin-config", "test", "--warmup-steps", "3", "--log-every", "2", "--device", "cpu",
-        "--eval-size", "20", "--eval-every", "7", "--steps", str(STEPS), "--save-every", "1",
+        "--eval-size", "20", "--eval-every", "20", "--steps", str(STEPS), "--save-every", "1",
         "--batch-size", "8", "--dropout", "0.1", "--optimizer", "paged_adamw"]  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "python")}
 
@@ -47,7 +47,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_adapter(tmp_path):
         deadline = time.monotonic() + 120
         while proc.poll() is None and len(_checkpoints(killed)) <= seen and time.monotonic() < deadline:
             time.sleep(0.02)  # until this run has written a checkpoint of its own
-        time.sleep(rng.uniform(0.0, 0.4))  # then at an arbitrary moment: mid-step, mid-save, ...
+        time.sleep(rng.uniform(0.0, 0.15))  # then at an arbitrary moment: mid-step, mid-save, ...
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1

@@ -172,6 +172,9 @@ def _nf4_lora_setup(ctx, inputs, output):
     (x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
      shape, wdtype, bias, lora_A, lora_B, scale) = inputs  # fmt: skip
     _, xa = output
+    # xa is an output for DoRA's sake; nothing usually reaches it: no zero-filled gradient for it
+    # (the backward takes dxa=None).
+    ctx.set_materialize_grads(False)
     ctx.x_is_lora_input = x_lora is None
     xl = x if x_lora is None else x_lora
     ctx.save_for_backward(xl, xa, lora_A, lora_B, packed, absmax, nested_absmax, nested_code, nested_offset)
@@ -186,6 +189,8 @@ def _nf4_lora_backward(ctx, dy, dxa):
     need = ctx.needs_input_grad
     s, dtype = ctx.scale, xl.dtype
     n_out, k = shape
+    if dy is None:  # only xa received a gradient (grads are not materialised, see setup)
+        dy = xa.new_zeros((*xa.shape[:-1], n_out))
     m = math.prod(dy.shape[:-1])
     dy2 = dy.reshape(m, n_out)  # [M, N]
     xl2 = xl.reshape(m, k)  # [M, K]
