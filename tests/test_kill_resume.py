@@ -15,12 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 40
 ARGS = ["--builtin-config", "test", "--warmup-steps", "3", "--log-every", "2", "--device", "cpu",
         "--eval-size", "20", "--eval-every", "20", "--steps", str(STEPS), "--save-every", "1",
         "--batch-size", "8", "--dropout", "0.1", "--optimizer", "paged_adamw"]  # fmt: skip
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "python")}
+import qlora_ext  # noqa: E402
+
+# The children import the same qlora_ext as this process (a source tree with its built module, or
+# the installed package), single-threaded so that their arithmetic is reproducible.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(qlora_ext.__file__).resolve().parents[1])}
 
 
 def _command(out: Path, *extra: str) -> list[str]:
