@@ -46,9 +46,10 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_adapter(tmp_path):
     for attempt in range(3):
         extra = ["--resume"] if _checkpoints(killed) else []
         proc = subprocess.Popen(_command(killed, *extra), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        seen = len(_checkpoints(killed))
+        # Only the newest checkpoint is kept, so "a checkpoint of its own" is a step name not seen before.
+        seen = set(_checkpoints(killed))
         deadline = time.monotonic() + 120
-        while proc.poll() is None and len(_checkpoints(killed)) <= seen and time.monotonic() < deadline:
+        while proc.poll() is None and not set(_checkpoints(killed)) - seen and time.monotonic() < deadline:
             time.sleep(0.02)  # until this run has written a checkpoint of its own
         time.sleep(rng.uniform(0.0, 0.15))  # then at an arbitrary moment: mid-step, mid-save, ...
         if proc.poll() is None:
