@@ -276,6 +276,20 @@ def test_resume_is_bit_exact(tmp_path, capsys):
     assert strip(metrics(parts)) == strip(metrics(tmp_path / "whole"))
 
 
+def test_packing_trains_the_same_as_padding(tmp_path):
+    """--packing changes only how a micro-batch is laid out: the logged losses follow the padded
+    run's (float summation order aside)."""
+    common = ["--steps", "10", "--save-every", "0", "--batch-size", "8", "--seq-len", "64"]
+    assert run(tmp_path, *common, out="padded") == 0
+    assert run(tmp_path, *common, "--packing", out="packed") == 0
+    padded = [r for r in metrics(tmp_path / "padded") if r["type"] == "train"]
+    packed = [r for r in metrics(tmp_path / "packed") if r["type"] == "train"]
+    assert [r["step"] for r in packed] == [r["step"] for r in padded] == [5, 10]
+    for a, b in zip(padded, packed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    assert json.loads((tmp_path / "packed" / "run_config.json").read_text())["packing"] is True
+
+
 def test_resume_refuses_changed_settings(tmp_path, capsys):
     assert run(tmp_path, "--steps", "4", "--save-every", "2", "--stop-after", "2") == 0
     assert run(tmp_path, "--resume", "--r", "8") == 2

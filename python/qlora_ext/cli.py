@@ -50,7 +50,7 @@ Outputs in --output-dir (default ./qlora-ext-out):
 # Settings that change the result: a resumed run must keep them (the run's own values are used).
 FIXED_ON_RESUME = ("model", "data", "eval_data", "eval_size", "method", "r", "alpha", "dropout", "rslora", "lr",
                    "seq_len", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "max_grad_norm",
-                   "seed", "optimizer", "gradient_checkpointing", "dtype", "builtin_config")
+                   "seed", "optimizer", "gradient_checkpointing", "dtype", "builtin_config", "packing")
 
 # The built-in model is so small that recomputing activations (checkpointing) only costs time.
 BUILTIN_DEFAULTS = {"lr": 3e-3, "steps": 1200, "r": 16, "alpha": 32.0, "batch_size": 32, "warmup_steps": 30,
@@ -59,7 +59,7 @@ HF_DEFAULTS = {"lr": 2e-4, "epochs": 1.0, "r": 16, "alpha": 16.0, "batch_size": 
 COMMON_DEFAULTS = {"method": "lora", "dropout": 0.0, "rslora": False, "seq_len": 256, "grad_accum": 1, "weight_decay": 0.0,
                    "max_grad_norm": 1.0, "seed": 0, "optimizer": "adamw", "gradient_checkpointing": True,
                    "dtype": "auto", "log_every": 10, "eval_every": 0, "save_every": 100, "eval_size": None,
-                   "builtin_config": "default", "model": None, "data": None, "eval_data": None}
+                   "builtin_config": "default", "packing": False, "model": None, "data": None, "eval_data": None}
 
 
 class UsageError(Exception):
@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="recompute activations in backward (default with --model; off for the built-in model)")
     ckpt.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                       default=None, help="keep activations instead of recomputing them (faster, more memory)")
+    opt.add_argument("--packing", action="store_true", default=None,
+                     help="pack each micro-batch's examples into as few --seq-len rows as fit (no padding; "
+                          "attention stays inside each example)")
     opt.add_argument("--seed", type=int, help="seed of the adapter initialisation, data order and dropout (0)")
     run = ft.add_argument_group("run")
     run.add_argument("--output-dir", default="qlora-ext-out", metavar="DIR", help="where outputs go (./qlora-ext-out)")
@@ -364,7 +367,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     settings = TrainSettings(steps=s["steps"], lr=s["lr"], batch_size=s["batch_size"], grad_accum=s["grad_accum"],
                              warmup_steps=s["warmup_steps"], max_grad_norm=s["max_grad_norm"], seed=s["seed"],
                              log_every=s["log_every"], eval_every=s["eval_every"], save_every=s["save_every"],
-                             stop_after=args.stop_after, run_config=run_config)
+                             packing=s["packing"], seq_len=s["seq_len"], stop_after=args.stop_after, run_config=run_config)
     result = train(model, optimizer, train_set, eval_set, encoding.pad_token_id, device, settings, out,
                    save_adapter, resume_from=ckpt, say=_say)
     if result["steps"] < s["steps"]:

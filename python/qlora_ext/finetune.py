@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .finetune_data import BatchOrder, Example, collate, evaluate, model_loss
+from .finetune_data import BatchOrder, Example, collate, collate_packed, evaluate, model_loss, pack_rows
 from .io_utils import atomic_save_safetensors, atomic_write, atomic_write_json
 from .oom import explain_oom
 from .png_plot import plot_lines
@@ -48,6 +48,8 @@ class TrainSettings:
     log_every: int
     eval_every: int
     save_every: int
+    packing: bool = False  # pack each micro-batch's examples into as few rows of seq_len as fit
+    seq_len: int = 0  # row length for packing
     stop_after: int | None = None  # end early at this step, as if interrupted (tests)
     run_config: dict = field(default_factory=dict)
 
@@ -258,12 +260,16 @@ def train(model, optimizer, train_set: list[Example], eval_set: list[Example], p
         step_loss = 0.0
         for micro in range(settings.grad_accum):
             batch = [train_set[i] for i in idx[micro * settings.batch_size : (micro + 1) * settings.batch_size]]
-            input_ids, labels = collate(batch, pad_token_id)
-            window_tokens += int((input_ids != pad_token_id).sum())
+            if settings.packing:
+                input_ids, labels, position_ids = collate_packed(pack_rows(batch, settings.seq_len), pad_token_id)
+                position_ids = position_ids.to(device)
+            else:
+                (input_ids, labels), position_ids = collate(batch, pad_token_id), None
+            window_tokens += sum(len(e) for e in batch)
             doing = (f"training step {step + 1} (a micro-batch of {input_ids.shape[0]} x "
                      f"{input_ids.shape[1]} tokens: forward and backward)")  # fmt: skip
             with explain_oom(doing, TRAINING_OOM_REMEDY):
-                loss, _ = model_loss(model, input_ids.to(device), labels.to(device))
+                loss, _ = model_loss(model, input_ids.to(device), labels.to(device), position_ids)
                 (loss / settings.grad_accum).backward()
             step_loss += float(loss.detach()) / settings.grad_accum
         if not math.isfinite(step_loss):

@@ -169,6 +169,48 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> tuple[torch.Tenso
     return input_ids, labels
 
 
+def pack_rows(examples: Sequence[Example], max_tokens: int) -> list[list[Example]]:
+    """Examples grouped into rows of at most `max_tokens` tokens, first-fit decreasing: the fewest
+    rows this simple rule finds, deterministically (ties keep the input order). An example longer
+    than `max_tokens` gets a row of its own."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for e in sorted(examples, key=len, reverse=True):  # sorted() is stable
+        slot = next((i for i, r in enumerate(room) if r >= len(e)), None)
+        if slot is None:
+            rows.append([e])
+            room.append(max_tokens - len(e))
+        else:
+            rows[slot].append(e)
+            room[slot] -= len(e)
+    return rows
+
+
+def collate_packed(rows: Sequence[Sequence[Example]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, labels, position_ids: [R, T] int64 for rows of packed examples, right-padded to
+    the longest row. Each example's positions restart at 0, which is what tells the model where
+    one example ends (attention stays inside an example, RoPE sees the example's own positions).
+    The first token of
+    each example never carries a label: predicting it would need the previous example's context."""
+    T = max(sum(len(e) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, row in enumerate(rows):
+        at = 0
+        for e in row:
+            p, n = len(e.prompt_ids), len(e)
+            input_ids[i, at : at + n] = torch.tensor(e.prompt_ids + e.answer_ids)
+            labels[i, at + max(p, 1) : at + n] = torch.tensor(e.answer_ids[max(0, 1 - p):])
+            position_ids[i, at : at + n] = torch.arange(n)
+            at += n
+        # Padding is a segment of its own (positions from 0), so no real token attends to it.
+        position_ids[i, at:] = torch.arange(T - at)
+    return input_ids, labels, position_ids
+
+
 class BatchOrder:
     """Which examples each optimizer step sees: epoch e is a permutation drawn from
     seed + e, and sample k of the run is example perm_{k // n}[k % n]. The data position is
@@ -188,10 +230,14 @@ class BatchOrder:
         return [self._perm(k // self.n)[k % self.n] for k in range(start, start + count)]
 
 
-def model_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def model_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
+               position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean answer-token loss, logits) for the built-in model (returns a tuple) and for
-    transformers models (return an object with .loss and .logits)."""
-    out = model(input_ids=input_ids, labels=labels)
+    transformers models (return an object with .loss and .logits). With `position_ids` (packed
+    rows, see collate_packed) and no attention mask, transformers models keep attention inside
+    each packed example."""
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    out = model(input_ids=input_ids, labels=labels, **extra)
     if isinstance(out, tuple):
         return out[0], out[1]
     return out.loss, out.logits

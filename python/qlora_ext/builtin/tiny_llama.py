@@ -72,10 +72,24 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, Dh]; cos, sin: [T, Dh]. Rotates each (i, i + Dh/2) pair by its angle."""
+    """x: [B, heads, T, Dh]; cos, sin: [T, Dh] or [B, 1, T, Dh]. Rotates each (i, i + Dh/2) pair by
+    its angle."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] bool, True where query i may attend to key j: j ≤ i and both in the same packed
+    example. An example starts wherever a position does not follow on from the previous token's
+    (the rule transformers uses for packed rows too)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    segment = starts.cumsum(dim=1)  # [B, T]
+    same = segment.unsqueeze(2) == segment.unsqueeze(1)
+    T = position_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return (same & causal).unsqueeze(1)
 
 
 class Attention(nn.Module):
@@ -87,7 +101,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, G, T, Dh]
@@ -96,7 +111,10 @@ class Attention(nn.Module):
         # Each group of H/G query heads shares one key/value head.
         repeat = self.n_heads // self.n_kv
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, Dh]
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, Dh]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -121,8 +139,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -194,22 +213,34 @@ class TinyLlama(nn.Module):
         return self.lm_head
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """input_ids, labels: [B, T] int64 (labels -100 where no loss). Returns (loss, logits [B, T, V]);
-        loss is the mean cross-entropy of predicting token t+1 from tokens ≤ t, None without labels."""
+        loss is the mean cross-entropy of predicting token t+1 from tokens ≤ t, None without labels.
+
+        position_ids [B, T] (optional) holds packed rows: several examples back to back, each
+        starting again at position 0; attention then stays inside each example."""
         T = input_ids.shape[1]
-        if T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {T} exceeds max_position_embeddings={self.config.max_position_embeddings}")
         body = self.model
-        cos, sin = body.rope_cos[:T], body.rope_sin[:T]
+        if position_ids is None:
+            if T > self.config.max_position_embeddings:
+                raise ValueError(f"sequence length {T} exceeds max_position_embeddings="
+                                 f"{self.config.max_position_embeddings}")
+            cos, sin, mask = body.rope_cos[:T], body.rope_sin[:T], None
+        else:
+            if position_ids.shape != input_ids.shape:
+                raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, input_ids {tuple(input_ids.shape)}")
+            if position_ids.numel() and not 0 <= int(position_ids.min()) <= int(position_ids.max()) < self.config.max_position_embeddings:
+                raise ValueError(f"position_ids must lie in [0, {self.config.max_position_embeddings})")
+            cos, sin = body.rope_cos[position_ids].unsqueeze(1), body.rope_sin[position_ids].unsqueeze(1)
+            mask = packed_causal_mask(position_ids)
         x = body.embed_tokens(input_ids)  # [B, T, D]
         for layer in body.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each layer's input; recompute its activations during backward.
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, mask)
         logits = self.lm_head(body.norm(x))  # [B, T, V]
         loss = None
         if labels is not None:
