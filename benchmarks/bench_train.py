@@ -1,6 +1,8 @@
 """End-to-end QLoRA training step: qlora_ext vs transformers+bitsandbytes+PEFT vs Unsloth.
 
     python benchmarks/bench_train.py --model 8b --seq 2048 --steps 10 [--stacks ours,bnb_peft,unsloth] [--out F]
+    python benchmarks/bench_train.py --model 8b --cap-gib 24 --steps 3 --stacks ours_offload,unsloth \
+        --seq 16384 24576 32768 49152 65536        # the longest sequence that trains under a 24 GiB cap
 
 Random bf16 weights of Llama-3 shapes (BENCHMARKS.md: speed and memory do not depend on the
 values), batch 1, LoRA r=16 alpha=16 dropout 0 on q,k,v,o,gate,up,down, gradient checkpointing,
@@ -9,6 +11,11 @@ patches transformers on import, and peak-memory counters must not mix). Tokens/s
 steps 3..N (after warm-up); peak memory is torch.cuda.max_memory_allocated() over the same steps.
 Peers are skipped, with the reason, when not importable (bring them with
 shared/tools/peer-bundle.sh). Prints one JSON object per case and a table last.
+
+Stacks: ours, ours_offload (the same with the checkpointed layer inputs in pinned host memory),
+bnb_peft, unsloth. With --cap-gib each process may allocate at most that much
+(torch.cuda.set_per_process_memory_fraction); a stack stops at its first sequence length that
+fails, and the table ends with each stack's longest trainable length.
 """
 
 from __future__ import annotations
@@ -80,13 +87,14 @@ def checkpoint_dir(size: str, seq: int) -> str:
     return path
 
 
-def build_ours(size, seq):
+def build_ours(size, seq, offload=False):
     import torch
 
     import qlora_ext
 
     model = random_model(size, seq)
-    model = qlora_ext.prepare(model, r=16, alpha=16, dropout=0.0, target_modules=TARGETS, gradient_checkpointing=True)
+    model = qlora_ext.prepare(model, r=16, alpha=16, dropout=0.0, target_modules=TARGETS, gradient_checkpointing=True,
+                              offload_checkpoints=offload)  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     if hasattr(qlora_ext, "PagedAdamW"):
         opt = qlora_ext.PagedAdamW(params, lr=2e-4)
@@ -125,7 +133,11 @@ def build_unsloth(size, seq):
     return model, opt
 
 
-BUILDERS = {"ours": build_ours, "bnb_peft": build_bnb_peft, "unsloth": build_unsloth}
+def build_ours_offload(size, seq):
+    return build_ours(size, seq, offload=True)
+
+
+BUILDERS = {"ours": build_ours, "ours_offload": build_ours_offload, "bnb_peft": build_bnb_peft, "unsloth": build_unsloth}
 
 
 def flops_per_token(size: str, seq: int) -> float:
@@ -139,10 +151,13 @@ def flops_per_token(size: str, seq: int) -> float:
     return 2 * 3 * matmul_params + 3 * 2 * attention
 
 
-def run_one(stack: str, size: str, seq: int, steps: int) -> dict:
+def run_one(stack: str, size: str, seq: int, steps: int, cap_gib: float | None = None) -> dict:
     """Runs in the subprocess: build, train `steps` steps, measure steps 3..N."""
     import torch
 
+    if cap_gib is not None:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total))
     torch.manual_seed(0)
     build_start = time.perf_counter()
     model, opt = BUILDERS[stack](size, seq)
@@ -172,7 +187,7 @@ def run_one(stack: str, size: str, seq: int, steps: int) -> dict:
         "median_step_s": step_s, "tokens_per_s": tokens_per_s,
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
         "mfu_vs_748_tflops": tokens_per_s * flops_per_token(size, seq) / 748e12,
-        "build_s": build_s, "first_loss": losses[0], "last_loss": losses[-1],
+        "build_s": build_s, "first_loss": losses[0], "last_loss": losses[-1], "cap_gib": cap_gib,
     }  # fmt: skip
 
 
@@ -190,24 +205,33 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--stacks", default="ours,bnb_peft,unsloth")
     parser.add_argument("--out", help="write all JSON records to this file")
+    parser.add_argument("--cap-gib", type=float, help="per-process device memory cap (longest-sequence search)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_one(args.child, args.model, args.seq[0], args.steps)), flush=True)
+        print("RESULT " + json.dumps(run_one(args.child, args.model, args.seq[0], args.steps, args.cap_gib)), flush=True)
         return
 
     env = environment()
     records = []
-    for seq in args.seq:
+    failed: set[str] = set()
+    for seq in sorted(args.seq) if args.cap_gib else args.seq:
         for stack in args.stacks.split(","):
+            if stack in failed:
+                continue
             cmd = [sys.executable, __file__, "--child", stack, "--model", args.model, "--seq", str(seq), "--steps", str(args.steps)]
+            if args.cap_gib:
+                cmd += ["--cap-gib", str(args.cap_gib)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if lines:
                 record = {**env, **json.loads(lines[-1][len("RESULT "):])}
             else:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                record = {**env, "stack": stack, "model": args.model, "seq": seq, "skipped": " | ".join(tail)}
+                record = {**env, "stack": stack, "model": args.model, "seq": seq, "skipped": " | ".join(tail),
+                          "cap_gib": args.cap_gib}  # fmt: skip
+                if args.cap_gib:
+                    failed.add(stack)
             print(json.dumps(record), flush=True)
             records.append(record)
     ours = {r["seq"]: r for r in records if r["stack"] == "ours" and "tokens_per_s" in r}
@@ -218,6 +242,12 @@ def main() -> None:
             continue
         ratio = ours[r["seq"]]["tokens_per_s"] / r["tokens_per_s"] if r["seq"] in ours else float("nan")
         print(f"{r['stack']:10} {r['seq']:>6} {r['tokens_per_s']:>9.0f} {r['peak_allocated_gib']:>9.2f} {r['mfu_vs_748_tflops']:>6.1%} {ratio:>9.2f}")
+    if args.cap_gib:
+        longest = {s: max((r["seq"] for r in records if r["stack"] == s and "tokens_per_s" in r), default=0)
+                   for s in args.stacks.split(",")}  # fmt: skip
+        print(f"\nlongest sequence trained under {args.cap_gib:g} GiB (of those tried): " +
+              ", ".join(f"{s} {n}" for s, n in longest.items()))
+        records.append({**env, "summary": "longest_seq", "cap_gib": args.cap_gib, "longest": longest})
     if args.out:
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:

@@ -103,3 +103,71 @@ def test_dora_under_checkpointing_has_the_same_gradients(dropout):
                     if p.requires_grad:
                         p.add_(p.grad, alpha=-0.1)
                         p.grad = None
+
+
+# ---- offloading the saved layer inputs to pinned host memory ------------------------------------
+
+def _offloaded_model(device, dropout=0.0, offload=True):
+    model = hf_model("llama")
+    torch.manual_seed(3)
+    qlora_ext.prepare(model, r=4, alpha=8, dropout=dropout, verbose=False, offload_checkpoints=offload)
+    randomize_adapters(model)
+    return model.to(device).train()
+
+
+def _step_on(model, device, ids, seed=11):
+    torch.manual_seed(seed)
+    loss = model(input_ids=ids.to(device), labels=ids.to(device)).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_offload_option_is_wired_and_checked():
+    model = _offloaded_model("cpu")
+    assert checkpointing.is_enabled(model, offload=True) and not checkpointing.is_enabled(model, offload=False)
+    with pytest.raises(ValueError, match="needs gradient_checkpointing=True"):
+        qlora_ext.prepare(hf_model("llama"), gradient_checkpointing=False, offload_checkpoints=True, verbose=False)
+    with pytest.raises(ValueError, match="offload_checkpoints needs a transformers model"):
+        qlora_ext.prepare(torch.nn.Sequential(torch.nn.Linear(8, 8)), offload_checkpoints=True, verbose=False)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_offloaded_checkpoints_give_the_same_gradients(device, dropout):
+    """Bit for bit, over two micro-batches (the second forward runs after the first backward) and
+    with two forwards before their backwards (prefetch must not fetch the wrong layer)."""
+    ids = token_batch(batch=2, seq=16)
+    offloaded, kept = _offloaded_model(device, dropout), _offloaded_model(device, dropout, offload=False)
+    for seed in (1, 2):
+        loss, grads = _step_on(offloaded, device, ids, seed)
+        ref_loss, ref_grads = _step_on(kept, device, ids, seed)
+        assert torch.equal(loss, ref_loss)
+        for g, r in zip(grads, ref_grads):
+            assert torch.equal(g, r)
+    for model in (offloaded, kept):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        losses = [model(input_ids=ids.to(device), labels=ids.to(device)).loss for _ in range(2)]
+        sum(losses).backward()
+    for p, q in zip(offloaded.parameters(), kept.parameters()):
+        if p.requires_grad:
+            assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offloading_frees_the_layer_inputs_on_the_device():
+    ids = token_batch(batch=4, seq=64)
+    held = {}
+    for offload in (False, True):
+        model = _offloaded_model("cuda", offload=offload)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        loss = model(input_ids=ids.cuda(), labels=ids.cuda()).loss
+        torch.cuda.synchronize()
+        torch.empty(1, device="cuda")  # lets the allocator retire blocks whose side-stream copies are done
+        held[offload] = torch.cuda.memory_allocated() - before
+        loss.backward()
+    n_layers, hidden = 2, 64
+    layer_input_bytes = ids.numel() * hidden * 4
+    assert held[False] - held[True] >= (n_layers - 0.5) * layer_input_bytes, held

@@ -87,7 +87,8 @@ def test_empty_jsonl_is_an_error(tmp_path):
     (["--dropout", "1.5"], "--dropout"),
     (["--device", "tpu"], "--device"),
     (["--resume"], "no checkpoint"),
-], ids=["seq-len-small", "seq-len-large", "data", "model", "r", "lr", "dropout", "device", "resume"])
+    (["--offload-checkpoints"], "--offload-checkpoints needs --model"),
+], ids=["seq-len-small", "seq-len-large", "data", "model", "r", "lr", "dropout", "device", "resume", "offload"])
 def test_bad_arguments_exit_2(tmp_path, capsys, args, message):
     assert run(tmp_path, *args) == 2
     assert message in capsys.readouterr().err
@@ -334,7 +335,8 @@ def hf_checkpoint(tmp_path_factory):
     return path
 
 
-def test_finetune_a_local_transformers_checkpoint(tmp_path, hf_checkpoint):
+@pytest.mark.parametrize("extra", [[], ["--packing", "--offload-checkpoints"]], ids=["padded", "packed-offloaded"])
+def test_finetune_a_local_transformers_checkpoint(tmp_path, hf_checkpoint, extra):
     lines = []
     for w, rev, up in [("ab", "ba", "AB"), ("cd", "dc", "CD")] * 10:
         lines.append(json.dumps({"prompt": f"reverse : {w}", "completion": rev}))
@@ -343,7 +345,7 @@ def test_finetune_a_local_transformers_checkpoint(tmp_path, hf_checkpoint):
     data = write(tmp_path / "d.jsonl", lines)
     code = cli.main(["finetune", "--model", str(hf_checkpoint), "--data", str(data), "--output-dir",
                      str(tmp_path / "out"), "--steps", "8", "--lr", "5e-3", "--batch-size", "8", "--eval-size", "8",
-                     "--log-every", "4", "--save-every", "0", "--device", "cpu", "--r", "4"])
+                     "--log-every", "4", "--save-every", "0", "--device", "cpu", "--r", "4", *extra])
     assert code == 0
     records = metrics(tmp_path / "out")
     evals = [r for r in records if r["type"] == "eval"]

@@ -59,7 +59,7 @@ HF_DEFAULTS = {"lr": 2e-4, "epochs": 1.0, "r": 16, "alpha": 16.0, "batch_size": 
 COMMON_DEFAULTS = {"method": "lora", "dropout": 0.0, "rslora": False, "seq_len": 256, "grad_accum": 1, "weight_decay": 0.0,
                    "max_grad_norm": 1.0, "seed": 0, "optimizer": "adamw", "gradient_checkpointing": True,
                    "dtype": "auto", "log_every": 10, "eval_every": 0, "save_every": 100, "eval_size": None,
-                   "builtin_config": "default", "packing": False, "model": None, "data": None, "eval_data": None}
+                   "builtin_config": "default", "packing": False, "offload_checkpoints": False, "model": None, "data": None, "eval_data": None}
 
 
 class UsageError(Exception):
@@ -112,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="recompute activations in backward (default with --model; off for the built-in model)")
     ckpt.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                       default=None, help="keep activations instead of recomputing them (faster, more memory)")
+    opt.add_argument("--offload-checkpoints", action="store_true", default=None,
+                     help="keep the checkpointed layer inputs in pinned host memory, not on the GPU (with --model)")
     opt.add_argument("--packing", action="store_true", default=None,
                      help="pack each micro-batch's examples into as few --seq-len rows as fit (no padding; "
                           "attention stays inside each example)")
@@ -178,6 +180,8 @@ def _validate(s: dict) -> None:
     need(s["eval_every"] >= 0, f"--eval-every must be >= 0, got {s['eval_every']}")
     need(s["save_every"] >= 0, f"--save-every must be >= 0, got {s['save_every']}")
     need(s["eval_size"] is None or s["eval_size"] >= 0, f"--eval-size must be >= 0, got {s['eval_size']}")
+    need(not s["offload_checkpoints"] or (s["gradient_checkpointing"] and s.get("model") is not None),
+         "--offload-checkpoints needs --model (a transformers checkpoint) and gradient checkpointing")
     for key in ("data", "eval_data"):
         if s.get(key) is not None and not Path(s[key]).is_file():
             raise UsageError(f"--{key.replace('_', '-')} {s[key]}: no such file")
@@ -349,7 +353,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     torch.manual_seed(s["seed"])
     model.to(device)
     prepare(model, r=s["r"], alpha=s["alpha"], dropout=s["dropout"], rslora=s["rslora"], method=s["method"],
-            gradient_checkpointing=s["gradient_checkpointing"])
+            gradient_checkpointing=s["gradient_checkpointing"], offload_checkpoints=s["offload_checkpoints"])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(s["optimizer"], params, s["lr"], s["weight_decay"])
 

@@ -152,15 +152,21 @@ def _check_float_weights(linears: dict[str, nn.Module], names: list[str]) -> Non
             raise ValueError(f"{name}.weight is on the meta device; load the weights first (or use load_bnb_4bit)")
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> bool:
+def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> bool:
     """Per-layer checkpointing where the model supports it: transformers models get
     qlora_ext.checkpointing's one-node-per-layer checkpoint (far less host time than
-    torch.utils.checkpoint's per-tensor hooks); other modules with `gradient_checkpointing_enable`
-    get their own, non-reentrant. Returns whether it was enabled."""
+    torch.utils.checkpoint's per-tensor hooks), with the saved layer inputs in pinned host memory
+    if `offload`; other modules with `gradient_checkpointing_enable` get their own, non-reentrant
+    (offload=True is an error for them). Returns whether it was enabled."""
     if not getattr(model, "supports_gradient_checkpointing", True):
+        if offload:
+            raise ValueError("offload_checkpoints: this model does not support gradient checkpointing")
         return False
-    if checkpointing.enable(model):
+    if checkpointing.enable(model, offload=offload):
         return True
+    if offload:
+        raise ValueError("offload_checkpoints needs a transformers model (per-layer checkpointing hooks); "
+                         f"{type(model).__name__} has none")
     kwargs = {"use_reentrant": False}
     # transformers >= 5.2x renamed the method (the old name warns); older ones only have the old name.
     if callable(getattr(model, "activation_checkpointing_enable", None)):
@@ -194,6 +200,7 @@ def prepare(
     vera_d_initial: float | None = None,
     delta_lambda: float | None = None,
     fused_loss: bool = True,
+    offload_checkpoints: bool = False,
 ) -> nn.Module:
     """Quantize the target linear layers of `model` to NF4 and add an adapter to each; in place.
 
@@ -212,6 +219,9 @@ def prepare(
     fused_loss: for Llama/Mistral/Qwen2-family causal LMs, compute the training loss
     (`model(..., labels=...)` with gradients enabled) by cross-entropy fused with the LM head and
     chunked over tokens (fused_loss.py): the full logits never exist; `logits` is None then.
+    offload_checkpoints: keep each checkpointed layer's input in pinned host memory instead of on
+    the GPU, copied on a side stream and prefetched for backward (checkpointing.py); needs
+    gradient_checkpointing and a transformers model.
     Returns `model`, with only adapter parameters trainable; prints the trainable-parameter line.
     """
     if not isinstance(model, nn.Module):
@@ -223,6 +233,8 @@ def prepare(
     if not adapter_dtype.is_floating_point:
         raise TypeError(f"adapter_dtype must be a float dtype, got {adapter_dtype}")
     check_method(method)
+    if offload_checkpoints and not gradient_checkpointing:
+        raise ValueError("offload_checkpoints=True needs gradient_checkpointing=True (it offloads the checkpoints)")
     options = {k: v for k, v in (("vera_prng_key", vera_prng_key), ("vera_d_initial", vera_d_initial),
                                  ("delta_lambda", delta_lambda)) if v is not None}  # fmt: skip
     linears = linear_layers(model)
@@ -251,7 +263,7 @@ def prepare(
         linears[name] = layer  # drops the last reference to the float layer: its weight is freed
 
     if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, offload=offload_checkpoints)
     if fused_loss:
         enable_fused_loss(model)
     if verbose:
