@@ -17,6 +17,7 @@ from torch import nn
 
 from . import checkpointing
 from .fused_loss import enable_fused_loss
+from .fused_mlp import enable_fused_mlp
 from .layers import QLoRALinear, is_conv1d
 from .methods import adapter_factory, check_method
 from .nf4 import NF4Weight
@@ -200,6 +201,7 @@ def prepare(
     vera_d_initial: float | None = None,
     delta_lambda: float | None = None,
     fused_loss: bool = True,
+    fused_mlp: bool = True,
     offload_checkpoints: bool = False,
 ) -> nn.Module:
     """Quantize the target linear layers of `model` to NF4 and add an adapter to each; in place.
@@ -219,6 +221,9 @@ def prepare(
     fused_loss: for Llama/Mistral/Qwen2-family causal LMs, compute the training loss
     (`model(..., labels=...)` with gradients enabled) by cross-entropy fused with the LM head and
     chunked over tokens (fused_loss.py): the full logits never exist; `logits` is None then.
+    fused_mlp: run each SwiGLU MLP whose projections carry a plain LoRA adapter as one autograd
+    unit that keeps two [tokens, intermediate] activations for backward instead of four
+    (fused_mlp.py); other adapters and dropout fall back to the modules at call time.
     offload_checkpoints: keep each checkpointed layer's input in pinned host memory instead of on
     the GPU, copied on a side stream and prefetched for backward (checkpointing.py); needs
     gradient_checkpointing and a transformers model.
@@ -266,6 +271,8 @@ def prepare(
         enable_gradient_checkpointing(model, offload=offload_checkpoints)
     if fused_loss:
         enable_fused_loss(model)
+    if fused_mlp:
+        enable_fused_mlp(model)
     if verbose:
         print_trainable_parameters(model)
     return model

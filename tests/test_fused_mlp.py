@@ -1,0 +1,148 @@
+"""The fused LoRA SwiGLU MLP (qlora_ext.fused_mlp): the same loss and gradients as the module-by-
+module path, used exactly where it applies, fewer activations kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_helpers import devices, hf_model, randomize_adapters, token_batch
+
+import qlora_ext
+from qlora_ext import fused_mlp
+from qlora_ext.builtin.tiny_llama import TinyLlama, TinyLlamaConfig
+
+
+def _model(kind="llama", method="lora", dropout=0.0, fused=True, device="cpu", dtype=torch.float32, seed=1):
+    if kind == "builtin":
+        cfg = TinyLlamaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64)  # fmt: skip
+        model = TinyLlama.from_seed(cfg, seed=0).to(dtype)
+    else:
+        model = hf_model(kind, dtype=dtype)
+    torch.manual_seed(3)
+    qlora_ext.prepare(model, r=4, alpha=8, dropout=dropout, method=method, verbose=False, fused_mlp=fused)
+    randomize_adapters(model, seed=seed)
+    return model.to(device).train()
+
+
+def _loss(model, ids):
+    out = model(input_ids=ids, labels=ids)
+    return out[0] if isinstance(out, tuple) else out.loss
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class _CountCalls:
+    def __init__(self, monkeypatch):
+        self.n = 0
+        original = fused_mlp._LoRAMLP.apply
+
+        def counted(*args):
+            self.n += 1
+            return original(*args)
+
+        monkeypatch.setattr(fused_mlp._LoRAMLP, "apply", counted)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "builtin"])
+def test_same_loss_and_gradients_as_the_modules(device, kind, monkeypatch):
+    calls = _CountCalls(monkeypatch)
+    fused, plain = _model(kind, device=device), _model(kind, fused=False, device=device)
+    assert fused_mlp.enable_fused_mlp(plain) == 2 and fused_mlp.enable_fused_mlp(fused) == 0  # already on
+    fused_mlp.disable_fused_mlp(plain)
+    for step in range(3):
+        ids = token_batch(batch=2, seq=12, seed=step).to(device)
+        loss, ref = _loss(fused, ids), _loss(plain, ids)
+        loss.backward()
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        got, want = _grads(fused), _grads(plain)
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+        for model in (fused, plain):  # an update, so that later steps see different adapters
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.add_(p.grad, alpha=-0.05)
+                        p.grad = None
+    # Checkpointing (prepare's default) runs each of the 2 MLPs twice per step: forward + recompute.
+    assert calls.n == 3 * 2 * 2
+
+
+@pytest.mark.parametrize("device", devices)
+def test_bf16_error_within_twice_the_module_paths(device):
+    """FlashAttention's rule: against an fp32 run of the same weights, the fused bf16 path errs at
+    most twice as much as the module-by-module bf16 path."""
+    ids = token_batch(batch=2, seq=16, seed=7).to(device)
+    results = {}
+    for name, fused, dtype in (("ref", False, torch.float32), ("fused", True, torch.bfloat16),
+                               ("plain", False, torch.bfloat16)):  # fmt: skip
+        model = _model("llama", fused=fused, device=device, dtype=torch.float32)
+        model.to(dtype)  # the base model in dtype; NF4 codes unchanged; adapters follow
+        loss = _loss(model, ids)
+        loss.backward()
+        results[name] = (loss.detach().float(), {n: g.float() for n, g in _grads(model).items()})
+    ref_loss, ref_grads = results["ref"]
+    for name in ref_grads:
+        err = (results["fused"][1][name] - ref_grads[name]).abs().max()
+        base = (results["plain"][1][name] - ref_grads[name]).abs().max()
+        assert err <= 2 * base + 1e-6, (name, float(err), float(base))
+    assert abs(results["fused"][0] - ref_loss) <= 2 * abs(results["plain"][0] - ref_loss) + 1e-6
+
+
+@pytest.mark.parametrize("method, dropout", [("dora", 0.0), ("vera", 0.0), ("lora_fa", 0.0), ("lora", 0.1)])
+def test_other_adapters_and_dropout_take_the_modules(method, dropout, monkeypatch):
+    calls = _CountCalls(monkeypatch)
+    model = _model(method=method, dropout=dropout)
+    _loss(model, token_batch()).backward()
+    assert calls.n == 0
+    model.eval()  # dropout is off in eval: plain LoRA is fused again
+    with torch.no_grad():
+        _loss(model, token_batch())
+    assert calls.n == (2 if method == "lora" else 0)
+
+
+@pytest.mark.parametrize("how", ["disabled", "merged"])
+def test_disabled_or_merged_adapters_take_the_modules(how, monkeypatch):
+    from qlora_ext.prepare import qlora_layers
+
+    calls = _CountCalls(monkeypatch)
+    model = _model()
+    for layer in qlora_layers(model).values():
+        layer.disable_adapters() if how == "disabled" else layer.merge()
+    with torch.no_grad():
+        _loss(model, token_batch())
+    assert calls.n == 0
+
+
+def test_a_second_backward_through_the_unit_is_refused():
+    model = _model(fused=True)
+    mlp = model.model.layers[0].mlp  # called directly: no checkpointing around it
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    y = mlp(x)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        y.sum().backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fewer_activations_kept_on_the_device():
+    model = _model("llama", device="cuda")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(4, 256, 64, device="cuda", requires_grad=True)
+    held = {}
+    for fused in (True, False):
+        if not fused:
+            fused_mlp.disable_fused_mlp(model)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        y = mlp(x)
+        held[fused] = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
+        y.sum().backward()
+        del y
+    intermediate = 4 * 256 * 128 * 4  # one [M, I] fp32 activation
+    assert held[False] - held[True] >= 1.9 * intermediate, held
