@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import devices, hf_model, randomize_adapters, token_batch
+from train_helpers import devices, hf_config, hf_model, randomize_adapters, token_batch
 
 import qlora_ext
 from qlora_ext import fused_mlp
 from qlora_ext.builtin.tiny_llama import TinyLlama, TinyLlamaConfig
+
+
+def test_chunk_rows_choice(monkeypatch):
+    x = torch.empty(0)
+    assert fused_mlp.chunk_rows(4096, 14336, x) is None  # CPU: one piece unless forced
+    monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", 1000)
+    assert fused_mlp.chunk_rows(4096, 14336, x) == 1000
+    assert fused_mlp.chunk_rows(1000, 14336, x) is None  # one chunk is one piece
 
 
 def _model(kind="llama", method="lora", dropout=0.0, fused=True, device="cpu", dtype=torch.float32, seed=1):
@@ -17,11 +25,25 @@ def _model(kind="llama", method="lora", dropout=0.0, fused=True, device="cpu", d
         cfg = TinyLlamaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64)  # fmt: skip
         model = TinyLlama.from_seed(cfg, seed=0).to(dtype)
+    elif kind == "llama-mlp-bias":
+        transformers = pytest.importorskip("transformers")
+        config = hf_config("llama")
+        config.mlp_bias = True
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                    proj.bias.normal_()
     else:
         model = hf_model(kind, dtype=dtype)
     torch.manual_seed(3)
     qlora_ext.prepare(model, r=4, alpha=8, dropout=dropout, method=method, verbose=False, fused_mlp=fused)
     randomize_adapters(model, seed=seed)
+    if kind == "llama-mlp-bias":  # trained biases too (prepare froze them): their gradients are checked
+        for layer in model.model.layers:
+            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                proj.bias.requires_grad_(True)
     return model.to(device).train()
 
 
@@ -47,8 +69,10 @@ class _CountCalls:
 
 
 @pytest.mark.parametrize("device", devices)
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "builtin"])
-def test_same_loss_and_gradients_as_the_modules(device, kind, monkeypatch):
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "builtin", "llama-mlp-bias"])
+@pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunks-of-5-rows"])
+def test_same_loss_and_gradients_as_the_modules(device, kind, chunk, monkeypatch):
+    monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", chunk)  # 24 rows: 4 chunks of 5 and one of 4
     calls = _CountCalls(monkeypatch)
     fused, plain = _model(kind, device=device), _model(kind, fused=False, device=device)
     assert fused_mlp.enable_fused_mlp(plain) == 2 and fused_mlp.enable_fused_mlp(fused) == 0  # already on
@@ -127,6 +151,28 @@ def test_a_second_backward_through_the_unit_is_refused():
     y.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         y.sum().backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_chunked_unit_keeps_only_its_input_and_peaks_lower(monkeypatch):
+    model = _model("llama", device="cuda")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(8, 512, 64, device="cuda", requires_grad=True)
+    peaks, grads = {}, {}
+    for chunk in (None, 512):
+        monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", chunk)
+        x.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        y = mlp(x)
+        y.square().sum().backward()
+        peaks[chunk] = torch.cuda.max_memory_allocated() - base
+        grads[chunk] = x.grad.clone()
+        del y
+    torch.testing.assert_close(grads[512], grads[None], rtol=1e-5, atol=1e-6)
+    intermediate = 8 * 512 * 128 * 4  # one [M, I] fp32 activation
+    assert peaks[None] - peaks[512] >= 2 * intermediate, peaks
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -84,43 +84,99 @@ def _swiglu_backward_(dh: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor]
     return g, u
 
 
+def _down_state(h: Tensor, spec, bias, a: Tensor, b: Tensor, needs: tuple[bool, ...]) -> _Saved:
+    """The down projection's backward state for input h, without its forward GEMM (h·Adᵀ is all
+    the state holds beyond h)."""
+    inputs = (h, None, *spec[0], bias, a, b, spec[1])
+    state = _Saved(needs)
+    _nf4_lora_setup(state, inputs, (None, F.linear(h, a.to(h.dtype))))
+    return state
+
+
+def _rows_backward(dy: Tensor, g: Tensor, u: Tensor, gate: _Saved, up: _Saved, down: _Saved):
+    """Backward of the unit over some rows: down's state lacks h, which is recomputed here.
+    Returns (dx, grads of (gate bias, up bias, down bias, Ag, Bg, Au, Bu, Ad, Bd)). Overwrites g, u."""
+    h = F.silu(g) * u
+    down.saved_tensors = (h, *down.saved_tensors[1:])
+    dh, _, *down_rest = _nf4_lora_backward(down, dy, None)
+    down.saved_tensors = h = None
+    dg, du = _swiglu_backward_(dh, g, u)
+    del dh
+    dx, _, *gate_rest = _nf4_lora_backward(gate, dg, None)
+    dxu, _, *up_rest = _nf4_lora_backward(up, du, None)
+    dx.add_(dxu)
+    # _nf4_lora_backward returns grads for (x, x_lora, 9 weight fields, bias, A, B, scale); the
+    # unit's inputs are the three biases, then the three (A, B) pairs.
+    rests = (gate_rest, up_rest, down_rest)
+    grads = [rest[_BIAS - 2] for rest in rests] + [rest[i - 2] for rest in rests for i in (_A, _B)]
+    return dx, grads
+
+
 class _LoRAMLP(torch.autograd.Function):
+    """See the module docstring. With `chunk` rows (long sequences), forward keeps only x and
+    backward recomputes gate and up chunk by chunk: the [tokens, intermediate] activations then
+    exist for one chunk at a time, at the price of the gate and up GEMMs once more."""
+
     @staticmethod
-    def forward(ctx, x, specs, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd):
+    def forward(ctx, x, specs, chunk, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd):
         gate_spec, up_spec, down_spec = specs
-        ctx.device_type = x.device.type
+        ctx.device_type, ctx.chunk, ctx.done = x.device.type, chunk, False
+        ctx.needs = [_needs(True, bias, a, b) for bias, a, b in
+                     ((gate_bias, ag, bg), (up_bias, au, bu), (down_bias, ad, bd))]  # fmt: skip
         with _autocast_off(x.device.type):
-            g, ctx.gate = _project(x, gate_spec, gate_bias, ag, bg, _needs(True, gate_bias, ag, bg))
-            u, ctx.up = _project(x, up_spec, up_bias, au, bu, _needs(True, up_bias, au, bu))
-            h = F.silu(g) * u
-            y, ctx.down = _project(h, down_spec, down_bias, ad, bd, _needs(True, down_bias, ad, bd))
-        # The down projection saved h as its input: drop it, backward recomputes it from g and u.
-        ctx.down.saved_tensors = (None, *ctx.down.saved_tensors[1:])
-        ctx.save_for_backward(g, u)
-        return y
+            if chunk is None:
+                g, ctx.gate = _project(x, gate_spec, gate_bias, ag, bg, ctx.needs[0])
+                u, ctx.up = _project(x, up_spec, up_bias, au, bu, ctx.needs[1])
+                h = F.silu(g) * u
+                y, ctx.down = _project(h, down_spec, down_bias, ad, bd, ctx.needs[2])
+                # down saved h as its input: dropped, backward recomputes it from g and u.
+                ctx.down.saved_tensors = (None, *ctx.down.saved_tensors[1:])
+                ctx.save_for_backward(g, u)
+                return y
+            ctx.specs = specs
+            ctx.save_for_backward(x, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd)
+            x2 = x.reshape(-1, x.shape[-1])
+            y = x.new_empty((x2.shape[0], down_spec[0][7][0]))
+            for begin in range(0, x2.shape[0], chunk):
+                rows = x2[begin : begin + chunk]
+                g, _ = _nf4_lora_linear_impl(rows, None, *gate_spec[0], gate_bias, ag, bg, gate_spec[1])
+                u, _ = _nf4_lora_linear_impl(rows, None, *up_spec[0], up_bias, au, bu, up_spec[1])
+                h = F.silu(g) * u
+                del g, u
+                y[begin : begin + chunk], _ = _nf4_lora_linear_impl(h, None, *down_spec[0], down_bias, ad, bd, down_spec[1])
+            return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        if ctx.down is None:
+        if ctx.done:
             raise RuntimeError("the fused LoRA MLP's backward ran twice (retain_graph): its saved "
                                "activations were overwritten by the first; disable it with "
                                "qlora_ext.fused_mlp.disable_fused_mlp(model)")
-        g, u = ctx.saved_tensors
+        ctx.done = True
         with _autocast_off(ctx.device_type):
-            h = F.silu(g) * u
-            ctx.down.saved_tensors = (h, *ctx.down.saved_tensors[1:])
-            dh, _, *down_rest = _nf4_lora_backward(ctx.down, dy, None)
-            ctx.down = h = None
-            dg, du = _swiglu_backward_(dh, g, u)
-            del dh
-            dx, _, *gate_rest = _nf4_lora_backward(ctx.gate, dg, None)
-            dxu, _, *up_rest = _nf4_lora_backward(ctx.up, du, None)
-            dx.add_(dxu)
-        ctx.gate = ctx.up = None
-        # _nf4_lora_backward returns grads for (x, x_lora, 9 weight fields, bias, A, B, scale).
-        pick = lambda rest: (rest[_BIAS - 2], rest[_A - 2], rest[_B - 2])  # noqa: E731
-        (gb, dag, dbg), (ub, dau, dbu), (db, dad, dbd) = pick(gate_rest), pick(up_rest), pick(down_rest)
-        return dx, None, gb, ub, db, dag, dbg, dau, dbu, dad, dbd
+            if ctx.chunk is None:
+                g, u = ctx.saved_tensors
+                dx, grads = _rows_backward(dy, g, u, ctx.gate, ctx.up, ctx.down)
+                ctx.gate = ctx.up = ctx.down = None
+                return dx, None, None, *grads
+            return (*_chunked_backward(ctx, dy),)
+
+
+def _chunked_backward(ctx, dy: Tensor):
+    x, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd = ctx.saved_tensors
+    gate_spec, up_spec, down_spec = ctx.specs
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dx = torch.empty_like(x2)
+    total: list[Tensor | None] = [None] * 9
+    for begin in range(0, x2.shape[0], ctx.chunk):
+        rows = x2[begin : begin + ctx.chunk]
+        g, gate = _project(rows, gate_spec, gate_bias, ag, bg, ctx.needs[0])
+        u, up = _project(rows, up_spec, up_bias, au, bu, ctx.needs[1])
+        down = _down_state(F.silu(g) * u, down_spec, down_bias, ad, bd, ctx.needs[2])
+        down.saved_tensors = (None, *down.saved_tensors[1:])  # recomputed by _rows_backward
+        dx[begin : begin + ctx.chunk], grads = _rows_backward(dy2[begin : begin + ctx.chunk], g, u, gate, up, down)
+        total = [t if t is None else (t if acc is None else acc.add_(t)) for acc, t in zip(total, grads)]
+    return dx.view(x.shape), None, None, *total
 
 
 def _plain_lora(layer) -> LoRAAdapter | None:
@@ -138,6 +194,29 @@ def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation" or act is F.silu
 
 
+#: Rows per chunk of the MLP in training: None chooses (see chunk_rows); an int forces it.
+CHUNK_ROWS: int | None = None
+#: Share of the free device memory that the unit's [rows, intermediate] activations may take
+#: before it works chunk by chunk.
+ACTIVATION_SHARE = 0.25
+
+
+def chunk_rows(rows: int, intermediate: int, x: Tensor) -> int | None:
+    """None (one piece) unless the unit's activations — g, u, h and dh, [rows, intermediate] each
+    — would take more than ACTIVATION_SHARE of the device's free memory; then the most rows per
+    chunk that fit (at least 1024). CPU: one piece."""
+    if CHUNK_ROWS is not None:
+        return CHUNK_ROWS if CHUNK_ROWS < rows else None
+    need = 4 * rows * intermediate * x.element_size()
+    if x.device.type != "cuda" or need < (256 << 20):  # small: not worth asking the driver
+        return None
+    free, _ = torch.cuda.mem_get_info(x.device)
+    budget = int(free * ACTIVATION_SHARE)
+    if need <= budget:
+        return None
+    return max(1024, budget // (4 * intermediate * x.element_size()))
+
+
 def lora_mlp(x: Tensor, gate: QLoRALinear, up: QLoRALinear, down: QLoRALinear) -> Tensor | None:
     """down(silu(gate(x)) * up(x)) as one autograd unit, or None where it does not apply (see the
     module docstring); the caller then runs the modules."""
@@ -146,7 +225,10 @@ def lora_mlp(x: Tensor, gate: QLoRALinear, up: QLoRALinear, down: QLoRALinear) -
         return None
     specs = tuple((_weight_args(layer.weight), float(a.scale)) for layer, a in zip((gate, up, down), adapters))
     factors = [t for a in adapters for t in (a.lora_A.weight, a.lora_B.weight)]
-    return _LoRAMLP.apply(x, specs, gate.bias, up.bias, down.bias, *factors)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    # Chunked also without grad: checkpointing's first forward is where a long sequence peaks.
+    chunk = chunk_rows(rows, gate.weight.shape[0], x)
+    return _LoRAMLP.apply(x, specs, chunk, gate.bias, up.bias, down.bias, *factors)
 
 
 def _fused_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
