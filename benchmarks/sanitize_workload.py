@@ -79,5 +79,16 @@ for (n_out, k) in ((64, 128), (33, 96), (17, 45), (130, 256)):
                 scales = (nested.absmax2, nested.code, nested.offset.reshape(1), nested.blocksize) if nested else ()
                 for b in (bias, None):  # the operator itself: fast path for 16-bit x, generic for fp32/odd K
                     qlora_ext.ops.nf4_gemv(x, q.packed, q.absmax, q.blocksize, list(q.shape), b, *scales)
+# DoRA's scale and its backward: odd N (scalar columns), N % 8 == 0 (vector columns), one and several
+# row chunks, r = 1 and 16, every activation dtype
+for n_out, r in ((45, 4), (64, 16), (1, 1)):
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        wa = torch.randn(n_out, r, device=dev).to(dt)
+        a, b = torch.randn(r, 70, device=dev), torch.randn(n_out, r, device=dev)
+        col_scale, inv_norm = torch.ops.qlora_ext.dora_scale(wa, a, b, torch.rand(n_out, device=dev) + 1,
+                                                             torch.rand(n_out, device=dev), 0.5)  # fmt: skip
+        for m_rows in (1, 33, 3000):
+            dy, z = (torch.randn(m_rows, n_out, device=dev, dtype=dt) for _ in range(2))
+            torch.ops.qlora_ext.dora_scale_backward(dy, z, col_scale, inv_norm)
 torch.cuda.synchronize()
 print("sanitize workload done")

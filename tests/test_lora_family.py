@@ -588,3 +588,89 @@ def test_torch_compile_dora_layer():
     x = torch.randn(3, 67)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
+
+
+# ---- DoRA's native scale operators (qlora_ext::dora_scale, dora_scale_backward) -----------------
+
+from qlora_ext.dora import (  # noqa: E402
+    dora_scale,
+    dora_scale_backward,
+    dora_scale_backward_reference,
+    dora_scale_reference,
+    nf4_dora_linear,
+)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,r", [(45, 4), (1, 1), (300, 16), (96, 80)], ids=["odd", "1x1", "r16", "r80"])
+def test_dora_scale_matches_reference(n, r, dtype, device):
+    """The native scale vs its reference, and n vs the dense norm ‖W + s·B·A‖_row."""
+    g = torch.Generator().manual_seed(n + r)
+    k = 70
+    w = torch.randn(n, k, generator=g).to(device)
+    a, b = (torch.randn(r, k, generator=g) * 0.3).to(device), (torch.randn(n, r, generator=g) * 0.3).to(device)
+    m = torch.rand(n, generator=g).to(device) + 0.5
+    wa, sq, s = (w @ a.t()).to(dtype), w.square().sum(1), 1.5
+    args = (wa, a, b, sq, m, s)
+    col_scale, inv_norm = dora_scale(*args)
+    ref_scale, ref_inv = dora_scale_reference(*args)
+    assert col_scale.dtype == dtype and inv_norm.dtype == torch.float32
+    torch.testing.assert_close(inv_norm, ref_inv, rtol=1e-5, atol=0)
+    torch.testing.assert_close(col_scale, ref_scale, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
+    if dtype == torch.float32:
+        dense = torch.linalg.vector_norm(w + s * b @ a, dim=1)
+        torch.testing.assert_close(inv_norm.reciprocal(), dense, rtol=1e-5, atol=0)
+    torch.library.opcheck(torch.ops.qlora_ext.dora_scale.default, args)
+    # adapters in bf16 are read as they are (no fp32 copy needed by the caller)
+    low = dora_scale(wa, a.bfloat16(), b.bfloat16(), sq, m.bfloat16(), s)[1]
+    torch.testing.assert_close(low, dora_scale_reference(wa, a.bfloat16(), b.bfloat16(), sq, m.bfloat16(), s)[1])
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("lead,n", [((1,), 8), ((3, 5), 45), ((300,), 64), ((1030,), 24), ((4,), 1), ((0,), 5)],
+                         ids=["M1", "3d-odd", "M300", "chunks", "N1", "M0"])  # fmt: skip
+def test_dora_scale_backward_matches_reference(lead, n, dtype, device):
+    g = torch.Generator().manual_seed(n)
+    dy, z = (torch.randn(*lead, n, generator=g).to(device, dtype) for _ in range(2))
+    col_scale = (torch.rand(n, generator=g) + 0.5).to(device, dtype)
+    inv_norm = (torch.rand(n, generator=g) + 0.5).to(device)
+    dz, dm = dora_scale_backward(dy, z, col_scale, inv_norm)
+    ref_dz, ref_dm = dora_scale_backward_reference(dy, z, col_scale, inv_norm)
+    assert dz.shape == dy.shape and dz.dtype == dtype and dm.dtype == torch.float32
+    torch.testing.assert_close(dz, ref_dz, rtol=0, atol=0)  # one product, rounded once either way
+    torch.testing.assert_close(dm, ref_dm, rtol=1e-5, atol=1e-5 * max(1, math.prod(lead)) ** 0.5)
+    torch.library.opcheck(torch.ops.qlora_ext.dora_scale_backward.default, (dy, z, col_scale, inv_norm))
+    # a non-contiguous dy (as autograd may hand over) gives the same result
+    dy_t = dy.transpose(0, -1).contiguous().transpose(0, -1) if dy.dim() > 1 else dy
+    torch.testing.assert_close(dora_scale_backward(dy_t, z, col_scale, inv_norm)[1], dm)
+
+
+def test_dora_ops_bad_input():
+    wa, a, b = torch.randn(6, 2), torch.randn(2, 5), torch.randn(6, 2)
+    sq, m = torch.ones(6), torch.ones(6)
+    with pytest.raises(RuntimeError, match=r"lora_B must be \[N, r\] = \[6, 2\], got \[6, 3\]"):
+        torch.ops.qlora_ext.dora_scale(wa, a, torch.randn(6, 3), sq, m, 1.0)
+    with pytest.raises(RuntimeError, match="weight_sq must be float32"):
+        torch.ops.qlora_ext.dora_scale(wa, a, b, sq.double(), m, 1.0)
+    with pytest.raises(RuntimeError, match=r"magnitude must be \[N\] = \[6\]"):
+        torch.ops.qlora_ext.dora_scale(wa, a, b, sq, torch.ones(5), 1.0)
+    with pytest.raises(RuntimeError, match="wa must be"):
+        torch.ops.qlora_ext.dora_scale(wa.int(), a, b, sq, m, 1.0)
+    with pytest.raises(RuntimeError, match="z must have dy's shape"):
+        torch.ops.qlora_ext.dora_scale_backward(torch.randn(3, 6), torch.randn(2, 6), m, sq)
+    with pytest.raises(RuntimeError, match="must have dy's dtype"):
+        torch.ops.qlora_ext.dora_scale_backward(torch.randn(3, 6), torch.randn(3, 6), m.bfloat16(), sq)
+    with pytest.raises(RuntimeError, match="inv_norm must be float32"):
+        torch.ops.qlora_ext.dora_scale_backward(torch.randn(3, 6), torch.randn(3, 6), m, sq.double())
+    q = qlora_ext.NF4Weight.from_float(torch.randn(6, 64))
+    with pytest.raises(ValueError, match=r"magnitude and weight_sq must be \[6\]"):
+        nf4_dora_linear(torch.randn(2, 64), q, None, torch.randn(2, 64), b, torch.ones(7), torch.ones(6), 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dora_ops_dispatch_cuda_kernels():
+    """A CUDA build must run the CUDA kernels: this names the cause if a build silently lacks them."""
+    for op in ("dora_scale", "dora_scale_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qlora_ext::{op}", "CUDA"), op

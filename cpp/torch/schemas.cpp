@@ -1,5 +1,6 @@
 // Every operator of the qlora_ext namespace, one line each on what it computes and its shapes.
 // Implementations: ops_cpu.cpp, ops_cuda.cpp; fake kernels and autograd: python/qlora_ext/_ops.py.
+// DoRA: dora_ops_cpu.cpp, dora_ops_cuda.cpp; fakes: python/qlora_ext/dora.py.
 // AdamW steps: adamw_ops_cpu.cpp, adamw_ops_cuda.cpp; their fakes: python/qlora_ext/optim/ops.py.
 #include <torch/library.h>
 
@@ -25,6 +26,17 @@ TORCH_LIBRARY(qlora_ext, m) {
       "nf4_gemv(Tensor x, Tensor packed, Tensor absmax, int blocksize, SymInt[] weight_shape, "
       "Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, "
       "Tensor? nested_offset=None, int nested_blocksize=256) -> Tensor");
+  // DoRA's column scale (math: qlora/dora.h), its detached norm taken without forming W + s·B·A:
+  // wa = deq(W)·Aᵀ [N, r] fp32/fp16/bf16, lora_A [r, K], lora_B [N, r], weight_sq = ‖deq(W)_i‖²
+  // fp32 [N], magnitude [N] -> (col_scale = m/‖W + s·B·A‖_row [N] in wa's dtype, inv_norm fp32 [N])
+  m.def(
+      "dora_scale(Tensor wa, Tensor lora_A, Tensor lora_B, Tensor weight_sq, Tensor magnitude, "
+      "float scale) -> (Tensor col_scale, Tensor inv_norm)");
+  // Its backward in one pass: dy, z [..., N] and col_scale [N] of one dtype, inv_norm fp32 [N]
+  // -> (dz = dy ⊙ col_scale [..., N], dmagnitude = inv_norm ⊙ Σ_rows dy ⊙ z fp32 [N])
+  m.def(
+      "dora_scale_backward(Tensor dy, Tensor z, Tensor col_scale, Tensor inv_norm) "
+      "-> (Tensor dz, Tensor dmagnitude)");
   // x fp32 [any shape, n] + sorted code map fp32 [256] -> (codes uint8 [x.shape], absmax fp32 [ceil(n/blocksize)])
   m.def("blockwise8_quantize(Tensor x, Tensor code, int blocksize, Tensor? offset=None) -> (Tensor codes, Tensor absmax)");
   // codes uint8 [any shape, n] + absmax fp32 [ceil(n/blocksize)] + code fp32 [256] -> fp32 [codes.shape]
@@ -52,4 +64,8 @@ TORCH_LIBRARY_IMPL(qlora_ext, Autograd, m) {
   m.impl("nf4_dequantize", torch::CppFunction::makeFallthrough());
   m.impl("blockwise8_quantize", torch::CppFunction::makeFallthrough());
   m.impl("blockwise8_dequantize", torch::CppFunction::makeFallthrough());
+  // DoRA's scale and its backward are the pieces of nf4_dora_linear's forward and backward
+  // (python/qlora_ext/dora.py), which carries the autograd.
+  m.impl("dora_scale", torch::CppFunction::makeFallthrough());
+  m.impl("dora_scale_backward", torch::CppFunction::makeFallthrough());
 }

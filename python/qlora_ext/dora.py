@@ -17,11 +17,13 @@ small op per layer counts):
 - ‖W_i‖² [out] is computed once per NF4 weight (W is frozen), cached by the adapter, passed in.
 - wa = W·Aᵀ [out, r] changes every step (A trains); it comes from the dequantized W the forward
   GEMM already holds: 2·out·in·r FLOPs (r/M of the base GEMM; 0.8% at r = 16, M = 2048).
-- n² then takes three small products (A·Aᵀ [r, r], one addmm [out, r], one row dot) and the add
-  of ‖W‖²; c = m·rsqrt(n²); y = z·c (+ bias) in one addcmul.
-- Backward is written by hand: dz = dy·c once, then LoRA's backward on dz (the norm is constant);
-  dm = Σ_rows(dy ⊙ z)/n; dbias = Σ_rows dy. That replaces autograd's graph of the scaling
-  (a mul node saving both operands, an expand/sum for m, the cast, the bias add).
+- n² and c = m/n then take one native kernel, `qlora_ext::dora_scale` (plus A·Aᵀ [r, r]; math in
+  qlora/dora.h), where the same math in ATen is six launches; y = z·c (+ bias) in one addcmul.
+- Backward is written by hand: `qlora_ext::dora_scale_backward` gives dz = dy·c and
+  dm = Σ_rows(dy ⊙ z)/n in one pass over dy and z; then LoRA's backward on dz (the norm is
+  constant); dbias = Σ_rows dy. That replaces autograd's graph of the scaling (a mul node saving
+  both operands, an expand/sum for m, the cast, the bias add).
+- fp64 (gradcheck) takes the plain-PyTorch references of the two native ops.
 - z [M, out] is kept for dm (one activation the size of the layer output, as in PEFT).
   Recomputing it instead would cost a second base GEMM in backward (M·out·in MACs, the dominant
   cost of the layer) to save memory that gradient checkpointing already bounds to one block.
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._native import native
 from .adapters import LoRAAdapter
 from .lora_linear import (
     _dequantize,
@@ -52,20 +55,86 @@ from .lora_linear import (
 )
 from .nf4 import NF4Weight
 
-# ---- the norm ------------------------------------------------------------------------------------
+# ---- the scale and its backward: native ops, and their plain-PyTorch references ------------------
+
+# The activation dtypes of the native DoRA kernels; others (fp64, for gradcheck) take the reference.
+NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _row_norm_sq(wa: Tensor, lora_A: Tensor, lora_B: Tensor, weight_sq: Tensor, scale: float) -> Tensor:
-    """n² = ‖W + s·BA‖²_row [out] in weight_sq's dtype (fp32) from wa = W·Aᵀ [out, r] and
-    ‖W‖² [out]: n² = ‖W‖² + Σ_j B_ij·(2s·wa + s²·B·(A·Aᵀ))_ij. Casts are skipped when the
-    operands already have that dtype (fp32 adapters: only wa, computed in x's dtype, is cast)."""
-    nd = weight_sq.dtype
-    a = lora_A if lora_A.dtype == nd else lora_A.to(nd)
-    b = lora_B if lora_B.dtype == nd else lora_B.to(nd)
-    wa = wa if wa.dtype == nd else wa.to(nd)
-    t = torch.addmm(wa, b, F.linear(a, a), beta=2 * scale, alpha=scale * scale)  # [out, r]; A·Aᵀ is symmetric
-    return torch.linalg.vecdot(b, t).add_(weight_sq)
+    """n² = ‖W + s·BA‖²_row [out] (fp32; fp64 for fp64 wa) from wa = W·Aᵀ [out, r] and ‖W‖² [out]:
+    n² = ‖W‖² + Σ_j B_ij·(2s·wa + s²·B·(A·Aᵀ))_ij."""
+    dt = torch.float64 if wa.dtype == torch.float64 else torch.float32
+    a, b = lora_A.to(dt), lora_B.to(dt)
+    t = torch.addmm(wa.to(dt), b, F.linear(a, a), beta=2 * scale, alpha=scale * scale)  # [out, r]; A·Aᵀ symmetric
+    return torch.linalg.vecdot(b, t).add_(weight_sq.to(dt))
 
+
+def dora_scale_reference(wa: Tensor, lora_A: Tensor, lora_B: Tensor, weight_sq: Tensor, magnitude: Tensor,
+                         scale: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """qlora_ext::dora_scale in plain PyTorch: (c = m/n [N] in wa's dtype, 1/n [N] fp32, fp64 for
+    fp64 wa). A zero row norm gives inf, as the dense formula does."""
+    inv_norm = _row_norm_sq(wa, lora_A, lora_B, weight_sq, scale).clamp_min_(0).rsqrt_()
+    return (magnitude.to(inv_norm.dtype) * inv_norm).to(wa.dtype), inv_norm
+
+
+def dora_scale_backward_reference(dy: Tensor, z: Tensor, col_scale: Tensor, inv_norm: Tensor) -> tuple[Tensor, Tensor]:
+    """qlora_ext::dora_scale_backward in plain PyTorch: (dz = dy ⊙ c, dm = Σ_rows dy ⊙ z / n in
+    inv_norm's dtype)."""
+    n = dy.shape[-1]
+    rows = (dy.to(inv_norm.dtype) * z.to(inv_norm.dtype)).reshape(math.prod(dy.shape[:-1]), n)
+    return dy * col_scale, rows.sum(0) * inv_norm
+
+
+def dora_scale(wa: Tensor, lora_A: Tensor, lora_B: Tensor, weight_sq: Tensor, magnitude: Tensor,
+               scale: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(col_scale = m / ‖W + s·B·A‖_row [N] in wa's dtype, inv_norm fp32 [N]) from wa = deq(W)·Aᵀ
+    [N, r], A [r, K], B [N, r], ‖deq(W)_i‖² fp32 [N] and m [N]: one native kernel (plus A·Aᵀ)
+    where the reference takes six. Not differentiable: the norm is detached, and m's gradient
+    comes from dora_scale_backward."""
+    if wa.dtype in NATIVE_DTYPES:
+        return torch.ops.qlora_ext.dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, float(scale))
+    return dora_scale_reference(wa, lora_A, lora_B, weight_sq, magnitude, scale)
+
+
+def dora_scale_backward(dy: Tensor, z: Tensor, col_scale: Tensor, inv_norm: Tensor) -> tuple[Tensor, Tensor]:
+    """(dz = dy ⊙ col_scale [..., N], dm = inv_norm ⊙ Σ_rows dy ⊙ z fp32 [N]): one pass over dy and
+    z on the native path."""
+    if dy.dtype in NATIVE_DTYPES:
+        return torch.ops.qlora_ext.dora_scale_backward(dy, z, col_scale, inv_norm)
+    return dora_scale_backward_reference(dy, z, col_scale, inv_norm)
+
+
+def _register_native_fakes() -> None:
+    try:
+        native()
+    except ImportError:
+        return  # the package imports without _C; the operators say what to do on first use
+
+    @torch.library.register_fake("qlora_ext::dora_scale")
+    def _(wa, lora_A, lora_B, weight_sq, magnitude, scale):
+        torch._check(wa.dim() == 2, lambda: f"wa must be [N, r], got {tuple(wa.shape)}")
+        n, r = wa.shape
+        torch._check(lora_A.dim() == 2 and lora_A.shape[0] == r, lambda: f"lora_A must be [{r}, K]")
+        torch._check(tuple(lora_B.shape) == (n, r), lambda: f"lora_B must be [{n}, {r}]")
+        torch._check(tuple(weight_sq.shape) == (n,) and weight_sq.dtype == torch.float32,
+                     lambda: f"weight_sq must be float32 [{n}]")  # fmt: skip
+        torch._check(tuple(magnitude.shape) == (n,), lambda: f"magnitude must be [{n}]")
+        return wa.new_empty((n,)), wa.new_empty((n,), dtype=torch.float32)
+
+    @torch.library.register_fake("qlora_ext::dora_scale_backward")
+    def _(dy, z, col_scale, inv_norm):
+        torch._check(dy.dim() >= 1, lambda: "dy must be [..., N]")
+        n = dy.shape[-1]
+        torch._check(z.shape == dy.shape and z.dtype == dy.dtype, lambda: "z must have dy's shape and dtype")
+        torch._check(tuple(col_scale.shape) == (n,) and col_scale.dtype == dy.dtype,
+                     lambda: f"col_scale must be [{n}] of dy's dtype")  # fmt: skip
+        torch._check(tuple(inv_norm.shape) == (n,) and inv_norm.dtype == torch.float32,
+                     lambda: f"inv_norm must be float32 [{n}]")  # fmt: skip
+        return dy.new_empty(dy.shape), dy.new_empty((n,), dtype=torch.float32)
+
+
+_register_native_fakes()
 
 # ---- qlora_ext::nf4_dora_linear ----------------------------------------------------------------
 # Arguments 0-14 are nf4_lora_linear's, in its order, so that LoRA's backward can be reused with
@@ -91,7 +160,7 @@ def _nf4_dora_linear_impl(
     magnitude: Tensor,  # m [N]
     weight_sq: Tensor,  # ‖deq(W)_i‖² [N] (fp32), constant
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # y [..., N]; z [..., N]; xa [..., r]; 1/n [N] (weight_sq's dtype); c = m/n [N] (x's dtype)
+    # y [..., N]; z [..., N]; xa [..., r]; 1/n [N] fp32 (fp64 for fp64 x); c = m/n [N] (x's dtype)
     dtype = x.dtype
     xl = x if x_lora is None else x_lora
     w = _dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
@@ -103,9 +172,8 @@ def _nf4_dora_linear_impl(
     xa = F.linear(xl, a)  # [..., r]
     rows, n_out = math.prod(x.shape[:-1]), weight_shape[0]
     z.view(rows, n_out).addmm_(xa.reshape(rows, -1), lora_B.to(dtype).t(), alpha=scale)
-    inv_norm = _row_norm_sq(wa, lora_A, lora_B, weight_sq, scale).rsqrt_()
     # c rounded to x's dtype once, used by forward and backward alike (as autograd would)
-    c = (magnitude * inv_norm).to(dtype)
+    c, inv_norm = dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, scale)
     y = torch.mul(z, c) if bias is None else torch.addcmul(bias.to(dtype), z, c)
     return y, z, xa, inv_norm, c
 
@@ -120,7 +188,9 @@ def _(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, bloc
     torch._check(tuple(magnitude.shape) == (n_out,), lambda: f"magnitude must be [{n_out}], got {tuple(magnitude.shape)}")
     torch._check(tuple(weight_sq.shape) == (n_out,), lambda: f"weight_sq must be [{n_out}], got {tuple(weight_sq.shape)}")
     y = x.new_empty((*lead, n_out))
-    return y, torch.empty_like(y), x.new_empty((*lead, r)), weight_sq.new_empty(n_out), x.new_empty(n_out)
+    norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (y, torch.empty_like(y), x.new_empty((*lead, r)), weight_sq.new_empty(n_out, dtype=norm_dtype),
+            x.new_empty(n_out))  # fmt: skip
 
 
 def _nf4_dora_setup(ctx, inputs, output):
@@ -157,15 +227,16 @@ def _nf4_dora_backward(ctx, dy, _dz, _dxa, _dinv_norm, _dc):
         return (None,) * 17
     saved = ctx.saved_tensors
     z, inv_norm, c = saved[9:]
-    grads = list(_nf4_lora_backward(_LoRAGradContext(ctx, saved), dy * c, None))  # dz = dy·c, n constant
-    rows = list(range(dy.dim() - 1))
-    if need[11]:
-        grads[11] = dy.sum(rows).to(ctx.bias_dtype)
     dm = None
-    if need[15]:  # Σ_rows dy ⊙ z, accumulated in the norm's dtype, then / n
-        dm = torch.mul(dy, z).sum(rows, dtype=inv_norm.dtype).mul_(inv_norm)
+    if need[15]:  # dz = dy·c (n constant) and dm = Σ_rows dy ⊙ z / n in one pass
+        dz, dm = dora_scale_backward(dy, z, c, inv_norm)
         if dm.dtype != ctx.magnitude_dtype:  # a no-op .to() still costs a dispatch
             dm = dm.to(ctx.magnitude_dtype)
+    else:
+        dz = dy * c
+    grads = list(_nf4_lora_backward(_LoRAGradContext(ctx, saved), dz, None))
+    if need[11]:
+        grads[11] = dy.sum(list(range(dy.dim() - 1))).to(ctx.bias_dtype)
     return (*grads, dm, None)
 
 

@@ -1,0 +1,61 @@
+// DoRA's per-output-column scale and its backward (Liu et al. 2024, arXiv 2402.09353). Torch-free:
+// plain pointers and sizes; the torch glue is cpp/torch/dora_ops_{cpu,cuda}.cpp.
+//
+// DoRA's weight is W' = m ⊙ V / ‖V‖_row with V = W + s·B·A (W [N, K], A [r, K], B [N, r]) and the
+// norm detached (a constant in backward, paper §4.3). Nothing [N, K] is formed for the norm: with
+// wa = W·Aᵀ [N, r] (taken from the W the forward GEMM dequantizes anyway) and G = A·Aᵀ [r, r],
+//
+//     n_i² = ‖W_i‖² + 2s·⟨W_i, (BA)_i⟩ + s²·‖(BA)_i‖²
+//          = weight_sq_i + Σ_j B_ij·(2s·wa_ij + s²·Σ_l G_jl·B_il)          O(r²) per row
+//     inv_norm_i = 1 / √max(n_i², 0)        (a zero row gives inf, as the dense formula does)
+//     col_scale_i = m_i · inv_norm_i
+//
+// so that y = z ⊙ col_scale (+ bias) with z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ, the plain LoRA output.
+// Backward (n constant):  dz = dy ⊙ col_scale;   dm_i = inv_norm_i · Σ_rows dy_i·z_i.
+//
+// Everything is summed in fp32 (the CPU column sums of the backward in double); col_scale and dz
+// are rounded once to the activation type T (that of wa, z, dy).
+#pragma once
+
+#include <cstdint>
+
+#include "qlora/float_types.h"
+
+#if defined(QLORA_WITH_CUDA) || defined(__CUDACC__)
+#include <cuda_runtime.h>
+#endif
+
+namespace qlora {
+
+// Rows [row_begin, row_end) of the forward: wa [N, r] of `type`; lora_B fp32 [N, r]; gram = A·Aᵀ
+// fp32 [r, r]; weight_sq, magnitude fp32 [N] -> col_scale [N] of `type`, inv_norm fp32 [N].
+void dora_scale_cpu(const void* wa, FloatType type, const float* lora_b, const float* gram,
+                    const float* weight_sq, const float* magnitude, int64_t r, float scale,
+                    int64_t row_begin, int64_t row_end, void* col_scale, float* inv_norm);
+
+// Columns [col_begin, col_end) of the backward: dy, z [M, N] and col_scale [N] of `type`,
+// inv_norm fp32 [N] -> dz [M, N] of `type`, dmagnitude fp32 [N].
+void dora_scale_backward_cpu(const void* dy, const void* z, const void* col_scale,
+                             const float* inv_norm, FloatType type, int64_t M, int64_t N,
+                             int64_t col_begin, int64_t col_end, void* dz, float* dmagnitude);
+
+#if defined(QLORA_WITH_CUDA) || defined(__CUDACC__)
+// dora_cuda.cu, the forward above for all N rows (device pointers), on `stream`.
+cudaError_t dora_scale_cuda(const void* wa, FloatType type, const float* lora_b,
+                            const float* gram, const float* weight_sq, const float* magnitude,
+                            int64_t N, int64_t r, float scale, void* col_scale, float* inv_norm,
+                            cudaStream_t stream);
+
+// dora_cuda.cu, the backward above for all of [M, N] (M >= 1, N >= 1). `partial` is fp32 scratch
+// of dora_backward_chunks(M, N, num_sms) * N elements: per-chunk column sums, reduced in a
+// fixed order by a second launch, so dmagnitude is deterministic (no atomics).
+cudaError_t dora_scale_backward_cuda(const void* dy, const void* z, const void* col_scale,
+                                     const float* inv_norm, FloatType type, int64_t M, int64_t N,
+                                     int num_sms, void* dz, float* dmagnitude, float* partial,
+                                     cudaStream_t stream);
+
+// The number of row chunks dora_scale_backward_cuda splits [M, N] into (its scratch's rows).
+int64_t dora_backward_chunks(int64_t M, int64_t N, int num_sms);
+#endif
+
+}  // namespace qlora

@@ -1,0 +1,185 @@
+// DoRA's per-column scale (forward) and its backward on CUDA (math: qlora/dora.h).
+//
+// Both exist to replace chains of small ATen kernels: the DoRA forward and backward of a layer
+// run for each of ~150 adapted linears per step, where every extra launch and every extra pass
+// over an [M, N] activation shows in the step time.
+//
+// dora_scale: one thread per row i of W (N rows): n_i² = weight_sq_i + Σ_j B_ij·(2s·wa_ij +
+//   s²·(G·B_iᵀ)_j), O(r²) fp32 FMAs reading B's row (r floats, then L1 hits) and G = A·Aᵀ (the
+//   same r² floats for every thread: L1 broadcasts). Bytes ~ N·(4r + 2r + 12) — a few µs, launch
+//   bound; it replaces the six launches of the same math in ATen. Launch: 256 threads, N/256 CTAs.
+//
+// dora_scale_backward: dz = dy ⊙ c (c = col_scale) and dm = inv_norm ⊙ Σ_rows dy ⊙ z in one pass:
+//   reads dy and z, writes dz (3·M·N·sizeof(T) bytes; 3 FLOPs per element, memory bound), plus
+//   fp32 partial column sums, chunks·N·4 bytes written and read once (5-8% more at M = 2048, bf16).
+//   Launch: a thread owns 8 consecutive columns (16-byte vector loads and stores when N % 8 == 0
+//   and the pointers are aligned; scalar otherwise), up to 256 threads per CTA along N, grid.y =
+//   row chunks sized to give ~2 CTAs per SM; each thread sums its 8 columns over its chunk's rows
+//   in fp32 and writes one partial per column. A second launch adds the chunks' partials in a
+//   fixed order and multiplies by inv_norm: deterministic, no atomics. With a single chunk the
+//   first launch writes dm itself.
+#include <algorithm>
+
+#include "cuda_common.cuh"
+#include "qlora/dora.h"
+
+namespace qlora {
+namespace {
+
+using namespace cuda_detail;
+
+constexpr int kScaleThreads = 256;
+constexpr int kVec = 8;  // columns per thread in the backward
+constexpr int kMaxBackwardThreads = 256;
+constexpr int64_t kMinRowsPerChunk = 16;
+
+template <typename T>
+__global__ void dora_scale_kernel(const T* __restrict__ wa, const float* __restrict__ b,
+                                  const float* __restrict__ gram,
+                                  const float* __restrict__ weight_sq,
+                                  const float* __restrict__ magnitude, int64_t N, int r,
+                                  float two_s, float s_sq, T* __restrict__ col_scale,
+                                  float* __restrict__ inv_norm) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= N) return;
+  const float* b_row = b + i * r;
+  const T* wa_row = wa + i * r;
+  float cross = 0.0f, quad = 0.0f;  // ⟨B_i, wa_i⟩ and B_i·G·B_iᵀ
+  for (int j = 0; j < r; ++j) {
+    float g_b = 0.0f;
+    for (int l = 0; l < r; ++l) g_b = fmaf(__ldg(gram + j * r + l), __ldg(b_row + l), g_b);
+    const float b_j = __ldg(b_row + j);
+    cross = fmaf(b_j, Element<T>::to_float(wa_row[j]), cross);
+    quad = fmaf(b_j, g_b, quad);
+  }
+  const float norm_sq = weight_sq[i] + (two_s * cross + s_sq * quad);
+  // IEEE sqrt and division (no rsqrtf approximation), as the CPU kernel computes it.
+  const float inv = 1.0f / sqrtf(fmaxf(norm_sq, 0.0f));
+  inv_norm[i] = inv;
+  col_scale[i] = Element<T>::from_float(magnitude[i] * inv);
+}
+
+// Rows [blockIdx.y·rows_per_chunk, +rows_per_chunk) × this thread's 8 columns. `out` receives
+// the chunk's column sums of dy ⊙ z (row blockIdx.y of the partials), or, when `finish_inv_norm`
+// is given (a single chunk), dm itself.
+template <typename T>
+__global__ void dora_backward_kernel(const T* __restrict__ dy, const T* __restrict__ z,
+                                     const T* __restrict__ col_scale, int64_t M, int64_t N,
+                                     int64_t rows_per_chunk, bool vector,
+                                     const float* __restrict__ finish_inv_norm,
+                                     T* __restrict__ dz, float* __restrict__ out) {
+  const int64_t col = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
+  if (col >= N) return;
+  const int64_t n_left = N - col;
+  const int64_t row_begin = int64_t(blockIdx.y) * rows_per_chunk;
+  const int64_t row_end = min(M, row_begin + rows_per_chunk);
+  float c[kVec];
+  load8(col_scale + col, n_left, vector, c);
+  float acc[kVec] = {};
+#pragma unroll 2
+  for (int64_t m = row_begin; m < row_end; ++m) {
+    const int64_t at = m * N + col;
+    float g[kVec], v[kVec], d[kVec];
+    load8(dy + at, n_left, vector, g);
+    load8(z + at, n_left, vector, v);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      acc[k] = fmaf(g[k], v[k], acc[k]);
+      d[k] = g[k] * c[k];
+    }
+    if (vector) {
+      store_vectorized<kVec>(dz + at, d);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        if (k < n_left) dz[at + k] = Element<T>::from_float(d[k]);
+      }
+    }
+  }
+  float* dst = out + (finish_inv_norm ? 0 : int64_t(blockIdx.y) * N) + col;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    if (k < n_left) dst[k] = finish_inv_norm ? acc[k] * finish_inv_norm[col + k] : acc[k];
+  }
+}
+
+// dm[col] = inv_norm[col] · Σ_chunk partial[chunk, col], chunks added in order.
+__global__ void dora_backward_finish_kernel(const float* __restrict__ partial,
+                                            const float* __restrict__ inv_norm, int64_t chunks,
+                                            int64_t N, float* __restrict__ dm) {
+  const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= N) return;
+  float sum = 0.0f;
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * N + col];
+  dm[col] = sum * inv_norm[col];
+}
+
+struct BackwardSplit {
+  int threads;             // per CTA, along N
+  int64_t blocks_x;        // CTAs along N
+  int64_t rows_per_chunk;  // rows per CTA along M
+  int64_t chunks;          // CTAs along M
+};
+
+BackwardSplit backward_split(int64_t M, int64_t N, int num_sms) {
+  BackwardSplit s;
+  const int64_t column_threads = ceil_div(N, kVec);
+  s.threads = int(std::min<int64_t>(kMaxBackwardThreads, ceil_div(column_threads, 32) * 32));
+  s.blocks_x = ceil_div(column_threads, s.threads);
+  // ~2 CTAs per SM in all, but no chunk shorter than kMinRowsPerChunk rows (the partial sums'
+  // traffic grows with the number of chunks).
+  const int64_t target = std::max<int64_t>(1, 2 * int64_t(std::max(num_sms, 1)));
+  const int64_t chunks = std::clamp<int64_t>(ceil_div(target, s.blocks_x), 1,
+                                             std::max<int64_t>(1, ceil_div(M, kMinRowsPerChunk)));
+  s.rows_per_chunk = ceil_div(M, chunks);
+  s.chunks = ceil_div(M, s.rows_per_chunk);
+  return s;
+}
+
+}  // namespace
+
+int64_t dora_backward_chunks(int64_t M, int64_t N, int num_sms) {
+  return backward_split(M, N, num_sms).chunks;
+}
+
+cudaError_t dora_scale_cuda(const void* wa, FloatType type, const float* lora_b,
+                            const float* gram, const float* weight_sq, const float* magnitude,
+                            int64_t N, int64_t r, float scale, void* col_scale, float* inv_norm,
+                            cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  const unsigned blocks = unsigned(ceil_div(N, kScaleThreads));
+  return dispatch_float_type(type, [&](auto tag) {
+    using T = decltype(tag);
+    dora_scale_kernel<T><<<blocks, kScaleThreads, 0, stream>>>(
+        static_cast<const T*>(wa), lora_b, gram, weight_sq, magnitude, N, int(r), 2.0f * scale,
+        scale * scale, static_cast<T*>(col_scale), inv_norm);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t dora_scale_backward_cuda(const void* dy, const void* z, const void* col_scale,
+                                     const float* inv_norm, FloatType type, int64_t M, int64_t N,
+                                     int num_sms, void* dz, float* dmagnitude, float* partial,
+                                     cudaStream_t stream) {
+  if (M == 0 || N == 0) return cudaSuccess;
+  const BackwardSplit s = backward_split(M, N, num_sms);
+  const bool vector = N % kVec == 0 && is_aligned(dy, 16) && is_aligned(z, 16) &&
+                      is_aligned(col_scale, 16) && is_aligned(dz, 16);
+  const bool single = s.chunks == 1;
+  const dim3 grid(unsigned(s.blocks_x), unsigned(s.chunks));
+  return dispatch_float_type(type, [&](auto tag) {
+    using T = decltype(tag);
+    dora_backward_kernel<T><<<grid, s.threads, 0, stream>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(z), static_cast<const T*>(col_scale), M,
+        N, s.rows_per_chunk, vector, single ? inv_norm : nullptr, static_cast<T*>(dz),
+        single ? dmagnitude : partial);
+    cudaError_t status = cudaGetLastError();
+    if (status != cudaSuccess || single) return status;
+    const unsigned blocks = unsigned(ceil_div(N, kScaleThreads));
+    dora_backward_finish_kernel<<<blocks, kScaleThreads, 0, stream>>>(partial, inv_norm, s.chunks,
+                                                                       N, dmagnitude);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace qlora

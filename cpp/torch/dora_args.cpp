@@ -1,0 +1,81 @@
+#include "dora_args.h"
+
+#include "op_args.h"
+
+namespace qlora_torch {
+namespace {
+
+// Adapter tensors may be fp32 (the usual case: no copy is made), fp16 or bf16 (read as fp32).
+at::Tensor as_float32(const at::Tensor& t, const char* arg) {
+  float_type_of(t.scalar_type(), arg);
+  return t.to(at::kFloat).contiguous();
+}
+
+void check_vector(const at::Tensor& t, int64_t n, const char* arg) {
+  QLORA_CHECK(t.dim() == 1 && t.size(0) == n, arg, " must be [N] = [", n, "], got ", t.sizes());
+}
+
+void check_device(const at::Tensor& t, const at::Tensor& reference, const char* arg,
+                  const char* reference_arg) {
+  QLORA_CHECK(t.device() == reference.device(), arg, " is on ", t.device(), " but ",
+              reference_arg, " is on ", reference.device(), "; move both to one device");
+}
+
+}  // namespace
+
+DoRAScaleArgs check_dora_scale(const at::Tensor& wa, const at::Tensor& lora_A,
+                               const at::Tensor& lora_B, const at::Tensor& weight_sq,
+                               const at::Tensor& magnitude) {
+  DoRAScaleArgs a;
+  QLORA_CHECK(wa.dim() == 2, "wa must be [N, r] (deq(W)·Aᵀ), got ", wa.sizes());
+  a.type = float_type_of(wa.scalar_type(), "wa");
+  a.N = wa.size(0);
+  a.r = wa.size(1);
+  QLORA_CHECK(lora_A.dim() == 2 && lora_A.size(0) == a.r, "lora_A must be [r, K] with r = ", a.r,
+              ", got ", lora_A.sizes());
+  QLORA_CHECK(lora_B.dim() == 2 && lora_B.size(0) == a.N && lora_B.size(1) == a.r,
+              "lora_B must be [N, r] = [", a.N, ", ", a.r, "], got ", lora_B.sizes());
+  check_vector(weight_sq, a.N, "weight_sq");
+  QLORA_CHECK(weight_sq.scalar_type() == at::kFloat, "weight_sq must be float32, got ",
+              weight_sq.scalar_type());
+  check_vector(magnitude, a.N, "magnitude");
+  check_device(lora_A, wa, "lora_A", "wa");
+  check_device(lora_B, wa, "lora_B", "wa");
+  check_device(weight_sq, wa, "weight_sq", "wa");
+  check_device(magnitude, wa, "magnitude", "wa");
+  a.wa = wa.contiguous();
+  a.lora_a = as_float32(lora_A, "lora_A");
+  a.lora_b = as_float32(lora_B, "lora_B");
+  a.weight_sq = weight_sq.contiguous();
+  a.magnitude = as_float32(magnitude, "magnitude");
+  return a;
+}
+
+DoRAScaleBackwardArgs check_dora_scale_backward(const at::Tensor& dy, const at::Tensor& z,
+                                                const at::Tensor& col_scale,
+                                                const at::Tensor& inv_norm) {
+  DoRAScaleBackwardArgs a;
+  QLORA_CHECK(dy.dim() >= 1, "dy must be [..., N], got a 0-d tensor");
+  a.type = float_type_of(dy.scalar_type(), "dy");
+  QLORA_CHECK(z.sizes() == dy.sizes(), "z must have dy's shape ", dy.sizes(), ", got ", z.sizes());
+  QLORA_CHECK(z.scalar_type() == dy.scalar_type() && col_scale.scalar_type() == dy.scalar_type(),
+              "z and col_scale must have dy's dtype ", dy.scalar_type(), ", got ", z.scalar_type(),
+              " and ", col_scale.scalar_type());
+  a.N = dy.size(-1);
+  a.M = 1;
+  for (int64_t d = 0; d + 1 < dy.dim(); ++d) a.M *= dy.size(d);
+  check_vector(col_scale, a.N, "col_scale");
+  check_vector(inv_norm, a.N, "inv_norm");
+  QLORA_CHECK(inv_norm.scalar_type() == at::kFloat, "inv_norm must be float32, got ",
+              inv_norm.scalar_type());
+  check_device(z, dy, "z", "dy");
+  check_device(col_scale, dy, "col_scale", "dy");
+  check_device(inv_norm, dy, "inv_norm", "dy");
+  a.dy = dy.contiguous();
+  a.z = z.contiguous();
+  a.col_scale = col_scale.contiguous();
+  a.inv_norm = inv_norm.contiguous();
+  return a;
+}
+
+}  // namespace qlora_torch

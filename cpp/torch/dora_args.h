@@ -1,0 +1,36 @@
+// Argument validation of the DoRA operators (dora_scale, dora_scale_backward), shared by the CPU
+// and CUDA registrations (dora_ops_cpu.cpp, dora_ops_cuda.cpp); math and shapes: qlora/dora.h.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "qlora/float_types.h"
+
+namespace qlora_torch {
+
+struct DoRAScaleArgs {
+  at::Tensor wa;         // [N, r] of `type`, contiguous
+  at::Tensor lora_a;     // fp32 [r, K] (for G = A·Aᵀ)
+  at::Tensor lora_b;     // fp32 [N, r], contiguous
+  at::Tensor weight_sq;  // fp32 [N], contiguous
+  at::Tensor magnitude;  // fp32 [N], contiguous
+  int64_t N, r;
+  qlora::FloatType type;
+};
+DoRAScaleArgs check_dora_scale(const at::Tensor& wa, const at::Tensor& lora_A,
+                               const at::Tensor& lora_B, const at::Tensor& weight_sq,
+                               const at::Tensor& magnitude);
+
+struct DoRAScaleBackwardArgs {
+  at::Tensor dy, z, col_scale;  // [M, N], [M, N], [N] of `type`, contiguous
+  at::Tensor inv_norm;          // fp32 [N], contiguous
+  int64_t M, N;
+  qlora::FloatType type;
+};
+DoRAScaleBackwardArgs check_dora_scale_backward(const at::Tensor& dy, const at::Tensor& z,
+                                                const at::Tensor& col_scale,
+                                                const at::Tensor& inv_norm);
+
+}  // namespace qlora_torch

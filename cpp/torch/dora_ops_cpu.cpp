@@ -1,0 +1,68 @@
+// CPU registrations of the DoRA operators: validate (dora_args.h), G = A·Aᵀ by at::mm, then the
+// row (forward) or column (backward) loops of qlora/dora.h split over threads.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "dora_args.h"
+#include "qlora/dora.h"
+
+namespace qlora_torch {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> dora_scale_cpu(const at::Tensor& wa, const at::Tensor& lora_A,
+                                                  const at::Tensor& lora_B,
+                                                  const at::Tensor& weight_sq,
+                                                  const at::Tensor& magnitude, double scale) {
+  const DoRAScaleArgs a = check_dora_scale(wa, lora_A, lora_B, weight_sq, magnitude);
+  const at::Tensor gram = at::mm(a.lora_a, a.lora_a.t()).contiguous();  // [r, r]
+  at::Tensor col_scale = at::empty({a.N}, wa.options());
+  at::Tensor inv_norm = at::empty({a.N}, wa.options().dtype(at::kFloat));
+  const void* w = a.wa.data_ptr();
+  const float* b = a.lora_b.data_ptr<float>();
+  const float* g = gram.data_ptr<float>();
+  const float* sq = a.weight_sq.data_ptr<float>();
+  const float* m = a.magnitude.data_ptr<float>();
+  void* c = col_scale.data_ptr();
+  float* inv = inv_norm.data_ptr<float>();
+  // Rows per task: >= 256K multiply-adds each (r² per row): waking the thread pool costs more
+  // than a smaller share of this work.
+  const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(1, a.r * a.r));
+  at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) {
+    qlora::dora_scale_cpu(w, a.type, b, g, sq, m, a.r, float(scale), begin, end, c, inv);
+  });
+  return {col_scale, inv_norm};
+}
+
+std::tuple<at::Tensor, at::Tensor> dora_scale_backward_cpu(const at::Tensor& dy,
+                                                           const at::Tensor& z,
+                                                           const at::Tensor& col_scale,
+                                                           const at::Tensor& inv_norm) {
+  const DoRAScaleBackwardArgs a = check_dora_scale_backward(dy, z, col_scale, inv_norm);
+  at::Tensor dz = at::empty(dy.sizes(), dy.options());
+  at::Tensor dmagnitude = at::zeros({a.N}, dy.options().dtype(at::kFloat));
+  if (a.M == 0 || a.N == 0) return {dz, dmagnitude};
+  const void* g = a.dy.data_ptr();
+  const void* zp = a.z.data_ptr();
+  const void* c = a.col_scale.data_ptr();
+  const float* inv = a.inv_norm.data_ptr<float>();
+  void* d = dz.data_ptr();
+  float* dm = dmagnitude.data_ptr<float>();
+  // Columns per task: >= 32K elements each, and >= 64 columns so that two tasks rarely write
+  // the same cache line of dz.
+  const int64_t grain = std::max<int64_t>(64, 32768 / a.M);
+  at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) {
+    qlora::dora_scale_backward_cpu(g, zp, c, inv, a.type, a.M, a.N, begin, end, d, dm);
+  });
+  return {dz, dmagnitude};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
+  m.impl("dora_scale", &dora_scale_cpu);
+  m.impl("dora_scale_backward", &dora_scale_backward_cpu);
+}
+
+}  // namespace qlora_torch

@@ -1,0 +1,68 @@
+// CUDA registrations of the DoRA operators: validate (dora_args.h), guard the device, G = A·Aᵀ by
+// at::mm (cuBLAS), then one launch (forward) or two (backward) on the current stream.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "dora_args.h"
+#include "op_args.h"
+#include "qlora/dora.h"
+
+namespace qlora_torch {
+namespace {
+
+void check_launch(cudaError_t status, const char* op) {
+  QLORA_CHECK(status == cudaSuccess, "qlora_ext::", op, ": CUDA launch failed: ",
+              cudaGetErrorString(status));
+}
+
+std::tuple<at::Tensor, at::Tensor> dora_scale_cuda(const at::Tensor& wa, const at::Tensor& lora_A,
+                                                   const at::Tensor& lora_B,
+                                                   const at::Tensor& weight_sq,
+                                                   const at::Tensor& magnitude, double scale) {
+  const DoRAScaleArgs a = check_dora_scale(wa, lora_A, lora_B, weight_sq, magnitude);
+  const c10::cuda::CUDAGuard guard(wa.device());
+  const at::Tensor gram = at::mm(a.lora_a, a.lora_a.t()).contiguous();  // [r, r]
+  at::Tensor col_scale = at::empty({a.N}, wa.options());
+  at::Tensor inv_norm = at::empty({a.N}, wa.options().dtype(at::kFloat));
+  check_launch(qlora::dora_scale_cuda(a.wa.data_ptr(), a.type, a.lora_b.data_ptr<float>(),
+                                      gram.data_ptr<float>(), a.weight_sq.data_ptr<float>(),
+                                      a.magnitude.data_ptr<float>(), a.N, a.r, float(scale),
+                                      col_scale.data_ptr(), inv_norm.data_ptr<float>(),
+                                      at::cuda::getCurrentCUDAStream()),
+               "dora_scale");
+  return {col_scale, inv_norm};
+}
+
+std::tuple<at::Tensor, at::Tensor> dora_scale_backward_cuda(const at::Tensor& dy,
+                                                            const at::Tensor& z,
+                                                            const at::Tensor& col_scale,
+                                                            const at::Tensor& inv_norm) {
+  const DoRAScaleBackwardArgs a = check_dora_scale_backward(dy, z, col_scale, inv_norm);
+  const c10::cuda::CUDAGuard guard(dy.device());
+  at::Tensor dz = at::empty(dy.sizes(), dy.options());
+  if (a.M == 0 || a.N == 0) return {dz, at::zeros({a.N}, dy.options().dtype(at::kFloat))};
+  at::Tensor dmagnitude = at::empty({a.N}, dy.options().dtype(at::kFloat));
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t chunks = qlora::dora_backward_chunks(a.M, a.N, num_sms);
+  // Per-chunk column sums; a single chunk writes dmagnitude directly and needs none.
+  at::Tensor partial = chunks > 1 ? at::empty({chunks, a.N}, dy.options().dtype(at::kFloat))
+                                  : at::Tensor();
+  check_launch(qlora::dora_scale_backward_cuda(
+                   a.dy.data_ptr(), a.z.data_ptr(), a.col_scale.data_ptr(),
+                   a.inv_norm.data_ptr<float>(), a.type, a.M, a.N, num_sms, dz.data_ptr(),
+                   dmagnitude.data_ptr<float>(),
+                   partial.defined() ? partial.data_ptr<float>() : nullptr,
+                   at::cuda::getCurrentCUDAStream()),
+               "dora_scale_backward");
+  return {dz, dmagnitude};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
+  m.impl("dora_scale", &dora_scale_cuda);
+  m.impl("dora_scale_backward", &dora_scale_backward_cuda);
+}
+
+}  // namespace qlora_torch
