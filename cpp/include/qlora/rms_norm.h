@@ -64,4 +64,8 @@ void rms_norm_forward_cpu(const RMSNormForwardArgs& a, int64_t row_begin, int64_
 void rms_norm_backward_cpu(const RMSNormBackwardArgs& a, int64_t row_begin, int64_t row_end,
                            float* dweight_partial);
 
+// dweight [D] of weight_type = the sum over p < parts of partial[p, c] (fp32, in order of p).
+void rms_norm_sum_partials_cpu(const float* partial, int64_t parts, int64_t D, void* dweight,
+                               FloatType weight_type);
+
 }  // namespace qlora

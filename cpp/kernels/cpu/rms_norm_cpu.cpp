@@ -130,4 +130,17 @@ void rms_norm_backward_cpu(const RMSNormBackwardArgs& a, int64_t row_begin, int6
   });
 }
 
+void rms_norm_sum_partials_cpu(const float* partial, int64_t parts, int64_t D, void* dweight,
+                               FloatType weight_type) {
+  dispatch_float(weight_type, [&](auto w) {
+    using W = decltype(w);
+    auto* out = static_cast<typename W::Storage*>(dweight);
+    for (int64_t c = 0; c < D; ++c) {
+      float total = 0.0f;
+      for (int64_t p = 0; p < parts; ++p) total += partial[p * D + c];
+      W::store(out, c, total);
+    }
+  });
+}
+
 }  // namespace qlora
