@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import checkpointing
+from .fused_blocks import enable_fused_block_ops
 from .fused_loss import enable_fused_loss
 from .layers import QLoRALinear, is_conv1d
 from .methods import adapter_factory, check_method
@@ -194,6 +195,7 @@ def prepare(
     vera_d_initial: float | None = None,
     delta_lambda: float | None = None,
     fused_loss: bool = True,
+    fused_block_ops: bool = True,
 ) -> nn.Module:
     """Quantize the target linear layers of `model` to NF4 and add an adapter to each; in place.
 
@@ -212,6 +214,8 @@ def prepare(
     fused_loss: for Llama/Mistral/Qwen2-family causal LMs, compute the training loss
     (`model(..., labels=...)` with gradients enabled) by cross-entropy fused with the LM head and
     chunked over tokens (fused_loss.py): the full logits never exist; `logits` is None then.
+    fused_block_ops: for Llama/Mistral/Qwen2/Qwen3 models and the builtin TinyLlama, run RMSNorm,
+    RoPE and the SwiGLU activation as fused operators (fused_blocks.py) on CUDA inputs.
     Returns `model`, with only adapter parameters trainable; prints the trainable-parameter line.
     """
     if not isinstance(model, nn.Module):
@@ -254,6 +258,8 @@ def prepare(
         enable_gradient_checkpointing(model)
     if fused_loss:
         enable_fused_loss(model)
+    if fused_block_ops:
+        enable_fused_block_ops(model)
     if verbose:
         print_trainable_parameters(model)
     return model
