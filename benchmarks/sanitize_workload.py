@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qlora_ext  # noqa: E402
 from qlora_ext import NF4Weight, codebooks  # noqa: E402
 from qlora_ext.optim import ops as optim_ops  # noqa: E402
@@ -79,5 +80,9 @@ for (n_out, k) in ((64, 128), (33, 96), (17, 45), (130, 256)):
                 scales = (nested.absmax2, nested.code, nested.offset.reshape(1), nested.blocksize) if nested else ()
                 for b in (bias, None):  # the operator itself: fast path for 16-bit x, generic for fp32/odd K
                     qlora_ext.ops.nf4_gemv(x, q.packed, q.absmax, q.blocksize, list(q.shape), b, *scales)
+# Block ops (RMSNorm, RoPE, SwiGLU): their own workload file, also run alone by
+# benchmarks/gpu_checks/block_ops.sh
+import sanitize_block_ops  # noqa: E402,F401
+
 torch.cuda.synchronize()
 print("sanitize workload done")

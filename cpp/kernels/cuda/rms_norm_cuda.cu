@@ -18,7 +18,7 @@
 // (8 elements) when D % 8 == 0 and every pointer is aligned, else one element per access.
 //
 // dw: a lane owns the same columns in every row it handles, so it accumulates them without
-// atomics, in shared memory ([groups, D] fp32, <= 48 KB) or, for D > 12288, in its CTA's row of
+// atomics, in shared memory ([groups, D] fp32, <= 47 KB) or, for D > 12032, in its CTA's row of
 // the global workspace. Each CTA writes one partial row [D]; a second kernel adds the partial rows
 // in a fixed order (32 columns x 8 slices per CTA) and rounds to the weight's type. The backward
 // grid is capped at kMaxBackwardBlocks so the partial sums stay small (4 MB at D = 4096).
@@ -37,7 +37,9 @@ using namespace cuda_detail;
 constexpr int kThreads = 256;
 constexpr int kVec = 8;
 constexpr int64_t kMaxBackwardBlocks = 256;
-constexpr int64_t kSmemLimitBytes = 48 * 1024;
+// Dynamic shared memory for the dw accumulators: the 48 KB a CTA gets without opting in, less
+// room for the static reduction scratch.
+constexpr int64_t kSmemLimitBytes = 47 * 1024;
 constexpr int64_t kMaxGrid = int64_t(1) << 30;
 
 int group_size(int64_t D) { return D <= 1024 ? 32 : kThreads; }
@@ -271,7 +273,7 @@ cudaError_t rms_norm_backward_cuda(const RMSNormBackwardArgs& a, void* dweight, 
                                         : std::min(ceil_div(a.rows, kGroups), kMaxGrid);
       const int64_t shared_bytes = int64_t(kGroups) * a.D * int64_t(sizeof(float));
       // Groups of one CTA share its global partial row, so that fallback needs one group per
-      // CTA: it does, since only D > 12288 misses the shared-memory limit, and then G = kThreads.
+      // CTA: it does, since only D > 12032 misses the shared-memory limit, and then G = kThreads.
       const bool shared_accumulator = with_dweight && shared_bytes <= kSmemLimitBytes;
       if (with_dweight && !shared_accumulator && kGroups != 1) return cudaErrorInvalidValue;
       rms_norm_backward_kernel<X, W, Y, G, kStep>
