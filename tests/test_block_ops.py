@@ -146,7 +146,7 @@ def rms_grads(fn, x, weight, dy):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("shape", [(6, 3), (3, 127), (2, 5, 1032), (1, 4097), (300, 64)], ids=str)
+@pytest.mark.parametrize("shape", [(6, 3), (3, 127), (2, 5, 1032), (1, 4097), (300, 64), (0, 16)], ids=str)
 def test_rms_norm_gradients(device, dtype, shape):
     for cast_before_weight in (True, False):
         for weight_dtype in {dtype, torch.float32}:
@@ -633,15 +633,20 @@ def loss_and_lora_grads(model, ids):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
-def test_hf_models_same_loss_and_lora_grads(arch):
-    model = qlora_ext.prepare(model_of(arch), r=4, alpha=8, verbose=False, fused_block_ops=False)
+MODEL_CASES = [("llama", "cpu"), ("mistral", "cpu"), ("qwen2", "cpu"), ("qwen3", "cpu"),
+               pytest.param("llama", "cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")),
+               pytest.param("qwen3", "cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU"))]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch,device", MODEL_CASES)
+def test_hf_models_same_loss_and_lora_grads(arch, device):
+    model = qlora_ext.prepare(model_of(arch).to(device), r=4, alpha=8, verbose=False, fused_block_ops=False)
     randomize_adapters(model)
     model.train()
-    ids = token_batch(2, 12)
+    ids = token_batch(2, 12).to(device)
     loss, grads = loss_and_lora_grads(model, ids)
-    assert fused_blocks.enable_fused_block_ops(model, devices=("cpu",)) == EXPECTED_SWITCHED[arch]
-    assert fused_blocks.enable_fused_block_ops(model, devices=("cpu",)) == 0  # idempotent
+    assert fused_blocks.enable_fused_block_ops(model, devices=(device,)) == EXPECTED_SWITCHED[arch]
+    assert fused_blocks.enable_fused_block_ops(model, devices=(device,)) == 0  # idempotent
     with _RecordOps() as record:
         fused_loss, fused_grads = loss_and_lora_grads(model, ids)
     used = {func for func, _ in record.calls}
@@ -656,19 +661,20 @@ def test_hf_models_same_loss_and_lora_grads(arch):
     torch.testing.assert_close(loss_and_lora_grads(model, ids)[0], loss, rtol=0, atol=0)
 
 
-def test_hf_llama_bf16_within_bf16_tolerance():
+@pytest.mark.parametrize("device", DEVICES)
+def test_hf_llama_bf16_within_bf16_tolerance(device):
     # bf16 model: the fused ops round once where the composite rounds several times, so the two
     # differ by bf16 noise; both are compared with the fp32 model's loss and gradients, and the
     # fused run may be off by at most 2x (loss) / 3x (gradients) the plain bf16 run's error.
-    ids = token_batch(2, 16)
+    ids = token_batch(2, 16).to(device)
     results = {}
     for name, dtype, fused in [("fp32", torch.float32, False), ("bf16", torch.bfloat16, False), ("fused", torch.bfloat16, True)]:
-        model = qlora_ext.prepare(hf_model("llama", dtype=dtype), r=4, alpha=8, verbose=False, fused_block_ops=False,
-                                  compute_dtype=dtype)  # fmt: skip
+        model = qlora_ext.prepare(hf_model("llama", dtype=dtype).to(device), r=4, alpha=8, verbose=False,
+                                  fused_block_ops=False, compute_dtype=dtype)  # fmt: skip
         randomize_adapters(model)
         model.train()
         if fused:
-            assert fused_blocks.enable_fused_block_ops(model, devices=("cpu",)) == 9
+            assert fused_blocks.enable_fused_block_ops(model, devices=(device,)) == 9
         results[name] = loss_and_lora_grads(model, ids)
     ref_loss, ref_grads = results["fp32"]
     base_err = (results["bf16"][0].float() - ref_loss).abs().item()
