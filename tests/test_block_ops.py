@@ -543,6 +543,22 @@ def test_swiglu_bad_inputs(device):
         OPS.swiglu_backward_(gate, gate, gate.clone())
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_cuda_matches_cpu_kernels(dtype):
+    # RoPE does the same fp32 operations in the same order on both devices: bit for bit. RMSNorm
+    # sums rows in another order and SwiGLU's exp differs by an ulp: within one ulp of the output.
+    q, k, cos, sin = rope_case("cpu", dtype, 2, 4, 2, 33, 128, "bthd", table_dtype=torch.float32)
+    for got, want in zip(OPS.rope(q.cuda(), k.cuda(), cos.cuda(), sin.cuda(), False), OPS.rope(q, k, cos, sin, False)):
+        assert torch.equal(got.cpu(), want)
+    ulp = dict(rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+    x, weight = rms_case("cpu", dtype, (37, 4096))
+    for got, want in zip(OPS.rms_norm(x.cuda(), weight.cuda(), 1e-5, True), OPS.rms_norm(x, weight, 1e-5, True)):
+        torch.testing.assert_close(got.cpu(), want, **ulp)
+    gate, up = torch.randn(3, 1000).to(dtype), torch.randn(3, 1000).to(dtype)
+    torch.testing.assert_close(OPS.swiglu(gate.cuda(), up.cuda(), False).cpu(), OPS.swiglu(gate, up, False), **ulp)
+
+
 # ---- registration, opcheck ------------------------------------------------------------------------
 
 ALL_OPS = ["rms_norm", "rms_norm_backward", "rope", "rope_", "swiglu", "swiglu_backward", "swiglu_backward_"]
