@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qlora_ext  # noqa: E402
 from qlora_ext import NF4Weight, codebooks  # noqa: E402
 from qlora_ext.optim import ops as optim_ops  # noqa: E402
@@ -90,5 +91,9 @@ for n_out, r in ((45, 4), (64, 16), (1, 1)):
         for m_rows in (1, 33, 3000):
             dy, z = (torch.randn(m_rows, n_out, device=dev, dtype=dt) for _ in range(2))
             torch.ops.qlora_ext.dora_scale_backward(dy, z, col_scale, inv_norm)
+# Block ops (RMSNorm, RoPE, SwiGLU): their own workload file, also run alone by
+# benchmarks/gpu_checks/block_ops.sh
+import sanitize_block_ops  # noqa: E402,F401
+
 torch.cuda.synchronize()
 print("sanitize workload done")

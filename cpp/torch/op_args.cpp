@@ -18,16 +18,6 @@ void check_power_of_two_blocksize(int64_t blocksize, const char* arg) {
               arg, " must be a positive power of two, got ", blocksize);
 }
 
-void check_same_device(const at::Tensor& t, const at::Tensor& reference, const char* arg,
-                       const char* reference_arg) {
-  QLORA_CHECK(t.device() == reference.device(), arg, " is on ", t.device(), " but ",
-              reference_arg, " is on ", reference.device(), "; move both to one device");
-}
-
-void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* arg) {
-  QLORA_CHECK(t.scalar_type() == dtype, arg, " must be ", dtype, ", got ", t.scalar_type());
-}
-
 void check_numel(const at::Tensor& t, int64_t expected, const char* arg, const char* why) {
   QLORA_CHECK(t.numel() == expected, arg, " must have ", expected, " elements (", why, "), got ",
               t.numel(), " (shape ", t.sizes(), ")");
@@ -61,6 +51,16 @@ qlora::FloatType float_type_of(at::ScalarType dtype, const char* arg) {
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void check_same_device(const at::Tensor& t, const at::Tensor& reference, const char* arg,
+                       const char* reference_arg) {
+  QLORA_CHECK(t.device() == reference.device(), arg, " is on ", t.device(), " but ",
+              reference_arg, " is on ", reference.device(), "; move both to one device");
+}
+
+void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* arg) {
+  QLORA_CHECK(t.scalar_type() == dtype, arg, " must be ", dtype, ", got ", t.scalar_type());
+}
 
 NF4QuantizeArgs check_nf4_quantize(const at::Tensor& weight, int64_t blocksize) {
   check_nf4_blocksize(blocksize, "blocksize");

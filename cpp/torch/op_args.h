@@ -65,6 +65,12 @@ qlora::FloatType float_type_of(at::ScalarType dtype, const char* arg);
 
 int64_t ceil_div(int64_t a, int64_t b);
 
+// "<arg> is on <device> but <reference_arg> is on <device>" unless both are on one device.
+void check_same_device(const at::Tensor& t, const at::Tensor& reference, const char* arg,
+                       const char* reference_arg);
+// "<arg> must be <dtype>, got <dtype>".
+void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* arg);
+
 // Checks shared by both devices; they return what the kernels need.
 struct NF4QuantizeArgs {
   at::Tensor weight;  // contiguous

@@ -54,6 +54,32 @@ TORCH_LIBRARY(qlora_ext, m) {
       "Tensor(c!)[] exp_avg_absmax, Tensor(d!)[] exp_avg_sq_codes, Tensor(e!)[] exp_avg_sq_absmax, "
       "Tensor exp_avg_map, Tensor exp_avg_sq_map, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, int step, float grad_scale=1.0) -> ()");
+
+  // Transformer-block operators (math: qlora/rms_norm.h, rope.h, swiglu.h; CPU and CUDA kernels in
+  // block_ops_cpu.cpp / block_ops_cuda.cpp; wrappers, fakes and autograd: qlora_ext/block_ops.py).
+  // RMSNorm: x [..., D], weight [D] (x's dtype or fp32) -> (y [..., D], inv_rms fp32 [rows]);
+  // y = weight * x.dtype(x * inv_rms) in promote(x, weight) (HF order), or with
+  // cast_before_weight=False x.dtype(weight * x * inv_rms) (the product in fp32).
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, bool cast_before_weight=True) -> (Tensor y, Tensor inv_rms)");
+  // dy [..., D] (y's dtype) -> (dx [..., D] x's dtype, dweight [D] weight's dtype, fp32 sum over
+  // rows; [0] when not compute_dweight).
+  m.def(
+      "rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor inv_rms, "
+      "bool cast_before_weight=True, bool compute_dweight=True) -> (Tensor dx, Tensor dweight)");
+  // RoPE, rotate-half: q [B, Hq, T, Dh], k [B, Hk, T, Dh] (any strides), cos, sin [1 or B, T, Dh]
+  // (q's dtype or fp32) -> (q*cos + rotate_half(q)*sin, the same for k), q's strides;
+  // transpose=True applies the transposed rotation (the backward).
+  m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin, bool transpose=False) -> (Tensor q_out, Tensor k_out)");
+  // rope in place over q and k (unit stride along Dh); for calls that need no gradient.
+  m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, bool transpose=False) -> ()");
+  // SwiGLU: gate, up [any shape] -> silu(gate) * up, same shape and dtype. backward_inplace: the
+  // caller says gate and up are dead after this op, so its backward may write the gradients over
+  // them (swiglu_backward_).
+  m.def("swiglu(Tensor gate, Tensor up, bool backward_inplace=False) -> Tensor");
+  // dh, gate, up [same shape] -> (dgate, dup) of that shape.
+  m.def("swiglu_backward(Tensor dh, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");
+  // swiglu_backward writing dgate over gate and dup over up (contiguous, disjoint).
+  m.def("swiglu_backward_(Tensor dh, Tensor(a!) gate, Tensor(b!) up) -> ()");
 }
 
 // None of these operators is differentiable (codes are piecewise constant; the quantized base

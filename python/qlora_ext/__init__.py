@@ -5,6 +5,8 @@ training: prepare, QLoRALinear, save_adapter, load_adapter, merge_and_export, lo
 optimizer: PagedAdamW (and `qlora_ext.optim`).
 LoRA family (prepare(method=...)): DoRAAdapter, LoRAFAAdapter, VeRAAdapter, DeltaLoRAAdapter (+
 DeltaLoRAUpdater); LoRA+ optimizer groups: loraplus_param_groups.
+Fused transformer-block operators (RMSNorm, RoPE, SwiGLU): `qlora_ext.block_ops`, wired into
+Llama-family models by enable_fused_block_ops (prepare() does it).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ __version__ = "0.1.0"
 from . import _ops as ops  # noqa: E402
 from ._native import build_info, native  # noqa: E402
 from .nf4 import NF4Weight  # noqa: E402
+from . import block_ops  # noqa: E402
 from . import optim  # noqa: E402
 from .optim import PagedAdamW  # noqa: E402
 from .lora_linear import nf4_linear, nf4_lora_linear  # noqa: E402
@@ -28,10 +31,12 @@ from .loraplus import loraplus_param_groups  # noqa: E402
 from .prepare import prepare, print_trainable_parameters, set_adapter  # noqa: E402
 from .adapters_io import load_adapter, merge_and_export, merged_state_dict, save_adapter  # noqa: E402
 from .checkpoint import load_bnb_4bit  # noqa: E402
+from .fused_blocks import disable_fused_block_ops, enable_fused_block_ops  # noqa: E402
 
 try:
     native()
     ops.register_fakes()
+    block_ops.register_fakes()
     optim.ops.register_fakes()
 except ImportError:
     # Importable without the compiled extension; operators raise a clear ImportError on use.
@@ -43,5 +48,5 @@ __all__ = [
     "merge_and_export", "merged_state_dict", "load_bnb_4bit", "set_adapter", "print_trainable_parameters",
     "nf4_linear", "nf4_lora_linear",
     "DoRAAdapter", "LoRAFAAdapter", "VeRAAdapter", "DeltaLoRAAdapter", "DeltaLoRAUpdater", "METHODS",
-    "loraplus_param_groups", "nf4_dora_linear",
+    "loraplus_param_groups", "nf4_dora_linear", "block_ops", "enable_fused_block_ops", "disable_fused_block_ops",
 ]  # fmt: skip

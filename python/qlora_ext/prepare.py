@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import checkpointing
+from .fused_blocks import enable_fused_block_ops
 from .fused_loss import enable_fused_loss
 from .fused_mlp import enable_fused_mlp
 from .layers import QLoRALinear, is_conv1d
@@ -201,6 +202,7 @@ def prepare(
     vera_d_initial: float | None = None,
     delta_lambda: float | None = None,
     fused_loss: bool = True,
+    fused_block_ops: bool = True,
     fused_mlp: bool = True,
     offload_checkpoints: bool = False,
 ) -> nn.Module:
@@ -221,9 +223,12 @@ def prepare(
     fused_loss: for Llama/Mistral/Qwen2-family causal LMs, compute the training loss
     (`model(..., labels=...)` with gradients enabled) by cross-entropy fused with the LM head and
     chunked over tokens (fused_loss.py): the full logits never exist; `logits` is None then.
+    fused_block_ops: for Llama/Mistral/Qwen2/Qwen3 models and the builtin TinyLlama, run RMSNorm,
+    RoPE and the SwiGLU activation as fused operators (fused_blocks.py) on CUDA inputs.
     fused_mlp: run each SwiGLU MLP whose projections carry a plain LoRA adapter as one autograd
     unit that keeps two [tokens, intermediate] activations for backward instead of four
-    (fused_mlp.py); other adapters and dropout fall back to the modules at call time.
+    (fused_mlp.py); other adapters and dropout fall back to the modules (and fused_block_ops'
+    SwiGLU) at call time.
     offload_checkpoints: keep each checkpointed layer's input in pinned host memory instead of on
     the GPU, copied on a side stream and prefetched for backward (checkpointing.py); needs
     gradient_checkpointing and a transformers model.
@@ -271,7 +276,9 @@ def prepare(
         enable_gradient_checkpointing(model, offload=offload_checkpoints)
     if fused_loss:
         enable_fused_loss(model)
-    if fused_mlp:
+    if fused_block_ops:
+        enable_fused_block_ops(model)
+    if fused_mlp:  # after the block ops: its fallback is the MLP forward they install
         enable_fused_mlp(model)
     if verbose:
         print_trainable_parameters(model)

@@ -126,3 +126,77 @@ def blockwise8_dequantize(
     flat = codes.reshape(-1).long()
     scales = absmax.repeat_interleave(blocksize)[: flat.numel()]
     return (code[flat] * scales).reshape(codes.shape)
+
+
+# ---- transformer-block operators (qlora_ext.block_ops) ------------------------------------------
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, cast_before_weight: bool = True, input_dtype=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y fp32 [..., D], inv_rms fp32 [rows]) of RMSNorm, computed in fp32 and left unrounded.
+
+    cast_before_weight (transformers' LlamaRMSNorm): the normalised row is rounded to the input
+    dtype before the weight multiplies it; otherwise the product is formed in fp32. `input_dtype`
+    (default x.dtype) is that rounding's dtype, so an fp32 copy of a 16-bit x gives the same values
+    with fp32 gradients."""
+    input_dtype = x.dtype if input_dtype is None else input_dtype
+    x32 = x.float()
+    inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    normed = x32 * inv_rms
+    if cast_before_weight:
+        normed = normed.to(input_dtype).float()
+    return weight.float() * normed, inv_rms.reshape(-1)
+
+
+def rms_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, inv_rms: torch.Tensor, cast_before_weight: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight) of rms_norm in fp32, by the closed form (qlora/rms_norm.h):
+    dx = r * (g - n * mean(g * n)), g = dy * w, n = x * r;  dweight = sum over rows of dy * m."""
+    D = x.shape[-1]
+    x32, dy32 = x.float().reshape(-1, D), dy.float().reshape(-1, D)
+    r = inv_rms.float().reshape(-1, 1)
+    n = x32 * r
+    g = dy32 * weight.float()
+    dx = r * (g - n * (g * n).mean(-1, keepdim=True))
+    m = n.to(x.dtype).float() if cast_before_weight else n
+    return dx.reshape(x.shape), (dy32 * m).sum(0)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def rotate_half_transposed(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([x[..., half:], -x[..., :half]], dim=-1)
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (q*cos + rotate_half(q)*sin, the same for k); q [B, Hq, T, Dh], cos, sin [1 or B, T, Dh].
+    transpose: the transposed map d*cos + rotate_halfᵀ(d*sin) (the backward)."""
+    c, s = cos.float().unsqueeze(1), sin.float().unsqueeze(1)
+
+    def one(x):
+        x = x.float()
+        if transpose:
+            return x * c + rotate_half_transposed(x * s)
+        return x * c + rotate_half(x) * s
+
+    return one(q), one(k)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """fp32 silu(gate) * up."""
+    return torch.nn.functional.silu(gate.float()) * up.float()
+
+
+def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (dgate, dup) = (dh * up * s * (1 + g * (1 - s)), dh * silu(g)), s = sigmoid(g)."""
+    g, u, d = gate.float(), up.float(), dh.float()
+    s = torch.sigmoid(g)
+    return d * u * s * (1 + g * (1 - s)), d * g * s

@@ -10,6 +10,9 @@
 #include "qlora/blockwise8.h"
 #include "qlora/float_types.h"
 #include "qlora/nf4.h"
+#include "qlora/rms_norm.h"
+#include "qlora/rope.h"
+#include "qlora/swiglu.h"
 
 namespace qlora {
 
@@ -50,5 +53,27 @@ cudaError_t adamw32_step_cuda(const AdamW32Tensor* tensors, int count, FloatType
 cudaError_t adamw8_step_cuda(const AdamW8Tensor* tensors, int count, FloatType type,
                              const float* exp_avg_map, const float* exp_avg_sq_map,
                              const AdamWHyper& h, cudaStream_t stream);
+
+// rms_norm_cuda.cu: the forward of every row (qlora/rms_norm.h).
+cudaError_t rms_norm_forward_cuda(const RMSNormForwardArgs& a, cudaStream_t stream);
+
+// rms_norm_cuda.cu: fp32 elements of workspace that rms_norm_backward_cuda needs for dweight.
+int64_t rms_norm_backward_cuda_workspace(int64_t rows, int64_t D);
+
+// rms_norm_cuda.cu: dx of every row, and dweight [D] of weight_type unless it is nullptr (then
+// workspace may be nullptr too). rows == 0 launches nothing: the caller zero-fills dweight.
+cudaError_t rms_norm_backward_cuda(const RMSNormBackwardArgs& a, void* dweight, float* workspace,
+                                   cudaStream_t stream);
+
+// rope_cuda.cu: RoPE of q and k in one launch (qlora/rope.h); needs seq * head_dim / 2 < 2^31.
+cudaError_t rope_cuda(const RopeArgs& a, cudaStream_t stream);
+
+// swiglu_cuda.cu: h [n] = silu(gate) * up, all of `type`.
+cudaError_t swiglu_forward_cuda(const void* gate, const void* up, void* h, int64_t n,
+                                FloatType type, cudaStream_t stream);
+
+// swiglu_cuda.cu: dgate, dup [n] from dh, gate, up; dgate may be gate and dup may be up.
+cudaError_t swiglu_backward_cuda(const void* dh, const void* gate, const void* up, void* dgate,
+                                 void* dup, int64_t n, FloatType type, cudaStream_t stream);
 
 }  // namespace qlora

@@ -52,6 +52,10 @@ class TinyLlamaConfig:
 
 
 class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x²) + eps) * weight, all in fp32, rounded once to x's dtype. (transformers'
+    LlamaRMSNorm rounds the normalised x to its dtype first and multiplies by the weight in that
+    dtype: `qlora_ext.block_ops.rms_norm` does either, by its cast_before_weight flag.)"""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -101,13 +105,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """RoPE of q [B, H, T, Dh] and k [B, G, T, Dh]; a method so that one instance can swap in
+        a fused kernel (qlora_ext.fused_blocks) without touching the class."""
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, G, T, Dh]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, G, T, Dh]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rotate(q, k, cos, sin)
         # Each group of H/G query heads shares one key/value head.
         repeat = self.n_heads // self.n_kv
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)

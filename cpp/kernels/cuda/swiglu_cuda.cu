@@ -1,0 +1,134 @@
+// SwiGLU forward and backward, elementwise (math: qlora/swiglu.h).
+//
+//   forward:  h = g * sigmoid(g) * u
+//   backward: dg = dh * u * s * (1 + g * (1 - s)),  du = dh * g * s,  s = sigmoid(g)
+//
+// Bytes per element: forward 3 * sizeof(T) (g, u read, h written), backward 5 * sizeof(T) (dh, g,
+// u read, dg, du written). Llama-8B MLP shapes (2048 tokens x 14336, bf16): 176 MB forward, 294 MB
+// backward: ~59 us and ~99 us at the H100's ~3 TB/s. FLOPs: ~5 (forward) and ~10 (backward) per
+// element plus one exp; memory-bound.
+//
+// Launch: 256 threads, grid-stride over 16-byte vectors (8 elements of a 16-bit type, 4 of fp32)
+// when every pointer is 16-byte aligned, the tail and unaligned arrays one element per access.
+// expf (not __expf): a full-precision exponential costs nothing here and keeps the CUDA results
+// close to the CPU kernel's. The backward may write dg over g and du over u: each thread reads
+// its elements before writing them, so the pointers carry no __restrict__.
+#include <algorithm>
+
+#include "cuda_common.cuh"
+#include "qlora/kernels_cuda.h"
+#include "vector_io.cuh"
+
+namespace qlora {
+namespace {
+
+using namespace cuda_detail;
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxGrid = int64_t(1) << 20;
+
+__device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
+
+__device__ __forceinline__ float swiglu(float g, float u) { return g * sigmoid(g) * u; }
+
+__device__ __forceinline__ void swiglu_grad(float d, float g, float u, float& dg, float& du) {
+  const float s = sigmoid(g);
+  dg = d * u * (s * (1.0f + g * (1.0f - s)));
+  du = d * (g * s);
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ h,
+                      int64_t n) {
+  const int64_t stride = int64_t(gridDim.x) * kThreads;
+  for (int64_t v = int64_t(blockIdx.x) * kThreads + threadIdx.x; v * V < n; v += stride) {
+    const int64_t i = v * V;
+    if (V > 1 && i + V <= n) {
+      float g[V], u[V];
+      load_vec<V>(gate + i, g);
+      load_vec<V>(up + i, u);
+#pragma unroll
+      for (int j = 0; j < V; ++j) g[j] = swiglu(g[j], u[j]);
+      store_vec<V>(h + i, g);
+    } else {
+      for (int64_t k = i; k < n && k < i + V; ++k) {
+        h[k] = Element<T>::from_float(swiglu(Element<T>::to_float(gate[k]), Element<T>::to_float(up[k])));
+      }
+    }
+  }
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+swiglu_backward_kernel(const T* dh, const T* gate, const T* up, T* dgate, T* dup, int64_t n) {
+  const int64_t stride = int64_t(gridDim.x) * kThreads;
+  for (int64_t v = int64_t(blockIdx.x) * kThreads + threadIdx.x; v * V < n; v += stride) {
+    const int64_t i = v * V;
+    if (V > 1 && i + V <= n) {
+      float d[V], g[V], u[V];
+      load_vec<V>(dh + i, d);
+      load_vec<V>(gate + i, g);
+      load_vec<V>(up + i, u);
+#pragma unroll
+      for (int j = 0; j < V; ++j) swiglu_grad(d[j], g[j], u[j], g[j], u[j]);
+      store_vec<V>(dgate + i, g);
+      store_vec<V>(dup + i, u);
+    } else {
+      for (int64_t k = i; k < n && k < i + V; ++k) {
+        float dg, du;
+        swiglu_grad(Element<T>::to_float(dh[k]), Element<T>::to_float(gate[k]),
+                    Element<T>::to_float(up[k]), dg, du);
+        dgate[k] = Element<T>::from_float(dg);
+        dup[k] = Element<T>::from_float(du);
+      }
+    }
+  }
+}
+
+int64_t grid_for(int64_t n, int vector) {
+  return std::max<int64_t>(1, std::min(ceil_div(ceil_div(n, vector), kThreads), kMaxGrid));
+}
+
+}  // namespace
+
+cudaError_t swiglu_forward_cuda(const void* gate, const void* up, void* h, int64_t n,
+                                FloatType type, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  return dispatch_float_type(type, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int V = kVec16<T>;
+    const auto* g = static_cast<const T*>(gate);
+    const auto* u = static_cast<const T*>(up);
+    auto* out = static_cast<T*>(h);
+    if (is_aligned(gate, 16) && is_aligned(up, 16) && is_aligned(h, 16)) {
+      swiglu_forward_kernel<T, V><<<dim3(unsigned(grid_for(n, V))), kThreads, 0, stream>>>(g, u, out, n);
+    } else {
+      swiglu_forward_kernel<T, 1><<<dim3(unsigned(grid_for(n, 1))), kThreads, 0, stream>>>(g, u, out, n);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t swiglu_backward_cuda(const void* dh, const void* gate, const void* up, void* dgate,
+                                 void* dup, int64_t n, FloatType type, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  return dispatch_float_type(type, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int V = kVec16<T>;
+    const auto* d = static_cast<const T*>(dh);
+    const auto* g = static_cast<const T*>(gate);
+    const auto* u = static_cast<const T*>(up);
+    auto* dg = static_cast<T*>(dgate);
+    auto* du = static_cast<T*>(dup);
+    if (is_aligned(dh, 16) && is_aligned(gate, 16) && is_aligned(up, 16) && is_aligned(dgate, 16) &&
+        is_aligned(dup, 16)) {
+      swiglu_backward_kernel<T, V><<<dim3(unsigned(grid_for(n, V))), kThreads, 0, stream>>>(d, g, u, dg, du, n);
+    } else {
+      swiglu_backward_kernel<T, 1><<<dim3(unsigned(grid_for(n, 1))), kThreads, 0, stream>>>(d, g, u, dg, du, n);
+    }
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace qlora

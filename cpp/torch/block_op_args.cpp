@@ -1,0 +1,260 @@
+#include "block_op_args.h"
+
+#include <ATen/MemoryOverlap.h>
+
+#include <climits>
+#include <cmath>
+
+namespace qlora_torch {
+namespace {
+
+void check_dense(const at::Tensor& t, const char* arg) {
+  QLORA_CHECK(t.layout() == at::kStrided, arg, " must be a dense tensor, got layout ", t.layout());
+}
+
+void check_same_dtype(const at::Tensor& t, const at::Tensor& reference, const char* arg,
+                      const char* reference_arg) {
+  QLORA_CHECK(t.scalar_type() == reference.scalar_type(), arg, " must have ", reference_arg,
+              "'s dtype ", reference.scalar_type(), ", got ", t.scalar_type());
+}
+
+void check_same_shape(const at::Tensor& t, const at::Tensor& reference, const char* arg,
+                      const char* reference_arg) {
+  QLORA_CHECK(t.sizes() == reference.sizes(), arg, " must have ", reference_arg, "'s shape ",
+              reference.sizes(), ", got ", t.sizes());
+}
+
+// A tensor written in place: no element may appear twice (an expanded view).
+void check_no_internal_overlap(const at::Tensor& t, const char* arg) {
+  QLORA_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, arg,
+              " has elements that share memory (an expanded view?); it is written in place");
+}
+
+// Two tensors of one in-place call must not share memory.
+void check_disjoint(const at::Tensor& a, const at::Tensor& b, const char* a_arg,
+                    const char* b_arg) {
+  const at::MemOverlapStatus status = at::get_overlap_status(a, b);
+  QLORA_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
+              a_arg, " and ", b_arg, " share memory; an in-place call needs them disjoint");
+}
+
+// x [..., D] and weight [D]: the shared part of the forward and backward checks.
+void check_rms_norm_operands(const at::Tensor& x, const at::Tensor& weight, int64_t& rows,
+                             int64_t& D) {
+  check_dense(x, "x");
+  check_dense(weight, "weight");
+  float_type_of(x.scalar_type(), "x");
+  float_type_of(weight.scalar_type(), "weight");
+  QLORA_CHECK(x.dim() >= 1, "x must be [..., D] (at least one dimension), got a 0-d tensor");
+  D = x.size(-1);
+  QLORA_CHECK(D >= 1, "x must have at least one element in its last dimension D, got shape ",
+              x.sizes());
+  rows = x.numel() / D;
+  QLORA_CHECK(weight.dim() == 1 && weight.size(0) == D, "weight must be [D] = [", D,
+              "] (x's last dimension), got shape ", weight.sizes());
+  check_same_device(weight, x, "weight", "x");
+  QLORA_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat,
+              "weight must have x's dtype ", x.scalar_type(), " or be float32, got ",
+              weight.scalar_type());
+}
+
+at::ScalarType rms_norm_output_dtype(const at::Tensor& x, const at::Tensor& weight,
+                                     bool cast_before_weight) {
+  // HF order: weight * normalised.to(x.dtype) is computed in the promoted dtype.
+  return cast_before_weight ? at::promote_types(x.scalar_type(), weight.scalar_type())
+                            : x.scalar_type();
+}
+
+void fill_operand(qlora::RopeOperand& op, const at::Tensor& t) {
+  op.in = t.data_ptr();
+  op.heads = t.size(1);
+  op.in_stride_b = t.stride(0);
+  op.in_stride_h = t.stride(1);
+  op.in_stride_t = t.stride(2);
+}
+
+RopeChecked check_rope_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                const at::Tensor& sin, bool transpose, bool in_place) {
+  check_dense(q, "q");
+  check_dense(k, "k");
+  check_dense(cos, "cos");
+  check_dense(sin, "sin");
+  float_type_of(q.scalar_type(), "q");
+  QLORA_CHECK(q.dim() == 4, "q must be [B, Hq, T, Dh] (4 dimensions), got shape ", q.sizes());
+  QLORA_CHECK(k.dim() == 4, "k must be [B, Hk, T, Dh] (4 dimensions), got shape ", k.sizes());
+  check_same_dtype(k, q, "k", "q");
+  check_same_device(k, q, "k", "q");
+  const int64_t B = q.size(0), T = q.size(2), Dh = q.size(3);
+  QLORA_CHECK(k.size(0) == B && k.size(2) == T && k.size(3) == Dh,
+              "k must be [B, Hk, T, Dh] with q's B, T, Dh = ", B, ", ", T, ", ", Dh,
+              ", got shape ", k.sizes());
+  QLORA_CHECK(Dh >= 2 && Dh % 2 == 0, "the head size Dh (q's last dimension) must be even and >= 2, got ",
+              Dh);
+  QLORA_CHECK(T * (Dh / 2) <= INT_MAX, "T * Dh / 2 must be < 2^31, got T = ", T, ", Dh = ", Dh);
+  QLORA_CHECK(cos.dim() == 3 && (cos.size(0) == 1 || cos.size(0) == B) && cos.size(1) == T &&
+                  cos.size(2) == Dh,
+              "cos must be [1 or B, T, Dh] = [1 or ", B, ", ", T, ", ", Dh, "], got shape ",
+              cos.sizes());
+  check_same_shape(sin, cos, "sin", "cos");
+  check_same_device(cos, q, "cos", "q");
+  check_same_device(sin, q, "sin", "q");
+  check_same_dtype(sin, cos, "sin", "cos");
+  QLORA_CHECK(cos.scalar_type() == q.scalar_type() || cos.scalar_type() == at::kFloat,
+              "cos and sin must have q's dtype ", q.scalar_type(), " or be float32, got ",
+              cos.scalar_type());
+  RopeChecked c;
+  if (in_place) {
+    QLORA_CHECK(q.stride(3) == 1, "q must have unit stride along Dh to be rotated in place, got strides ",
+                q.strides());
+    QLORA_CHECK(k.stride(3) == 1, "k must have unit stride along Dh to be rotated in place, got strides ",
+                k.strides());
+    check_no_internal_overlap(q, "q");
+    check_no_internal_overlap(k, "k");
+    check_disjoint(q, k, "q", "k");
+    c.q = q;
+    c.k = k;
+  } else {
+    c.q = q.stride(3) == 1 ? q : q.contiguous();
+    c.k = k.stride(3) == 1 ? k : k.contiguous();
+  }
+  c.cos = cos.contiguous();
+  c.sin = sin.contiguous();
+  qlora::RopeArgs& a = c.kernel;
+  fill_operand(a.q, c.q);
+  fill_operand(a.k, c.k);
+  a.cos = c.cos.data_ptr();
+  a.sin = c.sin.data_ptr();
+  a.cos_batch = cos.size(0);
+  a.batch = B;
+  a.seq = T;
+  a.head_dim = Dh;
+  a.type = float_type_of(q.scalar_type(), "q");
+  a.table_type = float_type_of(cos.scalar_type(), "cos");
+  a.transpose = transpose;
+  return c;
+}
+
+void check_swiglu_operands(const at::Tensor& gate, const at::Tensor& up) {
+  check_dense(gate, "gate");
+  check_dense(up, "up");
+  float_type_of(gate.scalar_type(), "gate");
+  check_same_shape(up, gate, "up", "gate");
+  check_same_dtype(up, gate, "up", "gate");
+  check_same_device(up, gate, "up", "gate");
+}
+
+}  // namespace
+
+int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
+
+RMSNormChecked check_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                              bool cast_before_weight) {
+  int64_t rows = 0, D = 0;
+  check_rms_norm_operands(x, weight, rows, D);
+  QLORA_CHECK(std::isfinite(eps) && eps >= 0.0, "eps must be a finite number >= 0, got ", eps);
+  RMSNormChecked c;
+  c.x = x.contiguous();
+  c.weight = weight.contiguous();
+  c.y_dtype = rms_norm_output_dtype(x, weight, cast_before_weight);
+  qlora::RMSNormForwardArgs& a = c.kernel;
+  a.x = c.x.data_ptr();
+  a.weight = c.weight.data_ptr();
+  a.rows = rows;
+  a.D = D;
+  a.eps = float(eps);
+  a.cast_before_weight = cast_before_weight;
+  a.x_type = float_type_of(x.scalar_type(), "x");
+  a.weight_type = float_type_of(weight.scalar_type(), "weight");
+  a.y_type = float_type_of(c.y_dtype, "y");
+  return c;
+}
+
+RMSNormBackwardChecked check_rms_norm_backward(const at::Tensor& dy, const at::Tensor& x,
+                                               const at::Tensor& weight,
+                                               const at::Tensor& inv_rms,
+                                               bool cast_before_weight) {
+  int64_t rows = 0, D = 0;
+  check_rms_norm_operands(x, weight, rows, D);
+  check_dense(dy, "dy");
+  check_dense(inv_rms, "inv_rms");
+  check_same_shape(dy, x, "dy", "x");
+  check_same_device(dy, x, "dy", "x");
+  const at::ScalarType y_dtype = rms_norm_output_dtype(x, weight, cast_before_weight);
+  QLORA_CHECK(dy.scalar_type() == y_dtype, "dy must have the forward output's dtype ", y_dtype,
+              " (x ", x.scalar_type(), ", weight ", weight.scalar_type(),
+              ", cast_before_weight = ", cast_before_weight, "), got ", dy.scalar_type());
+  check_dtype(inv_rms, at::kFloat, "inv_rms");
+  check_same_device(inv_rms, x, "inv_rms", "x");
+  QLORA_CHECK(inv_rms.numel() == rows, "inv_rms must have one value per row of x (", rows,
+              "), got shape ", inv_rms.sizes());
+  RMSNormBackwardChecked c;
+  c.dy = dy.contiguous();
+  c.x = x.contiguous();
+  c.weight = weight.contiguous();
+  c.inv_rms = inv_rms.contiguous();
+  qlora::RMSNormBackwardArgs& a = c.kernel;
+  a.dy = c.dy.data_ptr();
+  a.x = c.x.data_ptr();
+  a.weight = c.weight.data_ptr();
+  a.inv_rms = c.inv_rms.data_ptr<float>();
+  a.rows = rows;
+  a.D = D;
+  a.cast_before_weight = cast_before_weight;
+  a.x_type = float_type_of(x.scalar_type(), "x");
+  a.weight_type = float_type_of(weight.scalar_type(), "weight");
+  a.y_type = float_type_of(y_dtype, "dy");
+  return c;
+}
+
+RopeChecked check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                       const at::Tensor& sin, bool transpose) {
+  return check_rope_operands(q, k, cos, sin, transpose, /*in_place=*/false);
+}
+
+RopeChecked check_rope_inplace(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                               const at::Tensor& sin, bool transpose) {
+  RopeChecked c = check_rope_operands(q, k, cos, sin, transpose, /*in_place=*/true);
+  set_rope_outputs(c, c.q, c.k);
+  return c;
+}
+
+void set_rope_outputs(RopeChecked& c, const at::Tensor& q_out, const at::Tensor& k_out) {
+  auto set = [](qlora::RopeOperand& op, const at::Tensor& out) {
+    op.out = out.data_ptr();
+    op.out_stride_b = out.stride(0);
+    op.out_stride_h = out.stride(1);
+    op.out_stride_t = out.stride(2);
+  };
+  set(c.kernel.q, q_out);
+  set(c.kernel.k, k_out);
+}
+
+SwiGLUChecked check_swiglu(const at::Tensor& gate, const at::Tensor& up) {
+  check_swiglu_operands(gate, up);
+  return {gate.contiguous(), up.contiguous(), at::Tensor(), gate.numel(),
+          float_type_of(gate.scalar_type(), "gate")};
+}
+
+SwiGLUChecked check_swiglu_backward(const at::Tensor& dh, const at::Tensor& gate,
+                                    const at::Tensor& up) {
+  check_swiglu_operands(gate, up);
+  check_dense(dh, "dh");
+  check_same_shape(dh, gate, "dh", "gate");
+  check_same_dtype(dh, gate, "dh", "gate");
+  check_same_device(dh, gate, "dh", "gate");
+  return {gate.contiguous(), up.contiguous(), dh.contiguous(), gate.numel(),
+          float_type_of(gate.scalar_type(), "gate")};
+}
+
+SwiGLUChecked check_swiglu_backward_inplace(const at::Tensor& dh, const at::Tensor& gate,
+                                            const at::Tensor& up) {
+  SwiGLUChecked c = check_swiglu_backward(dh, gate, up);
+  QLORA_CHECK(gate.is_contiguous(), "gate must be contiguous: swiglu_backward_ writes dgate into it");
+  QLORA_CHECK(up.is_contiguous(), "up must be contiguous: swiglu_backward_ writes dup into it");
+  check_disjoint(gate, up, "gate", "up");
+  check_disjoint(dh, gate, "dh", "gate");
+  check_disjoint(dh, up, "dh", "up");
+  return c;
+}
+
+}  // namespace qlora_torch

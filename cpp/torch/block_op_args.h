@@ -1,0 +1,67 @@
+// Argument validation of the transformer-block operators (rms_norm, rope, swiglu and their
+// backwards), shared by the CPU and CUDA registrations (block_ops_cpu.cpp, block_ops_cuda.cpp).
+// Each check names the argument and what was expected; each returns what the kernels need, with
+// the tensors made contiguous where the kernels need it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "op_args.h"
+#include "qlora/rms_norm.h"
+#include "qlora/rope.h"
+#include "qlora/swiglu.h"
+
+namespace qlora_torch {
+
+struct RMSNormChecked {
+  at::Tensor x, weight;  // contiguous; x viewed as [rows, D]
+  at::ScalarType y_dtype;
+  qlora::RMSNormForwardArgs kernel;  // pointers to x and weight set; y, inv_rms left to the caller
+};
+RMSNormChecked check_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                              bool cast_before_weight);
+
+struct RMSNormBackwardChecked {
+  at::Tensor dy, x, weight, inv_rms;  // contiguous
+  qlora::RMSNormBackwardArgs kernel;  // pointers set except dx
+};
+RMSNormBackwardChecked check_rms_norm_backward(const at::Tensor& dy, const at::Tensor& x,
+                                               const at::Tensor& weight,
+                                               const at::Tensor& inv_rms,
+                                               bool cast_before_weight);
+
+// rope: q [B, Hq, T, Dh], k [B, Hk, T, Dh] (any strides; a copy is made where Dh's stride is not
+// 1), cos/sin [1 or B, T, Dh] of q's dtype or fp32 (made contiguous). The kernel arguments'
+// `out` pointers are left to the caller.
+struct RopeChecked {
+  at::Tensor q, k, cos, sin;
+  qlora::RopeArgs kernel;
+};
+RopeChecked check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                       const at::Tensor& sin, bool transpose);
+// Points the kernel arguments' outputs at q_out and k_out (of q's and k's shapes; for rope_, q
+// and k themselves).
+void set_rope_outputs(RopeChecked& c, const at::Tensor& q_out, const at::Tensor& k_out);
+// rope_ (in place): as check_rope, but q and k must already have unit stride along Dh, no
+// internal overlap and no memory in common; the kernel writes where it reads.
+RopeChecked check_rope_inplace(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                               const at::Tensor& sin, bool transpose);
+
+// swiglu: gate and up of one shape, dtype and device (made contiguous).
+struct SwiGLUChecked {
+  at::Tensor gate, up, dh;  // contiguous (dh: backward only)
+  int64_t n;
+  qlora::FloatType type;
+};
+SwiGLUChecked check_swiglu(const at::Tensor& gate, const at::Tensor& up);
+SwiGLUChecked check_swiglu_backward(const at::Tensor& dh, const at::Tensor& gate,
+                                    const at::Tensor& up);
+// swiglu_backward_ (in place over gate and up): gate and up must be contiguous and share no
+// memory with each other or with dh.
+SwiGLUChecked check_swiglu_backward_inplace(const at::Tensor& dh, const at::Tensor& gate,
+                                            const at::Tensor& up);
+
+// Rows per parallel task for row-wise kernels over rows of `width` elements: >= 16K elements each.
+int64_t grain_rows(int64_t width);
+
+}  // namespace qlora_torch

@@ -1,0 +1,121 @@
+// CUDA registrations of the transformer-block operators: validate (block_op_args.h), guard the
+// device, launch on the current stream, and turn a launch failure into an error naming the op.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "block_op_args.h"
+#include "qlora/kernels_cuda.h"
+
+namespace qlora_torch {
+namespace {
+
+void check_launch(cudaError_t status, const char* op) {
+  QLORA_CHECK(status == cudaSuccess, "qlora_ext::", op, ": CUDA launch failed: ",
+              cudaGetErrorString(status));
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                 double eps, bool cast_before_weight) {
+  RMSNormChecked c = check_rms_norm(x, weight, eps, cast_before_weight);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(c.y_dtype));
+  at::Tensor inv_rms = at::empty({c.kernel.rows}, x.options().dtype(at::kFloat));
+  c.kernel.y = y.data_ptr();
+  c.kernel.inv_rms = inv_rms.data_ptr<float>();
+  check_launch(qlora::rms_norm_forward_cuda(c.kernel, at::cuda::getCurrentCUDAStream()), "rms_norm");
+  return {y, inv_rms};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& dy, const at::Tensor& x,
+                                                          const at::Tensor& weight,
+                                                          const at::Tensor& inv_rms,
+                                                          bool cast_before_weight,
+                                                          bool compute_dweight) {
+  RMSNormBackwardChecked c = check_rms_norm_backward(dy, x, weight, inv_rms, cast_before_weight);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  c.kernel.dx = dx.data_ptr();
+  const int64_t D = c.kernel.D;
+  at::Tensor dweight, workspace;
+  if (!compute_dweight) {
+    dweight = at::empty({0}, weight.options());
+  } else if (c.kernel.rows == 0) {
+    dweight = at::zeros({D}, weight.options());  // an empty sum
+  } else {
+    dweight = at::empty({D}, weight.options());
+    workspace = at::empty({qlora::rms_norm_backward_cuda_workspace(c.kernel.rows, D)},
+                          x.options().dtype(at::kFloat));
+  }
+  const bool kernel_dweight = compute_dweight && c.kernel.rows > 0;
+  check_launch(qlora::rms_norm_backward_cuda(c.kernel, kernel_dweight ? dweight.data_ptr() : nullptr,
+                                             kernel_dweight ? workspace.data_ptr<float>() : nullptr,
+                                             at::cuda::getCurrentCUDAStream()),
+               "rms_norm_backward");
+  return {dx, dweight};
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& cos, const at::Tensor& sin,
+                                             bool transpose) {
+  RopeChecked c = check_rope(q, k, cos, sin, transpose);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor q_out = at::empty_like(c.q);
+  at::Tensor k_out = at::empty_like(c.k);
+  set_rope_outputs(c, q_out, k_out);
+  check_launch(qlora::rope_cuda(c.kernel, at::cuda::getCurrentCUDAStream()), "rope");
+  return {q_out, k_out};
+}
+
+void rope_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                       const at::Tensor& sin, bool transpose) {
+  const RopeChecked c = check_rope_inplace(q, k, cos, sin, transpose);
+  const c10::cuda::CUDAGuard guard(q.device());
+  check_launch(qlora::rope_cuda(c.kernel, at::cuda::getCurrentCUDAStream()), "rope_");
+}
+
+at::Tensor swiglu_cuda(const at::Tensor& gate, const at::Tensor& up, bool backward_inplace) {
+  const SwiGLUChecked c = check_swiglu(gate, up);
+  const c10::cuda::CUDAGuard guard(gate.device());
+  at::Tensor h = at::empty(gate.sizes(), gate.options());
+  check_launch(qlora::swiglu_forward_cuda(c.gate.data_ptr(), c.up.data_ptr(), h.data_ptr(), c.n,
+                                          c.type, at::cuda::getCurrentCUDAStream()),
+               "swiglu");
+  return h;
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda(const at::Tensor& dh, const at::Tensor& gate,
+                                                        const at::Tensor& up) {
+  const SwiGLUChecked c = check_swiglu_backward(dh, gate, up);
+  const c10::cuda::CUDAGuard guard(gate.device());
+  at::Tensor dgate = at::empty(gate.sizes(), gate.options());
+  at::Tensor dup = at::empty(up.sizes(), up.options());
+  check_launch(qlora::swiglu_backward_cuda(c.dh.data_ptr(), c.gate.data_ptr(), c.up.data_ptr(),
+                                           dgate.data_ptr(), dup.data_ptr(), c.n, c.type,
+                                           at::cuda::getCurrentCUDAStream()),
+               "swiglu_backward");
+  return {dgate, dup};
+}
+
+void swiglu_backward_inplace_cuda(const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up) {
+  const SwiGLUChecked c = check_swiglu_backward_inplace(dh, gate, up);
+  const c10::cuda::CUDAGuard guard(gate.device());
+  check_launch(qlora::swiglu_backward_cuda(c.dh.data_ptr(), gate.data_ptr(), up.data_ptr(),
+                                           gate.data_ptr(), up.data_ptr(), c.n, c.type,
+                                           at::cuda::getCurrentCUDAStream()),
+               "swiglu_backward_");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
+  m.impl("rms_norm", &rms_norm_cuda);
+  m.impl("rms_norm_backward", &rms_norm_backward_cuda);
+  m.impl("rope", &rope_cuda);
+  m.impl("rope_", &rope_inplace_cuda);
+  m.impl("swiglu", &swiglu_cuda);
+  m.impl("swiglu_backward", &swiglu_backward_cuda);
+  m.impl("swiglu_backward_", &swiglu_backward_inplace_cuda);
+}
+
+}  // namespace qlora_torch
