@@ -722,7 +722,8 @@ def test_hf_llama_bf16_within_bf16_tolerance(device):
         assert err <= 3 * base + torch.finfo(torch.bfloat16).eps * ref.abs().max().item(), (name, err, base)
 
 
-def test_tiny_llama_same_loss_and_grads():
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed-rows"])
+def test_tiny_llama_same_loss_and_grads(packed):
     from qlora_ext.builtin import TinyLlama, TinyLlamaConfig
 
     config = TinyLlamaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -732,9 +733,12 @@ def test_tiny_llama_same_loss_and_grads():
     model.train()
     ids = token_batch(2, 10)
 
+    # packed rows: positions restart inside each row, so RoPE gets per-row tables [B, 1, T, Dh]
+    extra = {"position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5, 0, 1]])} if packed else {}
+
     def run():
         model.zero_grad(set_to_none=True)
-        loss, _ = model(ids, labels=ids)
+        loss, _ = model(ids, labels=ids, **extra)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -192,3 +192,20 @@ def test_fewer_activations_kept_on_the_device():
         del y
     intermediate = 4 * 256 * 128 * 4  # one [M, I] fp32 activation
     assert held[False] - held[True] >= 1.9 * intermediate, held
+
+
+def test_block_ops_and_fused_mlp_undo_in_either_order():
+    from qlora_ext.fused_blocks import disable_fused_block_ops
+
+    ids = token_batch()
+    want = _loss(_model(fused=False), ids)
+    for first_blocks in (True, False):
+        model = _model()
+        if first_blocks:
+            assert disable_fused_block_ops(model) > 0
+            fused_mlp.disable_fused_mlp(model)
+        else:
+            fused_mlp.disable_fused_mlp(model)
+            assert disable_fused_block_ops(model) > 0
+        assert all("forward" not in m.__dict__ for m in model.modules() if hasattr(m, "gate_proj"))
+        torch.testing.assert_close(_loss(model, ids), want)

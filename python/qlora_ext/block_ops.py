@@ -57,6 +57,8 @@ def _tables(q: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError("cos and sin get no gradient from rope; pass them detached (HF computes them under no_grad)")
     if cos.dim() == 2:
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    elif cos.dim() == 4 and cos.shape[1] == 1:  # [B, 1, T, Dh]: per-row positions broadcast over heads (packed rows)
+        cos, sin = cos.squeeze(1), sin.squeeze(1)
     if cos.dtype not in (q.dtype, torch.float32):
         cos, sin = cos.float(), sin.float()
     return cos, sin

@@ -322,13 +322,23 @@ def enable_fused_block_ops(model: nn.Module, devices: Sequence[str] | None = Non
         if getattr(module, _MARK, None) is not None:
             continue
         # A bound method stored on the instance (not a closure over the module): deepcopy rebinds it.
-        setattr(module, attribute, types.MethodType(function, module))
+        # Where the fused LoRA MLP (fused_mlp.py) already owns `forward`, this becomes its fallback.
+        target = "_qlora_unfused_forward" if _under_fused_mlp(module, attribute) else attribute
+        setattr(module, target, types.MethodType(function, module))
         module._qlora_fused_devices = devices
         if spec is not None:
             module._qlora_attention_spec = spec
         setattr(module, _MARK, attribute)
         switched += 1
     return switched
+
+
+def _under_fused_mlp(module: nn.Module, attribute: str) -> bool:
+    """Whether `module.forward` is the fused LoRA MLP's (fused_mlp.py), which keeps the forward it
+    replaced as `_qlora_unfused_forward` and falls back to it."""
+    from .fused_mlp import is_fused_mlp  # (fused_mlp imports this module)
+
+    return attribute == "forward" and is_fused_mlp(module)
 
 
 def disable_fused_block_ops(model: nn.Module) -> int:
@@ -339,7 +349,10 @@ def disable_fused_block_ops(model: nn.Module) -> int:
         attribute = getattr(module, _MARK, None)
         if attribute is None:
             continue
-        delattr(module, attribute)
+        if _under_fused_mlp(module, attribute):  # the fused LoRA MLP stays; its fallback is the class's
+            module._qlora_unfused_forward = types.MethodType(type(module).forward, module)
+        else:
+            delattr(module, attribute)
         for name in ("_qlora_fused_devices", "_qlora_attention_spec", _MARK):
             module.__dict__.pop(name, None)
         restored += 1

@@ -28,6 +28,7 @@ otherwise, and under torch.compile, the module's own forward runs.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import LoRAAdapter
+from .fused_blocks import FUSED_DEVICES
 from .layers import QLoRALinear
 from .lora_linear import _autocast_off, _nf4_lora_backward, _nf4_lora_linear_impl, _nf4_lora_setup, _weight_args, use_operators
 
@@ -73,8 +75,17 @@ def _needs(x: bool, bias, a: Tensor, b: Tensor) -> tuple[bool, ...]:
     return tuple(flags)
 
 
-def _swiglu_backward_(dh: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+def _swiglu(g: Tensor, u: Tensor, native: bool) -> Tensor:
+    """h = silu(g) ⊙ u: the fused kernel (block_ops; fp32 math, one rounding) or PyTorch's
+    composite; forward and backward's recomputation take the same route, so they agree bit for bit."""
+    return torch.ops.qlora_ext.swiglu(g, u) if native else F.silu(g) * u
+
+
+def _swiglu_backward_(dh: Tensor, g: Tensor, u: Tensor, native: bool) -> tuple[Tensor, Tensor]:
     """(dg, du) written over (g, u), in fp32 arithmetic rounded once to g's dtype."""
+    if native:
+        torch.ops.qlora_ext.swiglu_backward_(dh, g, u)
+        return g, u
     g32, u32, dh32 = g.float(), u.float(), dh.float()
     sig = torch.sigmoid(g32)
     du = dh32 * g32 * sig
@@ -93,14 +104,14 @@ def _down_state(h: Tensor, spec, bias, a: Tensor, b: Tensor, needs: tuple[bool, 
     return state
 
 
-def _rows_backward(dy: Tensor, g: Tensor, u: Tensor, gate: _Saved, up: _Saved, down: _Saved):
+def _rows_backward(dy: Tensor, g: Tensor, u: Tensor, gate: _Saved, up: _Saved, down: _Saved, native: bool):
     """Backward of the unit over some rows: down's state lacks h, which is recomputed here.
     Returns (dx, grads of (gate bias, up bias, down bias, Ag, Bg, Au, Bu, Ad, Bd)). Overwrites g, u."""
-    h = F.silu(g) * u
+    h = _swiglu(g, u, native)
     down.saved_tensors = (h, *down.saved_tensors[1:])
     dh, _, *down_rest = _nf4_lora_backward(down, dy, None)
     down.saved_tensors = h = None
-    dg, du = _swiglu_backward_(dh, g, u)
+    dg, du = _swiglu_backward_(dh, g, u, native)
     del dh
     dx, _, *gate_rest = _nf4_lora_backward(gate, dg, None)
     dxu, _, *up_rest = _nf4_lora_backward(up, du, None)
@@ -118,16 +129,16 @@ class _LoRAMLP(torch.autograd.Function):
     exist for one chunk at a time, at the price of the gate and up GEMMs once more."""
 
     @staticmethod
-    def forward(ctx, x, specs, chunk, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd):
+    def forward(ctx, x, specs, chunk, native, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd):
         gate_spec, up_spec, down_spec = specs
-        ctx.device_type, ctx.chunk, ctx.done = x.device.type, chunk, False
+        ctx.device_type, ctx.chunk, ctx.native, ctx.done = x.device.type, chunk, native, False
         ctx.needs = [_needs(True, bias, a, b) for bias, a, b in
                      ((gate_bias, ag, bg), (up_bias, au, bu), (down_bias, ad, bd))]  # fmt: skip
         with _autocast_off(x.device.type):
             if chunk is None:
                 g, ctx.gate = _project(x, gate_spec, gate_bias, ag, bg, ctx.needs[0])
                 u, ctx.up = _project(x, up_spec, up_bias, au, bu, ctx.needs[1])
-                h = F.silu(g) * u
+                h = _swiglu(g, u, native)
                 y, ctx.down = _project(h, down_spec, down_bias, ad, bd, ctx.needs[2])
                 # down saved h as its input: dropped, backward recomputes it from g and u.
                 ctx.down.saved_tensors = (None, *ctx.down.saved_tensors[1:])
@@ -141,7 +152,7 @@ class _LoRAMLP(torch.autograd.Function):
                 rows = x2[begin : begin + chunk]
                 g, _ = _nf4_lora_linear_impl(rows, None, *gate_spec[0], gate_bias, ag, bg, gate_spec[1])
                 u, _ = _nf4_lora_linear_impl(rows, None, *up_spec[0], up_bias, au, bu, up_spec[1])
-                h = F.silu(g) * u
+                h = _swiglu(g, u, native)
                 del g, u
                 y[begin : begin + chunk], _ = _nf4_lora_linear_impl(h, None, *down_spec[0], down_bias, ad, bd, down_spec[1])
             return y.view(*x.shape[:-1], y.shape[-1])
@@ -156,9 +167,9 @@ class _LoRAMLP(torch.autograd.Function):
         with _autocast_off(ctx.device_type):
             if ctx.chunk is None:
                 g, u = ctx.saved_tensors
-                dx, grads = _rows_backward(dy, g, u, ctx.gate, ctx.up, ctx.down)
+                dx, grads = _rows_backward(dy, g, u, ctx.gate, ctx.up, ctx.down, ctx.native)
                 ctx.gate = ctx.up = ctx.down = None
-                return dx, None, None, *grads
+                return dx, None, None, None, *grads
             return (*_chunked_backward(ctx, dy),)
 
 
@@ -172,11 +183,12 @@ def _chunked_backward(ctx, dy: Tensor):
         rows = x2[begin : begin + ctx.chunk]
         g, gate = _project(rows, gate_spec, gate_bias, ag, bg, ctx.needs[0])
         u, up = _project(rows, up_spec, up_bias, au, bu, ctx.needs[1])
-        down = _down_state(F.silu(g) * u, down_spec, down_bias, ad, bd, ctx.needs[2])
+        down = _down_state(_swiglu(g, u, ctx.native), down_spec, down_bias, ad, bd, ctx.needs[2])
         down.saved_tensors = (None, *down.saved_tensors[1:])  # recomputed by _rows_backward
-        dx[begin : begin + ctx.chunk], grads = _rows_backward(dy2[begin : begin + ctx.chunk], g, u, gate, up, down)
+        dx[begin : begin + ctx.chunk], grads = _rows_backward(dy2[begin : begin + ctx.chunk], g, u, gate, up, down,
+                                                              ctx.native)  # fmt: skip
         total = [t if t is None else (t if acc is None else acc.add_(t)) for acc, t in zip(total, grads)]
-    return dx.view(x.shape), None, None, *total
+    return dx.view(x.shape), None, None, None, *total
 
 
 def _plain_lora(layer) -> LoRAAdapter | None:
@@ -217,9 +229,22 @@ def chunk_rows(rows: int, intermediate: int, x: Tensor) -> int | None:
     return max(1024, budget // (4 * intermediate * x.element_size()))
 
 
-def lora_mlp(x: Tensor, gate: QLoRALinear, up: QLoRALinear, down: QLoRALinear) -> Tensor | None:
+@functools.cache
+def _has_swiglu_kernel(device_type: str) -> bool:
+    """Whether this build of the extension has the SwiGLU kernels for the device (a CPU-only build
+    used with a CUDA torch has none for CUDA)."""
+    key = {"cuda": "CUDA", "cpu": "CPU"}.get(device_type)
+    try:
+        return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("qlora_ext::swiglu", key)
+    except RuntimeError:  # the operator is not registered (no _C)
+        return False
+
+
+def lora_mlp(x: Tensor, gate: QLoRALinear, up: QLoRALinear, down: QLoRALinear,
+             fused_devices: tuple[str, ...] = FUSED_DEVICES) -> Tensor | None:
     """down(silu(gate(x)) * up(x)) as one autograd unit, or None where it does not apply (see the
-    module docstring); the caller then runs the modules."""
+    module docstring); the caller then runs the modules. The SwiGLU inside takes the fused
+    kernels (block_ops) for inputs on `fused_devices` (those of fused_block_ops)."""
     adapters = [_plain_lora(layer) for layer in (gate, up, down)]
     if any(a is None for a in adapters) or use_operators() or not x.is_floating_point():
         return None
@@ -228,11 +253,14 @@ def lora_mlp(x: Tensor, gate: QLoRALinear, up: QLoRALinear, down: QLoRALinear) -
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     # Chunked also without grad: checkpointing's first forward is where a long sequence peaks.
     chunk = chunk_rows(rows, gate.weight.shape[0], x)
-    return _LoRAMLP.apply(x, specs, chunk, gate.bias, up.bias, down.bias, *factors)
+    native = (x.device.type in fused_devices and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+              and _has_swiglu_kernel(x.device.type))  # fmt: skip
+    return _LoRAMLP.apply(x, specs, chunk, native, gate.bias, up.bias, down.bias, *factors)
 
 
 def _fused_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-    y = lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj) if not (args or kwargs) else None
+    devices = getattr(self, "_qlora_fused_devices", FUSED_DEVICES)  # set where fused_block_ops is on
+    y = lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, devices) if not (args or kwargs) else None
     return self._qlora_unfused_forward(x, *args, **kwargs) if y is None else y
 
 
@@ -252,15 +280,25 @@ def enable_fused_mlp(model: nn.Module) -> int:
     (instance-level forward; the class is untouched). Returns how many MLPs were switched."""
     count = 0
     for module in model.modules():
-        if _is_swiglu_mlp(module) and not hasattr(module, "_qlora_unfused_forward"):
+        if _is_swiglu_mlp(module) and "_qlora_unfused_forward" not in module.__dict__:
             module._qlora_unfused_forward = module.forward
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
     return count
 
 
+def is_fused_mlp(module: nn.Module) -> bool:
+    """Whether `module`'s forward is the fused LoRA MLP's (enable_fused_mlp)."""
+    return getattr(module.__dict__.get("forward"), "__func__", None) is _fused_forward
+
+
 def disable_fused_mlp(model: nn.Module) -> None:
+    """Undo enable_fused_mlp: each MLP gets back the forward the unit replaced (the class's, or
+    fused_block_ops' instance forward)."""
     for module in model.modules():
-        if hasattr(module, "_qlora_unfused_forward"):
-            module.forward = module._qlora_unfused_forward
-            del module._qlora_unfused_forward
+        if "_qlora_unfused_forward" in module.__dict__:
+            fallback = module.__dict__.pop("_qlora_unfused_forward")
+            if getattr(fallback, "__func__", None) is type(module).forward:
+                module.__dict__.pop("forward", None)  # the class's own forward shows through
+            else:
+                module.forward = fallback
