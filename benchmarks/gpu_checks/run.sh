@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Every GPU check and measurement of the project, in stages that each fit one device call
+# (< 10 minutes on the H100). Results and logs land in $OUT (default ./out); JSON named *_h100.json
+# goes to benchmarks/results/ once reviewed.
+#
+#     bash benchmarks/gpu_checks/run.sh build tests        # build for sm_90, full pytest on the GPU, leak check
+#     bash benchmarks/gpu_checks/run.sh build sanitize     # compute-sanitizer over the pytest CUDA tests
+#     bash benchmarks/gpu_checks/run.sh build train        # 8B seq 2048 + 8192 and 1B: ours, ours_offload, Unsloth, bnb+PEFT
+#     bash benchmarks/gpu_checks/run.sh build longest      # longest sequence under a 24 GiB cap, ours vs Unsloth
+#     bash benchmarks/gpu_checks/run.sh build kernels      # NF4 GEMV/GEMM, block ops, DoRA/LoRA family, PagedAdamW
+#     bash benchmarks/gpu_checks/run.sh build decode       # generation: tokens/s of an 8B-shaped model
+#
+# Peers (bitsandbytes, Unsloth) come from .peers/peers.tar.xz (shared/tools/peer-bundle.sh),
+# carried to the machine with the repo.
+set -uo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+status=0
+
+step() {  # name, command...: runs it, logs to $OUT/<name>.log, prints the tail, remembers failures
+  local name=$1; shift
+  local start=$SECONDS
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc, $((SECONDS - start)) s"
+  tail -n "${TAIL:-12}" "$OUT/$name.log"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+build() {
+  export QLORA_CUDA_ARCHITECTURES="${QLORA_CUDA_ARCHITECTURES:-90}"
+  if [ -f .peers/peers.tar.xz ] && [ ! -d /tmp/peers ]; then
+    mkdir -p /tmp/peers && tar -C /tmp/peers -xJf .peers/peers.tar.xz
+  fi
+  rm -rf /tmp/qlora-gpu-install
+  "$PY" -m pip install -q --no-build-isolation --no-deps -C build-dir=build/gpu --target /tmp/qlora-gpu-install . &&
+    cp /tmp/qlora-gpu-install/qlora_ext/_C*.so python/qlora_ext/
+}
+
+for stage in "$@"; do
+  export PYTHONPATH="$ROOT/python:/tmp/peers"
+  case "$stage" in
+    build)
+      step build build
+      "$PY" -c "import qlora_ext, torch; print(qlora_ext.build_info(), torch.__version__, torch.cuda.get_device_name())"
+      ;;
+    tests)
+      step pytest "$PY" -m pytest tests -n 12 -q -p no:cacheprovider -rfE
+      step leak "$PY" benchmarks/leak_check.py --out "$OUT/leak_h100.json"
+      ;;
+    sanitize)
+      step sanitize_workload bash -c "for t in memcheck racecheck initcheck; do compute-sanitizer --tool \$t --error-exitcode 9 $PY benchmarks/sanitize_workload.py 2>&1 | tail -2; done"
+      step sanitize_tests bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_h100.txt"
+      ;;
+    train)
+      step train_8b "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps 8 \
+        --stacks ours,ours_offload,unsloth,bnb_peft --out "$OUT/train_8b_h100.json"
+      step train_1b "$PY" benchmarks/bench_train.py --model 1b --seq 2048 --steps 10 \
+        --stacks ours,unsloth --out "$OUT/train_1b_h100.json"
+      ;;
+    longest)
+      step longest "$PY" benchmarks/bench_train.py --model 8b --cap-gib 24 --steps 3 --stacks ours_offload,unsloth \
+        --seq 16384 24576 32768 49152 65536 --out "$OUT/train_8b_longest_24gib_h100.json"
+      ;;
+    kernels)
+      for extra in bench_nf4_gemm bench_block_ops; do
+        [ -f "benchmarks/$extra.py" ] && step "$extra" "$PY" "benchmarks/$extra.py" --out "$OUT/${extra#bench_}_h100.json"
+      done
+      step nf4_linear "$PY" benchmarks/bench_nf4_linear.py --out "$OUT/nf4_linear_h100.json"
+      step lora_family "$PY" benchmarks/bench_lora_family.py --shapes 1b,8b --cases lora,dora \
+        --out "$OUT/lora_family_dora_1b_8b_h100.json"
+      ;;
+    decode)
+      [ -f benchmarks/bench_decode.py ] && step decode "$PY" benchmarks/bench_decode.py --out "$OUT/decode_8b_h100.json"
+      ;;
+    *)
+      echo "unknown stage $stage"; status=1 ;;
+  esac
+done
+exit $status
