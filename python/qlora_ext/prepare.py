@@ -17,6 +17,7 @@ from torch import nn
 
 from . import checkpointing
 from .fused_loss import enable_fused_loss
+from .generation import generate_in_eval_mode
 from .layers import QLoRALinear, is_conv1d
 from .methods import adapter_factory, check_method
 from .nf4 import NF4Weight
@@ -212,6 +213,8 @@ def prepare(
     fused_loss: for Llama/Mistral/Qwen2-family causal LMs, compute the training loss
     (`model(..., labels=...)` with gradients enabled) by cross-entropy fused with the LM head and
     chunked over tokens (fused_loss.py): the full logits never exist; `logits` is None then.
+    transformers' `model.generate(...)` is made to run in eval mode (generation.generate_in_eval_mode:
+    checkpointed layers drop the KV cache in training mode); `qlora_ext.generate` is the faster path.
     Returns `model`, with only adapter parameters trainable; prints the trainable-parameter line.
     """
     if not isinstance(model, nn.Module):
@@ -254,6 +257,7 @@ def prepare(
         enable_gradient_checkpointing(model)
     if fused_loss:
         enable_fused_loss(model)
+    generate_in_eval_mode(model)
     if verbose:
         print_trainable_parameters(model)
     return model
