@@ -186,7 +186,10 @@ def bench_stack(name, model, prompt, new_tokens, repeats, device, copy_bw, graph
         graph_matches = bool(torch.equal(eager, graphed))
         if not graph_matches:
             print(f"# FAIL {name}: graph replay tokens differ from eager steps", file=sys.stderr)
-    qlora_ext.generate(model, prompt, new_tokens, cuda_graphs=cuda_graphs)  # warm-up
+    warm = {}
+    qlora_ext.generate(model, prompt, new_tokens, cuda_graphs=cuda_graphs, stats=warm)  # warm-up
+    if device == "cuda" and not warm["cuda_graphs"]:
+        repeats = 1  # eager steps are host-bound and slow; their rate varies little between calls
     runs = []
     for _ in range(repeats):
         stats = {}

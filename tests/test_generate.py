@@ -85,14 +85,18 @@ def left_padded(rows: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, t
     return ids, mask
 
 
+LLAMA_LORA = pytest.param(lambda: prepared_hf("llama", "active"), id="llama-lora")
+BUILTIN_LORA = pytest.param(lambda: builtin_model(prepared=True), id="builtin-lora")
 MODELS = [
-    pytest.param(lambda: prepared_hf("llama", "active"), id="llama-lora"),
+    LLAMA_LORA,
     pytest.param(lambda: prepared_hf("llama", "merged"), id="llama-merged"),
     pytest.param(lambda: prepared_hf("llama", "disabled"), id="llama-disabled"),
     pytest.param(lambda: prepared_hf("qwen2", "active"), id="qwen2-lora"),
     pytest.param(lambda: prepared_hf("mistral", "active"), id="mistral-lora"),
+    pytest.param(lambda: prepared_hf("gpt2", "active"), id="gpt2-lora"),
+    pytest.param(lambda: prepared_hf("phi", "active"), id="phi-lora"),
     pytest.param(lambda: hf_model("llama"), id="llama-unprepared"),
-    pytest.param(lambda: builtin_model(prepared=True), id="builtin-lora"),
+    BUILTIN_LORA,
     pytest.param(lambda: builtin_model(prepared=False), id="builtin-float"),
 ]
 
@@ -109,6 +113,15 @@ def test_greedy_equals_naive_loop(make_model):
     assert out.dtype == torch.long and out.shape == (2, 7 + 12)
     assert torch.equal(out, naive_greedy(model, ids, 12))
     assert stats["new_tokens"] == 12 and stats["decode_steps"] == 11 and stats["cuda_graphs"] is False
+
+
+@pytest.mark.parametrize("method", ["dora", "lora_fa", "vera", "delta_lora"])
+def test_greedy_equals_naive_loop_for_the_lora_family(method):
+    model = hf_model("llama")
+    qlora_ext.prepare(model, r=4, alpha=8, method=method, verbose=False)
+    randomize_adapters(model, std=0.2)
+    ids = token_batch(batch=2, seq=7, seed=5)
+    assert torch.equal(qlora_ext.generate(model, ids, 10), naive_greedy(model.eval(), ids, 10))
 
 
 def test_adapter_states_change_the_tokens():
@@ -133,7 +146,7 @@ def test_equals_transformers_generate(padded):
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("make_model", [MODELS[0], MODELS[6]], ids=["llama-lora", "builtin-lora"])
+@pytest.mark.parametrize("make_model", [LLAMA_LORA, BUILTIN_LORA])
 def test_left_padded_batch_equals_rows_alone(make_model):
     model = make_model()
     rows = [token_batch(1, n, seed=10 + n)[0] for n in (3, 8, 5)]
@@ -156,7 +169,7 @@ def test_bool_and_int_masks_agree():
 # ---- eos -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make_model", [MODELS[0], MODELS[6]], ids=["llama-lora", "builtin-lora"])
+@pytest.mark.parametrize("make_model", [LLAMA_LORA, BUILTIN_LORA])
 def test_eos_stops_generation(make_model):
     model = make_model()
     ids = token_batch(batch=2, seq=5, seed=8)

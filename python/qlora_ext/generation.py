@@ -81,7 +81,8 @@ def generate(
         smallest set whose probability reaches `top_p` (1.0: all).
     eos_token_id: a token id, or several, that end a row. A finished row gets `pad_token_id`
         (default: the first eos id) from then on; generation stops once every row has finished,
-        and the result is cut after the last step that produced a real token.
+        and the result is cut after the last step that produced a real token. None: no stop token
+        (the model's generation_config is not consulted, unlike transformers' generate).
     cuda_graphs: "auto" captures the decode step in a CUDA graph on CUDA (never on the CPU) and
         falls back to eager steps, with a warning, if the capture fails; True insists (an error if
         the capture fails, or on the CPU); False always runs eagerly.
