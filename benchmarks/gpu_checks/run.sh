@@ -11,11 +11,17 @@
 #     bash benchmarks/gpu_checks/run.sh build decode       # generation: tokens/s of an 8B-shaped model
 #
 # Peers (bitsandbytes, Unsloth) come from .peers/peers.tar.xz (shared/tools/peer-bundle.sh),
-# carried to the machine with the repo.
+# carried to the machine with the repo. With BUNDLE=1 the logs and JSON go to one archive,
+# $OUT/gpu_logs.tgz (the device tool brings back at most 8 files per call).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-out}"
+if [ "${BUNDLE:-0}" = 1 ]; then
+  BUNDLE_DIR="$OUT"
+  OUT=/tmp/qlora-gpu-logs
+  trap 'tar -C "$OUT" -czf "$BUNDLE_DIR/gpu_logs.tgz" .' EXIT
+fi
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
@@ -24,7 +30,7 @@ status=0
 step() {  # name, command...: runs it, logs to $OUT/<name>.log, prints the tail, remembers failures
   local name=$1; shift
   local start=$SECONDS
-  "$@" > "$OUT/$name.log" 2>&1
+  timeout "${STEP_TIMEOUT:-900}" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "== $name: rc=$rc, $((SECONDS - start)) s"
   tail -n "${TAIL:-12}" "$OUT/$name.log"

@@ -3,6 +3,7 @@
 Public API (DESIGN.md §6): NF4Weight; the operators in `qlora_ext.ops`; `build_info()`;
 training: prepare, QLoRALinear, save_adapter, load_adapter, merge_and_export, load_bnb_4bit;
 optimizer: PagedAdamW (and `qlora_ext.optim`).
+inference: generate (static KV cache, CUDA graphs; generation.py).
 LoRA family (prepare(method=...)): DoRAAdapter, LoRAFAAdapter, VeRAAdapter, DeltaLoRAAdapter (+
 DeltaLoRAUpdater); LoRA+ optimizer groups: loraplus_param_groups.
 Fused transformer-block operators (RMSNorm, RoPE, SwiGLU): `qlora_ext.block_ops`, wired into
@@ -32,6 +33,7 @@ from .prepare import prepare, print_trainable_parameters, set_adapter  # noqa: E
 from .adapters_io import load_adapter, merge_and_export, merged_state_dict, save_adapter  # noqa: E402
 from .checkpoint import load_bnb_4bit  # noqa: E402
 from .fused_blocks import disable_fused_block_ops, enable_fused_block_ops  # noqa: E402
+from .generation import generate  # noqa: E402
 
 try:
     native()
@@ -48,5 +50,5 @@ __all__ = [
     "merge_and_export", "merged_state_dict", "load_bnb_4bit", "set_adapter", "print_trainable_parameters",
     "nf4_linear", "nf4_lora_linear",
     "DoRAAdapter", "LoRAFAAdapter", "VeRAAdapter", "DeltaLoRAAdapter", "DeltaLoRAUpdater", "METHODS",
-    "loraplus_param_groups", "nf4_dora_linear", "block_ops", "enable_fused_block_ops", "disable_fused_block_ops",
+    "loraplus_param_groups", "nf4_dora_linear", "block_ops", "enable_fused_block_ops", "disable_fused_block_ops", "generate",
 ]  # fmt: skip

@@ -117,20 +117,25 @@ def _weight_args(weight: NF4Weight) -> tuple:
     )  # fmt: skip
 
 
-def nf4_linear_forward(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, deq(weight), bias)` for an NF4 weight [N, K], by the fastest correct route.
+def gemv_route(
+    x: torch.Tensor,
+    weight: NF4Weight,
+    bias: torch.Tensor | None = None,
+    trainable: Sequence[torch.Tensor] = (),
+    caller: str = "nf4_linear_forward",
+) -> bool:
+    """Whether `x [..., K] · deq(weight)ᵀ (+ bias)` should take the fused `nf4_gemv`.
 
-    Decode-sized inference (x on CUDA, fp16/bf16, at most 16 rows, no gradient needed) takes the
-    fused `nf4_gemv`, which reads the 4-bit weight once and never materialises it. Anything else
-    dequantizes to x's dtype and calls `torch.nn.functional.linear`. The route is logged at debug
-    level on the "qlora_ext" logger.
+    True for decode-sized inference: x on CUDA, fp16/bf16, at most 16 rows, bias absent or in x's
+    dtype, and no gradient needed for x, bias or the tensors in `trainable` (a layer's adapters).
+    Reads only shapes, dtypes and flags, never tensor values, so a CUDA graph capture of a decode
+    step decides exactly as eager execution does. Logs the route at debug level on the
+    "qlora_ext" logger, as "<caller>: <route> (...)".
     """
-    if len(weight.shape) != 2:
-        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
-    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x must be [..., K] with K = {weight.shape[1]}, got shape {tuple(x.shape)}")
     rows = math.prod(x.shape[:-1])
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, bias, *trainable)
+    )  # fmt: skip
     fused = (
         x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
@@ -141,14 +146,31 @@ def nf4_linear_forward(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | 
     if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
         route = "nf4_gemv" if fused else "dequantize + linear"
         logger.debug(
-            "nf4_linear_forward: %s (M=%d, N=%d, K=%d, %s, %s, requires_grad=%s)",
-            route, rows, weight.shape[0], weight.shape[1], x.dtype, x.device, needs_grad,
+            "%s: %s (M=%d, N=%d, K=%d, %s, %s, requires_grad=%s)",
+            caller, route, rows, weight.shape[0], weight.shape[1], x.dtype, x.device, needs_grad,
         )  # fmt: skip
-    if fused:
-        packed, absmax, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_bs = _weight_args(weight)
-        return _ops().nf4_gemv(
-            x, packed, absmax, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_bs
-        )
+    return fused
+
+
+def nf4_gemv_weight(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`nf4_gemv` with the weight given as an NF4Weight [N, K] (no routing: x must have <= 16 rows)."""
+    packed, absmax, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_bs = _weight_args(weight)
+    return _ops().nf4_gemv(x, packed, absmax, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_bs)
+
+
+def nf4_linear_forward(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, deq(weight), bias)` for an NF4 weight [N, K], by the fastest correct route.
+
+    Decode-sized inference (see `gemv_route`) takes the fused `nf4_gemv`, which reads the 4-bit
+    weight once and never materialises it. Anything else dequantizes to x's dtype and calls
+    `torch.nn.functional.linear`. The route is logged at debug level on the "qlora_ext" logger.
+    """
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must be [..., K] with K = {weight.shape[1]}, got shape {tuple(x.shape)}")
+    if gemv_route(x, weight, bias):
+        return nf4_gemv_weight(x, weight, bias)
     return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
 
 

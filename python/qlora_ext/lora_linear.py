@@ -304,8 +304,13 @@ def _check_input(x: Tensor, weight: NF4Weight) -> None:
 
 
 def nf4_linear(x: Tensor, weight: NF4Weight, bias: Tensor | None = None) -> Tensor:
-    """y [..., N] = x [..., K] · deq(W)ᵀ (+ bias), differentiable in x and bias."""
+    """y [..., N] = x [..., K] · deq(W)ᵀ (+ bias), differentiable in x and bias.
+
+    Decode-sized inference (`_ops.gemv_route`: CUDA, fp16/bf16, <= 16 rows, no gradient) takes
+    the fused nf4_gemv, which reads the 4-bit weight once instead of materialising deq(W)."""
     _check_input(x, weight)
+    if _ops.gemv_route(x, weight, bias, caller="nf4_linear"):
+        return _ops.nf4_gemv_weight(x, weight, bias)
     if use_operators():
         return torch.ops.qlora_ext.nf4_linear(x, *_weight_args(weight), bias)
     return _EagerNF4Linear.apply(x, *_weight_args(weight), bias)
@@ -326,7 +331,68 @@ def nf4_lora_linear(
     Differentiable in x, x_lora, bias, A and B; never in W.
     """
     check_lora_args(x, weight, lora_A, lora_B, x_lora)
+    if _ops.gemv_route(x, weight, bias, trainable=(lora_A, lora_B), caller="nf4_lora_linear"):
+        return nf4_lora_decode(x, weight, bias, lora_A, lora_B, scale, x_lora)
     wargs = _weight_args(weight)
     op = torch.ops.qlora_ext.nf4_lora_linear if use_operators() else _EagerNF4LoRALinear.apply
     y, _ = op(x, x_lora, *wargs, bias, lora_A, lora_B, float(scale))
     return y
+
+
+
+def nf4_lora_decode(
+    x: Tensor,
+    weight: NF4Weight,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    x_lora: Tensor | None = None,
+) -> Tensor:
+    """Inference-only `nf4_lora_linear` for decode-sized x (at most 16 rows; no autograd).
+
+    y = nf4_gemv(x, W) (+ bias), then y += scale·(x_lora·Aᵀ)·Bᵀ with A, B in x's dtype, as the
+    training op computes it: three kernels per layer (the fused GEMV, one thin GEMM, one addmm
+    into y), which matters when a 32-layer model runs ~200 adapted layers per token. Inside
+    `cast_adapters_once()` (generate) A and B are cast to x's dtype once per call instead of per
+    token. Every shape is fixed by x's and nothing reads tensor values on the host: safe to
+    capture in a CUDA graph.
+    """
+    with _autocast_off(x.device.type):
+        y = _ops.nf4_gemv_weight(x, weight, bias)  # [..., N], x's dtype, a fresh tensor
+        xl = x if x_lora is None else x_lora
+        m = math.prod(x.shape[:-1])
+        xa = F.linear(xl, _adapter_in(lora_A, x.dtype))  # [..., r]
+        y.view(m, weight.shape[0]).addmm_(xa.reshape(m, -1), _adapter_in(lora_B, x.dtype).t(), alpha=scale)
+        return y
+
+
+# Adapter tensors cast to a compute dtype, kept while `cast_adapters_once` is active:
+# (id of the adapter tensor, dtype) -> (the tensor, its cast). None: cast on every call.
+_adapter_casts: dict | None = None
+
+
+@contextlib.contextmanager
+def cast_adapters_once():
+    """Within this context the decode route casts each adapter tensor to the compute dtype once
+    and reuses the copy (fp32 adapters, bf16 activations: otherwise every token reads 4 and writes
+    2 bytes per adapter parameter, and launches a cast kernel per tensor). The adapters must not
+    change inside the context: `generate` holds it for one call, under inference_mode."""
+    global _adapter_casts
+    outer, _adapter_casts = _adapter_casts, {} if _adapter_casts is None else _adapter_casts
+    try:
+        yield
+    finally:
+        _adapter_casts = outer
+
+
+def _adapter_in(t: Tensor, dtype: torch.dtype) -> Tensor:
+    if t.dtype == dtype:
+        return t
+    if _adapter_casts is None:
+        return t.to(dtype)
+    key = (id(t), dtype)
+    hit = _adapter_casts.get(key)
+    if hit is None or hit[0] is not t:
+        hit = _adapter_casts[key] = (t, t.to(dtype))
+    return hit[1]

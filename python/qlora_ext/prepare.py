@@ -19,6 +19,7 @@ from . import checkpointing
 from .fused_blocks import enable_fused_block_ops
 from .fused_loss import enable_fused_loss
 from .fused_mlp import enable_fused_mlp
+from .generation import generate_in_eval_mode
 from .layers import QLoRALinear, is_conv1d
 from .methods import adapter_factory, check_method
 from .nf4 import NF4Weight
@@ -232,6 +233,8 @@ def prepare(
     offload_checkpoints: keep each checkpointed layer's input in pinned host memory instead of on
     the GPU, copied on a side stream and prefetched for backward (checkpointing.py); needs
     gradient_checkpointing and a transformers model.
+    transformers' `model.generate(...)` is made to run in eval mode (generation.generate_in_eval_mode:
+    checkpointed layers drop the KV cache in training mode); `qlora_ext.generate` is the faster path.
     Returns `model`, with only adapter parameters trainable; prints the trainable-parameter line.
     """
     if not isinstance(model, nn.Module):
@@ -280,6 +283,7 @@ def prepare(
         enable_fused_block_ops(model)
     if fused_mlp:  # after the block ops: its fallback is the MLP forward they install
         enable_fused_mlp(model)
+    generate_in_eval_mode(model)
     if verbose:
         print_trainable_parameters(model)
     return model

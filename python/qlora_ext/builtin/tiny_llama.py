@@ -7,7 +7,12 @@ rotary position embeddings → residual; RMSNorm → SwiGLU MLP → residual] �
 There is no pretrained checkpoint: `TinyLlama.from_seed` initialises the weights deterministically
 from a seed (on the CPU, so every device gets the same model).
 
-Shapes: B batch, T sequence, D hidden, H query heads, G key/value heads, Dh = D / H head size.
+Inference with a static key/value cache (`KVCache`, `TinyLlama.forward_cached`) serves
+`qlora_ext.generate`: every tensor has a shape fixed by (batch, cache length), so one decode step
+can be captured in a CUDA graph and replayed.
+
+Shapes: B batch, T sequence, D hidden, H query heads, G key/value heads, Dh = D / H head size,
+L cache length.
 """
 
 from __future__ import annotations
@@ -76,8 +81,8 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, Dh]; cos, sin: [T, Dh] or [B, 1, T, Dh]. Rotates each (i, i + Dh/2) pair by
-    its angle."""
+    """x: [B, heads, T, Dh]; cos, sin: [T, Dh] (positions 0..T-1 of every row) or [B, 1, T, Dh]
+    (each row's own positions). Rotates each (i, i + Dh/2) pair by its angle."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -110,20 +115,28 @@ class Attention(nn.Module):
         a fused kernel (qlora_ext.fused_blocks) without touching the class."""
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: LayerCache | None = None, cache_position: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal self-attention over x [B, T, D]. `mask` (bool, True where a query may attend):
+        [B, 1, T, T] for packed rows, or [B, 1, T, L] over the L cache slots; None: plain causal.
+        With `cache`, the keys/values of x are first written to its slots `cache_position` [T]
+        and the queries attend to all L slots."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, G, T, Dh]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, G, T, Dh]
         q, k = self.rotate(q, k, cos, sin)
+        if cache is not None:
+            cache.keys.index_copy_(2, cache_position, k)
+            cache.values.index_copy_(2, cache_position, v)
+            k, v = cache.keys, cache.values  # [B, G, L, Dh]
         # Each group of H/G query heads shares one key/value head.
         repeat = self.n_heads // self.n_kv
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if attn_mask is None:
+        if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, Dh]
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -148,10 +161,34 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: LayerCache | None = None, cache_position: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class LayerCache:
+    """One layer's static keys and values [B, G, L, Dh]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class KVCache:
+    """A static key/value cache of L slots per row for every layer of a TinyLlama.
+
+    Slots are written in place (`index_copy_`), so the tensors keep their addresses for the whole
+    generation, as a CUDA graph of a decode step needs.
+    """
+
+    def __init__(self, config: TinyLlamaConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.layers = [
+            LayerCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(config.num_hidden_layers)
+        ]
+        self.max_len = max_len
 
 
 class LlamaBody(nn.Module):
@@ -257,3 +294,34 @@ class TinyLlama(nn.Module):
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         return loss, logits
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty static cache for `batch` rows of up to `max_len` tokens, in the dtype and on the
+        device of the token embedding (the dtype of the hidden states)."""
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(f"max_len {max_len} exceeds max_position_embeddings={self.config.max_position_embeddings}")
+        weight = self.model.embed_tokens.weight
+        return KVCache(self.config, batch, max_len, weight.dtype, weight.device)
+
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: KVCache,
+        cache_position: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Inference with a static cache: the logits of the last position [B, V].
+
+        input_ids, position_ids: [B, T] (each row's own positions, e.g. after left padding);
+        cache_position: [T] int64, the cache slots the T tokens are written to; attention_mask:
+        [B, 1, T, L] bool, True where a query may attend to a slot (causality and padding are the
+        caller's). Reads no tensor value on the host: capturable in a CUDA graph.
+        """
+        body = self.model
+        cos = body.rope_cos[position_ids].unsqueeze(1)  # [B, 1, T, Dh]
+        sin = body.rope_sin[position_ids].unsqueeze(1)
+        x = body.embed_tokens(input_ids)  # [B, T, D]
+        for layer, layer_cache in zip(body.layers, cache.layers):
+            x = layer(x, cos, sin, attention_mask, layer_cache, cache_position)
+        return self.lm_head(body.norm(x[:, -1]))  # [B, V]
