@@ -12,7 +12,8 @@ steps 3..N (after warm-up); peak memory is torch.cuda.max_memory_allocated() ove
 Peers are skipped, with the reason, when not importable (bring them with
 shared/tools/peer-bundle.sh). Prints one JSON object per case and a table last.
 
-Stacks: ours, ours_offload (the same with the checkpointed layer inputs in pinned host memory),
+Stacks: ours (prepare's defaults: the checkpointed layer inputs offloaded to pinned host memory),
+ours_resident (the same with them kept on the GPU), ours_offload (offloading asked for explicitly),
 bnb_peft, unsloth. With --cap-gib each process may allocate at most that much
 (torch.cuda.set_per_process_memory_fraction); a stack stops at its first sequence length that
 fails, and the table ends with each stack's longest trainable length.
@@ -87,7 +88,7 @@ def checkpoint_dir(size: str, seq: int) -> str:
     return path
 
 
-def build_ours(size, seq, offload=False):
+def build_ours(size, seq, offload=None):
     import torch
 
     import qlora_ext
@@ -137,7 +138,11 @@ def build_ours_offload(size, seq):
     return build_ours(size, seq, offload=True)
 
 
-BUILDERS = {"ours": build_ours, "ours_offload": build_ours_offload, "bnb_peft": build_bnb_peft, "unsloth": build_unsloth}
+def build_ours_resident(size, seq):
+    return build_ours(size, seq, offload=False)
+
+
+BUILDERS = {"ours": build_ours, "ours_offload": build_ours_offload, "ours_resident": build_ours_resident, "bnb_peft": build_bnb_peft, "unsloth": build_unsloth}
 
 
 def flops_per_token(size: str, seq: int) -> float:

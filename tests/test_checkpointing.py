@@ -131,6 +131,17 @@ def test_offload_option_is_wired_and_checked():
         qlora_ext.prepare(torch.nn.Sequential(torch.nn.Linear(8, 8)), offload_checkpoints=True, verbose=False)
 
 
+def test_offload_is_the_default_where_it_applies():
+    # None (the default): transformers models offload; models without per-layer hooks, or without
+    # checkpointing, are prepared as before instead of failing.
+    assert checkpointing.is_enabled(_offloaded_model("cpu", offload=None), offload=True)
+    resident = _offloaded_model("cpu", offload=False)
+    assert checkpointing.is_enabled(resident, offload=False) and not checkpointing.is_enabled(resident, offload=True)
+    assert not checkpointing.is_enabled(
+        qlora_ext.prepare(hf_model("llama"), gradient_checkpointing=False, verbose=False), offload=None)
+    qlora_ext.prepare(torch.nn.Sequential(torch.nn.Linear(8, 8)), target_modules=["0"], verbose=False)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

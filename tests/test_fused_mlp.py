@@ -176,8 +176,16 @@ def test_chunked_unit_keeps_only_its_input_and_peaks_lower(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fewer_activations_kept_on_the_device():
+@pytest.mark.parametrize("block_ops", [False, True])
+def test_fewer_activations_kept_on_the_device(block_ops):
+    # The module path keeps g, silu(g), u and h with PyTorch's SiLU and product, but only g, u and
+    # h with the fused SwiGLU op of the block ops (its backward recomputes silu); the unit keeps g
+    # and u in both cases.
+    from qlora_ext.fused_blocks import disable_fused_block_ops
+
     model = _model("llama", device="cuda")
+    if not block_ops:
+        disable_fused_block_ops(model)
     mlp = model.model.layers[0].mlp
     x = torch.randn(4, 256, 64, device="cuda", requires_grad=True)
     held = {}
@@ -191,7 +199,8 @@ def test_fewer_activations_kept_on_the_device():
         y.sum().backward()
         del y
     intermediate = 4 * 256 * 128 * 4  # one [M, I] fp32 activation
-    assert held[False] - held[True] >= 1.9 * intermediate, held
+    saved = 0.9 if block_ops else 1.9
+    assert held[False] - held[True] >= saved * intermediate, held
 
 
 def test_block_ops_and_fused_mlp_undo_in_either_order():

@@ -5,7 +5,7 @@
 #
 #     bash benchmarks/gpu_checks/run.sh build tests        # build for sm_90, full pytest on the GPU, leak check
 #     bash benchmarks/gpu_checks/run.sh build sanitize     # compute-sanitizer over the pytest CUDA tests
-#     bash benchmarks/gpu_checks/run.sh build train        # 8B seq 2048 + 8192 and 1B: ours, ours_offload, Unsloth, bnb+PEFT
+#     bash benchmarks/gpu_checks/run.sh build train        # 8B seq 2048 + 8192 and 1B: ours (offloaded checkpoints), ours_resident, Unsloth, bnb+PEFT
 #     bash benchmarks/gpu_checks/run.sh build longest      # longest sequence under a 24 GiB cap, ours vs Unsloth
 #     bash benchmarks/gpu_checks/run.sh build kernels      # NF4 GEMV/GEMM, block ops, DoRA/LoRA family, PagedAdamW
 #     bash benchmarks/gpu_checks/run.sh build decode       # generation: tokens/s of an 8B-shaped model
@@ -30,7 +30,7 @@ status=0
 step() {  # name, command...: runs it, logs to $OUT/<name>.log, prints the tail, remembers failures
   local name=$1; shift
   local start=$SECONDS
-  timeout "${STEP_TIMEOUT:-900}" "$@" > "$OUT/$name.log" 2>&1
+  if declare -F "$1" >/dev/null; then "$@"; else timeout "${STEP_TIMEOUT:-900}" "$@"; fi > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "== $name: rc=$rc, $((SECONDS - start)) s"
   tail -n "${TAIL:-12}" "$OUT/$name.log"
@@ -64,12 +64,12 @@ for stage in "$@"; do
       ;;
     train)
       step train_8b "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps 8 \
-        --stacks ours,ours_offload,unsloth,bnb_peft --out "$OUT/train_8b_h100.json"
+        --stacks ours,ours_resident,unsloth,bnb_peft --out "$OUT/train_8b_h100.json"
       step train_1b "$PY" benchmarks/bench_train.py --model 1b --seq 2048 --steps 10 \
         --stacks ours,unsloth --out "$OUT/train_1b_h100.json"
       ;;
     longest)
-      step longest "$PY" benchmarks/bench_train.py --model 8b --cap-gib 24 --steps 3 --stacks ours_offload,unsloth \
+      step longest "$PY" benchmarks/bench_train.py --model 8b --cap-gib 24 --steps 3 --stacks ours,unsloth \
         --seq 16384 24576 32768 49152 65536 --out "$OUT/train_8b_longest_24gib_h100.json"
       ;;
     kernels)

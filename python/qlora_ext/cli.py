@@ -59,7 +59,7 @@ HF_DEFAULTS = {"lr": 2e-4, "epochs": 1.0, "r": 16, "alpha": 16.0, "batch_size": 
 COMMON_DEFAULTS = {"method": "lora", "dropout": 0.0, "rslora": False, "seq_len": 256, "grad_accum": 1, "weight_decay": 0.0,
                    "max_grad_norm": 1.0, "seed": 0, "optimizer": "adamw", "gradient_checkpointing": True,
                    "dtype": "auto", "log_every": 10, "eval_every": 0, "save_every": 100, "eval_size": None,
-                   "builtin_config": "default", "packing": False, "offload_checkpoints": False, "model": None, "data": None, "eval_data": None}
+                   "builtin_config": "default", "packing": False, "offload_checkpoints": None, "model": None, "data": None, "eval_data": None}
 
 
 class UsageError(Exception):
@@ -112,8 +112,12 @@ def _parser() -> argparse.ArgumentParser:
                       help="recompute activations in backward (default with --model; off for the built-in model)")
     ckpt.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                       default=None, help="keep activations instead of recomputing them (faster, more memory)")
-    opt.add_argument("--offload-checkpoints", action="store_true", default=None,
-                     help="keep the checkpointed layer inputs in pinned host memory, not on the GPU (with --model)")
+    offload = opt.add_mutually_exclusive_group()
+    offload.add_argument("--offload-checkpoints", dest="offload_checkpoints", action="store_true", default=None,
+                         help="keep the checkpointed layer inputs in pinned host memory, not on the GPU "
+                              "(default wherever it applies: --model with gradient checkpointing, on a GPU)")
+    offload.add_argument("--no-offload-checkpoints", dest="offload_checkpoints", action="store_false", default=None,
+                         help="keep the checkpointed layer inputs on the GPU")
     opt.add_argument("--packing", action="store_true", default=None,
                      help="pack each micro-batch's examples into as few --seq-len rows as fit (no padding; "
                           "attention stays inside each example)")

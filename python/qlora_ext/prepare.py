@@ -155,17 +155,17 @@ def _check_float_weights(linears: dict[str, nn.Module], names: list[str]) -> Non
             raise ValueError(f"{name}.weight is on the meta device; load the weights first (or use load_bnb_4bit)")
 
 
-def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> bool:
+def enable_gradient_checkpointing(model: nn.Module, offload: bool | None = False) -> bool:
     """Per-layer checkpointing where the model supports it: transformers models get
     qlora_ext.checkpointing's one-node-per-layer checkpoint (far less host time than
     torch.utils.checkpoint's per-tensor hooks), with the saved layer inputs in pinned host memory
-    if `offload`; other modules with `gradient_checkpointing_enable` get their own, non-reentrant
-    (offload=True is an error for them). Returns whether it was enabled."""
+    if `offload` (None: where the model allows it); other modules with `gradient_checkpointing_enable`
+    get their own, non-reentrant (offload=True is an error for them). Returns whether it was enabled."""
     if not getattr(model, "supports_gradient_checkpointing", True):
         if offload:
             raise ValueError("offload_checkpoints: this model does not support gradient checkpointing")
         return False
-    if checkpointing.enable(model, offload=offload):
+    if checkpointing.enable(model, offload=offload is not False):
         return True
     if offload:
         raise ValueError("offload_checkpoints needs a transformers model (per-layer checkpointing hooks); "
@@ -205,7 +205,7 @@ def prepare(
     fused_loss: bool = True,
     fused_block_ops: bool = True,
     fused_mlp: bool = True,
-    offload_checkpoints: bool = False,
+    offload_checkpoints: bool | None = None,
 ) -> nn.Module:
     """Quantize the target linear layers of `model` to NF4 and add an adapter to each; in place.
 
@@ -231,8 +231,10 @@ def prepare(
     (fused_mlp.py); other adapters and dropout fall back to the modules (and fused_block_ops'
     SwiGLU) at call time.
     offload_checkpoints: keep each checkpointed layer's input in pinned host memory instead of on
-    the GPU, copied on a side stream and prefetched for backward (checkpointing.py); needs
-    gradient_checkpointing and a transformers model.
+    the GPU, copied on a side stream and prefetched for backward (checkpointing.py). None (the
+    default): wherever it applies, i.e. transformers models with gradient_checkpointing (CUDA
+    tensors only; it measured no slower on the H100, README "Offloaded checkpoints"); True insists
+    (an error where it cannot apply); False keeps them on the GPU.
     transformers' `model.generate(...)` is made to run in eval mode (generation.generate_in_eval_mode:
     checkpointed layers drop the KV cache in training mode); `qlora_ext.generate` is the faster path.
     Returns `model`, with only adapter parameters trainable; prints the trainable-parameter line.
