@@ -166,6 +166,7 @@ def test_offloaded_checkpoints_give_the_same_gradients(device, dropout):
             assert torch.equal(p.grad, q.grad)
 
 
+@pytest.mark.not_under_sanitizer
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_offloading_frees_the_layer_inputs_on_the_device():
     ids = token_batch(batch=4, seq=64)

@@ -8,6 +8,8 @@ fp32 summation-order noise.
 
 from __future__ import annotations
 
+import math
+
 import logging
 
 import pytest
@@ -61,9 +63,12 @@ def assert_close_to_reference(out, x, weight, bias):
     err = (out.float() - ref).abs().max().item()
     base_err = (baseline.float() - ref).abs().max().item()
     # One ulp of the output's scale, plus fp32 summation-order noise (the op and PyTorch sum in
-    # different orders; for fp32 PyTorch's product *is* the reference).
+    # different orders; for fp32 PyTorch's product *is* the reference): sqrt(K) roundings of the
+    # running sum's scale, the usual probabilistic bound (one rounding was too tight: seed 332281682
+    # gave 1.4 ulp on a 129x96 fp32 case).
     dot_scale = (x.float().abs() @ w.float().abs().T).max().item() if x.numel() else 0.0
-    slack = torch.finfo(x.dtype).eps * ref.abs().max().item() + torch.finfo(torch.float32).eps * dot_scale + 1e-7
+    order_noise = torch.finfo(torch.float32).eps * math.sqrt(x.shape[-1]) * dot_scale
+    slack = torch.finfo(x.dtype).eps * ref.abs().max().item() + order_noise + 1e-7
     assert err <= 2 * base_err + slack, f"error {err:.3g} > 2 x PyTorch's {base_err:.3g} + {slack:.2g}"
 
 

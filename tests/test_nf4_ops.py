@@ -426,6 +426,7 @@ def test_cuda_device_means_cuda_build(build_info):
     assert build_info["with_cuda"], f"GPU present but the extension was built without CUDA: {build_info}"
 
 
+@pytest.mark.not_under_sanitizer
 @requires_cuda
 def test_cuda_tensors_run_cuda_kernels(build_info):
     from torch.profiler import ProfilerActivity, profile
