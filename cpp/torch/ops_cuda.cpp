@@ -85,8 +85,8 @@ at::Tensor nf4_gemm_cuda(const at::Tensor& x, const at::Tensor& packed, const at
                                        nested_absmax, nested_code, nested_offset, nested_blocksize);
   const c10::cuda::CUDAGuard guard(x.device());
   if (a.M == 0 || a.N == 0 || a.K == 0) {
-    // An empty product: y is the bias (or zeros), no kernel needed.
-    at::Tensor y = a.bias.defined() ? a.bias.expand({a.M, a.N}).contiguous()
+    // An empty product: y is the bias (or zeros), no kernel needed; a copy, never a view of bias.
+    at::Tensor y = a.bias.defined() ? a.bias.expand({a.M, a.N}).clone(at::MemoryFormat::Contiguous)
                                     : at::zeros({a.M, a.N}, x.options());
     return y.view(a.out_shape);
   }
