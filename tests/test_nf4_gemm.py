@@ -130,6 +130,52 @@ def test_cuda_kernel_is_registered():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("qlora_ext::nf4_gemm", "CUDA")
 
 
+SM80 = HAS_CUDA and torch.cuda.get_device_capability()[0] >= 8
+
+
+def _cuda_kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.skipif(not SM80, reason="the tensor-core path needs an sm_80+ GPU")
+def test_cuda_takes_the_tensor_core_kernel():
+    # The fast path must really run (a silent fallback to dequantize + cuBLAS would pass every
+    # accuracy test), split-K must add its reduction, and K % 64 != 0 must not reach the kernel.
+    x, weight, bias = make_case("cuda", torch.bfloat16, 100, 256, 1024)
+    names = _cuda_kernel_names(lambda: gemm(x, weight, bias))
+    assert any("nf4_gemm_mma_kernel" in n for n in names), names
+    x, weight, bias = make_case("cuda", torch.bfloat16, 33, 128, 8192)
+    names = _cuda_kernel_names(lambda: gemm(x, weight, bias))
+    assert any("nf4_gemm_mma_kernel" in n for n in names) and any("nf4_gemm_reduce_kernel" in n for n in names), names
+    x, weight, bias = make_case("cuda", torch.bfloat16, 40, 64, 96)
+    names = _cuda_kernel_names(lambda: gemm(x, weight, bias))
+    assert not any("nf4_gemm_mma_kernel" in n for n in names), names
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")
+def test_cuda_graph_capture():
+    # Prefill chunks may run inside a captured graph: the op must capture (after one warm-up call
+    # that sets the kernel's shared-memory limit) and replay to the same result.
+    x, weight, bias = make_case("cuda", torch.bfloat16, 64, 256, 4096)
+    expected = gemm(x, weight, bias)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        gemm(x, weight, bias)
+        with torch.cuda.graph(graph):
+            out = gemm(x, weight, bias)
+    torch.cuda.current_stream().wait_stream(stream)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, gemm(x, weight, bias))
+    assert not torch.equal(out, expected)
+
+
 def test_cpu_kernel_is_registered():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("qlora_ext::nf4_gemm", "CPU")
 
