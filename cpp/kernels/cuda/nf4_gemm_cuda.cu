@@ -32,7 +32,8 @@
 // Launch: 256 threads, grid (ceil(N/128), ceil(M/BM), splits); dynamic shared memory
 //   2*BM*128 + 2*128*128 + 2048 bytes (50 KB at BM = 64, 66 KB at BM = 128).
 //
-// Requirements of this kernel (nf4_gemm_cuda_supported): sm_80+, fp16/bf16, K % 64 == 0, x and
+// Requirements of this kernel (nf4_gemm_cuda_supported): sm_80+ (device and the build's code for
+// it), fp16/bf16, K % 64 == 0, x and
 // the codes 16-byte aligned. The torch layer routes every other case to nf4_dequantize + a matrix
 // product (cuBLAS is not available to this torch-free library).
 #include <algorithm>
@@ -336,6 +337,9 @@ nf4_gemm_reduce_kernel(const float* __restrict__ partial, int splits, int64_t co
 struct DeviceFacts {
   int major = 0;
   int sm_count = 0;
+  // The tensor-core kernel's code for this device was built for sm_80+. A build for older targets
+  // only (say "75") runs on an sm_80 GPU through PTX JIT of a body compiled out: never launch that.
+  bool mma_built = false;
 };
 cudaError_t device_facts(DeviceFacts& facts) {
   constexpr int kMaxDevices = 64;
@@ -350,6 +354,14 @@ cudaError_t device_facts(DeviceFacts& facts) {
   status = cudaDeviceGetAttribute(&facts.major, cudaDevAttrComputeCapabilityMajor, device);
   if (status == cudaSuccess)
     status = cudaDeviceGetAttribute(&facts.sm_count, cudaDevAttrMultiProcessorCount, device);
+  if (status == cudaSuccess) {
+    cudaFuncAttributes attributes{};
+    // No code for this device at all is an answer (no), not an error: clear it, so that a later
+    // launch check does not pick it up.
+    const bool found = cudaFuncGetAttributes(&attributes, nf4_gemm_mma_kernel<__nv_bfloat16, 64>) == cudaSuccess;
+    if (!found) (void)cudaGetLastError();
+    facts.mma_built = found && attributes.ptxVersion >= 80;
+  }
   if (status == cudaSuccess && device < kMaxDevices) cache[device] = facts;
   return status;
 }
@@ -403,7 +415,7 @@ bool nf4_gemm_cuda_supported(FloatType type, int64_t M, int64_t N, int64_t K, co
   DeviceFacts facts;
   if (device_facts(facts) != cudaSuccess) return false;
   // int indices inside the kernel: M * K, N and K fit easily below 2^31 for M <= 256.
-  return type != FloatType::F32 && facts.major >= 8 && M >= 1 && M <= kNF4GemmMaxRows && N >= 1 &&
+  return type != FloatType::F32 && facts.major >= 8 && facts.mma_built && M >= 1 && M <= kNF4GemmMaxRows && N >= 1 &&
          N < (int64_t(1) << 31) && K >= kBK && K % kBK == 0 && K < (int64_t(1) << 31) &&
          is_aligned(x, 16) && is_aligned(packed, 16);
 }
