@@ -14,17 +14,18 @@
 // Tiling: a CTA computes a BM x 128 tile of y (BM = 32, 64 or 128, chosen by M) in k-steps of 64.
 //   x tile [BM, 64] T: cp.async (16 B, zero-filled past M) into shared memory, double-buffered.
 //   W tile [128, 64]: each of the 256 threads loads one 16-byte run of 32 codes (half a row of the
-//     tile) into registers one k-step ahead, with its scale (a 32-code run never straddles a
-//     quantization block: blocksize >= 32 and K % 64 == 0; for double quantization the scale is an
-//     8-bit code, a map entry, a nested scale and the offset, decoded once per run), then writes
-//     the 32 values, T-rounded, to a double-buffered shared tile. The NF4 values come from a
+//     tile) into registers two k-steps ahead (so 8 KB of codes per CTA are in flight while it
+//     computes), with the raw parts of its scale (a 32-code run never straddles a quantization
+//     block: blocksize >= 32 and K % 64 == 0; for double quantization the scale is an 8-bit code,
+//     a map entry, a nested scale and the offset, decoded once per run), then writes the 32
+//     values, T-rounded, to a double-buffered shared tile one k-step before they are used. The NF4 values come from a
 //     16 x 32 table replicated per lane (lane l reads bank l whatever the code: no conflicts, 2 KB).
 //   Both tiles are stored with rows of 128 B whose 16-byte chunks are XOR-swizzled by row % 8, so
 //   the ldmatrix.x4 reads (8 rows of one chunk column) hit 8 distinct bank groups.
 //   8 warps as WARPS_M x WARPS_N = BM/32 x 8/(BM/32); a warp owns 32 x (128/WARPS_N) of y: 2 x NT
 //   mma.m16n8k16 tiles (A = x from ldmatrix, B = W from ldmatrix, fp32 accumulators).
-//   One __syncthreads per k-step: the step computes on buffer s while the cp.async of x and the
-//   global code loads for step + 1 are in flight, then writes W of step + 1 into buffer s ^ 1.
+//   One __syncthreads per k-step: the step computes on buffer s while the cp.async of x for step + 1
+//   and the code loads for step + 2 are in flight, then writes W of step + 1 into buffer s ^ 1.
 // Split-K: when the (N/128) x (M/BM) tiles do not fill the SMs (N = 4096 gives 32 column tiles on
 //   132 SMs), K is cut into `splits` contiguous ranges; each writes fp32 partial sums to a
 //   workspace [splits, M, N] and a second small kernel adds them in order (deterministic), adds the
@@ -71,14 +72,6 @@ __device__ __forceinline__ uint32_t swizzle(int row, int chunk) {
   return uint32_t(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
 }
 
-// Scale of block b: two fp32 roundings as nf4_block_scale, the nested index by shift.
-__device__ __forceinline__ float run_scale(const NF4Scales& s, int64_t b, int nested_log2, float offset) {
-  if (s.absmax != nullptr) return __ldg(s.absmax + b);
-  const float product = __fmul_rn(__ldg(s.nested_code + __ldg(s.absmax_codes + b)),
-                                  __ldg(s.nested_absmax + (b >> nested_log2)));
-  return __fadd_rn(product, offset);
-}
-
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return uint32_t(__cvta_generic_to_shared(p));
 }
@@ -97,6 +90,36 @@ __device__ __forceinline__ uint4 load_codes(const uint8_t* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
+}
+
+// One thread's W run of a k-step as loaded from global memory: 32 codes and the raw parts of its
+// scale. Loaded two k-steps ahead; only the map lookup of a double-quantized scale (an L1 hit in a
+// 1 KB table) waits until the run is dequantized, so no global-memory latency is serial.
+struct RawRun {
+  uint4 codes;
+  float absmax;      // plain: the scale; double-quantized: the nested scale of the block's group
+  uint32_t code8;    // double-quantized: the block's 8-bit absmax code
+};
+
+__device__ __forceinline__ RawRun load_run(const uint8_t* packed, const NF4Scales& s, int64_t flat,
+                                           int blocksize_log2, int nested_log2) {
+  RawRun r;
+  r.codes = load_codes(packed + (flat >> 1));
+  const int64_t b = flat >> blocksize_log2;
+  if (s.absmax != nullptr) {
+    r.absmax = __ldg(s.absmax + b);
+    r.code8 = 0;
+  } else {
+    r.absmax = __ldg(s.nested_absmax + (b >> nested_log2));
+    r.code8 = __ldg(s.absmax_codes + b);
+  }
+  return r;
+}
+
+// The scale of a run: the same two fp32 roundings as nf4_block_scale.
+__device__ __forceinline__ float run_scale(const RawRun& r, const NF4Scales& s, float offset) {
+  if (s.absmax != nullptr) return r.absmax;
+  return __fadd_rn(__fmul_rn(__ldg(s.nested_code + r.code8), r.absmax), offset);
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t address, uint32_t (&r)[4]) {
@@ -237,10 +260,16 @@ nf4_gemm_mma_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ 
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
 
   __syncthreads();  // the table
+  // Runs of k-steps step + 1 (pending) and step + 2 (ahead), in registers.
+  RawRun pending{}, ahead{};
+  auto load_step = [&](int step) {
+    return load_run(packed, scales, w_flat + int64_t(step) * kBK, blocksize_log2, nested_log2);
+  };
   if (step_begin < step_end) {
     load_x(step_begin, 0);
-    const int64_t flat = w_flat + int64_t(step_begin) * kBK;
-    store_w(load_codes(packed + (flat >> 1)), run_scale(scales, flat >> blocksize_log2, nested_log2, offset), 0);
+    const RawRun first = load_step(step_begin);
+    if (step_begin + 1 < step_end) pending = load_step(step_begin + 1);
+    store_w(first.codes, run_scale(first, scales, offset), 0);
     cp_async_wait_all();
     __syncthreads();
   }
@@ -255,14 +284,8 @@ nf4_gemm_mma_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ 
   for (int step = step_begin; step < step_end; ++step) {
     const int stage = (step - step_begin) & 1;
     const bool has_next = step + 1 < step_end;
-    uint4 next_codes = make_uint4(0, 0, 0, 0);
-    float next_scale = 0.0f;
-    if (has_next) {
-      load_x(step + 1, stage ^ 1);
-      const int64_t flat = w_flat + int64_t(step + 1) * kBK;
-      next_codes = load_codes(packed + (flat >> 1));
-      next_scale = run_scale(scales, flat >> blocksize_log2, nested_log2, offset);
-    }
+    if (has_next) load_x(step + 1, stage ^ 1);
+    if (step + 2 < step_end) ahead = load_step(step + 2);
 
     const uint32_t x_base = shared_address(x_tiles + stage * kXStage);
     const uint32_t w_base = shared_address(w_tiles + stage * kWStage);
@@ -284,9 +307,10 @@ nf4_gemm_mma_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ 
     }
 
     if (has_next) {
-      store_w(next_codes, next_scale, stage ^ 1);
+      store_w(pending.codes, run_scale(pending, scales, offset), stage ^ 1);
       cp_async_wait_all();
     }
+    pending = ahead;
     __syncthreads();
   }
 
