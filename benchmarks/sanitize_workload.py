@@ -80,6 +80,18 @@ for (n_out, k) in ((64, 128), (33, 96), (17, 45), (130, 256)):
                 scales = (nested.absmax2, nested.code, nested.offset.reshape(1), nested.blocksize) if nested else ()
                 for b in (bias, None):  # the operator itself: fast path for 16-bit x, generic for fp32/odd K
                     qlora_ext.ops.nf4_gemv(x, q.packed, q.absmax, q.blocksize, list(q.shape), b, *scales)
+# GEMM: M 17..256 (tiles of 32, 64, 128 rows; partial tiles), split-K (N = 64 needs many splits),
+# a partial column tile, blocks of 32 (two scales per k-step), fallback (K % 64 != 0, fp32)
+for (n_out, k, bs) in ((64, 2048, 64), (130, 256, 32), (40, 96, 64)):
+    for dq in (False, True):
+        q = NF4Weight.from_float(torch.randn(n_out, k, device=dev) * 0.1, bs, double_quant=dq)
+        nested = q.nested
+        scales = (nested.absmax2, nested.code, nested.offset.reshape(1), nested.blocksize) if nested else ()
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            for m_rows in (17, 64, 100, 256):
+                x = torch.randn(m_rows, k, device=dev, dtype=dt)
+                for b in (torch.randn(n_out, device=dev, dtype=dt), None):
+                    qlora_ext.ops.nf4_gemm(x, q.packed, q.absmax, q.blocksize, list(q.shape), b, *scales)
 # DoRA's scale and its backward: odd N (scalar columns), N % 8 == 0 (vector columns), one and several
 # row chunks, r = 1 and 16, every activation dtype
 for n_out, r in ((45, 4), (64, 16), (1, 1)):

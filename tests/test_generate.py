@@ -432,7 +432,13 @@ def test_cuda_decode_takes_the_fused_gemv(caplog):
         qlora_ext.generate(model, ids, 3, cuda_graphs=False)
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("nf4_lora_linear: nf4_gemv (M=1,") for m in messages)
-    assert any(m.startswith("nf4_lora_linear: dequantize + linear (M=20,") for m in messages)  # the prefill
+    # The prefill (20 rows) takes nf4_gemm where K % 64 == 0, else dequantize + linear.
+    prefill = [m for m in messages if m.startswith("nf4_lora_linear: ") and "(M=20," in m]
+    assert prefill
+    for m in prefill:
+        k = int(m.split("K=")[1].split(",")[0])
+        route = "nf4_gemm" if k % 64 == 0 else "dequantize + linear"
+        assert m.startswith(f"nf4_lora_linear: {route} (M=20,"), m
 
 
 @requires_cuda

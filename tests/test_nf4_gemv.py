@@ -278,8 +278,8 @@ def test_linear_forward(device, dtype, M, caplog):
     with caplog.at_level(logging.DEBUG, logger="qlora_ext"):
         out = ops.nf4_linear_forward(x, weight, bias)
     assert_close_to_reference(out, x, weight, bias)
-    fused = device == "cuda" and dtype != torch.float32 and M <= 16
-    expected = "nf4_gemv" if fused else "dequantize + linear"
+    fused = device == "cuda" and dtype != torch.float32
+    expected = ("nf4_gemv" if M <= 16 else "nf4_gemm") if fused else "dequantize + linear"
     assert any(f"nf4_linear_forward: {expected} " in r.getMessage() for r in caplog.records)
 
 

@@ -140,13 +140,18 @@ NF4DequantizeArgs check_nf4_dequantize(const at::Tensor& packed, const at::Tenso
   return args;
 }
 
-NF4GemvArgs check_nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                           int64_t blocksize, c10::SymIntArrayRef weight_shape,
-                           const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& nested_absmax,
-                           const std::optional<at::Tensor>& nested_code,
-                           const std::optional<at::Tensor>& nested_offset,
-                           int64_t nested_blocksize) {
+namespace {
+
+// nf4_gemv and nf4_gemm: the same arguments, `op` taking at most `max_rows` rows of x.
+NF4GemvArgs check_nf4_product(const char* op, int64_t max_rows, const char* beyond,
+                              const at::Tensor& x, const at::Tensor& packed,
+                              const at::Tensor& absmax, int64_t blocksize,
+                              c10::SymIntArrayRef weight_shape,
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& nested_absmax,
+                              const std::optional<at::Tensor>& nested_code,
+                              const std::optional<at::Tensor>& nested_offset,
+                              int64_t nested_blocksize) {
   NF4GemvArgs args;
   args.type = float_type_of(x.scalar_type(), "x");
   QLORA_CHECK(x.dim() >= 1, "x must have at least one dimension [..., K], got a 0-d tensor");
@@ -159,10 +164,9 @@ NF4GemvArgs check_nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const 
   int64_t M = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
   args.M = M;
-  QLORA_CHECK(M <= kNF4GemvMaxRows, "x has M = ", M,
-              " rows (the product of its leading dimensions, shape ", x.sizes(),
-              "); nf4_gemv takes at most ", kNF4GemvMaxRows,
-              ": use nf4_dequantize and a matrix product for more");
+  QLORA_CHECK(M <= max_rows, "x has M = ", M,
+              " rows (the product of its leading dimensions, shape ", x.sizes(), "); ", op,
+              " takes at most ", max_rows, ": use ", beyond, " for more");
   check_same_device(packed, x, "packed", "x");
   args.weight = check_nf4_dequantize(packed, absmax, blocksize, weight_shape, x.scalar_type(),
                                      nested_absmax, nested_code, nested_offset, nested_blocksize);
@@ -178,6 +182,33 @@ NF4GemvArgs check_nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const 
   args.out_shape = x.sizes().vec();
   args.out_shape.back() = args.N;
   return args;
+}
+
+}  // namespace
+
+NF4GemvArgs check_nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           int64_t blocksize, c10::SymIntArrayRef weight_shape,
+                           const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& nested_code,
+                           const std::optional<at::Tensor>& nested_offset,
+                           int64_t nested_blocksize) {
+  return check_nf4_product("nf4_gemv", kNF4GemvMaxRows, "nf4_gemm", x, packed, absmax, blocksize,
+                           weight_shape, bias, nested_absmax, nested_code, nested_offset,
+                           nested_blocksize);
+}
+
+NF4GemvArgs check_nf4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           int64_t blocksize, c10::SymIntArrayRef weight_shape,
+                           const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& nested_code,
+                           const std::optional<at::Tensor>& nested_offset,
+                           int64_t nested_blocksize) {
+  return check_nf4_product("nf4_gemm", qlora::kNF4GemmMaxRows,
+                           "nf4_dequantize and a matrix product", x, packed, absmax, blocksize,
+                           weight_shape, bias, nested_absmax, nested_code, nested_offset,
+                           nested_blocksize);
 }
 
 Blockwise8Args check_blockwise8_quantize(const at::Tensor& x, const at::Tensor& code,

@@ -45,14 +45,10 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
   return out;
 }
 
-at::Tensor nf4_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                        int64_t blocksize, c10::SymIntArrayRef weight_shape,
-                        const std::optional<at::Tensor>& bias,
-                        const std::optional<at::Tensor>& nested_absmax,
-                        const std::optional<at::Tensor>& nested_code,
-                        const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize) {
-  const NF4GemvArgs a = check_nf4_gemv(x, packed, absmax, blocksize, weight_shape, bias,
-                                       nested_absmax, nested_code, nested_offset, nested_blocksize);
+// nf4_gemv and nf4_gemm on the CPU: one kernel for any M (each weight row is dequantized once and
+// dotted with every row of x), after the op's own checks.
+at::Tensor nf4_product_cpu(const NF4GemvArgs& a, const at::Tensor& x, int64_t blocksize,
+                           int64_t nested_blocksize) {
   at::Tensor y = at::empty({a.M, a.N}, x.options());
   if (a.M > 0 && a.N > 0) {
     // The kernel reads x as fp32 (exact for every input dtype), converted once here.
@@ -70,6 +66,28 @@ at::Tensor nf4_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const at:
     });
   }
   return y.view(a.out_shape);
+}
+
+at::Tensor nf4_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                        int64_t blocksize, c10::SymIntArrayRef weight_shape,
+                        const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& nested_absmax,
+                        const std::optional<at::Tensor>& nested_code,
+                        const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize) {
+  const NF4GemvArgs a = check_nf4_gemv(x, packed, absmax, blocksize, weight_shape, bias,
+                                       nested_absmax, nested_code, nested_offset, nested_blocksize);
+  return nf4_product_cpu(a, x, blocksize, nested_blocksize);
+}
+
+at::Tensor nf4_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                        int64_t blocksize, c10::SymIntArrayRef weight_shape,
+                        const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& nested_absmax,
+                        const std::optional<at::Tensor>& nested_code,
+                        const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize) {
+  const NF4GemvArgs a = check_nf4_gemm(x, packed, absmax, blocksize, weight_shape, bias,
+                                       nested_absmax, nested_code, nested_offset, nested_blocksize);
+  return nf4_product_cpu(a, x, blocksize, nested_blocksize);
 }
 
 std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cpu(
@@ -110,6 +128,7 @@ TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
   m.impl("nf4_quantize", &nf4_quantize_cpu);
   m.impl("nf4_dequantize", &nf4_dequantize_cpu);
   m.impl("nf4_gemv", &nf4_gemv_cpu);
+  m.impl("nf4_gemm", &nf4_gemm_cpu);
   m.impl("blockwise8_quantize", &blockwise8_quantize_cpu);
   m.impl("blockwise8_dequantize", &blockwise8_dequantize_cpu);
 }

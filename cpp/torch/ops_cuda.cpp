@@ -74,6 +74,48 @@ at::Tensor nf4_gemv_cuda(const at::Tensor& x, const at::Tensor& packed, const at
   return y.view(a.out_shape);
 }
 
+at::Tensor nf4_gemm_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                         int64_t blocksize, c10::SymIntArrayRef weight_shape,
+                         const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& nested_absmax,
+                         const std::optional<at::Tensor>& nested_code,
+                         const std::optional<at::Tensor>& nested_offset,
+                         int64_t nested_blocksize) {
+  const NF4GemvArgs a = check_nf4_gemm(x, packed, absmax, blocksize, weight_shape, bias,
+                                       nested_absmax, nested_code, nested_offset, nested_blocksize);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (a.M == 0 || a.N == 0 || a.K == 0) {
+    // An empty product: y is the bias (or zeros), no kernel needed; a copy, never a view of bias.
+    at::Tensor y = a.bias.defined() ? a.bias.expand({a.M, a.N}).clone(at::MemoryFormat::Contiguous)
+                                    : at::zeros({a.M, a.N}, x.options());
+    return y.view(a.out_shape);
+  }
+  qlora::NF4Scales scales = a.weight.scales();
+  scales.nested_blocksize = nested_blocksize;
+  const uint8_t* codes = a.weight.packed.data_ptr<uint8_t>();
+  if (!qlora::nf4_gemm_cuda_supported(a.type, a.M, a.N, a.K, a.x.data_ptr(), codes)) {
+    // fp32, K % 64 != 0, misaligned data or a pre-Ampere GPU: dequantize to x's dtype and let
+    // cuBLAS multiply (the tensor-core kernel has no path for these; cuBLAS is not available to
+    // the torch-free kernels).
+    at::Tensor w = at::empty({a.N, a.K}, x.options());
+    check_launch(qlora::nf4_dequantize_cuda(codes, scales, a.N * a.K, blocksize, w.data_ptr(),
+                                            a.type, at::cuda::getCurrentCUDAStream()),
+                 "nf4_gemm");
+    at::Tensor y = a.bias.defined() ? at::addmm(a.bias, a.x, w.t()) : at::mm(a.x, w.t());
+    return y.view(a.out_shape);
+  }
+  at::Tensor y = at::empty({a.M, a.N}, x.options());
+  const int64_t workspace_elements = qlora::nf4_gemm_cuda_workspace(a.M, a.N, a.K);
+  at::Tensor workspace;
+  if (workspace_elements > 0) workspace = at::empty({workspace_elements}, x.options().dtype(at::kFloat));
+  check_launch(qlora::nf4_gemm_cuda(a.x.data_ptr(), a.type, a.M, a.K, codes, scales, blocksize, a.N,
+                                    a.bias.defined() ? a.bias.data_ptr() : nullptr, y.data_ptr(),
+                                    workspace.defined() ? workspace.data_ptr<float>() : nullptr,
+                                    at::cuda::getCurrentCUDAStream()),
+               "nf4_gemm");
+  return y.view(a.out_shape);
+}
+
 std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cuda(
     const at::Tensor& x, const at::Tensor& code, int64_t blocksize,
     const std::optional<at::Tensor>& offset) {
@@ -111,6 +153,7 @@ TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("nf4_quantize", &nf4_quantize_cuda);
   m.impl("nf4_dequantize", &nf4_dequantize_cuda);
   m.impl("nf4_gemv", &nf4_gemv_cuda);
+  m.impl("nf4_gemm", &nf4_gemm_cuda);
   m.impl("blockwise8_quantize", &blockwise8_quantize_cuda);
   m.impl("blockwise8_dequantize", &blockwise8_dequantize_cuda);
 }

@@ -26,6 +26,12 @@ TORCH_LIBRARY(qlora_ext, m) {
       "nf4_gemv(Tensor x, Tensor packed, Tensor absmax, int blocksize, SymInt[] weight_shape, "
       "Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, "
       "Tensor? nested_offset=None, int nested_blocksize=256) -> Tensor");
+  // The same product for prefill-sized x: prod(x.shape[:-1]) <= 256, a tiled tensor-core GEMM that
+  // dequantizes W inside (CUDA, fp16/bf16, K % 64 == 0); other cases dequantize + matrix product.
+  m.def(
+      "nf4_gemm(Tensor x, Tensor packed, Tensor absmax, int blocksize, SymInt[] weight_shape, "
+      "Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, "
+      "Tensor? nested_offset=None, int nested_blocksize=256) -> Tensor");
   // DoRA's column scale (math: qlora/dora.h), its detached norm taken without forming W + s·B·A:
   // wa = deq(W)·Aᵀ [N, r] fp32/fp16/bf16, lora_A [r, K], lora_B [N, r], weight_sq = ‖deq(W)_i‖²
   // fp32 [N], magnitude [N] -> (col_scale = m/‖W + s·B·A‖_row [N] in wa's dtype, inv_norm fp32 [N])

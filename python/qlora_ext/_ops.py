@@ -22,6 +22,16 @@ if TYPE_CHECKING:
 
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NF4_GEMV_MAX_ROWS = 16  # largest prod(x.shape[:-1]) that nf4_gemv takes (decode-sized batches)
+NF4_GEMM_MAX_ROWS = 256  # largest prod(x.shape[:-1]) that nf4_gemm takes (prefill-sized batches)
+NF4_GEMM_K_MULTIPLE = 64  # nf4_gemm's tensor-core path needs K % 64 == 0 (else it dequantizes)
+
+# Whether `linear_route` may pick nf4_gemm for 17..256 rows; off, those take dequantize + linear
+# (benchmarks flip it to compare the two routes).
+NF4_GEMM_ENABLED = True
+
+ROUTE_GEMV = "nf4_gemv"
+ROUTE_GEMM = "nf4_gemm"
+ROUTE_DENSE = "dequantize + linear"
 
 logger = logging.getLogger("qlora_ext")
 
@@ -105,6 +115,30 @@ def nf4_gemv(
     )  # fmt: skip
 
 
+def nf4_gemm(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    weight_shape: Sequence[int],
+    bias: torch.Tensor | None = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """`nf4_gemv`'s product for prefill-sized x: prod(x.shape[:-1]) <= 256.
+
+    On CUDA with fp16/bf16 x, K % 64 == 0 and an sm_80+ GPU it is a tiled tensor-core GEMM that
+    dequantizes W inside (W is never materialised); otherwise it dequantizes W to x's dtype and
+    multiplies. Same rounding contract and arguments as `nf4_gemv`; differentiable in x and bias.
+    """
+    return _ops().nf4_gemm(
+        x, packed, absmax, blocksize, list(weight_shape), bias,
+        nested_absmax, nested_code, nested_offset, nested_blocksize,
+    )  # fmt: skip
+
+
 def _weight_args(weight: NF4Weight) -> tuple:
     """The weight's arguments of nf4_gemv / nf4_dequantize, after x (packed .. nested_blocksize)."""
     nested = weight.nested
@@ -117,6 +151,46 @@ def _weight_args(weight: NF4Weight) -> tuple:
     )  # fmt: skip
 
 
+def linear_route(
+    x: torch.Tensor,
+    weight: NF4Weight,
+    bias: torch.Tensor | None = None,
+    trainable: Sequence[torch.Tensor] = (),
+    caller: str = "nf4_linear_forward",
+) -> str:
+    """Which kernel computes `x [..., K] · deq(weight)ᵀ (+ bias)`: ROUTE_GEMV, ROUTE_GEMM or ROUTE_DENSE.
+
+    The fused ops serve inference (x on CUDA, fp16/bf16, bias absent or in x's dtype, no gradient
+    needed for x, bias or the tensors in `trainable`, a layer's adapters): `nf4_gemv` for at most
+    16 rows (decode), `nf4_gemm` for 17..256 rows with K % 64 == 0 (prefill chunks; switch:
+    NF4_GEMM_ENABLED). Everything else dequantizes and calls cuBLAS, which wins once the product
+    is compute-bound. Reads only shapes, dtypes and flags, never tensor values, so a CUDA graph
+    capture decides exactly as eager execution does. Logs the route at debug level on the
+    "qlora_ext" logger, as "<caller>: <route> (...)".
+    """
+    rows = math.prod(x.shape[:-1])
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, bias, *trainable)
+    )  # fmt: skip
+    fusable = (
+        x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and not needs_grad
+        and (bias is None or bias.dtype == x.dtype)
+    )
+    route = ROUTE_DENSE
+    if fusable and rows <= NF4_GEMV_MAX_ROWS:
+        route = ROUTE_GEMV
+    elif fusable and NF4_GEMM_ENABLED and rows <= NF4_GEMM_MAX_ROWS and weight.shape[1] % NF4_GEMM_K_MULTIPLE == 0:
+        route = ROUTE_GEMM
+    if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "%s: %s (M=%d, N=%d, K=%d, %s, %s, requires_grad=%s)",
+            caller, route, rows, weight.shape[0], weight.shape[1], x.dtype, x.device, needs_grad,
+        )  # fmt: skip
+    return route
+
+
 def gemv_route(
     x: torch.Tensor,
     weight: NF4Weight,
@@ -124,32 +198,8 @@ def gemv_route(
     trainable: Sequence[torch.Tensor] = (),
     caller: str = "nf4_linear_forward",
 ) -> bool:
-    """Whether `x [..., K] · deq(weight)ᵀ (+ bias)` should take the fused `nf4_gemv`.
-
-    True for decode-sized inference: x on CUDA, fp16/bf16, at most 16 rows, bias absent or in x's
-    dtype, and no gradient needed for x, bias or the tensors in `trainable` (a layer's adapters).
-    Reads only shapes, dtypes and flags, never tensor values, so a CUDA graph capture of a decode
-    step decides exactly as eager execution does. Logs the route at debug level on the
-    "qlora_ext" logger, as "<caller>: <route> (...)".
-    """
-    rows = math.prod(x.shape[:-1])
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, bias, *trainable)
-    )  # fmt: skip
-    fused = (
-        x.is_cuda
-        and x.dtype in (torch.float16, torch.bfloat16)
-        and rows <= NF4_GEMV_MAX_ROWS
-        and not needs_grad
-        and (bias is None or bias.dtype == x.dtype)
-    )
-    if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
-        route = "nf4_gemv" if fused else "dequantize + linear"
-        logger.debug(
-            "%s: %s (M=%d, N=%d, K=%d, %s, %s, requires_grad=%s)",
-            caller, route, rows, weight.shape[0], weight.shape[1], x.dtype, x.device, needs_grad,
-        )  # fmt: skip
-    return fused
+    """Whether `linear_route` picks the fused `nf4_gemv` (kept for callers that ask only that)."""
+    return linear_route(x, weight, bias, trainable, caller) == ROUTE_GEMV
 
 
 def nf4_gemv_weight(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,19 +208,36 @@ def nf4_gemv_weight(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | Non
     return _ops().nf4_gemv(x, packed, absmax, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_bs)
 
 
+def nf4_gemm_weight(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`nf4_gemm` with the weight given as an NF4Weight [N, K] (no routing: x must have <= 256 rows)."""
+    packed, absmax, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_bs = _weight_args(weight)
+    return _ops().nf4_gemm(x, packed, absmax, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_bs)
+
+
+def fused_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, route: str) -> torch.Tensor:
+    """The fused op of a `linear_route` result (ROUTE_GEMV or ROUTE_GEMM)."""
+    if route == ROUTE_GEMV:
+        return nf4_gemv_weight(x, weight, bias)
+    if route == ROUTE_GEMM:
+        return nf4_gemm_weight(x, weight, bias)
+    raise ValueError(f"route must be {ROUTE_GEMV!r} or {ROUTE_GEMM!r}, got {route!r}")
+
+
 def nf4_linear_forward(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, deq(weight), bias)` for an NF4 weight [N, K], by the fastest correct route.
 
-    Decode-sized inference (see `gemv_route`) takes the fused `nf4_gemv`, which reads the 4-bit
-    weight once and never materialises it. Anything else dequantizes to x's dtype and calls
-    `torch.nn.functional.linear`. The route is logged at debug level on the "qlora_ext" logger.
+    Inference with at most 16 rows takes the fused `nf4_gemv`, with 17..256 rows the tiled
+    `nf4_gemm` (see `linear_route`); both read the 4-bit weight and never materialise it. Anything
+    else dequantizes to x's dtype and calls `torch.nn.functional.linear`. The route is logged at
+    debug level on the "qlora_ext" logger.
     """
     if len(weight.shape) != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x must be [..., K] with K = {weight.shape[1]}, got shape {tuple(x.shape)}")
-    if gemv_route(x, weight, bias):
-        return nf4_gemv_weight(x, weight, bias)
+    route = linear_route(x, weight, bias)
+    if route != ROUTE_DENSE:
+        return fused_linear(x, weight, bias, route)
     return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
 
 
@@ -245,26 +312,31 @@ def register_fakes() -> None:
         torch._check(absmax.numel() == _ceil_div(n, blocksize), lambda: "absmax size does not match")
         return packed.new_empty(tuple(shape), dtype=dtype)
 
-    @torch.library.register_fake("qlora_ext::nf4_gemv")
-    def _(x, packed, absmax, blocksize, weight_shape, bias=None, nested_absmax=None, nested_code=None,
-          nested_offset=None, nested_blocksize=256):  # fmt: skip
-        torch._check(
-            x.dtype in (torch.float32, torch.float16, torch.bfloat16),
-            lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}",
-        )
-        torch._check(len(weight_shape) == 2, lambda: f"weight_shape must be [N, K], got {weight_shape}")
-        torch._check(x.dim() >= 1, lambda: "x must have at least one dimension [..., K]")
-        n, k = weight_shape
-        torch._check(x.shape[-1] == k, lambda: f"x must have K = {k} elements in its last dimension")
-        rows = math.prod(x.shape[:-1])
-        torch._check(rows <= NF4_GEMV_MAX_ROWS, lambda: f"x has M = {rows} rows; nf4_gemv takes at most 16")
-        torch._check(packed.dtype == torch.uint8, lambda: "packed must be uint8")
-        torch._check(packed.numel() == (n * k + 1) // 2, lambda: "packed size does not match weight_shape")
-        torch._check(absmax.numel() == _ceil_div(n * k, blocksize), lambda: "absmax size does not match")
-        if bias is not None:
-            torch._check(bias.dtype == x.dtype, lambda: "bias must have x's dtype")
-            torch._check(bias.dim() == 1 and bias.shape[0] == n, lambda: f"bias must be [N] = [{n}]")
-        return x.new_empty((*x.shape[:-1], n))
+    def _nf4_product_fake(op, max_rows):
+        def fake(x, packed, absmax, blocksize, weight_shape, bias=None, nested_absmax=None, nested_code=None,
+                 nested_offset=None, nested_blocksize=256):  # fmt: skip
+            torch._check(
+                x.dtype in (torch.float32, torch.float16, torch.bfloat16),
+                lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}",
+            )
+            torch._check(len(weight_shape) == 2, lambda: f"weight_shape must be [N, K], got {weight_shape}")
+            torch._check(x.dim() >= 1, lambda: "x must have at least one dimension [..., K]")
+            n, k = weight_shape
+            torch._check(x.shape[-1] == k, lambda: f"x must have K = {k} elements in its last dimension")
+            rows = math.prod(x.shape[:-1])
+            torch._check(rows <= max_rows, lambda: f"x has M = {rows} rows; {op} takes at most {max_rows}")
+            torch._check(packed.dtype == torch.uint8, lambda: "packed must be uint8")
+            torch._check(packed.numel() == (n * k + 1) // 2, lambda: "packed size does not match weight_shape")
+            torch._check(absmax.numel() == _ceil_div(n * k, blocksize), lambda: "absmax size does not match")
+            if bias is not None:
+                torch._check(bias.dtype == x.dtype, lambda: "bias must have x's dtype")
+                torch._check(bias.dim() == 1 and bias.shape[0] == n, lambda: f"bias must be [N] = [{n}]")
+            return x.new_empty((*x.shape[:-1], n))
+
+        return fake
+
+    torch.library.register_fake("qlora_ext::nf4_gemv", _nf4_product_fake("nf4_gemv", NF4_GEMV_MAX_ROWS))
+    torch.library.register_fake("qlora_ext::nf4_gemm", _nf4_product_fake("nf4_gemm", NF4_GEMM_MAX_ROWS))
 
     def _gemv_setup_context(ctx, inputs, output):
         x, packed, absmax, blocksize, weight_shape, bias, nested_absmax, nested_code, nested_offset, nested_bs = inputs
@@ -285,9 +357,9 @@ def register_fakes() -> None:
             grad_bias = grad_y.reshape(-1, shape[0]).sum(0)
         return grad_x, None, None, None, None, grad_bias, None, None, None, None
 
-    torch.library.register_autograd(
-        "qlora_ext::nf4_gemv", _gemv_backward, setup_context=_gemv_setup_context
-    )
+    # nf4_gemm has nf4_gemv's arguments and math: one backward serves both.
+    for op in ("qlora_ext::nf4_gemv", "qlora_ext::nf4_gemm"):
+        torch.library.register_autograd(op, _gemv_backward, setup_context=_gemv_setup_context)
 
     @torch.library.register_fake("qlora_ext::blockwise8_quantize")
     def _(x, code, blocksize, offset=None):

@@ -306,11 +306,13 @@ def _check_input(x: Tensor, weight: NF4Weight) -> None:
 def nf4_linear(x: Tensor, weight: NF4Weight, bias: Tensor | None = None) -> Tensor:
     """y [..., N] = x [..., K] · deq(W)ᵀ (+ bias), differentiable in x and bias.
 
-    Decode-sized inference (`_ops.gemv_route`: CUDA, fp16/bf16, <= 16 rows, no gradient) takes
-    the fused nf4_gemv, which reads the 4-bit weight once instead of materialising deq(W)."""
+    Inference (`_ops.linear_route`: CUDA, fp16/bf16, no gradient) takes the fused nf4_gemv for
+    <= 16 rows and nf4_gemm for 17..256 rows: both read the 4-bit weight once instead of
+    materialising deq(W)."""
     _check_input(x, weight)
-    if _ops.gemv_route(x, weight, bias, caller="nf4_linear"):
-        return _ops.nf4_gemv_weight(x, weight, bias)
+    route = _ops.linear_route(x, weight, bias, caller="nf4_linear")
+    if route != _ops.ROUTE_DENSE:
+        return _ops.fused_linear(x, weight, bias, route)
     if use_operators():
         return torch.ops.qlora_ext.nf4_linear(x, *_weight_args(weight), bias)
     return _EagerNF4Linear.apply(x, *_weight_args(weight), bias)
@@ -331,7 +333,8 @@ def nf4_lora_linear(
     Differentiable in x, x_lora, bias, A and B; never in W.
     """
     check_lora_args(x, weight, lora_A, lora_B, x_lora)
-    if _ops.gemv_route(x, weight, bias, trainable=(lora_A, lora_B), caller="nf4_lora_linear"):
+    route = _ops.linear_route(x, weight, bias, trainable=(lora_A, lora_B), caller="nf4_lora_linear")
+    if route != _ops.ROUTE_DENSE:
         return nf4_lora_decode(x, weight, bias, lora_A, lora_B, scale, x_lora)
     wargs = _weight_args(weight)
     op = torch.ops.qlora_ext.nf4_lora_linear if use_operators() else _EagerNF4LoRALinear.apply
@@ -349,19 +352,22 @@ def nf4_lora_decode(
     scale: float,
     x_lora: Tensor | None = None,
 ) -> Tensor:
-    """Inference-only `nf4_lora_linear` for decode-sized x (at most 16 rows; no autograd).
+    """Inference-only `nf4_lora_linear` for decode- and prefill-sized x (at most 256 rows; no
+    autograd).
 
-    y = nf4_gemv(x, W) (+ bias), then y += scale·(x_lora·Aᵀ)·Bᵀ with A, B in x's dtype, as the
-    training op computes it: three kernels per layer (the fused GEMV, one thin GEMM, one addmm
+    y = nf4_gemv(x, W) (+ bias) (nf4_gemm above 16 rows), then y += scale·(x_lora·Aᵀ)·Bᵀ with A, B
+    in x's dtype, as the training op computes it: three kernels per layer (the fused GEMV, one thin GEMM, one addmm
     into y), which matters when a 32-layer model runs ~200 adapted layers per token. Inside
     `cast_adapters_once()` (generate) A and B are cast to x's dtype once per call instead of per
     token. Every shape is fixed by x's and nothing reads tensor values on the host: safe to
     capture in a CUDA graph.
     """
     with _autocast_off(x.device.type):
-        y = _ops.nf4_gemv_weight(x, weight, bias)  # [..., N], x's dtype, a fresh tensor
+        rows = math.prod(x.shape[:-1])
+        route = _ops.ROUTE_GEMV if rows <= _ops.NF4_GEMV_MAX_ROWS else _ops.ROUTE_GEMM
+        y = _ops.fused_linear(x, weight, bias, route)  # [..., N], x's dtype, a fresh tensor
         xl = x if x_lora is None else x_lora
-        m = math.prod(x.shape[:-1])
+        m = rows
         xa = F.linear(xl, _adapter_in(lora_A, x.dtype))  # [..., r]
         y.view(m, weight.shape[0]).addmm_(xa.reshape(m, -1), _adapter_in(lora_B, x.dtype).t(), alpha=scale)
         return y

@@ -31,6 +31,23 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
                           const uint8_t* packed, const NF4Scales& scales, int64_t blocksize,
                           int64_t N, const void* bias, void* y, cudaStream_t stream);
 
+// nf4_gemm_cuda.cu: whether nf4_gemm_cuda runs this case on the current device: sm_80+, fp16/bf16,
+// 1 <= M <= kNF4GemmMaxRows, K a positive multiple of 64, x and packed 16-byte aligned. The caller
+// takes another route (dequantize + a matrix product) otherwise.
+bool nf4_gemm_cuda_supported(FloatType type, int64_t M, int64_t N, int64_t K, const void* x,
+                             const uint8_t* packed);
+
+// nf4_gemm_cuda.cu: fp32 elements of workspace nf4_gemm_cuda needs for this shape (0: none; then
+// workspace may be nullptr). Depends on the current device's SM count.
+int64_t nf4_gemm_cuda_workspace(int64_t M, int64_t N, int64_t K);
+
+// nf4_gemm_cuda.cu: y [M, N] = x [M, K] · deq(W [N, K])ᵀ (+ bias [N]), x/bias/y of `type`, on
+// tensor cores with W dequantized inside the GEMM; only cases nf4_gemm_cuda_supported accepts
+// (cudaErrorInvalidValue otherwise). bias may be nullptr.
+cudaError_t nf4_gemm_cuda(const void* x, FloatType type, int64_t M, int64_t K, const uint8_t* packed,
+                          const NF4Scales& scales, int64_t blocksize, int64_t N, const void* bias,
+                          void* y, float* workspace, cudaStream_t stream);
+
 // blockwise8_cuda.cu: x [n] fp32 -> codes [n] uint8, absmax [ceil(n/blocksize)] fp32, of
 // x - *offset when offset (a device pointer to one fp32) is given. code_map is a device pointer
 // to the 256-entry sorted map.
