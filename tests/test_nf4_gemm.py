@@ -277,6 +277,13 @@ def test_bad_devices():
 # ---- routing -----------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _gemm_route_on(monkeypatch):
+    # The route is off by default until the kernel is measured on a GPU (_ops.NF4_GEMM_ENABLED);
+    # these tests check the routing as it will be with it on.
+    monkeypatch.setattr(ops, "NF4_GEMM_ENABLED", True)
+
+
 def _expected_route(device, dtype, M, K):
     if device != "cuda" or dtype == torch.float32:
         return ops.ROUTE_DENSE
