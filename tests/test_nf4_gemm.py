@@ -16,7 +16,8 @@ import torch
 import qlora_ext
 from qlora_ext import ops
 
-from test_nf4_gemv import DEVICES, DTYPES, HAS_CUDA, _dtype_id, assert_close_to_reference, make_case
+from test_nf4_gemv import (DEVICES, DTYPES, HAS_CUDA, _dtype_id, assert_close_to_reference, check_compiles_fullgraph,
+                           check_gradients, make_case, opcheck_op)
 
 pytest.importorskip("qlora_ext._C", reason="the compiled extension is not built")
 
@@ -185,47 +186,22 @@ def test_cpu_kernel_is_registered():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradients(device):
-    x, weight, bias = make_case(device, torch.float32, 40, 20, 200)
-    x.requires_grad_(True)
-    bias.requires_grad_(True)
-    gemm(x, weight, bias).square().sum().backward()
-    x_ref = x.detach().clone().requires_grad_(True)
-    b_ref = bias.detach().clone().requires_grad_(True)
-    torch.nn.functional.linear(x_ref, weight.dequantize(torch.float32), b_ref).square().sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(bias.grad, b_ref.grad, rtol=1e-4, atol=1e-4)
-
-
-def _opcheck_samples(device):
-    samples = []
-    for dtype, M, N, K, blocksize, dq, with_bias, grad in [
-        (torch.float32, 20, 12, 100, 64, True, True, True),
-        (torch.bfloat16, 17, 130, 256, 64, False, False, False),
-        (torch.float16, 64, 9, 4160, 128, True, True, False),
-        (torch.bfloat16, 100, 5, 128, 32, True, True, True),
-    ]:
-        x, weight, bias = make_case(device, dtype, M, N, K, blocksize, dq, with_bias)
-        if grad:
-            x.requires_grad_(True)
-        samples.append((x, *ops._weight_args(weight)[:4], bias, *ops._weight_args(weight)[4:]))
-    return samples
+    check_gradients(gemm, device, rows=40)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    for args in _opcheck_samples(device):
-        torch.library.opcheck(torch.ops.qlora_ext.nf4_gemm.default, args)
+    opcheck_op(torch.ops.qlora_ext.nf4_gemm.default, device, [
+        (torch.float32, 20, 12, 100, 64, True, True, True),
+        (torch.bfloat16, 17, 130, 256, 64, False, False, False),
+        (torch.float16, 64, 9, 4160, 128, True, True, False),
+        (torch.bfloat16, 100, 5, 128, 32, True, True, True),
+    ])  # fmt: skip
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
-    x, weight, bias = make_case(device, torch.bfloat16, 40, 32, 256)
-
-    def f(x, bias):
-        return ops.nf4_linear_forward(x, weight, bias) * 2
-
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x, bias), f(x, bias))
+    check_compiles_fullgraph(device, rows=40)
 
 
 # ---- bad input --------------------------------------------------------------------------------

@@ -178,12 +178,12 @@ def test_cpu_kernel_is_registered():
 # ---- autograd, opcheck, compile ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_gradients(device):
-    x, weight, bias = make_case(device, torch.float32, 3, 20, 200)
+def check_gradients(fn, device, rows):
+    """fn(x, weight, bias)'s gradients for x and bias equal autograd through F.linear on deq(W)."""
+    x, weight, bias = make_case(device, torch.float32, rows, 20, 200)
     x.requires_grad_(True)
     bias.requires_grad_(True)
-    gemv(x, weight, bias).square().sum().backward()
+    fn(x, weight, bias).square().sum().backward()
     x_ref = x.detach().clone().requires_grad_(True)
     b_ref = bias.detach().clone().requires_grad_(True)
     torch.nn.functional.linear(x_ref, weight.dequantize(torch.float32), b_ref).square().sum().backward()
@@ -191,36 +191,45 @@ def test_gradients(device):
     torch.testing.assert_close(bias.grad, b_ref.grad, rtol=1e-4, atol=1e-4)
 
 
-def _opcheck_samples(device):
-    samples = []
-    for dtype, M, N, K, blocksize, dq, with_bias, grad in [
-        (torch.float32, 2, 12, 100, 64, True, True, True),
-        (torch.bfloat16, 1, 16, 256, 64, False, False, False),
-        (torch.float16, 16, 9, 4128, 128, True, True, False),
-        (torch.bfloat16, 3, 5, 64, 32, True, True, True),
-    ]:
+def opcheck_op(op, device, cases):
+    """torch.library.opcheck of `op` on each (dtype, M, N, K, blocksize, double_quant, bias, grad) case."""
+    for dtype, M, N, K, blocksize, dq, with_bias, grad in cases:
         x, weight, bias = make_case(device, dtype, M, N, K, blocksize, dq, with_bias)
         if grad:
             x.requires_grad_(True)
-        samples.append((x, *ops._weight_args(weight)[:4], bias, *ops._weight_args(weight)[4:]))
-    return samples
+        args = (x, *ops._weight_args(weight)[:4], bias, *ops._weight_args(weight)[4:])
+        torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    for args in _opcheck_samples(device):
-        torch.library.opcheck(torch.ops.qlora_ext.nf4_gemv.default, args)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_fullgraph(device):
-    x, weight, bias = make_case(device, torch.bfloat16, 4, 32, 256)
+def check_compiles_fullgraph(device, rows):
+    """nf4_linear_forward at `rows` rows traces into one graph (no break at the route choice)."""
+    x, weight, bias = make_case(device, torch.bfloat16, rows, 32, 256)
 
     def f(x, bias):
         return ops.nf4_linear_forward(x, weight, bias) * 2
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, bias), f(x, bias))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients(device):
+    check_gradients(gemv, device, rows=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    opcheck_op(torch.ops.qlora_ext.nf4_gemv.default, device, [
+        (torch.float32, 2, 12, 100, 64, True, True, True),
+        (torch.bfloat16, 1, 16, 256, 64, False, False, False),
+        (torch.float16, 16, 9, 4128, 128, True, True, False),
+        (torch.bfloat16, 3, 5, 64, 32, True, True, True),
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    check_compiles_fullgraph(device, rows=4)
 
 
 # ---- bad input --------------------------------------------------------------------------------
