@@ -105,6 +105,9 @@ def test_non_contiguous_and_misaligned(device):
 def test_empty_shapes(device):
     x, weight, bias = make_case(device, torch.bfloat16, 20, 8, 0)
     assert torch.equal(gemm(x, weight, bias), bias.expand(20, 8))
+    x1, weight, bias = make_case(device, torch.bfloat16, 1, 8, 0)
+    out = gemm(x1, weight, bias)
+    assert torch.equal(out, bias.reshape(1, 8)) and out.data_ptr() != bias.data_ptr()  # never a view of bias
     x, weight, _ = make_case(device, torch.bfloat16, 20, 0, 64, bias=False)
     assert gemm(x, weight).shape == (20, 0)
     x0 = torch.empty(0, 64, dtype=torch.bfloat16, device=device)

@@ -142,6 +142,7 @@ def test_empty_shapes(device):
     x, weight, bias = make_case(device, torch.bfloat16, 1, 8, 0)
     out = gemv(x, weight, bias)
     assert torch.equal(out, bias.reshape(1, 8))
+    assert out.data_ptr() != bias.data_ptr()  # a new tensor: an operator's output never aliases an input
     x, weight, _ = make_case(device, torch.bfloat16, 2, 0, 64, bias=False)
     assert gemv(x, weight).shape == (2, 0)
     x0 = torch.empty(0, 64, dtype=torch.bfloat16, device=device)

@@ -47,6 +47,15 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absma
   return out;
 }
 
+// The product when there is nothing to multiply (K = 0, or an empty output): y is the bias
+// broadcast over the rows, or zeros; always a new tensor, never a view of bias (for M = 1 the
+// expanded bias is already contiguous, and an operator's output must not alias an input).
+at::Tensor bias_or_zeros(const NF4GemvArgs& a, const at::Tensor& x) {
+  at::Tensor y = a.bias.defined() ? a.bias.expand({a.M, a.N}).clone(at::MemoryFormat::Contiguous)
+                                  : at::zeros({a.M, a.N}, x.options());
+  return y.view(a.out_shape);
+}
+
 at::Tensor nf4_gemv_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                          int64_t blocksize, c10::SymIntArrayRef weight_shape,
                          const std::optional<at::Tensor>& bias,
@@ -57,12 +66,7 @@ at::Tensor nf4_gemv_cuda(const at::Tensor& x, const at::Tensor& packed, const at
   const NF4GemvArgs a = check_nf4_gemv(x, packed, absmax, blocksize, weight_shape, bias,
                                        nested_absmax, nested_code, nested_offset, nested_blocksize);
   const c10::cuda::CUDAGuard guard(x.device());
-  if (a.K == 0) {
-    // An empty dot product: y is the bias (or zeros), no kernel needed.
-    at::Tensor y = a.bias.defined() ? a.bias.expand({a.M, a.N}).contiguous()
-                                    : at::zeros({a.M, a.N}, x.options());
-    return y.view(a.out_shape);
-  }
+  if (a.K == 0) return bias_or_zeros(a, x);
   at::Tensor y = at::empty({a.M, a.N}, x.options());
   qlora::NF4Scales scales = a.weight.scales();
   scales.nested_blocksize = nested_blocksize;
@@ -84,12 +88,7 @@ at::Tensor nf4_gemm_cuda(const at::Tensor& x, const at::Tensor& packed, const at
   const NF4GemvArgs a = check_nf4_gemm(x, packed, absmax, blocksize, weight_shape, bias,
                                        nested_absmax, nested_code, nested_offset, nested_blocksize);
   const c10::cuda::CUDAGuard guard(x.device());
-  if (a.M == 0 || a.N == 0 || a.K == 0) {
-    // An empty product: y is the bias (or zeros), no kernel needed; a copy, never a view of bias.
-    at::Tensor y = a.bias.defined() ? a.bias.expand({a.M, a.N}).clone(at::MemoryFormat::Contiguous)
-                                    : at::zeros({a.M, a.N}, x.options());
-    return y.view(a.out_shape);
-  }
+  if (a.M == 0 || a.N == 0 || a.K == 0) return bias_or_zeros(a, x);
   qlora::NF4Scales scales = a.weight.scales();
   scales.nested_blocksize = nested_blocksize;
   const uint8_t* codes = a.weight.packed.data_ptr<uint8_t>();
