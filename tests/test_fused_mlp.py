@@ -215,3 +215,41 @@ def test_block_ops_and_fused_mlp_undo_in_either_order():
             assert disable_fused_block_ops(model) > 0
         assert all("forward" not in m.__dict__ for m in model.modules() if hasattr(m, "gate_proj"))
         torch.testing.assert_close(_loss(model, ids), want)
+
+
+def test_inference_the_fused_kernels_serve_takes_the_modules(monkeypatch):
+    # Decode/prefill that linear_route sends to nf4_gemv/nf4_gemm must not run the unit: it would
+    # dequantize all three weights per token where each module reads its packed weight once. The
+    # route needs CUDA; on the CPU it is forced here to check that the unit steps aside exactly then.
+    from qlora_ext import _ops
+
+    calls = _CountCalls(monkeypatch)
+    model = _model().eval()
+    ids = token_batch()
+    with torch.no_grad():
+        _loss(model, ids)
+    assert calls.n == 2  # dense route (CPU): the unit runs, once per layer
+    routes = []
+
+    def gemv_route(x, weight, bias=None, trainable=(), caller=""):
+        routes.append(caller)
+        return _ops.ROUTE_GEMV
+
+    monkeypatch.setattr(_ops, "linear_route", gemv_route)
+    monkeypatch.setattr(_ops, "fused_linear", lambda x, w, b, route: torch.nn.functional.linear(x, w.dequantize(x.dtype), b))
+    with torch.no_grad():
+        _loss(model, ids)
+    assert calls.n == 2 and "lora_mlp" in routes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_on_cuda_reads_the_packed_weights():
+    model = _model("llama", device="cuda").to(torch.bfloat16).eval()
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert fused_mlp.lora_mlp(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj) is None
+        fused = mlp(x)
+        fused_mlp.disable_fused_mlp(model)
+        modules = mlp(x)
+    torch.testing.assert_close(fused, modules, rtol=0, atol=0)

@@ -21,7 +21,10 @@ SwiGLU arithmetic differs (fp32 within, rounded to the activation dtype once).
 
 It applies when the three projections are QLoRALinear layers whose active adapter is a plain
 LoRA (rsLoRA and LoRA+ included) without dropout in training, and the activation is SiLU;
-otherwise, and under torch.compile, the module's own forward runs.
+otherwise, and under torch.compile, the module's own forward runs. Inference that the fused 4-bit
+kernels serve (`_ops.linear_route`: decode and prefill on CUDA, no gradient) also takes the modules:
+each projection then reads its packed weight once through nf4_gemv/nf4_gemm, where this unit would
+dequantize all three weights for every token (measured: +10 ms per token on an 8B model).
 
     qlora_ext.fused_mlp.enable_fused_mlp(model)   # prepare(fused_mlp=True) calls it
 """
@@ -35,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _ops
 from .adapters import LoRAAdapter
 from .fused_blocks import FUSED_DEVICES
 from .layers import QLoRALinear
@@ -248,8 +252,10 @@ def lora_mlp(x: Tensor, gate: QLoRALinear, up: QLoRALinear, down: QLoRALinear,
     adapters = [_plain_lora(layer) for layer in (gate, up, down)]
     if any(a is None for a in adapters) or use_operators() or not x.is_floating_point():
         return None
-    specs = tuple((_weight_args(layer.weight), float(a.scale)) for layer, a in zip((gate, up, down), adapters))
     factors = [t for a in adapters for t in (a.lora_A.weight, a.lora_B.weight)]
+    if _ops.linear_route(x, gate.weight, gate.bias, trainable=factors, caller="lora_mlp") != _ops.ROUTE_DENSE:
+        return None  # the modules' fused GEMV/GEMM read each 4-bit weight once; this unit dequantizes
+    specs = tuple((_weight_args(layer.weight), float(a.scale)) for layer, a in zip((gate, up, down), adapters))
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     # Chunked also without grad: checkpointing's first forward is where a long sequence peaks.
     chunk = chunk_rows(rows, gate.weight.shape[0], x)
