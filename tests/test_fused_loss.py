@@ -167,3 +167,23 @@ def test_peak_memory_stays_below_the_full_logits():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < 4096 * 32000 * 4 / 2, extra
+
+
+@pytest.mark.not_under_sanitizer
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_chunk_holds_its_fp32_logits_and_one_model_dtype_copy_only():
+    # The chunk's fp32 logits are exponentiated in place (no logsumexp workspace of the same size):
+    # at most one fp32 [chunk, V] buffer and one bf16 one live at a time, plus dL/dh.
+    torch.cuda.empty_cache()
+    tokens, vocab, hidden, chunk = 2048, 32000, 256, 512
+    h = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16) / 16
+    y = torch.randint(0, vocab, (tokens,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    linear_cross_entropy(h, w, y, chunk=chunk).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    allowed = chunk * vocab * (4 + 2) + 2 * h.numel() * h.element_size() + (4 << 20)
+    assert extra <= allowed, (extra, allowed)

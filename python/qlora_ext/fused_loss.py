@@ -28,18 +28,20 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 #: Default bytes for one chunk's logits (fp32 + model dtype + softmax workspace); see chunk_tokens.
-CHUNK_BYTES = 256 << 20
+CHUNK_BYTES = 128 << 20
 
 
 def chunk_tokens(n_tokens: int, vocab: int, device: torch.device) -> int:
-    """Tokens per chunk: enough to keep the GEMMs efficient (>= 256 rows where there are that
-    many), few enough that one chunk's logits take at most CHUNK_BYTES and 1/8 of the free memory."""
+    """Tokens per chunk: enough to keep the GEMMs efficient (>= 128 rows where there are that
+    many: against a 128k vocabulary that is still ~500 output tiles), few enough that one chunk's
+    logits take at most CHUNK_BYTES and 1/8 of the free memory. At 8B shapes the chunk is the peak
+    of the step's forward (the checkpoints are offloaded), so it is kept small."""
     budget = CHUNK_BYTES
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(budget, free // 8)
-    per_token = vocab * 10  # fp32 logits + their exp in place + the model-dtype copy for the GEMM
-    return max(1, min(n_tokens, max(256, budget // per_token)))
+    per_token = vocab * 8  # fp32 logits, exponentiated in place + the model-dtype copy for the GEMM
+    return max(1, min(n_tokens, max(128, budget // per_token)))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -64,15 +66,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             y = targets[begin:end]
             ok = valid[begin:end]
             safe_y = torch.where(ok, y, 0).unsqueeze(1)
-            lse = torch.logsumexp(z, dim=1)
             picked = z.gather(1, safe_y).squeeze(1)
+            # log-sum-exp with z turned into exp(z - max) in place: torch.logsumexp would allocate
+            # a second [c, V] fp32 buffer (131 MB per 256 tokens of a 128k vocabulary), the
+            # largest transient of the whole step at 8B shapes.
+            z_max = z.amax(dim=1, keepdim=True)
+            z.sub_(z_max).exp_()
+            sum_exp = z.sum(dim=1)
+            lse = z_max.squeeze(1) + sum_exp.log()
             loss_sum += torch.where(ok, lse - picked, 0.0).sum()
             if not (need_h or need_w or need_b):
                 continue
             # z becomes dL/dz in place: softmax - onehot on valid rows, 0 on ignored ones, / count.
-            z.sub_(lse.unsqueeze(1)).exp_()
-            z.scatter_add_(1, safe_y, torch.full_like(picked, -1.0).unsqueeze(1))
-            z.mul_((ok.float() / count).unsqueeze(1))
+            weight_row = ok.float() / count
+            z.mul_((weight_row / sum_exp).unsqueeze(1))
+            z.scatter_add_(1, safe_y, weight_row.neg().unsqueeze(1))
             dz = z.to(hidden.dtype)
             del z
             if need_h:
