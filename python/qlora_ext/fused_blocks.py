@@ -99,8 +99,8 @@ QK
 value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 cos, sin = position_embeddings
 query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-if past_key_values is not None:
-    key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+if CACHE is not None:
+    key_states, value_states = CACHE.update(key_states, value_states, self.layer_idx UPDATE_KWARGS)
 attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
     self.config._attn_implementation, eager_attention_forward
 )
@@ -115,14 +115,24 @@ return attn_output, attn_weights
 """
 
 
-def _attention_body(qk: str, sliding_window: str) -> tuple[str, ...]:
-    return _statements(_ATTENTION_TEMPLATE.replace("QK", qk.strip()).replace("SLIDING_WINDOW", sliding_window))
+# How the KV cache reaches the attention, by transformers version: (argument name, whether
+# cache.update also gets the forward's kwargs). 4.x-5.2x: past_key_values; from ~5.25: cache
+# (the old name still accepted by transformers' own forwards through a deprecation shim).
+_CACHE_STYLES = (("past_key_values", False), ("cache", True))
+
+
+def _attention_body(qk: str, sliding_window: str, cache_style: tuple[str, bool]) -> tuple[str, ...]:
+    name, update_kwargs = cache_style
+    code = (_ATTENTION_TEMPLATE.replace("QK", qk.strip()).replace("SLIDING_WINDOW", sliding_window)
+            .replace("CACHE", name).replace("UPDATE_KWARGS", ", kwargs=kwargs" if update_kwargs else ""))  # fmt: skip
+    return _statements(code)
 
 
 _ATTENTION_BODIES = {
-    _attention_body(qk, _SLIDING_WINDOW[window]): (qk is _QK_NORMED, window)
+    _attention_body(qk, _SLIDING_WINDOW[window], style): (qk is _QK_NORMED, window, style)
     for qk in (_QK_PLAIN, _QK_NORMED)
     for window in _SLIDING_WINDOW
+    for style in _CACHE_STYLES
 }
 
 
@@ -133,6 +143,7 @@ class _AttentionSpec:
 
     qk_norm: bool
     sliding_window: str | None
+    cache_style: tuple[str, bool]  # (the cache argument's name, whether cache.update gets kwargs)
     attention_functions: object
     eager_attention_forward: object
 
@@ -168,15 +179,15 @@ def _hf_kind(cls) -> tuple[str, object] | tuple[None, str]:
         return "rms_norm", None
     if body == _MLP_BODY and params == ("self", "x"):
         return "mlp", None
-    if body in _ATTENTION_BODIES and params[:5] == ("self", "hidden_states", "position_embeddings",
-                                                     "attention_mask", "past_key_values"):  # fmt: skip
-        qk_norm, window = _ATTENTION_BODIES[body]
+    if body in _ATTENTION_BODIES and params[:5] == ("self", "hidden_states", "position_embeddings", "attention_mask",
+                                                     _ATTENTION_BODIES[body][2][0]):  # fmt: skip
+        qk_norm, window, cache_style = _ATTENTION_BODIES[body]
         module = sys.modules.get(cls.__module__)
         registry = getattr(module, "ALL_ATTENTION_FUNCTIONS", None)
         eager = getattr(module, "eager_attention_forward", None)
         if registry is None or eager is None or not hasattr(registry, "get_interface"):
             return None, f"{cls.__module__} has no ALL_ATTENTION_FUNCTIONS.get_interface / eager_attention_forward"
-        return "attention", _AttentionSpec(qk_norm, window, registry, eager)
+        return "attention", _AttentionSpec(qk_norm, window, cache_style, registry, eager)
     return None, "its forward differs from the Llama-family structure the fused forwards reproduce"
 
 
@@ -218,15 +229,20 @@ def _swiglu_mlp_forward(self, x):
     return self.down_proj(block_ops.swiglu(self.gate_proj(x), self.up_proj(x), backward_inplace=inplace))
 
 
-def _hf_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                          past_key_values=None, **kwargs):  # fmt: skip
+def _hf_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
     """transformers' Llama-family attention forward (the statements _hf_kind matched) with the
-    fused RoPE; identical otherwise."""
+    fused RoPE; identical otherwise. The cache comes by the name the matched version uses (either
+    name is accepted, as transformers' deprecation shim does)."""
+    spec = self._qlora_attention_spec
+    cache_name, update_kwargs = spec.cache_style
+    cache = args[0] if args else None
+    for name in ("past_key_values", "cache"):
+        if name in kwargs:
+            cache = kwargs.pop(name)
     if (not _fused_here(self, hidden_states) or position_embeddings is None
             or position_embeddings[0].shape[-1] != self.head_dim):  # fmt: skip
         return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
-                                  attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)  # fmt: skip
-    spec = self._qlora_attention_spec
+                                  attention_mask=attention_mask, **{cache_name: cache}, **kwargs)  # fmt: skip
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     query = self.q_proj(hidden_states).view(hidden_shape)  # [B, T, H, Dh]
@@ -237,8 +253,9 @@ def _hf_attention_forward(self, hidden_states, position_embeddings=None, attenti
     cos, sin = position_embeddings
     # [B, H, T, Dh] views of the fresh projections: rotated in place when no gradient is needed.
     query, key = block_ops.apply_rope(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
+    if cache is not None:
+        extra = {"kwargs": kwargs} if update_kwargs else {}
+        key, value = cache.update(key, value, self.layer_idx, **extra)
     attention = spec.attention_functions.get_interface(self.config._attn_implementation, spec.eager_attention_forward)
     if spec.sliding_window == "module":
         kwargs["sliding_window"] = self.sliding_window
