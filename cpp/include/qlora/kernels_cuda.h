@@ -31,6 +31,17 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
                           const uint8_t* packed, const NF4Scales& scales, int64_t blocksize,
                           int64_t N, const void* bias, void* y, cudaStream_t stream);
 
+// nf4_gemv_cuda.cu: which fast-path kernel nf4_gemv_cuda launches, process-wide, read at each
+// launch (so a CUDA graph keeps the kernel it captured). For measuring the variants against each
+// other in one process; 0 ("mma") is the default. Variants other than 0 apply where their kernel
+// does (fp16/bf16, K % 64 == 0, blocksize >= 64, aligned data, sm_80+); elsewhere the launcher
+// takes the path variant 0 would. set returns false (and changes nothing) for an unknown number;
+// name returns nullptr for one.
+int nf4_gemv_cuda_variant_count();
+const char* nf4_gemv_cuda_variant_name(int variant);
+bool nf4_gemv_cuda_set_variant(int variant);
+int nf4_gemv_cuda_variant();
+
 // nf4_gemm_cuda.cu: whether nf4_gemm_cuda runs this case on the current device: sm_80+, fp16/bf16,
 // 1 <= M <= kNF4GemmMaxRows, K a positive multiple of 64, x and packed 16-byte aligned. The caller
 // takes another route (dequantize + a matrix product) otherwise.

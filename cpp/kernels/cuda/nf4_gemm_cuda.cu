@@ -40,6 +40,7 @@
 #include <algorithm>
 
 #include "cuda_common.cuh"
+#include "device_facts.cuh"
 #include "qlora/kernels_cuda.h"
 
 namespace qlora {
@@ -355,39 +356,6 @@ nf4_gemm_reduce_kernel(const float* __restrict__ partial, int splits, int64_t co
     if (bias != nullptr) sum += Element<T>::to_float(bias[i % N]);
     y[i] = Element<T>::from_float(sum);
   }
-}
-
-// Per-device facts, read once.
-struct DeviceFacts {
-  int major = 0;
-  int sm_count = 0;
-  // The tensor-core kernel's code for this device was built for sm_80+. A build for older targets
-  // only (say "75") runs on an sm_80 GPU through PTX JIT of a body compiled out: never launch that.
-  bool mma_built = false;
-};
-cudaError_t device_facts(DeviceFacts& facts) {
-  constexpr int kMaxDevices = 64;
-  static DeviceFacts cache[kMaxDevices];
-  int device = 0;
-  cudaError_t status = cudaGetDevice(&device);
-  if (status != cudaSuccess) return status;
-  if (device < kMaxDevices && cache[device].sm_count > 0) {
-    facts = cache[device];
-    return cudaSuccess;
-  }
-  status = cudaDeviceGetAttribute(&facts.major, cudaDevAttrComputeCapabilityMajor, device);
-  if (status == cudaSuccess)
-    status = cudaDeviceGetAttribute(&facts.sm_count, cudaDevAttrMultiProcessorCount, device);
-  if (status == cudaSuccess) {
-    cudaFuncAttributes attributes{};
-    // No code for this device at all is an answer (no), not an error: clear it, so that a later
-    // launch check does not pick it up.
-    const bool found = cudaFuncGetAttributes(&attributes, nf4_gemm_mma_kernel<__nv_bfloat16, 64>) == cudaSuccess;
-    if (!found) (void)cudaGetLastError();
-    facts.mma_built = found && attributes.ptxVersion >= 80;
-  }
-  if (status == cudaSuccess && device < kMaxDevices) cache[device] = facts;
-  return status;
 }
 
 int tile_rows(int64_t M) { return M <= 32 ? 32 : (M <= 64 ? 64 : 128); }

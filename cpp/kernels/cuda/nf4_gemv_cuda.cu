@@ -34,8 +34,10 @@
 // per output row, lanes striding over k with scalar loads, scale decoded per element. Correct for
 // every shape (blocks straddling rows included), not fast.
 #include <algorithm>
+#include <atomic>
 
 #include "cuda_common.cuh"
+#include "device_facts.cuh"
 #include "qlora/kernels_cuda.h"
 
 namespace qlora {
@@ -281,6 +283,311 @@ nf4_gemv_mma_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ 
 #endif  // QLORA_GEMV_MMA
 }
 
+// ---- fast path, factored scale (variants "factored", "factored_split", "factored_r2/_r1") ----
+//
+// The block scale leaves the per-element work: every MMA k-step's 16 k values lie in ONE
+// quantization block, so sum_k x[k] * nf4[k] * scale = scale * sum_k x[k] * nf4[k], and the
+// tensor cores multiply the raw NF4 values. Lane (g, t) takes codes [16t, 16t+16) of each
+// 64-code segment of its rows g and g+8 (one 8-byte load each), so a k-step's 4 t-lanes hold
+// codes of one segment, and a segment (64-aligned in the flat index: K % 64 == 0) lies inside one
+// block when blocksize >= 64. Per segment and 16-row tile: 4 k-steps into a zeroed fp32 temp
+// fragment, then acc += scale * temp (one FFMA per accumulator; c0, c1 are row g, c2, c3 row g+8,
+// each with its own scale). Blocksize 32 or K % 64 != 0 keep the "mma" kernel.
+//
+// Per code byte (2 weights) that leaves one LDS.32 and two integer ops (shift, and-or of the
+// lane's copy offset): the table holds T2 words (T(nf4[hi]) | T(nf4[lo]) << 16), i.e. the
+// A-fragment word itself, replicated 32 times so that lane l always reads bank l (conflict-free
+// whatever the codes; 256 x 32 x 4 B = 32 KB). The "mma" kernel spends an LDS.64 (two bank
+// cycles), two FMUL and a packed cvt per byte on top.
+//
+// Precision: the weight the tensor cores see is T(nf4) * scale (scale exact in fp32) instead of
+// T(nf4 * scale): one rounding of the same size, at a different place. SPLIT (variant
+// "factored_split") adds lo = T(nf4 - T(nf4)) and a second MMA per k-step into the same temp
+// (LDS.64 of (hi, lo) words, 16 copies = 32 KB): the weight is then nf4 * scale to about 2^-17
+// relative (bf16) or better (fp16), i.e. more exact than any dequantized weight in T.
+//
+// Pipelining: a warp's work is a flat list of (tile, step) items (step = SEG segments of 64 k).
+// The codes and scale ingredients of the next item are loaded into registers before the current
+// one is computed, across tile boundaries too, and the first item's loads are issued before the
+// CTA builds its tables, so the table build hides under the first DRAM latency. x is not
+// prefetched (it is small and L1/L2-resident; its latency only matters if it outlasts a DRAM
+// round trip), which keeps the register budget for deeper code loads.
+// Scales: lane t computes the scale of segment t % SEG of its rows (the 4 t-lanes need the same
+// scales) and the others come by __shfl_sync; the 256-entry map of double quantization is copied
+// to shared memory once per CTA.
+#if QLORA_GEMV_MMA
+
+constexpr int kSegment = 64;
+
+// 8 bytes of codes, read once (see load_codes).
+__device__ __forceinline__ uint2 load_codes8(const uint8_t* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+// Byte `pos` of `word` as a table offset (byte * 128), or'ed with the lane's copy offset (< 128).
+template <int kPos>
+__device__ __forceinline__ uint32_t table_offset(uint32_t word, uint32_t lane_offset) {
+  const uint32_t shifted = kPos == 0 ? (word << 7) : (word >> (8 * kPos - 7));
+  return (shifted & 0x7f80u) | lane_offset;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t bits_of(T v) {
+  return uint32_t(*reinterpret_cast<const uint16_t*>(&v));
+}
+
+#endif  // QLORA_GEMV_MMA
+
+template <int MT, int R, int SEG>
+struct FactoredStage {
+  uint2 codes[R][2][SEG];  // rows g / g+8 of each tile, 16 codes of each segment
+  uint32_t scale_code[R][2];  // double quantization: the block's 8-bit code (segment t % SEG)
+  float scale_raw[R][2];      // the fp32 absmax (plain) or the nested absmax (double quantization)
+};
+
+template <typename T, int MT, int R, int SEG, bool SPLIT>
+__global__ void __launch_bounds__(kThreads, 2)
+nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed,
+                         NF4Scales scales, int blocksize_log2, int nested_log2, int64_t N, int64_t K,
+                         const T* __restrict__ bias, T* __restrict__ y) {
+#if QLORA_GEMV_MMA
+  static_assert(SEG == 1 || SEG == 2 || SEG == 4, "lane t computes the scale of segment t % SEG");
+  constexpr int kRows = 16 * R;
+  constexpr int kCols = 8 * MT;
+  constexpr int kStepK = kSegment * SEG;
+  using Stage = FactoredStage<MT, R, SEG>;
+  // SPLIT: uint2 (hi, lo) at byte * 128 + (lane % 16) * 8; else uint32 at byte * 128 + lane * 4.
+  __shared__ uint4 table[2048];  // 32 KB
+  __shared__ float partial[kWarps / 2][kRows][kCols + 1];
+  __shared__ float nested_map[256];
+  __shared__ float codes[16];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const bool double_quant = scales.absmax == nullptr;
+  const int64_t n_steps = (K + kStepK - 1) / kStepK;
+  const int64_t n_tiles = (N + kRows - 1) / kRows;
+  const bool active = warp < n_steps;  // a warp with no step in a tile has none in any tile
+
+  auto load_stage = [&](Stage& st, int64_t tile, int64_t step) {
+    const int64_t k0 = step * kStepK;
+    const int64_t k_mine = k0 + kSegment * (t % SEG);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        // Rows past N read row N-1; their sums are never written.
+        const int64_t row_start = min(tile * kRows + 16 * r + 8 * h + g, N - 1) * K;
+        // row_start + k0 is a multiple of 64 (K % 64 == 0): byte offsets of the segments are
+        // immediates from one pointer.
+        const uint8_t* row_codes = packed + ((row_start + k0) >> 1) + 8 * t;
+#pragma unroll
+        for (int s = 0; s < SEG; ++s) {
+          st.codes[r][h][s] = k0 + kSegment * s < K ? load_codes8(row_codes + 32 * s) : make_uint2(0, 0);
+        }
+        const int64_t b = (row_start + (k_mine < K ? k_mine : 0)) >> blocksize_log2;
+        if (double_quant) {
+          st.scale_code[r][h] = __ldg(scales.absmax_codes + b);
+          st.scale_raw[r][h] = __ldg(scales.nested_absmax + (b >> nested_log2));
+        } else {
+          st.scale_code[r][h] = 0;
+          st.scale_raw[r][h] = __ldg(scales.absmax + b);
+        }
+      }
+    }
+  };
+
+  int64_t tile = blockIdx.x;
+  Stage cur;
+  if (active) load_stage(cur, tile, warp);  // in flight while the tables are built
+
+  load_nf4_codes(codes);
+  if (double_quant) {
+    for (int i = threadIdx.x; i < 256; i += kThreads) nested_map[i] = __ldg(scales.nested_code + i);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 2048; i += kThreads) {
+    const int byte = i >> 3;  // 8 uint4 (128 bytes) per byte value
+    const float hi_nibble = codes[byte >> 4], lo_nibble = codes[byte & 15];
+    const T a = Element<T>::from_float(hi_nibble), b = Element<T>::from_float(lo_nibble);
+    const uint32_t word = bits_of(a) | (bits_of(b) << 16);  // the even element (high nibble) low
+    if constexpr (SPLIT) {
+      const T a_lo = Element<T>::from_float(hi_nibble - Element<T>::to_float(a));
+      const T b_lo = Element<T>::from_float(lo_nibble - Element<T>::to_float(b));
+      const uint32_t lo_word = bits_of(a_lo) | (bits_of(b_lo) << 16);
+      table[i] = make_uint4(word, lo_word, word, lo_word);
+    } else {
+      table[i] = make_uint4(word, word, word, word);
+    }
+  }
+  __syncthreads();
+
+  const char* table_bytes = reinterpret_cast<const char*>(table);
+  const uint32_t lane_offset = SPLIT ? uint32_t(lane & 15) * 8 : uint32_t(lane) * 4;
+  const float offset = double_quant ? __ldg(scales.nested_offset) : 0.0f;
+
+  for (; tile < n_tiles; tile += gridDim.x) {
+    const int64_t row0 = tile * kRows;
+    float acc[R][MT][4];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[r][mt][i] = 0.0f;
+
+    for (int64_t step = warp; step < n_steps; step += kWarps) {
+      // The next item's loads first: the rest of this iteration hides their latency.
+      int64_t next_tile = tile, next_step = step + kWarps;
+      if (next_step >= n_steps) {
+        next_tile += gridDim.x;
+        next_step = warp;
+      }
+      Stage next;
+      if (next_tile < n_tiles) load_stage(next, next_tile, next_step);
+
+      const int64_t k0 = step * kStepK;
+      // x (B fragments: row m = g + 8 mt, the lane's 16 k of a segment): one segment ahead.
+      auto load_x = [&](int s, uint4 (&v)[MT][2]) {
+        const int64_t k = k0 + kSegment * s;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const int m = g + 8 * mt;
+          const bool ok = m < M && k < K;
+          const uint4* src = reinterpret_cast<const uint4*>(x + (int64_t(ok ? m : 0) * K + (ok ? k : 0)) + 16 * t);
+          v[mt][0] = ok ? __ldg(src) : make_uint4(0, 0, 0, 0);
+          v[mt][1] = ok ? __ldg(src + 1) : make_uint4(0, 0, 0, 0);
+        }
+      };
+      uint4 xv[MT][2];
+      load_x(0, xv);
+      // Scale of this lane's segment (t % SEG) of rows g and g+8; segment s's comes from lane t = s.
+      // An invalid segment has zero x and scale 0 (never a NaN from a clamped block's scale).
+      const bool mine_valid = k0 + kSegment * (t % SEG) < K;
+      float mine[R][2];
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float v = cur.scale_raw[r][h];
+          if (double_quant) v = __fadd_rn(__fmul_rn(nested_map[cur.scale_code[r][h]], v), offset);
+          mine[r][h] = mine_valid ? v : 0.0f;
+        }
+#pragma unroll
+      for (int s = 0; s < SEG; ++s) {
+        uint4 xn[MT][2];
+        if (s + 1 < SEG) load_x(s + 1, xn);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float tmp[MT][4];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) tmp[mt][i] = 0.0f;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            // k-step j: code bytes 2j (k slots 2t, 2t+1) and 2j+1 (slots 2t+8, 2t+9).
+            const uint32_t wg = j < 2 ? cur.codes[r][0][s].x : cur.codes[r][0][s].y;
+            const uint32_t wg8 = j < 2 ? cur.codes[r][1][s].x : cur.codes[r][1][s].y;
+            uint32_t o0, o1, o2, o3;  // a0: row g lo byte, a1: row g+8 lo, a2: row g hi, a3: row g+8 hi
+            if ((j & 1) == 0) {
+              o0 = table_offset<0>(wg, lane_offset);
+              o2 = table_offset<1>(wg, lane_offset);
+              o1 = table_offset<0>(wg8, lane_offset);
+              o3 = table_offset<1>(wg8, lane_offset);
+            } else {
+              o0 = table_offset<2>(wg, lane_offset);
+              o2 = table_offset<3>(wg, lane_offset);
+              o1 = table_offset<2>(wg8, lane_offset);
+              o3 = table_offset<3>(wg8, lane_offset);
+            }
+            uint32_t b[MT][2];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              const uint4& v = xv[mt][j >> 1];
+              b[mt][0] = (j & 1) ? v.z : v.x;
+              b[mt][1] = (j & 1) ? v.w : v.y;
+            }
+            if constexpr (SPLIT) {
+              const uint2 a0 = *reinterpret_cast<const uint2*>(table_bytes + o0);
+              const uint2 a1 = *reinterpret_cast<const uint2*>(table_bytes + o1);
+              const uint2 a2 = *reinterpret_cast<const uint2*>(table_bytes + o2);
+              const uint2 a3 = *reinterpret_cast<const uint2*>(table_bytes + o3);
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt) {
+                mma_16816(T{}, tmp[mt], a0.x, a1.x, a2.x, a3.x, b[mt][0], b[mt][1]);
+                mma_16816(T{}, tmp[mt], a0.y, a1.y, a2.y, a3.y, b[mt][0], b[mt][1]);
+              }
+            } else {
+              const uint32_t a0 = *reinterpret_cast<const uint32_t*>(table_bytes + o0);
+              const uint32_t a1 = *reinterpret_cast<const uint32_t*>(table_bytes + o1);
+              const uint32_t a2 = *reinterpret_cast<const uint32_t*>(table_bytes + o2);
+              const uint32_t a3 = *reinterpret_cast<const uint32_t*>(table_bytes + o3);
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt) mma_16816(T{}, tmp[mt], a0, a1, a2, a3, b[mt][0], b[mt][1]);
+            }
+          }
+          const float scale_g = SEG == 1 ? mine[r][0] : __shfl_sync(0xffffffffu, mine[r][0], (lane & ~3) | s);
+          const float scale_g8 = SEG == 1 ? mine[r][1] : __shfl_sync(0xffffffffu, mine[r][1], (lane & ~3) | s);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            acc[r][mt][0] = fmaf(scale_g, tmp[mt][0], acc[r][mt][0]);
+            acc[r][mt][1] = fmaf(scale_g, tmp[mt][1], acc[r][mt][1]);
+            acc[r][mt][2] = fmaf(scale_g8, tmp[mt][2], acc[r][mt][2]);
+            acc[r][mt][3] = fmaf(scale_g8, tmp[mt][3], acc[r][mt][3]);
+          }
+        }
+        if (s + 1 < SEG) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            xv[mt][0] = xn[mt][0];
+            xv[mt][1] = xn[mt][1];
+          }
+        }
+      }
+      cur = next;
+    }
+
+    // Reduction and store: as in nf4_gemv_mma_kernel.
+    auto slot = [&](int r, int mt, int i) -> float& {
+      return partial[warp % (kWarps / 2)][16 * r + g + 8 * (i >> 1)][8 * mt + 2 * t + (i & 1)];
+    };
+    if (warp >= kWarps / 2) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) slot(r, mt, i) = acc[r][mt][i];
+    }
+    __syncthreads();
+    if (warp < kWarps / 2) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) slot(r, mt, i) += acc[r][mt][i];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < kRows * kCols; i += kThreads) {
+      const int row = i % kRows, m = i / kRows;
+      const int64_t n = row0 + row;
+      if (m < M && n < N) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int v = 0; v < kWarps / 2; ++v) sum += partial[v][row][m];
+        if (bias != nullptr) sum += Element<T>::to_float(bias[n]);
+        y[int64_t(m) * N + n] = Element<T>::from_float(sum);
+      }
+    }
+    __syncthreads();  // partial is rewritten by the next tile
+  }
+#endif  // QLORA_GEMV_MMA
+}
+
 // ---- generic path ----------------------------------------------------------------------------
 
 template <typename T>
@@ -324,28 +631,6 @@ nf4_gemv_generic_kernel(const T* __restrict__ x, int M, const uint8_t* __restric
   }
 }
 
-// Per-device facts, read once (the attribute queries are cheap, but not free per call).
-struct DeviceFacts {
-  int major = 0;
-  int sm_count = 0;
-};
-cudaError_t device_facts(DeviceFacts& facts) {
-  constexpr int kMaxDevices = 64;
-  static DeviceFacts cache[kMaxDevices];
-  int device = 0;
-  cudaError_t status = cudaGetDevice(&device);
-  if (status != cudaSuccess) return status;
-  if (device < kMaxDevices && cache[device].sm_count > 0) {
-    facts = cache[device];
-    return cudaSuccess;
-  }
-  status = cudaDeviceGetAttribute(&facts.major, cudaDevAttrComputeCapabilityMajor, device);
-  if (status == cudaSuccess)
-    status = cudaDeviceGetAttribute(&facts.sm_count, cudaDevAttrMultiProcessorCount, device);
-  if (status == cudaSuccess && device < kMaxDevices) cache[device] = facts;
-  return status;
-}
-
 template <typename T, int MT, int R, int U>
 cudaError_t launch_mma(const T* x, int M, const uint8_t* packed, const NF4Scales& scales,
                        int blocksize_log2, int nested_log2, int64_t N, int64_t K, const T* bias,
@@ -357,7 +642,39 @@ cudaError_t launch_mma(const T* x, int M, const uint8_t* packed, const NF4Scales
   return cudaGetLastError();
 }
 
+template <typename T, int MT, int R, int SEG, bool SPLIT>
+cudaError_t launch_factored(const T* x, int M, const uint8_t* packed, const NF4Scales& scales,
+                            int blocksize_log2, int nested_log2, int64_t N, int64_t K, const T* bias,
+                            T* y, int sm_count, cudaStream_t stream) {
+  const int64_t tiles = ceil_div(N, 16 * R);
+  // Persistent: 2 CTAs per SM (__launch_bounds__), each builds its tables once.
+  const int64_t grid = std::min<int64_t>(tiles, int64_t(sm_count) * 2);
+  nf4_gemv_factored_kernel<T, MT, R, SEG, SPLIT><<<dim3(unsigned(grid)), kThreads, 0, stream>>>(
+      x, M, packed, scales, blocksize_log2, nested_log2, N, K, bias, y);
+  return cudaGetLastError();
+}
+
+// Fast-path kernel choice, switchable at run time so that one process can A/B them (see
+// kernels_cuda.h). Index = the variant number.
+constexpr const char* kVariantNames[] = {"mma", "factored", "factored_split", "factored_r2", "factored_r1"};
+constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0]));
+std::atomic<int> g_variant{0};
+
 }  // namespace
+
+int nf4_gemv_cuda_variant_count() { return kVariantCount; }
+
+const char* nf4_gemv_cuda_variant_name(int variant) {
+  return variant >= 0 && variant < kVariantCount ? kVariantNames[variant] : nullptr;
+}
+
+bool nf4_gemv_cuda_set_variant(int variant) {
+  if (variant < 0 || variant >= kVariantCount) return false;
+  g_variant.store(variant, std::memory_order_relaxed);
+  return true;
+}
+
+int nf4_gemv_cuda_variant() { return g_variant.load(std::memory_order_relaxed); }
 
 cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
                           const uint8_t* packed, const NF4Scales& scales, int64_t blocksize,
@@ -369,8 +686,13 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
   if (status != cudaSuccess) return status;
   const int blocksize_log2 = log2_of_power_of_two(blocksize);
   const int nested_log2 = log2_of_power_of_two(scales.nested_blocksize);
-  const bool fast = type != FloatType::F32 && facts.major >= 8 && K % 32 == 0 &&
-                    is_aligned(x, 16) && is_aligned(packed, 16);
+  // Tensor cores need sm_80+ hardware AND this file's code for the device built for sm_80+ (a
+  // build for "75" alone would JIT a compiled-out body on an sm_86 GPU: see device_facts.cuh).
+  const bool tensor_cores = type != FloatType::F32 && facts.major >= 8 && facts.mma_built &&
+                            is_aligned(x, 16) && is_aligned(packed, 16);
+  const bool fast = tensor_cores && K % 32 == 0;
+  const bool factored = tensor_cores && K % 64 == 0 && blocksize >= 64;
+  const int variant = factored ? nf4_gemv_cuda_variant() : 0;
   const int m = int(M);
   return dispatch_float_type(type, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
@@ -378,6 +700,28 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
     const T* bt = static_cast<const T*>(bias);
     T* yt = static_cast<T*>(y);
     if constexpr (!std::is_same_v<T, float>) {
+#define QLORA_FACTORED(MT, R, SEG, SPLIT)                                                        \
+  return launch_factored<T, MT, R, SEG, SPLIT>(xt, m, packed, scales, blocksize_log2, nested_log2, \
+                                               N, K, bt, yt, facts.sm_count, stream)
+      // Tile shapes (MT, R, SEG): MT groups of 8 x rows, R 16-row tiles per CTA, SEG 64-k segments
+      // per step (a warp has one step of codes in flight while it computes the previous one).
+      switch (variant) {
+        case 1:  // factored: M <= 8: 16-row tiles, 256 k per step; M > 8: 32-row tiles (x reuse)
+          if (m <= 8) QLORA_FACTORED(1, 1, 4, false);
+          QLORA_FACTORED(2, 2, 2, false);
+        case 2:  // factored_split: the same shapes, hi/lo weights
+          if (m <= 8) QLORA_FACTORED(1, 1, 4, true);
+          QLORA_FACTORED(2, 2, 2, true);
+        case 3:  // factored_r2: 32-row tiles, 128 k per step; M > 8: 64 k per step (registers)
+          if (m <= 8) QLORA_FACTORED(1, 2, 2, false);
+          QLORA_FACTORED(2, 2, 1, false);
+        case 4:  // factored_r1: 16-row tiles, 128 k per step (twice the CTAs of r2 on small N)
+          if (m <= 8) QLORA_FACTORED(1, 1, 2, false);
+          QLORA_FACTORED(2, 1, 2, false);
+        default:
+          break;
+      }
+#undef QLORA_FACTORED
       if (fast) {
         if (m <= 8) {
           return launch_mma<T, 1, 1, 2>(xt, m, packed, scales, blocksize_log2, nested_log2, N, K,
