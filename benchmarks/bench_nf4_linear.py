@@ -1,6 +1,10 @@
 """4-bit linear at decode sizes: qlora_ext's fused nf4_gemv against bf16 cuBLAS and bitsandbytes.
 
     python benchmarks/bench_nf4_linear.py [--out results.jsonl] [--m 1 16] [--dtype bfloat16]
+        [--variants mma,factored,...|all]
+
+With --variants, nf4_gemv is timed once per CUDA kernel variant (ops.nf4_gemv_variants()), all in
+this process against the same cuBLAS / bitsandbytes timings; each JSON line names its variant.
 
 For each weight shape [N, K] and each M (rows of x) it
   1. checks every contender against the fp32 reference on fresh random data (ours must pass the
@@ -125,26 +129,19 @@ def try_import_bnb():
         return None, None
 
 
-def bench_case(N, K, M, dtype, blocksize, double_quant, copy_bw, bnb, bnbf, env):
+def bench_case(N, K, M, dtype, blocksize, double_quant, copy_bw, bnb, bnbf, env, variants=(None,)):
+    """One JSON-ready dict per variant (None: whatever variant is selected now)."""
     torch.manual_seed(1000 * N + K + M)
     w = torch.randn(N, K, device="cuda", dtype=dtype) * 0.02
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     q = qlora_ext.NF4Weight.from_float(w, blocksize=blocksize, double_quant=double_quant)
     w_deq = q.dequantize(dtype)
     weight_args = ops._weight_args(q)
-
-    # ---- correctness first ------------------------------------------------------------------
+    # The exact product (fp32 weight); PyTorch's error in x's dtype includes rounding W to it.
     ref = reference.nf4_gemv(x, *weight_args[:4], None, *weight_args[4:])
-    out = ops.nf4_gemv(x, *weight_args[:4], None, *weight_args[4:])
-    torch.cuda.synchronize()
-    err = max_err(out, ref)
     base_err = max_err(torch.nn.functional.linear(x, w_deq), ref)
     ulp = torch.finfo(dtype).eps * ref.abs().max().item()
-    correct = bool(torch.isfinite(out).all()) and err <= 2 * base_err + ulp
-    if not correct:
-        print(f"# FAIL correctness N={N} K={K} M={M}: err {err:.3g} vs PyTorch {base_err:.3g}", file=sys.stderr)
 
-    # ---- ours ---------------------------------------------------------------------------------
     our_bytes = nf4_bytes(q) + x.numel() * x.element_size() + M * N * x.element_size()
     n_ours = copies_for(nf4_bytes(q))
     ours = [q] + [
@@ -156,7 +153,26 @@ def bench_case(N, K, M, dtype, blocksize, double_quant, copy_bw, bnb, bnbf, env)
     for qi in ours:
         args = ops._weight_args(qi)
         our_fns.append(lambda a=args: torch.ops.qlora_ext.nf4_gemv(x, *a[:4], None, *a[4:]))
-    t_ours = time_graph(our_fns)
+
+    per_variant = []
+    before = ops.nf4_gemv_variant()
+    try:
+        for variant in variants:
+            if variant is not None:
+                ops.set_nf4_gemv_variant(variant)
+            # ---- correctness first ------------------------------------------------------------
+            out = ops.nf4_gemv(x, *weight_args[:4], None, *weight_args[4:])
+            torch.cuda.synchronize()
+            err = max_err(out, ref)
+            correct = bool(torch.isfinite(out).all()) and err <= 2 * base_err + ulp
+            name = ops.nf4_gemv_variant()
+            if not correct:
+                print(f"# FAIL correctness N={N} K={K} M={M} variant={name}: err {err:.3g} vs PyTorch {base_err:.3g}",
+                      file=sys.stderr)  # fmt: skip
+            # ---- timing (the graph captures the variant selected now) --------------------------
+            per_variant.append((name, correct, err, time_graph(our_fns)))
+    finally:
+        ops.set_nf4_gemv_variant(before)
     del ours, our_fns
 
     # ---- bf16 cuBLAS on the dequantized weight --------------------------------------------------
@@ -182,10 +198,20 @@ def bench_case(N, K, M, dtype, blocksize, double_quant, copy_bw, bnb, bnbf, env)
             print(f"# bitsandbytes failed on N={N} K={K} M={M}: {type(exc).__name__}: {exc}", file=sys.stderr)
     torch.cuda.empty_cache()
 
+    return [
+        case_result(N, K, M, dtype, blocksize, double_quant, copy_bw, env, name, correct, err, base_err, t_ours,
+                    our_bytes, n_ours, t_dense, dense_bytes, t_bnb, bnb_err)
+        for name, correct, err, t_ours in per_variant
+    ]  # fmt: skip
+
+
+def case_result(N, K, M, dtype, blocksize, double_quant, copy_bw, env, variant, correct, err, base_err, t_ours,
+                our_bytes, n_ours, t_dense, dense_bytes, t_bnb, bnb_err):  # fmt: skip
     speedup = t_dense / t_ours
     result = {
         **env,
         "op": "nf4_gemv",
+        "variant": variant,
         "shape_NK": [N, K],
         "M": M,
         "dtype": str(dtype).removeprefix("torch."),
@@ -221,6 +247,9 @@ def main(argv=None) -> int:
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--no-double-quant", action="store_true")
     parser.add_argument("--shapes", type=str, help="N1xK1,N2xK2,... (default: the Llama-3-8B set)")
+    parser.add_argument("--variants", type=str,
+                        help="nf4_gemv CUDA kernel variants to time, comma-separated names or 'all' "
+                             "(default: the one selected, i.e. the library default)")  # fmt: skip
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -232,6 +261,14 @@ def main(argv=None) -> int:
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     dtype = getattr(torch, args.dtype)
+    variants = [None]
+    if args.variants:
+        known = ops.nf4_gemv_variants()
+        variants = known if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in variants if v not in known]
+        if unknown:
+            print(f"unknown variants {unknown}; this build has {known}", file=sys.stderr)
+            return 2
     bnb, bnbf = try_import_bnb()
 
     copy_bw = copy_bandwidth()
@@ -248,25 +285,26 @@ def main(argv=None) -> int:
     out_file = args.out.open("w") if args.out else None
     for N, K in shapes:
         for M in args.m:
-            r = bench_case(N, K, M, dtype, args.blocksize, not args.no_double_quant, copy_bw, bnb, bnbf, env)
-            results.append(r)
-            line = json.dumps(r)
-            print(line, flush=True)
-            if out_file:
-                out_file.write(line + "\n")
+            for r in bench_case(N, K, M, dtype, args.blocksize, not args.no_double_quant, copy_bw, bnb, bnbf, env,
+                                variants):  # fmt: skip
+                results.append(r)
+                line = json.dumps(r)
+                print(line, flush=True)
+                if out_file:
+                    out_file.write(line + "\n")
     if out_file:
         out_file.close()
 
     print()
-    print(f"{'N x K':>13} {'M':>3} {'ours us':>9} {'GB/s':>7} {'%copy':>6} {'bf16 us':>9} {'x bf16':>7} "
-          f"{'bar':>5} {'bnb us':>9} {'x bnb':>6} ok")  # fmt: skip
+    print(f"{'N x K':>13} {'M':>3} {'variant':>15} {'ours us':>9} {'GB/s':>7} {'%copy':>6} {'bf16 us':>9} "
+          f"{'x bf16':>7} {'bar':>5} {'bnb us':>9} {'x bnb':>6} ok")  # fmt: skip
     for r in results:
         bnb_us = f"{r['bnb_us']:9.2f}" if r["bnb_us"] else f"{'-':>9}"
         x_bnb = f"{r['speedup_vs_bnb']:6.2f}" if r["speedup_vs_bnb"] else f"{'-':>6}"
         bar = f"{r['bar_vs_bf16']:.1f}" if r["bar_vs_bf16"] else "-"
         verdict = ("PASS" if r["meets_bar"] else "MISS") if r["meets_bar"] is not None else ""
         print(
-            f"{r['shape_NK'][0]:>6}x{r['shape_NK'][1]:<6} {r['M']:>3} {r['median_us']:9.2f} {r['GBps']:7.0f} "
+            f"{r['shape_NK'][0]:>6}x{r['shape_NK'][1]:<6} {r['M']:>3} {r['variant']:>15} {r['median_us']:9.2f} {r['GBps']:7.0f} "
             f"{100 * r['copy_bw_fraction']:5.1f}% {r['bf16_cublas_us']:9.2f} {r['speedup_vs_bf16']:7.2f} "
             f"{bar:>5} {bnb_us} {x_bnb} {'yes' if r['correct'] else 'NO'} {verdict}"
         )

@@ -1,9 +1,14 @@
-"""nf4_gemv (fused NF4 GEMV / skinny GEMM) against the fp32 reference, on every device present.
+"""nf4_gemv (fused NF4 GEMV / skinny GEMM) against the fp32 reference, on every device present,
+and on CUDA for every kernel variant (`ops.nf4_gemv_variants()`).
 
-Tolerance follows FlashAttention's rule: the op's error against the fp32 reference may be at most
-twice the error that plain PyTorch makes in the same dtype (`x @ deq(W).T + bias` computed in x's
-dtype), plus one ulp of the output's scale for the cases where PyTorch happens to be exact, plus
-fp32 summation-order noise.
+The reference is the exact product in fp32: x @ (nf4 * scale).T with the weight dequantized in
+fp32 (reference.nf4_gemv). Tolerance follows FlashAttention's rule: the op's error against it may
+be at most twice the error that plain PyTorch makes in the same dtype (`x @ deq(W, x.dtype).T +
+bias` computed in x's dtype, so its error includes rounding the weight to x's dtype), plus one ulp
+of the output's scale for the cases where PyTorch happens to be exact, plus fp32 summation-order
+noise. (The reference used to multiply the weight already rounded to x's dtype, which held the
+kernels to that one rounding of W; the factored CUDA variants round nf4 before the scale, or not
+at all, and are judged on the exact product like PyTorch.)
 """
 
 from __future__ import annotations
@@ -23,6 +28,32 @@ pytest.importorskip("qlora_ext._C", reason="the compiled extension is not built"
 HAS_CUDA = torch.cuda.is_available() and qlora_ext.build_info()["with_cuda"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU"))]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# nf4_gemv's CUDA kernel variants (names from the built module; empty without CUDA).
+VARIANTS = ops.nf4_gemv_variants() if HAS_CUDA else []
+# (device, variant) pairs: the CPU kernel once, the CUDA kernel once per variant.
+DEVICE_VARIANTS = [pytest.param("cpu", None, id="cpu")] + (
+    [pytest.param("cuda", v, id=f"cuda-{v}") for v in VARIANTS]
+    if HAS_CUDA
+    else [pytest.param("cuda", None, id="cuda", marks=pytest.mark.skip(reason="needs a CUDA build and GPU"))]
+)
+
+
+@pytest.fixture
+def use_variant():
+    """use_variant(name) selects nf4_gemv's CUDA variant for the test; the old one comes back after."""
+    if not HAS_CUDA:
+        yield lambda name: None
+        return
+    before = ops.nf4_gemv_variant()
+
+    def select(name):
+        if name is not None:
+            ops.set_nf4_gemv_variant(name)
+
+    try:
+        yield select
+    finally:
+        ops.set_nf4_gemv_variant(before)
 
 
 def _dtype_id(dtype):
@@ -78,27 +109,51 @@ SHAPES = [  # (N, K): aligned, K not a multiple of 64 or 32 (blocks straddle row
     (64, 4096),
     (33, 4100),
     (7, 100),
-    (129, 96),
+    (129, 96),  # K % 64 == 32: the "mma" kernel whatever the variant
     (1, 4160),
     (48, 33),
+    (45, 4160),  # K % 64 == 0, not a multiple of a factored step (256 k): a part-empty last step
+    (300, 2112),  # N not a multiple of 16 or 32 rows
+    (17, 192),  # fewer k-steps than warps: idle warps in every tile
 ]
+MS = [1, 2, 3, 7, 8, 9, 16]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,variant", DEVICE_VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("M", [1, 2, 3, 7, 16])
+@pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("N,K", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
-def test_matches_reference(device, dtype, M, N, K):
+def test_matches_reference(device, variant, dtype, M, N, K, use_variant):
+    use_variant(variant)
     x, weight, bias = make_case(device, dtype, M, N, K)
     assert_close_to_reference(gemv(x, weight, bias), x, weight, bias)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,variant", DEVICE_VARIANTS)
+@pytest.mark.parametrize("M", [1, 9])
+def test_many_tiles(device, variant, M, use_variant):
+    # More row tiles than the persistent grid has CTAs (2 per SM: 264 on an H100; 16- or 32-row
+    # tiles): each CTA loops over tiles, and the factored kernels prefetch across the boundary.
+    use_variant(variant)
+    x, weight, bias = make_case(device, torch.bfloat16, M, 8500, 320)
+    assert_close_to_reference(gemv(x, weight, bias), x, weight, bias)
+
+
+@pytest.mark.parametrize("device,variant", DEVICE_VARIANTS)
 @pytest.mark.parametrize("blocksize", ops.NF4_BLOCKSIZES)
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double_quant"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
-def test_block_sizes_and_scales(device, blocksize, double_quant, with_bias):
-    for dtype, (M, N, K) in [(torch.bfloat16, (3, 40, 4096 + 96)), (torch.float16, (9, 17, 2 * blocksize + 36))]:
+def test_block_sizes_and_scales(device, variant, blocksize, double_quant, with_bias, use_variant):
+    use_variant(variant)
+    cases = [
+        (torch.bfloat16, (3, 40, 4096 + 96)),  # K % 64 == 32
+        (torch.float16, (9, 17, 2 * blocksize + 36)),  # K % 32 != 0
+        # K % 64 == 0 (the factored kernels), blocks straddling rows where K % blocksize != 0:
+        (torch.bfloat16, (1, 40, 4096 + 64)),
+        (torch.float16, (16, 33, 2 * blocksize + 64)),
+        (torch.bfloat16, (8, 50, 3 * blocksize + 128)),
+    ]
+    for dtype, (M, N, K) in cases:
         x, weight, bias = make_case(device, dtype, M, N, K, blocksize, double_quant, with_bias)
         assert_close_to_reference(gemv(x, weight, bias), x, weight, bias)
 
@@ -115,10 +170,11 @@ def test_leading_dims_and_1d_x(device):
     assert torch.equal(out1, out[0, 0])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_non_contiguous_and_misaligned(device):
+@pytest.mark.parametrize("device,variant", DEVICE_VARIANTS)
+def test_non_contiguous_and_misaligned(device, variant, use_variant):
     # A transposed x, and x / codes whose data start 2 or 1 bytes past an aligned address: the CUDA
     # kernel must take its scalar path for those and still be right.
+    use_variant(variant)
     x, weight, bias = make_case(device, torch.float16, 4, 32, 512)
     xt = x.T.contiguous().T
     assert not xt.is_contiguous()
@@ -149,17 +205,21 @@ def test_empty_shapes(device):
     assert gemv(x0, weight).shape == (0, 0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_deterministic(device):
-    x, weight, bias = make_case(device, torch.bfloat16, 16, 96, 4096)
+@pytest.mark.parametrize("device,variant", DEVICE_VARIANTS)
+@pytest.mark.parametrize("M", [1, 16])
+def test_deterministic(device, variant, M, use_variant):
+    use_variant(variant)
+    x, weight, bias = make_case(device, torch.bfloat16, M, 600, 4096)
     assert torch.equal(gemv(x, weight, bias), gemv(x, weight, bias))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
-def test_cuda_matches_cpu_kernel(dtype):
-    # The same weight, bytes and x on both devices: both round W the same way, so outputs differ
-    # only by summation order.
+def test_cuda_matches_cpu_kernel(dtype, variant, use_variant):
+    # The same weight, bytes and x on both devices: outputs differ by summation order, and for the
+    # factored variants by where W is rounded (nf4 before the scale, or not at all).
+    use_variant(variant)
     x, weight, bias = make_case("cpu", dtype, 5, 300, 2048)
     out_cpu = gemv(x, weight, bias)
     out_cuda = gemv(x.cuda(), weight.to("cuda"), bias.cuda()).cpu()
@@ -170,6 +230,49 @@ def test_cuda_matches_cpu_kernel(dtype):
 def test_cuda_kernel_is_registered():
     # A CUDA build must dispatch to its own kernel, never silently fall back.
     assert torch._C._dispatch_has_kernel_for_dispatch_key("qlora_ext::nf4_gemv", "CUDA")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
+    # The switch must reach the launcher: the profiler names the kernel each variant ran, and a
+    # case outside the factored kernels' domain (K % 64 == 32) falls back to the "mma" kernel.
+    use_variant(variant)
+    assert ops.nf4_gemv_variant() == variant
+    expected = "nf4_gemv_mma_kernel" if variant == "mma" else "nf4_gemv_factored_kernel"
+    for K, kernel in [(4096, expected), (4096 + 32, "nf4_gemv_mma_kernel")]:
+        x, weight, bias = make_case("cuda", torch.bfloat16, 3, 64, K)
+        gemv(x, weight, bias)  # warm-up outside the profile
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            gemv(x, weight, bias)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if "nf4_gemv" in e.name]
+        if not names:
+            pytest.skip("the profiler recorded no CUDA kernels here (no CUPTI?)")
+        assert any(kernel in n for n in names), f"variant {variant}, K={K}: ran {names}, expected {kernel}"
+        if variant == "factored_split" and kernel == expected:
+            assert any("true>" in n or "Lb1E" in n for n in names), names  # the SPLIT instantiation
+
+
+def test_variant_switch_api(use_variant):
+    names = ops.nf4_gemv_variants()
+    if not HAS_CUDA:
+        assert names == []
+        with pytest.raises(ValueError, match="no CUDA kernels"):
+            ops.set_nf4_gemv_variant(0)
+        return
+    assert names[0] == "mma" and "factored" in names and "factored_split" in names
+    assert ops.nf4_gemv_variant() == "mma"  # the default until a GPU run proves another
+    for i, name in enumerate(names):
+        ops.set_nf4_gemv_variant(name)
+        assert ops.nf4_gemv_variant() == name
+        ops.set_nf4_gemv_variant(i)
+        assert ops.nf4_gemv_variant() == name
+    with pytest.raises(ValueError, match="variant must be one of"):
+        ops.set_nf4_gemv_variant("fastest")
+    with pytest.raises(ValueError, match=r"variant must be in \[0, "):
+        ops.set_nf4_gemv_variant(len(names))
 
 
 def test_cpu_kernel_is_registered():

@@ -1,6 +1,16 @@
 // The Python module qlora_ext._C. Importing it registers every operator (schemas.cpp and the
-// TORCH_LIBRARY_IMPL blocks); the module itself only reports how it was built.
+// TORCH_LIBRARY_IMPL blocks); the module itself reports how it was built, and holds the switch
+// between nf4_gemv's CUDA kernel variants (for measuring them against each other in one process).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(QLORA_WITH_CUDA)
+#include "qlora/kernels_cuda.h"
+#endif
 
 #ifndef QLORA_VERSION
 #define QLORA_VERSION "unknown"
@@ -16,4 +26,28 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
   m.attr("cuda_architectures") = "";
 #endif
+  // Names of nf4_gemv's CUDA fast-path variants, index = variant number (empty without CUDA).
+  m.def("_nf4_gemv_variants", []() {
+    std::vector<std::string> names;
+#if defined(QLORA_WITH_CUDA)
+    for (int i = 0; i < qlora::nf4_gemv_cuda_variant_count(); ++i) names.emplace_back(qlora::nf4_gemv_cuda_variant_name(i));
+#endif
+    return names;
+  });
+  m.def("_nf4_gemv_variant", []() {
+#if defined(QLORA_WITH_CUDA)
+    return qlora::nf4_gemv_cuda_variant();
+#else
+    return 0;
+#endif
+  });
+  m.def("_set_nf4_gemv_variant", [](int variant) {
+#if defined(QLORA_WITH_CUDA)
+    if (qlora::nf4_gemv_cuda_set_variant(variant)) return;
+    throw std::invalid_argument("variant must be in [0, " + std::to_string(qlora::nf4_gemv_cuda_variant_count()) +
+                                "), got " + std::to_string(variant));
+#else
+    throw std::invalid_argument("variant: this qlora_ext build has no CUDA kernels (got " + std::to_string(variant) + ")");
+#endif
+  });
 }

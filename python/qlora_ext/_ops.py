@@ -107,14 +107,47 @@ def nf4_gemv(
 ) -> torch.Tensor:
     """y [..., N] = x [..., K] @ deq(W [N, K]).T (+ bias [N]), fused (W is never materialised).
 
-    x: fp32/fp16/bf16 with prod(x.shape[:-1]) <= 16; W's values are rounded to x's dtype exactly
-    as `nf4_dequantize(..., x.dtype)` would store them; sums in fp32, y in x's dtype. The weight
-    arguments are those of `nf4_dequantize`. Differentiable in x and bias (not in W).
+    x: fp32/fp16/bf16 with prod(x.shape[:-1]) <= 16; sums in fp32, y in x's dtype. The weight the
+    products use is nf4 * scale held at least to x's dtype's precision: the CPU kernel and the CUDA
+    "mma" variant round it to x's dtype exactly as `nf4_dequantize(..., x.dtype)` stores it; the
+    "factored" variants round nf4 to x's dtype and multiply each block's partial sum by the fp32
+    scale; "factored_split" keeps it to ~2^-17 (see nf4_gemv_cuda.cu). The weight arguments are
+    those of `nf4_dequantize`. Differentiable in x and bias (not in W).
     """
     return _ops().nf4_gemv(
         x, packed, absmax, blocksize, list(weight_shape), bias,
         nested_absmax, nested_code, nested_offset, nested_blocksize,
     )  # fmt: skip
+
+
+def nf4_gemv_variants() -> list[str]:
+    """Names of nf4_gemv's CUDA fast-path kernel variants; the index is the variant number.
+
+    Empty for a build without CUDA. Variant 0 ("mma") is the default; the others are candidates
+    kept switchable so that one process can measure them against each other (bench_nf4_linear.py
+    --variants). They apply where their kernel does (fp16/bf16, K % 64 == 0, blocksize >= 64,
+    16-byte aligned data, sm_80+); other cases take variant 0's path whatever the setting.
+    """
+    return list(native()._nf4_gemv_variants())
+
+
+def nf4_gemv_variant() -> str:
+    """The name of the nf4_gemv CUDA variant in use (process-wide)."""
+    names = nf4_gemv_variants()
+    return names[native()._nf4_gemv_variant()] if names else "none"
+
+
+def set_nf4_gemv_variant(variant: str | int) -> None:
+    """Select nf4_gemv's CUDA kernel variant (a name from `nf4_gemv_variants()` or its number).
+
+    Process-wide and read at every launch: a CUDA graph keeps the kernel it captured.
+    """
+    names = nf4_gemv_variants()
+    if isinstance(variant, str):
+        if variant not in names:
+            raise ValueError(f"variant must be one of {names}, got {variant!r}")
+        variant = names.index(variant)
+    native()._set_nf4_gemv_variant(int(variant))
 
 
 def nf4_gemm(

@@ -94,12 +94,16 @@ def nf4_gemv(
     nested_offset: torch.Tensor | None = None,
     nested_blocksize: int = 256,
 ) -> torch.Tensor:
-    """fp32 `x @ deq(W).T + bias`, W dequantized to x's dtype first (what the kernel multiplies).
+    """fp32 `x @ deq(W).T + bias` with W dequantized in fp32: the exact product nf4 * scale.
 
     Returns fp32 (not x's dtype): it is the high-precision side of the tests' error comparison.
+    The kernels may hold the weight in x's dtype (rounding nf4 * scale, or nf4 before the scale);
+    that rounding is part of their error, as it is part of plain PyTorch's (x @ deq(W, x.dtype).T)
+    that the tests compare it with. (Until nf4_gemv's factored CUDA variants, this dequantized to
+    x's dtype, which charged a kernel that did not round W exactly that way for being more exact.)
     """
     w = nf4_dequantize(
-        packed, absmax, blocksize, weight_shape, x.dtype, nested_absmax_, nested_code, nested_offset, nested_blocksize
+        packed, absmax, blocksize, weight_shape, torch.float32, nested_absmax_, nested_code, nested_offset, nested_blocksize
     )
     y = x.float() @ w.float().T
     if bias is not None:

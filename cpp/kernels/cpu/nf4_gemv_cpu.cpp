@@ -1,7 +1,8 @@
 // NF4 GEMV / skinny GEMM on the CPU (math: qlora/nf4.h, nf4_gemv_cpu).
 //
 // For each output row n of the caller's range: dequantize W[n, :] into a float buffer, rounded to
-// the output type exactly as nf4_dequantize stores it, then dot it with every row of x (fp32, 8
+// the output type exactly as nf4_dequantize stores it (the CUDA "mma" variant's weight; the
+// contract, nf4_gemv_cuda.cu, only asks for W held at least to T's precision), then dot it with every row of x (fp32, 8
 // partial sums so the loop vectorises without reassociation flags). Blocks may straddle rows (K
 // need not be a multiple of the block size): every element finds its block from its flat index.
 #include <algorithm>

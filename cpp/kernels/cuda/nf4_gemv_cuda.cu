@@ -1,8 +1,17 @@
 // NF4 GEMV / skinny GEMM for decoding: y[M, N] = x[M, K] · deq(W[N, K])ᵀ (+ bias), M <= 16.
 //
-//   deq(W)[n, k] = T(nf4[code(i)] * scale(i / blocksize)),  i = n*K + k (row-major flat index),
-//   exactly the value nf4_dequantize writes (fp32 product, one rounding to T); y accumulates in fp32
-//   and is rounded to T once, after the bias is added.
+//   W[n, k] = nf4[code(i)] * scale(i / blocksize),  i = n*K + k (row-major flat index).
+//   Contract: the products use W held at least to T's precision; y accumulates in fp32 and is
+//   rounded to T once, after the bias is added. Per kernel:
+//     "mma" (variant 0, the default) and the generic path: T(nf4 * scale), exactly the value
+//       nf4_dequantize writes (fp32 product, one rounding to T), as the CPU kernel does;
+//     "factored", "factored_r2", "factored_r1": T(nf4) * scale (nf4 rounded to T, the scale
+//       applied in fp32 to each block's partial sum);
+//     "factored_split": (T(nf4) + T(nf4 - T(nf4))) * scale, nf4 * scale to ~2^-17 relative.
+//   The tests judge every variant against the exact fp32 product (reference.nf4_gemv), with plain
+//   PyTorch's error in T (which includes rounding W to T) as the yardstick.
+//   Variants are switchable at run time (nf4_gemv_cuda_set_variant, kernels_cuda.h) so that one
+//   process can measure them against each other; see the factored kernel's comment for why each.
 //
 // Roofline (N*K weights, bf16, block 64, double quantization): bytes = N*K/2 (codes) + N*K/64
 // (8-bit scales) + 2*M*K (x) + 2*M*N (y) ~= 0.52 N*K bytes, FLOPs = 2*M*N*K. For M <= 16 that is
