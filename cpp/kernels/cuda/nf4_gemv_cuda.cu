@@ -39,9 +39,13 @@
 //   2*R*U 16-byte code loads in flight before any use; the 8 partial sums meet in shared memory.
 //   Persistent grid: min(tiles, 2 CTAs per SM), so the table is built once per CTA.
 //
-// Generic path (anything else: fp32, K % 32 != 0, misaligned pointers, pre-Ampere GPUs): one warp
-// per output row, lanes striding over k with scalar loads, scale decoded per element. Correct for
-// every shape (blocks straddling rows included), not fast.
+// Factored fast path (variants 1..4, runtime switch; not the default until measured): the block
+//   scale leaves the per-element work, see nf4_gemv_factored_kernel.
+//
+// Generic path (anything else: fp32, K % 32 != 0, misaligned pointers, pre-Ampere GPUs or a build
+// without sm_80+ code for the device): one warp per output row, lanes striding over k with scalar
+// loads, scale decoded per element. Correct for every shape (blocks straddling rows included), not
+// fast.
 #include <algorithm>
 #include <atomic>
 
@@ -324,6 +328,16 @@ nf4_gemv_mma_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ 
 // Scales: lane t computes the scale of segment t % SEG of its rows (the 4 t-lanes need the same
 // scales) and the others come by __shfl_sync; the 256-entry map of double quantization is copied
 // to shared memory once per CTA.
+// Tile shapes (template MT, R, SEG; the variants pick them per M, see nf4_gemv_cuda):
+//   "factored"  M <= 8: 16-row tiles, SEG 4 (2 KB of codes per warp in flight, ~32 KB per SM at
+//               2 CTAs x 8 warps, above the ~14 KB that Little's law asks at ~3 TB/s and ~600 ns);
+//               M > 8: 32-row tiles, SEG 2 (x, 2 x 32 B per lane per segment, is re-read from
+//               L1/L2 per tile: 32 rows halve that traffic per code byte; ptxas spills ~16 B).
+//   "factored_r2" / "factored_r1": the other row-tile / step shapes, for the A/B (r2 halves x
+//               traffic at M <= 8 but leaves SMs idle where N / 32 < 2 x SMs; r1 keeps more CTAs).
+// Not tried here (candidates if these fall short): cp.async multi-stage rings in shared memory
+// (deeper prefetch without registers), split-K across CTAs for N = 4096 at M = 16 (a 32-row tile
+// grid has fewer CTAs than 2 x SMs there), x staged in shared memory for M = 1.
 #if QLORA_GEMV_MMA
 
 constexpr int kSegment = 64;
