@@ -1,5 +1,5 @@
-"""The fused LoRA SwiGLU MLP (qlora_ext.fused_mlp): the same loss and gradients as the module-by-
-module path, used exactly where it applies, fewer activations kept."""
+"""The fused LoRA/DoRA SwiGLU MLP (qlora_ext.fused_mlp): the same loss and gradients as the
+module-by-module path, used exactly where it applies, fewer activations kept."""
 
 from __future__ import annotations
 
@@ -71,10 +71,11 @@ class _CountCalls:
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "builtin", "llama-mlp-bias"])
 @pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunks-of-5-rows"])
-def test_same_loss_and_gradients_as_the_modules(device, kind, chunk, monkeypatch):
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_same_loss_and_gradients_as_the_modules(device, kind, chunk, method, monkeypatch):
     monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", chunk)  # 24 rows: 4 chunks of 5 and one of 4
     calls = _CountCalls(monkeypatch)
-    fused, plain = _model(kind, device=device), _model(kind, fused=False, device=device)
+    fused, plain = _model(kind, method, device=device), _model(kind, method, fused=False, device=device)
     assert fused_mlp.enable_fused_mlp(plain) == 2 and fused_mlp.enable_fused_mlp(fused) == 0  # already on
     fused_mlp.disable_fused_mlp(plain)
     for step in range(3):
@@ -85,6 +86,8 @@ def test_same_loss_and_gradients_as_the_modules(device, kind, chunk, monkeypatch
         torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
         got, want = _grads(fused), _grads(plain)
         assert got.keys() == want.keys()
+        if method == "dora":  # every magnitude of the MLPs is checked, and every bias if trained
+            assert sum("mlp" in n and "lora_magnitude_vector" in n for n in want) == 6
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
         for model in (fused, plain):  # an update, so that later steps see different adapters
@@ -98,14 +101,17 @@ def test_same_loss_and_gradients_as_the_modules(device, kind, chunk, monkeypatch
 
 
 @pytest.mark.parametrize("device", devices)
-def test_bf16_error_within_twice_the_module_paths(device):
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("chunk", [None, 7], ids=["whole", "chunks-of-7-rows"])
+def test_bf16_error_within_twice_the_module_paths(device, method, chunk, monkeypatch):
     """FlashAttention's rule: against an fp32 run of the same weights, the fused bf16 path errs at
     most twice as much as the module-by-module bf16 path."""
+    monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", chunk)
     ids = token_batch(batch=2, seq=16, seed=7).to(device)
     results = {}
     for name, fused, dtype in (("ref", False, torch.float32), ("fused", True, torch.bfloat16),
                                ("plain", False, torch.bfloat16)):  # fmt: skip
-        model = _model("llama", fused=fused, device=device, dtype=torch.float32)
+        model = _model("llama", method, fused=fused, device=device, dtype=torch.float32)
         model.to(dtype)  # the base model in dtype; NF4 codes unchanged; adapters follow
         loss = _loss(model, ids)
         loss.backward()
@@ -118,24 +124,38 @@ def test_bf16_error_within_twice_the_module_paths(device):
     assert abs(results["fused"][0] - ref_loss) <= 2 * abs(results["plain"][0] - ref_loss) + 1e-6
 
 
-@pytest.mark.parametrize("method, dropout", [("dora", 0.0), ("vera", 0.0), ("lora_fa", 0.0), ("lora", 0.1)])
+@pytest.mark.parametrize("method, dropout", [("vera", 0.0), ("lora_fa", 0.0), ("delta_lora", 0.0), ("lora", 0.1),
+                                             ("dora", 0.1)])  # fmt: skip
 def test_other_adapters_and_dropout_take_the_modules(method, dropout, monkeypatch):
     calls = _CountCalls(monkeypatch)
     model = _model(method=method, dropout=dropout)
     _loss(model, token_batch()).backward()
     assert calls.n == 0
-    model.eval()  # dropout is off in eval: plain LoRA is fused again
+    model.eval()  # dropout is off in eval: plain LoRA and DoRA are fused again
     with torch.no_grad():
         _loss(model, token_batch())
-    assert calls.n == (2 if method == "lora" else 0)
+    assert calls.n == (2 if method in ("lora", "dora") else 0)
+
+
+def test_a_lora_dora_mix_takes_the_modules(monkeypatch):
+    from qlora_ext.dora import DoRAAdapter
+
+    calls = _CountCalls(monkeypatch)
+    model = _model(method="lora")
+    mlp = model.model.layers[0].mlp
+    mlp.up_proj.add_adapter("d", DoRAAdapter(64, 128, r=4))
+    mlp.up_proj.set_adapter("d")
+    _loss(model, token_batch()).backward()
+    assert calls.n == 2 * 1  # layer 1 (all LoRA) fused, in forward and recompute; layer 0 not
 
 
 @pytest.mark.parametrize("how", ["disabled", "merged"])
-def test_disabled_or_merged_adapters_take_the_modules(how, monkeypatch):
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_disabled_or_merged_adapters_take_the_modules(how, method, monkeypatch):
     from qlora_ext.prepare import qlora_layers
 
     calls = _CountCalls(monkeypatch)
-    model = _model()
+    model = _model(method=method)
     for layer in qlora_layers(model).values():
         layer.disable_adapters() if how == "disabled" else layer.merge()
     with torch.no_grad():
@@ -143,8 +163,9 @@ def test_disabled_or_merged_adapters_take_the_modules(how, monkeypatch):
     assert calls.n == 0
 
 
-def test_a_second_backward_through_the_unit_is_refused():
-    model = _model(fused=True)
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_a_second_backward_through_the_unit_is_refused(method):
+    model = _model(method=method, fused=True)
     mlp = model.model.layers[0].mlp  # called directly: no checkpointing around it
     x = torch.randn(2, 5, 64, requires_grad=True)
     y = mlp(x)

@@ -1,0 +1,170 @@
+"""Host (CPU-side) overhead of a training step, per method: LoRA vs DoRA (and the other variants).
+
+Why: on the H100 the 8B QDoRA step was host-bound (a 2-layer profile: +11% GPU time but +65% host
+time over QLoRA), so what decides the QDoRA/QLoRA ratio there is how much Python and dispatch work
+each decoder layer costs, not FLOPs. This measures exactly that, on any machine: a transformers
+LlamaForCausalLM so small (hidden 64, a few tokens) that the arithmetic is negligible, prepared by
+`qlora_ext.prepare(method=...)` as the real benchmark does (NF4 base, adapters on all 7
+projections, fp32 adapters, gradient checkpointing, fused MLP/block ops as prepare sets them).
+
+What it reports, per method:
+- host ms per decoder layer of a training step (forward + backward + zero_grad): the slope of the
+  median step time between two depths (--layers 2,6), so the embedding, loss and optimizer-free
+  fixed costs cancel; and the median step time at the deeper model;
+- with --profile, per decoder layer (same slope): aten ops dispatched, autograd nodes evaluated in
+  backward (`autograd::engine::evaluate_function` events), and autograd.Function applies.
+Timings use one CPU thread (small tensors: waking OpenMP threads costs more than the work).
+
+    python benchmarks/bench_host_overhead.py                                  # lora vs dora, CPU
+    python benchmarks/bench_host_overhead.py --methods lora,dora --profile --dtype bfloat16
+    python benchmarks/bench_host_overhead.py --device cuda --dtype bfloat16   # host-bound on a GPU too
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+import qlora_ext  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(method: str, layers: int, args):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=max(64, args.seq))  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(config, dtype=getattr(torch, args.dtype),
+                                                       attn_implementation="sdpa")  # fmt: skip
+    model.to(args.device)
+    qlora_ext.prepare(model, target_modules=TARGETS, r=args.r, alpha=2 * args.r, method=method, verbose=False,
+                      gradient_checkpointing=not args.no_checkpointing, fused_mlp=not args.no_fused_mlp)  # fmt: skip
+    return model.train()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_step(model, args):
+    ids = torch.randint(0, 128, (1, args.seq), device=args.device)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_steps(model, args) -> list[float]:
+    step = make_step(model, args)
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        sync(args.device)
+        t0 = time.perf_counter()
+        step()
+        sync(args.device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def count_ops(model, args) -> dict[str, int]:
+    """aten ops, autograd nodes evaluated and autograd.Function applies in one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = make_step(model, args)
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    counts = collections.Counter()
+    for e in prof.events():
+        if e.name.startswith("aten::"):
+            counts["aten_ops"] += 1
+        elif e.name.startswith("autograd::engine::evaluate_function"):
+            counts["autograd_nodes"] += 1
+    return dict(counts)
+
+
+def measure(method: str, args) -> dict:
+    lo, hi = args.layers
+    result = {"method": method}
+    medians, ops = {}, {}
+    # Interleave the two depths over rounds so that drift of a noisy host hits both alike.
+    models = {n: build(method, n, args) for n in (lo, hi)}
+    samples = {lo: [], hi: []}
+    for _ in range(args.rounds):
+        for n in (lo, hi):
+            samples[n] += time_steps(models[n], args)
+    for n in (lo, hi):
+        medians[n] = statistics.median(samples[n])
+        if args.profile:
+            ops[n] = count_ops(models[n], args)
+    result["step_ms"] = 1e3 * medians[hi]
+    result["step_ms_min"] = 1e3 * min(samples[hi])
+    result["layers"] = hi
+    result["host_ms_per_layer"] = 1e3 * (medians[hi] - medians[lo]) / (hi - lo)
+    result["host_ms_per_layer_min"] = 1e3 * (min(samples[hi]) - min(samples[lo])) / (hi - lo)
+    if args.profile:
+        for key in ops[hi]:
+            result[f"{key}_per_layer"] = (ops[hi].get(key, 0) - ops[lo].get(key, 0)) / (hi - lo)
+            result[f"{key}_per_step"] = ops[hi][key]
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default="lora,dora")
+    p.add_argument("--layers", default="2,6", help="two depths; per-layer numbers are the slope between them")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--intermediate", type=int, default=128)
+    p.add_argument("--seq", type=int, default=16)
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per round and depth")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--profile", action="store_true", help="also count aten ops and autograd nodes")
+    p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--no-fused-mlp", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object per method")
+    args = p.parse_args(argv)
+    args.layers = tuple(int(n) for n in args.layers.split(","))
+    if len(args.layers) != 2 or args.layers[0] >= args.layers[1]:
+        p.error("--layers takes two increasing depths, e.g. 2,6")
+    torch.set_num_threads(args.threads)
+    results = [measure(m, args) for m in args.methods.split(",")]
+    base = next((r for r in results if r["method"] == "lora"), None)
+    for r in results:
+        if args.json:
+            print(json.dumps(r))
+            continue
+        line = (f"{r['method']:10} step {r['step_ms']:7.2f} ms ({r['layers']} layers; min {r['step_ms_min']:.2f})  "
+                f"per layer {r['host_ms_per_layer']:6.3f} ms (min-based {r['host_ms_per_layer_min']:.3f})")  # fmt: skip
+        if base is not None and r is not base:
+            line += f"  x LoRA: step {r['step_ms'] / base['step_ms']:.3f}, layer {r['host_ms_per_layer'] / base['host_ms_per_layer']:.3f}"
+        print(line)
+        if args.profile:
+            print(f"{'':10} per layer: {r.get('aten_ops_per_layer', 0):.0f} aten ops, "
+                  f"{r.get('autograd_nodes_per_layer', 0):.0f} autograd nodes; per step: "
+                  f"{r.get('aten_ops_per_step', 0)} aten ops, {r.get('autograd_nodes_per_step', 0)} autograd nodes")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
