@@ -11,8 +11,9 @@ What it reports, per method:
 - host ms per decoder layer of a training step (forward + backward + zero_grad): the slope of the
   median step time between two depths (--layers 2,6), so the embedding, loss and optimizer-free
   fixed costs cancel; and the median step time at the deeper model;
-- with --profile, per decoder layer (same slope): aten ops dispatched, autograd nodes evaluated in
-  backward (`autograd::engine::evaluate_function` events), and autograd.Function applies.
+- with --profile, per decoder layer (same slope): ops dispatched (aten and qlora_ext), of which
+  computing (leaf ops that are not views/metadata/allocation: a kernel launch each on a GPU), and
+  autograd nodes evaluated in backward (`autograd::engine::evaluate_function` events).
 Timings use one CPU thread (small tensors: waking OpenMP threads costs more than the work).
 
     python benchmarks/bench_host_overhead.py                                  # lora vs dora, CPU
@@ -82,8 +83,19 @@ def time_steps(model, args) -> list[float]:
     return times
 
 
+# Ops that only make views or metadata, or allocate: on a GPU they launch nothing.
+_NO_KERNEL = {"aten::" + n for n in (
+    "view", "reshape", "t", "transpose", "as_strided", "detach", "resolve_conj", "resolve_neg", "empty",
+    "empty_strided", "empty_like", "_unsafe_view", "expand", "slice", "narrow", "unsqueeze", "squeeze", "select",
+    "permute", "result_type", "alias", "lift_fresh", "split", "chunk", "unbind", "contiguous", "to", "_to_copy",
+    "linear", "matmul", "size", "stride", "is_nonzero", "item", "_local_scalar_dense", "set_", "zeros", "new_empty",
+    "numpy_T", "flatten", "unflatten", "view_as", "expand_as", "_reshape_alias", "split_with_sizes", "movedim",
+)}  # fmt: skip
+
+
 def count_ops(model, args) -> dict[str, int]:
-    """aten ops, autograd nodes evaluated and autograd.Function applies in one step."""
+    """aten ops, compute ops (the leaf ops that would launch a kernel on a GPU), autograd nodes
+    evaluated in backward, and Python autograd.Function applies, in one step."""
     from torch.profiler import ProfilerActivity, profile
 
     step = make_step(model, args)
@@ -92,8 +104,10 @@ def count_ops(model, args) -> dict[str, int]:
         step()
     counts = collections.Counter()
     for e in prof.events():
-        if e.name.startswith("aten::"):
+        if e.name.startswith("aten::") or e.name.startswith("qlora_ext::"):
             counts["aten_ops"] += 1
+            if e.name not in _NO_KERNEL and not any(c.name.startswith(("aten::", "qlora_ext::")) for c in e.cpu_children):
+                counts["compute_ops"] += 1
         elif e.name.startswith("autograd::engine::evaluate_function"):
             counts["autograd_nodes"] += 1
     return dict(counts)
@@ -160,7 +174,8 @@ def main(argv=None) -> int:
             line += f"  x LoRA: step {r['step_ms'] / base['step_ms']:.3f}, layer {r['host_ms_per_layer'] / base['host_ms_per_layer']:.3f}"
         print(line)
         if args.profile:
-            print(f"{'':10} per layer: {r.get('aten_ops_per_layer', 0):.0f} aten ops, "
+            print(f"{'':10} per layer: {r.get('aten_ops_per_layer', 0):.0f} ops ({r.get('compute_ops_per_layer', 0):.0f} "
+                  f"computing), "
                   f"{r.get('autograd_nodes_per_layer', 0):.0f} autograd nodes; per step: "
                   f"{r.get('aten_ops_per_step', 0)} aten ops, {r.get('autograd_nodes_per_step', 0)} autograd nodes")  # fmt: skip
     return 0

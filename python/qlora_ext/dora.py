@@ -27,6 +27,17 @@ small op per layer counts):
 - z [M, out] is kept for dm (one activation the size of the layer output, as in PEFT).
   Recomputing it instead would cost a second base GEMM in backward (M·out·in MACs, the dominant
   cost of the layer) to save memory that gradient checkpointing already bounds to one block.
+- Under gradient checkpointing (qlora_ext.checkpointing) a layer's recomputation reuses the
+  (1/n, c) its first forward computed (checkpointing.remember / replayed; `dora_project`'s
+  `norm`): the parameters are the same, so are the bits, and W·Aᵀ plus the norm kernel run once
+  per step instead of twice.
+
+What is fused, and why (issue #7, QDoRA <= 1.15x QLoRA's step time): on the H100 the step is
+host-bound, and the 8B QDoRA step measured +11% GPU time but +65% host time over QLoRA. Besides
+this one-unit layer, the SwiGLU MLP's three DoRA projections run as ONE autograd unit with the
+activation (fused_mlp.py, the same functions as here: `dora_project`, `_nf4_dora_setup`,
+`_nf4_dora_backward`); the attention projections take this layer.
+`benchmarks/bench_host_overhead.py` measures the host time per decoder layer, LoRA vs DoRA.
 
 Dropout: with dropout > 0 in training the low-rank path sees dropout(x), the base path x:
 z = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ. (PEFT instead computes x·Wᵀ + (m/n − 1)·dropout(x)·Wᵀ + …, a
@@ -296,9 +307,9 @@ def nf4_dora_linear(
     # The norm depends only on the parameters: a checkpointed layer's recomputation reuses the one
     # its first forward computed (checkpointing.remember/replayed), skipping W·Aᵀ and the norm
     # kernel; the result is the same bits.
-    key = ("qlora_ext.dora", id(weight.packed))
+    key = ("qlora_ext.dora", id(weight.packed), id(magnitude))
     norm = checkpointing.replayed(key)
-    if norm is not None and norm[1].dtype == x.dtype:
+    if norm is not None and norm[1].dtype == x.dtype and norm[1].device == x.device:
         return _EagerNF4DoRALinearNormed.apply(*args, norm)[0]
     y, _, _, inv_norm, c = _EagerNF4DoRALinear.apply(*args)
     checkpointing.remember(key, (inv_norm, c))

@@ -1,4 +1,4 @@
-"""The SwiGLU MLP of a Llama-family decoder layer as one autograd unit, for LoRA on an NF4 base.
+"""The SwiGLU MLP of a Llama-family decoder layer as one autograd unit, for LoRA or DoRA on an NF4 base.
 
     g = x·Wgᵀ + s_g·(x·Agᵀ)·Bgᵀ      u = x·Wuᵀ + s_u·(x·Auᵀ)·Buᵀ       [M, I]
     h = silu(g) ⊙ u                                                      [M, I]
@@ -19,9 +19,23 @@ Each projection's forward and backward are the very functions of the `nf4_lora_l
 (lora_linear.py), so the numbers are those of the module-by-module path; only the order of the
 SwiGLU arithmetic differs (fp32 within, rounded to the activation dtype once).
 
-It applies when the three projections are QLoRALinear layers whose active adapter is a plain
-LoRA (rsLoRA and LoRA+ included) without dropout in training, and the activation is SiLU;
-otherwise, and under torch.compile, the module's own forward runs. Inference that the fused 4-bit
+DoRA (dora.py) runs in the same unit: each projection is then `nf4_dora_linear`'s body, z = the
+LoRA output above and the projection's output c ⊙ z (+ bias), c = m/n per output row with the
+norm n detached; its backward is that operator's (dz = dy ⊙ c and dm = Σ_rows dy ⊙ z / n in one
+pass, then LoRA's backward on dz). The unit keeps z_g and z_u (dm needs them) instead of g and u,
+and recomputes g = c_g ⊙ z_g (+ bias), u likewise, in backward with the forward's own function
+(the same bits): two [M, I] activations kept as for LoRA, where DoRA module by module keeps five
+(z_g, g, z_u, u, h). Why a unit at all: training is host-bound on the H100 (8B shapes: QDoRA +11%
+GPU time but +65% host time over QLoRA when its MLP ran as three DoRA layers plus SiLU and a
+product, each an autograd node with its own small ops); here the MLP costs one node, one Python
+call chain, and no separate activation ops. Under checkpointing (qlora_ext.checkpointing) the
+recomputation reuses the three weight norms of the first forward (checkpointing.remember /
+replayed), skipping W·Aᵀ and the norm kernels; the parameters are the same, so are the bits.
+
+It applies when the three projections are QLoRALinear layers whose active adapters are all plain
+LoRA (rsLoRA and LoRA+ included) or all DoRA, without dropout in training, and the activation is
+SiLU; otherwise (other variants, a LoRA/DoRA mix), and under torch.compile, the module's own
+forward runs. Inference that the fused 4-bit
 kernels serve (`_ops.linear_route`: decode and prefill on CUDA, no gradient) also takes the modules:
 each projection then reads its packed weight once through nf4_gemv/nf4_gemm, where this unit would
 dequantize all three weights for every token (measured: +10 ms per token on an 8B model).
@@ -190,8 +204,10 @@ class _LoRAMLP(torch.autograd.Function):
         ctx.needs = [kind.needs(*t, e) for t, e in zip(triples, extras)]
         # The weight norms depend only on the parameters: a checkpointed layer's recomputation
         # reuses its first forward's (W·Aᵀ and the norm kernel skipped; the same bits).
-        key = ("qlora_ext.fused_mlp", id(specs[0][0][0]))  # the gate weight's packed codes
+        key = ("qlora_ext.fused_mlp", id(specs[0][0][0]), id(mags[0]) if mags else None)  # gate's codes and m
         norms = (checkpointing.replayed(key) if kind.has_norm else None) or (None, None, None)
+        if norms[0] is not None and (norms[0][1].dtype != x.dtype or norms[0][1].device != x.device):
+            norms = (None, None, None)
         with _autocast_off(x.device.type):
             if chunk is None:
                 g_out, gate = _project(kind, x, gate_spec, gate_bias, ag, bg, extras[0], ctx.needs[0], norms[0])
@@ -307,7 +323,8 @@ def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation" or act is F.silu
 
 
-#: Rows per chunk of the MLP in training: None chooses (see chunk_rows); an int forces it.
+#: Rows per chunk of the MLP in training: None chooses (see chunk_rows); an int forces it. (DoRA's
+#: unit also holds z_g and z_u, ~1.5x LoRA's transient activations; the estimate is LoRA's.)
 CHUNK_ROWS: int | None = None
 #: Share of the free device memory that the unit's [rows, intermediate] activations may take
 #: before it works chunk by chunk.
