@@ -9,8 +9,9 @@ projections, fp32 adapters, gradient checkpointing, fused MLP/block ops as prepa
 
 What it reports, per method:
 - host ms per decoder layer of a training step (forward + backward + zero_grad): the slope of the
-  median step time between two depths (--layers 2,6), so the embedding, loss and optimizer-free
-  fixed costs cancel; and the median step time at the deeper model;
+  step time between two depths (--layers 2,6), so the embedding, loss and other fixed costs
+  cancel; and the step time at the deeper model. Cases are timed in interleaved rounds; "best" is
+  the fastest round's median (a shared, noisy host disturbs it least), plain is the median;
 - with --profile, per decoder layer (same slope): ops dispatched (aten and qlora_ext), of which
   computing (leaf ops that are not views/metadata/allocation: a kernel launch each on a GPU), and
   autograd nodes evaluated in backward (`autograd::engine::evaluate_function` events).
@@ -113,30 +114,31 @@ def count_ops(model, args) -> dict[str, int]:
     return dict(counts)
 
 
-def measure(method: str, args) -> dict:
+def measure_all(methods: list[str], args) -> list[dict]:
+    """Per method: step time and its per-layer slope. All models are built first and then timed
+    in interleaved rounds (each round: every method at both depths), so that a slow spell of a
+    shared host hits every case alike; the per-layer slope uses, per depth, the fastest round's
+    median (`best`, the least disturbed) and the median over all steps (`median`)."""
     lo, hi = args.layers
-    result = {"method": method}
-    medians, ops = {}, {}
-    # Interleave the two depths over rounds so that drift of a noisy host hits both alike.
-    models = {n: build(method, n, args) for n in (lo, hi)}
-    samples = {lo: [], hi: []}
+    models = {(m, n): build(m, n, args) for m in methods for n in (lo, hi)}
+    rounds = {key: [] for key in models}
     for _ in range(args.rounds):
-        for n in (lo, hi):
-            samples[n] += time_steps(models[n], args)
-    for n in (lo, hi):
-        medians[n] = statistics.median(samples[n])
+        for key, model in models.items():
+            rounds[key].append(time_steps(model, args))
+    results = []
+    for m in methods:
+        best = {n: min(statistics.median(r) for r in rounds[(m, n)]) for n in (lo, hi)}
+        median = {n: statistics.median([t for r in rounds[(m, n)] for t in r]) for n in (lo, hi)}
+        result = {"method": m, "layers": hi, "step_ms": 1e3 * median[hi], "step_ms_best": 1e3 * best[hi],
+                  "host_ms_per_layer": 1e3 * (median[hi] - median[lo]) / (hi - lo),
+                  "host_ms_per_layer_best": 1e3 * (best[hi] - best[lo]) / (hi - lo)}  # fmt: skip
         if args.profile:
-            ops[n] = count_ops(models[n], args)
-    result["step_ms"] = 1e3 * medians[hi]
-    result["step_ms_min"] = 1e3 * min(samples[hi])
-    result["layers"] = hi
-    result["host_ms_per_layer"] = 1e3 * (medians[hi] - medians[lo]) / (hi - lo)
-    result["host_ms_per_layer_min"] = 1e3 * (min(samples[hi]) - min(samples[lo])) / (hi - lo)
-    if args.profile:
-        for key in ops[hi]:
-            result[f"{key}_per_layer"] = (ops[hi].get(key, 0) - ops[lo].get(key, 0)) / (hi - lo)
-            result[f"{key}_per_step"] = ops[hi][key]
-    return result
+            ops = {n: count_ops(models[(m, n)], args) for n in (lo, hi)}
+            for key in ops[hi]:
+                result[f"{key}_per_layer"] = (ops[hi].get(key, 0) - ops[lo].get(key, 0)) / (hi - lo)
+                result[f"{key}_per_step"] = ops[hi][key]
+        results.append(result)
+    return results
 
 
 def main(argv=None) -> int:
@@ -149,8 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per round and depth")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round, method and depth")
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="also count aten ops and autograd nodes")
@@ -162,16 +164,18 @@ def main(argv=None) -> int:
     if len(args.layers) != 2 or args.layers[0] >= args.layers[1]:
         p.error("--layers takes two increasing depths, e.g. 2,6")
     torch.set_num_threads(args.threads)
-    results = [measure(m, args) for m in args.methods.split(",")]
+    results = measure_all(args.methods.split(","), args)
     base = next((r for r in results if r["method"] == "lora"), None)
     for r in results:
         if args.json:
             print(json.dumps(r))
             continue
-        line = (f"{r['method']:10} step {r['step_ms']:7.2f} ms ({r['layers']} layers; min {r['step_ms_min']:.2f})  "
-                f"per layer {r['host_ms_per_layer']:6.3f} ms (min-based {r['host_ms_per_layer_min']:.3f})")  # fmt: skip
+        line = (f"{r['method']:10} step {r['step_ms']:7.2f} ms ({r['layers']} layers; best round {r['step_ms_best']:.2f})"
+                f"  per layer {r['host_ms_per_layer']:6.3f} ms (best rounds {r['host_ms_per_layer_best']:.3f})")  # fmt: skip
         if base is not None and r is not base:
-            line += f"  x LoRA: step {r['step_ms'] / base['step_ms']:.3f}, layer {r['host_ms_per_layer'] / base['host_ms_per_layer']:.3f}"
+            line += (f"  x LoRA: step {r['step_ms'] / base['step_ms']:.3f}, per layer "
+                     f"{r['host_ms_per_layer'] / base['host_ms_per_layer']:.3f} "
+                     f"(best {r['host_ms_per_layer_best'] / base['host_ms_per_layer_best']:.3f})")  # fmt: skip
         print(line)
         if args.profile:
             print(f"{'':10} per layer: {r.get('aten_ops_per_layer', 0):.0f} ops ({r.get('compute_ops_per_layer', 0):.0f} "
