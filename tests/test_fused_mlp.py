@@ -176,8 +176,9 @@ def test_a_second_backward_through_the_unit_is_refused(method):
 
 @pytest.mark.not_under_sanitizer
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_chunked_unit_keeps_only_its_input_and_peaks_lower(monkeypatch):
-    model = _model("llama", device="cuda")
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_chunked_unit_keeps_only_its_input_and_peaks_lower(method, monkeypatch):
+    model = _model("llama", method, device="cuda")
     mlp = model.model.layers[0].mlp
     x = torch.randn(8, 512, 64, device="cuda", requires_grad=True)
     peaks, grads = {}, {}
