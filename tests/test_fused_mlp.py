@@ -163,15 +163,51 @@ def test_disabled_or_merged_adapters_take_the_modules(how, method, monkeypatch):
     assert calls.n == 0
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
-def test_a_second_backward_through_the_unit_is_refused(method):
-    model = _model(method=method, fused=True)
+def test_a_second_backward_through_the_lora_unit_is_refused():
+    model = _model(fused=True)
     mlp = model.model.layers[0].mlp  # called directly: no checkpointing around it
     x = torch.randn(2, 5, 64, requires_grad=True)
     y = mlp(x)
     y.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("method, chunk", [("dora", None), ("dora", 3), ("lora", 3)])
+def test_a_second_backward_that_overwrites_nothing_is_allowed(method, chunk, monkeypatch):
+    # DoRA's unit recomputes g and u from the kept z, the chunked unit recomputes everything: a
+    # second backward (retain_graph) sees intact activations and adds the same gradients again.
+    monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", chunk)
+    mlp = _model(method=method, fused=True).model.layers[0].mlp
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    y = mlp(x)
+    y.square().sum().backward(retain_graph=True)
+    first = [p.grad.clone() for p in (x, *mlp.parameters()) if p.requires_grad]
+    y.square().sum().backward()
+    second = [p.grad for p in (x, *mlp.parameters()) if p.requires_grad]
+    for a, b in zip(first, second):
+        torch.testing.assert_close(b, 2 * a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk", [None, 2], ids=["whole", "chunks-of-2-rows"])
+def test_dora_unit_gradcheck_fp64(chunk, monkeypatch):
+    # Finite differences in fp64 for the input and the magnitudes. (A and B are excluded by design:
+    # DoRA's norm is detached (paper §4.3), so their analytic gradients differ from the numeric
+    # ones; test_same_loss_and_gradients_as_the_modules and test_lora_family's paper reference
+    # check them.)
+    monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", chunk)
+    model = _model(method="dora", dtype=torch.float32).double()
+    mlp = model.model.layers[0].mlp
+    magnitudes = [p for n, p in mlp.named_parameters() if "lora_magnitude_vector" in n]
+    assert len(magnitudes) == 3
+    x = torch.randn(1, 5, 64, dtype=torch.float64, requires_grad=True)
+    calls = _CountCalls(monkeypatch)
+
+    def f(x, *_magnitudes):  # the magnitudes are perturbed in place; the unit reads them
+        return fused_mlp.lora_mlp(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+
+    assert torch.autograd.gradcheck(f, (x, *magnitudes), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert calls.n > 0
 
 
 @pytest.mark.not_under_sanitizer

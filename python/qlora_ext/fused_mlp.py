@@ -255,12 +255,14 @@ class _LoRAMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if ctx.done:
+        kind = ctx.kind
+        # Only LoRA's whole-piece backward overwrites what it saved (g and u become dg and du);
+        # DoRA's recomputes g and u from z, and the chunked one recomputes everything.
+        if ctx.done and ctx.chunk is None and not kind.has_norm:
             raise RuntimeError("the fused LoRA MLP's backward ran twice (retain_graph): its saved "
                                "activations were overwritten by the first; disable it with "
                                "qlora_ext.fused_mlp.disable_fused_mlp(model)")
         ctx.done = True
-        kind = ctx.kind
         with _autocast_off(ctx.device_type):
             if ctx.chunk is None:
                 saved, at = ctx.saved_tensors, 0
@@ -268,14 +270,15 @@ class _LoRAMLP(torch.autograd.Function):
                     st.saved_tensors, at = saved[at : at + n], at + n
                 gate, up, down = ctx.states
                 if kind.has_norm:
-                    (gate_bias, up_bias), ctx.biases = ctx.biases, None
+                    gate_bias, up_bias = ctx.biases
                     g = dora_output(gate.saved_tensors[_Z], gate.saved_tensors[_C], gate_bias)
                     u = dora_output(up.saved_tensors[_Z], up.saved_tensors[_C], up_bias)
                 else:
                     g, u = saved[at:]
                 del saved
                 dx, grads = _rows_backward(kind, dy, g, u, gate, up, down, ctx.native)
-                ctx.states = None
+                for st in ctx.states:  # the activations stay with autograd (retain_graph) or go
+                    st.saved_tensors = None
                 return dx, None, None, None, None, None, *grads
             return (*_chunked_backward(ctx, dy),)
 
