@@ -18,7 +18,7 @@ What it reports, per method:
 Timings use one CPU thread (small tensors: waking OpenMP threads costs more than the work).
 
     python benchmarks/bench_host_overhead.py                                  # lora vs dora, CPU
-    python benchmarks/bench_host_overhead.py --methods lora,dora --profile --dtype bfloat16
+    python benchmarks/bench_host_overhead.py --methods lora,dora --profile --fused-cpu   # GPU-like op counts
     python benchmarks/bench_host_overhead.py --device cuda --dtype bfloat16   # host-bound on a GPU too
 """
 
@@ -52,6 +52,11 @@ def build(method: str, layers: int, args):
     model.to(args.device)
     qlora_ext.prepare(model, target_modules=TARGETS, r=args.r, alpha=2 * args.r, method=method, verbose=False,
                       gradient_checkpointing=not args.no_checkpointing, fused_mlp=not args.no_fused_mlp)  # fmt: skip
+    if args.fused_cpu:  # the fused RMSNorm/RoPE/SwiGLU kernels on the CPU too, as CUDA runs them
+        from qlora_ext import fused_blocks
+
+        fused_blocks.disable_fused_block_ops(model)
+        fused_blocks.enable_fused_block_ops(model, devices=("cpu", "cuda"))
     return model.train()
 
 
@@ -103,12 +108,20 @@ def count_ops(model, args) -> dict[str, int]:
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
+    def computes(e) -> bool:  # not a view/metadata op, and (aten) no computing op beneath it
+        if e.name in _NO_KERNEL or not e.name.startswith(("aten::", "qlora_ext::")):
+            return False
+        # qlora_ext's native ops launch their own kernel even when they also call ATen (dora_scale's A·Aᵀ)
+        return e.name.startswith("qlora_ext::") or not any(map(below, e.cpu_children))
+
+    def below(e) -> bool:
+        return computes(e) or any(map(below, e.cpu_children))
+
     counts = collections.Counter()
     for e in prof.events():
-        if e.name.startswith("aten::") or e.name.startswith("qlora_ext::"):
+        if e.name.startswith(("aten::", "qlora_ext::")):
             counts["aten_ops"] += 1
-            if e.name not in _NO_KERNEL and not any(c.name.startswith(("aten::", "qlora_ext::")) for c in e.cpu_children):
-                counts["compute_ops"] += 1
+            counts["compute_ops"] += computes(e)
         elif e.name.startswith("autograd::engine::evaluate_function"):
             counts["autograd_nodes"] += 1
     return dict(counts)
@@ -158,6 +171,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="also count aten ops and autograd nodes")
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--no-fused-mlp", action="store_true")
+    p.add_argument("--fused-cpu", action="store_true",
+                   help="CPU: use the fused block-op kernels (RMSNorm, RoPE, SwiGLU) as a CUDA run does, so that "
+                        "op counts resemble the GPU's")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object per method")
     args = p.parse_args(argv)
     args.layers = tuple(int(n) for n in args.layers.split(","))
