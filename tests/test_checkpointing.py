@@ -105,6 +105,59 @@ def test_dora_under_checkpointing_has_the_same_gradients(dropout):
                         p.grad = None
 
 
+@pytest.mark.parametrize("fused_mlp", [True, False])
+def test_dora_recomputation_reuses_the_weight_norms(fused_mlp, monkeypatch):
+    # The norm depends only on the parameters: each projection computes it once per step, in the
+    # first forward, and the recomputation reuses it (same gradients: the test above).
+    from qlora_ext import dora
+
+    calls = {"n": 0}
+    original = dora.dora_scale
+
+    def counted(*args):
+        calls["n"] += 1
+        return original(*args)
+
+    monkeypatch.setattr(dora, "dora_scale", counted)
+    model = hf_model("llama")
+    qlora_ext.prepare(model, r=4, alpha=8, method="dora", verbose=False, fused_mlp=fused_mlp)
+    model.train()
+    for step in range(2):
+        calls["n"] = 0
+        _step(model, seed=step)
+        assert calls["n"] == 7 * 2  # 7 projections in each of the 2 layers, once
+
+
+def test_remembered_values_reach_only_their_own_recomputation_and_die_with_the_graph():
+    import gc
+    import weakref
+
+    seen, made = [], []
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            seen.append((checkpointing.phase()[0], checkpointing.replayed("k")))
+            value = torch.full((1,), float(len(seen)))
+            made.append(weakref.ref(value))
+            checkpointing.remember("k", value)
+            return x * 2
+
+    layer = Layer()
+    x = torch.ones(3, requires_grad=True)
+    assert checkpointing.replayed("k") is None  # outside checkpointing: nothing
+    y1 = checkpointing.checkpoint(layer, x)
+    y2 = checkpointing.checkpoint(layer, x)
+    y2.sum().backward()  # the second call's recomputation gets the second call's value
+    assert [phase for phase, _ in seen] == ["forward", "forward", "recompute"]
+    assert seen[0][1] is None and seen[1][1] is None and float(seen[2][1]) == 2.0
+    seen.clear()
+    gc.collect()
+    assert made[0]() is not None  # y1's backward never ran: its node still holds the value
+    del y1, y2
+    gc.collect()
+    assert all(ref() is None for ref in made)  # nothing outside the graphs kept any of them
+
+
 # ---- offloading the saved layer inputs to pinned host memory ------------------------------------
 
 def _offloaded_model(device, dropout=0.0, offload=True):

@@ -1,5 +1,5 @@
-"""The fused LoRA SwiGLU MLP (qlora_ext.fused_mlp): the same loss and gradients as the module-by-
-module path, used exactly where it applies, fewer activations kept."""
+"""The fused LoRA/DoRA SwiGLU MLP (qlora_ext.fused_mlp): the same loss and gradients as the
+module-by-module path, used exactly where it applies, fewer activations kept."""
 
 from __future__ import annotations
 
@@ -71,10 +71,11 @@ class _CountCalls:
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "builtin", "llama-mlp-bias"])
 @pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunks-of-5-rows"])
-def test_same_loss_and_gradients_as_the_modules(device, kind, chunk, monkeypatch):
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_same_loss_and_gradients_as_the_modules(device, kind, chunk, method, monkeypatch):
     monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", chunk)  # 24 rows: 4 chunks of 5 and one of 4
     calls = _CountCalls(monkeypatch)
-    fused, plain = _model(kind, device=device), _model(kind, fused=False, device=device)
+    fused, plain = _model(kind, method, device=device), _model(kind, method, fused=False, device=device)
     assert fused_mlp.enable_fused_mlp(plain) == 2 and fused_mlp.enable_fused_mlp(fused) == 0  # already on
     fused_mlp.disable_fused_mlp(plain)
     for step in range(3):
@@ -85,6 +86,8 @@ def test_same_loss_and_gradients_as_the_modules(device, kind, chunk, monkeypatch
         torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
         got, want = _grads(fused), _grads(plain)
         assert got.keys() == want.keys()
+        if method == "dora":  # every magnitude of the MLPs is checked, and every bias if trained
+            assert sum("mlp" in n and "lora_magnitude_vector" in n for n in want) == 6
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
         for model in (fused, plain):  # an update, so that later steps see different adapters
@@ -98,14 +101,17 @@ def test_same_loss_and_gradients_as_the_modules(device, kind, chunk, monkeypatch
 
 
 @pytest.mark.parametrize("device", devices)
-def test_bf16_error_within_twice_the_module_paths(device):
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("chunk", [None, 7], ids=["whole", "chunks-of-7-rows"])
+def test_bf16_error_within_twice_the_module_paths(device, method, chunk, monkeypatch):
     """FlashAttention's rule: against an fp32 run of the same weights, the fused bf16 path errs at
     most twice as much as the module-by-module bf16 path."""
+    monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", chunk)
     ids = token_batch(batch=2, seq=16, seed=7).to(device)
     results = {}
     for name, fused, dtype in (("ref", False, torch.float32), ("fused", True, torch.bfloat16),
                                ("plain", False, torch.bfloat16)):  # fmt: skip
-        model = _model("llama", fused=fused, device=device, dtype=torch.float32)
+        model = _model("llama", method, fused=fused, device=device, dtype=torch.float32)
         model.to(dtype)  # the base model in dtype; NF4 codes unchanged; adapters follow
         loss = _loss(model, ids)
         loss.backward()
@@ -118,24 +124,38 @@ def test_bf16_error_within_twice_the_module_paths(device):
     assert abs(results["fused"][0] - ref_loss) <= 2 * abs(results["plain"][0] - ref_loss) + 1e-6
 
 
-@pytest.mark.parametrize("method, dropout", [("dora", 0.0), ("vera", 0.0), ("lora_fa", 0.0), ("lora", 0.1)])
+@pytest.mark.parametrize("method, dropout", [("vera", 0.0), ("lora_fa", 0.0), ("delta_lora", 0.0), ("lora", 0.1),
+                                             ("dora", 0.1)])  # fmt: skip
 def test_other_adapters_and_dropout_take_the_modules(method, dropout, monkeypatch):
     calls = _CountCalls(monkeypatch)
     model = _model(method=method, dropout=dropout)
     _loss(model, token_batch()).backward()
     assert calls.n == 0
-    model.eval()  # dropout is off in eval: plain LoRA is fused again
+    model.eval()  # dropout is off in eval: plain LoRA and DoRA are fused again
     with torch.no_grad():
         _loss(model, token_batch())
-    assert calls.n == (2 if method == "lora" else 0)
+    assert calls.n == (2 if method in ("lora", "dora") else 0)
+
+
+def test_a_lora_dora_mix_takes_the_modules(monkeypatch):
+    from qlora_ext.dora import DoRAAdapter
+
+    calls = _CountCalls(monkeypatch)
+    model = _model(method="lora")
+    mlp = model.model.layers[0].mlp
+    mlp.up_proj.add_adapter("d", DoRAAdapter(64, 128, r=4))
+    mlp.up_proj.set_adapter("d")
+    _loss(model, token_batch()).backward()
+    assert calls.n == 2 * 1  # layer 1 (all LoRA) fused, in forward and recompute; layer 0 not
 
 
 @pytest.mark.parametrize("how", ["disabled", "merged"])
-def test_disabled_or_merged_adapters_take_the_modules(how, monkeypatch):
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_disabled_or_merged_adapters_take_the_modules(how, method, monkeypatch):
     from qlora_ext.prepare import qlora_layers
 
     calls = _CountCalls(monkeypatch)
-    model = _model()
+    model = _model(method=method)
     for layer in qlora_layers(model).values():
         layer.disable_adapters() if how == "disabled" else layer.merge()
     with torch.no_grad():
@@ -143,7 +163,7 @@ def test_disabled_or_merged_adapters_take_the_modules(how, monkeypatch):
     assert calls.n == 0
 
 
-def test_a_second_backward_through_the_unit_is_refused():
+def test_a_second_backward_through_the_lora_unit_is_refused():
     model = _model(fused=True)
     mlp = model.model.layers[0].mlp  # called directly: no checkpointing around it
     x = torch.randn(2, 5, 64, requires_grad=True)
@@ -153,10 +173,48 @@ def test_a_second_backward_through_the_unit_is_refused():
         y.sum().backward()
 
 
+@pytest.mark.parametrize("method, chunk", [("dora", None), ("dora", 3), ("lora", 3)])
+def test_a_second_backward_that_overwrites_nothing_is_allowed(method, chunk, monkeypatch):
+    # DoRA's unit recomputes g and u from the kept z, the chunked unit recomputes everything: a
+    # second backward (retain_graph) sees intact activations and adds the same gradients again.
+    monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", chunk)
+    mlp = _model(method=method, fused=True).model.layers[0].mlp
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    y = mlp(x)
+    y.square().sum().backward(retain_graph=True)
+    first = [p.grad.clone() for p in (x, *mlp.parameters()) if p.requires_grad]
+    y.square().sum().backward()
+    second = [p.grad for p in (x, *mlp.parameters()) if p.requires_grad]
+    for a, b in zip(first, second):
+        torch.testing.assert_close(b, 2 * a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk", [None, 2], ids=["whole", "chunks-of-2-rows"])
+def test_dora_unit_gradcheck_fp64(chunk, monkeypatch):
+    # Finite differences in fp64 for the input and the magnitudes. (A and B are excluded by design:
+    # DoRA's norm is detached (paper §4.3), so their analytic gradients differ from the numeric
+    # ones; test_same_loss_and_gradients_as_the_modules and test_lora_family's paper reference
+    # check them.)
+    monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", chunk)
+    model = _model(method="dora", dtype=torch.float32).double()
+    mlp = model.model.layers[0].mlp
+    magnitudes = [p for n, p in mlp.named_parameters() if "lora_magnitude_vector" in n]
+    assert len(magnitudes) == 3
+    x = torch.randn(1, 5, 64, dtype=torch.float64, requires_grad=True)
+    calls = _CountCalls(monkeypatch)
+
+    def f(x, *_magnitudes):  # the magnitudes are perturbed in place; the unit reads them
+        return fused_mlp.lora_mlp(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+
+    assert torch.autograd.gradcheck(f, (x, *magnitudes), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert calls.n > 0
+
+
 @pytest.mark.not_under_sanitizer
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_chunked_unit_keeps_only_its_input_and_peaks_lower(monkeypatch):
-    model = _model("llama", device="cuda")
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_chunked_unit_keeps_only_its_input_and_peaks_lower(method, monkeypatch):
+    model = _model("llama", method, device="cuda")
     mlp = model.model.layers[0].mlp
     x = torch.randn(8, 512, 64, device="cuda", requires_grad=True)
     peaks, grads = {}, {}
@@ -178,12 +236,14 @@ def test_chunked_unit_keeps_only_its_input_and_peaks_lower(monkeypatch):
 
 @pytest.mark.not_under_sanitizer
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fewer_activations_kept_on_the_device():
+@pytest.mark.parametrize("method, fewer", [("lora", 1), ("dora", 3)])
+def test_fewer_activations_kept_on_the_device(method, fewer):
     # On CUDA the module path runs the fused SwiGLU op of the block ops (prepare's default), which
-    # keeps g, u and h (its backward recomputes silu); the unit keeps g and u: one [M, I]
+    # keeps g, u and h (its backward recomputes silu); the LoRA unit keeps g and u: one [M, I]
     # activation fewer. (Against PyTorch's composite SiLU and product, which also keep silu(g),
-    # the expected two fewer were not confirmed on the H100: open, see the README.)
-    model = _model("llama", device="cuda")
+    # the expected two fewer were not confirmed on the H100: open, see the README.) DoRA's
+    # modules keep z_g, g, z_u, u and h; its unit z_g and z_u: three fewer.
+    model = _model("llama", method, device="cuda")
     mlp = model.model.layers[0].mlp
     x = torch.randn(4, 256, 64, device="cuda", requires_grad=True)
     held = {}
@@ -197,7 +257,7 @@ def test_fewer_activations_kept_on_the_device():
         y.sum().backward()
         del y
     intermediate = 4 * 256 * 128 * 4  # one [M, I] fp32 activation
-    assert held[False] - held[True] >= 0.9 * intermediate, held
+    assert held[False] - held[True] >= (fewer - 0.1) * intermediate, held
 
 
 def test_block_ops_and_fused_mlp_undo_in_either_order():

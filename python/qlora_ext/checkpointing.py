@@ -49,14 +49,35 @@ def phase() -> tuple[str, int] | None:
     return getattr(_phase, "value", None)
 
 
+def remember(key, value) -> None:
+    """In a checkpointed layer's first forward: keep `value` (something that depends only on the
+    parameters, such as DoRA's weight norm) for its recomputation, which `replayed(key)` hands it
+    to. Elsewhere a no-op. Values live on the layer's autograd node: freed with its graph, so a
+    forward whose backward never runs leaks nothing."""
+    current = phase()
+    if current is not None and current[0] == "forward":
+        _phase.stash.setdefault(key, []).append(value)
+
+
+def replayed(key):
+    """In a checkpointed layer's recomputation: the values `remember(key, ...)` kept during its
+    first forward, one per call and in call order; None elsewhere, or when none is left (the
+    recomputation then computes the value afresh)."""
+    current = phase()
+    if current is None or current[0] != "recompute":
+        return None
+    kept = _phase.stash.get(key)
+    return kept.pop(0) if kept else None
+
+
 @contextlib.contextmanager
-def _in_phase(value: tuple[str, int]):
-    previous = phase()
-    _phase.value = value
+def _in_phase(value: tuple[str, int], stash: dict):
+    previous, previous_stash = phase(), getattr(_phase, "stash", None)
+    _phase.value, _phase.stash = value, stash
     try:
         yield
     finally:
-        _phase.value = previous
+        _phase.value, _phase.stash = previous, previous_stash
 
 
 class _Parked:
@@ -156,7 +177,8 @@ class _LayerCheckpoint(torch.autograd.Function):
         ctx.device_rng = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None
         ctx.autocast = [(t, torch.get_autocast_dtype(t)) for t in ("cuda", "cpu") if torch.is_autocast_enabled(t)]
         ctx.token = next(_calls)
-        with torch.no_grad(), _in_phase(("forward", ctx.token)):
+        ctx.stash = {}  # remember()/replayed(): values the recomputation reuses
+        with torch.no_grad(), _in_phase(("forward", ctx.token), ctx.stash):
             return fn(*args)
 
     @staticmethod
@@ -172,7 +194,7 @@ class _LayerCheckpoint(torch.autograd.Function):
             inputs.append(leaf)
         devices = [ctx.device] if ctx.device_rng is not None else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), _autocast(ctx.autocast), \
-                _in_phase(("recompute", ctx.token)):
+                _in_phase(("recompute", ctx.token), ctx.stash):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.device_rng is not None:
                 torch.cuda.set_rng_state(ctx.device_rng, ctx.device)
@@ -185,7 +207,7 @@ class _LayerCheckpoint(torch.autograd.Function):
         grads: list[Tensor | None] = [None] * len(ctx.constants)
         for position, leaf in zip(ctx.tensor_positions, inputs):
             grads[position] = leaf.grad
-        ctx.fn = None  # the layer's closure (and the kwargs it holds) can go now
+        ctx.fn = ctx.stash = None  # the layer's closure (and the kwargs it holds) can go now
         return (None, None, None, *grads)
 
 

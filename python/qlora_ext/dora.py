@@ -27,6 +27,17 @@ small op per layer counts):
 - z [M, out] is kept for dm (one activation the size of the layer output, as in PEFT).
   Recomputing it instead would cost a second base GEMM in backward (M·out·in MACs, the dominant
   cost of the layer) to save memory that gradient checkpointing already bounds to one block.
+- Under gradient checkpointing (qlora_ext.checkpointing) a layer's recomputation reuses the
+  (1/n, c) its first forward computed (checkpointing.remember / replayed; `dora_project`'s
+  `norm`): the parameters are the same, so are the bits, and W·Aᵀ plus the norm kernel run once
+  per step instead of twice.
+
+What is fused, and why (issue #7, QDoRA <= 1.15x QLoRA's step time): on the H100 the step is
+host-bound, and the 8B QDoRA step measured +11% GPU time but +65% host time over QLoRA. Besides
+this one-unit layer, the SwiGLU MLP's three DoRA projections run as ONE autograd unit with the
+activation (fused_mlp.py, the same functions as here: `dora_project`, `_nf4_dora_setup`,
+`_nf4_dora_backward`); the attention projections take this layer.
+`benchmarks/bench_host_overhead.py` measures the host time per decoder layer, LoRA vs DoRA.
 
 Dropout: with dropout > 0 in training the low-rank path sees dropout(x), the base path x:
 z = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ. (PEFT instead computes x·Wᵀ + (m/n − 1)·dropout(x)·Wᵀ + …, a
@@ -42,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import checkpointing
 from ._native import native
 from .adapters import LoRAAdapter
 from .lora_linear import (
@@ -161,21 +173,40 @@ def _nf4_dora_linear_impl(
     weight_sq: Tensor,  # ‖deq(W)_i‖² [N] (fp32), constant
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # y [..., N]; z [..., N]; xa [..., r]; 1/n [N] fp32 (fp64 for fp64 x); c = m/n [N] (x's dtype)
+    return dora_project(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+                        nested_blocksize, weight_shape, weight_dtype, bias, lora_A, lora_B, scale, magnitude,
+                        weight_sq)  # fmt: skip
+
+
+def dora_project(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
+                 weight_shape, weight_dtype, bias, lora_A, lora_B, scale, magnitude, weight_sq,
+                 norm: tuple[Tensor, Tensor] | None = None):  # fmt: skip
+    """The body of nf4_dora_linear (its outputs: y, z, xa, 1/n, c). `norm` = (1/n, c) of an
+    earlier call with the same parameters (a checkpointed layer's recomputation, see
+    checkpointing.stash) skips W·Aᵀ and the norm kernel; the outputs are the same bits."""
     dtype = x.dtype
     xl = x if x_lora is None else x_lora
     w = _dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
                     nested_blocksize, weight_shape, weight_dtype, dtype)  # fmt: skip
     a = lora_A.to(dtype)
     z = F.linear(x, w)
-    wa = F.linear(w, a)  # [N, r] = W·Aᵀ from the W already dequantized for the GEMM
+    wa = F.linear(w, a) if norm is None else None  # [N, r] = W·Aᵀ from the W already dequantized for the GEMM
     del w
     xa = F.linear(xl, a)  # [..., r]
     rows, n_out = math.prod(x.shape[:-1]), weight_shape[0]
     z.view(rows, n_out).addmm_(xa.reshape(rows, -1), lora_B.to(dtype).t(), alpha=scale)
-    # c rounded to x's dtype once, used by forward and backward alike (as autograd would)
-    c, inv_norm = dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, scale)
-    y = torch.mul(z, c) if bias is None else torch.addcmul(bias.to(dtype), z, c)
-    return y, z, xa, inv_norm, c
+    if norm is None:
+        # c rounded to x's dtype once, used by forward and backward alike (as autograd would)
+        c, inv_norm = dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, scale)
+    else:
+        inv_norm, c = norm
+    return dora_output(z, c, bias), z, xa, inv_norm, c
+
+
+def dora_output(z: Tensor, c: Tensor, bias: Tensor | None) -> Tensor:
+    """y = z ⊙ c (+ bias) in z's dtype: one kernel. The fused MLP recomputes its gate and up
+    outputs from z with this very function, so they equal the forward's bit for bit."""
+    return torch.mul(z, c) if bias is None else torch.addcmul(bias.to(z.dtype), z, c)
 
 
 _nf4_dora_linear = torch.library.custom_op("qlora_ext::nf4_dora_linear", mutates_args=())(_nf4_dora_linear_impl)
@@ -242,6 +273,14 @@ def _nf4_dora_backward(ctx, dy, _dz, _dxa, _dinv_norm, _dc):
 
 _nf4_dora_linear.register_autograd(_nf4_dora_backward, setup_context=_nf4_dora_setup)
 _EagerNF4DoRALinear = eager_twin("_EagerNF4DoRALinear", _nf4_dora_linear_impl, _nf4_dora_setup, _nf4_dora_backward)
+# The same with an 18th input, norm = (1/n, c) of the first forward, for a checkpointed layer's
+# recomputation (eager only: torch.compile takes the operator, which computes the norm).
+_EagerNF4DoRALinearNormed = eager_twin(
+    "_EagerNF4DoRALinearNormed",
+    lambda *inputs: dora_project(*inputs[:17], norm=inputs[17]),
+    lambda ctx, inputs, output: _nf4_dora_setup(ctx, inputs[:17], output),
+    lambda ctx, *grads: (*_nf4_dora_backward(ctx, *grads), None),
+)
 
 
 def nf4_dora_linear(
@@ -262,8 +301,19 @@ def nf4_dora_linear(
     n_out = weight.shape[0]
     if magnitude.shape != (n_out,) or weight_sq.shape != (n_out,):
         raise ValueError(f"magnitude and weight_sq must be [{n_out}], got {tuple(magnitude.shape)}, {tuple(weight_sq.shape)}")
-    op = torch.ops.qlora_ext.nf4_dora_linear if use_operators() else _EagerNF4DoRALinear.apply
-    return op(x, x_lora, *_weight_args(weight), bias, lora_A, lora_B, float(scale), magnitude, weight_sq)[0]
+    args = (x, x_lora, *_weight_args(weight), bias, lora_A, lora_B, float(scale), magnitude, weight_sq)
+    if use_operators():
+        return torch.ops.qlora_ext.nf4_dora_linear(*args)[0]
+    # The norm depends only on the parameters: a checkpointed layer's recomputation reuses the one
+    # its first forward computed (checkpointing.remember/replayed), skipping W·Aᵀ and the norm
+    # kernel; the result is the same bits.
+    key = ("qlora_ext.dora", id(weight.packed), id(magnitude))
+    norm = checkpointing.replayed(key)
+    if norm is not None and norm[1].dtype == x.dtype and norm[1].device == x.device:
+        return _EagerNF4DoRALinearNormed.apply(*args, norm)[0]
+    y, _, _, inv_norm, c = _EagerNF4DoRALinear.apply(*args)
+    checkpointing.remember(key, (inv_norm, c))
+    return y
 
 
 # ---- the adapter --------------------------------------------------------------------------------

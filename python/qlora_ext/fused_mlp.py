@@ -1,4 +1,4 @@
-"""The SwiGLU MLP of a Llama-family decoder layer as one autograd unit, for LoRA on an NF4 base.
+"""The SwiGLU MLP of a Llama-family decoder layer as one autograd unit, for LoRA or DoRA on an NF4 base.
 
     g = x·Wgᵀ + s_g·(x·Agᵀ)·Bgᵀ      u = x·Wuᵀ + s_u·(x·Auᵀ)·Buᵀ       [M, I]
     h = silu(g) ⊙ u                                                      [M, I]
@@ -19,9 +19,23 @@ Each projection's forward and backward are the very functions of the `nf4_lora_l
 (lora_linear.py), so the numbers are those of the module-by-module path; only the order of the
 SwiGLU arithmetic differs (fp32 within, rounded to the activation dtype once).
 
-It applies when the three projections are QLoRALinear layers whose active adapter is a plain
-LoRA (rsLoRA and LoRA+ included) without dropout in training, and the activation is SiLU;
-otherwise, and under torch.compile, the module's own forward runs. Inference that the fused 4-bit
+DoRA (dora.py) runs in the same unit: each projection is then `nf4_dora_linear`'s body, z = the
+LoRA output above and the projection's output c ⊙ z (+ bias), c = m/n per output row with the
+norm n detached; its backward is that operator's (dz = dy ⊙ c and dm = Σ_rows dy ⊙ z / n in one
+pass, then LoRA's backward on dz). The unit keeps z_g and z_u (dm needs them) instead of g and u,
+and recomputes g = c_g ⊙ z_g (+ bias), u likewise, in backward with the forward's own function
+(the same bits): two [M, I] activations kept as for LoRA, where DoRA module by module keeps five
+(z_g, g, z_u, u, h). Why a unit at all: training is host-bound on the H100 (8B shapes: QDoRA +11%
+GPU time but +65% host time over QLoRA when its MLP ran as three DoRA layers plus SiLU and a
+product, each an autograd node with its own small ops); here the MLP costs one node, one Python
+call chain, and no separate activation ops. Under checkpointing (qlora_ext.checkpointing) the
+recomputation reuses the three weight norms of the first forward (checkpointing.remember /
+replayed), skipping W·Aᵀ and the norm kernels; the parameters are the same, so are the bits.
+
+It applies when the three projections are QLoRALinear layers whose active adapters are all plain
+LoRA (rsLoRA and LoRA+ included) or all DoRA, without dropout in training, and the activation is
+SiLU; otherwise (other variants, a LoRA/DoRA mix), and under torch.compile, the module's own
+forward runs. Inference that the fused 4-bit
 kernels serve (`_ops.linear_route`: decode and prefill on CUDA, no gradient) also takes the modules:
 each projection then reads its packed weight once through nf4_gemv/nf4_gemm, where this unit would
 dequantize all three weights for every token (measured: +10 ms per token on an 8B model).
@@ -38,19 +52,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _ops
+from . import _ops, checkpointing
 from .adapters import LoRAAdapter
+from .dora import DoRAAdapter, _nf4_dora_backward, _nf4_dora_setup, dora_output, dora_project
 from .fused_blocks import FUSED_DEVICES
 from .layers import QLoRALinear
 from .lora_linear import _autocast_off, _nf4_lora_backward, _nf4_lora_linear_impl, _nf4_lora_setup, _weight_args, use_operators
 
-_N_LORA_INPUTS = 15  # nf4_lora_linear's inputs: x, x_lora, 9 weight fields, bias, A, B, scale
-_X, _BIAS, _A, _B = 0, 11, 12, 13
+_X, _BIAS, _A, _B, _M = 0, 11, 12, 13, 15  # positions in the operators' inputs (_M: DoRA's magnitude)
+_Z, _C = 9, 11  # DoRA's saved z and c = m/n among its saved tensors (after LoRA's nine)
 
 
 class _Saved:
-    """Stands in for an autograd ctx so that nf4_lora_linear's own setup and backward serve one
-    projection inside the unit."""
+    """Stands in for an autograd ctx so that the operators' own setup and backward
+    (nf4_lora_linear's, nf4_dora_linear's) serve one projection inside the unit."""
 
     def __init__(self, needs: tuple[bool, ...]):
         self.needs_input_grad = needs
@@ -58,25 +73,59 @@ class _Saved:
     def set_materialize_grads(self, value: bool) -> None:
         pass
 
+    def mark_non_differentiable(self, *tensors) -> None:
+        pass
+
     def save_for_backward(self, *tensors) -> None:
         self.saved_tensors = tensors
 
 
-def _project(x: Tensor, spec, bias, a, b, needs: tuple[bool, ...]):
-    """One projection: (y, its backward state)."""
-    inputs = (x, None, *spec[0], bias, a, b, spec[1])
-    y, xa = _nf4_lora_linear_impl(*inputs)
+class _Kind:
+    """One adapter kind's projection inside the unit: its operator's body, setup and backward, so
+    that each projection computes exactly what the layer alone computes."""
+
+    def __init__(self, name: str, n_inputs: int, grad_positions: tuple[int, ...], has_norm: bool):
+        self.name, self.n_inputs, self.grad_positions, self.has_norm = name, n_inputs, grad_positions, has_norm
+
+    def inputs(self, x: Tensor, spec, bias, a: Tensor, b: Tensor, extra) -> tuple:
+        """The operator's inputs. `spec` = (weight args, scale); `extra` = DoRA's (m, ‖W‖²)."""
+        return (x, None, *spec[0], bias, a, b, spec[1], *extra)
+
+    def needs(self, bias, a: Tensor, b: Tensor, extra) -> tuple[bool, ...]:
+        flags = [False] * self.n_inputs
+        flags[_X] = True
+        flags[_BIAS] = bias is not None and bias.requires_grad
+        flags[_A], flags[_B] = a.requires_grad, b.requires_grad
+        if self.has_norm:
+            flags[_M] = extra[0].requires_grad
+        return tuple(flags)
+
+
+_LORA = _Kind("lora", 15, (_BIAS, _A, _B), has_norm=False)  # nf4_lora_linear: x, x_lora, 9 weight fields, bias, A, B, s
+_DORA = _Kind("dora", 17, (_BIAS, _A, _B, _M), has_norm=True)  # nf4_dora_linear: the same, then m, ‖W‖²
+
+
+def _forward(kind: _Kind, inputs: tuple, norm=None) -> tuple:
+    """The operator's outputs: LoRA (y, xa); DoRA (y, z, xa, 1/n, c), reusing `norm` = (1/n, c)."""
+    return dora_project(*inputs, norm=norm) if kind.has_norm else _nf4_lora_linear_impl(*inputs)
+
+
+def _backward(kind: _Kind, state, dy: Tensor) -> tuple:
+    return _nf4_dora_backward(state, dy, None, None, None, None) if kind.has_norm else _nf4_lora_backward(state, dy, None)
+
+
+def _project(kind: _Kind, x: Tensor, spec, bias, a, b, extra, needs: tuple[bool, ...], norm=None):
+    """One projection: (the operator's outputs, its backward state)."""
+    inputs = kind.inputs(x, spec, bias, a, b, extra)
+    out = _forward(kind, inputs, norm)
     state = _Saved(needs)
-    _nf4_lora_setup(state, inputs, (y, xa))
-    return y, state
+    (_nf4_dora_setup if kind.has_norm else _nf4_lora_setup)(state, inputs, out)
+    return out, state
 
 
-def _needs(x: bool, bias, a: Tensor, b: Tensor) -> tuple[bool, ...]:
-    flags = [False] * _N_LORA_INPUTS
-    flags[_X] = x
-    flags[_BIAS] = bias is not None and bias.requires_grad
-    flags[_A], flags[_B] = a.requires_grad, b.requires_grad
-    return tuple(flags)
+def _norm(out: tuple):
+    """(1/n, c) of a DoRA projection's outputs."""
+    return out[3], out[4]
 
 
 def _swiglu(g: Tensor, u: Tensor, native: bool) -> Tensor:
@@ -99,118 +148,186 @@ def _swiglu_backward_(dh: Tensor, g: Tensor, u: Tensor, native: bool) -> tuple[T
     return g, u
 
 
-def _down_state(h: Tensor, spec, bias, a: Tensor, b: Tensor, needs: tuple[bool, ...]) -> _Saved:
-    """The down projection's backward state for input h, without its forward GEMM (h·Adᵀ is all
-    the state holds beyond h)."""
-    inputs = (h, None, *spec[0], bias, a, b, spec[1])
+def _down_state(kind: _Kind, h: Tensor, spec, bias, a: Tensor, b: Tensor, extra, needs: tuple[bool, ...],
+                z: Tensor | None = None, norm=None) -> _Saved:  # fmt: skip
+    """The down projection's backward state for input h, without its forward GEMM (h·Adᵀ, and for
+    DoRA the z and (1/n, c) its forward kept, are all the state holds beyond h)."""
+    inputs = kind.inputs(h, spec, bias, a, b, extra)
     state = _Saved(needs)
-    _nf4_lora_setup(state, inputs, (None, F.linear(h, a.to(h.dtype))))
+    xa = F.linear(h, a.to(h.dtype))
+    if kind.has_norm:
+        _nf4_dora_setup(state, inputs, (None, z, xa, *norm))
+    else:
+        _nf4_lora_setup(state, inputs, (None, xa))
     return state
 
 
-def _rows_backward(dy: Tensor, g: Tensor, u: Tensor, gate: _Saved, up: _Saved, down: _Saved, native: bool):
+def _rows_backward(kind: _Kind, dy: Tensor, g: Tensor, u: Tensor, gate: _Saved, up: _Saved, down: _Saved, native: bool):
     """Backward of the unit over some rows: down's state lacks h, which is recomputed here.
-    Returns (dx, grads of (gate bias, up bias, down bias, Ag, Bg, Au, Bu, Ad, Bd)). Overwrites g, u."""
+    Returns (dx, grads of (gate bias, up bias, down bias, Ag, Bg, Au, Bu, Ad, Bd[, mg, mu, md])).
+    Overwrites g, u."""
     h = _swiglu(g, u, native)
     down.saved_tensors = (h, *down.saved_tensors[1:])
-    dh, _, *down_rest = _nf4_lora_backward(down, dy, None)
+    dh, _, *down_rest = _backward(kind, down, dy)
     down.saved_tensors = h = None
     dg, du = _swiglu_backward_(dh, g, u, native)
     del dh
-    dx, _, *gate_rest = _nf4_lora_backward(gate, dg, None)
-    dxu, _, *up_rest = _nf4_lora_backward(up, du, None)
+    dx, _, *gate_rest = _backward(kind, gate, dg)
+    dxu, _, *up_rest = _backward(kind, up, du)
     dx.add_(dxu)
-    # _nf4_lora_backward returns grads for (x, x_lora, 9 weight fields, bias, A, B, scale); the
-    # unit's inputs are the three biases, then the three (A, B) pairs.
+    # the backward returns grads for the operator's inputs (x, x_lora, 9 weight fields, bias, A, B,
+    # scale[, m, ‖W‖²]); the unit's inputs are the three biases, the three (A, B) pairs, then the
+    # three magnitudes (DoRA).
     rests = (gate_rest, up_rest, down_rest)
     grads = [rest[_BIAS - 2] for rest in rests] + [rest[i - 2] for rest in rests for i in (_A, _B)]
+    if kind.has_norm:
+        grads += [rest[_M - 2] for rest in rests]
     return dx, grads
 
 
 class _LoRAMLP(torch.autograd.Function):
-    """See the module docstring. With `chunk` rows (long sequences), forward keeps only x and
-    backward recomputes gate and up chunk by chunk: the [tokens, intermediate] activations then
-    exist for one chunk at a time, at the price of the gate and up GEMMs once more."""
+    """See the module docstring. With `chunk` rows (long sequences), forward keeps only x (and,
+    for DoRA, the down projection's z) and backward recomputes gate and up chunk by chunk: the
+    [tokens, intermediate] activations then exist for one chunk at a time, at the price of the
+    gate and up GEMMs once more.
+
+    `extras` holds per projection what a DoRA projection adds to LoRA's inputs, (m, ‖W‖²), or ()
+    for LoRA; the magnitudes are also passed as the trailing tensor inputs so that autograd sees
+    them. Every activation kept goes through ctx.save_for_backward (not ctx attributes), so that
+    torch.utils.checkpoint's saved-tensor hooks see, drop and recompute them like any other."""
 
     @staticmethod
-    def forward(ctx, x, specs, chunk, native, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd):
+    def forward(ctx, x, kind, specs, chunk, native, extras, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd, *mags):
         gate_spec, up_spec, down_spec = specs
-        ctx.device_type, ctx.chunk, ctx.native, ctx.done = x.device.type, chunk, native, False
-        ctx.needs = [_needs(True, bias, a, b) for bias, a, b in
-                     ((gate_bias, ag, bg), (up_bias, au, bu), (down_bias, ad, bd))]  # fmt: skip
+        ctx.device_type, ctx.kind, ctx.chunk, ctx.native, ctx.done = x.device.type, kind, chunk, native, False
+        triples = ((gate_bias, ag, bg), (up_bias, au, bu), (down_bias, ad, bd))
+        ctx.needs = [kind.needs(*t, e) for t, e in zip(triples, extras)]
+        # The weight norms depend only on the parameters: a checkpointed layer's recomputation
+        # reuses its first forward's (W·Aᵀ and the norm kernel skipped; the same bits).
+        key = ("qlora_ext.fused_mlp", id(specs[0][0][0]), id(mags[0]) if mags else None)  # gate's codes and m
+        norms = (checkpointing.replayed(key) if kind.has_norm else None) or (None, None, None)
+        if norms[0] is not None and (norms[0][1].dtype != x.dtype or norms[0][1].device != x.device):
+            norms = (None, None, None)
         with _autocast_off(x.device.type):
             if chunk is None:
-                g, ctx.gate = _project(x, gate_spec, gate_bias, ag, bg, ctx.needs[0])
-                u, ctx.up = _project(x, up_spec, up_bias, au, bu, ctx.needs[1])
-                h = _swiglu(g, u, native)
-                y, ctx.down = _project(h, down_spec, down_bias, ad, bd, ctx.needs[2])
+                g_out, gate = _project(kind, x, gate_spec, gate_bias, ag, bg, extras[0], ctx.needs[0], norms[0])
+                u_out, up = _project(kind, x, up_spec, up_bias, au, bu, extras[1], ctx.needs[1], norms[1])
+                h = _swiglu(g_out[0], u_out[0], native)
+                y_out, down = _project(kind, h, down_spec, down_bias, ad, bd, extras[2], ctx.needs[2], norms[2])
                 # down saved h as its input: dropped, backward recomputes it from g and u.
-                ctx.down.saved_tensors = (None, *ctx.down.saved_tensors[1:])
-                ctx.save_for_backward(g, u)
-                return y
-            ctx.specs = specs
-            ctx.save_for_backward(x, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd)
+                down.saved_tensors = (None, *down.saved_tensors[1:])
+                if kind.has_norm:
+                    # DoRA keeps z_g and z_u (for dm) and recomputes g = c·z (+ bias) from them in
+                    # backward: two [M, I] activations kept, as for LoRA, instead of four.
+                    ctx.biases = (gate_bias, up_bias)
+                    extra = ()
+                    checkpointing.remember(key, (_norm(g_out), _norm(u_out), _norm(y_out)))
+                else:
+                    extra = (g_out[0], u_out[0])
+                ctx.states = (gate, up, down)
+                ctx.layout = [len(st.saved_tensors) for st in ctx.states]
+                ctx.save_for_backward(*(t for st in ctx.states for t in st.saved_tensors), *extra)
+                for st in ctx.states:
+                    st.saved_tensors = None
+                return y_out[0]
+            ctx.specs, ctx.extras = specs, extras
             x2 = x.reshape(-1, x.shape[-1])
-            y = x.new_empty((x2.shape[0], down_spec[0][7][0]))
+            n_out = down_spec[0][7][0]
+            y = x.new_empty((x2.shape[0], n_out))
+            z_down = x.new_empty((x2.shape[0], n_out)) if kind.has_norm else None
             for begin in range(0, x2.shape[0], chunk):
                 rows = x2[begin : begin + chunk]
-                g, _ = _nf4_lora_linear_impl(rows, None, *gate_spec[0], gate_bias, ag, bg, gate_spec[1])
-                u, _ = _nf4_lora_linear_impl(rows, None, *up_spec[0], up_bias, au, bu, up_spec[1])
-                h = _swiglu(g, u, native)
-                del g, u
-                y[begin : begin + chunk], _ = _nf4_lora_linear_impl(h, None, *down_spec[0], down_bias, ad, bd, down_spec[1])
+                g = _forward(kind, kind.inputs(rows, gate_spec, gate_bias, ag, bg, extras[0]), norms[0])
+                u = _forward(kind, kind.inputs(rows, up_spec, up_bias, au, bu, extras[1]), norms[1])
+                h = _swiglu(g[0], u[0], native)
+                out = _forward(kind, kind.inputs(h, down_spec, down_bias, ad, bd, extras[2]), norms[2])
+                y[begin : begin + chunk] = out[0]
+                if kind.has_norm:  # the first chunk's norms serve the others (same parameters)
+                    z_down[begin : begin + chunk] = out[1]
+                    norms = (_norm(g), _norm(u), _norm(out))
+                del g, u, h, out
+            kept = (x, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd)
+            if kind.has_norm and norms[0] is not None:
+                checkpointing.remember(key, norms)
+                kept += (z_down, *(t for norm in norms for t in norm))
+            ctx.save_for_backward(*kept)
             return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        if ctx.done:
+        kind = ctx.kind
+        # Only LoRA's whole-piece backward overwrites what it saved (g and u become dg and du);
+        # DoRA's recomputes g and u from z, and the chunked one recomputes everything.
+        if ctx.done and ctx.chunk is None and not kind.has_norm:
             raise RuntimeError("the fused LoRA MLP's backward ran twice (retain_graph): its saved "
                                "activations were overwritten by the first; disable it with "
                                "qlora_ext.fused_mlp.disable_fused_mlp(model)")
         ctx.done = True
         with _autocast_off(ctx.device_type):
             if ctx.chunk is None:
-                g, u = ctx.saved_tensors
-                dx, grads = _rows_backward(dy, g, u, ctx.gate, ctx.up, ctx.down, ctx.native)
-                ctx.gate = ctx.up = ctx.down = None
-                return dx, None, None, None, *grads
+                saved, at = ctx.saved_tensors, 0
+                for st, n in zip(ctx.states, ctx.layout):
+                    st.saved_tensors, at = saved[at : at + n], at + n
+                gate, up, down = ctx.states
+                if kind.has_norm:
+                    gate_bias, up_bias = ctx.biases
+                    g = dora_output(gate.saved_tensors[_Z], gate.saved_tensors[_C], gate_bias)
+                    u = dora_output(up.saved_tensors[_Z], up.saved_tensors[_C], up_bias)
+                else:
+                    g, u = saved[at:]
+                del saved
+                dx, grads = _rows_backward(kind, dy, g, u, gate, up, down, ctx.native)
+                for st in ctx.states:  # the activations stay with autograd (retain_graph) or go
+                    st.saved_tensors = None
+                return dx, None, None, None, None, None, *grads
             return (*_chunked_backward(ctx, dy),)
 
 
 def _chunked_backward(ctx, dy: Tensor):
-    x, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd = ctx.saved_tensors
-    gate_spec, up_spec, down_spec = ctx.specs
+    kind = ctx.kind
+    x, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd, *dora = ctx.saved_tensors
+    (gate_spec, up_spec, down_spec), extras = ctx.specs, ctx.extras
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     dx = torch.empty_like(x2)
-    total: list[Tensor | None] = [None] * 9
+    total: list[Tensor | None] = [None] * (12 if kind.has_norm else 9)
+    if x2.shape[0] == 0:
+        return dx.view(x.shape), None, None, None, None, None, *total
+    z_down, norms = None, (None, None, None)
+    if kind.has_norm:
+        z_down, norms = dora[0], ((dora[1], dora[2]), (dora[3], dora[4]), (dora[5], dora[6]))
     for begin in range(0, x2.shape[0], ctx.chunk):
         rows = x2[begin : begin + ctx.chunk]
-        g, gate = _project(rows, gate_spec, gate_bias, ag, bg, ctx.needs[0])
-        u, up = _project(rows, up_spec, up_bias, au, bu, ctx.needs[1])
-        down = _down_state(_swiglu(g, u, ctx.native), down_spec, down_bias, ad, bd, ctx.needs[2])
+        g, gate = _project(kind, rows, gate_spec, gate_bias, ag, bg, extras[0], ctx.needs[0], norms[0])
+        u, up = _project(kind, rows, up_spec, up_bias, au, bu, extras[1], ctx.needs[1], norms[1])
+        down = _down_state(kind, _swiglu(g[0], u[0], ctx.native), down_spec, down_bias, ad, bd, extras[2], ctx.needs[2],
+                           None if z_down is None else z_down[begin : begin + ctx.chunk], norms[2])  # fmt: skip
         down.saved_tensors = (None, *down.saved_tensors[1:])  # recomputed by _rows_backward
-        dx[begin : begin + ctx.chunk], grads = _rows_backward(dy2[begin : begin + ctx.chunk], g, u, gate, up, down,
-                                                              ctx.native)  # fmt: skip
+        dx[begin : begin + ctx.chunk], grads = _rows_backward(kind, dy2[begin : begin + ctx.chunk], g[0], u[0], gate,
+                                                              up, down, ctx.native)  # fmt: skip
+        del g, u
         total = [t if t is None else (t if acc is None else acc.add_(t)) for acc, t in zip(total, grads)]
-    return dx.view(x.shape), None, None, None, *total
+    return dx.view(x.shape), None, None, None, None, None, *total
 
 
-def _plain_lora(layer) -> LoRAAdapter | None:
-    """The layer's active adapter if the unit can take it: a plain LoRA, no dropout in training,
-    the layer computing in its input's dtype."""
+def _adapter_kind(layer) -> tuple[_Kind, LoRAAdapter] | None:
+    """(kind, the layer's active adapter) if the unit can take it: a plain LoRA or a DoRA adapter
+    (not a subclass: other variants change the math), no dropout in training, the layer computing
+    in its input's dtype."""
     if not isinstance(layer, QLoRALinear) or layer.compute_dtype is not None:
         return None
     adapter = layer.current_adapter()
-    if type(adapter) is not LoRAAdapter or (adapter.training and adapter.dropout_p > 0):
+    kind = _LORA if type(adapter) is LoRAAdapter else _DORA if type(adapter) is DoRAAdapter else None
+    if kind is None or (adapter.training and adapter.dropout_p > 0):
         return None
-    return adapter
+    return kind, adapter
 
 
 def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation" or act is F.silu
 
 
-#: Rows per chunk of the MLP in training: None chooses (see chunk_rows); an int forces it.
+#: Rows per chunk of the MLP in training: None chooses (see chunk_rows); an int forces it. (DoRA's
+#: unit also holds z_g and z_u, ~1.5x LoRA's transient activations; the estimate is LoRA's.)
 CHUNK_ROWS: int | None = None
 #: Share of the free device memory that the unit's [rows, intermediate] activations may take
 #: before it works chunk by chunk.
@@ -249,19 +366,29 @@ def lora_mlp(x: Tensor, gate: QLoRALinear, up: QLoRALinear, down: QLoRALinear,
     """down(silu(gate(x)) * up(x)) as one autograd unit, or None where it does not apply (see the
     module docstring); the caller then runs the modules. The SwiGLU inside takes the fused
     kernels (block_ops) for inputs on `fused_devices` (those of fused_block_ops)."""
-    adapters = [_plain_lora(layer) for layer in (gate, up, down)]
-    if any(a is None for a in adapters) or use_operators() or not x.is_floating_point():
+    layers = (gate, up, down)
+    found = [_adapter_kind(layer) for layer in layers]
+    if any(f is None for f in found) or use_operators() or not x.is_floating_point():
         return None
+    kind = found[0][0]
+    if any(f[0] is not kind for f in found):  # a LoRA/DoRA mix: rare, the modules take it
+        return None
+    adapters = [f[1] for f in found]
     factors = [t for a in adapters for t in (a.lora_A.weight, a.lora_B.weight)]
     if _ops.linear_route(x, gate.weight, gate.bias, trainable=factors, caller="lora_mlp") != _ops.ROUTE_DENSE:
         return None  # the modules' fused GEMV/GEMM read each 4-bit weight once; this unit dequantizes
-    specs = tuple((_weight_args(layer.weight), float(a.scale)) for layer, a in zip((gate, up, down), adapters))
+    specs = tuple((_weight_args(layer.weight), float(a.scale)) for layer, a in zip(layers, adapters))
+    if kind.has_norm:
+        mags = tuple(a.lora_magnitude_vector for a in adapters)
+        extras = tuple((m, a.weight_sq_norm(layer)) for m, a, layer in zip(mags, adapters, layers))
+    else:
+        mags, extras = (), ((), (), ())
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     # Chunked also without grad: checkpointing's first forward is where a long sequence peaks.
     chunk = chunk_rows(rows, gate.weight.shape[0], x)
     native = (x.device.type in fused_devices and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
               and _has_swiglu_kernel(x.device.type))  # fmt: skip
-    return _LoRAMLP.apply(x, specs, chunk, native, gate.bias, up.bias, down.bias, *factors)
+    return _LoRAMLP.apply(x, kind, specs, chunk, native, extras, gate.bias, up.bias, down.bias, *factors, *mags)
 
 
 def _fused_forward(self, x: Tensor, *args, **kwargs) -> Tensor:

@@ -226,10 +226,10 @@ def prepare(
     chunked over tokens (fused_loss.py): the full logits never exist; `logits` is None then.
     fused_block_ops: for Llama/Mistral/Qwen2/Qwen3 models and the builtin TinyLlama, run RMSNorm,
     RoPE and the SwiGLU activation as fused operators (fused_blocks.py) on CUDA inputs.
-    fused_mlp: run each SwiGLU MLP whose projections carry a plain LoRA adapter as one autograd
-    unit that keeps two [tokens, intermediate] activations for backward instead of four
-    (fused_mlp.py); other adapters and dropout fall back to the modules (and fused_block_ops'
-    SwiGLU) at call time.
+    fused_mlp: run each SwiGLU MLP whose projections carry a plain LoRA or a DoRA adapter as one
+    autograd unit that keeps two [tokens, intermediate] activations for backward instead of four
+    (five for DoRA) and costs far less host time (fused_mlp.py); other adapters and dropout fall
+    back to the modules (and fused_block_ops' SwiGLU) at call time.
     offload_checkpoints: keep each checkpointed layer's input in pinned host memory instead of on
     the GPU, copied on a side stream and prefetched for backward (checkpointing.py). None (the
     default): wherever it applies, i.e. transformers models with gradient_checkpointing (CUDA
