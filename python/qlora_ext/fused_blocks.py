@@ -146,6 +146,7 @@ class _AttentionSpec:
     cache_style: tuple[str, bool]  # (the cache argument's name, whether cache.update gets kwargs)
     attention_functions: object
     eager_attention_forward: object
+    apply_rotary_pos_emb: object  # the module's composite RoPE (fused_qkv's forward off the fused devices)
 
     def __deepcopy__(self, memo):
         return self  # immutable; deep-copying a model must not copy transformers' registry
@@ -185,9 +186,11 @@ def _hf_kind(cls) -> tuple[str, object] | tuple[None, str]:
         module = sys.modules.get(cls.__module__)
         registry = getattr(module, "ALL_ATTENTION_FUNCTIONS", None)
         eager = getattr(module, "eager_attention_forward", None)
-        if registry is None or eager is None or not hasattr(registry, "get_interface"):
-            return None, f"{cls.__module__} has no ALL_ATTENTION_FUNCTIONS.get_interface / eager_attention_forward"
-        return "attention", _AttentionSpec(qk_norm, window, cache_style, registry, eager)
+        rope = getattr(module, "apply_rotary_pos_emb", None)
+        if registry is None or eager is None or rope is None or not hasattr(registry, "get_interface"):
+            return None, (f"{cls.__module__} has no ALL_ATTENTION_FUNCTIONS.get_interface / eager_attention_forward "
+                          "/ apply_rotary_pos_emb")
+        return "attention", _AttentionSpec(qk_norm, window, cache_style, registry, eager, rope)
     return None, "its forward differs from the Llama-family structure the fused forwards reproduce"
 
 
@@ -229,32 +232,51 @@ def _swiglu_mlp_forward(self, x):
     return self.down_proj(block_ops.swiglu(self.gate_proj(x), self.up_proj(x), backward_inplace=inplace))
 
 
+def pop_cache(args: tuple, kwargs: dict):
+    """(the KV cache, kwargs without it): passed positionally after attention_mask or by either
+    name (transformers' deprecation shim accepts both)."""
+    cache = args[0] if args else None
+    for name in ("past_key_values", "cache"):
+        if name in kwargs:
+            cache = kwargs.pop(name)
+    return cache, kwargs
+
+
 def _hf_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
     """transformers' Llama-family attention forward (the statements _hf_kind matched) with the
     fused RoPE; identical otherwise. The cache comes by the name the matched version uses (either
     name is accepted, as transformers' deprecation shim does)."""
     spec = self._qlora_attention_spec
-    cache_name, update_kwargs = spec.cache_style
-    cache = args[0] if args else None
-    for name in ("past_key_values", "cache"):
-        if name in kwargs:
-            cache = kwargs.pop(name)
+    cache, kwargs = pop_cache(args, kwargs)
     if (not _fused_here(self, hidden_states) or position_embeddings is None
             or position_embeddings[0].shape[-1] != self.head_dim):  # fmt: skip
         return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
-                                  attention_mask=attention_mask, **{cache_name: cache}, **kwargs)  # fmt: skip
+                                  attention_mask=attention_mask, **{spec.cache_style[0]: cache}, **kwargs)  # fmt: skip
+    return hf_attention(self, spec, hidden_states, position_embeddings, attention_mask, cache, kwargs)
+
+
+def hf_attention(self, spec: _AttentionSpec, hidden_states, position_embeddings, attention_mask, cache, kwargs,
+                 projections=None, fused_rope: bool = True):  # fmt: skip
+    """The matched attention forward's statements. `projections`: (q, k, v) [..., H·Dh] already
+    computed (the fused LoRA Q/K/V unit, fused_qkv.py), else the modules compute them.
+    `fused_rope`: block_ops.apply_rope, else the model module's own apply_rotary_pos_emb (the
+    class forward's very function, so its bits)."""
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query = self.q_proj(hidden_states).view(hidden_shape)  # [B, T, H, Dh]
-    key = self.k_proj(hidden_states).view(hidden_shape)
+    if projections is None:
+        projections = (self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states))
+    query, key, value = (p.view(hidden_shape) for p in projections)  # [B, T, H, Dh]
     if spec.qk_norm:
         query, key = self.q_norm(query), self.k_norm(key)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value = value.transpose(1, 2)
     cos, sin = position_embeddings
-    # [B, H, T, Dh] views of the fresh projections: rotated in place when no gradient is needed.
-    query, key = block_ops.apply_rope(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+    if fused_rope:
+        # [B, H, T, Dh] views of the fresh projections: rotated in place when no gradient is needed.
+        query, key = block_ops.apply_rope(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+    else:
+        query, key = spec.apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
     if cache is not None:
-        extra = {"kwargs": kwargs} if update_kwargs else {}
+        extra = {"kwargs": kwargs} if spec.cache_style[1] else {}
         key, value = cache.update(key, value, self.layer_idx, **extra)
     attention = spec.attention_functions.get_interface(self.config._attn_implementation, spec.eager_attention_forward)
     if spec.sliding_window == "module":
@@ -340,7 +362,7 @@ def enable_fused_block_ops(model: nn.Module, devices: Sequence[str] | None = Non
             continue
         # A bound method stored on the instance (not a closure over the module): deepcopy rebinds it.
         # Where the fused LoRA MLP (fused_mlp.py) already owns `forward`, this becomes its fallback.
-        target = "_qlora_unfused_forward" if _under_fused_mlp(module, attribute) else attribute
+        target = "_qlora_unfused_forward" if _under_fused_unit(module, attribute) else attribute
         setattr(module, target, types.MethodType(function, module))
         module._qlora_fused_devices = devices
         if spec is not None:
@@ -350,12 +372,16 @@ def enable_fused_block_ops(model: nn.Module, devices: Sequence[str] | None = Non
     return switched
 
 
-def _under_fused_mlp(module: nn.Module, attribute: str) -> bool:
-    """Whether `module.forward` is the fused LoRA MLP's (fused_mlp.py), which keeps the forward it
-    replaced as `_qlora_unfused_forward` and falls back to it."""
-    from .fused_mlp import is_fused_mlp  # (fused_mlp imports this module)
+def _under_fused_unit(module: nn.Module, attribute: str) -> bool:
+    """Whether `module.forward` is a fused LoRA unit's (the MLP's, fused_mlp.py, or the attention's
+    q/k/v, fused_qkv.py), which keeps the forward it replaced as `_qlora_unfused_forward` and
+    falls back to it."""
+    from .fused_mlp import is_fused_mlp  # (fused_mlp and fused_qkv import this module)
+    from .fused_qkv import is_fused_qkv
 
-    return attribute == "forward" and is_fused_mlp(module)
+    if attribute != "forward":
+        return False
+    return is_fused_mlp(module) or (is_fused_qkv(module) and "_qlora_unfused_forward" in module.__dict__)
 
 
 def disable_fused_block_ops(model: nn.Module) -> int:
@@ -366,7 +392,7 @@ def disable_fused_block_ops(model: nn.Module) -> int:
         attribute = getattr(module, _MARK, None)
         if attribute is None:
             continue
-        if _under_fused_mlp(module, attribute):  # the fused LoRA MLP stays; its fallback is the class's
+        if _under_fused_unit(module, attribute):  # the fused LoRA unit stays; its fallback is the class's
             module._qlora_unfused_forward = types.MethodType(type(module).forward, module)
         else:
             delattr(module, attribute)

@@ -429,7 +429,7 @@ def disable_fused_mlp(model: nn.Module) -> None:
     """Undo enable_fused_mlp: each MLP gets back the forward the unit replaced (the class's, or
     fused_block_ops' instance forward)."""
     for module in model.modules():
-        if "_qlora_unfused_forward" in module.__dict__:
+        if is_fused_mlp(module) and "_qlora_unfused_forward" in module.__dict__:  # (fused_qkv uses the name too)
             fallback = module.__dict__.pop("_qlora_unfused_forward")
             if getattr(fallback, "__func__", None) is type(module).forward:
                 module.__dict__.pop("forward", None)  # the class's own forward shows through

@@ -19,6 +19,7 @@ from . import checkpointing
 from .fused_blocks import enable_fused_block_ops
 from .fused_loss import enable_fused_loss
 from .fused_mlp import enable_fused_mlp
+from .fused_qkv import enable_fused_qkv, is_fused_qkv
 from .generation import generate_in_eval_mode
 from .layers import QLoRALinear, is_conv1d
 from .methods import adapter_factory, check_method
@@ -205,6 +206,7 @@ def prepare(
     fused_loss: bool = True,
     fused_block_ops: bool = True,
     fused_mlp: bool = True,
+    fused_qkv: bool | None = None,
     offload_checkpoints: bool | None = None,
 ) -> nn.Module:
     """Quantize the target linear layers of `model` to NF4 and add an adapter to each; in place.
@@ -230,6 +232,13 @@ def prepare(
     autograd unit that keeps two [tokens, intermediate] activations for backward instead of four
     (five for DoRA) and costs far less host time (fused_mlp.py); other adapters and dropout fall
     back to the modules (and fused_block_ops' SwiGLU) at call time.
+    fused_qkv: compute each Llama-family attention's q, k and v projections (transformers' Llama,
+    Mistral, Qwen2, Qwen3; the builtin TinyLlama) as one autograd unit when all three carry a
+    plain LoRA adapter: x read and saved once, one GEMM on the three dequantized weights, one
+    autograd node instead of three (fused_qkv.py). None (the default): wherever it applies; True
+    insists (an error if no attention module's q/k/v were adapted); False keeps the modules. At
+    call time other adapters, dropout in training, disabled/merged adapters, torch.compile and
+    the fused 4-bit inference kernels' cases fall back to the modules.
     offload_checkpoints: keep each checkpointed layer's input in pinned host memory instead of on
     the GPU, copied on a side stream and prefetched for backward (checkpointing.py). None (the
     default): wherever it applies, i.e. transformers models with gradient_checkpointing (CUDA
@@ -285,6 +294,12 @@ def prepare(
         enable_fused_block_ops(model)
     if fused_mlp:  # after the block ops: its fallback is the MLP forward they install
         enable_fused_mlp(model)
+    if fused_qkv is not False:  # after the block ops too: their attention forward is its fallback
+        switched = enable_fused_qkv(model)
+        if fused_qkv and not switched and not any(is_fused_qkv(m) for m in model.modules()):
+            raise ValueError("fused_qkv=True: no attention module of this model has q_proj, k_proj and v_proj "
+                             "adapted in a structure fused_qkv knows (Llama, Mistral, Qwen2, Qwen3, the builtin "
+                             "TinyLlama); pass fused_qkv=None to use it only where it applies")
     generate_in_eval_mode(model)
     if verbose:
         print_trainable_parameters(model)

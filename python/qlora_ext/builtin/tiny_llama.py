@@ -110,6 +110,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q_proj(x), k_proj(x), v_proj(x); a method so that one instance can compute the three in
+        one unit (qlora_ext.fused_qkv) without touching the class."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """RoPE of q [B, H, T, Dh] and k [B, G, T, Dh]; a method so that one instance can swap in
         a fused kernel (qlora_ext.fused_blocks) without touching the class."""
@@ -122,9 +127,10 @@ class Attention(nn.Module):
         With `cache`, the keys/values of x are first written to its slots `cache_position` [T]
         and the queries attend to all L slots."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, G, T, Dh]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, G, T, Dh]
+        q, k, v = self.projections(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, G, T, Dh]
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, G, T, Dh]
         q, k = self.rotate(q, k, cos, sin)
         if cache is not None:
             cache.keys.index_copy_(2, cache_position, k)

@@ -1,0 +1,272 @@
+"""The q, k and v projections of a Llama-family attention as one autograd unit, for LoRA on an NF4 base.
+
+    q = x·Wqᵀ (+ bq) + s_q·(x·Aqᵀ)·Bqᵀ      k, v likewise (three QLoRALinear layers, one input x)
+
+Module by module that is three autograd nodes, three saved copies of the reference to x, three
+dequantizations and three Python call chains (module, adapter, wrapper checks, routing, eager
+autograd.Function) per pass, and a sum of three [M, K] input gradients. Training a 1B Llama is
+host-bound (the GPU waits on Python and the dispatcher), so this unit does the same arithmetic
+with one node and fewer operators:
+
+  forward   W = [deq(Wq); deq(Wk); deq(Wv)]           [Nq+Nk+Nv, K], one buffer (the only dense W)
+            y = x·Wᵀ (+ [bq; bk; bv])                 one GEMM;  q, k, v are column blocks of y
+            xa = x·[Aq; Ak; Av]ᵀ                      [M, rq+rk+rv], one thin GEMM
+            y_q += s_q·xa_q·Bqᵀ, ...                  three thin addmm into the blocks of y
+  saved     x (once), xa, [Aq; Ak; Av] and the B's in x's dtype (adapter-sized), the NF4 tensors
+  backward  dy = [dq, dk, dv]                         [M, Nq+Nk+Nv], one concatenation
+            g_i = s_i·dy_i·B_i                        [M, r_i], written into one g [M, rq+rk+rv]
+            dx = dy·W + g·[Aq; Ak; Av]                W dequantized again; one GEMM + one addmm
+            [dAq; dAk; dAv] = gᵀ·x                    one GEMM;  dB_i = s_i·dy_iᵀ·xa_i
+            dbias = Σ_rows dy                          (if the biases train)
+
+Thin products are bracketed so nothing K×K or N×K beyond deq(W) forms. Each piece is the
+arithmetic of `nf4_lora_linear` (lora_linear.py: the same dequantization function and cast, the
+same op order — linear, then addmm of s·xa·Bᵀ; g = (dy·B)·s, dB = (dyᵀ·xa)·s) on a concatenation,
+so the results are the module path's up to the order of a GEMM's blocking.
+
+`CONCAT_WEIGHTS` (below) chooses between the one [Nq+Nk+Nv, K] GEMM above and three GEMMs on the
+three dequantized weights (dx then dq·Wq + dk·Wk + dv·Wv accumulated into one tensor); the LoRA
+part is concatenated either way. See its comment for the measurement that chose.
+
+It applies when the three layers are QLoRALinear whose active adapters are plain LoRA (rsLoRA,
+LoRA+ included: they only change s and the optimizer), without dropout in training, computing in
+the input's dtype (compute_dtype None). Everything else takes the modules: other variants (DoRA,
+LoRA-FA, VeRA, Delta-LoRA), adapters disabled or merged, torch.compile (the graph needs the
+registered operators), and inference that the fused 4-bit kernels serve (`_ops.linear_route`:
+decode and prefill on CUDA without gradients read each packed weight once through
+nf4_gemv/nf4_gemm, where this unit would dequantize all three).
+
+    qlora_ext.fused_qkv.enable_fused_qkv(model)   # prepare(fused_qkv=None/True) calls it
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _ops, fused_blocks
+from .adapters import LoRAAdapter
+from .layers import QLoRALinear
+from .lora_linear import _autocast_off, _dequantize, _weight_args, use_operators
+
+#: One GEMM on the concatenated weights (True) or three GEMMs, one per dequantized weight (False).
+#: Measured on the CPU (benchmarks/bench_host_overhead.py, see the README): see fused_qkv's report
+#: in the README's "Fused Q/K/V" section for the numbers behind the default.
+CONCAT_WEIGHTS = True
+
+
+def _dequantized(specs, dtype: torch.dtype, concat: bool) -> list[Tensor] | Tensor:
+    """deq(W) of each projection in `dtype` (bits as nf4_lora_linear's), concatenated along the
+    output rows into one [Nq+Nk+Nv, K] buffer if `concat`."""
+    ws = [_dequantize(*spec, dtype) for spec in specs]
+    if not concat:
+        return ws
+    return torch.cat(ws)  # the three pieces are freed on return: one dense copy remains
+
+
+class _LoRAQKV(torch.autograd.Function):
+    """See the module docstring. Inputs after x: the three projections' weight arguments (lora_linear
+    `_weight_args` order) and scales, whether to concatenate the weights, then the three biases,
+    the three A's and the three B's (the tensors autograd differentiates)."""
+
+    @staticmethod
+    def forward(ctx, x, specs, scales, concat, bias_q, bias_k, bias_v, a_q, a_k, a_v, b_q, b_k, b_v):
+        dtype, k = x.dtype, x.shape[-1]
+        lead, m = x.shape[:-1], math.prod(x.shape[:-1])
+        ns = [spec[7][0] for spec in specs]  # weight_shape = [N, K]
+        biases, a_s, b_s = (bias_q, bias_k, bias_v), (a_q, a_k, a_v), (b_q, b_k, b_v)
+        ctx.device_type = x.device.type
+        with _autocast_off(x.device.type):
+            x2 = x.reshape(m, k)
+            w = _dequantized(specs, dtype, concat)
+            if concat:
+                bias = None
+                if any(b is not None for b in biases):
+                    bias = torch.cat([x.new_zeros(n) if b is None else b.to(dtype) for b, n in zip(biases, ns)])
+                y = F.linear(x2, w, bias)  # [M, Nq+Nk+Nv]
+                outs = list(y.split(ns, dim=1))
+            else:
+                outs = [F.linear(x2, wi, None if b is None else b.to(dtype)) for wi, b in zip(w, biases)]
+            del w  # the only dense W; gone before the thin products allocate
+            a = torch.cat(a_s).to(dtype)  # [rq+rk+rv, K]
+            xa = F.linear(x2, a)  # [M, rq+rk+rv]
+            rs = [t.shape[0] for t in a_s]
+            xas = xa.split(rs, dim=1)
+            bs = [t.to(dtype) for t in b_s]
+            for out, xa_i, b, s in zip(outs, xas, bs, scales):
+                out.addmm_(xa_i, b.t(), alpha=s)  # += s·xa·Bᵀ in place, as nf4_lora_linear
+        ctx.shapes = (ns, rs, m, k)
+        ctx.scales, ctx.specs, ctx.concat = scales, specs, concat
+        ctx.param_dtypes = ([None if b is None else b.dtype for b in biases], [t.dtype for t in a_s],
+                            [t.dtype for t in b_s])  # fmt: skip
+        # x is an input (autograd keeps it anyway); a and the cast B's are adapter-sized.
+        ctx.save_for_backward(x, xa, a, *bs)
+        return tuple(o.view(*lead, o.shape[1]) for o in outs)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        x, xa, a, *bs = ctx.saved_tensors
+        ns, rs, m, k = ctx.shapes
+        need = ctx.needs_input_grad
+        dtype = x.dtype
+        with _autocast_off(ctx.device_type):
+            grads_out = (dq, dk, dv)
+            if ctx.concat:
+                dy = torch.cat(grads_out, dim=-1).view(m, sum(ns))  # [M, Nq+Nk+Nv]
+                dys = dy.split(ns, dim=1)
+            else:
+                dys = [d.reshape(m, n) for d, n in zip(grads_out, ns)]
+            g = xa.new_empty((m, sum(rs)))  # [M, rq+rk+rv]: the gradient reaching xa
+            gs = g.split(rs, dim=1)
+            for dy_i, b, g_i, s in zip(dys, bs, gs, ctx.scales):
+                torch.mm(dy_i, b, out=g_i).mul_(s)
+            dx = None
+            if need[0]:
+                w = _dequantized(ctx.specs, dtype, ctx.concat)
+                if ctx.concat:
+                    dx = torch.mm(dy, w)  # [M, K]
+                else:
+                    dx = torch.mm(dys[0], w[0])
+                    dx.addmm_(dys[1], w[1]).addmm_(dys[2], w[2])
+                del w
+                dx.addmm_(g, a)
+                dx = dx.view(*x.shape)
+            bias_dtypes, a_dtypes, b_dtypes = ctx.param_dtypes
+            dbiases = [None] * 3
+            if any(need[4:7]):
+                sums = dy.sum(0).split(ns) if ctx.concat else [d.sum(0) for d in dys]
+                dbiases = [s.to(t) if need[4 + i] else None for i, (s, t) in enumerate(zip(sums, bias_dtypes))]
+            das = [None] * 3
+            if any(need[7:10]):
+                da = torch.mm(g.t(), x.reshape(m, k))  # [rq+rk+rv, K]
+                if len(set(a_dtypes)) == 1:
+                    da = da.to(a_dtypes[0])  # one cast; the rows are contiguous views
+                das = [d.to(t) if need[7 + i] else None for i, (d, t) in enumerate(zip(da.split(rs), a_dtypes))]
+            dbs = [None] * 3
+            for i, (dy_i, xa_i, s, t) in enumerate(zip(dys, xa.split(rs, dim=1), ctx.scales, b_dtypes)):
+                if need[10 + i]:
+                    dbs[i] = torch.mm(dy_i.t(), xa_i).mul_(s).to(t)  # [N_i, r_i]
+        return dx, None, None, None, *dbiases, *das, *dbs
+
+
+def _lora_adapter(layer) -> LoRAAdapter | None:
+    """The layer's active adapter if the unit can take it: plain LoRA (not a subclass: other
+    variants change the math), no dropout in training, the layer computing in its input's dtype."""
+    if not isinstance(layer, QLoRALinear) or layer.compute_dtype is not None:
+        return None
+    adapter = layer.current_adapter()
+    if type(adapter) is not LoRAAdapter or (adapter.training and adapter.dropout_p > 0):
+        return None
+    return adapter
+
+
+def lora_qkv(x: Tensor, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(q_proj(x), k_proj(x), v_proj(x)) as one autograd unit, or None where it does not apply (see
+    the module docstring); the caller then runs the modules. q, k, v are [..., N_i] views into one
+    [..., Nq+Nk+Nv] tensor (CONCAT_WEIGHTS) or three tensors."""
+    layers = (q_proj, k_proj, v_proj)
+    adapters = [_lora_adapter(layer) for layer in layers]
+    if any(a is None for a in adapters) or use_operators() or not x.is_floating_point():
+        return None
+    if any(layer.in_features != x.shape[-1] or layer.weight.device != x.device for layer in layers):
+        return None  # the modules raise their own error (or move nothing): not this unit's business
+    factors = [t for a in adapters for t in (a.lora_A.weight, a.lora_B.weight)]
+    if _ops.linear_route(x, q_proj.weight, q_proj.bias, trainable=factors, caller="lora_qkv") != _ops.ROUTE_DENSE:
+        return None  # the modules' fused GEMV/GEMM read each 4-bit weight once; this unit dequantizes
+    specs = tuple(_weight_args(layer.weight) for layer in layers)
+    scales = tuple(float(a.scale) for a in adapters)
+    return _LoRAQKV.apply(x, specs, scales, CONCAT_WEIGHTS, *(layer.bias for layer in layers),
+                          *(a.lora_A.weight for a in adapters), *(a.lora_B.weight for a in adapters))  # fmt: skip
+
+
+# ---- wiring into attention modules ----------------------------------------------------------------
+
+
+def _hf_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+    """transformers' matched attention forward (fused_blocks.hf_attention) with q/k/v from the unit,
+    RoPE fused where fused_block_ops is on for this device; the forward it replaced otherwise."""
+    qkv = None
+    if position_embeddings is not None and position_embeddings[0].shape[-1] == self.head_dim:
+        qkv = lora_qkv(hidden_states, self.q_proj, self.k_proj, self.v_proj)
+    if qkv is None:
+        return self._qlora_unfused_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+    cache, kwargs = fused_blocks.pop_cache(args, kwargs)
+    fused_rope = hidden_states.device.type in getattr(self, "_qlora_fused_devices", ())
+    return fused_blocks.hf_attention(self, self._qlora_qkv_spec, hidden_states, position_embeddings, attention_mask,
+                                     cache, kwargs, projections=qkv, fused_rope=fused_rope)  # fmt: skip
+
+
+def _tiny_projections(self, x):
+    qkv = lora_qkv(x, self.q_proj, self.k_proj, self.v_proj)
+    return type(self).projections(self, x) if qkv is None else qkv
+
+
+def _candidates(model: nn.Module) -> list[tuple[nn.Module, str, object, object]]:
+    """(module, attribute, function, spec) for each attention module whose q/k/v are QLoRA layers."""
+    from .builtin import tiny_llama
+
+    found = []
+    for m in model.modules():
+        if not all(isinstance(getattr(m, n, None), QLoRALinear) for n in ("q_proj", "k_proj", "v_proj")):
+            continue
+        if isinstance(m, tiny_llama.Attention):
+            found.append((m, "projections", _tiny_projections, None))
+            continue
+        cls = type(m)
+        if not cls.__module__.startswith("transformers.models."):
+            continue
+        kind, spec = fused_blocks._hf_kind(cls)
+        if kind == "attention":
+            found.append((m, "forward", _hf_forward, spec))
+        else:
+            fused_blocks._log_skip_once(cls, spec)
+    return found
+
+
+def enable_fused_qkv(model: nn.Module) -> int:
+    """Route the q/k/v projections of every Llama-family attention of `model` (transformers' Llama,
+    Mistral, Qwen2, Qwen3 as fused_blocks matches them; the builtin TinyLlama) whose q/k/v are QLoRA
+    layers through `lora_qkv` (instance-level; the class is untouched). Returns how many attention
+    modules were switched (those already switched are not counted)."""
+    count = 0
+    for module, attribute, function, spec in _candidates(model):
+        if is_fused_qkv(module):
+            continue
+        if attribute == "forward":
+            # whatever forward is in place (the class's, or fused_block_ops' instance forward) is
+            # the fallback; fused_block_ops enabled later sets its forward there (fused_blocks).
+            module._qlora_unfused_forward = module.forward
+            module._qlora_qkv_spec = spec
+        module.__dict__[attribute] = types.MethodType(function, module)
+        count += 1
+    return count
+
+
+def is_fused_qkv(module: nn.Module) -> bool:
+    """Whether `module` computes q/k/v through the fused unit (enable_fused_qkv)."""
+    return any(getattr(module.__dict__.get(name), "__func__", None) is f
+               for name, f in (("forward", _hf_forward), ("projections", _tiny_projections)))  # fmt: skip
+
+
+def disable_fused_qkv(model: nn.Module) -> int:
+    """Undo enable_fused_qkv: each attention module gets back the forward the unit replaced (the
+    class's, or fused_block_ops' instance forward). Returns how many were restored."""
+    restored = 0
+    for module in model.modules():
+        if not is_fused_qkv(module):
+            continue
+        if "projections" in module.__dict__:
+            del module.__dict__["projections"]
+        else:
+            fallback = module.__dict__.pop("_qlora_unfused_forward")
+            module.__dict__.pop("_qlora_qkv_spec", None)
+            if getattr(fallback, "__func__", None) is type(module).forward:
+                module.__dict__.pop("forward", None)  # the class's own forward shows through
+            else:
+                module.forward = fallback
+        restored += 1
+    return restored

@@ -1,0 +1,444 @@
+"""The fused LoRA Q/K/V projections (qlora_ext.fused_qkv): the same loss and gradients as the
+module-by-module path, used exactly where it applies, stepping aside everywhere else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_helpers import devices, hf_config, hf_model, randomize_adapters, token_batch
+
+import qlora_ext
+from qlora_ext import fused_qkv
+from qlora_ext.builtin.tiny_llama import TinyLlama, TinyLlamaConfig
+from qlora_ext.layers import QLoRALinear
+
+LAYERS = 2
+
+
+def _model(kind="llama", method="lora", dropout=0.0, fused=True, device="cpu", dtype=torch.float32, seed=1,
+           checkpointing="resident", **prepare_kwargs):  # fmt: skip
+    if kind == "builtin":
+        cfg = TinyLlamaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64)  # fmt: skip
+        model = TinyLlama.from_seed(cfg, seed=0).to(dtype)
+    elif kind == "llama-attn-bias":
+        transformers = pytest.importorskip("transformers")
+        config = hf_config("llama")
+        config.attention_bias = True
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in _qkv(layer.self_attn):
+                    proj.bias.normal_()
+    else:
+        model = hf_model(kind, dtype=dtype)
+    torch.manual_seed(3)
+    qlora_ext.prepare(model, r=4, alpha=8, dropout=dropout, method=method, verbose=False, fused_qkv=fused,
+                      gradient_checkpointing=checkpointing != "off", offload_checkpoints=checkpointing == "offload",
+                      **prepare_kwargs)  # fmt: skip
+    randomize_adapters(model, seed=seed)
+    if kind == "llama-attn-bias":  # trained biases too (prepare froze them): their gradients are checked
+        for layer in model.model.layers:
+            for proj in _qkv(layer.self_attn):
+                proj.bias.requires_grad_(True)
+    return model.to(device).train()
+
+
+def _qkv(attn):
+    return attn.q_proj, attn.k_proj, attn.v_proj
+
+
+def _attentions(model):
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def _loss(model, ids):
+    out = model(input_ids=ids, labels=ids)
+    return out[0] if isinstance(out, tuple) else out.loss
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class _CountCalls:
+    def __init__(self, monkeypatch):
+        self.n = 0
+        original = fused_qkv._LoRAQKV.apply
+
+        def counted(*args):
+            self.n += 1
+            return original(*args)
+
+        monkeypatch.setattr(fused_qkv._LoRAQKV, "apply", counted)
+
+
+def _sgd_step(*models, lr=0.05):
+    """An update, so that later steps see different adapters."""
+    for model in models:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(p.grad, alpha=-lr)
+                    p.grad = None
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "builtin", "llama-attn-bias"])
+@pytest.mark.parametrize("checkpointing", ["off", "resident", "offload"])
+@pytest.mark.parametrize("concat", [True, False], ids=["concat", "three-gemms"])
+def test_same_loss_and_gradients_as_the_modules(device, kind, checkpointing, concat, monkeypatch):
+    if kind == "builtin" and checkpointing == "offload":
+        pytest.skip("offloading needs transformers' per-layer hooks (prepare refuses it for TinyLlama)")
+    monkeypatch.setattr(fused_qkv, "CONCAT_WEIGHTS", concat)
+    calls = _CountCalls(monkeypatch)
+    fused = _model(kind, device=device, checkpointing=checkpointing)
+    plain = _model(kind, fused=False, device=device, checkpointing=checkpointing)
+    assert all(fused_qkv.is_fused_qkv(a) for a in _attentions(fused))
+    assert not any(fused_qkv.is_fused_qkv(a) for a in _attentions(plain))
+    assert fused_qkv.enable_fused_qkv(fused) == 0  # already on
+    steps = 3
+    for step in range(steps):
+        ids = token_batch(batch=2, seq=12, seed=step).to(device)
+        loss, ref = _loss(fused, ids), _loss(plain, ids)
+        loss.backward()
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        got, want = _grads(fused), _grads(plain)
+        assert got.keys() == want.keys()
+        # every q/k/v adapter factor is checked (and every q/k/v bias where they train)
+        per_layer = 3 * (3 if kind == "llama-attn-bias" else 2)
+        assert sum(any(p in n for p in ("q_proj", "k_proj", "v_proj")) for n in want) == LAYERS * per_layer
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+        _sgd_step(fused, plain)
+    # Checkpointing runs each attention twice per step (forward, then recompute in backward).
+    assert calls.n == steps * LAYERS * (1 if checkpointing == "off" else 2)
+
+
+def _three_layers(r=(4, 2, 3), alpha=(8, 3, 5), rslora=(False, True, False), bias=True, dtype=torch.float32):
+    """Three QLoRALinear layers on one input (K 48; N 64, 16, 16), each with its own rank and scale."""
+    torch.manual_seed(0)
+    layers = []
+    for n, r_i, a_i, rs_i in zip((64, 16, 16), r, alpha, rslora):
+        linear = torch.nn.Linear(48, n, bias=bias)
+        layer = QLoRALinear.from_linear(linear)
+        layer.add_adapter("a", r=r_i, alpha=a_i, rslora=rs_i)
+        randomize_adapters(layer, seed=n + r_i)
+        if bias:
+            layer.bias.requires_grad_(True)
+        layers.append(layer.to(dtype))
+    return layers
+
+
+@pytest.mark.parametrize("concat", [True, False], ids=["concat", "three-gemms"])
+def test_unit_with_different_ranks_and_scales_matches_the_modules(concat, monkeypatch):
+    monkeypatch.setattr(fused_qkv, "CONCAT_WEIGHTS", concat)
+    layers = _three_layers()
+    assert len({a.scale for a in (layer.current_adapter() for layer in layers)}) == 3
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    weights = [torch.randn(2, 5, layer.out_features) for layer in layers]
+    params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
+    assert len(params) == 9  # three biases, three A, three B
+
+    def run(outputs):
+        loss = sum((o * w).sum() for o, w in zip(outputs, weights))
+        return [o.detach() for o in outputs], torch.autograd.grad(loss, [x, *params])
+
+    got_out, got = run(fused_qkv.lora_qkv(x, *layers))
+    want_out, want = run([layer(x) for layer in layers])
+    for a, b in zip((*got_out, *got), (*want_out, *want)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("concat", [True, False], ids=["concat", "three-gemms"])
+def test_unit_gradcheck_fp64(concat, monkeypatch):
+    monkeypatch.setattr(fused_qkv, "CONCAT_WEIGHTS", concat)
+    layers = _three_layers(dtype=torch.float64)
+    params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
+    x = torch.randn(1, 3, 48, dtype=torch.float64, requires_grad=True)
+    calls = _CountCalls(monkeypatch)
+
+    def f(x, *_params):  # the parameters are perturbed in place; the unit reads them
+        return fused_qkv.lora_qkv(x, *layers)
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert calls.n > 0
+
+
+def test_nothing_dense_is_kept_for_backward():
+    # Saved: x, x·[Aq;Ak;Av]ᵀ, the cast adapters; never a dequantized weight [N, K].
+    layers = _three_layers()
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    q, _, _ = fused_qkv.lora_qkv(x, *layers)
+    saved = q.grad_fn.saved_tensors
+    assert any(t is x or (t.shape == x.shape and t.data_ptr() == x.data_ptr()) for t in saved)
+    shapes = [tuple(t.shape) for t in saved]
+    assert not {(64, 48), (16, 48), (96, 48)} & set(shapes), shapes  # no dequantized W
+    # x, xa [10, 9], [Aq; Ak; Av] [9, 48] and the B's [N_i, r_i]: nothing else
+    assert sum(t.numel() for t in saved) == x.numel() + 10 * 9 + 9 * 48 + (64 * 4 + 16 * 2 + 16 * 3), shapes
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_bf16_error_within_twice_the_module_paths(device, kind):
+    """FlashAttention's rule: against an fp32 run of the same weights, the fused bf16 path errs at
+    most twice as much as the module-by-module bf16 path."""
+    ids = token_batch(batch=2, seq=16, seed=7).to(device)
+    results = {}
+    for name, fused, dtype in (("ref", False, torch.float32), ("fused", True, torch.bfloat16),
+                               ("plain", False, torch.bfloat16)):  # fmt: skip
+        model = _model(kind, fused=fused, device=device, dtype=torch.float32)
+        model.to(dtype)  # the base model in dtype; NF4 codes unchanged; adapters follow
+        loss = _loss(model, ids)
+        loss.backward()
+        results[name] = (loss.detach().float(), {n: g.float() for n, g in _grads(model).items()})
+    ref_loss, ref_grads = results["ref"]
+    for name in ref_grads:
+        err = (results["fused"][1][name] - ref_grads[name]).abs().max()
+        base = (results["plain"][1][name] - ref_grads[name]).abs().max()
+        assert err <= 2 * base + 1e-6, (name, float(err), float(base))
+    assert abs(results["fused"][0] - ref_loss) <= 2 * abs(results["plain"][0] - ref_loss) + 1e-6
+
+
+def test_bf16_activations_with_fp32_adapters_match_the_modules():
+    # Mixed dtypes (the usual setup): adapters fp32, activations bf16; gradients return in fp32.
+    layers = [layer.to(torch.bfloat16) for layer in _three_layers()]
+    for layer in layers:
+        layer.current_adapter().float()
+    x = torch.randn(2, 5, 48, dtype=torch.bfloat16, requires_grad=True)
+    params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
+    outs = fused_qkv.lora_qkv(x, *layers)
+    grads = torch.autograd.grad(sum(o.float().square().sum() for o in outs), [x, *params])
+    want_outs = [layer(x) for layer in layers]
+    want = torch.autograd.grad(sum(o.float().square().sum() for o in want_outs), [x, *params])
+    for a, b in zip(outs, want_outs):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    for p, a, b in zip([x, *params], grads, want):
+        assert a.dtype == p.dtype
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("method, dropout", [("dora", 0.0), ("vera", 0.0), ("lora_fa", 0.0), ("delta_lora", 0.0),
+                                             ("lora", 0.1)])  # fmt: skip
+def test_other_adapters_and_dropout_take_the_modules(method, dropout, monkeypatch):
+    calls = _CountCalls(monkeypatch)
+    model = _model(method=method, dropout=dropout)
+    assert all(fused_qkv.is_fused_qkv(a) for a in _attentions(model))  # wired; steps aside at call time
+    _loss(model, token_batch()).backward()
+    assert calls.n == 0
+    model.eval()  # dropout is off in eval: plain LoRA is fused again
+    with torch.no_grad():
+        _loss(model, token_batch())
+    assert calls.n == (LAYERS if method == "lora" else 0)
+
+
+def test_dropout_training_gives_the_modules_results(monkeypatch):
+    # Stepping aside must not change anything: the same RNG draws, in the same order.
+    ids = token_batch()
+    losses = []
+    for fused in (True, False):
+        model = _model(dropout=0.1, fused=fused)
+        torch.manual_seed(5)
+        losses.append(_loss(model, ids))
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+
+
+def test_a_lora_and_another_adapter_in_one_attention_take_the_modules(monkeypatch):
+    from qlora_ext.dora import DoRAAdapter
+
+    calls = _CountCalls(monkeypatch)
+    model = _model()
+    k_proj = model.model.layers[0].self_attn.k_proj
+    k_proj.add_adapter("d", DoRAAdapter(64, k_proj.out_features, r=4))
+    k_proj.set_adapter("d")
+    _loss(model, token_batch()).backward()
+    assert calls.n == 2 * 1  # layer 1 fused (forward and recompute); layer 0 not
+
+
+@pytest.mark.parametrize("how", ["disabled", "merged", "no-adapter", "compute-dtype"])
+def test_disabled_merged_or_recast_layers_take_the_modules(how, monkeypatch):
+    from qlora_ext.prepare import qlora_layers
+
+    calls = _CountCalls(monkeypatch)
+    model = _model()
+    for layer in qlora_layers(model).values():
+        if how == "disabled":
+            layer.disable_adapters()
+        elif how == "merged":
+            layer.merge()
+        elif how == "no-adapter":
+            layer.set_adapter(None)
+        else:
+            layer.compute_dtype = torch.float64
+    with torch.no_grad():
+        _loss(model, token_batch())
+    assert calls.n == 0
+
+
+def test_non_float_input_and_compile_take_the_modules(monkeypatch):
+    layers = _three_layers()
+    assert fused_qkv.lora_qkv(torch.zeros(2, 48, dtype=torch.int64), *layers) is None
+    assert fused_qkv.lora_qkv(torch.zeros(2, 48), *layers) is not None
+    # Under torch.compile the graph needs the registered operators: the modules take it.
+    monkeypatch.setattr(fused_qkv, "use_operators", lambda: True)
+    assert fused_qkv.lora_qkv(torch.zeros(2, 48), *layers) is None
+
+
+def test_inference_the_fused_kernels_serve_takes_the_modules(monkeypatch):
+    # Decode/prefill that linear_route sends to nf4_gemv/nf4_gemm must not run the unit (it would
+    # dequantize all three weights per token). The route needs CUDA; forced here on the CPU.
+    from qlora_ext import _ops
+
+    calls = _CountCalls(monkeypatch)
+    model = _model().eval()
+    ids = token_batch()
+    with torch.no_grad():
+        want = _loss(model, ids)
+    assert calls.n == LAYERS  # dense route (CPU): the unit runs, once per layer
+    routes = []
+
+    def gemv_route(x, weight, bias=None, trainable=(), caller=""):
+        routes.append(caller)
+        return _ops.ROUTE_GEMV
+
+    monkeypatch.setattr(_ops, "linear_route", gemv_route)
+    monkeypatch.setattr(_ops, "fused_linear", lambda x, w, b, route: torch.nn.functional.linear(x, w.dequantize(x.dtype), b))
+    with torch.no_grad():
+        got = _loss(model, ids)
+    assert calls.n == LAYERS and "lora_qkv" in routes
+    torch.testing.assert_close(got, want)
+
+
+def test_a_second_backward_adds_the_same_gradients():
+    # Nothing the unit saves is overwritten by its backward: retain_graph works.
+    layers = _three_layers()
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    outs = fused_qkv.lora_qkv(x, *layers)
+    leaves = [x, *(p for layer in layers for p in layer.parameters() if p.requires_grad)]
+    sum(o.square().sum() for o in outs).backward(retain_graph=True)
+    first = [p.grad.clone() for p in leaves]
+    sum(o.square().sum() for o in outs).backward()
+    for p, g in zip(leaves, first):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-6, atol=1e-7)
+
+
+def test_an_unused_output_gets_zero_gradient():
+    layers = _three_layers()
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    q, _, v = fused_qkv.lora_qkv(x, *layers)
+    (q.sum() + v.square().sum()).backward()
+    want_x = torch.autograd.grad(layers[0](x).sum() + layers[2](x).square().sum(), x)[0]
+    torch.testing.assert_close(x.grad, want_x, rtol=1e-5, atol=1e-6)
+    k_adapter = layers[1].current_adapter()
+    assert float(k_adapter.lora_A.weight.grad.abs().max()) == 0.0
+    assert float(k_adapter.lora_B.weight.grad.abs().max()) == 0.0
+
+
+def test_block_ops_and_fused_qkv_undo_in_either_order():
+    from qlora_ext.fused_blocks import disable_fused_block_ops, enable_fused_block_ops
+
+    ids = token_batch()
+    want = _loss(_model(fused=False), ids)
+    for first_blocks in (True, False):
+        model = _model()
+        enable_fused_block_ops(model, devices=("cpu",))  # (prepare's default is CUDA only)
+        if first_blocks:
+            disable_fused_block_ops(model)
+            fused_qkv.disable_fused_qkv(model)
+        else:
+            fused_qkv.disable_fused_qkv(model)
+            disable_fused_block_ops(model)
+        assert all("forward" not in a.__dict__ for a in _attentions(model))
+        torch.testing.assert_close(_loss(model, ids), want)
+
+
+def test_fused_qkv_with_the_fused_rope(monkeypatch):
+    # With fused_block_ops on for the CPU, the unit's q/k/v go through block_ops' RoPE, whatever
+    # order the two were enabled in; the result is the block-op path's with the modules.
+    from qlora_ext.fused_blocks import enable_fused_block_ops
+
+    ids = token_batch(seed=4)
+    plain = _model(fused=False, fused_block_ops=False)
+    enable_fused_block_ops(plain, devices=("cpu",))
+    want = _loss(plain, ids)
+    want.backward()
+    for order in ("blocks-first", "qkv-first"):
+        calls = _CountCalls(monkeypatch)
+        if order == "blocks-first":
+            model = _model(fused=False, fused_block_ops=False)
+            enable_fused_block_ops(model, devices=("cpu",))
+            assert fused_qkv.enable_fused_qkv(model) == LAYERS
+        else:
+            model = _model(fused_block_ops=False)
+            enable_fused_block_ops(model, devices=("cpu",))
+        loss = _loss(model, ids)
+        loss.backward()
+        torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+        assert calls.n == 2 * LAYERS
+        fused_qkv.disable_fused_qkv(model)  # the block ops' attention forward is what remains
+        assert all(getattr(a.forward, "__func__", None).__name__ == "_hf_attention_forward" for a in _attentions(model))
+
+
+def test_prepare_switch():
+    assert not any(fused_qkv.is_fused_qkv(a) for a in _attentions(_model(fused=False)))
+    assert all(fused_qkv.is_fused_qkv(a) for a in _attentions(_model(fused=None)))
+    assert all(fused_qkv.is_fused_qkv(a) for a in _attentions(_model(fused=True)))
+    # q/k/v not adapted: nothing to fuse; None accepts that, True insists
+    only_mlp = dict(target_modules=["gate_proj", "up_proj", "down_proj"])
+    assert not any(fused_qkv.is_fused_qkv(a) for a in _attentions(_model(fused=None, **only_mlp)))
+    with pytest.raises(ValueError, match="fused_qkv=True"):
+        _model(fused=True, **only_mlp)
+    with pytest.raises(ValueError, match="fused_qkv=True"):
+        qlora_ext.prepare(hf_model("gpt2"), verbose=False, fused_qkv=True)
+
+
+def test_save_load_and_merge_are_unaffected(tmp_path):
+    ids = token_batch(seed=9)
+    fused = _model(seed=4)
+    _loss(fused, ids).backward()
+    _sgd_step(fused)
+    fused.eval()
+    qlora_ext.save_adapter(fused, tmp_path / "adapter")
+    plain = _model(fused=False, seed=11).eval()  # other adapter values, overwritten by the load
+    qlora_ext.load_adapter(plain, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(_loss(fused, ids), _loss(plain, ids), rtol=1e-6, atol=1e-6)
+        merged = {k: v.clone() for k, v in qlora_ext.merged_state_dict(fused, adapter_name="default").items()}
+        want = qlora_ext.merged_state_dict(plain, adapter_name="default")
+        assert merged.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(merged[k], want[k], rtol=0, atol=0, msg=k)
+
+
+def test_deepcopy_keeps_the_unit_bound_to_the_copy(monkeypatch):
+    import copy
+
+    model = _model()
+    clone = copy.deepcopy(model)
+    for a, b in zip(_attentions(model), _attentions(clone)):
+        assert fused_qkv.is_fused_qkv(b) and b.forward.__self__ is b and b._qlora_unfused_forward.__self__ is b
+    calls = _CountCalls(monkeypatch)
+    ids = token_batch()
+    torch.testing.assert_close(_loss(clone, ids), _loss(model, ids))
+    assert calls.n == 2 * LAYERS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_on_cuda_reads_the_packed_weights():
+    model = _model("llama", device="cuda").to(torch.bfloat16).eval()
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert fused_qkv.lora_qkv(x, *_qkv(attn)) is None
+    big = torch.randn(1, 300, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():  # beyond nf4_gemm's rows: the dense route, the unit runs
+        got = fused_qkv.lora_qkv(big, *_qkv(attn))
+        want = [p(big) for p in _qkv(attn)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
