@@ -20,6 +20,7 @@ Timings use one CPU thread (small tensors: waking OpenMP threads costs more than
     python benchmarks/bench_host_overhead.py                                  # lora vs dora, CPU
     python benchmarks/bench_host_overhead.py --methods lora,dora --profile --fused-cpu   # GPU-like op counts
     python benchmarks/bench_host_overhead.py --device cuda --dtype bfloat16   # host-bound on a GPU too
+    python benchmarks/bench_host_overhead.py --methods lora --qkv both --profile --fused-cpu   # fused Q/K/V vs modules
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import qlora_ext  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(method: str, layers: int, args):
+def build(method: str, layers: int, args, fused_qkv: bool = True):
     import transformers
 
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=args.hidden, intermediate_size=args.intermediate,
@@ -51,7 +52,8 @@ def build(method: str, layers: int, args):
                                                        attn_implementation="sdpa")  # fmt: skip
     model.to(args.device)
     qlora_ext.prepare(model, target_modules=TARGETS, r=args.r, alpha=2 * args.r, method=method, verbose=False,
-                      gradient_checkpointing=not args.no_checkpointing, fused_mlp=not args.no_fused_mlp)  # fmt: skip
+                      gradient_checkpointing=not args.no_checkpointing, fused_mlp=not args.no_fused_mlp,
+                      fused_qkv=fused_qkv)  # fmt: skip
     if args.fused_cpu:  # the fused RMSNorm/RoPE/SwiGLU kernels on the CPU too, as CUDA runs them
         from qlora_ext import fused_blocks
 
@@ -128,18 +130,22 @@ def count_ops(model, args) -> dict[str, int]:
 
 
 def measure_all(methods: list[str], args) -> list[dict]:
-    """Per method: step time and its per-layer slope. All models are built first and then timed
-    in interleaved rounds (each round: every method at both depths), so that a slow spell of a
-    shared host hits every case alike; the per-layer slope uses, per depth, the fastest round's
-    median (`best`, the least disturbed) and the median over all steps (`median`)."""
+    """Per case (a method, with the fused Q/K/V unit on and/or off: --qkv): step time and its
+    per-layer slope. All models are built first and then timed in interleaved rounds (each round:
+    every case at both depths), so that a slow spell of a shared host hits every case alike; the
+    per-layer slope uses, per depth, the fastest round's median (`best`, the least disturbed) and
+    the median over all steps (`median`)."""
     lo, hi = args.layers
-    models = {(m, n): build(m, n, args) for m in methods for n in (lo, hi)}
+    qkv = {"on": (True,), "off": (False,), "both": (True, False)}[args.qkv]
+    cases = [m if on else m + "/qkv-off" for m in methods for on in qkv]
+    models = {(c, n): build(c.split("/")[0], n, args, fused_qkv=not c.endswith("/qkv-off"))
+              for c in cases for n in (lo, hi)}  # fmt: skip
     rounds = {key: [] for key in models}
     for _ in range(args.rounds):
         for key, model in models.items():
             rounds[key].append(time_steps(model, args))
     results = []
-    for m in methods:
+    for m in cases:
         best = {n: min(statistics.median(r) for r in rounds[(m, n)]) for n in (lo, hi)}
         median = {n: statistics.median([t for r in rounds[(m, n)] for t in r]) for n in (lo, hi)}
         result = {"method": m, "layers": hi, "step_ms": 1e3 * median[hi], "step_ms_best": 1e3 * best[hi],
@@ -171,6 +177,11 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="also count aten ops and autograd nodes")
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--no-fused-mlp", action="store_true")
+    p.add_argument("--qkv-three-gemms", action="store_true",
+                   help="the fused Q/K/V unit with three base GEMMs instead of one on the concatenated weights")
+    p.add_argument("--qkv", choices=["on", "off", "both"], default="on",
+                   help="the fused Q/K/V unit (prepare(fused_qkv=...)): on, off, or both as separate cases "
+                        "(\"<method>/qkv-off\" is the module path)")  # fmt: skip
     p.add_argument("--fused-cpu", action="store_true",
                    help="CPU: use the fused block-op kernels (RMSNorm, RoPE, SwiGLU) as a CUDA run does, so that "
                         "op counts resemble the GPU's")  # fmt: skip
@@ -180,6 +191,10 @@ def main(argv=None) -> int:
     if len(args.layers) != 2 or args.layers[0] >= args.layers[1]:
         p.error("--layers takes two increasing depths, e.g. 2,6")
     torch.set_num_threads(args.threads)
+    if args.qkv_three_gemms:
+        from qlora_ext import fused_qkv
+
+        fused_qkv.CONCAT_WEIGHTS = False
     results = measure_all(args.methods.split(","), args)
     base = next((r for r in results if r["method"] == "lora"), None)
     for r in results:

@@ -14,7 +14,9 @@ shared/tools/peer-bundle.sh). Prints one JSON object per case and a table last.
 
 Stacks: ours (prepare's defaults: the checkpointed layer inputs offloaded to pinned host memory),
 ours_resident (the same with them kept on the GPU), ours_offload (offloading asked for explicitly),
-bnb_peft, unsloth. With --cap-gib each process may allocate at most that much
+ours_qkv_off (the attention's q/k/v as three modules instead of the fused unit, fused_qkv.py),
+ours_qkv_three_gemms (the fused unit with three base GEMMs instead of one on the concatenated
+weights), bnb_peft, unsloth. With --cap-gib each process may allocate at most that much
 (torch.cuda.set_per_process_memory_fraction); a stack stops at its first sequence length that
 fails, and the table ends with each stack's longest trainable length.
 """
@@ -88,14 +90,14 @@ def checkpoint_dir(size: str, seq: int) -> str:
     return path
 
 
-def build_ours(size, seq, offload=None):
+def build_ours(size, seq, offload=None, fused_qkv=None):
     import torch
 
     import qlora_ext
 
     model = random_model(size, seq)
     model = qlora_ext.prepare(model, r=16, alpha=16, dropout=0.0, target_modules=TARGETS, gradient_checkpointing=True,
-                              offload_checkpoints=offload)  # fmt: skip
+                              offload_checkpoints=offload, fused_qkv=fused_qkv)  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     if hasattr(qlora_ext, "PagedAdamW"):
         opt = qlora_ext.PagedAdamW(params, lr=2e-4)
@@ -142,7 +144,20 @@ def build_ours_resident(size, seq):
     return build_ours(size, seq, offload=False)
 
 
-BUILDERS = {"ours": build_ours, "ours_offload": build_ours_offload, "ours_resident": build_ours_resident, "bnb_peft": build_bnb_peft, "unsloth": build_unsloth}
+def build_ours_qkv_off(size, seq):
+    return build_ours(size, seq, fused_qkv=False)
+
+
+def build_ours_qkv_three_gemms(size, seq):
+    from qlora_ext import fused_qkv
+
+    fused_qkv.CONCAT_WEIGHTS = False  # (each stack runs in its own child process)
+    return build_ours(size, seq)
+
+
+BUILDERS = {"ours": build_ours, "ours_offload": build_ours_offload, "ours_resident": build_ours_resident,
+            "ours_qkv_off": build_ours_qkv_off, "ours_qkv_three_gemms": build_ours_qkv_three_gemms,
+            "bnb_peft": build_bnb_peft, "unsloth": build_unsloth}  # fmt: skip
 
 
 def flops_per_token(size: str, seq: int) -> float:
