@@ -54,8 +54,13 @@ from .layers import QLoRALinear
 from .lora_linear import _autocast_off, _dequantize, _weight_args, use_operators
 
 #: One GEMM on the concatenated weights (True) or three GEMMs, one per dequantized weight (False).
-#: Measured on the CPU (benchmarks/bench_host_overhead.py, see the README): see fused_qkv's report
-#: in the README's "Fused Q/K/V" section for the numbers behind the default.
+#: On the 2-core CPU (bench_host_overhead.py --methods lora --qkv both --profile --fused-cpu, with
+#: and without --qkv-three-gemms) the host time per decoder layer was the same within noise (4.52
+#: vs 4.61 ms; the modules 5.03) and concatenating dispatched 29 ops fewer per layer (2 computing).
+#: On a GPU it trades two copies (the dequantized weights, the output gradients: ~12 MiB each per
+#: 1B layer at 2048 tokens, ~10 us) for one GEMM in place of three, whose k/v parts (N = 512 for
+#: the 1B model) fill half an H100's SMs; not measured on a GPU yet (bench_train.py stacks ours
+#: vs ours_qkv_three_gemms).
 CONCAT_WEIGHTS = True
 
 
