@@ -31,6 +31,16 @@ def _model(kind="llama", method="lora", dropout=0.0, fused=True, device="cpu", d
             for layer in model.model.layers:
                 for proj in _qkv(layer.self_attn):
                     proj.bias.normal_()
+    elif kind == "qwen3":  # q/k norms between the projections and RoPE
+        transformers = pytest.importorskip("transformers")
+        if not hasattr(transformers, "Qwen3Config"):
+            pytest.skip("this transformers has no Qwen3")
+        common = hf_config("llama").to_dict()
+        config = transformers.Qwen3Config(**{k: common[k] for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings")}, head_dim=16)  # fmt: skip
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     else:
         model = hf_model(kind, dtype=dtype)
     torch.manual_seed(3)
@@ -85,7 +95,7 @@ def _sgd_step(*models, lr=0.05):
 
 
 @pytest.mark.parametrize("device", devices)
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "builtin", "llama-attn-bias"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "builtin", "llama-attn-bias"])
 @pytest.mark.parametrize("checkpointing", ["off", "resident", "offload"])
 @pytest.mark.parametrize("concat", [True, False], ids=["concat", "three-gemms"])
 def test_same_loss_and_gradients_as_the_modules(device, kind, checkpointing, concat, monkeypatch):
