@@ -172,7 +172,9 @@ def _lora_adapter(layer) -> LoRAAdapter | None:
 def lora_qkv(x: Tensor, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module) -> tuple[Tensor, Tensor, Tensor] | None:
     """(q_proj(x), k_proj(x), v_proj(x)) as one autograd unit, or None where it does not apply (see
     the module docstring); the caller then runs the modules. q, k, v are [..., N_i] views into one
-    [..., Nq+Nk+Nv] tensor (CONCAT_WEIGHTS) or three tensors."""
+    [..., Nq+Nk+Nv] tensor (CONCAT_WEIGHTS) or three tensors. As outputs of one autograd node that
+    are views, they may not be modified in place while autograd records (PyTorch refuses it; the
+    attention forwards here never do: RoPE is in place only without gradients)."""
     layers = (q_proj, k_proj, v_proj)
     adapters = [_lora_adapter(layer) for layer in layers]
     if any(a is None for a in adapters) or use_operators() or not x.is_floating_point():
