@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import devices, hf_config, hf_model, randomize_adapters, token_batch
+from train_helpers import CountApplies, force_fused_linear_route, lm_loss, trainable_grads, devices, hf_config, hf_model, randomize_adapters, token_batch
 
 import qlora_ext
 from qlora_ext import fused_mlp
@@ -47,25 +47,14 @@ def _model(kind="llama", method="lora", dropout=0.0, fused=True, device="cpu", d
     return model.to(device).train()
 
 
-def _loss(model, ids):
-    out = model(input_ids=ids, labels=ids)
-    return out[0] if isinstance(out, tuple) else out.loss
+_loss = lm_loss
 
 
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+_grads = trainable_grads
 
 
-class _CountCalls:
-    def __init__(self, monkeypatch):
-        self.n = 0
-        original = fused_mlp._LoRAMLP.apply
-
-        def counted(*args):
-            self.n += 1
-            return original(*args)
-
-        monkeypatch.setattr(fused_mlp._LoRAMLP, "apply", counted)
+def _CountCalls(monkeypatch):
+    return CountApplies(monkeypatch, fused_mlp._LoRAMLP)
 
 
 @pytest.mark.parametrize("device", devices)
@@ -281,7 +270,6 @@ def test_inference_the_fused_kernels_serve_takes_the_modules(monkeypatch):
     # Decode/prefill that linear_route sends to nf4_gemv/nf4_gemm must not run the unit: it would
     # dequantize all three weights per token where each module reads its packed weight once. The
     # route needs CUDA; on the CPU it is forced here to check that the unit steps aside exactly then.
-    from qlora_ext import _ops
 
     calls = _CountCalls(monkeypatch)
     model = _model().eval()
@@ -289,14 +277,7 @@ def test_inference_the_fused_kernels_serve_takes_the_modules(monkeypatch):
     with torch.no_grad():
         _loss(model, ids)
     assert calls.n == 2  # dense route (CPU): the unit runs, once per layer
-    routes = []
-
-    def gemv_route(x, weight, bias=None, trainable=(), caller=""):
-        routes.append(caller)
-        return _ops.ROUTE_GEMV
-
-    monkeypatch.setattr(_ops, "linear_route", gemv_route)
-    monkeypatch.setattr(_ops, "fused_linear", lambda x, w, b, route: torch.nn.functional.linear(x, w.dequantize(x.dtype), b))
+    routes = force_fused_linear_route(monkeypatch)
     with torch.no_grad():
         _loss(model, ids)
     assert calls.n == 2 and "lora_mlp" in routes

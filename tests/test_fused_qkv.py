@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import devices, hf_config, hf_model, randomize_adapters, token_batch
+from train_helpers import CountApplies, force_fused_linear_route, lm_loss, trainable_grads, devices, hf_config, hf_model, randomize_adapters, token_batch
 
 import qlora_ext
 from qlora_ext import fused_qkv
@@ -63,25 +63,14 @@ def _attentions(model):
     return [layer.self_attn for layer in model.model.layers]
 
 
-def _loss(model, ids):
-    out = model(input_ids=ids, labels=ids)
-    return out[0] if isinstance(out, tuple) else out.loss
+_loss = lm_loss
 
 
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+_grads = trainable_grads
 
 
-class _CountCalls:
-    def __init__(self, monkeypatch):
-        self.n = 0
-        original = fused_qkv._LoRAQKV.apply
-
-        def counted(*args):
-            self.n += 1
-            return original(*args)
-
-        monkeypatch.setattr(fused_qkv._LoRAQKV, "apply", counted)
+def _CountCalls(monkeypatch):
+    return CountApplies(monkeypatch, fused_qkv._LoRAQKV)
 
 
 def _sgd_step(*models, lr=0.05):
@@ -300,7 +289,6 @@ def test_non_float_input_and_compile_take_the_modules(monkeypatch):
 def test_inference_the_fused_kernels_serve_takes_the_modules(monkeypatch):
     # Decode/prefill that linear_route sends to nf4_gemv/nf4_gemm must not run the unit (it would
     # dequantize all three weights per token). The route needs CUDA; forced here on the CPU.
-    from qlora_ext import _ops
 
     calls = _CountCalls(monkeypatch)
     model = _model().eval()
@@ -308,14 +296,7 @@ def test_inference_the_fused_kernels_serve_takes_the_modules(monkeypatch):
     with torch.no_grad():
         want = _loss(model, ids)
     assert calls.n == LAYERS  # dense route (CPU): the unit runs, once per layer
-    routes = []
-
-    def gemv_route(x, weight, bias=None, trainable=(), caller=""):
-        routes.append(caller)
-        return _ops.ROUTE_GEMV
-
-    monkeypatch.setattr(_ops, "linear_route", gemv_route)
-    monkeypatch.setattr(_ops, "fused_linear", lambda x, w, b, route: torch.nn.functional.linear(x, w.dequantize(x.dtype), b))
+    routes = force_fused_linear_route(monkeypatch)
     with torch.no_grad():
         got = _loss(model, ids)
     assert calls.n == LAYERS and "lora_qkv" in routes

@@ -99,3 +99,44 @@ def randomize_adapters(model: nn.Module, seed: int = 1, std: float = 0.05) -> No
 
 def token_batch(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def lm_loss(model, ids):
+    """The causal-LM loss of `ids` (labels = inputs) for transformers and built-in models alike."""
+    out = model(input_ids=ids, labels=ids)
+    return out[0] if isinstance(out, tuple) else out.loss
+
+
+def trainable_grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class CountApplies:
+    """Counts calls of an autograd Function's `apply` (monkeypatched for one test)."""
+
+    def __init__(self, monkeypatch, function):
+        self.n = 0
+        original = function.apply
+
+        def counted(*args):
+            self.n += 1
+            return original(*args)
+
+        monkeypatch.setattr(function, "apply", counted)
+
+
+def force_fused_linear_route(monkeypatch) -> list:
+    """Make every `_ops.linear_route` answer ROUTE_GEMV (the CUDA decode route), served by a plain
+    dequantize + linear, so the CPU can check who steps aside for it. Returns the callers seen."""
+    from qlora_ext import _ops
+
+    callers = []
+
+    def gemv_route(x, weight, bias=None, trainable=(), caller=""):
+        callers.append(caller)
+        return _ops.ROUTE_GEMV
+
+    monkeypatch.setattr(_ops, "linear_route", gemv_route)
+    monkeypatch.setattr(_ops, "fused_linear",
+                        lambda x, w, b, route: torch.nn.functional.linear(x, w.dequantize(x.dtype), b))  # fmt: skip
+    return callers

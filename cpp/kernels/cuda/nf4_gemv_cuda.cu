@@ -146,6 +146,51 @@ __device__ __forceinline__ void dequantize_step(const uint4& run, int j, float s
   hi_word = pack_rn(T{}, __fmul_rn(b.x, scale), __fmul_rn(b.y, scale));
 }
 
+// The end of a tile, shared by the tensor-core kernels: the 8 warps' fp32 C fragments (c0, c1 =
+// row g, cols 2t, 2t+1; c2, c3 = row g+8, same cols) meet in shared memory in two rounds (upper
+// half of the warps stores, lower half adds, so `partial` holds 4 copies), then one thread per
+// output sums the copies, adds the bias and rounds to T once. The caller's __syncthreads() after
+// it guards `partial` against the next tile.
+template <typename T, int MT, int R, int kRows, int kPaddedCols>
+__device__ __forceinline__ void reduce_and_store(const float (&acc)[R][MT][4],
+                                                 float (&partial)[kWarps / 2][kRows][kPaddedCols], int warp,
+                                                 int g, int t, int64_t row0, int M, int64_t N,
+                                                 const T* __restrict__ bias, T* __restrict__ y) {
+  constexpr int kCols = kPaddedCols - 1;  // the +1 column only spreads the banks
+  auto slot = [&](int r, int mt, int i) -> float& {
+    return partial[warp % (kWarps / 2)][16 * r + g + 8 * (i >> 1)][8 * mt + 2 * t + (i & 1)];
+  };
+  if (warp >= kWarps / 2) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) slot(r, mt, i) = acc[r][mt][i];
+  }
+  __syncthreads();
+  if (warp < kWarps / 2) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) slot(r, mt, i) += acc[r][mt][i];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kRows * kCols; i += kThreads) {
+    const int row = i % kRows, m = i / kRows;
+    const int64_t n = row0 + row;
+    if (m < M && n < N) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int v = 0; v < kWarps / 2; ++v) sum += partial[v][row][m];
+      if (bias != nullptr) sum += Element<T>::to_float(bias[n]);
+      y[int64_t(m) * N + n] = Element<T>::from_float(sum);
+    }
+  }
+}
+
 #endif  // QLORA_GEMV_MMA
 
 // MT: groups of 8 rows of x (1: M <= 8, 2: M <= 16). R: 16-row weight tiles per CTA.
@@ -257,40 +302,7 @@ nf4_gemv_mma_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ 
       }
     }
 
-    // C fragment: c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, same cols). The 8 warps'
-    // sums meet in two rounds (upper half stores, lower half adds), so partial holds 4 copies.
-    auto slot = [&](int r, int mt, int i) -> float& {
-      return partial[warp % (kWarps / 2)][16 * r + g + 8 * (i >> 1)][8 * mt + 2 * t + (i & 1)];
-    };
-    if (warp >= kWarps / 2) {
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) slot(r, mt, i) = acc[r][mt][i];
-    }
-    __syncthreads();
-    if (warp < kWarps / 2) {
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) slot(r, mt, i) += acc[r][mt][i];
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < kRows * kCols; i += kThreads) {
-      const int row = i % kRows, m = i / kRows;
-      const int64_t n = row0 + row;
-      if (m < M && n < N) {
-        float sum = 0.0f;
-#pragma unroll
-        for (int v = 0; v < kWarps / 2; ++v) sum += partial[v][row][m];
-        if (bias != nullptr) sum += Element<T>::to_float(bias[n]);
-        y[int64_t(m) * N + n] = Element<T>::from_float(sum);
-      }
-    }
+    reduce_and_store<T, MT, R>(acc, partial, warp, g, t, row0, M, N, bias, y);
     __syncthreads();  // partial is rewritten by the next tile
   }
 #endif  // QLORA_GEMV_MMA
@@ -573,39 +585,7 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restri
       cur = next;
     }
 
-    // Reduction and store: as in nf4_gemv_mma_kernel.
-    auto slot = [&](int r, int mt, int i) -> float& {
-      return partial[warp % (kWarps / 2)][16 * r + g + 8 * (i >> 1)][8 * mt + 2 * t + (i & 1)];
-    };
-    if (warp >= kWarps / 2) {
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) slot(r, mt, i) = acc[r][mt][i];
-    }
-    __syncthreads();
-    if (warp < kWarps / 2) {
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) slot(r, mt, i) += acc[r][mt][i];
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < kRows * kCols; i += kThreads) {
-      const int row = i % kRows, m = i / kRows;
-      const int64_t n = row0 + row;
-      if (m < M && n < N) {
-        float sum = 0.0f;
-#pragma unroll
-        for (int v = 0; v < kWarps / 2; ++v) sum += partial[v][row][m];
-        if (bias != nullptr) sum += Element<T>::to_float(bias[n]);
-        y[int64_t(m) * N + n] = Element<T>::from_float(sum);
-      }
-    }
+    reduce_and_store<T, MT, R>(acc, partial, warp, g, t, row0, M, N, bias, y);
     __syncthreads();  // partial is rewritten by the next tile
   }
 #endif  // QLORA_GEMV_MMA
