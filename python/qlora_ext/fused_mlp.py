@@ -329,6 +329,10 @@ def _is_silu(act) -> bool:
 #: Rows per chunk of the MLP in training: None chooses (see chunk_rows); an int forces it. (DoRA's
 #: unit also holds z_g and z_u, ~1.5x LoRA's transient activations; the estimate is LoRA's.)
 CHUNK_ROWS: int | None = None
+#: Device types where the unit takes DoRA adapters (plain LoRA: every device). Written on a machine
+#: without a GPU: CUDA joins once the CUDA tests (tests/test_fused_mlp.py turns it on) and the
+#: QDoRA benchmark have run on one; until then DoRA on CUDA keeps the measured module path.
+DORA_DEVICES: tuple[str, ...] = ("cpu",)
 #: Share of the free device memory that the unit's [rows, intermediate] activations may take
 #: before it works chunk by chunk.
 ACTIVATION_SHARE = 0.25
@@ -372,6 +376,8 @@ def lora_mlp(x: Tensor, gate: QLoRALinear, up: QLoRALinear, down: QLoRALinear,
         return None
     kind = found[0][0]
     if any(f[0] is not kind for f in found):  # a LoRA/DoRA mix: rare, the modules take it
+        return None
+    if kind.has_norm and x.device.type not in DORA_DEVICES:
         return None
     adapters = [f[1] for f in found]
     factors = [t for a in adapters for t in (a.lora_A.weight, a.lora_B.weight)]

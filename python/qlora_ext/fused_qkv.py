@@ -63,6 +63,11 @@ from .lora_linear import _autocast_off, _dequantize, _weight_args, use_operators
 #: vs ours_qkv_three_gemms).
 CONCAT_WEIGHTS = True
 
+#: Device types where the unit runs. Written on a machine without a GPU: CUDA joins once the CUDA
+#: tests (tests/test_fused_qkv.py, which turn it on) and the training benchmark have run on one;
+#: until then CUDA keeps the module path that was measured.
+DEVICES: tuple[str, ...] = ("cpu",)
+
 
 def _dequantized(specs, dtype: torch.dtype, concat: bool) -> list[Tensor] | Tensor:
     """deq(W) of each projection in `dtype` (bits as nf4_lora_linear's), concatenated along the
@@ -178,6 +183,8 @@ def lora_qkv(x: Tensor, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module)
     layers = (q_proj, k_proj, v_proj)
     adapters = [_lora_adapter(layer) for layer in layers]
     if any(a is None for a in adapters) or use_operators() or not x.is_floating_point():
+        return None
+    if x.device.type not in DEVICES:
         return None
     if any(layer.in_features != x.shape[-1] or layer.weight.device != x.device for layer in layers):
         return None  # the modules raise their own error (or move nothing): not this unit's business
