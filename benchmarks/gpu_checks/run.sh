@@ -9,6 +9,11 @@
 #     bash benchmarks/gpu_checks/run.sh build longest      # longest sequence under a 24 GiB cap, ours vs Unsloth
 #     bash benchmarks/gpu_checks/run.sh build kernels      # NF4 GEMV/GEMM, block ops, DoRA/LoRA family, PagedAdamW
 #     bash benchmarks/gpu_checks/run.sh build decode       # generation: tokens/s of an 8B-shaped model
+#     bash benchmarks/gpu_checks/run.sh build units        # the CPU-only-until-measured units on CUDA: their tests,
+#                                                          # QDoRA vs QLoRA (8B, 1B), 1B/8B training with the fused Q/K/V
+#     bash benchmarks/gpu_checks/run.sh build gemv_ab      # every nf4_gemv variant: CUDA tests + A/B benchmark
+#     bash benchmarks/gpu_checks/run.sh build sanitize_new # sanitizer runs not yet recorded (test_generate memcheck,
+#                                                          # block ops initcheck, nf4_gemm, gemv variants, fused Q/K/V)
 #
 # Peers (bitsandbytes, Unsloth) come from .peers/peers.tar.xz (shared/tools/peer-bundle.sh),
 # carried to the machine with the repo. With BUNDLE=1 the logs and JSON go to one archive,
@@ -82,6 +87,27 @@ for stage in "$@"; do
       ;;
     decode)
       [ -f benchmarks/bench_decode.py ] && step decode "$PY" benchmarks/bench_decode.py --out "$OUT/decode_8b_h100.json"
+      ;;
+    units)
+      step units_tests "$PY" -m pytest -n 14 -q -p no:cacheprovider -rfE tests/test_fused_mlp.py tests/test_fused_qkv.py \
+        tests/test_checkpointing.py tests/test_lora_family.py tests/test_fused_path.py tests/test_fused_loss.py
+      step lora_family_units "$PY" benchmarks/bench_lora_family.py --fused-units-on-cuda --shapes 8b,1b --cases lora,dora \
+        --out "$OUT/lora_family_dora_units_h100.json"
+      step train_qkv "$PY" benchmarks/bench_train.py --model 1b --seq 2048 --steps 10 --stacks ours,ours_qkv,ours_qkv_three_gemms,unsloth \
+        --out "$OUT/train_1b_qkv_h100.json"
+      ;;
+    gemv_ab)
+      step gemv_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py tests/test_nf4_gemm.py -k "cuda or variant"
+      step gemv_ab "$PY" benchmarks/bench_nf4_linear.py --variants all --m 1 4 8 9 16 --out "$OUT/nf4_gemv_variants_h100.json"
+      ;;
+    sanitize_new)
+      # test_generate under memcheck takes > 8 minutes in one process: its workers run in parallel here
+      step sanitize_generate compute-sanitizer --tool memcheck --target-processes all --error-exitcode 9 --print-limit 20 \
+        "$PY" -m pytest -n 6 -q -p no:cacheprovider -m "not not_under_sanitizer" tests/test_generate.py
+      export ONLY='(test_nf4_gemm|test_fused_qkv|initcheck.*test_nf4_gemv)'
+      step sanitize_new bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_new_h100.txt" 12
+      unset ONLY
+      step sanitize_block_ops_initcheck compute-sanitizer --tool initcheck --error-exitcode 9 "$PY" benchmarks/sanitize_block_ops.py
       ;;
     *)
       echo "unknown stage $stage"; status=1 ;;

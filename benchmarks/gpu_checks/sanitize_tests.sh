@@ -18,7 +18,7 @@ jobs=${2:-8}
 kernel_tests="tests/test_nf4_ops.py tests/test_nf4_gemv.py tests/test_adamw_ops.py tests/test_lora_linear.py"
 model_tests="tests/test_paged_adamw.py tests/test_layers.py tests/test_lora_family.py tests/test_fused_loss.py
              tests/test_checkpointing.py tests/test_fused_mlp.py tests/test_prepare.py tests/test_bnb_checkpoint.py"
-for extra in tests/test_block_ops.py tests/test_nf4_gemm.py tests/test_generate.py; do
+for extra in tests/test_block_ops.py tests/test_nf4_gemm.py tests/test_generate.py tests/test_fused_qkv.py; do
   [ -f "$extra" ] && kernel_tests="$kernel_tests $extra"
 done
 logs="$(dirname "$out")/sanitizer_logs"
