@@ -181,15 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--out", type=Path, help="write the JSON list of results here")
-    p.add_argument("--fused-units-on-cuda", action="store_true",
-                   help="run the fused MLP's DoRA path and the fused Q/K/V unit on CUDA too (they ship "
-                        "enabled for the CPU only until measured on a GPU; fused_mlp.DORA_DEVICES, "
-                        "fused_qkv.DEVICES)")  # fmt: skip
     args = p.parse_args(argv)
-    if args.fused_units_on_cuda:
-        from qlora_ext import fused_mlp, fused_qkv
-
-        fused_mlp.DORA_DEVICES = fused_qkv.DEVICES = ("cpu", "cuda")
     shapes, cases = args.shapes.split(","), args.cases.split(",")
     for s in shapes:
         if s not in SHAPES:
@@ -206,7 +198,7 @@ def main(argv=None) -> int:
     results = []
     for shape in shapes:
         for run, case in enumerate(order):
-            r = {**run_case(case, shape, args), "run": run, "fused_units_on_cuda": args.fused_units_on_cuda}
+            r = {**run_case(case, shape, args), "run": run}
             print(json.dumps(r), flush=True)
             results.append(r)
     print_table(results)

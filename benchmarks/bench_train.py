@@ -14,9 +14,9 @@ shared/tools/peer-bundle.sh). Prints one JSON object per case and a table last.
 
 Stacks: ours (prepare's defaults: the checkpointed layer inputs offloaded to pinned host memory),
 ours_resident (the same with them kept on the GPU), ours_offload (offloading asked for explicitly),
-ours_qkv (the attention's q/k/v through the fused unit, fused_qkv.py, which ships enabled for the
-CPU only until measured here), ours_qkv_three_gemms (that unit with three base GEMMs instead of one
-on the concatenated weights), bnb_peft, unsloth. With --cap-gib each process may allocate at most that much
+ours_qkv_off (the attention's q/k/v as three modules instead of the fused unit, fused_qkv.py),
+ours_qkv_three_gemms (the fused unit with three base GEMMs instead of one on the concatenated
+weights), bnb_peft, unsloth. With --cap-gib each process may allocate at most that much
 (torch.cuda.set_per_process_memory_fraction); a stack stops at its first sequence length that
 fails, and the table ends with each stack's longest trainable length.
 """
@@ -144,21 +144,19 @@ def build_ours_resident(size, seq):
     return build_ours(size, seq, offload=False)
 
 
-def build_ours_qkv(size, seq, concat_weights=True):
-    from qlora_ext import fused_qkv
-
-    # (each stack runs in its own child process: these settings stay there)
-    fused_qkv.DEVICES = ("cpu", "cuda")
-    fused_qkv.CONCAT_WEIGHTS = concat_weights
-    return build_ours(size, seq)
+def build_ours_qkv_off(size, seq):
+    return build_ours(size, seq, fused_qkv=False)
 
 
 def build_ours_qkv_three_gemms(size, seq):
-    return build_ours_qkv(size, seq, concat_weights=False)
+    from qlora_ext import fused_qkv
+
+    fused_qkv.CONCAT_WEIGHTS = False  # (each stack runs in its own child process)
+    return build_ours(size, seq)
 
 
 BUILDERS = {"ours": build_ours, "ours_offload": build_ours_offload, "ours_resident": build_ours_resident,
-            "ours_qkv": build_ours_qkv, "ours_qkv_three_gemms": build_ours_qkv_three_gemms,
+            "ours_qkv_off": build_ours_qkv_off, "ours_qkv_three_gemms": build_ours_qkv_three_gemms,
             "bnb_peft": build_bnb_peft, "unsloth": build_unsloth}  # fmt: skip
 
 

@@ -59,13 +59,3 @@ def pytest_runtest_makereport(item, call):
 def build_info() -> dict:
     return qlora_ext.build_info()
 
-
-@pytest.fixture(autouse=True)
-def fused_units_on_every_device(monkeypatch):
-    """The fused Q/K/V unit and the fused MLP's DoRA path ship enabled for the CPU only until they
-    have run on a GPU (fused_qkv.DEVICES, fused_mlp.DORA_DEVICES); the tests exercise them on
-    CUDA too, which is what that GPU run checks."""
-    from qlora_ext import fused_mlp, fused_qkv
-
-    monkeypatch.setattr(fused_qkv, "DEVICES", ("cpu", "cuda"))
-    monkeypatch.setattr(fused_mlp, "DORA_DEVICES", ("cpu", "cuda"))

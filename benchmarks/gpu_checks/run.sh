@@ -9,8 +9,8 @@
 #     bash benchmarks/gpu_checks/run.sh build longest      # longest sequence under a 24 GiB cap, ours vs Unsloth
 #     bash benchmarks/gpu_checks/run.sh build kernels      # NF4 GEMV/GEMM, block ops, DoRA/LoRA family, PagedAdamW
 #     bash benchmarks/gpu_checks/run.sh build decode       # generation: tokens/s of an 8B-shaped model
-#     bash benchmarks/gpu_checks/run.sh build units        # the CPU-only-until-measured units on CUDA: their tests,
-#                                                          # QDoRA vs QLoRA (8B, 1B), 1B/8B training with the fused Q/K/V
+#     bash benchmarks/gpu_checks/run.sh build units        # fused MLP (LoRA, DoRA) / Q/K/V units: CUDA tests,
+#                                                          # QDoRA vs QLoRA (8B, 1B), 1B training with/without fused Q/K/V
 #     bash benchmarks/gpu_checks/run.sh build gemv_ab      # every nf4_gemv variant: CUDA tests + A/B benchmark
 #     bash benchmarks/gpu_checks/run.sh build sanitize_new # sanitizer runs not yet recorded (test_generate memcheck,
 #                                                          # block ops initcheck, nf4_gemm, gemv variants, fused Q/K/V)
@@ -91,9 +91,9 @@ for stage in "$@"; do
     units)
       step units_tests "$PY" -m pytest -n 14 -q -p no:cacheprovider -rfE tests/test_fused_mlp.py tests/test_fused_qkv.py \
         tests/test_checkpointing.py tests/test_lora_family.py tests/test_fused_path.py tests/test_fused_loss.py
-      step lora_family_units "$PY" benchmarks/bench_lora_family.py --fused-units-on-cuda --shapes 8b,1b --cases lora,dora \
+      step lora_family_units "$PY" benchmarks/bench_lora_family.py --shapes 8b,1b --cases lora,dora \
         --out "$OUT/lora_family_dora_units_h100.json"
-      step train_qkv "$PY" benchmarks/bench_train.py --model 1b --seq 2048 --steps 10 --stacks ours,ours_qkv,ours_qkv_three_gemms,unsloth \
+      step train_qkv "$PY" benchmarks/bench_train.py --model 1b --seq 2048 --steps 10 --stacks ours,ours_qkv_off,ours_qkv_three_gemms,unsloth \
         --out "$OUT/train_1b_qkv_h100.json"
       ;;
     gemv_ab)

