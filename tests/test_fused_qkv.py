@@ -181,14 +181,17 @@ def test_nothing_dense_is_kept_for_backward():
 
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_bf16_error_within_twice_the_module_paths(device, kind):
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_bf16_error_within_twice_the_module_paths(device, kind, method, monkeypatch):
     """FlashAttention's rule: against an fp32 run of the same weights, the fused bf16 path errs at
     most twice as much as the module-by-module bf16 path."""
+    monkeypatch.setattr(fused_qkv, "DORA_DEVICES", ("cpu", "cuda"))
+    calls = CountApplies(monkeypatch, fused_qkv._DoRAQKV if method == "dora" else fused_qkv._LoRAQKV)
     ids = token_batch(batch=2, seq=16, seed=7).to(device)
     results = {}
     for name, fused, dtype in (("ref", False, torch.float32), ("fused", True, torch.bfloat16),
                                ("plain", False, torch.bfloat16)):  # fmt: skip
-        model = _model(kind, fused=fused, device=device, dtype=torch.float32)
+        model = _model(kind, method=method, fused=fused, device=device, dtype=torch.float32)
         model.to(dtype)  # the base model in dtype; NF4 codes unchanged; adapters follow
         loss = _loss(model, ids)
         loss.backward()
@@ -199,6 +202,7 @@ def test_bf16_error_within_twice_the_module_paths(device, kind):
         base = (results["plain"][1][name] - ref_grads[name]).abs().max()
         assert err <= 2 * base + 1e-6, (name, float(err), float(base))
     assert abs(results["fused"][0] - ref_loss) <= 2 * abs(results["plain"][0] - ref_loss) + 1e-6
+    assert calls.n > 0
 
 
 def test_bf16_activations_with_fp32_adapters_match_the_modules():
@@ -591,3 +595,28 @@ def test_dora_lora_mix_and_other_devices_take_the_modules(monkeypatch):
     got = _loss(model, ids)
     assert calls.n == 2 * LAYERS - 1 and lora_calls.n == 0
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_dora_unit_second_backward_adds_the_same_gradients(monkeypatch):
+    # Nothing the DoRA unit saves is overwritten by its backward: retain_graph works.
+    layers = _three_dora_layers()
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    outs = fused_qkv.lora_qkv(x, *layers)
+    leaves = [x, *_qkv_params(layers)]
+    sum(o.square().sum() for o in outs).backward(retain_graph=True)
+    first = [p.grad.clone() for p in leaves]
+    sum(o.square().sum() for o in outs).backward()
+    for p, g in zip(leaves, first):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-6, atol=1e-7)
+
+
+def test_dora_unit_keeps_x_once_and_nothing_dense():
+    layers = _three_dora_layers()
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    q, _, _ = fused_qkv.lora_qkv(x, *layers)
+    saved = q.grad_fn.saved_tensors
+    assert sum(t.shape == x.shape and t.data_ptr() == x.data_ptr() for t in saved) == 1
+    shapes = [tuple(t.shape) for t in saved]
+    assert not {(64, 48), (16, 48)} & set(shapes), shapes  # no dequantized W
+    # per projection z [2, 5, N] is kept (for dm), as by the DoRA module
+    assert sum(s == (2, 5, n) for s in shapes for n in (64, 16)) == 3, shapes
