@@ -181,14 +181,17 @@ def test_nothing_dense_is_kept_for_backward():
 
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_bf16_error_within_twice_the_module_paths(device, kind):
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_bf16_error_within_twice_the_module_paths(device, kind, method, monkeypatch):
     """FlashAttention's rule: against an fp32 run of the same weights, the fused bf16 path errs at
     most twice as much as the module-by-module bf16 path."""
+    monkeypatch.setattr(fused_qkv, "DORA_DEVICES", ("cpu", "cuda"))
+    calls = CountApplies(monkeypatch, fused_qkv._DoRAQKV if method == "dora" else fused_qkv._LoRAQKV)
     ids = token_batch(batch=2, seq=16, seed=7).to(device)
     results = {}
     for name, fused, dtype in (("ref", False, torch.float32), ("fused", True, torch.bfloat16),
                                ("plain", False, torch.bfloat16)):  # fmt: skip
-        model = _model(kind, fused=fused, device=device, dtype=torch.float32)
+        model = _model(kind, method=method, fused=fused, device=device, dtype=torch.float32)
         model.to(dtype)  # the base model in dtype; NF4 codes unchanged; adapters follow
         loss = _loss(model, ids)
         loss.backward()
@@ -199,6 +202,7 @@ def test_bf16_error_within_twice_the_module_paths(device, kind):
         base = (results["plain"][1][name] - ref_grads[name]).abs().max()
         assert err <= 2 * base + 1e-6, (name, float(err), float(base))
     assert abs(results["fused"][0] - ref_loss) <= 2 * abs(results["plain"][0] - ref_loss) + 1e-6
+    assert calls.n > 0
 
 
 def test_bf16_activations_with_fp32_adapters_match_the_modules():
@@ -220,10 +224,11 @@ def test_bf16_activations_with_fp32_adapters_match_the_modules():
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize("method, dropout", [("dora", 0.0), ("vera", 0.0), ("lora_fa", 0.0), ("delta_lora", 0.0),
-                                             ("lora", 0.1)])  # fmt: skip
+@pytest.mark.parametrize("method, dropout", [("vera", 0.0), ("lora_fa", 0.0), ("delta_lora", 0.0), ("lora", 0.1),
+                                             ("dora", 0.1)])  # fmt: skip
 def test_other_adapters_and_dropout_take_the_modules(method, dropout, monkeypatch):
     calls = _CountCalls(monkeypatch)
+    dora_calls = CountApplies(monkeypatch, fused_qkv._DoRAQKV)
     model = _model(method=method, dropout=dropout)
     assert all(fused_qkv.is_fused_qkv(a) for a in _attentions(model))  # wired; steps aside at call time
     _loss(model, token_batch()).backward()
@@ -232,6 +237,7 @@ def test_other_adapters_and_dropout_take_the_modules(method, dropout, monkeypatc
     with torch.no_grad():
         _loss(model, token_batch())
     assert calls.n == (LAYERS if method == "lora" else 0)
+    assert dora_calls.n == (LAYERS if method == "dora" else 0)
 
 
 def test_dropout_training_gives_the_modules_results(monkeypatch):
@@ -433,3 +439,184 @@ def test_decode_on_cuda_reads_the_packed_weights():
         want = [p(big) for p in _qkv(attn)]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+# ---- DoRA (_DoRAQKV) ----------------------------------------------------------------------------
+
+
+def _count_dora(monkeypatch):
+    return CountApplies(monkeypatch, fused_qkv._DoRAQKV)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("kind", ["llama", "builtin", "llama-attn-bias"])
+@pytest.mark.parametrize("checkpointing", ["off", "resident", "offload"])
+def test_dora_same_loss_and_gradients_as_the_modules(device, kind, checkpointing, monkeypatch):
+    if kind == "builtin" and checkpointing == "offload":
+        pytest.skip("offloading needs transformers' per-layer hooks (prepare refuses it for TinyLlama)")
+    # The conftest enables nothing: CUDA runs the unit only where this test adds it.
+    monkeypatch.setattr(fused_qkv, "DORA_DEVICES", ("cpu", "cuda"))
+    calls, lora_calls = _count_dora(monkeypatch), _CountCalls(monkeypatch)
+    fused = _model(kind, method="dora", device=device, checkpointing=checkpointing)
+    plain = _model(kind, method="dora", fused=False, device=device, checkpointing=checkpointing)
+    steps = 3
+    for step in range(steps):
+        ids = token_batch(batch=2, seq=12, seed=step).to(device)
+        loss, ref = _loss(fused, ids), _loss(plain, ids)
+        loss.backward()
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        got, want = _grads(fused), _grads(plain)
+        assert got.keys() == want.keys()
+        # every q/k/v A, B and magnitude is checked (and every q/k/v bias where they train)
+        qkv = [n for n in want if any(p in n for p in ("q_proj", "k_proj", "v_proj"))]
+        assert sum("lora_magnitude_vector" in n for n in qkv) == LAYERS * 3
+        assert len(qkv) == LAYERS * 3 * (4 if kind == "llama-attn-bias" else 3)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+        _sgd_step(fused, plain)
+    assert calls.n == steps * LAYERS * (1 if checkpointing == "off" else 2) and lora_calls.n == 0
+
+
+def _three_dora_layers(dtype=torch.float32, bias=True):
+    """_three_layers with DoRA adapters: own ranks and scales, magnitudes initialised from W then
+    perturbed (so that c = m/n is not 1)."""
+    from qlora_ext.dora import DoRAAdapter
+
+    torch.manual_seed(0)
+    layers = []
+    for n, r_i, a_i in zip((64, 16, 16), (4, 2, 3), (8, 3, 5)):
+        layer = QLoRALinear.from_linear(torch.nn.Linear(48, n, bias=bias))
+        layer.add_adapter("d", DoRAAdapter(48, n, r=r_i, alpha=a_i))
+        layer.set_adapter("d")
+        randomize_adapters(layer, seed=n + r_i)
+        adapter = layer.current_adapter()
+        adapter.init_magnitude(layer)
+        with torch.no_grad():
+            adapter.lora_magnitude_vector.mul_(1 + 0.1 * torch.randn(n))
+        if bias:
+            layer.bias.requires_grad_(True)
+        layers.append(layer.to(dtype))
+    return layers
+
+
+def _qkv_params(layers):
+    params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
+    assert len(params) == 12  # three biases, A's, B's and magnitudes
+    return params
+
+
+def test_dora_unit_matches_the_modules(monkeypatch):
+    calls = _count_dora(monkeypatch)
+    layers = _three_dora_layers()
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    weights = [torch.randn(2, 5, layer.out_features) for layer in layers]
+    params = _qkv_params(layers)
+
+    def run(outputs):
+        loss = sum((o * w).sum() for o, w in zip(outputs, weights))
+        return [o.detach() for o in outputs], torch.autograd.grad(loss, [x, *params])
+
+    got_out, got = run(fused_qkv.lora_qkv(x, *layers))
+    assert calls.n == 1
+    want_out, want = run([layer(x) for layer in layers])
+    for a, b in zip((*got_out, *got), (*want_out, *want)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_dora_unit_gradcheck_fp64(monkeypatch):
+    # Finite differences in fp64 for the input, the biases and the magnitudes. (A and B are
+    # excluded by design: DoRA's norm is detached (paper §4.3), so their analytic gradients differ
+    # from the numeric ones; test_dora_unit_matches_the_modules checks them against the modules.)
+    layers = _three_dora_layers(dtype=torch.float64)
+    params = [p for layer in layers for n, p in layer.named_parameters()
+              if p.requires_grad and ("magnitude" in n or n == "bias")]  # fmt: skip
+    assert len(params) == 6
+    x = torch.randn(1, 3, 48, dtype=torch.float64, requires_grad=True)
+    calls = _count_dora(monkeypatch)
+
+    def f(x, *_params):  # the parameters are perturbed in place; the unit reads them
+        return fused_qkv.lora_qkv(x, *layers)
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert calls.n > 0
+
+
+def test_dora_unit_unused_output_and_input_without_grad(monkeypatch):
+    layers = _three_dora_layers()
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    q, _, v = fused_qkv.lora_qkv(x, *layers)
+    (q.sum() + v.square().sum()).backward()
+    want_x = torch.autograd.grad(layers[0](x).sum() + layers[2](x).square().sum(), x)[0]
+    torch.testing.assert_close(x.grad, want_x, rtol=1e-5, atol=1e-6)
+    # k's output reached no loss: its parameters get no gradient, as through the module
+    assert all(p.grad is None for p in layers[1].parameters())
+    # an input that needs no gradient (the first layer's, after a frozen embedding) gets none
+    x0 = torch.randn(2, 5, 48)
+    sum(o.sum() for o in fused_qkv.lora_qkv(x0, *layers)).backward()
+    assert x0.grad is None and layers[1].current_adapter().lora_magnitude_vector.grad is not None
+
+
+def test_dora_norms_computed_once_per_step_under_checkpointing(monkeypatch):
+    # The recomputation reuses the first forward's norms: dora_scale runs as often with
+    # checkpointing as without it (q, k, v, the fused MLP's three and o_proj: 7 per layer).
+    from qlora_ext import dora
+
+    original, count = dora.dora_scale, [0]
+
+    def counted(*args):
+        count[0] += 1
+        return original(*args)
+
+    monkeypatch.setattr(dora, "dora_scale", counted)
+    calls = _count_dora(monkeypatch)
+    for checkpointing in ("off", "resident"):
+        count[0] = 0
+        _loss(_model(method="dora", checkpointing=checkpointing), token_batch()).backward()
+        assert count[0] == LAYERS * 7, checkpointing
+    assert calls.n == LAYERS * 3  # once without checkpointing, twice with
+
+
+def test_dora_lora_mix_and_other_devices_take_the_modules(monkeypatch):
+    from qlora_ext.adapters import LoRAAdapter
+
+    calls, lora_calls = _count_dora(monkeypatch), _CountCalls(monkeypatch)
+    ids = token_batch()
+    model = _model(method="dora", checkpointing="off")
+    want = _loss(model, ids)
+    assert calls.n == LAYERS
+    k_proj = model.model.layers[0].self_attn.k_proj  # layer 0: DoRA, LoRA, DoRA
+    k_proj.add_adapter("l", LoRAAdapter(64, k_proj.out_features, r=4))
+    k_proj.set_adapter("l")
+    _loss(model, ids)
+    assert calls.n == LAYERS + (LAYERS - 1) and lora_calls.n == 0
+    k_proj.set_adapter("default")
+    monkeypatch.setattr(fused_qkv, "DORA_DEVICES", ())  # DoRA not enabled on this device type
+    got = _loss(model, ids)
+    assert calls.n == 2 * LAYERS - 1 and lora_calls.n == 0
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_dora_unit_second_backward_adds_the_same_gradients(monkeypatch):
+    # Nothing the DoRA unit saves is overwritten by its backward: retain_graph works.
+    layers = _three_dora_layers()
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    outs = fused_qkv.lora_qkv(x, *layers)
+    leaves = [x, *_qkv_params(layers)]
+    sum(o.square().sum() for o in outs).backward(retain_graph=True)
+    first = [p.grad.clone() for p in leaves]
+    sum(o.square().sum() for o in outs).backward()
+    for p, g in zip(leaves, first):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-6, atol=1e-7)
+
+
+def test_dora_unit_keeps_x_once_and_nothing_dense():
+    layers = _three_dora_layers()
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    q, _, _ = fused_qkv.lora_qkv(x, *layers)
+    saved = q.grad_fn.saved_tensors
+    assert sum(t.shape == x.shape and t.data_ptr() == x.data_ptr() for t in saved) == 1
+    shapes = [tuple(t.shape) for t in saved]
+    assert not {(64, 48), (16, 48)} & set(shapes), shapes  # no dequantized W
+    # per projection z [2, 5, N] is kept (for dm), as by the DoRA module
+    assert sum(s == (2, 5, n) for s in shapes for n in (64, 16)) == 3, shapes

@@ -36,7 +36,8 @@ What is fused, and why (issue #7, QDoRA <= 1.15x QLoRA's step time): on the H100
 host-bound, and the 8B QDoRA step measured +11% GPU time but +65% host time over QLoRA. Besides
 this one-unit layer, the SwiGLU MLP's three DoRA projections run as ONE autograd unit with the
 activation (fused_mlp.py, the same functions as here: `dora_project`, `_nf4_dora_setup`,
-`_nf4_dora_backward`); the attention projections take this layer.
+`_nf4_dora_backward`); so do the attention's q/k/v (fused_qkv.py, `_DoRAQKV`: one autograd node
+for the three, on fused_qkv.DORA_DEVICES), and o_proj takes this layer.
 `benchmarks/bench_host_overhead.py` measures the host time per decoder layer, LoRA vs DoRA.
 
 Dropout: with dropout > 0 in training the low-rank path sees dropout(x), the base path x:

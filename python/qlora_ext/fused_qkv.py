@@ -28,10 +28,18 @@ so the results are the module path's up to the order of a GEMM's blocking.
 three dequantized weights (dx then dq·Wq + dk·Wk + dv·Wv accumulated into one tensor); the LoRA
 part is concatenated either way. See its comment for the measurement that chose.
 
-It applies when the three layers are QLoRALinear whose active adapters are plain LoRA (rsLoRA,
-LoRA+ included: they only change s and the optimizer), without dropout in training, computing in
-the input's dtype (compute_dtype None). Everything else takes the modules: other variants (DoRA,
-LoRA-FA, VeRA, Delta-LoRA), adapters disabled or merged, torch.compile (the graph needs the
+DoRA (dora.py), on DORA_DEVICES: when all three adapters are DoRA, `_DoRAQKV` runs the three
+projections in one autograd node, each with `nf4_dora_linear`'s own body, setup and backward
+(fused_mlp.py's `_project` / `_backward`, as the DoRA MLP): y_i = c_i ⊙ z_i (+ bias), c = m/n with
+the row norm n of W + s·BA detached, dm from z; no weight concatenation. What it saves over three
+DoRA modules is host time (the step is host-bound): one node and one Python call chain instead of
+three, x saved once, the three input gradients summed in place. Under checkpointing the
+recomputation reuses the first forward's three norms (checkpointing.remember / replayed).
+
+It applies when the three layers are QLoRALinear whose active adapters are all plain LoRA (rsLoRA,
+LoRA+ included: they only change s and the optimizer) or all DoRA, without dropout in training,
+computing in the input's dtype (compute_dtype None). Everything else takes the modules: other
+variants (LoRA-FA, VeRA, Delta-LoRA), a LoRA/DoRA mix, adapters disabled or merged, torch.compile (the graph needs the
 registered operators), and inference that the fused 4-bit kernels serve (`_ops.linear_route`:
 decode and prefill on CUDA without gradients read each packed weight once through
 nf4_gemv/nf4_gemm, where this unit would dequantize all three).
@@ -48,8 +56,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _ops, fused_blocks
+from . import _ops, checkpointing, fused_blocks
 from .adapters import LoRAAdapter
+from .fused_mlp import _A, _B, _BIAS, _DORA, _M, _X, _adapter_kind, _backward, _norm, _project
 from .layers import QLoRALinear
 from .lora_linear import _autocast_off, _dequantize, _weight_args, use_operators
 
@@ -67,6 +76,10 @@ CONCAT_WEIGHTS = True
 #: H100 (2026-12-05, bench_train.py, seq 2048): 8B 7,447 -> 9,218 tokens/s (+24%, peak memory
 #: +0.02 GiB), 1B 15,674 -> 16,557 (+6%); its CUDA tests passed there.
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
+#: Device types where the unit takes DoRA adapters (_DoRAQKV; a subset of DEVICES). CUDA joins
+#: once its tests and bench_lora_family.py have run on a GPU; until then DoRA's q/k/v take the
+#: three DoRA modules there.
+DORA_DEVICES: tuple[str, ...] = ("cpu",)
 
 
 def _dequantized(specs, dtype: torch.dtype, concat: bool) -> list[Tensor] | Tensor:
@@ -163,38 +176,89 @@ class _LoRAQKV(torch.autograd.Function):
         return dx, None, None, None, *dbiases, *das, *dbs
 
 
-def _lora_adapter(layer) -> LoRAAdapter | None:
-    """The layer's active adapter if the unit can take it: plain LoRA (not a subclass: other
-    variants change the math), no dropout in training, the layer computing in its input's dtype."""
-    if not isinstance(layer, QLoRALinear) or layer.compute_dtype is not None:
-        return None
-    adapter = layer.current_adapter()
-    if type(adapter) is not LoRAAdapter or (adapter.training and adapter.dropout_p > 0):
-        return None
-    return adapter
+class _DoRAQKV(torch.autograd.Function):
+    """q, k, v for three DoRA adapters as one autograd node (see the module docstring's DoRA part).
+    Inputs after x: per projection (weight args, scale) and DoRA's (m, ‖W‖²), then the three biases,
+    A's, B's and magnitudes (the tensors autograd differentiates). Each projection is
+    nf4_dora_linear's body, setup and backward (fused_mlp's `_project` / `_backward`, as its MLP)."""
+
+    @staticmethod
+    def forward(ctx, x, specs, extras, bias_q, bias_k, bias_v, a_q, a_k, a_v, b_q, b_k, b_v, m_q, m_k, m_v):
+        triples = ((bias_q, a_q, b_q), (bias_k, a_k, b_k), (bias_v, a_v, b_v))
+        ctx.device_type = x.device.type
+        # An unused output's gradient arrives as None (as the modules get none): its projection's
+        # backward is skipped instead of running on zeros.
+        ctx.set_materialize_grads(False)
+        # dx only where x needs it (a frozen embedding's output, the first layer's input, does not)
+        needs = [(ctx.needs_input_grad[0], *_DORA.needs(*t, e)[1:]) for t, e in zip(triples, extras)]
+        # The weight norms depend only on the parameters: a checkpointed layer's recomputation
+        # reuses its first forward's (W·Aᵀ and the norm kernel skipped; the same bits).
+        key = ("qlora_ext.fused_qkv", id(specs[0][0][0]), id(m_q))  # q's codes and magnitude
+        norms = checkpointing.replayed(key) or (None, None, None)
+        if norms[0] is not None and (norms[0][1].dtype != x.dtype or norms[0][1].device != x.device):
+            norms = (None, None, None)
+        with _autocast_off(x.device.type):
+            outs = [_project(_DORA, x, spec, bias, a, b, extra, need, norm)
+                    for (bias, a, b), spec, extra, need, norm in zip(triples, specs, extras, needs, norms)]  # fmt: skip
+            checkpointing.remember(key, tuple(_norm(out) for out, _ in outs))
+        states = [state for _, state in outs]
+        # Each projection saved x first (its low-rank input): kept once here. Everything goes
+        # through save_for_backward so that checkpointing's saved-tensor hooks see it.
+        ctx.states = states
+        ctx.layout = [len(st.saved_tensors) - 1 for st in states]
+        ctx.save_for_backward(x, *(t for st in states for t in st.saved_tensors[1:]))
+        for st in states:
+            st.saved_tensors = None
+        return tuple(out[0] for out, _ in outs)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        x, *rest = ctx.saved_tensors
+        dx, grads = None, []
+        with _autocast_off(ctx.device_type):
+            at = 0
+            for st, n, dy in zip(ctx.states, ctx.layout, (dq, dk, dv)):
+                st.saved_tensors, at = (x, *rest[at : at + n]), at + n
+                g = _backward(_DORA, st, dy)  # nf4_dora_linear's 17 gradients (all None for dy None)
+                st.saved_tensors = None  # the activations stay with autograd (retain_graph) or go
+                if g[_X] is not None:
+                    dx = g[_X] if dx is None else dx.add_(g[_X])
+                grads.append(g)
+        return (dx, None, None, *(g[_BIAS] for g in grads), *(g[_A] for g in grads), *(g[_B] for g in grads),
+                *(g[_M] for g in grads))  # fmt: skip
 
 
 def lora_qkv(x: Tensor, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module) -> tuple[Tensor, Tensor, Tensor] | None:
     """(q_proj(x), k_proj(x), v_proj(x)) as one autograd unit, or None where it does not apply (see
     the module docstring); the caller then runs the modules. q, k, v are [..., N_i] views into one
-    [..., Nq+Nk+Nv] tensor (CONCAT_WEIGHTS) or three tensors. As outputs of one autograd node that
+    [..., Nq+Nk+Nv] tensor (LoRA with CONCAT_WEIGHTS) or three tensors (otherwise, DoRA always). As outputs of one autograd node that
     are views, they may not be modified in place while autograd records (PyTorch refuses it; the
     attention forwards here never do: RoPE is in place only without gradients)."""
     layers = (q_proj, k_proj, v_proj)
-    adapters = [_lora_adapter(layer) for layer in layers]
-    if any(a is None for a in adapters) or use_operators() or not x.is_floating_point():
+    found = [_adapter_kind(layer) for layer in layers]
+    if any(f is None for f in found) or use_operators() or not x.is_floating_point():
         return None
-    if x.device.type not in DEVICES:
+    dora = found[0][0] is _DORA
+    if any(f[0] is not found[0][0] for f in found):  # a LoRA/DoRA mix: rare, the modules take it
+        return None
+    if x.device.type not in DEVICES or (dora and x.device.type not in DORA_DEVICES):
         return None
     if any(layer.in_features != x.shape[-1] or layer.weight.device != x.device for layer in layers):
         return None  # the modules raise their own error (or move nothing): not this unit's business
+    adapters = [f[1] for f in found]
     factors = [t for a in adapters for t in (a.lora_A.weight, a.lora_B.weight)]
     if _ops.linear_route(x, q_proj.weight, q_proj.bias, trainable=factors, caller="lora_qkv") != _ops.ROUTE_DENSE:
         return None  # the modules' fused GEMV/GEMM read each 4-bit weight once; this unit dequantizes
+    biases = tuple(layer.bias for layer in layers)
+    a_s, b_s = tuple(a.lora_A.weight for a in adapters), tuple(a.lora_B.weight for a in adapters)
+    if dora:
+        specs = tuple((_weight_args(layer.weight), float(a.scale)) for layer, a in zip(layers, adapters))
+        mags = tuple(a.lora_magnitude_vector for a in adapters)
+        extras = tuple((m, a.weight_sq_norm(layer)) for m, a, layer in zip(mags, adapters, layers))
+        return _DoRAQKV.apply(x, specs, extras, *biases, *a_s, *b_s, *mags)
     specs = tuple(_weight_args(layer.weight) for layer in layers)
     scales = tuple(float(a.scale) for a in adapters)
-    return _LoRAQKV.apply(x, specs, scales, CONCAT_WEIGHTS, *(layer.bias for layer in layers),
-                          *(a.lora_A.weight for a in adapters), *(a.lora_B.weight for a in adapters))  # fmt: skip
+    return _LoRAQKV.apply(x, specs, scales, CONCAT_WEIGHTS, *biases, *a_s, *b_s)
 
 
 # ---- wiring into attention modules ----------------------------------------------------------------
