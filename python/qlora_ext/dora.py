@@ -184,7 +184,7 @@ def dora_project(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_o
                  norm: tuple[Tensor, Tensor] | None = None):  # fmt: skip
     """The body of nf4_dora_linear (its outputs: y, z, xa, 1/n, c). `norm` = (1/n, c) of an
     earlier call with the same parameters (a checkpointed layer's recomputation, see
-    checkpointing.stash) skips W·Aᵀ and the norm kernel; the outputs are the same bits."""
+    checkpointing.remember / replayed) skips W·Aᵀ and the norm kernel; the outputs are the same bits."""
     dtype = x.dtype
     xl = x if x_lora is None else x_lora
     w = _dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,

@@ -38,7 +38,8 @@ SiLU; otherwise (other variants, a LoRA/DoRA mix), and under torch.compile, the 
 forward runs. Inference that the fused 4-bit
 kernels serve (`_ops.linear_route`: decode and prefill on CUDA, no gradient) also takes the modules:
 each projection then reads its packed weight once through nf4_gemv/nf4_gemm, where this unit would
-dequantize all three weights for every token (measured: +10 ms per token on an 8B model).
+dequantize all three weights for every token (the ~10 ms per token by which LoRA-active decode
+trailed merged-adapter decode of an 8B model on the H100, before this rule).
 
     qlora_ext.fused_mlp.enable_fused_mlp(model)   # prepare(fused_mlp=True) calls it
 """
