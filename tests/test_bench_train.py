@@ -1,0 +1,28 @@
+"""benchmarks/bench_train.py's memory accounting: bitsandbytes' paged optimizer state lives in CUDA
+managed memory, which torch.cuda.max_memory_allocated() never sees; the benchmark adds it back so
+the peers' peak is compared on the same footing as ours (whose state PyTorch allocates)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_managed_state_counts_only_the_paged_tensors(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_train  # noqa: PLC0415
+
+    params = [torch.nn.Parameter(torch.zeros(300, 500)), torch.nn.Parameter(torch.zeros(7))]
+    opt = torch.optim.AdamW(params)
+    paged = torch.zeros(300, 500)
+    paged.is_paged = True  # how bitsandbytes marks a buffer from cudaMallocManaged
+    opt.state[params[0]] = {"state1": paged, "state2": paged.clone(), "step": torch.tensor(3.0)}
+    opt.state[params[1]] = {"state1": torch.zeros(7), "step": 3}
+    # Only the first is marked; clone() drops the Python attribute, as a copy would be torch's.
+    assert bench_train.managed_optimizer_state_bytes(opt) == 300 * 500 * 4
+    opt.state[params[0]]["state2"].is_paged = True
+    assert bench_train.managed_optimizer_state_bytes(opt) == 2 * 300 * 500 * 4
+    assert bench_train.managed_optimizer_state_bytes(torch.optim.AdamW(params)) == 0
