@@ -455,7 +455,7 @@ def _count_dora(monkeypatch):
 def test_dora_same_loss_and_gradients_as_the_modules(device, kind, checkpointing, monkeypatch):
     if kind == "builtin" and checkpointing == "offload":
         pytest.skip("offloading needs transformers' per-layer hooks (prepare refuses it for TinyLlama)")
-    # The conftest enables nothing: CUDA runs the unit only where this test adds it.
+    # Pinned, so that the test covers the unit on both device types whatever the default.
     monkeypatch.setattr(fused_qkv, "DORA_DEVICES", ("cpu", "cuda"))
     calls, lora_calls = _count_dora(monkeypatch), _CountCalls(monkeypatch)
     fused = _model(kind, method="dora", device=device, checkpointing=checkpointing)

@@ -76,10 +76,11 @@ CONCAT_WEIGHTS = True
 #: H100 (2026-12-05, bench_train.py, seq 2048): 8B 7,447 -> 9,218 tokens/s (+24%, peak memory
 #: +0.02 GiB), 1B 15,674 -> 16,557 (+6%); its CUDA tests passed there.
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
-#: Device types where the unit takes DoRA adapters (_DoRAQKV; a subset of DEVICES). CUDA joins
-#: once its tests and bench_lora_family.py have run on a GPU; until then DoRA's q/k/v take the
-#: three DoRA modules there.
-DORA_DEVICES: tuple[str, ...] = ("cpu",)
+#: Device types where the unit takes DoRA adapters (_DoRAQKV; a subset of DEVICES). On the H100
+#: (2026-12-06) its CUDA tests passed and QDoRA/QLoRA at 8B, seq 2048 went from 1.19x to 1.18x
+#: (bench_lora_family.py; the same peak memory): little, since DoRA's extra time there is mostly
+#: the column scale z * c and the norm's W·Aᵀ (benchmarks/results/lora_family_dora_profile_8b_h100.txt).
+DORA_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
 
 def _dequantized(specs, dtype: torch.dtype, concat: bool) -> list[Tensor] | Tensor:

@@ -234,9 +234,9 @@ def prepare(
     back to the modules (and fused_block_ops' SwiGLU) at call time.
     fused_qkv: compute each Llama-family attention's q, k and v projections (transformers' Llama,
     Mistral, Qwen2, Qwen3; the builtin TinyLlama) as one autograd unit when all three carry a
-    plain LoRA adapter (or all three DoRA, on fused_qkv.DORA_DEVICES: the CPU until measured on a
-    GPU): x read and saved once, one GEMM on the three dequantized weights, one autograd node
-    instead of three (fused_qkv.py). None (the default): wherever it applies; True
+    plain LoRA adapter (or all three DoRA, on fused_qkv.DORA_DEVICES: the CPU and CUDA): x read
+    and saved once, one GEMM on the three dequantized weights, one autograd node instead of
+    three (fused_qkv.py). None (the default): wherever it applies; True
     insists (an error if no attention module's q/k/v were adapted); False keeps the modules. At
     call time other adapters, dropout in training, disabled/merged adapters, torch.compile and
     the fused 4-bit inference kernels' cases fall back to the modules.
