@@ -92,7 +92,7 @@ for (n_out, k, bs) in ((64, 2048, 64), (130, 256, 32), (40, 96, 64)):
                 x = torch.randn(m_rows, k, device=dev, dtype=dt)
                 for b in (torch.randn(n_out, device=dev, dtype=dt), None):
                     qlora_ext.ops.nf4_gemm(x, q.packed, q.absmax, q.blocksize, list(q.shape), b, *scales)
-# DoRA's scale and its backward: odd N (scalar columns), N % 8 == 0 (vector columns), one and several
+# DoRA's scale, its backward and the column scale y = z ⊙ c (+ bias): odd N (scalar columns), N % 8 == 0 (vector columns), one and several
 # row chunks, r = 1 and 16, every activation dtype
 for n_out, r in ((45, 4), (64, 16), (1, 1)):
     for dt in (torch.float32, torch.float16, torch.bfloat16):
@@ -103,6 +103,8 @@ for n_out, r in ((45, 4), (64, 16), (1, 1)):
         for m_rows in (1, 33, 3000):
             dy, z = (torch.randn(m_rows, n_out, device=dev, dtype=dt) for _ in range(2))
             torch.ops.qlora_ext.dora_scale_backward(dy, z, col_scale, inv_norm)
+            for bias in (None, torch.randn(n_out, device=dev, dtype=dt)):
+                torch.ops.qlora_ext.dora_column_scale(z, col_scale, bias)
 # Block ops (RMSNorm, RoPE, SwiGLU): their own workload file, also run alone by
 # benchmarks/gpu_checks/block_ops.sh
 import sanitize_block_ops  # noqa: E402,F401

@@ -590,9 +590,11 @@ def test_torch_compile_dora_layer():
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
 
 
-# ---- DoRA's native scale operators (qlora_ext::dora_scale, dora_scale_backward) -----------------
+# ---- DoRA's native operators (qlora_ext::dora_scale, dora_scale_backward, dora_column_scale) -----
 
 from qlora_ext.dora import (  # noqa: E402
+    dora_column_scale,
+    dora_column_scale_reference,
     dora_scale,
     dora_scale_backward,
     dora_scale_backward_reference,
@@ -669,8 +671,93 @@ def test_dora_ops_bad_input():
         nf4_dora_linear(torch.randn(2, 64), q, None, torch.randn(2, 64), b, torch.ones(7), torch.ones(6), 1.0)
 
 
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("lead,n", [((1,), 8), ((3, 5), 45), ((300,), 64), ((1030,), 24), ((4,), 1), ((0,), 5),
+                                    ((2, 7), 4104)], ids=["M1", "3d-odd", "M300", "chunks", "N1", "M0", "wide"])  # fmt: skip
+def test_dora_column_scale_matches_reference(lead, n, bias, dtype, device):
+    """y = z ⊙ c (+ bias): the same bits as the reference (one fp32 product, one fp32 add, one
+    rounding); odd widths take the scalar path, multiples of 8 the vector one on CUDA."""
+    g = torch.Generator().manual_seed(n + len(lead))
+    z = torch.randn(*lead, n, generator=g).to(device, dtype)
+    col_scale = (torch.rand(n, generator=g) + 0.5).to(device, dtype)
+    b = torch.randn(n, generator=g).to(device, dtype) if bias else None
+    y = dora_column_scale(z, col_scale, b)
+    assert y.shape == z.shape and y.dtype == dtype and y.device == z.device
+    torch.testing.assert_close(y, dora_column_scale_reference(z, col_scale, b), rtol=0, atol=0)
+    if not bias:  # and PyTorch's multiply, which rounds the fp32 product once too
+        torch.testing.assert_close(y, torch.mul(z, col_scale), rtol=0, atol=0)
+    # a non-contiguous z gives the same result
+    if z.dim() > 1 and z.numel():
+        z_t = z.transpose(0, -1).contiguous().transpose(0, -1)
+        torch.testing.assert_close(dora_column_scale(z_t, col_scale, b), y, rtol=0, atol=0)
+    args = (z.requires_grad_(dtype == torch.float32), col_scale.requires_grad_(dtype == torch.float32),
+            None if b is None else b.requires_grad_(dtype == torch.float32))  # fmt: skip
+    torch.library.opcheck(torch.ops.qlora_ext.dora_column_scale.default, args)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_dora_column_scale_gradients(bias, device):
+    """Autograd of the operator against autograd through the reference, and gradcheck in fp64
+    (which takes the reference)."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 3, 10, generator=g).to(device).requires_grad_()
+    c = (torch.rand(10, generator=g) + 0.5).to(device).requires_grad_()
+    b = torch.randn(10, generator=g).to(device).requires_grad_() if bias else None
+    dy = torch.randn(4, 3, 10, generator=g).to(device)
+    inputs = [t for t in (z, c, b) if t is not None]
+    got = torch.autograd.grad(dora_column_scale(z, c, b), inputs, dy)
+    want = torch.autograd.grad(dora_column_scale_reference(z, c, b), inputs, dy)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+    z64, c64 = z.detach().double().requires_grad_(), c.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda *t: dora_column_scale(*t), (z64, c64, b64))
+
+
+def test_dora_column_scale_bad_input():
+    z, c = torch.randn(3, 6), torch.ones(6)
+    with pytest.raises(RuntimeError, match=r"col_scale must be \[N\] = \[6\], got \[5\]"):
+        torch.ops.qlora_ext.dora_column_scale(z, torch.ones(5))
+    with pytest.raises(RuntimeError, match="col_scale must have z's dtype"):
+        torch.ops.qlora_ext.dora_column_scale(z, c.bfloat16())
+    with pytest.raises(RuntimeError, match=r"bias must be \[N\] = \[6\]"):
+        torch.ops.qlora_ext.dora_column_scale(z, c, torch.ones(3))
+    with pytest.raises(RuntimeError, match="bias must have z's dtype"):
+        torch.ops.qlora_ext.dora_column_scale(z, c, torch.ones(6, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="z must be"):
+        torch.ops.qlora_ext.dora_column_scale(z.int(), c.int())
+    with pytest.raises(RuntimeError, match="0-d"):
+        torch.ops.qlora_ext.dora_column_scale(torch.tensor(1.0), c)
+
+
+def test_dora_output_takes_the_native_kernel_on_its_devices(monkeypatch):
+    """dora_output (the DoRA layers' and fused units' y = z ⊙ c) calls the operator exactly where
+    COLUMN_SCALE_DEVICES says, with the bias cast to z's dtype."""
+    from qlora_ext import dora as dora_module
+
+    calls = []
+    real = torch.ops.qlora_ext.dora_column_scale
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args)
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.qlora_ext, "dora_column_scale", Spy())
+    z, c, b = torch.randn(5, 8, dtype=torch.bfloat16), torch.rand(8, dtype=torch.bfloat16), torch.randn(8)
+    y = dora_module.dora_output(z, c, b)
+    assert len(calls) == 1 and calls[0][2].dtype == torch.bfloat16
+    torch.testing.assert_close(y, dora_column_scale_reference(z, c, b.bfloat16()), rtol=0, atol=0)
+    monkeypatch.setattr(dora_module, "COLUMN_SCALE_DEVICES", ())
+    torch.testing.assert_close(dora_module.dora_output(z, c, None), torch.mul(z, c), rtol=0, atol=0)
+    assert len(calls) == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_dora_ops_dispatch_cuda_kernels():
     """A CUDA build must run the CUDA kernels: this names the cause if a build silently lacks them."""
-    for op in ("dora_scale", "dora_scale_backward"):
+    for op in ("dora_scale", "dora_scale_backward", "dora_column_scale"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qlora_ext::{op}", "CUDA"), op

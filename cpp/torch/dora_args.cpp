@@ -78,4 +78,28 @@ DoRAScaleBackwardArgs check_dora_scale_backward(const at::Tensor& dy, const at::
   return a;
 }
 
+DoRAColumnScaleArgs check_dora_column_scale(const at::Tensor& z, const at::Tensor& col_scale,
+                                            const std::optional<at::Tensor>& bias) {
+  DoRAColumnScaleArgs a;
+  QLORA_CHECK(z.dim() >= 1, "z must be [..., N], got a 0-d tensor");
+  a.type = float_type_of(z.scalar_type(), "z");
+  a.N = z.size(-1);
+  a.M = 1;
+  for (int64_t d = 0; d + 1 < z.dim(); ++d) a.M *= z.size(d);
+  check_vector(col_scale, a.N, "col_scale");
+  QLORA_CHECK(col_scale.scalar_type() == z.scalar_type(), "col_scale must have z's dtype ",
+              z.scalar_type(), ", got ", col_scale.scalar_type());
+  check_device(col_scale, z, "col_scale", "z");
+  a.z = z.contiguous();
+  a.col_scale = col_scale.contiguous();
+  if (bias.has_value() && bias->defined()) {
+    check_vector(*bias, a.N, "bias");
+    QLORA_CHECK(bias->scalar_type() == z.scalar_type(), "bias must have z's dtype ",
+                z.scalar_type(), ", got ", bias->scalar_type());
+    check_device(*bias, z, "bias", "z");
+    a.bias = bias->contiguous();
+  }
+  return a;
+}
+
 }  // namespace qlora_torch

@@ -1,9 +1,11 @@
-// Argument validation of the DoRA operators (dora_scale, dora_scale_backward), shared by the CPU
+// Argument validation of the DoRA operators (dora_scale, dora_scale_backward, dora_column_scale),
+// shared by the CPU
 // and CUDA registrations (dora_ops_cpu.cpp, dora_ops_cuda.cpp); math and shapes: qlora/dora.h.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <vector>
 
 #include "qlora/float_types.h"
@@ -32,5 +34,13 @@ struct DoRAScaleBackwardArgs {
 DoRAScaleBackwardArgs check_dora_scale_backward(const at::Tensor& dy, const at::Tensor& z,
                                                 const at::Tensor& col_scale,
                                                 const at::Tensor& inv_norm);
+
+struct DoRAColumnScaleArgs {
+  at::Tensor z, col_scale, bias;  // [M, N], [N], [N] or undefined, of `type`, contiguous
+  int64_t M, N;
+  qlora::FloatType type;
+};
+DoRAColumnScaleArgs check_dora_column_scale(const at::Tensor& z, const at::Tensor& col_scale,
+                                            const std::optional<at::Tensor>& bias);
 
 }  // namespace qlora_torch

@@ -58,11 +58,29 @@ std::tuple<at::Tensor, at::Tensor> dora_scale_backward_cpu(const at::Tensor& dy,
   return {dz, dmagnitude};
 }
 
+at::Tensor dora_column_scale_cpu(const at::Tensor& z, const at::Tensor& col_scale,
+                                 const std::optional<at::Tensor>& bias) {
+  const DoRAColumnScaleArgs a = check_dora_column_scale(z, col_scale, bias);
+  at::Tensor y = at::empty(z.sizes(), z.options());
+  if (a.M == 0 || a.N == 0) return y;
+  const void* zp = a.z.data_ptr();
+  const void* c = a.col_scale.data_ptr();
+  const void* b = a.bias.defined() ? a.bias.data_ptr() : nullptr;
+  void* out = y.data_ptr();
+  // Rows per task: >= 32K elements each (the thread pool's wake-up outweighs less).
+  const int64_t grain = std::max<int64_t>(1, 32768 / a.N);
+  at::parallel_for(0, a.M, grain, [&](int64_t begin, int64_t end) {
+    qlora::dora_column_scale_cpu(zp, c, b, a.type, a.N, begin, end, out);
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
   m.impl("dora_scale", &dora_scale_cpu);
   m.impl("dora_scale_backward", &dora_scale_backward_cpu);
+  m.impl("dora_column_scale", &dora_column_scale_cpu);
 }
 
 }  // namespace qlora_torch

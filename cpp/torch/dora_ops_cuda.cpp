@@ -58,11 +58,27 @@ std::tuple<at::Tensor, at::Tensor> dora_scale_backward_cuda(const at::Tensor& dy
   return {dz, dmagnitude};
 }
 
+at::Tensor dora_column_scale_cuda(const at::Tensor& z, const at::Tensor& col_scale,
+                                  const std::optional<at::Tensor>& bias) {
+  const DoRAColumnScaleArgs a = check_dora_column_scale(z, col_scale, bias);
+  const c10::cuda::CUDAGuard guard(z.device());
+  at::Tensor y = at::empty(z.sizes(), z.options());
+  if (a.M == 0 || a.N == 0) return y;
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  check_launch(qlora::dora_column_scale_cuda(a.z.data_ptr(), a.col_scale.data_ptr(),
+                                             a.bias.defined() ? a.bias.data_ptr() : nullptr,
+                                             a.type, a.M, a.N, num_sms, y.data_ptr(),
+                                             at::cuda::getCurrentCUDAStream()),
+               "dora_column_scale");
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("dora_scale", &dora_scale_cuda);
   m.impl("dora_scale_backward", &dora_scale_backward_cuda);
+  m.impl("dora_column_scale", &dora_column_scale_cuda);
 }
 
 }  // namespace qlora_torch

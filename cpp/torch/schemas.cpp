@@ -43,6 +43,10 @@ TORCH_LIBRARY(qlora_ext, m) {
   m.def(
       "dora_scale_backward(Tensor dy, Tensor z, Tensor col_scale, Tensor inv_norm) "
       "-> (Tensor dz, Tensor dmagnitude)");
+  // The forward's output: z [..., N], col_scale [N], bias [N] or None, one dtype -> y = z ⊙
+  // col_scale (+ bias) [..., N] (fp32 product, then the bias added, one rounding). Differentiable
+  // (autograd: python/qlora_ext/dora.py).
+  m.def("dora_column_scale(Tensor z, Tensor col_scale, Tensor? bias=None) -> Tensor");
   // x fp32 [any shape, n] + sorted code map fp32 [256] -> (codes uint8 [x.shape], absmax fp32 [ceil(n/blocksize)])
   m.def("blockwise8_quantize(Tensor x, Tensor code, int blocksize, Tensor? offset=None) -> (Tensor codes, Tensor absmax)");
   // codes uint8 [any shape, n] + absmax fp32 [ceil(n/blocksize)] + code fp32 [256] -> fp32 [codes.shape]

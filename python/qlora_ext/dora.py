@@ -18,7 +18,9 @@ small op per layer counts):
 - wa = W·Aᵀ [out, r] changes every step (A trains); it comes from the dequantized W the forward
   GEMM already holds: 2·out·in·r FLOPs (r/M of the base GEMM; 0.8% at r = 16, M = 2048).
 - n² and c = m/n then take one native kernel, `qlora_ext::dora_scale` (plus A·Aᵀ [r, r]; math in
-  qlora/dora.h), where the same math in ATen is six launches; y = z·c (+ bias) in one addcmul.
+  qlora/dora.h), where the same math in ATen is six launches; y = z·c (+ bias) in one pass,
+  `qlora_ext::dora_column_scale` on COLUMN_SCALE_DEVICES (16-byte accesses; PyTorch's
+  broadcasting multiply elsewhere).
 - Backward is written by hand: `qlora_ext::dora_scale_backward` gives dz = dy·c and
   dm = Σ_rows(dy ⊙ z)/n in one pass over dy and z; then LoRA's backward on dz (the norm is
   constant); dbias = Σ_rows dy. That replaces autograd's graph of the scaling (a mul node saving
@@ -118,11 +120,67 @@ def dora_scale_backward(dy: Tensor, z: Tensor, col_scale: Tensor, inv_norm: Tens
     return dora_scale_backward_reference(dy, z, col_scale, inv_norm)
 
 
+#: Device types where dora_output takes the native column-scale kernel (qlora_ext::dora_column_scale,
+#: 16-byte accesses) instead of PyTorch's broadcasting multiply. On the H100 the latter ran its
+#: generic strided kernel at ~1.5 TB/s: 19.7 ms of a 272 ms 8B QDoRA step (513 launches;
+#: benchmarks/results/lora_family_dora_profile_8b_h100.txt). The CUDA kernel was written in a
+#: session whose device time had run out: CUDA joins once its tests and bench_lora_family.py have
+#: run on a GPU. On the CPU both take the same time (2 cores) and give the same bits.
+COLUMN_SCALE_DEVICES: tuple[str, ...] = ("cpu",)
+
+
+def dora_column_scale_reference(z: Tensor, col_scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """qlora_ext::dora_column_scale in plain PyTorch: y = z ⊙ c (+ bias) with the product rounded
+    to fp32 (fp64 for fp64 z) before the bias is added, then rounded once to z's dtype."""
+    dt = torch.promote_types(z.dtype, torch.float32)
+    y = z.to(dt) * col_scale.to(dt)
+    if bias is not None:
+        y = y + bias.to(dt)
+    return y.to(z.dtype)
+
+
+def dora_column_scale(z: Tensor, col_scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = z ⊙ col_scale (+ bias) [..., N], all of z's dtype: one pass on the native path."""
+    if z.dtype in NATIVE_DTYPES:
+        return torch.ops.qlora_ext.dora_column_scale(z, col_scale, bias)
+    return dora_column_scale_reference(z, col_scale, bias)
+
+
+def _dora_column_scale_setup(ctx, inputs, output) -> None:
+    z, col_scale, bias = inputs
+    ctx.save_for_backward(z if ctx.needs_input_grad[1] else None, col_scale)
+    ctx.has_bias = bias is not None
+
+
+def _dora_column_scale_backward(ctx, dy):
+    z, col_scale = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    rows, n = math.prod(dy.shape[:-1]), dy.shape[-1]
+    acc = torch.promote_types(dy.dtype, torch.float32)
+    dz = torch.mul(dy, col_scale) if need[0] else None
+    dc = (dy.to(acc) * z.to(acc)).reshape(rows, n).sum(0).to(col_scale.dtype) if need[1] else None
+    dbias = dy.to(acc).reshape(rows, n).sum(0).to(dy.dtype) if ctx.has_bias and need[2] else None
+    return dz, dc, dbias
+
+
 def _register_native_fakes() -> None:
     try:
         native()
     except ImportError:
         return  # the package imports without _C; the operators say what to do on first use
+
+    @torch.library.register_fake("qlora_ext::dora_column_scale")
+    def _(z, col_scale, bias=None):
+        torch._check(z.dim() >= 1, lambda: "z must be [..., N]")
+        n = z.shape[-1]
+        torch._check(tuple(col_scale.shape) == (n,) and col_scale.dtype == z.dtype,
+                     lambda: f"col_scale must be [{n}] of z's dtype")  # fmt: skip
+        torch._check(bias is None or (tuple(bias.shape) == (n,) and bias.dtype == z.dtype),
+                     lambda: f"bias must be [{n}] of z's dtype")  # fmt: skip
+        return z.new_empty(z.shape)
+
+    torch.library.register_autograd("qlora_ext::dora_column_scale", _dora_column_scale_backward,
+                                    setup_context=_dora_column_scale_setup)  # fmt: skip
 
     @torch.library.register_fake("qlora_ext::dora_scale")
     def _(wa, lora_A, lora_B, weight_sq, magnitude, scale):
@@ -207,6 +265,8 @@ def dora_project(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_o
 def dora_output(z: Tensor, c: Tensor, bias: Tensor | None) -> Tensor:
     """y = z ⊙ c (+ bias) in z's dtype: one kernel. The fused MLP recomputes its gate and up
     outputs from z with this very function, so they equal the forward's bit for bit."""
+    if z.device.type in COLUMN_SCALE_DEVICES and z.dtype in NATIVE_DTYPES:
+        return torch.ops.qlora_ext.dora_column_scale(z, c, None if bias is None else bias.to(z.dtype))
     return torch.mul(z, c) if bias is None else torch.addcmul(bias.to(z.dtype), z, c)
 
 

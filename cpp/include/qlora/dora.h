@@ -10,7 +10,9 @@
 //     inv_norm_i = 1 / √max(n_i², 0)        (a zero row gives inf, as the dense formula does)
 //     col_scale_i = m_i · inv_norm_i
 //
-// so that y = z ⊙ col_scale (+ bias) with z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ, the plain LoRA output.
+// so that y = z ⊙ col_scale (+ bias) with z = x·Wᵀ + s·(x·Aᵀ)·Bᵀ, the plain LoRA output
+// (dora_column_scale: the product rounded to fp32, then the bias added in fp32, then one rounding
+// to T; no fused multiply-add, so the CPU and CUDA kernels give the same bits).
 // Backward (n constant):  dz = dy ⊙ col_scale;   dm_i = inv_norm_i · Σ_rows dy_i·z_i.
 //
 // Everything is summed in fp32 (the CPU column sums of the backward in double); col_scale and dz
@@ -39,7 +41,17 @@ void dora_scale_backward_cpu(const void* dy, const void* z, const void* col_scal
                              const float* inv_norm, FloatType type, int64_t M, int64_t N,
                              int64_t col_begin, int64_t col_end, void* dz, float* dmagnitude);
 
+// Rows [row_begin, row_end) of y = z ⊙ col_scale (+ bias): z, y [M, N], col_scale and bias [N]
+// (bias may be null), all of `type`.
+void dora_column_scale_cpu(const void* z, const void* col_scale, const void* bias, FloatType type,
+                           int64_t N, int64_t row_begin, int64_t row_end, void* y);
+
 #if defined(QLORA_WITH_CUDA) || defined(__CUDACC__)
+// dora_cuda.cu, y = z ⊙ col_scale (+ bias) over all of [M, N] (M, N >= 1), on `stream`.
+cudaError_t dora_column_scale_cuda(const void* z, const void* col_scale, const void* bias,
+                                   FloatType type, int64_t M, int64_t N, int num_sms, void* y,
+                                   cudaStream_t stream);
+
 // dora_cuda.cu, the forward above for all N rows (device pointers), on `stream`.
 cudaError_t dora_scale_cuda(const void* wa, FloatType type, const float* lora_b,
                             const float* gram, const float* weight_sq, const float* magnitude,

@@ -81,7 +81,38 @@ void scale_backward_columns(const typename Io::Storage* dy, const typename Io::S
   }
 }
 
+template <typename Io>
+void column_scale_rows(const typename Io::Storage* z, const typename Io::Storage* col_scale,
+                       const typename Io::Storage* bias, int64_t N, int64_t row_begin,
+                       int64_t row_end, typename Io::Storage* y) {
+  std::vector<float> scales(N), shifts(N, 0.0f);
+  for (int64_t c = 0; c < N; ++c) scales[c] = Io::load(col_scale[c]);
+  if (bias != nullptr) {
+    for (int64_t c = 0; c < N; ++c) shifts[c] = Io::load(bias[c]);
+  }
+  for (int64_t m = row_begin; m < row_end; ++m) {
+    const typename Io::Storage* z_row = z + m * N;
+    typename Io::Storage* y_row = y + m * N;
+    for (int64_t c = 0; c < N; ++c) {
+      // The product is rounded to fp32 before the add (-ffp-contract=off, CMakeLists.txt), the
+      // rounding the CUDA kernel makes with __fmul_rn / __fadd_rn.
+      const float product = Io::load(z_row[c]) * scales[c];
+      y_row[c] = Io::store(bias != nullptr ? product + shifts[c] : product);
+    }
+  }
+}
+
 }  // namespace
+
+void dora_column_scale_cpu(const void* z, const void* col_scale, const void* bias, FloatType type,
+                           int64_t N, int64_t row_begin, int64_t row_end, void* y) {
+  dispatch_io(type, [&](auto io) {
+    using Io = decltype(io);
+    using S = typename Io::Storage;
+    column_scale_rows<Io>(static_cast<const S*>(z), static_cast<const S*>(col_scale),
+                          static_cast<const S*>(bias), N, row_begin, row_end, static_cast<S*>(y));
+  });
+}
 
 void dora_scale_cpu(const void* wa, FloatType type, const float* lora_b, const float* gram,
                     const float* weight_sq, const float* magnitude, int64_t r, float scale,
