@@ -416,3 +416,20 @@ def test_linear_forward_bad_shapes():
     w3 = qlora_ext.NF4Weight.from_float(torch.randn(2, 4, 64))
     with pytest.raises(ValueError, match="weight must be 2-D"):
         ops.nf4_linear_forward(x, w3)
+
+
+def test_variant_from_the_environment(monkeypatch, use_variant):
+    """QLORA_NF4_GEMV_VARIANT picks the process's starting variant; a wrong name (or any name in
+    a build without CUDA variants) raises naming the variable; unset or empty changes nothing."""
+    monkeypatch.delenv(ops.GEMV_VARIANT_ENV, raising=False)
+    ops.apply_gemv_variant_from_env()
+    monkeypatch.setenv(ops.GEMV_VARIANT_ENV, "")
+    ops.apply_gemv_variant_from_env()
+    monkeypatch.setenv(ops.GEMV_VARIANT_ENV, "no_such_kernel")
+    with pytest.raises(ValueError, match="QLORA_NF4_GEMV_VARIANT='no_such_kernel' is not an nf4_gemv variant"):
+        ops.apply_gemv_variant_from_env()
+    if VARIANTS:
+        use_variant(VARIANTS[0])  # restores the variant in force after the test
+        monkeypatch.setenv(ops.GEMV_VARIANT_ENV, VARIANTS[-1])
+        ops.apply_gemv_variant_from_env()
+        assert ops.nf4_gemv_variant() == VARIANTS[-1]

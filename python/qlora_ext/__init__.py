@@ -40,6 +40,7 @@ try:
     ops.register_fakes()
     block_ops.register_fakes()
     optim.ops.register_fakes()
+    ops.apply_gemv_variant_from_env()
 except ImportError:
     # Importable without the compiled extension; operators raise a clear ImportError on use.
     pass

@@ -150,6 +150,27 @@ def set_nf4_gemv_variant(variant: str | int) -> None:
     native()._set_nf4_gemv_variant(int(variant))
 
 
+#: Environment variable naming the nf4_gemv variant a process starts with (read at import), so
+#: that a whole test suite or benchmark can run on a candidate without code changes.
+GEMV_VARIANT_ENV = "QLORA_NF4_GEMV_VARIANT"
+
+
+def apply_gemv_variant_from_env() -> None:
+    """set_nf4_gemv_variant($QLORA_NF4_GEMV_VARIANT) when the variable is set and non-empty; a name
+    that is not a variant raises, naming the variable. Without CUDA variants it must be unset."""
+    import os
+
+    wanted = os.environ.get(GEMV_VARIANT_ENV, "").strip()
+    if not wanted:
+        return
+    names = nf4_gemv_variants()
+    if wanted not in names:
+        choices = f"choose one of {names}" if names else "it has none (no CUDA kernels)"
+        raise ValueError(f"{GEMV_VARIANT_ENV}={wanted!r} is not an nf4_gemv variant of this build: "
+                         f"{choices}, or unset the variable")  # fmt: skip
+    set_nf4_gemv_variant(wanted)
+
+
 def nf4_gemm(
     x: torch.Tensor,
     packed: torch.Tensor,
