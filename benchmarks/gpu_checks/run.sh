@@ -12,6 +12,8 @@
 #     bash benchmarks/gpu_checks/run.sh build units        # fused MLP (LoRA, DoRA) / Q/K/V units: CUDA tests,
 #                                                          # QDoRA vs QLoRA (8B, 1B), 1B training with/without fused Q/K/V
 #     bash benchmarks/gpu_checks/run.sh build gemv_ab      # every nf4_gemv variant: CUDA tests + A/B benchmark
+#     bash benchmarks/gpu_checks/run.sh build column_scale # DoRA's native column scale on CUDA: tests, QDoRA/QLoRA 8B
+#     bash benchmarks/gpu_checks/run.sh build gemv_factored # suite + decode with the "factored" GEMV as default
 #     bash benchmarks/gpu_checks/run.sh build sanitize_new # sanitizer runs not yet finished (gemv variants, fused
 #                                                          # MLP with DoRA, fused Q/K/V)
 #
@@ -99,6 +101,28 @@ for stage in "$@"; do
     gemv_ab)
       step gemv_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py tests/test_nf4_gemm.py -k "cuda or variant"
       step gemv_ab "$PY" benchmarks/bench_nf4_linear.py --variants all --m 1 4 8 9 16 --out "$OUT/nf4_gemv_variants_h100.json"
+      ;;
+    column_scale)
+      # DoRA's native column scale (qlora_ext::dora_column_scale) on CUDA: its tests, then QDoRA vs
+      # QLoRA at 8B with it on (dora.COLUMN_SCALE_DEVICES += cuda) — the switch to flip if it helps.
+      step column_scale_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_lora_family.py \
+        -k "column_scale or dora_output or dispatch or dora_scale"
+      step column_scale_bench "$PY" -c "
+import runpy, sys
+from qlora_ext import dora
+dora.COLUMN_SCALE_DEVICES = ('cpu', 'cuda')
+sys.argv = ['bench_lora_family.py', '--shapes', '8b', '--cases', 'lora,dora', '--warmup', '2', '--steps', '6',
+            '--out', '$OUT/lora_family_dora_column_scale_8b_h100.json']
+runpy.run_path('benchmarks/bench_lora_family.py', run_name='__main__')"
+      ;;
+    gemv_factored)
+      # The CUDA suite's GEMV users and decode with nf4_gemv's "factored" variant as the process
+      # default (QLORA_NF4_GEMV_VARIANT), against the default in the same call.
+      QLORA_NF4_GEMV_VARIANT=factored step gemv_factored_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE \
+        tests/test_nf4_gemv.py tests/test_generate.py tests/test_fused_qkv.py tests/test_fused_mlp.py -k "cuda or generate"
+      step decode_mma "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_lora,nf4_merged --repeats 2 --out "$OUT/decode_mma_h100.json"
+      QLORA_NF4_GEMV_VARIANT=factored step decode_factored "$PY" benchmarks/bench_decode.py --stacks nf4_lora,nf4_merged \
+        --repeats 2 --out "$OUT/decode_factored_h100.json"
       ;;
     sanitize_new)
       # What 2026-12-06 left unfinished (sanitizer_tests_h100.txt): 12 sanitized processes at once
