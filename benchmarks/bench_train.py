@@ -8,7 +8,7 @@ Random bf16 weights of Llama-3 shapes (BENCHMARKS.md: speed and memory do not de
 values), batch 1, LoRA r=16 alpha=16 dropout 0 on q,k,v,o,gate,up,down, gradient checkpointing,
 lr 2e-4, random token ids with labels = inputs. Each stack runs in its own subprocess (Unsloth
 patches transformers on import, and peak-memory counters must not mix). Tokens/s is measured over
-steps 3..N (after warm-up); peak memory is torch.cuda.max_memory_allocated() over the same steps,
+steps 3..N (after warm-up; the last step when --steps < 3); peak memory is torch.cuda.max_memory_allocated() over the same steps,
 plus, for the peers, the optimizer state that bitsandbytes' paged optimizers keep in CUDA managed
 memory (cudaMallocManaged, every state tensor of >= 1e5 elements): PyTorch's allocator never sees
 it, yet it lives on the GPU whenever the GPU has room, as it does here, and the 24 GiB cap of
@@ -204,7 +204,7 @@ def run_one(stack: str, size: str, seq: int, steps: int, cap_gib: float | None =
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
-    measured = times[2:]
+    measured = times[2:] or times[-1:]  # --steps 1 or 2 (the longest-sequence search): the last step
     managed_gib = managed_optimizer_state_bytes(opt) / 2**30
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     step_s = sorted(measured)[len(measured) // 2]

@@ -76,8 +76,13 @@ for stage in "$@"; do
         --stacks ours,unsloth --out "$OUT/train_1b_h100.json"
       ;;
     longest)
-      step longest "$PY" benchmarks/bench_train.py --model 8b --cap-gib 24 --steps 3 --stacks ours,unsloth \
-        --seq 16384 24576 32768 49152 65536 --out "$OUT/train_8b_longest_24gib_h100.json"
+      # 2 steps per length (the first allocates the optimizer state; the peak is reached by the
+      # second). At 131072 tokens a step of the 8B takes ~45 s: one stack per device call
+      # (LONGEST_STACKS=ours, then =unsloth), each stopping at its first length that fails.
+      LONGEST_STACKS="${LONGEST_STACKS:-ours,unsloth}"
+      STEP_TIMEOUT=570 step longest "$PY" benchmarks/bench_train.py --model 8b --cap-gib 24 --steps 2 \
+        --stacks "$LONGEST_STACKS" --seq 32768 65536 98304 131072 163840 \
+        --out "$OUT/train_8b_longest_24gib_${LONGEST_STACKS//,/_}_h100.json"
       ;;
     kernels)
       for extra in bench_nf4_gemm bench_block_ops; do
