@@ -265,8 +265,8 @@ def dora_project(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_o
 def dora_output(z: Tensor, c: Tensor, bias: Tensor | None) -> Tensor:
     """y = z ⊙ c (+ bias) in z's dtype: one kernel. The fused MLP recomputes its gate and up
     outputs from z with this very function, so they equal the forward's bit for bit."""
-    if z.device.type in COLUMN_SCALE_DEVICES and z.dtype in NATIVE_DTYPES:
-        return torch.ops.qlora_ext.dora_column_scale(z, c, None if bias is None else bias.to(z.dtype))
+    if z.device.type in COLUMN_SCALE_DEVICES:
+        return dora_column_scale(z, c, None if bias is None else bias.to(z.dtype))
     return torch.mul(z, c) if bias is None else torch.addcmul(bias.to(z.dtype), z, c)
 
 
