@@ -112,6 +112,8 @@ for stage in "$@"; do
       # QLoRA at 8B with it on (dora.COLUMN_SCALE_DEVICES += cuda) — the switch to flip if it helps.
       step column_scale_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_lora_family.py \
         -k "column_scale or dora_output or dispatch or dora_scale"
+      step column_scale_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_lora_family.py -k "column_scale and cuda"
       step column_scale_bench "$PY" -c "
 import runpy, sys
 from qlora_ext import dora
