@@ -12,7 +12,8 @@
 #     bash benchmarks/gpu_checks/run.sh build units        # fused MLP (LoRA, DoRA) / Q/K/V units: CUDA tests,
 #                                                          # QDoRA vs QLoRA (8B, 1B), 1B training with/without fused Q/K/V
 #     bash benchmarks/gpu_checks/run.sh build gemv_ab      # every nf4_gemv variant: CUDA tests + A/B benchmark
-#     bash benchmarks/gpu_checks/run.sh build column_scale # DoRA's native column scale on CUDA: tests, QDoRA/QLoRA 8B
+#     bash benchmarks/gpu_checks/run.sh build column_scale # DoRA's CUDA candidates (column scale, dora_scale
+#                                                          # registers kernel): tests, QDoRA/QLoRA 8B with each
 #     bash benchmarks/gpu_checks/run.sh build gemv_factored # suite + decode with the "factored" GEMV as default
 #     bash benchmarks/gpu_checks/run.sh build sanitize_new # sanitizer runs not yet finished (gemv variants, fused
 #                                                          # MLP with DoRA, fused Q/K/V)
@@ -108,19 +109,27 @@ for stage in "$@"; do
       step gemv_ab "$PY" benchmarks/bench_nf4_linear.py --variants all --m 1 4 8 9 16 --out "$OUT/nf4_gemv_variants_h100.json"
       ;;
     column_scale)
-      # DoRA's native column scale (qlora_ext::dora_column_scale) on CUDA: its tests, then QDoRA vs
-      # QLoRA at 8B with it on (dora.COLUMN_SCALE_DEVICES += cuda) — the switch to flip if it helps.
+      # DoRA's two CUDA candidates, not yet defaults: the native column scale (qlora_ext::
+      # dora_column_scale, switched on by dora.COLUMN_SCALE_DEVICES += cuda) and dora_scale's
+      # registers kernel (QLORA_DORA_SCALE_KERNEL=registers). Their tests (under memcheck too),
+      # then QDoRA vs QLoRA at 8B: as is, with the column scale, with both (~20 s each).
+      export QLORA_DORA_SCALE_KERNEL=registers
       step column_scale_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_lora_family.py \
         -k "column_scale or dora_output or dispatch or dora_scale"
       step column_scale_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
-        "$PY" -m pytest -q -p no:cacheprovider tests/test_lora_family.py -k "column_scale and cuda"
-      step column_scale_bench "$PY" -c "
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_lora_family.py -k "(column_scale or dora_scale) and cuda"
+      for variant in as_is column_scale column_scale_registers; do
+        [ "$variant" = column_scale_registers ] && export QLORA_DORA_SCALE_KERNEL=registers || export QLORA_DORA_SCALE_KERNEL=
+        step "dora_$variant" "$PY" -c "
 import runpy, sys
 from qlora_ext import dora
-dora.COLUMN_SCALE_DEVICES = ('cpu', 'cuda')
+if '$variant' != 'as_is':
+    dora.COLUMN_SCALE_DEVICES = ('cpu', 'cuda')
 sys.argv = ['bench_lora_family.py', '--shapes', '8b', '--cases', 'lora,dora', '--warmup', '2', '--steps', '6',
-            '--out', '$OUT/lora_family_dora_column_scale_8b_h100.json']
+            '--out', '$OUT/lora_family_dora_${variant}_8b_h100.json']
 runpy.run_path('benchmarks/bench_lora_family.py', run_name='__main__')"
+      done
+      unset QLORA_DORA_SCALE_KERNEL
       ;;
     gemv_factored)
       # The CUDA suite's GEMV users and decode with nf4_gemv's "factored" variant as the process

@@ -26,6 +26,8 @@
 //   16-byte accesses, c and bias held in registers; the same split as the backward (a thread owns
 //   8 columns of a chunk of rows). Memory bound: 2·M·N·sizeof(T) bytes.
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "cuda_common.cuh"
 #include "qlora/dora.h"
@@ -64,6 +66,58 @@ __global__ void dora_scale_kernel(const T* __restrict__ wa, const float* __restr
   const float inv = 1.0f / sqrtf(fmaxf(norm_sq, 0.0f));
   inv_norm[i] = inv;
   col_scale[i] = Element<T>::from_float(magnitude[i] * inv);
+}
+
+// The same math, FMA for FMA (so the same bits), with B's row read once into registers and G from
+// shared memory. dora_scale_kernel re-reads B_i from L1 r² times with a 4r-byte stride between
+// lanes: 16 L1 wavefronts per load, ~23 µs a launch at r = 16 on the H100 (5.2 ms of a QDoRA step,
+// benchmarks/results/lora_family_dora_profile_8b_h100.txt); this reads it with r loads. For r <=
+// kMaxRegisterRank. Not yet the default: QLORA_DORA_SCALE_KERNEL=registers selects it until it has
+// run on a GPU (the tests of test_lora_family.py -k dora_scale under that setting).
+constexpr int kMaxRegisterRank = 32;
+
+// R: the rank bucket (8, 16 or 32) the loops unroll to; lanes past r are predicated off.
+template <typename T, int R>
+__global__ void dora_scale_registers_kernel(const T* __restrict__ wa, const float* __restrict__ b,
+                                            const float* __restrict__ gram,
+                                            const float* __restrict__ weight_sq,
+                                            const float* __restrict__ magnitude, int64_t N, int r,
+                                            float two_s, float s_sq, T* __restrict__ col_scale,
+                                            float* __restrict__ inv_norm) {
+  __shared__ float gram_s[kMaxRegisterRank * kMaxRegisterRank];
+  for (int at = threadIdx.x; at < r * r; at += blockDim.x) gram_s[at] = gram[at];
+  __syncthreads();
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= N) return;
+  float b_row[R];
+#pragma unroll
+  for (int l = 0; l < R; ++l) b_row[l] = l < r ? __ldg(b + i * r + l) : 0.0f;
+  const T* wa_row = wa + i * r;
+  float cross = 0.0f, quad = 0.0f;
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    if (j < r) {
+      float g_b = 0.0f;
+#pragma unroll
+      for (int l = 0; l < R; ++l) {
+        if (l < r) g_b = fmaf(gram_s[j * r + l], b_row[l], g_b);
+      }
+      cross = fmaf(b_row[j], Element<T>::to_float(wa_row[j]), cross);
+      quad = fmaf(b_row[j], g_b, quad);
+    }
+  }
+  const float norm_sq = weight_sq[i] + (two_s * cross + s_sq * quad);
+  const float inv = 1.0f / sqrtf(fmaxf(norm_sq, 0.0f));
+  inv_norm[i] = inv;
+  col_scale[i] = Element<T>::from_float(magnitude[i] * inv);
+}
+
+bool registers_kernel_selected() {
+  static const bool selected = [] {
+    const char* v = std::getenv("QLORA_DORA_SCALE_KERNEL");
+    return v != nullptr && std::string(v) == "registers";
+  }();
+  return selected;
 }
 
 // Rows [blockIdx.y·rows_per_chunk, +rows_per_chunk) × this thread's 8 columns. `out` receives
@@ -191,6 +245,18 @@ cudaError_t dora_scale_cuda(const void* wa, FloatType type, const float* lora_b,
   const unsigned blocks = unsigned(ceil_div(N, kScaleThreads));
   return dispatch_float_type(type, [&](auto tag) {
     using T = decltype(tag);
+    if (r <= kMaxRegisterRank && registers_kernel_selected()) {
+      const auto launch = [&](auto kernel) {
+        kernel<<<blocks, kScaleThreads, 0, stream>>>(static_cast<const T*>(wa), lora_b, gram,
+                                                     weight_sq, magnitude, N, int(r), 2.0f * scale,
+                                                     scale * scale, static_cast<T*>(col_scale),
+                                                     inv_norm);
+        return cudaGetLastError();
+      };
+      if (r <= 8) return launch(dora_scale_registers_kernel<T, 8>);
+      if (r <= 16) return launch(dora_scale_registers_kernel<T, 16>);
+      return launch(dora_scale_registers_kernel<T, kMaxRegisterRank>);
+    }
     dora_scale_kernel<T><<<blocks, kScaleThreads, 0, stream>>>(
         static_cast<const T*>(wa), lora_b, gram, weight_sq, magnitude, N, int(r), 2.0f * scale,
         scale * scale, static_cast<T*>(col_scale), inv_norm);
