@@ -3,7 +3,11 @@ generated shapes (0, 1 and odd element counts, several dimensions, non-contiguou
 block sizes and hyper-parameters, bitwise where the kernels promise the reference's rounding; and
 invalid arguments that must raise an error naming them, never crash or return garbage.
 
-Deterministic (derandomize) and bounded (max_examples) so that CI runs the same cases quickly."""
+The NF4 product (nf4_gemv, nf4_gemm), block (RMSNorm fwd/bwd, RoPE, SwiGLU fwd/bwd) and DoRA
+(dora_scale, dora_scale_backward, dora_column_scale) operators run their generated cases through
+their example tests' own checks (the FlashAttention-rule comparisons, opcheck), so each rule is
+stated once. Deterministic (derandomize) and bounded (max_examples) so that CI runs the same
+cases quickly."""
 
 from __future__ import annotations
 
@@ -177,3 +181,89 @@ def test_adamw_with_mismatched_state_raises_naming_it(n, which, delta):
     with pytest.raises(RuntimeError, match=which):
         optim_ops.adamw_step(args["params"], args["grads"], args["exp_avgs"], args["exp_avg_sqs"], lr=1e-3,
                              beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)  # fmt: skip
+
+
+# ---- the product, block and DoRA operators: generated cases through the same checks as their
+# example tests (each check is the example test's own function, so the rules are stated once) ----
+
+import test_block_ops  # noqa: E402
+import test_lora_family  # noqa: E402
+from test_nf4_gemm import gemm  # noqa: E402
+from test_nf4_gemv import assert_close_to_reference, gemv, make_case  # noqa: E402
+
+# K: multiples of 64 (the fused kernels' domain) and others (blocks straddle rows: the fallbacks)
+gemv_k = st.one_of(st.integers(1, 48).map(lambda j: 64 * j), st.integers(1, 700))
+
+
+@PROFILE
+@given(M=st.integers(0, 16), N=st.integers(1, 80), K=gemv_k, dtype=st.sampled_from(FLOATS), blocksize=nf4_blocks,
+       double_quant=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**31 - 1), device=st.sampled_from(DEVICES))  # fmt: skip
+def test_nf4_gemv_matches_the_reference(M, N, K, dtype, blocksize, double_quant, bias, seed, device):
+    x, weight, b = make_case(device, dtype, M, N, K, blocksize, double_quant, bias, seed=seed)
+    assert_close_to_reference(gemv(x, weight, b), x, weight, b)
+
+
+@settings(PROFILE, max_examples=12)
+@given(M=st.integers(17, 96), N=st.integers(1, 80), K=gemv_k, dtype=st.sampled_from(FLOATS), blocksize=nf4_blocks,
+       double_quant=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**31 - 1), device=st.sampled_from(DEVICES))  # fmt: skip
+def test_nf4_gemm_matches_the_reference(M, N, K, dtype, blocksize, double_quant, bias, seed, device):
+    x, weight, b = make_case(device, dtype, M, N, K, blocksize, double_quant, bias, seed=seed)
+    assert_close_to_reference(gemm(x, weight, b), x, weight, b)
+
+
+rows_shapes = st.tuples(st.lists(st.integers(0, 9), max_size=2), st.integers(1, 1100)).map(lambda t: (*t[0], t[1]))
+
+
+@PROFILE
+@given(shape=rows_shapes, dtype=st.sampled_from(FLOATS), seed=st.integers(0, 2**31 - 1), device=st.sampled_from(DEVICES))
+def test_rms_norm_matches_the_reference(shape, dtype, seed, device):
+    torch.manual_seed(seed)  # the example test draws its x and weight from torch's generator
+    test_block_ops.test_rms_norm_matches_reference(device, dtype, shape)
+
+
+@settings(PROFILE, max_examples=15)
+@given(shape=rows_shapes, dtype=st.sampled_from(FLOATS), seed=st.integers(0, 2**31 - 1), device=st.sampled_from(DEVICES))
+def test_rms_norm_backward_matches_the_reference(shape, dtype, seed, device):
+    torch.manual_seed(seed)
+    test_block_ops.test_rms_norm_gradients(device, dtype, shape)
+
+
+@PROFILE
+@given(B=st.integers(1, 3), Hq=st.integers(1, 5), Hk=st.integers(1, 3), T=st.integers(1, 40),
+       Dh=st.integers(1, 40).map(lambda d: 2 * d), layout=st.sampled_from(["bhtd", "bthd"]),
+       dtype=st.sampled_from(FLOATS), seed=st.integers(0, 2**31 - 1), device=st.sampled_from(DEVICES))  # fmt: skip
+def test_rope_matches_the_reference(B, Hq, Hk, T, Dh, layout, dtype, seed, device):
+    torch.manual_seed(seed)
+    test_block_ops.test_rope_matches_reference(device, dtype, (B, Hq, Hk, T, Dh), layout)
+
+
+@PROFILE
+@given(shape=rows_shapes, dtype=st.sampled_from(FLOATS), seed=st.integers(0, 2**31 - 1), device=st.sampled_from(DEVICES))
+def test_swiglu_matches_the_reference(shape, dtype, seed, device):
+    torch.manual_seed(seed)
+    test_block_ops.test_swiglu_matches_reference(device, dtype, shape)
+
+
+@PROFILE
+@given(n=st.integers(1, 400), r=st.integers(1, 40), dtype=st.sampled_from(FLOATS), device=st.sampled_from(DEVICES))
+def test_dora_scale_matches_the_reference(n, r, dtype, device):
+    test_lora_family.test_dora_scale_matches_reference(n, r, dtype, device)
+
+
+# Leading dims of dy / z. At most one of them 0: opcheck's input copy (torch._dynamo's clone_input,
+# torch 2.13) computes a negative storage size for shapes like (0, 0, n) and fails before the op
+# runs; the operators themselves take them (tests/test_lora_family.py, M0).
+dora_lead = st.lists(st.integers(0, 40), min_size=1, max_size=2).filter(lambda d: d.count(0) <= 1).map(tuple)
+
+
+@PROFILE
+@given(lead=dora_lead, n=st.integers(1, 300), dtype=st.sampled_from(FLOATS), device=st.sampled_from(DEVICES))
+def test_dora_scale_backward_matches_the_reference(lead, n, dtype, device):
+    test_lora_family.test_dora_scale_backward_matches_reference(lead, n, dtype, device)
+
+
+@PROFILE
+@given(lead=dora_lead, n=st.integers(1, 300), bias=st.booleans(), dtype=st.sampled_from(FLOATS),
+       device=st.sampled_from(DEVICES))  # fmt: skip
+def test_dora_column_scale_matches_the_reference(lead, n, bias, dtype, device):
+    test_lora_family.test_dora_column_scale_matches_reference(lead, n, bias, dtype, device)
