@@ -11,6 +11,7 @@ import qlora_ext
 from qlora_ext import fused_qkv
 from qlora_ext.builtin.tiny_llama import TinyLlama, TinyLlamaConfig
 from qlora_ext.layers import QLoRALinear
+from qlora_ext.lora_linear import _weight_args
 
 LAYERS = 2
 
@@ -114,6 +115,32 @@ def test_same_loss_and_gradients_as_the_modules(device, kind, checkpointing, con
         _sgd_step(fused, plain)
     # Checkpointing runs each attention twice per step (forward, then recompute in backward).
     assert calls.n == steps * LAYERS * (1 if checkpointing == "off" else 2)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weights_dequantized_into_one_buffer_equal_the_concatenation(device, dtype, monkeypatch):
+    """The concatenated weights: dequantized into row ranges of one buffer (DEQUANTIZE_INTO_DEVICES)
+    or apart and copied by torch.cat, the same bits; and the buffer path is the one taken on the
+    devices it lists, for weights stored in the compute dtype."""
+    torch.manual_seed(1)
+    weights = [qlora_ext.NF4Weight.from_float(torch.randn(n, 48, dtype=dtype, device=device), double_quant=dq)
+               for n, dq in ((64, True), (16, False), (16, True))]  # fmt: skip
+    specs = [_weight_args(w) for w in weights]
+    assert all(spec[8] == dtype for spec in specs)
+    monkeypatch.setattr(fused_qkv, "DEQUANTIZE_INTO_DEVICES", (device,))
+    calls = []
+    real = fused_qkv._ops.nf4_dequantize_into
+    monkeypatch.setattr(fused_qkv._ops, "nf4_dequantize_into", lambda *a: calls.append(a) or real(*a))
+    buffered = fused_qkv._dequantized(specs, dtype, concat=True)
+    assert len(calls) == 3 and buffered.shape == (96, 48) and buffered.dtype == dtype
+    monkeypatch.setattr(fused_qkv, "DEQUANTIZE_INTO_DEVICES", ())
+    assert torch.equal(buffered, fused_qkv._dequantized(specs, dtype, concat=True)) and len(calls) == 3
+    # stored in fp32, computed in bf16: dequantize, then cast (the buffer path does not apply)
+    if dtype == torch.float32:
+        monkeypatch.setattr(fused_qkv, "DEQUANTIZE_INTO_DEVICES", (device,))
+        cast = fused_qkv._dequantized(specs, torch.bfloat16, concat=True)
+        assert len(calls) == 3 and torch.equal(cast, buffered.to(torch.bfloat16))
 
 
 def _three_layers(r=(4, 2, 3), alpha=(8, 3, 5), rslora=(False, True, False), bias=True, dtype=torch.float32):

@@ -179,6 +179,46 @@ def test_nf4_dequantize_matches_reference(device, dtype, blocksize, shape, neste
     assert_bitwise_equal(out, reference_dequantize_state(state, blocksize, shape, dtype))
 
 
+def dequantize_state_into(out: torch.Tensor, state: dict, blocksize: int) -> torch.Tensor:
+    return ops.nf4_dequantize_into(
+        out, state["packed"], state["absmax"], blocksize,
+        state.get("nested_absmax"), state.get("nested_code"), state.get("nested_offset"),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "double_quant"])
+@pytest.mark.parametrize("shape", [(0,), (1,), (33,), (7, 129), (3, 5, 67), (128, 256)], ids=shape_id)
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_nf4_dequantize_into_matches_reference(device, dtype, blocksize, shape, nested):
+    """Into a row range of a larger buffer: the range gets nf4_dequantize's bits, the rest of the
+    buffer is untouched; opcheck (a mutating operator: schema, fake, autograd registration)."""
+    state = random_nf4_state(math.prod(shape), blocksize, nested, device)
+    rows = shape[0] if shape else 1
+    buffer = torch.full((rows + 5, *shape[1:]), 7.0, dtype=dtype, device=device)
+    piece = buffer[2 : 2 + rows].view(shape)
+    assert dequantize_state_into(piece, state, blocksize) is piece
+    assert_bitwise_equal(piece, reference_dequantize_state(state, blocksize, shape, dtype))
+    assert (buffer[:2] == 7).all() and (buffer[2 + rows :] == 7).all()
+    args = (piece, state["packed"], state["absmax"], blocksize,
+            state.get("nested_absmax"), state.get("nested_code"), state.get("nested_offset"), 256)  # fmt: skip
+    torch.library.opcheck(torch.ops.qlora_ext.nf4_dequantize_into.default, args)
+
+
+def test_nf4_dequantize_into_bad_out(device):
+    state = random_nf4_state(64, 64, False, device)
+    packed, absmax = state["packed"], state["absmax"]
+    with pytest.raises(RuntimeError, match="out must be contiguous"):
+        ops.nf4_dequantize_into(torch.empty(16, 8, device=device).t(), packed, absmax, 64)
+    with pytest.raises(RuntimeError, match="out must be"):
+        ops.nf4_dequantize_into(torch.empty(8, 8, dtype=torch.int32, device=device), packed, absmax, 64)
+    with pytest.raises(RuntimeError, match="packed"):  # 65 elements need 33 bytes of codes
+        ops.nf4_dequantize_into(torch.empty(65, device=device), packed, absmax, 64)
+    if device == "cpu" and torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="out is on"):
+            ops.nf4_dequantize_into(torch.empty(64, device="cuda"), packed, absmax, 64)
+
+
 @pytest.mark.parametrize("shape", DQ_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("blocksize", [32, 64, 4096])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)

@@ -12,8 +12,9 @@
 #     bash benchmarks/gpu_checks/run.sh build units        # fused MLP (LoRA, DoRA) / Q/K/V units: CUDA tests,
 #                                                          # QDoRA vs QLoRA (8B, 1B), 1B training with/without fused Q/K/V
 #     bash benchmarks/gpu_checks/run.sh build gemv_ab      # every nf4_gemv variant: CUDA tests + A/B benchmark
-#     bash benchmarks/gpu_checks/run.sh build column_scale # DoRA's CUDA candidates (column scale, dora_scale
-#                                                          # registers kernel): tests, QDoRA/QLoRA 8B with each
+#     bash benchmarks/gpu_checks/run.sh build column_scale # the CUDA candidates written without a GPU: DoRA's
+#                                                          # column scale and registers norm kernel, the Q/K/V
+#                                                          # weights dequantized into one buffer: tests, 8B steps
 #     bash benchmarks/gpu_checks/run.sh build gemv_factored # suite + decode with the "factored" GEMV as default
 #     bash benchmarks/gpu_checks/run.sh build sanitize_new # sanitizer runs not yet finished (gemv variants, fused
 #                                                          # MLP with DoRA, fused Q/K/V)
@@ -130,6 +131,12 @@ sys.argv = ['bench_lora_family.py', '--shapes', '8b', '--cases', 'lora,dora', '-
 runpy.run_path('benchmarks/bench_lora_family.py', run_name='__main__')"
       done
       unset QLORA_DORA_SCALE_KERNEL
+      # nf4_dequantize_into (the fused Q/K/V unit's weights without torch.cat): tests, then 8B
+      # QLoRA with and without it
+      step dequantize_into_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_ops.py \
+        tests/test_fused_qkv.py -k "into or buffer"
+      step train_qkv_into "$PY" benchmarks/bench_train.py --model 8b --seq 2048 --steps 8 --stacks ours,ours_qkv_into \
+        --out "$OUT/train_8b_qkv_into_h100.json"
       ;;
     gemv_factored)
       # The CUDA suite's GEMV users and decode with nf4_gemv's "factored" variant as the process

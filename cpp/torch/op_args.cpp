@@ -140,6 +140,20 @@ NF4DequantizeArgs check_nf4_dequantize(const at::Tensor& packed, const at::Tenso
   return args;
 }
 
+NF4DequantizeArgs check_nf4_dequantize_into(const at::Tensor& out, const at::Tensor& packed,
+                                            const at::Tensor& absmax, int64_t blocksize,
+                                            const std::optional<at::Tensor>& nested_absmax,
+                                            const std::optional<at::Tensor>& nested_code,
+                                            const std::optional<at::Tensor>& nested_offset,
+                                            int64_t nested_blocksize) {
+  QLORA_CHECK(out.is_contiguous(), "out must be contiguous (deq(W) is written in row-major order), "
+              "got strides ", out.strides());
+  check_same_device(out, packed, "out", "packed");
+  float_type_of(out.scalar_type(), "out");
+  return check_nf4_dequantize(packed, absmax, blocksize, out.sym_sizes(), out.scalar_type(),
+                              nested_absmax, nested_code, nested_offset, nested_blocksize);
+}
+
 namespace {
 
 // nf4_gemv and nf4_gemm: the same arguments, `op` taking at most `max_rows` rows of x.

@@ -96,6 +96,14 @@ NF4DequantizeArgs check_nf4_dequantize(const at::Tensor& packed, const at::Tenso
                                        const std::optional<at::Tensor>& nested_code,
                                        const std::optional<at::Tensor>& nested_offset,
                                        int64_t nested_blocksize);
+// The same for nf4_dequantize_into: shape and dtype are out's; out must be contiguous, on
+// packed's device.
+NF4DequantizeArgs check_nf4_dequantize_into(const at::Tensor& out, const at::Tensor& packed,
+                                            const at::Tensor& absmax, int64_t blocksize,
+                                            const std::optional<at::Tensor>& nested_absmax,
+                                            const std::optional<at::Tensor>& nested_code,
+                                            const std::optional<at::Tensor>& nested_offset,
+                                            int64_t nested_blocksize);
 
 struct NF4GemvArgs {
   at::Tensor x;     // contiguous, viewed as [M, K]

@@ -25,6 +25,18 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& weight, in
   return {packed, absmax};
 }
 
+// Writes deq(W) into `out` (contiguous, a.n elements of a.type), split over threads by blocks.
+void dequantize_into_cpu(const NF4DequantizeArgs& a, int64_t blocksize, int64_t nested_blocksize,
+                         at::Tensor& out) {
+  qlora::NF4Scales scales = a.scales();
+  scales.nested_blocksize = nested_blocksize;
+  const uint8_t* p = a.packed.data_ptr<uint8_t>();
+  void* o = out.data_ptr();
+  at::parallel_for(0, a.n_blocks, grain_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    qlora::nf4_dequantize_cpu(p, scales, a.n, blocksize, begin, end, o, a.type);
+  });
+}
+
 at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                               c10::SymIntArrayRef shape, at::ScalarType dtype,
                               const std::optional<at::Tensor>& nested_absmax,
@@ -35,14 +47,19 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
                                                    nested_absmax, nested_code, nested_offset,
                                                    nested_blocksize);
   at::Tensor out = at::empty(C10_AS_INTARRAYREF_SLOW(shape), packed.options().dtype(dtype));
-  qlora::NF4Scales scales = a.scales();
-  scales.nested_blocksize = nested_blocksize;
-  const uint8_t* p = a.packed.data_ptr<uint8_t>();
-  void* o = out.data_ptr();
-  at::parallel_for(0, a.n_blocks, grain_blocks(blocksize), [&](int64_t begin, int64_t end) {
-    qlora::nf4_dequantize_cpu(p, scales, a.n, blocksize, begin, end, o, a.type);
-  });
+  dequantize_into_cpu(a, blocksize, nested_blocksize, out);
   return out;
+}
+
+void nf4_dequantize_into_cpu(at::Tensor& out, const at::Tensor& packed, const at::Tensor& absmax,
+                             int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                             const std::optional<at::Tensor>& nested_code,
+                             const std::optional<at::Tensor>& nested_offset,
+                             int64_t nested_blocksize) {
+  const NF4DequantizeArgs a = check_nf4_dequantize_into(out, packed, absmax, blocksize,
+                                                        nested_absmax, nested_code, nested_offset,
+                                                        nested_blocksize);
+  dequantize_into_cpu(a, blocksize, nested_blocksize, out);
 }
 
 // nf4_gemv and nf4_gemm on the CPU: one kernel for any M (each weight row is dequantized once and
@@ -127,6 +144,7 @@ at::Tensor blockwise8_dequantize_cpu(const at::Tensor& codes, const at::Tensor& 
 TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
   m.impl("nf4_quantize", &nf4_quantize_cpu);
   m.impl("nf4_dequantize", &nf4_dequantize_cpu);
+  m.impl("nf4_dequantize_into", &nf4_dequantize_into_cpu);
   m.impl("nf4_gemv", &nf4_gemv_cpu);
   m.impl("nf4_gemm", &nf4_gemm_cpu);
   m.impl("blockwise8_quantize", &blockwise8_quantize_cpu);

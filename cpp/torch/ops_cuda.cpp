@@ -27,6 +27,17 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& weight, i
   return {packed, absmax};
 }
 
+// One launch writing deq(W) into `out` (contiguous, a.n elements of a.type) on the current stream.
+void dequantize_into_cuda(const NF4DequantizeArgs& a, int64_t blocksize, int64_t nested_blocksize,
+                          at::Tensor& out, const char* op) {
+  qlora::NF4Scales scales = a.scales();
+  scales.nested_blocksize = nested_blocksize;
+  check_launch(qlora::nf4_dequantize_cuda(a.packed.data_ptr<uint8_t>(), scales, a.n, blocksize,
+                                          out.data_ptr(), a.type,
+                                          at::cuda::getCurrentCUDAStream()),
+               op);
+}
+
 at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absmax,
                                int64_t blocksize, c10::SymIntArrayRef shape, at::ScalarType dtype,
                                const std::optional<at::Tensor>& nested_absmax,
@@ -38,13 +49,20 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absma
                                                    nested_blocksize);
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor out = at::empty(C10_AS_INTARRAYREF_SLOW(shape), packed.options().dtype(dtype));
-  qlora::NF4Scales scales = a.scales();
-  scales.nested_blocksize = nested_blocksize;
-  check_launch(qlora::nf4_dequantize_cuda(a.packed.data_ptr<uint8_t>(), scales, a.n, blocksize,
-                                          out.data_ptr(), a.type,
-                                          at::cuda::getCurrentCUDAStream()),
-               "nf4_dequantize");
+  dequantize_into_cuda(a, blocksize, nested_blocksize, out, "nf4_dequantize");
   return out;
+}
+
+void nf4_dequantize_into_cuda(at::Tensor& out, const at::Tensor& packed, const at::Tensor& absmax,
+                              int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                              const std::optional<at::Tensor>& nested_code,
+                              const std::optional<at::Tensor>& nested_offset,
+                              int64_t nested_blocksize) {
+  const NF4DequantizeArgs a = check_nf4_dequantize_into(out, packed, absmax, blocksize,
+                                                        nested_absmax, nested_code, nested_offset,
+                                                        nested_blocksize);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  dequantize_into_cuda(a, blocksize, nested_blocksize, out, "nf4_dequantize_into");
 }
 
 // The product when there is nothing to multiply (K = 0, or an empty output): y is the bias
@@ -151,6 +169,7 @@ at::Tensor blockwise8_dequantize_cuda(const at::Tensor& codes, const at::Tensor&
 TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("nf4_quantize", &nf4_quantize_cuda);
   m.impl("nf4_dequantize", &nf4_dequantize_cuda);
+  m.impl("nf4_dequantize_into", &nf4_dequantize_into_cuda);
   m.impl("nf4_gemv", &nf4_gemv_cuda);
   m.impl("nf4_gemm", &nf4_gemm_cuda);
   m.impl("blockwise8_quantize", &blockwise8_quantize_cuda);

@@ -20,6 +20,12 @@ TORCH_LIBRARY(qlora_ext, m) {
       "nf4_dequantize(Tensor packed, Tensor absmax, int blocksize, SymInt[] shape, ScalarType dtype, "
       "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? nested_offset=None, "
       "int nested_blocksize=256) -> Tensor");
+  // The same into a given contiguous tensor (its shape and dtype are the shape and dtype above):
+  // several weights dequantized into row ranges of one buffer, with no concatenation copy.
+  m.def(
+      "nf4_dequantize_into(Tensor(a!) out, Tensor packed, Tensor absmax, int blocksize, "
+      "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? nested_offset=None, "
+      "int nested_blocksize=256) -> ()");
   // y [..., N] = x [..., K] · deq(W [N, K])ᵀ (+ bias [N]) in x's dtype (fp32/fp16/bf16), fp32 sums;
   // prod(x.shape[:-1]) <= 16 (decode); W as for nf4_dequantize, dequantized to x's dtype.
   m.def(

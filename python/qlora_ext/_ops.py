@@ -93,6 +93,24 @@ def nf4_dequantize(
     )  # fmt: skip
 
 
+def nf4_dequantize_into(
+    out: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """nf4_dequantize written into `out` (contiguous; its shape and float dtype are the weight's
+    shape and the target dtype), e.g. a row range of a buffer that holds several weights. Returns
+    out. No autograd (the base weight is frozen)."""
+    _ops().nf4_dequantize_into(out, packed, absmax, blocksize, nested_absmax, nested_code, nested_offset,
+                               nested_blocksize)  # fmt: skip
+    return out
+
+
 def nf4_gemv(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -367,6 +385,15 @@ def register_fakes() -> None:
         torch._check(packed.numel() == (n + 1) // 2, lambda: "packed size does not match shape")
         torch._check(absmax.numel() == _ceil_div(n, blocksize), lambda: "absmax size does not match")
         return packed.new_empty(tuple(shape), dtype=dtype)
+
+    @torch.library.register_fake("qlora_ext::nf4_dequantize_into")
+    def _(out, packed, absmax, blocksize, nested_absmax=None, nested_code=None, nested_offset=None,
+          nested_blocksize=256):  # fmt: skip
+        torch._check(blocksize in NF4_BLOCKSIZES, lambda: f"blocksize must be one of {NF4_BLOCKSIZES}")
+        torch._check(out.is_contiguous(), lambda: "out must be contiguous")
+        n = out.numel()
+        torch._check(packed.numel() == (n + 1) // 2, lambda: "packed size does not match out")
+        torch._check(absmax.numel() == _ceil_div(n, blocksize), lambda: "absmax size does not match out")
 
     def _nf4_product_fake(op, max_rows):
         def fake(x, packed, absmax, blocksize, weight_shape, bias=None, nested_absmax=None, nested_code=None,

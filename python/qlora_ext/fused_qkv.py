@@ -83,13 +83,36 @@ DEVICES: tuple[str, ...] = ("cpu", "cuda")
 DORA_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
 
+#: Device types where the concatenated weights are dequantized straight into their row ranges
+#: of one buffer (_ops.nf4_dequantize_into) instead of dequantized apart and copied by torch.cat:
+#: on the H100 the copy took 3.5 ms of an 8B QLoRA step (95 launches;
+#: benchmarks/results/lora_family_dora_profile_8b_h100.txt). CUDA joins once the operator has run
+#: on a GPU (written 2026-12-06 without device time).
+DEQUANTIZE_INTO_DEVICES: tuple[str, ...] = ("cpu",)
+
+
 def _dequantized(specs, dtype: torch.dtype, concat: bool) -> list[Tensor] | Tensor:
     """deq(W) of each projection in `dtype` (bits as nf4_lora_linear's), concatenated along the
     output rows into one [Nq+Nk+Nv, K] buffer if `concat`."""
+    if concat and _dequantizes_in_place(specs, dtype):
+        rows = [spec[7][0] for spec in specs]  # weight_shape [N, K]
+        w = torch.empty((sum(rows), specs[0][7][1]), dtype=dtype, device=specs[0][0].device)
+        for spec, piece in zip(specs, w.split(rows)):
+            packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize = spec[:7]
+            _ops.nf4_dequantize_into(piece, packed, absmax, blocksize, nested_absmax, nested_code, nested_offset,
+                                     nested_blocksize)  # fmt: skip
+        return w
     ws = [_dequantize(*spec, dtype) for spec in specs]
     if not concat:
         return ws
     return torch.cat(ws)  # the three pieces are freed on return: one dense copy remains
+
+
+def _dequantizes_in_place(specs, dtype: torch.dtype) -> bool:
+    """The buffer path applies: every weight stored in `dtype` (nothing to cast after
+    dequantizing: the bits then equal _dequantize's) with one K, on a DEQUANTIZE_INTO_DEVICES device."""
+    return (specs[0][0].device.type in DEQUANTIZE_INTO_DEVICES and all(spec[8] == dtype for spec in specs)
+            and len({spec[7][1] for spec in specs}) == 1)  # fmt: skip
 
 
 class _LoRAQKV(torch.autograd.Function):
