@@ -3,8 +3,9 @@ generated shapes (0, 1 and odd element counts, several dimensions, non-contiguou
 block sizes and hyper-parameters, bitwise where the kernels promise the reference's rounding; and
 invalid arguments that must raise an error naming them, never crash or return garbage.
 
-The NF4 product (nf4_gemv, nf4_gemm), block (RMSNorm fwd/bwd, RoPE, SwiGLU fwd/bwd) and DoRA
-(dora_scale, dora_scale_backward, dora_column_scale) operators run their generated cases through
+The NF4 product (nf4_gemv, nf4_gemm), block (RMSNorm fwd/bwd, RoPE, SwiGLU fwd/bwd), DoRA
+(dora_scale, dora_scale_backward, dora_column_scale) and training-layer (nf4_lora_linear,
+nf4_dora_linear, with their gradients) operators run their generated cases through
 their example tests' own checks (the FlashAttention-rule comparisons, opcheck), so each rule is
 stated once. Deterministic (derandomize) and bounded (max_examples) so that CI runs the same
 cases quickly."""
@@ -267,3 +268,29 @@ def test_dora_scale_backward_matches_the_reference(lead, n, dtype, device):
        device=st.sampled_from(DEVICES))  # fmt: skip
 def test_dora_column_scale_matches_the_reference(lead, n, bias, dtype, device):
     test_lora_family.test_dora_column_scale_matches_reference(lead, n, bias, dtype, device)
+
+
+import test_lora_linear  # noqa: E402
+
+lora_shapes = st.tuples(st.lists(st.integers(1, 6), min_size=1, max_size=2).map(tuple), st.integers(1, 200),
+                        st.integers(1, 70), st.integers(1, 16))  # (lead dims of x, K, N, r)  # fmt: skip
+
+
+@settings(PROFILE, max_examples=15)
+@given(shape=lora_shapes, dropout_input=st.booleans(), dtype=st.sampled_from(FLOATS), device=st.sampled_from(DEVICES))
+def test_nf4_lora_linear_matches_the_reference(shape, dropout_input, dtype, device):
+    """qlora_ext::nf4_lora_linear, forward and every gradient, against autograd through the
+    reference (the example test's rule), and opcheck."""
+    test_lora_linear.test_matches_reference_autograd(shape, dropout_input, dtype, device)
+    test_lora_linear.test_opcheck_lora(shape, dtype, device)
+
+
+@settings(PROFILE, max_examples=15)
+@given(k=st.integers(1, 200), n=st.integers(1, 90), r=st.integers(1, 16),
+       lead=st.lists(st.integers(1, 6), min_size=1, max_size=2).map(tuple), with_x_lora=st.booleans(),
+       seed=st.integers(0, 2**31 - 1), device=st.sampled_from(DEVICES))  # fmt: skip
+def test_nf4_dora_linear_matches_the_reference(k, n, r, lead, with_x_lora, seed, device):
+    """qlora_ext::nf4_dora_linear: forward and the gradients of x, x_lora, A, B, m and bias
+    against autograd through the paper's formula (the example test's check)."""
+    torch.manual_seed(seed)
+    test_lora_family.test_dora_op_gradients_match_reference((k, n, r, lead), with_x_lora, device)
