@@ -3,7 +3,8 @@ generated shapes (0, 1 and odd element counts, several dimensions, non-contiguou
 block sizes and hyper-parameters, bitwise where the kernels promise the reference's rounding; and
 invalid arguments that must raise an error naming them, never crash or return garbage.
 
-The NF4 product (nf4_gemv, nf4_gemm), block (RMSNorm fwd/bwd, RoPE, SwiGLU fwd/bwd), DoRA
+nf4_dequantize_into is checked against nf4_dequantize on the same cases. The NF4 product
+(nf4_gemv, nf4_gemm), block (RMSNorm fwd/bwd, RoPE, SwiGLU fwd/bwd), DoRA
 (dora_scale, dora_scale_backward, dora_column_scale) and training-layer (nf4_lora_linear,
 nf4_dora_linear, with their gradients) operators run their generated cases through
 their example tests' own checks (the FlashAttention-rule comparisons, opcheck), so each rule is
@@ -64,6 +65,12 @@ def test_nf4_quantize_dequantize_match_the_reference(shape, dtype, blocksize, se
         out = ops.nf4_dequantize(packed, absmax, blocksize, list(shape), out_dtype)
         expected = reference.nf4_dequantize(ref_packed, ref_absmax, blocksize, list(shape), out_dtype)
         assert out.shape == torch.Size(shape) and out.dtype == out_dtype
+        # nf4_dequantize_into: the same bits in a row range of a larger buffer, the rest untouched
+        rows = shape[0] if shape else 1
+        buffer = torch.full((rows + 2, *shape[1:]), -1.0, dtype=out_dtype, device=device)
+        ops.nf4_dequantize_into(buffer[1 : 1 + rows].view(shape), packed, absmax, blocksize)
+        assert torch.equal(buffer[1 : 1 + rows].view(shape), out)
+        assert (buffer[0] == -1).all() and (buffer[-1] == -1).all()
         assert torch.equal(out.cpu(), expected)
 
 
