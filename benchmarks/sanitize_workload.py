@@ -43,6 +43,9 @@ p = torch.empty(5001, dtype=torch.uint8, device=dev)[1:]
 p.copy_(q.packed.view(-1))
 qlora_ext.ops.nf4_dequantize(p, q.absmax, 64, [10000], torch.bfloat16, q.nested.absmax2, q.nested.code,
                              q.nested.offset.reshape(1))  # fmt: skip
+# ... and into a row range of a larger buffer (nf4_dequantize_into: the fused Q/K/V unit's weights)
+buffer = torch.empty(3, 10000, dtype=torch.bfloat16, device=dev)
+qlora_ext.ops.nf4_dequantize_into(buffer[1], p, q.absmax, 64, q.nested.absmax2, q.nested.code, q.nested.offset.reshape(1))
 # AdamW 32-bit and 8-bit, multi-tensor batches of odd sizes and dtypes (> 32 tensors: two batches)
 for dt in (torch.float32, torch.bfloat16, torch.float16):
     sizes = [1, 3, 255, 256, 257, 4096, 5000, 70001] * 5

@@ -68,7 +68,8 @@ for stage in "$@"; do
       step leak "$PY" benchmarks/leak_check.py --out "$OUT/leak_h100.json"
       ;;
     sanitize)
-      step sanitize_workload bash -c "for t in memcheck racecheck initcheck; do compute-sanitizer --tool \$t --error-exitcode 9 $PY benchmarks/sanitize_workload.py 2>&1 | tail -2; done"
+      # twice: the second time with dora_scale's registers kernel (QLORA_DORA_SCALE_KERNEL)
+      step sanitize_workload bash -c "for k in '' registers; do for t in memcheck racecheck initcheck; do QLORA_DORA_SCALE_KERNEL=\$k compute-sanitizer --tool \$t --error-exitcode 9 $PY benchmarks/sanitize_workload.py 2>&1 | tail -2; done; done"
       step sanitize_tests bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_h100.txt"
       ;;
     train)
