@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import CountApplies, force_fused_linear_route, lm_loss, trainable_grads, devices, hf_config, hf_model, randomize_adapters, token_batch
+from train_helpers import assert_fused_bf16_within_twice_the_modules, builtin_tiny_llama, llama_with_biases, train_biases, CountApplies, force_fused_linear_route, lm_loss, trainable_grads, devices, hf_model, randomize_adapters, token_batch
 
 import qlora_ext
 from qlora_ext import fused_mlp
-from qlora_ext.builtin.tiny_llama import TinyLlama, TinyLlamaConfig
 
 
 def test_chunk_rows_choice(monkeypatch):
@@ -22,29 +21,21 @@ def test_chunk_rows_choice(monkeypatch):
 
 def _model(kind="llama", method="lora", dropout=0.0, fused=True, device="cpu", dtype=torch.float32, seed=1):
     if kind == "builtin":
-        cfg = TinyLlamaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64)  # fmt: skip
-        model = TinyLlama.from_seed(cfg, seed=0).to(dtype)
+        model = builtin_tiny_llama(dtype)
     elif kind == "llama-mlp-bias":
-        transformers = pytest.importorskip("transformers")
-        config = hf_config("llama")
-        config.mlp_bias = True
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                    proj.bias.normal_()
+        model = llama_with_biases("mlp_bias", _mlp_projections, dtype)
     else:
         model = hf_model(kind, dtype=dtype)
     torch.manual_seed(3)
     qlora_ext.prepare(model, r=4, alpha=8, dropout=dropout, method=method, verbose=False, fused_mlp=fused)
     randomize_adapters(model, seed=seed)
-    if kind == "llama-mlp-bias":  # trained biases too (prepare froze them): their gradients are checked
-        for layer in model.model.layers:
-            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                proj.bias.requires_grad_(True)
+    if kind == "llama-mlp-bias":
+        train_biases(model, _mlp_projections)
     return model.to(device).train()
+
+
+def _mlp_projections(layer):
+    return layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj
 
 
 _loss = lm_loss
@@ -97,20 +88,8 @@ def test_bf16_error_within_twice_the_module_paths(device, method, chunk, monkeyp
     most twice as much as the module-by-module bf16 path."""
     monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", chunk)
     ids = token_batch(batch=2, seq=16, seed=7).to(device)
-    results = {}
-    for name, fused, dtype in (("ref", False, torch.float32), ("fused", True, torch.bfloat16),
-                               ("plain", False, torch.bfloat16)):  # fmt: skip
-        model = _model("llama", method, fused=fused, device=device, dtype=torch.float32)
-        model.to(dtype)  # the base model in dtype; NF4 codes unchanged; adapters follow
-        loss = _loss(model, ids)
-        loss.backward()
-        results[name] = (loss.detach().float(), {n: g.float() for n, g in _grads(model).items()})
-    ref_loss, ref_grads = results["ref"]
-    for name in ref_grads:
-        err = (results["fused"][1][name] - ref_grads[name]).abs().max()
-        base = (results["plain"][1][name] - ref_grads[name]).abs().max()
-        assert err <= 2 * base + 1e-6, (name, float(err), float(base))
-    assert abs(results["fused"][0] - ref_loss) <= 2 * abs(results["plain"][0] - ref_loss) + 1e-6
+    assert_fused_bf16_within_twice_the_modules(
+        lambda fused: _model("llama", method, fused=fused, device=device, dtype=torch.float32), ids)
 
 
 @pytest.mark.parametrize("method, dropout", [("vera", 0.0), ("lora_fa", 0.0), ("delta_lora", 0.0), ("lora", 0.1),

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import CountApplies, force_fused_linear_route, lm_loss, trainable_grads, devices, hf_config, hf_model, randomize_adapters, token_batch
+from train_helpers import assert_fused_bf16_within_twice_the_modules, builtin_tiny_llama, llama_with_biases, train_biases, CountApplies, force_fused_linear_route, lm_loss, trainable_grads, devices, hf_config, hf_model, randomize_adapters, token_batch
 
 import qlora_ext
 from qlora_ext import fused_qkv
-from qlora_ext.builtin.tiny_llama import TinyLlama, TinyLlamaConfig
 from qlora_ext.layers import QLoRALinear
 from qlora_ext.lora_linear import _weight_args
 
@@ -19,19 +18,9 @@ LAYERS = 2
 def _model(kind="llama", method="lora", dropout=0.0, fused=True, device="cpu", dtype=torch.float32, seed=1,
            checkpointing="resident", **prepare_kwargs):  # fmt: skip
     if kind == "builtin":
-        cfg = TinyLlamaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-                              num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64)  # fmt: skip
-        model = TinyLlama.from_seed(cfg, seed=0).to(dtype)
+        model = builtin_tiny_llama(dtype, LAYERS)
     elif kind == "llama-attn-bias":
-        transformers = pytest.importorskip("transformers")
-        config = hf_config("llama")
-        config.attention_bias = True
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in _qkv(layer.self_attn):
-                    proj.bias.normal_()
+        model = llama_with_biases("attention_bias", _qkv_of_layer, dtype)
     elif kind == "qwen3":  # q/k norms between the projections and RoPE
         transformers = pytest.importorskip("transformers")
         if not hasattr(transformers, "Qwen3Config"):
@@ -49,15 +38,35 @@ def _model(kind="llama", method="lora", dropout=0.0, fused=True, device="cpu", d
                       gradient_checkpointing=checkpointing != "off", offload_checkpoints=checkpointing == "offload",
                       **prepare_kwargs)  # fmt: skip
     randomize_adapters(model, seed=seed)
-    if kind == "llama-attn-bias":  # trained biases too (prepare froze them): their gradients are checked
-        for layer in model.model.layers:
-            for proj in _qkv(layer.self_attn):
-                proj.bias.requires_grad_(True)
+    if kind == "llama-attn-bias":
+        train_biases(model, _qkv_of_layer)
     return model.to(device).train()
 
 
 def _qkv(attn):
     return attn.q_proj, attn.k_proj, attn.v_proj
+
+
+def _qkv_of_layer(layer):
+    return _qkv(layer.self_attn)
+
+
+def _train_side_by_side(fused, plain, device, steps):
+    """`steps` SGD steps of both models on the same batches: the same loss and gradients at each
+    (fp32 round-off). Yields each step's gradients (names -> tensors) for the caller's coverage
+    checks before the step is taken."""
+    for step in range(steps):
+        ids = token_batch(batch=2, seq=12, seed=step).to(device)
+        loss, ref = _loss(fused, ids), _loss(plain, ids)
+        loss.backward()
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        got, want = _grads(fused), _grads(plain)
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+        yield want
+        _sgd_step(fused, plain)
 
 
 def _attentions(model):
@@ -99,20 +108,10 @@ def test_same_loss_and_gradients_as_the_modules(device, kind, checkpointing, con
     assert not any(fused_qkv.is_fused_qkv(a) for a in _attentions(plain))
     assert fused_qkv.enable_fused_qkv(fused) == 0  # already on
     steps = 3
-    for step in range(steps):
-        ids = token_batch(batch=2, seq=12, seed=step).to(device)
-        loss, ref = _loss(fused, ids), _loss(plain, ids)
-        loss.backward()
-        ref.backward()
-        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
-        got, want = _grads(fused), _grads(plain)
-        assert got.keys() == want.keys()
-        # every q/k/v adapter factor is checked (and every q/k/v bias where they train)
-        per_layer = 3 * (3 if kind == "llama-attn-bias" else 2)
+    # every q/k/v adapter factor is checked (and every q/k/v bias where they train)
+    per_layer = 3 * (3 if kind == "llama-attn-bias" else 2)
+    for want in _train_side_by_side(fused, plain, device, steps):
         assert sum(any(p in n for p in ("q_proj", "k_proj", "v_proj")) for n in want) == LAYERS * per_layer
-        for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
-        _sgd_step(fused, plain)
     # Checkpointing runs each attention twice per step (forward, then recompute in backward).
     assert calls.n == steps * LAYERS * (1 if checkpointing == "off" else 2)
 
@@ -215,20 +214,8 @@ def test_bf16_error_within_twice_the_module_paths(device, kind, method, monkeypa
     monkeypatch.setattr(fused_qkv, "DORA_DEVICES", ("cpu", "cuda"))
     calls = CountApplies(monkeypatch, fused_qkv._DoRAQKV if method == "dora" else fused_qkv._LoRAQKV)
     ids = token_batch(batch=2, seq=16, seed=7).to(device)
-    results = {}
-    for name, fused, dtype in (("ref", False, torch.float32), ("fused", True, torch.bfloat16),
-                               ("plain", False, torch.bfloat16)):  # fmt: skip
-        model = _model(kind, method=method, fused=fused, device=device, dtype=torch.float32)
-        model.to(dtype)  # the base model in dtype; NF4 codes unchanged; adapters follow
-        loss = _loss(model, ids)
-        loss.backward()
-        results[name] = (loss.detach().float(), {n: g.float() for n, g in _grads(model).items()})
-    ref_loss, ref_grads = results["ref"]
-    for name in ref_grads:
-        err = (results["fused"][1][name] - ref_grads[name]).abs().max()
-        base = (results["plain"][1][name] - ref_grads[name]).abs().max()
-        assert err <= 2 * base + 1e-6, (name, float(err), float(base))
-    assert abs(results["fused"][0] - ref_loss) <= 2 * abs(results["plain"][0] - ref_loss) + 1e-6
+    assert_fused_bf16_within_twice_the_modules(
+        lambda fused: _model(kind, method=method, fused=fused, device=device, dtype=torch.float32), ids)
     assert calls.n > 0
 
 
@@ -488,21 +475,11 @@ def test_dora_same_loss_and_gradients_as_the_modules(device, kind, checkpointing
     fused = _model(kind, method="dora", device=device, checkpointing=checkpointing)
     plain = _model(kind, method="dora", fused=False, device=device, checkpointing=checkpointing)
     steps = 3
-    for step in range(steps):
-        ids = token_batch(batch=2, seq=12, seed=step).to(device)
-        loss, ref = _loss(fused, ids), _loss(plain, ids)
-        loss.backward()
-        ref.backward()
-        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
-        got, want = _grads(fused), _grads(plain)
-        assert got.keys() == want.keys()
-        # every q/k/v A, B and magnitude is checked (and every q/k/v bias where they train)
+    # every q/k/v A, B and magnitude is checked (and every q/k/v bias where they train)
+    for want in _train_side_by_side(fused, plain, device, steps):
         qkv = [n for n in want if any(p in n for p in ("q_proj", "k_proj", "v_proj"))]
         assert sum("lora_magnitude_vector" in n for n in qkv) == LAYERS * 3
         assert len(qkv) == LAYERS * 3 * (4 if kind == "llama-attn-bias" else 3)
-        for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
-        _sgd_step(fused, plain)
     assert calls.n == steps * LAYERS * (1 if checkpointing == "off" else 2) and lora_calls.n == 0
 
 

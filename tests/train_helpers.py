@@ -50,6 +50,57 @@ def hf_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):
     return model.eval()
 
 
+def builtin_tiny_llama(dtype=torch.float32, layers: int = 2):
+    """The package's own TinyLlama at the test size (vocab 64, hidden 64, 4/2 heads)."""
+    from qlora_ext.builtin.tiny_llama import TinyLlama, TinyLlamaConfig
+
+    cfg = TinyLlamaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64)  # fmt: skip
+    return TinyLlama.from_seed(cfg, seed=0).to(dtype)
+
+
+def llama_with_biases(flag: str, projections, dtype=torch.float32):
+    """transformers' test Llama with config.<flag> (attention_bias, mlp_bias) on and random biases
+    on projections(layer), so that a wrong bias path shows."""
+    transformers = pytest.importorskip("transformers")
+    config = hf_config("llama")
+    setattr(config, flag, True)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in projections(layer):
+                proj.bias.normal_()
+    return model
+
+
+def train_biases(model, projections) -> None:
+    """Trains the biases of projections(layer) (prepare froze them), so their gradients are checked."""
+    for layer in model.model.layers:
+        for proj in projections(layer):
+            proj.bias.requires_grad_(True)
+
+
+def assert_fused_bf16_within_twice_the_modules(make_model, ids: torch.Tensor) -> None:
+    """FlashAttention's rule for a fused unit: against an fp32 run of the same weights, the fused
+    path in bf16 errs at most twice as much as the module-by-module path in bf16, in the loss and
+    in every gradient. make_model(fused) builds the fp32 model (fused unit on or off)."""
+    results = {}
+    for name, fused, dtype in (("ref", False, torch.float32), ("fused", True, torch.bfloat16),
+                               ("plain", False, torch.bfloat16)):  # fmt: skip
+        model = make_model(fused)
+        model.to(dtype)  # the base model in dtype; NF4 codes unchanged; adapters follow
+        loss = lm_loss(model, ids)
+        loss.backward()
+        results[name] = (loss.detach().float(), {n: g.float() for n, g in trainable_grads(model).items()})
+    ref_loss, ref_grads = results["ref"]
+    for name in ref_grads:
+        err = (results["fused"][1][name] - ref_grads[name]).abs().max()
+        base = (results["plain"][1][name] - ref_grads[name]).abs().max()
+        assert err <= 2 * base + 1e-6, (name, float(err), float(base))
+    assert abs(results["fused"][0] - ref_loss) <= 2 * abs(results["plain"][0] - ref_loss) + 1e-6
+
+
 class PlainLM(nn.Module):
     """Not a transformers model: embedding -> 2 x (MLP block) -> `lm_head`."""
 
