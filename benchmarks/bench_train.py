@@ -22,7 +22,9 @@ ours_resident (the same with them kept on the GPU), ours_offload (offloading ask
 ours_qkv_off (the attention's q/k/v as three modules instead of the fused unit, fused_qkv.py),
 ours_qkv_three_gemms (the fused unit with three base GEMMs instead of one on the concatenated
 weights), ours_qkv_into (the weights dequantized straight into one buffer on CUDA too,
-fused_qkv.DEQUANTIZE_INTO_DEVICES), bnb_peft, unsloth. With --cap-gib each process may allocate at most that much
+fused_qkv.DEQUANTIZE_INTO_DEVICES), ours_full_recompute (the checkpointed layers' recomputation
+also runs the MLP's down projection, whose output nobody reads: fused_mlp.SKIP_UNUSED_RECOMPUTATION
+off), bnb_peft, unsloth. With --cap-gib each process may allocate at most that much
 (torch.cuda.set_per_process_memory_fraction); a stack stops at its first sequence length that
 fails, and the table ends with each stack's longest trainable length.
 """
@@ -168,9 +170,16 @@ def build_ours_qkv_into(size, seq):
     return build_ours(size, seq)
 
 
+def build_ours_full_recompute(size, seq):
+    from qlora_ext import fused_mlp
+
+    fused_mlp.SKIP_UNUSED_RECOMPUTATION = False  # what the skip saves
+    return build_ours(size, seq)
+
+
 BUILDERS = {"ours": build_ours, "ours_offload": build_ours_offload, "ours_resident": build_ours_resident,
             "ours_qkv_off": build_ours_qkv_off, "ours_qkv_three_gemms": build_ours_qkv_three_gemms,
-            "ours_qkv_into": build_ours_qkv_into,
+            "ours_qkv_into": build_ours_qkv_into, "ours_full_recompute": build_ours_full_recompute,
             "bnb_peft": build_bnb_peft, "unsloth": build_unsloth}  # fmt: skip
 
 

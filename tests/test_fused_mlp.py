@@ -274,3 +274,88 @@ def test_decode_on_cuda_reads_the_packed_weights():
         fused_mlp.disable_fused_mlp(model)
         modules = mlp(x)
     torch.testing.assert_close(fused, modules, rtol=0, atol=0)
+
+
+class _CountProjections:
+    """Counts the unit's projection forwards (each a dequantization and a base GEMM)."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        original = fused_mlp._forward
+
+        def counted(*args, **kwargs):
+            self.n += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(fused_mlp, "_forward", counted)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "builtin", "llama-mlp-bias"])
+@pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunks-of-5-rows"])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_recomputation_skips_the_unread_down_projection(device, kind, chunk, method, monkeypatch):
+    """A checkpointed layer's recomputation reads nothing of the MLP's output: a LoRA unit skips
+    its down projection there (whole: one projection fewer per layer and step; chunked: the whole
+    recomputation, gate/up/down per chunk), with bit-identical loss and gradients. DoRA's down
+    projection keeps z for its magnitude's gradient: nothing skipped."""
+    monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", chunk)  # 24 rows: 5 chunks
+    results, counts = {}, {}
+    for skip in (False, True):
+        monkeypatch.setattr(fused_mlp, "SKIP_UNUSED_RECOMPUTATION", skip)
+        model = _model(kind, method, device=device)
+        assert all(layer.mlp.__dict__.get(fused_mlp._FEEDS_RESIDUAL) for layer in model.model.layers)
+        projections = _CountProjections(monkeypatch)
+        ids = token_batch(batch=2, seq=12, seed=5).to(device)
+        loss = _loss(model, ids)
+        loss.backward()
+        results[skip], counts[skip] = (loss.detach(), _grads(model)), projections.n
+    (loss_off, grads_off), (loss_on, grads_on) = results[False], results[True]
+    assert torch.equal(loss_on, loss_off)
+    assert grads_on.keys() == grads_off.keys()
+    for name in grads_off:
+        assert torch.equal(grads_on[name], grads_off[name]), name
+    layers, chunks = 2, 5
+    saved = 0 if method == "dora" else layers * (1 if chunk is None else 3 * chunks)
+    assert counts[False] - counts[True] == saved, counts
+
+
+def test_only_llama_family_layers_let_the_recomputation_skip_the_mlp_output():
+    """The skip is right only where the MLP's output goes straight into the residual add: a layer
+    with a norm after its MLP (Gemma's post_feedforward_layernorm), or of another family, keeps
+    the full recomputation."""
+    from torch import nn
+
+    def layer_class(module: str, name: str, post_norm: bool):
+        def init(self):
+            nn.Module.__init__(self)
+            self.mlp = nn.Identity()
+            if post_norm:
+                self.post_feedforward_layernorm = nn.Identity()
+
+        return type(name, (nn.Module,), {"__init__": init, "__module__": module})
+
+    feeds = fused_mlp._mlp_feeds_residual_only
+    assert feeds(layer_class("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", False)())
+    assert feeds(layer_class("transformers.models.qwen3.modeling_qwen3", "Qwen3DecoderLayer", False)())
+    assert not feeds(layer_class("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", True)())
+    assert not feeds(layer_class("transformers.models.gemma2.modeling_gemma2", "Gemma2DecoderLayer", False)())
+    assert not feeds(layer_class("my_models", "LlamaDecoderLayer", False)())
+    assert not feeds(layer_class("transformers.models.llama.modeling_llama", "LlamaMLP", False)())
+    model = _model("llama")
+    fused_mlp.disable_fused_mlp(model)
+    assert not any(fused_mlp._FEEDS_RESIDUAL in m.__dict__ for m in model.modules())
+
+
+def test_without_checkpointing_the_output_is_computed():
+    """Only the recomputation inside qlora_ext's checkpointing skips: a direct call (no
+    checkpointing around it) returns the real output."""
+    model = _model("llama")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 6, 64)
+    with torch.no_grad():
+        fused = mlp(x)
+        fused_mlp.disable_fused_mlp(model)
+        modules = mlp(x)
+    assert fused.abs().sum() > 0
+    torch.testing.assert_close(fused, modules, rtol=1e-5, atol=1e-6)

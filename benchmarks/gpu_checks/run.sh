@@ -136,8 +136,9 @@ runpy.run_path('benchmarks/bench_lora_family.py', run_name='__main__')"
       # QLoRA with and without it
       step dequantize_into_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_ops.py \
         tests/test_fused_qkv.py -k "into or buffer"
-      step train_qkv_into "$PY" benchmarks/bench_train.py --model 8b --seq 2048 --steps 8 --stacks ours,ours_qkv_into \
-        --out "$OUT/train_8b_qkv_into_h100.json"
+      # and the recomputation that skips the MLP's down projection (default) against the full one
+      step train_qkv_into "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps 6 \
+        --stacks ours,ours_qkv_into,ours_full_recompute --out "$OUT/train_8b_qkv_into_recompute_h100.json"
       ;;
     gemv_factored)
       # The CUDA suite's GEMV users and decode with nf4_gemv's "factored" variant as the process

@@ -49,6 +49,13 @@ def phase() -> tuple[str, int] | None:
     return getattr(_phase, "value", None)
 
 
+def recomputing() -> bool:
+    """Whether a checkpointed layer's backward is replaying its forward right now. Only what the
+    layer's backward reads matters then, not the layer's output (see fused_mlp's down projection)."""
+    current = phase()
+    return current is not None and current[0] == "recompute"
+
+
 def remember(key, value) -> None:
     """In a checkpointed layer's first forward: keep `value` (something that depends only on the
     parameters, such as DoRA's weight norm) for its recomputation, which `replayed(key)` hands it

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from . import _ops, checkpointing
 from .adapters import LoRAAdapter
 from .dora import DoRAAdapter, _nf4_dora_backward, _nf4_dora_setup, dora_output, dora_project
-from .fused_blocks import FUSED_DEVICES
+from .fused_blocks import FUSED_DEVICES, HF_MODEL_TYPES
 from .layers import QLoRALinear
 from .lora_linear import _autocast_off, _nf4_lora_backward, _nf4_lora_linear_impl, _nf4_lora_setup, _weight_args, use_operators
 
@@ -198,8 +198,11 @@ class _LoRAMLP(torch.autograd.Function):
     torch.utils.checkpoint's saved-tensor hooks see, drop and recompute them like any other."""
 
     @staticmethod
-    def forward(ctx, x, kind, specs, chunk, native, extras, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd, *mags):
+    def forward(ctx, x, kind, specs, chunk, native, output_unused, extras, gate_bias, up_bias, down_bias, ag, bg, au, bu,
+                ad, bd, *mags):  # fmt: skip
         gate_spec, up_spec, down_spec = specs
+        # DoRA's down projection keeps z (its magnitude's gradient needs it): only LoRA can skip.
+        skip_output = output_unused and not kind.has_norm
         ctx.device_type, ctx.kind, ctx.chunk, ctx.native, ctx.done = x.device.type, kind, chunk, native, False
         triples = ((gate_bias, ag, bg), (up_bias, au, bu), (down_bias, ad, bd))
         ctx.needs = [kind.needs(*t, e) for t, e in zip(triples, extras)]
@@ -214,7 +217,12 @@ class _LoRAMLP(torch.autograd.Function):
                 g_out, gate = _project(kind, x, gate_spec, gate_bias, ag, bg, extras[0], ctx.needs[0], norms[0])
                 u_out, up = _project(kind, x, up_spec, up_bias, au, bu, extras[1], ctx.needs[1], norms[1])
                 h = _swiglu(g_out[0], u_out[0], native)
-                y_out, down = _project(kind, h, down_spec, down_bias, ad, bd, extras[2], ctx.needs[2], norms[2])
+                if skip_output:
+                    down = _down_state(kind, h, down_spec, down_bias, ad, bd, extras[2], ctx.needs[2])
+                    y = _unused_output(x, down_spec)
+                else:
+                    y_out, down = _project(kind, h, down_spec, down_bias, ad, bd, extras[2], ctx.needs[2], norms[2])
+                    y = y_out[0]
                 # down saved h as its input: dropped, backward recomputes it from g and u.
                 down.saved_tensors = (None, *down.saved_tensors[1:])
                 if kind.has_norm:
@@ -230,8 +238,11 @@ class _LoRAMLP(torch.autograd.Function):
                 ctx.save_for_backward(*(t for st in ctx.states for t in st.saved_tensors), *extra)
                 for st in ctx.states:
                     st.saved_tensors = None
-                return y_out[0]
+                return y
             ctx.specs, ctx.extras = specs, extras
+            if skip_output:  # backward recomputes the chunks from x: nothing to compute now
+                ctx.save_for_backward(x, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd)
+                return _unused_output(x, down_spec)
             x2 = x.reshape(-1, x.shape[-1])
             n_out = down_spec[0][7][0]
             y = x.new_empty((x2.shape[0], n_out))
@@ -280,7 +291,7 @@ class _LoRAMLP(torch.autograd.Function):
                 dx, grads = _rows_backward(kind, dy, g, u, gate, up, down, ctx.native)
                 for st in ctx.states:  # the activations stay with autograd (retain_graph) or go
                     st.saved_tensors = None
-                return dx, None, None, None, None, None, *grads
+                return dx, None, None, None, None, None, None, *grads
             return (*_chunked_backward(ctx, dy),)
 
 
@@ -292,7 +303,7 @@ def _chunked_backward(ctx, dy: Tensor):
     dx = torch.empty_like(x2)
     total: list[Tensor | None] = [None] * (12 if kind.has_norm else 9)
     if x2.shape[0] == 0:
-        return dx.view(x.shape), None, None, None, None, None, *total
+        return dx.view(x.shape), None, None, None, None, None, None, *total
     z_down, norms = None, (None, None, None)
     if kind.has_norm:
         z_down, norms = dora[0], ((dora[1], dora[2]), (dora[3], dora[4]), (dora[5], dora[6]))
@@ -307,7 +318,13 @@ def _chunked_backward(ctx, dy: Tensor):
                                                               up, down, ctx.native)  # fmt: skip
         del g, u
         total = [t if t is None else (t if acc is None else acc.add_(t)) for acc, t in zip(total, grads)]
-    return dx.view(x.shape), None, None, None, None, None, *total
+    return dx.view(x.shape), None, None, None, None, None, None, *total
+
+
+def _unused_output(x: Tensor, down_spec) -> Tensor:
+    """Stands in for the unit's output where nothing reads its values (a recomputation whose
+    output only enters the residual add): zeros of the right shape from one element, no GEMM."""
+    return x.new_zeros(()).expand(*x.shape[:-1], down_spec[0][7][0])
 
 
 def _adapter_kind(layer) -> tuple[_Kind, LoRAAdapter] | None:
@@ -334,6 +351,11 @@ CHUNK_ROWS: int | None = None
 #: (2026-12-05, bench_lora_family.py, 8B, seq 2048) QDoRA ran at 1.19x QLoRA's step time with it,
 #: 1.45x before (module path); its CUDA tests passed there.
 DORA_DEVICES: tuple[str, ...] = ("cpu", "cuda")
+#: Whether a checkpointed layer's recomputation skips what of the LoRA unit nobody reads: the
+#: down projection's output, where the MLP feeds only the residual add (lora_mlp's
+#: output_unused). Off only to measure what it saves.
+SKIP_UNUSED_RECOMPUTATION = True
+_FEEDS_RESIDUAL = "_qlora_mlp_feeds_residual_only"  # instance attribute set by enable_fused_mlp
 #: Share of the free device memory that the unit's [rows, intermediate] activations may take
 #: before it works chunk by chunk.
 ACTIVATION_SHARE = 0.25
@@ -367,10 +389,16 @@ def _has_swiglu_kernel(device_type: str) -> bool:
 
 
 def lora_mlp(x: Tensor, gate: QLoRALinear, up: QLoRALinear, down: QLoRALinear,
-             fused_devices: tuple[str, ...] = FUSED_DEVICES) -> Tensor | None:
+             fused_devices: tuple[str, ...] = FUSED_DEVICES, output_unused: bool = False) -> Tensor | None:
     """down(silu(gate(x)) * up(x)) as one autograd unit, or None where it does not apply (see the
     module docstring); the caller then runs the modules. The SwiGLU inside takes the fused
-    kernels (block_ops) for inputs on `fused_devices` (those of fused_block_ops)."""
+    kernels (block_ops) for inputs on `fused_devices` (those of fused_block_ops).
+
+    `output_unused`: the caller will read nothing of the output's values, only backpropagate
+    through it (a checkpointed layer's recomputation, where the MLP's output only enters the
+    residual add). A LoRA unit then skips the down projection's GEMM and its weight's
+    dequantization, and returns zeros: backward needs only h·Adᵀ, which it still computes. With
+    chunks, whose backward recomputes everything from x, it computes nothing at all."""
     layers = (gate, up, down)
     found = [_adapter_kind(layer) for layer in layers]
     if any(f is None for f in found) or use_operators() or not x.is_floating_point():
@@ -395,13 +423,30 @@ def lora_mlp(x: Tensor, gate: QLoRALinear, up: QLoRALinear, down: QLoRALinear,
     chunk = chunk_rows(rows, gate.weight.shape[0], x)
     native = (x.device.type in fused_devices and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
               and _has_swiglu_kernel(x.device.type))  # fmt: skip
-    return _LoRAMLP.apply(x, kind, specs, chunk, native, extras, gate.bias, up.bias, down.bias, *factors, *mags)
+    return _LoRAMLP.apply(x, kind, specs, chunk, native, output_unused, extras, gate.bias, up.bias, down.bias, *factors,
+                          *mags)  # fmt: skip
 
 
 def _fused_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     devices = getattr(self, "_qlora_fused_devices", FUSED_DEVICES)  # set where fused_block_ops is on
-    y = lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, devices) if not (args or kwargs) else None
+    unused = SKIP_UNUSED_RECOMPUTATION and self.__dict__.get(_FEEDS_RESIDUAL, False) and checkpointing.recomputing()
+    y = lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, devices, unused) if not (args or kwargs) else None
     return self._qlora_unfused_forward(x, *args, **kwargs) if y is None else y
+
+
+def _mlp_feeds_residual_only(layer: nn.Module) -> bool:
+    """Whether decoder layer `layer` adds its MLP's output to the residual stream and uses it for
+    nothing else (no norm after the MLP, as Gemma's post_feedforward_layernorm): the built-in model
+    and transformers' Llama-family layers (fused_blocks.HF_MODEL_TYPES)."""
+    from .builtin import tiny_llama
+
+    if isinstance(layer, tiny_llama.DecoderLayer):
+        return True
+    cls = type(layer)
+    parts = cls.__module__.split(".")
+    return (len(parts) > 2 and parts[:2] == ["transformers", "models"] and parts[2] in HF_MODEL_TYPES
+            and cls.__name__.endswith("DecoderLayer")
+            and not any("post_feedforward" in name for name, _ in layer.named_children()))  # fmt: skip
 
 
 def _is_swiglu_mlp(module: nn.Module) -> bool:
@@ -424,6 +469,10 @@ def enable_fused_mlp(model: nn.Module) -> int:
             module._qlora_unfused_forward = module.forward
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
+    for layer in model.modules():
+        mlp = getattr(layer, "mlp", None)
+        if isinstance(mlp, nn.Module) and is_fused_mlp(mlp) and _mlp_feeds_residual_only(layer):
+            mlp.__dict__[_FEEDS_RESIDUAL] = True
     return count
 
 
@@ -437,6 +486,7 @@ def disable_fused_mlp(model: nn.Module) -> None:
     fused_block_ops' instance forward)."""
     for module in model.modules():
         if is_fused_mlp(module) and "_qlora_unfused_forward" in module.__dict__:  # (fused_qkv uses the name too)
+            module.__dict__.pop(_FEEDS_RESIDUAL, None)
             fallback = module.__dict__.pop("_qlora_unfused_forward")
             if getattr(fallback, "__func__", None) is type(module).forward:
                 module.__dict__.pop("forward", None)  # the class's own forward shows through

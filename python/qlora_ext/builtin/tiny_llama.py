@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from ..checkpointing import checkpoint
 
 
 @dataclass
@@ -289,8 +290,9 @@ class TinyLlama(nn.Module):
         x = body.embed_tokens(input_ids)  # [B, T, D]
         for layer in body.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # Keep only each layer's input; recompute its activations during backward.
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                # Keep only each layer's input; recompute its activations during backward (one
+                # autograd node per layer, qlora_ext.checkpointing).
+                x = checkpoint(layer, x, cos, sin, mask)
             else:
                 x = layer(x, cos, sin, mask)
         logits = self.lm_head(body.norm(x))  # [B, T, V]
