@@ -275,6 +275,22 @@ def test_vera_matches_paper(device):
     assert a_full.abs().max() > 0.9 * math.sqrt(6 / 70)
 
 
+def test_vera_trains_after_its_projections_were_first_made_in_inference_mode():
+    """The shared projections are cached; generate (inference_mode) may be the first to ask for
+    them. Training afterwards must still work (an inference tensor cannot be saved for backward)."""
+    qlora_ext.vera.vera_projections.cache_clear()
+    layer, ad = make_layer(qlora_ext.VeRAAdapter, r=5, prng_key=11, device="cpu")
+    x = torch.randn(2, 3, 67)
+    with torch.inference_mode():
+        want = layer(x).clone()
+    a, b = ad.projections("cpu", torch.float32)
+    assert not a.is_inference() and not b.is_inference()
+    layer(x).sum().backward()
+    assert ad.vera_lambda_d.grad is not None and ad.vera_lambda_b.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want)
+
+
 def delta_lora_reference_run(w0, a0, b0, s, lam, start_step, batches, lr):
     """The paper's algorithm, literally: dense W updated after each optimizer step from
     `start_step` on by λ·(B_{t+1}A_{t+1} − B_tA_t); A, B trained by SGD through the LoRA path only."""

@@ -40,9 +40,13 @@ def _projections_cpu(seed: int, r: int, in_max: int, out_max: int) -> tuple[Tens
 @functools.lru_cache(maxsize=8)
 def vera_projections(seed: int, r: int, in_max: int, out_max: int, device: torch.device,
                      dtype: torch.dtype) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """The shared frozen pair (A [r, in_max], B [out_max, r]) for `seed`, on `device` in `dtype`."""
-    a, b = _projections_cpu(seed, r, in_max, out_max)
-    return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+    """The shared frozen pair (A [r, in_max], B [out_max, r]) for `seed`, on `device` in `dtype`.
+
+    Cached, so always made as normal tensors: a pair first asked for under torch.inference_mode
+    (generate) would otherwise be an inference tensor that later training cannot save for backward."""
+    with torch.inference_mode(False):
+        a, b = _projections_cpu(seed, r, in_max, out_max)
+        return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
 
 
 def _positive_int(name: str, value) -> int:
