@@ -123,9 +123,10 @@ def dora_scale_backward(dy: Tensor, z: Tensor, col_scale: Tensor, inv_norm: Tens
 #: Device types where dora_output takes the native column-scale kernel (qlora_ext::dora_column_scale,
 #: 16-byte accesses) instead of PyTorch's broadcasting multiply. On the H100 the latter ran its
 #: generic strided kernel at ~1.5 TB/s: 19.7 ms of a 272 ms 8B QDoRA step (513 launches;
-#: benchmarks/results/lora_family_dora_profile_8b_h100.txt). The CUDA kernel was written in a
-#: session whose device time had run out: CUDA joins once its tests and bench_lora_family.py have
-#: run on a GPU. On the CPU both take the same time (2 cores) and give the same bits.
+#: benchmarks/results/lora_family_dora_profile_8b_h100.txt). The CUDA kernel passed its tests and
+#: memcheck on an H200 (2026-12-06), but the 8B step times of that machine drifted too much to show
+#: a gain (lora_family_dora_*_8b_h200.json): CUDA joins once a quiet run does (run.sh
+#: dora_candidates). On the CPU both take the same time (2 cores) and give the same bits.
 COLUMN_SCALE_DEVICES: tuple[str, ...] = ("cpu",)
 
 
