@@ -21,8 +21,8 @@ Stacks: ours (prepare's defaults: the checkpointed layer inputs offloaded to pin
 ours_resident (the same with them kept on the GPU), ours_offload (offloading asked for explicitly),
 ours_qkv_off (the attention's q/k/v as three modules instead of the fused unit, fused_qkv.py),
 ours_qkv_three_gemms (the fused unit with three base GEMMs instead of one on the concatenated
-weights), ours_qkv_into (the weights dequantized straight into one buffer on CUDA too,
-fused_qkv.DEQUANTIZE_INTO_DEVICES), ours_full_recompute (the checkpointed layers' recomputation
+weights), ours_qkv_cat (the three weights dequantized apart and concatenated by torch.cat
+instead of straight into one buffer, fused_qkv.DEQUANTIZE_INTO_DEVICES), ours_full_recompute (the checkpointed layers' recomputation
 also runs the MLP's down projection, whose output nobody reads: fused_mlp.SKIP_UNUSED_RECOMPUTATION
 off), bnb_peft, unsloth. With --cap-gib each process may allocate at most that much
 (torch.cuda.set_per_process_memory_fraction); a stack stops at its first sequence length that
@@ -163,10 +163,10 @@ def build_ours_qkv_three_gemms(size, seq):
     return build_ours(size, seq)
 
 
-def build_ours_qkv_into(size, seq):
+def build_ours_qkv_cat(size, seq):
     from qlora_ext import fused_qkv
 
-    fused_qkv.DEQUANTIZE_INTO_DEVICES = ("cpu", "cuda")  # the candidate: no torch.cat of the weights
+    fused_qkv.DEQUANTIZE_INTO_DEVICES = ("cpu",)  # the former CUDA path: torch.cat of the weights
     return build_ours(size, seq)
 
 
@@ -179,7 +179,7 @@ def build_ours_full_recompute(size, seq):
 
 BUILDERS = {"ours": build_ours, "ours_offload": build_ours_offload, "ours_resident": build_ours_resident,
             "ours_qkv_off": build_ours_qkv_off, "ours_qkv_three_gemms": build_ours_qkv_three_gemms,
-            "ours_qkv_into": build_ours_qkv_into, "ours_full_recompute": build_ours_full_recompute,
+            "ours_qkv_cat": build_ours_qkv_cat, "ours_full_recompute": build_ours_full_recompute,
             "bnb_peft": build_bnb_peft, "unsloth": build_unsloth}  # fmt: skip
 
 
@@ -253,6 +253,21 @@ def environment() -> dict:
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit or None}
 
 
+def child_command(stack: str, model: str, seq: int, steps: int, cap_gib: float | None = None) -> list[str]:
+    """The command of one measured case: a fresh process per (stack, seq)."""
+    cmd = [sys.executable, __file__, "--child", stack, "--model", model, "--seq", str(seq), "--steps", str(steps)]
+    return cmd + (["--cap-gib", str(cap_gib)] if cap_gib else [])
+
+
+def warmup_command(model: str, stack: str, seq: int) -> list[str]:
+    """A short run of the first case, discarded. On the H200 (2026-12-06) whichever stack ran first
+    at seq 2048 measured 15-25% below its own rate in a later process of the same run (ours 6,016
+    first, 8,864 later; ours_full_recompute 7,423 second, 7,068 first), whatever the stack: the
+    first process after start-up pays for something (GPU clocks, the page cache of the
+    checkpoint, the kernel cache) that its own warm-up steps do not cover."""
+    return child_command(stack, model, seq, 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(SHAPES), default="8b")
@@ -261,6 +276,8 @@ def main() -> None:
     parser.add_argument("--stacks", default="ours,bnb_peft,unsloth")
     parser.add_argument("--out", help="write all JSON records to this file")
     parser.add_argument("--cap-gib", type=float, help="per-process device memory cap (longest-sequence search)")
+    parser.add_argument("--no-warmup-run", action="store_true",
+                        help="skip the discarded first run (see warmup_command)")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -270,13 +287,16 @@ def main() -> None:
     env = environment()
     records = []
     failed: set[str] = set()
-    for seq in sorted(args.seq) if args.cap_gib else args.seq:
-        for stack in args.stacks.split(","):
+    seqs = sorted(args.seq) if args.cap_gib else args.seq
+    stacks = args.stacks.split(",")
+    if not args.no_warmup_run:
+        print("warm-up run (discarded): " + " ".join(warmup_command(args.model, stacks[0], seqs[0])), flush=True)
+        subprocess.run(warmup_command(args.model, stacks[0], seqs[0]), capture_output=True, text=True)
+    for seq in seqs:
+        for stack in stacks:
             if stack in failed:
                 continue
-            cmd = [sys.executable, __file__, "--child", stack, "--model", args.model, "--seq", str(seq), "--steps", str(args.steps)]
-            if args.cap_gib:
-                cmd += ["--cap-gib", str(args.cap_gib)]
+            cmd = child_command(stack, args.model, seq, args.steps, args.cap_gib)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if lines:

@@ -26,3 +26,15 @@ def test_managed_state_counts_only_the_paged_tensors(monkeypatch):
     opt.state[params[0]]["state2"].is_paged = True
     assert bench_train.managed_optimizer_state_bytes(opt) == 2 * 300 * 500 * 4
     assert bench_train.managed_optimizer_state_bytes(torch.optim.AdamW(params)) == 0
+
+
+def test_the_warmup_run_is_the_first_case_shortened(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_train as bench  # noqa: PLC0415
+
+    cmd = bench.warmup_command("8b", "unsloth", 8192)
+    assert cmd == bench.child_command("unsloth", "8b", 8192, 2)
+    assert cmd[cmd.index("--steps") + 1] == "2" and cmd[cmd.index("--child") + 1] == "unsloth"
+    assert cmd[cmd.index("--seq") + 1] == "8192" and cmd[cmd.index("--model") + 1] == "8b"
+    assert bench.child_command("ours", "1b", 2048, 5, 24.0)[-2:] == ["--cap-gib", "24.0"]
+    assert "--cap-gib" not in bench.child_command("ours", "1b", 2048, 5)

@@ -12,12 +12,12 @@
 #     bash benchmarks/gpu_checks/run.sh build units        # fused MLP (LoRA, DoRA) / Q/K/V units: CUDA tests,
 #                                                          # QDoRA vs QLoRA (8B, 1B), 1B training with/without fused Q/K/V
 #     bash benchmarks/gpu_checks/run.sh build gemv_ab      # every nf4_gemv variant: CUDA tests + A/B benchmark
-#     bash benchmarks/gpu_checks/run.sh build column_scale # the CUDA candidates written without a GPU: DoRA's
-#                                                          # column scale and registers norm kernel, the Q/K/V
-#                                                          # weights dequantized into one buffer: tests, 8B steps
-#     bash benchmarks/gpu_checks/run.sh build gemv_factored # suite + decode with the "factored" GEMV as default
-#     bash benchmarks/gpu_checks/run.sh build sanitize_new # sanitizer runs not yet finished (gemv variants, fused
-#                                                          # MLP with DoRA, fused Q/K/V)
+#     bash benchmarks/gpu_checks/run.sh build dora_candidates # DoRA's column scale and registers norm kernel:
+#                                                          # 8B QDoRA/QLoRA with and without, twice each
+#     bash benchmarks/gpu_checks/run.sh build train_ab     # 8B: the defaults vs what they replaced, and Unsloth
+#     bash benchmarks/gpu_checks/run.sh build decode_ab    # decode with the "factored" GEMV vs "mma"
+#     bash benchmarks/gpu_checks/run.sh build sanitize_rest # sanitizer runs not yet finished (racecheck of the
+#                                                          # GEMV variants, racecheck/initcheck of fused Q/K/V)
 #
 # Peers (bitsandbytes, Unsloth) come from .peers/peers.tar.xz (shared/tools/peer-bundle.sh),
 # carried to the machine with the repo. With BUNDLE=1 the logs and JSON go to one archive,
@@ -110,50 +110,45 @@ for stage in "$@"; do
       step gemv_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py tests/test_nf4_gemm.py -k "cuda or variant"
       step gemv_ab "$PY" benchmarks/bench_nf4_linear.py --variants all --m 1 4 8 9 16 --out "$OUT/nf4_gemv_variants_h100.json"
       ;;
-    column_scale)
+    dora_candidates)
       # DoRA's two CUDA candidates, not yet defaults: the native column scale (qlora_ext::
       # dora_column_scale, switched on by dora.COLUMN_SCALE_DEVICES += cuda) and dora_scale's
-      # registers kernel (QLORA_DORA_SCALE_KERNEL=registers). Their tests (under memcheck too),
-      # then QDoRA vs QLoRA at 8B: as is, with the column scale, with both (~20 s each).
-      export QLORA_DORA_SCALE_KERNEL=registers
-      step column_scale_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_lora_family.py \
-        -k "column_scale or dora_output or dispatch or dora_scale"
-      step column_scale_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
-        "$PY" -m pytest -q -p no:cacheprovider tests/test_lora_family.py -k "(column_scale or dora_scale) and cuda"
-      for variant in as_is column_scale column_scale_registers; do
+      # registers kernel (QLORA_DORA_SCALE_KERNEL=registers); both passed their CUDA tests and
+      # memcheck on an H200 (2026-12-06), whose QLoRA step times drifted 1.3-1.6x within one
+      # process: QDoRA vs QLoRA at 8B as is, with the column scale, with both, twice each.
+      for run in 1 2; do for variant in as_is column_scale column_scale_registers; do
         [ "$variant" = column_scale_registers ] && export QLORA_DORA_SCALE_KERNEL=registers || export QLORA_DORA_SCALE_KERNEL=
-        step "dora_$variant" "$PY" -c "
+        step "dora_${variant}_run$run" "$PY" -c "
 import runpy, sys
 from qlora_ext import dora
 if '$variant' != 'as_is':
     dora.COLUMN_SCALE_DEVICES = ('cpu', 'cuda')
-sys.argv = ['bench_lora_family.py', '--shapes', '8b', '--cases', 'lora,dora', '--warmup', '2', '--steps', '6',
-            '--out', '$OUT/lora_family_dora_${variant}_8b_h100.json']
+sys.argv = ['bench_lora_family.py', '--shapes', '8b', '--cases', 'lora,dora', '--warmup', '3', '--steps', '8',
+            '--out', '$OUT/lora_family_dora_${variant}_run${run}_8b.json']
 runpy.run_path('benchmarks/bench_lora_family.py', run_name='__main__')"
-      done
+      done; done
       unset QLORA_DORA_SCALE_KERNEL
-      # nf4_dequantize_into (the fused Q/K/V unit's weights without torch.cat): tests, then 8B
-      # QLoRA with and without it
-      step dequantize_into_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_ops.py \
-        tests/test_fused_qkv.py -k "into or buffer"
-      # and the recomputation that skips the MLP's down projection (default) against the full one
-      step train_qkv_into "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps 6 \
-        --stacks ours,ours_qkv_into,ours_full_recompute --out "$OUT/train_8b_qkv_into_recompute_h100.json"
       ;;
-    gemv_factored)
-      # The CUDA suite's GEMV users and decode with nf4_gemv's "factored" variant as the process
-      # default (QLORA_NF4_GEMV_VARIANT), against the default in the same call.
-      QLORA_NF4_GEMV_VARIANT=factored step gemv_factored_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE \
-        tests/test_nf4_gemv.py tests/test_generate.py tests/test_fused_qkv.py tests/test_fused_mlp.py -k "cuda or generate"
-      step decode_mma "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_lora,nf4_merged --repeats 2 --out "$OUT/decode_mma_h100.json"
-      QLORA_NF4_GEMV_VARIANT=factored step decode_factored "$PY" benchmarks/bench_decode.py --stacks nf4_lora,nf4_merged \
-        --repeats 2 --out "$OUT/decode_factored_h100.json"
+    train_ab)
+      # The defaults against what they replaced, 8B: the recomputation that skips the MLP's down
+      # projection (ours) vs the full one, the Q/K/V weights dequantized into one buffer vs torch.cat
+      step train_ab "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps 8 \
+        --stacks ours,ours_full_recompute,ours_qkv_cat,unsloth --out "$OUT/train_8b_ab_h100.json"
       ;;
-    sanitize_new)
-      # What 2026-12-06 left unfinished (sanitizer_tests_h100.txt): 12 sanitized processes at once
-      # starved each other, so 3 at a time here; about 10 minutes, give it a call of its own.
-      export ONLY='(memcheck.*test_nf4_gemv|racecheck.*test_nf4_gemv|memcheck.*test_fused_mlp|test_fused_qkv)'
-      STEP_TIMEOUT=560 step sanitize_new bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_new_h100.txt" 3
+    decode_ab)
+      # generation with nf4_gemv's default variant ("factored") against the former one ("mma")
+      step decode_factored "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_lora,nf4_merged --repeats 2 \
+        --out "$OUT/decode_factored_h100.json"
+      QLORA_NF4_GEMV_VARIANT=mma step decode_mma "$PY" benchmarks/bench_decode.py --stacks nf4_lora,nf4_merged \
+        --repeats 2 --out "$OUT/decode_mma_h100.json"
+      ;;
+    sanitize_rest)
+      # What 2026-12-06 left unfinished (sanitizer_tests_h100.txt): racecheck and initcheck of the
+      # fused Q/K/V tests, racecheck of the GEMV tests (1,404 with the variants: ~30 minutes under
+      # racecheck, so split by variant over calls: SANITIZE_K=mma, then factored, ...).
+      export ONLY='(racecheck.*test_fused_qkv|initcheck.*test_fused_qkv|racecheck.*test_nf4_gemv)'
+      PYTEST_K="${SANITIZE_K:-}" STEP_TIMEOUT=560 step sanitize_rest bash benchmarks/gpu_checks/sanitize_tests.sh \
+        "$OUT/sanitizer_tests_rest_h100.txt" 3
       unset ONLY
       ;;
     *)

@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_checks/sanitize_tests.sh [OUT_FILE] [JOBS]    (after building the extension)
 #   ONLY='initcheck.*nf4' bash benchmarks/gpu_checks/sanitize_tests.sh ...   (the (tool, file) pairs matching a regex)
+#   PYTEST_K='factored' ...   (only the tests pytest -k selects: a slow file split over device calls)
 #
 # memcheck runs every test file that launches our kernels, directly (kernel tests) or through the
 # layers (model tests); racecheck and initcheck, an order of magnitude slower, get the kernel-level
@@ -28,7 +29,7 @@ one() {  # "tool file": one sanitized pytest run; prints one summary line, exits
   set -- $1
   local log="$logs/$1-$(basename "$2" .py).log"
   compute-sanitizer --tool "$1" --target-processes all --error-exitcode 9 --print-limit 20 \
-    python3 -m pytest -q -p no:cacheprovider -m "not not_under_sanitizer" "$2" > "$log" 2>&1
+    python3 -m pytest -q -p no:cacheprovider -m "not not_under_sanitizer" ${PYTEST_K:+-k "$PYTEST_K"} "$2" > "$log" 2>&1
   local rc=$?
   local result errors
   result=$(grep -E "^[0-9]+ (passed|failed)|passed|failed" "$log" | tail -1)
@@ -39,7 +40,7 @@ one() {  # "tool file": one sanitized pytest run; prints one summary line, exits
 export -f one
 {
   echo "# compute-sanitizer over the pytest CUDA tests; $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); $(date -u +%F)"
-  echo "# per line: compute-sanitizer --tool TOOL --target-processes all --error-exitcode 9 python -m pytest -q FILE"
+  echo "# per line: compute-sanitizer --tool TOOL --target-processes all --error-exitcode 9 python -m pytest -q FILE${PYTEST_K:+ -k \"$PYTEST_K\"}"
   { for f in $kernel_tests $model_tests; do echo "memcheck $f"; done
     for f in $kernel_tests; do echo "racecheck $f"; echo "initcheck $f"; done; } |
     grep -E "${ONLY:-.}" | xargs -P "$jobs" -I{} bash -c 'one "{}"'
