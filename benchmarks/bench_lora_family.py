@@ -12,11 +12,15 @@ state), and every ratio is taken against the mean of their medians. Per case: st
 model TFLOP/s by the 6·N·T convention (N = all parameters, T = tokens; checkpointing's recomputed
 forward is not counted, so this is "useful" throughput), peak allocated memory, and the ratios.
 Prints one JSON object per run and a table; --out FILE writes the JSON list. The issue's bar:
-QDoRA step time <= 1.15x QLoRA.
+QDoRA step time <= 1.15x QLoRA. With --interleave every case's model is built at once and their
+timed steps alternate (one step of each per round), so that drift falls on all alike; the table
+then adds the median of the per-round ratios, and peak memory is each model's own plus its steps'
+transient peak (the others' models, resident too, are not counted).
 
     python benchmarks/bench_lora_family.py --shapes 1b,8b --cases lora,dora --out bench_dora.json   # ~4 min, H100
     python benchmarks/bench_lora_family.py --shapes 1b --out bench_lora_family.json
     python benchmarks/bench_lora_family.py --shapes 1b,8b --out bench_lora_family.json
+    python benchmarks/bench_lora_family.py --shapes 8b --cases lora,dora --interleave --steps 12   # drift-proof
     python benchmarks/bench_lora_family.py --shapes tiny --device cpu --steps 2 --warmup 1   # smoke test
 """
 
@@ -74,62 +78,111 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_case(name: str, shape: str, args) -> dict:
-    prepare_kw, loraplus, delta = CASES[name]
-    device = args.device
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    torch.manual_seed(0)
-    model = build_model(shape, device, args.seq)
-    n_params = sum(p.numel() for p in model.parameters())
-    kw = {"r": args.r, "alpha": 2 * args.r, **prepare_kw}
-    qlora_ext.prepare(model, target_modules=TARGETS, gradient_checkpointing=not args.no_checkpointing,
-                      verbose=False, **kw)  # fmt: skip
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    fused = device.startswith("cuda")
-    params = qlora_ext.loraplus_param_groups(model, lr=args.lr) if loraplus else trainable
-    opt = torch.optim.AdamW(params, lr=args.lr, fused=fused)
-    updater = qlora_ext.DeltaLoRAUpdater(model) if delta else None
-    ids = torch.randint(0, SHAPES[shape]["vocab_size"], (args.batch, args.seq), device=device)
+class Case:
+    """One prepared model of a case with its optimizer, ready to step."""
 
-    def step() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
+    def __init__(self, name: str, shape: str, args):
+        prepare_kw, loraplus, delta = CASES[name]
+        self.name, self.shape, self.args, self.device = name, shape, args, args.device
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        before = _allocated(self.device)
+        torch.manual_seed(0)
+        self.model = build_model(shape, self.device, args.seq)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.kw = {"r": args.r, "alpha": 2 * args.r, **prepare_kw}
+        qlora_ext.prepare(self.model, target_modules=TARGETS, gradient_checkpointing=not args.no_checkpointing,
+                          verbose=False, **self.kw)  # fmt: skip
+        self.model.train()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.n_trainable = sum(p.numel() for p in trainable)
+        params = qlora_ext.loraplus_param_groups(self.model, lr=args.lr) if loraplus else trainable
+        self.opt = torch.optim.AdamW(params, lr=args.lr, fused=self.device.startswith("cuda"))
+        self.updater = qlora_ext.DeltaLoRAUpdater(self.model) if delta else None
+        self.ids = torch.randint(0, SHAPES[shape]["vocab_size"], (args.batch, args.seq), device=self.device)
+        self.times: list[float] = []
+        self.transient_peak = 0  # the most memory one step allocated beyond what was held before it
+        self.loss = None
+        for _ in range(args.warmup):
+            self.step()
+        sync(self.device)
+        self.static = _allocated(self.device) - before  # model, adapters, optimizer state
+
+    def step(self):
+        loss = self.model(input_ids=self.ids, labels=self.ids).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if updater is not None:
-            updater.step()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.updater is not None:
+            self.updater.step()
         return loss
 
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        sync(device)
+    def timed_step(self) -> None:
+        cuda = self.device.startswith("cuda")
+        sync(self.device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        held = _allocated(self.device)
         t0 = time.perf_counter()
-        loss = step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
-    median = statistics.median(times)
-    tokens = args.batch * args.seq
-    result = {
-        "case": name, "shape": shape, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "r": kw["r"], "batch": args.batch, "seq": args.seq, "checkpointing": not args.no_checkpointing,
-        "params": n_params, "trainable_params": n_trainable,
-        "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times), "step_s": times,
-        "tokens_per_s": tokens / median, "model_tflops": 6 * n_params * tokens / median / 1e12,
-        "peak_alloc_gib": peak / 2**30, "final_loss": float(loss.detach()),
-        "torch": torch.__version__,
-    }  # fmt: skip
-    del model, opt, updater, trainable, params
+        self.loss = self.step()
+        sync(self.device)
+        self.times.append(time.perf_counter() - t0)
+        if cuda:
+            self.transient_peak = max(self.transient_peak, torch.cuda.max_memory_allocated() - held)
+
+    def result(self, paired: bool) -> dict:
+        args, times, tokens = self.args, self.times, self.args.batch * self.args.seq
+        median = statistics.median(times)
+        cuda = self.device.startswith("cuda")
+        return {
+            "case": self.name, "shape": self.shape, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "r": self.kw["r"], "batch": args.batch, "seq": args.seq, "checkpointing": not args.no_checkpointing,
+            "params": self.n_params, "trainable_params": self.n_trainable,
+            "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times), "step_s": times,
+            "interleaved": paired,
+            "tokens_per_s": tokens / median, "model_tflops": 6 * self.n_params * tokens / median / 1e12,
+            # alone: the model's own memory plus its steps' transient peak (in an interleaved run
+            # the other cases' models are resident too, and not counted)
+            "peak_alloc_gib": (self.static + self.transient_peak) / 2**30 if cuda else 0.0,
+            "final_loss": float(self.loss.detach()), "torch": torch.__version__,
+        }  # fmt: skip
+
+    def close(self) -> None:
+        self.model = self.opt = self.updater = None
+
+
+def _allocated(device: str) -> int:
+    return torch.cuda.memory_allocated() if device.startswith("cuda") else 0
+
+
+def run_case(name: str, shape: str, args) -> dict:
+    """One case alone: build, warm up, --steps timed steps, free."""
+    case = Case(name, shape, args)
+    for _ in range(args.steps):
+        case.timed_step()
+    result = case.result(paired=False)
+    case.close()
     return result
+
+
+def run_interleaved(names: list[str], shape: str, args) -> list[dict]:
+    """Every case's model at once, their timed steps in turns (round i: one step of each, the order
+    rotating by one each round), so that drift of the machine (clocks, thermals, other tenants)
+    falls on all of them alike; print_table then also gives the median of the per-round ratios."""
+    cases = [Case(name, shape, args) for name in names]
+    for i in range(args.steps):
+        for j in range(len(cases)):
+            cases[(i + j) % len(cases)].timed_step()
+    results = [case.result(paired=True) for case in cases]
+    for case in cases:
+        case.close()
+    return results
+
+
+def paired_ratio(result: dict, baseline: dict) -> float:
+    """Median over rounds of result's step time / baseline's in the same round (interleaved runs)."""
+    return statistics.median(t / b for t, b in zip(result["step_s"], baseline["step_s"]))
 
 
 def lora_baselines(results: list[dict]) -> dict[str, dict]:
@@ -162,10 +215,12 @@ def print_table(results: list[dict]) -> None:
         if len(b["runs"]) == 2:
             first, last = b["runs"]
             print(f"[{shape}] QLoRA drift: last / first run median = {last / first:.3f} (ratios use their mean)")
+        lora = next(r for r in results if r["shape"] == shape and r["case"] == "lora")
         for dora in (r for r in results if r["shape"] == shape and r["case"] == "dora"):
             ratio = dora["step_s_median"] / b["step_s_median"]
-            print(f"[{shape}] QDoRA / QLoRA step time = {ratio:.3f} median, {dora['step_s_min'] / b['step_s_min']:.3f} min "
-                  f"(bar <= 1.15: {'PASS' if ratio <= 1.15 else 'FAIL'})")  # fmt: skip
+            paired = f", {paired_ratio(dora, lora):.3f} median of the rounds' ratios" if dora["interleaved"] else ""
+            print(f"[{shape}] QDoRA / QLoRA step time = {ratio:.3f} median, {dora['step_s_min'] / b['step_s_min']:.3f} min"
+                  f"{paired} (bar <= 1.15: {'PASS' if ratio <= 1.15 else 'FAIL'})")  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -180,6 +235,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--interleave", action="store_true",
+                   help="build every case's model at once and time their steps in turns (drift-proof ratios; "
+                        "needs the memory of all the models together)")  # fmt: skip
     p.add_argument("--out", type=Path, help="write the JSON list of results here")
     args = p.parse_args(argv)
     shapes, cases = args.shapes.split(","), args.cases.split(",")
@@ -197,8 +255,12 @@ def main(argv=None) -> int:
     print(json.dumps({"build": qlora_ext.build_info()} if hasattr(qlora_ext, "build_info") else {}, default=str))
     results = []
     for shape in shapes:
-        for run, case in enumerate(order):
-            r = {**run_case(case, shape, args), "run": run}
+        if args.interleave:
+            runs = run_interleaved(list(dict.fromkeys(["lora", *others])), shape, args)
+        else:
+            runs = (run_case(case, shape, args) for case in order)
+        for run, r in enumerate(runs):
+            r["run"] = run
             print(json.dumps(r), flush=True)
             results.append(r)
     print_table(results)

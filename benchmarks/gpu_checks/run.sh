@@ -115,7 +115,8 @@ for stage in "$@"; do
       # dora_column_scale, switched on by dora.COLUMN_SCALE_DEVICES += cuda) and dora_scale's
       # registers kernel (QLORA_DORA_SCALE_KERNEL=registers); both passed their CUDA tests and
       # memcheck on an H200 (2026-12-06), whose QLoRA step times drifted 1.3-1.6x within one
-      # process: QDoRA vs QLoRA at 8B as is, with the column scale, with both, twice each.
+      # process: QDoRA vs QLoRA at 8B as is, with the column scale, with both, twice each, the two
+      # models of each process stepping in turns (--interleave: the ratio per round resists drift).
       for run in 1 2; do for variant in as_is column_scale column_scale_registers; do
         [ "$variant" = column_scale_registers ] && export QLORA_DORA_SCALE_KERNEL=registers || export QLORA_DORA_SCALE_KERNEL=
         step "dora_${variant}_run$run" "$PY" -c "
@@ -123,7 +124,7 @@ import runpy, sys
 from qlora_ext import dora
 if '$variant' != 'as_is':
     dora.COLUMN_SCALE_DEVICES = ('cpu', 'cuda')
-sys.argv = ['bench_lora_family.py', '--shapes', '8b', '--cases', 'lora,dora', '--warmup', '3', '--steps', '8',
+sys.argv = ['bench_lora_family.py', '--shapes', '8b', '--cases', 'lora,dora', '--interleave', '--warmup', '3', '--steps', '10',
             '--out', '$OUT/lora_family_dora_${variant}_run${run}_8b.json']
 runpy.run_path('benchmarks/bench_lora_family.py', run_name='__main__')"
       done; done

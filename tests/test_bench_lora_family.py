@@ -1,0 +1,44 @@
+"""benchmarks/bench_lora_family.py's interleaved mode: every case's model built at once, their
+timed steps in turns, ratios per round (drift on the machine falls on all cases alike)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_lora_family  # noqa: PLC0415
+
+    return bench_lora_family
+
+
+def test_paired_ratio_is_the_median_of_the_rounds(bench):
+    base = {"step_s": [1.0, 2.0, 4.0]}
+    other = {"step_s": [1.1, 2.4, 4.0]}  # per round: 1.1, 1.2, 1.0
+    assert bench.paired_ratio(other, base) == pytest.approx(1.1)
+
+
+def test_interleaved_run_times_every_case_each_round(bench, monkeypatch):
+    order = []
+    original = bench.Case.timed_step
+
+    def spy(case):
+        order.append(case.name)
+        original(case)
+
+    monkeypatch.setattr(bench.Case, "timed_step", spy)
+    args = argparse.Namespace(device="cpu", batch=1, seq=16, r=4, lr=1e-3, warmup=1, steps=3, no_checkpointing=False)
+    results = bench.run_interleaved(["lora", "dora"], "tiny", args)
+    assert [r["case"] for r in results] == ["lora", "dora"]
+    assert all(r["interleaved"] and len(r["step_s"]) == 3 for r in results)
+    # round i starts with case i mod 2: the order rotates so neither always goes first
+    assert order == ["lora", "dora", "dora", "lora", "lora", "dora"]
+    assert all(r["final_loss"] == r["final_loss"] and r["final_loss"] > 0 for r in results)  # finite
