@@ -144,8 +144,8 @@ def nf4_gemv_variants() -> list[str]:
     Empty for a build without CUDA. Variant 1 ("factored") is the default: on the H100 it beat
     variant 0 ("mma") at every measured shape, M = 1 and 16 (1.83-2.37x bf16 at M = 1 against
     1.59-2.02x; benchmarks/results/nf4_gemv_variants_h100.json), and the CUDA suite's GEMV users
-    passed on it. The others stay switchable so that one process can measure them against each other (bench_nf4_linear.py
-    --variants). They apply where their kernel does (fp16/bf16, K % 64 == 0, blocksize >= 64,
+    passed on it. The others stay switchable so that one process can measure them against each
+    other (bench_nf4_linear.py --variants). They apply where their kernel does (fp16/bf16, K % 64 == 0, blocksize >= 64,
     16-byte aligned data, sm_80+); other cases take variant 0's path whatever the setting.
     """
     return list(native()._nf4_gemv_variants())
