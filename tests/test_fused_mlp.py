@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import assert_fused_bf16_within_twice_the_modules, builtin_tiny_llama, llama_with_biases, train_biases, CountApplies, force_fused_linear_route, lm_loss, trainable_grads, devices, hf_model, randomize_adapters, token_batch
+from train_helpers import train_side_by_side, assert_fused_bf16_within_twice_the_modules, builtin_tiny_llama, llama_with_biases, train_biases, CountApplies, force_fused_linear_route, lm_loss, trainable_grads, devices, hf_model, randomize_adapters, token_batch
 
 import qlora_ext
 from qlora_ext import fused_mlp
@@ -58,24 +58,9 @@ def test_same_loss_and_gradients_as_the_modules(device, kind, chunk, method, mon
     fused, plain = _model(kind, method, device=device), _model(kind, method, fused=False, device=device)
     assert fused_mlp.enable_fused_mlp(plain) == 2 and fused_mlp.enable_fused_mlp(fused) == 0  # already on
     fused_mlp.disable_fused_mlp(plain)
-    for step in range(3):
-        ids = token_batch(batch=2, seq=12, seed=step).to(device)
-        loss, ref = _loss(fused, ids), _loss(plain, ids)
-        loss.backward()
-        ref.backward()
-        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
-        got, want = _grads(fused), _grads(plain)
-        assert got.keys() == want.keys()
+    for want in train_side_by_side(fused, plain, device, steps=3):
         if method == "dora":  # every magnitude of the MLPs is checked, and every bias if trained
             assert sum("mlp" in n and "lora_magnitude_vector" in n for n in want) == 6
-        for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
-        for model in (fused, plain):  # an update, so that later steps see different adapters
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.requires_grad:
-                        p.add_(p.grad, alpha=-0.05)
-                        p.grad = None
     # Checkpointing (prepare's default) runs each of the 2 MLPs twice per step: forward + recompute.
     assert calls.n == 3 * 2 * 2
 

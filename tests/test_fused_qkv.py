@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import assert_fused_bf16_within_twice_the_modules, builtin_tiny_llama, llama_with_biases, train_biases, CountApplies, force_fused_linear_route, lm_loss, trainable_grads, devices, hf_config, hf_model, randomize_adapters, token_batch
+from train_helpers import sgd_step, train_side_by_side, assert_fused_bf16_within_twice_the_modules, builtin_tiny_llama, llama_with_biases, train_biases, CountApplies, force_fused_linear_route, lm_loss, trainable_grads, devices, hf_config, hf_model, randomize_adapters, token_batch
 
 import qlora_ext
 from qlora_ext import fused_qkv
@@ -51,24 +51,6 @@ def _qkv_of_layer(layer):
     return _qkv(layer.self_attn)
 
 
-def _train_side_by_side(fused, plain, device, steps):
-    """`steps` SGD steps of both models on the same batches: the same loss and gradients at each
-    (fp32 round-off). Yields each step's gradients (names -> tensors) for the caller's coverage
-    checks before the step is taken."""
-    for step in range(steps):
-        ids = token_batch(batch=2, seq=12, seed=step).to(device)
-        loss, ref = _loss(fused, ids), _loss(plain, ids)
-        loss.backward()
-        ref.backward()
-        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
-        got, want = _grads(fused), _grads(plain)
-        assert got.keys() == want.keys()
-        for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
-        yield want
-        _sgd_step(fused, plain)
-
-
 def _attentions(model):
     return [layer.self_attn for layer in model.model.layers]
 
@@ -81,16 +63,6 @@ _grads = trainable_grads
 
 def _CountCalls(monkeypatch):
     return CountApplies(monkeypatch, fused_qkv._LoRAQKV)
-
-
-def _sgd_step(*models, lr=0.05):
-    """An update, so that later steps see different adapters."""
-    for model in models:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(p.grad, alpha=-lr)
-                    p.grad = None
 
 
 @pytest.mark.parametrize("device", devices)
@@ -110,7 +82,7 @@ def test_same_loss_and_gradients_as_the_modules(device, kind, checkpointing, con
     steps = 3
     # every q/k/v adapter factor is checked (and every q/k/v bias where they train)
     per_layer = 3 * (3 if kind == "llama-attn-bias" else 2)
-    for want in _train_side_by_side(fused, plain, device, steps):
+    for want in train_side_by_side(fused, plain, device, steps):
         assert sum(any(p in n for p in ("q_proj", "k_proj", "v_proj")) for n in want) == LAYERS * per_layer
     # Checkpointing runs each attention twice per step (forward, then recompute in backward).
     assert calls.n == steps * LAYERS * (1 if checkpointing == "off" else 2)
@@ -414,7 +386,7 @@ def test_save_load_and_merge_are_unaffected(tmp_path):
     ids = token_batch(seed=9)
     fused = _model(seed=4)
     _loss(fused, ids).backward()
-    _sgd_step(fused)
+    sgd_step(fused)
     fused.eval()
     qlora_ext.save_adapter(fused, tmp_path / "adapter")
     plain = _model(fused=False, seed=11).eval()  # other adapter values, overwritten by the load
@@ -476,7 +448,7 @@ def test_dora_same_loss_and_gradients_as_the_modules(device, kind, checkpointing
     plain = _model(kind, method="dora", fused=False, device=device, checkpointing=checkpointing)
     steps = 3
     # every q/k/v A, B and magnitude is checked (and every q/k/v bias where they train)
-    for want in _train_side_by_side(fused, plain, device, steps):
+    for want in train_side_by_side(fused, plain, device, steps):
         qkv = [n for n in want if any(p in n for p in ("q_proj", "k_proj", "v_proj"))]
         assert sum("lora_magnitude_vector" in n for n in qkv) == LAYERS * 3
         assert len(qkv) == LAYERS * 3 * (4 if kind == "llama-attn-bias" else 3)

@@ -162,6 +162,34 @@ def trainable_grads(model) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def sgd_step(*models, lr: float = 0.05) -> None:
+    """An SGD update of every trainable parameter, so that later steps see different adapters."""
+    for model in models:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(p.grad, alpha=-lr)
+                    p.grad = None
+
+
+def train_side_by_side(fused, plain, device, steps: int):
+    """`steps` SGD steps of both models on the same batches: the same loss and gradients at each
+    (fp32 round-off). Yields each step's gradients (names -> tensors) for the caller's coverage
+    checks before the step is taken."""
+    for step in range(steps):
+        ids = token_batch(batch=2, seq=12, seed=step).to(device)
+        loss, ref = lm_loss(fused, ids), lm_loss(plain, ids)
+        loss.backward()
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        got, want = trainable_grads(fused), trainable_grads(plain)
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+        yield want
+        sgd_step(fused, plain)
+
+
 class CountApplies:
     """Counts calls of an autograd Function's `apply` (monkeypatched for one test)."""
 
