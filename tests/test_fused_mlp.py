@@ -289,7 +289,7 @@ def test_recomputation_skips_the_unread_down_projection(device, kind, chunk, met
     for skip in (False, True):
         monkeypatch.setattr(fused_mlp, "SKIP_UNUSED_RECOMPUTATION", skip)
         model = _model(kind, method, device=device)
-        assert all(layer.mlp.__dict__.get(fused_mlp._FEEDS_RESIDUAL) for layer in model.model.layers)
+        assert all(layer.mlp.__dict__[fused_mlp._FEEDS_RESIDUAL] is layer._forward_hooks for layer in model.model.layers)
         projections = _CountProjections(monkeypatch)
         ids = token_batch(batch=2, seq=12, seed=5).to(device)
         loss = _loss(model, ids)
@@ -344,3 +344,51 @@ def test_without_checkpointing_the_output_is_computed():
         modules = mlp(x)
     assert fused.abs().sum() > 0
     torch.testing.assert_close(fused, modules, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "builtin"])
+@pytest.mark.parametrize("where", ["mlp", "layer", "global"])
+def test_forward_hooks_see_real_outputs_in_the_recomputation(kind, where):
+    """Forward hooks may read the MLP's output, or its decoder layer's, which includes it
+    (activation capture, probes): with one attached, the recomputation computes the output instead
+    of the zeros that otherwise stand in for it. (transformers' layers run their hooks outside the
+    checkpoint, once; the built-in model's run in the recomputation too.)"""
+    model = _model(kind)
+    layer = model.model.layers[0]
+    watched = layer if where == "layer" else layer.mlp
+    seen = []
+
+    def hook(module, args, out):
+        if module is watched:
+            seen.append((out[0] if isinstance(out, tuple) else out).detach())
+
+    if where == "global":
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    else:
+        handle = watched.register_forward_hook(hook)
+    try:
+        _loss(model, token_batch(batch=2, seq=12, seed=3)).backward()
+    finally:
+        handle.remove()
+    # the first forward, and the recomputation wherever hooks run there
+    assert len(seen) == (1 if where == "layer" and kind == "llama" else 2)
+    for later in seen[1:]:
+        torch.testing.assert_close(later, seen[0], rtol=0, atol=0)
+    assert seen[0].abs().sum() > 0
+
+
+def test_a_prepared_model_deep_copies_and_pickles_with_the_skip():
+    """The mark that lets the recomputation skip (the layer's hook dict) follows a deep copy to
+    the copy's layer, and does not stop the model from pickling (torch.save of a whole model)."""
+    import copy
+    import pickle
+
+    model = _model("llama")
+    twin = copy.deepcopy(model)
+    layer, twin_layer = model.model.layers[0], twin.model.layers[0]
+    assert twin_layer.mlp.__dict__[fused_mlp._FEEDS_RESIDUAL] is twin_layer._forward_hooks
+    assert twin_layer.mlp.__dict__[fused_mlp._FEEDS_RESIDUAL] is not layer._forward_hooks
+    handle = twin_layer.register_forward_hook(lambda *a: None)
+    assert fused_mlp._output_observed(twin_layer.mlp) and not fused_mlp._output_observed(layer.mlp)
+    handle.remove()
+    pickle.dumps(model)

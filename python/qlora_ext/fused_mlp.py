@@ -355,7 +355,7 @@ DORA_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 #: down projection's output, where the MLP feeds only the residual add (lora_mlp's
 #: output_unused). Off only to measure what it saves.
 SKIP_UNUSED_RECOMPUTATION = True
-_FEEDS_RESIDUAL = "_qlora_mlp_feeds_residual_only"  # instance attribute set by enable_fused_mlp
+_FEEDS_RESIDUAL = "_qlora_mlp_feeds_residual_only"  # its layer's forward hooks, set by enable_fused_mlp
 #: Share of the free device memory that the unit's [rows, intermediate] activations may take
 #: before it works chunk by chunk.
 ACTIVATION_SHARE = 0.25
@@ -429,9 +429,19 @@ def lora_mlp(x: Tensor, gate: QLoRALinear, up: QLoRALinear, down: QLoRALinear,
 
 def _fused_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     devices = getattr(self, "_qlora_fused_devices", FUSED_DEVICES)  # set where fused_block_ops is on
-    unused = SKIP_UNUSED_RECOMPUTATION and self.__dict__.get(_FEEDS_RESIDUAL, False) and checkpointing.recomputing()
+    unused = SKIP_UNUSED_RECOMPUTATION and checkpointing.recomputing() and not _output_observed(self)
     y = lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, devices, unused) if not (args or kwargs) else None
     return self._qlora_unfused_forward(x, *args, **kwargs) if y is None else y
+
+
+def _output_observed(mlp: nn.Module) -> bool:
+    """Whether anything may read the MLP's output in a recomputation, which then computes it:
+    always, unless enable_fused_mlp found its decoder layer adding it to the residual and nothing
+    else; and forward hooks (the MLP's, its layer's — whose output includes it — or global ones)
+    must never see the zeros standing in for it."""
+    layer_hooks = mlp.__dict__.get(_FEEDS_RESIDUAL)
+    return (layer_hooks is None or bool(mlp._forward_hooks or layer_hooks
+                                        or nn.modules.module._global_forward_hooks))  # fmt: skip
 
 
 def _mlp_feeds_residual_only(layer: nn.Module) -> bool:
@@ -472,7 +482,9 @@ def enable_fused_mlp(model: nn.Module) -> int:
     for layer in model.modules():
         mlp = getattr(layer, "mlp", None)
         if isinstance(mlp, nn.Module) and is_fused_mlp(mlp) and _mlp_feeds_residual_only(layer):
-            mlp.__dict__[_FEEDS_RESIDUAL] = True
+            # the layer's own hook dict (register_forward_hook adds to it in place): the layer
+            # itself would become a submodule, a weak reference would not pickle
+            mlp.__dict__[_FEEDS_RESIDUAL] = layer._forward_hooks
     return count
 
 
