@@ -144,13 +144,21 @@ runpy.run_path('benchmarks/bench_lora_family.py', run_name='__main__')"
         --repeats 2 --out "$OUT/decode_mma_h100.json"
       ;;
     sanitize_rest)
-      # What 2026-12-06 left unfinished (sanitizer_tests_h100.txt): racecheck and initcheck of the
-      # fused Q/K/V tests, racecheck of the GEMV tests (1,404 with the variants: ~30 minutes under
-      # racecheck, so split by variant over calls: SANITIZE_K=mma, then factored, ...).
-      export ONLY='(racecheck.*test_fused_qkv|initcheck.*test_fused_qkv|racecheck.*test_nf4_gemv)'
-      PYTEST_K="${SANITIZE_K:-}" STEP_TIMEOUT=560 step sanitize_rest bash benchmarks/gpu_checks/sanitize_tests.sh \
-        "$OUT/sanitizer_tests_rest_h100.txt" 3
-      unset ONLY
+      # What 2026-12-06 left unfinished (sanitizer_tests_h100.txt): racecheck of the GEMV tests
+      # (1,404 with the variants: ~30 minutes under full racecheck), racecheck and initcheck of the
+      # fused Q/K/V tests. Racecheck instruments only qlora's kernels (KERNELS: the hazards it found
+      # before were all inside cuBLAS' split-K kernels of the bf16 baselines) and the GEMV file runs
+      # as three processes, split by variant.
+      export K_1='cuda-mma or cuda-factored_split' K_2='cuda-factored_r2 or cuda-factored_r1' \
+        K_3='not cuda-mma and not factored_'
+      RUNS=$'racecheck tests/test_nf4_gemv.py 1\nracecheck tests/test_nf4_gemv.py 2\nracecheck tests/test_nf4_gemv.py 3\nracecheck tests/test_fused_qkv.py'
+      compute-sanitizer --help | grep -A2 -E "^ *--kernel-name"
+      # initcheck instruments every kernel: a write by an uninstrumented one would read as missing
+      RUNS='initcheck tests/test_fused_qkv.py' STEP_TIMEOUT="${SANITIZE_TIMEOUT:-450}" step sanitize_rest_initcheck \
+        bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_initcheck_h100.txt" 1 &
+      RUNS="$RUNS" KERNELS=qlora STEP_TIMEOUT="${SANITIZE_TIMEOUT:-450}" step sanitize_rest_racecheck \
+        bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_racecheck_h100.txt" 4
+      wait
       ;;
     *)
       echo "unknown stage $stage"; status=1 ;;

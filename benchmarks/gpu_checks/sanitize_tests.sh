@@ -4,6 +4,11 @@
 #   bash benchmarks/gpu_checks/sanitize_tests.sh [OUT_FILE] [JOBS]    (after building the extension)
 #   ONLY='initcheck.*nf4' bash benchmarks/gpu_checks/sanitize_tests.sh ...   (the (tool, file) pairs matching a regex)
 #   PYTEST_K='factored' ...   (only the tests pytest -k selects: a slow file split over device calls)
+#   RUNS=$'racecheck tests/test_nf4_gemv.py 1\n...' K_1='cuda-mma' ...   (explicit runs "tool file [part]";
+#        part N takes pytest -k "$K_N": one slow file split over parallel processes)
+#   KERNELS=qlora ...   (instrument only the kernels whose name contains it: compute-sanitizer
+#        --kernel-name kns=...; racecheck then skips cuBLAS/cuDNN, whose hazards are not ours to fix,
+#        and runs several times faster)
 #
 # memcheck runs every test file that launches our kernels, directly (kernel tests) or through the
 # layers (model tests); racecheck and initcheck, an order of magnitude slower, get the kernel-level
@@ -25,25 +30,31 @@ done
 logs="$(dirname "$out")/sanitizer_logs"
 mkdir -p "$logs"
 export logs
-one() {  # "tool file": one sanitized pytest run; prints one summary line, exits non-zero on any error
+one() {  # "tool file [part]": one sanitized pytest run; prints one summary line, exits non-zero on any error
   set -- $1
-  local log="$logs/$1-$(basename "$2" .py).log"
+  local k="${PYTEST_K:-}" part="${3:-}"
+  if [ -n "$part" ]; then local kvar="K_$part"; k="${!kvar}"; fi
+  local log="$logs/$1-$(basename "$2" .py)${part:+-part$part}.log"
   compute-sanitizer --tool "$1" --target-processes all --error-exitcode 9 --print-limit 20 \
-    python3 -m pytest -q -p no:cacheprovider -m "not not_under_sanitizer" ${PYTEST_K:+-k "$PYTEST_K"} "$2" > "$log" 2>&1
+    ${KERNELS:+--kernel-name "kns=$KERNELS"} \
+    python3 -m pytest -q -p no:cacheprovider -m "not not_under_sanitizer" ${k:+-k "$k"} "$2" > "$log" 2>&1
   local rc=$?
   local result errors
   result=$(grep -E "^[0-9]+ (passed|failed)|passed|failed" "$log" | tail -1)
   errors=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | sort | uniq -c | tr -s ' ' | tr '\n' ';')
-  echo "$1 $2: rc=$rc | $result | $errors"
+  echo "$1 $2${part:+ -k \"$k\"}: rc=$rc | $result | $errors"
   [ "$rc" -eq 0 ] || { grep -E -A3 "Invalid|Uninitialized|hazard|FAILED" "$log" | head -12; return 1; }
 }
 export -f one
 {
   echo "# compute-sanitizer over the pytest CUDA tests; $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); $(date -u +%F)"
-  echo "# per line: compute-sanitizer --tool TOOL --target-processes all --error-exitcode 9 python -m pytest -q FILE${PYTEST_K:+ -k \"$PYTEST_K\"}"
-  { for f in $kernel_tests $model_tests; do echo "memcheck $f"; done
-    for f in $kernel_tests; do echo "racecheck $f"; echo "initcheck $f"; done; } |
-    grep -E "${ONLY:-.}" | xargs -P "$jobs" -I{} bash -c 'one "{}"'
+  echo "# per line: compute-sanitizer --tool TOOL --target-processes all --error-exitcode 9${KERNELS:+ --kernel-name kns=$KERNELS} python -m pytest -q FILE${PYTEST_K:+ -k \"$PYTEST_K\"}"
+  if [ -n "${RUNS:-}" ]; then
+    echo "$RUNS"
+  else
+    for f in $kernel_tests $model_tests; do echo "memcheck $f"; done
+    for f in $kernel_tests; do echo "racecheck $f"; echo "initcheck $f"; done
+  fi | grep -E "${ONLY:-.}" | xargs -P "$jobs" -I{} bash -c 'one "{}"'
   status=$?
   echo "exit status: $status (0 = every run clean)"
   exit $status
