@@ -27,7 +27,9 @@ transient peak (the others' models, resident too, are not counted).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import importlib
 import json
 import statistics
 import sys
@@ -51,12 +53,16 @@ SHAPES = {
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# name -> (prepare kwargs, whether the optimizer gets LoRA+ groups, whether a DeltaLoRAUpdater steps)
+# name -> (prepare kwargs, whether the optimizer gets LoRA+ groups, whether a DeltaLoRAUpdater steps[,
+# module settings "module.ATTRIBUTE" -> value that hold during the case's steps only: a candidate
+# code path measured against the default in one (interleaved) run])
 CASES = {
     "lora": ({"method": "lora"}, False, False),
     "lora+rslora": ({"method": "lora", "rslora": True}, False, False),
     "lora+loraplus": ({"method": "lora"}, True, False),
     "dora": ({"method": "dora"}, False, False),
+    # y = z ⊙ c by qlora_ext::dora_column_scale instead of PyTorch's broadcasting multiply
+    "dora+column_scale": ({"method": "dora"}, False, False, {"qlora_ext.dora.COLUMN_SCALE_DEVICES": ("cpu", "cuda")}),
     "lora_fa": ({"method": "lora_fa"}, False, False),
     "vera": ({"method": "vera"}, False, False),
     "vera_r256": ({"method": "vera", "r": 256}, False, False),
@@ -73,6 +79,22 @@ def build_model(shape: str, device: str, seq: int):
     return model
 
 
+@contextlib.contextmanager
+def module_settings(settings: dict):
+    """Sets each "package.module.ATTRIBUTE" to its value for the block, then restores it."""
+    saved = []
+    try:
+        for path, value in settings.items():
+            module_name, attr = path.rsplit(".", 1)
+            module = importlib.import_module(module_name)
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, value)
+        yield
+    finally:
+        for module, attr, value in reversed(saved):
+            setattr(module, attr, value)
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -82,7 +104,8 @@ class Case:
     """One prepared model of a case with its optimizer, ready to step."""
 
     def __init__(self, name: str, shape: str, args):
-        prepare_kw, loraplus, delta = CASES[name]
+        prepare_kw, loraplus, delta, *rest = CASES[name]
+        self.settings = rest[0] if rest else {}
         self.name, self.shape, self.args, self.device = name, shape, args, args.device
         gc.collect()
         if self.device.startswith("cuda"):
@@ -110,12 +133,13 @@ class Case:
         self.static = _allocated(self.device) - before  # model, adapters, optimizer state
 
     def step(self):
-        loss = self.model(input_ids=self.ids, labels=self.ids).loss
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        if self.updater is not None:
-            self.updater.step()
+        with module_settings(self.settings):
+            loss = self.model(input_ids=self.ids, labels=self.ids).loss
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            if self.updater is not None:
+                self.updater.step()
         return loss
 
     def timed_step(self) -> None:
@@ -136,7 +160,7 @@ class Case:
         median = statistics.median(times)
         cuda = self.device.startswith("cuda")
         return {
-            "case": self.name, "shape": self.shape, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "case": self.name, "settings": {k: repr(v) for k, v in self.settings.items()}, "shape": self.shape, "device": torch.cuda.get_device_name() if cuda else "cpu",
             "r": self.kw["r"], "batch": args.batch, "seq": args.seq, "checkpointing": not args.no_checkpointing,
             "params": self.n_params, "trainable_params": self.n_trainable,
             "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times), "step_s": times,
@@ -198,7 +222,7 @@ def lora_baselines(results: list[dict]) -> dict[str, dict]:
 
 def print_table(results: list[dict]) -> None:
     base = lora_baselines(results)
-    head = (f"{'shape':5} {'case':14} {'trainable':>11} {'median ms':>10} {'min ms':>8} {'x QLoRA':>8} {'min x':>7} "
+    head = (f"{'shape':5} {'case':18} {'trainable':>11} {'median ms':>10} {'min ms':>8} {'x QLoRA':>8} {'min x':>7} "
             f"{'tok/s':>9} {'TFLOP/s':>8} {'peak GiB':>9} {'x QLoRA':>8}")  # fmt: skip
     print(head)
     print("-" * len(head))
@@ -208,7 +232,7 @@ def print_table(results: list[dict]) -> None:
         t_ratio = r["step_s_median"] / b["step_s_median"] if b else nan
         min_ratio = r["step_s_min"] / b["step_s_min"] if b else nan
         m_ratio = r["peak_alloc_gib"] / b["peak_alloc_gib"] if b and b["peak_alloc_gib"] else nan
-        print(f"{r['shape']:5} {r['case']:14} {r['trainable_params']:>11,} {1e3 * r['step_s_median']:>10.1f} "
+        print(f"{r['shape']:5} {r['case']:18} {r['trainable_params']:>11,} {1e3 * r['step_s_median']:>10.1f} "
               f"{1e3 * r['step_s_min']:>8.1f} {t_ratio:>8.3f} {min_ratio:>7.3f} {r['tokens_per_s']:>9.0f} "
               f"{r['model_tflops']:>8.1f} {r['peak_alloc_gib']:>9.2f} {m_ratio:>8.3f}")  # fmt: skip
     for shape, b in base.items():
@@ -216,10 +240,10 @@ def print_table(results: list[dict]) -> None:
             first, last = b["runs"]
             print(f"[{shape}] QLoRA drift: last / first run median = {last / first:.3f} (ratios use their mean)")
         lora = next(r for r in results if r["shape"] == shape and r["case"] == "lora")
-        for dora in (r for r in results if r["shape"] == shape and r["case"] == "dora"):
+        for dora in (r for r in results if r["shape"] == shape and r["case"].startswith("dora")):
             ratio = dora["step_s_median"] / b["step_s_median"]
             paired = f", {paired_ratio(dora, lora):.3f} median of the rounds' ratios" if dora["interleaved"] else ""
-            print(f"[{shape}] QDoRA / QLoRA step time = {ratio:.3f} median, {dora['step_s_min'] / b['step_s_min']:.3f} min"
+            print(f"[{shape}] {dora['case']} / QLoRA step time = {ratio:.3f} median, {dora['step_s_min'] / b['step_s_min']:.3f} min"
                   f"{paired} (bar <= 1.15: {'PASS' if ratio <= 1.15 else 'FAIL'})")  # fmt: skip
 
 

@@ -42,3 +42,31 @@ def test_interleaved_run_times_every_case_each_round(bench, monkeypatch):
     # round i starts with case i mod 2: the order rotates so neither always goes first
     assert order == ["lora", "dora", "dora", "lora", "lora", "dora"]
     assert all(r["final_loss"] == r["final_loss"] and r["final_loss"] > 0 for r in results)  # finite
+
+
+def test_case_settings_hold_during_its_steps_only(bench, monkeypatch):
+    """A candidate case (dora+column_scale) runs its steps with its module settings, then restores
+    them: the default case in the same interleaved run keeps the default path."""
+    from qlora_ext import dora  # noqa: PLC0415
+
+    seen = []
+    original = dora.dora_output
+
+    def spy(z, c, bias):
+        seen.append(dora.COLUMN_SCALE_DEVICES)
+        return original(z, c, bias)
+
+    monkeypatch.setattr(dora, "dora_output", spy)
+    monkeypatch.setattr(dora, "COLUMN_SCALE_DEVICES", ("sentinel",))
+    with bench.module_settings({"qlora_ext.dora.COLUMN_SCALE_DEVICES": ("cpu", "cuda")}):
+        assert dora.COLUMN_SCALE_DEVICES == ("cpu", "cuda")
+    assert dora.COLUMN_SCALE_DEVICES == ("sentinel",)
+    with pytest.raises(RuntimeError), bench.module_settings({"qlora_ext.dora.COLUMN_SCALE_DEVICES": ()}):
+        raise RuntimeError("restored on error too")
+    assert dora.COLUMN_SCALE_DEVICES == ("sentinel",)
+
+    args = argparse.Namespace(device="cpu", batch=1, seq=16, r=4, lr=1e-3, warmup=1, steps=1, no_checkpointing=False)
+    results = bench.run_interleaved(["dora", "dora+column_scale"], "tiny", args)
+    assert results[1]["settings"] == {"qlora_ext.dora.COLUMN_SCALE_DEVICES": "('cpu', 'cuda')"}
+    assert ("sentinel",) in seen and ("cpu", "cuda") in seen
+    assert dora.COLUMN_SCALE_DEVICES == ("sentinel",)

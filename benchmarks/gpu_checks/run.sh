@@ -14,6 +14,9 @@
 #     bash benchmarks/gpu_checks/run.sh build gemv_ab      # every nf4_gemv variant: CUDA tests + A/B benchmark
 #     bash benchmarks/gpu_checks/run.sh build dora_candidates # DoRA's column scale and registers norm kernel:
 #                                                          # 8B QDoRA/QLoRA with and without, twice each
+#     bash benchmarks/gpu_checks/run.sh build dora_ab      # DoRA's kernels alone, then QDoRA as is / with the
+#                                                          # column scale vs QLoRA, interleaved, 8B and 1B,
+#                                                          # each with both dora_scale kernels
 #     bash benchmarks/gpu_checks/run.sh build train_ab     # 8B: the defaults vs what they replaced, and Unsloth
 #     bash benchmarks/gpu_checks/run.sh build decode_ab    # decode with the "factored" GEMV vs "mma"
 #     bash benchmarks/gpu_checks/run.sh build sanitize_rest # sanitizer runs not yet finished (racecheck of the
@@ -128,6 +131,20 @@ sys.argv = ['bench_lora_family.py', '--shapes', '8b', '--cases', 'lora,dora', '-
             '--out', '$OUT/lora_family_dora_${variant}_run${run}_8b.json']
 runpy.run_path('benchmarks/bench_lora_family.py', run_name='__main__')"
       done; done
+      unset QLORA_DORA_SCALE_KERNEL
+      ;;
+    dora_ab)
+      # The candidates in one process per dora_scale kernel (the kernel is chosen once per process):
+      # cases dora and dora+column_scale step in turns with lora (bench_lora_family --interleave).
+      for kernel in rows registers; do
+        export QLORA_DORA_SCALE_KERNEL=$kernel
+        step "dora_kernels_$kernel" "$PY" benchmarks/bench_dora_kernels.py --out "$OUT/dora_kernels_${kernel}_h100.json"
+        for shape in 8b 1b; do
+          step "dora_ab_${shape}_$kernel" "$PY" benchmarks/bench_lora_family.py --shapes $shape \
+            --cases lora,dora,dora+column_scale --interleave --warmup 3 --steps 12 \
+            --out "$OUT/lora_family_dora_ab_${shape}_${kernel}_h100.json"
+        done
+      done
       unset QLORA_DORA_SCALE_KERNEL
       ;;
     train_ab)
