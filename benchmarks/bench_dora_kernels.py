@@ -1,9 +1,9 @@
 """DoRA's native kernels against what they replace, at Llama-3-8B projection shapes, bf16, r 16:
 median device time per call (CUDA events, inputs rotated so none is served from L2).
 
-- dora_scale (n² and c = m/n per output row, from W·Aᵀ): the kernel in use; run the script
-  once more with QLORA_DORA_SCALE_KERNEL=registers to time the registers kernel (the choice is
-  read once per process), and against the six-op PyTorch reference.
+- dora_scale (n² and c = m/n per output row, from W·Aᵀ): the kernel in use (the registers kernel;
+  run the script once more with QLORA_DORA_SCALE_KERNEL=rows to time the former one: the choice
+  is read once per process), and the six-op PyTorch reference.
 - y = z ⊙ c: qlora_ext::dora_column_scale (16-byte accesses) vs PyTorch's broadcasting multiply.
 - dora_scale_backward (dz = dy ⊙ c, dm = Σ_rows dy ⊙ z / n): one pass over dy and z.
 
@@ -67,7 +67,7 @@ def bench_projection(name: str, n: int, k: int, tokens: int, r: int, reps: int) 
     io_bytes = tokens * n * 2
     return {
         "projection": name, "N": n, "K": k, "tokens": tokens, "r": r,
-        "dora_scale_kernel": os.environ.get("QLORA_DORA_SCALE_KERNEL") or "rows",
+        "dora_scale_kernel": "rows" if os.environ.get("QLORA_DORA_SCALE_KERNEL") == "rows" else "registers",
         "dora_scale_us": 1e3 * scale_ms, "dora_scale_reference_us": 1e3 * scale_ref_ms,
         "column_scale_us": 1e3 * column_ms, "torch_mul_us": 1e3 * mul_ms,
         "column_scale_gbps": 2 * io_bytes / column_ms / 1e6, "torch_mul_gbps": 2 * io_bytes / mul_ms / 1e6,

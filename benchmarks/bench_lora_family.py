@@ -61,8 +61,8 @@ CASES = {
     "lora+rslora": ({"method": "lora", "rslora": True}, False, False),
     "lora+loraplus": ({"method": "lora"}, True, False),
     "dora": ({"method": "dora"}, False, False),
-    # y = z ⊙ c by qlora_ext::dora_column_scale instead of PyTorch's broadcasting multiply
-    "dora+column_scale": ({"method": "dora"}, False, False, {"qlora_ext.dora.COLUMN_SCALE_DEVICES": ("cpu", "cuda")}),
+    # y = z ⊙ c by PyTorch's broadcasting multiply at every width (before qlora_ext::dora_column_scale)
+    "dora+torch_mul": ({"method": "dora"}, False, False, {"qlora_ext.dora.COLUMN_SCALE_DEVICES": ("cpu",)}),
     "lora_fa": ({"method": "lora_fa"}, False, False),
     "vera": ({"method": "vera"}, False, False),
     "vera_r256": ({"method": "vera", "r": 256}, False, False),

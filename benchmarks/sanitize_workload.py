@@ -71,18 +71,27 @@ for prm in ps:
 opt = qlora_ext.PagedAdamW(ps, device_budget=(64 << 10) + 512 * 3 + 3 * 65536, page_bytes=65536)
 for _ in range(2):
     opt.step()
-# GEMV: M 1..16, fast path (K % 32 == 0) and generic (odd K, fp32), bias, plain and nested scales
-for (n_out, k) in ((64, 128), (33, 96), (17, 45), (130, 256)):
-    for dq in (False, True):
-        q = NF4Weight.from_float(torch.randn(n_out, k, device=dev) * 0.1, 64, double_quant=dq)
-        for dt in (torch.bfloat16, torch.float16, torch.float32):
-            for m_rows in (1, 2, 7, 16):
-                x = torch.randn(m_rows, k, device=dev, dtype=dt)
-                bias = torch.randn(n_out, device=dev, dtype=dt)
-                nested = q.nested
-                scales = (nested.absmax2, nested.code, nested.offset.reshape(1), nested.blocksize) if nested else ()
-                for b in (bias, None):  # the operator itself: fast path for 16-bit x, generic for fp32/odd K
-                    qlora_ext.ops.nf4_gemv(x, q.packed, q.absmax, q.blocksize, list(q.shape), b, *scales)
+# GEMV: M 1..16, fast path (K % 32 == 0) and generic (odd K, fp32), bias, plain and nested scales,
+# under every CUDA kernel variant (ops.nf4_gemv_variants(): "mma", "factored", ...): the factored
+# ones take 64-blocks with K % 64 == 0 (here (64, 128), (130, 256), (96, 4096)), M <= 8 and 9..16
+# tiles, and K = 4096 splits the reduction over several warps
+variants = qlora_ext.ops.nf4_gemv_variants()
+default_variant = qlora_ext.ops.nf4_gemv_variant()
+for variant in variants:
+    qlora_ext.ops.set_nf4_gemv_variant(variant)
+    for (n_out, k) in ((64, 128), (33, 96), (17, 45), (130, 256), (96, 4096)):
+        for dq in (False, True):
+            q = NF4Weight.from_float(torch.randn(n_out, k, device=dev) * 0.1, 64, double_quant=dq)
+            for dt in (torch.bfloat16, torch.float16, torch.float32):
+                for m_rows in (1, 2, 7, 9, 16):
+                    x = torch.randn(m_rows, k, device=dev, dtype=dt)
+                    bias = torch.randn(n_out, device=dev, dtype=dt)
+                    nested = q.nested
+                    scales = (nested.absmax2, nested.code, nested.offset.reshape(1), nested.blocksize) if nested else ()
+                    for b in (bias, None):  # the operator itself: fast path for 16-bit x, generic for fp32/odd K
+                        qlora_ext.ops.nf4_gemv(x, q.packed, q.absmax, q.blocksize, list(q.shape), b, *scales)
+qlora_ext.ops.set_nf4_gemv_variant(default_variant)
+print(f"GEMV variants: {variants}")
 # GEMM: M 17..256 (tiles of 32, 64, 128 rows; partial tiles), split-K (N = 64 needs many splits),
 # a partial column tile, blocks of 32 (two scales per k-step), fallback (K % 64 != 0, fp32)
 for (n_out, k, bs) in ((64, 2048, 64), (130, 256, 32), (40, 96, 64)):

@@ -767,9 +767,16 @@ def test_dora_output_takes_the_native_kernel_on_its_devices(monkeypatch):
     y = dora_module.dora_output(z, c, b)
     assert len(calls) == 1 and calls[0][2].dtype == torch.bfloat16
     torch.testing.assert_close(y, dora_column_scale_reference(z, c, b.bfloat16()), rtol=0, atol=0)
-    monkeypatch.setattr(dora_module, "COLUMN_SCALE_DEVICES", ())
+    # narrower outputs than the device's COLUMN_SCALE_MIN_COLUMNS keep PyTorch's multiply
+    monkeypatch.setattr(dora_module, "COLUMN_SCALE_MIN_COLUMNS", {"cpu": 9})
     torch.testing.assert_close(dora_module.dora_output(z, c, None), torch.mul(z, c), rtol=0, atol=0)
     assert len(calls) == 1
+    wide_z, wide_c = torch.randn(5, 9, dtype=torch.bfloat16), torch.rand(9, dtype=torch.bfloat16)
+    torch.testing.assert_close(dora_module.dora_output(wide_z, wide_c, None), torch.mul(wide_z, wide_c), rtol=0, atol=0)
+    assert len(calls) == 2
+    monkeypatch.setattr(dora_module, "COLUMN_SCALE_DEVICES", ())
+    torch.testing.assert_close(dora_module.dora_output(z, c, None), torch.mul(z, c), rtol=0, atol=0)
+    assert len(calls) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -12,13 +12,13 @@
 #     bash benchmarks/gpu_checks/run.sh build units        # fused MLP (LoRA, DoRA) / Q/K/V units: CUDA tests,
 #                                                          # QDoRA vs QLoRA (8B, 1B), 1B training with/without fused Q/K/V
 #     bash benchmarks/gpu_checks/run.sh build gemv_ab      # every nf4_gemv variant: CUDA tests + A/B benchmark
-#     bash benchmarks/gpu_checks/run.sh build dora_candidates # DoRA's column scale and registers norm kernel:
-#                                                          # 8B QDoRA/QLoRA with and without, twice each
-#     bash benchmarks/gpu_checks/run.sh build dora_ab      # DoRA's kernels alone, then QDoRA as is / with the
-#                                                          # column scale vs QLoRA, interleaved, 8B and 1B,
+#     bash benchmarks/gpu_checks/run.sh build dora_ab      # DoRA's kernels alone, then QDoRA / with PyTorch's
+#                                                          # multiply for the column scale vs QLoRA, interleaved, 8B and 1B,
 #                                                          # each with both dora_scale kernels
 #     bash benchmarks/gpu_checks/run.sh build train_ab     # 8B: the defaults vs what they replaced, and Unsloth
 #     bash benchmarks/gpu_checks/run.sh build decode_ab    # decode with the "factored" GEMV vs "mma"
+#     bash benchmarks/gpu_checks/run.sh build sanitize_variants # racecheck of fused Q/K/V, workload with every
+#                                                          # GEMV variant under all three tools, DoRA tests
 #     bash benchmarks/gpu_checks/run.sh build sanitize_rest # sanitizer runs not yet finished (racecheck of the
 #                                                          # GEMV variants, racecheck/initcheck of fused Q/K/V)
 #
@@ -71,8 +71,8 @@ for stage in "$@"; do
       step leak "$PY" benchmarks/leak_check.py --out "$OUT/leak_h100.json"
       ;;
     sanitize)
-      # twice: the second time with dora_scale's registers kernel (QLORA_DORA_SCALE_KERNEL)
-      step sanitize_workload bash -c "for k in '' registers; do for t in memcheck racecheck initcheck; do QLORA_DORA_SCALE_KERNEL=\$k compute-sanitizer --tool \$t --error-exitcode 9 $PY benchmarks/sanitize_workload.py 2>&1 | tail -2; done; done"
+      # twice: the second time with dora_scale's former kernel (QLORA_DORA_SCALE_KERNEL=rows)
+      step sanitize_workload bash -c "for k in registers rows; do for t in memcheck racecheck initcheck; do QLORA_DORA_SCALE_KERNEL=\$k compute-sanitizer --tool \$t --error-exitcode 9 $PY benchmarks/sanitize_workload.py 2>&1 | tail -2; done; done"
       step sanitize_tests bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_h100.txt"
       ;;
     train)
@@ -113,35 +113,17 @@ for stage in "$@"; do
       step gemv_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py tests/test_nf4_gemm.py -k "cuda or variant"
       step gemv_ab "$PY" benchmarks/bench_nf4_linear.py --variants all --m 1 4 8 9 16 --out "$OUT/nf4_gemv_variants_h100.json"
       ;;
-    dora_candidates)
-      # DoRA's two CUDA candidates, not yet defaults: the native column scale (qlora_ext::
-      # dora_column_scale, switched on by dora.COLUMN_SCALE_DEVICES += cuda) and dora_scale's
-      # registers kernel (QLORA_DORA_SCALE_KERNEL=registers); both passed their CUDA tests and
-      # memcheck on an H200 (2026-12-06), whose QLoRA step times drifted 1.3-1.6x within one
-      # process: QDoRA vs QLoRA at 8B as is, with the column scale, with both, twice each, the two
-      # models of each process stepping in turns (--interleave: the ratio per round resists drift).
-      for run in 1 2; do for variant in as_is column_scale column_scale_registers; do
-        [ "$variant" = column_scale_registers ] && export QLORA_DORA_SCALE_KERNEL=registers || export QLORA_DORA_SCALE_KERNEL=
-        step "dora_${variant}_run$run" "$PY" -c "
-import runpy, sys
-from qlora_ext import dora
-if '$variant' != 'as_is':
-    dora.COLUMN_SCALE_DEVICES = ('cpu', 'cuda')
-sys.argv = ['bench_lora_family.py', '--shapes', '8b', '--cases', 'lora,dora', '--interleave', '--warmup', '3', '--steps', '10',
-            '--out', '$OUT/lora_family_dora_${variant}_run${run}_8b.json']
-runpy.run_path('benchmarks/bench_lora_family.py', run_name='__main__')"
-      done; done
-      unset QLORA_DORA_SCALE_KERNEL
-      ;;
     dora_ab)
-      # The candidates in one process per dora_scale kernel (the kernel is chosen once per process):
-      # cases dora and dora+column_scale step in turns with lora (bench_lora_family --interleave).
+      # DoRA's kernels alone (bench_dora_kernels), then QDoRA vs QLoRA in one process per dora_scale
+      # kernel (chosen once per process; rows: the former one), cases stepping in turns
+      # (bench_lora_family --interleave): dora (the defaults) and dora+torch_mul (y = z ⊙ c by
+      # PyTorch's multiply, as before the native column scale).
       for kernel in rows registers; do
         export QLORA_DORA_SCALE_KERNEL=$kernel
         step "dora_kernels_$kernel" "$PY" benchmarks/bench_dora_kernels.py --out "$OUT/dora_kernels_${kernel}_h100.json"
         for shape in 8b 1b; do
           step "dora_ab_${shape}_$kernel" "$PY" benchmarks/bench_lora_family.py --shapes $shape \
-            --cases lora,dora,dora+column_scale --interleave --warmup 3 --steps 12 \
+            --cases lora,dora,dora+torch_mul --interleave --warmup 3 --steps 12 \
             --out "$OUT/lora_family_dora_ab_${shape}_${kernel}_h100.json"
         done
       done
@@ -175,6 +157,17 @@ runpy.run_path('benchmarks/bench_lora_family.py', run_name='__main__')"
         bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_initcheck_h100.txt" 1 &
       RUNS="$RUNS" KERNELS=qlora STEP_TIMEOUT="${SANITIZE_TIMEOUT:-450}" step sanitize_rest_racecheck \
         bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_racecheck_h100.txt" 4
+      wait
+      ;;
+    sanitize_variants)
+      # racecheck of the fused Q/K/V tests (every kernel instrumented: --kernel-name filtering made
+      # racecheck fail with "Internal Sanitizer Error" on the H100, 2026-12-06), in parallel with the
+      # three tools over the workload (every GEMV variant) and the DoRA tests on the GPU
+      RUNS='racecheck tests/test_fused_qkv.py' STEP_TIMEOUT="${SANITIZE_TIMEOUT:-400}" step sanitize_qkv_racecheck \
+        bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_qkv_racecheck_h100.txt" 1 &
+      step dora_tests "$PY" -m pytest -n 6 -q -p no:cacheprovider -rfE tests/test_lora_family.py tests/test_fused_mlp.py \
+        tests/test_fused_qkv.py tests/test_bench_lora_family.py -k "dora or column_scale or lora_family"
+      step sanitize_workload bash -c "for k in registers rows; do for t in memcheck racecheck initcheck; do QLORA_DORA_SCALE_KERNEL=\$k compute-sanitizer --tool \$t --error-exitcode 9 $PY benchmarks/sanitize_workload.py 2>&1 | tail -3; done; done"
       wait
       ;;
     *)

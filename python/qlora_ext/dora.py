@@ -20,7 +20,7 @@ small op per layer counts):
 - n² and c = m/n then take one native kernel, `qlora_ext::dora_scale` (plus A·Aᵀ [r, r]; math in
   qlora/dora.h), where the same math in ATen is six launches; y = z·c (+ bias) in one pass,
   `qlora_ext::dora_column_scale` on COLUMN_SCALE_DEVICES (16-byte accesses; PyTorch's
-  broadcasting multiply elsewhere).
+  broadcasting multiply elsewhere and for narrow outputs).
 - Backward is written by hand: `qlora_ext::dora_scale_backward` gives dz = dy·c and
   dm = Σ_rows(dy ⊙ z)/n in one pass over dy and z; then LoRA's backward on dz (the norm is
   constant); dbias = Σ_rows dy. That replaces autograd's graph of the scaling (a mul node saving
@@ -121,13 +121,16 @@ def dora_scale_backward(dy: Tensor, z: Tensor, col_scale: Tensor, inv_norm: Tens
 
 
 #: Device types where dora_output takes the native column-scale kernel (qlora_ext::dora_column_scale,
-#: 16-byte accesses) instead of PyTorch's broadcasting multiply. On the H100 the latter ran its
-#: generic strided kernel at ~1.5 TB/s: 19.7 ms of a 272 ms 8B QDoRA step (513 launches;
-#: benchmarks/results/lora_family_dora_profile_8b_h100.txt). The CUDA kernel passed its tests and
-#: memcheck on an H200 (2026-12-06), but the 8B step times of that machine drifted too much to show
-#: a gain (lora_family_dora_*_8b_h200.json): CUDA joins once a quiet run does (run.sh
-#: dora_candidates). On the CPU both take the same time (2 cores) and give the same bits.
-COLUMN_SCALE_DEVICES: tuple[str, ...] = ("cpu",)
+#: 16-byte accesses) instead of PyTorch's broadcasting multiply, which ran its generic strided
+#: kernel on the H100: 19.7 ms of a 272 ms 8B QDoRA step (513 launches;
+#: benchmarks/results/lora_family_dora_profile_8b_h100.txt). Alone on the H100 (2048 tokens, bf16,
+#: bench_dora_kernels.py, dora_kernels_h100.json): 15.6 vs 25.4 µs at N = 4096, 53.8 vs 78.5 µs
+#: at N = 14336, but 11.6 vs 9.4 µs at N = 1024 (COLUMN_SCALE_MIN_COLUMNS). Without a bias both
+#: give the same bits. On the CPU both take the same time (2 cores).
+COLUMN_SCALE_DEVICES: tuple[str, ...] = ("cpu", "cuda")
+#: Per device type, the fewest output columns for which dora_output takes the native kernel (the
+#: k/v projections of an 8B, N = 1024, keep PyTorch's multiply on CUDA); absent: any.
+COLUMN_SCALE_MIN_COLUMNS: dict[str, int] = {"cuda": 4096}
 
 
 def dora_column_scale_reference(z: Tensor, col_scale: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -266,7 +269,8 @@ def dora_project(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_o
 def dora_output(z: Tensor, c: Tensor, bias: Tensor | None) -> Tensor:
     """y = z ⊙ c (+ bias) in z's dtype: one kernel. The fused MLP recomputes its gate and up
     outputs from z with this very function, so they equal the forward's bit for bit."""
-    if z.device.type in COLUMN_SCALE_DEVICES:
+    device = z.device.type
+    if device in COLUMN_SCALE_DEVICES and z.shape[-1] >= COLUMN_SCALE_MIN_COLUMNS.get(device, 0):
         return dora_column_scale(z, c, None if bias is None else bias.to(z.dtype))
     return torch.mul(z, c) if bias is None else torch.addcmul(bias.to(z.dtype), z, c)
 
