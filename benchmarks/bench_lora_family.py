@@ -15,12 +15,16 @@ Prints one JSON object per run and a table; --out FILE writes the JSON list. The
 QDoRA step time <= 1.15x QLoRA. With --interleave every case's model is built at once and their
 timed steps alternate (one step of each per round), so that drift falls on all alike; the table
 then adds the median of the per-round ratios, and peak memory is each model's own plus its steps'
-transient peak (the others' models, resident too, are not counted).
+transient peak (the others' models, resident too, are not counted). With --kernel-time one more
+step of each case runs under torch.profiler and the sum of its GPU kernels' and copies' device
+time is reported too: a host slowed by other tenants stretches the wall-clock step (and the GPU
+idles) but not that sum, so its ratio separates what the kernels cost from the host's noise.
 
     python benchmarks/bench_lora_family.py --shapes 1b,8b --cases lora,dora --out bench_dora.json   # ~4 min, H100
     python benchmarks/bench_lora_family.py --shapes 1b --out bench_lora_family.json
     python benchmarks/bench_lora_family.py --shapes 1b,8b --out bench_lora_family.json
     python benchmarks/bench_lora_family.py --shapes 8b --cases lora,dora --interleave --steps 12   # drift-proof
+    python benchmarks/bench_lora_family.py --shapes 8b --cases lora,dora --interleave --kernel-time
     python benchmarks/bench_lora_family.py --shapes tiny --device cpu --steps 2 --warmup 1   # smoke test
 """
 
@@ -95,6 +99,21 @@ def module_settings(settings: dict):
             setattr(module, attr, value)
 
 
+def device_time_ms(fn, device: str) -> float | None:
+    """The summed device time (ms) of the kernels and memory copies that one call of fn runs on a
+    CUDA device (torch.profiler's CUDA activity); None elsewhere."""
+    if not device.startswith("cuda"):
+        return None
+    from torch.autograd import DeviceType  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / 1e3
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -127,6 +146,7 @@ class Case:
         self.times: list[float] = []
         self.transient_peak = 0  # the most memory one step allocated beyond what was held before it
         self.loss = None
+        self.kernel_ms = None  # measure_kernel_time(): one step's summed device time
         for _ in range(args.warmup):
             self.step()
         sync(self.device)
@@ -155,6 +175,9 @@ class Case:
         if cuda:
             self.transient_peak = max(self.transient_peak, torch.cuda.max_memory_allocated() - held)
 
+    def measure_kernel_time(self) -> None:
+        self.kernel_ms = device_time_ms(self.step, self.device)
+
     def result(self, paired: bool) -> dict:
         args, times, tokens = self.args, self.times, self.args.batch * self.args.seq
         median = statistics.median(times)
@@ -170,6 +193,7 @@ class Case:
             # the other cases' models are resident too, and not counted)
             "peak_alloc_gib": (self.static + self.transient_peak) / 2**30 if cuda else 0.0,
             "final_loss": float(self.loss.detach()), "torch": torch.__version__,
+            "kernel_ms": self.kernel_ms,
         }  # fmt: skip
 
     def close(self) -> None:
@@ -185,6 +209,8 @@ def run_case(name: str, shape: str, args) -> dict:
     case = Case(name, shape, args)
     for _ in range(args.steps):
         case.timed_step()
+    if getattr(args, "kernel_time", False):
+        case.measure_kernel_time()
     result = case.result(paired=False)
     case.close()
     return result
@@ -198,6 +224,9 @@ def run_interleaved(names: list[str], shape: str, args) -> list[dict]:
     for i in range(args.steps):
         for j in range(len(cases)):
             cases[(i + j) % len(cases)].timed_step()
+    if getattr(args, "kernel_time", False):
+        for case in cases:
+            case.measure_kernel_time()
     results = [case.result(paired=True) for case in cases]
     for case in cases:
         case.close()
@@ -243,6 +272,9 @@ def print_table(results: list[dict]) -> None:
         for dora in (r for r in results if r["shape"] == shape and r["case"].startswith("dora")):
             ratio = dora["step_s_median"] / b["step_s_median"]
             paired = f", {paired_ratio(dora, lora):.3f} median of the rounds' ratios" if dora["interleaved"] else ""
+            if dora["kernel_ms"] and lora["kernel_ms"]:
+                print(f"[{shape}] {dora['case']} / QLoRA summed kernel time of one step = "
+                      f"{dora['kernel_ms'] / lora['kernel_ms']:.3f} ({dora['kernel_ms']:.1f} / {lora['kernel_ms']:.1f} ms)")
             print(f"[{shape}] {dora['case']} / QLoRA step time = {ratio:.3f} median, {dora['step_s_min'] / b['step_s_min']:.3f} min"
                   f"{paired} (bar <= 1.15: {'PASS' if ratio <= 1.15 else 'FAIL'})")  # fmt: skip
 
@@ -262,6 +294,8 @@ def main(argv=None) -> int:
     p.add_argument("--interleave", action="store_true",
                    help="build every case's model at once and time their steps in turns (drift-proof ratios; "
                         "needs the memory of all the models together)")  # fmt: skip
+    p.add_argument("--kernel-time", action="store_true",
+                   help="also profile one more step per case: the summed device time of its kernels (CUDA)")
     p.add_argument("--out", type=Path, help="write the JSON list of results here")
     args = p.parse_args(argv)
     shapes, cases = args.shapes.split(","), args.cases.split(",")

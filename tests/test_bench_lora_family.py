@@ -70,3 +70,46 @@ def test_case_settings_hold_during_its_steps_only(bench, monkeypatch):
     assert results[1]["settings"] == {"qlora_ext.dora.COLUMN_SCALE_DEVICES": "('cpu',)"}
     assert ("sentinel",) in seen and ("cpu",) in seen
     assert dora.COLUMN_SCALE_DEVICES == ("sentinel",)
+
+
+def test_device_time_sums_the_cuda_events_of_one_call(bench, monkeypatch):
+    """--kernel-time: the summed self device time of the CUDA events (kernels, copies) of one step,
+    in ms; CPU-side events do not count; None off CUDA."""
+    import types  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+    import torch.profiler  # noqa: PLC0415
+    from torch.autograd import DeviceType  # noqa: PLC0415
+
+    events = [types.SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=1500.0),
+              types.SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=9999.0),
+              types.SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=250.0)]  # fmt: skip
+    calls = []
+
+    class FakeProfile:
+        def __init__(self, activities):
+            assert activities == [torch.profiler.ProfilerActivity.CUDA]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return events
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(bench, "sync", lambda device: None)
+    assert bench.device_time_ms(lambda: calls.append(1), "cuda") == pytest.approx(1.75)
+    assert calls == [1]
+    assert bench.device_time_ms(lambda: calls.append(2), "cpu") is None
+    assert calls == [1]  # off CUDA nothing runs
+
+
+def test_interleaved_run_with_kernel_time_on_cpu(bench):
+    args = argparse.Namespace(device="cpu", batch=1, seq=16, r=4, lr=1e-3, warmup=1, steps=2, no_checkpointing=False,
+                              kernel_time=True)  # fmt: skip
+    results = bench.run_interleaved(["lora", "dora"], "tiny", args)
+    assert [r["kernel_ms"] for r in results] == [None, None]
+    bench.print_table(results)  # no kernel-time line without CUDA, and no error

@@ -123,7 +123,7 @@ for stage in "$@"; do
         step "dora_kernels_$kernel" "$PY" benchmarks/bench_dora_kernels.py --out "$OUT/dora_kernels_${kernel}_h100.json"
         for shape in 8b 1b; do
           step "dora_ab_${shape}_$kernel" "$PY" benchmarks/bench_lora_family.py --shapes $shape \
-            --cases lora,dora,dora+torch_mul --interleave --warmup 3 --steps 12 \
+            --cases lora,dora,dora+torch_mul --interleave --kernel-time --warmup 3 --steps 12 \
             --out "$OUT/lora_family_dora_ab_${shape}_${kernel}_h100.json"
         done
       done
