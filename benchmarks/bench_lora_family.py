@@ -43,7 +43,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qlora_ext  # noqa: E402
+from device_time import device_time_ms  # noqa: E402
 from qlora_ext.io_utils import atomic_write_json  # noqa: E402
 
 SHAPES = {
@@ -97,21 +99,6 @@ def module_settings(settings: dict):
     finally:
         for module, attr, value in reversed(saved):
             setattr(module, attr, value)
-
-
-def device_time_ms(fn, device: str) -> float | None:
-    """The summed device time (ms) of the kernels and memory copies that one call of fn runs on a
-    CUDA device (torch.profiler's CUDA activity); None elsewhere."""
-    if not device.startswith("cuda"):
-        return None
-    from torch.autograd import DeviceType  # noqa: PLC0415
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
-
-    sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        sync(device)
-    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / 1e3
 
 
 def sync(device: str) -> None:

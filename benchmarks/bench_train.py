@@ -26,7 +26,9 @@ instead of straight into one buffer, fused_qkv.DEQUANTIZE_INTO_DEVICES), ours_fu
 also runs the MLP's down projection, whose output nobody reads: fused_mlp.SKIP_UNUSED_RECOMPUTATION
 off), bnb_peft, unsloth. With --cap-gib each process may allocate at most that much
 (torch.cuda.set_per_process_memory_fraction); a stack stops at its first sequence length that
-fails, and the table ends with each stack's longest trainable length.
+fails, and the table ends with each stack's longest trainable length. With --kernel-time each case
+also profiles one more step and reports the summed device time of its GPU kernels and copies
+(device_time.py): a noisy host stretches the wall-clock step, not that sum.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from device_time import device_time_ms  # benchmarks/ (the script's folder is on sys.path)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {
@@ -194,8 +198,10 @@ def flops_per_token(size: str, seq: int) -> float:
     return 2 * 3 * matmul_params + 3 * 2 * attention
 
 
-def run_one(stack: str, size: str, seq: int, steps: int, cap_gib: float | None = None) -> dict:
-    """Runs in the subprocess: build, train `steps` steps, measure steps 3..N."""
+def run_one(stack: str, size: str, seq: int, steps: int, cap_gib: float | None = None,
+            kernel_time: bool = False) -> dict:  # fmt: skip
+    """Runs in the subprocess: build, train `steps` steps, measure steps 3..N (then, with
+    `kernel_time`, one more step under the profiler: its summed GPU kernel time, device_time.py)."""
     import torch
 
     if cap_gib is not None:
@@ -208,23 +214,29 @@ def run_one(stack: str, size: str, seq: int, steps: int, cap_gib: float | None =
     vocab = SHAPES[size]["vocab_size"]
     model.train()
     times, losses = [], []
-    for step in range(steps):
-        if step == 2:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+
+    def train_step():
         ids = torch.randint(0, vocab, (1, seq), device="cuda")
-        torch.cuda.synchronize()
-        start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    for step in range(steps):
+        if step == 2:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = train_step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
     measured = times[2:] or times[-1:]  # --steps 1 or 2 (the longest-sequence search): the last step
     managed_gib = managed_optimizer_state_bytes(opt) / 2**30
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    kernel_ms = device_time_ms(train_step, "cuda") if kernel_time else None
     step_s = sorted(measured)[len(measured) // 2]
     tokens_per_s = seq / step_s
     return {
@@ -234,6 +246,7 @@ def run_one(stack: str, size: str, seq: int, steps: int, cap_gib: float | None =
         "peak_device_gib": peak_gib + managed_gib,
         "mfu_vs_748_tflops": tokens_per_s * flops_per_token(size, seq) / 748e12,
         "build_s": build_s, "first_loss": losses[0], "last_loss": losses[-1], "cap_gib": cap_gib,
+        "kernel_ms": kernel_ms,
     }  # fmt: skip
 
 
@@ -253,10 +266,11 @@ def environment() -> dict:
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit or None}
 
 
-def child_command(stack: str, model: str, seq: int, steps: int, cap_gib: float | None = None) -> list[str]:
+def child_command(stack: str, model: str, seq: int, steps: int, cap_gib: float | None = None,
+                  kernel_time: bool = False) -> list[str]:  # fmt: skip
     """The command of one measured case: a fresh process per (stack, seq)."""
     cmd = [sys.executable, __file__, "--child", stack, "--model", model, "--seq", str(seq), "--steps", str(steps)]
-    return cmd + (["--cap-gib", str(cap_gib)] if cap_gib else [])
+    return cmd + (["--cap-gib", str(cap_gib)] if cap_gib else []) + (["--kernel-time"] if kernel_time else [])
 
 
 def warmup_command(model: str, stack: str, seq: int) -> list[str]:
@@ -278,10 +292,13 @@ def main() -> None:
     parser.add_argument("--cap-gib", type=float, help="per-process device memory cap (longest-sequence search)")
     parser.add_argument("--no-warmup-run", action="store_true",
                         help="skip the discarded first run (see warmup_command)")  # fmt: skip
+    parser.add_argument("--kernel-time", action="store_true",
+                        help="also profile one more step per case: its summed GPU kernel time (device_time.py)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_one(args.child, args.model, args.seq[0], args.steps, args.cap_gib)), flush=True)
+        result = run_one(args.child, args.model, args.seq[0], args.steps, args.cap_gib, args.kernel_time)
+        print("RESULT " + json.dumps(result), flush=True)
         return
 
     env = environment()
@@ -296,7 +313,7 @@ def main() -> None:
         for stack in stacks:
             if stack in failed:
                 continue
-            cmd = child_command(stack, args.model, seq, args.steps, args.cap_gib)
+            cmd = child_command(stack, args.model, seq, args.steps, args.cap_gib, args.kernel_time)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if lines:
@@ -310,14 +327,16 @@ def main() -> None:
             print(json.dumps(record), flush=True)
             records.append(record)
     ours = {r["seq"]: r for r in records if r["stack"] == "ours" and "tokens_per_s" in r}
-    print(f"\n{'stack':10} {'seq':>6} {'tokens/s':>9} {'peak GiB':>9} {'(torch':>7} {'+ paged)':>8} {'MFU':>6} {'ours/this':>9}")
+    print(f"\n{'stack':10} {'seq':>6} {'tokens/s':>9} {'peak GiB':>9} {'(torch':>7} {'+ paged)':>8} {'MFU':>6} {'ours/this':>9}"
+          f"{' kernel ms' if args.kernel_time else ''}")
     for r in records:
         if "tokens_per_s" not in r:
             print(f"{r['stack']:10} {r['seq']:>6}  skipped: {r['skipped'][:90]}")
             continue
         ratio = ours[r["seq"]]["tokens_per_s"] / r["tokens_per_s"] if r["seq"] in ours else float("nan")
         print(f"{r['stack']:10} {r['seq']:>6} {r['tokens_per_s']:>9.0f} {r['peak_device_gib']:>9.2f} {r['peak_allocated_gib']:>7.2f} "
-              f"{r['managed_optimizer_state_gib']:>8.2f} {r['mfu_vs_748_tflops']:>6.1%} {ratio:>9.2f}")
+              f"{r['managed_optimizer_state_gib']:>8.2f} {r['mfu_vs_748_tflops']:>6.1%} {ratio:>9.2f}"
+              + ("" if r.get("kernel_ms") is None else f" {r['kernel_ms']:>9.1f}"))
     if args.cap_gib:
         longest = {s: max((r["seq"] for r in records if r["stack"] == s and "tokens_per_s" in r), default=0)
                    for s in args.stacks.split(",")}  # fmt: skip

@@ -38,3 +38,14 @@ def test_the_warmup_run_is_the_first_case_shortened(monkeypatch):
     assert cmd[cmd.index("--seq") + 1] == "8192" and cmd[cmd.index("--model") + 1] == "8b"
     assert bench.child_command("ours", "1b", 2048, 5, 24.0)[-2:] == ["--cap-gib", "24.0"]
     assert "--cap-gib" not in bench.child_command("ours", "1b", 2048, 5)
+
+
+def test_kernel_time_reaches_the_child(monkeypatch):
+    """--kernel-time is passed to every measured case's process (the warm-up run needs none)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_train as bench  # noqa: PLC0415
+
+    assert bench.child_command("ours", "8b", 2048, 8, None, True)[-1] == "--kernel-time"
+    assert bench.child_command("ours", "8b", 2048, 8, 24.0, True)[-3:] == ["--cap-gib", "24.0", "--kernel-time"]
+    assert "--kernel-time" not in bench.child_command("ours", "8b", 2048, 8)
+    assert "--kernel-time" not in bench.warmup_command("8b", "ours", 2048)

@@ -133,7 +133,7 @@ for stage in "$@"; do
       # The defaults against what they replaced, 8B: the recomputation that skips the MLP's down
       # projection (ours) vs the full one, the Q/K/V weights dequantized into one buffer vs torch.cat
       step train_ab "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps 8 \
-        --stacks ours,ours_full_recompute,ours_qkv_cat,unsloth --out "$OUT/train_8b_ab_h100.json"
+        --stacks ours,ours_full_recompute,ours_qkv_cat,unsloth --kernel-time --out "$OUT/train_8b_ab_h100.json"
       ;;
     decode_ab)
       # generation with nf4_gemv's default variant ("factored") against the former one ("mma")
