@@ -69,6 +69,8 @@ CASES = {
     "dora": ({"method": "dora"}, False, False),
     # y = z ⊙ c by PyTorch's broadcasting multiply at every width (before qlora_ext::dora_column_scale)
     "dora+torch_mul": ({"method": "dora"}, False, False, {"qlora_ext.dora.COLUMN_SCALE_DEVICES": ("cpu",)}),
+    # the recomputation skips DoRA's down projection too, with its z kept from the first forward
+    "dora+keep_z": ({"method": "dora"}, False, False, {"qlora_ext.fused_mlp.DORA_KEEPS_DOWN_Z_DEVICES": ("cpu", "cuda")}),
     "lora_fa": ({"method": "lora_fa"}, False, False),
     "vera": ({"method": "vera"}, False, False),
     "vera_r256": ({"method": "vera", "r": 256}, False, False),

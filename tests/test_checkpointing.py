@@ -158,6 +158,47 @@ def test_remembered_values_reach_only_their_own_recomputation_and_die_with_the_g
     assert all(ref() is None for ref in made)  # nothing outside the graphs kept any of them
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("offload", [False, True])
+def test_remembered_tensors_travel_with_the_layer_input_where_it_is_offloaded(device, offload, monkeypatch):
+    """remember(offload=True): in a layer that offloads its input, a CUDA tensor goes to pinned
+    host memory too (parked beside the input, outside the chain of layer inputs) and comes back,
+    the same values, when replayed; elsewhere (CPU, or a layer that keeps its input) it is kept
+    as is, the very tensor."""
+    parks = []
+    original_park = checkpointing._offloader.park
+
+    def spy(tensor, chain=True):
+        parks.append(chain)
+        return original_park(tensor, chain)
+
+    monkeypatch.setattr(checkpointing._offloader, "park", spy)
+    made, seen = [], []
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            if checkpointing.first_forward():
+                value = torch.arange(6.0, device=x.device).reshape(2, 3) + len(made)
+                made.append(value)
+                checkpointing.remember("z", value, offload=True)
+            else:
+                seen.append(checkpointing.replayed("z"))
+            return x * 2
+
+    x = torch.ones(4, 8, device=device, requires_grad=True)
+    ys = [checkpointing.checkpoint(Layer(), x * (i + 1), offload=offload) for i in range(2)]
+    sum(y.sum() for y in ys).backward()
+    offloaded = offload and device == "cuda"
+    # the two layer inputs (chained) and, beside each, its remembered tensor (not chained)
+    assert parks == ([True, False, True, False] if offloaded else [])
+    assert [float(t[0, 0]) for t in seen] == [1.0, 0.0]  # backward runs the second layer first
+    for got, want in zip(seen, made[::-1]):
+        assert got.device == want.device and torch.equal(got, want)
+        assert (got is want) != offloaded
+    assert torch.equal(x.grad, torch.full_like(x, 6.0))
+
+
 # ---- offloading the saved layer inputs to pinned host memory ------------------------------------
 
 def _offloaded_model(device, dropout=0.0, offload=True):

@@ -279,11 +279,16 @@ class _CountProjections:
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "builtin", "llama-mlp-bias"])
 @pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunks-of-5-rows"])
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_recomputation_skips_the_unread_down_projection(device, kind, chunk, method, monkeypatch):
+@pytest.mark.parametrize("dora_keeps_z", [True, False], ids=["dora-keeps-z", "dora-recomputes-z"])
+def test_recomputation_skips_the_unread_down_projection(device, kind, chunk, method, dora_keeps_z, monkeypatch):
     """A checkpointed layer's recomputation reads nothing of the MLP's output: a LoRA unit skips
     its down projection there (whole: one projection fewer per layer and step; chunked: the whole
     recomputation, gate/up/down per chunk), with bit-identical loss and gradients. DoRA's down
-    projection keeps z for its magnitude's gradient: nothing skipped."""
+    projection needs its z for the magnitude's gradient: where the first forward keeps it
+    (DORA_KEEPS_DOWN_Z_DEVICES) DoRA skips as much as LoRA, otherwise nothing."""
+    if method == "lora" and not dora_keeps_z:
+        pytest.skip("the setting concerns DoRA only")
+    monkeypatch.setattr(fused_mlp, "DORA_KEEPS_DOWN_Z_DEVICES", (device,) if dora_keeps_z else ())
     monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", chunk)  # 24 rows: 5 chunks
     results, counts = {}, {}
     for skip in (False, True):
@@ -301,8 +306,32 @@ def test_recomputation_skips_the_unread_down_projection(device, kind, chunk, met
     for name in grads_off:
         assert torch.equal(grads_on[name], grads_off[name]), name
     layers, chunks = 2, 5
-    saved = 0 if method == "dora" else layers * (1 if chunk is None else 3 * chunks)
+    saved = 0 if method == "dora" and not dora_keeps_z else layers * (1 if chunk is None else 3 * chunks)
     assert counts[False] - counts[True] == saved, counts
+
+
+@pytest.mark.parametrize("first,second", [(None, 5), (5, None)], ids=["whole-then-chunks", "chunks-then-whole"])
+def test_dora_kept_z_serves_a_recomputation_chunked_differently(first, second, monkeypatch):
+    """The chunk decision depends on free device memory at the call: the recomputation may chunk
+    where the first forward did not, or the reverse. The kept z [rows..., hidden] serves either
+    way: the same gradients as recomputing z (within fp32 rounding of GEMMs over other row counts)."""
+    def chunking(rows, intermediate, x):
+        return second if fused_mlp.checkpointing.recomputing() else first
+
+    monkeypatch.setattr(fused_mlp, "chunk_rows", chunking)
+    results = {}
+    for keeps in (False, True):
+        monkeypatch.setattr(fused_mlp, "DORA_KEEPS_DOWN_Z_DEVICES", ("cpu",) if keeps else ())
+        model = _model("llama", "dora")
+        projections = _CountProjections(monkeypatch)
+        loss = _loss(model, token_batch(batch=2, seq=12, seed=5))
+        loss.backward()
+        results[keeps] = (loss.detach(), _grads(model), projections.n)
+    (loss_off, grads_off, n_off), (loss_on, grads_on, n_on) = results[False], results[True]
+    assert torch.equal(loss_on, loss_off) and n_on < n_off
+    assert grads_on.keys() == grads_off.keys()
+    for name in grads_off:
+        torch.testing.assert_close(grads_on[name], grads_off[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_only_llama_family_layers_let_the_recomputation_skip_the_mlp_output():

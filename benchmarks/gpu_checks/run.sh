@@ -116,14 +116,15 @@ for stage in "$@"; do
     dora_ab)
       # DoRA's kernels alone (bench_dora_kernels), then QDoRA vs QLoRA in one process per dora_scale
       # kernel (chosen once per process; rows: the former one), cases stepping in turns
-      # (bench_lora_family --interleave): dora (the defaults) and dora+torch_mul (y = z ⊙ c by
-      # PyTorch's multiply, as before the native column scale).
+      # (bench_lora_family --interleave): dora (the defaults), dora+torch_mul (y = z ⊙ c by
+      # PyTorch's multiply, as before the native column scale) and dora+keep_z (the recomputation
+      # skips the down projection with its z kept, offloaded: fused_mlp.DORA_KEEPS_DOWN_Z_DEVICES).
       for kernel in rows registers; do
         export QLORA_DORA_SCALE_KERNEL=$kernel
         step "dora_kernels_$kernel" "$PY" benchmarks/bench_dora_kernels.py --out "$OUT/dora_kernels_${kernel}_h100.json"
         for shape in 8b 1b; do
           step "dora_ab_${shape}_$kernel" "$PY" benchmarks/bench_lora_family.py --shapes $shape \
-            --cases lora,dora,dora+torch_mul --interleave --kernel-time --warmup 3 --steps 12 \
+            --cases lora,dora,dora+torch_mul,dora+keep_z --interleave --kernel-time --warmup 3 --steps 12 \
             --out "$OUT/lora_family_dora_ab_${shape}_${kernel}_h100.json"
         done
       done

@@ -56,13 +56,23 @@ def recomputing() -> bool:
     return current is not None and current[0] == "recompute"
 
 
-def remember(key, value) -> None:
-    """In a checkpointed layer's first forward: keep `value` (something that depends only on the
-    parameters, such as DoRA's weight norm) for its recomputation, which `replayed(key)` hands it
-    to. Elsewhere a no-op. Values live on the layer's autograd node: freed with its graph, so a
-    forward whose backward never runs leaks nothing."""
+def first_forward() -> bool:
+    """Whether a checkpointed layer is running its first (graph-less) forward right now."""
     current = phase()
-    if current is not None and current[0] == "forward":
+    return current is not None and current[0] == "forward"
+
+
+def remember(key, value, offload: bool = False) -> None:
+    """In a checkpointed layer's first forward: keep `value` (something that depends only on the
+    parameters, such as DoRA's weight norm, or an activation the recomputation can then skip) for
+    its recomputation, which `replayed(key)` hands it to. Elsewhere a no-op. Values live on the
+    layer's autograd node: freed with its graph, so a forward whose backward never runs leaks
+    nothing. With `offload`, a CUDA tensor of a layer that offloads its input goes the same way:
+    to pinned host memory now, back to the device (fetched as the layer's backward begins) when
+    replayed; elsewhere it stays on its device."""
+    if first_forward():
+        if offload and getattr(_phase, "offloading", False) and _Offloader.wants(value):
+            value = _offloader.park(value, chain=False)
         _phase.stash.setdefault(key, []).append(value)
 
 
@@ -74,17 +84,20 @@ def replayed(key):
     if current is None or current[0] != "recompute":
         return None
     kept = _phase.stash.get(key)
-    return kept.pop(0) if kept else None
+    if not kept:
+        return None
+    value = kept.pop(0)
+    return _offloader.fetch(value) if isinstance(value, _Parked) else value
 
 
 @contextlib.contextmanager
-def _in_phase(value: tuple[str, int], stash: dict):
-    previous, previous_stash = phase(), getattr(_phase, "stash", None)
-    _phase.value, _phase.stash = value, stash
+def _in_phase(value: tuple[str, int], stash: dict, offloading: bool = False):
+    previous = phase(), getattr(_phase, "stash", None), getattr(_phase, "offloading", False)
+    _phase.value, _phase.stash, _phase.offloading = value, stash, offloading
     try:
         yield
     finally:
-        _phase.value, _phase.stash = previous, previous_stash
+        _phase.value, _phase.stash, _phase.offloading = previous
 
 
 class _Parked:
@@ -122,8 +135,11 @@ class _Offloader:
     def wants(tensor: Tensor) -> bool:
         return tensor.device.type == "cuda" and tensor.is_contiguous() and tensor.numel() > 0
 
-    def park(self, tensor: Tensor) -> _Parked:
-        previous = self._last() if self._last is not None else None
+    def park(self, tensor: Tensor, chain: bool = True) -> _Parked:
+        """`chain`: a layer input, whose fetch brings back the previous layer's input meanwhile;
+        False for what a layer remembers beside it (remember(offload=True)), fetched with the
+        layer's own backward."""
+        previous = self._last() if chain and self._last is not None else None
         parked = _Parked(tensor, previous)
         compute, side = torch.cuda.current_stream(tensor.device), self._side(tensor.device)
         side.wait_stream(compute)  # the tensor was written on the compute stream
@@ -134,7 +150,8 @@ class _Offloader:
         # The caller drops the tensor now; its memory must not be handed out again until the
         # side stream has read it.
         tensor.record_stream(side)
-        self._last = weakref.ref(parked)
+        if chain:
+            self._last = weakref.ref(parked)
         return parked
 
     def prefetch(self, parked: _Parked) -> None:
@@ -185,7 +202,7 @@ class _LayerCheckpoint(torch.autograd.Function):
         ctx.autocast = [(t, torch.get_autocast_dtype(t)) for t in ("cuda", "cpu") if torch.is_autocast_enabled(t)]
         ctx.token = next(_calls)
         ctx.stash = {}  # remember()/replayed(): values the recomputation reuses
-        with torch.no_grad(), _in_phase(("forward", ctx.token), ctx.stash):
+        with torch.no_grad(), _in_phase(("forward", ctx.token), ctx.stash, offloading=bool(offload)):
             return fn(*args)
 
     @staticmethod
@@ -199,6 +216,10 @@ class _LayerCheckpoint(torch.autograd.Function):
             leaf = tensor.detach().requires_grad_(tensor.requires_grad)
             args[position] = leaf
             inputs.append(leaf)
+        for values in ctx.stash.values():  # what the layer remembered in host memory: on its way back
+            for value in values:
+                if isinstance(value, _Parked):
+                    _offloader.prefetch(value)
         devices = [ctx.device] if ctx.device_rng is not None else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), _autocast(ctx.autocast), \
                 _in_phase(("recompute", ctx.token), ctx.stash):

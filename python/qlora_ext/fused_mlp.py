@@ -198,11 +198,9 @@ class _LoRAMLP(torch.autograd.Function):
     torch.utils.checkpoint's saved-tensor hooks see, drop and recompute them like any other."""
 
     @staticmethod
-    def forward(ctx, x, kind, specs, chunk, native, output_unused, extras, gate_bias, up_bias, down_bias, ag, bg, au, bu,
+    def forward(ctx, x, kind, specs, chunk, native, recompute, extras, gate_bias, up_bias, down_bias, ag, bg, au, bu,
                 ad, bd, *mags):  # fmt: skip
         gate_spec, up_spec, down_spec = specs
-        # DoRA's down projection keeps z (its magnitude's gradient needs it): only LoRA can skip.
-        skip_output = output_unused and not kind.has_norm
         ctx.device_type, ctx.kind, ctx.chunk, ctx.native, ctx.done = x.device.type, kind, chunk, native, False
         triples = ((gate_bias, ag, bg), (up_bias, au, bu), (down_bias, ad, bd))
         ctx.needs = [kind.needs(*t, e) for t, e in zip(triples, extras)]
@@ -212,17 +210,32 @@ class _LoRAMLP(torch.autograd.Function):
         norms = (checkpointing.replayed(key) if kind.has_norm else None) or (None, None, None)
         if norms[0] is not None and (norms[0][1].dtype != x.dtype or norms[0][1].device != x.device):
             norms = (None, None, None)
+        # DoRA's down projection needs its z in backward (the magnitude's gradient): the first
+        # forward keeps it for the recomputation (checkpointing.remember, offloaded with the
+        # layer's input where that is), which can then skip the projection as LoRA's does.
+        z_key = ("qlora_ext.fused_mlp.z_down", id(down_spec[0][0]), id(mags[2]) if mags else None)
+        keeps_z = kind.has_norm and x.device.type in DORA_KEEPS_DOWN_Z_DEVICES
+        kept_z = checkpointing.replayed(z_key) if keeps_z and recompute == "skip" else None
+        n_down = down_spec[0][7][0]
+        if kept_z is not None and (kept_z.dtype != x.dtype or kept_z.device != x.device or norms[2] is None
+                                   or kept_z.numel() != x.numel() // max(x.shape[-1], 1) * n_down):  # fmt: skip
+            kept_z = None
+        if kept_z is not None:  # the first forward may have run whole and this one in chunks, or the reverse
+            kept_z = kept_z.reshape(-1, n_down) if chunk is not None else kept_z.reshape(*x.shape[:-1], n_down)
+        skip_output = recompute == "skip" and (not kind.has_norm or kept_z is not None)
         with _autocast_off(x.device.type):
             if chunk is None:
                 g_out, gate = _project(kind, x, gate_spec, gate_bias, ag, bg, extras[0], ctx.needs[0], norms[0])
                 u_out, up = _project(kind, x, up_spec, up_bias, au, bu, extras[1], ctx.needs[1], norms[1])
                 h = _swiglu(g_out[0], u_out[0], native)
                 if skip_output:
-                    down = _down_state(kind, h, down_spec, down_bias, ad, bd, extras[2], ctx.needs[2])
-                    y = _unused_output(x, down_spec)
+                    down = _down_state(kind, h, down_spec, down_bias, ad, bd, extras[2], ctx.needs[2], kept_z, norms[2])
+                    y, down_norm = _unused_output(x, down_spec), norms[2]
                 else:
                     y_out, down = _project(kind, h, down_spec, down_bias, ad, bd, extras[2], ctx.needs[2], norms[2])
-                    y = y_out[0]
+                    y, down_norm = y_out[0], _norm(y_out) if kind.has_norm else None
+                    if keeps_z and recompute == "keep":
+                        checkpointing.remember(z_key, y_out[1], offload=True)
                 # down saved h as its input: dropped, backward recomputes it from g and u.
                 down.saved_tensors = (None, *down.saved_tensors[1:])
                 if kind.has_norm:
@@ -230,7 +243,7 @@ class _LoRAMLP(torch.autograd.Function):
                     # backward: two [M, I] activations kept, as for LoRA, instead of four.
                     ctx.biases = (gate_bias, up_bias)
                     extra = ()
-                    checkpointing.remember(key, (_norm(g_out), _norm(u_out), _norm(y_out)))
+                    checkpointing.remember(key, (_norm(g_out), _norm(u_out), down_norm))
                 else:
                     extra = (g_out[0], u_out[0])
                 ctx.states = (gate, up, down)
@@ -240,8 +253,9 @@ class _LoRAMLP(torch.autograd.Function):
                     st.saved_tensors = None
                 return y
             ctx.specs, ctx.extras = specs, extras
-            if skip_output:  # backward recomputes the chunks from x: nothing to compute now
-                ctx.save_for_backward(x, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd)
+            if skip_output:  # backward recomputes the chunks from x (DoRA: and has z, norms): nothing to compute now
+                dora = () if kept_z is None else (kept_z, *(t for norm in norms for t in norm))
+                ctx.save_for_backward(x, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd, *dora)
                 return _unused_output(x, down_spec)
             x2 = x.reshape(-1, x.shape[-1])
             n_out = down_spec[0][7][0]
@@ -261,6 +275,8 @@ class _LoRAMLP(torch.autograd.Function):
             kept = (x, gate_bias, up_bias, down_bias, ag, bg, au, bu, ad, bd)
             if kind.has_norm and norms[0] is not None:
                 checkpointing.remember(key, norms)
+                if keeps_z and recompute == "keep":
+                    checkpointing.remember(z_key, z_down, offload=True)
                 kept += (z_down, *(t for norm in norms for t in norm))
             ctx.save_for_backward(*kept)
             return y.view(*x.shape[:-1], y.shape[-1])
@@ -351,10 +367,16 @@ CHUNK_ROWS: int | None = None
 #: (2026-12-05, bench_lora_family.py, 8B, seq 2048) QDoRA ran at 1.19x QLoRA's step time with it,
 #: 1.45x before (module path); its CUDA tests passed there.
 DORA_DEVICES: tuple[str, ...] = ("cpu", "cuda")
-#: Whether a checkpointed layer's recomputation skips what of the LoRA unit nobody reads: the
-#: down projection's output, where the MLP feeds only the residual add (lora_mlp's
-#: output_unused). Off only to measure what it saves.
+#: Whether a checkpointed layer's recomputation skips what of the unit nobody reads: the down
+#: projection's output, where the MLP feeds only the residual add (lora_mlp's recompute). Off only
+#: to measure what it saves.
 SKIP_UNUSED_RECOMPUTATION = True
+#: Device types where a DoRA unit's first forward keeps the down projection's z [tokens, hidden]
+#: for the recomputation, so that it too skips that projection (its GEMM and dequantization: ~11
+#: ms of an 8B step at 2048 tokens by the H100 profile). It costs the size of the layer's input
+#: again: offloaded with it to pinned host memory where the layer offloads (the default on CUDA),
+#: kept on the device otherwise. CUDA joins once a GPU run has measured it (run.sh dora_ab).
+DORA_KEEPS_DOWN_Z_DEVICES: tuple[str, ...] = ("cpu",)
 _FEEDS_RESIDUAL = "_qlora_mlp_feeds_residual_only"  # its layer's forward hooks, set by enable_fused_mlp
 #: Share of the free device memory that the unit's [rows, intermediate] activations may take
 #: before it works chunk by chunk.
@@ -389,16 +411,18 @@ def _has_swiglu_kernel(device_type: str) -> bool:
 
 
 def lora_mlp(x: Tensor, gate: QLoRALinear, up: QLoRALinear, down: QLoRALinear,
-             fused_devices: tuple[str, ...] = FUSED_DEVICES, output_unused: bool = False) -> Tensor | None:
+             fused_devices: tuple[str, ...] = FUSED_DEVICES, recompute: str = "none") -> Tensor | None:
     """down(silu(gate(x)) * up(x)) as one autograd unit, or None where it does not apply (see the
     module docstring); the caller then runs the modules. The SwiGLU inside takes the fused
     kernels (block_ops) for inputs on `fused_devices` (those of fused_block_ops).
 
-    `output_unused`: the caller will read nothing of the output's values, only backpropagate
+    `recompute` = "skip": the caller will read nothing of the output's values, only backpropagate
     through it (a checkpointed layer's recomputation, where the MLP's output only enters the
     residual add). A LoRA unit then skips the down projection's GEMM and its weight's
     dequantization, and returns zeros: backward needs only h·Adᵀ, which it still computes. With
-    chunks, whose backward recomputes everything from x, it computes nothing at all."""
+    chunks, whose backward recomputes everything from x, it computes nothing at all. A DoRA unit
+    does the same where its first forward, called with "keep", kept the down projection's z
+    (DORA_KEEPS_DOWN_Z_DEVICES); otherwise it computes the projection. "none": neither."""
     layers = (gate, up, down)
     found = [_adapter_kind(layer) for layer in layers]
     if any(f is None for f in found) or use_operators() or not x.is_floating_point():
@@ -408,6 +432,8 @@ def lora_mlp(x: Tensor, gate: QLoRALinear, up: QLoRALinear, down: QLoRALinear,
         return None
     if kind.has_norm and x.device.type not in DORA_DEVICES:
         return None
+    if recompute not in ("none", "keep", "skip"):
+        raise ValueError(f"recompute must be 'none', 'keep' or 'skip', got {recompute!r}")
     adapters = [f[1] for f in found]
     factors = [t for a in adapters for t in (a.lora_A.weight, a.lora_B.weight)]
     if _ops.linear_route(x, gate.weight, gate.bias, trainable=factors, caller="lora_mlp") != _ops.ROUTE_DENSE:
@@ -423,14 +449,16 @@ def lora_mlp(x: Tensor, gate: QLoRALinear, up: QLoRALinear, down: QLoRALinear,
     chunk = chunk_rows(rows, gate.weight.shape[0], x)
     native = (x.device.type in fused_devices and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
               and _has_swiglu_kernel(x.device.type))  # fmt: skip
-    return _LoRAMLP.apply(x, kind, specs, chunk, native, output_unused, extras, gate.bias, up.bias, down.bias, *factors,
+    return _LoRAMLP.apply(x, kind, specs, chunk, native, recompute, extras, gate.bias, up.bias, down.bias, *factors,
                           *mags)  # fmt: skip
 
 
 def _fused_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     devices = getattr(self, "_qlora_fused_devices", FUSED_DEVICES)  # set where fused_block_ops is on
-    unused = SKIP_UNUSED_RECOMPUTATION and checkpointing.recomputing() and not _output_observed(self)
-    y = lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, devices, unused) if not (args or kwargs) else None
+    recompute = "none"
+    if SKIP_UNUSED_RECOMPUTATION and not _output_observed(self):
+        recompute = "skip" if checkpointing.recomputing() else "keep" if checkpointing.first_forward() else "none"
+    y = lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, devices, recompute) if not (args or kwargs) else None
     return self._qlora_unfused_forward(x, *args, **kwargs) if y is None else y
 
 
