@@ -71,6 +71,10 @@ CASES = {
     "dora+torch_mul": ({"method": "dora"}, False, False, {"qlora_ext.dora.COLUMN_SCALE_DEVICES": ("cpu",)}),
     # the recomputation skips DoRA's down projection too, with its z kept from the first forward
     "dora+keep_z": ({"method": "dora"}, False, False, {"qlora_ext.fused_mlp.DORA_KEEPS_DOWN_Z_DEVICES": ("cpu", "cuda")}),
+    # and the SwiGLU reads z and c of gate and up (swiglu_scaled) instead of their c ⊙ z
+    "dora+keep_z+scaled_swiglu": ({"method": "dora"}, False, False, {
+        "qlora_ext.fused_mlp.DORA_KEEPS_DOWN_Z_DEVICES": ("cpu", "cuda"),
+        "qlora_ext.fused_mlp.DORA_SCALED_SWIGLU_DEVICES": ("cpu", "cuda")}),
     "lora_fa": ({"method": "lora_fa"}, False, False),
     "vera": ({"method": "vera"}, False, False),
     "vera_r256": ({"method": "vera", "r": 256}, False, False),

@@ -49,5 +49,16 @@ for dt in (torch.bfloat16, torch.float32):
             ops.swiglu(g[view], u[view], False)
             ops.swiglu_backward(dh[view], g[view], u[view])
             ops.swiglu_backward_(dh[view], g[view], u[view])
+# the column-scaled SwiGLU (DoRA): rows that hold whole 16-byte vectors (vector path), rows that do
+# not (13 columns), offset views (scalar path)
+for dt in (torch.bfloat16, torch.float16, torch.float32):
+    for rows, cols in ((3, 16), (5, 13), (2, 4096), (1, 1)):
+        g, u, dh = (torch.randn(rows * cols + 1, device=dev, dtype=dt) for _ in range(3))
+        cg, cu = (torch.rand(cols + 1, device=dev, dtype=dt) for _ in range(2))
+        for at in (0, 1):
+            view = slice(at, at + rows * cols)
+            args = (g[view].view(rows, cols), u[view].view(rows, cols), cg[at : at + cols], cu[at : at + cols])
+            ops.swiglu_scaled(*args)
+            ops.swiglu_scaled_backward(dh[view].view(rows, cols), *args)
 torch.cuda.synchronize()
 print("block ops sanitize workload done")

@@ -582,6 +582,114 @@ def test_swiglu_bad_inputs(device):
         OPS.swiglu_backward_(gate, gate, gate.clone())
 
 
+# ---- SwiGLU of column-scaled operands (DoRA) ------------------------------------------------------
+
+SCALED_SHAPES = [(1, 1), (3, 7), (2, 5, 16), (4, 1000), (0, 8), (3, 4097)]
+
+
+def _scaled_case(device, dtype, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gate = (3 * torch.randn(shape, generator=g)).to(device=device, dtype=dtype)
+    up = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    gate_scale = (torch.rand(shape[-1], generator=g) + 0.5).to(device=device, dtype=dtype)
+    up_scale = (torch.rand(shape[-1], generator=g) + 0.5).to(device=device, dtype=dtype)
+    return gate, up, gate_scale, up_scale
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("shape", SCALED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_swiglu_scaled_is_swiglu_of_the_column_scaled_operands(device, dtype, shape):
+    """Bit for bit what the unscaled kernels give on dora_column_scale's outputs (the rounded
+    products c ⊙ z), forward and backward; and within the rule of the fp32 reference."""
+    from qlora_ext import dora  # noqa: PLC0415
+
+    gate, up, gate_scale, up_scale = _scaled_case(device, dtype, shape)
+    g, u = dora.dora_column_scale(gate, gate_scale), dora.dora_column_scale(up, up_scale)
+    assert torch.equal(g, reference.column_scaled(gate, gate_scale))
+    h = OPS.swiglu_scaled(gate, up, gate_scale, up_scale)
+    assert h.dtype == dtype and h.shape == gate.shape
+    assert torch.equal(h, OPS.swiglu(g, u, False))
+    dh = torch.randn(shape).to(device=device, dtype=dtype)
+    dg, du = OPS.swiglu_scaled_backward(dh, gate, up, gate_scale, up_scale)
+    want_dg, want_du = OPS.swiglu_backward(dh, g, u)
+    assert torch.equal(dg, want_dg) and torch.equal(du, want_du)
+    ref_dg, ref_du = reference.swiglu_scaled_backward(dh, gate, up, gate_scale, up_scale)
+    slack = 8 * EPS32 * (ref_dg.abs().max().item() if dg.numel() else 0.0)
+    g_b, u_b = g.detach().requires_grad_(True), u.detach().requires_grad_(True)
+    composite_swiglu(g_b, u_b).backward(dh)
+    assert_within_rule(dg, ref_dg, g_b.grad, 3, slack, "dg")
+    assert_within_rule(du, ref_du, u_b.grad, 3, slack, "du")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_swiglu_scaled_strided_and_misaligned(device):
+    """Offset views (the CUDA kernel's scalar path), a scale that is a view, non-contiguous
+    operands (copied), and a row length that is not a multiple of the vector width."""
+    base = torch.randn(2, 1 + 3 * 24, device=device, dtype=torch.bfloat16)
+    gate, up = base[0, 1:].view(3, 24), base[1, 1:].view(3, 24)
+    scales = torch.rand(2, 25, device=device, dtype=torch.bfloat16) + 0.5
+    gs, us = scales[0, 1:], scales[1, 1:]
+    want = OPS.swiglu_scaled(gate.clone(), up.clone(), gs.clone(), us.clone())
+    assert torch.equal(OPS.swiglu_scaled(gate, up, gs, us), want)
+    gt = torch.randn(40, 24, device=device).T
+    s = torch.rand(40, device=device) + 0.5
+    assert torch.equal(OPS.swiglu_scaled(gt, gt * 2, s, s), OPS.swiglu_scaled(gt.contiguous(), gt.contiguous() * 2, s, s))
+    odd = _scaled_case(device, torch.float16, (5, 13))
+    assert torch.equal(OPS.swiglu_scaled(*odd), OPS.swiglu(reference.column_scaled(odd[0], odd[2]),
+                                                            reference.column_scaled(odd[1], odd[3]), False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_swiglu_scaled_autograd(device, dtype):
+    """block_ops.swiglu_scaled's gradients in all four inputs match autograd through the reference
+    (the rounding of the scaled operands taken as identity, as dora's backward does)."""
+    gate, up, gate_scale, up_scale = _scaled_case(device, dtype, (6, 40), seed=3)
+    dh = torch.randn(6, 40).to(device=device, dtype=dtype)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (gate, up, gate_scale, up_scale)]
+    block_ops.swiglu_scaled(*leaves).backward(dh)
+    ref = [t.detach().double().requires_grad_(True) for t in (gate, up, gate_scale, up_scale)]
+    g, u = ref[0] * ref[2], ref[1] * ref[3]
+    (F.silu(g) * u).backward(dh.double())
+    for name, got, want in zip(("gate", "up", "gate_scale", "up_scale"), leaves, ref):
+        assert got.grad.dtype == dtype
+        tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}[dtype]
+        scale = want.grad.abs().max().item()
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=tol, atol=tol * scale, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_swiglu_scaled_bad_inputs(device):
+    gate = torch.randn(4, 8, device=device)
+    scale = torch.rand(8, device=device)
+    with pytest.raises(RuntimeError, match=r"gate_scale must be \[I\] = \[8\]"):
+        OPS.swiglu_scaled(gate, gate.clone(), scale[:7], scale)
+    with pytest.raises(RuntimeError, match=r"up_scale must be \[I\] = \[8\]"):
+        OPS.swiglu_scaled(gate, gate.clone(), scale, scale.reshape(2, 4))
+    with pytest.raises(RuntimeError, match="gate_scale must have gate's dtype"):
+        OPS.swiglu_scaled(gate, gate.clone(), scale.half(), scale)
+    with pytest.raises(RuntimeError, match="up must have gate's shape"):
+        OPS.swiglu_scaled(gate, gate[:3], scale, scale)
+    with pytest.raises(RuntimeError, match="dh must have gate's shape"):
+        OPS.swiglu_scaled_backward(gate[:2], gate, gate.clone(), scale, scale)
+    with pytest.raises(RuntimeError, match="gate must be .* I >= 1"):
+        OPS.swiglu_scaled(torch.randn(4, 0, device=device), torch.randn(4, 0, device=device), scale[:0], scale[:0])
+    if HAS_CUDA:
+        with pytest.raises(RuntimeError, match="gate_scale is on"):
+            OPS.swiglu_scaled(gate, gate.clone(), scale.to("cpu" if device == "cuda" else "cuda"), scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_swiglu_scaled(device):
+    for dtype, shape, grad in [(torch.float32, (3, 20), True), (torch.bfloat16, (2, 3, 9), False), (torch.float16, (33,), True)]:
+        gate, up, gate_scale, up_scale = _scaled_case(device, dtype, shape)
+        args = [t.requires_grad_(grad) for t in (gate, up, gate_scale, up_scale)]
+        torch.library.opcheck(OPS.swiglu_scaled.default, tuple(args))
+        dh = torch.randn(shape, device=device, dtype=dtype)
+        torch.library.opcheck(OPS.swiglu_scaled_backward.default, (dh, *(t.detach() for t in args)))
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 def test_cuda_matches_cpu_kernels(dtype):
@@ -597,6 +705,14 @@ def test_cuda_matches_cpu_kernels(dtype):
     torch.testing.assert_close(y_cuda.cpu(), y_cpu, rtol=2 * torch.finfo(dtype).eps + 8 * EPS32 * math.sqrt(4096), atol=1e-6)
     gate, up = torch.randn(3, 1000).to(dtype), torch.randn(3, 1000).to(dtype)
     torch.testing.assert_close(OPS.swiglu(gate.cuda(), up.cuda(), False).cpu(), OPS.swiglu(gate, up, False), **ulp)
+    # the scaled operands are the same rounded products on both devices: within SwiGLU's ulp
+    for shape in ((3, 1000), (2, 13)):  # vector path (1000 % 8 == 0) and scalar path
+        case = _scaled_case("cpu", dtype, shape)
+        torch.testing.assert_close(OPS.swiglu_scaled(*(t.cuda() for t in case)).cpu(), OPS.swiglu_scaled(*case), **ulp)
+        dh = torch.randn(shape).to(dtype)
+        for got, want in zip(OPS.swiglu_scaled_backward(dh.cuda(), *(t.cuda() for t in case)),
+                             OPS.swiglu_scaled_backward(dh, *case)):  # fmt: skip
+            torch.testing.assert_close(got.cpu(), want, rtol=4 * torch.finfo(dtype).eps, atol=1e-6)
 
 
 # ---- registration, opcheck ------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from train_helpers import train_side_by_side, assert_fused_bf16_within_twice_the_modules, builtin_tiny_llama, llama_with_biases, train_biases, CountApplies, force_fused_linear_route, lm_loss, trainable_grads, devices, hf_model, randomize_adapters, token_batch
 
 import qlora_ext
-from qlora_ext import fused_mlp
+from qlora_ext import fused_blocks, fused_mlp
 
 
 def test_chunk_rows_choice(monkeypatch):
@@ -421,3 +421,58 @@ def test_a_prepared_model_deep_copies_and_pickles_with_the_skip():
     assert fused_mlp._output_observed(twin_layer.mlp) and not fused_mlp._output_observed(layer.mlp)
     handle.remove()
     pickle.dumps(model)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunks-of-5-rows"])
+@pytest.mark.parametrize("kind", ["llama", "builtin", "llama-mlp-bias"])
+def test_dora_swiglu_reads_z_and_c_without_forming_the_gate_and_up_outputs(device, chunk, kind, monkeypatch):
+    """With the native SwiGLU kernels, a DoRA unit hands z and c of its gate and up projections to
+    swiglu_scaled (DORA_SCALED_SWIGLU_DEVICES) instead of writing c ⊙ z out: the same loss and
+    gradients bit for bit, and no column scale of the gate and up outputs left (forward,
+    recomputation, backward). Gate/up biases (y = c ⊙ z + b) keep the former path."""
+    monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", chunk)
+    calls = {"scaled": 0, "column_scale": 0}
+    scaled_op, output = torch.ops.qlora_ext.swiglu_scaled, fused_mlp.dora_output
+
+    class CountScaled:
+        def __call__(self, *args):
+            calls["scaled"] += 1
+            return scaled_op(*args)
+
+    def count_output(z, c, bias):
+        calls["column_scale"] += 1
+        return output(z, c, bias)
+
+    monkeypatch.setattr(torch.ops.qlora_ext, "swiglu_scaled", CountScaled())
+    monkeypatch.setattr(fused_mlp, "dora_output", count_output)
+    from qlora_ext import dora  # noqa: PLC0415
+
+    monkeypatch.setattr(dora, "dora_output", count_output)
+    results, counts = {}, {}
+    for on in (False, True):
+        monkeypatch.setattr(fused_mlp, "DORA_SCALED_SWIGLU_DEVICES", (device,) if on else ())
+        calls.update(scaled=0, column_scale=0)
+        model = _model(kind, "dora", device=device)
+        fused_blocks.disable_fused_block_ops(model)
+        fused_blocks.enable_fused_block_ops(model, devices=(device,))
+        loss = _loss(model, token_batch(batch=2, seq=12, seed=5).to(device))
+        loss.backward()
+        results[on], counts[on] = (loss.detach(), _grads(model)), dict(calls)
+    (loss_off, grads_off), (loss_on, grads_on) = results[False], results[True]
+    assert torch.equal(loss_on, loss_off)
+    assert grads_on.keys() == grads_off.keys()
+    for name in grads_off:
+        assert torch.equal(grads_on[name], grads_off[name]), name
+    biases = kind == "llama-mlp-bias"
+    assert counts[False]["scaled"] == 0
+    if biases:
+        assert counts[True] == counts[False]
+    else:
+        assert counts[True]["scaled"] > 0
+        # only the down projection's output is still formed: forward (and, without the skip of its
+        # recomputation, the re-run); the gate and up column scales are all gone
+        assert counts[True]["column_scale"] < counts[False]["column_scale"]
+        layers = 2
+        passes = 2 if chunk is None else 2 * 5  # whole: forward + recompute; chunked: per chunk
+        assert counts[False]["column_scale"] - counts[True]["column_scale"] >= 2 * layers * passes, counts

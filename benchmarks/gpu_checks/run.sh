@@ -12,6 +12,8 @@
 #     bash benchmarks/gpu_checks/run.sh build units        # fused MLP (LoRA, DoRA) / Q/K/V units: CUDA tests,
 #                                                          # QDoRA vs QLoRA (8B, 1B), 1B training with/without fused Q/K/V
 #     bash benchmarks/gpu_checks/run.sh build gemv_ab      # every nf4_gemv variant: CUDA tests + A/B benchmark
+#     bash benchmarks/gpu_checks/run.sh build dora_new     # the scaled SwiGLU kernel and the DoRA unit's new paths
+#                                                          # on CUDA: tests, sanitizer over the block-ops workload
 #     bash benchmarks/gpu_checks/run.sh build dora_ab      # DoRA's kernels alone, then QDoRA / with PyTorch's
 #                                                          # multiply for the column scale vs QLoRA, interleaved, 8B and 1B,
 #                                                          # each with both dora_scale kernels
@@ -113,18 +115,29 @@ for stage in "$@"; do
       step gemv_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py tests/test_nf4_gemm.py -k "cuda or variant"
       step gemv_ab "$PY" benchmarks/bench_nf4_linear.py --variants all --m 1 4 8 9 16 --out "$OUT/nf4_gemv_variants_h100.json"
       ;;
+    dora_new)
+      # What session 8 wrote without a GPU, on the GPU: the scaled SwiGLU kernel (tests, the block
+      # ops workload under memcheck/racecheck/initcheck), the DoRA unit reading z and c and keeping
+      # the down projection's z (offloaded) with those switched on for CUDA, the remembered-tensor
+      # offload; then dora_ab measures them.
+      step dora_new_tests "$PY" -m pytest -n 8 -q -p no:cacheprovider -rfE \
+        tests/test_block_ops.py tests/test_fused_mlp.py tests/test_checkpointing.py \
+        -k "scaled or z_and_c or recomputation or remembered or cuda_matches_cpu or offload"
+      step dora_new_sanitize bash -c "for t in memcheck racecheck initcheck; do compute-sanitizer --tool \$t --error-exitcode 9 $PY benchmarks/sanitize_block_ops.py 2>&1 | tail -2; done"
+      ;;
     dora_ab)
       # DoRA's kernels alone (bench_dora_kernels), then QDoRA vs QLoRA in one process per dora_scale
       # kernel (chosen once per process; rows: the former one), cases stepping in turns
       # (bench_lora_family --interleave): dora (the defaults), dora+torch_mul (y = z ⊙ c by
       # PyTorch's multiply, as before the native column scale) and dora+keep_z (the recomputation
-      # skips the down projection with its z kept, offloaded: fused_mlp.DORA_KEEPS_DOWN_Z_DEVICES).
+      # skips the down projection with its z kept, offloaded: fused_mlp.DORA_KEEPS_DOWN_Z_DEVICES),
+      # dora+keep_z+scaled_swiglu (and the SwiGLU reads gate's and up's z and c: swiglu_scaled).
       for kernel in rows registers; do
         export QLORA_DORA_SCALE_KERNEL=$kernel
         step "dora_kernels_$kernel" "$PY" benchmarks/bench_dora_kernels.py --out "$OUT/dora_kernels_${kernel}_h100.json"
         for shape in 8b 1b; do
           step "dora_ab_${shape}_$kernel" "$PY" benchmarks/bench_lora_family.py --shapes $shape \
-            --cases lora,dora,dora+torch_mul,dora+keep_z --interleave --kernel-time --warmup 3 --steps 12 \
+            --cases lora,dora,dora+torch_mul,dora+keep_z,dora+keep_z+scaled_swiglu --interleave --kernel-time --warmup 3 --steps 12 \
             --out "$OUT/lora_family_dora_ab_${shape}_${kernel}_h100.json"
         done
       done

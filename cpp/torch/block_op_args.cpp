@@ -143,6 +143,25 @@ void check_swiglu_operands(const at::Tensor& gate, const at::Tensor& up) {
   check_same_device(up, gate, "up", "gate");
 }
 
+// gate_scale / up_scale [I] of gate's dtype and device, I = gate's last dimension.
+void check_swiglu_scale(const at::Tensor& scale, const at::Tensor& gate, const char* arg) {
+  check_dense(scale, arg);
+  QLORA_CHECK(gate.dim() >= 1 && gate.size(-1) >= 1, "gate must be [..., I] with I >= 1 for a scaled SwiGLU, got shape ",
+              gate.sizes());
+  QLORA_CHECK(scale.dim() == 1 && scale.size(0) == gate.size(-1), arg, " must be [I] = [", gate.size(-1),
+              "] (gate's last dimension), got shape ", scale.sizes());
+  check_same_dtype(scale, gate, arg, "gate");
+  check_same_device(scale, gate, arg, "gate");
+}
+
+SwiGLUChecked with_scales(SwiGLUChecked c, const at::Tensor& gate_scale, const at::Tensor& up_scale) {
+  check_swiglu_scale(gate_scale, c.gate, "gate_scale");
+  check_swiglu_scale(up_scale, c.gate, "up_scale");
+  c.gate_scale = gate_scale.contiguous();
+  c.up_scale = up_scale.contiguous();
+  return c;
+}
+
 }  // namespace
 
 int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
@@ -255,6 +274,17 @@ SwiGLUChecked check_swiglu_backward_inplace(const at::Tensor& dh, const at::Tens
   check_disjoint(dh, gate, "dh", "gate");
   check_disjoint(dh, up, "dh", "up");
   return c;
+}
+
+SwiGLUChecked check_swiglu_scaled(const at::Tensor& gate, const at::Tensor& up,
+                                  const at::Tensor& gate_scale, const at::Tensor& up_scale) {
+  return with_scales(check_swiglu(gate, up), gate_scale, up_scale);
+}
+
+SwiGLUChecked check_swiglu_scaled_backward(const at::Tensor& dh, const at::Tensor& gate,
+                                           const at::Tensor& up, const at::Tensor& gate_scale,
+                                           const at::Tensor& up_scale) {
+  return with_scales(check_swiglu_backward(dh, gate, up), gate_scale, up_scale);
 }
 
 }  // namespace qlora_torch

@@ -52,6 +52,12 @@ struct SwiGLUChecked {
   at::Tensor gate, up, dh;  // contiguous (dh: backward only)
   int64_t n;
   qlora::FloatType type;
+  at::Tensor gate_scale, up_scale;  // swiglu_scaled: contiguous [I]; undefined otherwise
+  // The kernels' view of the scales (no scales: nullptr).
+  qlora::SwiGLUScales scales() const {
+    if (!gate_scale.defined()) return {};
+    return {gate_scale.data_ptr(), up_scale.data_ptr(), gate_scale.numel()};
+  }
 };
 SwiGLUChecked check_swiglu(const at::Tensor& gate, const at::Tensor& up);
 SwiGLUChecked check_swiglu_backward(const at::Tensor& dh, const at::Tensor& gate,
@@ -60,6 +66,13 @@ SwiGLUChecked check_swiglu_backward(const at::Tensor& dh, const at::Tensor& gate
 // memory with each other or with dh.
 SwiGLUChecked check_swiglu_backward_inplace(const at::Tensor& dh, const at::Tensor& gate,
                                             const at::Tensor& up);
+// swiglu_scaled(_backward): the plain checks, then gate_scale and up_scale [I] of gate's dtype and
+// device, I = gate's last dimension (at least one).
+SwiGLUChecked check_swiglu_scaled(const at::Tensor& gate, const at::Tensor& up,
+                                  const at::Tensor& gate_scale, const at::Tensor& up_scale);
+SwiGLUChecked check_swiglu_scaled_backward(const at::Tensor& dh, const at::Tensor& gate,
+                                           const at::Tensor& up, const at::Tensor& gate_scale,
+                                           const at::Tensor& up_scale);
 
 // Rows per parallel task for row-wise kernels over rows of `width` elements: >= 16K elements each.
 int64_t grain_rows(int64_t width);

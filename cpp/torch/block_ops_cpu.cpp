@@ -82,24 +82,34 @@ void rope_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   launch_rope(check_rope_inplace(q, k, cos, sin, transpose));
 }
 
-at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up, bool backward_inplace) {
-  const SwiGLUChecked c = check_swiglu(gate, up);
-  at::Tensor h = at::empty(gate.sizes(), gate.options());
+at::Tensor launch_swiglu(const SwiGLUChecked& c) {
+  at::Tensor h = at::empty(c.gate.sizes(), c.gate.options());
   const void* g = c.gate.data_ptr();
   const void* u = c.up.data_ptr();
   void* out = h.data_ptr();
+  const qlora::SwiGLUScales scales = c.scales();
   at::parallel_for(0, c.n, kGrainElements, [&](int64_t begin, int64_t end) {
-    qlora::swiglu_forward_cpu(g, u, out, c.type, begin, end);
+    qlora::swiglu_forward_cpu(g, u, out, c.type, begin, end, scales);
   });
   return h;
+}
+
+at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up, bool backward_inplace) {
+  return launch_swiglu(check_swiglu(gate, up));
+}
+
+at::Tensor swiglu_scaled_cpu(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& gate_scale,
+                             const at::Tensor& up_scale) {
+  return launch_swiglu(check_swiglu_scaled(gate, up, gate_scale, up_scale));
 }
 
 void launch_swiglu_backward(const SwiGLUChecked& c, void* dgate, void* dup) {
   const void* d = c.dh.data_ptr();
   const void* g = c.gate.data_ptr();
   const void* u = c.up.data_ptr();
+  const qlora::SwiGLUScales scales = c.scales();
   at::parallel_for(0, c.n, kGrainElements, [&](int64_t begin, int64_t end) {
-    qlora::swiglu_backward_cpu(d, g, u, dgate, dup, c.type, begin, end);
+    qlora::swiglu_backward_cpu(d, g, u, dgate, dup, c.type, begin, end, scales);
   });
 }
 
@@ -117,6 +127,16 @@ void swiglu_backward_inplace_cpu(const at::Tensor& dh, const at::Tensor& gate, c
   launch_swiglu_backward(c, gate.data_ptr(), up.data_ptr());
 }
 
+std::tuple<at::Tensor, at::Tensor> swiglu_scaled_backward_cpu(const at::Tensor& dh, const at::Tensor& gate,
+                                                              const at::Tensor& up, const at::Tensor& gate_scale,
+                                                              const at::Tensor& up_scale) {
+  const SwiGLUChecked c = check_swiglu_scaled_backward(dh, gate, up, gate_scale, up_scale);
+  at::Tensor dgate = at::empty(gate.sizes(), gate.options());
+  at::Tensor dup = at::empty(up.sizes(), up.options());
+  launch_swiglu_backward(c, dgate.data_ptr(), dup.data_ptr());
+  return {dgate, dup};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
@@ -127,6 +147,8 @@ TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
   m.impl("swiglu", &swiglu_cpu);
   m.impl("swiglu_backward", &swiglu_backward_cpu);
   m.impl("swiglu_backward_", &swiglu_backward_inplace_cpu);
+  m.impl("swiglu_scaled", &swiglu_scaled_cpu);
+  m.impl("swiglu_scaled_backward", &swiglu_scaled_backward_cpu);
 }
 
 }  // namespace qlora_torch

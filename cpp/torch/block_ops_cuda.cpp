@@ -74,27 +74,45 @@ void rope_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   check_launch(qlora::rope_cuda(c.kernel, at::cuda::getCurrentCUDAStream()), "rope_");
 }
 
-at::Tensor swiglu_cuda(const at::Tensor& gate, const at::Tensor& up, bool backward_inplace) {
-  const SwiGLUChecked c = check_swiglu(gate, up);
-  const c10::cuda::CUDAGuard guard(gate.device());
-  at::Tensor h = at::empty(gate.sizes(), gate.options());
+at::Tensor launch_swiglu(const SwiGLUChecked& c, const char* op) {
+  const c10::cuda::CUDAGuard guard(c.gate.device());
+  at::Tensor h = at::empty(c.gate.sizes(), c.gate.options());
   check_launch(qlora::swiglu_forward_cuda(c.gate.data_ptr(), c.up.data_ptr(), h.data_ptr(), c.n,
-                                          c.type, at::cuda::getCurrentCUDAStream()),
-               "swiglu");
+                                          c.type, at::cuda::getCurrentCUDAStream(), c.scales()),
+               op);
   return h;
+}
+
+at::Tensor swiglu_cuda(const at::Tensor& gate, const at::Tensor& up, bool backward_inplace) {
+  return launch_swiglu(check_swiglu(gate, up), "swiglu");
+}
+
+at::Tensor swiglu_scaled_cuda(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& gate_scale,
+                              const at::Tensor& up_scale) {
+  return launch_swiglu(check_swiglu_scaled(gate, up, gate_scale, up_scale), "swiglu_scaled");
+}
+
+std::tuple<at::Tensor, at::Tensor> launch_swiglu_backward(const SwiGLUChecked& c, const char* op) {
+  const c10::cuda::CUDAGuard guard(c.gate.device());
+  at::Tensor dgate = at::empty(c.gate.sizes(), c.gate.options());
+  at::Tensor dup = at::empty(c.up.sizes(), c.up.options());
+  check_launch(qlora::swiglu_backward_cuda(c.dh.data_ptr(), c.gate.data_ptr(), c.up.data_ptr(),
+                                           dgate.data_ptr(), dup.data_ptr(), c.n, c.type,
+                                           at::cuda::getCurrentCUDAStream(), c.scales()),
+               op);
+  return {dgate, dup};
 }
 
 std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda(const at::Tensor& dh, const at::Tensor& gate,
                                                         const at::Tensor& up) {
-  const SwiGLUChecked c = check_swiglu_backward(dh, gate, up);
-  const c10::cuda::CUDAGuard guard(gate.device());
-  at::Tensor dgate = at::empty(gate.sizes(), gate.options());
-  at::Tensor dup = at::empty(up.sizes(), up.options());
-  check_launch(qlora::swiglu_backward_cuda(c.dh.data_ptr(), c.gate.data_ptr(), c.up.data_ptr(),
-                                           dgate.data_ptr(), dup.data_ptr(), c.n, c.type,
-                                           at::cuda::getCurrentCUDAStream()),
-               "swiglu_backward");
-  return {dgate, dup};
+  return launch_swiglu_backward(check_swiglu_backward(dh, gate, up), "swiglu_backward");
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_scaled_backward_cuda(const at::Tensor& dh, const at::Tensor& gate,
+                                                               const at::Tensor& up, const at::Tensor& gate_scale,
+                                                               const at::Tensor& up_scale) {
+  return launch_swiglu_backward(check_swiglu_scaled_backward(dh, gate, up, gate_scale, up_scale),
+                                "swiglu_scaled_backward");
 }
 
 void swiglu_backward_inplace_cuda(const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up) {
@@ -116,6 +134,8 @@ TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("swiglu", &swiglu_cuda);
   m.impl("swiglu_backward", &swiglu_backward_cuda);
   m.impl("swiglu_backward_", &swiglu_backward_inplace_cuda);
+  m.impl("swiglu_scaled", &swiglu_scaled_cuda);
+  m.impl("swiglu_scaled_backward", &swiglu_scaled_backward_cuda);
 }
 
 }  // namespace qlora_torch

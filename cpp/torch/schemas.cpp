@@ -96,6 +96,14 @@ TORCH_LIBRARY(qlora_ext, m) {
   m.def("swiglu_backward(Tensor dh, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");
   // swiglu_backward writing dgate over gate and dup over up (contiguous, disjoint).
   m.def("swiglu_backward_(Tensor dh, Tensor(a!) gate, Tensor(b!) up) -> ()");
+  // SwiGLU of column-scaled operands (DoRA's gate and up are c ⊙ z): gate, up [..., I],
+  // gate_scale, up_scale [I] (gate's dtype) -> silu(g) * u with g = T(gate * gate_scale), u =
+  // T(up * up_scale), each product rounded to the dtype first (as dora_column_scale stores it).
+  m.def("swiglu_scaled(Tensor gate, Tensor up, Tensor gate_scale, Tensor up_scale) -> Tensor");
+  // -> (dg, du): the gradients for the scaled operands g and u (not for gate and up).
+  m.def(
+      "swiglu_scaled_backward(Tensor dh, Tensor gate, Tensor up, Tensor gate_scale, Tensor up_scale) "
+      "-> (Tensor dgate_scaled, Tensor dup_scaled)");
 }
 
 // None of these operators is differentiable (codes are piecewise constant; the quantized base

@@ -1,7 +1,7 @@
 """Fused transformer-block operators: RMSNorm, RoPE and SwiGLU, forward and backward.
 
 Python face of torch.ops.qlora_ext.{rms_norm, rms_norm_backward, rope, rope_, swiglu,
-swiglu_backward, swiglu_backward_} (schemas: cpp/torch/schemas.cpp; math: cpp/include/qlora/
+swiglu_backward, swiglu_backward_, swiglu_scaled, swiglu_scaled_backward} (schemas: cpp/torch/schemas.cpp; math: cpp/include/qlora/
 rms_norm.h, rope.h, swiglu.h): typed wrappers, fake kernels for torch.compile, and autograd.
 
 All three compute in fp32 and round each output once. Each is one memory-bound pass where the
@@ -21,6 +21,11 @@ on a GPU; `qlora_ext.fused_blocks.enable_fused_block_ops` wires them into Llama-
   dead after this op (true inside a Llama MLP: the projections that made them do not keep their
   outputs), and the backward writes dgate over gate and dup over up: two [tokens, intermediate]
   buffers fewer at the peak of the MLP's backward.
+- swiglu_scaled: the same of column-scaled operands, gate ⊙ gate_scale and up ⊙ up_scale, each
+  rounded to the dtype first: DoRA's gate and up outputs are c ⊙ z, and the fused DoRA MLP
+  (fused_mlp.py) passes z and c instead of writing c ⊙ z out and reading it back (forward,
+  recomputation and backward: two [tokens, intermediate] passes each). swiglu_scaled_backward
+  gives the gradients for the scaled operands, which DoRA's own backward takes (dora.py).
 """
 
 from __future__ import annotations
@@ -102,6 +107,15 @@ def swiglu(gate: Tensor, up: Tensor, backward_inplace: bool = False) -> Tensor:
     return _ops().swiglu(gate, up, backward_inplace)
 
 
+def swiglu_scaled(gate: Tensor, up: Tensor, gate_scale: Tensor, up_scale: Tensor) -> Tensor:
+    """silu(g) * u with g = gate ⊙ gate_scale and u = up ⊙ up_scale (scales [I] over the last
+    dimension, gate's dtype), each product rounded to the dtype first, as
+    qlora_ext::dora_column_scale stores it: DoRA's gate and up projections (c ⊙ z) without
+    writing them out. Differentiable in all four (d gate = dg ⊙ gate_scale, d gate_scale =
+    Σ_rows dg ⊙ gate, in fp32, dg the gradient for g)."""
+    return _ops().swiglu_scaled(gate, up, gate_scale, up_scale)
+
+
 def _root(t: Tensor) -> Tensor:
     return t if t._base is None else t._base
 
@@ -174,6 +188,24 @@ def _check_swiglu_operands(gate: Tensor, up: Tensor, dh: Tensor | None = None) -
     if dh is not None:
         torch._check(dh.shape == gate.shape, lambda: f"dh must have gate's shape {tuple(gate.shape)}")
         torch._check(dh.dtype == gate.dtype, lambda: f"dh must have gate's dtype {gate.dtype}")
+
+
+def _check_swiglu_scales(gate: Tensor, gate_scale: Tensor, up_scale: Tensor) -> None:
+    torch._check(gate.dim() >= 1 and gate.shape[-1] >= 1, lambda: "gate must be [..., I] with I >= 1")
+    for name, scale in (("gate_scale", gate_scale), ("up_scale", up_scale)):
+        torch._check(scale.dim() == 1 and scale.shape[0] == gate.shape[-1],
+                     lambda: f"{name} must be [I] = [{gate.shape[-1]}], got shape {tuple(scale.shape)}")  # noqa: B023
+        torch._check(scale.dtype == gate.dtype, lambda: f"{name} must have gate's dtype {gate.dtype}")  # noqa: B023
+
+
+def _scale_grads(d_scaled: Tensor, operand: Tensor, scale: Tensor, need_operand: bool, need_scale: bool):
+    """(d operand, d scale) from the gradient for operand ⊙ scale, in fp32 rounded once."""
+    d32 = d_scaled.float()
+    d_operand = (d32 * scale.float()).to(operand.dtype) if need_operand else None
+    d_scale = None
+    if need_scale:
+        d_scale = (d32 * operand.float()).reshape(-1, operand.shape[-1]).sum(0).to(scale.dtype)
+    return d_operand, d_scale
 
 
 _registered = False
@@ -286,5 +318,31 @@ def register_fakes() -> None:
 
     torch.library.register_autograd("qlora_ext::swiglu", swiglu_backward, setup_context=swiglu_setup_context)
 
+    @torch.library.register_fake("qlora_ext::swiglu_scaled")
+    def _(gate, up, gate_scale, up_scale):
+        _check_swiglu_operands(gate, up)
+        _check_swiglu_scales(gate, gate_scale, up_scale)
+        return gate.new_empty(gate.shape)
 
-__all__ = ["rms_norm", "rope", "rope_", "apply_rope", "swiglu", "register_fakes"]
+    @torch.library.register_fake("qlora_ext::swiglu_scaled_backward")
+    def _(dh, gate, up, gate_scale, up_scale):
+        _check_swiglu_operands(gate, up, dh)
+        _check_swiglu_scales(gate, gate_scale, up_scale)
+        return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+    def swiglu_scaled_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def swiglu_scaled_backward(ctx, grad_h):
+        gate, up, gate_scale, up_scale = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dg, du = _ops().swiglu_scaled_backward(grad_h, gate, up, gate_scale, up_scale)
+        d_gate, d_gate_scale = _scale_grads(dg, gate, gate_scale, need[0], need[2])
+        d_up, d_up_scale = _scale_grads(du, up, up_scale, need[1], need[3])
+        return d_gate, d_up, d_gate_scale, d_up_scale
+
+    torch.library.register_autograd("qlora_ext::swiglu_scaled", swiglu_scaled_backward,
+                                    setup_context=swiglu_scaled_setup_context)  # fmt: skip
+
+
+__all__ = ["rms_norm", "rope", "rope_", "apply_rope", "swiglu", "swiglu_scaled", "register_fakes"]

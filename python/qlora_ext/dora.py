@@ -243,10 +243,11 @@ def _nf4_dora_linear_impl(
 
 def dora_project(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
                  weight_shape, weight_dtype, bias, lora_A, lora_B, scale, magnitude, weight_sq,
-                 norm: tuple[Tensor, Tensor] | None = None):  # fmt: skip
+                 norm: tuple[Tensor, Tensor] | None = None, output: bool = True):  # fmt: skip
     """The body of nf4_dora_linear (its outputs: y, z, xa, 1/n, c). `norm` = (1/n, c) of an
     earlier call with the same parameters (a checkpointed layer's recomputation, see
-    checkpointing.remember / replayed) skips W·Aᵀ and the norm kernel; the outputs are the same bits."""
+    checkpointing.remember / replayed) skips W·Aᵀ and the norm kernel; the outputs are the same bits.
+    output=False: y is None, for a consumer that takes z and c (fused_mlp's swiglu_scaled)."""
     dtype = x.dtype
     xl = x if x_lora is None else x_lora
     w = _dequantize(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
@@ -263,7 +264,7 @@ def dora_project(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_o
         c, inv_norm = dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, scale)
     else:
         inv_norm, c = norm
-    return dora_output(z, c, bias), z, xa, inv_norm, c
+    return (dora_output(z, c, bias) if output else None), z, xa, inv_norm, c
 
 
 def dora_output(z: Tensor, c: Tensor, bias: Tensor | None) -> Tensor:

@@ -25,7 +25,8 @@ norm n detached; its backward is that operator's (dz = dy ⊙ c and dm = Σ_rows
 pass, then LoRA's backward on dz). The unit keeps z_g and z_u (dm needs them) instead of g and u,
 and recomputes g = c_g ⊙ z_g (+ bias), u likewise, in backward with the forward's own function
 (the same bits): two [M, I] activations kept as for LoRA, where DoRA module by module keeps five
-(z_g, g, z_u, u, h). Why a unit at all: training is host-bound on the H100 (8B shapes: QDoRA +11%
+(z_g, g, z_u, u, h). On DORA_SCALED_SWIGLU_DEVICES (no gate/up biases, native kernels) g and u
+are never formed: the SwiGLU and its backward read z and c (block_ops.swiglu_scaled, `_GateUp`). Why a unit at all: training is host-bound on the H100 (8B shapes: QDoRA +11%
 GPU time but +65% host time over QLoRA when its MLP ran as three DoRA layers plus SiLU and a
 product, each an autograd node with its own small ops); here the MLP costs one node, one Python
 call chain, and no separate activation ops. Under checkpointing (qlora_ext.checkpointing) the
@@ -106,19 +107,23 @@ _LORA = _Kind("lora", 15, (_BIAS, _A, _B), has_norm=False)  # nf4_lora_linear: x
 _DORA = _Kind("dora", 17, (_BIAS, _A, _B, _M), has_norm=True)  # nf4_dora_linear: the same, then m, ‖W‖²
 
 
-def _forward(kind: _Kind, inputs: tuple, norm=None) -> tuple:
-    """The operator's outputs: LoRA (y, xa); DoRA (y, z, xa, 1/n, c), reusing `norm` = (1/n, c)."""
-    return dora_project(*inputs, norm=norm) if kind.has_norm else _nf4_lora_linear_impl(*inputs)
+def _forward(kind: _Kind, inputs: tuple, norm=None, output: bool = True) -> tuple:
+    """The operator's outputs: LoRA (y, xa); DoRA (y, z, xa, 1/n, c), reusing `norm` = (1/n, c);
+    y None for DoRA with output=False (its consumer takes z and c: swiglu_scaled)."""
+    if kind.has_norm:
+        return dora_project(*inputs, norm=norm, output=output)
+    return _nf4_lora_linear_impl(*inputs)
 
 
 def _backward(kind: _Kind, state, dy: Tensor) -> tuple:
     return _nf4_dora_backward(state, dy, None, None, None, None) if kind.has_norm else _nf4_lora_backward(state, dy, None)
 
 
-def _project(kind: _Kind, x: Tensor, spec, bias, a, b, extra, needs: tuple[bool, ...], norm=None):
+def _project(kind: _Kind, x: Tensor, spec, bias, a, b, extra, needs: tuple[bool, ...], norm=None,
+             output: bool = True):  # fmt: skip
     """One projection: (the operator's outputs, its backward state)."""
     inputs = kind.inputs(x, spec, bias, a, b, extra)
-    out = _forward(kind, inputs, norm)
+    out = _forward(kind, inputs, norm, output)
     state = _Saved(needs)
     (_nf4_dora_setup if kind.has_norm else _nf4_lora_setup)(state, inputs, out)
     return out, state
@@ -149,6 +154,41 @@ def _swiglu_backward_(dh: Tensor, g: Tensor, u: Tensor, native: bool) -> tuple[T
     return g, u
 
 
+class _GateUp:
+    """The SwiGLU's two operands: g and u as tensors, or for DoRA without biases, on the native
+    kernels' devices (DORA_SCALED_SWIGLU_DEVICES), as (z, c) pairs that block_ops' swiglu_scaled
+    reads directly: c ⊙ z is then never written out and read back (forward, recomputation and
+    backward: two [M, I] passes each), with the same bits (the kernel rounds c ⊙ z to the dtype
+    first, as dora_output does)."""
+
+    def __init__(self, g: Tensor, u: Tensor, native: bool, scales: tuple[Tensor, Tensor] | None = None):
+        self.g, self.u, self.native, self.scales = g, u, native, scales
+
+    def h(self) -> Tensor:
+        if self.scales is not None:
+            return torch.ops.qlora_ext.swiglu_scaled(self.g, self.u, *self.scales)
+        return _swiglu(self.g, self.u, self.native)
+
+    def backward(self, dh: Tensor) -> tuple[Tensor, Tensor]:
+        """(dg, du): the gradients for g and u (the scaled operands), written over g and u where
+        those are the operands themselves (dead by then)."""
+        if self.scales is not None:
+            return torch.ops.qlora_ext.swiglu_scaled_backward(dh, self.g, self.u, *self.scales)
+        return _swiglu_backward_(dh, self.g, self.u, self.native)
+
+
+def _scaled_swiglu_applies(kind: _Kind, x: Tensor, native: bool, gate_bias, up_bias) -> bool:
+    return (kind.has_norm and native and gate_bias is None and up_bias is None
+            and x.device.type in DORA_SCALED_SWIGLU_DEVICES)  # fmt: skip
+
+
+def _gate_up(scaled: bool, g_out: tuple, u_out: tuple, native: bool) -> _GateUp:
+    """The pair from the gate and up projections' outputs (DoRA's: y, z, xa, 1/n, c)."""
+    if scaled:
+        return _GateUp(g_out[1], u_out[1], native, (g_out[4], u_out[4]))
+    return _GateUp(g_out[0], u_out[0], native)
+
+
 def _down_state(kind: _Kind, h: Tensor, spec, bias, a: Tensor, b: Tensor, extra, needs: tuple[bool, ...],
                 z: Tensor | None = None, norm=None) -> _Saved:  # fmt: skip
     """The down projection's backward state for input h, without its forward GEMM (h·Adᵀ, and for
@@ -163,15 +203,16 @@ def _down_state(kind: _Kind, h: Tensor, spec, bias, a: Tensor, b: Tensor, extra,
     return state
 
 
-def _rows_backward(kind: _Kind, dy: Tensor, g: Tensor, u: Tensor, gate: _Saved, up: _Saved, down: _Saved, native: bool):
+def _rows_backward(kind: _Kind, dy: Tensor, pair: _GateUp, gate: _Saved, up: _Saved, down: _Saved):
     """Backward of the unit over some rows: down's state lacks h, which is recomputed here.
     Returns (dx, grads of (gate bias, up bias, down bias, Ag, Bg, Au, Bu, Ad, Bd[, mg, mu, md])).
-    Overwrites g, u."""
-    h = _swiglu(g, u, native)
+    Overwrites the pair's g, u where they are the SwiGLU's operands themselves."""
+    h = pair.h()
     down.saved_tensors = (h, *down.saved_tensors[1:])
     dh, _, *down_rest = _backward(kind, down, dy)
     down.saved_tensors = h = None
-    dg, du = _swiglu_backward_(dh, g, u, native)
+    dg, du = pair.backward(dh)
+    pair = None
     del dh
     dx, _, *gate_rest = _backward(kind, gate, dg)
     dxu, _, *up_rest = _backward(kind, up, du)
@@ -223,11 +264,15 @@ class _LoRAMLP(torch.autograd.Function):
         if kept_z is not None:  # the first forward may have run whole and this one in chunks, or the reverse
             kept_z = kept_z.reshape(-1, n_down) if chunk is not None else kept_z.reshape(*x.shape[:-1], n_down)
         skip_output = recompute == "skip" and (not kind.has_norm or kept_z is not None)
+        scaled = _scaled_swiglu_applies(kind, x, native, gate_bias, up_bias)
+        ctx.scaled = scaled
         with _autocast_off(x.device.type):
             if chunk is None:
-                g_out, gate = _project(kind, x, gate_spec, gate_bias, ag, bg, extras[0], ctx.needs[0], norms[0])
-                u_out, up = _project(kind, x, up_spec, up_bias, au, bu, extras[1], ctx.needs[1], norms[1])
-                h = _swiglu(g_out[0], u_out[0], native)
+                g_out, gate = _project(kind, x, gate_spec, gate_bias, ag, bg, extras[0], ctx.needs[0], norms[0],
+                                       output=not scaled)  # fmt: skip
+                u_out, up = _project(kind, x, up_spec, up_bias, au, bu, extras[1], ctx.needs[1], norms[1],
+                                     output=not scaled)  # fmt: skip
+                h = _gate_up(scaled, g_out, u_out, native).h()
                 if skip_output:
                     down = _down_state(kind, h, down_spec, down_bias, ad, bd, extras[2], ctx.needs[2], kept_z, norms[2])
                     y, down_norm = _unused_output(x, down_spec), norms[2]
@@ -263,9 +308,9 @@ class _LoRAMLP(torch.autograd.Function):
             z_down = x.new_empty((x2.shape[0], n_out)) if kind.has_norm else None
             for begin in range(0, x2.shape[0], chunk):
                 rows = x2[begin : begin + chunk]
-                g = _forward(kind, kind.inputs(rows, gate_spec, gate_bias, ag, bg, extras[0]), norms[0])
-                u = _forward(kind, kind.inputs(rows, up_spec, up_bias, au, bu, extras[1]), norms[1])
-                h = _swiglu(g[0], u[0], native)
+                g = _forward(kind, kind.inputs(rows, gate_spec, gate_bias, ag, bg, extras[0]), norms[0], not scaled)
+                u = _forward(kind, kind.inputs(rows, up_spec, up_bias, au, bu, extras[1]), norms[1], not scaled)
+                h = _gate_up(scaled, g, u, native).h()
                 out = _forward(kind, kind.inputs(h, down_spec, down_bias, ad, bd, extras[2]), norms[2])
                 y[begin : begin + chunk] = out[0]
                 if kind.has_norm:  # the first chunk's norms serve the others (same parameters)
@@ -297,14 +342,17 @@ class _LoRAMLP(torch.autograd.Function):
                 for st, n in zip(ctx.states, ctx.layout):
                     st.saved_tensors, at = saved[at : at + n], at + n
                 gate, up, down = ctx.states
-                if kind.has_norm:
+                if ctx.scaled:
+                    pair = _GateUp(gate.saved_tensors[_Z], up.saved_tensors[_Z], ctx.native,
+                                   (gate.saved_tensors[_C], up.saved_tensors[_C]))  # fmt: skip
+                elif kind.has_norm:
                     gate_bias, up_bias = ctx.biases
-                    g = dora_output(gate.saved_tensors[_Z], gate.saved_tensors[_C], gate_bias)
-                    u = dora_output(up.saved_tensors[_Z], up.saved_tensors[_C], up_bias)
+                    pair = _GateUp(dora_output(gate.saved_tensors[_Z], gate.saved_tensors[_C], gate_bias),
+                                   dora_output(up.saved_tensors[_Z], up.saved_tensors[_C], up_bias), ctx.native)  # fmt: skip
                 else:
-                    g, u = saved[at:]
+                    pair = _GateUp(*saved[at:], ctx.native)
                 del saved
-                dx, grads = _rows_backward(kind, dy, g, u, gate, up, down, ctx.native)
+                dx, grads = _rows_backward(kind, dy, pair, gate, up, down)
                 for st in ctx.states:  # the activations stay with autograd (retain_graph) or go
                     st.saved_tensors = None
                 return dx, None, None, None, None, None, None, *grads
@@ -325,14 +373,16 @@ def _chunked_backward(ctx, dy: Tensor):
         z_down, norms = dora[0], ((dora[1], dora[2]), (dora[3], dora[4]), (dora[5], dora[6]))
     for begin in range(0, x2.shape[0], ctx.chunk):
         rows = x2[begin : begin + ctx.chunk]
-        g, gate = _project(kind, rows, gate_spec, gate_bias, ag, bg, extras[0], ctx.needs[0], norms[0])
-        u, up = _project(kind, rows, up_spec, up_bias, au, bu, extras[1], ctx.needs[1], norms[1])
-        down = _down_state(kind, _swiglu(g[0], u[0], ctx.native), down_spec, down_bias, ad, bd, extras[2], ctx.needs[2],
+        g, gate = _project(kind, rows, gate_spec, gate_bias, ag, bg, extras[0], ctx.needs[0], norms[0], not ctx.scaled)
+        u, up = _project(kind, rows, up_spec, up_bias, au, bu, extras[1], ctx.needs[1], norms[1], not ctx.scaled)
+        pair = _gate_up(ctx.scaled, g, u, ctx.native)
+        del g, u
+        down = _down_state(kind, pair.h(), down_spec, down_bias, ad, bd, extras[2], ctx.needs[2],
                            None if z_down is None else z_down[begin : begin + ctx.chunk], norms[2])  # fmt: skip
         down.saved_tensors = (None, *down.saved_tensors[1:])  # recomputed by _rows_backward
-        dx[begin : begin + ctx.chunk], grads = _rows_backward(kind, dy2[begin : begin + ctx.chunk], g[0], u[0], gate,
-                                                              up, down, ctx.native)  # fmt: skip
-        del g, u
+        dx[begin : begin + ctx.chunk], grads = _rows_backward(kind, dy2[begin : begin + ctx.chunk], pair, gate, up,
+                                                              down)  # fmt: skip
+        del pair
         total = [t if t is None else (t if acc is None else acc.add_(t)) for acc, t in zip(total, grads)]
     return dx.view(x.shape), None, None, None, None, None, None, *total
 
@@ -367,6 +417,12 @@ CHUNK_ROWS: int | None = None
 #: (2026-12-05, bench_lora_family.py, 8B, seq 2048) QDoRA ran at 1.19x QLoRA's step time with it,
 #: 1.45x before (module path); its CUDA tests passed there.
 DORA_DEVICES: tuple[str, ...] = ("cpu", "cuda")
+#: Device types where a DoRA unit (no gate/up biases, native SwiGLU kernels) passes z and c of its
+#: gate and up projections to block_ops' swiglu_scaled instead of forming c ⊙ z: per step two
+#: [tokens, intermediate] writes and reads fewer in the forward, the recomputation and the
+#: backward (~22 GB of traffic, ~9 ms, for an 8B at 2048 tokens by bandwidth), the same bits. CUDA
+#: joins once the kernel has run on a GPU (run.sh dora_ab).
+DORA_SCALED_SWIGLU_DEVICES: tuple[str, ...] = ("cpu",)
 #: Whether a checkpointed layer's recomputation skips what of the unit nobody reads: the down
 #: projection's output, where the MLP feeds only the residual add (lora_mlp's recompute). Off only
 #: to measure what it saves.

@@ -204,3 +204,19 @@ def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> t
     g, u, d = gate.float(), up.float(), dh.float()
     s = torch.sigmoid(g)
     return d * u * s * (1 + g * (1 - s)), d * g * s
+
+
+def column_scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x ⊙ scale [last dim] in fp32, rounded to x's dtype (as qlora_ext::dora_column_scale stores it)."""
+    return (x.float() * scale.float()).to(x.dtype)
+
+
+def swiglu_scaled(gate: torch.Tensor, up: torch.Tensor, gate_scale: torch.Tensor, up_scale: torch.Tensor) -> torch.Tensor:
+    """fp32 swiglu of the column-scaled operands, each rounded to its dtype first."""
+    return swiglu(column_scaled(gate, gate_scale), column_scaled(up, up_scale))
+
+
+def swiglu_scaled_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_scale: torch.Tensor,
+                           up_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """fp32 gradients for the scaled operands (not for gate and up)."""
+    return swiglu_backward(dh, column_scaled(gate, gate_scale), column_scaled(up, up_scale))

@@ -96,12 +96,13 @@ cudaError_t rms_norm_backward_cuda(const RMSNormBackwardArgs& a, void* dweight, 
 // rope_cuda.cu: RoPE of q and k in one launch (qlora/rope.h); needs seq * head_dim / 2 < 2^31.
 cudaError_t rope_cuda(const RopeArgs& a, cudaStream_t stream);
 
-// swiglu_cuda.cu: h [n] = silu(gate) * up, all of `type`.
+// swiglu_cuda.cu: h [n] = silu(gate) * up, all of `type` (scaled operands: qlora/swiglu.h).
 cudaError_t swiglu_forward_cuda(const void* gate, const void* up, void* h, int64_t n,
-                                FloatType type, cudaStream_t stream);
+                                FloatType type, cudaStream_t stream, SwiGLUScales scales = {});
 
-// swiglu_cuda.cu: dgate, dup [n] from dh, gate, up; dgate may be gate and dup may be up.
+// swiglu_cuda.cu: dgate, dup [n] from dh, gate, up; dgate may be gate and dup may be up (unscaled).
 cudaError_t swiglu_backward_cuda(const void* dh, const void* gate, const void* up, void* dgate,
-                                 void* dup, int64_t n, FloatType type, cudaStream_t stream);
+                                 void* dup, int64_t n, FloatType type, cudaStream_t stream,
+                                 SwiGLUScales scales = {});
 
 }  // namespace qlora

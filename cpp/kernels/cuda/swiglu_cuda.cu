@@ -13,6 +13,11 @@
 // expf (not __expf): a full-precision exponential costs nothing here and keeps the CUDA results
 // close to the CPU kernel's. The backward may write dg over g and du over u: each thread reads
 // its elements before writing them, so the pointers carry no __restrict__.
+//
+// Scaled operands (DoRA, qlora/swiglu.h): g = T(gate * gate_scale[col]), u likewise, col = i %
+// columns; the 16-byte path then also needs columns % V == 0 (a vector never straddles a row) and
+// aligned scales. Forward bytes per element stay 3 * sizeof(T) (the scales are L1/L2-resident):
+// what it saves is DoRA's two c ⊙ z passes (4 * sizeof(T) per element) before the plain kernel.
 #include <algorithm>
 
 #include "cuda_common.cuh"
@@ -37,10 +42,37 @@ __device__ __forceinline__ void swiglu_grad(float d, float g, float u, float& dg
   du = d * (g * s);
 }
 
-template <typename T, int V>
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return Element<T>::to_float(Element<T>::from_float(v));
+}
+
+// The V operands of elements [i, i + V) as the SwiGLU sees them: scaled (rounded to T) if Scaled.
+template <typename T, int V, bool Scaled>
+__device__ __forceinline__ void scale_vec(float (&v)[V], const T* scale, int64_t i, int64_t columns) {
+  if constexpr (Scaled) {
+    float c[V];
+    load_vec<V>(scale + i % columns, c);
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = round_to<T>(v[j] * c[j]);
+  }
+}
+
+template <typename T, bool Scaled>
+__device__ __forceinline__ float operand(const T* values, const T* scale, int64_t k, int64_t columns) {
+  const float v = Element<T>::to_float(values[k]);
+  if constexpr (Scaled) {
+    return round_to<T>(v * Element<T>::to_float(scale[k % columns]));
+  } else {
+    return v;
+  }
+}
+
+template <typename T, int V, bool Scaled>
 __global__ void __launch_bounds__(kThreads)
 swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ h,
-                      int64_t n) {
+                      int64_t n, const T* __restrict__ gate_scale, const T* __restrict__ up_scale,
+                      int64_t columns) {
   const int64_t stride = int64_t(gridDim.x) * kThreads;
   for (int64_t v = int64_t(blockIdx.x) * kThreads + threadIdx.x; v * V < n; v += stride) {
     const int64_t i = v * V;
@@ -48,20 +80,25 @@ swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* _
       float g[V], u[V];
       load_vec<V>(gate + i, g);
       load_vec<V>(up + i, u);
+      scale_vec<T, V, Scaled>(g, gate_scale, i, columns);
+      scale_vec<T, V, Scaled>(u, up_scale, i, columns);
 #pragma unroll
       for (int j = 0; j < V; ++j) g[j] = swiglu(g[j], u[j]);
       store_vec<V>(h + i, g);
     } else {
       for (int64_t k = i; k < n && k < i + V; ++k) {
-        h[k] = Element<T>::from_float(swiglu(Element<T>::to_float(gate[k]), Element<T>::to_float(up[k])));
+        h[k] = Element<T>::from_float(swiglu(operand<T, Scaled>(gate, gate_scale, k, columns),
+                                             operand<T, Scaled>(up, up_scale, k, columns)));
       }
     }
   }
 }
 
-template <typename T, int V>
+template <typename T, int V, bool Scaled>
 __global__ void __launch_bounds__(kThreads)
-swiglu_backward_kernel(const T* dh, const T* gate, const T* up, T* dgate, T* dup, int64_t n) {
+swiglu_backward_kernel(const T* dh, const T* gate, const T* up, T* dgate, T* dup, int64_t n,
+                       const T* __restrict__ gate_scale, const T* __restrict__ up_scale,
+                       int64_t columns) {
   const int64_t stride = int64_t(gridDim.x) * kThreads;
   for (int64_t v = int64_t(blockIdx.x) * kThreads + threadIdx.x; v * V < n; v += stride) {
     const int64_t i = v * V;
@@ -70,6 +107,8 @@ swiglu_backward_kernel(const T* dh, const T* gate, const T* up, T* dgate, T* dup
       load_vec<V>(dh + i, d);
       load_vec<V>(gate + i, g);
       load_vec<V>(up + i, u);
+      scale_vec<T, V, Scaled>(g, gate_scale, i, columns);
+      scale_vec<T, V, Scaled>(u, up_scale, i, columns);
 #pragma unroll
       for (int j = 0; j < V; ++j) swiglu_grad(d[j], g[j], u[j], g[j], u[j]);
       store_vec<V>(dgate + i, g);
@@ -77,8 +116,8 @@ swiglu_backward_kernel(const T* dh, const T* gate, const T* up, T* dgate, T* dup
     } else {
       for (int64_t k = i; k < n && k < i + V; ++k) {
         float dg, du;
-        swiglu_grad(Element<T>::to_float(dh[k]), Element<T>::to_float(gate[k]),
-                    Element<T>::to_float(up[k]), dg, du);
+        swiglu_grad(Element<T>::to_float(dh[k]), operand<T, Scaled>(gate, gate_scale, k, columns),
+                    operand<T, Scaled>(up, up_scale, k, columns), dg, du);
         dgate[k] = Element<T>::from_float(dg);
         dup[k] = Element<T>::from_float(du);
       }
@@ -92,26 +131,39 @@ int64_t grid_for(int64_t n, int vector) {
 
 }  // namespace
 
+// Both launchers: the 16-byte path where every pointer allows it (and, scaled, a row holds whole
+// vectors), one element per access otherwise.
 cudaError_t swiglu_forward_cuda(const void* gate, const void* up, void* h, int64_t n,
-                                FloatType type, cudaStream_t stream) {
+                                FloatType type, cudaStream_t stream, SwiGLUScales scales) {
   if (n == 0) return cudaSuccess;
   return dispatch_float_type(type, [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = kVec16<T>;
     const auto* g = static_cast<const T*>(gate);
     const auto* u = static_cast<const T*>(up);
+    const auto* gs = static_cast<const T*>(scales.gate);
+    const auto* us = static_cast<const T*>(scales.up);
     auto* out = static_cast<T*>(h);
-    if (is_aligned(gate, 16) && is_aligned(up, 16) && is_aligned(h, 16)) {
-      swiglu_forward_kernel<T, V><<<dim3(unsigned(grid_for(n, V))), kThreads, 0, stream>>>(g, u, out, n);
+    const bool scaled = gs != nullptr;
+    const bool vector = is_aligned(gate, 16) && is_aligned(up, 16) && is_aligned(h, 16) &&
+                        (!scaled || (scales.columns % V == 0 && is_aligned(gs, 16) && is_aligned(us, 16)));
+    const int64_t c = scales.columns;
+    if (vector) {
+      const dim3 grid(unsigned(grid_for(n, V)));
+      if (scaled) swiglu_forward_kernel<T, V, true><<<grid, kThreads, 0, stream>>>(g, u, out, n, gs, us, c);
+      else swiglu_forward_kernel<T, V, false><<<grid, kThreads, 0, stream>>>(g, u, out, n, gs, us, c);
     } else {
-      swiglu_forward_kernel<T, 1><<<dim3(unsigned(grid_for(n, 1))), kThreads, 0, stream>>>(g, u, out, n);
+      const dim3 grid(unsigned(grid_for(n, 1)));
+      if (scaled) swiglu_forward_kernel<T, 1, true><<<grid, kThreads, 0, stream>>>(g, u, out, n, gs, us, c);
+      else swiglu_forward_kernel<T, 1, false><<<grid, kThreads, 0, stream>>>(g, u, out, n, gs, us, c);
     }
     return cudaGetLastError();
   });
 }
 
 cudaError_t swiglu_backward_cuda(const void* dh, const void* gate, const void* up, void* dgate,
-                                 void* dup, int64_t n, FloatType type, cudaStream_t stream) {
+                                 void* dup, int64_t n, FloatType type, cudaStream_t stream,
+                                 SwiGLUScales scales) {
   if (n == 0) return cudaSuccess;
   return dispatch_float_type(type, [&](auto tag) {
     using T = decltype(tag);
@@ -119,13 +171,23 @@ cudaError_t swiglu_backward_cuda(const void* dh, const void* gate, const void* u
     const auto* d = static_cast<const T*>(dh);
     const auto* g = static_cast<const T*>(gate);
     const auto* u = static_cast<const T*>(up);
+    const auto* gs = static_cast<const T*>(scales.gate);
+    const auto* us = static_cast<const T*>(scales.up);
     auto* dg = static_cast<T*>(dgate);
     auto* du = static_cast<T*>(dup);
-    if (is_aligned(dh, 16) && is_aligned(gate, 16) && is_aligned(up, 16) && is_aligned(dgate, 16) &&
-        is_aligned(dup, 16)) {
-      swiglu_backward_kernel<T, V><<<dim3(unsigned(grid_for(n, V))), kThreads, 0, stream>>>(d, g, u, dg, du, n);
+    const bool scaled = gs != nullptr;
+    const bool vector = is_aligned(dh, 16) && is_aligned(gate, 16) && is_aligned(up, 16) &&
+                        is_aligned(dgate, 16) && is_aligned(dup, 16) &&
+                        (!scaled || (scales.columns % V == 0 && is_aligned(gs, 16) && is_aligned(us, 16)));
+    const int64_t c = scales.columns;
+    if (vector) {
+      const dim3 grid(unsigned(grid_for(n, V)));
+      if (scaled) swiglu_backward_kernel<T, V, true><<<grid, kThreads, 0, stream>>>(d, g, u, dg, du, n, gs, us, c);
+      else swiglu_backward_kernel<T, V, false><<<grid, kThreads, 0, stream>>>(d, g, u, dg, du, n, gs, us, c);
     } else {
-      swiglu_backward_kernel<T, 1><<<dim3(unsigned(grid_for(n, 1))), kThreads, 0, stream>>>(d, g, u, dg, du, n);
+      const dim3 grid(unsigned(grid_for(n, 1)));
+      if (scaled) swiglu_backward_kernel<T, 1, true><<<grid, kThreads, 0, stream>>>(d, g, u, dg, du, n, gs, us, c);
+      else swiglu_backward_kernel<T, 1, false><<<grid, kThreads, 0, stream>>>(d, g, u, dg, du, n, gs, us, c);
     }
     return cudaGetLastError();
   });
