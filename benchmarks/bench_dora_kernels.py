@@ -6,6 +6,9 @@ median device time per call (CUDA events, inputs rotated so none is served from 
   is read once per process), and the six-op PyTorch reference.
 - y = z ⊙ c: qlora_ext::dora_column_scale (16-byte accesses) vs PyTorch's broadcasting multiply.
 - dora_scale_backward (dz = dy ⊙ c, dm = Σ_rows dy ⊙ z / n): one pass over dy and z.
+- The MLP's SwiGLU of DoRA's gate and up outputs (c ⊙ z), 8B intermediate width: swiglu_scaled
+  reading z and c, against the column scale of both then swiglu (forward), and against the same
+  two column scales then swiglu_backward (backward).
 
 Each op is first checked against its reference on the benchmark's inputs.
 
@@ -75,6 +78,30 @@ def bench_projection(name: str, n: int, k: int, tokens: int, r: int, reps: int) 
     }  # fmt: skip
 
 
+def bench_swiglu(tokens: int, width: int, reps: int) -> dict:
+    ops = torch.ops.qlora_ext
+
+    def operands():
+        return (torch.randn(tokens, width, device="cuda", dtype=DTYPE), torch.randn(tokens, width, device="cuda", dtype=DTYPE),
+                torch.rand(width, device="cuda", dtype=DTYPE) + 0.5, torch.rand(width, device="cuda", dtype=DTYPE) + 0.5,
+                torch.randn(tokens, width, device="cuda", dtype=DTYPE))  # fmt: skip
+
+    sets = rotated(operands, 5 * tokens * width * 2)
+    z_g, z_u, c_g, c_u, dh = sets[0]
+    g, u = ops.dora_column_scale(z_g, c_g, None), ops.dora_column_scale(z_u, c_u, None)
+    assert torch.equal(ops.swiglu_scaled(z_g, z_u, c_g, c_u), ops.swiglu(g, u, False))
+
+    def two_passes_then(fn):
+        return lambda t: fn(t, ops.dora_column_scale(t[0], t[2], None), ops.dora_column_scale(t[1], t[3], None))
+
+    fwd_ms = median_ms_cuda(lambda t: ops.swiglu_scaled(t[0], t[1], t[2], t[3]), sets, reps)
+    fwd_before_ms = median_ms_cuda(two_passes_then(lambda t, g, u: ops.swiglu(g, u, False)), sets, reps)
+    bwd_ms = median_ms_cuda(lambda t: ops.swiglu_scaled_backward(t[4], t[0], t[1], t[2], t[3]), sets, reps)
+    bwd_before_ms = median_ms_cuda(two_passes_then(lambda t, g, u: ops.swiglu_backward_(t[4], g, u)), sets, reps)
+    return {"tokens": tokens, "width": width, "swiglu_scaled_us": 1e3 * fwd_ms, "column_scales_then_swiglu_us": 1e3 * fwd_before_ms,
+            "swiglu_scaled_backward_us": 1e3 * bwd_ms, "column_scales_then_swiglu_backward_us": 1e3 * bwd_before_ms}  # fmt: skip
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=2048)
@@ -92,7 +119,12 @@ def main(argv=None) -> int:
         print(f"{r['projection']:10} {r['N']:>6} {r['dora_scale_us']:>9.1f} {r['dora_scale_reference_us']:>8.1f} "
               f"{r['column_scale_us']:>7.1f} {r['torch_mul_us']:>7.1f} {r['column_scale_gbps']:>9.0f} "
               f"{r['torch_mul_gbps']:>9.0f} {r['scale_backward_us']:>7.1f} {r['scale_backward_gbps']:>9.0f}")  # fmt: skip
-    result = {"environment": environment("cuda"), "rows": rows}
+    swiglu = bench_swiglu(args.tokens, 14336, args.reps)
+    print(f"SwiGLU of DoRA's gate/up [{args.tokens}, 14336]: forward {swiglu['swiglu_scaled_us']:.1f} us "
+          f"(column scales + swiglu {swiglu['column_scales_then_swiglu_us']:.1f}), backward "
+          f"{swiglu['swiglu_scaled_backward_us']:.1f} us (column scales + swiglu_backward_ "
+          f"{swiglu['column_scales_then_swiglu_backward_us']:.1f})")  # fmt: skip
+    result = {"environment": environment("cuda"), "rows": rows, "swiglu": swiglu}
     print(json.dumps(result))
     if args.out:
         from qlora_ext.io_utils import atomic_write_json  # noqa: PLC0415

@@ -14,9 +14,8 @@
 #     bash benchmarks/gpu_checks/run.sh build gemv_ab      # every nf4_gemv variant: CUDA tests + A/B benchmark
 #     bash benchmarks/gpu_checks/run.sh build dora_new     # the scaled SwiGLU kernel and the DoRA unit's new paths
 #                                                          # on CUDA: tests, sanitizer over the block-ops workload
-#     bash benchmarks/gpu_checks/run.sh build dora_ab      # DoRA's kernels alone, then QDoRA / with PyTorch's
-#                                                          # multiply for the column scale vs QLoRA, interleaved, 8B and 1B,
-#                                                          # each with both dora_scale kernels
+#     bash benchmarks/gpu_checks/run.sh build dora_ab      # DoRA's kernels alone, then QLoRA vs QDoRA as is and
+#                                                          # with each candidate, interleaved, 8B and 1B
 #     bash benchmarks/gpu_checks/run.sh build train_ab     # 8B: the defaults vs what they replaced, and Unsloth
 #     bash benchmarks/gpu_checks/run.sh build decode_ab    # decode with the "factored" GEMV vs "mma"
 #     bash benchmarks/gpu_checks/run.sh build sanitize_variants # racecheck of fused Q/K/V, workload with every
@@ -126,22 +125,18 @@ for stage in "$@"; do
       step dora_new_sanitize bash -c "for t in memcheck racecheck initcheck; do compute-sanitizer --tool \$t --error-exitcode 9 $PY benchmarks/sanitize_block_ops.py 2>&1 | tail -2; done"
       ;;
     dora_ab)
-      # DoRA's kernels alone (bench_dora_kernels), then QDoRA vs QLoRA in one process per dora_scale
-      # kernel (chosen once per process; rows: the former one), cases stepping in turns
-      # (bench_lora_family --interleave): dora (the defaults), dora+torch_mul (y = z ⊙ c by
-      # PyTorch's multiply, as before the native column scale) and dora+keep_z (the recomputation
-      # skips the down projection with its z kept, offloaded: fused_mlp.DORA_KEEPS_DOWN_Z_DEVICES),
-      # dora+keep_z+scaled_swiglu (and the SwiGLU reads gate's and up's z and c: swiglu_scaled).
-      for kernel in rows registers; do
-        export QLORA_DORA_SCALE_KERNEL=$kernel
-        step "dora_kernels_$kernel" "$PY" benchmarks/bench_dora_kernels.py --out "$OUT/dora_kernels_${kernel}_h100.json"
-        for shape in 8b 1b; do
-          step "dora_ab_${shape}_$kernel" "$PY" benchmarks/bench_lora_family.py --shapes $shape \
-            --cases lora,dora,dora+torch_mul,dora+keep_z,dora+keep_z+scaled_swiglu --interleave --kernel-time --warmup 3 --steps 12 \
-            --out "$OUT/lora_family_dora_ab_${shape}_${kernel}_h100.json"
-        done
+      # DoRA's kernels alone (bench_dora_kernels), then QDoRA vs QLoRA, the cases stepping in turns
+      # (bench_lora_family --interleave, plus one profiled step each: --kernel-time): dora (the
+      # defaults), dora+torch_mul (y = z ⊙ c by PyTorch's multiply, as before the native column
+      # scale), dora+keep_z (the recomputation skips the down projection with its z kept,
+      # offloaded: fused_mlp.DORA_KEEPS_DOWN_Z_DEVICES), dora+keep_z+scaled_swiglu (and the SwiGLU
+      # reads gate's and up's z and c: swiglu_scaled).
+      step dora_kernels "$PY" benchmarks/bench_dora_kernels.py --out "$OUT/dora_kernels_h100.json"
+      for shape in 8b 1b; do
+        step "dora_ab_$shape" "$PY" benchmarks/bench_lora_family.py --shapes $shape \
+          --cases lora,dora,dora+torch_mul,dora+keep_z,dora+keep_z+scaled_swiglu --interleave --kernel-time \
+          --warmup 3 --steps 12 --out "$OUT/lora_family_dora_ab_${shape}_h100.json"
       done
-      unset QLORA_DORA_SCALE_KERNEL
       ;;
     train_ab)
       # The defaults against what they replaced, 8B: the recomputation that skips the MLP's down
