@@ -121,7 +121,7 @@ for stage in "$@"; do
       # offload; then dora_ab measures them.
       step dora_new_tests "$PY" -m pytest -n 8 -q -p no:cacheprovider -rfE \
         tests/test_block_ops.py tests/test_fused_mlp.py tests/test_checkpointing.py \
-        -k "scaled or z_and_c or recomputation or remembered or cuda_matches_cpu or offload"
+        -k "swiglu or z_and_c or recomputation or remembered or cuda_matches_cpu or offload"
       step dora_new_sanitize bash -c "for t in memcheck racecheck initcheck; do compute-sanitizer --tool \$t --error-exitcode 9 $PY benchmarks/sanitize_block_ops.py 2>&1 | tail -2; done"
       ;;
     dora_ab)
