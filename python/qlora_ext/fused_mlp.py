@@ -26,10 +26,11 @@ pass, then LoRA's backward on dz). The unit keeps z_g and z_u (dm needs them) in
 and recomputes g = c_g ⊙ z_g (+ bias), u likewise, in backward with the forward's own function
 (the same bits): two [M, I] activations kept as for LoRA, where DoRA module by module keeps five
 (z_g, g, z_u, u, h). On DORA_SCALED_SWIGLU_DEVICES (no gate/up biases, native kernels) g and u
-are never formed: the SwiGLU and its backward read z and c (block_ops.swiglu_scaled, `_GateUp`). Why a unit at all: training is host-bound on the H100 (8B shapes: QDoRA +11%
-GPU time but +65% host time over QLoRA when its MLP ran as three DoRA layers plus SiLU and a
-product, each an autograd node with its own small ops); here the MLP costs one node, one Python
-call chain, and no separate activation ops. Under checkpointing (qlora_ext.checkpointing) the
+are never formed: the SwiGLU and its backward read z and c (block_ops.swiglu_scaled, `_GateUp`).
+Why a unit at all: training is host-bound on the H100 (8B shapes: QDoRA +11% GPU time but +65%
+host time over QLoRA when its MLP ran as three DoRA layers plus SiLU and a product, each an
+autograd node with its own small ops); here the MLP costs one node, one Python call chain, and no
+separate activation ops. Under checkpointing (qlora_ext.checkpointing) the
 recomputation reuses the three weight norms of the first forward (checkpointing.remember /
 replayed), skipping W·Aᵀ and the norm kernels; the parameters are the same, so are the bits.
 
