@@ -71,7 +71,7 @@ def remember(key, value, offload: bool = False) -> None:
     to pinned host memory now, back to the device (fetched as the layer's backward begins) when
     replayed; elsewhere it stays on its device."""
     if first_forward():
-        if offload and getattr(_phase, "offloading", False) and _Offloader.wants(value):
+        if offload and getattr(_phase, "offloading", False) and isinstance(value, Tensor) and _Offloader.wants(value):
             value = _offloader.park(value, chain=False)
         _phase.stash.setdefault(key, []).append(value)
 
