@@ -42,27 +42,57 @@ __device__ __forceinline__ void swiglu_grad(float d, float g, float u, float& dg
   du = d * (g * s);
 }
 
+// The column (i % columns) of a grid-stride loop's element i, carried from one iteration to the
+// next by an add and a compare: the 64-bit remainder (a subroutine call) runs once per thread,
+// not once per element. Unscaled kernels carry nothing.
+template <bool Scaled>
+struct ColumnCursor {
+  int64_t col = 0, step = 0, columns = 1;
+
+  __device__ __forceinline__ ColumnCursor(int64_t first, int64_t stride, int64_t columns_) {
+    if constexpr (Scaled) {
+      columns = columns_;
+      col = first % columns;
+      step = stride % columns;
+    }
+  }
+  // Element i + offset's column (offset >= 0, small: within one vector).
+  __device__ __forceinline__ int64_t at(int64_t offset) const {
+    if constexpr (!Scaled) return 0;
+    int64_t c = col + offset;
+    while (c >= columns) c -= columns;
+    return c;
+  }
+  __device__ __forceinline__ void advance() {
+    if constexpr (Scaled) {
+      col += step;
+      if (col >= columns) col -= columns;
+    }
+  }
+};
+
 template <typename T>
 __device__ __forceinline__ float round_to(float v) {
   return Element<T>::to_float(Element<T>::from_float(v));
 }
 
-// The V operands of elements [i, i + V) as the SwiGLU sees them: scaled (rounded to T) if Scaled.
+// The V operands of elements [i, i + V) as the SwiGLU sees them: scaled (rounded to T) if Scaled;
+// `col`: element i's column (the V elements share a row: columns % V == 0 on this path).
 template <typename T, int V, bool Scaled>
-__device__ __forceinline__ void scale_vec(float (&v)[V], const T* scale, int64_t i, int64_t columns) {
+__device__ __forceinline__ void scale_vec(float (&v)[V], const T* scale, int64_t col) {
   if constexpr (Scaled) {
     float c[V];
-    load_vec<V>(scale + i % columns, c);
+    load_vec<V>(scale + col, c);
 #pragma unroll
     for (int j = 0; j < V; ++j) v[j] = round_to<T>(v[j] * c[j]);
   }
 }
 
 template <typename T, bool Scaled>
-__device__ __forceinline__ float operand(const T* values, const T* scale, int64_t k, int64_t columns) {
+__device__ __forceinline__ float operand(const T* values, const T* scale, int64_t k, int64_t col) {
   const float v = Element<T>::to_float(values[k]);
   if constexpr (Scaled) {
-    return round_to<T>(v * Element<T>::to_float(scale[k % columns]));
+    return round_to<T>(v * Element<T>::to_float(scale[col]));
   } else {
     return v;
   }
@@ -74,21 +104,24 @@ swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* _
                       int64_t n, const T* __restrict__ gate_scale, const T* __restrict__ up_scale,
                       int64_t columns) {
   const int64_t stride = int64_t(gridDim.x) * kThreads;
-  for (int64_t v = int64_t(blockIdx.x) * kThreads + threadIdx.x; v * V < n; v += stride) {
+  const int64_t first = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  ColumnCursor<Scaled> cursor(first * V, stride * V, columns);
+  for (int64_t v = first; v * V < n; v += stride, cursor.advance()) {
     const int64_t i = v * V;
     if (V > 1 && i + V <= n) {
       float g[V], u[V];
       load_vec<V>(gate + i, g);
       load_vec<V>(up + i, u);
-      scale_vec<T, V, Scaled>(g, gate_scale, i, columns);
-      scale_vec<T, V, Scaled>(u, up_scale, i, columns);
+      scale_vec<T, V, Scaled>(g, gate_scale, cursor.col);
+      scale_vec<T, V, Scaled>(u, up_scale, cursor.col);
 #pragma unroll
       for (int j = 0; j < V; ++j) g[j] = swiglu(g[j], u[j]);
       store_vec<V>(h + i, g);
     } else {
       for (int64_t k = i; k < n && k < i + V; ++k) {
-        h[k] = Element<T>::from_float(swiglu(operand<T, Scaled>(gate, gate_scale, k, columns),
-                                             operand<T, Scaled>(up, up_scale, k, columns)));
+        const int64_t col = cursor.at(k - i);
+        h[k] = Element<T>::from_float(swiglu(operand<T, Scaled>(gate, gate_scale, k, col),
+                                             operand<T, Scaled>(up, up_scale, k, col)));
       }
     }
   }
@@ -100,24 +133,27 @@ swiglu_backward_kernel(const T* dh, const T* gate, const T* up, T* dgate, T* dup
                        const T* __restrict__ gate_scale, const T* __restrict__ up_scale,
                        int64_t columns) {
   const int64_t stride = int64_t(gridDim.x) * kThreads;
-  for (int64_t v = int64_t(blockIdx.x) * kThreads + threadIdx.x; v * V < n; v += stride) {
+  const int64_t first = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  ColumnCursor<Scaled> cursor(first * V, stride * V, columns);
+  for (int64_t v = first; v * V < n; v += stride, cursor.advance()) {
     const int64_t i = v * V;
     if (V > 1 && i + V <= n) {
       float d[V], g[V], u[V];
       load_vec<V>(dh + i, d);
       load_vec<V>(gate + i, g);
       load_vec<V>(up + i, u);
-      scale_vec<T, V, Scaled>(g, gate_scale, i, columns);
-      scale_vec<T, V, Scaled>(u, up_scale, i, columns);
+      scale_vec<T, V, Scaled>(g, gate_scale, cursor.col);
+      scale_vec<T, V, Scaled>(u, up_scale, cursor.col);
 #pragma unroll
       for (int j = 0; j < V; ++j) swiglu_grad(d[j], g[j], u[j], g[j], u[j]);
       store_vec<V>(dgate + i, g);
       store_vec<V>(dup + i, u);
     } else {
       for (int64_t k = i; k < n && k < i + V; ++k) {
+        const int64_t col = cursor.at(k - i);
         float dg, du;
-        swiglu_grad(Element<T>::to_float(dh[k]), operand<T, Scaled>(gate, gate_scale, k, columns),
-                    operand<T, Scaled>(up, up_scale, k, columns), dg, du);
+        swiglu_grad(Element<T>::to_float(dh[k]), operand<T, Scaled>(gate, gate_scale, k, col),
+                    operand<T, Scaled>(up, up_scale, k, col), dg, du);
         dgate[k] = Element<T>::from_float(dg);
         dup[k] = Element<T>::from_float(du);
       }
