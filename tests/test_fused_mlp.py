@@ -380,8 +380,7 @@ def test_without_checkpointing_the_output_is_computed():
 def test_forward_hooks_see_real_outputs_in_the_recomputation(kind, where):
     """Forward hooks may read the MLP's output, or its decoder layer's, which includes it
     (activation capture, probes): with one attached, the recomputation computes the output instead
-    of the zeros that otherwise stand in for it. (transformers' layers run their hooks outside the
-    checkpoint, once; the built-in model's run in the recomputation too.)"""
+    of the zeros that otherwise stand in for it."""
     model = _model(kind)
     layer = model.model.layers[0]
     watched = layer if where == "layer" else layer.mlp
@@ -399,8 +398,10 @@ def test_forward_hooks_see_real_outputs_in_the_recomputation(kind, where):
         _loss(model, token_batch(batch=2, seq=12, seed=3)).backward()
     finally:
         handle.remove()
-    # the first forward, and the recomputation wherever hooks run there
-    assert len(seen) == (1 if where == "layer" and kind == "llama" else 2)
+    # the first forward, and the recomputation wherever hooks run there. Whether a transformers
+    # layer's own hooks run inside its checkpoint depends on the version (5.17: inside, twice;
+    # 5.25: outside, once); the MLP's hooks and the built-in model's always run in both.
+    assert len(seen) in ((1, 2) if where == "layer" and kind == "llama" else (2,))
     for later in seen[1:]:
         torch.testing.assert_close(later, seen[0], rtol=0, atol=0)
     assert seen[0].abs().sum() > 0
