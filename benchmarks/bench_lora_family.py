@@ -69,12 +69,13 @@ CASES = {
     "dora": ({"method": "dora"}, False, False),
     # y = z ⊙ c by PyTorch's broadcasting multiply at every width (before qlora_ext::dora_column_scale)
     "dora+torch_mul": ({"method": "dora"}, False, False, {"qlora_ext.dora.COLUMN_SCALE_DEVICES": ("cpu",)}),
-    # the recomputation skips DoRA's down projection too, with its z kept from the first forward
-    "dora+keep_z": ({"method": "dora"}, False, False, {"qlora_ext.fused_mlp.DORA_KEEPS_DOWN_Z_DEVICES": ("cpu", "cuda")}),
-    # and the SwiGLU reads z and c of gate and up (swiglu_scaled) instead of their c ⊙ z
-    "dora+keep_z+scaled_swiglu": ({"method": "dora"}, False, False, {
-        "qlora_ext.fused_mlp.DORA_KEEPS_DOWN_Z_DEVICES": ("cpu", "cuda"),
-        "qlora_ext.fused_mlp.DORA_SCALED_SWIGLU_DEVICES": ("cpu", "cuda")}),
+    # the defaults without one of their parts, each measured against them: the recomputation
+    # skips DoRA's down projection with its z kept from the first forward (where the MLP is wide
+    # enough), the SwiGLU reads z and c of gate and up (swiglu_scaled) instead of their c ⊙ z
+    "dora-keep_z": ({"method": "dora"}, False, False, {"qlora_ext.fused_mlp.DORA_KEEPS_DOWN_Z_DEVICES": ("cpu",)}),
+    "dora-scaled_swiglu": ({"method": "dora"}, False, False, {"qlora_ext.fused_mlp.DORA_SCALED_SWIGLU_DEVICES": ("cpu",)}),
+    # z kept at every MLP width (DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE lifted)
+    "dora+keep_z_any_width": ({"method": "dora"}, False, False, {"qlora_ext.fused_mlp.DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE": {}}),
     "lora_fa": ({"method": "lora_fa"}, False, False),
     "vera": ({"method": "vera"}, False, False),
     "vera_r256": ({"method": "vera", "r": 256}, False, False),

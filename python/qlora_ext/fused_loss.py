@@ -25,6 +25,8 @@ import types
 import torch
 from torch import Tensor
 
+from . import device_memory
+
 IGNORE_INDEX = -100
 
 #: Default bytes for one chunk's logits (fp32, exponentiated in place, + the model-dtype copy); see chunk_tokens.
@@ -39,8 +41,7 @@ def chunk_tokens(n_tokens: int, vocab: int, device: torch.device) -> int:
     GiB: the step's peak is elsewhere.)"""
     budget = CHUNK_BYTES
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(budget, free // 8)
+        budget = min(budget, device_memory.available_bytes(device) // 8)
     per_token = vocab * 8  # fp32 logits, exponentiated in place + the model-dtype copy for the GEMM
     return max(1, min(n_tokens, max(128, budget // per_token)))
 

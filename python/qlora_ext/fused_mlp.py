@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _ops, checkpointing
+from . import _ops, checkpointing, device_memory
 from .adapters import LoRAAdapter
 from .dora import DoRAAdapter, _nf4_dora_backward, _nf4_dora_setup, dora_output, dora_project
 from .fused_blocks import FUSED_DEVICES, HF_MODEL_TYPES
@@ -178,6 +178,11 @@ class _GateUp:
         return _swiglu_backward_(dh, self.g, self.u, self.native)
 
 
+def _keeps_down_z(device_type: str, intermediate: int) -> bool:
+    return (device_type in DORA_KEEPS_DOWN_Z_DEVICES
+            and intermediate >= DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE.get(device_type, 0))  # fmt: skip
+
+
 def _scaled_swiglu_applies(kind: _Kind, x: Tensor, native: bool, gate_bias, up_bias) -> bool:
     return (kind.has_norm and native and gate_bias is None and up_bias is None
             and x.device.type in DORA_SCALED_SWIGLU_DEVICES)  # fmt: skip
@@ -256,7 +261,7 @@ class _LoRAMLP(torch.autograd.Function):
         # forward keeps it for the recomputation (checkpointing.remember, offloaded with the
         # layer's input where that is), which can then skip the projection as LoRA's does.
         z_key = ("qlora_ext.fused_mlp.z_down", id(down_spec[0][0]), id(mags[2]) if mags else None)
-        keeps_z = kind.has_norm and x.device.type in DORA_KEEPS_DOWN_Z_DEVICES
+        keeps_z = kind.has_norm and _keeps_down_z(x.device.type, gate_spec[0][7][0])
         kept_z = checkpointing.replayed(z_key) if keeps_z and recompute == "skip" else None
         n_down = down_spec[0][7][0]
         if kept_z is not None and (kept_z.dtype != x.dtype or kept_z.device != x.device or norms[2] is None
@@ -421,9 +426,11 @@ DORA_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 #: Device types where a DoRA unit (no gate/up biases, native SwiGLU kernels) passes z and c of its
 #: gate and up projections to block_ops' swiglu_scaled instead of forming c ⊙ z: per step two
 #: [tokens, intermediate] writes and reads fewer in the forward, the recomputation and the
-#: backward (~22 GB of traffic, ~9 ms, for an 8B at 2048 tokens by bandwidth), the same bits. CUDA
-#: joins once the kernel has run on a GPU (run.sh dora_ab).
-DORA_SCALED_SWIGLU_DEVICES: tuple[str, ...] = ("cpu",)
+#: backward (~22 GB of traffic by bandwidth), the same bits. H100 (2026-12-06,
+#: bench_dora_kernels, [2048, 14336]): forward 65 µs against 167 µs for the column scales and
+#: swiglu, backward 100 against 206 µs; end to end (bench_lora_family --interleave, with
+#: DORA_KEEPS_DOWN_Z) 8B 246.3 -> 238.5 ms a step, 1B 148.8 -> 145.1 ms.
+DORA_SCALED_SWIGLU_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 #: Whether a checkpointed layer's recomputation skips what of the unit nobody reads: the down
 #: projection's output, where the MLP feeds only the residual add (lora_mlp's recompute). Off only
 #: to measure what it saves.
@@ -432,8 +439,14 @@ SKIP_UNUSED_RECOMPUTATION = True
 #: for the recomputation, so that it too skips that projection (its GEMM and dequantization: ~11
 #: ms of an 8B step at 2048 tokens by the H100 profile). It costs the size of the layer's input
 #: again: offloaded with it to pinned host memory where the layer offloads (the default on CUDA),
-#: kept on the device otherwise. CUDA joins once a GPU run has measured it (run.sh dora_ab).
-DORA_KEEPS_DOWN_Z_DEVICES: tuple[str, ...] = ("cpu",)
+#: kept on the device otherwise. The GEMM it saves has `intermediate` multiply-adds per element
+#: kept, so it pays only for wide MLPs (DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE).
+DORA_KEEPS_DOWN_Z_DEVICES: tuple[str, ...] = ("cpu", "cuda")
+#: The narrowest MLP (intermediate width) where a device keeps DoRA's down z. H100 (2026-12-06,
+#: bench_lora_family --interleave): at 8B (14,336) a step took 256.5 -> 246.3 ms with z kept; at 1B
+#: (8,192) 145.8 -> 148.8 ms (the extra device-to-host copy of [tokens, hidden] costs more than
+#: the GEMM it saves).
+DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE: dict[str, int] = {"cuda": 12288}
 _FEEDS_RESIDUAL = "_qlora_mlp_feeds_residual_only"  # its layer's forward hooks, set by enable_fused_mlp
 #: Share of the free device memory that the unit's [rows, intermediate] activations may take
 #: before it works chunk by chunk.
@@ -442,15 +455,15 @@ ACTIVATION_SHARE = 0.25
 
 def chunk_rows(rows: int, intermediate: int, x: Tensor) -> int | None:
     """None (one piece) unless the unit's activations — g, u, h and dh, [rows, intermediate] each
-    — would take more than ACTIVATION_SHARE of the device's free memory; then the most rows per
-    chunk that fit (at least 1024). CPU: one piece."""
+    — would take more than ACTIVATION_SHARE of the memory this process may still take
+    (device_memory.available_bytes: a per-process cap included); then the most rows per chunk that
+    fit (at least 1024). CPU: one piece."""
     if CHUNK_ROWS is not None:
         return CHUNK_ROWS if CHUNK_ROWS < rows else None
     need = 4 * rows * intermediate * x.element_size()
     if x.device.type != "cuda" or need < (256 << 20):  # small: not worth asking the driver
         return None
-    free, _ = torch.cuda.mem_get_info(x.device)
-    budget = int(free * ACTIVATION_SHARE)
+    budget = int(device_memory.available_bytes(x.device) * ACTIVATION_SHARE)
     if need <= budget:
         return None
     return max(1024, budget // (4 * intermediate * x.element_size()))

@@ -29,6 +29,7 @@ from collections.abc import Iterable
 
 import torch
 
+from .. import device_memory
 from ..codebooks import dynamic_map
 
 #: Device bytes of a CUDA budget kept for the tensors a step allocates besides the pool: the max |g|
@@ -190,7 +191,7 @@ class PagedAdamW(torch.optim.Optimizer):
             return (budget - map_bytes) // self.page_bytes
         if self._device.type != "cuda":
             return None
-        free, _ = torch.cuda.mem_get_info(self._device)
+        free = device_memory.available_bytes(self._device)
         if state_bytes <= free // 2:
             return None
         return max(2, (free // 4) // self.page_bytes)
