@@ -76,6 +76,8 @@ CASES = {
     "dora-scaled_swiglu": ({"method": "dora"}, False, False, {"qlora_ext.fused_mlp.DORA_SCALED_SWIGLU_DEVICES": ("cpu",)}),
     # z kept at every MLP width (DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE lifted)
     "dora+keep_z_any_width": ({"method": "dora"}, False, False, {"qlora_ext.fused_mlp.DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE": {}}),
+    # the norm's W·Aᵀ by nf4_gemv from the NF4 codes instead of a GEMM over the dequantized W
+    "dora+norm_from_codes": ({"method": "dora"}, False, False, {"qlora_ext.dora.NORM_FROM_CODES_DEVICES": ("cpu", "cuda")}),
     "lora_fa": ({"method": "lora_fa"}, False, False),
     "vera": ({"method": "vera"}, False, False),
     "vera_r256": ({"method": "vera", "r": 256}, False, False),

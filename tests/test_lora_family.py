@@ -82,6 +82,39 @@ def test_dora_matches_paper(device, rslora):
     check_against_reference(layer, [ad.lora_A.weight, ad.lora_B.weight, ad.lora_magnitude_vector], reference, x)
 
 
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("r", [4, 16, 17], ids=lambda r: f"r{r}")
+def test_dora_norm_from_the_nf4_codes(device, r, monkeypatch):
+    """On NORM_FROM_CODES_DEVICES wa = W·Aᵀ comes from nf4_gemv over the NF4 codes (A's r rows as
+    its batch, r <= 16; wider A keeps the GEMM over the dequantized W): the layer still matches the
+    paper's formula, fp32 to 1e-5, and bf16 matches the GEMM path within bf16 rounding."""
+    from qlora_ext import _ops, dora as dora_module
+
+    calls = []
+    real = _ops.nf4_gemv
+    monkeypatch.setattr(_ops, "nf4_gemv", lambda *args: calls.append(args[0].shape) or real(*args))
+    monkeypatch.setattr(dora_module, "NORM_FROM_CODES_DEVICES", (device,))
+    layer, ad = make_layer(qlora_ext.DoRAAdapter, r=r, alpha=8, device=device, seed=r)
+    s = ad.scale
+
+    def reference(x, w, bias, a, b, m):
+        v = w + s * b @ a
+        return x @ (m[:, None] * v / torch.linalg.vector_norm(v, dim=1).detach()[:, None]).t() + bias
+
+    x = torch.randn(3, 5, 67, device=device)
+    check_against_reference(layer, [ad.lora_A.weight, ad.lora_B.weight, ad.lora_magnitude_vector], reference, x)
+    assert calls == ([torch.Size([r, 67])] if r <= 16 else [])
+
+    layer = layer.to(torch.bfloat16)
+    xb = x.bfloat16()
+    with torch.no_grad():
+        y_codes = layer(xb)
+        monkeypatch.setattr(dora_module, "NORM_FROM_CODES_DEVICES", ())
+        y_gemm = layer(xb)
+    assert len(calls) == (2 if r <= 16 else 0)
+    torch.testing.assert_close(y_codes.float(), y_gemm.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_dora_norm_without_dense_update():
     """n from ‖W‖² + 2s⟨W,BA⟩ + s²‖BA‖² equals the dense row norm (the op's 1/n output and the
     adapter's weight_norm); no [out, in] tensor is saved for backward, and the magnitude starts
