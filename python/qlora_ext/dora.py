@@ -135,7 +135,11 @@ COLUMN_SCALE_MIN_COLUMNS: dict[str, int] = {"cuda": 4096}
 #: GEMV's batch: W read at ~0.56 bytes a weight) instead of a GEMM over the bf16 W that the base
 #: GEMM dequantized (2 bytes a weight, no longer in L2 by then). The H100 GEMV at 16 rows: 11.8 vs
 #: 16.4 µs for cuBLAS at [4096, 4096], 28.6 vs 42.2 at [14336, 4096], 31.1 vs 45.1 at [4096, 14336]
-#: (nf4_gemv_variants_h100.json); by those, ~1.8 ms of an 8B step at 2048 tokens.
+#: (nf4_gemv_variants_h100.json); by those, ~1.8 ms of an 8B step at 2048 tokens. Measured end to
+#: end (H100 2026-12-06, bench_lora_family --kernel-time, lora_family_dora_norm_from_codes_*): the
+#: summed kernel time of a QDoRA step went 258.1 -> 256.5 ms at 8B but 62.4 -> 63.0 ms at 1B, and
+#: the host was too noisy that run for step times: off until a quiet run shows it pays. Its CUDA
+#: tests passed there.
 NORM_FROM_CODES_DEVICES: tuple[str, ...] = ()
 
 
