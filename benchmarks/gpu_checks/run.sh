@@ -6,7 +6,7 @@
 #     bash benchmarks/gpu_checks/run.sh build tests        # build for sm_90, full pytest on the GPU, leak check
 #     bash benchmarks/gpu_checks/run.sh build sanitize     # compute-sanitizer over the pytest CUDA tests
 #     bash benchmarks/gpu_checks/run.sh build train        # 8B seq 2048 + 8192 and 1B: ours (offloaded checkpoints), ours_resident, Unsloth, bnb+PEFT
-#     bash benchmarks/gpu_checks/run.sh build longest      # longest sequence under a 24 GiB cap, ours vs Unsloth
+#     bash benchmarks/gpu_checks/run.sh build longest      # longest sequence under a 24 GiB cap (LONGEST_STACKS=ours, =unsloth)
 #     bash benchmarks/gpu_checks/run.sh build kernels      # NF4 GEMV/GEMM, block ops, DoRA/LoRA family, PagedAdamW
 #     bash benchmarks/gpu_checks/run.sh build decode       # generation: tokens/s of an 8B-shaped model
 #     bash benchmarks/gpu_checks/run.sh build units        # fused MLP (LoRA, DoRA) / Q/K/V units: CUDA tests,
@@ -84,11 +84,16 @@ for stage in "$@"; do
       ;;
     longest)
       # 2 steps per length (the first allocates the optimizer state; the peak is reached by the
-      # second). At 131072 tokens a step of the 8B takes ~45 s: one stack per device call
-      # (LONGEST_STACKS=ours, then =unsloth), each stopping at its first length that fails.
-      LONGEST_STACKS="${LONGEST_STACKS:-ours,unsloth}"
+      # second), each stack stopping at its first length that fails; one stack per device call.
+      # 2026-12-06 (H100): ours 114,688 at 20.3 GiB (37.6 s a step; 131,072 would take ~45 s),
+      # Unsloth 49,152 at 19.2 GiB, out of memory at 65,536 (57,344 not finished in the call).
+      LONGEST_STACKS="${LONGEST_STACKS:-ours}"
+      case "$LONGEST_STACKS" in
+        unsloth) default_seqs="49152 57344 65536" ;;
+        *) default_seqs="114688 131072 147456" ;;
+      esac
       STEP_TIMEOUT=570 step longest "$PY" benchmarks/bench_train.py --model 8b --cap-gib 24 --steps 2 \
-        --stacks "$LONGEST_STACKS" --seq 32768 65536 98304 131072 163840 \
+        --stacks "$LONGEST_STACKS" --seq ${LONGEST_SEQS:-$default_seqs} \
         --out "$OUT/train_8b_longest_24gib_${LONGEST_STACKS//,/_}_h100.json"
       ;;
     kernels)
