@@ -294,6 +294,9 @@ def main() -> None:
                         help="skip the discarded first run (see warmup_command)")  # fmt: skip
     parser.add_argument("--kernel-time", action="store_true",
                         help="also profile one more step per case: its summed GPU kernel time (device_time.py)")
+    parser.add_argument("--child-timeout", type=float,
+                        help="seconds one case (stack, length) may run; past it the case is recorded as skipped "
+                             "(with --cap-gib its stack stops there too)")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -314,18 +317,23 @@ def main() -> None:
             if stack in failed:
                 continue
             cmd = child_command(stack, args.model, seq, args.steps, args.cap_gib, args.kernel_time)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+                lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            except subprocess.TimeoutExpired:
+                lines, tail = [], [f"timed out after {args.child_timeout:g} s (--child-timeout)"]
             if lines:
                 record = {**env, **json.loads(lines[-1][len("RESULT "):])}
             else:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
                 record = {**env, "stack": stack, "model": args.model, "seq": seq, "skipped": " | ".join(tail),
                           "cap_gib": args.cap_gib}  # fmt: skip
                 if args.cap_gib:
                     failed.add(stack)
             print(json.dumps(record), flush=True)
             records.append(record)
+            if args.out:  # after every case: a run cut short keeps what it measured
+                write_records(args.out, records)
     ours = {r["seq"]: r for r in records if r["stack"] == "ours" and "tokens_per_s" in r}
     print(f"\n{'stack':10} {'seq':>6} {'tokens/s':>9} {'peak GiB':>9} {'(torch':>7} {'+ paged)':>8} {'MFU':>6} {'ours/this':>9}"
           f"{' kernel ms' if args.kernel_time else ''}")
@@ -344,10 +352,15 @@ def main() -> None:
               ", ".join(f"{s} {n}" for s, n in longest.items()))
         records.append({**env, "summary": "longest_seq", "cap_gib": args.cap_gib, "longest": longest})
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(records, f, indent=1)
-        os.replace(tmp, args.out)
+        write_records(args.out, records)
+
+
+def write_records(path: str, records: list[dict]) -> None:
+    """The records as one JSON list, written atomically (a reader never sees half a file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

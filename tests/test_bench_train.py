@@ -49,3 +49,40 @@ def test_kernel_time_reaches_the_child(monkeypatch):
     assert bench.child_command("ours", "8b", 2048, 8, 24.0, True)[-3:] == ["--cap-gib", "24.0", "--kernel-time"]
     assert "--kernel-time" not in bench.child_command("ours", "8b", 2048, 8)
     assert "--kernel-time" not in bench.warmup_command("8b", "ours", 2048)
+
+
+def test_a_case_past_its_time_is_skipped_and_the_file_keeps_what_was_measured(monkeypatch, tmp_path):
+    """--child-timeout: a case that runs too long is recorded as skipped (with --cap-gib its stack
+    stops there, as at an out-of-memory) and the JSON is rewritten after every case, so a run
+    killed from outside keeps the cases it finished."""
+    import json
+    import subprocess
+    import sys
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_train as bench  # noqa: PLC0415
+
+    out = tmp_path / "longest.json"
+    written = []
+
+    def fake_run(cmd, capture_output, text, timeout=None):
+        seq = int(cmd[cmd.index("--seq") + 1])
+        written.append([r["seq"] for r in json.loads(out.read_text())] if out.exists() else None)
+        if seq == 8192:
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        assert seq == 4096 and timeout == 30.0
+        result = {"stack": "ours", "model": "1b", "seq": seq, "tokens_per_s": 1.0, "peak_device_gib": 1.0,
+                  "peak_allocated_gib": 1.0, "managed_optimizer_state_gib": 0.0, "mfu_vs_748_tflops": 0.5}
+        return subprocess.CompletedProcess(cmd, 0, "RESULT " + json.dumps(result) + "\n", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "environment", lambda: {"device": "test"})
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--model", "1b", "--stacks", "ours", "--cap-gib", "24",
+                                      "--seq", "4096", "8192", "16384", "--no-warmup-run", "--child-timeout", "30",
+                                      "--out", str(out)])  # fmt: skip
+    bench.main()
+    records = json.loads(out.read_text())
+    assert [r.get("seq") for r in records[:2]] == [4096, 8192]
+    assert "tokens_per_s" in records[0] and "timed out after 30 s" in records[1]["skipped"]
+    assert len(records) == 3 and records[2]["longest"] == {"ours": 4096}  # 16384 never ran
+    assert written == [None, [4096]]  # on disk before the next case starts

@@ -92,7 +92,7 @@ for stage in "$@"; do
         unsloth) default_seqs="49152 57344 65536" ;;
         *) default_seqs="114688 131072 147456" ;;
       esac
-      STEP_TIMEOUT=570 step longest "$PY" benchmarks/bench_train.py --model 8b --cap-gib 24 --steps 2 \
+      STEP_TIMEOUT=570 step longest "$PY" benchmarks/bench_train.py --model 8b --cap-gib 24 --steps 2 --child-timeout 240 \
         --stacks "$LONGEST_STACKS" --seq ${LONGEST_SEQS:-$default_seqs} \
         --out "$OUT/train_8b_longest_24gib_${LONGEST_STACKS//,/_}_h100.json"
       ;;
