@@ -71,3 +71,15 @@ def test_the_fused_loss_chunks_by_what_is_available(card, monkeypatch):
     capped = fused_loss.chunk_tokens(1 << 20, vocab, torch.device("cuda"))
     assert capped == 12 * GIB // 8 // (vocab * 8)
     assert roomy == 58 * GIB // 8 // (vocab * 8) > capped
+
+
+def test_paged_adamw_pages_its_state_by_what_is_available(card):
+    """Without a device_budget PagedAdamW keeps its state resident when it takes at most half of
+    what is available, else pages it through a pool of a quarter of that."""
+    from qlora_ext.optim.paged_adamw import PagedAdamW
+
+    owner = types.SimpleNamespace(device_budget=None, _device=torch.device("cuda"), page_bytes=1 << 20)
+    state_bytes = 10 * GIB
+    assert PagedAdamW._n_slots(owner, state_bytes, 0, 1 << 14) is None  # 58 GiB available
+    card.fraction = 24 / 80  # 12 GiB available: 10 GiB of state is more than half
+    assert PagedAdamW._n_slots(owner, state_bytes, 0, 1 << 14) == (12 * GIB // 4) // (1 << 20)
