@@ -132,14 +132,13 @@ for stage in "$@"; do
     dora_ab)
       # DoRA's kernels alone (bench_dora_kernels), then QDoRA vs QLoRA, the cases stepping in turns
       # (bench_lora_family --interleave, plus one profiled step each: --kernel-time): dora (the
-      # defaults), dora+torch_mul (y = z ⊙ c by PyTorch's multiply, as before the native column
-      # scale), dora-keep_z (the recomputation computes the down projection again instead of
+      # defaults), dora+norm_from_codes (the norm's W·Aᵀ by nf4_gemv from the NF4 codes), dora-keep_z (the recomputation computes the down projection again instead of
       # reading its z kept by the first forward), dora-scaled_swiglu (the SwiGLU reads c ⊙ z of
       # gate and up instead of their z and c), dora+keep_z_any_width (z kept at every MLP width)
       step dora_kernels "$PY" benchmarks/bench_dora_kernels.py --out "$OUT/dora_kernels_h100.json"
       for shape in 8b 1b; do
         step "dora_ab_$shape" "$PY" benchmarks/bench_lora_family.py --shapes $shape \
-          --cases "${DORA_AB_CASES:-lora,dora,dora+torch_mul,dora-keep_z,dora-scaled_swiglu,dora+keep_z_any_width}" \
+          --cases "${DORA_AB_CASES:-lora,dora,dora+norm_from_codes,dora-keep_z,dora-scaled_swiglu,dora+keep_z_any_width}" \
           --interleave --kernel-time --warmup 3 --steps 12 --out "$OUT/lora_family_dora_ab_${shape}_h100.json"
       done
       ;;
