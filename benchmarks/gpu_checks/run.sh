@@ -132,8 +132,9 @@ for stage in "$@"; do
     dora_ab)
       # DoRA's kernels alone (bench_dora_kernels), then QDoRA vs QLoRA, the cases stepping in turns
       # (bench_lora_family --interleave, plus one profiled step each: --kernel-time): dora (the
-      # defaults), dora+norm_from_codes (the norm's W·Aᵀ by nf4_gemv from the NF4 codes), dora-keep_z (the recomputation computes the down projection again instead of
-      # reading its z kept by the first forward), dora-scaled_swiglu (the SwiGLU reads c ⊙ z of
+      # defaults), dora+norm_from_codes (the norm's W·Aᵀ by nf4_gemv from the NF4 codes),
+      # dora-keep_z (the recomputation computes the down projection again instead of reading its
+      # z kept by the first forward), dora-scaled_swiglu (the SwiGLU reads c ⊙ z of
       # gate and up instead of their z and c), dora+keep_z_any_width (z kept at every MLP width)
       step dora_kernels "$PY" benchmarks/bench_dora_kernels.py --out "$OUT/dora_kernels_h100.json"
       for shape in 8b 1b; do
