@@ -428,8 +428,8 @@ DORA_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 #: [tokens, intermediate] writes and reads fewer in the forward, the recomputation and the
 #: backward (~22 GB of traffic by bandwidth), the same bits. H100 (2026-12-06,
 #: bench_dora_kernels, [2048, 14336]): forward 65 µs against 167 µs for the column scales and
-#: swiglu, backward 100 against 206 µs; end to end (bench_lora_family --interleave, with
-#: DORA_KEEPS_DOWN_Z) 8B 246.3 -> 238.5 ms a step, 1B 148.8 -> 145.1 ms.
+#: swiglu, backward 100 against 206 µs; end to end (bench_lora_family --interleave, the other
+#: defaults on) a QDoRA step took 237.8 ms against 245.8 without it at 8B, 145.2 against 148.5 at 1B.
 DORA_SCALED_SWIGLU_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 #: Whether a checkpointed layer's recomputation skips what of the unit nobody reads: the down
 #: projection's output, where the MLP feeds only the residual add (lora_mlp's recompute). Off only
@@ -448,8 +448,8 @@ DORA_KEEPS_DOWN_Z_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 #: the GEMM it saves).
 DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE: dict[str, int] = {"cuda": 12288}
 _FEEDS_RESIDUAL = "_qlora_mlp_feeds_residual_only"  # its layer's forward hooks, set by enable_fused_mlp
-#: Share of the free device memory that the unit's [rows, intermediate] activations may take
-#: before it works chunk by chunk.
+#: Share of the memory the process may still take (device_memory.available_bytes) that the
+#: unit's [rows, intermediate] activations may take before it works chunk by chunk.
 ACTIVATION_SHARE = 0.25
 
 
