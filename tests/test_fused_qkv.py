@@ -179,12 +179,16 @@ def test_nothing_dense_is_kept_for_backward():
 
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "dora-concat"])
 def test_bf16_error_within_twice_the_module_paths(device, kind, method, monkeypatch):
     """FlashAttention's rule: against an fp32 run of the same weights, the fused bf16 path errs at
     most twice as much as the module-by-module bf16 path."""
     monkeypatch.setattr(fused_qkv, "DORA_DEVICES", ("cpu", "cuda"))
-    calls = CountApplies(monkeypatch, fused_qkv._DoRAQKV if method == "dora" else fused_qkv._LoRAQKV)
+    if method == "lora":
+        calls = CountApplies(monkeypatch, fused_qkv._LoRAQKV)
+    else:
+        calls = _dora_unit(monkeypatch, method == "dora-concat")
+        method = "dora"
     ids = token_batch(batch=2, seq=16, seed=7).to(device)
     assert_fused_bf16_within_twice_the_modules(
         lambda fused: _model(kind, method=method, fused=fused, device=device, dtype=torch.float32), ids)
@@ -214,7 +218,7 @@ def test_bf16_activations_with_fp32_adapters_match_the_modules():
                                              ("dora", 0.1)])  # fmt: skip
 def test_other_adapters_and_dropout_take_the_modules(method, dropout, monkeypatch):
     calls = _CountCalls(monkeypatch)
-    dora_calls = CountApplies(monkeypatch, fused_qkv._DoRAQKV)
+    dora_calls = _CountDoRAUnits(monkeypatch)
     model = _model(method=method, dropout=dropout)
     assert all(fused_qkv.is_fused_qkv(a) for a in _attentions(model))  # wired; steps aside at call time
     _loss(model, token_batch()).backward()
@@ -431,19 +435,37 @@ def test_decode_on_cuda_reads_the_packed_weights():
 # ---- DoRA (_DoRAQKV) ----------------------------------------------------------------------------
 
 
-def _count_dora(monkeypatch):
-    return CountApplies(monkeypatch, fused_qkv._DoRAQKV)
+# Both DoRA units: on the concatenated weights (_DoRAQKVConcat) and per projection (_DoRAQKV).
+DORA_UNITS = pytest.mark.parametrize("concat", [True, False], ids=["dora-concat", "dora-per-projection"])
+
+
+def _dora_unit(monkeypatch, concat: bool) -> CountApplies:
+    """Selects one DoRA unit on every device type (DORA_CONCAT_DEVICES) and counts its calls."""
+    monkeypatch.setattr(fused_qkv, "DORA_CONCAT_DEVICES", ("cpu", "cuda") if concat else ())
+    return CountApplies(monkeypatch, fused_qkv._DoRAQKVConcat if concat else fused_qkv._DoRAQKV)
+
+
+class _CountDoRAUnits:
+    """Calls of either DoRA unit."""
+
+    def __init__(self, monkeypatch):
+        self.counts = [CountApplies(monkeypatch, unit) for unit in (fused_qkv._DoRAQKVConcat, fused_qkv._DoRAQKV)]
+
+    @property
+    def n(self) -> int:
+        return sum(c.n for c in self.counts)
 
 
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("kind", ["llama", "builtin", "llama-attn-bias"])
 @pytest.mark.parametrize("checkpointing", ["off", "resident", "offload"])
-def test_dora_same_loss_and_gradients_as_the_modules(device, kind, checkpointing, monkeypatch):
+@DORA_UNITS
+def test_dora_same_loss_and_gradients_as_the_modules(device, kind, checkpointing, concat, monkeypatch):
     if kind == "builtin" and checkpointing == "offload":
         pytest.skip("offloading needs transformers' per-layer hooks (prepare refuses it for TinyLlama)")
     # Pinned, so that the test covers the unit on both device types whatever the default.
     monkeypatch.setattr(fused_qkv, "DORA_DEVICES", ("cpu", "cuda"))
-    calls, lora_calls = _count_dora(monkeypatch), _CountCalls(monkeypatch)
+    calls, lora_calls = _dora_unit(monkeypatch, concat), _CountCalls(monkeypatch)
     fused = _model(kind, method="dora", device=device, checkpointing=checkpointing)
     plain = _model(kind, method="dora", fused=False, device=device, checkpointing=checkpointing)
     steps = 3
@@ -483,8 +505,9 @@ def _qkv_params(layers):
     return params
 
 
-def test_dora_unit_matches_the_modules(monkeypatch):
-    calls = _count_dora(monkeypatch)
+@DORA_UNITS
+def test_dora_unit_matches_the_modules(concat, monkeypatch):
+    calls = _dora_unit(monkeypatch, concat)
     layers = _three_dora_layers()
     x = torch.randn(2, 5, 48, requires_grad=True)
     weights = [torch.randn(2, 5, layer.out_features) for layer in layers]
@@ -501,7 +524,8 @@ def test_dora_unit_matches_the_modules(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_dora_unit_gradcheck_fp64(monkeypatch):
+@DORA_UNITS
+def test_dora_unit_gradcheck_fp64(concat, monkeypatch):
     # Finite differences in fp64 for the input, the biases and the magnitudes. (A and B are
     # excluded by design: DoRA's norm is detached (paper §4.3), so their analytic gradients differ
     # from the numeric ones; test_dora_unit_matches_the_modules checks them against the modules.)
@@ -510,7 +534,7 @@ def test_dora_unit_gradcheck_fp64(monkeypatch):
               if p.requires_grad and ("magnitude" in n or n == "bias")]  # fmt: skip
     assert len(params) == 6
     x = torch.randn(1, 3, 48, dtype=torch.float64, requires_grad=True)
-    calls = _count_dora(monkeypatch)
+    calls = _dora_unit(monkeypatch, concat)
 
     def f(x, *_params):  # the parameters are perturbed in place; the unit reads them
         return fused_qkv.lora_qkv(x, *layers)
@@ -519,7 +543,9 @@ def test_dora_unit_gradcheck_fp64(monkeypatch):
     assert calls.n > 0
 
 
-def test_dora_unit_unused_output_and_input_without_grad(monkeypatch):
+@DORA_UNITS
+def test_dora_unit_unused_output_and_input_without_grad(concat, monkeypatch):
+    calls = _dora_unit(monkeypatch, concat)
     layers = _three_dora_layers()
     x = torch.randn(2, 5, 48, requires_grad=True)
     q, _, v = fused_qkv.lora_qkv(x, *layers)
@@ -532,9 +558,11 @@ def test_dora_unit_unused_output_and_input_without_grad(monkeypatch):
     x0 = torch.randn(2, 5, 48)
     sum(o.sum() for o in fused_qkv.lora_qkv(x0, *layers)).backward()
     assert x0.grad is None and layers[1].current_adapter().lora_magnitude_vector.grad is not None
+    assert calls.n == 2
 
 
-def test_dora_norms_computed_once_per_step_under_checkpointing(monkeypatch):
+@DORA_UNITS
+def test_dora_norms_computed_once_per_step_under_checkpointing(concat, monkeypatch):
     # The recomputation reuses the first forward's norms: dora_scale runs as often with
     # checkpointing as without it (q, k, v, the fused MLP's three and o_proj: 7 per layer).
     from qlora_ext import dora
@@ -546,7 +574,7 @@ def test_dora_norms_computed_once_per_step_under_checkpointing(monkeypatch):
         return original(*args)
 
     monkeypatch.setattr(dora, "dora_scale", counted)
-    calls = _count_dora(monkeypatch)
+    calls = _dora_unit(monkeypatch, concat)
     for checkpointing in ("off", "resident"):
         count[0] = 0
         _loss(_model(method="dora", checkpointing=checkpointing), token_batch()).backward()
@@ -557,7 +585,7 @@ def test_dora_norms_computed_once_per_step_under_checkpointing(monkeypatch):
 def test_dora_lora_mix_and_other_devices_take_the_modules(monkeypatch):
     from qlora_ext.adapters import LoRAAdapter
 
-    calls, lora_calls = _count_dora(monkeypatch), _CountCalls(monkeypatch)
+    calls, lora_calls = _CountDoRAUnits(monkeypatch), _CountCalls(monkeypatch)
     ids = token_batch()
     model = _model(method="dora", checkpointing="off")
     want = _loss(model, ids)
@@ -574,7 +602,9 @@ def test_dora_lora_mix_and_other_devices_take_the_modules(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_dora_unit_keeps_x_once_and_nothing_dense():
+@DORA_UNITS
+def test_dora_unit_keeps_x_once_and_nothing_dense(concat, monkeypatch):
+    _dora_unit(monkeypatch, concat)
     layers = _three_dora_layers()
     x = torch.randn(2, 5, 48, requires_grad=True)
     q, _, _ = fused_qkv.lora_qkv(x, *layers)
@@ -582,5 +612,8 @@ def test_dora_unit_keeps_x_once_and_nothing_dense():
     assert sum(t.shape == x.shape and t.data_ptr() == x.data_ptr() for t in saved) == 1
     shapes = [tuple(t.shape) for t in saved]
     assert not {(64, 48), (16, 48)} & set(shapes), shapes  # no dequantized W
-    # per projection z [2, 5, N] is kept (for dm), as by the DoRA module
-    assert sum(s == (2, 5, n) for s in shapes for n in (64, 16)) == 3, shapes
+    # z is kept (for dm), as by the DoRA module: per projection [2, 5, N], or all three as [10, 96]
+    if concat:
+        assert shapes.count((10, 96)) == 1, shapes
+    else:
+        assert sum(s == (2, 5, n) for s in shapes for n in (64, 16)) == 3, shapes

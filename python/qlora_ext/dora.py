@@ -251,6 +251,18 @@ def _nf4_dora_linear_impl(
                         weight_sq)  # fmt: skip
 
 
+def weight_times_a(w: Tensor, a: Tensor, weight_args) -> Tensor:
+    """wa = deq(W)·Aᵀ [N, r], the norm's input: from `w`, the dequantized W the base GEMM used, or
+    on NORM_FROM_CODES_DEVICES (r <= 16) by nf4_gemv from the codes in `weight_args` (packed,
+    absmax, nested absmax/code/offset, blocksize, nested blocksize, weight shape) as the transpose
+    of A·Wᵀ [r, N] (dora_scale makes it contiguous)."""
+    if w.device.type in NORM_FROM_CODES_DEVICES and a.dtype in NATIVE_DTYPES and a.shape[0] <= _ops.NF4_GEMV_MAX_ROWS:
+        packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape = weight_args
+        return _ops.nf4_gemv(a, packed, absmax, blocksize, shape, None, nested_absmax, nested_code, nested_offset,
+                             nested_blocksize).t()  # fmt: skip
+    return F.linear(w, a)
+
+
 def dora_project(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
                  weight_shape, weight_dtype, bias, lora_A, lora_B, scale, magnitude, weight_sq,
                  norm: tuple[Tensor, Tensor] | None = None, output: bool = True):  # fmt: skip
@@ -265,13 +277,9 @@ def dora_project(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_o
     a = lora_A.to(dtype)
     z = F.linear(x, w)
     wa = None
-    if (norm is None and x.device.type in NORM_FROM_CODES_DEVICES and a.dtype in NATIVE_DTYPES
-            and a.shape[0] <= _ops.NF4_GEMV_MAX_ROWS):  # fmt: skip
-        # [r, N] = A·Wᵀ from the codes; dora_scale takes its transpose ([N, r], made contiguous there)
-        wa = _ops.nf4_gemv(a, packed, absmax, blocksize, weight_shape, None, nested_absmax, nested_code,
-                           nested_offset, nested_blocksize).t()  # fmt: skip
-    elif norm is None:
-        wa = F.linear(w, a)  # [N, r] = W·Aᵀ from the W already dequantized for the GEMM
+    if norm is None:
+        wa = weight_times_a(w, a, (packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+                                   nested_blocksize, weight_shape))  # fmt: skip
     del w
     xa = F.linear(xl, a)  # [..., r]
     rows, n_out = math.prod(x.shape[:-1]), weight_shape[0]

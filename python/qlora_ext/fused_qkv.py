@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _ops, checkpointing, fused_blocks
+from . import _ops, checkpointing, dora, fused_blocks
 from .adapters import LoRAAdapter
 from .fused_mlp import _A, _B, _BIAS, _DORA, _M, _X, _adapter_kind, _backward, _norm, _project
 from .layers import QLoRALinear
@@ -81,6 +81,11 @@ DEVICES: tuple[str, ...] = ("cpu", "cuda")
 #: (bench_lora_family.py; the same peak memory): little, since DoRA's extra time there is mostly
 #: the column scale z * c and the norm's W·Aᵀ (benchmarks/results/lora_family_dora_profile_8b_h100.txt).
 DORA_DEVICES: tuple[str, ...] = ("cpu", "cuda")
+#: Device types where that DoRA unit works on the concatenated weights (_DoRAQKVConcat: one base
+#: GEMM, one thin GEMM, one column scale and one scale backward where _DoRAQKV runs three of each).
+#: On the 2-core CPU (bench_host_overhead.py --methods dora --profile --fused-cpu) see the commit
+#: that added it; CUDA joins once a GPU run has tested and measured it (run.sh dora_ab).
+DORA_CONCAT_DEVICES: tuple[str, ...] = ("cpu",)
 
 
 #: Device types where the concatenated weights are dequantized straight into their row ranges
@@ -115,6 +120,62 @@ def _dequantizes_in_place(specs, dtype: torch.dtype) -> bool:
             and len({spec[7][1] for spec in specs}) == 1)  # fmt: skip
 
 
+def _cat_bias(biases, ns: list[int], x: Tensor) -> Tensor | None:
+    """[bq; bk; bv] in x's dtype (zeros for a projection without one), or None if none has one."""
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([x.new_zeros(n) if b is None else b.to(x.dtype) for b, n in zip(biases, ns)])
+
+
+def _cat_cast(a_s, dtype: torch.dtype) -> tuple[Tensor, list[int]]:
+    """[Aq; Ak; Av] in `dtype` (one cast) and the ranks."""
+    return torch.cat(a_s).to(dtype), [t.shape[0] for t in a_s]
+
+
+def _add_low_rank(outs, x2: Tensor, a: Tensor, rs: list[int], b_s, scales) -> tuple[Tensor, list[Tensor]]:
+    """outs[i] += s_i·(x·A_iᵀ)·B_iᵀ in place, nf4_lora_linear's order, with one thin GEMM
+    xa = x·[Aq; Ak; Av]ᵀ [M, rq+rk+rv]. Returns xa and the B's cast to x's dtype (saved for backward)."""
+    xa = F.linear(x2, a)
+    bs = [t.to(x2.dtype) for t in b_s]
+    for out, xa_i, b, s in zip(outs, xa.split(rs, dim=1), bs, scales):
+        out.addmm_(xa_i, b.t(), alpha=s)
+    return xa, bs
+
+
+def _low_rank_backward(dys, dy: Tensor | None, x: Tensor, xa: Tensor, a: Tensor, bs, scales, specs, need_x: bool,
+                       need_a, need_b, a_dtypes, b_dtypes) -> tuple[Tensor | None, list, list]:  # fmt: skip
+    """dx, the A's and the B's gradients of out_i = x·W_iᵀ + s_i·(x·A_iᵀ)·B_iᵀ from dout_i = dys[i]
+    (with `dy` their [M, Nq+Nk+Nv] concatenation: dx by one GEMM on the concatenated weights;
+    None: three). g_i = s_i·dy_i·B_i goes into one g [M, rq+rk+rv]; dx = dy·W + g·[Aq; Ak; Av]."""
+    m, k = dys[0].shape[0], x.shape[-1]
+    rs = [b.shape[1] for b in bs]
+    g = xa.new_empty((m, sum(rs)))  # [M, rq+rk+rv]: the gradient reaching xa
+    for dy_i, b, g_i, s in zip(dys, bs, g.split(rs, dim=1), scales):
+        torch.mm(dy_i, b, out=g_i).mul_(s)
+    dx = None
+    if need_x:
+        w = _dequantized(specs, x.dtype, dy is not None)
+        if dy is not None:
+            dx = torch.mm(dy, w)  # [M, K]
+        else:
+            dx = torch.mm(dys[0], w[0])
+            dx.addmm_(dys[1], w[1]).addmm_(dys[2], w[2])
+        del w
+        dx.addmm_(g, a)
+        dx = dx.view(*x.shape)
+    das = [None] * 3
+    if any(need_a):
+        da = torch.mm(g.t(), x.reshape(m, k))  # [rq+rk+rv, K]
+        if len(set(a_dtypes)) == 1:
+            da = da.to(a_dtypes[0])  # one cast; the rows are contiguous views
+        das = [d.to(t) if need_a[i] else None for i, (d, t) in enumerate(zip(da.split(rs), a_dtypes))]
+    dbs = [None] * 3
+    for i, (dy_i, xa_i, s, t) in enumerate(zip(dys, xa.split(rs, dim=1), scales, b_dtypes)):
+        if need_b[i]:
+            dbs[i] = torch.mm(dy_i.t(), xa_i).mul_(s).to(t)  # [N_i, r_i]
+    return dx, das, dbs
+
+
 class _LoRAQKV(torch.autograd.Function):
     """See the module docstring. Inputs after x: the three projections' weight arguments (lora_linear
     `_weight_args` order) and scales, whether to concatenate the weights, then the three biases,
@@ -131,21 +192,13 @@ class _LoRAQKV(torch.autograd.Function):
             x2 = x.reshape(m, k)
             w = _dequantized(specs, dtype, concat)
             if concat:
-                bias = None
-                if any(b is not None for b in biases):
-                    bias = torch.cat([x.new_zeros(n) if b is None else b.to(dtype) for b, n in zip(biases, ns)])
-                y = F.linear(x2, w, bias)  # [M, Nq+Nk+Nv]
+                y = F.linear(x2, w, _cat_bias(biases, ns, x))  # [M, Nq+Nk+Nv]
                 outs = list(y.split(ns, dim=1))
             else:
                 outs = [F.linear(x2, wi, None if b is None else b.to(dtype)) for wi, b in zip(w, biases)]
             del w  # the only dense W; gone before the thin products allocate
-            a = torch.cat(a_s).to(dtype)  # [rq+rk+rv, K]
-            xa = F.linear(x2, a)  # [M, rq+rk+rv]
-            rs = [t.shape[0] for t in a_s]
-            xas = xa.split(rs, dim=1)
-            bs = [t.to(dtype) for t in b_s]
-            for out, xa_i, b, s in zip(outs, xas, bs, scales):
-                out.addmm_(xa_i, b.t(), alpha=s)  # += s·xa·Bᵀ in place, as nf4_lora_linear
+            a, rs = _cat_cast(a_s, dtype)  # [rq+rk+rv, K]
+            xa, bs = _add_low_rank(outs, x2, a, rs, b_s, scales)
         ctx.shapes = (ns, rs, m, k)
         ctx.scales, ctx.specs, ctx.concat = scales, specs, concat
         ctx.param_dtypes = ([None if b is None else b.dtype for b in biases], [t.dtype for t in a_s],
@@ -157,46 +210,23 @@ class _LoRAQKV(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk, dv):
         x, xa, a, *bs = ctx.saved_tensors
-        ns, rs, m, k = ctx.shapes
+        ns, _, m, _ = ctx.shapes
         need = ctx.needs_input_grad
-        dtype = x.dtype
         with _autocast_off(ctx.device_type):
             grads_out = (dq, dk, dv)
+            dy = None
             if ctx.concat:
                 dy = torch.cat(grads_out, dim=-1).view(m, sum(ns))  # [M, Nq+Nk+Nv]
                 dys = dy.split(ns, dim=1)
             else:
                 dys = [d.reshape(m, n) for d, n in zip(grads_out, ns)]
-            g = xa.new_empty((m, sum(rs)))  # [M, rq+rk+rv]: the gradient reaching xa
-            gs = g.split(rs, dim=1)
-            for dy_i, b, g_i, s in zip(dys, bs, gs, ctx.scales):
-                torch.mm(dy_i, b, out=g_i).mul_(s)
-            dx = None
-            if need[0]:
-                w = _dequantized(ctx.specs, dtype, ctx.concat)
-                if ctx.concat:
-                    dx = torch.mm(dy, w)  # [M, K]
-                else:
-                    dx = torch.mm(dys[0], w[0])
-                    dx.addmm_(dys[1], w[1]).addmm_(dys[2], w[2])
-                del w
-                dx.addmm_(g, a)
-                dx = dx.view(*x.shape)
             bias_dtypes, a_dtypes, b_dtypes = ctx.param_dtypes
             dbiases = [None] * 3
             if any(need[4:7]):
                 sums = dy.sum(0).split(ns) if ctx.concat else [d.sum(0) for d in dys]
                 dbiases = [s.to(t) if need[4 + i] else None for i, (s, t) in enumerate(zip(sums, bias_dtypes))]
-            das = [None] * 3
-            if any(need[7:10]):
-                da = torch.mm(g.t(), x.reshape(m, k))  # [rq+rk+rv, K]
-                if len(set(a_dtypes)) == 1:
-                    da = da.to(a_dtypes[0])  # one cast; the rows are contiguous views
-                das = [d.to(t) if need[7 + i] else None for i, (d, t) in enumerate(zip(da.split(rs), a_dtypes))]
-            dbs = [None] * 3
-            for i, (dy_i, xa_i, s, t) in enumerate(zip(dys, xa.split(rs, dim=1), ctx.scales, b_dtypes)):
-                if need[10 + i]:
-                    dbs[i] = torch.mm(dy_i.t(), xa_i).mul_(s).to(t)  # [N_i, r_i]
+            dx, das, dbs = _low_rank_backward(dys, dy if ctx.concat else None, x, xa, a, bs, ctx.scales, ctx.specs,
+                                              need[0], need[7:10], need[10:13], a_dtypes, b_dtypes)  # fmt: skip
         return dx, None, None, None, *dbiases, *das, *dbs
 
 
@@ -252,6 +282,89 @@ class _DoRAQKV(torch.autograd.Function):
                 *(g[_M] for g in grads))  # fmt: skip
 
 
+class _DoRAQKVConcat(torch.autograd.Function):
+    """q, k, v for three DoRA adapters on concatenated weights (DORA_CONCAT_DEVICES): _LoRAQKV's
+    arithmetic gives z = [z_q, z_k, z_v] [M, Nq+Nk+Nv] (one base GEMM, one x·[Aq; Ak; Av]ᵀ), the
+    three norms give c = [c_q; c_k; c_v], and one column scale gives y = c ⊙ z (+ [bq; bk; bv]);
+    q, k, v are column blocks of y. Backward: one dora_scale_backward over dy = [dq, dk, dv]
+    (dz = dy ⊙ c and every dm), then _LoRAQKV's backward on dz. Inputs as _DoRAQKV's. Per pass
+    that is one GEMM, one thin GEMM and one column scale where _DoRAQKV runs three of each, and in
+    backward one scale backward, one dx GEMM and one dA GEMM instead of three: for a host-bound
+    step (a 1B model) the launches are the cost."""
+
+    @staticmethod
+    def forward(ctx, x, specs, extras, bias_q, bias_k, bias_v, a_q, a_k, a_v, b_q, b_k, b_v, m_q, m_k, m_v):
+        weight_args, scales = [spec[0] for spec in specs], [spec[1] for spec in specs]
+        dtype, k = x.dtype, x.shape[-1]
+        lead, m = x.shape[:-1], math.prod(x.shape[:-1])
+        ns = [args[7][0] for args in weight_args]  # weight_shape = [N, K]
+        biases, a_s, b_s = (bias_q, bias_k, bias_v), (a_q, a_k, a_v), (b_q, b_k, b_v)
+        ctx.device_type = x.device.type
+        # An output that reaches no loss gets no gradient (as through the modules), not zeros.
+        ctx.set_materialize_grads(False)
+        # The norms depend only on the parameters: a checkpointed layer's recomputation reuses its
+        # first forward's (W·Aᵀ and the norm kernels skipped; the same bits).
+        key = ("qlora_ext.fused_qkv.concat", id(weight_args[0][0]), id(m_q))  # q's codes and magnitude
+        norm = checkpointing.replayed(key)
+        if norm is not None and (norm[1].dtype != dtype or norm[1].device != x.device):
+            norm = None
+        with _autocast_off(x.device.type):
+            x2 = x.reshape(m, k)
+            w = _dequantized(weight_args, dtype, True)
+            z = F.linear(x2, w)  # [M, Nq+Nk+Nv]
+            a, rs = _cat_cast(a_s, dtype)  # [rq+rk+rv, K]
+            if norm is None:  # W_i·A_iᵀ from the blocks of the one dequantized W
+                was = [dora.weight_times_a(w_i, a_i, args[:8])
+                       for w_i, a_i, args in zip(w.split(ns), a.split(rs), weight_args)]  # fmt: skip
+            del w  # the only dense W; gone before the thin products allocate
+            xa, bs = _add_low_rank(z.split(ns, dim=1), x2, a, rs, b_s, scales)
+            if norm is None:
+                pairs = [dora.dora_scale(wa, a_i, b_i, extra[1], extra[0], s)
+                         for wa, a_i, b_i, extra, s in zip(was, a_s, b_s, extras, scales)]  # fmt: skip
+                norm = (torch.cat([p[1] for p in pairs]), torch.cat([p[0] for p in pairs]))  # (1/n, c) [Nq+Nk+Nv]
+            checkpointing.remember(key, norm)
+            inv_norm, c = norm
+            y = dora.dora_output(z, c, _cat_bias(biases, ns, x))
+        ctx.shapes, ctx.scales, ctx.specs = (ns, m), scales, weight_args
+        ctx.param_dtypes = ([None if b is None else b.dtype for b in biases], [t.dtype for t in a_s],
+                            [t.dtype for t in b_s], [extra[0].dtype for extra in extras])  # fmt: skip
+        ctx.save_for_backward(x, xa, a, z, inv_norm, c, *bs)
+        return tuple(o.view(*lead, o.shape[1]) for o in y.split(ns, dim=1))
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        grads_out = (dq, dk, dv)
+        if all(d is None for d in grads_out):
+            return (None,) * 15
+        x, xa, a, z, inv_norm, c, *bs = ctx.saved_tensors
+        ns, m = ctx.shapes
+        need = ctx.needs_input_grad
+        used = [d is not None for d in grads_out]
+        with _autocast_off(ctx.device_type):
+            dy = torch.cat([d.reshape(m, n) if d is not None else z.new_zeros((m, n)) for d, n in zip(grads_out, ns)],
+                           dim=1)  # fmt: skip
+            dm = None
+            if any(need[12:15]):  # dz = dy ⊙ c (n constant) and dm = Σ_rows dy ⊙ z / n in one pass
+                dz, dm = dora.dora_scale_backward(dy, z, c, inv_norm)
+            else:
+                dz = dy * c
+            bias_dtypes, a_dtypes, b_dtypes, m_dtypes = ctx.param_dtypes
+            need_a = [need[6 + i] and used[i] for i in range(3)]
+            need_b = [need[9 + i] and used[i] for i in range(3)]
+            dx, das, dbs = _low_rank_backward(dz.split(ns, dim=1), dz, x, xa, a, bs, ctx.scales, ctx.specs, need[0],
+                                              need_a, need_b, a_dtypes, b_dtypes)  # fmt: skip
+            dbiases = [None] * 3
+            if any(need[3:6]):
+                sums = dy.sum(0).split(ns)
+                dbiases = [s.to(t) if need[3 + i] and used[i] else None
+                           for i, (s, t) in enumerate(zip(sums, bias_dtypes))]  # fmt: skip
+            dms = [None] * 3
+            if dm is not None:
+                dms = [d.to(t) if need[12 + i] and used[i] else None
+                       for i, (d, t) in enumerate(zip(dm.split(ns), m_dtypes))]  # fmt: skip
+        return dx, None, None, *dbiases, *das, *dbs, *dms
+
+
 def lora_qkv(x: Tensor, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module) -> tuple[Tensor, Tensor, Tensor] | None:
     """(q_proj(x), k_proj(x), v_proj(x)) as one autograd unit, or None where it does not apply (see
     the module docstring); the caller then runs the modules. q, k, v are [..., N_i] views into one
@@ -279,7 +392,8 @@ def lora_qkv(x: Tensor, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module)
         specs = tuple((_weight_args(layer.weight), float(a.scale)) for layer, a in zip(layers, adapters))
         mags = tuple(a.lora_magnitude_vector for a in adapters)
         extras = tuple((m, a.weight_sq_norm(layer)) for m, a, layer in zip(mags, adapters, layers))
-        return _DoRAQKV.apply(x, specs, extras, *biases, *a_s, *b_s, *mags)
+        unit = _DoRAQKVConcat if x.device.type in DORA_CONCAT_DEVICES else _DoRAQKV
+        return unit.apply(x, specs, extras, *biases, *a_s, *b_s, *mags)
     specs = tuple(_weight_args(layer.weight) for layer in layers)
     scales = tuple(float(a.scale) for a in adapters)
     return _LoRAQKV.apply(x, specs, scales, CONCAT_WEIGHTS, *biases, *a_s, *b_s)
