@@ -525,6 +525,28 @@ def test_dora_unit_matches_the_modules(concat, monkeypatch):
 
 
 @DORA_UNITS
+def test_dora_unit_bf16_activations_with_fp32_adapters_match_the_modules(concat, monkeypatch):
+    # The usual setup: weights and activations bf16, A, B and m fp32; their gradients return in fp32.
+    calls = _dora_unit(monkeypatch, concat)
+    layers = _three_dora_layers(dtype=torch.bfloat16)
+    for layer in layers:
+        layer.current_adapter().float()
+    x = torch.randn(2, 5, 48, dtype=torch.bfloat16, requires_grad=True)
+    params = _qkv_params(layers)
+    outs = fused_qkv.lora_qkv(x, *layers)
+    grads = torch.autograd.grad(sum(o.float().square().sum() for o in outs), [x, *params])
+    want_outs = [layer(x) for layer in layers]
+    want = torch.autograd.grad(sum(o.float().square().sum() for o in want_outs), [x, *params])
+    assert calls.n == 1
+    for a, b in zip(outs, want_outs):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    for p, a, b in zip([x, *params], grads, want):
+        assert a.dtype == p.dtype
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+
+
+@DORA_UNITS
 def test_dora_unit_gradcheck_fp64(concat, monkeypatch):
     # Finite differences in fp64 for the input, the biases and the magnitudes. (A and B are
     # excluded by design: DoRA's norm is detached (paper §4.3), so their analytic gradients differ
