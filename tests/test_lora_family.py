@@ -420,6 +420,36 @@ def test_tiny_llama_trains(method):
     assert losses[-1] < target * losses[0], losses
 
 
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("method", METHODS)
+def test_an_empty_batch_gives_empty_outputs_and_zero_gradients(device, method):
+    """No rows (an empty shard, a filtered-out batch): every variant's layer returns [0, ..., N]
+    and backpropagates zeros (it used to fail reshaping x·Aᵀ of 0 elements to [0, -1]), as do
+    the model's fused Q/K/V and MLP units."""
+    from qlora_ext.methods import METHODS as ADAPTERS
+
+    layer, adapter = make_layer(ADAPTERS[method], device=device)
+    x = torch.randn(0, 3, 67, device=device, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 3, 45)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for p in adapter.parameters():
+        assert p.grad is None or not p.grad.any()
+    model = hf_model().to(device)
+    qlora_ext.prepare(model, r=4, method=method, verbose=False, gradient_checkpointing=False)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    h = torch.randn(0, 4, model.config.hidden_size, device=device, requires_grad=True)
+    from qlora_ext import fused_qkv
+
+    qkv = fused_qkv.lora_qkv(h, attn.q_proj, attn.k_proj, attn.v_proj)  # None: the modules take it
+    assert (qkv is not None) == (method in ("lora", "dora"))
+    outs = (*(qkv or (p(h) for p in (attn.q_proj, attn.k_proj, attn.v_proj))), mlp(h))
+    assert [tuple(o.shape[:2]) for o in outs] == [(0, 4)] * 4
+    sum(o.sum() for o in outs).backward()
+    assert h.grad.shape == h.shape and not h.grad.any()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", METHODS)
 def test_tiny_llama_trains_bf16_cuda(method):

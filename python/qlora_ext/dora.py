@@ -283,7 +283,7 @@ def dora_project(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_o
     del w
     xa = F.linear(xl, a)  # [..., r]
     rows, n_out = math.prod(x.shape[:-1]), weight_shape[0]
-    z.view(rows, n_out).addmm_(xa.reshape(rows, -1), lora_B.to(dtype).t(), alpha=scale)
+    z.view(rows, n_out).addmm_(xa.reshape(rows, a.shape[0]), lora_B.to(dtype).t(), alpha=scale)
     if norm is None:
         # c rounded to x's dtype once, used by forward and backward alike (as autograd would)
         c, inv_norm = dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, scale)

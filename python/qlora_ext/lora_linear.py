@@ -129,7 +129,7 @@ def _nf4_lora_linear_impl(
     xa = F.linear(xl, lora_A.to(x.dtype))  # [..., r]
     m = math.prod(x.shape[:-1])
     # y += s·xa·Bᵀ in place on the fresh output: one [M, N] tensor instead of two.
-    y.view(m, weight_shape[0]).addmm_(xa.reshape(m, -1), lora_B.to(x.dtype).t(), alpha=scale)
+    y.view(m, weight_shape[0]).addmm_(xa.reshape(m, lora_A.shape[0]), lora_B.to(x.dtype).t(), alpha=scale)
     return y, xa
 
 
@@ -194,7 +194,7 @@ def _nf4_lora_backward(ctx, dy, dxa):
     m = math.prod(dy.shape[:-1])
     dy2 = dy.reshape(m, n_out)  # [M, N]
     xl2 = xl.reshape(m, k)  # [M, K]
-    xa2 = xa.reshape(m, -1)  # [M, r]
+    xa2 = xa.reshape(m, lora_A.shape[0])  # [M, r] (an explicit r: m may be 0)
     a, b = lora_A.to(dtype), lora_B.to(dtype)
 
     g = torch.mm(dy2, b).mul_(s)  # [M, r] gradient reaching xa through the LoRA path
@@ -369,7 +369,7 @@ def nf4_lora_decode(
         xl = x if x_lora is None else x_lora
         m = rows
         xa = F.linear(xl, _adapter_in(lora_A, x.dtype))  # [..., r]
-        y.view(m, weight.shape[0]).addmm_(xa.reshape(m, -1), _adapter_in(lora_B, x.dtype).t(), alpha=scale)
+        y.view(m, weight.shape[0]).addmm_(xa.reshape(m, lora_A.shape[0]), _adapter_in(lora_B, x.dtype).t(), alpha=scale)
         return y
 
 
