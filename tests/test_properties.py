@@ -279,8 +279,9 @@ def test_dora_column_scale_matches_the_reference(lead, n, bias, dtype, device):
 
 import test_lora_linear  # noqa: E402
 
-lora_shapes = st.tuples(st.lists(st.integers(1, 6), min_size=1, max_size=2).map(tuple), st.integers(1, 200),
-                        st.integers(1, 70), st.integers(1, 16))  # (lead dims of x, K, N, r)  # fmt: skip
+# Leading dims of x, an empty batch (one dim 0; see dora_lead) included.
+x_lead = st.lists(st.integers(0, 6), min_size=1, max_size=2).filter(lambda d: d.count(0) <= 1).map(tuple)
+lora_shapes = st.tuples(x_lead, st.integers(1, 200), st.integers(1, 70), st.integers(1, 16))  # (lead dims of x, K, N, r)
 
 
 @settings(PROFILE, max_examples=15)
@@ -294,7 +295,7 @@ def test_nf4_lora_linear_matches_the_reference(shape, dropout_input, dtype, devi
 
 @settings(PROFILE, max_examples=15)
 @given(k=st.integers(1, 200), n=st.integers(1, 90), r=st.integers(1, 16),
-       lead=st.lists(st.integers(1, 6), min_size=1, max_size=2).map(tuple), with_x_lora=st.booleans(),
+       lead=x_lead, with_x_lora=st.booleans(),
        seed=st.integers(0, 2**31 - 1), device=st.sampled_from(DEVICES))  # fmt: skip
 def test_nf4_dora_linear_matches_the_reference(k, n, r, lead, with_x_lora, seed, device):
     """qlora_ext::nf4_dora_linear: forward and the gradients of x, x_lora, A, B, m and bias
