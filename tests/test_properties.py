@@ -253,6 +253,13 @@ def test_swiglu_matches_the_reference(shape, dtype, seed, device):
 
 
 @PROFILE
+@given(shape=rows_shapes, dtype=st.sampled_from(FLOATS), seed=st.integers(0, 2**31 - 1), device=st.sampled_from(DEVICES))
+def test_swiglu_scaled_matches_the_reference(shape, dtype, seed, device):
+    torch.manual_seed(seed)
+    test_block_ops.test_swiglu_scaled_is_swiglu_of_the_column_scaled_operands(device, dtype, shape)
+
+
+@PROFILE
 @given(n=st.integers(1, 400), r=st.integers(1, 40), dtype=st.sampled_from(FLOATS), device=st.sampled_from(DEVICES))
 def test_dora_scale_matches_the_reference(n, r, dtype, device):
     test_lora_family.test_dora_scale_matches_reference(n, r, dtype, device)
