@@ -197,7 +197,12 @@ def test_bf16_error_within_twice_the_module_paths(device, kind, method, monkeypa
 
 def test_bf16_activations_with_fp32_adapters_match_the_modules():
     # Mixed dtypes (the usual setup): adapters fp32, activations bf16; gradients return in fp32.
-    layers = [layer.to(torch.bfloat16) for layer in _three_layers()]
+    _check_bf16_activations_with_fp32_adapters([layer.to(torch.bfloat16) for layer in _three_layers()])
+
+
+def _check_bf16_activations_with_fp32_adapters(layers):
+    """The unit on bf16 layers whose adapters are made fp32, against the modules: outputs in bf16,
+    each gradient in its parameter's dtype, both within bf16 rounding."""
     for layer in layers:
         layer.current_adapter().float()
     x = torch.randn(2, 5, 48, dtype=torch.bfloat16, requires_grad=True)
@@ -529,21 +534,9 @@ def test_dora_unit_bf16_activations_with_fp32_adapters_match_the_modules(concat,
     # The usual setup: weights and activations bf16, A, B and m fp32; their gradients return in fp32.
     calls = _dora_unit(monkeypatch, concat)
     layers = _three_dora_layers(dtype=torch.bfloat16)
-    for layer in layers:
-        layer.current_adapter().float()
-    x = torch.randn(2, 5, 48, dtype=torch.bfloat16, requires_grad=True)
-    params = _qkv_params(layers)
-    outs = fused_qkv.lora_qkv(x, *layers)
-    grads = torch.autograd.grad(sum(o.float().square().sum() for o in outs), [x, *params])
-    want_outs = [layer(x) for layer in layers]
-    want = torch.autograd.grad(sum(o.float().square().sum() for o in want_outs), [x, *params])
+    _qkv_params(layers)  # every bias, A, B and magnitude trains
+    _check_bf16_activations_with_fp32_adapters(layers)
     assert calls.n == 1
-    for a, b in zip(outs, want_outs):
-        assert a.dtype == torch.bfloat16
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
-    for p, a, b in zip([x, *params], grads, want):
-        assert a.dtype == p.dtype
-        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
 
 
 @DORA_UNITS
