@@ -356,15 +356,16 @@ class _DoRAQKVConcat(torch.autograd.Function):
             else:
                 dz = dy * c
             bias_dtypes, a_dtypes, b_dtypes, m_dtypes = ctx.param_dtypes
-            need_a = [need[6 + i] and used[i] for i in range(3)]
-            need_b = [need[9 + i] and used[i] for i in range(3)]
-            dx, das, dbs = _low_rank_backward(dz.split(ns, dim=1), dz, x, xa, a, bs, ctx.scales, ctx.specs, need[0],
-                                              need_a, need_b, a_dtypes, b_dtypes)  # fmt: skip
             dbiases = [None] * 3
             if any(need[3:6]):
                 sums = dy.sum(0).split(ns)
                 dbiases = [s.to(t) if need[3 + i] and used[i] else None
                            for i, (s, t) in enumerate(zip(sums, bias_dtypes))]  # fmt: skip
+            del dy  # [M, Nq+Nk+Nv]: gone before the dequantized W and dx allocate
+            need_a = [need[6 + i] and used[i] for i in range(3)]
+            need_b = [need[9 + i] and used[i] for i in range(3)]
+            dx, das, dbs = _low_rank_backward(dz.split(ns, dim=1), dz, x, xa, a, bs, ctx.scales, ctx.specs, need[0],
+                                              need_a, need_b, a_dtypes, b_dtypes)  # fmt: skip
             dms = [None] * 3
             if dm is not None:
                 dms = [d.to(t) if need[12 + i] and used[i] else None
