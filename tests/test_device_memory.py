@@ -30,6 +30,11 @@ def test_available_counts_the_allocators_cached_blocks(card):
     assert device_memory.available_bytes("cuda") == 58 * GIB
 
 
+def test_a_cpu_device_is_refused_naming_the_argument():
+    with pytest.raises(ValueError, match="device must be a CUDA device, got 'cpu'"):
+        device_memory.available_bytes("cpu")
+
+
 def test_a_per_process_cap_bounds_what_is_available(card):
     card.fraction = 24 / 80  # a 24 GiB cap: 12 GiB allocated leaves 12 GiB, whatever the driver says
     assert device_memory.available_bytes("cuda") == 12 * GIB

@@ -15,6 +15,8 @@ import torch
 def available_bytes(device: torch.device | str | int) -> int:
     """Bytes the caching allocator can still hand out on `device`: the driver's free memory plus
     the allocator's cached but unused blocks, at most the per-process cap less what is allocated."""
+    if isinstance(device, (str, torch.device)) and torch.device(device).type != "cuda":
+        raise ValueError(f"device must be a CUDA device, got {device!r}")
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     available = free + max(0, torch.cuda.memory_reserved(device) - allocated)
