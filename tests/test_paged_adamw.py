@@ -232,6 +232,28 @@ def test_frozen_and_gradless_params_are_skipped(mode):
 
 
 @pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_step_bumps_the_updated_parameters_versions_as_torch_adamw_does(mode, bits):
+    """The kernels write through data pointers; the step bumps the version counters of exactly
+    the parameters it moved, so that autograd refuses a backward through a graph that saved a
+    parameter before the step (as with torch.optim.AdamW) instead of using the new values."""
+    ps = _params()
+    opt = MODES[mode](ps, bits=bits, lr=1e-2)
+    for p, g in zip(ps, _grads(ps, 0)):
+        if p is not ps[1]:
+            p.grad = g
+    versions = [p._version for p in ps]
+    opt.step()
+    assert [p._version > v for p, v in zip(ps, versions)] == [p is not ps[1] for p in ps]
+    w = ps[0]
+    y = (w * w).sum()  # saves w for backward
+    w.grad = _grads(ps, 1)[0]
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+@pytest.mark.parametrize("bits", [32, 8])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 @pytest.mark.parametrize("max_grad_norm", [None, 1.0])
 def test_non_finite_gradient_skips_the_whole_step(bits, bad, max_grad_norm):

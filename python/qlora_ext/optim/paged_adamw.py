@@ -253,6 +253,11 @@ class PagedAdamW(torch.optim.Optimizer):
         plan = self._plan(tuple(active))
         base = steps[active[0]]
         self._pager.update(plan.pages, lambda pages: self._run(plan, pages, grads, base, grad_scale))
+        # The native kernels write through data pointers, which autograd does not see: bump the
+        # parameters' version counters as torch's optimizers' in-place updates do (a graph that
+        # saved a parameter then refuses a backward after the step; caches keyed on versions see
+        # the change).
+        torch.autograd.graph.increment_version([self._params[i] for i in active])
         return loss
 
     def _grad_scale(self, grad_list: list[torch.Tensor]) -> float | None:
