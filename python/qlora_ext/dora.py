@@ -16,7 +16,8 @@ lora_linear.py: the operator's dispatch costs ~0.3 ms a call, and training is ho
 small op per layer counts):
 - ‖W_i‖² [out] is computed once per NF4 weight (W is frozen), cached by the adapter, passed in.
 - wa = W·Aᵀ [out, r] changes every step (A trains); it comes from the dequantized W the forward
-  GEMM already holds: 2·out·in·r FLOPs (r/M of the base GEMM; 0.8% at r = 16, M = 2048).
+  GEMM already holds: 2·out·in·r FLOPs (r/M of the base GEMM; 0.8% at r = 16, M = 2048), or on
+  NORM_FROM_CODES_DEVICES from the NF4 codes by nf4_gemv (`weight_times_a`; off by default).
 - n² and c = m/n then take one native kernel, `qlora_ext::dora_scale` (plus A·Aᵀ [r, r]; math in
   qlora/dora.h), where the same math in ATen is six launches; y = z·c (+ bias) in one pass,
   `qlora_ext::dora_column_scale` on COLUMN_SCALE_DEVICES (16-byte accesses; PyTorch's
