@@ -78,8 +78,9 @@ CASES = {
     "dora+keep_z_any_width": ({"method": "dora"}, False, False, {"qlora_ext.fused_mlp.DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE": {}}),
     # the norm's W·Aᵀ by nf4_gemv from the NF4 codes instead of a GEMM over the dequantized W
     "dora+norm_from_codes": ({"method": "dora"}, False, False, {"qlora_ext.dora.NORM_FROM_CODES_DEVICES": ("cpu", "cuda")}),
-    # DoRA's Q/K/V unit on the concatenated weights (fused_qkv._DoRAQKVConcat)
-    "dora+qkv_concat": ({"method": "dora"}, False, False, {"qlora_ext.fused_qkv.DORA_CONCAT_DEVICES": ("cpu", "cuda")}),
+    # DoRA's Q/K/V unit on the three weights one by one (fused_qkv._DoRAQKV) instead of the
+    # concatenated ones (_DoRAQKVConcat, the default)
+    "dora-qkv_concat": ({"method": "dora"}, False, False, {"qlora_ext.fused_qkv.DORA_CONCAT_DEVICES": ("cpu",)}),
     "lora_fa": ({"method": "lora_fa"}, False, False),
     "vera": ({"method": "vera"}, False, False),
     "vera_r256": ({"method": "vera", "r": 256}, False, False),

@@ -121,7 +121,7 @@ for stage in "$@"; do
     dora_new)
       # What the last session wrote without a GPU, on the GPU: the DoRA Q/K/V unit on the
       # concatenated weights (its tests pin it on for CUDA), the norm from NF4 codes; then dora_ab
-      # measures them (cases dora+qkv_concat, dora+norm_from_codes).
+      # measures them (cases dora-qkv_concat, dora+norm_from_codes).
       step dora_new_tests "$PY" -m pytest -n 8 -q -p no:cacheprovider -rfE \
         tests/test_fused_qkv.py tests/test_lora_family.py tests/test_device_memory.py tests/test_fused_mlp.py \
         -k "dora or norm_from or device_memory or chunks"
@@ -129,7 +129,7 @@ for stage in "$@"; do
     dora_ab)
       # DoRA's kernels alone (bench_dora_kernels), then QDoRA vs QLoRA, the cases stepping in turns
       # (bench_lora_family --interleave, plus one profiled step each: --kernel-time): dora (the
-      # defaults), dora+qkv_concat (the DoRA Q/K/V unit on the concatenated weights),
+      # defaults), dora-qkv_concat (the DoRA Q/K/V unit on the three weights one by one),
       # dora+norm_from_codes (the norm's W·Aᵀ by nf4_gemv from the NF4 codes),
       # dora-keep_z (the recomputation computes the down projection again instead of reading its
       # z kept by the first forward), dora-scaled_swiglu (the SwiGLU reads c ⊙ z of
@@ -138,7 +138,7 @@ for stage in "$@"; do
       step dora_kernels "$PY" benchmarks/bench_dora_kernels.py --out "$OUT/dora_kernels_h100.json"
       for shape in 8b 1b; do
         step "dora_ab_$shape" "$PY" benchmarks/bench_lora_family.py --shapes $shape \
-          --cases "${DORA_AB_CASES:-lora,dora,dora+qkv_concat,dora+norm_from_codes,dora-keep_z,dora-scaled_swiglu}" \
+          --cases "${DORA_AB_CASES:-lora,dora,dora-qkv_concat,dora+norm_from_codes,dora-keep_z,dora-scaled_swiglu}" \
           --interleave --kernel-time --warmup 3 --steps 12 --out "$OUT/lora_family_dora_ab_${shape}_h100.json"
       done
       ;;
@@ -156,21 +156,19 @@ for stage in "$@"; do
         --repeats 2 --out "$OUT/decode_mma_h100.json"
       ;;
     sanitize_rest)
-      # What 2026-12-06 left unfinished (sanitizer_tests_h100.txt): racecheck of the GEMV tests
-      # (1,404 with the variants: ~30 minutes under full racecheck), racecheck and initcheck of the
-      # fused Q/K/V tests. Racecheck instruments only qlora's kernels (KERNELS: the hazards it found
-      # before were all inside cuBLAS' split-K kernels of the bf16 baselines) and the GEMV file runs
-      # as three processes, split by variant.
-      export K_1='cuda-mma or cuda-factored_split' K_2='cuda-factored_r2 or cuda-factored_r1' \
-        K_3='not cuda-mma and not factored_'
-      RUNS=$'racecheck tests/test_nf4_gemv.py 1\nracecheck tests/test_nf4_gemv.py 2\nracecheck tests/test_nf4_gemv.py 3\nracecheck tests/test_fused_qkv.py'
-      compute-sanitizer --help | grep -A2 -E "^ *--kernel-name"
-      # initcheck instruments every kernel: a write by an uninstrumented one would read as missing
-      RUNS='initcheck tests/test_fused_qkv.py' STEP_TIMEOUT="${SANITIZE_TIMEOUT:-450}" step sanitize_rest_initcheck \
-        bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_initcheck_h100.txt" 1 &
-      RUNS="$RUNS" KERNELS=qlora STEP_TIMEOUT="${SANITIZE_TIMEOUT:-450}" step sanitize_rest_racecheck \
-        bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_racecheck_h100.txt" 4
-      wait
+      # Racecheck not yet finished over kernel-level tests (sanitizer_tests_h100.txt), every
+      # kernel instrumented (--kernel-name filtering makes racecheck fail with "Internal Sanitizer
+      # Error" on the H100: 2026-12-06, twice): the GEMV file (1,404 tests with the variants,
+      # ~30 minutes in one process) in six parts by variant, and the kernel tests added since the
+      # 2026-11-22 run: nf4_dequantize_into, swiglu_scaled, dora_scale / dora_column_scale.
+      export K_1='cuda-mma' K_2='cuda-factored_split' K_3='cuda-factored_r2' K_4='cuda-factored_r1' \
+        K_5='factored and not factored_' K_6='not mma and not factored' K_7='into' K_8='swiglu_scaled' \
+        K_9='(column_scale or dora_scale) and cuda'
+      RUNS=$'racecheck tests/test_nf4_gemv.py 1\nracecheck tests/test_nf4_gemv.py 2\nracecheck tests/test_nf4_gemv.py 3'
+      RUNS+=$'\nracecheck tests/test_nf4_gemv.py 4\nracecheck tests/test_nf4_gemv.py 5\nracecheck tests/test_nf4_gemv.py 6'
+      RUNS+=$'\nracecheck tests/test_nf4_ops.py 7\nracecheck tests/test_block_ops.py 8\nracecheck tests/test_lora_family.py 9'
+      RUNS="$RUNS" STEP_TIMEOUT="${SANITIZE_TIMEOUT:-540}" step sanitize_rest_racecheck \
+        bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_racecheck_h100.txt" 9
       ;;
     sanitize_variants)
       # racecheck of the fused Q/K/V tests (every kernel instrumented: --kernel-name filtering made
