@@ -19,8 +19,9 @@
 #     bash benchmarks/gpu_checks/run.sh build decode_ab    # decode with the "factored" GEMV vs "mma"
 #     bash benchmarks/gpu_checks/run.sh build sanitize_variants # racecheck of fused Q/K/V, workload with every
 #                                                          # GEMV variant under all three tools, DoRA tests
-#     bash benchmarks/gpu_checks/run.sh build sanitize_rest # sanitizer runs not yet finished (racecheck of the
-#                                                          # GEMV variants, racecheck/initcheck of fused Q/K/V)
+#     bash benchmarks/gpu_checks/run.sh build sanitize_gemv_tail # the GEMV racecheck parts sanitize_rest left
+#     bash benchmarks/gpu_checks/run.sh build sanitize_rest # racecheck not yet finished: the GEMV variants,
+#                                                          # the kernel tests added since 2026-11-22
 #
 # Peers (bitsandbytes, Unsloth) come from .peers/peers.tar.xz (shared/tools/peer-bundle.sh),
 # carried to the machine with the repo. With BUNDLE=1 the logs and JSON go to one archive,
@@ -57,6 +58,12 @@ build() {
   rm -rf /tmp/qlora-gpu-install
   "$PY" -m pip install -q --no-build-isolation --no-deps -C build-dir=build/gpu --target /tmp/qlora-gpu-install . &&
     cp /tmp/qlora-gpu-install/qlora_ext/_C*.so python/qlora_ext/
+}
+
+racecheck_parts() {  # pytest -k of sanitize_tests.sh's parts (RUNS "tool file N" takes K_N)
+  export K_1='cuda-mma' K_2='cuda-factored_split' K_3='cuda-factored_r2' K_4='cuda-factored_r1' \
+    K_5='factored and not factored_' K_6='not mma and not factored' K_7='into' K_8='swiglu_scaled' \
+    K_9='(column_scale or dora_scale) and cuda'
 }
 
 for stage in "$@"; do
@@ -161,14 +168,21 @@ for stage in "$@"; do
       # Error" on the H100: 2026-12-06, twice): the GEMV file (1,404 tests with the variants,
       # ~30 minutes in one process) in six parts by variant, and the kernel tests added since the
       # 2026-11-22 run: nf4_dequantize_into, swiglu_scaled, dora_scale / dora_column_scale.
-      export K_1='cuda-mma' K_2='cuda-factored_split' K_3='cuda-factored_r2' K_4='cuda-factored_r1' \
-        K_5='factored and not factored_' K_6='not mma and not factored' K_7='into' K_8='swiglu_scaled' \
-        K_9='(column_scale or dora_scale) and cuda'
+      racecheck_parts
       RUNS=$'racecheck tests/test_nf4_gemv.py 1\nracecheck tests/test_nf4_gemv.py 2\nracecheck tests/test_nf4_gemv.py 3'
       RUNS+=$'\nracecheck tests/test_nf4_gemv.py 4\nracecheck tests/test_nf4_gemv.py 5\nracecheck tests/test_nf4_gemv.py 6'
       RUNS+=$'\nracecheck tests/test_nf4_ops.py 7\nracecheck tests/test_block_ops.py 8\nracecheck tests/test_lora_family.py 9'
       RUNS="$RUNS" STEP_TIMEOUT="${SANITIZE_TIMEOUT:-540}" step sanitize_rest_racecheck \
         bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_racecheck_h100.txt" 9
+      ;;
+    sanitize_gemv_tail)
+      # The GEMV parts that sanitize_rest's time limit stopped (2026-12-06: 211, 210, 210, 213 and
+      # 212 tests passed, no hazard in a qlora_ext kernel), from one test before where each stopped
+      racecheck_parts
+      RUNS=$'racecheck tests/test_nf4_gemv.py 1 210\nracecheck tests/test_nf4_gemv.py 2 209\nracecheck tests/test_nf4_gemv.py 3 209'
+      RUNS+=$'\nracecheck tests/test_nf4_gemv.py 4 212\nracecheck tests/test_nf4_gemv.py 5 211'
+      RUNS="$RUNS" STEP_TIMEOUT="${SANITIZE_TIMEOUT:-300}" step sanitize_gemv_tail \
+        bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_racecheck_tail_h100.txt" 5
       ;;
     sanitize_variants)
       # racecheck of the fused Q/K/V tests (every kernel instrumented: --kernel-name filtering made

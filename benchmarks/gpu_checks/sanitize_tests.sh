@@ -5,7 +5,9 @@
 #   ONLY='initcheck.*nf4' bash benchmarks/gpu_checks/sanitize_tests.sh ...   (the (tool, file) pairs matching a regex)
 #   PYTEST_K='factored' ...   (only the tests pytest -k selects: a slow file split over device calls)
 #   RUNS=$'racecheck tests/test_nf4_gemv.py 1\n...' K_1='cuda-mma' ...   (explicit runs "tool file [part]";
-#        part N takes pytest -k "$K_N": one slow file split over parallel processes)
+#        part N takes pytest -k "$K_N": one slow file split over parallel processes; "tool file part
+#        FROM" runs only the selection's tests from index FROM on, in collection order: the rest of a
+#        run that a time limit stopped, its log showing FROM tests passed)
 #   KERNELS=qlora ...   (instrument only the kernels whose name contains it: compute-sanitizer
 #        --kernel-name kns=...; racecheck then skips cuBLAS/cuDNN, whose hazards are not ours to fix,
 #        and runs several times faster)
@@ -34,15 +36,20 @@ one() {  # "tool file [part]": one sanitized pytest run; prints one summary line
   set -- $1
   local k="${PYTEST_K:-}" part="${3:-}"
   if [ -n "$part" ]; then local kvar="K_$part"; k="${!kvar}"; fi
-  local log="$logs/$1-$(basename "$2" .py)${part:+-part$part}.log"
+  local from="${4:-}" targets=("$2")
+  local log="$logs/$1-$(basename "$2" .py)${part:+-part$part}${from:+-from$from}.log"
+  if [ -n "$from" ]; then  # the node ids from index FROM on (pytest prints one per line, then a summary)
+    mapfile -t targets < <(python3 -m pytest -q -p no:cacheprovider --collect-only -m "not not_under_sanitizer" \
+      ${k:+-k "$k"} "$2" | grep "::" | tail -n "+$((from + 1))")
+  fi
   compute-sanitizer --tool "$1" --target-processes all --error-exitcode 9 --print-limit 20 \
     ${KERNELS:+--kernel-name "kns=$KERNELS"} \
-    python3 -m pytest -q -p no:cacheprovider -m "not not_under_sanitizer" ${k:+-k "$k"} "$2" > "$log" 2>&1
+    python3 -m pytest -q -p no:cacheprovider -m "not not_under_sanitizer" ${k:+-k "$k"} "${targets[@]}" > "$log" 2>&1
   local rc=$?
   local result errors
   result=$(grep -E "^[0-9]+ (passed|failed)|passed|failed" "$log" | tail -1)
   errors=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | sort | uniq -c | tr -s ' ' | tr '\n' ';')
-  echo "$1 $2${part:+ -k \"$k\"}: rc=$rc | $result | $errors"
+  echo "$1 $2${part:+ -k \"$k\"}${from:+ (tests $from.. of that selection, ${#targets[@]} of them)}: rc=$rc | $result | $errors"
   [ "$rc" -eq 0 ] || { grep -E -A3 "Invalid|Uninitialized|hazard|FAILED" "$log" | head -12; return 1; }
 }
 export -f one
