@@ -6,8 +6,8 @@
 #   PYTEST_K='factored' ...   (only the tests pytest -k selects: a slow file split over device calls)
 #   RUNS=$'racecheck tests/test_nf4_gemv.py 1\n...' K_1='cuda-mma' ...   (explicit runs "tool file [part]";
 #        part N takes pytest -k "$K_N": one slow file split over parallel processes; "tool file part
-#        FROM" runs only the selection's tests from index FROM on, in collection order: the rest of a
-#        run that a time limit stopped, its log showing FROM tests passed)
+#        FROM[:TO]" runs only the selection's tests FROM..TO-1 in collection order (to its end without
+#        TO): one part split further, or the rest of a run that a time limit stopped)
 #   KERNELS=qlora ...   (instrument only the kernels whose name contains it: compute-sanitizer
 #        --kernel-name kns=...; racecheck then skips cuBLAS/cuDNN, whose hazards are not ours to fix,
 #        and runs several times faster)
@@ -24,11 +24,12 @@ set -uo pipefail
 out=${1:-sanitizer_tests.txt}
 jobs=${2:-8}
 kernel_tests="tests/test_nf4_ops.py tests/test_nf4_gemv.py tests/test_adamw_ops.py tests/test_lora_linear.py"
+# test_generate.py and test_fused_qkv.py run whole models: ~45 minutes each under racecheck (cuDNN's
+# SDPA, cuBLAS); the kernels they reach (nf4_gemv, nf4_dequantize_into, DoRA's) have kernel-level tests
 model_tests="tests/test_paged_adamw.py tests/test_layers.py tests/test_lora_family.py tests/test_fused_loss.py
-             tests/test_checkpointing.py tests/test_fused_mlp.py tests/test_prepare.py tests/test_bnb_checkpoint.py"
-for extra in tests/test_block_ops.py tests/test_nf4_gemm.py tests/test_generate.py tests/test_fused_qkv.py; do
-  [ -f "$extra" ] && kernel_tests="$kernel_tests $extra"
-done
+             tests/test_checkpointing.py tests/test_fused_mlp.py tests/test_prepare.py tests/test_bnb_checkpoint.py
+             tests/test_generate.py tests/test_fused_qkv.py"
+kernel_tests="$kernel_tests tests/test_block_ops.py tests/test_nf4_gemm.py"
 logs="$(dirname "$out")/sanitizer_logs"
 mkdir -p "$logs"
 export logs
@@ -36,20 +37,31 @@ one() {  # "tool file [part]": one sanitized pytest run; prints one summary line
   set -- $1
   local k="${PYTEST_K:-}" part="${3:-}"
   if [ -n "$part" ]; then local kvar="K_$part"; k="${!kvar}"; fi
-  local from="${4:-}" targets=("$2")
-  local log="$logs/$1-$(basename "$2" .py)${part:+-part$part}${from:+-from$from}.log"
-  if [ -n "$from" ]; then  # the node ids from index FROM on (pytest prints one per line, then a summary)
+  local range="${4:-}" targets=("$2")
+  local log="$logs/$1-$(basename "$2" .py)${part:+-part$part}${range:+-tests${range/:/-}}.log"
+  if [ -n "$range" ]; then  # the node ids FROM..TO-1 (pytest prints one per line, then a summary)
+    local from="${range%%:*}" to="${range#*:}"
+    [ "$to" = "$range" ] && to=1000000000
     mapfile -t targets < <(python3 -m pytest -q -p no:cacheprovider --collect-only -m "not not_under_sanitizer" \
-      ${k:+-k "$k"} "$2" | grep "::" | tail -n "+$((from + 1))")
+      ${k:+-k "$k"} "$2" | grep "::" | sed -n "$((from + 1)),${to}p")
   fi
-  compute-sanitizer --tool "$1" --target-processes all --error-exitcode 9 --print-limit 20 \
+  # memcheck and initcheck print their first 20 reports (initcheck reports library reads by the
+  # hundred thousand: see sanitizer_tests_h100.txt); racecheck prints every one (0: no limit), so
+  # each hazard is attributed to its kernel below: with a limit, the unprinted ones could be ours
+  local limit=20
+  [ "$1" = racecheck ] && limit=0
+  compute-sanitizer --tool "$1" --target-processes all --error-exitcode 9 --print-limit "$limit" \
     ${KERNELS:+--kernel-name "kns=$KERNELS"} \
     python3 -m pytest -q -p no:cacheprovider -m "not not_under_sanitizer" ${k:+-k "$k"} "${targets[@]}" > "$log" 2>&1
   local rc=$?
   local result errors
   result=$(grep -E "^[0-9]+ (passed|failed)|passed|failed" "$log" | tail -1)
   errors=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | sort | uniq -c | tr -s ' ' | tr '\n' ';')
-  echo "$1 $2${part:+ -k \"$k\"}${from:+ (tests $from.. of that selection, ${#targets[@]} of them)}: rc=$rc | $result | $errors"
+  # racecheck: the kernels its reports name, with counts (a qlora kernel among them is ours to fix)
+  local kernels=""
+  [ "$1" = racecheck ] && kernels=$(grep -oE "Race reported between [A-Za-z]+ access at [^+( ]+" "$log" |
+    awk '{print $NF}' | sort | uniq -c | awk '{printf " %s x%s;", $2, $1}')
+  echo "$1 $2${part:+ -k \"$k\"}${range:+ (tests $range of that selection: ${#targets[@]})}: rc=$rc | $result | $errors${kernels:+ | hazards in:$kernels}"
   [ "$rc" -eq 0 ] || { grep -E -A3 "Invalid|Uninitialized|hazard|FAILED" "$log" | head -12; return 1; }
 }
 export -f one
