@@ -81,6 +81,9 @@ CASES = {
     # DoRA's Q/K/V unit on the three weights one by one (fused_qkv._DoRAQKV) instead of the
     # concatenated ones (_DoRAQKVConcat, the default)
     "dora-qkv_concat": ({"method": "dora"}, False, False, {"qlora_ext.fused_qkv.DORA_CONCAT_DEVICES": ("cpu",)}),
+    # that unit's three norms in one call (dora_scale_stacked) instead of three
+    "dora+stacked_norms": ({"method": "dora"}, False, False,
+                           {"qlora_ext.fused_qkv.DORA_STACKED_NORM_DEVICES": ("cpu", "cuda")}),
     "lora_fa": ({"method": "lora_fa"}, False, False),
     "vera": ({"method": "vera"}, False, False),
     "vera_r256": ({"method": "vera", "r": 256}, False, False),

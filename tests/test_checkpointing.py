@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import hf_model, randomize_adapters, token_batch
+from train_helpers import CountDoRANorms, hf_model, randomize_adapters, token_batch
 
 import qlora_ext
 from qlora_ext import checkpointing
@@ -109,23 +109,14 @@ def test_dora_under_checkpointing_has_the_same_gradients(dropout):
 def test_dora_recomputation_reuses_the_weight_norms(fused_mlp, monkeypatch):
     # The norm depends only on the parameters: each projection computes it once per step, in the
     # first forward, and the recomputation reuses it (same gradients: the test above).
-    from qlora_ext import dora
-
-    calls = {"n": 0}
-    original = dora.dora_scale
-
-    def counted(*args):
-        calls["n"] += 1
-        return original(*args)
-
-    monkeypatch.setattr(dora, "dora_scale", counted)
+    norms = CountDoRANorms(monkeypatch)
     model = hf_model("llama")
     qlora_ext.prepare(model, r=4, alpha=8, method="dora", verbose=False, fused_mlp=fused_mlp)
     model.train()
     for step in range(2):
-        calls["n"] = 0
+        norms.n = 0
         _step(model, seed=step)
-        assert calls["n"] == 7 * 2  # 7 projections in each of the 2 layers, once
+        assert norms.n == 7 * 2  # 7 projections in each of the 2 layers, once
 
 
 def test_remembered_values_reach_only_their_own_recomputation_and_die_with_the_graph():

@@ -710,6 +710,63 @@ def test_dora_scale_matches_reference(n, r, dtype, device):
 
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows,r", [([45, 7, 7], 4), ([1], 1), ([0, 5, 3], 16), ([300, 64, 64, 17], 16),
+                                    ([33, 40], 33)], ids=["qkv-odd", "one", "empty-layer", "four", "r33"])  # fmt: skip
+def test_dora_scale_stacked_matches_one_layer_at_a_time(rows, r, dtype, device):
+    """S layers' scales from one call on stacked rows equal dora_scale of each layer (and the
+    reference, and the dense norm): each row reads its own layer's column block of wa, diagonal
+    block of A·Aᵀ and scale. r = 33 takes the kernel without registers on CUDA."""
+    g = torch.Generator().manual_seed(sum(rows) + r)
+    k, layers = 70, len(rows)
+    ws = [torch.randn(n, k, generator=g).to(device) for n in rows]
+    a_s = [(torch.randn(r, k, generator=g) * 0.3).to(device) for _ in rows]
+    b_s = [(torch.randn(n, r, generator=g) * 0.3).to(device) for n in rows]
+    m_s = [torch.rand(n, generator=g).to(device) + 0.5 for n in rows]
+    scales = [0.5 + j for j in range(layers)]
+    w, a, b, m = torch.cat(ws), torch.cat(a_s), torch.cat(b_s), torch.cat(m_s)
+    wa, sq = (w @ a.t()).to(dtype), w.square().sum(1)  # [N, S·r]: every layer's W against every A
+    args = (wa, a, b, sq, m, rows, scales)
+    col_scale, inv_norm = qlora_ext.dora.dora_scale_stacked(*args)
+    assert col_scale.shape == inv_norm.shape == (sum(rows),)
+    assert col_scale.dtype == dtype and inv_norm.dtype == torch.float32
+    one_by_one = [dora_scale(wa_j[:, j * r : (j + 1) * r].contiguous(), a_j, b_j, sq_j, m_j, s)
+                  for j, (wa_j, a_j, b_j, sq_j, m_j, s) in enumerate(zip(wa.split(rows), a_s, b_s, sq.split(rows), m_s,
+                                                                         scales))]  # fmt: skip
+    torch.testing.assert_close(inv_norm, torch.cat([p[1] for p in one_by_one]), rtol=1e-5, atol=0)
+    col_tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(col_scale, torch.cat([p[0] for p in one_by_one]), rtol=col_tol, atol=0)
+    ref_scale, ref_inv = qlora_ext.dora.dora_scale_stacked_reference(*args)
+    torch.testing.assert_close(inv_norm, ref_inv, rtol=1e-5, atol=0)
+    torch.testing.assert_close(col_scale, ref_scale, rtol=col_tol, atol=0)
+    if dtype == torch.float32:
+        dense = torch.cat([torch.linalg.vector_norm(w_j + s * b_j @ a_j, dim=1)
+                           for w_j, a_j, b_j, s in zip(ws, a_s, b_s, scales)])  # fmt: skip
+        torch.testing.assert_close(inv_norm.reciprocal(), dense, rtol=1e-5, atol=0)
+    torch.library.opcheck(torch.ops.qlora_ext.dora_scale_stacked.default, args)
+
+
+def test_dora_scale_stacked_bad_input():
+    wa, a, b = torch.randn(6, 4), torch.randn(4, 5), torch.randn(6, 2)
+    sq, m = torch.ones(6), torch.ones(6)
+    op = torch.ops.qlora_ext.dora_scale_stacked
+    with pytest.raises(RuntimeError, match="rows must sum to wa's N = 6"):
+        op(wa, a, b, sq, m, [3, 2], [1.0, 1.0])
+    with pytest.raises(RuntimeError, match="scales must have one entry per layer of rows"):
+        op(wa, a, b, sq, m, [3, 3], [1.0])
+    with pytest.raises(RuntimeError, match="rows must list 1 to 4 layers"):
+        op(torch.randn(6, 10), torch.randn(10, 5), b, sq, m, [1, 1, 1, 1, 2], [1.0] * 5)
+    with pytest.raises(RuntimeError, match="rows must be >= 0"):
+        op(wa, a, b, sq, m, [7, -1], [1.0, 1.0])
+    with pytest.raises(RuntimeError, match=r"wa must be \[N, S·r\]"):
+        op(torch.randn(6, 5), torch.randn(5, 5), b, sq, m, [3, 3], [1.0, 1.0])
+    with pytest.raises(RuntimeError, match=r"lora_A must be \[S·r, K\] with S·r = 4"):
+        op(wa, torch.randn(2, 5), b, sq, m, [3, 3], [1.0, 1.0])
+    with pytest.raises(RuntimeError, match=r"lora_B must be \[N, r\] = \[6, 2\], got \[6, 4\]"):
+        op(wa, a, torch.randn(6, 4), sq, m, [3, 3], [1.0, 1.0])
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("lead,n", [((1,), 8), ((3, 5), 45), ((300,), 64), ((1030,), 24), ((4,), 1), ((0,), 5)],
                          ids=["M1", "3d-odd", "M300", "chunks", "N1", "M0"])  # fmt: skip
 def test_dora_scale_backward_matches_reference(lead, n, dtype, device):
@@ -845,5 +902,5 @@ def test_dora_output_takes_the_native_kernel_on_its_devices(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_dora_ops_dispatch_cuda_kernels():
     """A CUDA build must run the CUDA kernels: this names the cause if a build silently lacks them."""
-    for op in ("dora_scale", "dora_scale_backward", "dora_column_scale"):
+    for op in ("dora_scale", "dora_scale_stacked", "dora_scale_backward", "dora_column_scale"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qlora_ext::{op}", "CUDA"), op

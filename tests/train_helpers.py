@@ -219,3 +219,26 @@ def force_fused_linear_route(monkeypatch) -> list:
     monkeypatch.setattr(_ops, "fused_linear",
                         lambda x, w, b, route: torch.nn.functional.linear(x, w.dequantize(x.dtype), b))  # fmt: skip
     return callers
+
+
+class CountDoRANorms:
+    """Counts the DoRA norms computed (per projection): dora.dora_scale calls, plus each stacked
+    layer of dora.dora_scale_stacked (the fused Q/K/V unit's three norms in one call)."""
+
+    def __init__(self, monkeypatch):
+        from qlora_ext import dora
+
+        self.n, self.stacked_calls = 0, 0
+        one, stacked = dora.dora_scale, dora.dora_scale_stacked
+
+        def counted_one(*args):
+            self.n += 1
+            return one(*args)
+
+        def counted_stacked(*args):
+            self.n += len(args[5])  # rows: one entry per stacked layer
+            self.stacked_calls += 1
+            return stacked(*args)
+
+        monkeypatch.setattr(dora, "dora_scale", counted_one)
+        monkeypatch.setattr(dora, "dora_scale_stacked", counted_stacked)

@@ -125,12 +125,12 @@ for stage in "$@"; do
       step gemv_ab "$PY" benchmarks/bench_nf4_linear.py --variants all --m 1 4 8 9 16 --out "$OUT/nf4_gemv_variants_h100.json"
       ;;
     dora_new)
-      # What the last session wrote without a GPU, on the GPU: the DoRA Q/K/V unit on the
-      # concatenated weights (its tests pin it on for CUDA), the norm from NF4 codes; then dora_ab
-      # measures them (cases dora-qkv_concat, dora+norm_from_codes).
+      # What the last session wrote without a GPU, on the GPU: the DoRA Q/K/V unit's norms in
+      # one call (dora_scale_stacked; the unit tests pin it on for CUDA), the checkpointing tests
+      # that count the norms; then dora_ab measures it (case dora+stacked_norms).
       step dora_new_tests "$PY" -m pytest -n 8 -q -p no:cacheprovider -rfE \
-        tests/test_fused_qkv.py tests/test_lora_family.py tests/test_device_memory.py tests/test_fused_mlp.py \
-        -k "dora or norm_from or device_memory or chunks"
+        tests/test_fused_qkv.py tests/test_lora_family.py tests/test_checkpointing.py tests/test_fused_mlp.py \
+        -k "dora or norm"
       ;;
     dora_ab)
       # DoRA's kernels alone (bench_dora_kernels), then QDoRA vs QLoRA, the cases stepping in turns
@@ -144,7 +144,7 @@ for stage in "$@"; do
       step dora_kernels "$PY" benchmarks/bench_dora_kernels.py --out "$OUT/dora_kernels_h100.json"
       for shape in 8b 1b; do
         step "dora_ab_$shape" "$PY" benchmarks/bench_lora_family.py --shapes $shape \
-          --cases "${DORA_AB_CASES:-lora,dora,dora-qkv_concat,dora+norm_from_codes,dora-keep_z,dora-scaled_swiglu}" \
+          --cases "${DORA_AB_CASES:-lora,dora,dora+stacked_norms,dora-qkv_concat}" \
           --interleave --kernel-time --warmup 3 --steps 12 --out "$OUT/lora_family_dora_ab_${shape}_h100.json"
       done
       ;;

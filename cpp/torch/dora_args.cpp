@@ -25,16 +25,37 @@ void check_device(const at::Tensor& t, const at::Tensor& reference, const char* 
 
 DoRAScaleArgs check_dora_scale(const at::Tensor& wa, const at::Tensor& lora_A,
                                const at::Tensor& lora_B, const at::Tensor& weight_sq,
-                               const at::Tensor& magnitude) {
+                               const at::Tensor& magnitude, double scale, at::IntArrayRef rows,
+                               at::ArrayRef<double> scales) {
   DoRAScaleArgs a;
-  QLORA_CHECK(wa.dim() == 2, "wa must be [N, r] (deq(W)·Aᵀ), got ", wa.sizes());
+  const bool stacked = !rows.empty() || !scales.empty();
+  const int64_t layers = stacked ? int64_t(rows.size()) : 1;
+  QLORA_CHECK(layers >= 1 && layers <= qlora::kMaxDoRAStack, "rows must list 1 to ",
+              qlora::kMaxDoRAStack, " layers' output rows, got ", rows.size());
+  QLORA_CHECK(int64_t(scales.size()) == (stacked ? layers : 0), "scales must have one entry per ",
+              "layer of rows (", layers, "), got ", scales.size());
+  QLORA_CHECK(wa.dim() == 2, "wa must be [N, ", stacked ? "S·r" : "r", "] (deq(W)·Aᵀ), got ",
+              wa.sizes());
   a.type = float_type_of(wa.scalar_type(), "wa");
   a.N = wa.size(0);
-  a.r = wa.size(1);
-  QLORA_CHECK(lora_A.dim() == 2 && lora_A.size(0) == a.r, "lora_A must be [r, K] with r = ", a.r,
+  QLORA_CHECK(wa.size(1) % layers == 0, "wa must be [N, S·r] for the S = ", layers,
+              " layers of rows, got ", wa.sizes());
+  a.r = wa.size(1) / layers;
+  QLORA_CHECK(lora_A.dim() == 2 && lora_A.size(0) == wa.size(1), "lora_A must be [",
+              stacked ? "S·r" : "r", ", K] with ", stacked ? "S·r" : "r", " = ", wa.size(1),
               ", got ", lora_A.sizes());
   QLORA_CHECK(lora_B.dim() == 2 && lora_B.size(0) == a.N && lora_B.size(1) == a.r,
               "lora_B must be [N, r] = [", a.N, ", ", a.r, "], got ", lora_B.sizes());
+  a.stack.count = int(layers);
+  int64_t end = 0;
+  for (int64_t j = 0; j < layers; ++j) {
+    const int64_t n = stacked ? rows[j] : a.N;
+    QLORA_CHECK(n >= 0, "rows must be >= 0, got ", rows);
+    end += n;
+    a.stack.row_end[j] = end;
+    a.stack.scale[j] = float(stacked ? scales[j] : scale);
+  }
+  QLORA_CHECK(end == a.N, "rows must sum to wa's N = ", a.N, ", got ", rows);
   check_vector(weight_sq, a.N, "weight_sq");
   QLORA_CHECK(weight_sq.scalar_type() == at::kFloat, "weight_sq must be float32, got ",
               weight_sq.scalar_type());

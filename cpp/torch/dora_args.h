@@ -8,22 +8,27 @@
 #include <optional>
 #include <vector>
 
+#include "qlora/dora.h"
 #include "qlora/float_types.h"
 
 namespace qlora_torch {
 
 struct DoRAScaleArgs {
-  at::Tensor wa;         // [N, r] of `type`, contiguous
-  at::Tensor lora_a;     // fp32 [r, K] (for G = A·Aᵀ)
+  at::Tensor wa;         // [N, S·r] of `type`, contiguous
+  at::Tensor lora_a;     // fp32 [S·r, K] (for G = A·Aᵀ)
   at::Tensor lora_b;     // fp32 [N, r], contiguous
   at::Tensor weight_sq;  // fp32 [N], contiguous
   at::Tensor magnitude;  // fp32 [N], contiguous
   int64_t N, r;
+  qlora::DoRAStack stack;  // S layers' rows and scales (S = 1: all N rows, `scale`)
   qlora::FloatType type;
 };
+// dora_scale (one layer: `rows` and `scales` empty, `scale` its scale) and dora_scale_stacked
+// (S = rows.size() layers, `scale` unused): shapes as in qlora/dora.h's DoRAStack.
 DoRAScaleArgs check_dora_scale(const at::Tensor& wa, const at::Tensor& lora_A,
                                const at::Tensor& lora_B, const at::Tensor& weight_sq,
-                               const at::Tensor& magnitude);
+                               const at::Tensor& magnitude, double scale,
+                               at::IntArrayRef rows = {}, at::ArrayRef<double> scales = {});
 
 struct DoRAScaleBackwardArgs {
   at::Tensor dy, z, col_scale;  // [M, N], [M, N], [N] of `type`, contiguous

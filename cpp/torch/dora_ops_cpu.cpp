@@ -11,14 +11,10 @@
 namespace qlora_torch {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> dora_scale_cpu(const at::Tensor& wa, const at::Tensor& lora_A,
-                                                  const at::Tensor& lora_B,
-                                                  const at::Tensor& weight_sq,
-                                                  const at::Tensor& magnitude, double scale) {
-  const DoRAScaleArgs a = check_dora_scale(wa, lora_A, lora_B, weight_sq, magnitude);
-  const at::Tensor gram = at::mm(a.lora_a, a.lora_a.t()).contiguous();  // [r, r]
-  at::Tensor col_scale = at::empty({a.N}, wa.options());
-  at::Tensor inv_norm = at::empty({a.N}, wa.options().dtype(at::kFloat));
+std::tuple<at::Tensor, at::Tensor> dora_scale_impl(const DoRAScaleArgs& a) {
+  const at::Tensor gram = at::mm(a.lora_a, a.lora_a.t()).contiguous();  // [S·r, S·r]
+  at::Tensor col_scale = at::empty({a.N}, a.wa.options());
+  at::Tensor inv_norm = at::empty({a.N}, a.wa.options().dtype(at::kFloat));
   const void* w = a.wa.data_ptr();
   const float* b = a.lora_b.data_ptr<float>();
   const float* g = gram.data_ptr<float>();
@@ -30,9 +26,24 @@ std::tuple<at::Tensor, at::Tensor> dora_scale_cpu(const at::Tensor& wa, const at
   // than a smaller share of this work.
   const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(1, a.r * a.r));
   at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) {
-    qlora::dora_scale_cpu(w, a.type, b, g, sq, m, a.r, float(scale), begin, end, c, inv);
+    qlora::dora_scale_cpu(w, a.type, b, g, sq, m, a.r, a.stack, begin, end, c, inv);
   });
   return {col_scale, inv_norm};
+}
+
+std::tuple<at::Tensor, at::Tensor> dora_scale_cpu(const at::Tensor& wa, const at::Tensor& lora_A,
+                                                  const at::Tensor& lora_B,
+                                                  const at::Tensor& weight_sq,
+                                                  const at::Tensor& magnitude, double scale) {
+  return dora_scale_impl(check_dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, scale));
+}
+
+std::tuple<at::Tensor, at::Tensor> dora_scale_stacked_cpu(
+    const at::Tensor& wa, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& weight_sq, const at::Tensor& magnitude, at::IntArrayRef rows,
+    at::ArrayRef<double> scales) {
+  return dora_scale_impl(
+      check_dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, 0.0, rows, scales));
 }
 
 std::tuple<at::Tensor, at::Tensor> dora_scale_backward_cpu(const at::Tensor& dy,
@@ -41,8 +52,9 @@ std::tuple<at::Tensor, at::Tensor> dora_scale_backward_cpu(const at::Tensor& dy,
                                                            const at::Tensor& inv_norm) {
   const DoRAScaleBackwardArgs a = check_dora_scale_backward(dy, z, col_scale, inv_norm);
   at::Tensor dz = at::empty(dy.sizes(), dy.options());
-  at::Tensor dmagnitude = at::zeros({a.N}, dy.options().dtype(at::kFloat));
-  if (a.M == 0 || a.N == 0) return {dz, dmagnitude};
+  // Every column is written below; only an empty dy leaves dm as zeros (Σ over no rows).
+  if (a.M == 0 || a.N == 0) return {dz, at::zeros({a.N}, dy.options().dtype(at::kFloat))};
+  at::Tensor dmagnitude = at::empty({a.N}, dy.options().dtype(at::kFloat));
   const void* g = a.dy.data_ptr();
   const void* zp = a.z.data_ptr();
   const void* c = a.col_scale.data_ptr();
@@ -79,6 +91,7 @@ at::Tensor dora_column_scale_cpu(const at::Tensor& z, const at::Tensor& col_scal
 
 TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
   m.impl("dora_scale", &dora_scale_cpu);
+  m.impl("dora_scale_stacked", &dora_scale_stacked_cpu);
   m.impl("dora_scale_backward", &dora_scale_backward_cpu);
   m.impl("dora_column_scale", &dora_column_scale_cpu);
 }

@@ -16,22 +16,33 @@ void check_launch(cudaError_t status, const char* op) {
               cudaGetErrorString(status));
 }
 
-std::tuple<at::Tensor, at::Tensor> dora_scale_cuda(const at::Tensor& wa, const at::Tensor& lora_A,
-                                                   const at::Tensor& lora_B,
-                                                   const at::Tensor& weight_sq,
-                                                   const at::Tensor& magnitude, double scale) {
-  const DoRAScaleArgs a = check_dora_scale(wa, lora_A, lora_B, weight_sq, magnitude);
-  const c10::cuda::CUDAGuard guard(wa.device());
-  const at::Tensor gram = at::mm(a.lora_a, a.lora_a.t()).contiguous();  // [r, r]
-  at::Tensor col_scale = at::empty({a.N}, wa.options());
-  at::Tensor inv_norm = at::empty({a.N}, wa.options().dtype(at::kFloat));
+std::tuple<at::Tensor, at::Tensor> dora_scale_impl(const DoRAScaleArgs& a) {
+  const c10::cuda::CUDAGuard guard(a.wa.device());
+  const at::Tensor gram = at::mm(a.lora_a, a.lora_a.t()).contiguous();  // [S·r, S·r]
+  at::Tensor col_scale = at::empty({a.N}, a.wa.options());
+  at::Tensor inv_norm = at::empty({a.N}, a.wa.options().dtype(at::kFloat));
   check_launch(qlora::dora_scale_cuda(a.wa.data_ptr(), a.type, a.lora_b.data_ptr<float>(),
                                       gram.data_ptr<float>(), a.weight_sq.data_ptr<float>(),
-                                      a.magnitude.data_ptr<float>(), a.N, a.r, float(scale),
+                                      a.magnitude.data_ptr<float>(), a.N, a.r, a.stack,
                                       col_scale.data_ptr(), inv_norm.data_ptr<float>(),
                                       at::cuda::getCurrentCUDAStream()),
                "dora_scale");
   return {col_scale, inv_norm};
+}
+
+std::tuple<at::Tensor, at::Tensor> dora_scale_cuda(const at::Tensor& wa, const at::Tensor& lora_A,
+                                                   const at::Tensor& lora_B,
+                                                   const at::Tensor& weight_sq,
+                                                   const at::Tensor& magnitude, double scale) {
+  return dora_scale_impl(check_dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, scale));
+}
+
+std::tuple<at::Tensor, at::Tensor> dora_scale_stacked_cuda(
+    const at::Tensor& wa, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& weight_sq, const at::Tensor& magnitude, at::IntArrayRef rows,
+    at::ArrayRef<double> scales) {
+  return dora_scale_impl(
+      check_dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, 0.0, rows, scales));
 }
 
 std::tuple<at::Tensor, at::Tensor> dora_scale_backward_cuda(const at::Tensor& dy,
@@ -77,6 +88,7 @@ at::Tensor dora_column_scale_cuda(const at::Tensor& z, const at::Tensor& col_sca
 
 TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("dora_scale", &dora_scale_cuda);
+  m.impl("dora_scale_stacked", &dora_scale_stacked_cuda);
   m.impl("dora_scale_backward", &dora_scale_backward_cuda);
   m.impl("dora_column_scale", &dora_column_scale_cuda);
 }

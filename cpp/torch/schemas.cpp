@@ -44,6 +44,14 @@ TORCH_LIBRARY(qlora_ext, m) {
   m.def(
       "dora_scale(Tensor wa, Tensor lora_A, Tensor lora_B, Tensor weight_sq, Tensor magnitude, "
       "float scale) -> (Tensor col_scale, Tensor inv_norm)");
+  // The same for S <= 4 layers with one rank r, their output rows stacked (the attention's q, k,
+  // v: one call where three would run): layer j has rows[j] rows and scale scales[j]; wa =
+  // W_stacked·A_stackedᵀ [N, S·r] (row block j reads its column block j), lora_A [S·r, K] (the
+  // A's stacked), lora_B [N, r] (the B's stacked), weight_sq, magnitude [N] -> the S layers'
+  // (col_scale, inv_norm) concatenated, as dora_scale gives them one by one.
+  m.def(
+      "dora_scale_stacked(Tensor wa, Tensor lora_A, Tensor lora_B, Tensor weight_sq, "
+      "Tensor magnitude, int[] rows, float[] scales) -> (Tensor col_scale, Tensor inv_norm)");
   // Its backward in one pass: dy, z [..., N] and col_scale [N] of one dtype, inv_norm fp32 [N]
   // -> (dz = dy ⊙ col_scale [..., N], dmagnitude = inv_norm ⊙ Σ_rows dy ⊙ z fp32 [N])
   m.def(
@@ -117,5 +125,6 @@ TORCH_LIBRARY_IMPL(qlora_ext, Autograd, m) {
   // DoRA's scale and its backward are the pieces of nf4_dora_linear's forward and backward
   // (python/qlora_ext/dora.py), which carries the autograd.
   m.impl("dora_scale", torch::CppFunction::makeFallthrough());
+  m.impl("dora_scale_stacked", torch::CppFunction::makeFallthrough());
   m.impl("dora_scale_backward", torch::CppFunction::makeFallthrough());
 }

@@ -113,6 +113,32 @@ def dora_scale(wa: Tensor, lora_A: Tensor, lora_B: Tensor, weight_sq: Tensor, ma
     return dora_scale_reference(wa, lora_A, lora_B, weight_sq, magnitude, scale)
 
 
+def dora_scale_stacked_reference(wa: Tensor, lora_A: Tensor, lora_B: Tensor, weight_sq: Tensor, magnitude: Tensor,
+                                 rows: list[int], scales: list[float]) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """qlora_ext::dora_scale_stacked in plain PyTorch: dora_scale_reference per stacked layer j (its
+    rows of wa, B, ‖W‖², m; its column block of wa; its rows of A), concatenated."""
+    r = lora_B.shape[1]
+    pieces = [dora_scale_reference(wa_j[:, j * r : (j + 1) * r], lora_A[j * r : (j + 1) * r], b_j, sq_j, m_j, s)
+              for j, (wa_j, b_j, sq_j, m_j, s) in enumerate(zip(wa.split(rows), lora_B.split(rows),
+                                                                 weight_sq.split(rows), magnitude.split(rows), scales))]  # fmt: skip
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+
+
+def dora_scale_stacked(wa: Tensor, lora_A: Tensor, lora_B: Tensor, weight_sq: Tensor, magnitude: Tensor,
+                       rows: list[int], scales: list[float]) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """dora_scale of S <= 4 layers with one rank r at once, their output rows stacked (the
+    attention's q, k, v: one A·Aᵀ and one kernel where three of each would run): layer j has
+    rows[j] rows and scale scales[j]; wa = W_stacked·A_stackedᵀ [N, S·r] (row block j uses its
+    column block j: one GEMM over the stacked weights), lora_A [S·r, K] and lora_B [N, r] the
+    stacked A's and B's, weight_sq and magnitude [N]. Returns the layers' (col_scale, inv_norm)
+    concatenated: what dora_scale gives them one by one (the same kernel arithmetic; A·Aᵀ is one
+    GEMM over the stacked A's, whose blocking may round differently from S small ones)."""
+    if wa.dtype in NATIVE_DTYPES:
+        return torch.ops.qlora_ext.dora_scale_stacked(wa, lora_A, lora_B, weight_sq, magnitude, list(rows),
+                                                      [float(s) for s in scales])  # fmt: skip
+    return dora_scale_stacked_reference(wa, lora_A, lora_B, weight_sq, magnitude, rows, scales)
+
+
 def dora_scale_backward(dy: Tensor, z: Tensor, col_scale: Tensor, inv_norm: Tensor) -> tuple[Tensor, Tensor]:
     """(dz = dy ⊙ col_scale [..., N], dm = inv_norm ⊙ Σ_rows dy ⊙ z fp32 [N]): one pass over dy and
     z on the native path."""
@@ -202,6 +228,21 @@ def _register_native_fakes() -> None:
         torch._check(wa.dim() == 2, lambda: f"wa must be [N, r], got {tuple(wa.shape)}")
         n, r = wa.shape
         torch._check(lora_A.dim() == 2 and lora_A.shape[0] == r, lambda: f"lora_A must be [{r}, K]")
+        torch._check(tuple(lora_B.shape) == (n, r), lambda: f"lora_B must be [{n}, {r}]")
+        torch._check(tuple(weight_sq.shape) == (n,) and weight_sq.dtype == torch.float32,
+                     lambda: f"weight_sq must be float32 [{n}]")  # fmt: skip
+        torch._check(tuple(magnitude.shape) == (n,), lambda: f"magnitude must be [{n}]")
+        return wa.new_empty((n,)), wa.new_empty((n,), dtype=torch.float32)
+
+    @torch.library.register_fake("qlora_ext::dora_scale_stacked")
+    def _(wa, lora_A, lora_B, weight_sq, magnitude, rows, scales):
+        layers = len(rows)
+        torch._check(1 <= layers <= 4 and len(scales) == layers,
+                     lambda: f"rows and scales must list the same 1 to 4 layers, got {len(rows)} and {len(scales)}")  # fmt: skip
+        torch._check(wa.dim() == 2 and wa.shape[1] % layers == 0, lambda: f"wa must be [N, S·r], got {tuple(wa.shape)}")
+        n, r = wa.shape[0], wa.shape[1] // layers
+        torch._check(sum(rows) == n, lambda: f"rows must sum to wa's N = {n}")
+        torch._check(lora_A.dim() == 2 and lora_A.shape[0] == layers * r, lambda: f"lora_A must be [{layers * r}, K]")
         torch._check(tuple(lora_B.shape) == (n, r), lambda: f"lora_B must be [{n}, {r}]")
         torch._check(tuple(weight_sq.shape) == (n,) and weight_sq.dtype == torch.float32,
                      lambda: f"weight_sq must be float32 [{n}]")  # fmt: skip

@@ -32,7 +32,9 @@ DoRA (dora.py), on DORA_DEVICES: when all three adapters are DoRA, one autograd 
 three projections, y_i = c_i ⊙ z_i (+ bias), c = m/n with the row norm n of W + s·BA detached, dm
 from z. On DORA_CONCAT_DEVICES `_DoRAQKVConcat` forms z = [z_q, z_k, z_v] with the LoRA unit's
 arithmetic above (concatenated weights and A's), then scales all columns at once and runs one
-scale backward over [dq, dk, dv] before the LoRA backward on dz. Elsewhere `_DoRAQKV` runs each
+scale backward over [dq, dk, dv] before the LoRA backward on dz; on DORA_STACKED_NORM_DEVICES its
+three norms take one call (dora.dora_scale_stacked: W·Aᵀ as one GEMM over the concatenated
+weights and A's, one A·Aᵀ, one kernel). Elsewhere `_DoRAQKV` runs each
 projection with `nf4_dora_linear`'s own body, setup and backward (fused_mlp.py's `_project` /
 `_backward`, as the DoRA MLP), without concatenation. What either saves over three DoRA modules
 is host time (the step is host-bound): one node and one Python call chain instead of three, x
@@ -95,6 +97,15 @@ DORA_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 #: at 8B and 62.7 -> 59.7 ms at 1B (seq 2048, r 16; lora_family_dora_ab_{8b,1b}_h100.json; that
 #: host was noisy, so its step times are not the evidence).
 DORA_CONCAT_DEVICES: tuple[str, ...] = ("cpu", "cuda")
+#: Device types where _DoRAQKVConcat takes the three norms in one call (dora.dora_scale_stacked:
+#: W·Aᵀ as one GEMM over the stacked weights and A's, one A·Aᵀ, one norm kernel) instead of three
+#: (W_i·A_iᵀ, A_i·A_iᵀ and the kernel per projection, then two concatenations), where the three
+#: adapters have one rank. On the 2-core CPU (bench_host_overhead.py --methods lora,dora --profile
+#: --fused-cpu) a DoRA decoder layer dispatched 209 computing ops instead of 213 (LoRA: 175). On
+#: the H100 a QDoRA step launched ~50 kernels per layer more than QLoRA's (lora_family_dora_profile_
+#: concat_1b_h100.txt), this the Q/K/V norms' ~15 of them down to ~6; CUDA joins once a GPU run
+#: has tested and measured it.
+DORA_STACKED_NORM_DEVICES: tuple[str, ...] = ("cpu",)
 
 
 #: Device types where the concatenated weights are dequantized straight into their row ranges
@@ -321,13 +332,21 @@ class _DoRAQKVConcat(torch.autograd.Function):
             x2 = x.reshape(m, k)
             w = _dequantized(weight_args, dtype, True)
             z = F.linear(x2, w)  # [M, Nq+Nk+Nv]
-            a, rs = _cat_cast(a_s, dtype)  # [rq+rk+rv, K]
-            if norm is None:  # W_i·A_iᵀ from the blocks of the one dequantized W
+            a_stacked = torch.cat(a_s)  # [rq+rk+rv, K], the parameters' dtype (the norms' A·Aᵀ)
+            a, rs = a_stacked.to(dtype), [t.shape[0] for t in a_s]
+            stacked = norm is None and _stacks_norms(x, a_s, b_s)
+            if stacked:  # every W_i·A_jᵀ in one GEMM [Nq+Nk+Nv, rq+rk+rv]; row block i reads block i
+                wa = F.linear(w, a)
+            elif norm is None:  # W_i·A_iᵀ from the blocks of the one dequantized W
                 was = [dora.weight_times_a(w_i, a_i, args[:8])
                        for w_i, a_i, args in zip(w.split(ns), a.split(rs), weight_args)]  # fmt: skip
             del w  # the only dense W; gone before the thin products allocate
             xa, bs = _add_low_rank(z.split(ns, dim=1), x2, a, rs, b_s, scales)
-            if norm is None:
+            if stacked:
+                c, inv_norm = dora.dora_scale_stacked(wa, a_stacked, torch.cat(b_s), torch.cat([e[1] for e in extras]),
+                                                      torch.cat([e[0] for e in extras]), ns, scales)  # fmt: skip
+                norm = (inv_norm, c)
+            elif norm is None:
                 pairs = [dora.dora_scale(wa, a_i, b_i, extra[1], extra[0], s)
                          for wa, a_i, b_i, extra, s in zip(was, a_s, b_s, extras, scales)]  # fmt: skip
                 norm = (torch.cat([p[1] for p in pairs]), torch.cat([p[0] for p in pairs]))  # (1/n, c) [Nq+Nk+Nv]
@@ -373,6 +392,13 @@ class _DoRAQKVConcat(torch.autograd.Function):
                 dms = [d.to(t) if need[12 + i] and used[i] else None
                        for i, (d, t) in enumerate(zip(dm.split(ns), m_dtypes))]  # fmt: skip
         return dx, None, None, *dbiases, *das, *dbs, *dms
+
+
+def _stacks_norms(x: Tensor, a_s, b_s) -> bool:
+    """_DoRAQKVConcat's three norms take one dora_scale_stacked call: on DORA_STACKED_NORM_DEVICES,
+    with one rank and one dtype for the three adapters, unless W·Aᵀ comes from the NF4 codes."""
+    return (x.device.type in DORA_STACKED_NORM_DEVICES and x.device.type not in dora.NORM_FROM_CODES_DEVICES
+            and len({t.shape[0] for t in a_s}) == 1 and len({t.dtype for t in (*a_s, *b_s)}) == 1)  # fmt: skip
 
 
 def lora_qkv(x: Tensor, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module) -> tuple[Tensor, Tensor, Tensor] | None:

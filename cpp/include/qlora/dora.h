@@ -29,11 +29,25 @@
 
 namespace qlora {
 
-// Rows [row_begin, row_end) of the forward: wa [N, r] of `type`; lora_B fp32 [N, r]; gram = A·Aᵀ
-// fp32 [r, r]; weight_sq, magnitude fp32 [N] -> col_scale [N] of `type`, inv_norm fp32 [N].
+// The forward for S DoRA layers at once, their output rows stacked (the attention's q, k and v:
+// one launch where three would run): layer j owns rows [row_end[j-1], row_end[j]) of the N, has
+// rank r and scale s_j, and its A_j is rows [j·r, (j+1)·r) of the stacked A [S·r, K]. Then wa =
+// W_stacked·A_stackedᵀ is [N, S·r] and row i of layer j uses its columns [j·r, (j+1)·r) (the
+// other blocks are W_i·A_kᵀ of the other layers, unused), gram = A_stacked·A_stackedᵀ [S·r, S·r]
+// its diagonal block (j, j). With S = 1 this is the single layer of the formula above.
+constexpr int kMaxDoRAStack = 4;
+struct DoRAStack {
+  int count = 1;                         // S, 1..kMaxDoRAStack
+  int64_t row_end[kMaxDoRAStack] = {};  // cumulative; row_end[S-1] = N
+  float scale[kMaxDoRAStack] = {};
+};
+
+// Rows [row_begin, row_end) of the forward: wa [N, S·r] of `type`; lora_B fp32 [N, r]; gram =
+// A·Aᵀ fp32 [S·r, S·r]; weight_sq, magnitude fp32 [N] -> col_scale [N] of `type`, inv_norm fp32 [N].
 void dora_scale_cpu(const void* wa, FloatType type, const float* lora_b, const float* gram,
-                    const float* weight_sq, const float* magnitude, int64_t r, float scale,
-                    int64_t row_begin, int64_t row_end, void* col_scale, float* inv_norm);
+                    const float* weight_sq, const float* magnitude, int64_t r,
+                    const DoRAStack& stack, int64_t row_begin, int64_t row_end, void* col_scale,
+                    float* inv_norm);
 
 // Columns [col_begin, col_end) of the backward: dy, z [M, N] and col_scale [N] of `type`,
 // inv_norm fp32 [N] -> dz [M, N] of `type`, dmagnitude fp32 [N].
@@ -55,8 +69,8 @@ cudaError_t dora_column_scale_cuda(const void* z, const void* col_scale, const v
 // dora_cuda.cu, the forward above for all N rows (device pointers), on `stream`.
 cudaError_t dora_scale_cuda(const void* wa, FloatType type, const float* lora_b,
                             const float* gram, const float* weight_sq, const float* magnitude,
-                            int64_t N, int64_t r, float scale, void* col_scale, float* inv_norm,
-                            cudaStream_t stream);
+                            int64_t N, int64_t r, const DoRAStack& stack, void* col_scale,
+                            float* inv_norm, cudaStream_t stream);
 
 // dora_cuda.cu, the backward above for all of [M, N] (M >= 1, N >= 1). `partial` is fp32 scratch
 // of dora_backward_chunks(M, N, num_sms) * N elements: per-chunk column sums, reduced in a

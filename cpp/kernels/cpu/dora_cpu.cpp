@@ -39,17 +39,22 @@ void dispatch_io(FloatType type, F&& f) {
 
 template <typename Io>
 void scale_rows(const typename Io::Storage* wa, const float* b, const float* gram,
-                const float* weight_sq, const float* magnitude, int64_t r, float scale,
+                const float* weight_sq, const float* magnitude, int64_t r, const DoRAStack& stack,
                 int64_t row_begin, int64_t row_end, typename Io::Storage* col_scale,
                 float* inv_norm) {
-  const float two_s = 2.0f * scale, s_sq = scale * scale;
+  const int64_t width = stack.count * r;  // wa's and gram's row length
+  int layer = 0;
   for (int64_t i = row_begin; i < row_end; ++i) {
+    while (i >= stack.row_end[layer]) ++layer;
+    const float scale = stack.scale[layer], two_s = 2.0f * scale, s_sq = scale * scale;
+    const float* g = gram + layer * r * (width + 1);  // diagonal block (layer, layer)
+    const typename Io::Storage* wa_row = wa + i * width + layer * r;
     const float* b_row = b + i * r;
     float cross = 0.0f, quad = 0.0f;  // ⟨B_i, wa_i⟩ and B_i·G·B_iᵀ
     for (int64_t j = 0; j < r; ++j) {
       float g_b = 0.0f;
-      for (int64_t l = 0; l < r; ++l) g_b += gram[j * r + l] * b_row[l];
-      cross += b_row[j] * Io::load(wa[i * r + j]);
+      for (int64_t l = 0; l < r; ++l) g_b += g[j * width + l] * b_row[l];
+      cross += b_row[j] * Io::load(wa_row[j]);
       quad += b_row[j] * g_b;
     }
     const float norm_sq = weight_sq[i] + (two_s * cross + s_sq * quad);
@@ -115,12 +120,13 @@ void dora_column_scale_cpu(const void* z, const void* col_scale, const void* bia
 }
 
 void dora_scale_cpu(const void* wa, FloatType type, const float* lora_b, const float* gram,
-                    const float* weight_sq, const float* magnitude, int64_t r, float scale,
-                    int64_t row_begin, int64_t row_end, void* col_scale, float* inv_norm) {
+                    const float* weight_sq, const float* magnitude, int64_t r,
+                    const DoRAStack& stack, int64_t row_begin, int64_t row_end, void* col_scale,
+                    float* inv_norm) {
   dispatch_io(type, [&](auto io) {
     using Io = decltype(io);
     using S = typename Io::Storage;
-    scale_rows<Io>(static_cast<const S*>(wa), lora_b, gram, weight_sq, magnitude, r, scale,
+    scale_rows<Io>(static_cast<const S*>(wa), lora_b, gram, weight_sq, magnitude, r, stack,
                    row_begin, row_end, static_cast<S*>(col_scale), inv_norm);
   });
 }

@@ -4,7 +4,8 @@
 // run for each of ~150 adapted linears per step, where every extra launch and every extra pass
 // over an [M, N] activation shows in the step time.
 //
-// dora_scale: one thread per row i of W (N rows): n_i² = weight_sq_i + Σ_j B_ij·(2s·wa_ij +
+// dora_scale: one thread per row i of W (N rows; of S stacked layers' rows for
+//   dora_scale_stacked, each row reading its layer's column block of wa and diagonal block of G): n_i² = weight_sq_i + Σ_j B_ij·(2s·wa_ij +
 //   s²·(G·B_iᵀ)_j), O(r²) fp32 FMAs reading B's row (r floats, then L1 hits) and G = A·Aᵀ (the
 //   same r² floats for every thread: L1 broadcasts). Bytes ~ N·(4r + 2r + 12) — a few µs, launch
 //   bound; it replaces the six launches of the same math in ATen. Launch: 256 threads, N/256 CTAs.
@@ -42,21 +43,33 @@ constexpr int kVec = 8;  // columns per thread in the backward
 constexpr int kMaxBackwardThreads = 256;
 constexpr int64_t kMinRowsPerChunk = 16;
 
+// The layer of stacked row i (DoRAStack: at most kMaxDoRAStack layers, row_end cumulative).
+__device__ __forceinline__ int stacked_layer(const DoRAStack& stack, int64_t i) {
+  int layer = 0;
+#pragma unroll
+  for (int j = 0; j + 1 < kMaxDoRAStack; ++j) layer += (j + 1 < stack.count && i >= stack.row_end[j]);
+  return layer;
+}
+
 template <typename T>
 __global__ void dora_scale_kernel(const T* __restrict__ wa, const float* __restrict__ b,
                                   const float* __restrict__ gram,
                                   const float* __restrict__ weight_sq,
                                   const float* __restrict__ magnitude, int64_t N, int r,
-                                  float two_s, float s_sq, T* __restrict__ col_scale,
+                                  DoRAStack stack, T* __restrict__ col_scale,
                                   float* __restrict__ inv_norm) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= N) return;
+  const int layer = stacked_layer(stack, i);
+  const int width = stack.count * r;  // wa's and gram's row length
+  const float scale = stack.scale[layer], two_s = 2.0f * scale, s_sq = scale * scale;
+  const float* g = gram + int64_t(layer) * r * (width + 1);  // diagonal block (layer, layer)
   const float* b_row = b + i * r;
-  const T* wa_row = wa + i * r;
+  const T* wa_row = wa + i * width + int64_t(layer) * r;
   float cross = 0.0f, quad = 0.0f;  // ⟨B_i, wa_i⟩ and B_i·G·B_iᵀ
   for (int j = 0; j < r; ++j) {
     float g_b = 0.0f;
-    for (int l = 0; l < r; ++l) g_b = fmaf(__ldg(gram + j * r + l), __ldg(b_row + l), g_b);
+    for (int l = 0; l < r; ++l) g_b = fmaf(__ldg(g + j * width + l), __ldg(b_row + l), g_b);
     const float b_j = __ldg(b_row + j);
     cross = fmaf(b_j, Element<T>::to_float(wa_row[j]), cross);
     quad = fmaf(b_j, g_b, quad);
@@ -77,23 +90,31 @@ __global__ void dora_scale_kernel(const T* __restrict__ wa, const float* __restr
 // QLORA_DORA_SCALE_KERNEL=rows selects dora_scale_kernel instead (read once per process).
 constexpr int kMaxRegisterRank = 32;
 
-// R: the rank bucket (8, 16 or 32) the loops unroll to; lanes past r are predicated off.
+// R: the rank bucket (8, 16 or 32) the loops unroll to; lanes past r are predicated off. The
+// diagonal blocks of the stacked layers' gram go to shared memory (a CTA's rows may span layers).
 template <typename T, int R>
 __global__ void dora_scale_registers_kernel(const T* __restrict__ wa, const float* __restrict__ b,
                                             const float* __restrict__ gram,
                                             const float* __restrict__ weight_sq,
                                             const float* __restrict__ magnitude, int64_t N, int r,
-                                            float two_s, float s_sq, T* __restrict__ col_scale,
+                                            DoRAStack stack, T* __restrict__ col_scale,
                                             float* __restrict__ inv_norm) {
-  __shared__ float gram_s[kMaxRegisterRank * kMaxRegisterRank];
-  for (int at = threadIdx.x; at < r * r; at += blockDim.x) gram_s[at] = gram[at];
+  __shared__ float gram_s[kMaxDoRAStack * kMaxRegisterRank * kMaxRegisterRank];
+  const int width = stack.count * r;
+  for (int at = threadIdx.x; at < stack.count * r * r; at += blockDim.x) {
+    const int layer = at / (r * r), j = at / r % r, l = at % r;
+    gram_s[at] = gram[(layer * r + j) * width + layer * r + l];
+  }
   __syncthreads();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= N) return;
+  const int layer = stacked_layer(stack, i);
+  const float scale = stack.scale[layer], two_s = 2.0f * scale, s_sq = scale * scale;
+  const float* g = gram_s + layer * r * r;
   float b_row[R];
 #pragma unroll
   for (int l = 0; l < R; ++l) b_row[l] = l < r ? __ldg(b + i * r + l) : 0.0f;
-  const T* wa_row = wa + i * r;
+  const T* wa_row = wa + i * width + int64_t(layer) * r;
   float cross = 0.0f, quad = 0.0f;
 #pragma unroll
   for (int j = 0; j < R; ++j) {
@@ -101,7 +122,7 @@ __global__ void dora_scale_registers_kernel(const T* __restrict__ wa, const floa
       float g_b = 0.0f;
 #pragma unroll
       for (int l = 0; l < R; ++l) {
-        if (l < r) g_b = fmaf(gram_s[j * r + l], b_row[l], g_b);
+        if (l < r) g_b = fmaf(g[j * r + l], b_row[l], g_b);
       }
       cross = fmaf(b_row[j], Element<T>::to_float(wa_row[j]), cross);
       quad = fmaf(b_row[j], g_b, quad);
@@ -240,8 +261,8 @@ int64_t dora_backward_chunks(int64_t M, int64_t N, int num_sms) {
 
 cudaError_t dora_scale_cuda(const void* wa, FloatType type, const float* lora_b,
                             const float* gram, const float* weight_sq, const float* magnitude,
-                            int64_t N, int64_t r, float scale, void* col_scale, float* inv_norm,
-                            cudaStream_t stream) {
+                            int64_t N, int64_t r, const DoRAStack& stack, void* col_scale,
+                            float* inv_norm, cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
   const unsigned blocks = unsigned(ceil_div(N, kScaleThreads));
   return dispatch_float_type(type, [&](auto tag) {
@@ -249,9 +270,8 @@ cudaError_t dora_scale_cuda(const void* wa, FloatType type, const float* lora_b,
     if (r <= kMaxRegisterRank && registers_kernel_selected()) {
       const auto launch = [&](auto kernel) {
         kernel<<<blocks, kScaleThreads, 0, stream>>>(static_cast<const T*>(wa), lora_b, gram,
-                                                     weight_sq, magnitude, N, int(r), 2.0f * scale,
-                                                     scale * scale, static_cast<T*>(col_scale),
-                                                     inv_norm);
+                                                     weight_sq, magnitude, N, int(r), stack,
+                                                     static_cast<T*>(col_scale), inv_norm);
         return cudaGetLastError();
       };
       if (r <= 8) return launch(dora_scale_registers_kernel<T, 8>);
@@ -259,8 +279,8 @@ cudaError_t dora_scale_cuda(const void* wa, FloatType type, const float* lora_b,
       return launch(dora_scale_registers_kernel<T, kMaxRegisterRank>);
     }
     dora_scale_kernel<T><<<blocks, kScaleThreads, 0, stream>>>(
-        static_cast<const T*>(wa), lora_b, gram, weight_sq, magnitude, N, int(r), 2.0f * scale,
-        scale * scale, static_cast<T*>(col_scale), inv_norm);
+        static_cast<const T*>(wa), lora_b, gram, weight_sq, magnitude, N, int(r), stack,
+        static_cast<T*>(col_scale), inv_norm);
     return cudaGetLastError();
   });
 }
