@@ -3,7 +3,8 @@ median device time per call (CUDA events, inputs rotated so none is served from 
 
 - dora_scale (n² and c = m/n per output row, from W·Aᵀ): the kernel in use (the registers kernel;
   run the script once more with QLORA_DORA_SCALE_KERNEL=rows to time the former one: the choice
-  is read once per process), and the six-op PyTorch reference.
+  is read once per process) with A·Aᵀ as the defaults take it, then by qlora's A·Aᵀ kernel
+  (dora.GRAM_KERNEL_DEVICES), and the six-op PyTorch reference.
 - y = z ⊙ c: qlora_ext::dora_column_scale (16-byte accesses) vs PyTorch's broadcasting multiply.
 - dora_scale_backward (dz = dy ⊙ c, dm = Σ_rows dy ⊙ z / n): one pass over dy and z.
 - The MLP's SwiGLU of DoRA's gate and up outputs (c ⊙ z), 8B intermediate width: swiglu_scaled
@@ -56,6 +57,12 @@ def bench_projection(name: str, n: int, k: int, tokens: int, r: int, reps: int) 
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=0)
     scale_ms = median_ms_cuda(lambda t: dora.dora_scale(*t, s), scale_sets, reps)
     scale_ref_ms = median_ms_cuda(lambda t: dora.dora_scale_reference(*t, s), scale_sets, reps)
+    saved, dora.GRAM_KERNEL_DEVICES = dora.GRAM_KERNEL_DEVICES, ("cuda",)  # A·Aᵀ by qlora's kernel
+    try:
+        torch.testing.assert_close(dora.dora_scale(*scale_sets[0], s)[1], want[1], rtol=1e-5, atol=0)
+        scale_gram_kernel_ms = median_ms_cuda(lambda t: dora.dora_scale(*t, s), scale_sets, reps)
+    finally:
+        dora.GRAM_KERNEL_DEVICES = saved
 
     def activations():
         return (torch.randn(tokens, n, device="cuda", dtype=DTYPE), torch.rand(n, device="cuda", dtype=DTYPE) + 0.5,
@@ -72,6 +79,7 @@ def bench_projection(name: str, n: int, k: int, tokens: int, r: int, reps: int) 
         "projection": name, "N": n, "K": k, "tokens": tokens, "r": r,
         "dora_scale_kernel": "rows" if os.environ.get("QLORA_DORA_SCALE_KERNEL") == "rows" else "registers",
         "dora_scale_us": 1e3 * scale_ms, "dora_scale_reference_us": 1e3 * scale_ref_ms,
+        "dora_scale_gram_kernel_us": 1e3 * scale_gram_kernel_ms, "gram_kernel_default": "cuda" in dora.GRAM_KERNEL_DEVICES,
         "column_scale_us": 1e3 * column_ms, "torch_mul_us": 1e3 * mul_ms,
         "column_scale_gbps": 2 * io_bytes / column_ms / 1e6, "torch_mul_gbps": 2 * io_bytes / mul_ms / 1e6,
         "scale_backward_us": 1e3 * backward_ms, "scale_backward_gbps": 3 * io_bytes / backward_ms / 1e6,
@@ -113,10 +121,11 @@ def main(argv=None) -> int:
         p.error("needs a CUDA device")
     torch.manual_seed(0)
     rows = [bench_projection(name, n, k, args.tokens, args.r, args.reps) for name, n, k in PROJECTIONS]
-    print(f"{'projection':10} {'N':>6} {'scale us':>9} {'(ref)':>8} {'col us':>7} {'mul us':>7} {'col GB/s':>9} "
-          f"{'mul GB/s':>9} {'bwd us':>7} {'bwd GB/s':>9}")  # fmt: skip
+    print(f"{'projection':10} {'N':>6} {'scale us':>9} {'(gram k)':>8} {'(ref)':>8} {'col us':>7} {'mul us':>7} "
+          f"{'col GB/s':>9} {'mul GB/s':>9} {'bwd us':>7} {'bwd GB/s':>9}")  # fmt: skip
     for r in rows:
-        print(f"{r['projection']:10} {r['N']:>6} {r['dora_scale_us']:>9.1f} {r['dora_scale_reference_us']:>8.1f} "
+        print(f"{r['projection']:10} {r['N']:>6} {r['dora_scale_us']:>9.1f} {r['dora_scale_gram_kernel_us']:>8.1f} "
+              f"{r['dora_scale_reference_us']:>8.1f} "
               f"{r['column_scale_us']:>7.1f} {r['torch_mul_us']:>7.1f} {r['column_scale_gbps']:>9.0f} "
               f"{r['torch_mul_gbps']:>9.0f} {r['scale_backward_us']:>7.1f} {r['scale_backward_gbps']:>9.0f}")  # fmt: skip
     swiglu = bench_swiglu(args.tokens, 14336, args.reps)

@@ -84,6 +84,11 @@ CASES = {
     # that unit's three norms in one call (dora_scale_stacked) instead of three
     "dora+stacked_norms": ({"method": "dora"}, False, False,
                            {"qlora_ext.fused_qkv.DORA_STACKED_NORM_DEVICES": ("cpu", "cuda")}),
+    # dora_scale's A·Aᵀ by qlora's kernel (one launch) instead of at::mm (cuBLAS: two), and both
+    "dora+gram_kernel": ({"method": "dora"}, False, False, {"qlora_ext.dora.GRAM_KERNEL_DEVICES": ("cuda",)}),
+    "dora+stacked_norms+gram_kernel": ({"method": "dora"}, False, False,
+                                       {"qlora_ext.fused_qkv.DORA_STACKED_NORM_DEVICES": ("cpu", "cuda"),
+                                        "qlora_ext.dora.GRAM_KERNEL_DEVICES": ("cuda",)}),
     "lora_fa": ({"method": "lora_fa"}, False, False),
     "vera": ({"method": "vera"}, False, False),
     "vera_r256": ({"method": "vera", "r": 256}, False, False),

@@ -117,6 +117,21 @@ for n_out, r in ((45, 4), (64, 16), (1, 1)):
             torch.ops.qlora_ext.dora_scale_backward(dy, z, col_scale, inv_norm)
             for bias in (None, torch.randn(n_out, device=dev, dtype=dt)):
                 torch.ops.qlora_ext.dora_column_scale(z, col_scale, bias)
+# ... the stacked layers' scales (dora_scale_stacked: each row block its own column block of wa and
+# diagonal block of A·Aᵀ; an empty layer; r 4, 16 and 33: both scale kernels), with A·Aᵀ by
+# at::mm and by qlora's kernel
+for gram_kernel in (False, True):
+    qlora_ext._native.native()._set_dora_gram_kernel(gram_kernel)
+    for rows, r in (([45, 7, 7], 4), ([0, 64, 300], 16), ([33, 40], 33)):
+        n_out = sum(rows)
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            wa = torch.randn(n_out, len(rows) * r, device=dev).to(dt)
+            a, b = torch.randn(len(rows) * r, 70, device=dev), torch.randn(n_out, r, device=dev)
+            torch.ops.qlora_ext.dora_scale_stacked(wa, a, b, torch.rand(n_out, device=dev) + 1,
+                                                   torch.rand(n_out, device=dev), rows, [0.5] * len(rows))  # fmt: skip
+            torch.ops.qlora_ext.dora_scale(wa[:, :r].contiguous(), a[:r], b, torch.rand(n_out, device=dev) + 1,
+                                           torch.rand(n_out, device=dev), 0.5)  # fmt: skip
+qlora_ext._native.native()._set_dora_gram_kernel(False)
 # Block ops (RMSNorm, RoPE, SwiGLU): their own workload file, also run alone by
 # benchmarks/gpu_checks/block_ops.sh
 import sanitize_block_ops  # noqa: E402,F401

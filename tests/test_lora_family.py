@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import dequantized_copy, devices, hf_model, logits, randomize_adapters, token_batch
+from train_helpers import cuda_kernel_names, dequantized_copy, devices, hf_model, logits, randomize_adapters, token_batch
 
 import qlora_ext
 from qlora_ext.adapters_io import CONFIG_NAME, WEIGHTS_NAME
@@ -671,6 +671,15 @@ def test_torch_compile_dora_layer():
 
 # ---- DoRA's native operators (qlora_ext::dora_scale, dora_scale_backward, dora_column_scale) -----
 
+# dora_scale's A·Aᵀ on CUDA: at::mm or qlora's kernel (dora.GRAM_KERNEL_DEVICES); the CPU has at::mm.
+GRAM_KERNEL = pytest.mark.parametrize("gram", ["mm", "kernel"], ids=["gram-mm", "gram-kernel"])
+
+
+def _select_gram(gram: str, device: str, monkeypatch) -> None:
+    if gram == "kernel" and device != "cuda":
+        pytest.skip("the A·Aᵀ kernel is CUDA's")
+    monkeypatch.setattr(qlora_ext.dora, "GRAM_KERNEL_DEVICES", ("cuda",) if gram == "kernel" else ())
+
 from qlora_ext.dora import (  # noqa: E402
     dora_column_scale,
     dora_column_scale_reference,
@@ -685,8 +694,10 @@ from qlora_ext.dora import (  # noqa: E402
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("n,r", [(45, 4), (1, 1), (300, 16), (96, 80)], ids=["odd", "1x1", "r16", "r80"])
-def test_dora_scale_matches_reference(n, r, dtype, device):
+@GRAM_KERNEL
+def test_dora_scale_matches_reference(n, r, dtype, device, gram, monkeypatch):
     """The native scale vs its reference, and n vs the dense norm ‖W + s·B·A‖_row."""
+    _select_gram(gram, device, monkeypatch)
     g = torch.Generator().manual_seed(n + r)
     k = 70
     w = torch.randn(n, k, generator=g).to(device)
@@ -712,10 +723,12 @@ def test_dora_scale_matches_reference(n, r, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("rows,r", [([45, 7, 7], 4), ([1], 1), ([0, 5, 3], 16), ([300, 64, 64, 17], 16),
                                     ([33, 40], 33)], ids=["qkv-odd", "one", "empty-layer", "four", "r33"])  # fmt: skip
-def test_dora_scale_stacked_matches_one_layer_at_a_time(rows, r, dtype, device):
+@GRAM_KERNEL
+def test_dora_scale_stacked_matches_one_layer_at_a_time(rows, r, dtype, device, gram, monkeypatch):
     """S layers' scales from one call on stacked rows equal dora_scale of each layer (and the
     reference, and the dense norm): each row reads its own layer's column block of wa, diagonal
     block of A·Aᵀ and scale. r = 33 takes the kernel without registers on CUDA."""
+    _select_gram(gram, device, monkeypatch)
     g = torch.Generator().manual_seed(sum(rows) + r)
     k, layers = 70, len(rows)
     ws = [torch.randn(n, k, generator=g).to(device) for n in rows]
@@ -897,6 +910,28 @@ def test_dora_output_takes_the_native_kernel_on_its_devices(monkeypatch):
     monkeypatch.setattr(dora_module, "COLUMN_SCALE_DEVICES", ())
     torch.testing.assert_close(dora_module.dora_output(z, c, None), torch.mul(z, c), rtol=0, atol=0)
     assert len(calls) == 2
+
+
+@pytest.mark.not_under_sanitizer  # reads kernel names from torch.profiler (CUPTI)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("stacked", [False, True], ids=["one-layer", "stacked"])
+def test_dora_gram_kernel_runs_where_selected(stacked, monkeypatch):
+    # GRAM_KERNEL_DEVICES must switch what runs: every accuracy test passes either way.
+    n, r = 96, 16
+    width = 2 * r if stacked else r  # two stacked layers' column blocks, or one layer's
+    wa, a, b = torch.randn(n, width, device="cuda"), torch.randn(width, 64, device="cuda"), torch.randn(n, r, device="cuda")
+    sq, m = torch.rand(n, device="cuda") + 1, torch.rand(n, device="cuda")
+
+    def call():
+        if stacked:
+            return qlora_ext.dora.dora_scale_stacked(wa, a, b, sq, m, [40, 56], [1.0, 2.0])
+        return dora_scale(wa, a, b, sq, m, 1.0)
+
+    for devices_, want in (((), False), (("cuda",), True), ((), False)):
+        monkeypatch.setattr(qlora_ext.dora, "GRAM_KERNEL_DEVICES", devices_)
+        names = cuda_kernel_names(call)
+        assert any("dora_gram_kernel" in k for k in names) == want, (devices_, names)
+        assert any("dora_scale" in k for k in names), names
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

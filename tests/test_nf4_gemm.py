@@ -15,6 +15,7 @@ import torch
 
 import qlora_ext
 from qlora_ext import ops
+from train_helpers import cuda_kernel_names
 
 from test_nf4_gemv import (DEVICES, DTYPES, HAS_CUDA, _dtype_id, assert_close_to_reference, check_compiles_fullgraph,
                            check_gradients, make_case, opcheck_op)
@@ -137,26 +138,19 @@ def test_cuda_kernel_is_registered():
 SM80 = HAS_CUDA and torch.cuda.get_device_capability()[0] >= 8
 
 
-def _cuda_kernel_names(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
 @pytest.mark.not_under_sanitizer  # reads kernel names from torch.profiler (CUPTI)
 @pytest.mark.skipif(not SM80, reason="the tensor-core path needs an sm_80+ GPU")
 def test_cuda_takes_the_tensor_core_kernel():
     # The fast path must really run (a silent fallback to dequantize + cuBLAS would pass every
     # accuracy test), split-K must add its reduction, and K % 64 != 0 must not reach the kernel.
     x, weight, bias = make_case("cuda", torch.bfloat16, 100, 256, 1024)
-    names = _cuda_kernel_names(lambda: gemm(x, weight, bias))
+    names = cuda_kernel_names(lambda: gemm(x, weight, bias))
     assert any("nf4_gemm_mma_kernel" in n for n in names), names
     x, weight, bias = make_case("cuda", torch.bfloat16, 33, 128, 8192)
-    names = _cuda_kernel_names(lambda: gemm(x, weight, bias))
+    names = cuda_kernel_names(lambda: gemm(x, weight, bias))
     assert any("nf4_gemm_mma_kernel" in n for n in names) and any("nf4_gemm_reduce_kernel" in n for n in names), names
     x, weight, bias = make_case("cuda", torch.bfloat16, 40, 64, 96)
-    names = _cuda_kernel_names(lambda: gemm(x, weight, bias))
+    names = cuda_kernel_names(lambda: gemm(x, weight, bias))
     assert not any("nf4_gemm_mma_kernel" in n for n in names), names
 
 

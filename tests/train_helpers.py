@@ -242,3 +242,12 @@ class CountDoRANorms:
 
         monkeypatch.setattr(dora, "dora_scale", counted_one)
         monkeypatch.setattr(dora, "dora_scale_stacked", counted_stacked)
+
+
+def cuda_kernel_names(fn) -> list[str]:
+    """The names of the CUDA kernels that fn() launches (torch.profiler; not under the sanitizer,
+    whose CUPTI use excludes the profiler's: mark such tests not_under_sanitizer)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]

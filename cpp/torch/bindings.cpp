@@ -1,6 +1,7 @@
 // The Python module qlora_ext._C. Importing it registers every operator (schemas.cpp and the
-// TORCH_LIBRARY_IMPL blocks); the module itself reports how it was built, and holds the switch
-// between nf4_gemv's CUDA kernel variants (for measuring them against each other in one process).
+// TORCH_LIBRARY_IMPL blocks); the module itself reports how it was built, and holds the switches
+// between CUDA kernel variants (nf4_gemv's; dora_scale's A·Aᵀ), for measuring them against each
+// other in one process.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -9,6 +10,7 @@
 #include <vector>
 
 #if defined(QLORA_WITH_CUDA)
+#include "dora_args.h"
 #include "qlora/kernels_cuda.h"
 #endif
 
@@ -39,6 +41,21 @@ PYBIND11_MODULE(_C, m) {
     return qlora::nf4_gemv_cuda_variant();
 #else
     return 0;
+#endif
+  });
+  // dora_scale's A·Aᵀ on CUDA: qlora's kernel (true) or at::mm (false); see dora_ops_cuda.cpp.
+  m.def("_dora_gram_kernel", []() {
+#if defined(QLORA_WITH_CUDA)
+    return qlora_torch::dora_gram_kernel();
+#else
+    return false;
+#endif
+  });
+  m.def("_set_dora_gram_kernel", [](bool enabled) {
+#if defined(QLORA_WITH_CUDA)
+    qlora_torch::set_dora_gram_kernel(enabled);
+#else
+    if (enabled) throw std::invalid_argument("enabled: this qlora_ext build has no CUDA kernels");
 #endif
   });
   m.def("_set_nf4_gemv_variant", [](int variant) {

@@ -48,4 +48,9 @@ struct DoRAColumnScaleArgs {
 DoRAColumnScaleArgs check_dora_column_scale(const at::Tensor& z, const at::Tensor& col_scale,
                                             const std::optional<at::Tensor>& bias);
 
+// dora_ops_cuda.cpp (CUDA builds): whether dora_scale takes G = A·Aᵀ from qlora's kernel (true)
+// or at::mm (false, the default); process-wide (bindings.cpp: _C._set_dora_gram_kernel).
+void set_dora_gram_kernel(bool enabled);
+bool dora_gram_kernel();
+
 }  // namespace qlora_torch

@@ -1,8 +1,11 @@
-// CUDA registrations of the DoRA operators: validate (dora_args.h), guard the device, G = A·Aᵀ by
-// at::mm (cuBLAS), then one launch (forward) or two (backward) on the current stream.
+// CUDA registrations of the DoRA operators: validate (dora_args.h), guard the device, G = A·Aᵀ
+// (at::mm, or qlora's kernel: set_dora_gram_kernel), then one launch (forward) or two (backward)
+// on the current stream.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <atomic>
 
 #include "dora_args.h"
 #include "op_args.h"
@@ -16,11 +19,27 @@ void check_launch(cudaError_t status, const char* op) {
               cudaGetErrorString(status));
 }
 
+// G = A·Aᵀ by qlora's own kernel (one launch) or by at::mm (cuBLAS: an SGEMM and a split-K
+// reduction on the H100): process-wide, set from Python (dora.GRAM_KERNEL_DEVICES) so that one
+// process can measure both; at::mm until a GPU run has tested and measured the kernel.
+std::atomic<bool> gram_kernel{false};
+
 std::tuple<at::Tensor, at::Tensor> dora_scale_impl(const DoRAScaleArgs& a) {
   const c10::cuda::CUDAGuard guard(a.wa.device());
-  const at::Tensor gram = at::mm(a.lora_a, a.lora_a.t()).contiguous();  // [S·r, S·r]
   at::Tensor col_scale = at::empty({a.N}, a.wa.options());
   at::Tensor inv_norm = at::empty({a.N}, a.wa.options().dtype(at::kFloat));
+  if (a.N == 0) return {col_scale, inv_norm};
+  const int64_t width = a.stack.count * a.r;
+  at::Tensor gram;  // [S·r, S·r]; the kernels read its diagonal blocks G_jj = A_j·A_jᵀ only
+  if (gram_kernel.load(std::memory_order_relaxed)) {
+    gram = at::empty({width, width}, a.lora_a.options());
+    check_launch(qlora::dora_gram_cuda(a.lora_a.data_ptr<float>(), a.lora_a.size(1), a.r,
+                                       a.stack.count, gram.data_ptr<float>(),
+                                       at::cuda::getCurrentCUDAStream()),
+                 "dora_scale (A·Aᵀ)");
+  } else {
+    gram = at::mm(a.lora_a, a.lora_a.t()).contiguous();
+  }
   check_launch(qlora::dora_scale_cuda(a.wa.data_ptr(), a.type, a.lora_b.data_ptr<float>(),
                                       gram.data_ptr<float>(), a.weight_sq.data_ptr<float>(),
                                       a.magnitude.data_ptr<float>(), a.N, a.r, a.stack,
@@ -85,6 +104,9 @@ at::Tensor dora_column_scale_cuda(const at::Tensor& z, const at::Tensor& col_sca
 }
 
 }  // namespace
+
+void set_dora_gram_kernel(bool enabled) { gram_kernel.store(enabled, std::memory_order_relaxed); }
+bool dora_gram_kernel() { return gram_kernel.load(std::memory_order_relaxed); }
 
 TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("dora_scale", &dora_scale_cuda);

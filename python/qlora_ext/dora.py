@@ -102,6 +102,24 @@ def dora_scale_backward_reference(dy: Tensor, z: Tensor, col_scale: Tensor, inv_
     return dy * col_scale, rows.sum(0) * inv_norm
 
 
+#: Device types where dora_scale takes A·Aᵀ from qlora's own kernel (one launch: one CTA per entry
+#: of its diagonal blocks, deterministic) instead of at::mm, which cuBLAS ran on the H100 as an
+#: SGEMM plus a split-K reduction (lora_family_dora_profile_concat_*_h100.txt): on a host-bound
+#: step every launch counts. The CPU always takes at::mm. CUDA joins once a GPU run has tested and
+#: measured it.
+GRAM_KERNEL_DEVICES: tuple[str, ...] = ()
+_gram_kernel_set: list = [None]  # what the native switch holds (set on first CUDA use)
+
+
+def _select_gram_kernel(wa: Tensor) -> None:
+    """Sets the native A·Aᵀ switch to GRAM_KERNEL_DEVICES' choice for a CUDA call (when it changed)."""
+    if wa.device.type == "cuda":
+        wanted = "cuda" in GRAM_KERNEL_DEVICES
+        if _gram_kernel_set[0] is not wanted:
+            native()._set_dora_gram_kernel(wanted)
+            _gram_kernel_set[0] = wanted
+
+
 def dora_scale(wa: Tensor, lora_A: Tensor, lora_B: Tensor, weight_sq: Tensor, magnitude: Tensor,
                scale: float) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(col_scale = m / ‖W + s·B·A‖_row [N] in wa's dtype, inv_norm fp32 [N]) from wa = deq(W)·Aᵀ
@@ -109,6 +127,7 @@ def dora_scale(wa: Tensor, lora_A: Tensor, lora_B: Tensor, weight_sq: Tensor, ma
     where the reference takes six. Not differentiable: the norm is detached, and m's gradient
     comes from dora_scale_backward."""
     if wa.dtype in NATIVE_DTYPES:
+        _select_gram_kernel(wa)
         return torch.ops.qlora_ext.dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, float(scale))
     return dora_scale_reference(wa, lora_A, lora_B, weight_sq, magnitude, scale)
 
@@ -134,6 +153,7 @@ def dora_scale_stacked(wa: Tensor, lora_A: Tensor, lora_B: Tensor, weight_sq: Te
     concatenated: what dora_scale gives them one by one (the same kernel arithmetic; A·Aᵀ is one
     GEMM over the stacked A's, whose blocking may round differently from S small ones)."""
     if wa.dtype in NATIVE_DTYPES:
+        _select_gram_kernel(wa)
         return torch.ops.qlora_ext.dora_scale_stacked(wa, lora_A, lora_B, weight_sq, magnitude, list(rows),
                                                       [float(s) for s in scales])  # fmt: skip
     return dora_scale_stacked_reference(wa, lora_A, lora_B, weight_sq, magnitude, rows, scales)

@@ -72,6 +72,12 @@ cudaError_t dora_scale_cuda(const void* wa, FloatType type, const float* lora_b,
                             int64_t N, int64_t r, const DoRAStack& stack, void* col_scale,
                             float* inv_norm, cudaStream_t stream);
 
+// dora_cuda.cu, gram's diagonal blocks G_jj = A_j·A_jᵀ [r, r] (fp32) of the S = `layers` stacked
+// A_j (rows j·r.. of lora_a [S·r, K], fp32, contiguous), written into gram [S·r, S·r] at block
+// (j, j); the other blocks are left as they are. On `stream`.
+cudaError_t dora_gram_cuda(const float* lora_a, int64_t K, int64_t r, int layers, float* gram,
+                           cudaStream_t stream);
+
 // dora_cuda.cu, the backward above for all of [M, N] (M >= 1, N >= 1). `partial` is fp32 scratch
 // of dora_backward_chunks(M, N, num_sms) * N elements: per-chunk column sums, reduced in a
 // fixed order by a second launch, so dmagnitude is deterministic (no atomics).
