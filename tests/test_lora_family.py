@@ -4,6 +4,7 @@ save -> load round trips, PEFT interop where PEFT has the method, and clear erro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -675,10 +676,17 @@ def test_torch_compile_dora_layer():
 GRAM_KERNEL = pytest.mark.parametrize("gram", ["mm", "kernel"], ids=["gram-mm", "gram-kernel"])
 
 
-def _select_gram(gram: str, device: str, monkeypatch) -> None:
+@contextlib.contextmanager
+def _gram_selected(gram: str, device: str):
+    """dora.GRAM_KERNEL_DEVICES set for `gram` within the block (a CPU test of "kernel" skips)."""
     if gram == "kernel" and device != "cuda":
         pytest.skip("the A·Aᵀ kernel is CUDA's")
-    monkeypatch.setattr(qlora_ext.dora, "GRAM_KERNEL_DEVICES", ("cuda",) if gram == "kernel" else ())
+    saved = qlora_ext.dora.GRAM_KERNEL_DEVICES
+    qlora_ext.dora.GRAM_KERNEL_DEVICES = ("cuda",) if gram == "kernel" else ()
+    try:
+        yield
+    finally:
+        qlora_ext.dora.GRAM_KERNEL_DEVICES = saved
 
 from qlora_ext.dora import (  # noqa: E402
     dora_column_scale,
@@ -695,9 +703,13 @@ from qlora_ext.dora import (  # noqa: E402
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("n,r", [(45, 4), (1, 1), (300, 16), (96, 80)], ids=["odd", "1x1", "r16", "r80"])
 @GRAM_KERNEL
-def test_dora_scale_matches_reference(n, r, dtype, device, gram, monkeypatch):
+def test_dora_scale_matches_reference(n, r, dtype, device, gram):
     """The native scale vs its reference, and n vs the dense norm ‖W + s·B·A‖_row."""
-    _select_gram(gram, device, monkeypatch)
+    with _gram_selected(gram, device):
+        _check_dora_scale(n, r, dtype, device)
+
+
+def _check_dora_scale(n, r, dtype, device):
     g = torch.Generator().manual_seed(n + r)
     k = 70
     w = torch.randn(n, k, generator=g).to(device)
@@ -724,11 +736,15 @@ def test_dora_scale_matches_reference(n, r, dtype, device, gram, monkeypatch):
 @pytest.mark.parametrize("rows,r", [([45, 7, 7], 4), ([1], 1), ([0, 5, 3], 16), ([300, 64, 64, 17], 16),
                                     ([33, 40], 33)], ids=["qkv-odd", "one", "empty-layer", "four", "r33"])  # fmt: skip
 @GRAM_KERNEL
-def test_dora_scale_stacked_matches_one_layer_at_a_time(rows, r, dtype, device, gram, monkeypatch):
+def test_dora_scale_stacked_matches_one_layer_at_a_time(rows, r, dtype, device, gram):
     """S layers' scales from one call on stacked rows equal dora_scale of each layer (and the
     reference, and the dense norm): each row reads its own layer's column block of wa, diagonal
     block of A·Aᵀ and scale. r = 33 takes the kernel without registers on CUDA."""
-    _select_gram(gram, device, monkeypatch)
+    with _gram_selected(gram, device):
+        _check_dora_scale_stacked(rows, r, dtype, device)
+
+
+def _check_dora_scale_stacked(rows, r, dtype, device):
     g = torch.Generator().manual_seed(sum(rows) + r)
     k, layers = 70, len(rows)
     ws = [torch.randn(n, k, generator=g).to(device) for n in rows]

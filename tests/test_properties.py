@@ -260,9 +260,20 @@ def test_swiglu_scaled_matches_the_reference(shape, dtype, seed, device):
 
 
 @PROFILE
-@given(n=st.integers(1, 400), r=st.integers(1, 40), dtype=st.sampled_from(FLOATS), device=st.sampled_from(DEVICES))
-def test_dora_scale_matches_the_reference(n, r, dtype, device):
-    test_lora_family.test_dora_scale_matches_reference(n, r, dtype, device)
+@given(n=st.integers(1, 400), r=st.integers(1, 40), dtype=st.sampled_from(FLOATS), device=st.sampled_from(DEVICES),
+       gram_kernel=st.booleans())  # fmt: skip
+def test_dora_scale_matches_the_reference(n, r, dtype, device, gram_kernel):
+    gram = "kernel" if gram_kernel and device == "cuda" else "mm"  # the A·Aᵀ kernel is CUDA's
+    test_lora_family.test_dora_scale_matches_reference(n, r, dtype, device, gram)
+
+
+@PROFILE
+@given(rows=st.lists(st.integers(0, 120), min_size=1, max_size=4).filter(lambda rows: sum(rows) > 0),
+       r=st.integers(1, 40), dtype=st.sampled_from(FLOATS), device=st.sampled_from(DEVICES),
+       gram_kernel=st.booleans())  # fmt: skip
+def test_dora_scale_stacked_matches_one_layer_at_a_time(rows, r, dtype, device, gram_kernel):
+    gram = "kernel" if gram_kernel and device == "cuda" else "mm"
+    test_lora_family.test_dora_scale_stacked_matches_one_layer_at_a_time(rows, r, dtype, device, gram)
 
 
 # Leading dims of dy / z. At most one of them 0: opcheck's input copy (torch._dynamo's clone_input,
