@@ -982,3 +982,21 @@ def test_torch_compile_fullgraph_block(backend):
     compiled = run(torch.compile(layer, fullgraph=True, backend=backend))
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_past_autograd_skips_only_what_records_nothing(grad):
+    # Without grad mode the call bypasses the op's Python autograd (same result, nothing recorded);
+    # with it, autograd records as for a plain call.
+    from qlora_ext._ops import past_autograd
+
+    gate, up = (torch.randn(5, 24, requires_grad=True) for _ in range(2))
+    with torch.set_grad_enabled(grad):
+        got = past_autograd(torch.ops.qlora_ext.swiglu, gate, up, False)
+        want = torch.ops.qlora_ext.swiglu(gate, up, False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got.requires_grad == grad and (got.grad_fn is not None) == grad
+    if grad:
+        (dg,) = torch.autograd.grad(got.sum(), gate)
+        (want_dg,) = torch.autograd.grad(want.sum(), gate)
+        torch.testing.assert_close(dg, want_dg, rtol=0, atol=0)

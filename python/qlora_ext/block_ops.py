@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ._native import native
+from ._ops import past_autograd
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -53,7 +54,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, cast_before_weight: b
     `weight * (x * rsqrt(mean(x²) + eps)).to(x.dtype)`, output in promote(x.dtype, weight.dtype).
     False multiplies by the weight in fp32 and rounds once to x's dtype (qlora_ext's builtin
     TinyLlama, and the usual choice for fp32 norm weights in 16-bit models)."""
-    return _ops().rms_norm(x, weight, float(eps), cast_before_weight)[0]
+    return past_autograd(_ops().rms_norm, x, weight, float(eps), cast_before_weight)[0]
 
 
 def _tables(q: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -77,7 +78,7 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
     projection output is read without a copy); cos, sin [B or 1, T, Dh] or [T, Dh], as
     transformers' rotary embeddings return them (the two halves equal)."""
     cos, sin = _tables(q, cos, sin)
-    return _ops().rope(q, k, cos, sin, False)
+    return past_autograd(_ops().rope, q, k, cos, sin, False)
 
 
 def rope_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -104,7 +105,7 @@ def swiglu(gate: Tensor, up: Tensor, backward_inplace: bool = False) -> Tensor:
 
     backward_inplace=True: gate and up are dead after this call (nothing else reads them, not even
     another autograd node), so the backward may write its gradients over them."""
-    return _ops().swiglu(gate, up, backward_inplace)
+    return past_autograd(_ops().swiglu, gate, up, backward_inplace)
 
 
 def swiglu_scaled(gate: Tensor, up: Tensor, gate_scale: Tensor, up_scale: Tensor) -> Tensor:
@@ -113,7 +114,7 @@ def swiglu_scaled(gate: Tensor, up: Tensor, gate_scale: Tensor, up_scale: Tensor
     qlora_ext::dora_column_scale stores it: DoRA's gate and up projections (c ⊙ z) without
     writing them out. Differentiable in all four (d gate = dg ⊙ gate_scale, d gate_scale =
     Σ_rows dg ⊙ gate, in fp32, dg the gradient for g)."""
-    return _ops().swiglu_scaled(gate, up, gate_scale, up_scale)
+    return past_autograd(_ops().swiglu_scaled, gate, up, gate_scale, up_scale)
 
 
 def _root(t: Tensor) -> Tensor:
@@ -282,7 +283,7 @@ def register_fakes() -> None:
             grad_q = grad_k.new_zeros(ctx.shapes[0])
         if grad_k is None:
             grad_k = grad_q.new_zeros(ctx.shapes[1])
-        dq, dk = _ops().rope(grad_q, grad_k, cos, sin, not ctx.transpose)
+        dq, dk = past_autograd(_ops().rope, grad_q, grad_k, cos, sin, not ctx.transpose)
         return dq, dk, None, None, None
 
     torch.library.register_autograd("qlora_ext::rope", rope_backward, setup_context=rope_setup_context)

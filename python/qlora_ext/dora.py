@@ -113,7 +113,7 @@ _gram_kernel_set: list = [None]  # what the native switch holds (set on first CU
 
 def _select_gram_kernel(wa: Tensor) -> None:
     """Sets the native A·Aᵀ switch to GRAM_KERNEL_DEVICES' choice for a CUDA call (when it changed)."""
-    if wa.device.type == "cuda":
+    if wa.is_cuda:
         wanted = "cuda" in GRAM_KERNEL_DEVICES
         if _gram_kernel_set[0] is not wanted:
             native()._set_dora_gram_kernel(wanted)
@@ -203,7 +203,7 @@ def dora_column_scale_reference(z: Tensor, col_scale: Tensor, bias: Tensor | Non
 def dora_column_scale(z: Tensor, col_scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """y = z ⊙ col_scale (+ bias) [..., N], all of z's dtype: one pass on the native path."""
     if z.dtype in NATIVE_DTYPES:
-        return torch.ops.qlora_ext.dora_column_scale(z, col_scale, bias)
+        return _ops.past_autograd(torch.ops.qlora_ext.dora_column_scale, z, col_scale, bias)
     return dora_column_scale_reference(z, col_scale, bias)
 
 

@@ -138,7 +138,7 @@ def _norm(out: tuple):
 def _swiglu(g: Tensor, u: Tensor, native: bool) -> Tensor:
     """h = silu(g) ⊙ u: the fused kernel (block_ops; fp32 math, one rounding) or PyTorch's
     composite; forward and backward's recomputation take the same route, so they agree bit for bit."""
-    return torch.ops.qlora_ext.swiglu(g, u) if native else F.silu(g) * u
+    return _ops.past_autograd(torch.ops.qlora_ext.swiglu, g, u) if native else F.silu(g) * u
 
 
 def _swiglu_backward_(dh: Tensor, g: Tensor, u: Tensor, native: bool) -> tuple[Tensor, Tensor]:
@@ -167,7 +167,7 @@ class _GateUp:
 
     def h(self) -> Tensor:
         if self.scales is not None:
-            return torch.ops.qlora_ext.swiglu_scaled(self.g, self.u, *self.scales)
+            return _ops.past_autograd(torch.ops.qlora_ext.swiglu_scaled, self.g, self.u, *self.scales)
         return _swiglu(self.g, self.u, self.native)
 
     def backward(self, dh: Tensor) -> tuple[Tensor, Tensor]:
