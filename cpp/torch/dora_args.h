@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "qlora/dora.h"
@@ -29,6 +30,26 @@ DoRAScaleArgs check_dora_scale(const at::Tensor& wa, const at::Tensor& lora_A,
                                const at::Tensor& lora_B, const at::Tensor& weight_sq,
                                const at::Tensor& magnitude, double scale,
                                at::IntArrayRef rows = {}, at::ArrayRef<double> scales = {});
+
+// The two schemas' entry points over one device's implementation `Impl` (validated arguments ->
+// (col_scale, inv_norm)), for the CPU and CUDA registrations.
+using DoRAScaleImpl = std::tuple<at::Tensor, at::Tensor> (*)(const DoRAScaleArgs&);
+
+template <DoRAScaleImpl Impl>
+std::tuple<at::Tensor, at::Tensor> dora_scale_op(const at::Tensor& wa, const at::Tensor& lora_A,
+                                                 const at::Tensor& lora_B,
+                                                 const at::Tensor& weight_sq,
+                                                 const at::Tensor& magnitude, double scale) {
+  return Impl(check_dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, scale));
+}
+
+template <DoRAScaleImpl Impl>
+std::tuple<at::Tensor, at::Tensor> dora_scale_stacked_op(
+    const at::Tensor& wa, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& weight_sq, const at::Tensor& magnitude, at::IntArrayRef rows,
+    at::ArrayRef<double> scales) {
+  return Impl(check_dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, 0.0, rows, scales));
+}
 
 struct DoRAScaleBackwardArgs {
   at::Tensor dy, z, col_scale;  // [M, N], [M, N], [N] of `type`, contiguous

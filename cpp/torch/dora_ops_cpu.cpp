@@ -31,21 +31,6 @@ std::tuple<at::Tensor, at::Tensor> dora_scale_impl(const DoRAScaleArgs& a) {
   return {col_scale, inv_norm};
 }
 
-std::tuple<at::Tensor, at::Tensor> dora_scale_cpu(const at::Tensor& wa, const at::Tensor& lora_A,
-                                                  const at::Tensor& lora_B,
-                                                  const at::Tensor& weight_sq,
-                                                  const at::Tensor& magnitude, double scale) {
-  return dora_scale_impl(check_dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, scale));
-}
-
-std::tuple<at::Tensor, at::Tensor> dora_scale_stacked_cpu(
-    const at::Tensor& wa, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    const at::Tensor& weight_sq, const at::Tensor& magnitude, at::IntArrayRef rows,
-    at::ArrayRef<double> scales) {
-  return dora_scale_impl(
-      check_dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, 0.0, rows, scales));
-}
-
 std::tuple<at::Tensor, at::Tensor> dora_scale_backward_cpu(const at::Tensor& dy,
                                                            const at::Tensor& z,
                                                            const at::Tensor& col_scale,
@@ -90,8 +75,8 @@ at::Tensor dora_column_scale_cpu(const at::Tensor& z, const at::Tensor& col_scal
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
-  m.impl("dora_scale", &dora_scale_cpu);
-  m.impl("dora_scale_stacked", &dora_scale_stacked_cpu);
+  m.impl("dora_scale", &dora_scale_op<dora_scale_impl>);
+  m.impl("dora_scale_stacked", &dora_scale_stacked_op<dora_scale_impl>);
   m.impl("dora_scale_backward", &dora_scale_backward_cpu);
   m.impl("dora_column_scale", &dora_column_scale_cpu);
 }
