@@ -94,8 +94,10 @@ DORA_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 #: ops in all instead of 1,392; host time per layer over LoRA's, best rounds of two runs each:
 #: 1.13x and 1.13x with it, 1.22x and 1.17x without. On the H100 (2026-12-06, run.sh dora_new
 #: dora_ab) its CUDA tests passed and one profiled step's summed kernel time went 258.2 -> 253.9 ms
-#: at 8B and 62.7 -> 59.7 ms at 1B (seq 2048, r 16; lora_family_dora_ab_{8b,1b}_h100.json; that
-#: host was noisy, so its step times are not the evidence).
+#: at 8B and 62.7 -> 59.7 ms at 1B (seq 2048, r 16; lora_family_dora_ab_noisy_{8b,1b}_h100.json:
+#: that host was noisy, so its step times are not the evidence). On a quiet one, interleaved,
+#: QDoRA/QLoRA with it against without: 8B 1.125x / 1.158x, 1B 1.199x / 1.244x
+#: (lora_family_dora_concat_{8b,1b}_h100.json).
 DORA_CONCAT_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 #: Device types where _DoRAQKVConcat takes the three norms in one call (dora.dora_scale_stacked:
 #: W·Aᵀ as one GEMM over the stacked weights and A's, one A·Aᵀ, one norm kernel) instead of three
