@@ -86,9 +86,14 @@ CASES = {
                            {"qlora_ext.fused_qkv.DORA_STACKED_NORM_DEVICES": ("cpu", "cuda")}),
     # dora_scale's A·Aᵀ by qlora's kernel (one launch) instead of at::mm (cuBLAS: two), and both
     "dora+gram_kernel": ({"method": "dora"}, False, False, {"qlora_ext.dora.GRAM_KERNEL_DEVICES": ("cuda",)}),
-    "dora+stacked_norms+gram_kernel": ({"method": "dora"}, False, False,
-                                       {"qlora_ext.fused_qkv.DORA_STACKED_NORM_DEVICES": ("cpu", "cuda"),
-                                        "qlora_ext.dora.GRAM_KERNEL_DEVICES": ("cuda",)}),
+    # a DoRA MLP narrower than DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE (1B) keeps its down z on the device
+    "dora+narrow_z_on_device": ({"method": "dora"}, False, False,
+                                {"qlora_ext.fused_mlp.DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES": ("cuda",)}),
+    # the three candidates of 2026-12-06 (session 10) together
+    "dora+all_new": ({"method": "dora"}, False, False,
+                     {"qlora_ext.fused_qkv.DORA_STACKED_NORM_DEVICES": ("cpu", "cuda"),
+                      "qlora_ext.dora.GRAM_KERNEL_DEVICES": ("cuda",),
+                      "qlora_ext.fused_mlp.DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES": ("cuda",)}),
     "lora_fa": ({"method": "lora_fa"}, False, False),
     "vera": ({"method": "vera"}, False, False),
     "vera_r256": ({"method": "vera", "r": 256}, False, False),

@@ -279,19 +279,32 @@ class _CountProjections:
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "builtin", "llama-mlp-bias"])
 @pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunks-of-5-rows"])
 @pytest.mark.parametrize("method", ["lora", "dora"])
-@pytest.mark.parametrize("dora_keeps_z", ["on", "narrower-than-the-minimum", "off"], ids=lambda v: f"dora-keeps-z-{v}")
+@pytest.mark.parametrize("dora_keeps_z", ["on", "narrower-than-the-minimum", "narrow-on-device", "off"],
+                         ids=lambda v: f"dora-keeps-z-{v}")  # fmt: skip
 def test_recomputation_skips_the_unread_down_projection(device, kind, chunk, method, dora_keeps_z, monkeypatch):
     """A checkpointed layer's recomputation reads nothing of the MLP's output: a LoRA unit skips
     its down projection there (whole: one projection fewer per layer and step; chunked: the whole
     recomputation, gate/up/down per chunk), with bit-identical loss and gradients. DoRA's down
     projection needs its z for the magnitude's gradient: where the first forward keeps it
-    (DORA_KEEPS_DOWN_Z_DEVICES, MLPs at least DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE wide) DoRA skips as
-    much as LoRA, otherwise nothing."""
+    (DORA_KEEPS_DOWN_Z_DEVICES, MLPs at least DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE wide, offloaded
+    with the layer's input; or narrower ones on DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES, kept
+    on the device) DoRA skips as much as LoRA, otherwise nothing."""
     if method == "lora" and dora_keeps_z != "on":
         pytest.skip("the setting concerns DoRA only")
     monkeypatch.setattr(fused_mlp, "DORA_KEEPS_DOWN_Z_DEVICES", (device,) if dora_keeps_z != "off" else ())
-    minimum = {device: 1 << 20} if dora_keeps_z == "narrower-than-the-minimum" else {}
+    minimum = {device: 1 << 20} if dora_keeps_z in ("narrower-than-the-minimum", "narrow-on-device") else {}
     monkeypatch.setattr(fused_mlp, "DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE", minimum)
+    narrow = (device,) if dora_keeps_z == "narrow-on-device" else ()
+    monkeypatch.setattr(fused_mlp, "DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES", narrow)
+    offloads = []  # the offload flag of each kept down z
+    remember = fused_mlp.checkpointing.remember
+
+    def remembering(key, value, offload=False):
+        if key[0] == "qlora_ext.fused_mlp.z_down":
+            offloads.append(offload)
+        return remember(key, value, offload)
+
+    monkeypatch.setattr(fused_mlp.checkpointing, "remember", remembering)
     monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", chunk)  # 24 rows: 5 chunks
     results, counts = {}, {}
     for skip in (False, True):
@@ -309,8 +322,11 @@ def test_recomputation_skips_the_unread_down_projection(device, kind, chunk, met
     for name in grads_off:
         assert torch.equal(grads_on[name], grads_off[name]), name
     layers, chunks = 2, 5
-    saved = 0 if method == "dora" and dora_keeps_z != "on" else layers * (1 if chunk is None else 3 * chunks)
+    kept = method == "dora" and dora_keeps_z in ("on", "narrow-on-device")
+    saved = 0 if method == "dora" and not kept else layers * (1 if chunk is None else 3 * chunks)
     assert counts[False] - counts[True] == saved, counts
+    if kept:  # offloaded with the layer's input (where that is) only for the wide MLPs' rule
+        assert offloads and set(offloads) == {dora_keeps_z == "on"}, offloads
 
 
 @pytest.mark.parametrize("first,second", [(None, 5), (5, None)], ids=["whole-then-chunks", "chunks-then-whole"])

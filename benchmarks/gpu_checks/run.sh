@@ -128,10 +128,11 @@ for stage in "$@"; do
       # What the last session wrote without a GPU, on the GPU: the DoRA Q/K/V unit's norms in
       # one call (dora_scale_stacked; the unit tests pin it on for CUDA), dora_scale's A·Aᵀ
       # kernel (the op tests' gram-kernel cases), the checkpointing tests that count the norms;
-      # then dora_ab measures them (cases dora+stacked_norms, dora+gram_kernel and both).
+      # then dora_ab measures them (cases dora+stacked_norms, dora+gram_kernel, and with the 1B's
+      # down z kept on the device dora+narrow_z_on_device; all three: dora+all_new).
       step dora_new_tests "$PY" -m pytest -n 8 -q -p no:cacheprovider -rfE \
         tests/test_fused_qkv.py tests/test_lora_family.py tests/test_checkpointing.py tests/test_fused_mlp.py \
-        -k "dora or norm"
+        -k "dora or norm or unread"
       ;;
     dora_ab)
       # DoRA's kernels alone (bench_dora_kernels), then QDoRA vs QLoRA, the cases stepping in turns
@@ -145,7 +146,7 @@ for stage in "$@"; do
       step dora_kernels "$PY" benchmarks/bench_dora_kernels.py --out "$OUT/dora_kernels_h100.json"
       for shape in 8b 1b; do
         step "dora_ab_$shape" "$PY" benchmarks/bench_lora_family.py --shapes $shape \
-          --cases "${DORA_AB_CASES:-lora,dora,dora+stacked_norms,dora+gram_kernel,dora+stacked_norms+gram_kernel}" \
+          --cases "${DORA_AB_CASES:-lora,dora,dora+stacked_norms,dora+gram_kernel,dora+narrow_z_on_device,dora+all_new}" \
           --interleave --kernel-time --warmup 3 --steps 12 --out "$OUT/lora_family_dora_ab_${shape}_h100.json"
       done
       ;;

@@ -178,9 +178,13 @@ class _GateUp:
         return _swiglu_backward_(dh, self.g, self.u, self.native)
 
 
-def _keeps_down_z(device_type: str, intermediate: int) -> bool:
-    return (device_type in DORA_KEEPS_DOWN_Z_DEVICES
-            and intermediate >= DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE.get(device_type, 0))  # fmt: skip
+def _down_z_keeping(device_type: str, intermediate: int) -> str | None:
+    """How a DoRA unit's first forward keeps the down projection's z for the recomputation:
+    "offload" (with the layer's input where that is offloaded), "device" (kept on the device), or
+    None (the recomputation computes the projection again)."""
+    if device_type in DORA_KEEPS_DOWN_Z_DEVICES and intermediate >= DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE.get(device_type, 0):
+        return "offload"
+    return "device" if device_type in DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES else None
 
 
 def _scaled_swiglu_applies(kind: _Kind, x: Tensor, native: bool, gate_bias, up_bias) -> bool:
@@ -261,7 +265,8 @@ class _LoRAMLP(torch.autograd.Function):
         # forward keeps it for the recomputation (checkpointing.remember, offloaded with the
         # layer's input where that is), which can then skip the projection as LoRA's does.
         z_key = ("qlora_ext.fused_mlp.z_down", id(down_spec[0][0]), id(mags[2]) if mags else None)
-        keeps_z = kind.has_norm and _keeps_down_z(x.device.type, gate_spec[0][7][0])
+        z_keeping = _down_z_keeping(x.device.type, gate_spec[0][7][0]) if kind.has_norm else None
+        keeps_z = z_keeping is not None
         kept_z = checkpointing.replayed(z_key) if keeps_z and recompute == "skip" else None
         n_down = down_spec[0][7][0]
         if kept_z is not None and (kept_z.dtype != x.dtype or kept_z.device != x.device or norms[2] is None
@@ -286,7 +291,7 @@ class _LoRAMLP(torch.autograd.Function):
                     y_out, down = _project(kind, h, down_spec, down_bias, ad, bd, extras[2], ctx.needs[2], norms[2])
                     y, down_norm = y_out[0], _norm(y_out) if kind.has_norm else None
                     if keeps_z and recompute == "keep":
-                        checkpointing.remember(z_key, y_out[1], offload=True)
+                        checkpointing.remember(z_key, y_out[1], offload=z_keeping == "offload")
                 # down saved h as its input: dropped, backward recomputes it from g and u.
                 down.saved_tensors = (None, *down.saved_tensors[1:])
                 if kind.has_norm:
@@ -327,7 +332,7 @@ class _LoRAMLP(torch.autograd.Function):
             if kind.has_norm and norms[0] is not None:
                 checkpointing.remember(key, norms)
                 if keeps_z and recompute == "keep":
-                    checkpointing.remember(z_key, z_down, offload=True)
+                    checkpointing.remember(z_key, z_down, offload=z_keeping == "offload")
                 kept += (z_down, *(t for norm in norms for t in norm))
             ctx.save_for_backward(*kept)
             return y.view(*x.shape[:-1], y.shape[-1])
@@ -447,6 +452,13 @@ DORA_KEEPS_DOWN_Z_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 #: (8,192) 145.8 -> 148.8 ms (the extra device-to-host copy of [tokens, hidden] costs more than
 #: the GEMM it saves).
 DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE: dict[str, int] = {"cuda": 12288}
+#: Device types where a DoRA unit narrower than that still keeps the down projection's z, on the
+#: device instead (never offloaded: no device-to-host copy, the cost that made keeping it lose at
+#: 1B). The recomputation then skips that projection's dequantization, GEMM and column scale, which
+#: counts where the step is host-bound (1B). It holds [tokens, hidden] per layer on the device for
+#: the step: 176 MiB for a 1B model (22 layers, hidden 2048) at 2,048 tokens, 2.75 GiB at 32,768.
+#: Off until a GPU run has measured it (bench_lora_family case dora+narrow_z_on_device).
+DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES: tuple[str, ...] = ()
 _FEEDS_RESIDUAL = "_qlora_mlp_feeds_residual_only"  # its layer's forward hooks, set by enable_fused_mlp
 #: Share of the memory the process may still take (device_memory.available_bytes) that the
 #: unit's [rows, intermediate] activations may take before it works chunk by chunk.
