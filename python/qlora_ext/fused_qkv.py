@@ -154,11 +154,22 @@ def _cat_cast(a_s, dtype: torch.dtype) -> tuple[Tensor, list[int]]:
     return torch.cat(a_s).to(dtype), [t.shape[0] for t in a_s]
 
 
-def _add_low_rank(outs, x2: Tensor, a: Tensor, rs: list[int], b_s, scales) -> tuple[Tensor, list[Tensor]]:
+def _cast_bs(b_s, dtype: torch.dtype, b_cat: Tensor | None = None) -> list[Tensor]:
+    """The B's in `dtype`: where they need a cast and share a rank and a dtype, row blocks of one
+    cast of their concatenation `b_cat` (made here if None): two launches instead of three, the
+    same values. Otherwise each cast (no op where already in `dtype`)."""
+    if all(t.dtype == dtype for t in b_s) or len({(t.shape[1], t.dtype) for t in b_s}) != 1:
+        return [t.to(dtype) for t in b_s]
+    return list((torch.cat(b_s) if b_cat is None else b_cat).to(dtype).split([t.shape[0] for t in b_s]))
+
+
+def _add_low_rank(outs, x2: Tensor, a: Tensor, rs: list[int], b_s, scales,
+                  b_cat: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
     """outs[i] += s_i·(x·A_iᵀ)·B_iᵀ in place, nf4_lora_linear's order, with one thin GEMM
-    xa = x·[Aq; Ak; Av]ᵀ [M, rq+rk+rv]. Returns xa and the B's cast to x's dtype (saved for backward)."""
+    xa = x·[Aq; Ak; Av]ᵀ [M, rq+rk+rv]. Returns xa and the B's cast to x's dtype (saved for
+    backward); `b_cat`: [Bq; Bk; Bv] where the caller has it."""
     xa = F.linear(x2, a)
-    bs = [t.to(x2.dtype) for t in b_s]
+    bs = _cast_bs(b_s, x2.dtype, b_cat)
     for out, xa_i, b, s in zip(outs, xa.split(rs, dim=1), bs, scales):
         out.addmm_(xa_i, b.t(), alpha=s)
     return xa, bs
@@ -343,9 +354,10 @@ class _DoRAQKVConcat(torch.autograd.Function):
                 was = [dora.weight_times_a(w_i, a_i, args[:8])
                        for w_i, a_i, args in zip(w.split(ns), a.split(rs), weight_args)]  # fmt: skip
             del w  # the only dense W; gone before the thin products allocate
-            xa, bs = _add_low_rank(z.split(ns, dim=1), x2, a, rs, b_s, scales)
+            b_stacked = torch.cat(b_s) if stacked else None  # [Nq+Nk+Nv, r], the parameters' dtype
+            xa, bs = _add_low_rank(z.split(ns, dim=1), x2, a, rs, b_s, scales, b_stacked)
             if stacked:
-                c, inv_norm = dora.dora_scale_stacked(wa, a_stacked, torch.cat(b_s), torch.cat([e[1] for e in extras]),
+                c, inv_norm = dora.dora_scale_stacked(wa, a_stacked, b_stacked, torch.cat([e[1] for e in extras]),
                                                       torch.cat([e[0] for e in extras]), ns, scales)  # fmt: skip
                 norm = (inv_norm, c)
             elif norm is None:
