@@ -26,11 +26,14 @@ def step_profile(case: Case, host: bool) -> tuple[dict[str, tuple[float, int]], 
     """Of one step: kernel name -> (self CUDA ms, launches), and with `host` op or Python function
     name -> (self CPU ms, calls) (torch.profiler's CPU activity, with_stack off: aten/qlora ops and
     autograd Functions), else {}."""
-    torch.cuda.synchronize()
-    activities = [ProfilerActivity.CUDA, ProfilerActivity.CPU] if host else [ProfilerActivity.CUDA]
+    cuda = case.device.startswith("cuda")
+    activities = ([ProfilerActivity.CUDA] if cuda else []) + ([ProfilerActivity.CPU] if host or not cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
     with profile(activities=activities) as prof:
         case.step()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
     events = prof.key_averages()
     kernels = {e.key: (e.self_device_time_total / 1e3, e.count) for e in events if e.device_type == DeviceType.CUDA}
     cpu = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in events if e.device_type == DeviceType.CPU} if host else {}
@@ -53,17 +56,19 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda", help="cuda; cpu only to try the script (no kernels to list)")
     p.add_argument("--host", action="store_true",
                    help="also profile the host (self CPU time per op and autograd Function): where a host-bound "
                         "step spends its time")  # fmt: skip
     args = p.parse_args()
-    args.device, args.batch, args.lr, args.no_checkpointing = "cuda", 1, 1e-4, False
+    args.batch, args.lr, args.no_checkpointing = 1, 1e-4, False
     names = args.cases.split(",")
     unknown = [n for n in names if n not in CASES]
     if unknown:
         p.error(f"--cases: unknown {unknown}")
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     print(f"# {args.shape} seq {args.seq} r {args.r}: one profiled step per case after {args.warmup} warm-up steps, "
-          f"{torch.cuda.get_device_name()}, torch {torch.__version__}")  # fmt: skip
+          f"{device_name}, torch {torch.__version__}")  # fmt: skip
     profiles, hosts = {}, {}
     for name in names:
         case = Case(name, args.shape, args)

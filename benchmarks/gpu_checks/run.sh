@@ -149,6 +149,8 @@ for stage in "$@"; do
           --cases "${DORA_AB_CASES:-lora,dora,dora+stacked_norms,dora+gram_kernel,dora+narrow_z_on_device,dora+all_new}" \
           --interleave --kernel-time --warmup 3 --steps 12 --out "$OUT/lora_family_dora_ab_${shape}_h100.json"
       done
+      # where the host-bound 1B step spends its host time, QLoRA against QDoRA as it is by default
+      TAIL=40 step dora_profile_host_1b "$PY" benchmarks/profile_lora_family.py --shape 1b --cases lora,dora --host --top 30
       ;;
     train_ab)
       # The defaults against what they replaced, 8B: the recomputation that skips the MLP's down
