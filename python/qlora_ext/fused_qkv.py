@@ -103,10 +103,11 @@ DORA_CONCAT_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 #: W·Aᵀ as one GEMM over the stacked weights and A's, one A·Aᵀ, one norm kernel) instead of three
 #: (W_i·A_iᵀ, A_i·A_iᵀ and the kernel per projection, then two concatenations), where the three
 #: adapters have one rank. On the 2-core CPU (bench_host_overhead.py --methods lora,dora --profile
-#: --fused-cpu) a DoRA decoder layer dispatched 209 computing ops instead of 213 (LoRA: 175). On
-#: the H100 a QDoRA step launched ~50 kernels per layer more than QLoRA's (lora_family_dora_profile_
-#: concat_1b_h100.txt), this the Q/K/V norms' ~15 of them down to ~6; CUDA joins once a GPU run
-#: has tested and measured it.
+#: --fused-cpu) a DoRA decoder layer dispatched 208 computing ops instead of 213 (LoRA: 175), at
+#: no measurable difference in CPU time there (the W·Aᵀ GEMM has three times the columns, and CPU
+#: ops compute). On the H100 a QDoRA step launched ~50 kernels per layer more than QLoRA's
+#: (lora_family_dora_profile_concat_1b_h100.txt), this takes the Q/K/V norms' ~15 of them down to
+#: ~6; CUDA joins once a GPU run has tested and measured it.
 DORA_STACKED_NORM_DEVICES: tuple[str, ...] = ("cpu",)
 
 
