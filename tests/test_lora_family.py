@@ -784,6 +784,8 @@ def test_dora_scale_stacked_bad_input():
         op(wa, a, b, sq, m, [3, 3], [1.0])
     with pytest.raises(RuntimeError, match="rows must list 1 to 4 layers"):
         op(torch.randn(6, 10), torch.randn(10, 5), b, sq, m, [1, 1, 1, 1, 2], [1.0] * 5)
+    with pytest.raises(RuntimeError, match="rows must list 1 to 4 layers"):  # not one layer of scale 0
+        op(wa, a, b, sq, m, [], [])
     with pytest.raises(RuntimeError, match="rows must be >= 0"):
         op(wa, a, b, sq, m, [7, -1], [1.0, 1.0])
     with pytest.raises(RuntimeError, match=r"wa must be \[N, S·r\]"):

@@ -25,10 +25,9 @@ void check_device(const at::Tensor& t, const at::Tensor& reference, const char* 
 
 DoRAScaleArgs check_dora_scale(const at::Tensor& wa, const at::Tensor& lora_A,
                                const at::Tensor& lora_B, const at::Tensor& weight_sq,
-                               const at::Tensor& magnitude, double scale, at::IntArrayRef rows,
-                               at::ArrayRef<double> scales) {
+                               const at::Tensor& magnitude, double scale, bool stacked,
+                               at::IntArrayRef rows, at::ArrayRef<double> scales) {
   DoRAScaleArgs a;
-  const bool stacked = !rows.empty() || !scales.empty();
   const int64_t layers = stacked ? int64_t(rows.size()) : 1;
   QLORA_CHECK(layers >= 1 && layers <= qlora::kMaxDoRAStack, "rows must list 1 to ",
               qlora::kMaxDoRAStack, " layers' output rows, got ", rows.size());

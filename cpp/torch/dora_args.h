@@ -24,11 +24,12 @@ struct DoRAScaleArgs {
   qlora::DoRAStack stack;  // S layers' rows and scales (S = 1: all N rows, `scale`)
   qlora::FloatType type;
 };
-// dora_scale (one layer: `rows` and `scales` empty, `scale` its scale) and dora_scale_stacked
-// (S = rows.size() layers, `scale` unused): shapes as in qlora/dora.h's DoRAStack.
+// dora_scale (stacked false: one layer, `scale` its scale, `rows` and `scales` unused) and
+// dora_scale_stacked (stacked true: S = rows.size() layers, `scale` unused): shapes as in
+// qlora/dora.h's DoRAStack.
 DoRAScaleArgs check_dora_scale(const at::Tensor& wa, const at::Tensor& lora_A,
                                const at::Tensor& lora_B, const at::Tensor& weight_sq,
-                               const at::Tensor& magnitude, double scale,
+                               const at::Tensor& magnitude, double scale, bool stacked = false,
                                at::IntArrayRef rows = {}, at::ArrayRef<double> scales = {});
 
 // The two schemas' entry points over one device's implementation `Impl` (validated arguments ->
@@ -48,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> dora_scale_stacked_op(
     const at::Tensor& wa, const at::Tensor& lora_A, const at::Tensor& lora_B,
     const at::Tensor& weight_sq, const at::Tensor& magnitude, at::IntArrayRef rows,
     at::ArrayRef<double> scales) {
-  return Impl(check_dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, 0.0, rows, scales));
+  return Impl(check_dora_scale(wa, lora_A, lora_B, weight_sq, magnitude, 0.0, true, rows, scales));
 }
 
 struct DoRAScaleBackwardArgs {
