@@ -4,7 +4,8 @@
 # goes to benchmarks/results/ once reviewed.
 #
 #     bash benchmarks/gpu_checks/run.sh build tests        # build for sm_90, full pytest on the GPU, leak check
-#     bash benchmarks/gpu_checks/run.sh build sanitize     # compute-sanitizer over the pytest CUDA tests
+#     bash benchmarks/gpu_checks/run.sh build sanitize     # compute-sanitizer over the workload, then the pytest CUDA tests
+#     bash benchmarks/gpu_checks/run.sh build sanitize_workload # the workload only (every kernel; minutes)
 #     bash benchmarks/gpu_checks/run.sh build train        # 8B seq 2048 + 8192 and 1B: ours (offloaded checkpoints), ours_resident, Unsloth, bnb+PEFT
 #     bash benchmarks/gpu_checks/run.sh build longest      # longest sequence under a 24 GiB cap (LONGEST_STACKS=ours, =unsloth)
 #     bash benchmarks/gpu_checks/run.sh build kernels      # NF4 GEMV/GEMM, block ops, DoRA/LoRA family, PagedAdamW
@@ -76,10 +77,12 @@ for stage in "$@"; do
       step pytest "$PY" -m pytest tests -n 12 -q -p no:cacheprovider -rfE
       step leak "$PY" benchmarks/leak_check.py --out "$OUT/leak_h100.json"
       ;;
-    sanitize)
-      # twice: the second time with dora_scale's former kernel (QLORA_DORA_SCALE_KERNEL=rows)
+    sanitize|sanitize_workload)
+      # The workload (every qlora kernel, seconds of GPU time) under the three tools, twice: the
+      # second time with dora_scale's former kernel (QLORA_DORA_SCALE_KERNEL=rows); then, for
+      # "sanitize", the pytest CUDA suite too (sanitize_tests.sh: calls' worth of time)
       step sanitize_workload bash -c "for k in registers rows; do for t in memcheck racecheck initcheck; do QLORA_DORA_SCALE_KERNEL=\$k compute-sanitizer --tool \$t --error-exitcode 9 $PY benchmarks/sanitize_workload.py 2>&1 | tail -2; done; done"
-      step sanitize_tests bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_h100.txt"
+      [ "$stage" = sanitize ] && step sanitize_tests bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_h100.txt"
       ;;
     train)
       step train_8b "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps 8 \
