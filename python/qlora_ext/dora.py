@@ -108,16 +108,15 @@ def dora_scale_backward_reference(dy: Tensor, z: Tensor, col_scale: Tensor, inv_
 #: step every launch counts. The CPU always takes at::mm. CUDA joins once a GPU run has tested and
 #: measured it.
 GRAM_KERNEL_DEVICES: tuple[str, ...] = ()
-_gram_kernel_set: list = [None]  # what the native switch holds (set on first CUDA use)
 
 
 def _select_gram_kernel(wa: Tensor) -> None:
-    """Sets the native A·Aᵀ switch to GRAM_KERNEL_DEVICES' choice for a CUDA call (when it changed)."""
+    """Sets the native A·Aᵀ switch to GRAM_KERNEL_DEVICES' choice for a CUDA call where it differs
+    (read from the switch itself each call: whoever else set it, it never goes stale)."""
     if wa.is_cuda:
-        wanted = "cuda" in GRAM_KERNEL_DEVICES
-        if _gram_kernel_set[0] is not wanted:
-            native()._set_dora_gram_kernel(wanted)
-            _gram_kernel_set[0] = wanted
+        wanted, module = "cuda" in GRAM_KERNEL_DEVICES, native()
+        if module._dora_gram_kernel() != wanted:
+            module._set_dora_gram_kernel(wanted)
 
 
 def dora_scale(wa: Tensor, lora_A: Tensor, lora_B: Tensor, weight_sq: Tensor, magnitude: Tensor,

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _ops, checkpointing, device_memory
+from . import _ops, block_ops, checkpointing, device_memory
 from .adapters import LoRAAdapter
 from .dora import DoRAAdapter, _nf4_dora_backward, _nf4_dora_setup, dora_output, dora_project
 from .fused_blocks import FUSED_DEVICES, HF_MODEL_TYPES
@@ -138,7 +138,7 @@ def _norm(out: tuple):
 def _swiglu(g: Tensor, u: Tensor, native: bool) -> Tensor:
     """h = silu(g) ⊙ u: the fused kernel (block_ops; fp32 math, one rounding) or PyTorch's
     composite; forward and backward's recomputation take the same route, so they agree bit for bit."""
-    return _ops.past_autograd(torch.ops.qlora_ext.swiglu, g, u) if native else F.silu(g) * u
+    return block_ops.swiglu(g, u) if native else F.silu(g) * u
 
 
 def _swiglu_backward_(dh: Tensor, g: Tensor, u: Tensor, native: bool) -> tuple[Tensor, Tensor]:
@@ -167,7 +167,7 @@ class _GateUp:
 
     def h(self) -> Tensor:
         if self.scales is not None:
-            return _ops.past_autograd(torch.ops.qlora_ext.swiglu_scaled, self.g, self.u, *self.scales)
+            return block_ops.swiglu_scaled(self.g, self.u, *self.scales)
         return _swiglu(self.g, self.u, self.native)
 
     def backward(self, dh: Tensor) -> tuple[Tensor, Tensor]:
