@@ -3,13 +3,14 @@ median device time per call (CUDA events, inputs rotated so none is served from 
 
 - dora_scale (n² and c = m/n per output row, from W·Aᵀ): the kernel in use (the registers kernel;
   run the script once more with QLORA_DORA_SCALE_KERNEL=rows to time the former one: the choice
-  is read once per process) with A·Aᵀ as the defaults take it, then by qlora's A·Aᵀ kernel
-  (dora.GRAM_KERNEL_DEVICES), and the six-op PyTorch reference.
+  is read once per process) with A·Aᵀ by qlora's kernel (the CUDA default, dora.GRAM_KERNEL_DEVICES)
+  and by at::mm ("mm"), and the six-op PyTorch reference.
 - y = z ⊙ c: qlora_ext::dora_column_scale (16-byte accesses) vs PyTorch's broadcasting multiply.
 - dora_scale_backward (dz = dy ⊙ c, dm = Σ_rows dy ⊙ z / n): one pass over dy and z.
 - The MLP's SwiGLU of DoRA's gate and up outputs (c ⊙ z), 8B intermediate width: swiglu_scaled
   reading z and c, against the column scale of both then swiglu (forward), and against the same
-  two column scales then swiglu_backward (backward).
+  two column scales then swiglu_backward (backward); DoRA's gate/up backward from dh in one
+  swiglu_scaled_dora_backward against swiglu_scaled_backward then two dora_scale_backward.
 
 Each op is first checked against its reference on the benchmark's inputs.
 
@@ -52,15 +53,15 @@ def bench_projection(name: str, n: int, k: int, tokens: int, r: int, reps: int) 
         return wa, a, b, weight_sq, m
 
     scale_sets = rotated(scale_inputs, n * r * 6 + k * r * 4)
-    got = dora.dora_scale(*scale_sets[0], s)
     want = dora.dora_scale_reference(*scale_sets[0], s)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=0)
-    scale_ms = median_ms_cuda(lambda t: dora.dora_scale(*t, s), scale_sets, reps)
     scale_ref_ms = median_ms_cuda(lambda t: dora.dora_scale_reference(*t, s), scale_sets, reps)
-    saved, dora.GRAM_KERNEL_DEVICES = dora.GRAM_KERNEL_DEVICES, ("cuda",)  # A·Aᵀ by qlora's kernel
+    scale_ms = {}  # A·Aᵀ by at::mm (cuBLAS), then by qlora's kernel (dora.GRAM_KERNEL_DEVICES)
+    saved = dora.GRAM_KERNEL_DEVICES
     try:
-        torch.testing.assert_close(dora.dora_scale(*scale_sets[0], s)[1], want[1], rtol=1e-5, atol=0)
-        scale_gram_kernel_ms = median_ms_cuda(lambda t: dora.dora_scale(*t, s), scale_sets, reps)
+        for gram, devices in (("mm", ()), ("gram_kernel", ("cuda",))):
+            dora.GRAM_KERNEL_DEVICES = devices
+            torch.testing.assert_close(dora.dora_scale(*scale_sets[0], s)[1], want[1], rtol=1e-5, atol=0)
+            scale_ms[gram] = median_ms_cuda(lambda t: dora.dora_scale(*t, s), scale_sets, reps)
     finally:
         dora.GRAM_KERNEL_DEVICES = saved
 
@@ -78,8 +79,8 @@ def bench_projection(name: str, n: int, k: int, tokens: int, r: int, reps: int) 
     return {
         "projection": name, "N": n, "K": k, "tokens": tokens, "r": r,
         "dora_scale_kernel": "rows" if os.environ.get("QLORA_DORA_SCALE_KERNEL") == "rows" else "registers",
-        "dora_scale_us": 1e3 * scale_ms, "dora_scale_reference_us": 1e3 * scale_ref_ms,
-        "dora_scale_gram_kernel_us": 1e3 * scale_gram_kernel_ms, "gram_kernel_default": "cuda" in dora.GRAM_KERNEL_DEVICES,
+        "dora_scale_mm_us": 1e3 * scale_ms["mm"], "dora_scale_reference_us": 1e3 * scale_ref_ms,
+        "dora_scale_gram_kernel_us": 1e3 * scale_ms["gram_kernel"], "gram_kernel_default": "cuda" in dora.GRAM_KERNEL_DEVICES,
         "column_scale_us": 1e3 * column_ms, "torch_mul_us": 1e3 * mul_ms,
         "column_scale_gbps": 2 * io_bytes / column_ms / 1e6, "torch_mul_gbps": 2 * io_bytes / mul_ms / 1e6,
         "scale_backward_us": 1e3 * backward_ms, "scale_backward_gbps": 3 * io_bytes / backward_ms / 1e6,
@@ -106,8 +107,23 @@ def bench_swiglu(tokens: int, width: int, reps: int) -> dict:
     fwd_before_ms = median_ms_cuda(two_passes_then(lambda t, g, u: ops.swiglu(g, u, False)), sets, reps)
     bwd_ms = median_ms_cuda(lambda t: ops.swiglu_scaled_backward(t[4], t[0], t[1], t[2], t[3]), sets, reps)
     bwd_before_ms = median_ms_cuda(two_passes_then(lambda t, g, u: ops.swiglu_backward_(t[4], g, u)), sets, reps)
+    # DoRA's whole gate/up backward from dh: one swiglu_scaled_dora_backward against
+    # swiglu_scaled_backward then dora_scale_backward of each gradient (the same bits, checked)
+    inv = torch.rand(width, device="cuda") + 0.5
+
+    def unfused(t):
+        dg, du = ops.swiglu_scaled_backward(t[4], t[0], t[1], t[2], t[3])
+        return ops.dora_scale_backward(dg, t[0], t[2], inv), ops.dora_scale_backward(du, t[1], t[3], inv)
+
+    (dz_g, dm_g), (dz_u, dm_u) = unfused(sets[0])
+    fused = ops.swiglu_scaled_dora_backward(dh, z_g, z_u, c_g, c_u, inv, inv)
+    assert all(torch.equal(a, b) for a, b in zip(fused, (dz_g, dz_u, dm_g, dm_u)))
+    dora_bwd_ms = median_ms_cuda(lambda t: ops.swiglu_scaled_dora_backward(t[4], t[0], t[1], t[2], t[3], inv, inv), sets, reps)
+    dora_bwd_before_ms = median_ms_cuda(unfused, sets, reps)
     return {"tokens": tokens, "width": width, "swiglu_scaled_us": 1e3 * fwd_ms, "column_scales_then_swiglu_us": 1e3 * fwd_before_ms,
-            "swiglu_scaled_backward_us": 1e3 * bwd_ms, "column_scales_then_swiglu_backward_us": 1e3 * bwd_before_ms}  # fmt: skip
+            "swiglu_scaled_backward_us": 1e3 * bwd_ms, "column_scales_then_swiglu_backward_us": 1e3 * bwd_before_ms,
+            "swiglu_scaled_dora_backward_us": 1e3 * dora_bwd_ms,
+            "swiglu_scaled_backward_then_scale_backwards_us": 1e3 * dora_bwd_before_ms}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -121,10 +137,10 @@ def main(argv=None) -> int:
         p.error("needs a CUDA device")
     torch.manual_seed(0)
     rows = [bench_projection(name, n, k, args.tokens, args.r, args.reps) for name, n, k in PROJECTIONS]
-    print(f"{'projection':10} {'N':>6} {'scale us':>9} {'(gram k)':>8} {'(ref)':>8} {'col us':>7} {'mul us':>7} "
+    print(f"{'projection':10} {'N':>6} {'scale us':>9} {'(mm)':>8} {'(ref)':>8} {'col us':>7} {'mul us':>7} "
           f"{'col GB/s':>9} {'mul GB/s':>9} {'bwd us':>7} {'bwd GB/s':>9}")  # fmt: skip
     for r in rows:
-        print(f"{r['projection']:10} {r['N']:>6} {r['dora_scale_us']:>9.1f} {r['dora_scale_gram_kernel_us']:>8.1f} "
+        print(f"{r['projection']:10} {r['N']:>6} {r['dora_scale_gram_kernel_us']:>9.1f} {r['dora_scale_mm_us']:>8.1f} "
               f"{r['dora_scale_reference_us']:>8.1f} "
               f"{r['column_scale_us']:>7.1f} {r['torch_mul_us']:>7.1f} {r['column_scale_gbps']:>9.0f} "
               f"{r['torch_mul_gbps']:>9.0f} {r['scale_backward_us']:>7.1f} {r['scale_backward_gbps']:>9.0f}")  # fmt: skip
@@ -132,7 +148,9 @@ def main(argv=None) -> int:
     print(f"SwiGLU of DoRA's gate/up [{args.tokens}, 14336]: forward {swiglu['swiglu_scaled_us']:.1f} us "
           f"(column scales + swiglu {swiglu['column_scales_then_swiglu_us']:.1f}), backward "
           f"{swiglu['swiglu_scaled_backward_us']:.1f} us (column scales + swiglu_backward_ "
-          f"{swiglu['column_scales_then_swiglu_backward_us']:.1f})")  # fmt: skip
+          f"{swiglu['column_scales_then_swiglu_backward_us']:.1f}); DoRA's gate/up backward from dh "
+          f"{swiglu['swiglu_scaled_dora_backward_us']:.1f} us (swiglu_scaled_backward + two scale backwards "
+          f"{swiglu['swiglu_scaled_backward_then_scale_backwards_us']:.1f})")  # fmt: skip
     result = {"environment": environment("cuda"), "rows": rows, "swiglu": swiglu}
     print(json.dumps(result))
     if args.out:

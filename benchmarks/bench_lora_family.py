@@ -81,19 +81,24 @@ CASES = {
     # DoRA's Q/K/V unit on the three weights one by one (fused_qkv._DoRAQKV) instead of the
     # concatenated ones (_DoRAQKVConcat, the default)
     "dora-qkv_concat": ({"method": "dora"}, False, False, {"qlora_ext.fused_qkv.DORA_CONCAT_DEVICES": ("cpu",)}),
-    # that unit's three norms in one call (dora_scale_stacked) instead of three
-    "dora+stacked_norms": ({"method": "dora"}, False, False,
-                           {"qlora_ext.fused_qkv.DORA_STACKED_NORM_DEVICES": ("cpu", "cuda")}),
-    # dora_scale's A·Aᵀ by qlora's kernel (one launch) instead of at::mm (cuBLAS: two), and both
-    "dora+gram_kernel": ({"method": "dora"}, False, False, {"qlora_ext.dora.GRAM_KERNEL_DEVICES": ("cuda",)}),
-    # a DoRA MLP narrower than DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE (1B) keeps its down z on the device
-    "dora+narrow_z_on_device": ({"method": "dora"}, False, False,
-                                {"qlora_ext.fused_mlp.DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES": ("cuda",)}),
-    # the three candidates of 2026-12-06 (session 10) together
-    "dora+all_new": ({"method": "dora"}, False, False,
-                     {"qlora_ext.fused_qkv.DORA_STACKED_NORM_DEVICES": ("cpu", "cuda"),
-                      "qlora_ext.dora.GRAM_KERNEL_DEVICES": ("cuda",),
-                      "qlora_ext.fused_mlp.DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES": ("cuda",)}),
+    # the defaults without one of session 10's parts (on by default since 2026-12-06): the Q/K/V
+    # unit's three norms in one call (dora_scale_stacked), dora_scale's A·Aᵀ by qlora's kernel (one
+    # launch) instead of at::mm (cuBLAS: two), a DoRA MLP narrower than
+    # DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE (1B) keeping its down z on the device; and none of them nor
+    # the fused gate/up backward below (the defaults as session 10 left them)
+    "dora-stacked_norms": ({"method": "dora"}, False, False, {"qlora_ext.fused_qkv.DORA_STACKED_NORM_DEVICES": ("cpu",)}),
+    "dora-gram_kernel": ({"method": "dora"}, False, False, {"qlora_ext.dora.GRAM_KERNEL_DEVICES": ()}),
+    "dora-narrow_z_on_device": ({"method": "dora"}, False, False,
+                                {"qlora_ext.fused_mlp.DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES": ()}),
+    "dora-session10": ({"method": "dora"}, False, False,
+                       {"qlora_ext.fused_qkv.DORA_STACKED_NORM_DEVICES": ("cpu",),
+                        "qlora_ext.dora.GRAM_KERNEL_DEVICES": (),
+                        "qlora_ext.fused_mlp.DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES": (),
+                        "qlora_ext.fused_mlp.DORA_FUSED_SWIGLU_BACKWARD_DEVICES": ("cpu",)}),
+    # DoRA's gate/up backward in three ops (swiglu_scaled_backward, two dora_scale_backward) instead
+    # of one swiglu_scaled_dora_backward
+    "dora-fused_swiglu_backward": ({"method": "dora"}, False, False,
+                                   {"qlora_ext.fused_mlp.DORA_FUSED_SWIGLU_BACKWARD_DEVICES": ("cpu",)}),
     "lora_fa": ({"method": "lora_fa"}, False, False),
     "vera": ({"method": "vera"}, False, False),
     "vera_r256": ({"method": "vera", "r": 256}, False, False),

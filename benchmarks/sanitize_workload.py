@@ -131,7 +131,18 @@ for gram_kernel in (False, True):
                                                    torch.rand(n_out, device=dev), rows, [0.5] * len(rows))  # fmt: skip
             torch.ops.qlora_ext.dora_scale(wa[:, :r].contiguous(), a[:r], b, torch.rand(n_out, device=dev) + 1,
                                            torch.rand(n_out, device=dev), 0.5)  # fmt: skip
-qlora_ext._native.native()._set_dora_gram_kernel(False)
+qlora_ext._native.native()._set_dora_gram_kernel(True)
+# ... the MLP's gate/up backward through the SwiGLU in one pass (swiglu_scaled_dora_backward): odd
+# and vector widths, one and several row chunks, a misaligned (scalar-path) view
+for n_out in (45, 64, 1):
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        scales = [torch.rand(n_out, device=dev, dtype=dt) + 0.5 for _ in range(2)]
+        inv_norms = [torch.rand(n_out, device=dev) + 0.5 for _ in range(2)]
+        for m_rows in (1, 33, 3000):
+            dh, zg, zu = (torch.randn(m_rows * n_out + 1, device=dev, dtype=dt) for _ in range(3))
+            for offset in (0, 1):
+                views = [t[offset : offset + m_rows * n_out].view(m_rows, n_out) for t in (dh, zg, zu)]
+                torch.ops.qlora_ext.swiglu_scaled_dora_backward(*views, *scales, *inv_norms)
 # Block ops (RMSNorm, RoPE, SwiGLU): their own workload file, also run alone by
 # benchmarks/gpu_checks/block_ops.sh
 import sanitize_block_ops  # noqa: E402,F401

@@ -3,6 +3,8 @@ module-by-module path, used exactly where it applies, fewer activations kept."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from train_helpers import train_side_by_side, assert_fused_bf16_within_twice_the_modules, builtin_tiny_llama, llama_with_biases, train_biases, CountApplies, force_fused_linear_route, lm_loss, trainable_grads, devices, hf_model, randomize_adapters, token_batch
@@ -279,7 +281,8 @@ class _CountProjections:
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "builtin", "llama-mlp-bias"])
 @pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunks-of-5-rows"])
 @pytest.mark.parametrize("method", ["lora", "dora"])
-@pytest.mark.parametrize("dora_keeps_z", ["on", "narrower-than-the-minimum", "narrow-on-device", "off"],
+@pytest.mark.parametrize("dora_keeps_z", ["on", "narrower-than-the-minimum", "narrow-on-device", "narrow-over-the-byte-cap",
+                                          "off"],
                          ids=lambda v: f"dora-keeps-z-{v}")  # fmt: skip
 def test_recomputation_skips_the_unread_down_projection(device, kind, chunk, method, dora_keeps_z, monkeypatch):
     """A checkpointed layer's recomputation reads nothing of the MLP's output: a LoRA unit skips
@@ -288,14 +291,17 @@ def test_recomputation_skips_the_unread_down_projection(device, kind, chunk, met
     projection needs its z for the magnitude's gradient: where the first forward keeps it
     (DORA_KEEPS_DOWN_Z_DEVICES, MLPs at least DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE wide, offloaded
     with the layer's input; or narrower ones on DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES, kept
-    on the device) DoRA skips as much as LoRA, otherwise nothing."""
+    on the device up to DORA_NARROW_DOWN_Z_ON_DEVICE_MAX_BYTES) DoRA skips as much as LoRA,
+    otherwise nothing."""
     if method == "lora" and dora_keeps_z != "on":
         pytest.skip("the setting concerns DoRA only")
     monkeypatch.setattr(fused_mlp, "DORA_KEEPS_DOWN_Z_DEVICES", (device,) if dora_keeps_z != "off" else ())
-    minimum = {device: 1 << 20} if dora_keeps_z in ("narrower-than-the-minimum", "narrow-on-device") else {}
+    narrow_cases = ("narrower-than-the-minimum", "narrow-on-device", "narrow-over-the-byte-cap")
+    minimum = {device: 1 << 20} if dora_keeps_z in narrow_cases else {}
     monkeypatch.setattr(fused_mlp, "DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE", minimum)
-    narrow = (device,) if dora_keeps_z == "narrow-on-device" else ()
+    narrow = (device,) if dora_keeps_z in ("narrow-on-device", "narrow-over-the-byte-cap") else ()
     monkeypatch.setattr(fused_mlp, "DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES", narrow)
+
     offloads = []  # the offload flag of each kept down z
     remember = fused_mlp.checkpointing.remember
 
@@ -313,6 +319,10 @@ def test_recomputation_skips_the_unread_down_projection(device, kind, chunk, met
         assert all(layer.mlp.__dict__[fused_mlp._FEEDS_RESIDUAL] is layer._forward_hooks for layer in model.model.layers)
         projections = _CountProjections(monkeypatch)
         ids = token_batch(batch=2, seq=12, seed=5).to(device)
+        # a layer's down z: 2 x 12 rows of the hidden width in fp32; the cap at it or one byte short
+        z_bytes = ids.numel() * model.config.hidden_size * 4
+        cap = z_bytes - 1 if dora_keeps_z == "narrow-over-the-byte-cap" else z_bytes
+        monkeypatch.setattr(fused_mlp, "DORA_NARROW_DOWN_Z_ON_DEVICE_MAX_BYTES", cap)
         loss = _loss(model, ids)
         loss.backward()
         results[skip], counts[skip] = (loss.detach(), _grads(model)), projections.n
@@ -496,3 +506,48 @@ def test_dora_swiglu_reads_z_and_c_without_forming_the_gate_and_up_outputs(devic
         layers = 2
         passes = 2 if chunk is None else 2 * 5  # whole: forward + recompute; chunked: per chunk
         assert counts[False]["column_scale"] - counts[True]["column_scale"] >= 2 * layers * passes, counts
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunks-of-5-rows"])
+@pytest.mark.parametrize("kind", ["llama", "builtin", "llama-mlp-bias"])
+def test_dora_gate_up_backward_in_one_op(device, chunk, kind, monkeypatch):
+    """A DoRA unit on DORA_FUSED_SWIGLU_BACKWARD_DEVICES takes its gate and up projections' dz and
+    dm from one swiglu_scaled_dora_backward per layer (and chunk) instead of swiglu_scaled_backward
+    plus two dora_scale_backward calls: the same loss and gradients bit for bit. Gate/up biases
+    keep the unscaled pair, and with it the former path."""
+    monkeypatch.setattr(fused_mlp, "CHUNK_ROWS", chunk)
+    calls = collections.Counter()
+    for name in ("swiglu_scaled_dora_backward", "swiglu_scaled_backward", "dora_scale_backward"):
+        monkeypatch.setattr(torch.ops.qlora_ext, name, _counting(getattr(torch.ops.qlora_ext, name), name, calls))
+    results, counts = {}, {}
+    for on in (False, True):
+        monkeypatch.setattr(fused_mlp, "DORA_FUSED_SWIGLU_BACKWARD_DEVICES", (device,) if on else ())
+        calls.clear()
+        model = _model(kind, "dora", device=device)
+        fused_blocks.disable_fused_block_ops(model)
+        fused_blocks.enable_fused_block_ops(model, devices=(device,))
+        loss = _loss(model, token_batch(batch=2, seq=12, seed=5).to(device))
+        loss.backward()
+        results[on], counts[on] = (loss.detach(), _grads(model)), dict(calls)
+    (loss_off, grads_off), (loss_on, grads_on) = results[False], results[True]
+    assert torch.equal(loss_on, loss_off)
+    assert grads_on.keys() == grads_off.keys() and any("magnitude" in name for name in grads_on)
+    for name in grads_off:
+        assert torch.equal(grads_on[name], grads_off[name]), name
+    assert counts[False].get("swiglu_scaled_dora_backward", 0) == 0
+    if kind == "llama-mlp-bias":
+        assert counts[True] == counts[False]
+    else:
+        layers, pieces = 2, 1 if chunk is None else 5
+        assert counts[True]["swiglu_scaled_dora_backward"] == layers * pieces, counts
+        assert counts[False]["swiglu_scaled_backward"] - counts[True].get("swiglu_scaled_backward", 0) == layers * pieces
+        assert counts[False]["dora_scale_backward"] - counts[True]["dora_scale_backward"] == 2 * layers * pieces
+
+
+def _counting(op, name: str, calls: collections.Counter):
+    def counted(*args):
+        calls[name] += 1
+        return op(*args)
+
+    return counted

@@ -13,9 +13,9 @@
 #     bash benchmarks/gpu_checks/run.sh build units        # fused MLP (LoRA, DoRA) / Q/K/V units: CUDA tests,
 #                                                          # QDoRA vs QLoRA (8B, 1B), 1B training with/without fused Q/K/V
 #     bash benchmarks/gpu_checks/run.sh build gemv_ab      # every nf4_gemv variant: CUDA tests + A/B benchmark
-#     bash benchmarks/gpu_checks/run.sh build dora_new     # DoRA's paths tested only on the CPU so far, on CUDA
+#     bash benchmarks/gpu_checks/run.sh build dora_new     # DoRA's newest CUDA paths: tests, and sanitizers on the new op
 #     bash benchmarks/gpu_checks/run.sh build dora_ab      # DoRA's kernels alone, then QLoRA vs QDoRA as is and
-#                                                          # with each candidate, interleaved, 8B and 1B
+#                                                          # without parts of the defaults, interleaved, 8B and 1B
 #     bash benchmarks/gpu_checks/run.sh build train_ab     # 8B: the defaults vs what they replaced, and Unsloth
 #     bash benchmarks/gpu_checks/run.sh build decode_ab    # decode with the "factored" GEMV vs "mma"
 #     bash benchmarks/gpu_checks/run.sh build sanitize_variants # racecheck of fused Q/K/V, workload with every
@@ -128,32 +128,31 @@ for stage in "$@"; do
       step gemv_ab "$PY" benchmarks/bench_nf4_linear.py --variants all --m 1 4 8 9 16 --out "$OUT/nf4_gemv_variants_h100.json"
       ;;
     dora_new)
-      # What the last session wrote without a GPU, on the GPU: the DoRA Q/K/V unit's norms in
-      # one call (dora_scale_stacked; the unit tests pin it on for CUDA), dora_scale's A·Aᵀ
-      # kernel (the op tests' gram-kernel cases), the checkpointing tests that count the norms;
-      # then dora_ab measures them (cases dora+stacked_norms, dora+gram_kernel, and with the 1B's
-      # down z kept on the device dora+narrow_z_on_device; all three: dora+all_new).
-      step dora_new_tests "$PY" -m pytest -n 8 -q -p no:cacheprovider -rfE \
+      # DoRA's newest CUDA paths on the GPU: the MLP's gate/up backward in one op
+      # (swiglu_scaled_dora_backward: its op tests, the fused MLP's bit-equality tests), the Q/K/V
+      # unit's stacked norms, dora_scale's A·Aᵀ kernel, the 1B's down z kept on the device (on by
+      # default since 2026-12-06), the checkpointing tests that count the norms; the new kernel
+      # under the three sanitizers (its op tests, and the workload's section)
+      step dora_new_tests "$PY" -m pytest -n 8 -q -p no:cacheprovider -rfE tests/test_swiglu_dora_backward.py \
         tests/test_fused_qkv.py tests/test_lora_family.py tests/test_checkpointing.py tests/test_fused_mlp.py \
-        -k "dora or norm or unread"
+        tests/test_block_ops.py -k "dora or norm or unread or swiglu or one_op"
+      RUNS=$'memcheck tests/test_swiglu_dora_backward.py\nracecheck tests/test_swiglu_dora_backward.py\ninitcheck tests/test_swiglu_dora_backward.py' \
+        STEP_TIMEOUT=300 step sanitize_dora_new bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_dora_new_h100.txt" 3
       ;;
     dora_ab)
       # DoRA's kernels alone (bench_dora_kernels), then QDoRA vs QLoRA, the cases stepping in turns
       # (bench_lora_family --interleave, plus one profiled step each: --kernel-time): dora (the
-      # defaults), dora-qkv_concat (the DoRA Q/K/V unit on the three weights one by one),
-      # dora+norm_from_codes (the norm's W·Aᵀ by nf4_gemv from the NF4 codes),
-      # dora-keep_z (the recomputation computes the down projection again instead of reading its
-      # z kept by the first forward), dora-scaled_swiglu (the SwiGLU reads c ⊙ z of
-      # gate and up instead of their z and c); dora+keep_z_any_width (z kept at every MLP width)
-      # is a case too
+      # defaults) and the defaults without parts of them (DORA_AB_CASES; bench_lora_family.CASES
+      # lists them: dora-session10 is the defaults as session 10 left them, dora-fused_swiglu_backward
+      # the gate/up backward in three ops)
       step dora_kernels "$PY" benchmarks/bench_dora_kernels.py --out "$OUT/dora_kernels_h100.json"
       for shape in 8b 1b; do
         step "dora_ab_$shape" "$PY" benchmarks/bench_lora_family.py --shapes $shape \
-          --cases "${DORA_AB_CASES:-lora,dora,dora+stacked_norms,dora+gram_kernel,dora+narrow_z_on_device,dora+all_new}" \
-          --interleave --kernel-time --warmup 3 --steps 12 --out "$OUT/lora_family_dora_ab_${shape}_h100.json"
+          --cases "${DORA_AB_CASES:-lora,dora,dora-fused_swiglu_backward,dora-session10}" \
+          --interleave --kernel-time --warmup 3 --steps ${DORA_AB_STEPS:-16} --out "$OUT/lora_family_dora_ab_${shape}_h100.json"
       done
       # where the host-bound 1B step spends its host time, QLoRA against QDoRA as it is by default
-      TAIL=40 step dora_profile_host_1b "$PY" benchmarks/profile_lora_family.py --shape 1b --cases lora,dora --host --top 30
+      TAIL=40 step dora_profile_host_1b "$PY" benchmarks/profile_lora_family.py --shape 1b --cases lora,dora --host --top 40
       ;;
     train_ab)
       # The defaults against what they replaced, 8B: the recomputation that skips the MLP's down

@@ -98,6 +98,24 @@ DoRAScaleBackwardArgs check_dora_scale_backward(const at::Tensor& dy, const at::
   return a;
 }
 
+SwiGLUDoRABackwardArgs check_swiglu_scaled_dora_backward(
+    const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up,
+    const at::Tensor& gate_scale, const at::Tensor& up_scale, const at::Tensor& gate_inv_norm,
+    const at::Tensor& up_inv_norm) {
+  SwiGLUDoRABackwardArgs a;
+  a.swiglu = check_swiglu_scaled_backward(dh, gate, up, gate_scale, up_scale);
+  a.N = gate.size(-1);
+  a.M = gate.numel() / a.N;  // N >= 1: checked with the scales
+  for (const auto& [t, arg] : {std::pair{&gate_inv_norm, "gate_inv_norm"}, {&up_inv_norm, "up_inv_norm"}}) {
+    check_vector(*t, a.N, arg);
+    QLORA_CHECK(t->scalar_type() == at::kFloat, arg, " must be float32, got ", t->scalar_type());
+    check_device(*t, gate, arg, "gate");
+  }
+  a.gate_inv_norm = gate_inv_norm.contiguous();
+  a.up_inv_norm = up_inv_norm.contiguous();
+  return a;
+}
+
 DoRAColumnScaleArgs check_dora_column_scale(const at::Tensor& z, const at::Tensor& col_scale,
                                             const std::optional<at::Tensor>& bias) {
   DoRAColumnScaleArgs a;

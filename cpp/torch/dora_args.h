@@ -1,6 +1,5 @@
-// Argument validation of the DoRA operators (dora_scale, dora_scale_backward, dora_column_scale),
-// shared by the CPU
-// and CUDA registrations (dora_ops_cpu.cpp, dora_ops_cuda.cpp); math and shapes: qlora/dora.h.
+// Argument validation of the DoRA operators (dora_scale, dora_scale_backward, dora_column_scale,
+// swiglu_scaled_dora_backward), shared by the CPU and CUDA registrations (dora_ops_cpu.cpp, dora_ops_cuda.cpp); math and shapes: qlora/dora.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,6 +8,7 @@
 #include <tuple>
 #include <vector>
 
+#include "block_op_args.h"
 #include "qlora/dora.h"
 #include "qlora/float_types.h"
 
@@ -70,8 +70,20 @@ struct DoRAColumnScaleArgs {
 DoRAColumnScaleArgs check_dora_column_scale(const at::Tensor& z, const at::Tensor& col_scale,
                                             const std::optional<at::Tensor>& bias);
 
-// dora_ops_cuda.cpp (CUDA builds): whether dora_scale takes G = A·Aᵀ from qlora's kernel (true)
-// or at::mm (false, the default); process-wide (bindings.cpp: _C._set_dora_gram_kernel).
+struct SwiGLUDoRABackwardArgs {
+  SwiGLUChecked swiglu;                   // dh, gate (z_g), up (z_u) [M, N], their scales [N]
+  at::Tensor gate_inv_norm, up_inv_norm;  // fp32 [N], contiguous
+  int64_t M, N;
+};
+// swiglu_scaled_dora_backward: swiglu_scaled_backward's checks, then gate_inv_norm and up_inv_norm
+// fp32 [N] (N = gate's last dimension) on gate's device.
+SwiGLUDoRABackwardArgs check_swiglu_scaled_dora_backward(
+    const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up,
+    const at::Tensor& gate_scale, const at::Tensor& up_scale, const at::Tensor& gate_inv_norm,
+    const at::Tensor& up_inv_norm);
+
+// dora_ops_cuda.cpp (CUDA builds): whether dora_scale takes G = A·Aᵀ from qlora's kernel (true,
+// the default) or at::mm (false); process-wide (bindings.cpp: _C._set_dora_gram_kernel).
 void set_dora_gram_kernel(bool enabled);
 bool dora_gram_kernel();
 

@@ -7,6 +7,7 @@
 
 #include "dora_args.h"
 #include "qlora/dora.h"
+#include "qlora/swiglu.h"
 
 namespace qlora_torch {
 namespace {
@@ -55,6 +56,28 @@ std::tuple<at::Tensor, at::Tensor> dora_scale_backward_cpu(const at::Tensor& dy,
   return {dz, dmagnitude};
 }
 
+// The two steps the CUDA kernel fuses, each by its CPU kernel: the gradients for g and u
+// (swiglu_scaled_backward's), then dora_scale_backward of each. The CPU has no launches to save,
+// and this gives its bits by construction.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_scaled_dora_backward_cpu(
+    const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up,
+    const at::Tensor& gate_scale, const at::Tensor& up_scale, const at::Tensor& gate_inv_norm,
+    const at::Tensor& up_inv_norm) {
+  const SwiGLUDoRABackwardArgs a = check_swiglu_scaled_dora_backward(
+      dh, gate, up, gate_scale, up_scale, gate_inv_norm, up_inv_norm);
+  at::Tensor dg = at::empty(gate.sizes(), gate.options());
+  at::Tensor du = at::empty(up.sizes(), up.options());
+  const SwiGLUChecked& c = a.swiglu;
+  const qlora::SwiGLUScales scales = c.scales();
+  at::parallel_for(0, c.n, 16384, [&](int64_t begin, int64_t end) {  // block_ops_cpu's SwiGLU grain
+    qlora::swiglu_backward_cpu(c.dh.data_ptr(), c.gate.data_ptr(), c.up.data_ptr(), dg.data_ptr(),
+                               du.data_ptr(), c.type, begin, end, scales);
+  });
+  auto [dz_gate, dm_gate] = dora_scale_backward_cpu(dg, c.gate, c.gate_scale, a.gate_inv_norm);
+  auto [dz_up, dm_up] = dora_scale_backward_cpu(du, c.up, c.up_scale, a.up_inv_norm);
+  return {dz_gate, dz_up, dm_gate, dm_up};
+}
+
 at::Tensor dora_column_scale_cpu(const at::Tensor& z, const at::Tensor& col_scale,
                                  const std::optional<at::Tensor>& bias) {
   const DoRAColumnScaleArgs a = check_dora_column_scale(z, col_scale, bias);
@@ -79,6 +102,7 @@ TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
   m.impl("dora_scale_stacked", &dora_scale_stacked_op<dora_scale_impl>);
   m.impl("dora_scale_backward", &dora_scale_backward_cpu);
   m.impl("dora_column_scale", &dora_column_scale_cpu);
+  m.impl("swiglu_scaled_dora_backward", &swiglu_scaled_dora_backward_cpu);
 }
 
 }  // namespace qlora_torch

@@ -1,5 +1,5 @@
 // CUDA registrations of the DoRA operators: validate (dora_args.h), guard the device, G = A·Aᵀ
-// (at::mm, or qlora's kernel: set_dora_gram_kernel), then one launch (forward) or two (backward)
+// (qlora's kernel, or at::mm: set_dora_gram_kernel), then one launch (forward) or two (backward)
 // on the current stream.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,8 +21,9 @@ void check_launch(cudaError_t status, const char* op) {
 
 // G = A·Aᵀ by qlora's own kernel (one launch) or by at::mm (cuBLAS: an SGEMM and a split-K
 // reduction on the H100): process-wide, set from Python (dora.GRAM_KERNEL_DEVICES) so that one
-// process can measure both; at::mm until a GPU run has tested and measured the kernel.
-std::atomic<bool> gram_kernel{false};
+// process can measure both; the kernel by default (measured on the H100 2026-12-06: see
+// dora.GRAM_KERNEL_DEVICES).
+std::atomic<bool> gram_kernel{true};
 
 std::tuple<at::Tensor, at::Tensor> dora_scale_impl(const DoRAScaleArgs& a) {
   const c10::cuda::CUDAGuard guard(a.wa.device());
@@ -73,6 +74,35 @@ std::tuple<at::Tensor, at::Tensor> dora_scale_backward_cuda(const at::Tensor& dy
   return {dz, dmagnitude};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_scaled_dora_backward_cuda(
+    const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up,
+    const at::Tensor& gate_scale, const at::Tensor& up_scale, const at::Tensor& gate_inv_norm,
+    const at::Tensor& up_inv_norm) {
+  const SwiGLUDoRABackwardArgs a = check_swiglu_scaled_dora_backward(
+      dh, gate, up, gate_scale, up_scale, gate_inv_norm, up_inv_norm);
+  const c10::cuda::CUDAGuard guard(dh.device());
+  at::Tensor dz_gate = at::empty(gate.sizes(), gate.options());
+  at::Tensor dz_up = at::empty(up.sizes(), up.options());
+  const auto fp32 = dh.options().dtype(at::kFloat);
+  if (a.M == 0 || a.N == 0) return {dz_gate, dz_up, at::zeros({a.N}, fp32), at::zeros({a.N}, fp32)};
+  at::Tensor dm_gate = at::empty({a.N}, fp32);
+  at::Tensor dm_up = at::empty({a.N}, fp32);
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t chunks = qlora::dora_backward_chunks(a.M, a.N, num_sms);
+  // Per-chunk column sums of both (gate's, then up's); a single chunk writes dm directly.
+  at::Tensor partial = chunks > 1 ? at::empty({2, chunks, a.N}, fp32) : at::Tensor();
+  const SwiGLUChecked& c = a.swiglu;
+  check_launch(qlora::swiglu_scaled_dora_backward_cuda(
+                   c.dh.data_ptr(), c.gate.data_ptr(), c.up.data_ptr(), c.gate_scale.data_ptr(),
+                   c.up_scale.data_ptr(), a.gate_inv_norm.data_ptr<float>(),
+                   a.up_inv_norm.data_ptr<float>(), c.type, a.M, a.N, num_sms, dz_gate.data_ptr(),
+                   dz_up.data_ptr(), dm_gate.data_ptr<float>(), dm_up.data_ptr<float>(),
+                   partial.defined() ? partial.data_ptr<float>() : nullptr,
+                   at::cuda::getCurrentCUDAStream()),
+               "swiglu_scaled_dora_backward");
+  return {dz_gate, dz_up, dm_gate, dm_up};
+}
+
 at::Tensor dora_column_scale_cuda(const at::Tensor& z, const at::Tensor& col_scale,
                                   const std::optional<at::Tensor>& bias) {
   const DoRAColumnScaleArgs a = check_dora_column_scale(z, col_scale, bias);
@@ -98,6 +128,7 @@ TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("dora_scale_stacked", &dora_scale_stacked_op<dora_scale_impl>);
   m.impl("dora_scale_backward", &dora_scale_backward_cuda);
   m.impl("dora_column_scale", &dora_column_scale_cuda);
+  m.impl("swiglu_scaled_dora_backward", &swiglu_scaled_dora_backward_cuda);
 }
 
 }  // namespace qlora_torch

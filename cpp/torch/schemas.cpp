@@ -61,6 +61,14 @@ TORCH_LIBRARY(qlora_ext, m) {
   // col_scale (+ bias) [..., N] (fp32 product, then the bias added, one rounding). Differentiable
   // (autograd: python/qlora_ext/dora.py).
   m.def("dora_column_scale(Tensor z, Tensor col_scale, Tensor? bias=None) -> Tensor");
+  // DoRA's gate and up backward through the MLP's SwiGLU in one pass: dh, gate, up [..., I] (gate
+  // and up: the projections' z), gate_scale, up_scale [I] of that dtype, gate_inv_norm,
+  // up_inv_norm fp32 [I] -> (dz_gate, dz_up [..., I], dm_gate, dm_up fp32 [I]); the bits of
+  // swiglu_scaled_backward followed by dora_scale_backward of each of its two gradients.
+  m.def(
+      "swiglu_scaled_dora_backward(Tensor dh, Tensor gate, Tensor up, Tensor gate_scale, "
+      "Tensor up_scale, Tensor gate_inv_norm, Tensor up_inv_norm) "
+      "-> (Tensor dz_gate, Tensor dz_up, Tensor dm_gate, Tensor dm_up)");
   // x fp32 [any shape, n] + sorted code map fp32 [256] -> (codes uint8 [x.shape], absmax fp32 [ceil(n/blocksize)])
   m.def("blockwise8_quantize(Tensor x, Tensor code, int blocksize, Tensor? offset=None) -> (Tensor codes, Tensor absmax)");
   // codes uint8 [any shape, n] + absmax fp32 [ceil(n/blocksize)] + code fp32 [256] -> fp32 [codes.shape]
@@ -127,4 +135,5 @@ TORCH_LIBRARY_IMPL(qlora_ext, Autograd, m) {
   m.impl("dora_scale", torch::CppFunction::makeFallthrough());
   m.impl("dora_scale_stacked", torch::CppFunction::makeFallthrough());
   m.impl("dora_scale_backward", torch::CppFunction::makeFallthrough());
+  m.impl("swiglu_scaled_dora_backward", torch::CppFunction::makeFallthrough());
 }

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _ops, checkpointing
+from . import _ops, checkpointing, reference
 from ._native import native
 from .adapters import LoRAAdapter
 from .lora_linear import (
@@ -105,9 +105,12 @@ def dora_scale_backward_reference(dy: Tensor, z: Tensor, col_scale: Tensor, inv_
 #: Device types where dora_scale takes A·Aᵀ from qlora's own kernel (one launch: one CTA per entry
 #: of its diagonal blocks, deterministic) instead of at::mm, which cuBLAS ran on the H100 as an
 #: SGEMM plus a split-K reduction (lora_family_dora_profile_concat_*_h100.txt): on a host-bound
-#: step every launch counts. The CPU always takes at::mm. CUDA joins once a GPU run has tested and
-#: measured it.
-GRAM_KERNEL_DEVICES: tuple[str, ...] = ()
+#: step every launch counts. The CPU always takes at::mm. H100 (2026-12-06): dora_scale alone 19.8
+#: -> 13.5 µs at [4096, 4096], 23.0 -> 21.5 at [4096, 14336] (bench_dora_kernels.py,
+#: dora_kernels_h100.json); QDoRA/QLoRA 1.105 -> 1.094 at 8B, 1.203 -> 1.173 at 1B
+#: (bench_lora_family --interleave, lora_family_dora_ab_{8b,1b}_h100.json); its CUDA tests and the
+#: three sanitizers over it passed.
+GRAM_KERNEL_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 def _select_gram_kernel(wa: Tensor) -> None:
@@ -223,6 +226,29 @@ def _dora_column_scale_backward(ctx, dy):
     return dz, dc, dbias
 
 
+def swiglu_scaled_dora_backward_reference(dh: Tensor, gate: Tensor, up: Tensor, gate_scale: Tensor, up_scale: Tensor,
+                                          gate_inv_norm: Tensor, up_inv_norm: Tensor) -> tuple[Tensor, ...]:  # fmt: skip
+    """qlora_ext::swiglu_scaled_dora_backward in plain PyTorch: the SwiGLU's gradients for its
+    operands g = c_g ⊙ z_g and u = c_u ⊙ z_u (rounded to the dtype, as the native op holds them),
+    then dora_scale_backward_reference of each -> (dz_gate, dz_up, dm_gate, dm_up)."""
+    dg, du = reference.swiglu_scaled_backward(dh, gate, up, gate_scale, up_scale)
+    dz_gate, dm_gate = dora_scale_backward_reference(dg.to(gate.dtype), gate, gate_scale, gate_inv_norm)
+    dz_up, dm_up = dora_scale_backward_reference(du.to(up.dtype), up, up_scale, up_inv_norm)
+    return dz_gate, dz_up, dm_gate, dm_up
+
+
+def swiglu_scaled_dora_backward(dh: Tensor, gate: Tensor, up: Tensor, gate_scale: Tensor, up_scale: Tensor,
+                                gate_inv_norm: Tensor, up_inv_norm: Tensor) -> tuple[Tensor, ...]:  # fmt: skip
+    """DoRA's gate and up backward through the MLP's SwiGLU of c_g ⊙ z_g and c_u ⊙ z_u (gate, up:
+    the projections' z [..., I]; the scales c [I]; the inverse norms fp32 [I]) -> (dz_gate, dz_up,
+    dm_gate, dm_up): block_ops' swiglu_scaled_backward then dora_scale_backward of each gradient,
+    with their bits, in one CUDA pass (the two gradients never stored)."""
+    if dh.dtype in NATIVE_DTYPES:
+        return torch.ops.qlora_ext.swiglu_scaled_dora_backward(dh, gate, up, gate_scale, up_scale, gate_inv_norm,
+                                                               up_inv_norm)  # fmt: skip
+    return swiglu_scaled_dora_backward_reference(dh, gate, up, gate_scale, up_scale, gate_inv_norm, up_inv_norm)
+
+
 def _register_native_fakes() -> None:
     try:
         native()
@@ -278,6 +304,20 @@ def _register_native_fakes() -> None:
         torch._check(tuple(inv_norm.shape) == (n,) and inv_norm.dtype == torch.float32,
                      lambda: f"inv_norm must be float32 [{n}]")  # fmt: skip
         return dy.new_empty(dy.shape), dy.new_empty((n,), dtype=torch.float32)
+
+
+    @torch.library.register_fake("qlora_ext::swiglu_scaled_dora_backward")
+    def _(dh, gate, up, gate_scale, up_scale, gate_inv_norm, up_inv_norm):
+        torch._check(gate.dim() >= 1 and gate.shape[-1] >= 1, lambda: "gate must be [..., I] with I >= 1")
+        n = gate.shape[-1]
+        for t, name in ((dh, "dh"), (up, "up")):
+            torch._check(t.shape == gate.shape and t.dtype == gate.dtype, lambda: f"{name} must have gate's shape and dtype")
+        for t, name in ((gate_scale, "gate_scale"), (up_scale, "up_scale")):
+            torch._check(tuple(t.shape) == (n,) and t.dtype == gate.dtype, lambda: f"{name} must be [{n}] of gate's dtype")
+        for t, name in ((gate_inv_norm, "gate_inv_norm"), (up_inv_norm, "up_inv_norm")):
+            torch._check(tuple(t.shape) == (n,) and t.dtype == torch.float32, lambda: f"{name} must be float32 [{n}]")
+        return (gate.new_empty(gate.shape), gate.new_empty(gate.shape), gate.new_empty((n,), dtype=torch.float32),
+                gate.new_empty((n,), dtype=torch.float32))  # fmt: skip
 
 
 _register_native_fakes()
@@ -409,19 +449,26 @@ def _nf4_dora_backward(ctx, dy, _dz, _dxa, _dinv_norm, _dc):
     need = ctx.needs_input_grad
     if dy is None:  # y did not reach the loss
         return (None,) * 17
-    saved = ctx.saved_tensors
-    z, inv_norm, c = saved[9:]
+    z, inv_norm, c = ctx.saved_tensors[9:]
     dm = None
     if need[15]:  # dz = dy·c (n constant) and dm = Σ_rows dy ⊙ z / n in one pass
         dz, dm = dora_scale_backward(dy, z, c, inv_norm)
-        if dm.dtype != ctx.magnitude_dtype:  # a no-op .to() still costs a dispatch
-            dm = dm.to(ctx.magnitude_dtype)
     else:
         dz = dy * c
-    grads = list(_nf4_lora_backward(_LoRAGradContext(ctx, saved), dz, None))
+    grads = nf4_dora_backward_from_dz(ctx, dz, dm)
     if need[11]:
         grads[11] = dy.sum(list(range(dy.dim() - 1))).to(ctx.bias_dtype)
-    return (*grads, dm, None)
+    return tuple(grads)
+
+
+def nf4_dora_backward_from_dz(ctx, dz: Tensor, dm: Tensor | None) -> list:
+    """nf4_dora_linear's 17 gradients from dz = dy ⊙ c and dm = Σ_rows dy ⊙ z / n (fp32; None
+    where m needs no gradient) that the caller has computed — the fused MLP takes both from
+    swiglu_scaled_dora_backward. The bias's gradient (Σ dy) is left None: dy is the caller's."""
+    if dm is not None and dm.dtype != ctx.magnitude_dtype:  # a no-op .to() still costs a dispatch
+        dm = dm.to(ctx.magnitude_dtype)
+    grads = list(_nf4_lora_backward(_LoRAGradContext(ctx, ctx.saved_tensors), dz, None))
+    return [*grads, dm if ctx.needs_input_grad[15] else None, None]
 
 
 _nf4_dora_linear.register_autograd(_nf4_dora_backward, setup_context=_nf4_dora_setup)

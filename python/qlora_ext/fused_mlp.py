@@ -57,13 +57,14 @@ from torch import Tensor, nn
 
 from . import _ops, block_ops, checkpointing, device_memory
 from .adapters import LoRAAdapter
-from .dora import DoRAAdapter, _nf4_dora_backward, _nf4_dora_setup, dora_output, dora_project
+from .dora import (DoRAAdapter, _nf4_dora_backward, _nf4_dora_setup, dora_output, dora_project, nf4_dora_backward_from_dz,
+                   swiglu_scaled_dora_backward)
 from .fused_blocks import FUSED_DEVICES, HF_MODEL_TYPES
 from .layers import QLoRALinear
 from .lora_linear import _autocast_off, _nf4_lora_backward, _nf4_lora_linear_impl, _nf4_lora_setup, _weight_args, use_operators
 
 _X, _BIAS, _A, _B, _M = 0, 11, 12, 13, 15  # positions in the operators' inputs (_M: DoRA's magnitude)
-_Z, _C = 9, 11  # DoRA's saved z and c = m/n among its saved tensors (after LoRA's nine)
+_Z, _INV_NORM, _C = 9, 10, 11  # DoRA's saved z, 1/n and c = m/n among its saved tensors (after LoRA's nine)
 
 
 class _Saved:
@@ -177,14 +178,29 @@ class _GateUp:
             return torch.ops.qlora_ext.swiglu_scaled_backward(dh, self.g, self.u, *self.scales)
         return _swiglu_backward_(dh, self.g, self.u, self.native)
 
+    def dora_backward(self, dh: Tensor, gate: _Saved, up: _Saved) -> tuple[tuple, tuple] | None:
+        """((dz_g, dm_g), (dz_u, dm_u)) for the DoRA gate and up projections' backward (`gate`,
+        `up`: their states) in one swiglu_scaled_dora_backward, where the pair is scaled and its
+        device in DORA_FUSED_SWIGLU_BACKWARD_DEVICES; None otherwise (backward, then each
+        projection's dora_scale_backward)."""
+        if self.scales is None or dh.device.type not in DORA_FUSED_SWIGLU_BACKWARD_DEVICES:
+            return None
+        dz_g, dz_u, dm_g, dm_u = swiglu_scaled_dora_backward(dh, self.g, self.u, *self.scales,
+                                                             gate.saved_tensors[_INV_NORM], up.saved_tensors[_INV_NORM])  # fmt: skip
+        return (dz_g, dm_g), (dz_u, dm_u)
 
-def _down_z_keeping(device_type: str, intermediate: int) -> str | None:
-    """How a DoRA unit's first forward keeps the down projection's z for the recomputation:
-    "offload" (with the layer's input where that is offloaded), "device" (kept on the device), or
-    None (the recomputation computes the projection again)."""
+
+def _down_z_keeping(x: Tensor, intermediate: int, hidden: int) -> str | None:
+    """How a DoRA unit's first forward keeps the down projection's z ([rows, hidden] in x's dtype)
+    for the recomputation: "offload" (with the layer's input where that is offloaded), "device"
+    (kept on the device), or None (the recomputation computes the projection again)."""
+    device_type = x.device.type
     if device_type in DORA_KEEPS_DOWN_Z_DEVICES and intermediate >= DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE.get(device_type, 0):
         return "offload"
-    return "device" if device_type in DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES else None
+    z_bytes = x.numel() // max(x.shape[-1], 1) * hidden * x.element_size()
+    if device_type in DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES and z_bytes <= DORA_NARROW_DOWN_Z_ON_DEVICE_MAX_BYTES:
+        return "device"
+    return None
 
 
 def _scaled_swiglu_applies(kind: _Kind, x: Tensor, native: bool, gate_bias, up_bias) -> bool:
@@ -221,11 +237,19 @@ def _rows_backward(kind: _Kind, dy: Tensor, pair: _GateUp, gate: _Saved, up: _Sa
     down.saved_tensors = (h, *down.saved_tensors[1:])
     dh, _, *down_rest = _backward(kind, down, dy)
     down.saved_tensors = h = None
-    dg, du = pair.backward(dh)
-    pair = None
-    del dh
-    dx, _, *gate_rest = _backward(kind, gate, dg)
-    dxu, _, *up_rest = _backward(kind, up, du)
+    fused = pair.dora_backward(dh, gate, up) if kind.has_norm else None
+    if fused is not None:  # dz and dm of gate and up straight from dh (no bias: a scaled pair has none)
+        pair = dh = None
+        (dz_g, dm_g), (dz_u, dm_u) = fused
+        dx, _, *gate_rest = nf4_dora_backward_from_dz(gate, dz_g, dm_g)
+        del dz_g
+        dxu, _, *up_rest = nf4_dora_backward_from_dz(up, dz_u, dm_u)
+    else:
+        dg, du = pair.backward(dh)
+        pair = dh = None
+        dx, _, *gate_rest = _backward(kind, gate, dg)
+        del dg
+        dxu, _, *up_rest = _backward(kind, up, du)
     dx.add_(dxu)
     # the backward returns grads for the operator's inputs (x, x_lora, 9 weight fields, bias, A, B,
     # scale[, m, ‖W‖²]); the unit's inputs are the three biases, the three (A, B) pairs, then the
@@ -265,7 +289,7 @@ class _LoRAMLP(torch.autograd.Function):
         # forward keeps it for the recomputation (checkpointing.remember, offloaded with the
         # layer's input where that is), which can then skip the projection as LoRA's does.
         z_key = ("qlora_ext.fused_mlp.z_down", id(down_spec[0][0]), id(mags[2]) if mags else None)
-        z_keeping = _down_z_keeping(x.device.type, gate_spec[0][7][0]) if kind.has_norm else None
+        z_keeping = _down_z_keeping(x, gate_spec[0][7][0], down_spec[0][7][0]) if kind.has_norm else None
         keeps_z = z_keeping is not None
         kept_z = checkpointing.replayed(z_key) if keeps_z and recompute == "skip" else None
         n_down = down_spec[0][7][0]
@@ -440,6 +464,15 @@ DORA_SCALED_SWIGLU_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 #: projection's output, where the MLP feeds only the residual add (lora_mlp's recompute). Off only
 #: to measure what it saves.
 SKIP_UNUSED_RECOMPUTATION = True
+#: Device types where a DoRA unit's backward takes its gate and up projections' dz and dm from one
+#: swiglu_scaled_dora_backward (dh, z_g, z_u read once; the SwiGLU's two gradients never stored)
+#: instead of swiglu_scaled_backward and a dora_scale_backward per projection: the same bits, two
+#: operator calls and (CUDA) three launches fewer per layer, and at 8B (2048 tokens) ~350 MB less
+#: memory traffic per layer. H100 (2026-12-06): 183.5 against 267.1 µs at [2048, 14336]
+#: (bench_dora_kernels.py); QDoRA/QLoRA 1.089 -> 1.076 at 8B, 1.144 -> 1.137 at 1B, peak 1.29 ->
+#: 1.27 GiB at 1B (bench_lora_family --interleave, lora_family_dora_session11_{8b,1b}_h100.json);
+#: its CUDA tests and the three sanitizers over it passed.
+DORA_FUSED_SWIGLU_BACKWARD_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 #: Device types where a DoRA unit's first forward keeps the down projection's z [tokens, hidden]
 #: for the recomputation, so that it too skips that projection (its GEMM and dequantization: ~11
 #: ms of an 8B step at 2048 tokens by the H100 profile). It costs the size of the layer's input
@@ -454,11 +487,19 @@ DORA_KEEPS_DOWN_Z_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE: dict[str, int] = {"cuda": 12288}
 #: Device types where a DoRA unit narrower than that still keeps the down projection's z, on the
 #: device instead (never offloaded: no device-to-host copy, the cost that made keeping it lose at
-#: 1B). The recomputation then skips that projection's dequantization, GEMM and column scale, which
-#: counts where the step is host-bound (1B). It holds [tokens, hidden] per layer on the device for
-#: the step: 176 MiB for a 1B model (22 layers, hidden 2048) at 2,048 tokens, 2.75 GiB at 32,768.
-#: Off until a GPU run has measured it (bench_lora_family case dora+narrow_z_on_device).
-DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES: tuple[str, ...] = ()
+#: 1B), up to DORA_NARROW_DOWN_Z_ON_DEVICE_MAX_BYTES per layer. The recomputation then skips that
+#: projection's dequantization, GEMM and column scale, which counts where the step is host-bound
+#: (1B at 2,048 tokens). H100 (2026-12-06, bench_lora_family --interleave,
+#: lora_family_dora_ab_1b_h100.json): 1B QDoRA/QLoRA 1.203 -> 1.193 alone, 1.151 with the stacked
+#: Q/K/V norms and the A·Aᵀ kernel; peak 1.16 -> 1.30 GiB (the 22 layers' z, 176 MiB at 2,048
+#: tokens). 8B (offloaded z): unchanged.
+DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES: tuple[str, ...] = ("cuda",)
+#: The largest down z [tokens, hidden] a layer keeps on the device (above, the recomputation
+#: computes the projection again). Keeping z pays where the host bounds the step, which is at few
+#: tokens; at many the GEMM it saves is a small part of the step while the memory grows with the
+#: tokens (2.75 GiB over a 1B model's 22 layers at 32,768). 16 MiB: a 1B (hidden 2048, bf16) keeps
+#: it up to 4,096 tokens.
+DORA_NARROW_DOWN_Z_ON_DEVICE_MAX_BYTES = 16 << 20
 _FEEDS_RESIDUAL = "_qlora_mlp_feeds_residual_only"  # its layer's forward hooks, set by enable_fused_mlp
 #: Share of the memory the process may still take (device_memory.available_bytes) that the
 #: unit's [rows, intermediate] activations may take before it works chunk by chunk.

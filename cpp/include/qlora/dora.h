@@ -86,6 +86,18 @@ cudaError_t dora_scale_backward_cuda(const void* dy, const void* z, const void* 
                                      int num_sms, void* dz, float* dmagnitude, float* partial,
                                      cudaStream_t stream);
 
+// dora_cuda.cu, DoRA's gate and up backward through the SwiGLU of their scaled outputs in one
+// pass (M >= 1, N >= 1): dh, z_gate, z_up [M, N] and gate_scale, up_scale [N] of `type`,
+// gate_inv_norm, up_inv_norm fp32 [N] -> dz_gate, dz_up [M, N] of `type`, dm_gate, dm_up fp32 [N];
+// the bits of swiglu_scaled_backward (qlora/swiglu.h) followed by dora_scale_backward_cuda on each
+// of its two outputs. `partial`: fp32 scratch of 2 * dora_backward_chunks(M, N, num_sms) * N.
+cudaError_t swiglu_scaled_dora_backward_cuda(const void* dh, const void* z_gate, const void* z_up,
+                                             const void* gate_scale, const void* up_scale,
+                                             const float* gate_inv_norm, const float* up_inv_norm,
+                                             FloatType type, int64_t M, int64_t N, int num_sms,
+                                             void* dz_gate, void* dz_up, float* dm_gate,
+                                             float* dm_up, float* partial, cudaStream_t stream);
+
 // The number of row chunks dora_scale_backward_cuda splits [M, N] into (its scratch's rows).
 int64_t dora_backward_chunks(int64_t M, int64_t N, int num_sms);
 #endif

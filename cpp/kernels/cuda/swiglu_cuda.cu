@@ -10,8 +10,8 @@
 //
 // Launch: 256 threads, grid-stride over 16-byte vectors (8 elements of a 16-bit type, 4 of fp32)
 // when every pointer is 16-byte aligned, the tail and unaligned arrays one element per access.
-// expf (not __expf): a full-precision exponential costs nothing here and keeps the CUDA results
-// close to the CPU kernel's. The backward may write dg over g and du over u: each thread reads
+// The math (expf, not __expf) is swiglu_math.cuh's, shared with DoRA's fused gate/up backward
+// (dora_cuda.cu). The backward may write dg over g and du over u: each thread reads
 // its elements before writing them, so the pointers carry no __restrict__.
 //
 // Scaled operands (DoRA, qlora/swiglu.h): g = T(gate * gate_scale[col]), u likewise, col = i %
@@ -22,6 +22,7 @@
 
 #include "cuda_common.cuh"
 #include "qlora/kernels_cuda.h"
+#include "swiglu_math.cuh"
 #include "vector_io.cuh"
 
 namespace qlora {
@@ -31,16 +32,6 @@ using namespace cuda_detail;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGrid = int64_t(1) << 20;
-
-__device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
-
-__device__ __forceinline__ float swiglu(float g, float u) { return g * sigmoid(g) * u; }
-
-__device__ __forceinline__ void swiglu_grad(float d, float g, float u, float& dg, float& du) {
-  const float s = sigmoid(g);
-  dg = d * u * (s * (1.0f + g * (1.0f - s)));
-  du = d * (g * s);
-}
 
 // The column (i % columns) of a grid-stride loop's element i, carried from one iteration to the
 // next by an add and a compare: the 64-bit remainder (a subroutine call) runs once per thread,
@@ -70,11 +61,6 @@ struct ColumnCursor {
     }
   }
 };
-
-template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return Element<T>::to_float(Element<T>::from_float(v));
-}
 
 // The V operands of elements [i, i + V) as the SwiGLU sees them: scaled (rounded to T) if Scaled;
 // `col`: element i's column (the V elements share a row: columns % V == 0 on this path).
