@@ -16,6 +16,7 @@
 #     bash benchmarks/gpu_checks/run.sh build dora_new     # DoRA's newest CUDA paths: tests, and sanitizers on the new op
 #     bash benchmarks/gpu_checks/run.sh build dora_ab      # DoRA's kernels alone, then QLoRA vs QDoRA as is and
 #                                                          # without parts of the defaults, interleaved, 8B and 1B
+#     bash benchmarks/gpu_checks/run.sh build family       # every LoRA-family variant vs QLoRA, 8B and 1B, interleaved
 #     bash benchmarks/gpu_checks/run.sh build train_ab     # 8B: the defaults vs what they replaced, and Unsloth
 #     bash benchmarks/gpu_checks/run.sh build decode_ab    # decode with the "factored" GEMV vs "mma"
 #     bash benchmarks/gpu_checks/run.sh build sanitize_variants # racecheck of fused Q/K/V, workload with every
@@ -153,6 +154,15 @@ for stage in "$@"; do
       done
       # where the host-bound 1B step spends its host time, QLoRA against QDoRA as it is by default
       TAIL=40 step dora_profile_host_1b "$PY" benchmarks/profile_lora_family.py --shape 1b --cases lora,dora --host --top 40
+      ;;
+    family)
+      # every LoRA-family variant against QLoRA, one shape per run, the cases stepping in turns:
+      # step time and peak memory per variant (issue #7's benchmark); GPU_TAG names the files' card
+      for shape in 8b 1b; do
+        step "family_$shape" "$PY" benchmarks/bench_lora_family.py --shapes $shape \
+          --cases lora,lora+rslora,lora+loraplus,dora,lora_fa,vera,vera_r256,delta_lora \
+          --interleave --warmup 3 --steps 12 --out "$OUT/lora_family_${shape}_${GPU_TAG:-h100}.json"
+      done
       ;;
     train_ab)
       # The defaults against what they replaced, 8B: the recomputation that skips the MLP's down
