@@ -483,17 +483,8 @@ def test_dora_swiglu_reads_z_and_c_without_forming_the_gate_and_up_outputs(devic
     for on in (False, True):
         monkeypatch.setattr(fused_mlp, "DORA_SCALED_SWIGLU_DEVICES", (device,) if on else ())
         calls.update(scaled=0, column_scale=0)
-        model = _model(kind, "dora", device=device)
-        fused_blocks.disable_fused_block_ops(model)
-        fused_blocks.enable_fused_block_ops(model, devices=(device,))
-        loss = _loss(model, token_batch(batch=2, seq=12, seed=5).to(device))
-        loss.backward()
-        results[on], counts[on] = (loss.detach(), _grads(model)), dict(calls)
-    (loss_off, grads_off), (loss_on, grads_on) = results[False], results[True]
-    assert torch.equal(loss_on, loss_off)
-    assert grads_on.keys() == grads_off.keys()
-    for name in grads_off:
-        assert torch.equal(grads_on[name], grads_off[name]), name
+        results[on], counts[on] = _dora_step(kind, device), dict(calls)
+    _assert_same_step(results[True], results[False])
     biases = kind == "llama-mlp-bias"
     assert counts[False]["scaled"] == 0
     if biases:
@@ -524,17 +515,9 @@ def test_dora_gate_up_backward_in_one_op(device, chunk, kind, monkeypatch):
     for on in (False, True):
         monkeypatch.setattr(fused_mlp, "DORA_FUSED_SWIGLU_BACKWARD_DEVICES", (device,) if on else ())
         calls.clear()
-        model = _model(kind, "dora", device=device)
-        fused_blocks.disable_fused_block_ops(model)
-        fused_blocks.enable_fused_block_ops(model, devices=(device,))
-        loss = _loss(model, token_batch(batch=2, seq=12, seed=5).to(device))
-        loss.backward()
-        results[on], counts[on] = (loss.detach(), _grads(model)), dict(calls)
-    (loss_off, grads_off), (loss_on, grads_on) = results[False], results[True]
-    assert torch.equal(loss_on, loss_off)
-    assert grads_on.keys() == grads_off.keys() and any("magnitude" in name for name in grads_on)
-    for name in grads_off:
-        assert torch.equal(grads_on[name], grads_off[name]), name
+        results[on], counts[on] = _dora_step(kind, device), dict(calls)
+    _assert_same_step(results[True], results[False])
+    assert any("magnitude" in name for name in results[True][1])
     assert counts[False].get("swiglu_scaled_dora_backward", 0) == 0
     if kind == "llama-mlp-bias":
         assert counts[True] == counts[False]
@@ -543,6 +526,25 @@ def test_dora_gate_up_backward_in_one_op(device, chunk, kind, monkeypatch):
         assert counts[True]["swiglu_scaled_dora_backward"] == layers * pieces, counts
         assert counts[False]["swiglu_scaled_backward"] - counts[True].get("swiglu_scaled_backward", 0) == layers * pieces
         assert counts[False]["dora_scale_backward"] - counts[True]["dora_scale_backward"] == 2 * layers * pieces
+
+
+def _dora_step(kind: str, device: str):
+    """(loss, gradients) of one training step of a DoRA model with the fused block ops on `device`."""
+    model = _model(kind, "dora", device=device)
+    fused_blocks.disable_fused_block_ops(model)
+    fused_blocks.enable_fused_block_ops(model, devices=(device,))
+    loss = _loss(model, token_batch(batch=2, seq=12, seed=5).to(device))
+    loss.backward()
+    return loss.detach(), _grads(model)
+
+
+def _assert_same_step(got, want) -> None:
+    """The two steps' loss and every gradient equal bit for bit."""
+    (loss, grads), (want_loss, want_grads) = got, want
+    assert torch.equal(loss, want_loss)
+    assert grads.keys() == want_grads.keys()
+    for name in want_grads:
+        assert torch.equal(grads[name], want_grads[name]), name
 
 
 def _counting(op, name: str, calls: collections.Counter):

@@ -22,11 +22,7 @@ from qlora_ext import dora
 
 pytest.importorskip("qlora_ext._C", reason="the compiled extension is not built")
 
-HAS_CUDA = torch.cuda.is_available() and qlora_ext.build_info()["with_cuda"]
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU"))]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-OPS = torch.ops.qlora_ext
-EPS32 = torch.finfo(torch.float32).eps
+from test_block_ops import DEVICES, DTYPES, EPS32, HAS_CUDA, OPS  # noqa: E402  (the block-op tests' devices and dtypes)
 # [2048, 96] and [300, 8]: rows that the CUDA kernel splits into several chunks; 13, 37: no 16-byte vectors.
 SHAPES = [(1, 1), (3, 7), (2, 5, 24), (17, 40), (64, 1536), (2048, 96), (300, 8), (9, 13), (4, 37)]
 
