@@ -108,7 +108,7 @@ def dora_scale_backward_reference(dy: Tensor, z: Tensor, col_scale: Tensor, inv_
 #: step every launch counts. The CPU always takes at::mm. H100 (2026-12-06): dora_scale alone 19.8
 #: -> 13.5 µs at [4096, 4096], 23.0 -> 21.5 at [4096, 14336] (bench_dora_kernels.py,
 #: dora_kernels_h100.json); QDoRA/QLoRA 1.105 -> 1.094 at 8B, 1.203 -> 1.173 at 1B
-#: (bench_lora_family --interleave, lora_family_dora_ab_{8b,1b}_h100.json); its CUDA tests and the
+#: (bench_lora_family --interleave, lora_family_dora_candidates_{8b,1b}_h100.json); its CUDA tests and the
 #: three sanitizers over it passed.
 GRAM_KERNEL_DEVICES: tuple[str, ...] = ("cuda",)
 
@@ -304,7 +304,6 @@ def _register_native_fakes() -> None:
         torch._check(tuple(inv_norm.shape) == (n,) and inv_norm.dtype == torch.float32,
                      lambda: f"inv_norm must be float32 [{n}]")  # fmt: skip
         return dy.new_empty(dy.shape), dy.new_empty((n,), dtype=torch.float32)
-
 
     @torch.library.register_fake("qlora_ext::swiglu_scaled_dora_backward")
     def _(dh, gate, up, gate_scale, up_scale, gate_inv_norm, up_inv_norm):

@@ -490,7 +490,7 @@ DORA_KEEPS_DOWN_Z_MIN_INTERMEDIATE: dict[str, int] = {"cuda": 12288}
 #: 1B), up to DORA_NARROW_DOWN_Z_ON_DEVICE_MAX_BYTES per layer. The recomputation then skips that
 #: projection's dequantization, GEMM and column scale, which counts where the step is host-bound
 #: (1B at 2,048 tokens). H100 (2026-12-06, bench_lora_family --interleave,
-#: lora_family_dora_ab_1b_h100.json): 1B QDoRA/QLoRA 1.203 -> 1.193 alone, 1.151 with the stacked
+#: lora_family_dora_candidates_1b_h100.json): 1B QDoRA/QLoRA 1.203 -> 1.193 alone, 1.151 with the stacked
 #: Q/K/V norms and the A·Aᵀ kernel; peak 1.16 -> 1.30 GiB (the 22 layers' z, 176 MiB at 2,048
 #: tokens). 8B (offloaded z): unchanged.
 DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES: tuple[str, ...] = ("cuda",)

@@ -107,7 +107,7 @@ DORA_CONCAT_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 #: no measurable difference in CPU time there (the W·Aᵀ GEMM has three times the columns, and CPU
 #: ops compute). On the H100 a QDoRA step launched ~50 kernels per layer more than QLoRA's
 #: (lora_family_dora_profile_concat_1b_h100.txt), this takes the Q/K/V norms' ~15 of them down to
-#: ~6. H100 (2026-12-06, bench_lora_family --interleave, lora_family_dora_ab_{8b,1b}_h100.json):
+#: ~6. H100 (2026-12-06, bench_lora_family --interleave, lora_family_dora_candidates_{8b,1b}_h100.json):
 #: QDoRA/QLoRA 1.105 -> 1.099 at 8B, 1.203 -> 1.178 at 1B; its CUDA tests passed.
 DORA_STACKED_NORM_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 

@@ -322,9 +322,9 @@ __global__ void dora_column_scale_kernel(const T* __restrict__ z, const T* __res
   }
 }
 
-// dm[col] = inv_norm[col] · Σ_chunk partial[chunk, col], chunks added in order.
-// dm = inv_norm ⊙ Σ_chunks partial for `problems` (1 or 2) column sums at once: problem p's
-// partials are [chunks, N] at partial + p·chunks·N, its inv_norm and dm the p-th pointers.
+// dm[col] = inv_norm[col] · Σ_chunk partial[chunk, col], chunks added in order, for `problems`
+// (1 or 2: the fused gate/up backward's two) column sums at once: problem p's partials are
+// [chunks, N] at partial + p·chunks·N, its inv_norm and dm the p-th pointers.
 struct FinishPair {
   const float* inv_norm[2];
   float* dm[2];
