@@ -1,5 +1,6 @@
 // Argument validation of the DoRA operators (dora_scale, dora_scale_backward, dora_column_scale,
-// swiglu_scaled_dora_backward), shared by the CPU and CUDA registrations (dora_ops_cpu.cpp, dora_ops_cuda.cpp); math and shapes: qlora/dora.h.
+// swiglu_scaled_dora_backward), shared by the CPU and CUDA registrations (dora_ops_cpu.cpp,
+// dora_ops_cuda.cpp); math and shapes: qlora/dora.h.
 #pragma once
 
 #include <ATen/ATen.h>
