@@ -119,6 +119,8 @@ SHAPES = [  # (N, K): aligned, K not a multiple of 64 or 32 (blocks straddle row
     (45, 4160),  # K % 64 == 0, not a multiple of a factored step (256 k): a part-empty last step
     (300, 2112),  # N not a multiple of 16 or 32 rows
     (17, 192),  # fewer k-steps than warps: idle warps in every tile
+    (37, 1536),  # K % 512 == 0, not % 1024: "stream" runs 3 stages a tile, "stream2" falls back
+    (300, 3072),  # 3 "stream2" stages a tile, 19 tiles with a part-empty last one
 ]
 MS = [1, 2, 3, 7, 8, 9, 16]
 
@@ -135,11 +137,13 @@ def test_matches_reference(device, variant, dtype, M, N, K, use_variant):
 
 @pytest.mark.parametrize("device,variant", DEVICE_VARIANTS)
 @pytest.mark.parametrize("M", [1, 9])
-def test_many_tiles(device, variant, M, use_variant):
+@pytest.mark.parametrize("K", [320, 2048])
+def test_many_tiles(device, variant, M, K, use_variant):
     # More row tiles than the persistent grid has CTAs (2 per SM: 264 on an H100; 16- or 32-row
-    # tiles): each CTA loops over tiles, and the factored kernels prefetch across the boundary.
+    # tiles): each CTA loops over tiles, and the factored kernels prefetch across the boundary
+    # (K = 320), the streamed ones run their ring of stages across it (K = 2048).
     use_variant(variant)
-    x, weight, bias = make_case(device, torch.bfloat16, M, 8500, 320)
+    x, weight, bias = make_case(device, torch.bfloat16, M, 8500, K)
     assert_close_to_reference(gemv(x, weight, bias), x, weight, bias)
 
 
@@ -156,6 +160,7 @@ def test_block_sizes_and_scales(device, variant, blocksize, double_quant, with_b
         (torch.bfloat16, (1, 40, 4096 + 64)),
         (torch.float16, (16, 33, 2 * blocksize + 64)),
         (torch.bfloat16, (8, 50, 3 * blocksize + 128)),
+        (torch.float16, (2, 45, 2048)),  # the streamed kernels at blocksize 64 (staged scales)
     ]
     for dtype, (M, N, K) in cases:
         x, weight, bias = make_case(device, dtype, M, N, K, blocksize, double_quant, with_bias)
@@ -194,6 +199,21 @@ def test_non_contiguous_and_misaligned(device, variant, use_variant):
     packed_off = packed_storage[1:].view_as(weight.packed)
     packed_off.copy_(weight.packed)
     shifted = qlora_ext.NF4Weight(packed_off, weight.absmax, weight.shape, weight.dtype, weight.blocksize, weight.nested)
+    assert_close_to_reference(gemv(x, shifted, bias), x, weight, bias)
+
+
+@pytest.mark.parametrize("device,variant", DEVICE_VARIANTS)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double_quant"])
+def test_misaligned_scales(device, variant, double_quant, use_variant):
+    # Scales (8-bit codes, or fp32 absmax) starting 1 byte / 1 float past an aligned address: the
+    # streamed kernels copy them in 8- or 16-byte pieces, so they must hand the case on.
+    use_variant(variant)
+    x, weight, bias = make_case(device, torch.bfloat16, 3, 40, 2048, double_quant=double_quant)
+    storage = torch.empty(weight.absmax.numel() + 1, dtype=weight.absmax.dtype, device=device)
+    absmax_off = storage[1:]
+    absmax_off.copy_(weight.absmax)
+    assert absmax_off.data_ptr() % 16 != 0
+    shifted = qlora_ext.NF4Weight(weight.packed, absmax_off, weight.shape, weight.dtype, weight.blocksize, weight.nested)
     assert_close_to_reference(gemv(x, shifted, bias), x, weight, bias)
 
 
@@ -244,7 +264,9 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
     # case outside the factored kernels' domain (K % 64 == 32) falls back to the "mma" kernel.
     use_variant(variant)
     assert ops.nf4_gemv_variant() == variant
-    expected = "nf4_gemv_mma_kernel" if variant == "mma" else "nf4_gemv_factored_kernel"
+    expected = {"mma": "nf4_gemv_mma_kernel", "stream": "nf4_gemv_stream_kernel", "stream2": "nf4_gemv_stream_kernel"}.get(
+        variant, "nf4_gemv_factored_kernel"
+    )
     for K, kernel in [(4096, expected), (4096 + 32, "nf4_gemv_mma_kernel")]:
         x, weight, bias = make_case("cuda", torch.bfloat16, 3, 64, K)
         gemv(x, weight, bias)  # warm-up outside the profile

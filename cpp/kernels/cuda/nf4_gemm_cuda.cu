@@ -40,6 +40,7 @@
 #include <algorithm>
 
 #include "cuda_common.cuh"
+#include "cp_async.cuh"
 #include "device_facts.cuh"
 #include "qlora/kernels_cuda.h"
 
@@ -72,17 +73,6 @@ constexpr int kWarps = kThreads / 32;
 __device__ __forceinline__ uint32_t swizzle(int row, int chunk) {
   return uint32_t(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
 }
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return uint32_t(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, bypassing L1; `bytes` = 0 writes zeros (rows of x past M).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
 // 16 bytes of codes, read once per CTA: not kept in L1.
 __device__ __forceinline__ uint4 load_codes(const uint8_t* p) {

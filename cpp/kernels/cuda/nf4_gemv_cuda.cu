@@ -50,6 +50,7 @@
 #include <atomic>
 
 #include "cuda_common.cuh"
+#include "cp_async.cuh"
 #include "device_facts.cuh"
 #include "qlora/kernels_cuda.h"
 
@@ -591,6 +592,237 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restri
 #endif  // QLORA_GEMV_MMA
 }
 
+// ---- fast path, streamed through shared memory (variants "stream", "stream2") ----------------
+//
+// The arithmetic of "factored" at M <= 8 (T(nf4) table words, each 64-k segment's fp32 partial
+// times its block's fp32 scale), with different data movement. "factored" keeps one step of codes
+// per warp in registers (~32 KB a SM in flight at best) and measured 1.0-1.8 TB/s at M = 1 against
+// bf16 cuBLAS's 2.1-2.9 (nf4_gemv_variants_h100.json). Here each CTA streams its work through a
+// ring of STAGES shared-memory stages (8 or 6) filled by cp.async, so (stages - 1) x 4-8 KB per CTA
+// stay in flight whatever the warps are doing (the per-tile reduction and barriers included).
+//   Work: 16-row tiles, persistent CTAs (tile = blockIdx.x + i * gridDim.x); a tile is a run of
+//   stages of SW x 512 k (SW = 1: "stream", 2: "stream2"). 16 consecutive rows are contiguous in
+//   the packed codes, so a stage is 16 runs of SW x 256 bytes, one per row, each copied by
+//   16 x SW threads in 16-byte pieces; each row's 8 x SW block-scale codes (blocksize 64) and its
+//   nested absmax (one per row and stage: nested blocks are >= 8 blocks) come with it.
+//   Compute: warp w takes segments w + 8s (s < SW) of every stage: two conflict-free LDS.64 of
+//   codes (rows g, g+8, codes [16t, 16t+16)), the scale from the staged bytes, and 4 MMAs; x (the
+//   B fragments) comes from global memory (L1/L2-resident), loaded one stage ahead.
+//   One __syncthreads per stage: after it, stage p is complete for every thread and slot p - 1 is
+//   free, which is where stage p + stages - 1 is issued.
+// Domain: M <= 8, fp16/bf16, blocksize 64, K % (512 SW) == 0, nested blocksize >= 8 (always 256 in
+// bitsandbytes' files), aligned codes / scales; elsewhere the launcher falls back to "factored".
+// (Outside the QLORA_GEMV_MMA guard: the host-side launcher sizes the ring from it in every pass.)
+constexpr int kStreamTileRows = 16;
+
+template <int SW, int STAGES>
+struct StreamLayout {
+  static constexpr int kStageK = 512 * SW;
+  static constexpr int kRowBytes = kStageK / 2;
+  // +32 bytes: row r starts 8r banks on, so a half-warp's LDS.64 (rows g, 4 values of g; 4 t's 8 B
+  // apart) covers the 32 banks once.
+  static constexpr int kRowPitch = kRowBytes + 32;
+  static constexpr int kCodesBytes = kStreamTileRows * kRowPitch;
+  static constexpr int kBlocksPerRow = kStageK / 64;
+  // Scales: 8-bit codes (double quantization) or fp32 absmax (plain), whichever is larger.
+  static constexpr int kScaleBytes = kStreamTileRows * kBlocksPerRow * 4;
+  static constexpr int kNestedBytes = kStreamTileRows * 4;
+  static constexpr int kStageBytes = kCodesBytes + kScaleBytes + kNestedBytes;
+  static_assert(kStageBytes % 16 == 0, "stages start 16-byte aligned");
+  static constexpr int kRingBytes = STAGES * kStageBytes;
+};
+
+template <typename T, int SW, int STAGES>
+__global__ void __launch_bounds__(kThreads, 2)
+nf4_gemv_stream_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed,
+                       NF4Scales scales, int nested_log2, int64_t N, int64_t K,
+                       const T* __restrict__ bias, T* __restrict__ y) {
+#if QLORA_GEMV_MMA
+  using L = StreamLayout<SW, STAGES>;
+  extern __shared__ __align__(16) unsigned char ring[];
+  __shared__ uint32_t table[256 * 32];  // T2 word of each code byte, 32 copies (see "factored")
+  __shared__ float partial[kWarps / 2][kStreamTileRows][8 + 1];
+  __shared__ float nested_map[256];
+  __shared__ float codes[16];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const bool double_quant = scales.absmax == nullptr;
+  const int64_t n_tiles = (N + kStreamTileRows - 1) / kStreamTileRows;
+  const int stages_per_tile = int(K / L::kStageK);
+  const int64_t my_tiles = blockIdx.x < n_tiles ? (n_tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+  const int64_t n_items = my_tiles * stages_per_tile;
+  const int64_t blocks_per_row = K / 64;
+
+  // The producer's position: the next item to issue (tile, stage, ring slot). Counters, not
+  // divisions of the item number: 64-bit division costs ~100 instructions.
+  int64_t issued = 0, issue_tile = blockIdx.x;
+  int issue_stage = 0, issue_slot = 0;
+  // Issue the copies of the next item into its ring slot and commit them as one group (empty past
+  // the end, so that the group count stays one per item).
+  auto issue_next = [&]() {
+    if (issued < n_items) {
+      const int64_t tile = issue_tile;
+      const int stage = issue_stage;
+      const uint32_t slot_addr = shared_address(ring + issue_slot * L::kStageBytes);
+#pragma unroll
+      for (int i = 0; i < SW; ++i) {
+        const int chunk = tid + i * kThreads;  // 16 rows x (16 SW) chunks of 16 bytes
+        const int row = chunk / (16 * SW), piece = chunk % (16 * SW);
+        // Rows past N read row N - 1 (finite codes; their sums are never stored).
+        const int64_t n = min(tile * kStreamTileRows + row, N - 1);
+        cp_async16(slot_addr + row * L::kRowPitch + piece * 16,
+                   packed + ((n * K) >> 1) + stage * L::kRowBytes + piece * 16);
+      }
+      const uint32_t scale_addr = slot_addr + L::kCodesBytes;
+      if (double_quant) {
+        if (tid < kStreamTileRows) {
+          const int64_t n = min(tile * kStreamTileRows + tid, N - 1);
+          const int64_t b0 = n * blocks_per_row + stage * L::kBlocksPerRow;
+          if constexpr (SW == 1) {
+            cp_async8(scale_addr + tid * L::kBlocksPerRow, scales.absmax_codes + b0);
+          } else {
+            cp_async16(scale_addr + tid * L::kBlocksPerRow, scales.absmax_codes + b0);
+          }
+          cp_async4(scale_addr + L::kScaleBytes + tid * 4, scales.nested_absmax + (b0 >> nested_log2));
+        }
+      } else if (tid < kStreamTileRows * 2 * SW) {  // 8 SW floats a row: 2 SW pieces of 16 bytes
+        const int row = tid / (2 * SW), piece = tid % (2 * SW);
+        const int64_t n = min(tile * kStreamTileRows + row, N - 1);
+        const int64_t b0 = n * blocks_per_row + stage * L::kBlocksPerRow;
+        cp_async16(scale_addr + (row * L::kBlocksPerRow + piece * 4) * 4, scales.absmax + b0 + piece * 4);
+      }
+      ++issued;
+      if (++issue_stage == stages_per_tile) {
+        issue_stage = 0;
+        issue_tile += gridDim.x;
+      }
+      if (++issue_slot == STAGES) issue_slot = 0;
+    }
+    cp_async_commit();
+  };
+
+  // The first stages' copies fly while the tables are built.
+#pragma unroll 1
+  for (int p = 0; p < STAGES - 1; ++p) issue_next();
+
+  load_nf4_codes(codes);
+  if (double_quant) {
+    for (int i = tid; i < 256; i += kThreads) nested_map[i] = __ldg(scales.nested_code + i);
+  }
+  __syncthreads();
+  for (int i = tid; i < 256 * 32; i += kThreads) {
+    const int byte = i >> 5;
+    const T a = Element<T>::from_float(codes[byte >> 4]), b = Element<T>::from_float(codes[byte & 15]);
+    table[i] = bits_of(a) | (bits_of(b) << 16);  // the even element (high nibble) low
+  }
+  const char* table_bytes = reinterpret_cast<const char*>(table);
+  const uint32_t lane_offset = uint32_t(lane) * 4;
+  const float offset = double_quant ? __ldg(scales.nested_offset) : 0.0f;
+
+  // x: rows m = g (< M), the lane's 16 k of each of its segments; one stage ahead in registers.
+  const bool has_x_row = g < M;
+  const T* x_row = x + int64_t(has_x_row ? g : 0) * K + 16 * t;
+  auto load_x = [&](int stage, uint4 (&v)[SW][2]) {
+    const int64_t k0 = int64_t(stage) * L::kStageK;
+#pragma unroll
+    for (int s = 0; s < SW; ++s) {
+      const uint4* src = reinterpret_cast<const uint4*>(x_row + k0 + 64 * (warp + 8 * s));
+      v[s][0] = has_x_row ? __ldg(src) : make_uint4(0, 0, 0, 0);
+      v[s][1] = has_x_row ? __ldg(src + 1) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  uint4 xv[SW][2];
+  if (n_items > 0) load_x(0, xv);
+
+  float acc[1][1][4] = {};  // reduce_and_store's [R][MT][4] with one tile and one x group
+  int64_t tile = blockIdx.x;
+  int stage = 0, slot_index = 0;
+#pragma unroll 1
+  for (int64_t p = 0; p < n_items; ++p) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // item p is in for every thread; the slot of item p - 1 is free
+    issue_next();     // item p + STAGES - 1, into that slot
+
+    const bool last_stage = stage + 1 == stages_per_tile;
+    uint4 xn[SW][2];
+    const bool more = p + 1 < n_items;
+    if (more) load_x(last_stage ? 0 : stage + 1, xn);
+
+    const unsigned char* slot = ring + slot_index * L::kStageBytes;
+    const unsigned char* scale_bytes = slot + L::kCodesBytes;
+#pragma unroll
+    for (int s = 0; s < SW; ++s) {
+      const int seg = warp + 8 * s;
+      const uint2 cg = *reinterpret_cast<const uint2*>(slot + g * L::kRowPitch + 32 * seg + 8 * t);
+      const uint2 cg8 = *reinterpret_cast<const uint2*>(slot + (g + 8) * L::kRowPitch + 32 * seg + 8 * t);
+      float scale_g, scale_g8;
+      if (double_quant) {
+        const float* nested = reinterpret_cast<const float*>(scale_bytes + L::kScaleBytes);
+        scale_g = __fadd_rn(__fmul_rn(nested_map[scale_bytes[g * L::kBlocksPerRow + seg]], nested[g]), offset);
+        scale_g8 = __fadd_rn(__fmul_rn(nested_map[scale_bytes[(g + 8) * L::kBlocksPerRow + seg]], nested[g + 8]),
+                             offset);
+      } else {
+        const float* absmax = reinterpret_cast<const float*>(scale_bytes);
+        scale_g = absmax[g * L::kBlocksPerRow + seg];
+        scale_g8 = absmax[(g + 8) * L::kBlocksPerRow + seg];
+      }
+      float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        // k-step j: code bytes 2j (k slots 2t, 2t+1) and 2j+1 (slots 2t+8, 2t+9), as "factored".
+        const uint32_t wg = j < 2 ? cg.x : cg.y;
+        const uint32_t wg8 = j < 2 ? cg8.x : cg8.y;
+        uint32_t o0, o1, o2, o3;
+        if ((j & 1) == 0) {
+          o0 = table_offset<0>(wg, lane_offset);
+          o2 = table_offset<1>(wg, lane_offset);
+          o1 = table_offset<0>(wg8, lane_offset);
+          o3 = table_offset<1>(wg8, lane_offset);
+        } else {
+          o0 = table_offset<2>(wg, lane_offset);
+          o2 = table_offset<3>(wg, lane_offset);
+          o1 = table_offset<2>(wg8, lane_offset);
+          o3 = table_offset<3>(wg8, lane_offset);
+        }
+        const uint4& v = xv[s][j >> 1];
+        const uint32_t b0 = (j & 1) ? v.z : v.x;
+        const uint32_t b1 = (j & 1) ? v.w : v.y;
+        mma_16816(T{}, tmp, *reinterpret_cast<const uint32_t*>(table_bytes + o0),
+                  *reinterpret_cast<const uint32_t*>(table_bytes + o1),
+                  *reinterpret_cast<const uint32_t*>(table_bytes + o2),
+                  *reinterpret_cast<const uint32_t*>(table_bytes + o3), b0, b1);
+      }
+      float(&a)[4] = acc[0][0];
+      a[0] = fmaf(scale_g, tmp[0], a[0]);
+      a[1] = fmaf(scale_g, tmp[1], a[1]);
+      a[2] = fmaf(scale_g8, tmp[2], a[2]);
+      a[3] = fmaf(scale_g8, tmp[3], a[3]);
+    }
+    if (more) {
+#pragma unroll
+      for (int s = 0; s < SW; ++s) {
+        xv[s][0] = xn[s][0];
+        xv[s][1] = xn[s][1];
+      }
+    }
+
+    if (++slot_index == STAGES) slot_index = 0;
+    if (last_stage) {  // the 8 warps' sums of the tile meet
+      reduce_and_store<T, 1, 1>(acc, partial, warp, g, t, tile * kStreamTileRows, M, N, bias, y);
+      __syncthreads();  // partial is rewritten by the next tile
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[0][0][i] = 0.0f;
+      stage = 0;
+      tile += gridDim.x;
+    } else {
+      ++stage;
+    }
+  }
+  cp_async_wait_all();  // no copy may outlive the CTA (the trailing groups are empty, but be sure)
+#endif  // QLORA_GEMV_MMA
+}
+
 // ---- generic path ----------------------------------------------------------------------------
 
 template <typename T>
@@ -657,9 +889,42 @@ cudaError_t launch_factored(const T* x, int M, const uint8_t* packed, const NF4S
   return cudaGetLastError();
 }
 
+template <typename T, int SW, int STAGES>
+cudaError_t launch_stream(const T* x, int M, const uint8_t* packed, const NF4Scales& scales,
+                          int nested_log2, int64_t N, int64_t K, const T* bias, T* y, int sm_count,
+                          cudaStream_t stream) {
+  constexpr int kRingBytes = StreamLayout<SW, STAGES>::kRingBytes;
+  auto kernel = nf4_gemv_stream_kernel<T, SW, STAGES>;
+  // The ring is dynamic shared memory; with the static tables it passes the default 48 KB, which
+  // needs the per-function opt-in (per device: remembered in a bit mask of devices done).
+  static std::atomic<uint64_t> configured{0};
+  int device = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status != cudaSuccess) return status;
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (bit == 0 || (configured.load(std::memory_order_relaxed) & bit) == 0) {
+    status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRingBytes);
+    if (status != cudaSuccess) return status;
+    configured.fetch_or(bit, std::memory_order_relaxed);
+  }
+  const int64_t tiles = ceil_div(N, kStreamTileRows);
+  const int64_t grid = std::min<int64_t>(tiles, int64_t(sm_count) * 2);  // persistent, 2 CTAs a SM
+  kernel<<<dim3(unsigned(grid)), kThreads, kRingBytes, stream>>>(x, M, packed, scales, nested_log2, N, K, bias, y);
+  return cudaGetLastError();
+}
+
+// Whether the streamed kernel with SW segments a warp per stage covers this case (see its comment).
+inline bool stream_applies(int SW, int M, int64_t K, int64_t blocksize, const NF4Scales& scales) {
+  if (M > 8 || blocksize != 64 || K % (512 * SW) != 0) return false;
+  if (scales.absmax != nullptr) return is_aligned(scales.absmax, 16);
+  return scales.nested_blocksize >= 8 * SW && is_aligned(scales.absmax_codes, 8 * SW) &&
+         is_aligned(scales.nested_absmax, 4);
+}
+
 // Fast-path kernel choice, switchable at run time so that one process can A/B them (see
 // kernels_cuda.h). Index = the variant number.
-constexpr const char* kVariantNames[] = {"mma", "factored", "factored_split", "factored_r2", "factored_r1"};
+constexpr const char* kVariantNames[] = {"mma",         "factored", "factored_split", "factored_r2",
+                                         "factored_r1", "stream",   "stream2"};
 constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0]));
 std::atomic<int> g_variant{1};  // "factored": faster than "mma" at every measured shape (nf4_gemv_variants_h100.json)
 
@@ -709,6 +974,16 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
       // Tile shapes (MT, R, SEG): MT groups of 8 x rows, R 16-row tiles per CTA, SEG 64-k segments
       // per step (a warp has one step of codes in flight while it computes the previous one).
       switch (variant) {
+        case 5:  // stream: M <= 8 through a shared-memory ring (4 KB stages); else as "factored"
+          if (stream_applies(1, m, K, blocksize, scales)) {
+            return launch_stream<T, 1, 8>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream);
+          }
+          [[fallthrough]];
+        case 6:  // stream2: 8 KB stages (half the barriers per byte), 6 of them; else as "factored"
+          if (variant == 6 && stream_applies(2, m, K, blocksize, scales)) {
+            return launch_stream<T, 2, 6>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream);
+          }
+          [[fallthrough]];
         case 1:  // factored: M <= 8: 16-row tiles, 256 k per step; M > 8: 32-row tiles (x reuse)
           if (m <= 8) QLORA_FACTORED(1, 1, 4, false);
           QLORA_FACTORED(2, 2, 2, false);
