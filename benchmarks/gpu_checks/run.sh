@@ -127,17 +127,17 @@ for stage in "$@"; do
       ;;
     gemv_stream)
       # the streamed GEMV kernels ("stream", "stream2", 2026-12-06): the GEMV/GEMM CUDA tests, the
-      # new kernels' tests under memcheck and racecheck (a cp.async ring with one barrier a stage),
-      # then the A/B against "factored" (M <= 8), and nf4_gemm against dequantize + cuBLAS
+      # A/B against "factored" (M <= 8), nf4_gemm against dequantize + cuBLAS, then the new kernels'
+      # tests under memcheck and racecheck (a cp.async ring with one barrier a stage)
       step gemv_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py tests/test_nf4_gemm.py -k "cuda or variant"
-      RUNS=$'memcheck tests/test_nf4_gemv.py 1\nracecheck tests/test_nf4_gemv.py 2\nracecheck tests/test_nf4_gemv.py 3' \
-        K_1='cuda-stream and (bfloat16 or many_tiles or block_sizes or misaligned or deterministic)' \
-        K_2='cuda-stream and (many_tiles or deterministic or misaligned)' \
-        K_3='cuda-stream and bfloat16 and (300x3072 or 37x1536 or 64x4096)' STEP_TIMEOUT=240 step sanitize_stream \
-        bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_stream_h100.txt" 3
       step gemv_stream_ab "$PY" benchmarks/bench_nf4_linear.py --variants factored,stream,stream2 --m 1 4 8 \
         --shapes 4096x4096,1024x4096,14336x4096,4096x14336,28672x8192 --out "$OUT/nf4_gemv_stream_h100.json"
       step nf4_gemm "$PY" benchmarks/bench_nf4_gemm.py --m 16 17 64 256 --out "$OUT/nf4_gemm_h100.json"
+      RUNS=$'memcheck tests/test_nf4_gemv.py 1\nracecheck tests/test_nf4_gemv.py 2\nracecheck tests/test_nf4_gemv.py 3' \
+        K_1='cuda-stream and (bfloat16 or many_tiles or block_sizes or misaligned or deterministic)' \
+        K_2='cuda-stream and (many_tiles or deterministic or misaligned)' \
+        K_3='cuda-stream and bfloat16 and (300x3072 or 37x1536 or 64x4096)' STEP_TIMEOUT="${SANITIZE_TIMEOUT:-240}" \
+        step sanitize_stream bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_stream_h100.txt" 3
       ;;
     gemv_ab)
       step gemv_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py tests/test_nf4_gemm.py -k "cuda or variant"
