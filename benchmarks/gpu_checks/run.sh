@@ -14,6 +14,7 @@
 #                                                          # QDoRA vs QLoRA (8B, 1B), 1B training with/without fused Q/K/V
 #     bash benchmarks/gpu_checks/run.sh build gemv_ab      # every nf4_gemv variant: CUDA tests + A/B benchmark
 #     bash benchmarks/gpu_checks/run.sh build gemv_stream  # the streamed GEMV: tests, sanitizers, A/B; nf4_gemm timed
+#     bash benchmarks/gpu_checks/run.sh build decode_profile # the kernels of a decode step (bf16, NF4 merged)
 #     bash benchmarks/gpu_checks/run.sh build dora_new     # DoRA's newest CUDA paths: tests, and sanitizers on the new op
 #     bash benchmarks/gpu_checks/run.sh build dora_ab      # DoRA's kernels alone, then QLoRA vs QDoRA as is and
 #                                                          # without parts of the defaults, interleaved, 8B and 1B
@@ -124,6 +125,9 @@ for stage in "$@"; do
         --out "$OUT/lora_family_dora_units_h100.json"
       step train_qkv "$PY" benchmarks/bench_train.py --model 1b --seq 2048 --steps 10 --stacks ours,ours_qkv_off,ours_qkv_three_gemms,unsloth \
         --out "$OUT/train_1b_qkv_h100.json"
+      ;;
+    decode_profile)
+      TAIL=70 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
       ;;
     gemv_stream)
       # the streamed GEMV kernels ("stream", "stream2", 2026-12-06): the GEMV/GEMM CUDA tests, the
