@@ -594,7 +594,7 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restri
 
 // ---- fast path, streamed through shared memory (variants "stream", "stream2") ----------------
 //
-// The arithmetic of "factored" at M <= 8 (T(nf4) table words, each 64-k segment's fp32 partial
+// The arithmetic of "factored" (T(nf4) table words, each 64-k segment's fp32 partial
 // times its block's fp32 scale), with different data movement. "factored" keeps one step of codes
 // per warp in registers (~32 KB a SM in flight at best) and measured 1.0-1.8 TB/s at M = 1 against
 // bf16 cuBLAS's 2.1-2.9 (nf4_gemv_variants_h100.json). Here each CTA streams its work through a
@@ -610,7 +610,8 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restri
 //   B fragments) comes from global memory (L1/L2-resident), loaded one stage ahead.
 //   One __syncthreads per stage: after it, stage p is complete for every thread and slot p - 1 is
 //   free, which is where stage p + stages - 1 is issued.
-// Domain: M <= 8, fp16/bf16, blocksize 64, K % (512 SW) == 0, nested blocksize >= 8 (always 256 in
+// x rows: one group of 8 (MT = 1, M <= 8) or two (MT = 2, M <= 16) per MMA B fragment.
+// Domain: fp16/bf16, blocksize 64, K % (512 SW) == 0, nested blocksize >= 8 (always 256 in
 // bitsandbytes' files), aligned codes / scales; elsewhere the launcher falls back to "factored".
 // (Outside the QLORA_GEMV_MMA guard: the host-side launcher sizes the ring from it in every pass.)
 constexpr int kStreamTileRows = 16;
@@ -632,7 +633,7 @@ struct StreamLayout {
   static constexpr int kRingBytes = STAGES * kStageBytes;
 };
 
-template <typename T, int SW, int STAGES>
+template <typename T, int MT, int SW, int STAGES>
 __global__ void __launch_bounds__(kThreads, 2)
 nf4_gemv_stream_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed,
                        NF4Scales scales, int nested_log2, int64_t N, int64_t K,
@@ -641,7 +642,7 @@ nf4_gemv_stream_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
   using L = StreamLayout<SW, STAGES>;
   extern __shared__ __align__(16) unsigned char ring[];
   __shared__ uint32_t table[256 * 32];  // T2 word of each code byte, 32 copies (see "factored")
-  __shared__ float partial[kWarps / 2][kStreamTileRows][8 + 1];
+  __shared__ float partial[kWarps / 2][kStreamTileRows][8 * MT + 1];
   __shared__ float nested_map[256];
   __shared__ float codes[16];
 
@@ -720,22 +721,30 @@ nf4_gemv_stream_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
   const uint32_t lane_offset = uint32_t(lane) * 4;
   const float offset = double_quant ? __ldg(scales.nested_offset) : 0.0f;
 
-  // x: rows m = g (< M), the lane's 16 k of each of its segments; one stage ahead in registers.
-  const bool has_x_row = g < M;
-  const T* x_row = x + int64_t(has_x_row ? g : 0) * K + 16 * t;
-  auto load_x = [&](int stage, uint4 (&v)[SW][2]) {
+  // x: rows m = g + 8 mt (< M), the lane's 16 k of each of its segments; one stage ahead in
+  // registers.
+  bool has_x_row[MT];
+  const T* x_row[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    has_x_row[mt] = g + 8 * mt < M;
+    x_row[mt] = x + int64_t(has_x_row[mt] ? g + 8 * mt : 0) * K + 16 * t;
+  }
+  auto load_x = [&](int stage, uint4 (&v)[SW][MT][2]) {
     const int64_t k0 = int64_t(stage) * L::kStageK;
 #pragma unroll
-    for (int s = 0; s < SW; ++s) {
-      const uint4* src = reinterpret_cast<const uint4*>(x_row + k0 + 64 * (warp + 8 * s));
-      v[s][0] = has_x_row ? __ldg(src) : make_uint4(0, 0, 0, 0);
-      v[s][1] = has_x_row ? __ldg(src + 1) : make_uint4(0, 0, 0, 0);
-    }
+    for (int s = 0; s < SW; ++s)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint4* src = reinterpret_cast<const uint4*>(x_row[mt] + k0 + 64 * (warp + 8 * s));
+        v[s][mt][0] = has_x_row[mt] ? __ldg(src) : make_uint4(0, 0, 0, 0);
+        v[s][mt][1] = has_x_row[mt] ? __ldg(src + 1) : make_uint4(0, 0, 0, 0);
+      }
   };
-  uint4 xv[SW][2];
+  uint4 xv[SW][MT][2];
   if (n_items > 0) load_x(0, xv);
 
-  float acc[1][1][4] = {};  // reduce_and_store's [R][MT][4] with one tile and one x group
+  float acc[1][MT][4] = {};  // reduce_and_store's [R][MT][4] with one 16-row tile
   int64_t tile = blockIdx.x;
   int stage = 0, slot_index = 0;
 #pragma unroll 1
@@ -745,7 +754,7 @@ nf4_gemv_stream_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
     issue_next();     // item p + STAGES - 1, into that slot
 
     const bool last_stage = stage + 1 == stages_per_tile;
-    uint4 xn[SW][2];
+    uint4 xn[SW][MT][2];
     const bool more = p + 1 < n_items;
     if (more) load_x(last_stage ? 0 : stage + 1, xn);
 
@@ -767,7 +776,7 @@ nf4_gemv_stream_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
         scale_g = absmax[g * L::kBlocksPerRow + seg];
         scale_g8 = absmax[(g + 8) * L::kBlocksPerRow + seg];
       }
-      float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      float tmp[MT][4] = {};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         // k-step j: code bytes 2j (k slots 2t, 2t+1) and 2j+1 (slots 2t+8, 2t+9), as "factored".
@@ -785,34 +794,43 @@ nf4_gemv_stream_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
           o1 = table_offset<2>(wg8, lane_offset);
           o3 = table_offset<3>(wg8, lane_offset);
         }
-        const uint4& v = xv[s][j >> 1];
-        const uint32_t b0 = (j & 1) ? v.z : v.x;
-        const uint32_t b1 = (j & 1) ? v.w : v.y;
-        mma_16816(T{}, tmp, *reinterpret_cast<const uint32_t*>(table_bytes + o0),
-                  *reinterpret_cast<const uint32_t*>(table_bytes + o1),
-                  *reinterpret_cast<const uint32_t*>(table_bytes + o2),
-                  *reinterpret_cast<const uint32_t*>(table_bytes + o3), b0, b1);
+        const uint32_t a0 = *reinterpret_cast<const uint32_t*>(table_bytes + o0);
+        const uint32_t a1 = *reinterpret_cast<const uint32_t*>(table_bytes + o1);
+        const uint32_t a2 = *reinterpret_cast<const uint32_t*>(table_bytes + o2);
+        const uint32_t a3 = *reinterpret_cast<const uint32_t*>(table_bytes + o3);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint4& v = xv[s][mt][j >> 1];
+          mma_16816(T{}, tmp[mt], a0, a1, a2, a3, (j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y);
+        }
       }
-      float(&a)[4] = acc[0][0];
-      a[0] = fmaf(scale_g, tmp[0], a[0]);
-      a[1] = fmaf(scale_g, tmp[1], a[1]);
-      a[2] = fmaf(scale_g8, tmp[2], a[2]);
-      a[3] = fmaf(scale_g8, tmp[3], a[3]);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        float(&a)[4] = acc[0][mt];
+        a[0] = fmaf(scale_g, tmp[mt][0], a[0]);
+        a[1] = fmaf(scale_g, tmp[mt][1], a[1]);
+        a[2] = fmaf(scale_g8, tmp[mt][2], a[2]);
+        a[3] = fmaf(scale_g8, tmp[mt][3], a[3]);
+      }
     }
     if (more) {
 #pragma unroll
-      for (int s = 0; s < SW; ++s) {
-        xv[s][0] = xn[s][0];
-        xv[s][1] = xn[s][1];
-      }
+      for (int s = 0; s < SW; ++s)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          xv[s][mt][0] = xn[s][mt][0];
+          xv[s][mt][1] = xn[s][mt][1];
+        }
     }
 
     if (++slot_index == STAGES) slot_index = 0;
     if (last_stage) {  // the 8 warps' sums of the tile meet
-      reduce_and_store<T, 1, 1>(acc, partial, warp, g, t, tile * kStreamTileRows, M, N, bias, y);
+      reduce_and_store<T, MT, 1>(acc, partial, warp, g, t, tile * kStreamTileRows, M, N, bias, y);
       __syncthreads();  // partial is rewritten by the next tile
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[0][0][i] = 0.0f;
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[0][mt][i] = 0.0f;
       stage = 0;
       tile += gridDim.x;
     } else {
@@ -889,12 +907,12 @@ cudaError_t launch_factored(const T* x, int M, const uint8_t* packed, const NF4S
   return cudaGetLastError();
 }
 
-template <typename T, int SW, int STAGES>
+template <typename T, int MT, int SW, int STAGES>
 cudaError_t launch_stream(const T* x, int M, const uint8_t* packed, const NF4Scales& scales,
                           int nested_log2, int64_t N, int64_t K, const T* bias, T* y, int sm_count,
                           cudaStream_t stream) {
   constexpr int kRingBytes = StreamLayout<SW, STAGES>::kRingBytes;
-  auto kernel = nf4_gemv_stream_kernel<T, SW, STAGES>;
+  auto kernel = nf4_gemv_stream_kernel<T, MT, SW, STAGES>;
   // The ring is dynamic shared memory; with the static tables it passes the default 48 KB, which
   // needs the per-function opt-in (per device: remembered in a bit mask of devices done).
   static std::atomic<uint64_t> configured{0};
@@ -915,7 +933,7 @@ cudaError_t launch_stream(const T* x, int M, const uint8_t* packed, const NF4Sca
 
 // Whether the streamed kernel with SW segments a warp per stage covers this case (see its comment).
 inline bool stream_applies(int SW, int M, int64_t K, int64_t blocksize, const NF4Scales& scales) {
-  if (M > 8 || blocksize != 64 || K % (512 * SW) != 0) return false;
+  if (M > kMaxM || blocksize != 64 || K % (512 * SW) != 0) return false;
   if (scales.absmax != nullptr) return is_aligned(scales.absmax, 16);
   return scales.nested_blocksize >= 8 * SW && is_aligned(scales.absmax_codes, 8 * SW) &&
          is_aligned(scales.nested_absmax, 4);
@@ -974,16 +992,21 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
       // Tile shapes (MT, R, SEG): MT groups of 8 x rows, R 16-row tiles per CTA, SEG 64-k segments
       // per step (a warp has one step of codes in flight while it computes the previous one).
       switch (variant) {
-        case 5:  // stream: M <= 8 through a shared-memory ring (4 KB stages); else as "factored"
+#define QLORA_STREAM(MT, SW, STAGES)                                                                    \
+  return launch_stream<T, MT, SW, STAGES>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream)
+        case 5:  // stream: through a shared-memory ring of 4 KB stages; else as "factored"
           if (stream_applies(1, m, K, blocksize, scales)) {
-            return launch_stream<T, 1, 8>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream);
+            if (m <= 8) QLORA_STREAM(1, 1, 8);
+            QLORA_STREAM(2, 1, 8);
           }
           [[fallthrough]];
         case 6:  // stream2: 8 KB stages (half the barriers per byte), 6 of them; else as "factored"
           if (variant == 6 && stream_applies(2, m, K, blocksize, scales)) {
-            return launch_stream<T, 2, 6>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream);
+            if (m <= 8) QLORA_STREAM(1, 2, 6);
+            QLORA_STREAM(2, 2, 6);
           }
           [[fallthrough]];
+#undef QLORA_STREAM
         case 1:  // factored: M <= 8: 16-row tiles, 256 k per step; M > 8: 32-row tiles (x reuse)
           if (m <= 8) QLORA_FACTORED(1, 1, 4, false);
           QLORA_FACTORED(2, 2, 2, false);
