@@ -131,10 +131,10 @@ for stage in "$@"; do
       ;;
     gemv_stream)
       # the streamed GEMV kernels ("stream", "stream2", 2026-12-06): the GEMV/GEMM CUDA tests, the
-      # A/B against "factored" (M <= 8), nf4_gemm against dequantize + cuBLAS, then the new kernels'
+      # A/B against "factored", nf4_gemm against dequantize + cuBLAS, then the new kernels'
       # tests under memcheck and racecheck (a cp.async ring with one barrier a stage)
       step gemv_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py tests/test_nf4_gemm.py -k "cuda or variant"
-      step gemv_stream_ab "$PY" benchmarks/bench_nf4_linear.py --variants factored,stream,stream2 --m 1 4 8 \
+      step gemv_stream_ab "$PY" benchmarks/bench_nf4_linear.py --variants factored,stream,stream2 --m 1 8 16 \
         --shapes 4096x4096,1024x4096,14336x4096,4096x14336,28672x8192 --out "$OUT/nf4_gemv_stream_h100.json"
       step nf4_gemm "$PY" benchmarks/bench_nf4_gemm.py --m 16 17 64 256 --out "$OUT/nf4_gemm_h100.json"
       RUNS=$'memcheck tests/test_nf4_gemv.py 1\nracecheck tests/test_nf4_gemv.py 2\nracecheck tests/test_nf4_gemv.py 3' \
