@@ -15,6 +15,7 @@
 #     bash benchmarks/gpu_checks/run.sh build gemv_ab      # every nf4_gemv variant: CUDA tests + A/B benchmark
 #     bash benchmarks/gpu_checks/run.sh build gemv_stream  # the streamed GEMV: tests, sanitizers, A/B; nf4_gemm timed
 #     bash benchmarks/gpu_checks/run.sh build decode_profile # the kernels of a decode step (bf16, NF4 merged)
+#     bash benchmarks/gpu_checks/run.sh build stream_ab    # streamed GEMV: tests, A/B, decode per variant, sanitizers
 #     bash benchmarks/gpu_checks/run.sh build dora_new     # DoRA's newest CUDA paths: tests, and sanitizers on the new op
 #     bash benchmarks/gpu_checks/run.sh build dora_ab      # DoRA's kernels alone, then QLoRA vs QDoRA as is and
 #                                                          # without parts of the defaults, interleaved, 8B and 1B
@@ -125,6 +126,25 @@ for stage in "$@"; do
         --out "$OUT/lora_family_dora_units_h100.json"
       step train_qkv "$PY" benchmarks/bench_train.py --model 1b --seq 2048 --steps 10 --stacks ours,ours_qkv_off,ours_qkv_three_gemms,unsloth \
         --out "$OUT/train_1b_qkv_h100.json"
+      ;;
+    stream_ab)
+      # One device call for the streamed GEMV (2026-12-06): its CUDA tests, the kernel A/B at M = 1
+      # and 16, decode of the 8B shape with each variant as the process default, its sanitizers,
+      # and where a decode step's time goes
+      step gemv_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py -k "cuda or variant"
+      step gemv_stream_ab "$PY" benchmarks/bench_nf4_linear.py --variants factored,stream,stream2 --m 1 16 \
+        --shapes 4096x4096,1024x4096,14336x4096,4096x14336,28672x8192 --out "$OUT/nf4_gemv_stream_h100.json"
+      step decode_bf16 "$PY" benchmarks/bench_decode.py --stacks bf16 --repeats 2 --out "$OUT/decode_bf16_h100.json"
+      for v in stream2 stream factored; do
+        QLORA_NF4_GEMV_VARIANT=$v step "decode_$v" "$PY" benchmarks/bench_decode.py --stacks nf4_merged --repeats 2 \
+          --out "$OUT/decode_nf4_merged_${v}_h100.json"
+      done
+      RUNS=$'memcheck tests/test_nf4_gemv.py 1\nracecheck tests/test_nf4_gemv.py 2\nracecheck tests/test_nf4_gemv.py 3' \
+        K_1='cuda-stream and (bfloat16 or many_tiles or block_sizes or misaligned or deterministic)' \
+        K_2='cuda-stream and (many_tiles or deterministic or misaligned)' \
+        K_3='cuda-stream and bfloat16 and (300x3072 or 37x1536 or 64x4096)' STEP_TIMEOUT="${SANITIZE_TIMEOUT:-240}" \
+        step sanitize_stream bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_stream_h100.txt" 3
+      TAIL=70 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
       ;;
     decode_profile)
       TAIL=70 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
