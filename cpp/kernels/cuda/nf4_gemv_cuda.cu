@@ -369,6 +369,27 @@ __device__ __forceinline__ uint32_t table_offset(uint32_t word, uint32_t lane_of
   return (shifted & 0x7f80u) | lane_offset;
 }
 
+// Table offsets of k-step j's A-fragment words from the codes of rows g (cg) and g+8 (cg8), code
+// bytes 2j (k slots 2t, 2t+1) and 2j+1 (slots 2t+8, 2t+9): o[0] row g low byte, o[1] row g+8 low,
+// o[2] row g high, o[3] row g+8 high (a0..a3 of mma.m16n8k16). j is a compile-time constant after
+// unrolling, so the selects fold away.
+__device__ __forceinline__ void step_table_offsets(int j, const uint2& cg, const uint2& cg8,
+                                                   uint32_t lane_offset, uint32_t (&o)[4]) {
+  const uint32_t wg = j < 2 ? cg.x : cg.y;
+  const uint32_t wg8 = j < 2 ? cg8.x : cg8.y;
+  if ((j & 1) == 0) {
+    o[0] = table_offset<0>(wg, lane_offset);
+    o[1] = table_offset<0>(wg8, lane_offset);
+    o[2] = table_offset<1>(wg, lane_offset);
+    o[3] = table_offset<1>(wg8, lane_offset);
+  } else {
+    o[0] = table_offset<2>(wg, lane_offset);
+    o[1] = table_offset<2>(wg8, lane_offset);
+    o[2] = table_offset<3>(wg, lane_offset);
+    o[3] = table_offset<3>(wg8, lane_offset);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ uint32_t bits_of(T v) {
   return uint32_t(*reinterpret_cast<const uint16_t*>(&v));
@@ -524,21 +545,9 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restri
             for (int i = 0; i < 4; ++i) tmp[mt][i] = 0.0f;
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            // k-step j: code bytes 2j (k slots 2t, 2t+1) and 2j+1 (slots 2t+8, 2t+9).
-            const uint32_t wg = j < 2 ? cur.codes[r][0][s].x : cur.codes[r][0][s].y;
-            const uint32_t wg8 = j < 2 ? cur.codes[r][1][s].x : cur.codes[r][1][s].y;
-            uint32_t o0, o1, o2, o3;  // a0: row g lo byte, a1: row g+8 lo, a2: row g hi, a3: row g+8 hi
-            if ((j & 1) == 0) {
-              o0 = table_offset<0>(wg, lane_offset);
-              o2 = table_offset<1>(wg, lane_offset);
-              o1 = table_offset<0>(wg8, lane_offset);
-              o3 = table_offset<1>(wg8, lane_offset);
-            } else {
-              o0 = table_offset<2>(wg, lane_offset);
-              o2 = table_offset<3>(wg, lane_offset);
-              o1 = table_offset<2>(wg8, lane_offset);
-              o3 = table_offset<3>(wg8, lane_offset);
-            }
+            uint32_t o[4];
+            step_table_offsets(j, cur.codes[r][0][s], cur.codes[r][1][s], lane_offset, o);
+            const uint32_t o0 = o[0], o1 = o[1], o2 = o[2], o3 = o[3];
             uint32_t b[MT][2];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
@@ -779,25 +788,12 @@ nf4_gemv_stream_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
       float tmp[MT][4] = {};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        // k-step j: code bytes 2j (k slots 2t, 2t+1) and 2j+1 (slots 2t+8, 2t+9), as "factored".
-        const uint32_t wg = j < 2 ? cg.x : cg.y;
-        const uint32_t wg8 = j < 2 ? cg8.x : cg8.y;
-        uint32_t o0, o1, o2, o3;
-        if ((j & 1) == 0) {
-          o0 = table_offset<0>(wg, lane_offset);
-          o2 = table_offset<1>(wg, lane_offset);
-          o1 = table_offset<0>(wg8, lane_offset);
-          o3 = table_offset<1>(wg8, lane_offset);
-        } else {
-          o0 = table_offset<2>(wg, lane_offset);
-          o2 = table_offset<3>(wg, lane_offset);
-          o1 = table_offset<2>(wg8, lane_offset);
-          o3 = table_offset<3>(wg8, lane_offset);
-        }
-        const uint32_t a0 = *reinterpret_cast<const uint32_t*>(table_bytes + o0);
-        const uint32_t a1 = *reinterpret_cast<const uint32_t*>(table_bytes + o1);
-        const uint32_t a2 = *reinterpret_cast<const uint32_t*>(table_bytes + o2);
-        const uint32_t a3 = *reinterpret_cast<const uint32_t*>(table_bytes + o3);
+        uint32_t o[4];
+        step_table_offsets(j, cg, cg8, lane_offset, o);
+        const uint32_t a0 = *reinterpret_cast<const uint32_t*>(table_bytes + o[0]);
+        const uint32_t a1 = *reinterpret_cast<const uint32_t*>(table_bytes + o[1]);
+        const uint32_t a2 = *reinterpret_cast<const uint32_t*>(table_bytes + o[2]);
+        const uint32_t a3 = *reinterpret_cast<const uint32_t*>(table_bytes + o[3]);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           const uint4& v = xv[s][mt][j >> 1];
