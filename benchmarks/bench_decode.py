@@ -231,6 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per stack (default 3; tiny 1)")
     parser.add_argument("--stacks", default="bf16,bnb,nf4_lora,nf4_merged")
     parser.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
+    parser.add_argument("--gemv-variants", help="nf4_merged once per nf4_gemv CUDA variant (comma-separated names)")
     args = parser.parse_args(argv)
     shape = "tiny" if args.tiny else "8b"
     prompt_len = args.prompt or (8 if args.tiny else 32)
@@ -296,7 +297,14 @@ def main(argv=None) -> int:
             for layer in model.modules():
                 if isinstance(layer, QLoRALinear):
                     layer.merge()
-            record(bench("nf4_merged", model))
+            if args.gemv_variants:  # one model, each nf4_gemv kernel variant in turn
+                before = qlora_ext.ops.nf4_gemv_variant()
+                for variant in args.gemv_variants.split(","):
+                    qlora_ext.ops.set_nf4_gemv_variant(variant)
+                    record(bench(f"nf4_merged[{variant}]", model))
+                qlora_ext.ops.set_nf4_gemv_variant(before)
+            else:
+                record(bench("nf4_merged", model))
 
     rate = {c["stack"]: c["decode_tokens_per_s"] for c in cases}
     ratio_bf16 = {s: round(r / rate["bf16"], 3) for s, r in rate.items() if s != "bf16"} if "bf16" in rate else {}

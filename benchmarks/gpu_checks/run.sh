@@ -134,11 +134,8 @@ for stage in "$@"; do
       step gemv_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py -k "cuda or variant"
       step gemv_stream_ab "$PY" benchmarks/bench_nf4_linear.py --variants factored,stream,stream2 --m 1 16 \
         --shapes 4096x4096,1024x4096,14336x4096,4096x14336,28672x8192 --out "$OUT/nf4_gemv_stream_h100.json"
-      step decode_bf16 "$PY" benchmarks/bench_decode.py --stacks bf16 --repeats 2 --out "$OUT/decode_bf16_h100.json"
-      for v in stream factored; do
-        QLORA_NF4_GEMV_VARIANT=$v step "decode_$v" "$PY" benchmarks/bench_decode.py --stacks nf4_merged --repeats 2 \
-          --out "$OUT/decode_nf4_merged_${v}_h100.json"
-      done
+      step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --gemv-variants stream,factored,stream2 \
+        --repeats 2 --out "$OUT/decode_8b_stream_h100.json"
       RUNS=$'memcheck tests/test_nf4_gemv.py 1\nracecheck tests/test_nf4_gemv.py 2\nracecheck tests/test_nf4_gemv.py 3' \
         K_1='cuda-stream and (bfloat16 or many_tiles or block_sizes or misaligned or deterministic)' \
         K_2='cuda-stream and (many_tiles or deterministic or misaligned)' \
