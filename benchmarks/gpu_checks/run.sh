@@ -134,7 +134,7 @@ for stage in "$@"; do
       step gemv_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py -k "cuda or variant"
       step gemv_stream_ab "$PY" benchmarks/bench_nf4_linear.py --variants factored,stream,stream2 --m 1 16 \
         --shapes 4096x4096,1024x4096,14336x4096,4096x14336,28672x8192 --out "$OUT/nf4_gemv_stream_h100.json"
-      step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --gemv-variants stream,factored,stream2 \
+      step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --gemv-variants stream,factored \
         --repeats 2 --out "$OUT/decode_8b_stream_h100.json"
       RUNS=$'memcheck tests/test_nf4_gemv.py 1\nracecheck tests/test_nf4_gemv.py 2\nracecheck tests/test_nf4_gemv.py 3' \
         K_1='cuda-stream and (bfloat16 or many_tiles or block_sizes or misaligned or deterministic)' \
