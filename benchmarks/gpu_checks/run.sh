@@ -16,6 +16,7 @@
 #     bash benchmarks/gpu_checks/run.sh build gemv_stream  # the streamed GEMV: tests, sanitizers, A/B; nf4_gemm timed
 #     bash benchmarks/gpu_checks/run.sh build decode_profile # the kernels of a decode step (bf16, NF4 merged)
 #     bash benchmarks/gpu_checks/run.sh build stream_ab    # streamed GEMV: tests, A/B, decode per variant, sanitizers
+#     bash benchmarks/gpu_checks/run.sh build ncu_gemv     # Nsight Compute on the GEMV variants (M = 1)
 #     bash benchmarks/gpu_checks/run.sh build dora_new     # DoRA's newest CUDA paths: tests, and sanitizers on the new op
 #     bash benchmarks/gpu_checks/run.sh build dora_ab      # DoRA's kernels alone, then QLoRA vs QDoRA as is and
 #                                                          # without parts of the defaults, interleaved, 8B and 1B
@@ -142,6 +143,17 @@ for stage in "$@"; do
         K_3='cuda-stream and bfloat16 and (300x3072 or 37x1536 or 64x4096)' STEP_TIMEOUT="${SANITIZE_TIMEOUT:-240}" \
         step sanitize_stream bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_stream_h100.txt" 3
       TAIL=70 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
+      ;;
+    ncu_gemv)
+      # Nsight Compute on one launch of each GEMV variant (the second of each case), big and small
+      # shape at M = 1: throughput against the roofline, memory, warp stalls, occupancy
+      for v in factored stream2; do
+        for shape in 28672x8192 4096x4096; do
+          VARIANTS=$v SHAPES=$shape STEP_TIMEOUT=90 TAIL=4 step "ncu_${v}_$shape" ncu --kernel-name regex:nf4_gemv --launch-skip 1 \
+            --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+            --section Occupancy --section SchedulerStats "$PY" benchmarks/gpu_checks/ncu_gemv.py
+        done
+      done
       ;;
     decode_profile)
       TAIL=70 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
