@@ -160,7 +160,9 @@ def nf4_gemv_variants() -> list[str]:
     variant 0 ("mma") at every measured shape, M = 1 and 16 (1.83-2.37x bf16 at M = 1 against
     1.59-2.02x; benchmarks/results/nf4_gemv_variants_h100.json), and the CUDA suite's GEMV users
     passed on it. The others stay switchable so that one process can measure them against each
-    other (bench_nf4_linear.py --variants). They apply where their kernel does (fp16/bf16, K % 64 == 0, blocksize >= 64,
+    other (bench_nf4_linear.py --variants); "stream" and "stream2" (a cp.async shared-memory ring,
+    2026-12-06) measured slower than "factored" except at 1024x4096, M = 16
+    (benchmarks/results/nf4_gemv_stream_h100.json). They apply where their kernel does (fp16/bf16, K % 64 == 0, blocksize >= 64,
     16-byte aligned data, sm_80+); other cases take variant 0's path whatever the setting.
     """
     return list(native()._nf4_gemv_variants())
