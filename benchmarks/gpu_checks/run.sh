@@ -145,10 +145,11 @@ for stage in "$@"; do
       TAIL=70 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
       ;;
     ncu_gemv)
-      # Nsight Compute on one launch of each GEMV variant (the second of each case), big and small
-      # shape at M = 1: throughput against the roofline, memory, warp stalls, occupancy
+      # Nsight Compute on one launch of "factored" and "stream2" (the second of each case) at
+      # 28672x8192, M = 1: throughput against the roofline, memory, warp stalls, occupancy
+      # (SHAPES=...,4096x4096 for the latency-bound small shape too)
       for v in factored stream2; do
-        for shape in 28672x8192 4096x4096; do
+        for shape in ${NCU_SHAPES:-28672x8192}; do
           VARIANTS=$v SHAPES=$shape STEP_TIMEOUT=90 TAIL=4 step "ncu_${v}_$shape" ncu --kernel-name regex:nf4_gemv --launch-skip 1 \
             --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
             --section Occupancy --section SchedulerStats "$PY" benchmarks/gpu_checks/ncu_gemv.py
