@@ -620,9 +620,9 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restri
 //   One __syncthreads per stage: after it, stage p is complete for every thread and slot p - 1 is
 //   free, which is where stage p + stages - 1 is issued.
 // x rows: one group of 8 (MT = 1, M <= 8) or two (MT = 2, M <= 16) per MMA B fragment.
-// Measured (H100, 2026-12-06, nf4_gemv_stream_h100.json): not faster. At M = 1 "stream" ran 10-35%
-// behind "factored", "stream2" 0-15% (equal at 28672x8192, 72% of copy bandwidth); "stream2" won
-// only at 1024x4096, M = 16. So bytes in flight were not "factored"'s limit; halving the barriers
+// Measured (H100, 2026-12-06, nf4_gemv_stream_h100.json): not faster. At M = 1 "stream" ran 17-35%
+// behind "factored", "stream2" 0-15% (equal at 28672x8192, 72% of copy bandwidth); both won only
+// at 1024x4096, M = 16. So bytes in flight were not "factored"'s limit; halving the barriers
 // per byte (8 KB stages) was worth more than the extra depth. Kept for the A/B and Nsight Compute
 // (run.sh ncu_gemv).
 // Domain: fp16/bf16, blocksize 64, K % (512 SW) == 0, nested blocksize >= 8 (always 256 in
