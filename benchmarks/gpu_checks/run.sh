@@ -148,7 +148,7 @@ for stage in "$@"; do
       # Nsight Compute on one launch of "factored" and "stream2" (the second of each case) at
       # 28672x8192, M = 1: throughput against the roofline, memory, warp stalls, occupancy
       # (SHAPES=...,4096x4096 for the latency-bound small shape too)
-      for v in factored stream2; do
+      for v in factored factored_wide stream2; do
         for shape in ${NCU_SHAPES:-28672x8192}; do
           VARIANTS=$v SHAPES=$shape STEP_TIMEOUT=90 TAIL=4 step "ncu_${v}_$shape" ncu --kernel-name regex:nf4_gemv --launch-skip 1 \
             --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \

@@ -362,31 +362,40 @@ __device__ __forceinline__ uint2 load_codes8(const uint8_t* p) {
   return v;
 }
 
-// Byte `pos` of `word` as a table offset (byte * 128), or'ed with the lane's copy offset (< 128).
-template <int kPos>
+// Byte `pos` of `word` as a table offset, or'ed with the lane's copy offset. The narrow table
+// (WIDE = false, 32 KB) keeps 128 bytes per code byte: byte * 128 | lane_offset (< 128), a shift,
+// an and and an or. The wide one (64 KB) keeps 256: byte * 256 | lane_offset (< 256) is one
+// byte permute (result byte 0 = lane_offset's byte 0, byte 1 = word's byte pos, bytes 2-3 =
+// lane_offset's zero bytes 1), 2 instructions fewer per lookup.
+template <int kPos, bool WIDE = false>
 __device__ __forceinline__ uint32_t table_offset(uint32_t word, uint32_t lane_offset) {
-  const uint32_t shifted = kPos == 0 ? (word << 7) : (word >> (8 * kPos - 7));
-  return (shifted & 0x7f80u) | lane_offset;
+  if constexpr (WIDE) {
+    return __byte_perm(word, lane_offset, 0x5504u | (uint32_t(kPos) << 4));
+  } else {
+    const uint32_t shifted = kPos == 0 ? (word << 7) : (word >> (8 * kPos - 7));
+    return (shifted & 0x7f80u) | lane_offset;
+  }
 }
 
 // Table offsets of k-step j's A-fragment words from the codes of rows g (cg) and g+8 (cg8), code
 // bytes 2j (k slots 2t, 2t+1) and 2j+1 (slots 2t+8, 2t+9): o[0] row g low byte, o[1] row g+8 low,
 // o[2] row g high, o[3] row g+8 high (a0..a3 of mma.m16n8k16). j is a compile-time constant after
 // unrolling, so the selects fold away.
+template <bool WIDE = false>
 __device__ __forceinline__ void step_table_offsets(int j, const uint2& cg, const uint2& cg8,
                                                    uint32_t lane_offset, uint32_t (&o)[4]) {
   const uint32_t wg = j < 2 ? cg.x : cg.y;
   const uint32_t wg8 = j < 2 ? cg8.x : cg8.y;
   if ((j & 1) == 0) {
-    o[0] = table_offset<0>(wg, lane_offset);
-    o[1] = table_offset<0>(wg8, lane_offset);
-    o[2] = table_offset<1>(wg, lane_offset);
-    o[3] = table_offset<1>(wg8, lane_offset);
+    o[0] = table_offset<0, WIDE>(wg, lane_offset);
+    o[1] = table_offset<0, WIDE>(wg8, lane_offset);
+    o[2] = table_offset<1, WIDE>(wg, lane_offset);
+    o[3] = table_offset<1, WIDE>(wg8, lane_offset);
   } else {
-    o[0] = table_offset<2>(wg, lane_offset);
-    o[1] = table_offset<2>(wg8, lane_offset);
-    o[2] = table_offset<3>(wg, lane_offset);
-    o[3] = table_offset<3>(wg8, lane_offset);
+    o[0] = table_offset<2, WIDE>(wg, lane_offset);
+    o[1] = table_offset<2, WIDE>(wg8, lane_offset);
+    o[2] = table_offset<3, WIDE>(wg, lane_offset);
+    o[3] = table_offset<3, WIDE>(wg8, lane_offset);
   }
 }
 
@@ -404,7 +413,8 @@ struct FactoredStage {
   float scale_raw[R][2];      // the fp32 absmax (plain) or the nested absmax (double quantization)
 };
 
-template <typename T, int MT, int R, int SEG, bool SPLIT>
+// WIDE: the 64 KB table of 256 bytes per code byte in dynamic shared memory (see table_offset).
+template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE>
 __global__ void __launch_bounds__(kThreads, 2)
 nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed,
                          NF4Scales scales, int blocksize_log2, int nested_log2, int64_t N, int64_t K,
@@ -416,7 +426,11 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restri
   constexpr int kStepK = kSegment * SEG;
   using Stage = FactoredStage<MT, R, SEG>;
   // SPLIT: uint2 (hi, lo) at byte * 128 + (lane % 16) * 8; else uint32 at byte * 128 + lane * 4.
-  __shared__ uint4 table[2048];  // 32 KB
+  // WIDE: the same at byte * 256 + lane * 8 (SPLIT) or + lane * 4 (copies 32..63 unused).
+  constexpr int kTableVectors = WIDE ? 4096 : 2048;  // uint4s: 64 KB or 32 KB
+  extern __shared__ __align__(16) uint4 wide_table[];
+  __shared__ uint4 narrow_table[WIDE ? 1 : 2048];
+  uint4* const table = WIDE ? wide_table : narrow_table;
   __shared__ float partial[kWarps / 2][kRows][kCols + 1];
   __shared__ float nested_map[256];
   __shared__ float codes[16];
@@ -465,8 +479,8 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restri
     for (int i = threadIdx.x; i < 256; i += kThreads) nested_map[i] = __ldg(scales.nested_code + i);
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < 2048; i += kThreads) {
-    const int byte = i >> 3;  // 8 uint4 (128 bytes) per byte value
+  for (int i = threadIdx.x; i < kTableVectors; i += kThreads) {
+    const int byte = WIDE ? i >> 4 : i >> 3;  // 16 or 8 uint4 (256 or 128 bytes) per byte value
     const float hi_nibble = codes[byte >> 4], lo_nibble = codes[byte & 15];
     const T a = Element<T>::from_float(hi_nibble), b = Element<T>::from_float(lo_nibble);
     const uint32_t word = bits_of(a) | (bits_of(b) << 16);  // the even element (high nibble) low
@@ -482,7 +496,7 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restri
   __syncthreads();
 
   const char* table_bytes = reinterpret_cast<const char*>(table);
-  const uint32_t lane_offset = SPLIT ? uint32_t(lane & 15) * 8 : uint32_t(lane) * 4;
+  const uint32_t lane_offset = SPLIT ? uint32_t(WIDE ? lane : lane & 15) * 8 : uint32_t(lane) * 4;
   const float offset = double_quant ? __ldg(scales.nested_offset) : 0.0f;
 
   for (; tile < n_tiles; tile += gridDim.x) {
@@ -546,7 +560,7 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restri
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             uint32_t o[4];
-            step_table_offsets(j, cur.codes[r][0][s], cur.codes[r][1][s], lane_offset, o);
+            step_table_offsets<WIDE>(j, cur.codes[r][0][s], cur.codes[r][1][s], lane_offset, o);
             const uint32_t o0 = o[0], o1 = o[1], o2 = o[2], o3 = o[3];
             uint32_t b[MT][2];
 #pragma unroll
@@ -896,15 +910,36 @@ cudaError_t launch_mma(const T* x, int M, const uint8_t* packed, const NF4Scales
   return cudaGetLastError();
 }
 
-template <typename T, int MT, int R, int SEG, bool SPLIT>
+// Raises `kernel`'s dynamic shared-memory limit to `bytes` once per device (a bit per device in
+// `configured`, one mask per kernel).
+template <typename Kernel>
+cudaError_t allow_dynamic_shared(Kernel kernel, int bytes, std::atomic<uint64_t>& configured) {
+  int device = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status != cudaSuccess) return status;
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (bit != 0 && (configured.load(std::memory_order_relaxed) & bit) != 0) return cudaSuccess;
+  status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (status == cudaSuccess) configured.fetch_or(bit, std::memory_order_relaxed);
+  return status;
+}
+
+template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE = false>
 cudaError_t launch_factored(const T* x, int M, const uint8_t* packed, const NF4Scales& scales,
                             int blocksize_log2, int nested_log2, int64_t N, int64_t K, const T* bias,
                             T* y, int sm_count, cudaStream_t stream) {
+  auto kernel = nf4_gemv_factored_kernel<T, MT, R, SEG, SPLIT, WIDE>;
+  constexpr int kDynamicBytes = WIDE ? 64 * 1024 : 0;
+  if constexpr (WIDE) {
+    static std::atomic<uint64_t> configured{0};
+    const cudaError_t status = allow_dynamic_shared(kernel, kDynamicBytes, configured);
+    if (status != cudaSuccess) return status;
+  }
   const int64_t tiles = ceil_div(N, 16 * R);
   // Persistent: 2 CTAs per SM (__launch_bounds__), each builds its tables once.
   const int64_t grid = std::min<int64_t>(tiles, int64_t(sm_count) * 2);
-  nf4_gemv_factored_kernel<T, MT, R, SEG, SPLIT><<<dim3(unsigned(grid)), kThreads, 0, stream>>>(
-      x, M, packed, scales, blocksize_log2, nested_log2, N, K, bias, y);
+  kernel<<<dim3(unsigned(grid)), kThreads, kDynamicBytes, stream>>>(x, M, packed, scales, blocksize_log2,
+                                                                    nested_log2, N, K, bias, y);
   return cudaGetLastError();
 }
 
@@ -915,17 +950,10 @@ cudaError_t launch_stream(const T* x, int M, const uint8_t* packed, const NF4Sca
   constexpr int kRingBytes = StreamLayout<SW, STAGES>::kRingBytes;
   auto kernel = nf4_gemv_stream_kernel<T, MT, SW, STAGES>;
   // The ring is dynamic shared memory; with the static tables it passes the default 48 KB, which
-  // needs the per-function opt-in (per device: remembered in a bit mask of devices done).
+  // needs the per-function opt-in.
   static std::atomic<uint64_t> configured{0};
-  int device = 0;
-  cudaError_t status = cudaGetDevice(&device);
+  const cudaError_t status = allow_dynamic_shared(kernel, kRingBytes, configured);
   if (status != cudaSuccess) return status;
-  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
-  if (bit == 0 || (configured.load(std::memory_order_relaxed) & bit) == 0) {
-    status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRingBytes);
-    if (status != cudaSuccess) return status;
-    configured.fetch_or(bit, std::memory_order_relaxed);
-  }
   const int64_t tiles = ceil_div(N, kStreamTileRows);
   const int64_t grid = std::min<int64_t>(tiles, int64_t(sm_count) * 2);  // persistent, 2 CTAs a SM
   kernel<<<dim3(unsigned(grid)), kThreads, kRingBytes, stream>>>(x, M, packed, scales, nested_log2, N, K, bias, y);
@@ -943,7 +971,7 @@ inline bool stream_applies(int SW, int M, int64_t K, int64_t blocksize, const NF
 // Fast-path kernel choice, switchable at run time so that one process can A/B them (see
 // kernels_cuda.h). Index = the variant number.
 constexpr const char* kVariantNames[] = {"mma",         "factored", "factored_split", "factored_r2",
-                                         "factored_r1", "stream",   "stream2"};
+                                         "factored_r1", "stream",   "stream2",        "factored_wide"};
 constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0]));
 std::atomic<int> g_variant{1};  // "factored": faster than "mma" at every measured shape (nf4_gemv_variants_h100.json)
 
@@ -993,6 +1021,11 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
       // Tile shapes (MT, R, SEG): MT groups of 8 x rows, R 16-row tiles per CTA, SEG 64-k segments
       // per step (a warp has one step of codes in flight while it computes the previous one).
       switch (variant) {
+        case 7:  // factored_wide: "factored"'s shapes with the 64 KB table (one PRMT per lookup)
+          if (m <= 8) return launch_factored<T, 1, 1, 4, false, true>(xt, m, packed, scales, blocksize_log2,
+                                                                        nested_log2, N, K, bt, yt, facts.sm_count, stream);
+          return launch_factored<T, 2, 2, 2, false, true>(xt, m, packed, scales, blocksize_log2, nested_log2, N, K,
+                                                           bt, yt, facts.sm_count, stream);
 #define QLORA_STREAM(MT, SW, STAGES)                                                                    \
   return launch_stream<T, MT, SW, STAGES>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream)
         case 5:  // stream: through a shared-memory ring of 4 KB stages; else as "factored"
