@@ -17,6 +17,7 @@
 #     bash benchmarks/gpu_checks/run.sh build decode_profile # the kernels of a decode step (bf16, NF4 merged)
 #     bash benchmarks/gpu_checks/run.sh build stream_ab    # streamed GEMV: tests, A/B, decode per variant, sanitizers
 #     bash benchmarks/gpu_checks/run.sh build ncu_gemv     # Nsight Compute on the GEMV variants (M = 1)
+#     bash benchmarks/gpu_checks/run.sh build wide_ab      # the 64 KB-table GEMV: tests, A/B, nf4_gemm, decode, ncu, sanitizers
 #     bash benchmarks/gpu_checks/run.sh build dora_new     # DoRA's newest CUDA paths: tests, and sanitizers on the new op
 #     bash benchmarks/gpu_checks/run.sh build dora_ab      # DoRA's kernels alone, then QLoRA vs QDoRA as is and
 #                                                          # without parts of the defaults, interleaved, 8B and 1B
@@ -143,6 +144,27 @@ for stage in "$@"; do
         K_3='cuda-stream and bfloat16 and (300x3072 or 37x1536 or 64x4096)' STEP_TIMEOUT="${SANITIZE_TIMEOUT:-240}" \
         step sanitize_stream bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_stream_h100.txt" 3
       TAIL=70 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
+      ;;
+    wide_ab)
+      # The GEMV with the 64 KB table ("factored_wide", 2026-12-06): the GEMV/GEMM CUDA tests, the
+      # A/B against "factored" and "stream2", nf4_gemm against the dequantize + cuBLAS route,
+      # decode with each as the process default, Nsight Compute, and its tests under the sanitizers
+      step gemv_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py tests/test_nf4_gemm.py -k "cuda or variant"
+      step gemv_wide_ab "$PY" benchmarks/bench_nf4_linear.py --variants factored,factored_wide,stream2 --m 1 4 8 9 16 \
+        --shapes 4096x4096,1024x4096,14336x4096,4096x14336,28672x8192 --out "$OUT/nf4_gemv_wide_h100.json"
+      step nf4_gemm "$PY" benchmarks/bench_nf4_gemm.py --m 16 17 32 64 128 256 --out "$OUT/nf4_gemm_h100.json"
+      step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --gemv-variants factored_wide,factored \
+        --repeats 2 --out "$OUT/decode_8b_wide_h100.json"
+      for v in factored factored_wide; do
+        VARIANTS=$v SHAPES=28672x8192 STEP_TIMEOUT=90 TAIL=4 step "ncu_$v" ncu --kernel-name regex:nf4_gemv --launch-skip 1 \
+          --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+          --section Occupancy --section SchedulerStats --section LaunchStats "$PY" benchmarks/gpu_checks/ncu_gemv.py
+      done
+      RUNS=$'memcheck tests/test_nf4_gemv.py 1\nracecheck tests/test_nf4_gemv.py 2\ninitcheck tests/test_nf4_gemv.py 3' \
+        K_1='cuda-factored_wide and (bfloat16 or many_tiles or block_sizes or misaligned or deterministic)' \
+        K_2='cuda-factored_wide and (many_tiles or deterministic or misaligned)' \
+        K_3='cuda-factored_wide and bfloat16 and (300x3072 or 37x1536 or 64x4096)' STEP_TIMEOUT="${SANITIZE_TIMEOUT:-200}" \
+        step sanitize_wide bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_wide_h100.txt" 3
       ;;
     ncu_gemv)
       # Nsight Compute on one launch of "factored" and "stream2" (the second of each case) at
