@@ -232,6 +232,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stacks", default="bf16,bnb,nf4_lora,nf4_merged")
     parser.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
     parser.add_argument("--gemv-variants", help="nf4_merged once per nf4_gemv CUDA variant (comma-separated names)")
+    parser.add_argument("--grouped-ab", action="store_true",
+                        help="nf4_merged also with q/k/v and gate/up launching one GEMV each (layers.GROUPED_GEMV_ENABLED off)")
     args = parser.parse_args(argv)
     shape = "tiny" if args.tiny else "8b"
     prompt_len = args.prompt or (8 if args.tiny else 32)
@@ -297,6 +299,10 @@ def main(argv=None) -> int:
             for layer in model.modules():
                 if isinstance(layer, QLoRALinear):
                     layer.merge()
+            if args.grouped_ab:  # the same model with every projection launching its own GEMV
+                qlora_ext.layers.GROUPED_GEMV_ENABLED = False
+                record(bench("nf4_merged[separate projections]", model))
+                qlora_ext.layers.GROUPED_GEMV_ENABLED = True
             if args.gemv_variants:  # one model, each nf4_gemv kernel variant in turn
                 before = qlora_ext.ops.nf4_gemv_variant()
                 for variant in args.gemv_variants.split(","):

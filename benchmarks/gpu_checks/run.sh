@@ -17,7 +17,9 @@
 #     bash benchmarks/gpu_checks/run.sh build decode_profile # the kernels of a decode step (bf16, NF4 merged)
 #     bash benchmarks/gpu_checks/run.sh build stream_ab    # streamed GEMV: tests, A/B, decode per variant, sanitizers
 #     bash benchmarks/gpu_checks/run.sh build ncu_gemv     # Nsight Compute on the GEMV variants (M = 1)
-#     bash benchmarks/gpu_checks/run.sh build wide_ab      # the 64 KB-table GEMV: tests, A/B, nf4_gemm, decode, ncu, sanitizers
+#     bash benchmarks/gpu_checks/run.sh build wide_ab      # the 64 KB-table GEMV and the grouped GEMV: tests, A/B,
+#                                                          # decode, decode profile
+#     bash benchmarks/gpu_checks/run.sh build wide_checks  # then: nf4_gemm timed, ncu, sanitizers
 #     bash benchmarks/gpu_checks/run.sh build dora_new     # DoRA's newest CUDA paths: tests, and sanitizers on the new op
 #     bash benchmarks/gpu_checks/run.sh build dora_ab      # DoRA's kernels alone, then QLoRA vs QDoRA as is and
 #                                                          # without parts of the defaults, interleaved, 8B and 1B
@@ -146,21 +148,31 @@ for stage in "$@"; do
       TAIL=70 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
       ;;
     wide_ab)
-      # The GEMV with the 64 KB table ("factored_wide", 2026-12-06): the GEMV/GEMM CUDA tests, the
-      # A/B against "factored" and "stream2", nf4_gemm against the dequantize + cuBLAS route,
-      # decode with each as the process default, Nsight Compute, and its tests under the sanitizers
+      # The GEMV with the 64 KB table ("factored_wide") and the grouped GEMV (q/k/v, gate/up in one
+      # launch), 2026-12-06: the GEMV/GEMM CUDA tests, the kernel A/B against "factored", the
+      # grouped op's and its users' tests, grouped vs separate launches, decode with each variant as
+      # the process default and with grouping off, and where a decode step's time goes
       step gemv_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py tests/test_nf4_gemm.py -k "cuda or variant"
-      step gemv_wide_ab "$PY" benchmarks/bench_nf4_linear.py --variants factored,factored_wide,stream2 --m 1 4 8 9 16 \
+      step gemv_wide_ab "$PY" benchmarks/bench_nf4_linear.py --variants factored,factored_wide --m 1 8 16 \
         --shapes 4096x4096,1024x4096,14336x4096,4096x14336,28672x8192 --out "$OUT/nf4_gemv_wide_h100.json"
-      step nf4_gemm "$PY" benchmarks/bench_nf4_gemm.py --m 16 17 32 64 128 256 --out "$OUT/nf4_gemm_h100.json"
+      step gemv_grouped_tests "$PY" -m pytest -n 8 -q -p no:cacheprovider -rfE tests/test_nf4_gemv_grouped.py \
+        tests/test_project_together.py tests/test_generate.py tests/test_fused_qkv.py tests/test_block_ops.py
+      step gemv_grouped "$PY" benchmarks/bench_nf4_gemv_grouped.py --m 1 4 16 --out "$OUT/nf4_gemv_grouped_h100.json"
       step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --gemv-variants factored_wide,factored \
-        --repeats 2 --out "$OUT/decode_8b_wide_h100.json"
+        --grouped-ab --repeats 2 --out "$OUT/decode_8b_wide_h100.json"
+      TAIL=40 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
+      ;;
+    wide_checks)
+      # the second call of wide_ab's work: nf4_gemm timed, Nsight Compute, the sanitizers on the
+      # 64 KB-table variant's tests and on the grouped GEMV's
+      step nf4_gemm "$PY" benchmarks/bench_nf4_gemm.py --m 16 17 32 64 128 256 --out "$OUT/nf4_gemm_h100.json"
       for v in factored factored_wide; do
         VARIANTS=$v SHAPES=28672x8192 STEP_TIMEOUT=90 TAIL=4 step "ncu_$v" ncu --kernel-name regex:nf4_gemv --launch-skip 1 \
           --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
           --section Occupancy --section SchedulerStats --section LaunchStats "$PY" benchmarks/gpu_checks/ncu_gemv.py
       done
-      RUNS=$'memcheck tests/test_nf4_gemv.py 1\nracecheck tests/test_nf4_gemv.py 2\ninitcheck tests/test_nf4_gemv.py 3' \
+      RUNS=$'memcheck tests/test_nf4_gemv.py 1\nracecheck tests/test_nf4_gemv.py 2\ninitcheck tests/test_nf4_gemv.py 3\nmemcheck tests/test_nf4_gemv_grouped.py 4\nracecheck tests/test_nf4_gemv_grouped.py 5' \
+        K_4='cuda' K_5='cuda and (bfloat16 or scale_forms) and (M1 or M16 or scale_forms)' \
         K_1='cuda-factored_wide and (bfloat16 or many_tiles or block_sizes or misaligned or deterministic)' \
         K_2='cuda-factored_wide and (many_tiles or deterministic or misaligned)' \
         K_3='cuda-factored_wide and bfloat16 and (300x3072 or 37x1536 or 64x4096)' STEP_TIMEOUT="${SANITIZE_TIMEOUT:-200}" \

@@ -212,6 +212,61 @@ NF4GemvArgs check_nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const 
                            nested_blocksize);
 }
 
+NF4GemvGroupedArgs check_nf4_gemv_grouped(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
+                                          int64_t blocksize, at::IntArrayRef rows, at::TensorList nested_absmax,
+                                          const std::optional<at::Tensor>& nested_code, at::TensorList nested_offset,
+                                          const std::optional<at::Tensor>& bias, int64_t nested_blocksize) {
+  const size_t count = rows.size();
+  QLORA_CHECK(count >= 1, "rows must name at least one part, got an empty list");
+  QLORA_CHECK(packed.size() == count, "packed must hold one tensor per part (rows has ", count,
+              " entries), got ", packed.size());
+  QLORA_CHECK(absmax.size() == count, "absmax must hold one tensor per part (rows has ", count,
+              " entries), got ", absmax.size());
+  const bool nested = nested_code.has_value();
+  QLORA_CHECK(nested_absmax.size() == (nested ? count : 0) && nested_offset.size() == (nested ? count : 0),
+              "nested_absmax and nested_offset must hold one tensor per part with nested_code (double "
+              "quantization) and none without it; got ", nested_absmax.size(), " and ", nested_offset.size(),
+              " for ", count, " parts", nested ? " with" : " without", " nested_code");
+  QLORA_CHECK(x.dim() >= 1, "x must have at least one dimension [..., K], got a 0-d tensor");
+  NF4GemvGroupedArgs args;
+  args.type = float_type_of(x.scalar_type(), "x");
+  args.K = x.size(-1);
+  args.N = 0;
+  for (size_t p = 0; p < count; ++p) {
+    QLORA_CHECK(rows[p] >= 0, "rows must be non-negative, got rows[", p, "] = ", rows[p]);
+    args.N += rows[p];
+  }
+  if (bias.has_value()) {
+    check_same_device(*bias, x, "bias", "x");
+    QLORA_CHECK(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ", x.scalar_type(), ", got ",
+                bias->scalar_type());
+    QLORA_CHECK(bias->dim() == 1 && bias->size(0) == args.N, "bias must be [sum(rows)] = [", args.N,
+                "], got shape ", bias->sizes());
+    args.bias = bias->contiguous();
+  }
+  int64_t first_row = 0;
+  for (size_t p = 0; p < count; ++p) {
+    const std::vector<c10::SymInt> shape{c10::SymInt(rows[p]), c10::SymInt(args.K)};
+    std::optional<at::Tensor> part_bias;
+    if (args.bias.defined()) part_bias = args.bias.narrow(0, first_row, rows[p]);
+    try {
+      args.parts.push_back(check_nf4_gemv(x, packed[p], absmax[p], blocksize, shape, part_bias,
+                                          nested ? std::optional<at::Tensor>(nested_absmax[p]) : std::nullopt,
+                                          nested_code,
+                                          nested ? std::optional<at::Tensor>(nested_offset[p]) : std::nullopt,
+                                          nested_blocksize));
+    } catch (const c10::Error& e) {
+      QLORA_CHECK(false, "part ", p, " (packed[", p, "], absmax[", p, "], rows[", p, "] = ", rows[p],
+                  "): ", e.msg());
+    }
+    first_row += rows[p];
+  }
+  args.M = args.parts[0].M;
+  args.out_shape = x.sizes().vec();
+  args.out_shape.back() = args.N;
+  return args;
+}
+
 NF4GemvArgs check_nf4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                            int64_t blocksize, c10::SymIntArrayRef weight_shape,
                            const std::optional<at::Tensor>& bias,

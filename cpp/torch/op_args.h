@@ -129,6 +129,21 @@ NF4GemvArgs check_nf4_gemm(const at::Tensor& x, const at::Tensor& packed, const 
                            const std::optional<at::Tensor>& nested_offset,
                            int64_t nested_blocksize);
 
+// nf4_gemv_grouped: x and the parts' weights [rows[p], K] (K = x's last dimension), each part
+// checked as nf4_gemv checks its arguments (its bias: bias's slice of its rows); errors name the
+// part. The lists hold one tensor per part (the nested ones: none, without double quantization).
+struct NF4GemvGroupedArgs {
+  std::vector<NF4GemvArgs> parts;
+  at::Tensor bias;  // contiguous [N], or undefined
+  int64_t M, N, K;
+  std::vector<int64_t> out_shape;  // x.shape[:-1] + [N], N = sum(rows)
+  qlora::FloatType type;
+};
+NF4GemvGroupedArgs check_nf4_gemv_grouped(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
+                                          int64_t blocksize, at::IntArrayRef rows, at::TensorList nested_absmax,
+                                          const std::optional<at::Tensor>& nested_code, at::TensorList nested_offset,
+                                          const std::optional<at::Tensor>& bias, int64_t nested_blocksize);
+
 // Largest M (product of x's leading dimensions) that nf4_gemv accepts.
 constexpr int64_t kNF4GemvMaxRows = 16;
 

@@ -96,6 +96,18 @@ at::Tensor nf4_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const at:
   return nf4_product_cpu(a, x, blocksize, nested_blocksize);
 }
 
+// Part by part: the CPU kernel has no launch cost to save.
+at::Tensor nf4_gemv_grouped_cpu(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
+                                int64_t blocksize, at::IntArrayRef rows, at::TensorList nested_absmax,
+                                const std::optional<at::Tensor>& nested_code, at::TensorList nested_offset,
+                                const std::optional<at::Tensor>& bias, int64_t nested_blocksize) {
+  const NF4GemvGroupedArgs a = check_nf4_gemv_grouped(x, packed, absmax, blocksize, rows, nested_absmax,
+                                                      nested_code, nested_offset, bias, nested_blocksize);
+  std::vector<at::Tensor> outputs;
+  for (const NF4GemvArgs& part : a.parts) outputs.push_back(nf4_product_cpu(part, x, blocksize, nested_blocksize));
+  return at::cat(outputs, -1);
+}
+
 at::Tensor nf4_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                         int64_t blocksize, c10::SymIntArrayRef weight_shape,
                         const std::optional<at::Tensor>& bias,
@@ -146,6 +158,7 @@ TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
   m.impl("nf4_dequantize", &nf4_dequantize_cpu);
   m.impl("nf4_dequantize_into", &nf4_dequantize_into_cpu);
   m.impl("nf4_gemv", &nf4_gemv_cpu);
+  m.impl("nf4_gemv_grouped", &nf4_gemv_grouped_cpu);
   m.impl("nf4_gemm", &nf4_gemm_cpu);
   m.impl("blockwise8_quantize", &blockwise8_quantize_cpu);
   m.impl("blockwise8_dequantize", &blockwise8_dequantize_cpu);

@@ -96,6 +96,45 @@ at::Tensor nf4_gemv_cuda(const at::Tensor& x, const at::Tensor& packed, const at
   return y.view(a.out_shape);
 }
 
+// One launch for all parts where the kernel takes them (nf4_gemv_grouped_cuda_supported), else
+// nf4_gemv part by part and a concatenation.
+at::Tensor nf4_gemv_grouped_cuda(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
+                                 int64_t blocksize, at::IntArrayRef rows, at::TensorList nested_absmax,
+                                 const std::optional<at::Tensor>& nested_code, at::TensorList nested_offset,
+                                 const std::optional<at::Tensor>& bias, int64_t nested_blocksize) {
+  const NF4GemvGroupedArgs a = check_nf4_gemv_grouped(x, packed, absmax, blocksize, rows, nested_absmax,
+                                                      nested_code, nested_offset, bias, nested_blocksize);
+  const c10::cuda::CUDAGuard guard(x.device());
+  std::vector<qlora::NF4GemvPart> parts;
+  for (const NF4GemvArgs& part : a.parts) {
+    qlora::NF4Scales scales = part.weight.scales();
+    scales.nested_blocksize = nested_blocksize;
+    parts.push_back({part.weight.packed.data_ptr<uint8_t>(), scales, part.N});
+  }
+  const at::Tensor& xc = a.parts[0].x;
+  if (a.M > 0 && a.K > 0 &&
+      qlora::nf4_gemv_grouped_cuda_supported(a.type, a.M, a.K, xc.data_ptr(), parts.data(), int(parts.size()),
+                                             blocksize)) {
+    at::Tensor y = at::empty({a.M, a.N}, x.options());
+    check_launch(qlora::nf4_gemv_grouped_cuda(xc.data_ptr(), a.type, a.M, a.K, parts.data(), int(parts.size()),
+                                              blocksize, a.bias.defined() ? a.bias.data_ptr() : nullptr,
+                                              y.data_ptr(), at::cuda::getCurrentCUDAStream()),
+                 "nf4_gemv_grouped");
+    return y.view(a.out_shape);
+  }
+  std::vector<at::Tensor> outputs;
+  for (size_t p = 0; p < a.parts.size(); ++p) {
+    const NF4GemvArgs& part = a.parts[p];
+    const bool nested = nested_code.has_value();
+    outputs.push_back(nf4_gemv_cuda(x, packed[p], absmax[p], blocksize, {c10::SymInt(part.N), c10::SymInt(a.K)},
+                                    part.bias.defined() ? std::optional<at::Tensor>(part.bias) : std::nullopt,
+                                    nested ? std::optional<at::Tensor>(nested_absmax[p]) : std::nullopt, nested_code,
+                                    nested ? std::optional<at::Tensor>(nested_offset[p]) : std::nullopt,
+                                    nested_blocksize));
+  }
+  return at::cat(outputs, -1);
+}
+
 at::Tensor nf4_gemm_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                          int64_t blocksize, c10::SymIntArrayRef weight_shape,
                          const std::optional<at::Tensor>& bias,
@@ -171,6 +210,7 @@ TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("nf4_dequantize", &nf4_dequantize_cuda);
   m.impl("nf4_dequantize_into", &nf4_dequantize_into_cuda);
   m.impl("nf4_gemv", &nf4_gemv_cuda);
+  m.impl("nf4_gemv_grouped", &nf4_gemv_grouped_cuda);
   m.impl("nf4_gemm", &nf4_gemm_cuda);
   m.impl("blockwise8_quantize", &blockwise8_quantize_cuda);
   m.impl("blockwise8_dequantize", &blockwise8_dequantize_cuda);

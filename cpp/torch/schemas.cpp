@@ -32,6 +32,14 @@ TORCH_LIBRARY(qlora_ext, m) {
       "nf4_gemv(Tensor x, Tensor packed, Tensor absmax, int blocksize, SymInt[] weight_shape, "
       "Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, "
       "Tensor? nested_offset=None, int nested_blocksize=256) -> Tensor");
+  // Several weights that multiply one x (q, k, v; gate, up), in one call: part p is W_p [rows[p], K]
+  // with its own packed, absmax (and nested_absmax, nested_offset), one nested_code for all; y
+  // [..., sum(rows)] = the parts' nf4_gemv products side by side (+ bias [sum(rows)]); without double quantization the nested lists are empty, nested_code None. CUDA runs
+  // up to 4 parts as one launch where the factored kernels apply (kernels_cuda.h), else part by part.
+  m.def(
+      "nf4_gemv_grouped(Tensor x, Tensor[] packed, Tensor[] absmax, int blocksize, int[] rows, "
+      "Tensor[] nested_absmax, Tensor? nested_code, Tensor[] nested_offset, Tensor? bias, "
+      "int nested_blocksize) -> Tensor");
   // The same product for prefill-sized x: prod(x.shape[:-1]) <= 256, a tiled tensor-core GEMM that
   // dequantizes W inside (CUDA, fp16/bf16, K % 64 == 0); other cases dequantize + matrix product.
   m.def(

@@ -301,6 +301,51 @@ def nf4_gemv_weight(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | Non
     return _ops().nf4_gemv(x, packed, absmax, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_bs)
 
 
+def nf4_gemv_grouped_weights(x: torch.Tensor, weights: Sequence[NF4Weight], bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`nf4_gemv_grouped`: [x·deq(W_0)ᵀ, x·deq(W_1)ᵀ, ...] side by side (+ bias [sum N_p]) for NF4
+    weights [N_p, K] that multiply the same x (no routing: x must have <= 16 rows).
+
+    One CUDA launch for up to 4 weights where the factored kernels apply (their products equal
+    `nf4_gemv_weight`'s with that kernel, bit for bit), so weights too small to fill the GPU alone
+    (the attention's k and v) share it; otherwise, and on the CPU, weight by weight. The weights
+    must share blocksize and form (all plain or all double-quantized, with equal nested maps and
+    nested blocksizes): `grouped_gemv_compatible` says whether they do.
+    """
+    if not weights:
+        raise ValueError("weights must hold at least one NF4Weight")
+    first = weights[0]
+    nested = first.nested
+    nested_code = nested.code if nested else None
+    return _ops().nf4_gemv_grouped(
+        x, [w.packed for w in weights], [w.absmax for w in weights], first.blocksize,
+        [int(w.shape[0]) for w in weights],
+        [w.nested.absmax2 for w in weights] if nested else [], nested_code,
+        [w.nested.offset.reshape(1) for w in weights] if nested else [],
+        bias, nested.blocksize if nested else 256,
+    )  # fmt: skip
+
+
+def grouped_gemv_compatible(weights: Sequence[NF4Weight]) -> bool:
+    """Whether `nf4_gemv_grouped_weights` takes these weights: 2-D, one K, blocksize, form, and (double
+    quantization) nested blocksize, and nested maps of equal values, on one device. Compares the
+    maps' values (a device sync when they are distinct tensors on a GPU): call it once, at setup."""
+    if not weights or any(len(w.shape) != 2 for w in weights):
+        return False
+    first = weights[0]
+    same = all(
+        w.shape[1] == first.shape[1] and w.blocksize == first.blocksize and w.packed.device == first.packed.device
+        and (w.nested is None) == (first.nested is None)
+        for w in weights
+    )  # fmt: skip
+    if not same or first.nested is None:
+        return same
+    return all(
+        w.nested.blocksize == first.nested.blocksize
+        and (w.nested.code is first.nested.code or torch.equal(w.nested.code, first.nested.code))
+        for w in weights
+    )  # fmt: skip
+
+
 def nf4_gemm_weight(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`nf4_gemm` with the weight given as an NF4Weight [N, K] (no routing: x must have <= 256 rows)."""
     packed, absmax, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_bs = _weight_args(weight)
@@ -458,6 +503,56 @@ def register_fakes() -> None:
         if ctx.has_bias and ctx.needs_input_grad[5]:
             grad_bias = grad_y.reshape(-1, shape[0]).sum(0)
         return grad_x, None, None, None, None, grad_bias, None, None, None, None
+
+    @torch.library.register_fake("qlora_ext::nf4_gemv_grouped")
+    def _(x, packed, absmax, blocksize, rows, nested_absmax, nested_code, nested_offset, bias, nested_blocksize):
+        torch._check(
+            x.dtype in (torch.float32, torch.float16, torch.bfloat16),
+            lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}",
+        )
+        torch._check(len(rows) >= 1, lambda: "rows must name at least one part")
+        torch._check(len(packed) == len(rows) and len(absmax) == len(rows),
+                     lambda: "packed and absmax must hold one tensor per part")  # fmt: skip
+        torch._check(x.dim() >= 1, lambda: "x must have at least one dimension [..., K]")
+        m = math.prod(x.shape[:-1])
+        torch._check(m <= NF4_GEMV_MAX_ROWS, lambda: f"x has M = {m} rows; nf4_gemv_grouped takes at most 16")
+        k = x.shape[-1]
+        for p, n in enumerate(rows):
+            torch._check(packed[p].numel() == (n * k + 1) // 2, lambda: f"packed[{p}] size does not match rows[{p}]")
+        n_total = sum(rows)
+        if bias is not None:
+            torch._check(bias.dtype == x.dtype, lambda: "bias must have x's dtype")
+            torch._check(bias.dim() == 1 and bias.shape[0] == n_total, lambda: f"bias must be [{n_total}]")
+        return x.new_empty((*x.shape[:-1], n_total))
+
+    def _grouped_setup_context(ctx, inputs, output):
+        x, packed, absmax, blocksize, rows, nested_absmax, nested_code, nested_offset, bias, nested_bs = inputs
+        ctx.parts = [
+            (packed[p], absmax[p], blocksize, [n, x.shape[-1]], nested_absmax[p] if nested_code is not None else None,
+             nested_code, nested_offset[p] if nested_code is not None else None, nested_bs)
+            for p, n in enumerate(rows)
+        ]  # fmt: skip
+        ctx.rows = list(rows)
+        ctx.x_dtype = x.dtype
+        ctx.has_bias = bias is not None
+
+    def _grouped_backward(ctx, grad_y):
+        # dx = sum_p dy_p @ deq(W_p); dbias = sum of dy over rows (the parts side by side)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            for dy, (packed, absmax, bs, shape, n_absmax, n_code, n_offset, n_bs) in zip(
+                grad_y.split(ctx.rows, dim=-1), ctx.parts
+            ):
+                w = _ops().nf4_dequantize(packed, absmax, bs, shape, ctx.x_dtype, n_absmax, n_code, n_offset, n_bs)
+                part = dy @ w
+                grad_x = part if grad_x is None else grad_x + part
+        if ctx.has_bias and ctx.needs_input_grad[8]:
+            grad_bias = grad_y.reshape(-1, sum(ctx.rows)).sum(0)
+        parts, nested = [None] * len(ctx.rows), [None] * (len(ctx.rows) if ctx.parts[0][5] is not None else 0)
+        return grad_x, parts, parts, None, None, nested, None, nested, grad_bias, None  # a list for each list input
+
+    torch.library.register_autograd("qlora_ext::nf4_gemv_grouped", _grouped_backward,
+                                    setup_context=_grouped_setup_context)  # fmt: skip
 
     # nf4_gemm has nf4_gemv's arguments and math: one backward serves both.
     for op in ("qlora_ext::nf4_gemv", "qlora_ext::nf4_gemm"):

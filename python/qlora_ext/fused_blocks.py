@@ -40,7 +40,7 @@ from torch import nn
 
 from . import block_ops
 from ._native import native
-from .layers import QLoRALinear
+from .layers import QLoRALinear, project_together
 
 logger = logging.getLogger("qlora_ext")
 
@@ -229,7 +229,9 @@ def _swiglu_mlp_forward(self, x):
     if not _fused_here(self, x):
         return type(self).forward(self, x)
     inplace = _dead_after_use(self.gate_proj) and _dead_after_use(self.up_proj)
-    return self.down_proj(block_ops.swiglu(self.gate_proj(x), self.up_proj(x), backward_inplace=inplace))
+    together = project_together((self.gate_proj, self.up_proj), x)  # decoding: one GEMV launch for both
+    gate, up = together if together is not None else (self.gate_proj(x), self.up_proj(x))
+    return self.down_proj(block_ops.swiglu(gate, up, backward_inplace=inplace))
 
 
 def pop_cache(args: tuple, kwargs: dict):
@@ -263,6 +265,8 @@ def hf_attention(self, spec: _AttentionSpec, hidden_states, position_embeddings,
     class forward's very function, so its bits)."""
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
+    if projections is None:  # decoding an NF4 model: one GEMV launch for the three where it applies
+        projections = project_together((self.q_proj, self.k_proj, self.v_proj), hidden_states)
     if projections is None:
         projections = (self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states))
     query, key, value = (p.view(hidden_shape) for p in projections)  # [B, T, H, Dh]

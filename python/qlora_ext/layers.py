@@ -8,9 +8,13 @@ round-trips and reads like a bnb-4bit checkpoint. Adapters live in `self.adapter
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
+from . import _ops
 from .adapters import Adapter, LoRAAdapter
 from .lora_linear import nf4_linear
 from .nf4 import NF4Weight
@@ -229,3 +233,66 @@ class QLoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"weight={self.weight!r}, active_adapter={self.active_adapter!r}"
         )
+
+
+# ---- several layers on one input -----------------------------------------------------------------
+
+#: Switch for `project_together` (off: every layer launches its own GEMV), for A/B measurements
+#: (bench_decode.py --grouped-ab) and as a way out should a model misbehave with it.
+GROUPED_GEMV_ENABLED = True
+
+
+def project_together(layers: Sequence[nn.Module], x: Tensor) -> list[Tensor] | None:
+    """[layer(x) for layer in layers] with one `nf4_gemv_grouped` call, or None where that call
+    would not compute exactly what the layers do (the caller then calls them).
+
+    For decode-sized inference on the projections that share an input (q, k, v; gate, up): one
+    launch instead of several, so that the small ones (k and v have a quarter of q's rows in
+    Llama 3) share the GPU instead of each leaving most of it idle. It applies when every layer is
+    a QLoRALinear whose forward is its NF4 base alone (no adapter active, or merged), in x's
+    dtype, with no forward hooks, on the fused GEMV route (`_ops.linear_route`: CUDA, fp16/bf16,
+    <= 16 rows, nothing needing a gradient), and the weights can share a launch
+    (`_ops.grouped_gemv_compatible`, checked once per set of weights). The outputs are views of
+    one [..., sum(out_features)] tensor.
+    """
+    if not GROUPED_GEMV_ENABLED or len(layers) < 2 or not all(type(layer) is QLoRALinear for layer in layers):
+        return None
+    if _global_forward_hooks_present():
+        return None
+    for layer in layers:
+        if layer.current_adapter() is not None or layer.compute_dtype not in (None, x.dtype):
+            return None
+        if layer._forward_hooks or layer._forward_pre_hooks:
+            return None
+        if _ops.linear_route(x, layer.weight, layer.bias, caller="project_together") != _ops.ROUTE_GEMV:
+            return None
+    weights = [layer.weight for layer in layers]
+    if not _weights_share_a_launch(layers[0], weights):
+        return None
+    biases = [layer.bias for layer in layers]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b if b is not None else x.new_zeros(layer.out_features) for b, layer in zip(biases, layers)])
+    y = _ops.nf4_gemv_grouped_weights(x, weights, bias)
+    return list(y.split([int(w.shape[0]) for w in weights], dim=-1))
+
+
+def _global_forward_hooks_present() -> bool:
+    from torch.nn.modules import module as module_globals
+
+    return bool(module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)
+
+
+def _weights_share_a_launch(owner: nn.Module, weights: list[NF4Weight]) -> bool:
+    """`_ops.grouped_gemv_compatible(weights)`, remembered on `owner` for these very weight objects
+    (a merge or a device move replaces them). The check compares nested maps by value, a device
+    sync: never inside a CUDA graph capture (decoding captures after eager warm-up steps, which
+    fill this cache first; a capture with an empty cache keeps the layers separate)."""
+    cached = getattr(owner, "_qlora_grouped_gemv", None)  # (weak references to the weights, result)
+    if cached is not None and len(cached[0]) == len(weights) and all(r() is w for r, w in zip(cached[0], weights)):
+        return cached[1]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    compatible = _ops.grouped_gemv_compatible(weights)
+    owner._qlora_grouped_gemv = (tuple(weakref.ref(w) for w in weights), compatible)
+    return compatible

@@ -31,6 +31,28 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
                           const uint8_t* packed, const NF4Scales& scales, int64_t blocksize,
                           int64_t N, const void* bias, void* y, cudaStream_t stream);
 
+// nf4_gemv_cuda.cu: several weights [rows_p, K] that multiply the same x in one launch (the
+// attention's q, k, v; the MLP's gate and up): y [M, sum rows_p] holds part p's product (+ its
+// slice of bias [sum rows_p]) in columns [sum_{q<p} rows_q, ... + rows_p), exactly the columns
+// nf4_gemv_cuda would write part by part with the same variant's factored kernel. Only cases
+// nf4_gemv_grouped_cuda_supported accepts (cudaErrorInvalidValue otherwise): 1 <= M <= 16,
+// 1..kMaxGemvParts parts, fp16/bf16, sm_80+, K % 64 == 0, blocksize >= 64, x and every part's codes
+// 16-byte aligned, every part but the last a multiple of kGroupedPartRows rows, all parts plain or
+// all double-quantized (one nested_blocksize; the parts' nested_code maps must hold the same
+// values: the kernel reads part 0's). The kernel is the current variant's when it is a factored
+// one, else "factored".
+constexpr int kMaxGemvParts = 4;
+constexpr int64_t kGroupedPartRows = 32;  // the largest row tile of the factored kernels
+struct NF4GemvPart {
+  const uint8_t* packed;
+  NF4Scales scales;
+  int64_t rows;
+};
+bool nf4_gemv_grouped_cuda_supported(FloatType type, int64_t M, int64_t K, const void* x,
+                                     const NF4GemvPart* parts, int count, int64_t blocksize);
+cudaError_t nf4_gemv_grouped_cuda(const void* x, FloatType type, int64_t M, int64_t K, const NF4GemvPart* parts,
+                                  int count, int64_t blocksize, const void* bias, void* y, cudaStream_t stream);
+
 // nf4_gemv_cuda.cu: which fast-path kernel nf4_gemv_cuda launches, process-wide, read at each
 // launch (so a CUDA graph keeps the kernel it captured). For measuring the variants against each
 // other in one process; 0 ("mma") is the default. Variants other than 0 apply where their kernel

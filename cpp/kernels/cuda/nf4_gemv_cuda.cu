@@ -59,6 +59,35 @@ namespace {
 
 using namespace cuda_detail;
 
+// The weights of one factored launch: `count` matrices [rows_p, K] stacked along N (the attention's
+// q, k, v or the MLP's gate and up: one launch where there would be several, each too small to
+// fill the GPU alone), read as one weight of N = end_row[count - 1] rows whose outputs lie side
+// by side in y [M, N]. Part p holds rows [end_row[p - 1], end_row[p]) (end_row[-1] = 0); every
+// part but the last is a whole number of tiles, so a tile reads one part. Each part has its own
+// codes and scales, in one form for all (plain: absmax; double quantization: absmax_codes,
+// nested_absmax, nested_offset), and one shared nested map (nested_code).
+struct FactoredParts {
+  const uint8_t* packed[kMaxGemvParts] = {};
+  const float* absmax[kMaxGemvParts] = {};
+  const uint8_t* absmax_codes[kMaxGemvParts] = {};
+  const float* nested_absmax[kMaxGemvParts] = {};
+  const float* nested_offset[kMaxGemvParts] = {};
+  int64_t end_row[kMaxGemvParts] = {};
+  const float* nested_code = nullptr;
+  int count = 0;
+
+  void add(const uint8_t* part_packed, const NF4Scales& scales, int64_t rows) {
+    packed[count] = part_packed;
+    absmax[count] = scales.absmax;
+    absmax_codes[count] = scales.absmax_codes;
+    nested_absmax[count] = scales.nested_absmax;
+    nested_offset[count] = scales.nested_offset;
+    if (count == 0) nested_code = scales.nested_code;
+    end_row[count] = (count == 0 ? 0 : end_row[count - 1]) + rows;
+    ++count;
+  }
+};
+
 // The tensor-core path exists on sm_80+ (bf16 mma.m16n8k16); other device passes compile it out
 // and the launcher never picks it there. The host pass sees it, to launch it.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -411,14 +440,26 @@ struct FactoredStage {
   uint2 codes[R][2][SEG];  // rows g / g+8 of each tile, 16 codes of each segment
   uint32_t scale_code[R][2];  // double quantization: the block's 8-bit code (segment t % SEG)
   float scale_raw[R][2];      // the fp32 absmax (plain) or the nested absmax (double quantization)
+  int part;                   // the FactoredParts entry the tile reads
 };
 
+// v[p] for a warp-uniform p < count without indexing the kernel-parameter array at run time
+// (which would copy the whole struct to local memory): a chain of selects.
+template <typename V>
+__device__ __forceinline__ V select_part(const V (&v)[kMaxGemvParts], int p) {
+  V out = v[0];
+#pragma unroll
+  for (int i = 1; i < kMaxGemvParts; ++i) out = p == i ? v[i] : out;
+  return out;
+}
+
 // WIDE: the 64 KB table of 256 bytes per code byte in dynamic shared memory (see table_offset).
+// The weights are `parts` stacked along N (one part: a plain GEMV; see FactoredParts), y [M, N] with
+// N = parts.end_row[parts.count - 1], bias [N] or nullptr.
 template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE>
 __global__ void __launch_bounds__(kThreads, 2)
-nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed,
-                         NF4Scales scales, int blocksize_log2, int nested_log2, int64_t N, int64_t K,
-                         const T* __restrict__ bias, T* __restrict__ y) {
+nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, int blocksize_log2,
+                         int nested_log2, int64_t K, const T* __restrict__ bias, T* __restrict__ y) {
 #if QLORA_GEMV_MMA
   static_assert(SEG == 1 || SEG == 2 || SEG == 4, "lane t computes the scale of segment t % SEG");
   constexpr int kRows = 16 * R;
@@ -434,10 +475,12 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restri
   __shared__ float partial[kWarps / 2][kRows][kCols + 1];
   __shared__ float nested_map[256];
   __shared__ float codes[16];
+  __shared__ float part_offset[kMaxGemvParts];  // each part's nested offset (double quantization)
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const bool double_quant = scales.absmax == nullptr;
+  const bool double_quant = parts.absmax[0] == nullptr;  // the same form for every part
+  const int64_t N = parts.end_row[parts.count - 1];
   const int64_t n_steps = (K + kStepK - 1) / kStepK;
   const int64_t n_tiles = (N + kRows - 1) / kRows;
   const bool active = warp < n_steps;  // a warp with no step in a tile has none in any tile
@@ -445,12 +488,24 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restri
   auto load_stage = [&](Stage& st, int64_t tile, int64_t step) {
     const int64_t k0 = step * kStepK;
     const int64_t k_mine = k0 + kSegment * (t % SEG);
+    // The tile's part (a tile never straddles two: every part but the last is whole tiles).
+    const int64_t tile_row = tile * kRows;
+    int p = 0;
+#pragma unroll
+    for (int i = 0; i + 1 < kMaxGemvParts; ++i) p += (i + 1 < parts.count && tile_row >= parts.end_row[i]) ? 1 : 0;
+    st.part = p;
+    const uint8_t* const packed = select_part(parts.packed, p);
+    const float* const absmax = select_part(parts.absmax, p);
+    const uint8_t* const absmax_codes = select_part(parts.absmax_codes, p);
+    const float* const nested_absmax = select_part(parts.nested_absmax, p);
+    const int64_t part_start = p == 0 ? 0 : select_part(parts.end_row, p - 1);
+    const int64_t part_last = select_part(parts.end_row, p) - 1;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        // Rows past N read row N-1; their sums are never written.
-        const int64_t row_start = min(tile * kRows + 16 * r + 8 * h + g, N - 1) * K;
+        // Rows past the part's (i.e. N's) end read its last row; their sums are never written.
+        const int64_t row_start = (min(tile_row + 16 * r + 8 * h + g, part_last) - part_start) * K;
         // row_start + k0 is a multiple of 64 (K % 64 == 0): byte offsets of the segments are
         // immediates from one pointer.
         const uint8_t* row_codes = packed + ((row_start + k0) >> 1) + 8 * t;
@@ -460,11 +515,11 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restri
         }
         const int64_t b = (row_start + (k_mine < K ? k_mine : 0)) >> blocksize_log2;
         if (double_quant) {
-          st.scale_code[r][h] = __ldg(scales.absmax_codes + b);
-          st.scale_raw[r][h] = __ldg(scales.nested_absmax + (b >> nested_log2));
+          st.scale_code[r][h] = __ldg(absmax_codes + b);
+          st.scale_raw[r][h] = __ldg(nested_absmax + (b >> nested_log2));
         } else {
           st.scale_code[r][h] = 0;
-          st.scale_raw[r][h] = __ldg(scales.absmax + b);
+          st.scale_raw[r][h] = __ldg(absmax + b);
         }
       }
     }
@@ -476,7 +531,9 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restri
 
   load_nf4_codes(codes);
   if (double_quant) {
-    for (int i = threadIdx.x; i < 256; i += kThreads) nested_map[i] = __ldg(scales.nested_code + i);
+    // One map for every part (the grouped launcher's contract), each part its own offset.
+    for (int i = threadIdx.x; i < 256; i += kThreads) nested_map[i] = __ldg(parts.nested_code + i);
+    if (threadIdx.x < parts.count) part_offset[threadIdx.x] = __ldg(select_part(parts.nested_offset, threadIdx.x));
   }
   __syncthreads();
   for (int i = threadIdx.x; i < kTableVectors; i += kThreads) {
@@ -497,7 +554,6 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restri
 
   const char* table_bytes = reinterpret_cast<const char*>(table);
   const uint32_t lane_offset = SPLIT ? uint32_t(WIDE ? lane : lane & 15) * 8 : uint32_t(lane) * 4;
-  const float offset = double_quant ? __ldg(scales.nested_offset) : 0.0f;
 
   for (; tile < n_tiles; tile += gridDim.x) {
     const int64_t row0 = tile * kRows;
@@ -537,6 +593,7 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, const uint8_t* __restri
       // Scale of this lane's segment (t % SEG) of rows g and g+8; segment s's comes from lane t = s.
       // An invalid segment has zero x and scale 0 (never a NaN from a clamped block's scale).
       const bool mine_valid = k0 + kSegment * (t % SEG) < K;
+      const float offset = double_quant ? part_offset[cur.part] : 0.0f;
       float mine[R][2];
 #pragma unroll
       for (int r = 0; r < R; ++r)
@@ -925,9 +982,8 @@ cudaError_t allow_dynamic_shared(Kernel kernel, int bytes, std::atomic<uint64_t>
 }
 
 template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE = false>
-cudaError_t launch_factored(const T* x, int M, const uint8_t* packed, const NF4Scales& scales,
-                            int blocksize_log2, int nested_log2, int64_t N, int64_t K, const T* bias,
-                            T* y, int sm_count, cudaStream_t stream) {
+cudaError_t launch_factored(const T* x, int M, const FactoredParts& parts, int blocksize_log2, int nested_log2,
+                            int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream) {
   auto kernel = nf4_gemv_factored_kernel<T, MT, R, SEG, SPLIT, WIDE>;
   constexpr int kDynamicBytes = WIDE ? 64 * 1024 : 0;
   if constexpr (WIDE) {
@@ -935,11 +991,11 @@ cudaError_t launch_factored(const T* x, int M, const uint8_t* packed, const NF4S
     const cudaError_t status = allow_dynamic_shared(kernel, kDynamicBytes, configured);
     if (status != cudaSuccess) return status;
   }
-  const int64_t tiles = ceil_div(N, 16 * R);
+  const int64_t tiles = ceil_div(parts.end_row[parts.count - 1], 16 * R);
   // Persistent: 2 CTAs per SM (__launch_bounds__), each builds its tables once.
   const int64_t grid = std::min<int64_t>(tiles, int64_t(sm_count) * 2);
-  kernel<<<dim3(unsigned(grid)), kThreads, kDynamicBytes, stream>>>(x, M, packed, scales, blocksize_log2,
-                                                                    nested_log2, N, K, bias, y);
+  kernel<<<dim3(unsigned(grid)), kThreads, kDynamicBytes, stream>>>(x, M, parts, blocksize_log2, nested_log2, K,
+                                                                    bias, y);
   return cudaGetLastError();
 }
 
@@ -991,6 +1047,49 @@ bool nf4_gemv_cuda_set_variant(int variant) {
 
 int nf4_gemv_cuda_variant() { return g_variant.load(std::memory_order_relaxed); }
 
+namespace {
+
+// A variant's factored kernel for these parts; variants that are not factored ("mma", the
+// streamed ones) get "factored". Tile shapes (MT, R, SEG): MT groups of 8 x rows, R 16-row tiles
+// per CTA, SEG 64-k segments per step (a warp has one step of codes in flight while it computes
+// the previous one). Every shape's tile is 16 or 32 rows (see kGroupedPartRows).
+template <typename T>
+cudaError_t launch_factored_variant(int variant, const T* x, int m, const FactoredParts& parts, int blocksize_log2,
+                                    int nested_log2, int64_t K, const T* bias, T* y, int sm_count,
+                                    cudaStream_t stream) {
+#define QLORA_FACTORED(MT, R, SEG, SPLIT, WIDE)                                                                  \
+  return launch_factored<T, MT, R, SEG, SPLIT, WIDE>(x, m, parts, blocksize_log2, nested_log2, K, bias, y, sm_count, \
+                                                     stream)
+  switch (variant) {
+    case 2:  // factored_split: "factored"'s shapes, hi/lo weights
+      if (m <= 8) QLORA_FACTORED(1, 1, 4, true, false);
+      QLORA_FACTORED(2, 2, 2, true, false);
+    case 3:  // factored_r2: 32-row tiles, 128 k per step; M > 8: 64 k per step (registers)
+      if (m <= 8) QLORA_FACTORED(1, 2, 2, false, false);
+      QLORA_FACTORED(2, 2, 1, false, false);
+    case 4:  // factored_r1: 16-row tiles, 128 k per step (twice the CTAs of r2 on small N)
+      if (m <= 8) QLORA_FACTORED(1, 1, 2, false, false);
+      QLORA_FACTORED(2, 1, 2, false, false);
+    case 7:  // factored_wide: "factored"'s shapes with the 64 KB table (one PRMT per lookup)
+      if (m <= 8) QLORA_FACTORED(1, 1, 4, false, true);
+      QLORA_FACTORED(2, 2, 2, false, true);
+    default:  // factored: M <= 8: 16-row tiles, 256 k per step; M > 8: 32-row tiles (x reuse)
+      if (m <= 8) QLORA_FACTORED(1, 1, 4, false, false);
+      QLORA_FACTORED(2, 2, 2, false, false);
+  }
+#undef QLORA_FACTORED
+}
+
+// Whether the factored kernels serve this case on this device: sm_80+ with this file's sm_80+ code
+// (a build for "75" alone would JIT a compiled-out body on an sm_86 GPU: see device_facts.cuh),
+// fp16/bf16, K % 64 == 0, blocksize >= 64, 16-byte aligned x and codes.
+bool factored_applies(const DeviceFacts& facts, FloatType type, int64_t K, int64_t blocksize, const void* x) {
+  return type != FloatType::F32 && facts.major >= 8 && facts.mma_built && is_aligned(x, 16) && K % 64 == 0 &&
+         blocksize >= 64;
+}
+
+}  // namespace
+
 cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
                           const uint8_t* packed, const NF4Scales& scales, int64_t blocksize,
                           int64_t N, const void* bias, void* y, cudaStream_t stream) {
@@ -1001,12 +1100,10 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
   if (status != cudaSuccess) return status;
   const int blocksize_log2 = log2_of_power_of_two(blocksize);
   const int nested_log2 = log2_of_power_of_two(scales.nested_blocksize);
-  // Tensor cores need sm_80+ hardware AND this file's code for the device built for sm_80+ (a
-  // build for "75" alone would JIT a compiled-out body on an sm_86 GPU: see device_facts.cuh).
   const bool tensor_cores = type != FloatType::F32 && facts.major >= 8 && facts.mma_built &&
                             is_aligned(x, 16) && is_aligned(packed, 16);
   const bool fast = tensor_cores && K % 32 == 0;
-  const bool factored = tensor_cores && K % 64 == 0 && blocksize >= 64;
+  const bool factored = tensor_cores && factored_applies(facts, type, K, blocksize, x);
   const int variant = factored ? nf4_gemv_cuda_variant() : 0;
   const int m = int(M);
   return dispatch_float_type(type, [&](auto tag) -> cudaError_t {
@@ -1015,48 +1112,25 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
     const T* bt = static_cast<const T*>(bias);
     T* yt = static_cast<T*>(y);
     if constexpr (!std::is_same_v<T, float>) {
-#define QLORA_FACTORED(MT, R, SEG, SPLIT)                                                        \
-  return launch_factored<T, MT, R, SEG, SPLIT>(xt, m, packed, scales, blocksize_log2, nested_log2, \
-                                               N, K, bt, yt, facts.sm_count, stream)
-      // Tile shapes (MT, R, SEG): MT groups of 8 x rows, R 16-row tiles per CTA, SEG 64-k segments
-      // per step (a warp has one step of codes in flight while it computes the previous one).
-      switch (variant) {
-        case 7:  // factored_wide: "factored"'s shapes with the 64 KB table (one PRMT per lookup)
-          if (m <= 8) return launch_factored<T, 1, 1, 4, false, true>(xt, m, packed, scales, blocksize_log2,
-                                                                        nested_log2, N, K, bt, yt, facts.sm_count, stream);
-          return launch_factored<T, 2, 2, 2, false, true>(xt, m, packed, scales, blocksize_log2, nested_log2, N, K,
-                                                           bt, yt, facts.sm_count, stream);
 #define QLORA_STREAM(MT, SW, STAGES)                                                                    \
   return launch_stream<T, MT, SW, STAGES>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream)
-        case 5:  // stream: through a shared-memory ring of 4 KB stages; else as "factored"
-          if (stream_applies(1, m, K, blocksize, scales)) {
-            if (m <= 8) QLORA_STREAM(1, 1, 8);
-            QLORA_STREAM(2, 1, 8);
-          }
-          [[fallthrough]];
-        case 6:  // stream2: 8 KB stages (half the barriers per byte), 6 of them; else as "factored"
-          if (variant == 6 && stream_applies(2, m, K, blocksize, scales)) {
-            if (m <= 8) QLORA_STREAM(1, 2, 6);
-            QLORA_STREAM(2, 2, 6);
-          }
-          [[fallthrough]];
-#undef QLORA_STREAM
-        case 1:  // factored: M <= 8: 16-row tiles, 256 k per step; M > 8: 32-row tiles (x reuse)
-          if (m <= 8) QLORA_FACTORED(1, 1, 4, false);
-          QLORA_FACTORED(2, 2, 2, false);
-        case 2:  // factored_split: the same shapes, hi/lo weights
-          if (m <= 8) QLORA_FACTORED(1, 1, 4, true);
-          QLORA_FACTORED(2, 2, 2, true);
-        case 3:  // factored_r2: 32-row tiles, 128 k per step; M > 8: 64 k per step (registers)
-          if (m <= 8) QLORA_FACTORED(1, 2, 2, false);
-          QLORA_FACTORED(2, 2, 1, false);
-        case 4:  // factored_r1: 16-row tiles, 128 k per step (twice the CTAs of r2 on small N)
-          if (m <= 8) QLORA_FACTORED(1, 1, 2, false);
-          QLORA_FACTORED(2, 1, 2, false);
-        default:
-          break;
+      // stream: through a shared-memory ring of 4 KB stages; stream2: 8 KB stages (half the
+      // barriers per byte), 6 of them; where they do not apply, "factored"
+      if (variant == 5 && stream_applies(1, m, K, blocksize, scales)) {
+        if (m <= 8) QLORA_STREAM(1, 1, 8);
+        QLORA_STREAM(2, 1, 8);
       }
-#undef QLORA_FACTORED
+      if (variant == 6 && stream_applies(2, m, K, blocksize, scales)) {
+        if (m <= 8) QLORA_STREAM(1, 2, 6);
+        QLORA_STREAM(2, 2, 6);
+      }
+#undef QLORA_STREAM
+      if (variant != 0) {
+        FactoredParts parts;
+        parts.add(packed, scales, N);
+        return launch_factored_variant<T>(variant, xt, m, parts, blocksize_log2, nested_log2, K, bt, yt,
+                                          facts.sm_count, stream);
+      }
       if (fast) {
         if (m <= 8) {
           return launch_mma<T, 1, 1, 2>(xt, m, packed, scales, blocksize_log2, nested_log2, N, K,
@@ -1070,6 +1144,45 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
     nf4_gemv_generic_kernel<T><<<dim3(unsigned(grid)), kThreads, 0, stream>>>(
         xt, m, packed, scales, blocksize_log2, nested_log2, N, K, bt, yt);
     return cudaGetLastError();
+  });
+}
+
+bool nf4_gemv_grouped_cuda_supported(FloatType type, int64_t M, int64_t K, const void* x,
+                                     const NF4GemvPart* parts, int count, int64_t blocksize) {
+  if (M < 1 || M > kMaxM || count < 1 || count > kMaxGemvParts) return false;
+  DeviceFacts facts;
+  if (device_facts(facts) != cudaSuccess || !factored_applies(facts, type, K, blocksize, x)) return false;
+  const bool double_quant = parts[0].scales.absmax == nullptr;
+  for (int p = 0; p < count; ++p) {
+    const NF4Scales& s = parts[p].scales;
+    if (parts[p].rows <= 0 || !is_aligned(parts[p].packed, 16)) return false;
+    if (p + 1 < count && parts[p].rows % kGroupedPartRows != 0) return false;
+    if ((s.absmax == nullptr) != double_quant) return false;
+    if (double_quant && s.nested_blocksize != parts[0].scales.nested_blocksize) return false;
+  }
+  return true;
+}
+
+cudaError_t nf4_gemv_grouped_cuda(const void* x, FloatType type, int64_t M, int64_t K, const NF4GemvPart* parts,
+                                  int count, int64_t blocksize, const void* bias, void* y, cudaStream_t stream) {
+  if (!nf4_gemv_grouped_cuda_supported(type, M, K, x, parts, count, blocksize)) return cudaErrorInvalidValue;
+  DeviceFacts facts;
+  const cudaError_t status = device_facts(facts);
+  if (status != cudaSuccess) return status;
+  FactoredParts stacked;
+  for (int p = 0; p < count; ++p) stacked.add(parts[p].packed, parts[p].scales, parts[p].rows);
+  const int blocksize_log2 = log2_of_power_of_two(blocksize);
+  const int nested_log2 = log2_of_power_of_two(parts[0].scales.nested_blocksize);
+  const int variant = nf4_gemv_cuda_variant();
+  return dispatch_float_type(type, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, float>) {
+      return cudaErrorInvalidValue;  // unreachable: supported() refuses fp32
+    } else {
+      return launch_factored_variant<T>(variant, static_cast<const T*>(x), int(M), stacked, blocksize_log2,
+                                        nested_log2, K, static_cast<const T*>(bias), static_cast<T*>(y),
+                                        facts.sm_count, stream);
+    }
   });
 }
 

@@ -1,0 +1,135 @@
+"""layers.project_together: the decode-time q/k/v and gate/up projections in one nf4_gemv_grouped
+launch. Where it applies the model's outputs must not change by a bit (the grouped launch runs the
+kernel nf4_gemv runs per layer, on the same tiles); where it does not, it must decline (None) so
+that the layers run as usual."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import requires_cuda
+from train_helpers import VOCAB, hf_model, randomize_adapters
+
+import qlora_ext
+from qlora_ext import _ops, fused_blocks
+from qlora_ext.layers import QLoRALinear, project_together
+
+pytest.importorskip("qlora_ext._C", reason="the compiled extension is not built")
+HAS_CUDA_BUILD = torch.cuda.is_available() and qlora_ext.build_info()["with_cuda"]
+requires_cuda_build = pytest.mark.skipif(not HAS_CUDA_BUILD, reason="needs a CUDA build and GPU")
+
+
+def prepared(arch="llama", state="merged", dtype=torch.bfloat16, device="cuda"):
+    model = hf_model(arch, dtype=dtype).to(device)
+    qlora_ext.prepare(model, r=4, alpha=8, verbose=False)
+    randomize_adapters(model, std=0.2)
+    for layer in model.modules():
+        if isinstance(layer, QLoRALinear):
+            if state == "merged":
+                layer.merge()
+            elif state == "disabled":
+                layer.disable_adapters()
+    return model.eval()
+
+
+class GroupedCalls:
+    """Counts nf4_gemv_grouped_weights calls (monkeypatched spy)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        real = _ops.nf4_gemv_grouped_weights
+
+        def spy(*args, **kwargs):
+            self.count += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(_ops, "nf4_gemv_grouped_weights", spy)
+
+
+def projections_of(model):
+    layer = model.model.layers[0]
+    return (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj), (
+        layer.mlp.gate_proj,
+        layer.mlp.up_proj,
+    )
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases
+@pytest.mark.parametrize("state", ["merged", "disabled"])
+def test_decode_logits_unchanged_bit_for_bit(arch, state, monkeypatch):
+    model = prepared(arch, state)
+    ids = torch.randint(0, VOCAB, (1, 1), device="cuda")
+    calls = GroupedCalls(monkeypatch)
+    with torch.no_grad():
+        grouped = model(ids).logits
+    assert calls.count == 2 * model.config.num_hidden_layers  # attention and MLP of every layer
+    monkeypatch.setattr(fused_blocks, "project_together", lambda layers, x: None)
+    with torch.no_grad():
+        separate = model(ids).logits
+    torch.testing.assert_close(grouped, separate, rtol=0, atol=0)
+
+
+@requires_cuda_build
+def test_generate_tokens_unchanged(monkeypatch):
+    model = prepared("llama", "merged")
+    prompt = torch.randint(0, VOCAB, (1, 5), device="cuda")
+    grouped = qlora_ext.generate(model, prompt, max_new_tokens=8)
+    monkeypatch.setattr(fused_blocks, "project_together", lambda layers, x: None)
+    separate = qlora_ext.generate(model, prompt, max_new_tokens=8)
+    assert torch.equal(grouped, separate)
+
+
+@requires_cuda_build
+def test_outputs_are_the_layers_outputs():
+    model = prepared("qwen2", "merged")
+    attention, mlp = projections_of(model)
+    x = torch.randn(3, 64, device="cuda", dtype=torch.bfloat16)
+    for layers in (attention, mlp):
+        with torch.no_grad():
+            together = project_together(layers, x)
+            assert together is not None and len(together) == len(layers)
+            for out, layer in zip(together, layers):
+                torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+
+
+@requires_cuda_build
+def test_declines_where_the_layers_differ():
+    model = prepared("llama", "active")
+    attention, mlp = projections_of(model)
+    x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert project_together(attention, x) is None  # adapters active: the layers add their updates
+    for layer in attention:
+        layer.merge()
+    with torch.no_grad():
+        assert project_together(attention, x) is not None
+        assert project_together(attention[:1], x) is None  # one layer: nothing to group
+        assert project_together(attention, torch.randn(17, 64, device="cuda", dtype=torch.bfloat16)) is None  # > 16 rows
+        assert project_together(attention, x.float()) is None  # fp32: not the fused GEMV route
+        assert project_together(attention, x.cpu()) is None
+    x_grad = x.clone().requires_grad_(True)
+    assert project_together(attention, x_grad) is None  # a gradient is needed
+    handle = attention[1].register_forward_hook(lambda module, args, out: out)
+    with torch.no_grad():
+        assert project_together(attention, x) is None  # a hook must see its layer's call
+    handle.remove()
+    attention[2].compute_dtype = torch.float16
+    with torch.no_grad():
+        assert project_together(attention, x) is None  # the layer computes in another dtype
+    attention[2].compute_dtype = None
+    # k's weight replaced by one of another blocksize: not groupable (the check is redone for new weights)
+    k = attention[1]
+    k.weight = qlora_ext.NF4Weight.from_float(k.weight.dequantize(torch.float32), blocksize=128)
+    with torch.no_grad():
+        assert project_together(attention, x) is None
+        torch.testing.assert_close(attention[1](x).float(), x.float() @ k.weight.dequantize(torch.float32).T,
+                                   rtol=2e-2, atol=2e-2)  # fmt: skip
+
+
+def test_declines_on_the_cpu():
+    model = prepared("llama", "merged", dtype=torch.float32, device="cpu")
+    attention, mlp = projections_of(model)
+    with torch.no_grad():
+        assert project_together(attention, torch.randn(1, 64)) is None
+        assert project_together(mlp, torch.randn(1, 64)) is None
