@@ -133,3 +133,38 @@ def test_declines_on_the_cpu():
     with torch.no_grad():
         assert project_together(attention, torch.randn(1, 64)) is None
         assert project_together(mlp, torch.randn(1, 64)) is None
+
+
+# ---- decode attention over grouped K/V heads without repeating them ------------------------------
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_one_query_grouped_attention_matches_transformers(device, dtype):
+    """A decode step (one token, static cache, 4-D mask) through the fused attention forward, which
+    packs the 2 query heads of each K/V head instead of repeating K and V, against the class's own
+    forward on the same cache contents; and the packed path must be the one taken."""
+    transformers = pytest.importorskip("transformers")
+    model = hf_model("llama", dtype=dtype).to(device).eval()  # 4 heads over 2 K/V heads
+    ids = torch.randint(0, VOCAB, (1, 6), device=device)
+    calls = []
+    real = fused_blocks._one_query_grouped_sdpa_forward
+    fused_blocks._one_query_grouped_sdpa_forward = lambda *a: calls.append(1) or real(*a)
+    try:
+        outputs = []
+        for fused in (False, True):
+            if fused:
+                qlora_ext.enable_fused_block_ops(model, devices=(device,))
+            cache = transformers.StaticCache(config=model.config, max_cache_len=8)
+            slots = torch.arange(8, device=device)
+            with torch.no_grad():
+                model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True,
+                      attention_mask=(slots[None, :] <= torch.arange(5, device=device)[:, None])[None, None])  # fmt: skip
+                step = model(input_ids=ids[:, 5:], past_key_values=cache, use_cache=True,
+                             attention_mask=(slots <= 5)[None, None, None, :], position_ids=torch.tensor([[5]], device=device))  # fmt: skip
+            outputs.append(step.logits.float())
+    finally:
+        fused_blocks._one_query_grouped_sdpa_forward = real
+    assert len(calls) == model.config.num_hidden_layers  # the decode step took the packed path
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(outputs[1], outputs[0], **tol)

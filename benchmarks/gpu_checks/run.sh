@@ -20,6 +20,7 @@
 #     bash benchmarks/gpu_checks/run.sh build wide_ab      # the 64 KB-table GEMV and the grouped GEMV: tests, A/B,
 #                                                          # decode, decode profile
 #     bash benchmarks/gpu_checks/run.sh build wide_checks  # then: nf4_gemm timed, ncu, sanitizers
+#     bash benchmarks/gpu_checks/run.sh build decode_next  # decode tests, decode grouped on/off, decode profile
 #     bash benchmarks/gpu_checks/run.sh build dora_new     # DoRA's newest CUDA paths: tests, and sanitizers on the new op
 #     bash benchmarks/gpu_checks/run.sh build dora_ab      # DoRA's kernels alone, then QLoRA vs QDoRA as is and
 #                                                          # without parts of the defaults, interleaved, 8B and 1B
@@ -161,6 +162,15 @@ for stage in "$@"; do
       step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --gemv-variants factored_wide,factored \
         --grouped-ab --repeats 2 --out "$OUT/decode_8b_wide_h100.json"
       TAIL=40 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
+      ;;
+    decode_next)
+      # decode after the grouped GEMV and the one-query grouped attention (2026-12-06): the tests
+      # that reach them, decode with grouping on and off, where a decode step's time goes
+      step decode_tests "$PY" -m pytest -n 8 -q -p no:cacheprovider -rfE tests/test_project_together.py \
+        tests/test_generate.py tests/test_block_ops.py tests/test_fused_qkv.py tests/test_nf4_gemv.py -k "not racecheck"
+      step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --grouped-ab --repeats 2 \
+        --out "$OUT/decode_8b_grouped_h100.json"
+      TAIL=40 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8 --stacks nf4_merged
       ;;
     wide_checks)
       # the second call of wide_ab's work: nf4_gemm timed, Nsight Compute, the sanitizers on the

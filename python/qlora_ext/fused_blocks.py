@@ -282,6 +282,9 @@ def hf_attention(self, spec: _AttentionSpec, hidden_states, position_embeddings,
     if cache is not None:
         extra = {"kwargs": kwargs} if spec.cache_style[1] else {}
         key, value = cache.update(key, value, self.layer_idx, **extra)
+    if _one_query_grouped_sdpa(self, spec, query, attention_mask, kwargs):
+        attn_output = _one_query_grouped_sdpa_forward(self, query, key, value, attention_mask)
+        return self.o_proj(attn_output.reshape(*input_shape, -1)), None
     attention = spec.attention_functions.get_interface(self.config._attn_implementation, spec.eager_attention_forward)
     if spec.sliding_window == "module":
         kwargs["sliding_window"] = self.sliding_window
@@ -292,6 +295,36 @@ def hf_attention(self, spec: _AttentionSpec, hidden_states, position_embeddings,
                                           scaling=self.scaling, **kwargs)  # fmt: skip
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     return self.o_proj(attn_output), attn_weights
+
+
+def _one_query_grouped_sdpa(module, spec, query, attention_mask, kwargs) -> bool:
+    """Whether the attention below may run as `_one_query_grouped_sdpa_forward`: one query token
+    (decode), grouped K/V heads, transformers' "sdpa" implementation, inference, no sliding window,
+    a mask shared by all heads (or none), and no extra attention options."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    mask_ok = attention_mask is None or (
+        attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1
+    )  # fmt: skip
+    return (
+        query.shape[2] == 1 and groups > 1 and module.config._attn_implementation == "sdpa"
+        and not module.training and spec.sliding_window is None and mask_ok
+        and not any(kwargs.get(k) for k in ("output_attentions", "softcap", "position_bias", "s_aux"))
+    )  # fmt: skip
+
+
+def _one_query_grouped_sdpa_forward(module, query, key, value, attention_mask):
+    """Attention of one query token over grouped K/V heads without repeating K and V: the G query
+    heads that share a K/V head become G query rows of it ([B, H, 1, D] -> [B, H/G, G, D]; head h
+    reads K/V head h // G, transformers' repeat_kv mapping), and the one-row mask broadcasts over
+    them. The same softmax(q·kᵀ·scale)·v per head as transformers' sdpa path; transformers >= 5.2x
+    does this itself (its pack_gqa), older versions copy K and V G-fold first (two copies of the
+    whole cache per layer and step, and G times the bytes for the attention kernel to read).
+    Returns [B, 1, H, D], as transformers' attention functions do."""
+    batch, heads, _, dim = query.shape
+    packed = query.reshape(batch, heads // module.num_key_value_groups, module.num_key_value_groups, dim)
+    mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=module.scaling)
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2)
 
 
 def _tiny_rotate(self, q, k, cos, sin):
