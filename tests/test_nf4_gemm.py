@@ -253,8 +253,8 @@ def test_bad_devices():
 
 @pytest.fixture(autouse=True)
 def _gemm_route_on(monkeypatch):
-    # The route is off by default until the kernel is measured on a GPU (_ops.NF4_GEMM_ENABLED);
-    # these tests check the routing as it will be with it on.
+    # The route's switch (_ops.NF4_GEMM_ENABLED, on by default since 2026-12-06): these tests check
+    # the routing with it on whatever the default.
     monkeypatch.setattr(ops, "NF4_GEMM_ENABLED", True)
 
 
@@ -263,14 +263,14 @@ def _expected_route(device, dtype, M, K):
         return ops.ROUTE_DENSE
     if M <= ops.NF4_GEMV_MAX_ROWS:
         return ops.ROUTE_GEMV
-    if M <= ops.NF4_GEMM_MAX_ROWS and K % ops.NF4_GEMM_K_MULTIPLE == 0:
+    if M <= min(ops.NF4_GEMM_ROUTE_MAX_ROWS, ops.NF4_GEMM_MAX_ROWS) and K % ops.NF4_GEMM_K_MULTIPLE == 0:
         return ops.ROUTE_GEMM
     return ops.ROUTE_DENSE
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("M,K", [(16, 512), (17, 512), (256, 512), (257, 512), (100, 96)])
+@pytest.mark.parametrize("M,K", [(16, 512), (17, 512), (64, 512), (65, 512), (256, 512), (257, 512), (40, 96)])
 def test_linear_forward_routes(device, dtype, M, K, caplog):
     x, weight, bias = make_case(device, dtype, M, 24, K)
     with caplog.at_level(logging.DEBUG, logger="qlora_ext"):

@@ -167,7 +167,7 @@ for stage in "$@"; do
       # decode after the grouped GEMV and the one-query grouped attention (2026-12-06): the tests
       # that reach them, decode with grouping on and off, where a decode step's time goes
       step decode_tests "$PY" -m pytest -n 8 -q -p no:cacheprovider -rfE tests/test_project_together.py \
-        tests/test_generate.py tests/test_block_ops.py tests/test_fused_qkv.py tests/test_nf4_gemv.py -k "not racecheck"
+        tests/test_generate.py tests/test_block_ops.py tests/test_fused_qkv.py tests/test_nf4_gemv.py tests/test_nf4_gemm.py
       step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --grouped-ab --repeats 2 \
         --out "$OUT/decode_8b_grouped_h100.json"
       TAIL=40 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8 --stacks nf4_merged

@@ -25,11 +25,15 @@ NF4_GEMV_MAX_ROWS = 16  # largest prod(x.shape[:-1]) that nf4_gemv takes (decode
 NF4_GEMM_MAX_ROWS = 256  # largest prod(x.shape[:-1]) that nf4_gemm takes (prefill-sized batches)
 NF4_GEMM_K_MULTIPLE = 64  # nf4_gemm's tensor-core path needs K % 64 == 0 (else it dequantizes)
 
-# Whether `linear_route` may pick nf4_gemm for 17..256 rows; off, those take dequantize + linear
-# (benchmarks flip it to compare the two routes). Off by default until its CUDA kernel has run on a
-# GPU: it was written and compiled (sm_75/80/90) in a session with no device time left; turn it on
-# after benchmarks/gpu_checks/nf4_gemm.sh passes and bench_nf4_gemm.py shows it faster.
-NF4_GEMM_ENABLED = False
+# Whether `linear_route` may pick nf4_gemm, for 17..NF4_GEMM_ROUTE_MAX_ROWS rows; off, those take
+# dequantize + linear (benchmarks flip it to compare the two routes). On since 2026-12-06: on the
+# H100 (bench_nf4_gemm.py, benchmarks/results/nf4_gemm_h100.json) nf4_gemm beat dequantize + cuBLAS
+# at 17 and 32 rows on all four BENCHMARKS.md shapes (28672x8192: 207 against 378 µs; 4096x4096:
+# 24.7 against 27.4) and at 64 rows on three of them (4096x4096: 30.9 against 27.7 µs, 12% slower);
+# from 128 rows on it loses where N or K is 4096 (4096x4096, M 256: 67 against 34 µs), so larger
+# batches keep dequantize + cuBLAS.
+NF4_GEMM_ENABLED = True
+NF4_GEMM_ROUTE_MAX_ROWS = 64
 
 ROUTE_GEMV = "nf4_gemv"
 ROUTE_GEMM = "nf4_gemm"
@@ -255,8 +259,8 @@ def linear_route(
 
     The fused ops serve inference (x on CUDA, fp16/bf16, bias absent or in x's dtype, no gradient
     needed for x, bias or the tensors in `trainable`, a layer's adapters): `nf4_gemv` for at most
-    16 rows (decode), `nf4_gemm` for 17..256 rows with K % 64 == 0 (prefill chunks; switch:
-    NF4_GEMM_ENABLED). Everything else dequantizes and calls cuBLAS, which wins once the product
+    16 rows (decode), `nf4_gemm` for 17..NF4_GEMM_ROUTE_MAX_ROWS (64) rows with K % 64 == 0
+    (prefill chunks; switch: NF4_GEMM_ENABLED). Everything else dequantizes and calls cuBLAS, which wins once the product
     is compute-bound. Reads only shapes, dtypes and flags, never tensor values, so a CUDA graph
     capture decides exactly as eager execution does. Logs the route at debug level on the
     "qlora_ext" logger, as "<caller>: <route> (...)".
@@ -274,7 +278,8 @@ def linear_route(
     route = ROUTE_DENSE
     if fusable and rows <= NF4_GEMV_MAX_ROWS:
         route = ROUTE_GEMV
-    elif fusable and NF4_GEMM_ENABLED and rows <= NF4_GEMM_MAX_ROWS and weight.shape[1] % NF4_GEMM_K_MULTIPLE == 0:
+    elif (fusable and NF4_GEMM_ENABLED and rows <= min(NF4_GEMM_ROUTE_MAX_ROWS, NF4_GEMM_MAX_ROWS)
+          and weight.shape[1] % NF4_GEMM_K_MULTIPLE == 0):  # fmt: skip
         route = ROUTE_GEMM
     if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
         logger.debug(
@@ -364,7 +369,7 @@ def fused_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, 
 def nf4_linear_forward(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, deq(weight), bias)` for an NF4 weight [N, K], by the fastest correct route.
 
-    Inference with at most 16 rows takes the fused `nf4_gemv`, with 17..256 rows the tiled
+    Inference with at most 16 rows takes the fused `nf4_gemv`, with 17..64 rows the tiled
     `nf4_gemm` (see `linear_route`); both read the 4-bit weight and never materialise it. Anything
     else dequantizes to x's dtype and calls `torch.nn.functional.linear`. The route is logged at
     debug level on the "qlora_ext" logger.

@@ -307,7 +307,7 @@ def nf4_linear(x: Tensor, weight: NF4Weight, bias: Tensor | None = None) -> Tens
     """y [..., N] = x [..., K] · deq(W)ᵀ (+ bias), differentiable in x and bias.
 
     Inference (`_ops.linear_route`: CUDA, fp16/bf16, no gradient) takes the fused nf4_gemv for
-    <= 16 rows and nf4_gemm for 17..256 rows: both read the 4-bit weight once instead of
+    <= 16 rows and nf4_gemm for 17..64 rows: both read the 4-bit weight once instead of
     materialising deq(W)."""
     _check_input(x, weight)
     route = _ops.linear_route(x, weight, bias, caller="nf4_linear")
