@@ -456,8 +456,10 @@ __device__ __forceinline__ V select_part(const V (&v)[kMaxGemvParts], int p) {
 // WIDE: the 64 KB table of 256 bytes per code byte in dynamic shared memory (see table_offset).
 // The weights are `parts` stacked along N (one part: a plain GEMV; see FactoredParts), y [M, N] with
 // N = parts.end_row[parts.count - 1], bias [N] or nullptr.
-template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE>
-__global__ void __launch_bounds__(kThreads, 2)
+// CTAS: CTAs per SM the launch bounds promise (2: up to 128 registers a thread; 3: 80; 4: 64) and
+// the persistent grid fills.
+template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE, int CTAS = 2>
+__global__ void __launch_bounds__(kThreads, CTAS)
 nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, int blocksize_log2,
                          int nested_log2, int64_t K, const T* __restrict__ bias, T* __restrict__ y) {
 #if QLORA_GEMV_MMA
@@ -981,10 +983,10 @@ cudaError_t allow_dynamic_shared(Kernel kernel, int bytes, std::atomic<uint64_t>
   return status;
 }
 
-template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE = false>
+template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE = false, int CTAS = 2>
 cudaError_t launch_factored(const T* x, int M, const FactoredParts& parts, int blocksize_log2, int nested_log2,
                             int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream) {
-  auto kernel = nf4_gemv_factored_kernel<T, MT, R, SEG, SPLIT, WIDE>;
+  auto kernel = nf4_gemv_factored_kernel<T, MT, R, SEG, SPLIT, WIDE, CTAS>;
   constexpr int kDynamicBytes = WIDE ? 64 * 1024 : 0;
   if constexpr (WIDE) {
     static std::atomic<uint64_t> configured{0};
@@ -992,8 +994,8 @@ cudaError_t launch_factored(const T* x, int M, const FactoredParts& parts, int b
     if (status != cudaSuccess) return status;
   }
   const int64_t tiles = ceil_div(parts.end_row[parts.count - 1], 16 * R);
-  // Persistent: 2 CTAs per SM (__launch_bounds__), each builds its tables once.
-  const int64_t grid = std::min<int64_t>(tiles, int64_t(sm_count) * 2);
+  // Persistent: CTAS CTAs per SM (__launch_bounds__), each builds its tables once.
+  const int64_t grid = std::min<int64_t>(tiles, int64_t(sm_count) * CTAS);
   kernel<<<dim3(unsigned(grid)), kThreads, kDynamicBytes, stream>>>(x, M, parts, blocksize_log2, nested_log2, K,
                                                                     bias, y);
   return cudaGetLastError();
@@ -1027,7 +1029,8 @@ inline bool stream_applies(int SW, int M, int64_t K, int64_t blocksize, const NF
 // Fast-path kernel choice, switchable at run time so that one process can A/B them (see
 // kernels_cuda.h). Index = the variant number.
 constexpr const char* kVariantNames[] = {"mma",         "factored", "factored_split", "factored_r2",
-                                         "factored_r1", "stream",   "stream2",        "factored_wide"};
+                                         "factored_r1", "stream",   "stream2",        "factored_wide",
+                                         "factored_o3", "factored_o4"};
 constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0]));
 std::atomic<int> g_variant{1};  // "factored": faster than "mma" at every measured shape (nf4_gemv_variants_h100.json)
 
@@ -1057,10 +1060,17 @@ template <typename T>
 cudaError_t launch_factored_variant(int variant, const T* x, int m, const FactoredParts& parts, int blocksize_log2,
                                     int nested_log2, int64_t K, const T* bias, T* y, int sm_count,
                                     cudaStream_t stream) {
-#define QLORA_FACTORED(MT, R, SEG, SPLIT, WIDE)                                                                  \
-  return launch_factored<T, MT, R, SEG, SPLIT, WIDE>(x, m, parts, blocksize_log2, nested_log2, K, bias, y, sm_count, \
-                                                     stream)
+#define QLORA_FACTORED_CTAS(MT, R, SEG, SPLIT, WIDE, CTAS)                                                  \
+  return launch_factored<T, MT, R, SEG, SPLIT, WIDE, CTAS>(x, m, parts, blocksize_log2, nested_log2, K, bias, y, \
+                                                           sm_count, stream)
+#define QLORA_FACTORED(MT, R, SEG, SPLIT, WIDE) QLORA_FACTORED_CTAS(MT, R, SEG, SPLIT, WIDE, 2)
   switch (variant) {
+    case 8:  // factored_o3: M <= 8: 128 k per step in 80 registers, 3 CTAs a SM (more warps in flight)
+      if (m <= 8) QLORA_FACTORED_CTAS(1, 1, 2, false, false, 3);
+      QLORA_FACTORED(2, 2, 2, false, false);
+    case 9:  // factored_o4: M <= 8: 64 k per step in 64 registers, 4 CTAs a SM
+      if (m <= 8) QLORA_FACTORED_CTAS(1, 1, 1, false, false, 4);
+      QLORA_FACTORED(2, 2, 2, false, false);
     case 2:  // factored_split: "factored"'s shapes, hi/lo weights
       if (m <= 8) QLORA_FACTORED(1, 1, 4, true, false);
       QLORA_FACTORED(2, 2, 2, true, false);
@@ -1079,6 +1089,7 @@ cudaError_t launch_factored_variant(int variant, const T* x, int m, const Factor
       QLORA_FACTORED(2, 2, 2, false, false);
   }
 #undef QLORA_FACTORED
+#undef QLORA_FACTORED_CTAS
 }
 
 // Whether the factored kernels serve this case on this device: sm_80+ with this file's sm_80+ code
