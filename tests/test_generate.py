@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_cuda
-from train_helpers import VOCAB, hf_model, randomize_adapters, token_batch
+from train_helpers import VOCAB, hf_model, prepared_hf, randomize_adapters, token_batch
 
 import qlora_ext
 from qlora_ext import generation
@@ -34,21 +34,6 @@ TINY_BUILTIN = TinyLlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_laye
 
 
 # ---- models ------------------------------------------------------------------------------------
-
-
-def prepared_hf(arch: str = "llama", state: str = "active", dtype=torch.float32, device="cpu"):
-    """A tiny transformers model prepared with random LoRA adapters, the adapters `state`:
-    "active", "merged" (folded into the NF4 base) or "disabled"."""
-    model = hf_model(arch, dtype=dtype).to(device)
-    qlora_ext.prepare(model, r=4, alpha=8, verbose=False)
-    randomize_adapters(model, std=0.2)
-    for layer in model.modules():
-        if isinstance(layer, QLoRALinear):
-            if state == "merged":
-                layer.merge()
-            elif state == "disabled":
-                layer.disable_adapters()
-    return model.eval()
 
 
 def builtin_model(prepared: bool = True, device="cpu", dtype=torch.float32):

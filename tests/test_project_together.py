@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import requires_cuda
-from train_helpers import VOCAB, hf_model, randomize_adapters
+from train_helpers import VOCAB, hf_model, prepared_hf
 
 import qlora_ext
 from qlora_ext import _ops, fused_blocks
-from qlora_ext.layers import QLoRALinear, project_together
+from qlora_ext.layers import project_together
 
 pytest.importorskip("qlora_ext._C", reason="the compiled extension is not built")
 HAS_CUDA_BUILD = torch.cuda.is_available() and qlora_ext.build_info()["with_cuda"]
@@ -20,16 +20,7 @@ requires_cuda_build = pytest.mark.skipif(not HAS_CUDA_BUILD, reason="needs a CUD
 
 
 def prepared(arch="llama", state="merged", dtype=torch.bfloat16, device="cuda"):
-    model = hf_model(arch, dtype=dtype).to(device)
-    qlora_ext.prepare(model, r=4, alpha=8, verbose=False)
-    randomize_adapters(model, std=0.2)
-    for layer in model.modules():
-        if isinstance(layer, QLoRALinear):
-            if state == "merged":
-                layer.merge()
-            elif state == "disabled":
-                layer.disable_adapters()
-    return model.eval()
+    return prepared_hf(arch, state, dtype, device)
 
 
 class GroupedCalls:

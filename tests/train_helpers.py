@@ -251,3 +251,20 @@ def cuda_kernel_names(fn) -> list[str]:
         fn()
         torch.cuda.synchronize()
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def prepared_hf(arch: str = "llama", state: str = "active", dtype=torch.float32, device="cpu"):
+    """A tiny transformers model prepared with random LoRA adapters, the adapters `state`:
+    "active", "merged" (folded into the NF4 base) or "disabled"."""
+    from qlora_ext.layers import QLoRALinear
+
+    model = hf_model(arch, dtype=dtype).to(device)
+    qlora_ext.prepare(model, r=4, alpha=8, verbose=False)
+    randomize_adapters(model, std=0.2)
+    for layer in model.modules():
+        if isinstance(layer, QLoRALinear):
+            if state == "merged":
+                layer.merge()
+            elif state == "disabled":
+                layer.disable_adapters()
+    return model.eval()
