@@ -167,8 +167,8 @@ for stage in "$@"; do
       # decode after the grouped GEMV and the one-query grouped attention (2026-12-06): the tests
       # that reach them, the GEMV at 3 and 4 CTAs a SM ("factored_o3/_o4") against "factored",
       # decode with grouping on and off and per variant, where a decode step's time goes
-      step decode_tests "$PY" -m pytest -n 8 -q -p no:cacheprovider -rfE tests/test_project_together.py \
-        tests/test_generate.py tests/test_block_ops.py tests/test_fused_qkv.py tests/test_nf4_gemv.py tests/test_nf4_gemm.py
+      step decode_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_project_together.py \
+        tests/test_generate.py tests/test_nf4_gemv.py tests/test_nf4_gemm.py tests/test_nf4_gemv_grouped.py
       step gemv_occupancy_ab "$PY" benchmarks/bench_nf4_linear.py --variants factored,factored_o3,factored_o4 --m 1 8 \
         --shapes 4096x4096,1024x4096,14336x4096,4096x14336,28672x8192 --out "$OUT/nf4_gemv_occupancy_h100.json"
       step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --grouped-ab --repeats 2 \
