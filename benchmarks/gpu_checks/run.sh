@@ -176,15 +176,14 @@ for stage in "$@"; do
       TAIL=40 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8 --stacks nf4_merged
       ;;
     decode_lean)
-      # decode_next in ~3 minutes (for a short device budget): the CUDA tests of this session's
-      # changes, the occupancy variants on three shapes, decode once per stack
+      # decode_next in ~2.5 minutes (for a short device budget): the CUDA tests of the occupancy
+      # variants and of project_together, the variants on three shapes, decode once per stack
       step decode_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_project_together.py \
-        tests/test_generate.py tests/test_nf4_gemv.py tests/test_nf4_gemv_grouped.py -k "factored_o3 or factored_o4 or test_project_together or test_generate"
+        tests/test_nf4_gemv.py tests/test_nf4_gemv_grouped.py -k "factored_o3 or factored_o4 or test_project_together"
       step gemv_occupancy_ab "$PY" benchmarks/bench_nf4_linear.py --variants factored,factored_o3,factored_o4 --m 1 \
         --shapes 4096x4096,14336x4096,28672x8192 --out "$OUT/nf4_gemv_occupancy_h100.json"
       step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --grouped-ab --repeats 1 \
         --gemv-variants factored,factored_o3,factored_o4 --out "$OUT/decode_8b_grouped_h100.json"
-      TAIL=30 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8 --stacks nf4_merged
       ;;
     wide_checks)
       # the second call of wide_ab's work: nf4_gemm timed, Nsight Compute, the sanitizers on the
