@@ -1065,6 +1065,8 @@ cudaError_t launch_factored_variant(int variant, const T* x, int m, const Factor
                                                            sm_count, stream)
 #define QLORA_FACTORED(MT, R, SEG, SPLIT, WIDE) QLORA_FACTORED_CTAS(MT, R, SEG, SPLIT, WIDE, 2)
   switch (variant) {
+    // H100 2026-12-06, M = 1: o3 7-25% and o4 41-63% slower than "factored" (nf4_gemv_occupancy_h100.json):
+    // more warps with fewer bytes in flight each lose. Kept for the A/B.
     case 8:  // factored_o3: M <= 8: 128 k per step in 80 registers, 3 CTAs a SM (more warps in flight)
       if (m <= 8) QLORA_FACTORED_CTAS(1, 1, 2, false, false, 3);
       QLORA_FACTORED(2, 2, 2, false, false);
