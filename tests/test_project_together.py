@@ -148,11 +148,12 @@ def test_one_query_grouped_attention_matches_transformers(device, dtype):
                 qlora_ext.enable_fused_block_ops(model, devices=(device,))
             cache = transformers.StaticCache(config=model.config, max_cache_len=8)
             slots = torch.arange(8, device=device)
+            prefill_mask = (slots[None, :] <= torch.arange(5, device=device)[:, None])[None, None]
+            step_mask, step_position = (slots <= 5)[None, None, None, :], torch.tensor([[5]], device=device)
             with torch.no_grad():
-                model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True,
-                      attention_mask=(slots[None, :] <= torch.arange(5, device=device)[:, None])[None, None])  # fmt: skip
-                step = model(input_ids=ids[:, 5:], past_key_values=cache, use_cache=True,
-                             attention_mask=(slots <= 5)[None, None, None, :], position_ids=torch.tensor([[5]], device=device))  # fmt: skip
+                model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True, attention_mask=prefill_mask)
+                step = model(input_ids=ids[:, 5:], past_key_values=cache, use_cache=True, attention_mask=step_mask,
+                             position_ids=step_position)  # fmt: skip
             outputs.append(step.logits.float())
     finally:
         fused_blocks._one_query_grouped_sdpa_forward = real
