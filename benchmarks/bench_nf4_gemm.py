@@ -9,7 +9,7 @@ For each weight shape [N, K] (bf16, block 64, double quantization) and each M it
      reference on fresh random data (FlashAttention rule: error <= 2x plain PyTorch's in bf16,
      plus one ulp),
   2. times it (the route the defaults take), the nf4_gemm route where that kernel could serve
-     (ops.NF4_GEMM_ENABLED on; off by default), bf16 cuBLAS (`F.linear` with a bf16 weight), and
+     (the kernel's own op for 17..256 rows, whatever the route), bf16 cuBLAS (`F.linear` with a bf16 weight), and
      bnb.matmul_4bit when importable, with bench_nf4_linear's CUDA-graph timer over weight copies
      rotating beyond the L2 cache,
   3. prints one JSON object per case and a table: median time, TFLOP/s, the route, and the speed
@@ -64,24 +64,17 @@ def weight_copies(q: qlora_ext.NF4Weight, device: str) -> list:
     ]  # fmt: skip
 
 
-def gemm_route(x, q) -> str:
-    """The route nf4_linear_forward would take with nf4_gemm enabled."""
-    previous = ops.NF4_GEMM_ENABLED
-    ops.NF4_GEMM_ENABLED = True
-    try:
-        return ops.linear_route(x, q)
-    finally:
-        ops.NF4_GEMM_ENABLED = previous
+def gemm_kernel_serves(x, q) -> bool:
+    """Whether the nf4_gemm CUDA kernel itself computes this case (its domain, whatever the route)."""
+    rows = x.numel() // x.shape[-1]
+    return (x.is_cuda and x.dtype != torch.float32 and ops.NF4_GEMV_MAX_ROWS < rows <= ops.NF4_GEMM_MAX_ROWS
+            and q.shape[1] % ops.NF4_GEMM_K_MULTIPLE == 0)  # fmt: skip
 
 
-def time_route(x, weights, device: str, gemm_enabled: bool) -> float:
-    previous = ops.NF4_GEMM_ENABLED
-    ops.NF4_GEMM_ENABLED = gemm_enabled
-    try:
-        with torch.no_grad():
-            return time_calls([lambda qi=qi: ops.nf4_linear_forward(x, qi) for qi in weights], device)
-    finally:
-        ops.NF4_GEMM_ENABLED = previous
+def time_route(x, weights, device: str) -> float:
+    """The route nf4_linear_forward takes with the defaults."""
+    with torch.no_grad():
+        return time_calls([lambda qi=qi: ops.nf4_linear_forward(x, qi) for qi in weights], device)
 
 
 def bench_case(N, K, M, dtype, device, bnb, bnbf, env):
@@ -104,15 +97,19 @@ def bench_case(N, K, M, dtype, device, bnb, bnbf, env):
     if not correct:
         print(f"# FAIL correctness N={N} K={K} M={M}: err {err:.3g} vs PyTorch {base_err:.3g}", file=sys.stderr)
 
-    # ---- ours (the route the defaults take), and nf4_gemm where it could serve -------------------
+    # ---- ours (the route the defaults take), and the nf4_gemm kernel wherever it could serve ------
     # (Before 2026-12-06 the route column was read with NF4_GEMM_ENABLED off while "ours" was timed
     # with it on: nf4_gemm_h100.json of cc417f5 labels nf4_gemm's times at M 17..256 "dequantize +
-    # linear".)
+    # linear". Since the route stops at NF4_GEMM_ROUTE_MAX_ROWS, the kernel is timed by its op.)
     weights = weight_copies(q, device)
-    t_ours = time_route(x, weights, device, gemm_enabled=ops.NF4_GEMM_ENABLED)
+    t_ours = time_route(x, weights, device)
     t_gemm = None
-    if gemm_route(x, q) == ops.ROUTE_GEMM:
-        t_gemm = t_ours if route == ops.ROUTE_GEMM else time_route(x, weights, device, gemm_enabled=True)
+    if gemm_kernel_serves(x, q):
+        if route == ops.ROUTE_GEMM:
+            t_gemm = t_ours
+        else:
+            with torch.no_grad():
+                t_gemm = time_calls([lambda qi=qi: ops.nf4_gemm_weight(x, qi) for qi in weights], device)
     del weights
 
     # ---- bf16 cuBLAS on a bf16 weight ----------------------------------------------------------
