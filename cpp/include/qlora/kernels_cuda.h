@@ -55,7 +55,7 @@ cudaError_t nf4_gemv_grouped_cuda(const void* x, FloatType type, int64_t M, int6
 
 // nf4_gemv_cuda.cu: which fast-path kernel nf4_gemv_cuda launches, process-wide, read at each
 // launch (so a CUDA graph keeps the kernel it captured). For measuring the variants against each
-// other in one process; 0 ("mma") is the default. Variants other than 0 apply where their kernel
+// other in one process; 1 ("factored") is the default. Variants other than 0 apply where their kernel
 // does (fp16/bf16, K % 64 == 0, blocksize >= 64, aligned data, sm_80+); elsewhere the launcher
 // takes the path variant 0 would. set returns false (and changes nothing) for an unknown number;
 // name returns nullptr for one.

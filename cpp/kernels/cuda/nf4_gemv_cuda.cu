@@ -39,8 +39,10 @@
 //   2*R*U 16-byte code loads in flight before any use; the 8 partial sums meet in shared memory.
 //   Persistent grid: min(tiles, 2 CTAs per SM), so the table is built once per CTA.
 //
-// Factored fast path (variants 1..4, runtime switch; not the default until measured): the block
-//   scale leaves the per-element work, see nf4_gemv_factored_kernel.
+// Factored fast path (variant 1 "factored", the default since 2026-12-06, and its relatives 2-4,
+//   7-9; runtime switch): the block scale leaves the per-element work, see
+//   nf4_gemv_factored_kernel. It also serves nf4_gemv_grouped_cuda (several weights stacked along
+//   N in one launch, FactoredParts).
 //
 // Generic path (anything else: fp32, K % 32 != 0, misaligned pointers, pre-Ampere GPUs or a build
 // without sm_80+ code for the device): one warp per output row, lanes striding over k with scalar
