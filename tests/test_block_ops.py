@@ -717,7 +717,7 @@ def test_cuda_matches_cpu_kernels(dtype):
 
 # ---- registration, opcheck ------------------------------------------------------------------------
 
-ALL_OPS = ["rms_norm", "rms_norm_backward", "rope", "rope_", "swiglu", "swiglu_backward", "swiglu_backward_"]
+ALL_OPS = ["rms_norm", "rms_norm_backward", "rope", "rope_", "rope_append_kv_", "swiglu", "swiglu_backward", "swiglu_backward_"]
 
 
 @pytest.mark.parametrize("name", ALL_OPS)

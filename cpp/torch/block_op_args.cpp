@@ -3,6 +3,8 @@
 #include <ATen/MemoryOverlap.h>
 
 #include <climits>
+#include <iterator>
+#include <utility>
 #include <cmath>
 
 namespace qlora_torch {
@@ -36,6 +38,23 @@ void check_disjoint(const at::Tensor& a, const at::Tensor& b, const char* a_arg,
   const at::MemOverlapStatus status = at::get_overlap_status(a, b);
   QLORA_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
               a_arg, " and ", b_arg, " share memory; an in-place call needs them disjoint");
+}
+
+// A tensor that must not share memory with `b` at all (a KV cache, a counter): their byte spans
+// may not intersect. Stricter than check_disjoint, which lets interleaved views through (q and k
+// of one fused projection) and cannot judge most strided views.
+void check_separate(const at::Tensor& a, const at::Tensor& b, const char* a_arg, const char* b_arg) {
+  if (a.numel() == 0 || b.numel() == 0) return;
+  auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto* start = static_cast<const char*>(t.data_ptr());
+    return std::make_pair(start, start + (last + 1) * t.element_size());
+  };
+  const auto [a_begin, a_end] = span(a);
+  const auto [b_begin, b_end] = span(b);
+  QLORA_CHECK(a_end <= b_begin || b_end <= a_begin, a_arg, " and ", b_arg,
+              " share memory; an in-place call needs them disjoint");
 }
 
 // x [..., D] and weight [D]: the shared part of the forward and backward checks.
@@ -234,6 +253,84 @@ RopeChecked check_rope_inplace(const at::Tensor& q, const at::Tensor& k, const a
                                const at::Tensor& sin, bool transpose) {
   RopeChecked c = check_rope_operands(q, k, cos, sin, transpose, /*in_place=*/true);
   set_rope_outputs(c, c.q, c.k);
+  return c;
+}
+
+RopeAppendChecked check_rope_append_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& cos, const at::Tensor& sin,
+                                       const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                       const at::Tensor& length) {
+  check_dense(q, "q");
+  QLORA_CHECK(q.dim() == 4 && q.stride(3) == 1,
+              "q must be [B, Hq, T, Dh] with unit stride along Dh (it is rotated in place), got shape ", q.sizes(),
+              " and strides ", q.strides());
+  check_no_internal_overlap(q, "q");
+  RopeChecked rope = check_rope_operands(q, k, cos, sin, /*transpose=*/false, /*in_place=*/false);
+  const int64_t B = q.size(0), Hk = k.size(1), T = q.size(2), Dh = q.size(3);
+  check_dense(v, "v");
+  QLORA_CHECK(v.dim() == 4 && v.size(0) == B && v.size(1) == Hk && v.size(2) == T && v.size(3) >= 1,
+              "v must be [B, Hk, T, Dv] with k's B, Hk, T = ", B, ", ", Hk, ", ", T, ", got shape ", v.sizes());
+  check_same_dtype(v, q, "v", "q");
+  check_same_device(v, q, "v", "q");
+  const int64_t Dv = v.size(3);
+  auto check_cache = [&](const at::Tensor& cache, const char* arg, int64_t dim) {
+    check_dense(cache, arg);
+    QLORA_CHECK(cache.dim() == 4 && cache.size(0) == B && cache.size(1) == Hk && cache.size(3) == dim,
+                arg, " must be [B, Hk, L, ", dim, "] = [", B, ", ", Hk, ", L, ", dim, "], got shape ", cache.sizes());
+    QLORA_CHECK(cache.stride(3) == 1, arg, " must have unit stride along its last dimension, got strides ",
+                cache.strides());
+    check_same_dtype(cache, q, arg, "q");
+    check_same_device(cache, q, arg, "q");
+    check_no_internal_overlap(cache, arg);
+  };
+  check_cache(key_cache, "key_cache", Dh);
+  check_cache(value_cache, "value_cache", Dv);
+  QLORA_CHECK(value_cache.size(2) == key_cache.size(2), "value_cache must have key_cache's L = ", key_cache.size(2),
+              " slots, got shape ", value_cache.sizes());
+  check_dense(length, "length");
+  check_dtype(length, at::kLong, "length");
+  QLORA_CHECK(length.numel() == 1, "length must hold one int64 (the filled slots), got shape ", length.sizes());
+  check_same_device(length, q, "length", "q");
+  // Written: q (in place: elementwise disjoint from k and v, which may be other heads of its
+  // projection), key_cache, value_cache and length (no memory in common with anything else).
+  check_disjoint(q, k, "q", "k");
+  check_disjoint(q, v, "q", "v");
+  const std::pair<const at::Tensor*, const char*> separate[] = {
+      {&key_cache, "key_cache"}, {&value_cache, "value_cache"}, {&length, "length"}};
+  const std::pair<const at::Tensor*, const char*> others[] = {{&q, "q"}, {&k, "k"}, {&v, "v"}};
+  for (size_t w = 0; w < std::size(separate); ++w) {
+    for (const auto& other : others) check_separate(*separate[w].first, *other.first, separate[w].second, other.second);
+    for (size_t o = w + 1; o < std::size(separate); ++o) {
+      check_separate(*separate[w].first, *separate[o].first, separate[w].second, separate[o].second);
+    }
+  }
+  RopeAppendChecked c;
+  c.q = q;
+  c.k = rope.k;
+  c.v = v.stride(3) == 1 ? v : v.contiguous();
+  c.cos = rope.cos;
+  c.sin = rope.sin;
+  qlora::RopeAppendArgs& a = c.kernel;
+  a.rope = rope.kernel;
+  a.rope.q.out = q.data_ptr();
+  a.rope.q.out_stride_b = q.stride(0);
+  a.rope.q.out_stride_h = q.stride(1);
+  a.rope.q.out_stride_t = q.stride(2);
+  a.rope.k.out = key_cache.data_ptr();
+  a.rope.k.out_stride_b = key_cache.stride(0);
+  a.rope.k.out_stride_h = key_cache.stride(1);
+  a.rope.k.out_stride_t = key_cache.stride(2);
+  a.v = c.v.data_ptr();
+  a.v_stride_b = c.v.stride(0);
+  a.v_stride_h = c.v.stride(1);
+  a.v_stride_t = c.v.stride(2);
+  a.value_cache = value_cache.data_ptr();
+  a.value_cache_stride_b = value_cache.stride(0);
+  a.value_cache_stride_h = value_cache.stride(1);
+  a.value_cache_stride_t = value_cache.stride(2);
+  a.v_dim = Dv;
+  a.capacity = key_cache.size(2);
+  a.length = length.data_ptr<int64_t>();
   return c;
 }
 

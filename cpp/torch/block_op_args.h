@@ -47,6 +47,20 @@ void set_rope_outputs(RopeChecked& c, const at::Tensor& q_out, const at::Tensor&
 RopeChecked check_rope_inplace(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                const at::Tensor& sin, bool transpose);
 
+// rope_append_kv_ (qlora/rope.h): q as for rope_ (rotated in place); k [B, Hk, T, Dh] and
+// v [B, Hk, T, Dv] read (copied where the last stride is not 1); key_cache [B, Hk, L, Dh] and
+// value_cache [B, Hk, L, Dv] of q's dtype and device, unit stride along the last dimension,
+// written in place; length: one int64 on q's device. Every tensor written is disjoint from every
+// other tensor of the call. The kernel arguments point key_cache and value_cache at slot 0.
+struct RopeAppendChecked {
+  at::Tensor q, k, v, cos, sin;
+  qlora::RopeAppendArgs kernel;
+};
+RopeAppendChecked check_rope_append_kv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& cos, const at::Tensor& sin,
+                                       const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                       const at::Tensor& length);
+
 // swiglu: gate and up of one shape, dtype and device (made contiguous).
 struct SwiGLUChecked {
   at::Tensor gate, up, dh;  // contiguous (dh: backward only)

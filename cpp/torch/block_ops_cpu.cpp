@@ -82,6 +82,24 @@ void rope_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   launch_rope(check_rope_inplace(q, k, cos, sin, transpose));
 }
 
+// The CPU reads the filled slots P on the host, so the step is rope_ with k's output pointed at
+// slot P, a copy of v, and P + T written back.
+void rope_append_kv_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                                const at::Tensor& sin, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                const at::Tensor& length) {
+  RopeAppendChecked c = check_rope_append_kv(q, k, v, cos, sin, key_cache, value_cache, length);
+  qlora::RopeAppendArgs& a = c.kernel;
+  const int64_t filled = *a.length, T = a.rope.seq, L = a.capacity;
+  QLORA_CHECK(filled >= 0 && filled + T <= L, "rope_append_kv_: the cache is full: length ", filled, " + ", T,
+              " new tokens > ", L, " slots (key_cache's third dimension)");
+  RopeChecked rope;
+  rope.kernel = a.rope;
+  rope.kernel.k.out = static_cast<char*>(rope.kernel.k.out) + filled * a.rope.k.out_stride_t * key_cache.element_size();
+  launch_rope(rope);
+  value_cache.narrow(2, filled, T).copy_(c.v);
+  *a.length = filled + T;
+}
+
 at::Tensor launch_swiglu(const SwiGLUChecked& c) {
   at::Tensor h = at::empty(c.gate.sizes(), c.gate.options());
   const void* g = c.gate.data_ptr();
@@ -144,6 +162,7 @@ TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
   m.impl("rms_norm_backward", &rms_norm_backward_cpu);
   m.impl("rope", &rope_cpu);
   m.impl("rope_", &rope_inplace_cpu);
+  m.impl("rope_append_kv_", &rope_append_kv_inplace_cpu);
   m.impl("swiglu", &swiglu_cpu);
   m.impl("swiglu_backward", &swiglu_backward_cpu);
   m.impl("swiglu_backward_", &swiglu_backward_inplace_cpu);

@@ -74,6 +74,14 @@ void rope_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   check_launch(qlora::rope_cuda(c.kernel, at::cuda::getCurrentCUDAStream()), "rope_");
 }
 
+void rope_append_kv_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                                 const at::Tensor& sin, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                 const at::Tensor& length) {
+  const RopeAppendChecked c = check_rope_append_kv(q, k, v, cos, sin, key_cache, value_cache, length);
+  const c10::cuda::CUDAGuard guard(q.device());
+  check_launch(qlora::rope_append_kv_cuda(c.kernel, at::cuda::getCurrentCUDAStream()), "rope_append_kv_");
+}
+
 at::Tensor launch_swiglu(const SwiGLUChecked& c, const char* op) {
   const c10::cuda::CUDAGuard guard(c.gate.device());
   at::Tensor h = at::empty(c.gate.sizes(), c.gate.options());
@@ -131,6 +139,7 @@ TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("rms_norm_backward", &rms_norm_backward_cuda);
   m.impl("rope", &rope_cuda);
   m.impl("rope_", &rope_inplace_cuda);
+  m.impl("rope_append_kv_", &rope_append_kv_inplace_cuda);
   m.impl("swiglu", &swiglu_cuda);
   m.impl("swiglu_backward", &swiglu_backward_cuda);
   m.impl("swiglu_backward_", &swiglu_backward_inplace_cuda);

@@ -112,6 +112,12 @@ TORCH_LIBRARY(qlora_ext, m) {
   m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin, bool transpose=False) -> (Tensor q_out, Tensor k_out)");
   // rope in place over q and k (unit stride along Dh); for calls that need no gradient.
   m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, bool transpose=False) -> ()");
+  // One decode step's RoPE and KV-cache write (qlora/rope.h): q rotated in place, rope(k) and v
+  // written into key_cache / value_cache [B, Hk, L, D] at slots [P, P + T), P = length (one int64,
+  // read on the device), then length = P + T. transformers' StaticLayer.update after the rope.
+  m.def(
+      "rope_append_kv_(Tensor(a!) q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) key_cache, "
+      "Tensor(c!) value_cache, Tensor(d!) length) -> ()");
   // SwiGLU: gate, up [any shape] -> silu(gate) * up, same shape and dtype. backward_inplace: the
   // caller says gate and up are dead after this op, so its backward may write the gradients over
   // them (swiglu_backward_).

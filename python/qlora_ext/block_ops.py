@@ -1,6 +1,6 @@
 """Fused transformer-block operators: RMSNorm, RoPE and SwiGLU, forward and backward.
 
-Python face of torch.ops.qlora_ext.{rms_norm, rms_norm_backward, rope, rope_, swiglu,
+Python face of torch.ops.qlora_ext.{rms_norm, rms_norm_backward, rope, rope_, rope_append_kv_, swiglu,
 swiglu_backward, swiglu_backward_, swiglu_scaled, swiglu_scaled_backward} (schemas: cpp/torch/schemas.cpp; math: cpp/include/qlora/
 rms_norm.h, rope.h, swiglu.h): typed wrappers, fake kernels for torch.compile, and autograd.
 
@@ -89,6 +89,25 @@ def rope_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tenso
     cos, sin = _tables(q, cos, sin)
     _ops().rope_(q, k, cos, sin, False)
     return q, k
+
+
+def rope_append_kv_(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_cache: Tensor,
+                    value_cache: Tensor, length: Tensor) -> Tensor:  # fmt: skip
+    """One decoding step's RoPE and KV-cache write: q rotated in place (returned), rope(k) and v
+    written into key_cache / value_cache [B, Hk, L, D] at slots [P, P + T) with P = `length` (one
+    int64 on the device, read there: a CUDA graph replays the step as is), then length = P + T.
+    transformers' `StaticLayer.update(rope(k), v)` after `rope(q)`, with its `cumulative_length`
+    as `length`; on CUDA one launch for a decode step where that is eight.
+
+    q [B, Hq, T, Dh] with unit stride along Dh; k [B, Hk, T, Dh], v [B, Hk, T, Dv] (any strides);
+    cos, sin as for `rope`. Not differentiable (raises when gradients are enabled and an input
+    requires grad). A full cache (P + T > L) raises on the CPU and is a device-side error on CUDA,
+    as index_copy_ out of bounds is."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, key_cache, value_cache)):
+        raise RuntimeError("rope_append_kv_ writes in place and has no autograd; it is for inference")
+    cos, sin = _tables(q, cos, sin)
+    _ops().rope_append_kv_(q, k, v, cos, sin, key_cache, value_cache, length)
+    return q
 
 
 def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -268,6 +287,18 @@ def register_fakes() -> None:
         _check_rope_operands(q, k, cos, sin)
         torch._check(q.stride(-1) == 1 and k.stride(-1) == 1, lambda: "q and k need unit stride along Dh (in place)")
 
+    @torch.library.register_fake("qlora_ext::rope_append_kv_")
+    def _(q, k, v, cos, sin, key_cache, value_cache, length):
+        _check_rope_operands(q, k, cos, sin)
+        torch._check(q.stride(-1) == 1, lambda: "q needs unit stride along Dh (rotated in place)")
+        B, Hk, T = k.shape[0], k.shape[1], k.shape[2]
+        torch._check(v.dim() == 4 and tuple(v.shape[:3]) == (B, Hk, T), lambda: f"v must be [B, Hk, T, Dv], got {tuple(v.shape)}")
+        for cache, name, dim in ((key_cache, "key_cache", q.shape[-1]), (value_cache, "value_cache", v.shape[-1])):
+            torch._check(cache.dim() == 4 and cache.shape[0] == B and cache.shape[1] == Hk and cache.shape[3] == dim,
+                         lambda: f"{name} must be [B, Hk, L, {dim}], got {tuple(cache.shape)}")  # fmt: skip
+            torch._check(cache.dtype == q.dtype, lambda: f"{name} must have q's dtype {q.dtype}, got {cache.dtype}")
+        torch._check(length.dtype == torch.int64 and length.numel() == 1, lambda: "length must hold one int64")
+
     def rope_setup_context(ctx, inputs, output):
         q, k, cos, sin, transpose = inputs
         ctx.save_for_backward(cos, sin)
@@ -346,4 +377,4 @@ def register_fakes() -> None:
                                     setup_context=swiglu_scaled_setup_context)  # fmt: skip
 
 
-__all__ = ["rms_norm", "rope", "rope_", "apply_rope", "swiglu", "swiglu_scaled", "register_fakes"]
+__all__ = ["rms_norm", "rope", "rope_", "rope_append_kv_", "apply_rope", "swiglu", "swiglu_scaled", "register_fakes"]

@@ -194,6 +194,17 @@ def rope(
     return one(q), one(k)
 
 
+def rope_append_kv(q, k, v, cos, sin, key_cache, value_cache, length):
+    """(rope(q) in q's dtype, key_cache and value_cache after the write, length + T) as new
+    tensors: rope(k) (fp32, rounded to the cache's dtype) and v at slots [length, length + T)."""
+    q_out, k_out = rope(q, k, cos, sin)
+    start, T = int(length.reshape(-1)[0]), q.shape[2]
+    keys, values = key_cache.clone(), value_cache.clone()
+    keys[:, :, start : start + T] = k_out.to(keys.dtype)
+    values[:, :, start : start + T] = v.to(values.dtype)
+    return q_out.to(q.dtype), keys, values, length + T
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """fp32 silu(gate) * up."""
     return torch.nn.functional.silu(gate.float()) * up.float()

@@ -117,6 +117,9 @@ cudaError_t rms_norm_backward_cuda(const RMSNormBackwardArgs& a, void* dweight, 
 
 // rope_cuda.cu: RoPE of q and k in one launch (qlora/rope.h); needs seq * head_dim / 2 < 2^31.
 cudaError_t rope_cuda(const RopeArgs& a, cudaStream_t stream);
+// rope_cuda.cu: rope_append_kv_ (qlora/rope.h): one launch when the step is small (a decode step),
+// else the rotation and copies over the GPU and a one-thread launch that advances *length.
+cudaError_t rope_append_kv_cuda(const RopeAppendArgs& a, cudaStream_t stream);
 
 // swiglu_cuda.cu: h [n] = silu(gate) * up, all of `type` (scaled operands: qlora/swiglu.h).
 cudaError_t swiglu_forward_cuda(const void* gate, const void* up, void* h, int64_t n,

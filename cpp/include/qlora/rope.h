@@ -56,4 +56,26 @@ struct RopeArgs {
 // Rows [row_begin, row_end) of RopeArgs::rows().
 void rope_cpu(const RopeArgs& a, int64_t row_begin, int64_t row_end);
 
+// rope_append_kv_: one decode step's RoPE and KV-cache write, in one launch on CUDA (where the
+// unfused path takes eight: the rope, and the cache's slot arange, counter adds, contiguous
+// copies of k and v and two index_copy_). With P = *length (read on the device, so that a CUDA
+// graph replays it at every step):
+//   q                                  <- rope(q)                 (in place)
+//   key_cache[b, h, P + t, :]          <- rope(k)[b, h, t, :]
+//   value_cache[b, h, P + t, :]        <- v[b, h, t, :]
+//   *length                            <- P + T
+// which is transformers' StaticLayer.update after the rope (its cumulative_length is `length`).
+// key_cache [B, Hk, L, Dh] and value_cache [B, Hk, L, Dv] have unit stride along their last
+// dimension; P + T > L is a device-side error (the cache is full), as index_copy_'s bound check is.
+struct RopeAppendArgs {
+  RopeArgs rope;  // q: out = in (in place); k: in = k, out = key_cache at slot 0 (key_cache's strides)
+  const void* v = nullptr;  // [B, Hk, T, Dv], unit stride along Dv
+  int64_t v_stride_b = 0, v_stride_h = 0, v_stride_t = 0;
+  void* value_cache = nullptr;  // at slot 0
+  int64_t value_cache_stride_b = 0, value_cache_stride_h = 0, value_cache_stride_t = 0;
+  int64_t v_dim = 0;
+  int64_t capacity = 0;       // L, the cache's slots
+  int64_t* length = nullptr;  // the filled slots P, advanced by T
+};
+
 }  // namespace qlora

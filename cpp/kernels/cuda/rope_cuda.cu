@@ -20,6 +20,7 @@
 // before writing them, and no other thread touches them.
 #include <algorithm>
 #include <climits>
+#include <cstdio>
 
 #include "cuda_common.cuh"
 #include "qlora/kernels_cuda.h"
@@ -50,7 +51,33 @@ __device__ __forceinline__ void store_n(T* p, const float (&v)[V]) {
   }
 }
 
-// No __restrict__ on the data pointers: out may alias in.
+// V consecutive pairs (i, i + half) of one row: x -> y (y may be x), tables c, s at the row's
+// position. No __restrict__: out may alias in.
+template <typename T, typename C, int V>
+__device__ __forceinline__ void rotate_pairs(const T* x, T* y, const C* c, const C* s, int half,
+                                             bool transpose) {
+  float x1[V], x2[V], c1[V], c2[V], s1[V], s2[V];
+  load_n<V>(x, x1);
+  load_n<V>(x + half, x2);
+  load_n<V>(c, c1);
+  load_n<V>(c + half, c2);
+  load_n<V>(s, s1);
+  load_n<V>(s + half, s2);
+  float y1[V], y2[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    if (!transpose) {
+      y1[j] = __fsub_rn(__fmul_rn(x1[j], c1[j]), __fmul_rn(x2[j], s1[j]));
+      y2[j] = __fadd_rn(__fmul_rn(x2[j], c2[j]), __fmul_rn(x1[j], s2[j]));
+    } else {
+      y1[j] = __fadd_rn(__fmul_rn(x1[j], c1[j]), __fmul_rn(x2[j], s2[j]));
+      y2[j] = __fsub_rn(__fmul_rn(x2[j], c2[j]), __fmul_rn(x1[j], s1[j]));
+    }
+  }
+  store_n<V>(y, y1);
+  store_n<V>(y + half, y2);
+}
+
 template <typename T, typename C, int V>
 __global__ void __launch_bounds__(kThreads) rope_kernel(const RopeArgs a) {
   const int64_t heads = a.q.heads + a.k.heads;
@@ -71,32 +98,70 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(const RopeArgs a) {
        item += gridDim.y * kThreads) {
     const unsigned t = item / items_per_row;
     const int i = int(item - t * items_per_row) * V;
-    const T* x = in + int64_t(t) * op.in_stride_t + i;
-    T* y = out + int64_t(t) * op.out_stride_t + i;
-    const C* c = cos + int64_t(t) * a.head_dim + i;
-    const C* s = sin + int64_t(t) * a.head_dim + i;
-    float x1[V], x2[V], c1[V], c2[V], s1[V], s2[V];
-    load_n<V>(x, x1);
-    load_n<V>(x + half, x2);
-    load_n<V>(c, c1);
-    load_n<V>(c + half, c2);
-    load_n<V>(s, s1);
-    load_n<V>(s + half, s2);
-    float y1[V], y2[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      if (!a.transpose) {
-        y1[j] = __fsub_rn(__fmul_rn(x1[j], c1[j]), __fmul_rn(x2[j], s1[j]));
-        y2[j] = __fadd_rn(__fmul_rn(x2[j], c2[j]), __fmul_rn(x1[j], s2[j]));
-      } else {
-        y1[j] = __fadd_rn(__fmul_rn(x1[j], c1[j]), __fmul_rn(x2[j], s2[j]));
-        y2[j] = __fsub_rn(__fmul_rn(x2[j], c2[j]), __fmul_rn(x1[j], s1[j]));
-      }
-    }
-    store_n<V>(y, y1);
-    store_n<V>(y + half, y2);
+    rotate_pairs<T, C, V>(in + int64_t(t) * op.in_stride_t + i, out + int64_t(t) * op.out_stride_t + i,
+                          cos + int64_t(t) * a.head_dim + i, sin + int64_t(t) * a.head_dim + i, half,
+                          a.transpose);
   }
 }
+
+// rope_append_kv_ (qlora/rope.h). Work items, grid-stride: V pairs of a q row (rotated in place),
+// then V pairs of a k row (rotated into key_cache at slot P + t), then V elements of a v row
+// (copied into value_cache at slot P + t); rows in (b, h, t) order. Every thread reads P before
+// the loop; with `advance` (a one-CTA launch) the barrier after the loop orders those reads
+// before thread 0 writes P + T.
+template <typename T, typename C, int V>
+__global__ void __launch_bounds__(kThreads) rope_append_kv_kernel(const RopeAppendArgs a, bool advance) {
+  const RopeArgs& r = a.rope;
+  const int64_t slot0 = *a.length;
+  if (slot0 < 0 || slot0 + r.seq > a.capacity) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      printf("qlora_ext::rope_append_kv_: the cache is full: length %lld + %lld new tokens > %lld slots\n",
+             (long long)slot0, (long long)r.seq, (long long)a.capacity);
+    }
+    __trap();
+  }
+  const int half = int(r.head_dim / 2);
+  const int64_t rot_per_row = half / V, v_per_row = a.v_dim / V;
+  const int64_t q_rows = r.batch * r.q.heads * r.seq, k_rows = r.batch * r.k.heads * r.seq;
+  const int64_t rot_items = (q_rows + k_rows) * rot_per_row;
+  const int64_t items = rot_items + k_rows * v_per_row;  // v has k's heads
+  for (int64_t item = int64_t(blockIdx.x) * kThreads + threadIdx.x; item < items;
+       item += int64_t(gridDim.x) * kThreads) {
+    if (item < rot_items) {
+      int64_t row = item / rot_per_row;
+      const int i = int(item - row * rot_per_row) * V;
+      const bool is_q = row < q_rows;
+      if (!is_q) row -= q_rows;
+      const RopeOperand& op = is_q ? r.q : r.k;
+      const int64_t t = row % r.seq, bh = row / r.seq;
+      const int64_t h = bh % op.heads, b = bh / op.heads;
+      const int64_t slot = is_q ? t : slot0 + t;
+      const T* x = static_cast<const T*>(op.in) + b * op.in_stride_b + h * op.in_stride_h + t * op.in_stride_t + i;
+      T* y = static_cast<T*>(op.out) + b * op.out_stride_b + h * op.out_stride_h + slot * op.out_stride_t + i;
+      const int64_t table = ((r.cos_batch == 1 ? 0 : b) * r.seq + t) * r.head_dim + i;
+      rotate_pairs<T, C, V>(x, y, static_cast<const C*>(r.cos) + table, static_cast<const C*>(r.sin) + table, half,
+                            false);
+    } else {
+      const int64_t rest = item - rot_items;
+      const int64_t row = rest / v_per_row;
+      const int64_t i = (rest - row * v_per_row) * V;
+      const int64_t t = row % r.seq, bh = row / r.seq;
+      const int64_t h = bh % r.k.heads, b = bh / r.k.heads;
+      const T* x = static_cast<const T*>(a.v) + b * a.v_stride_b + h * a.v_stride_h + t * a.v_stride_t + i;
+      T* y = static_cast<T*>(a.value_cache) + b * a.value_cache_stride_b + h * a.value_cache_stride_h +
+             (slot0 + t) * a.value_cache_stride_t + i;
+      float v[V];
+      load_n<V>(x, v);
+      store_n<V>(y, v);
+    }
+  }
+  if (advance) {
+    __syncthreads();
+    if (threadIdx.x == 0) *a.length = slot0 + r.seq;
+  }
+}
+
+__global__ void advance_length_kernel(int64_t* length, int64_t by) { *length += by; }
 
 bool operand_aligned(const RopeOperand& op, int64_t elements, size_t element_bytes) {
   const uintptr_t bytes = uintptr_t(elements * int64_t(element_bytes));
@@ -106,7 +171,60 @@ bool operand_aligned(const RopeOperand& op, int64_t elements, size_t element_byt
          op.out_stride_t % elements == 0;
 }
 
+bool aligned_rows(const void* p, int64_t stride_b, int64_t stride_h, int64_t stride_t, int64_t elements,
+                  size_t element_bytes) {
+  return is_aligned(p, uintptr_t(elements * int64_t(element_bytes))) && stride_b % elements == 0 &&
+         stride_h % elements == 0 && stride_t % elements == 0;
+}
+
+// A step of at most this many work items runs as one CTA, which also advances *length: a decode
+// step (Llama-8B: 448 items) is one launch.
+constexpr int64_t kOneBlockItems = 16 * kThreads;
+
 }  // namespace
+
+cudaError_t rope_append_kv_cuda(const RopeAppendArgs& a, cudaStream_t stream) {
+  const RopeArgs& r = a.rope;
+  if (a.length == nullptr || r.head_dim < 2 || r.head_dim % 2 != 0 || a.v_dim < 1) return cudaErrorInvalidValue;
+  const int64_t rows = r.batch * r.k.heads * r.seq;
+  if (r.seq == 0) return cudaSuccess;
+  if (r.batch == 0 || (r.q.heads == 0 && r.k.heads == 0)) {
+    advance_length_kernel<<<1, 1, 0, stream>>>(a.length, r.seq);  // nothing to write; the count still moves
+    return cudaGetLastError();
+  }
+  return dispatch_float_type(r.type, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    auto launch = [&](auto table_tag) -> cudaError_t {
+      using C = decltype(table_tag);
+      constexpr int V = kVec16<T>;
+      const int64_t half = r.head_dim / 2;
+      const bool vector = half % V == 0 && a.v_dim % V == 0 && operand_aligned(r.q, V, sizeof(T)) &&
+                          operand_aligned(r.k, V, sizeof(T)) && is_aligned(r.cos, sizeof(C) * V) &&
+                          is_aligned(r.sin, sizeof(C) * V) &&
+                          aligned_rows(a.v, a.v_stride_b, a.v_stride_h, a.v_stride_t, V, sizeof(T)) &&
+                          aligned_rows(a.value_cache, a.value_cache_stride_b, a.value_cache_stride_h,
+                                       a.value_cache_stride_t, V, sizeof(T));
+      const int64_t width = vector ? V : 1;
+      const int64_t items = (r.batch * r.q.heads * r.seq + rows) * (half / width) + rows * (a.v_dim / width);
+      const bool one_block = items <= kOneBlockItems;
+      const unsigned grid = unsigned(one_block ? 1 : std::min<int64_t>(ceil_div(items, kThreads), 65535));
+      if (vector) {
+        rope_append_kv_kernel<T, C, V><<<grid, kThreads, 0, stream>>>(a, one_block);
+      } else {
+        rope_append_kv_kernel<T, C, 1><<<grid, kThreads, 0, stream>>>(a, one_block);
+      }
+      cudaError_t status = cudaGetLastError();
+      if (status == cudaSuccess && !one_block) {
+        advance_length_kernel<<<1, 1, 0, stream>>>(a.length, r.seq);
+        status = cudaGetLastError();
+      }
+      return status;
+    };
+    if (r.table_type == r.type) return launch(T{});
+    if (r.table_type == FloatType::F32) return launch(float{});
+    return cudaErrorInvalidValue;
+  });
+}
 
 cudaError_t rope_cuda(const RopeArgs& a, cudaStream_t stream) {
   const int64_t heads = a.q.heads + a.k.heads;
