@@ -199,3 +199,79 @@ def test_opcheck(device):
     ]:
         case = step_case(device, dtype, *shape, table_dtype=table_dtype)
         torch.library.opcheck(OPS.rope_append_kv_.default, tuple(case))
+
+
+# ---- the wiring: the fused attention writes transformers' StaticCache with it -------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: q/k norms before the rope
+def test_fused_attention_decodes_the_same_through_it(device, arch, monkeypatch):
+    """qlora_ext.generate on a model with the fused block ops: every decode step's attention writes
+    the StaticCache through rope_append_kv_, and the logits of every step equal, bit for bit, those
+    of the rope_ + StaticLayer.update path it replaces (the same arithmetic)."""
+    pytest.importorskip("transformers")
+    from qlora_ext import fused_blocks
+    from qlora_ext.generation import _HFDecoder
+    from train_helpers import VOCAB, hf_model
+
+    from test_block_ops import qwen3_model
+
+    model = (qwen3_model(torch.bfloat16) if arch == "qwen3" else hf_model(arch, dtype=torch.bfloat16)).to(device).eval()
+    assert qlora_ext.enable_fused_block_ops(model, devices=(device,)) > 0
+    calls = []
+    real = block_ops.rope_append_kv_
+    monkeypatch.setattr(block_ops, "rope_append_kv_", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    prompt = torch.randint(0, min(VOCAB, model.config.vocab_size), (2, 5), device=device)
+
+    def decode(enabled):
+        monkeypatch.setattr(fused_blocks, "ROPE_APPEND_KV_ENABLED", enabled)
+        calls.clear()
+        decoder = _HFDecoder(model, batch=2, max_len=9, device=torch.device(device))
+        slot_mask = torch.ones(2, 9, dtype=torch.bool, device=device)
+        logits = []
+        with torch.no_grad():
+            for step, tokens in enumerate([prompt, prompt[:, :1], prompt[:, 1:2], prompt[:, 2:3]]):
+                start = 0 if step == 0 else 4 + step
+                positions = torch.arange(start, start + tokens.shape[1], device=device)
+                logits.append(decoder.forward(tokens, positions.expand(2, -1), positions, slot_mask))
+        return logits, list(calls)
+
+    fused, fused_calls = decode(True)
+    plain, plain_calls = decode(False)
+    layers = model.config.num_hidden_layers
+    assert plain_calls == [] and fused_calls == [1] * (3 * layers)  # the prefill allocates the cache: not fused
+    for step, (a, b) in enumerate(zip(fused, plain)):
+        assert torch.equal(a, b), step
+
+
+def test_fused_attention_declines_what_it_cannot_write():
+    pytest.importorskip("transformers")
+    from transformers.cache_utils import DynamicLayer, StaticLayer
+
+    from qlora_ext.fused_blocks import _is_plain_static_layer, _static_cache_layer
+
+    assert _is_plain_static_layer(StaticLayer)
+    assert not _is_plain_static_layer(DynamicLayer)
+
+    class Changed(StaticLayer):  # a subclass may update differently
+        pass
+
+    assert not _is_plain_static_layer(Changed)
+    B, T, Hq, Hk, Dh = 1, 1, 4, 2, 8
+    q, k, v = torch.randn(B, T, Hq, Dh), torch.randn(B, T, Hk, Dh), torch.randn(B, Hk, T, Dh)
+
+    class Cache:
+        def __init__(self, layer, offloading=False):
+            self.layers, self.offloading = [layer], offloading
+
+    layer = StaticLayer(max_cache_len=4)
+    assert _static_cache_layer(Cache(layer), 0, q, k, v) is None  # not allocated yet (the prefill does it)
+    layer.update(torch.randn(B, Hk, 2, Dh), torch.randn(B, Hk, 2, Dh))
+    assert _static_cache_layer(Cache(layer), 0, q, k, v) is layer
+    assert _static_cache_layer(Cache(layer, offloading=True), 0, q, k, v) is None
+    assert _static_cache_layer(Cache(layer), 1, q, k, v) is None
+    assert _static_cache_layer(Cache(layer), 0, q.bfloat16(), k.bfloat16(), v.bfloat16()) is None  # dtype
+    assert _static_cache_layer(Cache(layer), 0, q, k, v[..., :4]) is None  # head size
+    with torch.enable_grad():
+        assert _static_cache_layer(Cache(layer), 0, q.requires_grad_(True), k, v) is None

@@ -115,6 +115,28 @@ return attn_output, attn_weights
 """
 
 
+# transformers' StaticLayer.update (5.x: the filled slots counted on the device in
+# `cumulative_length`). Where a StaticLayer's update is exactly this, the fused attention writes
+# its keys and values with block_ops.rope_append_kv_ (the rope and this update in one launch).
+_STATIC_LAYER_UPDATE = _statements("""
+    if not self.is_initialized:
+        self.lazy_initialization(key_states, value_states)
+    kv_length = key_states.shape[-2]
+    cache_position = torch.arange(kv_length, device=self.device) + self.cumulative_length
+    self.cumulative_length.add_(kv_length)
+    try:
+        self.keys.index_copy_(2, cache_position, key_states)
+        self.values.index_copy_(2, cache_position, value_states)
+    except NotImplementedError:
+        self.keys[:, :, cache_position] = key_states
+        self.values[:, :, cache_position] = value_states
+    return (self.keys, self.values)
+""")
+
+#: Whether the fused attention writes a transformers StaticCache with rope_append_kv_ (one
+#: launch for the rope and the cache write) where it applies; False: rope_ then cache.update.
+ROPE_APPEND_KV_ENABLED = True
+
 # How the KV cache reaches the attention, by transformers version: (argument name, whether
 # cache.update also gets the forward's kwargs). 4.x-5.2x: past_key_values; from ~5.25: cache
 # (the old name still accepted by transformers' own forwards through a deprecation shim).
@@ -274,14 +296,20 @@ def hf_attention(self, spec: _AttentionSpec, hidden_states, position_embeddings,
         query, key = self.q_norm(query), self.k_norm(key)
     value = value.transpose(1, 2)
     cos, sin = position_embeddings
-    if fused_rope:
-        # [B, H, T, Dh] views of the fresh projections: rotated in place when no gradient is needed.
-        query, key = block_ops.apply_rope(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+    static = _static_cache_layer(cache, self.layer_idx, query, key, value) if fused_rope else None
+    if static is not None:  # decoding into a StaticCache: the rope and the cache write in one launch
+        query = block_ops.rope_append_kv_(query.transpose(1, 2), key.transpose(1, 2), value, cos, sin,
+                                          static.keys, static.values, static.cumulative_length)  # fmt: skip
+        key, value = static.keys, static.values
     else:
-        query, key = spec.apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
-    if cache is not None:
-        extra = {"kwargs": kwargs} if spec.cache_style[1] else {}
-        key, value = cache.update(key, value, self.layer_idx, **extra)
+        if fused_rope:
+            # [B, H, T, Dh] views of the fresh projections: rotated in place when no gradient is needed.
+            query, key = block_ops.apply_rope(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+        else:
+            query, key = spec.apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+        if cache is not None:
+            extra = {"kwargs": kwargs} if spec.cache_style[1] else {}
+            key, value = cache.update(key, value, self.layer_idx, **extra)
     if _one_query_grouped_sdpa(self, spec, query, attention_mask, kwargs):
         attn_output = _one_query_grouped_sdpa_forward(self, query, key, value, attention_mask)
         return self.o_proj(attn_output.reshape(*input_shape, -1)), None
@@ -295,6 +323,43 @@ def hf_attention(self, spec: _AttentionSpec, hidden_states, position_embeddings,
                                           scaling=self.scaling, **kwargs)  # fmt: skip
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     return self.o_proj(attn_output), attn_weights
+
+
+@functools.cache
+def _is_plain_static_layer(cls) -> bool:
+    """Whether `cls` is transformers' StaticLayer with the update rope_append_kv_ reproduces."""
+    if cls.__name__ != "StaticLayer" or cls.__module__ != "transformers.cache_utils":
+        return False
+    found = _forward_body(type("_", (), {"forward": cls.update}))
+    return not isinstance(found, str) and found[1] == _STATIC_LAYER_UPDATE
+
+
+def _static_cache_layer(cache, layer_idx, query, key, value):
+    """The cache layer that block_ops.rope_append_kv_ may write for this call, else None: a
+    transformers StaticLayer (exactly, with the expected update) already allocated, on the
+    projections' device and dtype, of cache `cache` (no offloading), and a call that needs no
+    gradient. query, key, value: [B, T, H, Dh], [B, T, Hk, Dh], [B, Hk, T, Dv]."""
+    if not ROPE_APPEND_KV_ENABLED or cache is None or getattr(cache, "offloading", False):
+        return None
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or not isinstance(layer_idx, int) or not 0 <= layer_idx < len(layers):
+        return None
+    layer = layers[layer_idx]
+    if not _is_plain_static_layer(type(layer)) or not getattr(layer, "is_initialized", False):
+        return None
+    keys, values, length = layer.keys, layer.values, getattr(layer, "cumulative_length", None)
+    if not isinstance(length, torch.Tensor) or length.device != key.device:
+        return None
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return None
+    B, T, Hk, Dh = key.shape
+    fits = (
+        keys.dtype == values.dtype == key.dtype == value.dtype and keys.device == key.device
+        and keys.dim() == 4 and tuple(keys.shape) == (B, Hk, keys.shape[2], Dh)
+        and tuple(values.shape) == (B, Hk, keys.shape[2], value.shape[-1]) and query.stride(-1) == 1
+        and keys.stride(-1) == 1 and values.stride(-1) == 1
+    )  # fmt: skip
+    return layer if fits else None
 
 
 def _one_query_grouped_sdpa(module, spec, query, attention_mask, kwargs) -> bool:

@@ -357,7 +357,12 @@ class _HFDecoder:
                 "fewer slots than the sequence); use model.generate()"
             )
         self.slots = torch.arange(max_len, device=device)
-        self.float_mask_dtype = None if impl == "sdpa" else model.get_input_embeddings().weight.dtype
+        # The 4-D mask goes in as an additive float mask in the model's dtype, built once a step:
+        # eager attention adds it to its scores (transformers' fill value, finfo.min), and SDPA
+        # would otherwise turn a bool mask into this float one itself (0 / -inf) in every layer,
+        # three small kernels a layer and step.
+        self.mask_dtype = model.get_input_embeddings().weight.dtype
+        self.mask_fill = float("-inf") if impl == "sdpa" else torch.finfo(self.mask_dtype).min
         params = inspect.signature(type(model).forward).parameters
         # Older transformers take the cache slots as `cache_position` (without them a StaticCache
         # computes its length on the host); newer ones count them inside the cache.
@@ -366,9 +371,7 @@ class _HFDecoder:
 
     def forward(self, input_ids, position_ids, cache_position, slot_mask) -> Tensor:
         mask = attention_allowed(cache_position, slot_mask, self.slots)
-        if self.float_mask_dtype is not None:  # eager attention adds the mask to its scores
-            dtype = self.float_mask_dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        mask = torch.zeros(mask.shape, dtype=self.mask_dtype, device=mask.device).masked_fill_(~mask, self.mask_fill)
         kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                       past_key_values=self.cache, use_cache=True)  # fmt: skip
         if self.pass_cache_position:
