@@ -33,6 +33,7 @@ The bar (issue #5): NF4 decode >= 2.5x the bf16 decode rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -221,6 +222,17 @@ def bench_stack(name, model, prompt, new_tokens, repeats, device, copy_bw, graph
     }
 
 
+@contextlib.contextmanager
+def switched(module, name: str, value):
+    """module.name = value for the block, then back."""
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write the results (one JSON document) here")
@@ -234,6 +246,9 @@ def main(argv=None) -> int:
     parser.add_argument("--gemv-variants", help="nf4_merged once per nf4_gemv CUDA variant (comma-separated names)")
     parser.add_argument("--grouped-ab", action="store_true",
                         help="nf4_merged also with q/k/v and gate/up launching one GEMV each (layers.GROUPED_GEMV_ENABLED off)")
+    parser.add_argument("--fusion-ab", action="store_true",
+                        help="also nf4_merged without rope_append_kv_ (fused_blocks.ROPE_APPEND_KV_ENABLED off) and "
+                             "nf4_merged and bf16 with a bool SDPA mask (generation.ADDITIVE_SDPA_MASK off)")  # fmt: skip
     args = parser.parse_args(argv)
     shape = "tiny" if args.tiny else "8b"
     prompt_len = args.prompt or (8 if args.tiny else 32)
@@ -280,6 +295,9 @@ def main(argv=None) -> int:
 
     if "bf16" in stacks:
         record(bench("bf16", model))
+        if args.fusion_ab:
+            with switched(qlora_ext.generation, "ADDITIVE_SDPA_MASK", False):
+                record(bench("bf16[bool mask]", model))
     if "bnb" in stacks and bnb is not None:
         try:
             bnb_model = to_bnb(model, bnb)
@@ -299,6 +317,11 @@ def main(argv=None) -> int:
             for layer in model.modules():
                 if isinstance(layer, QLoRALinear):
                     layer.merge()
+            if args.fusion_ab:  # the same model without this session's decode fusions, one at a time
+                with switched(qlora_ext.fused_blocks, "ROPE_APPEND_KV_ENABLED", False):
+                    record(bench("nf4_merged[rope_ + cache.update]", model))
+                with switched(qlora_ext.generation, "ADDITIVE_SDPA_MASK", False):
+                    record(bench("nf4_merged[bool mask]", model))
             if args.grouped_ab:  # the same model with every projection launching its own GEMV
                 qlora_ext.layers.GROUPED_GEMV_ENABLED = False
                 record(bench("nf4_merged[separate projections]", model))

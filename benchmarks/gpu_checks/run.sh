@@ -20,6 +20,8 @@
 #     bash benchmarks/gpu_checks/run.sh build wide_ab      # the 64 KB-table GEMV and the grouped GEMV: tests, A/B,
 #                                                          # decode, decode profile
 #     bash benchmarks/gpu_checks/run.sh build wide_checks  # then: nf4_gemm timed, ncu, sanitizers
+#     bash benchmarks/gpu_checks/run.sh build decode_fused # rope_append_kv_ and the additive SDPA mask: tests,
+#                                                          # sanitizers, decode with each off, decode profile
 #     bash benchmarks/gpu_checks/run.sh build decode_next  # decode tests, decode grouped on/off, decode profile
 #     bash benchmarks/gpu_checks/run.sh build dora_new     # DoRA's newest CUDA paths: tests, and sanitizers on the new op
 #     bash benchmarks/gpu_checks/run.sh build dora_ab      # DoRA's kernels alone, then QLoRA vs QDoRA as is and
@@ -184,6 +186,19 @@ for stage in "$@"; do
         --shapes 4096x4096,14336x4096,28672x8192 --out "$OUT/nf4_gemv_occupancy_h100.json"
       step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --grouped-ab --repeats 1 \
         --gemv-variants factored,factored_o3,factored_o4 --out "$OUT/decode_8b_grouped_h100.json"
+      ;;
+    decode_fused)
+      # decode with one launch for the rope and the KV-cache write (rope_append_kv_) and an additive
+      # SDPA mask built once a step (2026-12-06): the CUDA tests that reach them, memcheck and
+      # racecheck of the new kernel, decode with each fusion off in turn, where a step's time goes
+      step decode_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_rope_append_kv.py \
+        tests/test_generate.py tests/test_project_together.py tests/test_block_ops.py
+      RUNS=$'memcheck tests/test_rope_append_kv.py 1\nracecheck tests/test_rope_append_kv.py 2' \
+        K_1='cuda and not fused_attention' K_2='cuda and (matches or replays)' KERNELS=qlora STEP_TIMEOUT=150 \
+        step sanitize_rope_append bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_rope_append_h100.txt" 2
+      step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --fusion-ab --repeats 2 \
+        --out "$OUT/decode_8b_fused_h100.json"
+      TAIL=40 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8 --stacks nf4_merged
       ;;
     wide_checks)
       # the second call of wide_ab's work: nf4_gemm timed, Nsight Compute, the sanitizers on the

@@ -50,6 +50,10 @@ GRAPH_WARMUP_STEPS = 2
 EOS_CHECK_INTERVAL = 16
 #: transformers attention implementations whose mask generate builds (a 4-D mask over the cache).
 HF_ATTENTION = ("sdpa", "eager")
+#: With "sdpa", pass the 4-D mask as an additive float mask (0 / -inf in the model's dtype) built
+#: once a step; False: as bool, which SDPA converts to that float mask in every layer (three small
+#: kernels a layer and step). The results are the same either way.
+ADDITIVE_SDPA_MASK = True
 
 
 def generate(
@@ -363,6 +367,7 @@ class _HFDecoder:
         # three small kernels a layer and step.
         self.mask_dtype = model.get_input_embeddings().weight.dtype
         self.mask_fill = float("-inf") if impl == "sdpa" else torch.finfo(self.mask_dtype).min
+        self.additive_mask = impl != "sdpa" or ADDITIVE_SDPA_MASK
         params = inspect.signature(type(model).forward).parameters
         # Older transformers take the cache slots as `cache_position` (without them a StaticCache
         # computes its length on the host); newer ones count them inside the cache.
@@ -371,7 +376,8 @@ class _HFDecoder:
 
     def forward(self, input_ids, position_ids, cache_position, slot_mask) -> Tensor:
         mask = attention_allowed(cache_position, slot_mask, self.slots)
-        mask = torch.zeros(mask.shape, dtype=self.mask_dtype, device=mask.device).masked_fill_(~mask, self.mask_fill)
+        if self.additive_mask:
+            mask = torch.zeros(mask.shape, dtype=self.mask_dtype, device=mask.device).masked_fill_(~mask, self.mask_fill)
         kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                       past_key_values=self.cache, use_cache=True)  # fmt: skip
         if self.pass_cache_position:
