@@ -188,14 +188,16 @@ for stage in "$@"; do
         --gemv-variants factored,factored_o3,factored_o4 --out "$OUT/decode_8b_grouped_h100.json"
       ;;
     decode_fused)
-      # decode with one launch for the rope and the KV-cache write (rope_append_kv_) and an additive
-      # SDPA mask built once a step (2026-12-06): the CUDA tests that reach them, memcheck and
-      # racecheck of the new kernel, decode with each fusion off in turn, where a step's time goes
+      # decode with one launch for the rope and the KV-cache write (rope_append_kv_), an additive
+      # SDPA mask built once a step and programmatic dependent launch (2026-12-06): the CUDA tests
+      # that reach them, memcheck and racecheck of the new kernel and of a PDL chain, decode with
+      # each off in turn, where a step's time goes
       step decode_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_rope_append_kv.py \
-        tests/test_generate.py tests/test_project_together.py tests/test_block_ops.py
-      RUNS=$'memcheck tests/test_rope_append_kv.py 1\nracecheck tests/test_rope_append_kv.py 2' \
-        K_1='cuda and not fused_attention' K_2='cuda and (matches or replays)' KERNELS=qlora STEP_TIMEOUT=150 \
-        step sanitize_rope_append bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_rope_append_h100.txt" 2
+        tests/test_programmatic_launch.py tests/test_generate.py tests/test_project_together.py tests/test_block_ops.py \
+        tests/test_nf4_gemv.py tests/test_nf4_gemv_grouped.py tests/test_fused_mlp.py -k "cuda or CUDA or generate or graph"
+      RUNS=$'memcheck tests/test_rope_append_kv.py 1\nracecheck tests/test_rope_append_kv.py 2\nmemcheck tests/test_programmatic_launch.py 3\nracecheck tests/test_programmatic_launch.py 4' \
+        K_1='cuda and not fused_attention' K_2='cuda and (matches or replays)' K_3='chain' K_4='chain' KERNELS=qlora \
+        STEP_TIMEOUT=150 step sanitize_decode bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_decode_h100.txt" 4
       step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --fusion-ab --repeats 2 \
         --out "$OUT/decode_8b_fused_h100.json"
       TAIL=40 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8 --stacks nf4_merged

@@ -1,7 +1,7 @@
 // The Python module qlora_ext._C. Importing it registers every operator (schemas.cpp and the
 // TORCH_LIBRARY_IMPL blocks); the module itself reports how it was built, and holds the switches
 // between CUDA kernel variants (nf4_gemv's; dora_scale's A·Aᵀ), for measuring them against each
-// other in one process.
+// other in one process, and the switch of programmatic dependent launch.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -56,6 +56,23 @@ PYBIND11_MODULE(_C, m) {
     qlora_torch::set_dora_gram_kernel(enabled);
 #else
     if (enabled) throw std::invalid_argument("enabled: this qlora_ext build has no CUDA kernels");
+#endif
+  });
+  // Programmatic dependent launch of the kernels that support it (dependent_launch.cuh): off by
+  // default; qlora_ext.generate turns it on around its decode steps. A build without CUDA keeps it
+  // off (there is nothing to launch).
+  m.def("_programmatic_launch", []() {
+#if defined(QLORA_WITH_CUDA)
+    return qlora::programmatic_launch_enabled();
+#else
+    return false;
+#endif
+  });
+  m.def("_set_programmatic_launch", [](bool enabled) {
+#if defined(QLORA_WITH_CUDA)
+    qlora::set_programmatic_launch(enabled);
+#else
+    (void)enabled;
 #endif
   });
   m.def("_set_nf4_gemv_variant", [](int variant) {

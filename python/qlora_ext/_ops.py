@@ -7,6 +7,7 @@ error under torch.compile reads like the eager one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -192,6 +193,27 @@ def set_nf4_gemv_variant(variant: str | int) -> None:
             raise ValueError(f"variant must be one of {names}, got {variant!r}")
         variant = names.index(variant)
     native()._set_nf4_gemv_variant(int(variant))
+
+
+def programmatic_launch_enabled() -> bool:
+    """Whether the kernels that support it launch with programmatic dependent launch (below)."""
+    return bool(native()._programmatic_launch())
+
+
+@contextlib.contextmanager
+def programmatic_launch(enabled: bool = True):
+    """Programmatic dependent launch (PDL, sm_90+ GPUs) inside the block, then the previous
+    setting: the NF4 GEMV, the RMSNorm and SwiGLU forwards and rope_append_kv_ may start before
+    the kernel before them ends, and do their weight-only prologue (the GEMV's first weight loads
+    and tables, the norm's weight row) under it; a CUDA graph captured inside keeps it. Only for
+    stretches where no kernel writes those weights (decoding: qlora_ext.generate turns it on).
+    Process-wide; a no-op without CUDA kernels (cpp/kernels/cuda/dependent_launch.cuh)."""
+    before = programmatic_launch_enabled()
+    native()._set_programmatic_launch(bool(enabled))
+    try:
+        yield
+    finally:
+        native()._set_programmatic_launch(before)
 
 
 #: Environment variable naming the nf4_gemv variant a process starts with (read at import), so

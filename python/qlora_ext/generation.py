@@ -41,6 +41,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ._ops import programmatic_launch
 from .lora_linear import cast_adapters_once
 
 #: Eager decode steps (on a side stream) before the capture: lazy initialisation (cuBLAS handles and
@@ -54,6 +55,9 @@ HF_ATTENTION = ("sdpa", "eager")
 #: once a step; False: as bool, which SDPA converts to that float mask in every layer (three small
 #: kernels a layer and step). The results are the same either way.
 ADDITIVE_SDPA_MASK = True
+#: Decode with programmatic dependent launch (sm_90+; `_ops.programmatic_launch`): each fused
+#: kernel of a step starts under the end of the one before and loads its weights there.
+PROGRAMMATIC_LAUNCH = True
 
 
 def generate(
@@ -127,7 +131,8 @@ def generate(
     model.eval()
     timer = _Timer(stats is not None, device)
     try:
-        with torch.inference_mode(), cast_adapters_once():
+        pdl = programmatic_launch(PROGRAMMATIC_LAUNCH and device.type == "cuda")
+        with torch.inference_mode(), cast_adapters_once(), pdl:
             decoder = decoder_type(model, batch, total_len, device)
             out = _decode(decoder, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
                           eos, pad, use_graphs, cuda_graphs is True, generator, timer)  # fmt: skip

@@ -115,6 +115,14 @@ int64_t rms_norm_backward_cuda_workspace(int64_t rows, int64_t D);
 cudaError_t rms_norm_backward_cuda(const RMSNormBackwardArgs& a, void* dweight, float* workspace,
                                    cudaStream_t stream);
 
+// dependent_launch.cu: programmatic dependent launch (sm_90+) of the kernels that support it (the
+// NF4 GEMV, RMSNorm forward, SwiGLU forward, rope_append_kv_): each may start before the kernel
+// before it ends and do its weight-only prologue there. Off by default; only for stretches where
+// no kernel writes the weights those prologues read (qlora_ext.generate's decode steps).
+// See cpp/kernels/cuda/dependent_launch.cuh.
+bool programmatic_launch_enabled();
+void set_programmatic_launch(bool enabled);
+
 // rope_cuda.cu: RoPE of q and k in one launch (qlora/rope.h); needs seq * head_dim / 2 < 2^31.
 cudaError_t rope_cuda(const RopeArgs& a, cudaStream_t stream);
 // rope_cuda.cu: rope_append_kv_ (qlora/rope.h): one launch when the step is small (a decode step),

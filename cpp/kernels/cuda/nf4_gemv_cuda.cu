@@ -53,6 +53,7 @@
 
 #include "cuda_common.cuh"
 #include "cp_async.cuh"
+#include "dependent_launch.cuh"
 #include "device_facts.cuh"
 #include "qlora/kernels_cuda.h"
 
@@ -529,6 +530,7 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, in
     }
   };
 
+  allow_dependents();  // (programmatic dependent launch: dependent_launch.cuh)
   int64_t tile = blockIdx.x;
   Stage cur;
   if (active) load_stage(cur, tile, warp);  // in flight while the tables are built
@@ -558,6 +560,9 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, in
 
   const char* table_bytes = reinterpret_cast<const char*>(table);
   const uint32_t lane_offset = SPLIT ? uint32_t(WIDE ? lane : lane & 15) * 8 : uint32_t(lane) * 4;
+  // Everything above read weights and constants only; x (and y's memory) may belong to the
+  // kernel before this one, which a programmatic launch overlaps up to here.
+  dependency_wait();
 
   for (; tile < n_tiles; tile += gridDim.x) {
     const int64_t row0 = tile * kRows;
@@ -998,9 +1003,8 @@ cudaError_t launch_factored(const T* x, int M, const FactoredParts& parts, int b
   const int64_t tiles = ceil_div(parts.end_row[parts.count - 1], 16 * R);
   // Persistent: CTAS CTAs per SM (__launch_bounds__), each builds its tables once.
   const int64_t grid = std::min<int64_t>(tiles, int64_t(sm_count) * CTAS);
-  kernel<<<dim3(unsigned(grid)), kThreads, kDynamicBytes, stream>>>(x, M, parts, blocksize_log2, nested_log2, K,
-                                                                    bias, y);
-  return cudaGetLastError();
+  return launch_kernel(kernel, dim3(unsigned(grid)), dim3(kThreads), kDynamicBytes, stream, x, M, parts, blocksize_log2,
+                       nested_log2, K, bias, y);
 }
 
 template <typename T, int MT, int SW, int STAGES>

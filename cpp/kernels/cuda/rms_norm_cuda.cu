@@ -12,8 +12,10 @@
 //
 // Launch: 256 threads. A row belongs to a group of G threads: a warp (G = 32) when D <= 1024,
 // so short rows (Qwen3's per-head q/k norms, D = 128) do not leave 7/8 of a CTA idle, else the
-// whole CTA (G = 256). Each row is read twice (the sum of squares / the dot product, then the
-// outputs); the second read hits L1/L2 (a row is <= a few KB). Sums are warp shuffles (+ shared
+// whole CTA (G = 256). The forward keeps rows of up to 8192 columns in registers (read once, the
+// weight row loaded before them: a decode step's one-row norm is one memory round trip, not
+// two); longer rows, and the backward, are read twice (the sum of squares / the dot product, then
+// the outputs), the second read hitting L1/L2. Sums are warp shuffles (+ shared
 // memory across warps), in a fixed order: the result is deterministic. 16-byte vector accesses
 // (8 elements) when D % 8 == 0 and every pointer is aligned, else one element per access.
 //
@@ -26,6 +28,7 @@
 #include <type_traits>
 
 #include "cuda_common.cuh"
+#include "dependent_launch.cuh"
 #include "qlora/kernels_cuda.h"
 #include "vector_io.cuh"
 
@@ -82,6 +85,10 @@ __device__ __forceinline__ void store_step(T* p, const float (&v)[kStep]) {
   }
 }
 
+// Steps of kStep columns a lane keeps in registers: a row of D <= G * kStep * kCachedSteps (up to
+// 8192 on the vector path) is read from memory once and the weight row is loaded before the rows.
+constexpr int kCachedSteps = 4;
+
 template <typename X, typename W, typename Y, int G, int kStep>
 __global__ void __launch_bounds__(kThreads)
 rms_norm_forward_kernel(const X* __restrict__ x, const W* __restrict__ w, Y* __restrict__ y,
@@ -90,6 +97,50 @@ rms_norm_forward_kernel(const X* __restrict__ x, const W* __restrict__ w, Y* __r
   __shared__ float scratch[kThreads / 32];
   constexpr int kGroups = kThreads / G;
   const int group = threadIdx.x / G, lane = threadIdx.x % G;
+  allow_dependents();
+  if (D <= int64_t(G) * kStep * kCachedSteps) {
+    // The weight row is constant: a programmatic launch reads it before the wait, under the end of
+    // the kernel before (dependent_launch.cuh).
+    float wv[kCachedSteps][kStep];
+#pragma unroll
+    for (int s = 0; s < kCachedSteps; ++s) {
+      const int64_t c = (int64_t(lane) + int64_t(s) * G) * kStep;
+      if (c < D) load_step<kStep>(w + c, wv[s]);
+    }
+    dependency_wait();
+    for (int64_t row = int64_t(blockIdx.x) * kGroups + group; row < rows; row += int64_t(gridDim.x) * kGroups) {
+      const X* xr = x + row * D;
+      Y* yr = y + row * D;
+      float v[kCachedSteps][kStep];
+      float sum = 0.0f;  // the loop path's order of additions: the same bits
+#pragma unroll
+      for (int s = 0; s < kCachedSteps; ++s) {
+        const int64_t c = (int64_t(lane) + int64_t(s) * G) * kStep;
+        if (c < D) {
+          load_step<kStep>(xr + c, v[s]);
+#pragma unroll
+          for (int i = 0; i < kStep; ++i) sum += v[s][i] * v[s][i];
+        }
+      }
+      sum = group_sum<G>(sum, scratch);
+      const float inv = 1.0f / sqrtf(sum / float(D) + eps);
+      if (lane == 0) inv_rms[row] = inv;
+#pragma unroll
+      for (int s = 0; s < kCachedSteps; ++s) {
+        const int64_t c = (int64_t(lane) + int64_t(s) * G) * kStep;
+        if (c < D) {
+#pragma unroll
+          for (int i = 0; i < kStep; ++i) {
+            const float n = v[s][i] * inv;
+            v[s][i] = wv[s][i] * (cast_before_weight ? round_to<X>(n) : n);
+          }
+          store_step<kStep>(yr + c, v[s]);
+        }
+      }
+    }
+    return;
+  }
+  dependency_wait();
   for (int64_t row = int64_t(blockIdx.x) * kGroups + group; row < rows;
        row += int64_t(gridDim.x) * kGroups) {
     const X* xr = x + row * D;
@@ -243,10 +294,9 @@ cudaError_t rms_norm_forward_cuda(const RMSNormForwardArgs& a, cudaStream_t stre
     return dispatch_shape(a.D, vector, [&](auto g, auto step) {
       constexpr int G = decltype(g)::value, kStep = decltype(step)::value;
       const int64_t grid = std::min(ceil_div(a.rows, kThreads / G), kMaxGrid);
-      rms_norm_forward_kernel<X, W, Y, G, kStep><<<dim3(unsigned(grid)), kThreads, 0, stream>>>(
-          static_cast<const X*>(a.x), static_cast<const W*>(a.weight), static_cast<Y*>(a.y),
-          a.inv_rms, a.rows, a.D, a.eps, a.cast_before_weight);
-      return cudaGetLastError();
+      return launch_kernel(rms_norm_forward_kernel<X, W, Y, G, kStep>, dim3(unsigned(grid)), dim3(kThreads), 0, stream,
+                           static_cast<const X*>(a.x), static_cast<const W*>(a.weight), static_cast<Y*>(a.y),
+                           a.inv_rms, a.rows, a.D, a.eps, a.cast_before_weight);
     });
   });
 }

@@ -23,6 +23,7 @@
 #include <cstdio>
 
 #include "cuda_common.cuh"
+#include "dependent_launch.cuh"
 #include "qlora/kernels_cuda.h"
 #include "vector_io.cuh"
 
@@ -106,11 +107,16 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(const RopeArgs a) {
 
 // rope_append_kv_ (qlora/rope.h). Work items, grid-stride: V pairs of a q row (rotated in place),
 // then V pairs of a k row (rotated into key_cache at slot P + t), then V elements of a v row
-// (copied into value_cache at slot P + t); rows in (b, h, t) order. Every thread reads P before
-// the loop; with `advance` (a one-CTA launch) the barrier after the loop orders those reads
-// before thread 0 writes P + T.
+// (copied into value_cache at slot P + t); rows in (b, h, t) order; < 2^31 items (32-bit index
+// math: a decode step's cost is its latency). Every thread reads P before the loop; with
+// `advance` (a one-CTA launch) the barrier after the loop orders those reads before thread 0
+// writes P + T.
+constexpr int kAppendThreads = 512;
+
 template <typename T, typename C, int V>
-__global__ void __launch_bounds__(kThreads) rope_append_kv_kernel(const RopeAppendArgs a, bool advance) {
+__global__ void __launch_bounds__(kAppendThreads) rope_append_kv_kernel(const RopeAppendArgs a, bool advance) {
+  allow_dependents();
+  dependency_wait();  // q, k, v, the tables and the length come from earlier kernels (dependent_launch.cuh)
   const RopeArgs& r = a.rope;
   const int64_t slot0 = *a.length;
   if (slot0 < 0 || slot0 + r.seq > a.capacity) {
@@ -120,33 +126,34 @@ __global__ void __launch_bounds__(kThreads) rope_append_kv_kernel(const RopeAppe
     }
     __trap();
   }
-  const int half = int(r.head_dim / 2);
-  const int64_t rot_per_row = half / V, v_per_row = a.v_dim / V;
-  const int64_t q_rows = r.batch * r.q.heads * r.seq, k_rows = r.batch * r.k.heads * r.seq;
-  const int64_t rot_items = (q_rows + k_rows) * rot_per_row;
-  const int64_t items = rot_items + k_rows * v_per_row;  // v has k's heads
-  for (int64_t item = int64_t(blockIdx.x) * kThreads + threadIdx.x; item < items;
-       item += int64_t(gridDim.x) * kThreads) {
+  const unsigned half = unsigned(r.head_dim / 2), seq = unsigned(r.seq);
+  const unsigned rot_per_row = half / V, v_per_row = unsigned(a.v_dim / V);
+  const unsigned q_heads = unsigned(r.q.heads), k_heads = unsigned(r.k.heads);
+  const unsigned q_rows = unsigned(r.batch) * q_heads * seq, k_rows = unsigned(r.batch) * k_heads * seq;
+  const unsigned rot_items = (q_rows + k_rows) * rot_per_row;
+  const unsigned items = rot_items + k_rows * v_per_row;  // v has k's heads
+  for (unsigned item = blockIdx.x * blockDim.x + threadIdx.x; item < items; item += gridDim.x * blockDim.x) {
     if (item < rot_items) {
-      int64_t row = item / rot_per_row;
-      const int i = int(item - row * rot_per_row) * V;
+      unsigned row = item / rot_per_row;
+      const unsigned i = (item - row * rot_per_row) * V;
       const bool is_q = row < q_rows;
       if (!is_q) row -= q_rows;
       const RopeOperand& op = is_q ? r.q : r.k;
-      const int64_t t = row % r.seq, bh = row / r.seq;
-      const int64_t h = bh % op.heads, b = bh / op.heads;
-      const int64_t slot = is_q ? t : slot0 + t;
+      const unsigned heads = is_q ? q_heads : k_heads;
+      const unsigned t = row % seq, bh = row / seq;
+      const int64_t h = bh % heads, b = bh / heads;
+      const int64_t slot = is_q ? int64_t(t) : slot0 + t;
       const T* x = static_cast<const T*>(op.in) + b * op.in_stride_b + h * op.in_stride_h + t * op.in_stride_t + i;
       T* y = static_cast<T*>(op.out) + b * op.out_stride_b + h * op.out_stride_h + slot * op.out_stride_t + i;
       const int64_t table = ((r.cos_batch == 1 ? 0 : b) * r.seq + t) * r.head_dim + i;
-      rotate_pairs<T, C, V>(x, y, static_cast<const C*>(r.cos) + table, static_cast<const C*>(r.sin) + table, half,
-                            false);
+      rotate_pairs<T, C, V>(x, y, static_cast<const C*>(r.cos) + table, static_cast<const C*>(r.sin) + table,
+                            int(half), false);
     } else {
-      const int64_t rest = item - rot_items;
-      const int64_t row = rest / v_per_row;
-      const int64_t i = (rest - row * v_per_row) * V;
-      const int64_t t = row % r.seq, bh = row / r.seq;
-      const int64_t h = bh % r.k.heads, b = bh / r.k.heads;
+      const unsigned rest = item - rot_items;
+      const unsigned row = rest / v_per_row;
+      const unsigned i = (rest - row * v_per_row) * V;
+      const unsigned t = row % seq, bh = row / seq;
+      const int64_t h = bh % k_heads, b = bh / k_heads;
       const T* x = static_cast<const T*>(a.v) + b * a.v_stride_b + h * a.v_stride_h + t * a.v_stride_t + i;
       T* y = static_cast<T*>(a.value_cache) + b * a.value_cache_stride_b + h * a.value_cache_stride_h +
              (slot0 + t) * a.value_cache_stride_t + i;
@@ -178,8 +185,8 @@ bool aligned_rows(const void* p, int64_t stride_b, int64_t stride_h, int64_t str
 }
 
 // A step of at most this many work items runs as one CTA, which also advances *length: a decode
-// step (Llama-8B: 448 items) is one launch.
-constexpr int64_t kOneBlockItems = 16 * kThreads;
+// step (Llama-8B: 448 items) is one launch, one item a thread.
+constexpr int64_t kOneBlockItems = 8 * kAppendThreads;
 
 }  // namespace
 
@@ -206,14 +213,12 @@ cudaError_t rope_append_kv_cuda(const RopeAppendArgs& a, cudaStream_t stream) {
                                        a.value_cache_stride_t, V, sizeof(T));
       const int64_t width = vector ? V : 1;
       const int64_t items = (r.batch * r.q.heads * r.seq + rows) * (half / width) + rows * (a.v_dim / width);
+      if (items >= (int64_t(1) << 31)) return cudaErrorInvalidValue;  // the kernel's 32-bit item index
       const bool one_block = items <= kOneBlockItems;
-      const unsigned grid = unsigned(one_block ? 1 : std::min<int64_t>(ceil_div(items, kThreads), 65535));
-      if (vector) {
-        rope_append_kv_kernel<T, C, V><<<grid, kThreads, 0, stream>>>(a, one_block);
-      } else {
-        rope_append_kv_kernel<T, C, 1><<<grid, kThreads, 0, stream>>>(a, one_block);
-      }
-      cudaError_t status = cudaGetLastError();
+      const dim3 grid(unsigned(one_block ? 1 : std::min<int64_t>(ceil_div(items, kAppendThreads), 65535)));
+      const dim3 block(unsigned(std::min<int64_t>(kAppendThreads, ceil_div(items, 32) * 32)));
+      cudaError_t status = vector ? launch_kernel(rope_append_kv_kernel<T, C, V>, grid, block, 0, stream, a, one_block)
+                                  : launch_kernel(rope_append_kv_kernel<T, C, 1>, grid, block, 0, stream, a, one_block);
       if (status == cudaSuccess && !one_block) {
         advance_length_kernel<<<1, 1, 0, stream>>>(a.length, r.seq);
         status = cudaGetLastError();

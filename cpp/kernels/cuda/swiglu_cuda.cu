@@ -21,6 +21,7 @@
 #include <algorithm>
 
 #include "cuda_common.cuh"
+#include "dependent_launch.cuh"
 #include "qlora/kernels_cuda.h"
 #include "swiglu_math.cuh"
 #include "vector_io.cuh"
@@ -89,6 +90,8 @@ __global__ void __launch_bounds__(kThreads)
 swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ h,
                       int64_t n, const T* __restrict__ gate_scale, const T* __restrict__ up_scale,
                       int64_t columns) {
+  allow_dependents();
+  dependency_wait();  // gate and up come from the kernel before (dependent_launch.cuh)
   const int64_t stride = int64_t(gridDim.x) * kThreads;
   const int64_t first = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   ColumnCursor<Scaled> cursor(first * V, stride * V, columns);
@@ -170,16 +173,12 @@ cudaError_t swiglu_forward_cuda(const void* gate, const void* up, void* h, int64
     const bool vector = is_aligned(gate, 16) && is_aligned(up, 16) && is_aligned(h, 16) &&
                         (!scaled || (scales.columns % V == 0 && is_aligned(gs, 16) && is_aligned(us, 16)));
     const int64_t c = scales.columns;
-    if (vector) {
-      const dim3 grid(unsigned(grid_for(n, V)));
-      if (scaled) swiglu_forward_kernel<T, V, true><<<grid, kThreads, 0, stream>>>(g, u, out, n, gs, us, c);
-      else swiglu_forward_kernel<T, V, false><<<grid, kThreads, 0, stream>>>(g, u, out, n, gs, us, c);
-    } else {
-      const dim3 grid(unsigned(grid_for(n, 1)));
-      if (scaled) swiglu_forward_kernel<T, 1, true><<<grid, kThreads, 0, stream>>>(g, u, out, n, gs, us, c);
-      else swiglu_forward_kernel<T, 1, false><<<grid, kThreads, 0, stream>>>(g, u, out, n, gs, us, c);
-    }
-    return cudaGetLastError();
+    const dim3 grid(unsigned(grid_for(n, vector ? V : 1)));
+    auto launch = [&](auto kernel) {
+      return launch_kernel(kernel, grid, dim3(kThreads), 0, stream, g, u, out, n, gs, us, c);
+    };
+    if (vector) return scaled ? launch(swiglu_forward_kernel<T, V, true>) : launch(swiglu_forward_kernel<T, V, false>);
+    return scaled ? launch(swiglu_forward_kernel<T, 1, true>) : launch(swiglu_forward_kernel<T, 1, false>);
   });
 }
 
