@@ -278,11 +278,11 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         if not names:
             pytest.skip("the profiler recorded no CUDA kernels here (no CUPTI?)")
         assert any(kernel in n for n in names), f"variant {variant}, K={K}: ran {names}, expected {kernel}"
-        # the template's last two flags are <SPLIT, WIDE> (demangled, or Itanium-mangled)
+        # the template's flags are <..., SPLIT, WIDE, CTAS> (demangled, or Itanium-mangled)
         if variant == "factored_split" and kernel == expected:
-            assert any("true, false>" in n or "Lb1ELb0E" in n for n in names), names
+            assert any("true, false, 2>" in n or "Lb1ELb0ELi2E" in n for n in names), names
         if variant == "factored_wide" and kernel == expected:
-            assert any("false, true>" in n or "Lb0ELb1E" in n for n in names), names
+            assert any("false, true, 2>" in n or "Lb0ELb1ELi2E" in n for n in names), names
 
 
 def test_variant_switch_api(use_variant):
