@@ -248,7 +248,8 @@ def main(argv=None) -> int:
                         help="nf4_merged also with q/k/v and gate/up launching one GEMV each (layers.GROUPED_GEMV_ENABLED off)")
     parser.add_argument("--fusion-ab", action="store_true",
                         help="also nf4_merged without rope_append_kv_ (fused_blocks.ROPE_APPEND_KV_ENABLED off), "
-                             "without programmatic dependent launch (generation.PROGRAMMATIC_LAUNCH off), and "
+                             "without programmatic dependent launch (generation.PROGRAMMATIC_LAUNCH off), with the residual adds "
+                             "apart from the GEMVs (layers.RESIDUAL_IN_GEMV_ENABLED off), and "
                              "nf4_merged and bf16 with a bool SDPA mask (generation.ADDITIVE_SDPA_MASK off)")  # fmt: skip
     args = parser.parse_args(argv)
     shape = "tiny" if args.tiny else "8b"
@@ -325,6 +326,8 @@ def main(argv=None) -> int:
                     record(bench("nf4_merged[bool mask]", model))
                 with switched(qlora_ext.generation, "PROGRAMMATIC_LAUNCH", False):
                     record(bench("nf4_merged[no PDL]", model))
+                with switched(qlora_ext.layers, "RESIDUAL_IN_GEMV_ENABLED", False):
+                    record(bench("nf4_merged[separate residual adds]", model))
             if args.grouped_ab:  # the same model with every projection launching its own GEMV
                 qlora_ext.layers.GROUPED_GEMV_ENABLED = False
                 record(bench("nf4_merged[separate projections]", model))

@@ -160,3 +160,92 @@ def test_one_query_grouped_attention_matches_transformers(device, dtype):
     assert len(calls) == model.config.num_hidden_layers  # the decode step took the packed path
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(outputs[1], outputs[0], **tol)
+
+
+# ---- the decoder layer's residual adds in the o_proj / down_proj GEMV (layers.project_add) --------
+
+
+class ProjectAddCalls:
+    """Counts project_add's fused launches (nf4_gemv_weight called with the residual as bias)."""
+
+    def __init__(self, monkeypatch):
+        self.fused = 0
+        real = _ops.nf4_gemv_weight
+
+        def spy(x, weight, bias=None):
+            self.fused += bias is not None
+            return real(x, weight, bias)
+
+        monkeypatch.setattr(_ops, "nf4_gemv_weight", spy)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_residual_handoff_is_the_class_forward_where_it_cannot_fuse(arch, monkeypatch):
+    """On the CPU (no GEMV route) and with adapters active, the decoder layer's handoff of its
+    residual adds to the fused attention and MLP must give the class forward's results exactly."""
+    from qlora_ext import layers as layers_module
+
+    calls = []
+    real = layers_module.project_add
+    monkeypatch.setattr(fused_blocks, "project_add", lambda *a: calls.append(1) or real(*a))
+    for state in ("merged", "active"):
+        model = prepared(arch, state, dtype=torch.float32, device="cpu")
+        ids = torch.randint(0, VOCAB, (1, 1))
+        with torch.no_grad():
+            plain = model(ids).logits
+        qlora_ext.disable_fused_block_ops(model)  # prepare() enabled them for CUDA inputs only
+        assert qlora_ext.enable_fused_block_ops(model, devices=("cpu",)) > 0
+        calls.clear()
+        with torch.no_grad():
+            fused = model(ids).logits
+        assert len(calls) == 2 * model.config.num_hidden_layers  # o_proj and down_proj of every layer
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)  # (the fused CPU norm and SwiGLU round differently)
+        calls.clear()
+        with torch.no_grad():
+            model(torch.randint(0, VOCAB, (1, 3)))  # several rows: the class forward
+        assert calls == []
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_residual_in_the_gemv_epilogue(arch, monkeypatch):
+    """Decoding one token: o_proj and down_proj add the residual in their GEMV (one rounding of
+    the sum); the logits stay within bf16 rounding of the separate adds, and with the switch off
+    nothing is fused."""
+    from qlora_ext import layers as layers_module
+
+    model = prepared(arch, "merged")
+    ids = torch.randint(0, VOCAB, (1, 1), device="cuda")
+    calls = ProjectAddCalls(monkeypatch)
+    with torch.no_grad():
+        fused = model(ids).logits.float()
+    assert calls.fused == 2 * model.config.num_hidden_layers
+    monkeypatch.setattr(layers_module, "RESIDUAL_IN_GEMV_ENABLED", False)
+    calls.fused = 0
+    with torch.no_grad():
+        separate = model(ids).logits.float()
+    assert calls.fused == 0
+    torch.testing.assert_close(fused, separate, rtol=0.05, atol=0.05 * separate.abs().max().item())
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_project_add_is_one_rounding_of_the_exact_sum(dtype):
+    """project_add's one-row result is the fp32 product plus the residual rounded once: within
+    half an ulp of the exact sum where layer(x) + residual (two roundings) is within one ulp."""
+    from qlora_ext.layers import project_add
+
+    model = prepared("llama", "merged", dtype=dtype)
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(1, 1, layer.in_features, device="cuda", dtype=dtype)
+    residual = torch.randn(1, 1, layer.out_features, device="cuda", dtype=dtype) * 4
+    with torch.no_grad():
+        fused = project_add(layer, x, residual)
+        separate = layer(x) + residual
+        exact = (x.float() @ layer.weight.dequantize(torch.float32).t()) + residual.float()
+    assert fused.dtype == dtype and fused.shape == residual.shape
+    fused_err = (fused.float() - exact).abs().max().item()
+    separate_err = (separate.float() - exact).abs().max().item()
+    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
+    assert fused_err <= separate_err + 0.5 * ulp, (fused_err, separate_err)
+    assert fused_err <= 0.5 * ulp + 1e-4 * exact.abs().max().item()

@@ -29,6 +29,7 @@ import ast
 import functools
 import inspect
 import logging
+import math
 import sys
 import textwrap
 import types
@@ -40,7 +41,7 @@ from torch import nn
 
 from . import block_ops
 from ._native import native
-from .layers import QLoRALinear, project_together
+from .layers import QLoRALinear, project_add, project_together
 
 logger = logging.getLogger("qlora_ext")
 
@@ -158,6 +159,22 @@ _ATTENTION_BODIES = {
 }
 
 
+# A Llama-family decoder layer's forward (the residual adds around attention and MLP).
+_DECODER_LAYER_TEMPLATE = """
+residual = hidden_states
+hidden_states = self.input_layernorm(hidden_states)
+hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
+    position_ids=position_ids, CACHE=CACHE, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+hidden_states = residual + hidden_states
+residual = hidden_states
+hidden_states = self.post_attention_layernorm(hidden_states)
+hidden_states = self.mlp(hidden_states)
+hidden_states = residual + hidden_states
+return hidden_states
+"""
+_DECODER_LAYER_BODIES = {_statements(_DECODER_LAYER_TEMPLATE.replace("CACHE", name)) for name, _ in _CACHE_STYLES}
+
+
 @dataclass(frozen=True)
 class _AttentionSpec:
     """What a matched transformers attention class does besides RoPE: q/k norms, how it passes a
@@ -202,6 +219,8 @@ def _hf_kind(cls) -> tuple[str, object] | tuple[None, str]:
         return "rms_norm", None
     if body == _MLP_BODY and params == ("self", "x"):
         return "mlp", None
+    if body in _DECODER_LAYER_BODIES and params[:4] == ("self", "hidden_states", "attention_mask", "position_ids"):
+        return "decoder_layer", None
     if body in _ATTENTION_BODIES and params[:5] == ("self", "hidden_states", "position_embeddings", "attention_mask",
                                                      _ATTENTION_BODIES[body][2][0]):  # fmt: skip
         qk_norm, window, cache_style = _ATTENTION_BODIES[body]
@@ -246,14 +265,17 @@ def _tiny_rms_norm_forward(self, x):
     return block_ops.rms_norm(x, self.weight, self.eps, cast_before_weight=False)
 
 
-def _swiglu_mlp_forward(self, x):
+def _swiglu_mlp_forward(self, x, _qlora_residual=None):
     # (one forward for both families: HF's MLP and TinyLlama's compute down(silu(gate(x)) * up(x)))
+    # _qlora_residual: the decoder layer's residual, added to the output (_hf_decoder_layer_forward)
     if not _fused_here(self, x):
-        return type(self).forward(self, x)
+        out = type(self).forward(self, x)
+        return out if _qlora_residual is None else _qlora_residual + out
     inplace = _dead_after_use(self.gate_proj) and _dead_after_use(self.up_proj)
     together = project_together((self.gate_proj, self.up_proj), x)  # decoding: one GEMV launch for both
     gate, up = together if together is not None else (self.gate_proj(x), self.up_proj(x))
-    return self.down_proj(block_ops.swiglu(gate, up, backward_inplace=inplace))
+    h = block_ops.swiglu(gate, up, backward_inplace=inplace)
+    return self.down_proj(h) if _qlora_residual is None else project_add(self.down_proj, h, _qlora_residual)
 
 
 def pop_cache(args: tuple, kwargs: dict):
@@ -272,19 +294,23 @@ def _hf_attention_forward(self, hidden_states, position_embeddings=None, attenti
     name is accepted, as transformers' deprecation shim does)."""
     spec = self._qlora_attention_spec
     cache, kwargs = pop_cache(args, kwargs)
+    residual = kwargs.pop("_qlora_residual", None)  # the decoder layer's, added to the output
     if (not _fused_here(self, hidden_states) or position_embeddings is None
             or position_embeddings[0].shape[-1] != self.head_dim):  # fmt: skip
-        return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
-                                  attention_mask=attention_mask, **{spec.cache_style[0]: cache}, **kwargs)  # fmt: skip
-    return hf_attention(self, spec, hidden_states, position_embeddings, attention_mask, cache, kwargs)
+        out, weights = type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
+                                          attention_mask=attention_mask, **{spec.cache_style[0]: cache}, **kwargs)  # fmt: skip
+        return (out if residual is None else residual + out), weights
+    return hf_attention(self, spec, hidden_states, position_embeddings, attention_mask, cache, kwargs,
+                        residual=residual)  # fmt: skip
 
 
 def hf_attention(self, spec: _AttentionSpec, hidden_states, position_embeddings, attention_mask, cache, kwargs,
-                 projections=None, fused_rope: bool = True):  # fmt: skip
+                 projections=None, fused_rope: bool = True, residual=None):  # fmt: skip
     """The matched attention forward's statements. `projections`: (q, k, v) [..., H·Dh] already
     computed (the fused LoRA Q/K/V unit, fused_qkv.py), else the modules compute them.
     `fused_rope`: block_ops.apply_rope, else the model module's own apply_rotary_pos_emb (the
-    class forward's very function, so its bits)."""
+    class forward's very function, so its bits). `residual`: added to the output (by o_proj's
+    GEMV where layers.project_add can)."""
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     if projections is None:  # decoding an NF4 model: one GEMV launch for the three where it applies
@@ -310,9 +336,10 @@ def hf_attention(self, spec: _AttentionSpec, hidden_states, position_embeddings,
         if cache is not None:
             extra = {"kwargs": kwargs} if spec.cache_style[1] else {}
             key, value = cache.update(key, value, self.layer_idx, **extra)
+    output = self.o_proj if residual is None else (lambda x: project_add(self.o_proj, x, residual))
     if _one_query_grouped_sdpa(self, spec, query, attention_mask, kwargs):
         attn_output = _one_query_grouped_sdpa_forward(self, query, key, value, attention_mask)
-        return self.o_proj(attn_output.reshape(*input_shape, -1)), None
+        return output(attn_output.reshape(*input_shape, -1)), None
     attention = spec.attention_functions.get_interface(self.config._attn_implementation, spec.eager_attention_forward)
     if spec.sliding_window == "module":
         kwargs["sliding_window"] = self.sliding_window
@@ -322,7 +349,7 @@ def hf_attention(self, spec: _AttentionSpec, hidden_states, position_embeddings,
                                           dropout=0.0 if not self.training else self.attention_dropout,
                                           scaling=self.scaling, **kwargs)  # fmt: skip
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    return self.o_proj(attn_output), attn_weights
+    return output(attn_output), attn_weights
 
 
 @functools.cache
@@ -392,6 +419,49 @@ def _one_query_grouped_sdpa_forward(module, query, key, value, attention_mask):
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2)
 
 
+def _hf_decoder_layer_forward(self, hidden_states, *args, **kwargs):
+    """transformers' Llama-family decoder layer (the statements _hf_kind matched) with the two
+    residual adds handed to the attention and the MLP, which do them in o_proj's and down_proj's
+    GEMV epilogue where layers.project_add can (one row: decoding at batch 1); two kernels fewer a
+    layer. Anything else, or a layer whose attention or MLP is not the fused forward here, takes
+    the class's forward."""
+    if args or not _residual_handoff(self, hidden_states):
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, _qlora_residual=residual, **kwargs)
+    residual = hidden_states
+    hidden_states = self.post_attention_layernorm(hidden_states)
+    return self.mlp(hidden_states, _qlora_residual=residual)
+
+
+def _residual_handoff(layer: nn.Module, hidden_states) -> bool:
+    """Whether the decoder layer may hand its residual adds to its attention and MLP: one row on a
+    fused device, no gradient, and both submodules running this file's fused forwards."""
+    return (
+        _fused_here(layer, hidden_states) and math.prod(hidden_states.shape[:-1]) == 1
+        and not (torch.is_grad_enabled() and hidden_states.requires_grad)
+        and _runs(layer.self_attn, _hf_attention_forward) and _runs(layer.mlp, _swiglu_mlp_forward)
+    )  # fmt: skip
+
+
+# The fused LoRA units (fused_qkv.py, fused_mlp.py) own `forward` where they are on and fall back
+# to the forward they replaced; both pass the residual through to it.
+_UNIT_MODULES = ("qlora_ext.fused_qkv", "qlora_ext.fused_mlp")
+
+
+def _runs(module: nn.Module, function) -> bool:
+    """Whether `module` runs `function` (this file's instance forward), directly or as the
+    fallback of a fused LoRA unit."""
+    def bound(name):
+        return getattr(module.__dict__.get(name), "__func__", None)
+
+    forward = bound("forward")
+    if forward is function:
+        return True
+    return getattr(forward, "__module__", None) in _UNIT_MODULES and bound("_qlora_unfused_forward") is function
+
+
 def _tiny_rotate(self, q, k, cos, sin):
     if not _fused_here(self, q):
         return type(self).rotate(self, q, k, cos, sin)
@@ -424,13 +494,15 @@ def _plan(model: nn.Module) -> list[tuple[nn.Module, str, object, object]]:
         if not cls.__module__.startswith("transformers.models."):
             continue
         name = cls.__name__
-        if not name.endswith(("RMSNorm", "MLP", "Attention")):
+        if not name.endswith(("RMSNorm", "MLP", "Attention", "DecoderLayer")):
             continue
         kind, spec = _hf_kind(cls)
         if kind is None:
             _log_skip_once(cls, spec)
         elif kind == "rms_norm":
             plan.append((m, "forward", _hf_rms_norm_forward, None))
+        elif kind == "decoder_layer":
+            plan.append((m, "forward", _hf_decoder_layer_forward, None))
         elif kind == "mlp":
             act = type(m.act_fn).__name__
             if act in ("SiLU", "SiLUActivation"):

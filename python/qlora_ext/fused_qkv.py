@@ -463,9 +463,10 @@ def _hf_forward(self, hidden_states, position_embeddings=None, attention_mask=No
     if qkv is None:
         return self._qlora_unfused_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
     cache, kwargs = fused_blocks.pop_cache(args, kwargs)
+    residual = kwargs.pop("_qlora_residual", None)  # a fused decoder layer's (fused_blocks)
     fused_rope = hidden_states.device.type in getattr(self, "_qlora_fused_devices", ())
     return fused_blocks.hf_attention(self, self._qlora_qkv_spec, hidden_states, position_embeddings, attention_mask,
-                                     cache, kwargs, projections=qkv, fused_rope=fused_rope)  # fmt: skip
+                                     cache, kwargs, projections=qkv, fused_rope=fused_rope, residual=residual)  # fmt: skip
 
 
 def _tiny_projections(self, x):

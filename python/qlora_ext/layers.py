@@ -8,6 +8,7 @@ round-trips and reads like a bnb-4bit checkpoint. Adapters live in `self.adapter
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Sequence
 
@@ -275,6 +276,33 @@ def project_together(layers: Sequence[nn.Module], x: Tensor) -> list[Tensor] | N
         bias = torch.cat([b if b is not None else x.new_zeros(layer.out_features) for b, layer in zip(biases, layers)])
     y = _ops.nf4_gemv_grouped_weights(x, weights, bias)
     return list(y.split([int(w.shape[0]) for w in weights], dim=-1))
+
+
+#: Switch for `project_add` (off: the layer's output, then a separate add).
+RESIDUAL_IN_GEMV_ENABLED = True
+
+
+def project_add(layer: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
+    """layer(x) + residual; for one row (decoding at batch 1) in one nf4_gemv launch where it applies.
+
+    A decoder layer adds its input to the attention's o_proj and the MLP's down_proj outputs; at
+    one row the residual [1, N] is a bias vector, so `nf4_gemv` with it as the bias does the add
+    in its epilogue, with no kernel of its own. The sum is then formed in fp32 and rounded once,
+    where layer(x) + residual rounds the product first (within one rounding of each other). It
+    applies where `project_together` would (a QLoRALinear whose forward is its NF4 base alone, in
+    x's dtype, no hooks, the GEMV route), without a bias of the layer's own, and with the residual
+    in x's dtype needing no gradient; elsewhere this is exactly layer(x) + residual."""
+    rows = math.prod(x.shape[:-1])
+    fusable = (
+        RESIDUAL_IN_GEMV_ENABLED and type(layer) is QLoRALinear and rows == 1 and layer.bias is None
+        and residual.dtype == x.dtype and residual.numel() == layer.out_features and residual.is_contiguous()
+        and not (torch.is_grad_enabled() and residual.requires_grad)
+        and layer.current_adapter() is None and layer.compute_dtype in (None, x.dtype)
+        and not layer._forward_hooks and not layer._forward_pre_hooks and not _global_forward_hooks_present()
+    )  # fmt: skip
+    if fusable and _ops.linear_route(x, layer.weight, None, caller="project_add") == _ops.ROUTE_GEMV:
+        return _ops.nf4_gemv_weight(x, layer.weight, residual.reshape(-1)).view(residual.shape)
+    return layer(x) + residual
 
 
 def _global_forward_hooks_present() -> bool:
