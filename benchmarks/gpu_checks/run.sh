@@ -194,7 +194,8 @@ for stage in "$@"; do
       # each off in turn, where a step's time goes
       step decode_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_rope_append_kv.py \
         tests/test_programmatic_launch.py tests/test_generate.py tests/test_project_together.py tests/test_block_ops.py \
-        tests/test_nf4_gemv.py tests/test_nf4_gemv_grouped.py tests/test_fused_mlp.py -k "cuda or CUDA or generate or graph"
+        tests/test_nf4_gemv.py tests/test_nf4_gemv_grouped.py tests/test_fused_mlp.py tests/test_fused_qkv.py \
+        -k "cuda or CUDA or generate or graph or residual or project_add"
       RUNS=$'memcheck tests/test_rope_append_kv.py 1\nracecheck tests/test_rope_append_kv.py 2\nmemcheck tests/test_programmatic_launch.py 3\nracecheck tests/test_programmatic_launch.py 4' \
         K_1='cuda and not fused_attention' K_2='cuda and (matches or replays)' K_3='chain' K_4='chain' KERNELS=qlora \
         STEP_TIMEOUT=150 step sanitize_decode bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_decode_h100.txt" 4
