@@ -249,7 +249,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fusion-ab", action="store_true",
                         help="also nf4_merged without rope_append_kv_ (fused_blocks.ROPE_APPEND_KV_ENABLED off), "
                              "without programmatic dependent launch (generation.PROGRAMMATIC_LAUNCH off), with the residual adds "
-                             "apart from the GEMVs (layers.RESIDUAL_IN_GEMV_ENABLED off), and "
+                             "apart from the GEMVs (layers.RESIDUAL_IN_GEMV_ENABLED off), with SDPA for the decode attention "
+                             "(fused_blocks.DECODE_ATTENTION_ENABLED off), and "
                              "nf4_merged and bf16 with a bool SDPA mask (generation.ADDITIVE_SDPA_MASK off)")  # fmt: skip
     args = parser.parse_args(argv)
     shape = "tiny" if args.tiny else "8b"
@@ -328,6 +329,8 @@ def main(argv=None) -> int:
                     record(bench("nf4_merged[no PDL]", model))
                 with switched(qlora_ext.layers, "RESIDUAL_IN_GEMV_ENABLED", False):
                     record(bench("nf4_merged[separate residual adds]", model))
+                with switched(qlora_ext.fused_blocks, "DECODE_ATTENTION_ENABLED", False):
+                    record(bench("nf4_merged[SDPA attention]", model))
             if args.grouped_ab:  # the same model with every projection launching its own GEMV
                 qlora_ext.layers.GROUPED_GEMV_ENABLED = False
                 record(bench("nf4_merged[separate projections]", model))

@@ -141,6 +141,8 @@ def test_one_query_grouped_attention_matches_transformers(device, dtype):
     calls = []
     real = fused_blocks._one_query_grouped_sdpa_forward
     fused_blocks._one_query_grouped_sdpa_forward = lambda *a: calls.append(1) or real(*a)
+    enabled = fused_blocks.DECODE_ATTENTION_ENABLED
+    fused_blocks.DECODE_ATTENTION_ENABLED = False  # the SDPA path it falls back to (test_decode_attention.py)
     try:
         outputs = []
         for fused in (False, True):
@@ -157,6 +159,7 @@ def test_one_query_grouped_attention_matches_transformers(device, dtype):
             outputs.append(step.logits.float())
     finally:
         fused_blocks._one_query_grouped_sdpa_forward = real
+        fused_blocks.DECODE_ATTENTION_ENABLED = enabled
     assert len(calls) == model.config.num_hidden_layers  # the decode step took the packed path
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(outputs[1], outputs[0], **tol)

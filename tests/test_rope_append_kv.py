@@ -224,6 +224,8 @@ def test_fused_attention_decodes_the_same_through_it(device, arch, monkeypatch):
     monkeypatch.setattr(block_ops, "rope_append_kv_", lambda *a: calls.append(a[0].shape[2]) or real(*a))
     prompt = torch.randint(0, min(VOCAB, model.config.vocab_size), (2, 5), device=device)
 
+    monkeypatch.setattr(fused_blocks, "DECODE_ATTENTION_ENABLED", False)  # SDPA in both (test_decode_attention.py)
+
     def decode(enabled):
         monkeypatch.setattr(fused_blocks, "ROPE_APPEND_KV_ENABLED", enabled)
         calls.clear()

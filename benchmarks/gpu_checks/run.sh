@@ -189,16 +189,17 @@ for stage in "$@"; do
       ;;
     decode_fused)
       # decode with one launch for the rope and the KV-cache write (rope_append_kv_), an additive
-      # SDPA mask built once a step and programmatic dependent launch (2026-12-06): the CUDA tests
-      # that reach them, memcheck and racecheck of the new kernel and of a PDL chain, decode with
-      # each off in turn, where a step's time goes
-      step decode_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_rope_append_kv.py \
+      # SDPA mask built once a step, programmatic dependent launch, the residual adds in the GEMVs
+      # and decode_attention (2026-12-06): the CUDA tests that reach them, memcheck and racecheck of
+      # the new kernels and of a PDL chain, decode with each off in turn, where a step's time goes
+      step decode_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_rope_append_kv.py tests/test_decode_attention.py \
         tests/test_programmatic_launch.py tests/test_generate.py tests/test_project_together.py tests/test_block_ops.py \
         tests/test_nf4_gemv.py tests/test_nf4_gemv_grouped.py tests/test_fused_mlp.py tests/test_fused_qkv.py \
         -k "cuda or CUDA or generate or graph or residual or project_add"
-      RUNS=$'memcheck tests/test_rope_append_kv.py 1\nracecheck tests/test_rope_append_kv.py 2\nmemcheck tests/test_programmatic_launch.py 3\nracecheck tests/test_programmatic_launch.py 4' \
-        K_1='cuda and not fused_attention' K_2='cuda and (matches or replays)' K_3='chain' K_4='chain' KERNELS=qlora \
-        STEP_TIMEOUT=150 step sanitize_decode bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_decode_h100.txt" 4
+      RUNS=$'memcheck tests/test_rope_append_kv.py 1\nracecheck tests/test_rope_append_kv.py 2\nmemcheck tests/test_programmatic_launch.py 3\nracecheck tests/test_programmatic_launch.py 4\nmemcheck tests/test_decode_attention.py 5\nracecheck tests/test_decode_attention.py 6' \
+        K_1='cuda and not fused_attention' K_2='cuda and (matches or replays)' K_3='chain' K_4='chain' \
+        K_5='cuda and not fused_attention' K_6='cuda and (bfloat16 or graph or never_read) and not fused_attention' KERNELS=qlora \
+        STEP_TIMEOUT=150 step sanitize_decode bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_decode_h100.txt" 6
       step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --fusion-ab --repeats 2 \
         --out "$OUT/decode_8b_fused_h100.json"
       TAIL=40 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8 --stacks nf4_merged

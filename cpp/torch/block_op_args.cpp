@@ -6,6 +6,7 @@
 #include <iterator>
 #include <utility>
 #include <cmath>
+#include <limits>
 
 namespace qlora_torch {
 namespace {
@@ -332,6 +333,109 @@ RopeAppendChecked check_rope_append_kv(const at::Tensor& q, const at::Tensor& k,
   a.capacity = key_cache.size(2);
   a.length = length.data_ptr<int64_t>();
   return c;
+}
+
+DecodeAttentionChecked check_decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
+                                              const at::Tensor& value_cache, const at::Tensor& length,
+                                              const std::optional<at::Tensor>& mask, double scale) {
+  check_dense(q, "q");
+  const qlora::FloatType type = float_type_of(q.scalar_type(), "q");
+  QLORA_CHECK(q.dim() == 4 && q.size(2) == 1 && q.stride(3) == 1,
+              "q must be [B, Hq, 1, D] (one query token) with unit stride along D, got shape ", q.sizes(),
+              " and strides ", q.strides());
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3);
+  for (const auto& [cache, arg] : {std::pair<const at::Tensor&, const char*>{key_cache, "key_cache"},
+                                   std::pair<const at::Tensor&, const char*>{value_cache, "value_cache"}}) {
+    check_dense(cache, arg);
+    QLORA_CHECK(cache.dim() == 4 && cache.size(0) == B && cache.size(3) == D && cache.stride(3) == 1, arg,
+                " must be [B, Hk, L, D] = [", B, ", Hk, L, ", D, "] with unit stride along D, got shape ",
+                cache.sizes(), " and strides ", cache.strides());
+    check_same_dtype(cache, q, arg, "q");
+    check_same_device(cache, q, arg, "q");
+  }
+  check_same_shape(value_cache, key_cache, "value_cache", "key_cache");
+  const int64_t Hk = key_cache.size(1), L = key_cache.size(2);
+  QLORA_CHECK(Hk >= 1 && Hq % Hk == 0, "q's heads Hq = ", Hq, " must be a multiple of the caches' Hk = ", Hk);
+  check_dense(length, "length");
+  check_dtype(length, at::kLong, "length");
+  QLORA_CHECK(length.numel() == 1, "length must hold one int64 (the filled slots), got shape ", length.sizes());
+  check_same_device(length, q, "length", "q");
+  QLORA_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  DecodeAttentionChecked c;
+  c.q = q;
+  c.key_cache = key_cache;
+  c.value_cache = value_cache;
+  c.length = length;
+  c.scale = scale;
+  qlora::DecodeAttentionArgs& a = c.kernel;
+  if (mask.has_value() && mask->defined()) {
+    const at::Tensor& m = *mask;
+    check_dense(m, "mask");
+    QLORA_CHECK(m.dim() == 4 && (m.size(0) == 1 || m.size(0) == B) && m.size(1) == 1 && m.size(2) == 1 &&
+                    m.size(3) >= L,
+                "mask must be [B or 1, 1, 1, Lm] with Lm >= L = ", L, " (one row over the cache's slots), got shape ",
+                m.sizes());
+    QLORA_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type() || m.scalar_type() == at::kFloat,
+                "mask must be bool, q's dtype ", q.scalar_type(), " or float32, got ", m.scalar_type());
+    check_same_device(m, q, "mask", "q");
+    c.mask = m;
+    a.mask = m.data_ptr();
+    a.mask_kind = m.scalar_type() == at::kBool ? qlora::MaskKind::Boolean : qlora::MaskKind::Additive;
+    a.mask_type = m.scalar_type() == at::kBool ? qlora::FloatType::F32 : float_type_of(m.scalar_type(), "mask");
+    a.mask_stride_b = m.size(0) == 1 ? 0 : m.stride(0);
+    a.mask_stride_s = m.stride(3);
+  }
+  a.q = q.data_ptr();
+  a.q_stride_b = q.stride(0);
+  a.q_stride_h = q.stride(1);
+  a.key_cache = key_cache.data_ptr();
+  a.value_cache = value_cache.data_ptr();
+  a.k_stride_b = key_cache.stride(0);
+  a.k_stride_h = key_cache.stride(1);
+  a.k_stride_s = key_cache.stride(2);
+  a.v_stride_b = value_cache.stride(0);
+  a.v_stride_h = value_cache.stride(1);
+  a.v_stride_s = value_cache.stride(2);
+  a.length = length.data_ptr<int64_t>();
+  a.batch = B;
+  a.q_heads = Hq;
+  a.kv_heads = Hk;
+  a.capacity = L;
+  a.head_dim = D;
+  a.scale = float(scale);
+  a.type = type;
+  return c;
+}
+
+at::Tensor decode_attention_aten(const DecodeAttentionChecked& c) {
+  const int64_t B = c.q.size(0), Hq = c.q.size(1), D = c.q.size(3);
+  const int64_t Hk = c.key_cache.size(1), L = c.key_cache.size(2), G = Hq / Hk;
+  const at::Tensor q = c.q.reshape({B, Hk, G, D}).to(at::kFloat);
+  const at::Tensor k = c.key_cache.to(at::kFloat);
+  const at::Tensor slots = at::arange(L, c.length.options());
+  const at::Tensor filled = slots < c.length.reshape({});
+  // Slots past the length are never read (they may hold anything, NaN included): zero V there, and
+  // exclude their scores below.
+  const at::Tensor v = c.value_cache.to(at::kFloat).masked_fill(filled.logical_not().reshape({1, 1, L, 1}), 0.0);
+  at::Tensor scores = at::matmul(q * c.scale, k.transpose(2, 3));  // [B, Hk, G, L]
+  at::Tensor allowed = filled.reshape({1, 1, 1, L});
+  const double inf = std::numeric_limits<double>::infinity();
+  if (c.mask.defined()) {
+    const at::Tensor m = c.mask.narrow(3, 0, L).reshape({c.mask.size(0), 1, 1, L});
+    if (m.scalar_type() == at::kBool) {
+      allowed = allowed & m;
+    } else {
+      scores = scores + m.to(at::kFloat);
+    }
+  }
+  scores = scores.masked_fill(allowed.logical_not(), -inf);
+  at::Tensor top = std::get<0>(scores.max(-1, /*keepdim=*/true));
+  top = top.masked_fill(top == -inf, 0.0);  // a row with every slot excluded: all p = 0
+  const at::Tensor p = (scores - top).exp();
+  const at::Tensor l = p.sum(-1, /*keepdim=*/true);
+  at::Tensor out = at::matmul(p, v) / l;  // [B, Hk, G, D]
+  out = out.masked_fill(l == 0, 0.0);
+  return out.reshape({B, 1, Hq, D}).to(c.q.scalar_type());
 }
 
 void set_rope_outputs(RopeChecked& c, const at::Tensor& q_out, const at::Tensor& k_out) {

@@ -6,7 +6,10 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 #include "op_args.h"
+#include "qlora/decode_attention.h"
 #include "qlora/rms_norm.h"
 #include "qlora/rope.h"
 #include "qlora/swiglu.h"
@@ -60,6 +63,23 @@ RopeAppendChecked check_rope_append_kv(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& cos, const at::Tensor& sin,
                                        const at::Tensor& key_cache, const at::Tensor& value_cache,
                                        const at::Tensor& length);
+
+// decode_attention (qlora/decode_attention.h): q [B, Hq, 1, D] (unit stride along D), key_cache
+// and value_cache [B, Hk, L, D] of q's dtype and device (unit stride along D), Hq a multiple of
+// Hk; length one int64 on q's device; mask undefined or [B or 1, 1, 1, Lm >= L], bool, q's dtype
+// or fp32; scale finite. The kernel arguments are filled except `out`.
+struct DecodeAttentionChecked {
+  at::Tensor q, key_cache, value_cache, length, mask;
+  double scale = 1.0;
+  qlora::DecodeAttentionArgs kernel;
+};
+DecodeAttentionChecked check_decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
+                                              const at::Tensor& value_cache, const at::Tensor& length,
+                                              const std::optional<at::Tensor>& mask, double scale);
+// The operator from ATen ops on any device (the CPU implementation, and the CUDA one where the
+// kernels do not apply): [B, 1, Hq, D] in q's dtype, fp32 math. Reads the length on the device
+// (no host sync: CUDA graphs capture it).
+at::Tensor decode_attention_aten(const DecodeAttentionChecked& c);
 
 // swiglu: gate and up of one shape, dtype and device (made contiguous).
 struct SwiGLUChecked {

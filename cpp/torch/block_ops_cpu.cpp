@@ -100,6 +100,11 @@ void rope_append_kv_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const 
   *a.length = filled + T;
 }
 
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                const at::Tensor& length, const std::optional<at::Tensor>& mask, double scale) {
+  return decode_attention_aten(check_decode_attention(q, key_cache, value_cache, length, mask, scale));
+}
+
 at::Tensor launch_swiglu(const SwiGLUChecked& c) {
   at::Tensor h = at::empty(c.gate.sizes(), c.gate.options());
   const void* g = c.gate.data_ptr();
@@ -163,6 +168,7 @@ TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
   m.impl("rope", &rope_cpu);
   m.impl("rope_", &rope_inplace_cpu);
   m.impl("rope_append_kv_", &rope_append_kv_inplace_cpu);
+  m.impl("decode_attention", &decode_attention_cpu);
   m.impl("swiglu", &swiglu_cpu);
   m.impl("swiglu_backward", &swiglu_backward_cpu);
   m.impl("swiglu_backward_", &swiglu_backward_inplace_cpu);

@@ -82,6 +82,24 @@ void rope_append_kv_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const
   check_launch(qlora::rope_append_kv_cuda(c.kernel, at::cuda::getCurrentCUDAStream()), "rope_append_kv_");
 }
 
+// The kernels (fp16/bf16, D in {64, 128, 256}, up to 16 query heads a K/V head); the ATen
+// composite otherwise.
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                 const at::Tensor& length, const std::optional<at::Tensor>& mask, double scale) {
+  DecodeAttentionChecked c = check_decode_attention(q, key_cache, value_cache, length, mask, scale);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const qlora::DecodeAttentionArgs& a = c.kernel;
+  const bool kernel = a.type != qlora::FloatType::F32 && (a.head_dim == 64 || a.head_dim == 128 || a.head_dim == 256) &&
+                      a.q_heads / a.kv_heads <= 16 && a.batch <= 65535 && a.kv_heads <= 65535;
+  if (!kernel) return decode_attention_aten(c);
+  at::Tensor out = at::empty({a.batch, 1, a.q_heads, a.head_dim}, q.options());
+  at::Tensor workspace = at::empty({qlora::decode_attention_cuda_workspace(a)}, q.options().dtype(at::kFloat));
+  c.kernel.out = out.data_ptr();
+  check_launch(qlora::decode_attention_cuda(c.kernel, workspace.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+               "decode_attention");
+  return out;
+}
+
 at::Tensor launch_swiglu(const SwiGLUChecked& c, const char* op) {
   const c10::cuda::CUDAGuard guard(c.gate.device());
   at::Tensor h = at::empty(c.gate.sizes(), c.gate.options());
@@ -140,6 +158,7 @@ TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("rope", &rope_cuda);
   m.impl("rope_", &rope_inplace_cuda);
   m.impl("rope_append_kv_", &rope_append_kv_inplace_cuda);
+  m.impl("decode_attention", &decode_attention_cuda);
   m.impl("swiglu", &swiglu_cuda);
   m.impl("swiglu_backward", &swiglu_backward_cuda);
   m.impl("swiglu_backward_", &swiglu_backward_inplace_cuda);

@@ -118,6 +118,13 @@ TORCH_LIBRARY(qlora_ext, m) {
   m.def(
       "rope_append_kv_(Tensor(a!) q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) key_cache, "
       "Tensor(c!) value_cache, Tensor(d!) length) -> ()");
+  // One query token's attention over a static KV cache with grouped K/V heads (qlora/
+  // decode_attention.h): q [B, Hq, 1, D], key_cache / value_cache [B, Hk, L, D], the first
+  // `length` slots (one int64, read on the device), an optional mask [B or 1, 1, 1, Lm >= L]
+  // (bool or additive) -> [B, 1, Hq, D] in q's dtype. Inference only (no autograd).
+  m.def(
+      "decode_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor length, Tensor? mask, "
+      "float scale) -> Tensor");
   // SwiGLU: gate, up [any shape] -> silu(gate) * up, same shape and dtype. backward_inplace: the
   // caller says gate and up are dead after this op, so its backward may write the gradients over
   // them (swiglu_backward_).

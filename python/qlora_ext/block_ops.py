@@ -1,6 +1,6 @@
 """Fused transformer-block operators: RMSNorm, RoPE and SwiGLU, forward and backward.
 
-Python face of torch.ops.qlora_ext.{rms_norm, rms_norm_backward, rope, rope_, rope_append_kv_, swiglu,
+Python face of torch.ops.qlora_ext.{rms_norm, rms_norm_backward, rope, rope_, rope_append_kv_, decode_attention, swiglu,
 swiglu_backward, swiglu_backward_, swiglu_scaled, swiglu_scaled_backward} (schemas: cpp/torch/schemas.cpp; math: cpp/include/qlora/
 rms_norm.h, rope.h, swiglu.h): typed wrappers, fake kernels for torch.compile, and autograd.
 
@@ -108,6 +108,24 @@ def rope_append_kv_(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k
     cos, sin = _tables(q, cos, sin)
     _ops().rope_append_kv_(q, k, v, cos, sin, key_cache, value_cache, length)
     return q
+
+
+def decode_attention(q: Tensor, key_cache: Tensor, value_cache: Tensor, length: Tensor, mask: Tensor | None,
+                     scale: float) -> Tensor:  # fmt: skip
+    """Attention of one query token per row over the first `length` slots of a static KV cache,
+    the G = Hq / Hk query heads of each K/V head reading it once: softmax(scale * q·kᵀ + mask)·v.
+
+    q [B, Hq, 1, D] (unit stride along D); key_cache, value_cache [B, Hk, L, D]; length: one int64
+    on the device (the filled slots, read there: a CUDA graph replays it); mask: None, or
+    [B or 1, 1, 1, Lm >= L], bool (False excludes a slot) or additive (q's dtype or fp32). Slots
+    at or past `length` are never attended. Returns [B, 1, Hq, D] in q's dtype (transformers'
+    attention output layout); a row with every slot excluded gives zeros. On CUDA, fp16/bf16 with
+    D in {64, 128, 256} run a split-over-slots kernel pair (cpp/kernels/cuda/
+    decode_attention_cuda.cu), anything else ATen ops. Inference only: raises when gradients are
+    enabled and an input requires grad."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, key_cache, value_cache)):
+        raise RuntimeError("decode_attention has no autograd; it is for inference (decoding)")
+    return _ops().decode_attention(q, key_cache, value_cache, length, mask, float(scale))
 
 
 def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -299,6 +317,19 @@ def register_fakes() -> None:
             torch._check(cache.dtype == q.dtype, lambda: f"{name} must have q's dtype {q.dtype}, got {cache.dtype}")
         torch._check(length.dtype == torch.int64 and length.numel() == 1, lambda: "length must hold one int64")
 
+    @torch.library.register_fake("qlora_ext::decode_attention")
+    def _(q, key_cache, value_cache, length, mask, scale):
+        _check_float(q, "q")
+        torch._check(q.dim() == 4 and q.shape[2] == 1, lambda: f"q must be [B, Hq, 1, D], got {tuple(q.shape)}")
+        B, Hq, _, D = q.shape
+        for cache, name in ((key_cache, "key_cache"), (value_cache, "value_cache")):
+            torch._check(cache.dim() == 4 and cache.shape[0] == B and cache.shape[3] == D,
+                         lambda: f"{name} must be [B, Hk, L, D], got {tuple(cache.shape)}")  # fmt: skip
+            torch._check(cache.dtype == q.dtype, lambda: f"{name} must have q's dtype {q.dtype}, got {cache.dtype}")
+        torch._check(Hq % key_cache.shape[1] == 0, lambda: "q's heads must be a multiple of the caches' heads")
+        torch._check(length.dtype == torch.int64 and length.numel() == 1, lambda: "length must hold one int64")
+        return q.new_empty((B, 1, Hq, D))
+
     def rope_setup_context(ctx, inputs, output):
         q, k, cos, sin, transpose = inputs
         ctx.save_for_backward(cos, sin)
@@ -377,4 +408,4 @@ def register_fakes() -> None:
                                     setup_context=swiglu_scaled_setup_context)  # fmt: skip
 
 
-__all__ = ["rms_norm", "rope", "rope_", "rope_append_kv_", "apply_rope", "swiglu", "swiglu_scaled", "register_fakes"]
+__all__ = ["rms_norm", "rope", "rope_", "rope_append_kv_", "decode_attention", "apply_rope", "swiglu", "swiglu_scaled", "register_fakes"]

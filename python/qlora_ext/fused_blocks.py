@@ -337,6 +337,11 @@ def hf_attention(self, spec: _AttentionSpec, hidden_states, position_embeddings,
             extra = {"kwargs": kwargs} if spec.cache_style[1] else {}
             key, value = cache.update(key, value, self.layer_idx, **extra)
     output = self.o_proj if residual is None else (lambda x: project_add(self.o_proj, x, residual))
+    if static is not None and _decode_attention_applies(self, spec, query, key, attention_mask, kwargs):
+        # the filled slots only, read on the device; no mask conversion, no repeat of K/V
+        attn_output = block_ops.decode_attention(query, key, value, static.cumulative_length, attention_mask,
+                                                 self.scaling)  # fmt: skip
+        return output(attn_output.reshape(*input_shape, -1)), None
     if _one_query_grouped_sdpa(self, spec, query, attention_mask, kwargs):
         attn_output = _one_query_grouped_sdpa_forward(self, query, key, value, attention_mask)
         return output(attn_output.reshape(*input_shape, -1)), None
@@ -389,6 +394,45 @@ def _static_cache_layer(cache, layer_idx, query, key, value):
     return layer if fits else None
 
 
+#: Whether the fused attention's decode step over a StaticCache written by rope_append_kv_ runs
+#: block_ops.decode_attention (its filled slots only, the length read on the device) where it
+#: applies; False: SDPA over the whole cache with the mask.
+DECODE_ATTENTION_ENABLED = True
+
+
+def _decode_attention_applies(module, spec, query, keys, attention_mask, kwargs) -> bool:
+    """Where block_ops.decode_attention replaces the one-query SDPA call: the conditions of the
+    packed-head SDPA below (G may be 1 here), a mask that is None or one row per batch row, and on
+    CUDA a case its kernels take (fp16/bf16, head size 64/128/256, <= 16 query heads a K/V head;
+    its ATen fallback is slower than SDPA)."""
+    if not DECODE_ATTENTION_ENABLED or getattr(module, "scaling", None) is None:
+        return False
+    groups = query.shape[1] // keys.shape[1]
+    mask_ok = attention_mask is None or (
+        attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1
+        and attention_mask.shape[-1] >= keys.shape[2]
+        and (attention_mask.dtype == torch.bool or attention_mask.dtype in (query.dtype, torch.float32))
+    )  # fmt: skip
+    kernel = query.device.type != "cuda" or (
+        query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] in (64, 128, 256) and groups <= 16
+    )  # fmt: skip
+    return (
+        query.shape[2] == 1 and module.config._attn_implementation == "sdpa" and not module.training
+        and _sliding_window(module, spec) is None and mask_ok and kernel
+        and not any(kwargs.get(k) for k in ("output_attentions", "softcap", "position_bias", "s_aux"))
+    )  # fmt: skip
+
+
+def _sliding_window(module, spec):
+    """The sliding window this attention passes to its attention function (None: none), read as
+    the matched class reads it (Qwen2 sets it per layer, None on full-attention layers)."""
+    if spec.sliding_window == "module":
+        return getattr(module, "sliding_window", None)
+    if spec.sliding_window == "config":
+        return getattr(module.config, "sliding_window", None)
+    return None
+
+
 def _one_query_grouped_sdpa(module, spec, query, attention_mask, kwargs) -> bool:
     """Whether the attention below may run as `_one_query_grouped_sdpa_forward`: one query token
     (decode), grouped K/V heads, transformers' "sdpa" implementation, inference, no sliding window,
@@ -399,7 +443,7 @@ def _one_query_grouped_sdpa(module, spec, query, attention_mask, kwargs) -> bool
     )  # fmt: skip
     return (
         query.shape[2] == 1 and groups > 1 and module.config._attn_implementation == "sdpa"
-        and not module.training and spec.sliding_window is None and mask_ok
+        and not module.training and _sliding_window(module, spec) is None and mask_ok
         and not any(kwargs.get(k) for k in ("output_attentions", "softcap", "position_bias", "s_aux"))
     )  # fmt: skip
 

@@ -205,6 +205,24 @@ def rope_append_kv(q, k, v, cos, sin, key_cache, value_cache, length):
     return q_out.to(q.dtype), keys, values, length + T
 
 
+def decode_attention(q, key_cache, value_cache, length, mask, scale):
+    """fp32 [B, 1, Hq, D]: each query head h attends over slots [0, length) of K/V head h // G,
+    softmax(scale * q·kᵀ + mask)·v (bool masks exclude False slots); zeros where nothing is allowed."""
+    B, Hq, _, D = q.shape
+    Hk, L = key_cache.shape[1], key_cache.shape[2]
+    filled = int(length.reshape(-1)[0])
+    k = key_cache.float()[:, :, :filled].repeat_interleave(Hq // Hk, dim=1)  # [B, Hq, P, D]
+    v = value_cache.float()[:, :, :filled].repeat_interleave(Hq // Hk, dim=1)
+    scores = (q.float() * scale) @ k.transpose(2, 3)  # [B, Hq, 1, P]
+    if mask is not None:
+        m = mask[..., :filled]
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    allowed = torch.isfinite(scores) | (scores > 0)
+    out = torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v
+    out = torch.where(allowed.any(-1, keepdim=True), out, torch.zeros_like(out))
+    return out.transpose(1, 2)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """fp32 silu(gate) * up."""
     return torch.nn.functional.silu(gate.float()) * up.float()

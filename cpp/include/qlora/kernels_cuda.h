@@ -8,6 +8,7 @@
 
 #include "qlora/adamw.h"
 #include "qlora/blockwise8.h"
+#include "qlora/decode_attention.h"
 #include "qlora/float_types.h"
 #include "qlora/nf4.h"
 #include "qlora/rms_norm.h"
@@ -114,6 +115,12 @@ int64_t rms_norm_backward_cuda_workspace(int64_t rows, int64_t D);
 // workspace may be nullptr too). rows == 0 launches nothing: the caller zero-fills dweight.
 cudaError_t rms_norm_backward_cuda(const RMSNormBackwardArgs& a, void* dweight, float* workspace,
                                    cudaStream_t stream);
+
+// decode_attention_cuda.cu: one-token attention over a static KV cache (qlora/decode_attention.h),
+// fp16/bf16, D in {64, 128, 256}, G = Hq / Hk <= 16. `workspace` holds
+// decode_attention_cuda_workspace(a) floats (the per-split softmax partials).
+int64_t decode_attention_cuda_workspace(const DecodeAttentionArgs& a);
+cudaError_t decode_attention_cuda(const DecodeAttentionArgs& a, float* workspace, cudaStream_t stream);
 
 // dependent_launch.cu: programmatic dependent launch (sm_90+) of the kernels that support it (the
 // NF4 GEMV, RMSNorm forward, SwiGLU forward, rope_append_kv_): each may start before the kernel
