@@ -252,3 +252,24 @@ def test_project_add_is_one_rounding_of_the_exact_sum(dtype):
     ulp = torch.finfo(dtype).eps * exact.abs().max().item()
     assert fused_err <= separate_err + 0.5 * ulp, (fused_err, separate_err)
     assert fused_err <= 0.5 * ulp + 1e-4 * exact.abs().max().item()
+
+
+def test_stacked_bias_is_remembered_until_a_bias_changes():
+    """project_together's concatenated q/k/v bias (Qwen2) is built once, and again after a bias is
+    written in place or replaced."""
+    from qlora_ext.layers import _stacked_bias
+
+    model = prepared("qwen2", "merged", dtype=torch.float32, device="cpu")
+    attention = model.model.layers[0].self_attn
+    layers = (attention.q_proj, attention.k_proj, attention.v_proj)
+    x = torch.randn(1, 64)
+    first = _stacked_bias(layers[0], layers, x)
+    assert torch.equal(first, torch.cat([layer.bias for layer in layers]))
+    assert _stacked_bias(layers[0], layers, x) is first
+    with torch.no_grad():
+        layers[1].bias.add_(1.0)
+    second = _stacked_bias(layers[0], layers, x)
+    assert second is not first and torch.equal(second, torch.cat([layer.bias for layer in layers]))
+    layers[2].bias = torch.nn.Parameter(torch.zeros_like(layers[2].bias))
+    third = _stacked_bias(layers[0], layers, x)
+    assert third is not second and torch.equal(third, torch.cat([layer.bias for layer in layers]))

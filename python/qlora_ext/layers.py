@@ -270,10 +270,7 @@ def project_together(layers: Sequence[nn.Module], x: Tensor) -> list[Tensor] | N
     weights = [layer.weight for layer in layers]
     if not _weights_share_a_launch(layers[0], weights):
         return None
-    biases = [layer.bias for layer in layers]
-    bias = None
-    if any(b is not None for b in biases):
-        bias = torch.cat([b if b is not None else x.new_zeros(layer.out_features) for b, layer in zip(biases, layers)])
+    bias = _stacked_bias(layers[0], layers, x)
     y = _ops.nf4_gemv_grouped_weights(x, weights, bias)
     return list(y.split([int(w.shape[0]) for w in weights], dim=-1))
 
@@ -303,6 +300,24 @@ def project_add(layer: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
     if fusable and _ops.linear_route(x, layer.weight, None, caller="project_add") == _ops.ROUTE_GEMV:
         return _ops.nf4_gemv_weight(x, layer.weight, residual.reshape(-1)).view(residual.shape)
     return layer(x) + residual
+
+
+def _stacked_bias(owner: nn.Module, layers: Sequence[nn.Module], x: Tensor) -> Tensor | None:
+    """The layers' biases side by side (zeros for a layer without one), or None if none has one;
+    remembered on `owner` for these bias tensors at their current versions, so that decoding
+    (Qwen2's q/k/v biases) does not concatenate them again every step."""
+    biases = [layer.bias for layer in layers]
+    if all(b is None for b in biases):
+        return None
+    versions = tuple(None if b is None else b._version for b in biases)
+    cached = getattr(owner, "_qlora_stacked_bias", None)  # (weak references to the biases, versions, stacked)
+    if (cached is not None and cached[1] == versions and cached[2].dtype == x.dtype and cached[2].device == x.device
+            and all((r is None and b is None) or (r is not None and r() is b) for r, b in zip(cached[0], biases))):  # fmt: skip
+        return cached[2]
+    stacked = torch.cat([b if b is not None else x.new_zeros(layer.out_features) for b, layer in zip(biases, layers)])
+    stacked = stacked.detach()  # (the GEMV route runs only where no gradient is needed)
+    owner._qlora_stacked_bias = (tuple(None if b is None else weakref.ref(b) for b in biases), versions, stacked)
+    return stacked
 
 
 def _global_forward_hooks_present() -> bool:
