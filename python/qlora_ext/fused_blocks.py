@@ -3,8 +3,9 @@
     n = qlora_ext.enable_fused_block_ops(model)     # prepare() calls it (fused_block_ops=True)
 
 For transformers' Llama, Mistral, Qwen2 and Qwen3 models and qlora_ext's builtin TinyLlama, each
-RMSNorm module, each SwiGLU MLP and each attention module gets an instance-level forward (or, for
-TinyLlama's attention, an instance-level `rotate`) that calls the fused operators; no class and no
+RMSNorm module, each SwiGLU MLP, each attention module and (transformers) each decoder layer gets
+an instance-level forward (or, for TinyLlama's attention, an instance-level `rotate`) that calls
+the fused operators; no class and no
 module global is touched, so other models in the process are unaffected and
 `disable_fused_block_ops` restores the originals by deleting the instance attributes.
 
@@ -16,6 +17,15 @@ transformers' modules are matched by the statements of their class's forward (pa
 the fused forwards reproduce those statements with the fused operators in place of the composite
 ones, so a transformers version whose forward differs in any statement keeps its own forward, and
 the reason is logged once per class (logger "qlora_ext").
+
+Decoding (one query token, no gradient) takes three more shortcuts, each with a module switch:
+- the attention writes a transformers StaticCache layer with block_ops.rope_append_kv_ (the rope
+  of q and k and the cache write in one launch, the filled length read and advanced on the
+  device) instead of rope_ + StaticLayer.update (ROPE_APPEND_KV_ENABLED);
+- it then attends with block_ops.decode_attention over the filled slots only
+  (DECODE_ATTENTION_ENABLED) instead of SDPA over the whole cache;
+- each decoder layer hands its two residual adds to o_proj and down_proj, whose GEMV adds the
+  residual in its epilogue at one row (layers.project_add; layers.RESIDUAL_IN_GEMV_ENABLED).
 
 Numerics: RMSNorm keeps transformers' rounding order (the normalised row is rounded to the input
 dtype before the weight multiplies it); RoPE and SwiGLU compute in fp32 and round once, where the
