@@ -178,6 +178,25 @@ bool operand_aligned(const RopeOperand& op, int64_t elements, size_t element_byt
          op.out_stride_t % elements == 0;
 }
 
+// Whether the rotation of `a` may take V-wide vector accesses (tables of type C): every row's
+// halves, both operands and both tables aligned to V elements.
+template <typename T, typename C, int V>
+bool rope_vectorizable(const RopeArgs& a) {
+  return (a.head_dim / 2) % V == 0 && operand_aligned(a.q, V, sizeof(T)) && operand_aligned(a.k, V, sizeof(T)) &&
+         is_aligned(a.cos, sizeof(C) * V) && is_aligned(a.sin, sizeof(C) * V);
+}
+
+// f(T{}, C{}) with T the element type of q and k and C the tables': T or float.
+template <typename F>
+cudaError_t dispatch_rope_types(const RopeArgs& a, F&& f) {
+  return dispatch_float_type(a.type, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if (a.table_type == a.type) return f(T{}, T{});
+    if (a.table_type == FloatType::F32) return f(T{}, float{});
+    return cudaErrorInvalidValue;
+  });
+}
+
 bool aligned_rows(const void* p, int64_t stride_b, int64_t stride_h, int64_t stride_t, int64_t elements,
                   size_t element_bytes) {
   return is_aligned(p, uintptr_t(elements * int64_t(element_bytes))) && stride_b % elements == 0 &&
@@ -199,35 +218,28 @@ cudaError_t rope_append_kv_cuda(const RopeAppendArgs& a, cudaStream_t stream) {
     advance_length_kernel<<<1, 1, 0, stream>>>(a.length, r.seq);  // nothing to write; the count still moves
     return cudaGetLastError();
   }
-  return dispatch_float_type(r.type, [&](auto tag) -> cudaError_t {
+  return dispatch_rope_types(r, [&](auto tag, auto table_tag) -> cudaError_t {
     using T = decltype(tag);
-    auto launch = [&](auto table_tag) -> cudaError_t {
-      using C = decltype(table_tag);
-      constexpr int V = kVec16<T>;
-      const int64_t half = r.head_dim / 2;
-      const bool vector = half % V == 0 && a.v_dim % V == 0 && operand_aligned(r.q, V, sizeof(T)) &&
-                          operand_aligned(r.k, V, sizeof(T)) && is_aligned(r.cos, sizeof(C) * V) &&
-                          is_aligned(r.sin, sizeof(C) * V) &&
-                          aligned_rows(a.v, a.v_stride_b, a.v_stride_h, a.v_stride_t, V, sizeof(T)) &&
-                          aligned_rows(a.value_cache, a.value_cache_stride_b, a.value_cache_stride_h,
-                                       a.value_cache_stride_t, V, sizeof(T));
-      const int64_t width = vector ? V : 1;
-      const int64_t items = (r.batch * r.q.heads * r.seq + rows) * (half / width) + rows * (a.v_dim / width);
-      if (items >= (int64_t(1) << 31)) return cudaErrorInvalidValue;  // the kernel's 32-bit item index
-      const bool one_block = items <= kOneBlockItems;
-      const dim3 grid(unsigned(one_block ? 1 : std::min<int64_t>(ceil_div(items, kAppendThreads), 65535)));
-      const dim3 block(unsigned(std::min<int64_t>(kAppendThreads, ceil_div(items, 32) * 32)));
-      cudaError_t status = vector ? launch_kernel(rope_append_kv_kernel<T, C, V>, grid, block, 0, stream, a, one_block)
-                                  : launch_kernel(rope_append_kv_kernel<T, C, 1>, grid, block, 0, stream, a, one_block);
-      if (status == cudaSuccess && !one_block) {
-        advance_length_kernel<<<1, 1, 0, stream>>>(a.length, r.seq);
-        status = cudaGetLastError();
-      }
-      return status;
-    };
-    if (r.table_type == r.type) return launch(T{});
-    if (r.table_type == FloatType::F32) return launch(float{});
-    return cudaErrorInvalidValue;
+    using C = decltype(table_tag);
+    constexpr int V = kVec16<T>;
+    const int64_t half = r.head_dim / 2;
+    const bool vector = rope_vectorizable<T, C, V>(r) && a.v_dim % V == 0 &&
+                        aligned_rows(a.v, a.v_stride_b, a.v_stride_h, a.v_stride_t, V, sizeof(T)) &&
+                        aligned_rows(a.value_cache, a.value_cache_stride_b, a.value_cache_stride_h,
+                                     a.value_cache_stride_t, V, sizeof(T));
+    const int64_t width = vector ? V : 1;
+    const int64_t items = (r.batch * r.q.heads * r.seq + rows) * (half / width) + rows * (a.v_dim / width);
+    if (items >= (int64_t(1) << 31)) return cudaErrorInvalidValue;  // the kernel's 32-bit item index
+    const bool one_block = items <= kOneBlockItems;
+    const dim3 grid(unsigned(one_block ? 1 : std::min<int64_t>(ceil_div(items, kAppendThreads), 65535)));
+    const dim3 block(unsigned(std::min<int64_t>(kAppendThreads, ceil_div(items, 32) * 32)));
+    cudaError_t status = vector ? launch_kernel(rope_append_kv_kernel<T, C, V>, grid, block, 0, stream, a, one_block)
+                                : launch_kernel(rope_append_kv_kernel<T, C, 1>, grid, block, 0, stream, a, one_block);
+    if (status == cudaSuccess && !one_block) {
+      advance_length_kernel<<<1, 1, 0, stream>>>(a.length, r.seq);
+      status = cudaGetLastError();
+    }
+    return status;
   });
 }
 
@@ -238,28 +250,21 @@ cudaError_t rope_cuda(const RopeArgs& a, cudaStream_t stream) {
       a.batch * heads > INT_MAX) {
     return cudaErrorInvalidValue;
   }
-  return dispatch_float_type(a.type, [&](auto tag) -> cudaError_t {
+  return dispatch_rope_types(a, [&](auto tag, auto table_tag) -> cudaError_t {
     using T = decltype(tag);
-    auto launch = [&](auto table_tag) -> cudaError_t {
-      using C = decltype(table_tag);
-      constexpr int V = kVec16<T>;
-      const int64_t half = a.head_dim / 2;
-      const bool vector = half % V == 0 && operand_aligned(a.q, V, sizeof(T)) &&
-                          operand_aligned(a.k, V, sizeof(T)) &&
-                          is_aligned(a.cos, sizeof(C) * V) && is_aligned(a.sin, sizeof(C) * V);
-      const int64_t items = a.seq * (vector ? half / V : half);
-      const dim3 grid(unsigned(a.batch * heads),
-                      unsigned(std::min(ceil_div(items, kThreads), kMaxGridY)));
-      if (vector) {
-        rope_kernel<T, C, V><<<grid, kThreads, 0, stream>>>(a);
-      } else {
-        rope_kernel<T, C, 1><<<grid, kThreads, 0, stream>>>(a);
-      }
-      return cudaGetLastError();
-    };
-    if (a.table_type == a.type) return launch(T{});
-    if (a.table_type == FloatType::F32) return launch(float{});
-    return cudaErrorInvalidValue;
+    using C = decltype(table_tag);
+    constexpr int V = kVec16<T>;
+    const int64_t half = a.head_dim / 2;
+    const bool vector = rope_vectorizable<T, C, V>(a);
+    const int64_t items = a.seq * (vector ? half / V : half);
+    const dim3 grid(unsigned(a.batch * heads),
+                    unsigned(std::min(ceil_div(items, kThreads), kMaxGridY)));
+    if (vector) {
+      rope_kernel<T, C, V><<<grid, kThreads, 0, stream>>>(a);
+    } else {
+      rope_kernel<T, C, 1><<<grid, kThreads, 0, stream>>>(a);
+    }
+    return cudaGetLastError();
   });
 }
 
