@@ -472,3 +472,20 @@ def test_cast_adapters_once_reuses_the_cast_inside_the_context_only():
         assert lora_linear._adapter_in(a, torch.bfloat16) is first
         assert torch.equal(first, a.to(torch.bfloat16))
     assert lora_linear._adapter_casts is None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_argmax_rows_is_argmax(device):
+    """generate's two-pass argmax over vocabulary-sized rows: the first maximal index, as
+    torch.argmax, ties and NaN included."""
+    from qlora_ext.generation import _argmax_rows
+
+    gen = torch.Generator().manual_seed(0)
+    for V in (128256, 32000, 50257, 100):
+        x = torch.randn(3, V, generator=gen).to(device)
+        x[1, V // 3] = x[1, V - 1] = x[1].max() + 1  # a tie: the first one wins
+        x[2, V // 2] = float("nan")  # NaN is the max
+        for two_pass in (None, True):
+            assert torch.equal(_argmax_rows(x, two_pass), x.argmax(dim=-1)), (V, two_pass)
+        x[0, :] = 0.0  # all equal: index 0
+        assert _argmax_rows(x, True)[0].item() == 0

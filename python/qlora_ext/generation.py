@@ -202,10 +202,28 @@ def _last_useful_step(new_tokens: Tensor, finished: Tensor, eos: Tensor) -> int:
     return int(first_eos.max()) + 1
 
 
+def _argmax_rows(x: Tensor, two_pass: bool | None = None) -> Tensor:
+    """x.argmax(dim=-1) of [B, V]; on CUDA, for a vocabulary-sized row, in two passes: the max of
+    each of C chunks (C a divisor of V), then the first chunk holding the overall max. The same
+    index (the first maximal one; NaN counts as the max in both), but ~10 us instead of the ~28 us
+    PyTorch's one-row argmax takes over 128K logits on the H100, once per generated token.
+    two_pass: None (on CUDA for V >= 32768), or forced (tests)."""
+    B, V = x.shape
+    if two_pass is None:
+        two_pass = x.is_cuda and V >= 32768
+    chunks = next((c for c in (256, 384, 512, 320, 192, 128, 64, 10, 4) if V % c == 0), None) if two_pass else None
+    if chunks is None:
+        return x.argmax(dim=-1)
+    width = V // chunks
+    best, where = x.view(B, chunks, width).max(dim=-1)  # [B, chunks]: each chunk's first max
+    chunk = best.argmax(dim=-1, keepdim=True)  # [B, 1]: the first chunk holding the overall max
+    return (where.gather(-1, chunk) + chunk * width).squeeze(-1)
+
+
 def _choose(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float, generator) -> Tensor:
     """The next token of each row [B] from fp32 logits [B, V]."""
     if not do_sample:
-        return logits.argmax(dim=-1)
+        return _argmax_rows(logits)
     logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
@@ -222,7 +240,7 @@ def _choose(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top
     # torch.multinomial, without its host synchronisation. (E is kept > 0: 0 / 0 would be NaN,
     # which argmax would pick.)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
-    return (probs / race).argmax(dim=-1)
+    return _argmax_rows(probs / race)
 
 
 class _StepRunner:
