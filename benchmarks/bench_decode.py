@@ -247,11 +247,12 @@ def main(argv=None) -> int:
     parser.add_argument("--grouped-ab", action="store_true",
                         help="nf4_merged also with q/k/v and gate/up launching one GEMV each (layers.GROUPED_GEMV_ENABLED off)")
     parser.add_argument("--fusion-ab", action="store_true",
-                        help="also nf4_merged without rope_append_kv_ (fused_blocks.ROPE_APPEND_KV_ENABLED off), "
+                        help="also nf4_merged without rope_append_kv_ (fused_blocks.ROPE_APPEND_KV_ENABLED off, which also turns "
+                             "decode_attention off), "
                              "without programmatic dependent launch (generation.PROGRAMMATIC_LAUNCH off), with the residual adds "
                              "apart from the GEMVs (layers.RESIDUAL_IN_GEMV_ENABLED off), with SDPA for the decode attention "
-                             "(fused_blocks.DECODE_ATTENTION_ENABLED off), and "
-                             "nf4_merged and bf16 with a bool SDPA mask (generation.ADDITIVE_SDPA_MASK off)")  # fmt: skip
+                             "(fused_blocks.DECODE_ATTENTION_ENABLED off), and bf16 with a bool SDPA mask "
+                             "(generation.ADDITIVE_SDPA_MASK off)")  # fmt: skip
     args = parser.parse_args(argv)
     shape = "tiny" if args.tiny else "8b"
     prompt_len = args.prompt or (8 if args.tiny else 32)
@@ -321,10 +322,8 @@ def main(argv=None) -> int:
                 if isinstance(layer, QLoRALinear):
                     layer.merge()
             if args.fusion_ab:  # the same model without this session's decode fusions, one at a time
-                with switched(qlora_ext.fused_blocks, "ROPE_APPEND_KV_ENABLED", False):
+                with switched(qlora_ext.fused_blocks, "ROPE_APPEND_KV_ENABLED", False):  # (and so SDPA attention)
                     record(bench("nf4_merged[rope_ + cache.update]", model))
-                with switched(qlora_ext.generation, "ADDITIVE_SDPA_MASK", False):
-                    record(bench("nf4_merged[bool mask]", model))
                 with switched(qlora_ext.generation, "PROGRAMMATIC_LAUNCH", False):
                     record(bench("nf4_merged[no PDL]", model))
                 with switched(qlora_ext.layers, "RESIDUAL_IN_GEMV_ENABLED", False):
