@@ -253,6 +253,8 @@ def main(argv=None) -> int:
                              "apart from the GEMVs (layers.RESIDUAL_IN_GEMV_ENABLED off), with SDPA for the decode attention "
                              "(fused_blocks.DECODE_ATTENTION_ENABLED off), and bf16 with a bool SDPA mask "
                              "(generation.ADDITIVE_SDPA_MASK off)")  # fmt: skip
+    parser.add_argument("--newest-only", action="store_true",
+                        help="with --fusion-ab: only the residual adds and the decode attention off (a short run)")
     args = parser.parse_args(argv)
     shape = "tiny" if args.tiny else "8b"
     prompt_len = args.prompt or (8 if args.tiny else 32)
@@ -299,7 +301,7 @@ def main(argv=None) -> int:
 
     if "bf16" in stacks:
         record(bench("bf16", model))
-        if args.fusion_ab:
+        if args.fusion_ab and not args.newest_only:
             with switched(qlora_ext.generation, "ADDITIVE_SDPA_MASK", False):
                 record(bench("bf16[bool mask]", model))
     if "bnb" in stacks and bnb is not None:
@@ -322,10 +324,11 @@ def main(argv=None) -> int:
                 if isinstance(layer, QLoRALinear):
                     layer.merge()
             if args.fusion_ab:  # the same model without this session's decode fusions, one at a time
-                with switched(qlora_ext.fused_blocks, "ROPE_APPEND_KV_ENABLED", False):  # (and so SDPA attention)
-                    record(bench("nf4_merged[rope_ + cache.update]", model))
-                with switched(qlora_ext.generation, "PROGRAMMATIC_LAUNCH", False):
-                    record(bench("nf4_merged[no PDL]", model))
+                if not args.newest_only:
+                    with switched(qlora_ext.fused_blocks, "ROPE_APPEND_KV_ENABLED", False):  # (and so SDPA attention)
+                        record(bench("nf4_merged[rope_ + cache.update]", model))
+                    with switched(qlora_ext.generation, "PROGRAMMATIC_LAUNCH", False):
+                        record(bench("nf4_merged[no PDL]", model))
                 with switched(qlora_ext.layers, "RESIDUAL_IN_GEMV_ENABLED", False):
                     record(bench("nf4_merged[separate residual adds]", model))
                 with switched(qlora_ext.fused_blocks, "DECODE_ATTENTION_ENABLED", False):

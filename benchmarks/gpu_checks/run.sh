@@ -207,11 +207,10 @@ for stage in "$@"; do
     decode_final)
       # decode_fused's checks in priority order for a short budget: the CUDA tests, decode with the
       # newest two shortcuts off in turn, the sanitizers on the new kernels, the step's kernels
-      step decode_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_rope_append_kv.py tests/test_decode_attention.py \
-        tests/test_programmatic_launch.py tests/test_generate.py tests/test_project_together.py tests/test_block_ops.py \
-        tests/test_nf4_gemv_grouped.py tests/test_fused_mlp.py tests/test_fused_qkv.py \
-        -k "cuda or CUDA or generate or graph or residual or project_add or argmax"
-      step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --fusion-ab --repeats 2 \
+      step decode_tests "$PY" -m pytest -n 14 -q -p no:cacheprovider -rfE tests/test_decode_attention.py \
+        tests/test_programmatic_launch.py tests/test_project_together.py tests/test_rope_append_kv.py tests/test_generate.py \
+        -k "cuda or CUDA or graph or residual or project_add or argmax or fused_attention"
+      step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --fusion-ab --newest-only --repeats 2 \
         --out "$OUT/decode_8b_final_h100.json"
       RUNS=$'memcheck tests/test_decode_attention.py 1\nracecheck tests/test_decode_attention.py 2\nmemcheck tests/test_programmatic_launch.py 3' \
         K_1='cuda and not fused_attention' K_2='cuda and (bfloat16 or graph or never_read) and not fused_attention' K_3='chain' \
