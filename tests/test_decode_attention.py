@@ -21,6 +21,32 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, re
 OPS = torch.ops.qlora_ext
 
 
+@pytest.fixture(autouse=True)
+def cuda_kernels_on():
+    """The CUDA kernels are off by default until these tests have passed on a GPU: test them."""
+    if not HAS_CUDA:
+        yield
+        return
+    before = block_ops.decode_attention_kernel()
+    block_ops.set_decode_attention_kernel(True)
+    try:
+        yield
+    finally:
+        block_ops.set_decode_attention_kernel(before)
+
+
+def test_kernel_switch():
+    if not HAS_CUDA:
+        assert not block_ops.decode_attention_kernel()
+        if not qlora_ext.build_info()["with_cuda"]:
+            with pytest.raises(ValueError, match="no CUDA kernels"):
+                block_ops.set_decode_attention_kernel(True)
+        return
+    assert block_ops.decode_attention_kernel()  # (the fixture)
+    block_ops.set_decode_attention_kernel(False)
+    assert not block_ops.decode_attention_kernel()
+
+
 def _dtype_id(dtype):
     return str(dtype).removeprefix("torch.")
 
@@ -128,11 +154,11 @@ def test_cuda_graph_replays_with_the_length_on_the_device():
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")
 def test_cuda_kernel_against_the_aten_path():
-    # The same inputs in fp32 take ATen ops on CUDA: the kernels' bf16 result within bf16 rounding.
+    # The same inputs with the kernels switched off take ATen ops on CUDA: within bf16 rounding.
     args = case("cuda", torch.bfloat16, 1, 32, 8, 128, 544, 321, "additive")
     kernel = OPS.decode_attention(*args).float()
-    q, keys, values, length, mask, scale = args
-    aten = OPS.decode_attention(q.float(), keys.float(), values.float(), length, mask.float(), scale)
+    block_ops.set_decode_attention_kernel(False)
+    aten = OPS.decode_attention(*args).float()
     torch.testing.assert_close(kernel, aten, rtol=2**-7, atol=2**-7 * aten.abs().max().item())
 
 

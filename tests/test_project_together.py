@@ -273,3 +273,31 @@ def test_stacked_bias_is_remembered_until_a_bias_changes():
     layers[2].bias = torch.nn.Parameter(torch.zeros_like(layers[2].bias))
     third = _stacked_bias(layers[0], layers, x)
     assert third is not second and torch.equal(third, torch.cat([layer.bias for layer in layers]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_project_add_fused_branch_on_the_cpu(dtype, monkeypatch):
+    """project_add's one-launch branch (the residual as nf4_gemv's bias) runs through the CPU
+    nf4_gemv when the route is forced to the GEMV: its shapes and views, and its one rounding,
+    checked where CI runs (the CUDA branch differs only in the kernel)."""
+    from qlora_ext.layers import project_add
+
+    model = prepared("llama", "merged", dtype=dtype, device="cpu")
+    layer = model.model.layers[0].self_attn.o_proj
+    x = torch.randn(1, 1, layer.in_features).to(dtype)
+    residual = (torch.randn(1, 1, layer.out_features) * 4).to(dtype)
+    monkeypatch.setattr(_ops, "linear_route", lambda *a, **k: _ops.ROUTE_GEMV)
+    calls = ProjectAddCalls(monkeypatch)
+    with torch.no_grad():
+        fused = project_add(layer, x, residual)
+    assert calls.fused == 1 and fused.shape == residual.shape and fused.dtype == dtype
+    with torch.no_grad():
+        exact = x.float() @ layer.weight.dequantize(torch.float32).t() + residual.float()
+    # one rounding of the fp32 sum (the CPU kernel's dot product order aside)
+    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
+    assert (fused.float() - exact).abs().max().item() <= 0.5 * ulp + 1e-5 * exact.abs().max().item()
+    # several rows, or a residual needing a gradient: the plain sum
+    rows = torch.randn(1, 3, layer.in_features).to(dtype)
+    with torch.no_grad():
+        plain = project_add(layer, rows, residual.expand(1, 3, -1).contiguous())
+    assert calls.fused == 1 and plain.shape == (1, 3, layer.out_features)

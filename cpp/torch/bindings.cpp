@@ -10,6 +10,7 @@
 #include <vector>
 
 #if defined(QLORA_WITH_CUDA)
+#include "block_op_args.h"
 #include "dora_args.h"
 #include "qlora/kernels_cuda.h"
 #endif
@@ -54,6 +55,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_dora_gram_kernel", [](bool enabled) {
 #if defined(QLORA_WITH_CUDA)
     qlora_torch::set_dora_gram_kernel(enabled);
+#else
+    if (enabled) throw std::invalid_argument("enabled: this qlora_ext build has no CUDA kernels");
+#endif
+  });
+  // decode_attention on CUDA: its kernels (true) or ATen ops (false, the default until they are
+  // tested on a GPU); see block_ops_cuda.cpp.
+  m.def("_decode_attention_kernel", []() {
+#if defined(QLORA_WITH_CUDA)
+    return qlora_torch::decode_attention_kernel();
+#else
+    return false;
+#endif
+  });
+  m.def("_set_decode_attention_kernel", [](bool enabled) {
+#if defined(QLORA_WITH_CUDA)
+    qlora_torch::set_decode_attention_kernel(enabled);
 #else
     if (enabled) throw std::invalid_argument("enabled: this qlora_ext build has no CUDA kernels");
 #endif

@@ -81,6 +81,12 @@ DecodeAttentionChecked check_decode_attention(const at::Tensor& q, const at::Ten
 // (no host sync: CUDA graphs capture it).
 at::Tensor decode_attention_aten(const DecodeAttentionChecked& c);
 
+// decode_attention's CUDA kernels (true) or the ATen composite on CUDA too (false, the default until
+// the kernels' CUDA tests have passed on a GPU); process-wide (bindings.cpp:
+// _C._set_decode_attention_kernel). Defined in the CUDA glue (block_ops_cuda.cpp).
+void set_decode_attention_kernel(bool enabled);
+bool decode_attention_kernel();
+
 // swiglu: gate and up of one shape, dtype and device (made contiguous).
 struct SwiGLUChecked {
   at::Tensor gate, up, dh;  // contiguous (dh: backward only)

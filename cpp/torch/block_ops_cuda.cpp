@@ -1,5 +1,7 @@
 // CUDA registrations of the transformer-block operators: validate (block_op_args.h), guard the
 // device, launch on the current stream, and turn a launch failure into an error naming the op.
+#include <atomic>
+
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -82,15 +84,20 @@ void rope_append_kv_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const
   check_launch(qlora::rope_append_kv_cuda(c.kernel, at::cuda::getCurrentCUDAStream()), "rope_append_kv_");
 }
 
-// The kernels (fp16/bf16, D in {64, 128, 256}, up to 16 query heads a K/V head); the ATen
-// composite otherwise.
+// Off until the kernels' CUDA tests pass on a GPU (written 2026-12-06 without one: compiled for
+// every architecture, never run); the tests switch it on.
+std::atomic<bool> g_decode_attention_kernel{false};
+
+// The kernels (switched on, fp16/bf16, D in {64, 128, 256}, up to 16 query heads a K/V head); the
+// ATen composite otherwise.
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                  const at::Tensor& length, const std::optional<at::Tensor>& mask, double scale) {
   DecodeAttentionChecked c = check_decode_attention(q, key_cache, value_cache, length, mask, scale);
   const c10::cuda::CUDAGuard guard(q.device());
   const qlora::DecodeAttentionArgs& a = c.kernel;
-  const bool kernel = a.type != qlora::FloatType::F32 && (a.head_dim == 64 || a.head_dim == 128 || a.head_dim == 256) &&
-                      a.q_heads / a.kv_heads <= 16 && a.batch <= 65535 && a.kv_heads <= 65535;
+  const bool kernel = decode_attention_kernel() && a.type != qlora::FloatType::F32 &&
+                      (a.head_dim == 64 || a.head_dim == 128 || a.head_dim == 256) && a.q_heads / a.kv_heads <= 16 &&
+                      a.batch <= 65535 && a.kv_heads <= 65535;
   if (!kernel) return decode_attention_aten(c);
   at::Tensor out = at::empty({a.batch, 1, a.q_heads, a.head_dim}, q.options());
   at::Tensor workspace = at::empty({qlora::decode_attention_cuda_workspace(a)}, q.options().dtype(at::kFloat));
@@ -151,6 +158,9 @@ void swiglu_backward_inplace_cuda(const at::Tensor& dh, const at::Tensor& gate, 
 }
 
 }  // namespace
+
+void set_decode_attention_kernel(bool enabled) { g_decode_attention_kernel.store(enabled, std::memory_order_relaxed); }
+bool decode_attention_kernel() { return g_decode_attention_kernel.load(std::memory_order_relaxed); }
 
 TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("rms_norm", &rms_norm_cuda);

@@ -128,6 +128,18 @@ def decode_attention(q: Tensor, key_cache: Tensor, value_cache: Tensor, length: 
     return _ops().decode_attention(q, key_cache, value_cache, length, mask, float(scale))
 
 
+def decode_attention_kernel() -> bool:
+    """Whether decode_attention on CUDA runs its kernels (else ATen ops, and the fused attention
+    keeps SDPA on CUDA). Off by default: the kernels were written and compiled for every
+    architecture without a GPU to test them on (2026-12-06); their CUDA tests switch them on."""
+    return bool(native()._decode_attention_kernel())
+
+
+def set_decode_attention_kernel(enabled: bool) -> None:
+    """Switch decode_attention's CUDA kernels on or off, process-wide (see decode_attention_kernel)."""
+    native()._set_decode_attention_kernel(bool(enabled))
+
+
 def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """rope_ (in place, no new memory) when no gradient is needed and q, k have unit stride along
     Dh, else rope. Only for q and k that the caller owns (fresh projection outputs)."""
@@ -408,4 +420,5 @@ def register_fakes() -> None:
                                     setup_context=swiglu_scaled_setup_context)  # fmt: skip
 
 
-__all__ = ["rms_norm", "rope", "rope_", "rope_append_kv_", "decode_attention", "apply_rope", "swiglu", "swiglu_scaled", "register_fakes"]
+__all__ = ["rms_norm", "rope", "rope_", "rope_append_kv_", "decode_attention", "decode_attention_kernel",
+           "set_decode_attention_kernel", "apply_rope", "swiglu", "swiglu_scaled", "register_fakes"]
