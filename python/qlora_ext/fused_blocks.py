@@ -5,9 +5,8 @@
 For transformers' Llama, Mistral, Qwen2 and Qwen3 models and qlora_ext's builtin TinyLlama, each
 RMSNorm module, each SwiGLU MLP, each attention module and (transformers) each decoder layer gets
 an instance-level forward (or, for TinyLlama's attention, an instance-level `rotate`) that calls
-the fused operators; no class and no
-module global is touched, so other models in the process are unaffected and
-`disable_fused_block_ops` restores the originals by deleting the instance attributes.
+the fused operators; no class and no module global is touched, so other models in the process are
+unaffected and `disable_fused_block_ops` restores the originals by deleting the instance attributes.
 
 The instance forwards use the fused operators only for inputs on the devices given (by default
 FUSED_DEVICES, where they measured faster than PyTorch's composite) and call the class's forward
@@ -18,7 +17,7 @@ the fused forwards reproduce those statements with the fused operators in place 
 ones, so a transformers version whose forward differs in any statement keeps its own forward, and
 the reason is logged once per class (logger "qlora_ext").
 
-Decoding (one query token, no gradient) takes three more shortcuts, each with a module switch:
+Decoding (one query token, no gradient) takes three more shortcuts, each with a switch:
 - the attention writes a transformers StaticCache layer with block_ops.rope_append_kv_ (the rope
   of q and k and the cache write in one launch, the filled length read and advanced on the
   device) instead of rope_ + StaticLayer.update (ROPE_APPEND_KV_ENABLED);
@@ -201,15 +200,15 @@ class _AttentionSpec:
         return self  # immutable; deep-copying a model must not copy transformers' registry
 
 
-def _forward_body(cls) -> tuple[tuple[str, ...], tuple[str, ...]] | str:
-    """(parameter names, normalised body statements) of cls.forward, or why they are unavailable."""
+def _forward_body(cls, method: str = "forward") -> tuple[tuple[str, ...], tuple[str, ...]] | str:
+    """(parameter names, normalised body statements) of cls.<method>, or why they are unavailable."""
     try:
-        source = textwrap.dedent(inspect.getsource(cls.forward))
+        source = textwrap.dedent(inspect.getsource(getattr(cls, method)))
     except (OSError, TypeError) as exc:
-        return f"its forward's source is unavailable ({exc})"
+        return f"its {method}'s source is unavailable ({exc})"
     func = ast.parse(source).body[0]
     if not isinstance(func, ast.FunctionDef):
-        return "its forward is not a plain function"
+        return f"its {method} is not a plain function"
     body = func.body
     if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
         body = body[1:]  # docstring
@@ -356,10 +355,8 @@ def hf_attention(self, spec: _AttentionSpec, hidden_states, position_embeddings,
         attn_output = _one_query_grouped_sdpa_forward(self, query, key, value, attention_mask)
         return output(attn_output.reshape(*input_shape, -1)), None
     attention = spec.attention_functions.get_interface(self.config._attn_implementation, spec.eager_attention_forward)
-    if spec.sliding_window == "module":
-        kwargs["sliding_window"] = self.sliding_window
-    elif spec.sliding_window == "config":
-        kwargs["sliding_window"] = getattr(self.config, "sliding_window", None)
+    if spec.sliding_window is not None:
+        kwargs["sliding_window"] = _sliding_window(self, spec)
     attn_output, attn_weights = attention(self, query, key, value, attention_mask,
                                           dropout=0.0 if not self.training else self.attention_dropout,
                                           scaling=self.scaling, **kwargs)  # fmt: skip
@@ -372,7 +369,7 @@ def _is_plain_static_layer(cls) -> bool:
     """Whether `cls` is transformers' StaticLayer with the update rope_append_kv_ reproduces."""
     if cls.__name__ != "StaticLayer" or cls.__module__ != "transformers.cache_utils":
         return False
-    found = _forward_body(type("_", (), {"forward": cls.update}))
+    found = _forward_body(cls, "update")
     return not isinstance(found, str) and found[1] == _STATIC_LAYER_UPDATE
 
 
