@@ -203,7 +203,8 @@ def programmatic_launch_enabled() -> bool:
 @contextlib.contextmanager
 def programmatic_launch(enabled: bool = True):
     """Programmatic dependent launch (PDL, sm_90+ GPUs) inside the block, then the previous
-    setting: the NF4 GEMV, the RMSNorm and SwiGLU forwards and rope_append_kv_ may start before
+    setting: the NF4 GEMV, the RMSNorm and SwiGLU forwards, rope_append_kv_ and decode_attention's
+    kernels may start before
     the kernel before them ends, and do their weight-only prologue (the GEMV's first weight loads
     and tables, the norm's weight row) under it; a CUDA graph captured inside keeps it. Only for
     stretches where no kernel writes those weights (decoding: qlora_ext.generate turns it on).

@@ -205,8 +205,9 @@ def _last_useful_step(new_tokens: Tensor, finished: Tensor, eos: Tensor) -> int:
 def _argmax_rows(x: Tensor, two_pass: bool | None = None) -> Tensor:
     """x.argmax(dim=-1) of [B, V]; on CUDA, for a vocabulary-sized row, in two passes: the max of
     each of C chunks (C a divisor of V), then the first chunk holding the overall max. The same
-    index (the first maximal one; NaN counts as the max in both), but ~10 us instead of the ~28 us
-    PyTorch's one-row argmax takes over 128K logits on the H100, once per generated token.
+    index (the first maximal one; NaN counts as the max in both). Why: PyTorch's argmax of one
+    128K-logit row took 28 us on the H100 (one CTA reduces it), once per generated token; the two
+    passes spread it over the GPU (not yet timed on one: written 2026-12-06 without a GPU).
     two_pass: None (on CUDA for V >= 32768), or forced (tests)."""
     B, V = x.shape
     if two_pass is None:
