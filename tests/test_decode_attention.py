@@ -132,6 +132,11 @@ def test_a_row_with_nothing_allowed_is_zero(device):
     assert out[0].abs().sum() > 0
     empty = block_ops.decode_attention(q, keys, values, torch.zeros_like(length), None, scale)
     assert torch.equal(empty, torch.zeros_like(empty))
+    # a cache of no slots, no batch rows
+    for B, L in [(2, 0), (0, 16)]:
+        q, keys, values, length, _, scale = case(device, torch.bfloat16, B, 4, 2, 64, L, 0)
+        out = block_ops.decode_attention(q, keys, values, length, None, scale)
+        assert out.shape == (B, 1, 4, 64) and not out.any()
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")

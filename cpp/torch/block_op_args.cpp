@@ -410,6 +410,7 @@ DecodeAttentionChecked check_decode_attention(const at::Tensor& q, const at::Ten
 at::Tensor decode_attention_aten(const DecodeAttentionChecked& c) {
   const int64_t B = c.q.size(0), Hq = c.q.size(1), D = c.q.size(3);
   const int64_t Hk = c.key_cache.size(1), L = c.key_cache.size(2), G = Hq / Hk;
+  if (B == 0 || Hq == 0 || L == 0 || D == 0) return at::zeros({B, 1, Hq, D}, c.q.options());  // nothing to attend
   const at::Tensor q = c.q.reshape({B, Hk, G, D}).to(at::kFloat);
   const at::Tensor k = c.key_cache.to(at::kFloat);
   const at::Tensor slots = at::arange(L, c.length.options());

@@ -98,7 +98,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& key_cach
   const bool kernel = decode_attention_kernel() && a.type != qlora::FloatType::F32 &&
                       (a.head_dim == 64 || a.head_dim == 128 || a.head_dim == 256) && a.q_heads / a.kv_heads <= 16 &&
                       a.batch <= 65535 && a.kv_heads <= 65535;
-  if (!kernel) return decode_attention_aten(c);
+  if (!kernel || a.batch == 0 || a.q_heads == 0 || a.capacity == 0) return decode_attention_aten(c);
   at::Tensor out = at::empty({a.batch, 1, a.q_heads, a.head_dim}, q.options());
   at::Tensor workspace = at::empty({qlora::decode_attention_cuda_workspace(a)}, q.options().dtype(at::kFloat));
   c.kernel.out = out.data_ptr();
