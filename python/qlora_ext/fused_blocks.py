@@ -22,7 +22,9 @@ Decoding (one query token, no gradient) takes three more shortcuts, each with a 
   of q and k and the cache write in one launch, the filled length read and advanced on the
   device) instead of rope_ + StaticLayer.update (ROPE_APPEND_KV_ENABLED);
 - it then attends with block_ops.decode_attention over the filled slots only
-  (DECODE_ATTENTION_ENABLED) instead of SDPA over the whole cache;
+  (DECODE_ATTENTION_ENABLED) instead of SDPA over the whole cache: on the CPU (where the fused ops
+  are opt-in), and on CUDA once block_ops.set_decode_attention_kernel(True) (its kernels are off
+  until their tests pass on a GPU);
 - each decoder layer hands its two residual adds to o_proj and down_proj, whose GEMV adds the
   residual in its epilogue at one row (layers.project_add; layers.RESIDUAL_IN_GEMV_ENABLED).
 

@@ -123,7 +123,7 @@ int64_t decode_attention_cuda_workspace(const DecodeAttentionArgs& a);
 cudaError_t decode_attention_cuda(const DecodeAttentionArgs& a, float* workspace, cudaStream_t stream);
 
 // dependent_launch.cu: programmatic dependent launch (sm_90+) of the kernels that support it (the
-// NF4 GEMV, RMSNorm forward, SwiGLU forward, rope_append_kv_): each may start before the kernel
+// NF4 GEMV, RMSNorm forward, SwiGLU forward, rope_append_kv_, decode_attention): each may start before the kernel
 // before it ends and do its weight-only prologue there. Off by default; only for stretches where
 // no kernel writes the weights those prologues read (qlora_ext.generate's decode steps).
 // See cpp/kernels/cuda/dependent_launch.cuh.

@@ -156,11 +156,12 @@ decode_attention_combine_kernel(const DecodeAttentionArgs a, int splits, const f
   }
 }
 
-}  // namespace
-
+// Splits of the cache's slots: ceil(L / 32), so a CTA takes <= 32 slots (<= kMaxChunk).
 int64_t decode_attention_cuda_splits(int64_t capacity) {
   return std::max<int64_t>(1, ceil_div(capacity, kMaxChunk / 2));
 }
+
+}  // namespace
 
 int64_t decode_attention_cuda_workspace(const DecodeAttentionArgs& a) {
   return a.batch * a.q_heads * decode_attention_cuda_splits(a.capacity) * (a.head_dim + 2);
