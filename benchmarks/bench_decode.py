@@ -255,6 +255,8 @@ def main(argv=None) -> int:
                              "(generation.ADDITIVE_SDPA_MASK off)")  # fmt: skip
     parser.add_argument("--newest-only", action="store_true",
                         help="with --fusion-ab: only the residual adds and the decode attention off (a short run)")
+    parser.add_argument("--decode-attention-kernel", action="store_true",
+                        help="switch decode_attention's CUDA kernels on (block_ops.set_decode_attention_kernel) for every stack")
     args = parser.parse_args(argv)
     shape = "tiny" if args.tiny else "8b"
     prompt_len = args.prompt or (8 if args.tiny else 32)
@@ -273,6 +275,8 @@ def main(argv=None) -> int:
         return 2
     import transformers
 
+    if args.decode_attention_kernel and device == "cuda":
+        qlora_ext.block_ops.set_decode_attention_kernel(True)
     bnb = try_import_bnb() if "bnb" in stacks else None
     copy_bw = copy_bandwidth(device)
     env = {
@@ -287,7 +291,8 @@ def main(argv=None) -> int:
     model = random_llama(shape, args.layers, prompt_len + new_tokens, device)
     config = {"shape": shape, "layers": model.config.num_hidden_layers, "batch": 1, "prompt_tokens": prompt_len,
               "new_tokens": new_tokens, "greedy": True, "lora_r": 16, "lora_alpha": 16,
-              "cuda_graphs_requested": not args.no_graphs, "repeats": repeats}  # fmt: skip
+              "cuda_graphs_requested": not args.no_graphs, "repeats": repeats,
+              "decode_attention_kernel": device == "cuda" and qlora_ext.block_ops.decode_attention_kernel()}  # fmt: skip
     print(json.dumps({**env, **config}), flush=True)
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(device)

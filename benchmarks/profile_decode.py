@@ -65,10 +65,14 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--stacks", default="bf16,nf4_merged")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--decode-attention-kernel", action="store_true",
+                        help="switch decode_attention's CUDA kernels on (block_ops.set_decode_attention_kernel)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.decode_attention_kernel:
+        qlora_ext.block_ops.set_decode_attention_kernel(True)
     stacks = args.stacks.split(",")
     model = random_llama("8b", args.layers, 64, "cuda")
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1)).cuda()

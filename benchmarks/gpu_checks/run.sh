@@ -210,12 +210,12 @@ for stage in "$@"; do
       step decode_tests "$PY" -m pytest -n 14 -q -p no:cacheprovider -rfE tests/test_decode_attention.py \
         tests/test_programmatic_launch.py tests/test_project_together.py tests/test_rope_append_kv.py tests/test_generate.py \
         -k "cuda or CUDA or graph or residual or project_add or argmax or fused_attention"
-      step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --fusion-ab --newest-only --repeats 2 \
+      step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --fusion-ab --newest-only --decode-attention-kernel --repeats 2 \
         --out "$OUT/decode_8b_final_h100.json"
       RUNS=$'memcheck tests/test_decode_attention.py 1\nracecheck tests/test_decode_attention.py 2\nmemcheck tests/test_programmatic_launch.py 3' \
         K_1='cuda and not fused_attention' K_2='cuda and (bfloat16 or graph or never_read) and not fused_attention' K_3='chain' \
         KERNELS=qlora STEP_TIMEOUT=100 step sanitize_decode bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_decode_h100.txt" 3
-      TAIL=30 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8 --stacks nf4_merged
+      TAIL=30 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8 --stacks nf4_merged --decode-attention-kernel
       ;;
     wide_checks)
       # the second call of wide_ab's work: nf4_gemm timed, Nsight Compute, the sanitizers on the
