@@ -250,11 +250,13 @@ def main(argv=None) -> int:
                         help="also nf4_merged without rope_append_kv_ (fused_blocks.ROPE_APPEND_KV_ENABLED off, which also turns "
                              "decode_attention off), "
                              "without programmatic dependent launch (generation.PROGRAMMATIC_LAUNCH off), with the residual adds "
-                             "apart from the GEMVs (layers.RESIDUAL_IN_GEMV_ENABLED off), with SDPA for the decode attention "
-                             "(fused_blocks.DECODE_ATTENTION_ENABLED off), and bf16 with a bool SDPA mask "
+                             "apart from the GEMVs (layers.RESIDUAL_IN_GEMV_ENABLED off), with SwiGLU apart from the gate/up "
+                             "GEMV (layers.SWIGLU_IN_GEMV_ENABLED off), with decode_attention's CUDA kernels on "
+                             "(block_ops.set_decode_attention_kernel), and bf16 with a bool SDPA mask "
                              "(generation.ADDITIVE_SDPA_MASK off)")  # fmt: skip
     parser.add_argument("--newest-only", action="store_true",
-                        help="with --fusion-ab: only the residual adds and the decode attention off (a short run)")
+                        help="with --fusion-ab: only SwiGLU apart from the GEMV and decode_attention's CUDA kernels on "
+                             "(a short run)")
     parser.add_argument("--decode-attention-kernel", action="store_true",
                         help="switch decode_attention's CUDA kernels on (block_ops.set_decode_attention_kernel) for every stack")
     args = parser.parse_args(argv)
@@ -334,10 +336,14 @@ def main(argv=None) -> int:
                         record(bench("nf4_merged[rope_ + cache.update]", model))
                     with switched(qlora_ext.generation, "PROGRAMMATIC_LAUNCH", False):
                         record(bench("nf4_merged[no PDL]", model))
-                with switched(qlora_ext.layers, "RESIDUAL_IN_GEMV_ENABLED", False):
-                    record(bench("nf4_merged[separate residual adds]", model))
-                with switched(qlora_ext.fused_blocks, "DECODE_ATTENTION_ENABLED", False):
-                    record(bench("nf4_merged[SDPA attention]", model))
+                    with switched(qlora_ext.layers, "RESIDUAL_IN_GEMV_ENABLED", False):
+                        record(bench("nf4_merged[separate residual adds]", model))
+                with switched(qlora_ext.layers, "SWIGLU_IN_GEMV_ENABLED", False):
+                    record(bench("nf4_merged[SwiGLU apart from the GEMV]", model))
+                if device == "cuda" and not qlora_ext.block_ops.decode_attention_kernel():
+                    qlora_ext.block_ops.set_decode_attention_kernel(True)
+                    record(bench("nf4_merged[decode_attention kernels]", model))
+                    qlora_ext.block_ops.set_decode_attention_kernel(False)
             if args.grouped_ab:  # the same model with every projection launching its own GEMV
                 qlora_ext.layers.GROUPED_GEMV_ENABLED = False
                 record(bench("nf4_merged[separate projections]", model))

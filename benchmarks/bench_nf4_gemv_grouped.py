@@ -63,6 +63,22 @@ def bench_group(name, rows, K, M, variants, env, copy_bw):
             })  # fmt: skip
     finally:
         ops.set_nf4_gemv_variant(before)
+    if len(rows) == 2 and rows[0] == rows[1]:  # gate/up: SwiGLU in the epilogue vs grouped + swiglu
+        n = rows[0]
+
+        def two_steps(s):
+            both = ops.nf4_gemv_grouped_weights(x, s)
+            return qlora_ext.block_ops.swiglu(both[..., :n], both[..., n:])
+
+        same = torch.equal(ops.nf4_gemv_swiglu_weights(x, *weights), two_steps(weights))
+        t_fused = time_graph([lambda s=s: ops.nf4_gemv_swiglu_weights(x, *s) for s in sets])
+        t_two = time_graph([lambda s=s: two_steps(s) for s in sets])
+        results.append({
+            **env, "op": "nf4_gemv_swiglu", "group": name, "rows": rows, "K": K, "M": M,
+            "equal_to_separate": same, "fused_us": round(t_fused, 3), "grouped_then_swiglu_us": round(t_two, 3),
+            "fused_speedup": round(t_two / t_fused, 3), "fused_GBps": round(group_bytes / t_fused / 1e3, 1),
+            "copy_bw_fraction": round(group_bytes / (t_fused * 1e-6) / copy_bw, 3),
+        })  # fmt: skip
     return results
 
 

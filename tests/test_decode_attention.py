@@ -218,13 +218,17 @@ def test_fused_attention_decodes_through_it(device, arch, monkeypatch):
     """Decode steps of a model with the fused block ops (the cache written by rope_append_kv_):
     the attention runs decode_attention, once per layer and step, and the logits stay within bf16
     noise of SDPA's over the whole cache with the mask."""
-    pytest.importorskip("transformers")
-    from train_helpers import VOCAB, hf_model
+    transformers = pytest.importorskip("transformers")
+    from train_helpers import VOCAB, hf_config
 
     from qlora_ext import fused_blocks
     from qlora_ext.generation import _HFDecoder
 
-    model = hf_model(arch, dtype=torch.bfloat16).to(device).eval()
+    config = hf_config(arch)
+    config.head_dim = 64  # a head size the CUDA kernels take (the test config's own is 16)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device).eval()
+    assert model.model.layers[0].self_attn.head_dim == 64
     qlora_ext.disable_fused_block_ops(model)
     assert qlora_ext.enable_fused_block_ops(model, devices=(device,)) > 0
     calls = []

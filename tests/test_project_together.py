@@ -12,7 +12,8 @@ from train_helpers import VOCAB, hf_model, prepared_hf
 
 import qlora_ext
 from qlora_ext import _ops, fused_blocks
-from qlora_ext.layers import project_together
+from qlora_ext import block_ops
+from qlora_ext.layers import project_swiglu, project_together
 
 pytest.importorskip("qlora_ext._C", reason="the compiled extension is not built")
 HAS_CUDA_BUILD = torch.cuda.is_available() and qlora_ext.build_info()["with_cuda"]
@@ -24,17 +25,23 @@ def prepared(arch="llama", state="merged", dtype=torch.bfloat16, device="cuda"):
 
 
 class GroupedCalls:
-    """Counts nf4_gemv_grouped_weights calls (monkeypatched spy)."""
+    """Counts nf4_gemv_grouped_weights (count) and nf4_gemv_swiglu_weights (swiglu) calls
+    (monkeypatched spies)."""
 
     def __init__(self, monkeypatch):
-        self.count = 0
-        real = _ops.nf4_gemv_grouped_weights
+        self.count = self.swiglu = 0
+        grouped, swiglu = _ops.nf4_gemv_grouped_weights, _ops.nf4_gemv_swiglu_weights
 
-        def spy(*args, **kwargs):
+        def grouped_spy(*args, **kwargs):
             self.count += 1
-            return real(*args, **kwargs)
+            return grouped(*args, **kwargs)
 
-        monkeypatch.setattr(_ops, "nf4_gemv_grouped_weights", spy)
+        def swiglu_spy(*args, **kwargs):
+            self.swiglu += 1
+            return swiglu(*args, **kwargs)
+
+        monkeypatch.setattr(_ops, "nf4_gemv_grouped_weights", grouped_spy)
+        monkeypatch.setattr(_ops, "nf4_gemv_swiglu_weights", swiglu_spy)
 
 
 def projections_of(model):
@@ -54,7 +61,13 @@ def test_decode_logits_unchanged_bit_for_bit(arch, state, monkeypatch):
     calls = GroupedCalls(monkeypatch)
     with torch.no_grad():
         grouped = model(ids).logits
-    assert calls.count == 2 * model.config.num_hidden_layers  # attention and MLP of every layer
+    # the attention's q/k/v grouped, the MLP's gate/up with SwiGLU in the same launch, every layer
+    assert calls.count == calls.swiglu == model.config.num_hidden_layers
+    monkeypatch.setattr(fused_blocks, "project_swiglu", lambda gate, up, x: None)
+    with torch.no_grad():
+        grouped_then_swiglu = model(ids).logits
+    assert calls.count == 3 * model.config.num_hidden_layers
+    torch.testing.assert_close(grouped_then_swiglu, grouped, rtol=0, atol=0)
     monkeypatch.setattr(fused_blocks, "project_together", lambda layers, x: None)
     with torch.no_grad():
         separate = model(ids).logits
@@ -67,6 +80,7 @@ def test_generate_tokens_unchanged(monkeypatch):
     prompt = torch.randint(0, VOCAB, (1, 5), device="cuda")
     grouped = qlora_ext.generate(model, prompt, max_new_tokens=8)
     monkeypatch.setattr(fused_blocks, "project_together", lambda layers, x: None)
+    monkeypatch.setattr(fused_blocks, "project_swiglu", lambda gate, up, x: None)
     separate = qlora_ext.generate(model, prompt, max_new_tokens=8)
     assert torch.equal(grouped, separate)
 
@@ -124,6 +138,46 @@ def test_declines_on_the_cpu():
     with torch.no_grad():
         assert project_together(attention, torch.randn(1, 64)) is None
         assert project_together(mlp, torch.randn(1, 64)) is None
+        assert project_swiglu(*mlp, torch.randn(1, 64)) is None
+
+
+# ---- the MLP's gate/up GEMV with SwiGLU in its epilogue -------------------------------------------
+
+
+def _swiglu_of_together(mlp, x):
+    gate, up = project_together(mlp, x)
+    return block_ops.swiglu(gate.contiguous(), up.contiguous())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda_build)])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_project_swiglu_is_project_together_then_swiglu(device, arch, monkeypatch):
+    """Bit for bit (the CPU: with the route forced to the GEMV, the op's composite; CUDA: the
+    fused epilogue), at one row and at several, and None wherever project_together declines or a
+    gradient is needed."""
+    model = prepared(arch, "merged", dtype=torch.bfloat16, device=device)
+    if device == "cpu":
+        monkeypatch.setattr(_ops, "linear_route", lambda *a, **k: _ops.ROUTE_GEMV)
+    _, mlp = projections_of(model)
+    for rows in (1, 5):
+        x = torch.randn(1, rows, 64, device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            fused = project_swiglu(*mlp, x)
+            assert fused is not None and fused.shape == (1, rows, mlp[0].out_features)
+            torch.testing.assert_close(fused, _swiglu_of_together(mlp, x), rtol=0, atol=0)
+    x = torch.randn(1, 1, 64, device=device, dtype=torch.bfloat16)
+    assert project_swiglu(*mlp, x.clone().requires_grad_(True)) is None  # a gradient is needed
+    monkeypatch.setattr(qlora_ext.layers, "SWIGLU_IN_GEMV_ENABLED", False)
+    with torch.no_grad():
+        assert project_swiglu(*mlp, x) is None
+    monkeypatch.setattr(qlora_ext.layers, "SWIGLU_IN_GEMV_ENABLED", True)
+    handle = mlp[1].register_forward_hook(lambda module, args, out: out)
+    with torch.no_grad():
+        assert project_swiglu(*mlp, x) is None  # a hook must see its layer's call
+    handle.remove()
+    attention, _ = projections_of(model)
+    with torch.no_grad():
+        assert project_swiglu(attention[0], attention[1], x) is None  # q and k: not one shape
 
 
 # ---- decode attention over grouped K/V heads without repeating them ------------------------------

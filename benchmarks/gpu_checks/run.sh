@@ -204,6 +204,22 @@ for stage in "$@"; do
         --out "$OUT/decode_8b_fused_h100.json"
       TAIL=40 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8 --stacks nf4_merged
       ;;
+    glu)
+      # SwiGLU in the gate/up GEMV's epilogue (nf4_gemv_swiglu): CUDA tests, the op timed against grouped +
+      # swiglu (and q/k/v's grouped launch at 3 CTAs a SM), decode with it off and with decode_attention's
+      # kernels on, the sanitizers on the new kernel, the step's kernels
+      step glu_tests "$PY" -m pytest -n 14 -q -p no:cacheprovider -rfE tests/test_nf4_gemv_swiglu.py \
+        tests/test_project_together.py tests/test_decode_attention.py tests/test_generate.py tests/test_fused_mlp.py \
+        tests/test_nf4_gemv_grouped.py -k "cuda or CUDA or graph or residual or project or fused"
+      step grouped "$PY" benchmarks/bench_nf4_gemv_grouped.py --m 1 4 --variants factored,factored_o3 \
+        --out "$OUT/nf4_gemv_swiglu_h100.json"
+      step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --fusion-ab --newest-only --repeats 2 \
+        --out "$OUT/decode_8b_glu_h100.json"
+      RUNS=$'memcheck tests/test_nf4_gemv_swiglu.py 1\nracecheck tests/test_nf4_gemv_swiglu.py 2' \
+        K_1='cuda' K_2='cuda and (bfloat16 or scale_forms or variant) and (-1- or -9- or scale_forms or variant)' \
+        KERNELS=qlora STEP_TIMEOUT=100 step sanitize_glu bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_glu_h100.txt" 2
+      TAIL=30 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8 --stacks nf4_merged
+      ;;
     decode_final)
       # decode_fused's checks in priority order for a short budget: the CUDA tests, decode with the
       # newest two shortcuts off in turn, the sanitizers on the new kernels, the step's kernels

@@ -35,6 +35,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize(
 
 }  // namespace
 
+at::Tensor nf4_gemv_swiglu_composite(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
+                                     int64_t blocksize, at::IntArrayRef rows, at::TensorList nested_absmax,
+                                     const std::optional<at::Tensor>& nested_code, at::TensorList nested_offset,
+                                     const std::optional<at::Tensor>& bias, int64_t nested_blocksize) {
+  using GroupedFn = at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, int64_t, at::IntArrayRef,
+                               at::TensorList, const std::optional<at::Tensor>&, at::TensorList,
+                               const std::optional<at::Tensor>&, int64_t);
+  using SwiGLUFn = at::Tensor(const at::Tensor&, const at::Tensor&, bool);
+  static const auto grouped =
+      c10::Dispatcher::singleton().findSchemaOrThrow("qlora_ext::nf4_gemv_grouped", "").typed<GroupedFn>();
+  static const auto swiglu = c10::Dispatcher::singleton().findSchemaOrThrow("qlora_ext::swiglu", "").typed<SwiGLUFn>();
+  const at::Tensor both =
+      grouped.call(x, packed, absmax, blocksize, rows, nested_absmax, nested_code, nested_offset, bias, nested_blocksize);
+  const int64_t n = rows[0];
+  return swiglu.call(both.narrow(-1, 0, n).contiguous(), both.narrow(-1, n, n).contiguous(), false);
+}
+
 TORCH_LIBRARY_IMPL(qlora_ext, CompositeImplicitAutograd, m) {
   m.impl("nf4_double_quantize", &nf4_double_quantize);
 }

@@ -267,6 +267,19 @@ NF4GemvGroupedArgs check_nf4_gemv_grouped(const at::Tensor& x, at::TensorList pa
   return args;
 }
 
+NF4GemvGroupedArgs check_nf4_gemv_swiglu(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
+                                         int64_t blocksize, at::IntArrayRef rows, at::TensorList nested_absmax,
+                                         const std::optional<at::Tensor>& nested_code, at::TensorList nested_offset,
+                                         const std::optional<at::Tensor>& bias, int64_t nested_blocksize) {
+  QLORA_CHECK(rows.size() == 2, "nf4_gemv_swiglu: rows must name two parts (gate, up), got ", rows.size());
+  QLORA_CHECK(rows[0] == rows[1], "nf4_gemv_swiglu: gate and up must have equal rows, got rows = [", rows[0], ", ",
+              rows[1], "]");
+  NF4GemvGroupedArgs args = check_nf4_gemv_grouped(x, packed, absmax, blocksize, rows, nested_absmax, nested_code,
+                                                   nested_offset, bias, nested_blocksize);
+  args.out_shape.back() = rows[0];
+  return args;
+}
+
 NF4GemvArgs check_nf4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                            int64_t blocksize, c10::SymIntArrayRef weight_shape,
                            const std::optional<at::Tensor>& bias,

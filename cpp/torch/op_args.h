@@ -144,6 +144,20 @@ NF4GemvGroupedArgs check_nf4_gemv_grouped(const at::Tensor& x, at::TensorList pa
                                           const std::optional<at::Tensor>& nested_code, at::TensorList nested_offset,
                                           const std::optional<at::Tensor>& bias, int64_t nested_blocksize);
 
+// nf4_gemv_grouped's checks plus nf4_gemv_swiglu's: two parts (gate, up) of equal rows. out_shape
+// is then [..., rows[0]].
+NF4GemvGroupedArgs check_nf4_gemv_swiglu(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
+                                         int64_t blocksize, at::IntArrayRef rows, at::TensorList nested_absmax,
+                                         const std::optional<at::Tensor>& nested_code, at::TensorList nested_offset,
+                                         const std::optional<at::Tensor>& bias, int64_t nested_blocksize);
+
+// nf4_gemv_swiglu as nf4_gemv_grouped then swiglu, through the dispatcher (composite_ops.cpp): the
+// CPU kernel, and the CUDA one where the fused launch does not apply. Arguments already checked.
+at::Tensor nf4_gemv_swiglu_composite(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
+                                     int64_t blocksize, at::IntArrayRef rows, at::TensorList nested_absmax,
+                                     const std::optional<at::Tensor>& nested_code, at::TensorList nested_offset,
+                                     const std::optional<at::Tensor>& bias, int64_t nested_blocksize);
+
 // Largest M (product of x's leading dimensions) that nf4_gemv accepts.
 constexpr int64_t kNF4GemvMaxRows = 16;
 

@@ -108,6 +108,17 @@ at::Tensor nf4_gemv_grouped_cpu(const at::Tensor& x, at::TensorList packed, at::
   return at::cat(outputs, -1);
 }
 
+// The CPU has no launch to save: nf4_gemv_grouped then swiglu.
+at::Tensor nf4_gemv_swiglu_cpu(const at::Tensor& x, at::TensorList packed, at::TensorList absmax, int64_t blocksize,
+                               at::IntArrayRef rows, at::TensorList nested_absmax,
+                               const std::optional<at::Tensor>& nested_code, at::TensorList nested_offset,
+                               const std::optional<at::Tensor>& bias, int64_t nested_blocksize) {
+  check_nf4_gemv_swiglu(x, packed, absmax, blocksize, rows, nested_absmax, nested_code, nested_offset, bias,
+                        nested_blocksize);
+  return nf4_gemv_swiglu_composite(x, packed, absmax, blocksize, rows, nested_absmax, nested_code, nested_offset,
+                                   bias, nested_blocksize);
+}
+
 at::Tensor nf4_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                         int64_t blocksize, c10::SymIntArrayRef weight_shape,
                         const std::optional<at::Tensor>& bias,
@@ -159,6 +170,7 @@ TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
   m.impl("nf4_dequantize_into", &nf4_dequantize_into_cpu);
   m.impl("nf4_gemv", &nf4_gemv_cpu);
   m.impl("nf4_gemv_grouped", &nf4_gemv_grouped_cpu);
+  m.impl("nf4_gemv_swiglu", &nf4_gemv_swiglu_cpu);
   m.impl("nf4_gemm", &nf4_gemm_cpu);
   m.impl("blockwise8_quantize", &blockwise8_quantize_cpu);
   m.impl("blockwise8_dequantize", &blockwise8_dequantize_cpu);

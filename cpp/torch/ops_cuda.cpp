@@ -135,6 +135,35 @@ at::Tensor nf4_gemv_grouped_cuda(const at::Tensor& x, at::TensorList packed, at:
   return at::cat(outputs, -1);
 }
 
+// One launch (SwiGLU in the GEMV epilogue) where nf4_gemv_swiglu_cuda_supported holds, else
+// nf4_gemv_grouped then swiglu.
+at::Tensor nf4_gemv_swiglu_cuda(const at::Tensor& x, at::TensorList packed, at::TensorList absmax, int64_t blocksize,
+                                at::IntArrayRef rows, at::TensorList nested_absmax,
+                                const std::optional<at::Tensor>& nested_code, at::TensorList nested_offset,
+                                const std::optional<at::Tensor>& bias, int64_t nested_blocksize) {
+  const NF4GemvGroupedArgs a = check_nf4_gemv_swiglu(x, packed, absmax, blocksize, rows, nested_absmax, nested_code,
+                                                     nested_offset, bias, nested_blocksize);
+  const c10::cuda::CUDAGuard guard(x.device());
+  qlora::NF4GemvPart parts[2];
+  for (int p = 0; p < 2; ++p) {
+    qlora::NF4Scales scales = a.parts[p].weight.scales();
+    scales.nested_blocksize = nested_blocksize;
+    parts[p] = {a.parts[p].weight.packed.data_ptr<uint8_t>(), scales, a.parts[p].N};
+  }
+  const at::Tensor& xc = a.parts[0].x;
+  if (a.M > 0 && a.K > 0 &&
+      qlora::nf4_gemv_swiglu_cuda_supported(a.type, a.M, a.K, xc.data_ptr(), parts[0], parts[1], blocksize)) {
+    at::Tensor y = at::empty({a.M, rows[0]}, x.options());
+    check_launch(qlora::nf4_gemv_swiglu_cuda(xc.data_ptr(), a.type, a.M, a.K, parts[0], parts[1], blocksize,
+                                             a.bias.defined() ? a.bias.data_ptr() : nullptr, y.data_ptr(),
+                                             at::cuda::getCurrentCUDAStream()),
+                 "nf4_gemv_swiglu");
+    return y.view(a.out_shape);
+  }
+  return nf4_gemv_swiglu_composite(x, packed, absmax, blocksize, rows, nested_absmax, nested_code, nested_offset,
+                                   bias, nested_blocksize);
+}
+
 at::Tensor nf4_gemm_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                          int64_t blocksize, c10::SymIntArrayRef weight_shape,
                          const std::optional<at::Tensor>& bias,
@@ -211,6 +240,7 @@ TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("nf4_dequantize_into", &nf4_dequantize_into_cuda);
   m.impl("nf4_gemv", &nf4_gemv_cuda);
   m.impl("nf4_gemv_grouped", &nf4_gemv_grouped_cuda);
+  m.impl("nf4_gemv_swiglu", &nf4_gemv_swiglu_cuda);
   m.impl("nf4_gemm", &nf4_gemm_cuda);
   m.impl("blockwise8_quantize", &blockwise8_quantize_cuda);
   m.impl("blockwise8_dequantize", &blockwise8_dequantize_cuda);

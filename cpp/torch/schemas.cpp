@@ -40,6 +40,14 @@ TORCH_LIBRARY(qlora_ext, m) {
       "nf4_gemv_grouped(Tensor x, Tensor[] packed, Tensor[] absmax, int blocksize, int[] rows, "
       "Tensor[] nested_absmax, Tensor? nested_code, Tensor[] nested_offset, Tensor? bias, "
       "int nested_blocksize) -> Tensor");
+  // The MLP's gate and up with SwiGLU after them, one call: nf4_gemv_grouped's arguments with two
+  // parts of equal rows N (gate, up; bias [2N], gate's then up's) -> swiglu(gate, up) [..., N], the
+  // bits of nf4_gemv_grouped followed by swiglu. CUDA runs one launch (SwiGLU in the GEMV's
+  // epilogue) where nf4_gemv_swiglu_cuda_supported holds (kernels_cuda.h), else those two ops.
+  m.def(
+      "nf4_gemv_swiglu(Tensor x, Tensor[] packed, Tensor[] absmax, int blocksize, int[] rows, "
+      "Tensor[] nested_absmax, Tensor? nested_code, Tensor[] nested_offset, Tensor? bias, "
+      "int nested_blocksize) -> Tensor");
   // The same product for prefill-sized x: prod(x.shape[:-1]) <= 256, a tiled tensor-core GEMM that
   // dequantizes W inside (CUDA, fp16/bf16, K % 64 == 0); other cases dequantize + matrix product.
   m.def(

@@ -356,6 +356,22 @@ def nf4_gemv_grouped_weights(x: torch.Tensor, weights: Sequence[NF4Weight], bias
     )  # fmt: skip
 
 
+def nf4_gemv_swiglu_weights(x: torch.Tensor, gate: NF4Weight, up: NF4Weight,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`nf4_gemv_swiglu`: silu(x·deq(gate)ᵀ) * (x·deq(up)ᵀ) [..., N] for NF4 weights [N, K] (bias
+    [2N]: gate's then up's), bit for bit `nf4_gemv_grouped_weights` followed by `block_ops.swiglu`
+    (no routing: x must have <= 16 rows). On CUDA one launch where the factored kernels apply, the
+    SwiGLU in the GEMV's epilogue, so the MLP's [M, 2N] gate/up output is never written; the weights
+    must be `grouped_gemv_compatible` and of one shape."""
+    nested = gate.nested
+    return _ops().nf4_gemv_swiglu(
+        x, [gate.packed, up.packed], [gate.absmax, up.absmax], gate.blocksize, [int(gate.shape[0]), int(up.shape[0])],
+        [gate.nested.absmax2, up.nested.absmax2] if nested else [], nested.code if nested else None,
+        [gate.nested.offset.reshape(1), up.nested.offset.reshape(1)] if nested else [],
+        bias, nested.blocksize if nested else 256,
+    )  # fmt: skip
+
+
 def grouped_gemv_compatible(weights: Sequence[NF4Weight]) -> bool:
     """Whether `nf4_gemv_grouped_weights` takes these weights: 2-D, one K, blocksize, form, and (double
     quantization) nested blocksize, and nested maps of equal values, on one device. Compares the
@@ -584,6 +600,33 @@ def register_fakes() -> None:
 
     torch.library.register_autograd("qlora_ext::nf4_gemv_grouped", _grouped_backward,
                                     setup_context=_grouped_setup_context)  # fmt: skip
+
+    @torch.library.register_fake("qlora_ext::nf4_gemv_swiglu")
+    def _(x, packed, absmax, blocksize, rows, nested_absmax, nested_code, nested_offset, bias, nested_blocksize):
+        torch._check(len(rows) == 2, lambda: f"nf4_gemv_swiglu: rows must name two parts (gate, up), got {len(rows)}")
+        torch._check(rows[0] == rows[1], lambda: f"nf4_gemv_swiglu: gate and up must have equal rows, got {list(rows)}")
+        both = torch.ops.qlora_ext.nf4_gemv_grouped.default(
+            x, packed, absmax, blocksize, rows, nested_absmax, nested_code, nested_offset, bias, nested_blocksize)
+        return both.new_empty((*both.shape[:-1], rows[0]))
+
+    def _swiglu_gemv_setup_context(ctx, inputs, output):
+        _grouped_setup_context(ctx, inputs, output)
+        ctx.grouped_inputs = inputs
+        ctx.save_for_backward(inputs[0])
+
+    def _swiglu_gemv_backward(ctx, grad_h):
+        # Recompute the grouped GEMV's [gate, up] (two NF4 GEMVs: cheap next to keeping them), take
+        # SwiGLU's backward, then the grouped GEMV's with [dgate, dup] side by side.
+        (x,) = ctx.saved_tensors
+        _, *rest = ctx.grouped_inputs
+        both = torch.ops.qlora_ext.nf4_gemv_grouped(x.detach(), *rest)
+        n = ctx.rows[0]
+        grad_gate, grad_up = torch.ops.qlora_ext.swiglu_backward(
+            grad_h.contiguous(), both[..., :n].contiguous(), both[..., n:].contiguous())
+        return _grouped_backward(ctx, torch.cat([grad_gate, grad_up], dim=-1))
+
+    torch.library.register_autograd("qlora_ext::nf4_gemv_swiglu", _swiglu_gemv_backward,
+                                    setup_context=_swiglu_gemv_setup_context)  # fmt: skip
 
     # nf4_gemm has nf4_gemv's arguments and math: one backward serves both.
     for op in ("qlora_ext::nf4_gemv", "qlora_ext::nf4_gemm"):

@@ -52,7 +52,7 @@ from torch import nn
 
 from . import block_ops
 from ._native import native
-from .layers import QLoRALinear, project_add, project_together
+from .layers import QLoRALinear, project_add, project_swiglu, project_together
 
 logger = logging.getLogger("qlora_ext")
 
@@ -282,10 +282,12 @@ def _swiglu_mlp_forward(self, x, _qlora_residual=None):
     if not _fused_here(self, x):
         out = type(self).forward(self, x)
         return out if _qlora_residual is None else _qlora_residual + out
-    inplace = _dead_after_use(self.gate_proj) and _dead_after_use(self.up_proj)
-    together = project_together((self.gate_proj, self.up_proj), x)  # decoding: one GEMV launch for both
-    gate, up = together if together is not None else (self.gate_proj(x), self.up_proj(x))
-    h = block_ops.swiglu(gate, up, backward_inplace=inplace)
+    h = project_swiglu(self.gate_proj, self.up_proj, x)  # decoding: one launch, SwiGLU in its epilogue
+    if h is None:
+        inplace = _dead_after_use(self.gate_proj) and _dead_after_use(self.up_proj)
+        together = project_together((self.gate_proj, self.up_proj), x)  # decoding: one GEMV launch for both
+        gate, up = together if together is not None else (self.gate_proj(x), self.up_proj(x))
+        h = block_ops.swiglu(gate, up, backward_inplace=inplace)
     return self.down_proj(h) if _qlora_residual is None else project_add(self.down_proj, h, _qlora_residual)
 
 

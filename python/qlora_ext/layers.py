@@ -256,7 +256,20 @@ def project_together(layers: Sequence[nn.Module], x: Tensor) -> list[Tensor] | N
     (`_ops.grouped_gemv_compatible`, checked once per set of weights). The outputs are views of
     one [..., sum(out_features)] tensor.
     """
-    if not GROUPED_GEMV_ENABLED or len(layers) < 2 or not all(type(layer) is QLoRALinear for layer in layers):
+    if not GROUPED_GEMV_ENABLED:
+        return None
+    weights = _grouped_weights(layers, x, "project_together")
+    if weights is None:
+        return None
+    bias = _stacked_bias(layers[0], layers, x)
+    y = _ops.nf4_gemv_grouped_weights(x, weights, bias)
+    return list(y.split([int(w.shape[0]) for w in weights], dim=-1))
+
+
+def _grouped_weights(layers: Sequence[nn.Module], x: Tensor, caller: str) -> list[NF4Weight] | None:
+    """The layers' NF4 weights where one grouped GEMV computes exactly what the layers do (see
+    project_together), else None."""
+    if len(layers) < 2 or not all(type(layer) is QLoRALinear for layer in layers):
         return None
     if _global_forward_hooks_present():
         return None
@@ -265,14 +278,33 @@ def project_together(layers: Sequence[nn.Module], x: Tensor) -> list[Tensor] | N
             return None
         if layer._forward_hooks or layer._forward_pre_hooks:
             return None
-        if _ops.linear_route(x, layer.weight, layer.bias, caller="project_together") != _ops.ROUTE_GEMV:
+        if _ops.linear_route(x, layer.weight, layer.bias, caller=caller) != _ops.ROUTE_GEMV:
             return None
     weights = [layer.weight for layer in layers]
-    if not _weights_share_a_launch(layers[0], weights):
+    return weights if _weights_share_a_launch(layers[0], weights) else None
+
+
+#: Switch for `project_swiglu` (off: project_together, then block_ops.swiglu).
+SWIGLU_IN_GEMV_ENABLED = True
+
+
+def project_swiglu(gate_proj: nn.Module, up_proj: nn.Module, x: Tensor) -> Tensor | None:
+    """silu(gate_proj(x)) * up_proj(x) with one `nf4_gemv_swiglu` call, or None where that call
+    would not compute exactly what project_together and block_ops.swiglu do (the caller then does).
+
+    Decoding's MLP: the SwiGLU runs in the grouped GEMV's epilogue, one kernel and the [..., 2N]
+    gate/up round trip fewer a layer; the same bits as the two steps. It applies where
+    project_together does, with gate and up of one shape, and (it has no use for training) where
+    no gradient is needed: x not requiring one, or grad mode off."""
+    if not (SWIGLU_IN_GEMV_ENABLED and GROUPED_GEMV_ENABLED):
         return None
-    bias = _stacked_bias(layers[0], layers, x)
-    y = _ops.nf4_gemv_grouped_weights(x, weights, bias)
-    return list(y.split([int(w.shape[0]) for w in weights], dim=-1))
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    weights = _grouped_weights((gate_proj, up_proj), x, "project_swiglu")
+    if weights is None or tuple(weights[0].shape) != tuple(weights[1].shape):
+        return None
+    bias = _stacked_bias(gate_proj, (gate_proj, up_proj), x)
+    return _ops.nf4_gemv_swiglu_weights(x, weights[0], weights[1], bias)
 
 
 #: Switch for `project_add` (off: the layer's output, then a separate add).

@@ -228,6 +228,16 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate.float()) * up.float()
 
 
+def nf4_gemv_swiglu(x: torch.Tensor, gate_args: Sequence, up_args: Sequence, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 silu(x·deq(gate)ᵀ + bias[:N]) * (x·deq(up)ᵀ + bias[N:]) with nf4_gemv's exact products;
+    gate_args / up_args: nf4_gemv's arguments after x and before bias (packed, absmax, blocksize,
+    weight_shape), then its nested ones."""
+    n = int(gate_args[3][0])
+    gate = nf4_gemv(x, *gate_args[:4], None if bias is None else bias[:n], *gate_args[4:])
+    up = nf4_gemv(x, *up_args[:4], None if bias is None else bias[n:], *up_args[4:])
+    return swiglu(gate, up)
+
+
 def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (dgate, dup) = (dh * up * s * (1 + g * (1 - s)), dh * silu(g)), s = sigmoid(g)."""
     g, u, d = gate.float(), up.float(), dh.float()

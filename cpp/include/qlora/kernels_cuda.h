@@ -54,6 +54,18 @@ bool nf4_gemv_grouped_cuda_supported(FloatType type, int64_t M, int64_t K, const
 cudaError_t nf4_gemv_grouped_cuda(const void* x, FloatType type, int64_t M, int64_t K, const NF4GemvPart* parts,
                                   int count, int64_t blocksize, const void* bias, void* y, cudaStream_t stream);
 
+// nf4_gemv_cuda.cu: the MLP's gate and up [N, K] with SwiGLU in the epilogue, one launch:
+// y [M, N] = T(silu(g) * u) with g, u the grouped GEMV's outputs as it would store them (each
+// rounded to T, bias [2N] = gate's then up's added before) and the SwiGLU kernels' fp32 math, i.e.
+// the bits of nf4_gemv_grouped_cuda followed by swiglu_forward_cuda. Cases
+// nf4_gemv_swiglu_cuda_supported accepts (cudaErrorInvalidValue otherwise): the grouped launch's,
+// with gate.rows == up.rows (any count). Always "factored"'s tile shapes.
+bool nf4_gemv_swiglu_cuda_supported(FloatType type, int64_t M, int64_t K, const void* x, const NF4GemvPart& gate,
+                                    const NF4GemvPart& up, int64_t blocksize);
+cudaError_t nf4_gemv_swiglu_cuda(const void* x, FloatType type, int64_t M, int64_t K, const NF4GemvPart& gate,
+                                 const NF4GemvPart& up, int64_t blocksize, const void* bias, void* y,
+                                 cudaStream_t stream);
+
 // nf4_gemv_cuda.cu: which fast-path kernel nf4_gemv_cuda launches, process-wide, read at each
 // launch (so a CUDA graph keeps the kernel it captured). For measuring the variants against each
 // other in one process; 1 ("factored") is the default. Variants other than 0 apply where their kernel

@@ -56,6 +56,7 @@
 #include "dependent_launch.cuh"
 #include "device_facts.cuh"
 #include "qlora/kernels_cuda.h"
+#include "swiglu_math.cuh"
 
 namespace qlora {
 namespace {
@@ -184,12 +185,10 @@ __device__ __forceinline__ void dequantize_step(const uint4& run, int j, float s
 // half of the warps stores, lower half adds, so `partial` holds 4 copies), then one thread per
 // output sums the copies, adds the bias and rounds to T once. The caller's __syncthreads() after
 // it guards `partial` against the next tile.
-template <typename T, int MT, int R, int kRows, int kPaddedCols>
-__device__ __forceinline__ void reduce_and_store(const float (&acc)[R][MT][4],
-                                                 float (&partial)[kWarps / 2][kRows][kPaddedCols], int warp,
-                                                 int g, int t, int64_t row0, int M, int64_t N,
-                                                 const T* __restrict__ bias, T* __restrict__ y) {
-  constexpr int kCols = kPaddedCols - 1;  // the +1 column only spreads the banks
+template <int MT, int R, int kRows, int kPaddedCols>
+__device__ __forceinline__ void reduce_partials(const float (&acc)[R][MT][4],
+                                                float (&partial)[kWarps / 2][kRows][kPaddedCols], int warp,
+                                                int g, int t) {
   auto slot = [&](int r, int mt, int i) -> float& {
     return partial[warp % (kWarps / 2)][16 * r + g + 8 * (i >> 1)][8 * mt + 2 * t + (i & 1)];
   };
@@ -211,15 +210,61 @@ __device__ __forceinline__ void reduce_and_store(const float (&acc)[R][MT][4],
         for (int i = 0; i < 4; ++i) slot(r, mt, i) += acc[r][mt][i];
   }
   __syncthreads();
+}
+
+// Tile row `row`'s fp32 sum for x row m: the 4 copies reduce_partials leaves.
+template <int kRows, int kPaddedCols>
+__device__ __forceinline__ float partial_sum(const float (&partial)[kWarps / 2][kRows][kPaddedCols], int row, int m) {
+  float sum = 0.0f;
+#pragma unroll
+  for (int v = 0; v < kWarps / 2; ++v) sum += partial[v][row][m];
+  return sum;
+}
+
+template <typename T, int MT, int R, int kRows, int kPaddedCols>
+__device__ __forceinline__ void reduce_and_store(const float (&acc)[R][MT][4],
+                                                 float (&partial)[kWarps / 2][kRows][kPaddedCols], int warp,
+                                                 int g, int t, int64_t row0, int M, int64_t N,
+                                                 const T* __restrict__ bias, T* __restrict__ y) {
+  constexpr int kCols = kPaddedCols - 1;  // the +1 column only spreads the banks
+  reduce_partials<MT, R>(acc, partial, warp, g, t);
   for (int i = threadIdx.x; i < kRows * kCols; i += kThreads) {
     const int row = i % kRows, m = i / kRows;
     const int64_t n = row0 + row;
     if (m < M && n < N) {
-      float sum = 0.0f;
-#pragma unroll
-      for (int v = 0; v < kWarps / 2; ++v) sum += partial[v][row][m];
+      float sum = partial_sum(partial, row, m);
       if (bias != nullptr) sum += Element<T>::to_float(bias[n]);
       y[int64_t(m) * N + n] = Element<T>::from_float(sum);
+    }
+  }
+}
+
+// The SwiGLU epilogue (GLU tiles, see nf4_gemv_factored_kernel): tile row 16r + i (i < 8) is gate
+// row out0 + 8r + i and tile row 16r + 8 + i the up row of the same index. Each is rounded to T as
+// the grouped GEMV would store it (bias [2 N] = gate's then up's, added first), then
+// y[m, n] = T(silu(gate) * up) with the SwiGLU kernels' fp32 math: the bits of nf4_gemv_grouped
+// followed by swiglu.
+template <typename T, int MT, int R, int kRows, int kPaddedCols>
+__device__ __forceinline__ void reduce_and_store_glu(const float (&acc)[R][MT][4],
+                                                     float (&partial)[kWarps / 2][kRows][kPaddedCols], int warp,
+                                                     int g, int t, int64_t out0, int M, int64_t N,
+                                                     const T* __restrict__ bias, T* __restrict__ y) {
+  constexpr int kCols = kPaddedCols - 1;
+  constexpr int kOutRows = kRows / 2;
+  reduce_partials<MT, R>(acc, partial, warp, g, t);
+  for (int i = threadIdx.x; i < kOutRows * kCols; i += kThreads) {
+    const int out_row = i % kOutRows, m = i / kOutRows;
+    const int tile_row = 16 * (out_row / 8) + out_row % 8;
+    const int64_t n = out0 + out_row;
+    if (m < M && n < N) {
+      float gate = partial_sum(partial, tile_row, m), up = partial_sum(partial, tile_row + 8, m);
+      if (bias != nullptr) {
+        gate += Element<T>::to_float(bias[n]);
+        up += Element<T>::to_float(bias[N + n]);
+      }
+      const float gate_t = Element<T>::to_float(Element<T>::from_float(gate));
+      const float up_t = Element<T>::to_float(Element<T>::from_float(up));
+      y[int64_t(m) * N + n] = Element<T>::from_float(swiglu(gate_t, up_t));
     }
   }
 }
@@ -461,7 +506,12 @@ __device__ __forceinline__ V select_part(const V (&v)[kMaxGemvParts], int p) {
 // N = parts.end_row[parts.count - 1], bias [N] or nullptr.
 // CTAS: CTAs per SM the launch bounds promise (2: up to 128 registers a thread; 3: 80; 4: 64) and
 // the persistent grid fills.
-template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE, int CTAS = 2>
+// GLU: the MLP's gate and up in one launch with SwiGLU in the epilogue (nf4_gemv_swiglu_cuda):
+// parts = {gate, up}, both [N, K]; y [M, N] = swiglu(x·gateᵀ, x·upᵀ). A tile then holds 8R output
+// rows: MMA rows g (h = 0) read gate row out0 + 8r + g and rows g + 8 (h = 1) the up row of the same
+// index, so both sums of an output meet in one CTA (reduce_and_store_glu). The same work per byte
+// as the grouped launch; one kernel and the [M, 2N] round trip fewer.
+template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE, int CTAS = 2, bool GLU = false>
 __global__ void __launch_bounds__(kThreads, CTAS)
 nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, int blocksize_log2,
                          int nested_log2, int64_t K, const T* __restrict__ bias, T* __restrict__ y) {
@@ -485,19 +535,24 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, in
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const bool double_quant = parts.absmax[0] == nullptr;  // the same form for every part
-  const int64_t N = parts.end_row[parts.count - 1];
+  // GLU: N is the output width (gate's rows), a tile covers kRows / 2 outputs.
+  const int64_t N = GLU ? parts.end_row[0] : parts.end_row[parts.count - 1];
+  constexpr int kTileOutputs = GLU ? kRows / 2 : kRows;
   const int64_t n_steps = (K + kStepK - 1) / kStepK;
-  const int64_t n_tiles = (N + kRows - 1) / kRows;
+  const int64_t n_tiles = (N + kTileOutputs - 1) / kTileOutputs;
   const bool active = warp < n_steps;  // a warp with no step in a tile has none in any tile
 
   auto load_stage = [&](Stage& st, int64_t tile, int64_t step) {
     const int64_t k0 = step * kStepK;
     const int64_t k_mine = k0 + kSegment * (t % SEG);
-    // The tile's part (a tile never straddles two: every part but the last is whole tiles).
-    const int64_t tile_row = tile * kRows;
+    // The tile's part (a tile never straddles two: every part but the last is whole tiles). GLU:
+    // part h for rows g + 8h (below), st.part unused.
+    const int64_t tile_row = tile * kTileOutputs;
     int p = 0;
+    if constexpr (!GLU) {
 #pragma unroll
-    for (int i = 0; i + 1 < kMaxGemvParts; ++i) p += (i + 1 < parts.count && tile_row >= parts.end_row[i]) ? 1 : 0;
+      for (int i = 0; i + 1 < kMaxGemvParts; ++i) p += (i + 1 < parts.count && tile_row >= parts.end_row[i]) ? 1 : 0;
+    }
     st.part = p;
     const uint8_t* const packed = select_part(parts.packed, p);
     const float* const absmax = select_part(parts.absmax, p);
@@ -510,21 +565,22 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, in
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         // Rows past the part's (i.e. N's) end read its last row; their sums are never written.
-        const int64_t row_start = (min(tile_row + 16 * r + 8 * h + g, part_last) - part_start) * K;
+        const int64_t row_start = GLU ? min(tile_row + 8 * r + g, N - 1) * K
+                                      : (min(tile_row + 16 * r + 8 * h + g, part_last) - part_start) * K;
         // row_start + k0 is a multiple of 64 (K % 64 == 0): byte offsets of the segments are
         // immediates from one pointer.
-        const uint8_t* row_codes = packed + ((row_start + k0) >> 1) + 8 * t;
+        const uint8_t* row_codes = (GLU ? parts.packed[h] : packed) + ((row_start + k0) >> 1) + 8 * t;
 #pragma unroll
         for (int s = 0; s < SEG; ++s) {
           st.codes[r][h][s] = k0 + kSegment * s < K ? load_codes8(row_codes + 32 * s) : make_uint2(0, 0);
         }
         const int64_t b = (row_start + (k_mine < K ? k_mine : 0)) >> blocksize_log2;
         if (double_quant) {
-          st.scale_code[r][h] = __ldg(absmax_codes + b);
-          st.scale_raw[r][h] = __ldg(nested_absmax + (b >> nested_log2));
+          st.scale_code[r][h] = __ldg((GLU ? parts.absmax_codes[h] : absmax_codes) + b);
+          st.scale_raw[r][h] = __ldg((GLU ? parts.nested_absmax[h] : nested_absmax) + (b >> nested_log2));
         } else {
           st.scale_code[r][h] = 0;
-          st.scale_raw[r][h] = __ldg(absmax + b);
+          st.scale_raw[r][h] = __ldg((GLU ? parts.absmax[h] : absmax) + b);
         }
       }
     }
@@ -602,12 +658,12 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, in
       // Scale of this lane's segment (t % SEG) of rows g and g+8; segment s's comes from lane t = s.
       // An invalid segment has zero x and scale 0 (never a NaN from a clamped block's scale).
       const bool mine_valid = k0 + kSegment * (t % SEG) < K;
-      const float offset = double_quant ? part_offset[cur.part] : 0.0f;
       float mine[R][2];
 #pragma unroll
       for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
+          const float offset = double_quant ? part_offset[GLU ? h : cur.part] : 0.0f;
           float v = cur.scale_raw[r][h];
           if (double_quant) v = __fadd_rn(__fmul_rn(nested_map[cur.scale_code[r][h]], v), offset);
           mine[r][h] = mine_valid ? v : 0.0f;
@@ -675,7 +731,11 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, in
       cur = next;
     }
 
-    reduce_and_store<T, MT, R>(acc, partial, warp, g, t, row0, M, N, bias, y);
+    if constexpr (GLU) {
+      reduce_and_store_glu<T, MT, R>(acc, partial, warp, g, t, tile * kTileOutputs, M, N, bias, y);
+    } else {
+      reduce_and_store<T, MT, R>(acc, partial, warp, g, t, row0, M, N, bias, y);
+    }
     __syncthreads();  // partial is rewritten by the next tile
   }
 #endif  // QLORA_GEMV_MMA
@@ -990,17 +1050,17 @@ cudaError_t allow_dynamic_shared(Kernel kernel, int bytes, std::atomic<uint64_t>
   return status;
 }
 
-template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE = false, int CTAS = 2>
+template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE = false, int CTAS = 2, bool GLU = false>
 cudaError_t launch_factored(const T* x, int M, const FactoredParts& parts, int blocksize_log2, int nested_log2,
                             int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream) {
-  auto kernel = nf4_gemv_factored_kernel<T, MT, R, SEG, SPLIT, WIDE, CTAS>;
+  auto kernel = nf4_gemv_factored_kernel<T, MT, R, SEG, SPLIT, WIDE, CTAS, GLU>;
   constexpr int kDynamicBytes = WIDE ? 64 * 1024 : 0;
   if constexpr (WIDE) {
     static std::atomic<uint64_t> configured{0};
     const cudaError_t status = allow_dynamic_shared(kernel, kDynamicBytes, configured);
     if (status != cudaSuccess) return status;
   }
-  const int64_t tiles = ceil_div(parts.end_row[parts.count - 1], 16 * R);
+  const int64_t tiles = GLU ? ceil_div(parts.end_row[0], 8 * R) : ceil_div(parts.end_row[parts.count - 1], 16 * R);
   // Persistent: CTAS CTAs per SM (__launch_bounds__), each builds its tables once.
   const int64_t grid = std::min<int64_t>(tiles, int64_t(sm_count) * CTAS);
   return launch_kernel(kernel, dim3(unsigned(grid)), dim3(kThreads), kDynamicBytes, stream, x, M, parts, blocksize_log2,
@@ -1202,6 +1262,44 @@ cudaError_t nf4_gemv_grouped_cuda(const void* x, FloatType type, int64_t M, int6
       return launch_factored_variant<T>(variant, static_cast<const T*>(x), int(M), stacked, blocksize_log2,
                                         nested_log2, K, static_cast<const T*>(bias), static_cast<T*>(y),
                                         facts.sm_count, stream);
+    }
+  });
+}
+
+bool nf4_gemv_swiglu_cuda_supported(FloatType type, int64_t M, int64_t K, const void* x, const NF4GemvPart& gate,
+                                    const NF4GemvPart& up, int64_t blocksize) {
+  // (the grouped launch's conditions but the part-size one: GLU tiles read both parts row by row)
+  const NF4GemvPart both[2] = {{gate.packed, gate.scales, kGroupedPartRows}, up};
+  return gate.rows == up.rows && gate.rows > 0 && nf4_gemv_grouped_cuda_supported(type, M, K, x, both, 2, blocksize);
+}
+
+cudaError_t nf4_gemv_swiglu_cuda(const void* x, FloatType type, int64_t M, int64_t K, const NF4GemvPart& gate,
+                                 const NF4GemvPart& up, int64_t blocksize, const void* bias, void* y,
+                                 cudaStream_t stream) {
+  if (!nf4_gemv_swiglu_cuda_supported(type, M, K, x, gate, up, blocksize)) return cudaErrorInvalidValue;
+  DeviceFacts facts;
+  const cudaError_t status = device_facts(facts);
+  if (status != cudaSuccess) return status;
+  FactoredParts parts;
+  parts.add(gate.packed, gate.scales, gate.rows);
+  parts.add(up.packed, up.scales, up.rows);
+  const int blocksize_log2 = log2_of_power_of_two(blocksize);
+  const int nested_log2 = log2_of_power_of_two(gate.scales.nested_blocksize);
+  return dispatch_float_type(type, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, float>) {
+      return cudaErrorInvalidValue;  // unreachable: supported() refuses fp32
+    } else {
+      const T* xt = static_cast<const T*>(x);
+      const T* bt = static_cast<const T*>(bias);
+      T* yt = static_cast<T*>(y);
+      // "factored"'s tile shapes whatever the variant switch says (the A/B variants stay grouped-only)
+      if (M <= 8) {
+        return launch_factored<T, 1, 1, 4, false, false, 2, true>(xt, int(M), parts, blocksize_log2, nested_log2, K,
+                                                                  bt, yt, facts.sm_count, stream);
+      }
+      return launch_factored<T, 2, 2, 2, false, false, 2, true>(xt, int(M), parts, blocksize_log2, nested_log2, K,
+                                                                bt, yt, facts.sm_count, stream);
     }
   });
 }
