@@ -205,9 +205,9 @@ for stage in "$@"; do
       TAIL=40 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8 --stacks nf4_merged
       ;;
     glu)
-      # SwiGLU in the gate/up GEMV's epilogue (nf4_gemv_swiglu): CUDA tests, the op timed against grouped +
-      # swiglu (and q/k/v's grouped launch at 3 CTAs a SM), decode with it off and with decode_attention's
-      # kernels on, the sanitizers on the new kernel, the step's kernels
+      # SwiGLU in the gate/up GEMV's epilogue (nf4_gemv_swiglu) and decode_attention's staged kernels: CUDA
+      # tests, the op timed against grouped + swiglu (and q/k/v's grouped launch at 3 CTAs a SM), decode with
+      # it off and with decode_attention's kernels on, the sanitizers on both, the step's kernels
       step glu_tests "$PY" -m pytest -n 14 -q -p no:cacheprovider -rfE tests/test_nf4_gemv_swiglu.py \
         tests/test_project_together.py tests/test_decode_attention.py tests/test_generate.py tests/test_fused_mlp.py \
         tests/test_nf4_gemv_grouped.py -k "cuda or CUDA or graph or residual or project or fused"
@@ -215,9 +215,10 @@ for stage in "$@"; do
         --out "$OUT/nf4_gemv_swiglu_h100.json"
       step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --fusion-ab --newest-only --repeats 2 \
         --out "$OUT/decode_8b_glu_h100.json"
-      RUNS=$'memcheck tests/test_nf4_gemv_swiglu.py 1\nracecheck tests/test_nf4_gemv_swiglu.py 2' \
+      RUNS=$'memcheck tests/test_nf4_gemv_swiglu.py 1\nracecheck tests/test_nf4_gemv_swiglu.py 2\nmemcheck tests/test_decode_attention.py 3\nracecheck tests/test_decode_attention.py 4' \
         K_1='cuda' K_2='cuda and (bfloat16 or scale_forms or variant) and (-1- or -9- or scale_forms or variant)' \
-        KERNELS=qlora STEP_TIMEOUT=100 step sanitize_glu bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_glu_h100.txt" 2
+        K_3='cuda and not fused_attention' K_4='cuda and (bfloat16 or graph or never_read) and not fused_attention' \
+        KERNELS=qlora STEP_TIMEOUT=100 step sanitize_glu bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_glu_h100.txt" 4
       TAIL=30 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8 --stacks nf4_merged
       ;;
     decode_final)
