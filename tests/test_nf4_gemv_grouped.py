@@ -19,7 +19,8 @@ from test_nf4_gemv import use_variant  # noqa: F401  (fixture)
 pytest.importorskip("qlora_ext._C", reason="the compiled extension is not built")
 
 # Variants whose kernel the grouped launch uses itself (the others group with "factored").
-FACTORED = {"factored", "factored_split", "factored_r2", "factored_r1", "factored_wide", "factored_o3", "factored_o4"}
+FACTORED = {"factored", "factored_split", "factored_r2", "factored_r1", "factored_wide", "factored_o3", "factored_o4",
+            "factored_fill"}
 
 
 def make_parts(device, dtype, M, rows, K, double_quant=True, bias=True, blocksize=64):

@@ -169,7 +169,9 @@ def nf4_gemv_variants() -> list[str]:
     2026-12-06) measured slower than "factored" except at 1024x4096, M = 16
     (benchmarks/results/nf4_gemv_stream_h100.json), and "factored_wide" (a 64 KB table, one byte
     permute a lookup) within -4..+2% of it (nf4_gemv_wide_h100.json); "factored_o3" / "factored_o4"
-    (3 / 4 CTAs a SM for M <= 8) 7-25% / 41-63% slower (nf4_gemv_occupancy_h100.json). They
+    (3 / 4 CTAs a SM for M <= 8) 7-25% / 41-63% slower (nf4_gemv_occupancy_h100.json);
+    "factored_fill" is "factored" but for M <= 8 launches whose 16-row tiles fit one round at 3
+    CTAs a SM and not at 2 (8B's grouped q/k/v on the H100), which take factored_o3's shape. They
     apply where their kernel does (fp16/bf16, K % 64 == 0, blocksize >= 64, 16-byte aligned data,
     sm_80+); other cases take variant 0's path whatever the setting.
     """

@@ -1094,9 +1094,9 @@ inline bool stream_applies(int SW, int M, int64_t K, int64_t blocksize, const NF
 
 // Fast-path kernel choice, switchable at run time so that one process can A/B them (see
 // kernels_cuda.h). Index = the variant number.
-constexpr const char* kVariantNames[] = {"mma",         "factored", "factored_split", "factored_r2",
-                                         "factored_r1", "stream",   "stream2",        "factored_wide",
-                                         "factored_o3", "factored_o4"};
+constexpr const char* kVariantNames[] = {"mma",         "factored",    "factored_split", "factored_r2",
+                                         "factored_r1", "stream",      "stream2",        "factored_wide",
+                                         "factored_o3", "factored_o4", "factored_fill"};
 constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0]));
 std::atomic<int> g_variant{1};  // "factored": faster than "mma" at every measured shape (nf4_gemv_variants_h100.json)
 
@@ -1131,6 +1131,15 @@ cudaError_t launch_factored_variant(int variant, const T* x, int m, const Factor
                                                            sm_count, stream)
 #define QLORA_FACTORED(MT, R, SEG, SPLIT, WIDE) QLORA_FACTORED_CTAS(MT, R, SEG, SPLIT, WIDE, 2)
   switch (variant) {
+    case 10:  // factored_fill: "factored", except that an M <= 8 launch whose 16-row tiles need a second
+              // round at 2 CTAs a SM but fit one at 3 (Llama-3-8B's grouped q/k/v: 384 tiles, 264 CTAs,
+              // 120 of them working twice) takes factored_o3's shape, one round of slower CTAs
+      if (m <= 8) {
+        const int64_t tiles = ceil_div(parts.end_row[parts.count - 1], int64_t(16));
+        if (tiles > 2 * int64_t(sm_count) && tiles <= 3 * int64_t(sm_count)) QLORA_FACTORED_CTAS(1, 1, 2, false, false, 3);
+        QLORA_FACTORED(1, 1, 4, false, false);
+      }
+      QLORA_FACTORED(2, 2, 2, false, false);
     // H100 2026-12-06, M = 1: o3 7-25% and o4 41-63% slower than "factored" (nf4_gemv_occupancy_h100.json):
     // more warps with fewer bytes in flight each lose. Kept for the A/B.
     case 8:  // factored_o3: M <= 8: 128 k per step in 80 registers, 3 CTAs a SM (more warps in flight)
