@@ -278,11 +278,19 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         if not names:
             pytest.skip("the profiler recorded no CUDA kernels here (no CUPTI?)")
         assert any(kernel in n for n in names), f"variant {variant}, K={K}: ran {names}, expected {kernel}"
-        # the template's flags are <..., SPLIT, WIDE, CTAS> (demangled, or Itanium-mangled)
+        # the template's flags are <..., SPLIT, WIDE, CTAS, GLU> (demangled, or Itanium-mangled)
         if variant == "factored_split" and kernel == expected:
-            assert any("true, false, 2>" in n or "Lb1ELb0ELi2E" in n for n in names), names
+            assert any("true, false, 2, false>" in n or "Lb1ELb0ELi2ELb0E" in n for n in names), names
         if variant == "factored_wide" and kernel == expected:
-            assert any("false, true, 2>" in n or "Lb0ELb1ELi2E" in n for n in names), names
+            assert any("false, true, 2, false>" in n or "Lb0ELb1ELi2ELb0E" in n for n in names), names
+    if variant == "factored_fill":  # 2 x SMs + 1 tiles of 16 rows: one round at 3 CTAs a SM
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        x, weight, bias = make_case("cuda", torch.bfloat16, 1, 16 * (2 * sms + 1), 256)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            gemv(x, weight, bias)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if "nf4_gemv" in e.name]
+        assert any("false, false, 3, false>" in n or "Lb0ELb0ELi3ELb0E" in n for n in names), names
 
 
 def test_variant_switch_api(use_variant):
