@@ -211,11 +211,11 @@ for stage in "$@"; do
       step glu_tests "$PY" -m pytest -n 14 -q -p no:cacheprovider -rfE tests/test_nf4_gemv_swiglu.py \
         tests/test_project_together.py tests/test_decode_attention.py tests/test_generate.py tests/test_fused_mlp.py \
         tests/test_nf4_gemv_grouped.py -k "cuda or CUDA or graph or residual or project or fused"
-      step fill_tests "$PY" -m pytest -n 14 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py -k "factored_fill"
-      step grouped "$PY" benchmarks/bench_nf4_gemv_grouped.py --m 1 4 --variants factored,factored_o3,factored_fill \
-        --out "$OUT/nf4_gemv_swiglu_h100.json"
       step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --fusion-ab --newest-only --repeats 2 \
         --gemv-variants factored_fill,factored --out "$OUT/decode_8b_glu_h100.json"
+      step grouped "$PY" benchmarks/bench_nf4_gemv_grouped.py --m 1 4 --variants factored,factored_o3,factored_fill \
+        --out "$OUT/nf4_gemv_swiglu_h100.json"
+      step fill_tests "$PY" -m pytest -n 14 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py -k "factored_fill"
       RUNS=$'memcheck tests/test_nf4_gemv_swiglu.py 1\nracecheck tests/test_nf4_gemv_swiglu.py 2\nmemcheck tests/test_decode_attention.py 3\nracecheck tests/test_decode_attention.py 4' \
         K_1='cuda' K_2='cuda and (bfloat16 or scale_forms or variant) and (-1- or -9- or scale_forms or variant)' \
         K_3='cuda and not fused_attention' K_4='cuda and (bfloat16 or graph or never_read) and not fused_attention' \
