@@ -303,7 +303,7 @@ def test_variant_switch_api(use_variant):
     assert names[0] == "mma" and "factored" in names and "factored_split" in names
     # "factored" is the default (faster than "mma" at every shape of nf4_gemv_variants_h100.json),
     # unless the process was started on another (QLORA_NF4_GEMV_VARIANT)
-    assert ops.nf4_gemv_variant() == (os.environ.get(ops.GEMV_VARIANT_ENV, "").strip() or "factored")
+    assert ops.nf4_gemv_variant() == (os.environ.get(ops.GEMV_VARIANT_ENV, "").strip() or "factored_fill")
     for i, name in enumerate(names):
         ops.set_nf4_gemv_variant(name)
         assert ops.nf4_gemv_variant() == name

@@ -84,6 +84,24 @@ def test_scale_forms_and_batch_shape(device, double_quant, bias):
     torch.testing.assert_close(out, part_by_part(x, weights, b), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")
+def test_fill_shape_is_o3_per_part(use_variant):
+    """factored_fill on a group of 2 x SMs + 2 tiles (one round at 3 CTAs a SM, two at 2): the 3-CTA
+    shape, i.e. factored_o3's products per part bit for bit, and within the reference's tolerance."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = (32 * (sms + 1) - 64, 32, 32)  # (parts before the last: whole 32-row tiles)
+    x, weights, bias = make_parts("cuda", torch.bfloat16, 1, rows, 512)
+    use_variant("factored_fill")
+    out = ops.nf4_gemv_grouped_weights(x, weights, bias)
+    use_variant("factored_o3")
+    torch.testing.assert_close(out, part_by_part(x, weights, bias), rtol=0, atol=0)
+    first = 0
+    for w in weights:
+        n = w.shape[0]
+        assert_close_to_reference(out[:, first : first + n], x, w, bias[first : first + n])
+        first += n
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_variant_mma_still_matches(device, use_variant):
     # With a variant that has no grouped form the launch takes "factored": still the reference's.

@@ -161,7 +161,8 @@ def nf4_gemv(
 def nf4_gemv_variants() -> list[str]:
     """Names of nf4_gemv's CUDA fast-path kernel variants; the index is the variant number.
 
-    Empty for a build without CUDA. Variant 1 ("factored") is the default: on the H100 it beat
+    Empty for a build without CUDA. "factored_fill" (below) is the default since 2026-12-06; before,
+    variant 1 ("factored"): on the H100 it beat
     variant 0 ("mma") at every measured shape, M = 1 and 16 (1.83-2.37x bf16 at M = 1 against
     1.59-2.02x; benchmarks/results/nf4_gemv_variants_h100.json), and the CUDA suite's GEMV users
     passed on it. The others stay switchable so that one process can measure them against each
@@ -171,7 +172,10 @@ def nf4_gemv_variants() -> list[str]:
     permute a lookup) within -4..+2% of it (nf4_gemv_wide_h100.json); "factored_o3" / "factored_o4"
     (3 / 4 CTAs a SM for M <= 8) 7-25% / 41-63% slower (nf4_gemv_occupancy_h100.json);
     "factored_fill" is "factored" but for M <= 8 launches whose 16-row tiles fit one round at 3
-    CTAs a SM and not at 2 (8B's grouped q/k/v on the H100), which take factored_o3's shape. They
+    CTAs a SM and not at 2 (8B's grouped q/k/v), which take factored_o3's shape: q/k/v 13.9 ->
+    12.0 us, the 8B decode 2% faster (H200; nf4_gemv_swiglu_h100.json). Where it takes that shape
+    a grouped launch's sums are ordered differently from the per-part launches' (equal within the
+    reference's tolerance, not bit for bit). They
     apply where their kernel does (fp16/bf16, K % 64 == 0, blocksize >= 64, 16-byte aligned data,
     sm_80+); other cases take variant 0's path whatever the setting.
     """
@@ -339,7 +343,8 @@ def nf4_gemv_grouped_weights(x: torch.Tensor, weights: Sequence[NF4Weight], bias
     weights [N_p, K] that multiply the same x (no routing: x must have <= 16 rows).
 
     One CUDA launch for up to 4 weights where the factored kernels apply (their products equal
-    `nf4_gemv_weight`'s with that kernel, bit for bit), so weights too small to fill the GPU alone
+    `nf4_gemv_weight`'s with that kernel, bit for bit; where "factored_fill" gives the launch its
+    3-CTA shape, "factored_o3"'s per part), so weights too small to fill the GPU alone
     (the attention's k and v) share it; otherwise, and on the CPU, weight by weight. The weights
     must share blocksize and form (all plain or all double-quantized, with equal nested maps and
     nested blocksizes): `grouped_gemv_compatible` says whether they do.

@@ -35,7 +35,9 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
 // nf4_gemv_cuda.cu: several weights [rows_p, K] that multiply the same x in one launch (the
 // attention's q, k, v; the MLP's gate and up): y [M, sum rows_p] holds part p's product (+ its
 // slice of bias [sum rows_p]) in columns [sum_{q<p} rows_q, ... + rows_p), exactly the columns
-// nf4_gemv_cuda would write part by part with the same variant's factored kernel. Only cases
+// nf4_gemv_cuda would write part by part with the same variant's factored kernel (but where
+// "factored_fill" gives the whole launch its 3-CTA shape and a part alone would not: the same
+// products, summed in another order). Only cases
 // nf4_gemv_grouped_cuda_supported accepts (cudaErrorInvalidValue otherwise): 1 <= M <= 16,
 // 1..kMaxGemvParts parts, fp16/bf16, sm_80+, K % 64 == 0, blocksize >= 64, x and every part's codes
 // 16-byte aligned, every part but the last a multiple of kGroupedPartRows rows, all parts plain or
@@ -68,7 +70,7 @@ cudaError_t nf4_gemv_swiglu_cuda(const void* x, FloatType type, int64_t M, int64
 
 // nf4_gemv_cuda.cu: which fast-path kernel nf4_gemv_cuda launches, process-wide, read at each
 // launch (so a CUDA graph keeps the kernel it captured). For measuring the variants against each
-// other in one process; 1 ("factored") is the default. Variants other than 0 apply where their kernel
+// other in one process; 10 ("factored_fill") is the default. Variants other than 0 apply where their kernel
 // does (fp16/bf16, K % 64 == 0, blocksize >= 64, aligned data, sm_80+); elsewhere the launcher
 // takes the path variant 0 would. set returns false (and changes nothing) for an unknown number;
 // name returns nullptr for one.
