@@ -17,16 +17,18 @@ the fused forwards reproduce those statements with the fused operators in place 
 ones, so a transformers version whose forward differs in any statement keeps its own forward, and
 the reason is logged once per class (logger "qlora_ext").
 
-Decoding (one query token, no gradient) takes three more shortcuts, each with a switch:
+Decoding (one query token, no gradient) takes four more shortcuts, each with a switch:
 - the attention writes a transformers StaticCache layer with block_ops.rope_append_kv_ (the rope
   of q and k and the cache write in one launch, the filled length read and advanced on the
   device) instead of rope_ + StaticLayer.update (ROPE_APPEND_KV_ENABLED);
 - it then attends with block_ops.decode_attention over the filled slots only
   (DECODE_ATTENTION_ENABLED) instead of SDPA over the whole cache: on the CPU (where the fused ops
-  are opt-in), and on CUDA once block_ops.set_decode_attention_kernel(True) (its kernels are off
-  until their tests pass on a GPU);
+  are opt-in), and on CUDA once block_ops.set_decode_attention_kernel(True) (its kernels pass
+  their tests but measure slower than cuDNN's SDPA, so they are off by default);
 - each decoder layer hands its two residual adds to o_proj and down_proj, whose GEMV adds the
-  residual in its epilogue at one row (layers.project_add; layers.RESIDUAL_IN_GEMV_ENABLED).
+  residual in its epilogue at one row (layers.project_add; layers.RESIDUAL_IN_GEMV_ENABLED);
+- the MLP's gate/up GEMV applies the SwiGLU in its epilogue (layers.project_swiglu;
+  layers.SWIGLU_IN_GEMV_ENABLED).
 
 Numerics: RMSNorm keeps transformers' rounding order (the normalised row is rounded to the input
 dtype before the weight multiplies it); RoPE and SwiGLU compute in fp32 and round once, where the
@@ -425,7 +427,7 @@ def _decode_attention_applies(module, spec, query, keys, attention_mask, kwargs)
         and (attention_mask.dtype == torch.bool or attention_mask.dtype in (query.dtype, torch.float32))
     )  # fmt: skip
     kernel = query.device.type != "cuda" or (
-        block_ops.decode_attention_kernel()  # (off until its CUDA tests pass on a GPU)
+        block_ops.decode_attention_kernel()  # (off by default: slower than cuDNN's SDPA, see README)
         and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] in (64, 128, 256) and groups <= 16
     )  # fmt: skip
     return (
