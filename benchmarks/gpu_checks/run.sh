@@ -223,15 +223,14 @@ for stage in "$@"; do
       TAIL=30 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8 --stacks nf4_merged
       ;;
     glu_final)
-      # after glu (H200): the default variant factored_fill's tests, decode on the H100 (the bar's card),
-      # racecheck of nf4_gemv_swiglu's tests that call no cuBLAS (under racecheck the H200's cuBLAS
-      # bf16 GEMM hit "Sanitizer failed to handle a hardware exception")
-      step fill_tests "$PY" -m pytest -n 14 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py tests/test_nf4_gemv_grouped.py \
-        tests/test_project_together.py -k "variant_switch or fill or (cuda and part_by_part) or logits or generate_tokens"
-      step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --fusion-ab --newest-only --repeats 2 \
-        --out "$OUT/decode_8b_glu_h100.json"
+      # after glu (H200): decode on the H100 (the bar's card), racecheck of nf4_gemv_swiglu's tests that call
+      # no cuBLAS (under racecheck the H200's cuBLAS bf16 GEMM hit "Sanitizer failed to handle a hardware
+      # exception"), the default variant factored_fill's tests
+      step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --repeats 2 --out "$OUT/decode_8b_glu_h100.json"
       RUNS=$'racecheck tests/test_nf4_gemv_swiglu.py 1' K_1='cuda and (scale_forms or variant or empty or nan)' \
         KERNELS=qlora STEP_TIMEOUT=100 step sanitize_glu bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_glu_racecheck_h100.txt" 1
+      step fill_tests "$PY" -m pytest -n 14 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py tests/test_nf4_gemv_grouped.py \
+        tests/test_project_together.py -k "variant_switch or fill or (cuda and part_by_part) or logits or generate_tokens"
       ;;
     decode_final)
       # decode_fused's checks in priority order for a short budget: the CUDA tests, decode with the
