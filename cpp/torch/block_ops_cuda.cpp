@@ -84,7 +84,7 @@ void rope_append_kv_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const
   check_launch(qlora::rope_append_kv_cuda(c.kernel, at::cuda::getCurrentCUDAStream()), "rope_append_kv_");
 }
 
-// Off by default: the kernels pass their CUDA tests and sanitizers (H100, H200) but decode slower
+// Off by default: the kernels pass their CUDA tests and sanitizers (H200) but decode slower
 // than cuDNN's SDPA (README, decode_8b_glu_h200.json); the tests switch it on.
 std::atomic<bool> g_decode_attention_kernel{false};
 

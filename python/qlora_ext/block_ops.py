@@ -130,7 +130,7 @@ def decode_attention(q: Tensor, key_cache: Tensor, value_cache: Tensor, length: 
 
 def decode_attention_kernel() -> bool:
     """Whether decode_attention on CUDA runs its kernels (else ATen ops, and the fused attention
-    keeps SDPA on CUDA). Off by default: they pass their CUDA tests and sanitizers (H100, H200) but
+    keeps SDPA on CUDA). Off by default: they pass their CUDA tests and sanitizers (H200) but
     decode slower than cuDNN's SDPA (H200: 277.6 against 282.6 tok/s, decode_8b_glu_h200.json);
     their CUDA tests switch them on."""
     return bool(native()._decode_attention_kernel())
