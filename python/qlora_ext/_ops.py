@@ -173,7 +173,7 @@ def nf4_gemv_variants() -> list[str]:
     (3 / 4 CTAs a SM for M <= 8) 7-25% / 41-63% slower (nf4_gemv_occupancy_h100.json);
     "factored_fill" is "factored" but for M <= 8 launches whose 16-row tiles fit one round at 3
     CTAs a SM and not at 2 (8B's grouped q/k/v), which take factored_o3's shape: q/k/v 13.9 ->
-    12.0 us, the 8B decode 2% faster (H200; nf4_gemv_swiglu_h100.json). Where it takes that shape
+    12.0 us, the 8B decode 2% faster (H200; nf4_gemv_swiglu_h200.json). Where it takes that shape
     a grouped launch's sums are ordered differently from the per-part launches' (equal within the
     reference's tolerance, not bit for bit). They
     apply where their kernel does (fp16/bf16, K % 64 == 0, blocksize >= 64, 16-byte aligned data,

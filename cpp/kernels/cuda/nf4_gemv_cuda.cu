@@ -1100,7 +1100,7 @@ constexpr const char* kVariantNames[] = {"mma",         "factored",    "factored
 constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0]));
 // "factored_fill": "factored" (faster than "mma" at every measured shape, nf4_gemv_variants_h100.json)
 // with one round of 3-CTA tiles where "factored" takes two rounds: 8B's grouped q/k/v 13.9 -> 12.0 us,
-// decode +2% (H200, 2026-12-06, nf4_gemv_swiglu_h100.json and decode_8b_glu_h100.json).
+// decode +2% (H200, 2026-12-06, nf4_gemv_swiglu_h200.json and decode_8b_glu_h200.json).
 std::atomic<int> g_variant{10};
 
 }  // namespace
