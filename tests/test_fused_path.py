@@ -69,13 +69,17 @@ def test_fused_path_bf16_error_within_twice_the_generic_paths(device):
     """At each of 20 points along a training run, with the same adapter values: the fused bf16
     model's loss and gradients err (against the generic path in fp32) at most twice as much as
     the generic path in bf16 does — FlashAttention's rule."""
-    fused = _model(True, device, torch.bfloat16)
-    generic = _model(False, device, torch.bfloat16)
-    reference = _model(False, device, torch.float32)
+    _check_bf16_within_twice_the_generic_paths(_model, device, STEPS, seq=16)
+
+
+def _check_bf16_within_twice_the_generic_paths(make_model, device, steps: int, seq: int):
+    fused = make_model(True, device, torch.bfloat16)
+    generic = make_model(False, device, torch.bfloat16)
+    reference = make_model(False, device, torch.float32)
     opt = torch.optim.AdamW(_trainable(fused).values(), lr=1e-2)
     worst = 0.0
-    for step in range(STEPS):
-        ids = token_batch(batch=2, seq=16, seed=step).to(device)
+    for step in range(steps):
+        ids = token_batch(batch=2, seq=seq, seed=step).to(device)
         params = {n: p.detach().clone() for n, p in _trainable(fused).items()}
         ref_loss, ref_grads = _grads_at(reference, params, ids)
         gen_loss, gen_grads = _grads_at(generic, params, ids)
@@ -90,3 +94,62 @@ def test_fused_path_bf16_error_within_twice_the_generic_paths(device):
         opt.step()  # move along the fused model's own trajectory
         opt.zero_grad(set_to_none=True)
     assert worst > 0  # the comparison saw real differences, not identical paths
+
+
+def _model_head_dim_64(fused: bool, device, dtype):
+    """A tiny Llama whose heads are 64 wide (every SDPA backend takes them; 16 is under cuDNN's)."""
+    transformers = pytest.importorskip("transformers")
+    from train_helpers import hf_config
+
+    config = hf_config("llama")
+    config.hidden_size, config.head_dim, config.intermediate_size = 256, 64, 256
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    torch.manual_seed(3)
+    qlora_ext.prepare(model, r=4, alpha=8, verbose=False, **({} if fused else _generic_options()))
+    randomize_adapters(model, seed=2)
+    return model.to(device).train()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("first", ["CUDNN_ATTENTION", "FLASH_ATTENTION"])
+def test_sdpa_priority_trains_within_the_rule_and_runs_its_backend(first, monkeypatch):
+    """fused_blocks.SDPA_PRIORITY: with cuDNN's or flash attention tried first, the fused bf16 path
+    keeps FlashAttention's rule against the generic path, and that backend's kernels are the ones
+    that run (forward and backward)."""
+    from torch.nn.attention import SDPBackend
+    from torch.profiler import ProfilerActivity, profile
+
+    from qlora_ext import fused_blocks
+
+    rest = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    chosen = getattr(SDPBackend, first)
+    monkeypatch.setattr(fused_blocks, "SDPA_PRIORITY", (chosen, *[b for b in rest if b != chosen]))
+    _check_bf16_within_twice_the_generic_paths(_model_head_dim_64, "cuda", steps=5, seq=64)
+
+    model = _model_head_dim_64(True, "cuda", torch.bfloat16)
+    ids = token_batch(batch=2, seq=64, seed=9).cuda()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.cuda.synchronize()
+    names = [e.name.lower() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    cudnn = [n for n in names if "cudnn" in n]
+    if first == "CUDNN_ATTENTION":
+        assert len(cudnn) >= 2, names  # a forward and a backward kernel at least
+    else:
+        assert not cudnn and any("flash" in n for n in names), names
+
+
+def test_sdpa_priority_is_a_no_op_off_cuda(monkeypatch):
+    """On the CPU the switch changes nothing: the same loss bits with and without it."""
+    from torch.nn.attention import SDPBackend
+
+    from qlora_ext import fused_blocks
+
+    model = _model(True, "cpu", torch.float32)
+    ids = token_batch(batch=2, seq=16, seed=4)
+    before = model(input_ids=ids, labels=ids).loss
+    monkeypatch.setattr(fused_blocks, "SDPA_PRIORITY", (SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH))
+    after = model(input_ids=ids, labels=ids).loss
+    assert torch.equal(before, after)
+    assert fused_blocks._sdpa_priority(model.model.layers[0].self_attn, ids.float()).__class__.__name__ == "nullcontext"

@@ -31,6 +31,8 @@
 #     bash benchmarks/gpu_checks/run.sh build decode_ab    # decode with the "factored" GEMV vs "mma"
 #     bash benchmarks/gpu_checks/run.sh build sanitize_variants # racecheck of fused Q/K/V, workload with every
 #                                                          # GEMV variant under all three tools, DoRA tests
+#     bash benchmarks/gpu_checks/run.sh build attn_ab      # SDPA backends for training, the NF4 read floor,
+#                                                          # 8B training with cuDNN attention first vs default, Unsloth
 #     bash benchmarks/gpu_checks/run.sh build sanitize_rest # racecheck of the GEMV variant tests, every
 #                                                          # report printed and attributed to its kernel
 #
@@ -221,6 +223,17 @@ for stage in "$@"; do
         K_3='cuda and not fused_attention' K_4='cuda and (bfloat16 or graph or never_read) and not fused_attention' \
         KERNELS=qlora STEP_TIMEOUT=100 step sanitize_glu bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_glu_h100.txt" 4
       TAIL=30 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8 --stacks nf4_merged
+      ;;
+    attn_ab)
+      # session 16 (2026-12-06): which SDPA backend training should attend with (bench_attention_backends),
+      # the SDPA_PRIORITY switch's CUDA tests, the NF4 read floor under the GEMV bars (bench_read_floor),
+      # then 8B training with cuDNN attention first against the default and Unsloth (needs BUNDLE's peers)
+      step attention_backends "$PY" benchmarks/bench_attention_backends.py --seq 2048 8192 \
+        --out "$OUT/attention_backends_${GPU_TAG:-h100}.json"
+      step sdpa_tests "$PY" -m pytest -q -p no:cacheprovider -rfE tests/test_fused_path.py -k sdpa
+      step read_floor "$PY" benchmarks/bench_read_floor.py --out "$OUT/read_floor_${GPU_TAG:-h100}.json"
+      STEP_TIMEOUT="${TRAIN_TIMEOUT:-420}" step train_sdpa "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps 8 \
+        --stacks "${TRAIN_STACKS:-ours_sdpa_cudnn,ours,unsloth}" --out "$OUT/train_8b_sdpa_${GPU_TAG:-h100}.json"
       ;;
     glu_final)
       # after glu (H200): decode on the H100 (the bar's card), racecheck of nf4_gemv_swiglu's tests that call

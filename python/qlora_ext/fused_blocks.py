@@ -39,6 +39,7 @@ close to fp32 as the originals.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import inspect
 import logging
@@ -363,11 +364,29 @@ def hf_attention(self, spec: _AttentionSpec, hidden_states, position_embeddings,
     attention = spec.attention_functions.get_interface(self.config._attn_implementation, spec.eager_attention_forward)
     if spec.sliding_window is not None:
         kwargs["sliding_window"] = _sliding_window(self, spec)
-    attn_output, attn_weights = attention(self, query, key, value, attention_mask,
-                                          dropout=0.0 if not self.training else self.attention_dropout,
-                                          scaling=self.scaling, **kwargs)  # fmt: skip
+    with _sdpa_priority(self, query):
+        attn_output, attn_weights = attention(self, query, key, value, attention_mask,
+                                              dropout=0.0 if not self.training else self.attention_dropout,
+                                              scaling=self.scaling, **kwargs)  # fmt: skip
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     return output(attn_output), attn_weights
+
+
+#: PyTorch SDPA backends, in the order to try them, for the fused attention's calls into
+#: transformers' "sdpa" attention on CUDA (training, its recomputation, prefill); None keeps
+#: PyTorch's own order. The backward runs the kernel family its forward picked.
+#: (benchmarks/bench_attention_backends.py times them against each other.)
+SDPA_PRIORITY: tuple | None = None
+
+
+def _sdpa_priority(module, query):
+    """A context that makes SDPA try SDPA_PRIORITY's backends in order (all four stay enabled when
+    it lists all four), or a no-op off CUDA, for other attention implementations, or when unset."""
+    if SDPA_PRIORITY is None or not query.is_cuda or module.config._attn_implementation != "sdpa":
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(list(SDPA_PRIORITY), set_priority=True)
 
 
 @functools.cache

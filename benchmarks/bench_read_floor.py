@@ -1,0 +1,135 @@
+"""The floor under a 4-bit GEMV: how fast can ONE kernel only read the bytes it must read?
+
+    python benchmarks/bench_read_floor.py [--out FILE.json]
+
+For each of BENCHMARKS.md's four weight shapes [N, K] at M = 1, a pure streaming-read kernel
+(16-byte non-caching loads, xor-folded, nothing written unless the fold hits a magic value) reads
+exactly the bytes of the NF4 weight with double quantization (codes N·K/2, 8-bit scales N·K/64,
+the nested fp32 scales and map) and, for comparison, the bytes of the bf16 weight (2·N·K). It is
+timed the way bench_nf4_linear.py times the GEMVs: CUDA-graph replays of many calls rotating over
+enough copies that the set is 4x the L2 cache, median per call. The best of a sweep of launch shapes
+(threads per CTA, CTAs per SM, loads in flight per thread) is the floor.
+
+What it says: no kernel that reads the NF4 bytes once can beat `nf4_read_us`, so
+bf16_cublas_us / nf4_read_us is the largest speed-up over bf16 cuBLAS any NF4 GEMV can show in
+this method, and read GB/s / copy GB/s the largest "fraction of copy bandwidth". At small
+weights the fixed cost of a launch (ramp-up and drain, ~2-3 us) is a large part of both.
+bf16 cuBLAS is timed here too (torch.mv-shaped F.linear), so the ratios come from one run.
+
+The kernel is compiled at run time with CuPy (on the GPU machine's image); without CuPy the script
+says so and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_nf4_linear import SHAPES, copies_for, copy_bandwidth, git_commit, time_graph  # noqa: E402
+
+KERNEL = r"""
+extern "C" __global__ void read_floor(const uint4* __restrict__ p, long long n16, unsigned* out) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  unsigned acc = 0;
+  for (; i + (UNROLL - 1) * stride < n16; i += UNROLL * stride) {
+    uint4 v[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const uint4* q = p + i + u * stride;
+      asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(v[u].x), "=r"(v[u].y), "=r"(v[u].z), "=r"(v[u].w) : "l"(q));
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  for (; i < n16; i += stride) {
+    const uint4 v = p[i];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9e3779b9u) out[0] = acc;  // keeps the loads; practically never taken
+}
+"""
+
+
+def nf4_weight_bytes(n: int, k: int, blocksize: int = 64, nested_blocksize: int = 256) -> int:
+    blocks = n * k // blocksize
+    return n * k // 2 + blocks + 4 * -(-blocks // nested_blocksize) + 256 * 4 + 4
+
+
+def make_reader(cupy, unroll: int, threads: int, ctas_per_sm: int):
+    kernel = cupy.RawKernel(KERNEL, "read_floor", options=(f"-DUNROLL={unroll}",))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sink = cupy.zeros(1, dtype=cupy.uint32)
+
+    def read(buf: torch.Tensor):
+        n16 = buf.numel() // 16
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+        grid = min(sms * ctas_per_sm, max(1, -(-n16 // threads)))
+        kernel((grid,), (threads,), (buf.data_ptr(), cupy.int64(n16), sink), stream=stream)
+
+    return read
+
+
+def best_read_us(cupy, nbytes: int) -> tuple[float, dict]:
+    nbytes = -(-nbytes // 16) * 16
+    bufs = [torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_() for _ in range(copies_for(nbytes))]
+    best, best_cfg = float("inf"), {}
+    for unroll in (2, 4, 8):
+        for threads in (256, 512, 1024):
+            for ctas in (1, 2, 4, 8):
+                if threads * ctas > 2048:
+                    continue
+                read = make_reader(cupy, unroll, threads, ctas)
+                us = time_graph([lambda b=b: read(b) for b in bufs], reps=15)
+                if us < best:
+                    best, best_cfg = us, dict(unroll=unroll, threads=threads, ctas_per_sm=ctas)
+    del bufs
+    return best, best_cfg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    try:
+        import cupy
+    except ImportError:
+        sys.exit("bench_read_floor: needs CuPy (the GPU machine's image has it)")
+    copy_bw = copy_bandwidth()
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, commit=git_commit(),
+               copy_bw_TBps=round(copy_bw / 1e12, 3))  # fmt: skip
+    rows = []
+    for n, k in SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16)]
+        ws = [w] + [w.clone() for _ in range(copies_for(2 * n * k) - 1)]
+        bf16_us = time_graph([lambda w=w: F.linear(xs[0], w) for w in ws])
+        del ws, w
+        nf4_bytes = nf4_weight_bytes(n, k)
+        nf4_us, nf4_cfg = best_read_us(cupy, nf4_bytes)
+        bf16_read_us, bf16_cfg = best_read_us(cupy, 2 * n * k)
+        row = dict(env, shape_NK=[n, k], M=1, nf4_bytes=nf4_bytes, nf4_read_us=round(nf4_us, 3), nf4_read_cfg=nf4_cfg,
+                   nf4_read_fraction_of_copy=round(nf4_bytes / (nf4_us * 1e-6) / copy_bw, 3),
+                   bf16_read_us=round(bf16_read_us, 3), bf16_read_cfg=bf16_cfg, bf16_cublas_us=round(bf16_us, 3),
+                   max_speedup_vs_bf16=round(bf16_us / nf4_us, 3), bar_M1=3.0)  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"\nread floor, one kernel per call, graph replays; {env['device']}, copy {env['copy_bw_TBps']} TB/s")
+    print(f"{'shape':>12} {'NF4 MB':>8} {'NF4 read us':>12} {'%copy':>6} {'bf16 read us':>13} {'bf16 cuBLAS us':>15} {'max x bf16':>10}")
+    for r in rows:
+        print(f"{r['shape_NK'][0]:>5}x{r['shape_NK'][1]:<6} {r['nf4_bytes'] / 1e6:>8.2f} {r['nf4_read_us']:>12.2f} "
+              f"{100 * r['nf4_read_fraction_of_copy']:>5.0f}% {r['bf16_read_us']:>13.2f} {r['bf16_cublas_us']:>15.2f} "
+              f"{r['max_speedup_vs_bf16']:>10.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
