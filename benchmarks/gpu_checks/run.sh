@@ -33,6 +33,7 @@
 #                                                          # GEMV variant under all three tools, DoRA tests
 #     bash benchmarks/gpu_checks/run.sh build attn_ab      # SDPA backends for training, the NF4 read floor,
 #                                                          # 8B training with cuDNN attention first vs default, Unsloth
+#     bash benchmarks/gpu_checks/run.sh build train_final  # 8B and 1B training vs Unsloth, decode of every stack
 #     bash benchmarks/gpu_checks/run.sh build sanitize_rest # racecheck of the GEMV variant tests, every
 #                                                          # report printed and attributed to its kernel
 #
@@ -234,6 +235,15 @@ for stage in "$@"; do
       step read_floor "$PY" benchmarks/bench_read_floor.py --out "$OUT/read_floor_${GPU_TAG:-h100}.json"
       STEP_TIMEOUT="${TRAIN_TIMEOUT:-420}" step train_sdpa "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps 8 \
         --stacks "${TRAIN_STACKS:-ours_sdpa_cudnn,ours,unsloth}" --out "$OUT/train_8b_sdpa_${GPU_TAG:-h100}.json"
+      ;;
+    train_final)
+      # session 16: the bars' same-run comparisons on the bar's card: 8B (2048, 8192) and 1B training,
+      # ours against Unsloth with each case's summed kernel time; decode of every stack with bitsandbytes
+      STEP_TIMEOUT=300 step train_8b "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps 8 --kernel-time \
+        --stacks ours,unsloth --out "$OUT/train_8b_final_${GPU_TAG:-h100}.json"
+      STEP_TIMEOUT=150 step train_1b "$PY" benchmarks/bench_train.py --model 1b --seq 2048 --steps 10 \
+        --stacks ours,unsloth --out "$OUT/train_1b_final_${GPU_TAG:-h100}.json"
+      STEP_TIMEOUT=200 step decode "$PY" benchmarks/bench_decode.py --repeats 2 --out "$OUT/decode_8b_all_${GPU_TAG:-h100}.json"
       ;;
     glu_final)
       # after glu (H200): decode on the H100 (the bar's card), racecheck of nf4_gemv_swiglu's tests that call
