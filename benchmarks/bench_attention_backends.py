@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_nf4 import environment  # noqa: E402
+from bench_nf4 import environment, median_ms_cuda  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 BACKENDS = {
@@ -71,20 +70,8 @@ def relative_errors(results, reference):
     return [((r.float() - ref.float()).norm() / ref.float().norm()).item() for r, ref in zip(results, reference)]
 
 
-def median_ms(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(2_000_000)  # the host enqueues the call while the GPU is busy
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def median_ms(fn, reps: int) -> float:
+    return median_ms_cuda(lambda _: fn(), [None], reps, warmup=3)
 
 
 def kernels_launched(fn) -> list[str]:
