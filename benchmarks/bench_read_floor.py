@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import qlora_ext
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_nf4_linear import SHAPES, copies_for, copy_bandwidth, git_commit, time_graph  # noqa: E402
 
@@ -56,11 +58,6 @@ extern "C" __global__ void read_floor(const uint4* __restrict__ p, long long n16
   if (acc == 0x9e3779b9u) out[0] = acc;  // keeps the loads; practically never taken
 }
 """
-
-
-def nf4_weight_bytes(n: int, k: int, blocksize: int = 64, nested_blocksize: int = 256) -> int:
-    blocks = n * k // blocksize
-    return n * k // 2 + blocks + 4 * -(-blocks // nested_blocksize) + 256 * 4 + 4
 
 
 def make_reader(cupy, unroll: int, threads: int, ctas_per_sm: int):
@@ -111,8 +108,8 @@ def main() -> None:
         xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16)]
         ws = [w] + [w.clone() for _ in range(copies_for(2 * n * k) - 1)]
         bf16_us = time_graph([lambda w=w: F.linear(xs[0], w) for w in ws])
+        nf4_bytes = qlora_ext.NF4Weight.from_float(w, 64, True).nbytes  # codes and every scale, as the GEMV reads
         del ws, w
-        nf4_bytes = nf4_weight_bytes(n, k)
         nf4_us, nf4_cfg = best_read_us(cupy, nf4_bytes)
         bf16_read_us, bf16_cfg = best_read_us(cupy, 2 * n * k)
         row = dict(env, shape_NK=[n, k], M=1, nf4_bytes=nf4_bytes, nf4_read_us=round(nf4_us, 3), nf4_read_cfg=nf4_cfg,

@@ -189,9 +189,7 @@ def build_ours_sdpa(first: str):
 
         from qlora_ext import fused_blocks
 
-        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        chosen = getattr(SDPBackend, first)
-        fused_blocks.SDPA_PRIORITY = (chosen, *[b for b in order if b != chosen])
+        fused_blocks.SDPA_PRIORITY = fused_blocks.sdpa_order(getattr(SDPBackend, first))
         return build_ours(size, seq)
 
     return build

@@ -4,6 +4,8 @@ off, transformers' own modules and loss) on a tiny Llama, over 20 training steps
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 
 import pytest
@@ -21,8 +23,9 @@ def _generic_options() -> dict:
     return {name: False for name in params if name.startswith("fused")}
 
 
-def _model(fused: bool, device, dtype):
-    model = hf_model("llama", dtype=dtype)
+def _model(fused: bool, device, dtype, **config_changes):
+    """The tiny Llama, prepared fused or generic; `config_changes` override its config."""
+    model = hf_model("llama", dtype=dtype, **config_changes)
     torch.manual_seed(3)
     qlora_ext.prepare(model, r=4, alpha=8, verbose=False, **({} if fused else _generic_options()))
     randomize_adapters(model, seed=2)
@@ -96,19 +99,8 @@ def _check_bf16_within_twice_the_generic_paths(make_model, device, steps: int, s
     assert worst > 0  # the comparison saw real differences, not identical paths
 
 
-def _model_head_dim_64(fused: bool, device, dtype):
-    """A tiny Llama whose heads are 64 wide (every SDPA backend takes them; 16 is under cuDNN's)."""
-    transformers = pytest.importorskip("transformers")
-    from train_helpers import hf_config
-
-    config = hf_config("llama")
-    config.hidden_size, config.head_dim, config.intermediate_size = 256, 64, 256
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    torch.manual_seed(3)
-    qlora_ext.prepare(model, r=4, alpha=8, verbose=False, **({} if fused else _generic_options()))
-    randomize_adapters(model, seed=2)
-    return model.to(device).train()
+# Heads 64 wide: every SDPA backend takes them (16, the default tiny model's, is under cuDNN's).
+_model_head_dim_64 = functools.partial(_model, hidden_size=256, head_dim=64, intermediate_size=256)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -122,9 +114,7 @@ def test_sdpa_priority_trains_within_the_rule_and_runs_its_backend(first, monkey
 
     from qlora_ext import fused_blocks
 
-    rest = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    chosen = getattr(SDPBackend, first)
-    monkeypatch.setattr(fused_blocks, "SDPA_PRIORITY", (chosen, *[b for b in rest if b != chosen]))
+    monkeypatch.setattr(fused_blocks, "SDPA_PRIORITY", fused_blocks.sdpa_order(getattr(SDPBackend, first)))
     _check_bf16_within_twice_the_generic_paths(_model_head_dim_64, "cuda", steps=5, seq=64)
 
     model = _model_head_dim_64(True, "cuda", torch.bfloat16)
@@ -149,7 +139,18 @@ def test_sdpa_priority_is_a_no_op_off_cuda(monkeypatch):
     model = _model(True, "cpu", torch.float32)
     ids = token_batch(batch=2, seq=16, seed=4)
     before = model(input_ids=ids, labels=ids).loss
-    monkeypatch.setattr(fused_blocks, "SDPA_PRIORITY", (SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH))
+    monkeypatch.setattr(fused_blocks, "SDPA_PRIORITY", fused_blocks.sdpa_order(SDPBackend.CUDNN_ATTENTION))
     after = model(input_ids=ids, labels=ids).loss
     assert torch.equal(before, after)
-    assert fused_blocks._sdpa_priority(model.model.layers[0].self_attn, ids.float()).__class__.__name__ == "nullcontext"
+    assert isinstance(fused_blocks._sdpa_priority(model.model.layers[0].self_attn, ids.float()), contextlib.nullcontext)
+
+
+def test_sdpa_order_names_a_bad_backend():
+    from torch.nn.attention import SDPBackend
+
+    from qlora_ext import fused_blocks
+
+    assert fused_blocks.sdpa_order(SDPBackend.FLASH_ATTENTION)[0] == SDPBackend.FLASH_ATTENTION
+    assert len(set(fused_blocks.sdpa_order(SDPBackend.MATH))) == 4
+    with pytest.raises(ValueError, match="first must be one of"):
+        fused_blocks.sdpa_order("cudnn")

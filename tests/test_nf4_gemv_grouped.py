@@ -34,6 +34,17 @@ def make_parts(device, dtype, M, rows, K, double_quant=True, bias=True, blocksiz
     return x, weights, b
 
 
+def op_args(x, weights, rows, bias) -> tuple:
+    """The positional arguments of qlora_ext::nf4_gemv_grouped / nf4_gemv_swiglu (one schema) for
+    these weights (blocksize 64, nested blocksize 256), either scale form."""
+    nested = weights[0].nested
+    return (
+        x, [w.packed for w in weights], [w.absmax for w in weights], 64, list(rows),
+        [w.nested.absmax2 for w in weights] if nested else [], nested.code if nested else None,
+        [w.nested.offset.reshape(1) for w in weights] if nested else [], bias, 256,
+    )  # fmt: skip
+
+
 def part_by_part(x, weights, bias):
     """nf4_gemv on each weight with its slice of the bias, concatenated: the op's definition."""
     outputs, first = [], 0
@@ -167,13 +178,7 @@ def test_opcheck(device):
         x, weights, b = make_parts(device, dtype, M, rows, K, double_quant=double_quant, bias=bias)
         if grad:
             x.requires_grad_(True)
-        nested = weights[0].nested
-        args = (
-            x, [w.packed for w in weights], [w.absmax for w in weights], 64, list(rows),
-            [w.nested.absmax2 for w in weights] if nested else [], nested.code if nested else None,
-            [w.nested.offset.reshape(1) for w in weights] if nested else [], b, 256,
-        )  # fmt: skip
-        torch.library.opcheck(torch.ops.qlora_ext.nf4_gemv_grouped.default, args)
+        torch.library.opcheck(torch.ops.qlora_ext.nf4_gemv_grouped.default, op_args(x, weights, rows, b))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -17,7 +17,7 @@ import torch
 from qlora_ext import block_ops, ops, reference
 from test_nf4_gemv import DEVICES, HAS_CUDA, _dtype_id
 from test_nf4_gemv import use_variant  # noqa: F401  (fixture)
-from test_nf4_gemv_grouped import make_parts
+from test_nf4_gemv_grouped import make_parts, op_args
 
 pytest.importorskip("qlora_ext._C", reason="the compiled extension is not built")
 
@@ -155,13 +155,7 @@ def test_opcheck(device):
         x, weights, b = make_parts(device, dtype, M, (N, N), K, double_quant=double_quant, bias=bias)
         if grad:
             x.requires_grad_(True)
-        nested = weights[0].nested
-        args = (
-            x, [w.packed for w in weights], [w.absmax for w in weights], 64, [N, N],
-            [w.nested.absmax2 for w in weights] if nested else [], nested.code if nested else None,
-            [w.nested.offset.reshape(1) for w in weights] if nested else [], b, 256,
-        )  # fmt: skip
-        torch.library.opcheck(torch.ops.qlora_ext.nf4_gemv_swiglu.default, args)
+        torch.library.opcheck(torch.ops.qlora_ext.nf4_gemv_swiglu.default, op_args(x, weights, (N, N), b))
 
 
 @pytest.mark.parametrize("device", DEVICES)

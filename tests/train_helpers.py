@@ -43,10 +43,14 @@ def hf_config(arch: str):
     raise ValueError(arch)
 
 
-def hf_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):
+def hf_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **config_changes):
+    """A tiny transformers model of `arch`; `config_changes` override config fields (e.g. head_dim)."""
     transformers = pytest.importorskip("transformers")
+    config = hf_config(arch)
+    for name, value in config_changes.items():
+        setattr(config, name, value)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch), dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
 

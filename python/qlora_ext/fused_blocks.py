@@ -379,6 +379,17 @@ def hf_attention(self, spec: _AttentionSpec, hidden_states, position_embeddings,
 SDPA_PRIORITY: tuple | None = None
 
 
+def sdpa_order(first) -> tuple:
+    """All four SDPA backends with `first` (a torch.nn.attention.SDPBackend) tried first, the
+    others in PyTorch 2.11's order after it: a value for SDPA_PRIORITY that disables none."""
+    from torch.nn.attention import SDPBackend
+
+    order = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+    if first not in order:
+        raise ValueError(f"first must be one of {[b.name for b in order]}, got {first!r}")
+    return (first, *[b for b in order if b != first])
+
+
 def _sdpa_priority(module, query):
     """A context that makes SDPA try SDPA_PRIORITY's backends in order (all four stay enabled when
     it lists all four), or a no-op off CUDA, for other attention implementations, or when unset."""
