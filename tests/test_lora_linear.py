@@ -8,7 +8,8 @@ import torch
 from train_helpers import devices
 
 import qlora_ext
-from qlora_ext.lora_linear import _EagerNF4Linear, _EagerNF4LoRALinear, _weight_args, nf4_linear, nf4_lora_linear
+from qlora_ext.lora_linear import (GRADIENT_MM_OUT_DTYPE_DEVICES, _EagerNF4Linear, _EagerNF4LoRALinear, _weight_args,
+                                  mm_as, nf4_linear, nf4_lora_linear)
 
 # (lead dims of x, K in, N out, r): M = 1, K not a multiple of the block, 3-D input, N odd
 SHAPES = [((1,), 64, 32, 4), ((5,), 40, 24, 3), ((2, 3), 96, 33, 8), ((7,), 129, 17, 1)]
@@ -157,6 +158,48 @@ def test_adapter_grads_come_back_in_adapter_dtype():
     reference(x, q.dequantize(), None, a_r, b_r, 2.0).sum().backward()
     torch.testing.assert_close(a32.grad, a_r.grad, rtol=0.05, atol=0.05)
     torch.testing.assert_close(b32.grad, b_r.grad, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scale", [None, 0.37])
+def test_mm_as_forms_the_gradient_in_the_parameter_dtype(device, dtype, scale):
+    """mm_as(a, b, fp32[, s]) on half-precision activations (a transposed view, as the adapters'
+    gradients pass it): fp32 out; where GRADIENT_MM_OUT_DTYPE_DEVICES lists the device, the
+    product is the fp32-accumulated one, not rounded to `dtype` (so it errs less than the former
+    product-then-cast); elsewhere exactly the former rule, mm in `dtype`, scaled there, cast."""
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(333, 19, generator=gen).to(device, dtype).t()  # [19, 333], a view (g.t())
+    b = torch.randn(333, 45, generator=gen).to(device, dtype)
+    out = mm_as(a, b, torch.float32, scale)
+    assert out.dtype == torch.float32 and out.shape == (19, 45)
+    s = 1.0 if scale is None else scale
+    former = torch.mm(a, b)
+    if scale is not None:
+        former = former.mul_(scale)
+    former = former.float()
+    if device not in GRADIENT_MM_OUT_DTYPE_DEVICES:
+        assert torch.equal(out, former)
+        return
+    exact = (a.double() @ b.double()) * s
+    err_ours, err_former = (out.double() - exact).abs().max(), (former.double() - exact).abs().max()
+    # fp32 accumulation over 333 terms: ~1e-5 relative; the bf16/fp16 rounding of the former ~1e-3
+    assert err_ours <= exact.abs().max() * 1e-5
+    assert err_ours < err_former
+
+
+@pytest.mark.parametrize("device", devices)
+def test_adapter_grads_fp32_on_every_device(device):
+    """fp32 adapters, bf16 activations: the gradients are fp32 and match the fp32 reference's."""
+    q, x, a, b, bias = make_case((5, 3), 128, 96, 8, device=device)
+    a32, b32 = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    nf4_lora_linear(x.bfloat16(), q, None, a32, b32, 1.5).float().pow(2).sum().backward()
+    a_r, b_r = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    reference(x.bfloat16().float(), q.dequantize(torch.float32), None, a_r, b_r, 1.5).pow(2).sum().backward()
+    for ours, ref in ((a32.grad, a_r.grad), (b32.grad, b_r.grad)):
+        assert ours.dtype == torch.float32
+        # bf16 activations: ~1% of the gradient's scale
+        assert (ours - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
 def test_backward_keeps_no_dense_weight():

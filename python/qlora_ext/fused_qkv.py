@@ -66,7 +66,7 @@ from . import _ops, checkpointing, dora, fused_blocks
 from .adapters import LoRAAdapter
 from .fused_mlp import _A, _B, _BIAS, _DORA, _M, _X, _adapter_kind, _backward, _norm, _project
 from .layers import QLoRALinear
-from .lora_linear import _autocast_off, _dequantize, _weight_args, use_operators
+from .lora_linear import _autocast_off, _dequantize, _weight_args, mm_as, use_operators
 
 #: One GEMM on the concatenated weights (True) or three GEMMs, one per dequantized weight (False).
 #: On the 2-core CPU (bench_host_overhead.py --methods lora --qkv both --profile --fused-cpu, with
@@ -200,14 +200,14 @@ def _low_rank_backward(dys, dy: Tensor | None, x: Tensor, xa: Tensor, a: Tensor,
         dx = dx.view(*x.shape)
     das = [None] * 3
     if any(need_a):
-        da = torch.mm(g.t(), x.reshape(m, k))  # [rq+rk+rv, K]
-        if len(set(a_dtypes)) == 1:
-            da = da.to(a_dtypes[0])  # one cast; the rows are contiguous views
+        gt, x2 = g.t(), x.reshape(m, k)
+        # [rq+rk+rv, K]: in the A's dtype at once where they share one; the rows are contiguous views
+        da = mm_as(gt, x2, a_dtypes[0]) if len(set(a_dtypes)) == 1 else torch.mm(gt, x2)
         das = [d.to(t) if need_a[i] else None for i, (d, t) in enumerate(zip(da.split(rs), a_dtypes))]
     dbs = [None] * 3
     for i, (dy_i, xa_i, s, t) in enumerate(zip(dys, xa.split(rs, dim=1), scales, b_dtypes)):
         if need_b[i]:
-            dbs[i] = torch.mm(dy_i.t(), xa_i).mul_(s).to(t)  # [N_i, r_i]
+            dbs[i] = mm_as(dy_i.t(), xa_i, t, s)  # [N_i, r_i]
     return dx, das, dbs
 
 

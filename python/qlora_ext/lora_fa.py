@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .adapters import LoRAAdapter
-from .lora_linear import nf4_linear
+from .lora_linear import mm_as, nf4_linear
 
 
 class _FrozenALowRank(torch.autograd.Function):
@@ -49,7 +49,7 @@ class _FrozenALowRank(torch.autograd.Function):
             g = torch.mm(dy2, b.to(dtype)).mul_(s)  # [M, r]
             dx = torch.mm(g, a.to(dtype)).view(*dy.shape[:-1], a.shape[1])
         if ctx.needs_input_grad[2]:
-            db = torch.mm(dy2.t(), xa.reshape(m, a.shape[0])).mul_(s).to(b.dtype)  # [N, r]
+            db = mm_as(dy2.t(), xa.reshape(m, a.shape[0]), b.dtype, s)  # [N, r]
         return dx, None, db, None
 
 
