@@ -33,9 +33,9 @@
 #                                                          # GEMV variant under all three tools, DoRA tests
 #     bash benchmarks/gpu_checks/run.sh build attn_ab      # SDPA backends for training, the NF4 read floor,
 #                                                          # 8B training with cuDNN attention first vs default, Unsloth
-#     bash benchmarks/gpu_checks/run.sh build train_final  # 8B and 1B training vs Unsloth, decode of every stack
-#     bash benchmarks/gpu_checks/run.sh build grad_tests train_final_8b   # the same in calls that fit 600 s:
-#     bash benchmarks/gpu_checks/run.sh train_final_rest                  # 8B first, then 1B and decode
+#     bash benchmarks/gpu_checks/run.sh build train_final_8b  # 8B training vs Unsloth (2048, 8192), kernel time
+#     bash benchmarks/gpu_checks/run.sh train_final_rest      # 1B vs Unsloth, decode of every stack (bnb too)
+#                                                           # (two calls: together they exceed one call's 600 s)
 #     bash benchmarks/gpu_checks/run.sh build sanitize_rest # racecheck of the GEMV variant tests, every
 #                                                          # report printed and attributed to its kernel
 #
@@ -244,20 +244,11 @@ for stage in "$@"; do
         tests/test_fused_qkv.py tests/test_lora_family.py tests/test_fused_mlp.py -k "cuda or mm_as or fp32_on_every"
       ;;
     train_final_8b)
-      # train_final's 8B half (a call of its own after a build: the three steps exceed one call)
+      # the bars' same-run comparisons on the bar's card, 8B half: ours against Unsloth with summed kernel time
       STEP_TIMEOUT=300 step train_8b "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps 8 --kernel-time \
         --stacks ours,unsloth --out "$OUT/train_8b_final_${GPU_TAG:-h100}.json"
       ;;
     train_final_rest)
-      STEP_TIMEOUT=150 step train_1b "$PY" benchmarks/bench_train.py --model 1b --seq 2048 --steps 10 \
-        --stacks ours,unsloth --out "$OUT/train_1b_final_${GPU_TAG:-h100}.json"
-      STEP_TIMEOUT=200 step decode "$PY" benchmarks/bench_decode.py --repeats 2 --out "$OUT/decode_8b_all_${GPU_TAG:-h100}.json"
-      ;;
-    train_final)
-      # session 16: the bars' same-run comparisons on the bar's card: 8B (2048, 8192) and 1B training,
-      # ours against Unsloth with each case's summed kernel time; decode of every stack with bitsandbytes
-      STEP_TIMEOUT=300 step train_8b "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps 8 --kernel-time \
-        --stacks ours,unsloth --out "$OUT/train_8b_final_${GPU_TAG:-h100}.json"
       STEP_TIMEOUT=150 step train_1b "$PY" benchmarks/bench_train.py --model 1b --seq 2048 --steps 10 \
         --stacks ours,unsloth --out "$OUT/train_1b_final_${GPU_TAG:-h100}.json"
       STEP_TIMEOUT=200 step decode "$PY" benchmarks/bench_decode.py --repeats 2 --out "$OUT/decode_8b_all_${GPU_TAG:-h100}.json"
