@@ -33,6 +33,7 @@
 #                                                          # GEMV variant under all three tools, DoRA tests
 #     bash benchmarks/gpu_checks/run.sh build attn_ab      # SDPA backends for training, the NF4 read floor,
 #                                                          # 8B training with cuDNN attention first vs default, Unsloth
+#     bash benchmarks/gpu_checks/run.sh build gaps         # where an 8B step (2048, 8192) leaves the GPU idle, and why
 #     bash benchmarks/gpu_checks/run.sh build train_final_8b  # 8B training vs Unsloth (2048, 8192), kernel time
 #     bash benchmarks/gpu_checks/run.sh train_final_rest      # 1B vs Unsloth, decode of every stack (bnb too)
 #                                                           # (two calls: together they exceed one call's 600 s)
@@ -242,6 +243,13 @@ for stage in "$@"; do
       # session 17: adapter gradients by aten::mm.dtype (lora_linear.mm_as) and the units that use it, on CUDA
       STEP_TIMEOUT=150 step grad_tests "$PY" -m pytest -n 14 -q -p no:cacheprovider -rfE tests/test_lora_linear.py \
         tests/test_fused_qkv.py tests/test_lora_family.py tests/test_fused_mlp.py -k "cuda or mm_as or fp32_on_every"
+      ;;
+    gaps)
+      # session 18: where the 8B step leaves the GPU idle (host-bound stretches, synchronisations)
+      for seq in ${GAP_SEQS:-2048 8192}; do
+        STEP_TIMEOUT=200 step "gaps_$seq" "$PY" benchmarks/profile_step_gaps.py --model 8b --seq "$seq" --stack "${GAP_STACK:-ours}" \
+          --out "$OUT/step_gaps_8b_${seq}_${GPU_TAG:-h100}.json"
+      done
       ;;
     train_final_8b)
       # the bars' same-run comparisons on the bar's card, 8B half: ours against Unsloth with summed kernel time
