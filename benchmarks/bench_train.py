@@ -24,7 +24,8 @@ ours_qkv_three_gemms (the fused unit with three base GEMMs instead of one on the
 weights), ours_qkv_cat (the three weights dequantized apart and concatenated by torch.cat
 instead of straight into one buffer, fused_qkv.DEQUANTIZE_INTO_DEVICES), ours_full_recompute (the checkpointed layers' recomputation
 also runs the MLP's down projection, whose output nobody reads: fused_mlp.SKIP_UNUSED_RECOMPUTATION
-off), ours_sdpa_cudnn / ours_sdpa_flash (the fused attention's SDPA calls try cuDNN's or flash
+off), ours_no_replay (the checkpointed layers' attention half recomputed instead of kept in host
+memory: attention_replay.REPLAY "never"), ours_sdpa_cudnn / ours_sdpa_flash (the fused attention's SDPA calls try cuDNN's or flash
 attention first: fused_blocks.SDPA_PRIORITY), bnb_peft, unsloth. With --cap-gib each process may allocate at most that much
 (torch.cuda.set_per_process_memory_fraction); a stack stops at its first sequence length that
 fails, and the table ends with each stack's longest trainable length. With --kernel-time each case
@@ -182,6 +183,13 @@ def build_ours_full_recompute(size, seq):
     return build_ours(size, seq)
 
 
+def build_ours_no_replay(size, seq):
+    from qlora_ext import attention_replay
+
+    attention_replay.REPLAY = "never"  # the attention half recomputed, as before session 18
+    return build_ours(size, seq)
+
+
 def build_ours_sdpa(first: str):
     """ours with the fused attention's SDPA calls trying backend `first` before the others."""
     def build(size, seq):
@@ -198,6 +206,7 @@ def build_ours_sdpa(first: str):
 BUILDERS = {"ours": build_ours, "ours_offload": build_ours_offload, "ours_resident": build_ours_resident,
             "ours_qkv_off": build_ours_qkv_off, "ours_qkv_three_gemms": build_ours_qkv_three_gemms,
             "ours_qkv_cat": build_ours_qkv_cat, "ours_full_recompute": build_ours_full_recompute,
+            "ours_no_replay": build_ours_no_replay,
             "ours_sdpa_cudnn": build_ours_sdpa("CUDNN_ATTENTION"), "ours_sdpa_flash": build_ours_sdpa("FLASH_ATTENTION"),
             "bnb_peft": build_bnb_peft, "unsloth": build_unsloth}  # fmt: skip
 

@@ -54,7 +54,9 @@ def analyse(events, min_gap_us: float, top: int) -> dict:
     from torch.autograd import DeviceType
 
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
-    device = [e for e in events if e.device_type == DeviceType.CUDA]
+    # (record_function ranges appear on the GPU timeline too, spanning their kernels: not activity)
+    device = [e for e in events if e.device_type == DeviceType.CUDA and e.name not in PHASES
+              and not getattr(e, "is_user_annotation", False)]  # fmt: skip
     by_id = {e.id: e for e in cpu}
     phases = {e.name: (e.time_range.start, e.time_range.end) for e in cpu if e.name in PHASES}
     span = (min(a for a, _ in phases.values()), max(b for _, b in phases.values()))
@@ -94,7 +96,7 @@ def analyse(events, min_gap_us: float, top: int) -> dict:
         i = bisect.bisect_left(starts, b)
         chain = []
         if i < len(device_sorted):
-            op = by_id.get(device_sorted[i].linked_correlation_id)
+            op = by_id.get(getattr(device_sorted[i], "linked_correlation_id", None))  # (torch >= 2.12)
             while op is not None and len(chain) < 6:
                 chain.append(op.name)
                 op = op.cpu_parent

@@ -33,6 +33,7 @@
 #                                                          # GEMV variant under all three tools, DoRA tests
 #     bash benchmarks/gpu_checks/run.sh build attn_ab      # SDPA backends for training, the NF4 read floor,
 #                                                          # 8B training with cuDNN attention first vs default, Unsloth
+#     bash benchmarks/gpu_checks/run.sh build replay       # attention half kept vs recomputed: CUDA tests, 8B A/B + Unsloth
 #     bash benchmarks/gpu_checks/run.sh build gaps         # where an 8B step (2048, 8192) leaves the GPU idle, and why
 #     bash benchmarks/gpu_checks/run.sh build train_final_8b  # 8B training vs Unsloth (2048, 8192), kernel time
 #     bash benchmarks/gpu_checks/run.sh train_final_rest      # 1B vs Unsloth, decode of every stack (bnb too)
@@ -243,6 +244,13 @@ for stage in "$@"; do
       # session 17: adapter gradients by aten::mm.dtype (lora_linear.mm_as) and the units that use it, on CUDA
       STEP_TIMEOUT=150 step grad_tests "$PY" -m pytest -n 14 -q -p no:cacheprovider -rfE tests/test_lora_linear.py \
         tests/test_fused_qkv.py tests/test_lora_family.py tests/test_fused_mlp.py -k "cuda or mm_as or fp32_on_every"
+      ;;
+    replay)
+      # session 18: the attention half kept in host memory instead of recomputed (attention_replay.py)
+      STEP_TIMEOUT=150 step replay_tests "$PY" -m pytest -n 8 -q -p no:cacheprovider -rfE tests/test_attention_replay.py \
+        tests/test_checkpointing.py tests/test_fused_qkv.py tests/test_lora_linear.py -k "cuda or replay"
+      STEP_TIMEOUT=420 step train_replay "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps 8 --kernel-time \
+        --stacks "${TRAIN_STACKS:-ours,ours_no_replay,unsloth}" --out "$OUT/train_8b_replay_${GPU_TAG:-h100}.json"
       ;;
     gaps)
       # session 18: where the 8B step leaves the GPU idle (host-bound stretches, synchronisations)

@@ -67,12 +67,17 @@ def remember(key, value, offload: bool = False) -> None:
     parameters, such as DoRA's weight norm, or an activation the recomputation can then skip) for
     its recomputation, which `replayed(key)` hands it to. Elsewhere a no-op. Values live on the
     layer's autograd node: freed with its graph, so a forward whose backward never runs leaks
-    nothing. With `offload`, a CUDA tensor of a layer that offloads its input goes the same way:
-    to pinned host memory now, back to the device (fetched as the layer's backward begins) when
-    replayed; elsewhere it stays on its device."""
+    nothing. With `offload`, a CUDA tensor (or each CUDA tensor of a tuple) of a layer that
+    offloads its input goes the same way: to pinned host memory now, back to the device when
+    replayed (fetched ahead: see `prefetcher`, else as the layer's backward begins); elsewhere it
+    stays on its device."""
     if first_forward():
-        if offload and getattr(_phase, "offloading", False) and isinstance(value, Tensor) and _Offloader.wants(value):
-            value = _offloader.park(value, chain=False)
+        if offload and getattr(_phase, "offloading", False):
+            if isinstance(value, tuple):
+                value = tuple(_offloader.park(t, chain=False) if isinstance(t, Tensor) and _Offloader.wants(t) else t
+                              for t in value)  # fmt: skip
+            elif isinstance(value, Tensor) and _Offloader.wants(value):
+                value = _offloader.park(value, chain=False)
         _phase.stash.setdefault(key, []).append(value)
 
 
@@ -87,24 +92,81 @@ def replayed(key):
     if not kept:
         return None
     value = kept.pop(0)
+    if isinstance(value, tuple):
+        return tuple(_offloader.fetch(t) if isinstance(t, _Parked) else t for t in value)
     return _offloader.fetch(value) if isinstance(value, _Parked) else value
 
 
+def offloading() -> bool:
+    """Whether the checkpointed layer running its first forward now offloaded its input to host
+    memory (so that what it remembers with offload=True goes there too)."""
+    return first_forward() and getattr(_phase, "offloading", False)
+
+
+def _parked_in(stash: dict) -> list:
+    return [t for values in stash.values() for value in values
+            for t in (value if isinstance(value, tuple) else (value,)) if isinstance(t, _Parked)]  # fmt: skip
+
+
+def prefetcher():
+    """In a checkpointed layer's recomputation: a function that starts bringing back what the
+    layer backward reaches next (the one run before it) remembered in host memory, for a point of
+    this layer's backward after its peak of device memory (attention_replay calls it once the MLP
+    half's backward is done); None elsewhere. Without it the values come back as that layer's
+    backward begins, which its recomputation then waits for."""
+    if not recomputing():
+        return None
+    earlier = getattr(_phase, "earlier_stash", None)
+    if earlier is None:
+        return None
+
+    def prefetch():
+        stash = earlier()
+        for parked in _parked_in(stash) if stash is not None else ():
+            _offloader.prefetch(parked)
+
+    return prefetch
+
+
+_unused = threading.local()
+
+
 @contextlib.contextmanager
-def _in_phase(value: tuple[str, int], stash: dict, offloading: bool = False):
-    previous = phase(), getattr(_phase, "stash", None), getattr(_phase, "offloading", False)
-    _phase.value, _phase.stash, _phase.offloading = value, stash, offloading
+def outputs_unused():
+    """Marks projections run inside as feeding only values the recomputation replays (see
+    attention_replay): their outputs' values are never read, only their backward. Units that can
+    (fused_qkv's LoRA unit, the LoRA linear) then skip their base GEMM and keep what their backward
+    reads; the others compute as usual. Only within a checkpointed layer's recomputation."""
+    previous = getattr(_unused, "value", False)
+    _unused.value = recomputing()
     try:
         yield
     finally:
-        _phase.value, _phase.stash, _phase.offloading = previous
+        _unused.value = previous
+
+
+def projection_outputs_unused() -> bool:
+    """Whether a projection running now may skip computing its output (see outputs_unused)."""
+    return getattr(_unused, "value", False) and recomputing()
+
+
+@contextlib.contextmanager
+def _in_phase(value: tuple[str, int], stash: dict, offloading: bool = False, earlier_stash=None):
+    previous = (phase(), getattr(_phase, "stash", None), getattr(_phase, "offloading", False),
+                getattr(_phase, "earlier_stash", None))  # fmt: skip
+    _phase.value, _phase.stash, _phase.offloading, _phase.earlier_stash = value, stash, offloading, earlier_stash
+    try:
+        yield
+    finally:
+        _phase.value, _phase.stash, _phase.offloading, _phase.earlier_stash = previous
 
 
 class _Parked:
     """One layer input parked in pinned host memory: `host`, and once fetched back, `fetched` (on
     the device) with the event `fetched_ready` that the compute stream waits for."""
 
-    __slots__ = ("host", "device", "requires_grad", "stored", "fetched", "fetched_ready", "previous", "__weakref__")
+    __slots__ = ("host", "device", "requires_grad", "stored", "fetched", "fetched_ready", "previous", "stash",
+                 "__weakref__")  # fmt: skip
 
     def __init__(self, tensor: Tensor, previous: "_Parked | None"):
         self.device = tensor.device
@@ -116,6 +178,7 @@ class _Parked:
         # The layer run just before this one: its input is what backward needs next. A weak
         # reference, so that parked inputs of finished steps never chain together.
         self.previous = weakref.ref(previous) if previous is not None else None
+        self.stash = None  # a layer input's: its layer's remember() values (a dict), see prefetcher
 
 
 class _Offloader:
@@ -202,7 +265,9 @@ class _LayerCheckpoint(torch.autograd.Function):
         ctx.autocast = [(t, torch.get_autocast_dtype(t)) for t in ("cuda", "cpu") if torch.is_autocast_enabled(t)]
         ctx.token = next(_calls)
         ctx.stash = {}  # remember()/replayed(): values the recomputation reuses
-        with torch.no_grad(), _in_phase(("forward", ctx.token), ctx.stash, offloading=bool(offload)):
+        for parked in ctx.parked.values():
+            parked.stash = ctx.stash  # what prefetcher() brings back with the layer's input
+        with torch.no_grad(), _in_phase(("forward", ctx.token), ctx.stash, offloading=bool(ctx.parked)):
             return fn(*args)
 
     @staticmethod
@@ -210,19 +275,18 @@ class _LayerCheckpoint(torch.autograd.Function):
         kept = iter(ctx.saved_tensors)
         args = list(ctx.constants)
         inputs = []
+        parked_inputs = list(ctx.parked.values())
         for position in ctx.tensor_positions:
             parked = ctx.parked.pop(position, None)
             tensor = next(kept) if parked is None else _offloader.fetch(parked)
             leaf = tensor.detach().requires_grad_(tensor.requires_grad)
             args[position] = leaf
             inputs.append(leaf)
-        for values in ctx.stash.values():  # what the layer remembered in host memory: on its way back
-            for value in values:
-                if isinstance(value, _Parked):
-                    _offloader.prefetch(value)
+        for parked in _parked_in(ctx.stash):  # remembered in host memory: on its way back (if not yet)
+            _offloader.prefetch(parked)
         devices = [ctx.device] if ctx.device_rng is not None else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), _autocast(ctx.autocast), \
-                _in_phase(("recompute", ctx.token), ctx.stash):
+                _in_phase(("recompute", ctx.token), ctx.stash, earlier_stash=_earlier_stash(parked_inputs)):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.device_rng is not None:
                 torch.cuda.set_rng_state(ctx.device_rng, ctx.device)
@@ -237,6 +301,20 @@ class _LayerCheckpoint(torch.autograd.Function):
             grads[position] = leaf.grad
         ctx.fn = ctx.stash = None  # the layer's closure (and the kwargs it holds) can go now
         return (None, None, None, *grads)
+
+
+def _earlier_stash(parked_inputs: list):
+    """A function giving the remember() values of the layer whose input was parked just before
+    this layer's (the layer backward reaches next), or None once they are gone."""
+    previous = next((p.previous for p in parked_inputs if p.previous is not None), None)
+    if previous is None:
+        return None
+
+    def stash():
+        layer_input = previous()
+        return None if layer_input is None else layer_input.stash
+
+    return stash
 
 
 def _autocast(states):
@@ -284,6 +362,11 @@ def enable(model: torch.nn.Module, offload: bool = False) -> bool:
     if config is not None and hasattr(config, "use_cache"):
         config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
     return True
+
+
+def is_ours(function) -> bool:
+    """Whether `function` (a layer's _gradient_checkpointing_func) is this module's checkpoint."""
+    return function is checkpoint or function is checkpoint_offloaded
 
 
 def is_enabled(model: torch.nn.Module, offload: bool | None = None) -> bool:

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import block_ops
+from . import attention_replay, block_ops, checkpointing
 from ._native import native
 from .layers import QLoRALinear, project_add, project_swiglu, project_together
 
@@ -361,12 +361,18 @@ def hf_attention(self, spec: _AttentionSpec, hidden_states, position_embeddings,
     if _one_query_grouped_sdpa(self, spec, query, attention_mask, kwargs):
         attn_output = _one_query_grouped_sdpa_forward(self, query, key, value, attention_mask)
         return output(attn_output.reshape(*input_shape, -1)), None
+    dropout = 0.0 if not self.training else self.attention_dropout
+    if (cache is None and _sliding_window(self, spec) is None and self.config._attn_implementation == "sdpa"
+            and getattr(self, "is_causal", True)):  # fmt: skip
+        # a checkpointed layer's attention kept for, or replayed in, its recomputation
+        attn_output = attention_replay.attention_call(query, key, value, self.scaling, attention_mask, dropout, kwargs)
+        if attn_output is not None:
+            return output(attn_output.reshape(*input_shape, -1)), None
     attention = spec.attention_functions.get_interface(self.config._attn_implementation, spec.eager_attention_forward)
     if spec.sliding_window is not None:
         kwargs["sliding_window"] = _sliding_window(self, spec)
     with _sdpa_priority(self, query):
-        attn_output, attn_weights = attention(self, query, key, value, attention_mask,
-                                              dropout=0.0 if not self.training else self.attention_dropout,
+        attn_output, attn_weights = attention(self, query, key, value, attention_mask, dropout=dropout,
                                               scaling=self.scaling, **kwargs)  # fmt: skip
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     return output(attn_output), attn_weights
@@ -513,14 +519,57 @@ def _hf_decoder_layer_forward(self, hidden_states, *args, **kwargs):
     GEMV epilogue where layers.project_add can (one row: decoding at batch 1); two kernels fewer a
     layer. Anything else, or a layer whose attention or MLP is not the fused forward here, takes
     the class's forward."""
+    if not args and checkpointing.phase() is not None:  # a checkpointed layer's first forward or recomputation
+        kept = attention_replay.decoder_layer_forward(self, hidden_states, **kwargs)
+        if kept is not None:
+            return kept
+    elif not args and _checkpoints_in_class_forward(self):
+        return _checkpointed(self, hidden_states, kwargs)
     if args or not _residual_handoff(self, hidden_states):
-        return type(self).forward(self, hidden_states, *args, **kwargs)
+        return _class_forward(self)(self, hidden_states, *args, **kwargs)
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
     hidden_states, _ = self.self_attn(hidden_states=hidden_states, _qlora_residual=residual, **kwargs)
     residual = hidden_states
     hidden_states = self.post_attention_layernorm(hidden_states)
     return self.mlp(hidden_states, _qlora_residual=residual)
+
+
+def _wraps_checkpointing(forward) -> bool:
+    """Whether `forward` is transformers' forward_with_checkpointing: from ~5.25 it wraps a
+    GradientCheckpointingLayer's class forward (earlier versions wrapped __call__)."""
+    code = getattr(forward, "__code__", None)  # (functools.wraps keeps the wrapped __name__)
+    return code is not None and code.co_name == "forward_with_checkpointing" and hasattr(forward, "__wrapped__")
+
+
+def _class_forward(layer: nn.Module):
+    """The class's forward; inside a checkpoint, without transformers' checkpointing wrapper (a
+    recomputation with gradients on would otherwise checkpoint the layer once more)."""
+    forward = type(layer).forward
+    return forward.__wrapped__ if checkpointing.phase() is not None and _wraps_checkpointing(forward) else forward
+
+
+def _checkpoints_in_class_forward(layer: nn.Module) -> bool:
+    """Whether this training call would be checkpointed by qlora_ext's checkpoint inside the class's
+    forward (_wraps_checkpointing), which an instance forward such as this file's bypasses unless
+    it checkpoints itself."""
+    return (_wraps_checkpointing(type(layer).forward) and getattr(layer, "gradient_checkpointing", False)
+            and layer.training and torch.is_grad_enabled()
+            and checkpointing.is_ours(getattr(layer, "_gradient_checkpointing_func", None)))  # fmt: skip
+
+
+def _checkpointed(layer: nn.Module, hidden_states, kwargs: dict):
+    """This file's decoder layer forward under the layer's checkpoint function, as transformers'
+    forward_with_checkpointing runs the class's: no KV cache while checkpointing."""
+    kwargs = dict(kwargs)
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    if not getattr(layer, "_can_checkpoint_with_cache", False):
+        for name in ("cache", "past_key_values", "layer_past"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = None
+    return layer._gradient_checkpointing_func(functools.partial(_hf_decoder_layer_forward, layer, **kwargs),
+                                              hidden_states)  # fmt: skip
 
 
 def _residual_handoff(layer: nn.Module, hidden_states) -> bool:

@@ -225,15 +225,22 @@ class _LoRAQKV(torch.autograd.Function):
         ctx.device_type = x.device.type
         with _autocast_off(x.device.type):
             x2 = x.reshape(m, k)
-            w = _dequantized(specs, dtype, concat)
-            if concat:
-                y = F.linear(x2, w, _cat_bias(biases, ns, x))  # [M, Nq+Nk+Nv]
-                outs = list(y.split(ns, dim=1))
+            if checkpointing.projection_outputs_unused():
+                # a recomputation whose q, k, v feed only replayed values (attention_replay): no
+                # dequantization, no GEMM; what the backward reads (xa, the casts) as usual
+                outs = list(x2.new_empty((m, sum(ns))).split(ns, dim=1))
+                a, rs = _cat_cast(a_s, dtype)
+                xa, bs = F.linear(x2, a), _cast_bs(b_s, dtype)
             else:
-                outs = [F.linear(x2, wi, None if b is None else b.to(dtype)) for wi, b in zip(w, biases)]
-            del w  # the only dense W; gone before the thin products allocate
-            a, rs = _cat_cast(a_s, dtype)  # [rq+rk+rv, K]
-            xa, bs = _add_low_rank(outs, x2, a, rs, b_s, scales)
+                w = _dequantized(specs, dtype, concat)
+                if concat:
+                    y = F.linear(x2, w, _cat_bias(biases, ns, x))  # [M, Nq+Nk+Nv]
+                    outs = list(y.split(ns, dim=1))
+                else:
+                    outs = [F.linear(x2, wi, None if b is None else b.to(dtype)) for wi, b in zip(w, biases)]
+                del w  # the only dense W; gone before the thin products allocate
+                a, rs = _cat_cast(a_s, dtype)  # [rq+rk+rv, K]
+                xa, bs = _add_low_rank(outs, x2, a, rs, b_s, scales)
         ctx.shapes = (ns, rs, m, k)
         ctx.scales, ctx.specs, ctx.concat = scales, specs, concat
         ctx.param_dtypes = ([None if b is None else b.dtype for b in biases], [t.dtype for t in a_s],

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _ops
+from . import _ops, checkpointing
 from .nf4 import NESTED_BLOCKSIZE, NF4Weight
 
 
@@ -257,16 +257,19 @@ _nf4_lora_linear.register_autograd(_nf4_lora_backward, setup_context=_nf4_lora_s
 # torch.compile they call the operators, which the compiler understands through their fakes.
 
 
-def eager_twin(name: str, impl, setup_context, backward) -> type[torch.autograd.Function]:
+def eager_twin(name: str, impl, setup_context, backward, unused_output_impl=None) -> type[torch.autograd.Function]:
     """An autograd.Function computing `impl` with the operator's own setup_context/backward.
 
     Like the operators (which have no autocast kernel, so autocast passes through them and their
     bodies run in x's dtype), the twins run with autocast off: under autocast a caller's fp32 x
-    and fp32 adapters stay fp32 here instead of mixing with autocast's bf16 products."""
+    and fp32 adapters stay fp32 here instead of mixing with autocast's bf16 products.
+    `unused_output_impl`: what runs instead of `impl` in a recomputation whose outputs nobody reads
+    (checkpointing.outputs_unused): the outputs the backward reads, the others uninitialised."""
 
     def forward(ctx, *inputs):
         with _autocast_off(inputs[0].device.type):
-            output = impl(*inputs)
+            skip = unused_output_impl is not None and checkpointing.projection_outputs_unused()
+            output = (unused_output_impl if skip else impl)(*inputs)
             setup_context(ctx, inputs, output)
         ctx.device_type = inputs[0].device.type
         return output
@@ -288,7 +291,16 @@ def _autocast_off(device_type: str):
 
 
 _EagerNF4Linear = eager_twin("_EagerNF4Linear", _nf4_linear_impl, _nf4_linear_setup, _nf4_linear_backward)
-_EagerNF4LoRALinear = eager_twin("_EagerNF4LoRALinear", _nf4_lora_linear_impl, _nf4_lora_setup, _nf4_lora_backward)
+def _nf4_lora_linear_unused_output(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+                                   nested_blocksize, weight_shape, weight_dtype, bias, lora_A, lora_B, scale):  # fmt: skip
+    """_nf4_lora_linear_impl where y is never read (attention_replay's o_proj): xa only, which the
+    backward reads; no dequantization, no GEMM."""
+    xl = x if x_lora is None else x_lora
+    return x.new_empty((*x.shape[:-1], weight_shape[0])), F.linear(xl, lora_A.to(x.dtype))
+
+
+_EagerNF4LoRALinear = eager_twin("_EagerNF4LoRALinear", _nf4_lora_linear_impl, _nf4_lora_setup, _nf4_lora_backward,
+                                 _nf4_lora_linear_unused_output)  # fmt: skip
 
 
 def use_operators() -> bool:
