@@ -25,7 +25,8 @@ weights), ours_qkv_cat (the three weights dequantized apart and concatenated by 
 instead of straight into one buffer, fused_qkv.DEQUANTIZE_INTO_DEVICES), ours_full_recompute (the checkpointed layers' recomputation
 also runs the MLP's down projection, whose output nobody reads: fused_mlp.SKIP_UNUSED_RECOMPUTATION
 off), ours_no_replay (the checkpointed layers' attention half recomputed instead of kept in host
-memory: attention_replay.REPLAY "never"), ours_sdpa_cudnn / ours_sdpa_flash (the fused attention's SDPA calls try cuDNN's or flash
+memory: attention_replay.REPLAY "never"), ours_library_autograd (RMSNorm, RoPE and SwiGLU through
+torch.library's autograd instead of block_ops' autograd.Function twins), ours_sdpa_cudnn / ours_sdpa_flash (the fused attention's SDPA calls try cuDNN's or flash
 attention first: fused_blocks.SDPA_PRIORITY), bnb_peft, unsloth. With --cap-gib each process may allocate at most that much
 (torch.cuda.set_per_process_memory_fraction); a stack stops at its first sequence length that
 fails, and the table ends with each stack's longest trainable length. With --kernel-time each case
@@ -190,6 +191,13 @@ def build_ours_no_replay(size, seq):
     return build_ours(size, seq)
 
 
+def build_ours_library_autograd(size, seq):
+    from qlora_ext import block_ops
+
+    block_ops._TWINS.clear()  # RMSNorm/RoPE/SwiGLU through torch.library's autograd, as before session 18
+    return build_ours(size, seq)
+
+
 def build_ours_sdpa(first: str):
     """ours with the fused attention's SDPA calls trying backend `first` before the others."""
     def build(size, seq):
@@ -206,7 +214,7 @@ def build_ours_sdpa(first: str):
 BUILDERS = {"ours": build_ours, "ours_offload": build_ours_offload, "ours_resident": build_ours_resident,
             "ours_qkv_off": build_ours_qkv_off, "ours_qkv_three_gemms": build_ours_qkv_three_gemms,
             "ours_qkv_cat": build_ours_qkv_cat, "ours_full_recompute": build_ours_full_recompute,
-            "ours_no_replay": build_ours_no_replay,
+            "ours_no_replay": build_ours_no_replay, "ours_library_autograd": build_ours_library_autograd,
             "ours_sdpa_cudnn": build_ours_sdpa("CUDNN_ATTENTION"), "ours_sdpa_flash": build_ours_sdpa("FLASH_ATTENTION"),
             "bnb_peft": build_bnb_peft, "unsloth": build_unsloth}  # fmt: skip
 

@@ -54,7 +54,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, cast_before_weight: b
     `weight * (x * rsqrt(mean(x²) + eps)).to(x.dtype)`, output in promote(x.dtype, weight.dtype).
     False multiplies by the weight in fp32 and rounds once to x's dtype (qlora_ext's builtin
     TinyLlama, and the usual choice for fp32 norm weights in 16-bit models)."""
-    return past_autograd(_ops().rms_norm, x, weight, float(eps), cast_before_weight)[0]
+    return _differentiable("rms_norm", x, weight, float(eps), cast_before_weight)[0]
 
 
 def _tables(q: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,7 +78,7 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
     projection output is read without a copy); cos, sin [B or 1, T, Dh] or [T, Dh], as
     transformers' rotary embeddings return them (the two halves equal)."""
     cos, sin = _tables(q, cos, sin)
-    return past_autograd(_ops().rope, q, k, cos, sin, False)
+    return _differentiable("rope", q, k, cos, sin, False)
 
 
 def rope_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -155,7 +155,7 @@ def swiglu(gate: Tensor, up: Tensor, backward_inplace: bool = False) -> Tensor:
 
     backward_inplace=True: gate and up are dead after this call (nothing else reads them, not even
     another autograd node), so the backward may write its gradients over them."""
-    return past_autograd(_ops().swiglu, gate, up, backward_inplace)
+    return _differentiable("swiglu", gate, up, backward_inplace)
 
 
 def swiglu_scaled(gate: Tensor, up: Tensor, gate_scale: Tensor, up_scale: Tensor) -> Tensor:
@@ -164,7 +164,7 @@ def swiglu_scaled(gate: Tensor, up: Tensor, gate_scale: Tensor, up_scale: Tensor
     qlora_ext::dora_column_scale stores it: DoRA's gate and up projections (c ⊙ z) without
     writing them out. Differentiable in all four (d gate = dg ⊙ gate_scale, d gate_scale =
     Σ_rows dg ⊙ gate, in fp32, dg the gradient for g)."""
-    return past_autograd(_ops().swiglu_scaled, gate, up, gate_scale, up_scale)
+    return _differentiable("swiglu_scaled", gate, up, gate_scale, up_scale)
 
 
 def _root(t: Tensor) -> Tensor:
@@ -259,6 +259,45 @@ def _scale_grads(d_scaled: Tensor, operand: Tensor, scale: Tensor, need_operand:
     return d_operand, d_scale
 
 
+# ---- autograd ---------------------------------------------------------------------------------
+
+#: Per differentiable op, an autograd.Function running the op's registered formula (filled by
+#: register_fakes): what `_differentiable` calls outside torch.compile.
+_TWINS: dict[str, type[torch.autograd.Function]] = {}
+
+
+def _differentiable(name: str, *args):
+    """torch.ops.qlora_ext.<name>(*args) with its autograd. Where an input requires grad (outside
+    torch.compile) through `_TWINS[name]`: torch.library's autograd wrapper costs more Python per
+    call than an autograd.Function with the same formula (rms_norm forward on [4, 64] on the
+    2-core CPU: 47 against 18 µs), and a checkpointed 8B step makes ~10 such calls a layer in
+    its host-bound backward (profile_step_gaps.py). Elsewhere past_autograd."""
+    twin = _TWINS.get(name)
+    if (twin is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(isinstance(a, Tensor) and a.requires_grad for a in args)):  # fmt: skip
+        return twin.apply(*args)
+    return past_autograd(getattr(_ops(), name), *args)
+
+
+def _twin(name: str, setup_context, backward) -> type[torch.autograd.Function]:
+    """An autograd.Function computing the op below its autograd kernel, with the formula that
+    torch.library.register_autograd registers for it (the same setup_context and backward)."""
+
+    def forward(ctx, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = getattr(_ops(), name)(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(f"_{name}_autograd", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})  # fmt: skip
+
+
+def _register_autograd(name: str, backward, setup_context) -> None:
+    torch.library.register_autograd(f"qlora_ext::{name}", backward, setup_context=setup_context)
+    _TWINS[name] = _twin(name, setup_context, backward)
+
+
 _registered = False
 
 
@@ -304,7 +343,7 @@ def register_fakes() -> None:
         dx, dweight = _ops().rms_norm_backward(grad_y, x, weight, inv_rms, ctx.cast_before_weight, need_weight)
         return (dx if need_x else None), (dweight if need_weight else None), None, None
 
-    torch.library.register_autograd("qlora_ext::rms_norm", rms_norm_backward, setup_context=rms_norm_setup_context)
+    _register_autograd("rms_norm", rms_norm_backward, setup_context=rms_norm_setup_context)
 
     # RoPE ------------------------------------------------------------------------------------
 
@@ -361,7 +400,7 @@ def register_fakes() -> None:
         dq, dk = past_autograd(_ops().rope, grad_q, grad_k, cos, sin, not ctx.transpose)
         return dq, dk, None, None, None
 
-    torch.library.register_autograd("qlora_ext::rope", rope_backward, setup_context=rope_setup_context)
+    _register_autograd("rope", rope_backward, setup_context=rope_setup_context)
 
     # SwiGLU ----------------------------------------------------------------------------------
 
@@ -392,7 +431,7 @@ def register_fakes() -> None:
         dgate, dup = _ops().swiglu_backward(grad_h, gate, up)
         return dgate, dup, None
 
-    torch.library.register_autograd("qlora_ext::swiglu", swiglu_backward, setup_context=swiglu_setup_context)
+    _register_autograd("swiglu", swiglu_backward, setup_context=swiglu_setup_context)
 
     @torch.library.register_fake("qlora_ext::swiglu_scaled")
     def _(gate, up, gate_scale, up_scale):
@@ -417,8 +456,7 @@ def register_fakes() -> None:
         d_up, d_up_scale = _scale_grads(du, up, up_scale, need[1], need[3])
         return d_gate, d_up, d_gate_scale, d_up_scale
 
-    torch.library.register_autograd("qlora_ext::swiglu_scaled", swiglu_scaled_backward,
-                                    setup_context=swiglu_scaled_setup_context)  # fmt: skip
+    _register_autograd("swiglu_scaled", swiglu_scaled_backward, setup_context=swiglu_scaled_setup_context)
 
 
 __all__ = ["rms_norm", "rope", "rope_", "rope_append_kv_", "decode_attention", "decode_attention_kernel",
