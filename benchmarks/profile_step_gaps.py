@@ -10,7 +10,9 @@ case (same model, prepare() and optimizer, after warm-up) with CPU and CUDA acti
   interval with the idle intervals, inclusive of its children): a synchronisation shows up as a
   runtime call (cudaStreamSynchronize, cudaEventSynchronize, cudaMemcpy...) and host-bound
   stretches as the Python-level autograd Functions and aten ops that dispatch too slowly;
-- the largest single gaps with the op that launched the next kernel and its ancestors.
+- the largest single gaps with the op that launched the next kernel and its ancestors;
+- the host's own time by op (self CPU time, the profiler's overhead included): where a host-bound
+  step spends it.
 
     python benchmarks/profile_step_gaps.py --model 8b --seq 2048 --stack ours [--out F.json]
 """
@@ -150,8 +152,13 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
+    from torch.autograd import DeviceType
+
+    host = sorted(((e.key, e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()
+                   if e.device_type == DeviceType.CPU), key=lambda row: -row[1])[: args.top]  # fmt: skip
     result = {"stack": args.stack, "model": args.model, "seq": args.seq, "device": torch.cuda.get_device_name(),
-              **analyse(prof.events(), args.min_gap_us, args.top)}  # fmt: skip
+              **analyse(prof.events(), args.min_gap_us, args.top),
+              "host_self_ms_by_op": [(name, round(ms, 3), n) for name, ms, n in host]}  # fmt: skip
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
