@@ -193,9 +193,10 @@ def _wanted_here() -> bool:
 
 
 def _kept_for_offload(h: Tensor, attention: tuple) -> tuple:
-    """What to remember: h, the tensors q/k/v are views of (one [.., Nq+Nk+Nv] projection buffer
-    where the fused Q/K/V unit made them: one transfer), the output, the LSE; and how to rebuild
-    q, k, v from them."""
+    """What to remember offloaded: h, the output and the tensors q/k/v are views of (one
+    [.., Nq+Nk+Nv] projection buffer where the fused Q/K/V unit made them: one transfer); and,
+    kept on the device, the LSE (Hq fp32 a token: 256 KiB a layer at 2048 tokens, a copy's host
+    bookkeeping saved per layer) with how to rebuild q, k, v."""
     q, k, v, out, lse, extra = attention
     roots, views = [], []
     for t in (q, k, v):
@@ -207,12 +208,12 @@ def _kept_for_offload(h: Tensor, attention: tuple) -> tuple:
             roots.append(root)
             index = len(roots) - 1
         views.append((index, tuple(t.shape), t.stride(), t.storage_offset() - root.storage_offset()))
-    return (h, out, lse, *roots), (views, extra, len(roots))
+    return (h, out, *roots), (views, extra, lse)
 
 
 def _rebuilt(kept: tuple, layout) -> tuple[Tensor, tuple]:
-    views, extra, n_roots = layout
-    h, out, lse, *roots = kept
+    views, extra, lse = layout
+    h, out, *roots = kept
     q, k, v = (roots[i].as_strided(shape, stride, roots[i].storage_offset() + offset)
                for i, shape, stride, offset in views)  # fmt: skip
     return h, (q, k, v, out, lse, extra)
