@@ -8,7 +8,7 @@ import collections
 
 import pytest
 import torch
-from train_helpers import hf_model, randomize_adapters, token_batch
+from train_helpers import hf_model, randomize_adapters, record_parks, token_batch
 
 import qlora_ext
 from qlora_ext import _ops, attention_replay, checkpointing
@@ -179,14 +179,7 @@ def test_offloaded_replay_on_cuda_gives_the_gradients_of_the_recomputation(dtype
     monkeypatch.setattr(fused_blocks, "SDPA_PRIORITY", fused_blocks.sdpa_order(SDPBackend.CUDNN_ATTENTION))
     monkeypatch.setattr(attention_replay, "REPLAY", "never")
     reference = _steps(_model("llama", dtype=dtype, device="cuda"), "cuda")
-    parks = []
-    park = checkpointing._offloader.park
-
-    def spy(tensor, chain=True):
-        parks.append(chain)
-        return park(tensor, chain)
-
-    monkeypatch.setattr(checkpointing._offloader, "park", spy)
+    parks = record_parks(monkeypatch)
     counts = _Counts(monkeypatch)
     monkeypatch.setattr(attention_replay, "REPLAY", "offloaded")
     replayed = _steps(_model("llama", dtype=dtype, device="cuda"), "cuda")

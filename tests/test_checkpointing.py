@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import CountDoRANorms, hf_model, randomize_adapters, token_batch
+from train_helpers import CountDoRANorms, hf_model, randomize_adapters, record_parks, token_batch
 
 import qlora_ext
 from qlora_ext import checkpointing
@@ -157,14 +157,7 @@ def test_remembered_tensors_travel_with_the_layer_input_where_it_is_offloaded(de
     host memory too (parked beside the input, outside the chain of layer inputs) and comes back,
     the same values, when replayed; elsewhere (CPU, or a layer that keeps its input) it is kept
     as is, the very tensor."""
-    parks = []
-    original_park = checkpointing._offloader.park
-
-    def spy(tensor, chain=True):
-        parks.append(chain)
-        return original_park(tensor, chain)
-
-    monkeypatch.setattr(checkpointing._offloader, "park", spy)
+    parks = record_parks(monkeypatch)
     made, seen = [], []
 
     class Layer(torch.nn.Module):

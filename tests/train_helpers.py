@@ -272,3 +272,19 @@ def prepared_hf(arch: str = "llama", state: str = "active", dtype=torch.float32,
             elif state == "disabled":
                 layer.disable_adapters()
     return model.eval()
+
+
+def record_parks(monkeypatch) -> list[bool]:
+    """The tensors qlora_ext.checkpointing parks in host memory from now on, one entry each: True
+    for a layer input (chained to the previous layer's), False for a value parked beside it."""
+    from qlora_ext import checkpointing
+
+    parks: list[bool] = []
+    park = checkpointing._offloader.park
+
+    def spy(tensor, chain=True):
+        parks.append(chain)
+        return park(tensor, chain)
+
+    monkeypatch.setattr(checkpointing._offloader, "park", spy)
+    return parks
