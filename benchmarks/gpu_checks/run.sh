@@ -249,7 +249,7 @@ for stage in "$@"; do
       # session 18: the attention half kept in host memory instead of recomputed (attention_replay.py)
       STEP_TIMEOUT=150 step replay_tests "$PY" -m pytest -n 8 -q -p no:cacheprovider -rfE tests/test_attention_replay.py \
         tests/test_checkpointing.py tests/test_fused_qkv.py tests/test_lora_linear.py -k "cuda or replay"
-      STEP_TIMEOUT=420 step train_replay "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps 8 --kernel-time \
+      STEP_TIMEOUT=420 step train_replay "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps "${TRAIN_STEPS:-8}" ${KERNEL_TIME---kernel-time} \
         --stacks "${TRAIN_STACKS:-ours,ours_no_replay,unsloth}" --out "$OUT/train_8b_replay_${GPU_TAG:-h100}.json"
       ;;
     gaps)
