@@ -51,7 +51,8 @@ _state = threading.local()
 
 
 def _cudnn_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
+    # (cuDNN's frontend rejects one query over one key: "s_q = s_kv = 1 is not supported")
+    return (q.is_cuda and q.shape[2] > 1 and q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
             and q.shape[-1] == k.shape[-1] == v.shape[-1] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
             and torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(q.device)[0] >= 8)  # fmt: skip
 
