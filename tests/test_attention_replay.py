@@ -62,9 +62,15 @@ def test_kept_attention_is_causal_attention_with_its_gradients(device, dtype, he
 
 
 def _model(arch, method="lora", dtype=torch.float32, device="cpu"):
+    """A tiny model prepared with checkpointing; with the fused block ops on the CPU too, so that
+    every method's attention runs fused_blocks' forward there as it does on CUDA."""
+    from qlora_ext import fused_blocks
+
     model = hf_model(arch, dtype=dtype)
     torch.manual_seed(3)
     qlora_ext.prepare(model, r=4, alpha=8, gradient_checkpointing=True, verbose=False, method=method)
+    fused_blocks.disable_fused_block_ops(model)
+    fused_blocks.enable_fused_block_ops(model, devices=("cpu", "cuda"))
     randomize_adapters(model)
     return model.to(device).train()
 
@@ -113,8 +119,9 @@ class _Counts:
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "lora_fa", "vera"])
 def test_replay_gives_the_gradients_of_the_recomputation(arch, method, monkeypatch):
+    # (LoRA-FA and VeRA take the per-module path: q/k/v and o compute in full, the attention and h replay)
     monkeypatch.setattr(attention_replay, "REPLAY", "never")
     reference = _steps(_model(arch, method))
     counts = _Counts(monkeypatch)
