@@ -201,3 +201,21 @@ def test_offloaded_replay_on_cuda_gives_the_gradients_of_the_recomputation(dtype
         assert torch.equal(loss, ref_loss)
         for g, r in zip(grads, ref_grads):
             assert torch.equal(g, r)
+
+
+def test_a_recomputation_that_misses_the_kept_attention_raises(monkeypatch):
+    """If the attention's path changes between a forward and its backward (here: the fused block
+    ops switched off), the skipped projections' outputs would reach the backward: an error, not
+    wrong gradients."""
+    from qlora_ext import fused_blocks, fused_qkv
+
+    monkeypatch.setattr(attention_replay, "REPLAY", "always")
+    model = _model("llama", method="vera")  # q/k/v and o as modules: the class forward calls them too
+    ids = token_batch()
+    loss = model(input_ids=ids, labels=ids).loss
+    fused_blocks.disable_fused_block_ops(model)
+    fused_qkv.disable_fused_qkv(model)
+    for layer in model.model.layers:  # the decoder layers keep fused_blocks' forward (the replay's entry)
+        layer.forward = fused_blocks._hf_decoder_layer_forward.__get__(layer)
+    with pytest.raises(RuntimeError, match="did not reach the attention"):
+        loss.backward()

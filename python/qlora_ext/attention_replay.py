@@ -174,15 +174,16 @@ def attention_call(q: Tensor, k: Tensor, v: Tensor, scale: float, attention_mask
     (causal, no mask, no dropout, no variable-length kwargs); None otherwise (the caller runs
     transformers' attention function)."""
     replaying = getattr(_state, "replaying", None)
-    if _recording() is None and replaying is None:
+    if replaying is not None:  # the first forward checked this call (the same one) and kept its result
+        _state.replaying = None  # consumed: one attention per layer
+        return _KeptAttention.apply(q, k, v, scale, replaying)
+    if _recording() is None:
         return None
     if attention_mask is not None or dropout != 0.0 or any(key.startswith(("cu_seq", "max_length")) for key in kwargs):
         return None
     if not kernel_applies(q, k, v):
         return None
-    if replaying is not None:
-        _state.replaying = None  # one attention per layer
-    return _KeptAttention.apply(q, k, v, scale, replaying)
+    return _KeptAttention.apply(q, k, v, scale, None)
 
 
 def _wanted_here() -> bool:
@@ -236,6 +237,13 @@ def decoder_layer_forward(layer, hidden_states: Tensor, **kwargs) -> Tensor | No
         normed = layer.input_layernorm(hidden_states)
         with _scope(None, attention), checkpointing.outputs_unused():
             update, _ = layer.self_attn(hidden_states=normed, **kwargs)
+            if getattr(_state, "replaying", None) is not None:
+                # the projections skipped their outputs for an attention that never ran: their
+                # backward would read garbage. Only if the attention's path changed since the
+                # first forward (its fused forward switched off in between).
+                raise RuntimeError("attention_replay: the recomputation of a checkpointed layer did not reach the "
+                                   "attention its first forward kept; do not switch fused_blocks/fused_qkv forwards "
+                                   "between a forward and its backward")  # fmt: skip
         hidden_states = _ReplayedAdd.apply(residual, update, h_kept, checkpointing.prefetcher())
     else:
         recorded: list = []
