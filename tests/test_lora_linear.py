@@ -160,6 +160,41 @@ def test_adapter_grads_come_back_in_adapter_dtype():
     torch.testing.assert_close(b32.grad, b_r.grad, rtol=0.05, atol=0.05)
 
 
+def _adapter_casts_in_backward(run_forward, adapters) -> list:
+    """The casts of the (fp32) adapter tensors to another dtype that the backward of run_forward()
+    makes (aten::_to_copy from fp32 at their shapes; not the gradients' casts, which go to fp32)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = {tuple(t.shape) for t in adapters}
+    seen = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if (func is torch.ops.aten._to_copy.default and tuple(args[0].shape) in shapes
+                    and args[0].dtype == torch.float32 and (kwargs or {}).get("dtype") not in (None, torch.float32)):  # fmt: skip
+                seen.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    out = run_forward()
+    with Casts():
+        out.float().sum().backward()
+    return seen
+
+
+def test_backward_reuses_the_forwards_adapter_casts():
+    """The LoRA linear keeps its bf16 casts of fp32 A and B (fused_mlp's projections use the same helper)
+    for the backward instead of casting them again; the gradients are those of the reference."""
+    q, x, a, b, _ = make_case((4,), 64, 32, 4)
+    a32, b32 = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    x16 = x.bfloat16().requires_grad_(True)
+    assert _adapter_casts_in_backward(lambda: nf4_lora_linear(x16, q, None, a32, b32, 2.0), (a32, b32)) == []
+    a_r, b_r = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    x_r = x.bfloat16().requires_grad_(True)
+    _EagerNF4LoRALinear.apply(x_r, None, *_weight_args(q), None, a_r, b_r, 2.0)[0].float().sum().backward()
+    for got, want in ((a32.grad, a_r.grad), (b32.grad, b_r.grad), (x16.grad, x_r.grad)):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("scale", [None, 0.37])

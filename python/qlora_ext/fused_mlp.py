@@ -61,7 +61,8 @@ from .dora import (DoRAAdapter, _nf4_dora_backward, _nf4_dora_setup, dora_output
                    swiglu_scaled_dora_backward)
 from .fused_blocks import FUSED_DEVICES, HF_MODEL_TYPES
 from .layers import QLoRALinear
-from .lora_linear import _autocast_off, _nf4_lora_backward, _nf4_lora_linear_impl, _nf4_lora_setup, _weight_args, use_operators
+from .lora_linear import (_autocast_off, _nf4_lora_backward, _nf4_lora_linear_impl, _nf4_lora_setup, _weight_args,
+                          keep_low_rank_casts, use_operators)
 
 _X, _BIAS, _A, _B, _M = 0, 11, 12, 13, 15  # positions in the operators' inputs (_M: DoRA's magnitude)
 _Z, _INV_NORM, _C = 9, 10, 11  # DoRA's saved z, 1/n and c = m/n among its saved tensors (after LoRA's nine)
@@ -125,8 +126,8 @@ def _project(kind: _Kind, x: Tensor, spec, bias, a, b, extra, needs: tuple[bool,
              output: bool = True):  # fmt: skip
     """One projection: (the operator's outputs, its backward state)."""
     inputs = kind.inputs(x, spec, bias, a, b, extra)
-    out = _forward(kind, inputs, norm, output)
     state = _Saved(needs)
+    out = _forward(kind, inputs if kind.has_norm else keep_low_rank_casts(state, inputs), norm, output)
     (_nf4_dora_setup if kind.has_norm else _nf4_lora_setup)(state, inputs, out)
     return out, state
 

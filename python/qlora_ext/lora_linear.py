@@ -218,7 +218,8 @@ def _nf4_lora_backward(ctx, dy, dxa):
     dy2 = dy.reshape(m, n_out)  # [M, N]
     xl2 = xl.reshape(m, k)  # [M, K]
     xa2 = xa.reshape(m, lora_A.shape[0])  # [M, r] (an explicit r: m may be 0)
-    a, b = lora_A.to(dtype), lora_B.to(dtype)
+    casts = getattr(ctx, "low_rank_casts", None)  # the forward's (keep_low_rank_casts), else cast again
+    a, b = casts if casts is not None and casts[0].dtype == dtype else (lora_A.to(dtype), lora_B.to(dtype))
 
     g = torch.mm(dy2, b).mul_(s)  # [M, r] gradient reaching xa through the LoRA path
     if dxa is not None:  # xa is also an output; honour a gradient that reached it directly
@@ -257,19 +258,33 @@ _nf4_lora_linear.register_autograd(_nf4_lora_backward, setup_context=_nf4_lora_s
 # torch.compile they call the operators, which the compiler understands through their fakes.
 
 
-def eager_twin(name: str, impl, setup_context, backward, unused_output_impl=None) -> type[torch.autograd.Function]:
+def keep_low_rank_casts(ctx, inputs: tuple) -> tuple:
+    """nf4_lora_linear's inputs with lora_A and lora_B cast to x's dtype, the casts also kept on
+    `ctx` for its backward, which would otherwise cast them again (two launches fewer a
+    projection in a host-bound backward; adapter-sized, alive until the backward)."""
+    x, a, b = inputs[0], inputs[12], inputs[13]
+    casts = (a.to(x.dtype), b.to(x.dtype))
+    ctx.low_rank_casts = casts
+    return (*inputs[:12], *casts, *inputs[14:])
+
+
+def eager_twin(name: str, impl, setup_context, backward, unused_output_impl=None,
+               prepare_inputs=None) -> type[torch.autograd.Function]:  # fmt: skip
     """An autograd.Function computing `impl` with the operator's own setup_context/backward.
 
     Like the operators (which have no autocast kernel, so autocast passes through them and their
     bodies run in x's dtype), the twins run with autocast off: under autocast a caller's fp32 x
     and fp32 adapters stay fp32 here instead of mixing with autocast's bf16 products.
     `unused_output_impl`: what runs instead of `impl` in a recomputation whose outputs nobody reads
-    (checkpointing.outputs_unused): the outputs the backward reads, the others uninitialised."""
+    (checkpointing.outputs_unused): the outputs the backward reads, the others uninitialised.
+    `prepare_inputs(ctx, inputs)`: the inputs `impl` gets (keep_low_rank_casts); setup_context
+    gets the original ones."""
 
     def forward(ctx, *inputs):
         with _autocast_off(inputs[0].device.type):
+            operands = inputs if prepare_inputs is None else prepare_inputs(ctx, inputs)
             skip = unused_output_impl is not None and checkpointing.projection_outputs_unused()
-            output = (unused_output_impl if skip else impl)(*inputs)
+            output = (unused_output_impl if skip else impl)(*operands)
             setup_context(ctx, inputs, output)
         ctx.device_type = inputs[0].device.type
         return output
@@ -300,7 +315,7 @@ def _nf4_lora_linear_unused_output(x, x_lora, packed, absmax, nested_absmax, nes
 
 
 _EagerNF4LoRALinear = eager_twin("_EagerNF4LoRALinear", _nf4_lora_linear_impl, _nf4_lora_setup, _nf4_lora_backward,
-                                 _nf4_lora_linear_unused_output)  # fmt: skip
+                                 _nf4_lora_linear_unused_output, keep_low_rank_casts)  # fmt: skip
 
 
 def use_operators() -> bool:
