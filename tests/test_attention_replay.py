@@ -118,7 +118,7 @@ class _Counts:
             monkeypatch.setattr(_ops, name, counting(getattr(_ops, name)))
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])  # qwen3: q/k RMSNorm before RoPE
 @pytest.mark.parametrize("method", ["lora", "dora", "lora_fa", "vera"])
 def test_replay_gives_the_gradients_of_the_recomputation(arch, method, monkeypatch):
     # (LoRA-FA and VeRA take the per-module path: q/k/v and o compute in full, the attention and h replay)

@@ -25,7 +25,7 @@ devices = [
 
 
 def hf_config(arch: str):
-    """A tiny transformers config of `arch` (llama, mistral, qwen2, gpt2, phi)."""
+    """A tiny transformers config of `arch` (llama, mistral, qwen2, qwen3, gpt2, phi)."""
     transformers = pytest.importorskip("transformers")
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
@@ -35,6 +35,8 @@ def hf_config(arch: str):
         return transformers.MistralConfig(**common, sliding_window=None)
     if arch == "qwen2":
         return transformers.Qwen2Config(**common)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=16)
     if arch == "phi":
         return transformers.PhiConfig(**common)
     if arch == "gpt2":

@@ -306,6 +306,8 @@ def _autocast_off(device_type: str):
 
 
 _EagerNF4Linear = eager_twin("_EagerNF4Linear", _nf4_linear_impl, _nf4_linear_setup, _nf4_linear_backward)
+
+
 def _nf4_lora_linear_unused_output(x, x_lora, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
                                    nested_blocksize, weight_shape, weight_dtype, bias, lora_A, lora_B, scale):  # fmt: skip
     """_nf4_lora_linear_impl where y is never read (attention_replay's o_proj): xa only, which the
