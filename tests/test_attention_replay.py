@@ -219,3 +219,10 @@ def test_a_recomputation_that_misses_the_kept_attention_raises(monkeypatch):
         layer.forward = fused_blocks._hf_decoder_layer_forward.__get__(layer)
     with pytest.raises(RuntimeError, match="did not reach the attention"):
         loss.backward()
+
+
+def test_an_unknown_mode_is_an_error(monkeypatch):
+    monkeypatch.setattr(attention_replay, "REPLAY", "sometimes")
+    ids = token_batch()
+    with pytest.raises(ValueError, match="REPLAY must be"):
+        _model("llama")(input_ids=ids, labels=ids)

@@ -191,6 +191,8 @@ def attention_call(q: Tensor, k: Tensor, v: Tensor, scale: float, attention_mask
 
 
 def _wanted_here() -> bool:
+    if REPLAY not in ("offloaded", "always", "never"):
+        raise ValueError(f'attention_replay.REPLAY must be "offloaded", "always" or "never", got {REPLAY!r}')
     if REPLAY == "never":
         return False
     if checkpointing.recomputing():
