@@ -114,8 +114,9 @@ def test_weights_dequantized_into_one_buffer_equal_the_concatenation(device, dty
         assert len(calls) == 3 and torch.equal(cast, buffered.to(torch.bfloat16))
 
 
-def _three_layers(r=(4, 2, 3), alpha=(8, 3, 5), rslora=(False, True, False), bias=True, dtype=torch.float32):
-    """Three QLoRALinear layers on one input (K 48; N 64, 16, 16), each with its own rank and scale."""
+def _three_layers(r=(4, 2, 3), alpha=(8, 3, 3), rslora=(False, True, False), bias=True, dtype=torch.float32):
+    """Three QLoRALinear layers on one input (K 48; N 64, 16, 16), each with its own rank and scale
+    (2, 3/√2 and 1: a scale of one skips its multiplications)."""
     torch.manual_seed(0)
     layers = []
     for n, r_i, a_i, rs_i in zip((64, 16, 16), r, alpha, rslora):

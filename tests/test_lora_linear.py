@@ -111,12 +111,12 @@ def _forward_backward(fn, inputs, dy):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("dropout_input", [False, True], ids=["x", "x_lora"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_matches_reference_autograd(shape, dropout_input, dtype, device):
+@pytest.mark.parametrize("s", [0.5, 1.0])  # 1.0 (alpha = r): the backward skips its scaling launches
+def test_matches_reference_autograd(shape, dropout_input, dtype, device, s):
     """Forward and every gradient vs autograd through the reference. Low precision: our error vs
     the fp32 reference may be at most 2x (forward) / 3x (backward) that of the reference run in
     the same dtype, plus a small absolute slack (flash-attention's rule, STYLE.md)."""
     q, x, a, b, bias = make_case(*shape, dtype=torch.float32, device=device)
-    s = 0.5
     w32 = q.dequantize(torch.float32)
     dy = torch.randn(*x.shape[:-1], q.shape[0], device=device)
     xl = x * (torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) > 0.3).to(device) / 0.7 if dropout_input else None
@@ -197,7 +197,7 @@ def test_backward_reuses_the_forwards_adapter_casts():
 
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("scale", [None, 0.37])
+@pytest.mark.parametrize("scale", [None, 0.37, 1.0])
 def test_mm_as_forms_the_gradient_in_the_parameter_dtype(device, dtype, scale):
     """mm_as(a, b, fp32[, s]) on half-precision activations (a transposed view, as the adapters'
     gradients pass it): fp32 out; where GRADIENT_MM_OUT_DTYPE_DEVICES lists the device, the

@@ -186,7 +186,9 @@ def _low_rank_backward(dys, dy: Tensor | None, x: Tensor, xa: Tensor, a: Tensor,
     rs = [b.shape[1] for b in bs]
     g = xa.new_empty((m, sum(rs)))  # [M, rq+rk+rv]: the gradient reaching xa
     for dy_i, b, g_i, s in zip(dys, bs, g.split(rs, dim=1), scales):
-        torch.mm(dy_i, b, out=g_i).mul_(s)
+        torch.mm(dy_i, b, out=g_i)
+        if s != 1:
+            g_i.mul_(s)
     dx = None
     if need_x:
         w = _dequantized(specs, x.dtype, dy is not None)

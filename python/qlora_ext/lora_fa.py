@@ -46,7 +46,9 @@ class _FrozenALowRank(torch.autograd.Function):
         dy2 = dy.reshape(m, dy.shape[-1])  # [M, N]
         dx = db = None
         if ctx.needs_input_grad[0]:
-            g = torch.mm(dy2, b.to(dtype)).mul_(s)  # [M, r]
+            g = torch.mm(dy2, b.to(dtype))  # [M, r]
+            if s != 1:
+                g.mul_(s)
             dx = torch.mm(g, a.to(dtype)).view(*dy.shape[:-1], a.shape[1])
         if ctx.needs_input_grad[2]:
             db = mm_as(dy2.t(), xa.reshape(m, a.shape[0]), b.dtype, s)  # [N, r]

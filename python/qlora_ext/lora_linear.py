@@ -63,7 +63,7 @@ def mm_as(a: Tensor, b: Tensor, dtype: torch.dtype, scale: float | None = None) 
         out = torch.mm(a, b, out_dtype=dtype)
     else:
         out = torch.mm(a, b)
-    if scale is not None:
+    if scale is not None and scale != 1:  # (an exact no-op launch otherwise: alpha = r, a common choice)
         out.mul_(scale)
     return out.to(dtype)
 
@@ -221,7 +221,9 @@ def _nf4_lora_backward(ctx, dy, dxa):
     casts = getattr(ctx, "low_rank_casts", None)  # the forward's (keep_low_rank_casts), else cast again
     a, b = casts if casts is not None and casts[0].dtype == dtype else (lora_A.to(dtype), lora_B.to(dtype))
 
-    g = torch.mm(dy2, b).mul_(s)  # [M, r] gradient reaching xa through the LoRA path
+    g = torch.mm(dy2, b)  # [M, r] gradient reaching xa through the LoRA path
+    if s != 1:
+        g.mul_(s)
     if dxa is not None:  # xa is also an output; honour a gradient that reached it directly
         g = g + dxa.reshape(g.shape)
 
