@@ -287,6 +287,9 @@ def _twin(name: str, setup_context, backward) -> type[torch.autograd.Function]:
         with torch._C._AutoDispatchBelowAutograd():
             output = getattr(_ops(), name)(*inputs)
         setup_context(ctx, inputs, output)
+        # An output without a gradient (rms_norm's inv_rms, an unused rope output) reaches the
+        # formula as None, which each handles, instead of as zeros autograd would launch a fill for.
+        ctx.set_materialize_grads(False)
         return output
 
     return type(f"_{name}_autograd", (torch.autograd.Function,),
@@ -338,6 +341,8 @@ def register_fakes() -> None:
         ctx.mark_non_differentiable(inv_rms)
 
     def rms_norm_backward(ctx, grad_y, _grad_inv_rms):
+        if grad_y is None:  # (the twin does not materialize missing gradients)
+            return None, None, None, None
         x, weight, inv_rms = ctx.saved_tensors
         need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx, dweight = _ops().rms_norm_backward(grad_y, x, weight, inv_rms, ctx.cast_before_weight, need_weight)
