@@ -140,11 +140,15 @@ class _KeptAttention(torch.autograd.Function):
 class _ReplayedAdd(torch.autograd.Function):
     """residual + update, whose value the first forward kept: returned as is (`value`); the
     gradient reaches both addends. `on_backward` runs first in the backward (the MLP half's
-    backward is done then: checkpointing brings the next layer's kept tensors back meanwhile)."""
+    backward is done then: checkpointing brings the next layer's kept tensors back meanwhile).
+    `value` None: a sum nobody reads (the recomputed layer's output, which only carries its
+    gradient), returned as an uninitialised stand-in of its shape: no add launched."""
 
     @staticmethod
     def forward(ctx, residual, update, value, on_backward):
         ctx.on_backward = on_backward
+        if value is None:
+            return residual.new_empty(()).expand(residual.shape)
         return value.detach()
 
     @staticmethod
@@ -274,4 +278,6 @@ def decoder_layer_forward(layer, hidden_states: Tensor, **kwargs) -> Tensor | No
     residual = hidden_states
     hidden_states = layer.post_attention_layernorm(hidden_states)
     hidden_states = layer.mlp(hidden_states)
+    if checkpointing.recomputing() and residual.shape == hidden_states.shape and residual.dtype == hidden_states.dtype:
+        return _ReplayedAdd.apply(residual, hidden_states, None, None)  # only its gradient is used
     return residual + hidden_states
