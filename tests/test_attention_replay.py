@@ -11,7 +11,7 @@ import torch
 from train_helpers import hf_model, randomize_adapters, record_parks, token_batch
 
 import qlora_ext
-from qlora_ext import _ops, attention_replay, checkpointing
+from qlora_ext import _ops, attention_replay, block_ops, checkpointing
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -112,6 +112,15 @@ class _Counts:
 
             return call
 
+        self.block_ops = collections.Counter()  # (op, phase): the RMSNorm/RoPE/SwiGLU kernels called
+        differentiable = block_ops._differentiable
+
+        def count_block_op(name, *args):
+            phase = checkpointing.phase()
+            self.block_ops[name, None if phase is None else phase[0]] += 1
+            return differentiable(name, *args)
+
+        monkeypatch.setattr(block_ops, "_differentiable", count_block_op)
         monkeypatch.setattr(attention_replay, "_attend", count_attend)
         monkeypatch.setattr(attention_replay._KeptAttention, "forward", staticmethod(count_forward))
         for name in ("nf4_dequantize", "nf4_dequantize_into"):
@@ -150,6 +159,8 @@ def test_recomputation_skips_the_attention_projections(monkeypatch):
     assert never["recompute"] - always["recompute"] == 4 * layers
     assert never["forward"] == always["forward"] == 7 * layers and never[None] == always[None]
     assert seen["never"].attend == 0 and seen["always"].attend == layers
+    # nor rotate q and k (the rope's gradient only; the first forward rotated them in place)
+    assert seen["never"].block_ops["rope", "recompute"] == layers and seen["always"].block_ops["rope", "recompute"] == 0
 
 
 def test_offloaded_mode_keeps_nothing_without_a_gpu_to_offload_from(monkeypatch):

@@ -161,6 +161,11 @@ class _ReplayedAdd(torch.autograd.Function):
 # ---- recording and replay around one layer's attention ------------------------------------------
 
 
+def replaying() -> bool:
+    """Whether this layer's attention is about to be replayed (the recomputation, before it)."""
+    return getattr(_state, "replaying", None) is not None
+
+
 def _recording() -> list | None:
     return getattr(_state, "recording", None)
 

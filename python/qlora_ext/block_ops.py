@@ -81,6 +81,28 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
     return _differentiable("rope", q, k, cos, sin, False)
 
 
+def rope_gradient_only(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """rope's autograd node without its values: q and k returned unrotated (as views), their
+    gradients rotated back as rope's are. For a recomputation in which nothing reads the rotated
+    q and k, only their gradients (attention_replay: the attention output was kept): no launch
+    and no [T, Hq+Hk, Dh] pass forward."""
+    cos, sin = _tables(q, cos, sin)
+    return _RopeGradientOnly.apply(q, k, cos, sin)
+
+
+class _RopeGradientOnly(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)  # what rope's formula reads (rope_setup_context)
+        ctx.transpose, ctx.shapes = False, (q.shape, k.shape)
+        ctx.set_materialize_grads(False)
+        return q.view_as(q), k.view_as(k)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        return _TWINS["rope"].backward(ctx, grad_q, grad_k)[:4]
+
+
 def rope_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """rope in place over q and k (unit stride along Dh); returns (q, k). Not differentiable: it
     raises if gradients are enabled and q or k requires grad (use `rope` then)."""

@@ -344,7 +344,10 @@ def hf_attention(self, spec: _AttentionSpec, hidden_states, position_embeddings,
                                           static.keys, static.values, static.cumulative_length)  # fmt: skip
         key, value = static.keys, static.values
     else:
-        if fused_rope:
+        if fused_rope and attention_replay.replaying() and checkpointing.projection_outputs_unused():
+            # a replayed attention reads neither (the projections skipped them too): gradients only
+            query, key = block_ops.rope_gradient_only(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+        elif fused_rope:
             # [B, H, T, Dh] views of the fresh projections: rotated in place when no gradient is needed.
             query, key = block_ops.apply_rope(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
         else:
