@@ -21,7 +21,7 @@ def test_chunk_rows_choice(monkeypatch):
     assert fused_mlp.chunk_rows(1000, 14336, x) is None  # one chunk is one piece
 
 
-def _model(kind="llama", method="lora", dropout=0.0, fused=True, device="cpu", dtype=torch.float32, seed=1):
+def _model(kind="llama", method="lora", dropout=0.0, fused=True, device="cpu", dtype=torch.float32, seed=1, r=4):
     if kind == "builtin":
         model = builtin_tiny_llama(dtype)
     elif kind == "llama-mlp-bias":
@@ -29,7 +29,7 @@ def _model(kind="llama", method="lora", dropout=0.0, fused=True, device="cpu", d
     else:
         model = hf_model(kind, dtype=dtype)
     torch.manual_seed(3)
-    qlora_ext.prepare(model, r=4, alpha=8, dropout=dropout, method=method, verbose=False, fused_mlp=fused)
+    qlora_ext.prepare(model, r=r, alpha=2 * r, dropout=dropout, method=method, verbose=False, fused_mlp=fused)
     randomize_adapters(model, seed=seed)
     if kind == "llama-mlp-bias":
         train_biases(model, _mlp_projections)
@@ -65,6 +65,33 @@ def test_same_loss_and_gradients_as_the_modules(device, kind, chunk, method, mon
             assert sum("mlp" in n and "lora_magnitude_vector" in n for n in want) == 6
     # Checkpointing (prepare's default) runs each of the 2 MLPs twice per step: forward + recompute.
     assert calls.n == 3 * 2 * 2
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("kind", ["llama", "llama-mlp-bias"])
+@pytest.mark.parametrize("r", [4, 8, 5])
+@pytest.mark.parametrize("k_extended", [True, False], ids=["k-extended", "two-gemms"])
+def test_k_extended_gate_up_gemms_match_the_module_path(device, kind, r, k_extended, monkeypatch):
+    """g = [x·Aᵀ | x]·[s·B | W]ᵀ and u = [x | x·Aᵀ]·[W | s·B]ᵀ in one GEMM each: the loss and
+    gradients of the modules (fp32 round-off), taken wherever it applies (CUDA: r·4 bytes a
+    multiple of 16 for fp32; r = 5 there takes the former two GEMMs)."""
+    calls = collections.Counter()
+    extended = fused_mlp._extended_product
+
+    def counted(x_ext, spec, lora_B, bias, low_rank_first):
+        calls["gate" if low_rank_first else "up"] += 1
+        # one [M, rg + K + ru] buffer: gate's operand starts at its first column, up's r columns in
+        assert x_ext.stride(0) == x_ext.shape[1] + lora_B.shape[1] and x_ext.stride(1) == 1
+        return extended(x_ext, spec, lora_B, bias, low_rank_first)
+
+    monkeypatch.setattr(fused_mlp, "_extended_product", counted)
+    if not k_extended:
+        monkeypatch.setattr(fused_mlp, "K_EXTENDED_GATE_UP_DEVICES", ())
+    fused, plain = _model(kind, device=device, r=r), _model(kind, fused=False, device=device, r=r)
+    list(train_side_by_side(fused, plain, device, steps=2))
+    applies = k_extended and (device == "cpu" or r % 4 == 0)
+    # 2 layers, each forward + recomputation, 2 steps
+    assert calls == (collections.Counter(gate=8, up=8) if applies else collections.Counter())
 
 
 @pytest.mark.parametrize("device", devices)

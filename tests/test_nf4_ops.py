@@ -205,11 +205,40 @@ def test_nf4_dequantize_into_matches_reference(device, dtype, blocksize, shape, 
     torch.library.opcheck(torch.ops.qlora_ext.nf4_dequantize_into.default, args)
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "double_quant"])
+@pytest.mark.parametrize("shape, columns, first", [
+    ((48, 64), 80, 0),       # [W | B]: the vector path, rows 80 apart
+    ((48, 64), 96, 16),      # [B | W | B']: W starts 16 columns in (32 bytes: still aligned)
+    ((300, 1024), 1048, 24), # several CTAs, a row stride of 1048
+    ((7, 129), 140, 5),      # odd K and an unaligned start: the scalar path
+    ((5, 64), 67, 3),        # a stride that is not a whole number of 16-byte segments
+    ((0, 64), 80, 0),        # no rows
+], ids=str)
+@pytest.mark.parametrize("blocksize", [32, 64])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_nf4_dequantize_into_rows_of_a_wider_matrix(device, dtype, blocksize, shape, columns, first, nested):
+    """out = buffer[:, first : first + K]: W's rows land in their columns of each buffer row, with
+    nf4_dequantize's bits; the other columns are untouched; opcheck."""
+    state = random_nf4_state(math.prod(shape), blocksize, nested, device)
+    n_rows, k = shape
+    buffer = torch.full((n_rows, columns), 7.0, dtype=dtype, device=device)
+    piece = buffer[:, first : first + k]
+    assert not piece.is_contiguous() or n_rows <= 1
+    assert dequantize_state_into(piece, state, blocksize) is piece
+    assert_bitwise_equal(piece, reference_dequantize_state(state, blocksize, shape, dtype))
+    assert (buffer[:, :first] == 7).all() and (buffer[:, first + k :] == 7).all()
+    args = (piece, state["packed"], state["absmax"], blocksize,
+            state.get("nested_absmax"), state.get("nested_code"), state.get("nested_offset"), 256)  # fmt: skip
+    torch.library.opcheck(torch.ops.qlora_ext.nf4_dequantize_into.default, args)
+
+
 def test_nf4_dequantize_into_bad_out(device):
     state = random_nf4_state(64, 64, False, device)
     packed, absmax = state["packed"], state["absmax"]
     with pytest.raises(RuntimeError, match="out must be contiguous"):
         ops.nf4_dequantize_into(torch.empty(16, 8, device=device).t(), packed, absmax, 64)
+    with pytest.raises(RuntimeError, match="out must be contiguous, or 2-D"):  # rows, but 3-D
+        ops.nf4_dequantize_into(torch.empty(2, 4, 10, device=device)[:, :, :8], packed, absmax, 64)
     with pytest.raises(RuntimeError, match="out must be"):
         ops.nf4_dequantize_into(torch.empty(8, 8, dtype=torch.int32, device=device), packed, absmax, 64)
     with pytest.raises(RuntimeError, match="packed"):  # 65 elements need 33 bytes of codes

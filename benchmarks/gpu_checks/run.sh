@@ -35,6 +35,8 @@
 #                                                          # 8B training with cuDNN attention first vs default, Unsloth
 #     bash benchmarks/gpu_checks/run.sh build replay       # attention half kept vs recomputed: CUDA tests, 8B A/B + Unsloth
 #     bash benchmarks/gpu_checks/run.sh build gaps         # where an 8B step (2048, 8192) leaves the GPU idle, and why
+#     bash benchmarks/gpu_checks/run.sh build s19          # K-extended gate/up (rows dequantize): CUDA tests, memcheck,
+#                                                          # 8B A/B with the former two GEMMs and Unsloth
 #     bash benchmarks/gpu_checks/run.sh build train_final_8b  # 8B training vs Unsloth (2048, 8192), kernel time
 #     bash benchmarks/gpu_checks/run.sh train_final_rest      # 1B vs Unsloth, decode of every stack (bnb too)
 #                                                           # (two calls: together they exceed one call's 600 s)
@@ -251,6 +253,17 @@ for stage in "$@"; do
         tests/test_checkpointing.py tests/test_fused_qkv.py tests/test_lora_linear.py -k "cuda or replay"
       STEP_TIMEOUT=420 step train_replay "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps "${TRAIN_STEPS:-8}" ${KERNEL_TIME---kernel-time} \
         --stacks "${TRAIN_STACKS:-ours,ours_no_replay,unsloth}" --out "$OUT/train_8b_replay_${GPU_TAG:-h100}.json"
+      ;;
+    s19)
+      # session 19: dequantize into rows (K-extended gate/up GEMMs), the replay's rope/add skips, the
+      # scale-one and materialize launch cuts: CUDA tests, memcheck of the row kernel, 8B A/B + Unsloth
+      STEP_TIMEOUT=200 step s19_tests "$PY" -m pytest -n 8 -q -p no:cacheprovider -rfE tests/test_nf4_ops.py \
+        tests/test_fused_mlp.py tests/test_attention_replay.py tests/test_block_ops.py tests/test_lora_linear.py \
+        tests/test_fused_qkv.py tests/test_checkpointing.py -k "cuda and (dequantize_into or fused_mlp or k_extended or replay or rms_norm or rope or reference or mm_as or unit or offload)"
+      STEP_TIMEOUT=120 step s19_memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m pytest -q -p no:cacheprovider \
+        tests/test_nf4_ops.py -k "cuda and rows_of_a_wider"
+      STEP_TIMEOUT=420 step train_s19 "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps "${TRAIN_STEPS:-6}" ${KERNEL_TIME-} \
+        --stacks "${TRAIN_STACKS:-ours_two_gemm_gate_up,ours,unsloth}" --out "$OUT/train_8b_s19_${GPU_TAG:-h100}.json"
       ;;
     gaps)
       # session 18: where the 8B step leaves the GPU idle (host-bound stretches, synchronisations)

@@ -146,12 +146,20 @@ NF4DequantizeArgs check_nf4_dequantize_into(const at::Tensor& out, const at::Ten
                                             const std::optional<at::Tensor>& nested_code,
                                             const std::optional<at::Tensor>& nested_offset,
                                             int64_t nested_blocksize) {
-  QLORA_CHECK(out.is_contiguous(), "out must be contiguous (deq(W) is written in row-major order), "
-              "got strides ", out.strides());
+  const bool rows = out.dim() == 2 && out.stride(1) == 1 && out.stride(0) >= out.size(1);
+  QLORA_CHECK(out.is_contiguous() || rows,
+              "out must be contiguous, or 2-D [N, K] with unit stride along K (rows of a wider "
+              "matrix): deq(W) is written in row-major order; got shape ", out.sizes(),
+              " and strides ", out.strides());
   check_same_device(out, packed, "out", "packed");
   float_type_of(out.scalar_type(), "out");
-  return check_nf4_dequantize(packed, absmax, blocksize, out.sym_sizes(), out.scalar_type(),
-                              nested_absmax, nested_code, nested_offset, nested_blocksize);
+  NF4DequantizeArgs args =
+      check_nf4_dequantize(packed, absmax, blocksize, out.sym_sizes(), out.scalar_type(),
+                           nested_absmax, nested_code, nested_offset, nested_blocksize);
+  const bool strided = !out.is_contiguous() && out.numel() > 0;
+  args.row_elements = strided ? out.size(1) : std::max<int64_t>(args.n, 1);
+  args.row_stride = strided ? out.stride(0) : args.row_elements;
+  return args;
 }
 
 namespace {

@@ -86,6 +86,9 @@ struct NF4DequantizeArgs {
   int64_t n_blocks;
   qlora::FloatType type;
   bool nested;
+  // nf4_dequantize_into's out: W's rows (row_elements each) at row_stride elements apart; equal
+  // where out is contiguous (and for nf4_dequantize, whose out is: n, n).
+  int64_t row_elements = 0, row_stride = 0;
   // Kernel view of the scales; pointers into the tensors above.
   qlora::NF4Scales scales() const;
 };
@@ -96,8 +99,8 @@ NF4DequantizeArgs check_nf4_dequantize(const at::Tensor& packed, const at::Tenso
                                        const std::optional<at::Tensor>& nested_code,
                                        const std::optional<at::Tensor>& nested_offset,
                                        int64_t nested_blocksize);
-// The same for nf4_dequantize_into: shape and dtype are out's; out must be contiguous, on
-// packed's device.
+// The same for nf4_dequantize_into: shape and dtype are out's; out must be contiguous, or 2-D
+// with unit column stride (rows of a wider matrix), on packed's device.
 NF4DequantizeArgs check_nf4_dequantize_into(const at::Tensor& out, const at::Tensor& packed,
                                             const at::Tensor& absmax, int64_t blocksize,
                                             const std::optional<at::Tensor>& nested_absmax,

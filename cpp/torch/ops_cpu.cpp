@@ -59,7 +59,14 @@ void nf4_dequantize_into_cpu(at::Tensor& out, const at::Tensor& packed, const at
   const NF4DequantizeArgs a = check_nf4_dequantize_into(out, packed, absmax, blocksize,
                                                         nested_absmax, nested_code, nested_offset,
                                                         nested_blocksize);
-  dequantize_into_cpu(a, blocksize, nested_blocksize, out);
+  if (out.is_contiguous()) {
+    dequantize_into_cpu(a, blocksize, nested_blocksize, out);
+    return;
+  }
+  // Rows of a wider matrix: through a contiguous W (the CPU path is not where this pays).
+  at::Tensor dense = at::empty(out.sizes(), out.options());
+  dequantize_into_cpu(a, blocksize, nested_blocksize, dense);
+  out.copy_(dense);
 }
 
 // nf4_gemv and nf4_gemm on the CPU: one kernel for any M (each weight row is dequantized once and

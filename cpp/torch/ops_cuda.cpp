@@ -27,14 +27,17 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& weight, i
   return {packed, absmax};
 }
 
-// One launch writing deq(W) into `out` (contiguous, a.n elements of a.type) on the current stream.
+// One launch writing deq(W) into `out` (a.n elements of a.type, contiguous or in rows a.row_stride
+// apart) on the current stream.
 void dequantize_into_cuda(const NF4DequantizeArgs& a, int64_t blocksize, int64_t nested_blocksize,
                           at::Tensor& out, const char* op) {
   qlora::NF4Scales scales = a.scales();
   scales.nested_blocksize = nested_blocksize;
-  check_launch(qlora::nf4_dequantize_cuda(a.packed.data_ptr<uint8_t>(), scales, a.n, blocksize,
-                                          out.data_ptr(), a.type,
-                                          at::cuda::getCurrentCUDAStream()),
+  const int64_t row_elements = a.row_elements > 0 ? a.row_elements : std::max<int64_t>(a.n, 1);
+  const int64_t row_stride = a.row_stride > 0 ? a.row_stride : row_elements;
+  check_launch(qlora::nf4_dequantize_rows_cuda(a.packed.data_ptr<uint8_t>(), scales, a.n, blocksize,
+                                               row_elements, row_stride, out.data_ptr(), a.type,
+                                               at::cuda::getCurrentCUDAStream()),
                op);
 }
 

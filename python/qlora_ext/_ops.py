@@ -123,9 +123,11 @@ def nf4_dequantize_into(
     nested_offset: torch.Tensor | None = None,
     nested_blocksize: int = 256,
 ) -> torch.Tensor:
-    """nf4_dequantize written into `out` (contiguous; its shape and float dtype are the weight's
-    shape and the target dtype), e.g. a row range of a buffer that holds several weights. Returns
-    out. No autograd (the base weight is frozen)."""
+    """nf4_dequantize written into `out` (its shape and float dtype are the weight's shape and the
+    target dtype), e.g. a row range of a buffer that holds several weights: contiguous, or a 2-D
+    [N, K] view with unit stride along K and rows further apart (the left columns of a wider
+    matrix, as [W | B] for a LoRA product with K + r). Returns out. No autograd (the base weight
+    is frozen)."""
     _ops().nf4_dequantize_into(out, packed, absmax, blocksize, nested_absmax, nested_code, nested_offset,
                                nested_blocksize)  # fmt: skip
     return out
@@ -508,7 +510,8 @@ def register_fakes() -> None:
     def _(out, packed, absmax, blocksize, nested_absmax=None, nested_code=None, nested_offset=None,
           nested_blocksize=256):  # fmt: skip
         torch._check(blocksize in NF4_BLOCKSIZES, lambda: f"blocksize must be one of {NF4_BLOCKSIZES}")
-        torch._check(out.is_contiguous(), lambda: "out must be contiguous")
+        rows = out.dim() == 2 and out.stride(1) == 1 and out.stride(0) >= out.shape[1]
+        torch._check(out.is_contiguous() or rows, lambda: "out must be contiguous, or 2-D with unit stride along K")
         n = out.numel()
         torch._check(packed.numel() == (n + 1) // 2, lambda: "packed size does not match out")
         torch._check(absmax.numel() == _ceil_div(n, blocksize), lambda: "absmax size does not match out")

@@ -132,6 +132,56 @@ def _project(kind: _Kind, x: Tensor, spec, bias, a, b, extra, needs: tuple[bool,
     return out, state
 
 
+def _k_extended_applies(kind: _Kind, x: Tensor, specs, ag: Tensor, au: Tensor, scaled: bool) -> bool:
+    """Whether the unit forms g and u by the K-extended GEMMs (K_EXTENDED_GATE_UP_DEVICES): LoRA,
+    both weights dequantized to x's dtype (so W's values are the module path's), columns aligned."""
+    if kind.has_norm or scaled or x.device.type not in K_EXTENDED_GATE_UP_DEVICES or x.shape[-1] == 0:
+        return False
+    if any(spec[0][8] != x.dtype for spec in specs[:2]):  # weight_dtype: deq(W) then a cast otherwise
+        return False
+    per_16_bytes = 16 // x.element_size()
+    return x.device.type == "cpu" or (ag.shape[0] % per_16_bytes == 0 and au.shape[0] % per_16_bytes == 0)
+
+
+def _extended_product(x_ext: Tensor, spec, lora_B: Tensor, bias, low_rank_first: bool) -> Tensor:
+    """x_ext·[W | s·B]ᵀ (+ bias), or with [s·B | W] (low_rank_first): W dequantized into its
+    columns of the [N, K + r] operand, s·B rounded once from the parameter into the others."""
+    weight_args, s = spec
+    packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, _ = weight_args
+    n, k = shape
+    r = lora_B.shape[1]
+    w_ext = x_ext.new_empty((n, k + r))
+    w_cols, b_cols = (w_ext[:, r:], w_ext[:, :r]) if low_rank_first else (w_ext[:, :k], w_ext[:, k:])
+    _ops.nf4_dequantize_into(w_cols, packed, absmax, blocksize, nested_absmax, nested_code, nested_offset,
+                             nested_blocksize)  # fmt: skip
+    torch.mul(lora_B, s, out=b_cols)
+    return F.linear(x_ext, w_ext, None if bias is None else bias.to(x_ext.dtype))
+
+
+def _project_gate_up_k_extended(x: Tensor, gate_spec, up_spec, gate_bias, up_bias, ag, bg, au, bu, needs_g,
+                                needs_u) -> tuple[tuple, tuple]:  # fmt: skip
+    """The gate and up projections as _project gives them ((g, xa_g), state), ((u, xa_u), state),
+    by K-extended GEMMs (K_EXTENDED_GATE_UP_DEVICES). The states keep x and the xa's as column
+    views of the shared [M, rg + K + ru] buffer (x itself is not kept: the same memory)."""
+    k, rg, ru = x.shape[-1], ag.shape[0], au.shape[0]
+    m = x.numel() // k
+    x_ext = x.new_empty((m, rg + k + ru))
+    x_mid = x_ext[:, rg : rg + k]
+    x_mid.copy_(x.reshape(m, k))
+    outs = []
+    for spec, bias, a, b, needs, xa, low_rank_first in ((gate_spec, gate_bias, ag, bg, needs_g, x_ext[:, :rg], True),
+                                                        (up_spec, up_bias, au, bu, needs_u, x_ext[:, rg + k :], False)):  # fmt: skip
+        inputs = _LORA.inputs(x_mid, spec, bias, a, b, ())
+        state = _Saved(needs)
+        a_cast = keep_low_rank_casts(state, inputs)[12]
+        torch.mm(x_mid, a_cast.t(), out=xa)
+        operand = x_ext[:, : rg + k] if low_rank_first else x_ext[:, rg:]
+        y = _extended_product(operand, spec, b, bias, low_rank_first).view(*x.shape[:-1], -1)
+        _nf4_lora_setup(state, inputs, (y, xa))
+        outs.append(((y, xa), state))
+    return outs[0], outs[1]
+
+
 def _norm(out: tuple):
     """(1/n, c) of a DoRA projection's outputs."""
     return out[3], out[4]
@@ -304,10 +354,14 @@ class _LoRAMLP(torch.autograd.Function):
         ctx.scaled = scaled
         with _autocast_off(x.device.type):
             if chunk is None:
-                g_out, gate = _project(kind, x, gate_spec, gate_bias, ag, bg, extras[0], ctx.needs[0], norms[0],
-                                       output=not scaled)  # fmt: skip
-                u_out, up = _project(kind, x, up_spec, up_bias, au, bu, extras[1], ctx.needs[1], norms[1],
-                                     output=not scaled)  # fmt: skip
+                if _k_extended_applies(kind, x, specs, ag, au, scaled):
+                    (g_out, gate), (u_out, up) = _project_gate_up_k_extended(
+                        x, gate_spec, up_spec, gate_bias, up_bias, ag, bg, au, bu, ctx.needs[0], ctx.needs[1])
+                else:
+                    g_out, gate = _project(kind, x, gate_spec, gate_bias, ag, bg, extras[0], ctx.needs[0], norms[0],
+                                           output=not scaled)  # fmt: skip
+                    u_out, up = _project(kind, x, up_spec, up_bias, au, bu, extras[1], ctx.needs[1], norms[1],
+                                         output=not scaled)  # fmt: skip
                 h = _gate_up(scaled, g_out, u_out, native).h()
                 if skip_output:
                     down = _down_state(kind, h, down_spec, down_bias, ad, bd, extras[2], ctx.needs[2], kept_z, norms[2])
@@ -501,6 +555,15 @@ DORA_KEEPS_NARROW_DOWN_Z_ON_DEVICE_DEVICES: tuple[str, ...] = ("cuda",)
 #: tokens (2.75 GiB over a 1B model's 22 layers at 32,768). 16 MiB: a 1B (hidden 2048, bf16) keeps
 #: it up to 4,096 tokens.
 DORA_NARROW_DOWN_Z_ON_DEVICE_MAX_BYTES = 16 << 20
+#: Device types where a LoRA unit forms g and u with their low-rank updates inside the GEMM:
+#: g = [x·Agᵀ | x]·[s_g·Bg | Wg]ᵀ and u = [x | x·Auᵀ]·[Wu | s_u·Bu]ᵀ, both operands column views of
+#: one [M, rg + K + ru] buffer (x copied in once), W dequantized straight into its columns of the
+#: [I, K + r] operand (nf4_dequantize_into by rows). Otherwise x·Wᵀ, then a rank-r addmm_ that
+#: reads and writes the [M, I] output once more: 2 × 470 MB of traffic per layer at 8,192 tokens
+#: for an 8B model (Llama-3-8B: I = 14,336), in the first forward and again in the recomputation.
+#: One rounding instead of two (the update joins the fp32 accumulator). CUDA needs r a multiple of
+#: 16 bytes' worth of elements for the aligned columns (r = 8, 16, 32...: else the former way).
+K_EXTENDED_GATE_UP_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 _FEEDS_RESIDUAL = "_qlora_mlp_feeds_residual_only"  # its layer's forward hooks, set by enable_fused_mlp
 #: Share of the memory the process may still take (device_memory.available_bytes) that the
 #: unit's [rows, intermediate] activations may take before it works chunk by chunk.

@@ -25,6 +25,11 @@ cudaError_t nf4_quantize_cuda(const void* x, FloatType type, int64_t n, int64_t 
 cudaError_t nf4_dequantize_cuda(const uint8_t* packed, const NF4Scales& scales, int64_t n,
                                 int64_t blocksize, void* out, FloatType type,
                                 cudaStream_t stream);
+// The same into rows: W's n elements as rows of row_elements (n a multiple), row i written at
+// out + i * row_stride (row_stride >= row_elements; elements); cudaErrorInvalidValue otherwise.
+cudaError_t nf4_dequantize_rows_cuda(const uint8_t* packed, const NF4Scales& scales, int64_t n,
+                                     int64_t blocksize, int64_t row_elements, int64_t row_stride,
+                                     void* out, FloatType type, cudaStream_t stream);
 
 // nf4_gemv_cuda.cu: y [M, N] = x [M, K] · deq(W [N, K])ᵀ (+ bias [N]), x/bias/y of `type`,
 // 1 <= M <= 16, K >= 1; W as packed codes [(N*K+1)/2] + scales. bias may be nullptr.

@@ -13,6 +13,11 @@
 // has all its code loads in flight before the first use. blocksize >= 32 > segment, so a segment
 // has one scale. The NF4 table lives in shared memory (16 entries, no bank conflicts). Segments
 // past the last whole one, or an unaligned pointer, take a scalar path.
+//
+// Rows: out may hold W's rows (row_elements each) at a larger stride (row_stride elements), W
+// then being the left part of a wider matrix (the LoRA unit's [W | B] for one GEMM with K + r).
+// A segment then never straddles two rows (row_elements and row_stride multiples of a segment,
+// else the scalar path), and its row is found by a multiply and shift (RowDivider), not a division.
 #include "cuda_common.cuh"
 #include "qlora/kernels_cuda.h"
 
@@ -36,10 +41,41 @@ template <typename T> struct Segment {
   using CodeWord = std::conditional_t<kCodeBytes == 4, uint32_t, uint16_t>;
 };
 
-template <typename T>
+// q = v / d for 0 <= v < 2^31 as (v * multiplier) >> shift, multiplier = ceil(2^shift / d) and
+// shift = 31 + ceil(log2 d): the rounding error m*d - 2^shift < d <= 2^(shift-31) keeps the
+// quotient exact below 2^31 (the round-up method; Granlund & Montgomery 1994).
+struct RowDivider {
+  uint64_t multiplier;
+  int shift;
+  static RowDivider of(uint32_t d) {
+    int log2_ceil = 0;
+    while ((uint64_t(1) << log2_ceil) < d) ++log2_ceil;
+    const int shift = 31 + log2_ceil;
+    return {((uint64_t(1) << shift) + d - 1) / d, shift};
+  }
+  __device__ __forceinline__ uint32_t divide(uint32_t v) const {
+    return uint32_t((uint64_t(v) * multiplier) >> shift);
+  }
+};
+
+// Where element `i` of W (row-major, row_elements a row) lives in out (rows row_stride apart).
+struct RowLayout {
+  int64_t row_elements, row_stride;
+  RowDivider segments_per_row;  // divides a segment index by row_elements / segment
+  __device__ __forceinline__ int64_t offset_of_segment(int64_t seg, int elements) const {
+    const int64_t row = segments_per_row.divide(uint32_t(seg));
+    return row * row_stride + (seg * elements - row * row_elements);
+  }
+  __device__ __forceinline__ int64_t offset_of_element(int64_t i) const {
+    const int64_t row = i / row_elements;
+    return row * row_stride + (i - row * row_elements);
+  }
+};
+
+template <typename T, bool kRows>
 __global__ void __launch_bounds__(kThreads)
 nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Scales scales, int64_t n,
-                      int blocksize_log2, bool vector_ok, T* __restrict__ out) {
+                      int blocksize_log2, bool vector_ok, RowLayout rows, T* __restrict__ out) {
   using Seg = Segment<T>;
   __shared__ float table[16];
 #pragma unroll
@@ -71,7 +107,8 @@ nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Scales scales, int6
         values[2 * byte] = table[b >> 4] * scale;
         values[2 * byte + 1] = table[b & 0x0fu] * scale;
       }
-      store_vectorized<Seg::kElements>(out + first, values);
+      const int64_t at = kRows ? rows.offset_of_segment(seg, Seg::kElements) : first;
+      store_vectorized<Seg::kElements>(out + at, values);
     } else if (first < n) {
       // Scalar path: the ragged tail, or everything when a pointer is not 16-byte aligned.
       const int64_t last = min(n, first + Seg::kElements);
@@ -79,7 +116,7 @@ nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Scales scales, int6
       for (int64_t i = first; i < last; ++i) {
         const uint8_t b = packed[i / 2];
         const uint8_t code = (i & 1) ? (b & 0x0fu) : (b >> 4);
-        out[i] = Element<T>::from_float(table[code] * scale);
+        out[kRows ? rows.offset_of_element(i) : i] = Element<T>::from_float(table[code] * scale);
       }
     }
   }
@@ -87,20 +124,43 @@ nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Scales scales, int6
 
 }  // namespace
 
+cudaError_t nf4_dequantize_rows_cuda(const uint8_t* packed, const NF4Scales& scales, int64_t n,
+                                     int64_t blocksize, int64_t row_elements, int64_t row_stride,
+                                     void* out, FloatType type, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (row_elements <= 0 || row_stride < row_elements || n % row_elements != 0) {
+    return cudaErrorInvalidValue;
+  }
+  const int blocksize_log2 = log2_of_power_of_two(blocksize);
+  const bool strided = row_stride != row_elements;
+  return dispatch_float_type(type, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int kElements = Segment<T>::kElements;
+    // strided rows: whole segments inside each row, and segment indices below 2^31 (RowDivider)
+    const bool vector_ok = is_aligned(packed, 16) && is_aligned(out, 16) &&
+                           (!strided || (row_elements % kElements == 0 &&
+                                         row_stride % kElements == 0 &&
+                                         n / kElements < (int64_t(1) << 31)));
+    const RowLayout rows{row_elements, row_stride,
+                         RowDivider::of(uint32_t(strided && vector_ok ? row_elements / kElements : 1))};
+    const int64_t segments = ceil_div(n, kElements);
+    const int64_t grid = ceil_div(segments, int64_t(kThreads) * kSegmentsPerThread);
+    if (strided) {
+      nf4_dequantize_kernel<T, true><<<dim3(unsigned(grid)), kThreads, 0, stream>>>(
+          packed, scales, n, blocksize_log2, vector_ok, rows, static_cast<T*>(out));
+    } else {
+      nf4_dequantize_kernel<T, false><<<dim3(unsigned(grid)), kThreads, 0, stream>>>(
+          packed, scales, n, blocksize_log2, vector_ok, rows, static_cast<T*>(out));
+    }
+    return cudaGetLastError();
+  });
+}
+
 cudaError_t nf4_dequantize_cuda(const uint8_t* packed, const NF4Scales& scales, int64_t n,
                                 int64_t blocksize, void* out, FloatType type,
                                 cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  const int blocksize_log2 = log2_of_power_of_two(blocksize);
-  const bool vector_ok = is_aligned(packed, 16) && is_aligned(out, 16);
-  return dispatch_float_type(type, [&](auto tag) {
-    using T = decltype(tag);
-    const int64_t segments = ceil_div(n, Segment<T>::kElements);
-    const int64_t grid = ceil_div(segments, int64_t(kThreads) * kSegmentsPerThread);
-    nf4_dequantize_kernel<T><<<dim3(unsigned(grid)), kThreads, 0, stream>>>(
-        packed, scales, n, blocksize_log2, vector_ok, static_cast<T*>(out));
-    return cudaGetLastError();
-  });
+  return nf4_dequantize_rows_cuda(packed, scales, n, blocksize, n > 0 ? n : 1, n > 0 ? n : 1, out,
+                                  type, stream);
 }
 
 }  // namespace qlora
