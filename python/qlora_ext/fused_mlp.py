@@ -176,7 +176,7 @@ def _project_gate_up_k_extended(x: Tensor, gate_spec, up_spec, gate_bias, up_bia
         a_cast = keep_low_rank_casts(state, inputs)[12]
         torch.mm(x_mid, a_cast.t(), out=xa)
         operand = x_ext[:, : rg + k] if low_rank_first else x_ext[:, rg:]
-        y = _extended_product(operand, spec, b, bias, low_rank_first).view(*x.shape[:-1], -1)
+        y = _extended_product(operand, spec, b, bias, low_rank_first).view(*x.shape[:-1], spec[0][7][0])
         _nf4_lora_setup(state, inputs, (y, xa))
         outs.append(((y, xa), state))
     return outs[0], outs[1]
