@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import qlora_ext
@@ -89,22 +90,31 @@ def train_biases(model, projections) -> None:
 
 def assert_fused_bf16_within_twice_the_modules(make_model, ids: torch.Tensor) -> None:
     """FlashAttention's rule for a fused unit: against an fp32 run of the same weights, the fused
-    path in bf16 errs at most twice as much as the module-by-module path in bf16, in the loss and
-    in every gradient. make_model(fused) builds the fp32 model (fused unit on or off)."""
+    path in bf16 errs at most twice as much as the module-by-module path in bf16, in every token's
+    loss and in every gradient (largest absolute error each). make_model(fused) builds the fp32
+    model (fused unit on or off), a transformers causal LM.
+
+    Per token, not the mean loss: the mean's error is a sum of signed per-token errors whose size
+    is mostly cancellation luck (one fused path, seeds 1-7: 0.3x to 3x the module path's, with
+    its largest per-token error 0.9x to 1.4x)."""
     results = {}
     for name, fused, dtype in (("ref", False, torch.float32), ("fused", True, torch.bfloat16),
                                ("plain", False, torch.bfloat16)):  # fmt: skip
         model = make_model(fused)
         model.to(dtype)  # the base model in dtype; NF4 codes unchanged; adapters follow
-        loss = lm_loss(model, ids)
-        loss.backward()
-        results[name] = (loss.detach().float(), {n: g.float() for n, g in trainable_grads(model).items()})
-    ref_loss, ref_grads = results["ref"]
+        logits = model(input_ids=ids).logits.float()
+        token_losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                       reduction="none")  # fmt: skip
+        token_losses.mean().backward()
+        results[name] = (token_losses.detach(), {n: g.float() for n, g in trainable_grads(model).items()})
+    ref_losses, ref_grads = results["ref"]
     for name in ref_grads:
         err = (results["fused"][1][name] - ref_grads[name]).abs().max()
         base = (results["plain"][1][name] - ref_grads[name]).abs().max()
         assert err <= 2 * base + 1e-6, (name, float(err), float(base))
-    assert abs(results["fused"][0] - ref_loss) <= 2 * abs(results["plain"][0] - ref_loss) + 1e-6
+    err = (results["fused"][0] - ref_losses).abs().max()
+    base = (results["plain"][0] - ref_losses).abs().max()
+    assert err <= 2 * base + 1e-6, ("token losses", float(err), float(base))
 
 
 class PlainLM(nn.Module):

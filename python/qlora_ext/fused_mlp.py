@@ -134,10 +134,12 @@ def _project(kind: _Kind, x: Tensor, spec, bias, a, b, extra, needs: tuple[bool,
 
 def _k_extended_applies(kind: _Kind, x: Tensor, specs, ag: Tensor, au: Tensor, scaled: bool) -> bool:
     """Whether the unit forms g and u by the K-extended GEMMs (K_EXTENDED_GATE_UP_DEVICES): LoRA,
-    both weights dequantized to x's dtype (so W's values are the module path's), columns aligned."""
+    columns aligned, and W dequantized straight to x's dtype having the module path's values: its
+    deq(W) in the weight's dtype, then a cast, rounds the same fp32 product once when that dtype
+    is x's or fp32 (twice, fp16 then bf16, otherwise)."""
     if kind.has_norm or scaled or x.device.type not in K_EXTENDED_GATE_UP_DEVICES or x.shape[-1] == 0:
         return False
-    if any(spec[0][8] != x.dtype for spec in specs[:2]):  # weight_dtype: deq(W) then a cast otherwise
+    if any(spec[0][8] not in (x.dtype, torch.float32) for spec in specs[:2]):  # the weights' dtypes
         return False
     per_16_bytes = 16 // x.element_size()
     return x.device.type == "cpu" or (ag.shape[0] % per_16_bytes == 0 and au.shape[0] % per_16_bytes == 0)
