@@ -63,7 +63,7 @@ def mm_as(a: Tensor, b: Tensor, dtype: torch.dtype, scale: float | None = None) 
         out = torch.mm(a, b, out_dtype=dtype)
     else:
         out = torch.mm(a, b)
-    if scale is not None and scale != 1:  # (an exact no-op launch otherwise: alpha = r, a common choice)
+    if scale is not None and scale != 1:  # × 1 (alpha = r, a common choice) would launch to change nothing
         out.mul_(scale)
     return out.to(dtype)
 
