@@ -37,6 +37,7 @@
 #     bash benchmarks/gpu_checks/run.sh build gaps         # where an 8B step (2048, 8192) leaves the GPU idle, and why
 #     bash benchmarks/gpu_checks/run.sh build s19          # K-extended gate/up (rows dequantize): CUDA tests, memcheck,
 #                                                          # 8B A/B with the former two GEMMs and Unsloth
+#     bash benchmarks/gpu_checks/run.sh build s20          # 8B (2048, 8192) and 1B vs Unsloth, same run
 #     bash benchmarks/gpu_checks/run.sh build train_final_8b  # 8B training vs Unsloth (2048, 8192), kernel time
 #     bash benchmarks/gpu_checks/run.sh train_final_rest      # 1B vs Unsloth, decode of every stack (bnb too)
 #                                                           # (two calls: together they exceed one call's 600 s)
@@ -264,6 +265,14 @@ for stage in "$@"; do
         tests/test_nf4_ops.py -k "cuda and rows_of_a_wider"
       STEP_TIMEOUT=420 step train_s19 "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps "${TRAIN_STEPS:-6}" ${KERNEL_TIME-} \
         --stacks "${TRAIN_STACKS:-ours_two_gemm_gate_up,ours,unsloth}" --out "$OUT/train_8b_s19_${GPU_TAG:-h100}.json"
+      ;;
+    s20)
+      # session 20: the bars' same-run comparisons again on a normal host (session 19's host was slow):
+      # 8B at 2048 and 8192, then 1B, ours against Unsloth
+      STEP_TIMEOUT=330 step train_8b_s20 "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps "${TRAIN_STEPS:-6}" ${KERNEL_TIME-} \
+        --stacks "${TRAIN_STACKS:-ours,unsloth}" --out "$OUT/train_8b_s20_${GPU_TAG:-h100}.json"
+      STEP_TIMEOUT=150 step train_1b_s20 "$PY" benchmarks/bench_train.py --model 1b --seq 2048 --steps 10 \
+        --stacks ours,unsloth --out "$OUT/train_1b_s20_${GPU_TAG:-h100}.json"
       ;;
     gaps)
       # session 18: where the 8B step leaves the GPU idle (host-bound stretches, synchronisations)
