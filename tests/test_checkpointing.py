@@ -261,3 +261,105 @@ def test_offloading_frees_the_layer_inputs_on_the_device():
     n_layers, hidden = 2, 64
     layer_input_bytes = ids.numel() * hidden * 4
     assert held[False] - held[True] >= (n_layers - 0.5) * layer_input_bytes, held
+
+
+class _AdapterCasts:
+    """Casts of 2-D fp32 tensors (the adapters) to bf16 during a step, by checkpointing phase
+    ("forward", "recompute", None for the backward and anything outside a layer)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.by_phase = {}
+        counts = self.by_phase
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if (func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 and args[0].dim() == 2
+                        and kwargs.get("dtype") == torch.bfloat16):  # fmt: skip
+                    phase = checkpointing.phase()
+                    key = None if phase is None else phase[0]
+                    counts[key] = counts.get(key, 0) + 1
+                return func(*args, **kwargs)
+
+        self.mode = Mode
+
+
+def _bf16_step(model, seed=11):
+    ids = token_batch()
+    torch.manual_seed(seed)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_recomputation_reuses_the_first_forwards_adapter_casts(fused, monkeypatch):
+    """bf16 compute with fp32 adapters: each adapter is cast in the layer's first forward only; the
+    recomputation reuses the casts (checkpointing.kept_cast) and the gradients are the same bits
+    as casting again. `fused`: the fused Q/K/V and MLP units, else one module per projection."""
+
+    def model():
+        m = hf_model("llama", dtype=torch.bfloat16)
+        torch.manual_seed(3)
+        qlora_ext.prepare(m, r=4, alpha=8, gradient_checkpointing=True, verbose=False, fused_mlp=fused,
+                          fused_qkv=fused)  # fmt: skip
+        randomize_adapters(m)
+        assert all(p.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
+        return m.train()
+
+    casts = _AdapterCasts()
+    with casts.mode():
+        loss, grads = _bf16_step(model())
+    assert casts.by_phase.get("forward", 0) >= 2 * 7  # two layers, seven projections
+    assert casts.by_phase.get("recompute", 0) == 0
+
+    # the reference casts every time (kept_constant made to keep nothing): the same bits
+    monkeypatch.setattr(checkpointing, "kept_constant", lambda key, make, *operands: make())
+    fresh = _AdapterCasts()
+    with fresh.mode():
+        ref_loss, ref_grads = _bf16_step(model())
+    assert fresh.by_phase.get("recompute", 0) >= 2 * 7
+    assert torch.equal(loss, ref_loss)
+    assert len(grads) == len(ref_grads)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+
+
+def test_kept_constant_is_made_once_per_layer_and_anew_for_a_changed_operand():
+    made = []
+    weight = torch.ones(3)
+
+    def make():
+        made.append(1)
+        return weight * 2
+
+    def layer(x):
+        first = checkpointing.kept_constant(("w", id(weight), weight._version), make, weight)
+        again = checkpointing.kept_constant(("w", id(weight), weight._version), make, weight)
+        assert (first is again) == (checkpointing.phase() is not None)  # kept within a checkpointed layer only
+        return x * first.sum()
+
+    x = torch.ones(2, requires_grad=True)
+    checkpointing.checkpoint(layer, x).sum().backward()
+    assert len(made) == 1  # the first forward's, reused by the recomputation
+    assert torch.equal(x.grad, torch.full((2,), 6.0))
+    made.clear()
+    layer(torch.ones(2))  # outside a checkpointed layer: made on every call
+    assert len(made) == 2
+    made.clear()
+    out = checkpointing.checkpoint(layer, x)
+    with torch.no_grad():
+        weight.add_(1)  # a new version: the recomputation makes its own
+    out.sum().backward()
+    assert len(made) == 2
+    # grad mode with an operand that requires grad: never kept (a graph must go through it)
+    made.clear()
+    w = torch.ones(3, requires_grad=True)
+
+    def layer_with_trainable(x):
+        return x * checkpointing.kept_constant(("g", id(w)), lambda: made.append(1) or w * 2, w).sum()
+
+    checkpointing.checkpoint(layer_with_trainable, x).sum().backward()
+    assert len(made) == 2 and torch.equal(w.grad, torch.full((3,), 4.0))

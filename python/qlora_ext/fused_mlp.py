@@ -274,7 +274,10 @@ def _down_state(kind: _Kind, h: Tensor, spec, bias, a: Tensor, b: Tensor, extra,
     DoRA the z and (1/n, c) its forward kept, are all the state holds beyond h)."""
     inputs = kind.inputs(h, spec, bias, a, b, extra)
     state = _Saved(needs)
-    xa = F.linear(h, a.to(h.dtype))
+    a_cast = checkpointing.kept_cast(a, h.dtype)
+    xa = F.linear(h, a_cast)
+    if not kind.has_norm:  # the backward's casts (the first forward's, in a recomputation)
+        state.low_rank_casts = (a_cast, checkpointing.kept_cast(b, h.dtype))
     if kind.has_norm:
         _nf4_dora_setup(state, inputs, (None, z, xa, *norm))
     else:

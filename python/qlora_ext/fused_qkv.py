@@ -152,8 +152,10 @@ def _cat_bias(biases, ns: list[int], x: Tensor) -> Tensor | None:
 
 
 def _cat_cast(a_s, dtype: torch.dtype) -> tuple[Tensor, list[int]]:
-    """[Aq; Ak; Av] in `dtype` (one cast) and the ranks."""
-    return torch.cat(a_s).to(dtype), [t.shape[0] for t in a_s]
+    """[Aq; Ak; Av] in `dtype` (one cast; a checkpointed layer's recomputation reuses its first
+    forward's: checkpointing.kept_constant) and the ranks."""
+    key = ("qlora_ext.fused_qkv.a", *(id(t) for t in a_s), *(t._version for t in a_s), dtype)
+    return checkpointing.kept_constant(key, lambda: torch.cat(a_s).to(dtype), *a_s), [t.shape[0] for t in a_s]
 
 
 def _cast_bs(b_s, dtype: torch.dtype, b_cat: Tensor | None = None) -> list[Tensor]:
@@ -161,8 +163,12 @@ def _cast_bs(b_s, dtype: torch.dtype, b_cat: Tensor | None = None) -> list[Tenso
     cast of their concatenation `b_cat` (made here if None): two launches instead of three, the
     same values. Otherwise each cast (no op where already in `dtype`)."""
     if all(t.dtype == dtype for t in b_s) or len({(t.shape[1], t.dtype) for t in b_s}) != 1:
-        return [t.to(dtype) for t in b_s]
-    return list((torch.cat(b_s) if b_cat is None else b_cat).to(dtype).split([t.shape[0] for t in b_s]))
+        return [checkpointing.kept_cast(t, dtype) for t in b_s]
+    if b_cat is not None:
+        return list(b_cat.to(dtype).split([t.shape[0] for t in b_s]))
+    key = ("qlora_ext.fused_qkv.b", *(id(t) for t in b_s), *(t._version for t in b_s), dtype)
+    cast = checkpointing.kept_constant(key, lambda: torch.cat(b_s).to(dtype), *b_s)
+    return list(cast.split([t.shape[0] for t in b_s]))
 
 
 def _add_low_rank(outs, x2: Tensor, a: Tensor, rs: list[int], b_s, scales,

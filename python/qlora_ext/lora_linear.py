@@ -263,9 +263,10 @@ _nf4_lora_linear.register_autograd(_nf4_lora_backward, setup_context=_nf4_lora_s
 def keep_low_rank_casts(ctx, inputs: tuple) -> tuple:
     """nf4_lora_linear's inputs with lora_A and lora_B cast to x's dtype, the casts also kept on
     `ctx` for its backward, which would otherwise cast them again (two launches fewer a
-    projection in a host-bound backward; adapter-sized, alive until the backward)."""
+    projection in a host-bound backward; adapter-sized, alive until the backward). In a
+    checkpointed layer's recomputation, the first forward's casts (checkpointing.kept_cast)."""
     x, a, b = inputs[0], inputs[12], inputs[13]
-    casts = (a.to(x.dtype), b.to(x.dtype))
+    casts = (checkpointing.kept_cast(a, x.dtype), checkpointing.kept_cast(b, x.dtype))
     ctx.low_rank_casts = casts
     return (*inputs[:12], *casts, *inputs[14:])
 
