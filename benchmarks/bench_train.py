@@ -28,7 +28,9 @@ off), ours_no_replay (the checkpointed layers' attention half recomputed instead
 memory: attention_replay.REPLAY "never"), ours_library_autograd (RMSNorm, RoPE and SwiGLU through
 torch.library's autograd instead of block_ops' autograd.Function twins), ours_two_gemm_gate_up (the
 MLP's gate and up as x·Wᵀ then a rank-r addmm_ instead of one GEMM over K + r:
-fused_mlp.K_EXTENDED_GATE_UP_DEVICES off), ours_sdpa_cudnn / ours_sdpa_flash (the fused attention's SDPA calls try cuDNN's or flash
+fused_mlp.K_EXTENDED_GATE_UP_DEVICES off), ours_recast (a checkpointed layer's recomputation casts
+the adapters to the compute dtype again instead of reusing its first forward's casts:
+checkpointing.KEEP_CONSTANTS off), ours_sdpa_cudnn / ours_sdpa_flash (the fused attention's SDPA calls try cuDNN's or flash
 attention first: fused_blocks.SDPA_PRIORITY), bnb_peft, unsloth. With --cap-gib each process may allocate at most that much
 (torch.cuda.set_per_process_memory_fraction); a stack stops at its first sequence length that
 fails, and the table ends with each stack's longest trainable length. With --kernel-time each case
@@ -200,6 +202,13 @@ def build_ours_two_gemm_gate_up(size, seq):
     return build_ours(size, seq)
 
 
+def build_ours_recast(size, seq):
+    from qlora_ext import checkpointing
+
+    checkpointing.KEEP_CONSTANTS = False  # the recomputation casts the adapters again, as before session 20
+    return build_ours(size, seq)
+
+
 def build_ours_library_autograd(size, seq):
     from qlora_ext import block_ops
 
@@ -224,7 +233,7 @@ BUILDERS = {"ours": build_ours, "ours_offload": build_ours_offload, "ours_reside
             "ours_qkv_off": build_ours_qkv_off, "ours_qkv_three_gemms": build_ours_qkv_three_gemms,
             "ours_qkv_cat": build_ours_qkv_cat, "ours_full_recompute": build_ours_full_recompute,
             "ours_no_replay": build_ours_no_replay, "ours_library_autograd": build_ours_library_autograd,
-            "ours_two_gemm_gate_up": build_ours_two_gemm_gate_up,
+            "ours_two_gemm_gate_up": build_ours_two_gemm_gate_up, "ours_recast": build_ours_recast,
             "ours_sdpa_cudnn": build_ours_sdpa("CUDNN_ATTENTION"), "ours_sdpa_flash": build_ours_sdpa("FLASH_ATTENTION"),
             "bnb_peft": build_bnb_peft, "unsloth": build_unsloth}  # fmt: skip
 

@@ -287,15 +287,17 @@ class _AdapterCasts:
 
 
 def _bf16_step(model, seed=11):
-    ids = token_batch()
+    ids = token_batch().to(next(model.parameters()).device)
     torch.manual_seed(seed)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])  # fmt: skip
 @pytest.mark.parametrize("fused", [True, False])
-def test_recomputation_reuses_the_first_forwards_adapter_casts(fused, monkeypatch):
+def test_recomputation_reuses_the_first_forwards_adapter_casts(fused, device, monkeypatch):
     """bf16 compute with fp32 adapters: each adapter is cast in the layer's first forward only; the
     recomputation reuses the casts (checkpointing.kept_cast) and the gradients are the same bits
     as casting again. `fused`: the fused Q/K/V and MLP units, else one module per projection."""
@@ -307,7 +309,7 @@ def test_recomputation_reuses_the_first_forwards_adapter_casts(fused, monkeypatc
                           fused_qkv=fused)  # fmt: skip
         randomize_adapters(m)
         assert all(p.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
-        return m.train()
+        return m.to(device).train()
 
     casts = _AdapterCasts()
     with casts.mode():

@@ -150,6 +150,11 @@ def projection_outputs_unused() -> bool:
     return getattr(_unused, "value", False) and recomputing()
 
 
+#: Whether a checkpointed layer keeps its first forward's parameter casts (kept_constant) for its
+#: recomputation. Off only to measure what it saves.
+KEEP_CONSTANTS = True
+
+
 def kept_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t.to(dtype), for a parameter cast to the compute dtype inside an autograd.Function's
     forward (no graph through the cast). Within a checkpointed layer, the first forward's cast is
@@ -170,7 +175,8 @@ def kept_constant(key, make, *operands: Tensor):
     (see kept_cast); elsewhere, or where an operand requires grad under grad mode (a graph must
     go through it), make() every time. `key` must identify the operands and their versions."""
     constants = getattr(_phase, "constants", None)
-    if phase() is None or constants is None or (torch.is_grad_enabled() and any(t.requires_grad for t in operands)):
+    if (not KEEP_CONSTANTS or phase() is None or constants is None
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in operands))):  # fmt: skip
         return make()
     value = constants.get(key)
     if value is None:
