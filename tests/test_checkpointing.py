@@ -183,6 +183,45 @@ def test_remembered_tensors_travel_with_the_layer_input_where_it_is_offloaded(de
     assert torch.equal(x.grad, torch.full_like(x, 6.0))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_remembered_tuple_is_offloaded_on_cuda_in_one_buffer_and_comes_back_whole(monkeypatch):
+    """remember(tuple, offload=True): its CUDA tensors (any dtypes and shapes) share one pinned
+    buffer and come back by one fetch as views of one device buffer, the same values; a CPU
+    tensor and a non-tensor stay as they are; one that requires grad parks alone and comes back
+    requiring grad."""
+    parks = record_parks(monkeypatch)
+    fetches = []
+    fetch = checkpointing._offloader.fetch
+    monkeypatch.setattr(checkpointing._offloader, "fetch", lambda parked: fetches.append(parked) or fetch(parked))
+    seen = []
+    gen = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31, ())))
+    kept = (torch.randn(5, 7, device="cuda", generator=gen).to(torch.bfloat16),
+            torch.randn(3, device="cuda", generator=gen),
+            torch.randint(0, 100, (2, 2, 3), device="cuda", generator=gen, dtype=torch.int64),
+            torch.ones(2), "tag",
+            torch.randn(4, device="cuda", generator=gen).requires_grad_())  # fmt: skip
+    copies = [t.clone() if isinstance(t, torch.Tensor) else t for t in kept]
+
+    def layer(x):
+        if checkpointing.first_forward():
+            checkpointing.remember("t", kept, offload=True)
+        else:
+            seen.append(checkpointing.replayed("t"))
+        return x * 2
+
+    x = torch.ones(4, 8, device="cuda", requires_grad=True)
+    checkpointing.checkpoint(layer, x, offload=True).sum().backward()
+    assert parks == [True, False, ("together", 3)]
+    (got,) = seen
+    assert len(got) == len(kept) and got[4] == "tag" and got[3] is kept[3]
+    for g, want in zip(got[:3] + got[5:], copies[:3] + copies[5:]):
+        assert g.device == want.device and g.dtype == want.dtype and g.shape == want.shape
+        assert torch.equal(g, want)
+    assert got[0].untyped_storage().data_ptr() == got[2].untyped_storage().data_ptr()  # one buffer
+    assert got[5].requires_grad and not got[0].requires_grad
+    assert len(fetches) == 3  # the layer input, the lone tensor, the group (once)
+
+
 # ---- offloading the saved layer inputs to pinned host memory ------------------------------------
 
 def _offloaded_model(device, dropout=0.0, offload=True):

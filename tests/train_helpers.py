@@ -286,17 +286,26 @@ def prepared_hf(arch: str = "llama", state: str = "active", dtype=torch.float32,
     return model.eval()
 
 
-def record_parks(monkeypatch) -> list[bool]:
-    """The tensors qlora_ext.checkpointing parks in host memory from now on, one entry each: True
-    for a layer input (chained to the previous layer's), False for a value parked beside it."""
+def record_parks(monkeypatch) -> list:
+    """What qlora_ext.checkpointing parks in host memory from now on, one entry each: True for a
+    layer input (chained to the previous layer's), False for a value parked alone beside it,
+    ("together", n) for n tensors of a remembered tuple parked in one buffer."""
     from qlora_ext import checkpointing
 
-    parks: list[bool] = []
-    park = checkpointing._offloader.park
+    parks: list = []
+    park, park_together = checkpointing._offloader.park, checkpointing._offloader.park_together
 
     def spy(tensor, chain=True):
         parks.append(chain)
         return park(tensor, chain)
 
+    def spy_together(value):
+        out = park_together(value)
+        members = sum(isinstance(t, checkpointing._Member) for t in out)
+        if members:
+            parks.append(("together", members))
+        return out
+
     monkeypatch.setattr(checkpointing._offloader, "park", spy)
+    monkeypatch.setattr(checkpointing._offloader, "park_together", spy_together)
     return parks

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 import weakref
 
@@ -70,12 +71,12 @@ def remember(key, value, offload: bool = False) -> None:
     nothing. With `offload`, a CUDA tensor (or each CUDA tensor of a tuple) of a layer that
     offloads its input goes the same way: to pinned host memory now, back to the device when
     replayed (fetched ahead: see `prefetcher`, else as the layer's backward begins); elsewhere it
-    stays on its device."""
+    stays on its device. The offloaded tensors of one tuple travel together: one host buffer,
+    one copy back (see _Offloader.park_together)."""
     if first_forward():
         if offload and getattr(_phase, "offloading", False):
             if isinstance(value, tuple):
-                value = tuple(_offloader.park(t, chain=False) if isinstance(t, Tensor) and _Offloader.wants(t) else t
-                              for t in value)  # fmt: skip
+                value = _offloader.park_together(value)
             elif isinstance(value, Tensor) and _Offloader.wants(value):
                 value = _offloader.park(value, chain=False)
         _phase.stash.setdefault(key, []).append(value)
@@ -93,7 +94,7 @@ def replayed(key):
         return None
     value = kept.pop(0)
     if isinstance(value, tuple):
-        return tuple(_offloader.fetch(t) if isinstance(t, _Parked) else t for t in value)
+        return _offloader.fetch_together(value)
     return _offloader.fetch(value) if isinstance(value, _Parked) else value
 
 
@@ -104,8 +105,9 @@ def offloading() -> bool:
 
 
 def _parked_in(stash: dict) -> list:
-    return [t for values in stash.values() for value in values
-            for t in (value if isinstance(value, tuple) else (value,)) if isinstance(t, _Parked)]  # fmt: skip
+    parked = (t.parked if isinstance(t, _Member) else t for values in stash.values() for value in values
+              for t in (value if isinstance(value, tuple) else (value,)))  # fmt: skip
+    return list({id(t): t for t in parked if isinstance(t, _Parked)}.values())
 
 
 def prefetcher():
@@ -204,10 +206,11 @@ class _Parked:
     __slots__ = ("host", "device", "requires_grad", "stored", "fetched", "fetched_ready", "previous", "stash",
                  "__weakref__")  # fmt: skip
 
-    def __init__(self, tensor: Tensor, previous: "_Parked | None"):
-        self.device = tensor.device
-        self.requires_grad = tensor.requires_grad
-        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    def __init__(self, shape, dtype: torch.dtype, device: torch.device, requires_grad: bool,
+                 previous: "_Parked | None"):  # fmt: skip
+        self.device = device
+        self.requires_grad = requires_grad
+        self.host = torch.empty(shape, dtype=dtype, pin_memory=True)
         self.stored = None  # the device → host copy's completion event
         self.fetched = None
         self.fetched_ready = None
@@ -215,6 +218,25 @@ class _Parked:
         # reference, so that parked inputs of finished steps never chain together.
         self.previous = weakref.ref(previous) if previous is not None else None
         self.stash = None  # a layer input's: its layer's remember() values (a dict), see prefetcher
+
+
+class _Member:
+    """A tensor of a tuple parked together (_Offloader.park_together): bytes [offset, offset +
+    nbytes) of its group's buffer, viewed as its dtype and shape."""
+
+    __slots__ = ("parked", "offset", "dtype", "shape")
+
+    def __init__(self, parked: _Parked, offset: int, tensor: Tensor):
+        self.parked, self.offset, self.dtype, self.shape = parked, offset, tensor.dtype, tensor.shape
+
+    def view_of(self, buffer: Tensor) -> Tensor:
+        nbytes = math.prod(self.shape) * self.dtype.itemsize
+        return buffer[self.offset : self.offset + nbytes].view(self.dtype).view(self.shape)
+
+
+#: Byte alignment of each tensor in a group's buffer (any dtype's view of its bytes is aligned,
+#: and so are the kernels' vector loads).
+_GROUP_ALIGNMENT = 256
 
 
 class _Offloader:
@@ -239,7 +261,7 @@ class _Offloader:
         False for what a layer remembers beside it (remember(offload=True)), fetched with the
         layer's own backward."""
         previous = self._last() if chain and self._last is not None else None
-        parked = _Parked(tensor, previous)
+        parked = _Parked(tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad, previous)
         compute, side = torch.cuda.current_stream(tensor.device), self._side(tensor.device)
         side.wait_stream(compute)  # the tensor was written on the compute stream
         with torch.cuda.stream(side):
@@ -254,7 +276,7 @@ class _Offloader:
         return parked
 
     def prefetch(self, parked: _Parked) -> None:
-        if parked.fetched is not None:
+        if parked.fetched is not None or parked.host is None:  # on its way, or fetched already
             return
         side = self._side(parked.device)
         with torch.cuda.stream(side):
@@ -277,6 +299,56 @@ class _Offloader:
         if previous is not None and previous.host is not None:
             self.prefetch(previous)
         return tensor.requires_grad_(parked.requires_grad)
+
+    def park_together(self, value: tuple) -> tuple:
+        """`value` with its offloadable CUDA tensors replaced by _Members of one parked uint8
+        buffer per device: the device-to-host copies go into slices of one pinned buffer, and the
+        way back is one copy into one device buffer (one allocation, copy and event instead of
+        one per tensor, in a backward that is host-bound at 2048 tokens). A lone tensor, or one
+        that requires grad, parks by itself."""
+        by_device: dict[torch.device, list[int]] = {}
+        out = list(value)
+        for i, t in enumerate(value):
+            if isinstance(t, Tensor) and self.wants(t):
+                if t.requires_grad:  # (comes back requiring grad: a tensor of its own)
+                    out[i] = self.park(t, chain=False)
+                else:
+                    by_device.setdefault(t.device, []).append(i)
+        for device, positions in by_device.items():
+            if len(positions) == 1:
+                out[positions[0]] = self.park(value[positions[0]], chain=False)
+                continue
+            offsets, total = [], 0
+            for i in positions:
+                offsets.append(total)
+                nbytes = value[i].numel() * value[i].element_size()
+                total += -(-nbytes // _GROUP_ALIGNMENT) * _GROUP_ALIGNMENT
+            parked = _Parked((total,), torch.uint8, device, False, None)
+            compute, side = torch.cuda.current_stream(device), self._side(device)
+            side.wait_stream(compute)  # the tensors were written on the compute stream
+            with torch.cuda.stream(side):
+                for i, offset in zip(positions, offsets):
+                    out[i] = _Member(parked, offset, value[i])
+                    out[i].view_of(parked.host).copy_(value[i], non_blocking=True)
+                    value[i].record_stream(side)  # dropped by the caller: not reused before the copy
+                parked.stored = torch.cuda.Event()
+                parked.stored.record(side)
+        return tuple(out)
+
+    def fetch_together(self, value: tuple) -> tuple:
+        """A remembered tuple back on its devices: each parked group fetched once, its members
+        views of the group's device buffer (which lives while any of them does)."""
+        buffers: dict[int, Tensor] = {}
+        out = []
+        for t in value:
+            if isinstance(t, _Member):
+                buffer = buffers.get(id(t.parked))
+                if buffer is None:
+                    buffer = buffers[id(t.parked)] = self.fetch(t.parked)
+                out.append(t.view_of(buffer))
+            else:
+                out.append(self.fetch(t) if isinstance(t, _Parked) else t)
+        return tuple(out)
 
 
 _offloader = _Offloader()
