@@ -30,7 +30,8 @@ torch.library's autograd instead of block_ops' autograd.Function twins), ours_tw
 MLP's gate and up as x·Wᵀ then a rank-r addmm_ instead of one GEMM over K + r:
 fused_mlp.K_EXTENDED_GATE_UP_DEVICES off), ours_recast (a checkpointed layer's recomputation casts
 the adapters to the compute dtype again instead of reusing its first forward's casts:
-checkpointing.KEEP_CONSTANTS off), ours_sdpa_cudnn / ours_sdpa_flash (the fused attention's SDPA calls try cuDNN's or flash
+checkpointing.KEEP_CONSTANTS off), ours_s19 (that, and a remembered tuple offloaded tensor by tensor:
+checkpointing.PARK_TOGETHER off too), ours_sdpa_cudnn / ours_sdpa_flash (the fused attention's SDPA calls try cuDNN's or flash
 attention first: fused_blocks.SDPA_PRIORITY), bnb_peft, unsloth. With --cap-gib each process may allocate at most that much
 (torch.cuda.set_per_process_memory_fraction); a stack stops at its first sequence length that
 fails, and the table ends with each stack's longest trainable length. With --kernel-time each case
@@ -209,6 +210,14 @@ def build_ours_recast(size, seq):
     return build_ours(size, seq)
 
 
+def build_ours_s19(size, seq):
+    from qlora_ext import checkpointing
+
+    checkpointing.KEEP_CONSTANTS = False  # session 19's backward: adapter casts made again,
+    checkpointing.PARK_TOGETHER = False  # the replayed attention half fetched tensor by tensor
+    return build_ours(size, seq)
+
+
 def build_ours_library_autograd(size, seq):
     from qlora_ext import block_ops
 
@@ -234,6 +243,7 @@ BUILDERS = {"ours": build_ours, "ours_offload": build_ours_offload, "ours_reside
             "ours_qkv_cat": build_ours_qkv_cat, "ours_full_recompute": build_ours_full_recompute,
             "ours_no_replay": build_ours_no_replay, "ours_library_autograd": build_ours_library_autograd,
             "ours_two_gemm_gate_up": build_ours_two_gemm_gate_up, "ours_recast": build_ours_recast,
+            "ours_s19": build_ours_s19,
             "ours_sdpa_cudnn": build_ours_sdpa("CUDNN_ATTENTION"), "ours_sdpa_flash": build_ours_sdpa("FLASH_ATTENTION"),
             "bnb_peft": build_bnb_peft, "unsloth": build_unsloth}  # fmt: skip
 

@@ -268,12 +268,12 @@ for stage in "$@"; do
       ;;
     s20)
       # session 20: the recomputation's kept adapter casts (CUDA tests), then the bars' same-run
-      # comparisons on a normal host (session 19's host was slow): 8B at 2048 and 8192 with the
-      # casts made again (ours_recast), then 1B, against Unsloth
+      # comparisons on a normal host (session 19's host was slow): 8B at 2048 and 8192 with session
+      # 19's backward (ours_s19: casts made again, tuples fetched tensor by tensor), then 1B, against Unsloth
       STEP_TIMEOUT=200 step s20_tests "$PY" -m pytest -n 8 -q -p no:cacheprovider -rfE tests/test_checkpointing.py \
         tests/test_attention_replay.py tests/test_fused_qkv.py tests/test_fused_mlp.py tests/test_lora_linear.py -k "cuda"
       STEP_TIMEOUT=400 step train_8b_s20 "$PY" benchmarks/bench_train.py --model 8b --seq 2048 8192 --steps "${TRAIN_STEPS:-6}" ${KERNEL_TIME-} \
-        --stacks "${TRAIN_STACKS:-ours_recast,ours,unsloth}" --out "$OUT/train_8b_s20_${GPU_TAG:-h100}.json"
+        --stacks "${TRAIN_STACKS:-ours_s19,ours,unsloth}" --out "$OUT/train_8b_s20_${GPU_TAG:-h100}.json"
       STEP_TIMEOUT=150 step train_1b_s20 "$PY" benchmarks/bench_train.py --model 1b --seq 2048 --steps 10 \
         --stacks ours,unsloth --out "$OUT/train_1b_s20_${GPU_TAG:-h100}.json"
       ;;

@@ -234,6 +234,10 @@ class _Member:
         return buffer[self.offset : self.offset + nbytes].view(self.dtype).view(self.shape)
 
 
+#: Whether the offloaded CUDA tensors of a remembered tuple share one host buffer and one copy
+#: back (_Offloader.park_together). Off only to measure what it saves.
+PARK_TOGETHER = True
+
 #: Byte alignment of each tensor in a group's buffer (any dtype's view of its bytes is aligned,
 #: and so are the kernels' vector loads).
 _GROUP_ALIGNMENT = 256
@@ -310,7 +314,7 @@ class _Offloader:
         out = list(value)
         for i, t in enumerate(value):
             if isinstance(t, Tensor) and self.wants(t):
-                if t.requires_grad:  # (comes back requiring grad: a tensor of its own)
+                if t.requires_grad or not PARK_TOGETHER:  # (comes back requiring grad: a tensor of its own)
                     out[i] = self.park(t, chain=False)
                 else:
                     by_device.setdefault(t.device, []).append(i)
