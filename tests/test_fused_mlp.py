@@ -95,6 +95,60 @@ def test_k_extended_gate_up_gemms_match_the_module_path(device, kind, r, k_exten
 
 
 @pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("kind", ["llama", "llama-mlp-bias"])
+@pytest.mark.parametrize("r", [4, 8, 5])
+@pytest.mark.parametrize("k_extended", [True, False], ids=["k-extended", "two-gemms"])
+def test_joint_gate_up_backward_matches_the_module_path(device, kind, r, k_extended, monkeypatch):
+    """The gate and up projections' backward taken together (dx by three GEMMs into one output,
+    [dAg; dAu] by one): the loss and gradients of the modules (fp32 round-off), two GEMMs and
+    an add fewer per layer than the projections' backward one by one, with either forward."""
+    if not k_extended:
+        monkeypatch.setattr(fused_mlp, "K_EXTENDED_GATE_UP_DEVICES", ())
+    gemms, joint_calls = collections.Counter(), collections.Counter()
+    backward = fused_mlp._gate_up_lora_backward
+
+    def counted(*args):
+        joint_calls["joint"] += 1
+        return backward(*args)
+
+    monkeypatch.setattr(fused_mlp, "_gate_up_lora_backward", counted)
+    for joint in (False, True):
+        monkeypatch.setattr(fused_mlp, "JOINT_GATE_UP_BACKWARD_DEVICES", (device,) if joint else ())
+        joint_calls.clear()
+        with _AtenCounts() as counts:
+            _loss(_model(kind, device=device, r=r), token_batch(batch=2, seq=12, seed=5).to(device)).backward()
+        gemms[joint] = counts.gemms
+        assert joint_calls["joint"] == (2 if joint else 0)  # two layers
+        fused, plain = _model(kind, device=device, r=r), _model(kind, fused=False, device=device, r=r)
+        list(train_side_by_side(fused, plain, device, steps=2))
+    assert gemms[False] - gemms[True] == 2 * 2
+
+
+class _AtenCounts:
+    """GEMM calls (mm, addmm) dispatched inside the block."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+        self.gemms = 0
+        gemm_ops = {torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default,
+                    torch.ops.aten.addmm_.default, torch.ops.aten.addmm.out, torch.ops.aten.mm.dtype}  # fmt: skip
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                outer.gemms += func in gemm_ops
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("chunk", [None, 7], ids=["whole", "chunks-of-7-rows"])
 @pytest.mark.parametrize("r", [4, 8])  # LoRA at r 8 in bf16: the K-extended gate/up GEMMs on CUDA too

@@ -61,8 +61,8 @@ from .dora import (DoRAAdapter, _nf4_dora_backward, _nf4_dora_setup, dora_output
                    swiglu_scaled_dora_backward)
 from .fused_blocks import FUSED_DEVICES, HF_MODEL_TYPES
 from .layers import QLoRALinear
-from .lora_linear import (_autocast_off, _nf4_lora_backward, _nf4_lora_linear_impl, _nf4_lora_setup, _weight_args,
-                          keep_low_rank_casts, use_operators)
+from .lora_linear import (_autocast_off, _dequantize, _nf4_lora_backward, _nf4_lora_linear_impl, _nf4_lora_setup,
+                          _weight_args, keep_low_rank_casts, mm_as, use_operators)
 
 _X, _BIAS, _A, _B, _M = 0, 11, 12, 13, 15  # positions in the operators' inputs (_M: DoRA's magnitude)
 _Z, _INV_NORM, _C = 9, 10, 11  # DoRA's saved z, 1/n and c = m/n among its saved tensors (after LoRA's nine)
@@ -171,17 +171,36 @@ def _project_gate_up_k_extended(x: Tensor, gate_spec, up_spec, gate_bias, up_bia
     x_mid = x_ext[:, rg : rg + k]
     x_mid.copy_(x.reshape(m, k))
     outs = []
-    for spec, bias, a, b, needs, xa, low_rank_first in ((gate_spec, gate_bias, ag, bg, needs_g, x_ext[:, :rg], True),
-                                                        (up_spec, up_bias, au, bu, needs_u, x_ext[:, rg + k :], False)):  # fmt: skip
+    a_casts = _stacked_casts(ag, au, x.dtype).split((rg, ru))  # (one buffer: the joint backward's [Ag; Au])
+    for spec, bias, a, b, needs, xa, low_rank_first, a_cast in (
+            (gate_spec, gate_bias, ag, bg, needs_g, x_ext[:, :rg], True, a_casts[0]),
+            (up_spec, up_bias, au, bu, needs_u, x_ext[:, rg + k :], False, a_casts[1])):  # fmt: skip
         inputs = _LORA.inputs(x_mid, spec, bias, a, b, ())
         state = _Saved(needs)
-        a_cast = keep_low_rank_casts(state, inputs)[12]
+        state.low_rank_casts = (a_cast, checkpointing.kept_cast(b, x.dtype))  # for the backward
         torch.mm(x_mid, a_cast.t(), out=xa)
         operand = x_ext[:, : rg + k] if low_rank_first else x_ext[:, rg:]
         y = _extended_product(operand, spec, b, bias, low_rank_first).view(*x.shape[:-1], spec[0][7][0])
         _nf4_lora_setup(state, inputs, (y, xa))
         outs.append(((y, xa), state))
     return outs[0], outs[1]
+
+
+def _stacked_casts(ag: Tensor, au: Tensor, dtype: torch.dtype) -> Tensor:
+    """[Ag; Au] in `dtype`, one tensor (kept by a checkpointed layer for its recomputation)."""
+    key = ("qlora_ext.fused_mlp.gate_up_a", id(ag), id(au), ag._version, au._version, dtype)
+    return checkpointing.kept_constant(key, lambda: torch.cat((ag, au)).to(dtype), ag, au)
+
+
+def _stacked(top: Tensor, bottom: Tensor) -> Tensor:
+    """[top; bottom]: the tensor they are row blocks of where they are (the K-extended forward's
+    casts), else their concatenation."""
+    base = top._base
+    if (base is not None and base is bottom._base and base.is_contiguous() and base.dim() == 2
+            and top.data_ptr() == base.data_ptr() and base.shape[0] == top.shape[0] + bottom.shape[0]
+            and bottom.data_ptr() == top.data_ptr() + top.numel() * top.element_size()):  # fmt: skip
+        return base
+    return torch.cat((top, bottom))
 
 
 def _norm(out: tuple):
@@ -285,6 +304,69 @@ def _down_state(kind: _Kind, h: Tensor, spec, bias, a: Tensor, b: Tensor, extra,
     return state
 
 
+#: Device types where a LoRA unit's backward takes the gate and up projections together (see
+#: _gate_up_lora_backward): two GEMMs and an add fewer a layer in a host-bound backward.
+JOINT_GATE_UP_BACKWARD_DEVICES: tuple[str, ...] = ("cpu", "cuda")
+
+
+def _joint_gate_up_backward_applies(kind: _Kind, gate: _Saved, up: _Saved, dg: Tensor) -> bool:
+    """LoRA projections of one input (no dropout: x is the low-rank input too) with the casts
+    their forward kept, in dg's dtype."""
+    if kind.has_norm or dg.device.type not in JOINT_GATE_UP_BACKWARD_DEVICES:
+        return False
+    if not (gate.x_is_lora_input and up.x_is_lora_input):
+        return False
+    x_g, x_u = gate.saved_tensors[0], up.saved_tensors[0]
+    same_x = x_g is x_u or (x_g.data_ptr() == x_u.data_ptr() and x_g.shape == x_u.shape and x_g.stride() == x_u.stride())
+    casts = [getattr(st, "low_rank_casts", None) for st in (gate, up)]
+    return same_x and all(c is not None and c[0].dtype == dg.dtype for c in casts)
+
+
+def _gate_up_lora_backward(gate: _Saved, up: _Saved, dg: Tensor, du: Tensor) -> tuple[Tensor, list, list]:
+    """The gate and up LoRA projections' backward at once, from their output gradients dg, du
+    [.., I]: (dx, gate's and up's gradients after x and x_lora in nf4_lora_linear's order).
+    What _nf4_lora_backward computes for each, but with the low-rank paths of both in one GEMM
+    each way: the thin gradients g = s·dy·B go into one [M, rg + ru] buffer, so that
+    dx = dg·Wg + du·Wu + [g_g | g_u]·[Ag; Au] takes three GEMMs accumulating into one output
+    (instead of four and an add) and [dAg; dAu] = [g_g | g_u]ᵀ·x one (instead of two)."""
+    xl, xa_g, lora_a_g, lora_b_g, *quant_g = gate.saved_tensors
+    _, xa_u, lora_a_u, lora_b_u, *quant_u = up.saved_tensors
+    (a_g, b_g), (a_u, b_u) = gate.low_rank_casts, up.low_rank_casts
+    need_g, need_u = gate.needs_input_grad, up.needs_input_grad
+    k = xl.shape[-1]
+    m = xl.numel() // k if k else 0
+    rg, ru = a_g.shape[0], a_u.shape[0]
+    dg2, du2, x2 = dg.reshape(m, dg.shape[-1]), du.reshape(m, du.shape[-1]), xl.reshape(m, k)
+    g = dg2.new_empty((m, rg + ru))
+    for dy2, b, g_part, s in ((dg2, b_g, g[:, :rg], gate.scale), (du2, b_u, g[:, rg:], up.scale)):
+        torch.mm(dy2, b, out=g_part)
+        if s != 1:
+            g_part.mul_(s)
+    dx = None
+    if need_g[0] or need_u[0]:
+        dx = None
+        for dy2, state, quant in ((dg2, gate, quant_g), (du2, up, quant_u)):
+            blocksize, nested_blocksize, shape, wdtype = state.quant
+            w = _dequantize(*quant, blocksize, nested_blocksize, shape, wdtype, dg.dtype)
+            dx = torch.mm(dy2, w) if dx is None else dx.addmm_(dy2, w)
+            del w
+        dx.addmm_(g, _stacked(a_g, a_u))
+        dx = dx.view(*dg.shape[:-1], k)
+    rests = []
+    d_a = None
+    if need_g[12] or need_u[12]:
+        if lora_a_g.dtype == lora_a_u.dtype:
+            d_a = mm_as(g.t(), x2, lora_a_g.dtype).split((rg, ru))  # rows: contiguous views
+        else:
+            d_a = (mm_as(g[:, :rg].t(), x2, lora_a_g.dtype), mm_as(g[:, rg:].t(), x2, lora_a_u.dtype))
+    for i, (state, dy2, xa, lora_a, lora_b, need) in enumerate(((gate, dg2, xa_g, lora_a_g, lora_b_g, need_g),
+                                                               (up, du2, xa_u, lora_a_u, lora_b_u, need_u))):  # fmt: skip
+        dbias = dy2.sum(0).to(state.bias_dtype) if need[11] else None
+        d_b = mm_as(dy2.t(), xa.reshape(m, lora_a.shape[0]), lora_b.dtype, state.scale) if need[13] else None
+        rests.append([None] * 9 + [dbias, d_a[i] if need[12] else None, d_b, None])
+    return dx, rests[0], rests[1]
+
+
 def _rows_backward(kind: _Kind, dy: Tensor, pair: _GateUp, gate: _Saved, up: _Saved, down: _Saved):
     """Backward of the unit over some rows: down's state lacks h, which is recomputed here.
     Returns (dx, grads of (gate bias, up bias, down bias, Ag, Bg, Au, Bu, Ad, Bd[, mg, mu, md])).
@@ -300,13 +382,17 @@ def _rows_backward(kind: _Kind, dy: Tensor, pair: _GateUp, gate: _Saved, up: _Sa
         dx, _, *gate_rest = nf4_dora_backward_from_dz(gate, dz_g, dm_g)
         del dz_g
         dxu, _, *up_rest = nf4_dora_backward_from_dz(up, dz_u, dm_u)
+        dx.add_(dxu)
     else:
         dg, du = pair.backward(dh)
         pair = dh = None
-        dx, _, *gate_rest = _backward(kind, gate, dg)
-        del dg
-        dxu, _, *up_rest = _backward(kind, up, du)
-    dx.add_(dxu)
+        if _joint_gate_up_backward_applies(kind, gate, up, dg):
+            dx, gate_rest, up_rest = _gate_up_lora_backward(gate, up, dg, du)
+        else:
+            dx, _, *gate_rest = _backward(kind, gate, dg)
+            del dg
+            dxu, _, *up_rest = _backward(kind, up, du)
+            dx.add_(dxu)
     # the backward returns grads for the operator's inputs (x, x_lora, 9 weight fields, bias, A, B,
     # scale[, m, ‖W‖²]); the unit's inputs are the three biases, the three (A, B) pairs, then the
     # three magnitudes (DoRA).
