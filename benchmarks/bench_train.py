@@ -31,8 +31,9 @@ MLP's gate and up as x·Wᵀ then a rank-r addmm_ instead of one GEMM over K + r
 fused_mlp.K_EXTENDED_GATE_UP_DEVICES off), ours_recast (a checkpointed layer's recomputation casts
 the adapters to the compute dtype again instead of reusing its first forward's casts:
 checkpointing.KEEP_CONSTANTS off), ours_s19 (that, a remembered tuple offloaded tensor by tensor and
-the MLP's gate and up backward one by one: checkpointing.PARK_TOGETHER and
-fused_mlp.JOINT_GATE_UP_BACKWARD_DEVICES off too), ours_sdpa_cudnn / ours_sdpa_flash (the fused attention's SDPA calls try cuDNN's or flash
+the MLP's gate and up backward one by one, q/k/v's low-rank products by three GEMMs each:
+checkpointing.PARK_TOGETHER, fused_mlp.JOINT_GATE_UP_BACKWARD_DEVICES and
+fused_qkv.BLOCK_DIAGONAL_B_DEVICES off too), ours_sdpa_cudnn / ours_sdpa_flash (the fused attention's SDPA calls try cuDNN's or flash
 attention first: fused_blocks.SDPA_PRIORITY), bnb_peft, unsloth. With --cap-gib each process may allocate at most that much
 (torch.cuda.set_per_process_memory_fraction); a stack stops at its first sequence length that
 fails, and the table ends with each stack's longest trainable length. With --kernel-time each case
@@ -212,11 +213,12 @@ def build_ours_recast(size, seq):
 
 
 def build_ours_s19(size, seq):
-    from qlora_ext import checkpointing, fused_mlp
+    from qlora_ext import checkpointing, fused_mlp, fused_qkv
 
     checkpointing.KEEP_CONSTANTS = False  # session 19's backward: adapter casts made again,
     checkpointing.PARK_TOGETHER = False  # the replayed attention half fetched tensor by tensor,
-    fused_mlp.JOINT_GATE_UP_BACKWARD_DEVICES = ()  # the gate and up projections' backward one by one
+    fused_mlp.JOINT_GATE_UP_BACKWARD_DEVICES = ()  # the gate and up projections' backward one by one,
+    fused_qkv.BLOCK_DIAGONAL_B_DEVICES = ()  # q/k/v's low-rank products three GEMMs each way
     return build_ours(size, seq)
 
 

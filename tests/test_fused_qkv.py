@@ -131,8 +131,10 @@ def _three_layers(r=(4, 2, 3), alpha=(8, 3, 3), rslora=(False, True, False), bia
 
 
 @pytest.mark.parametrize("concat", [True, False], ids=["concat", "three-gemms"])
-def test_unit_with_different_ranks_and_scales_matches_the_modules(concat, monkeypatch):
+@pytest.mark.parametrize("block_diagonal", [True, False], ids=["block-diagonal-b", "three-bs"])
+def test_unit_with_different_ranks_and_scales_matches_the_modules(concat, block_diagonal, monkeypatch):
     monkeypatch.setattr(fused_qkv, "CONCAT_WEIGHTS", concat)
+    monkeypatch.setattr(fused_qkv, "BLOCK_DIAGONAL_B_DEVICES", ("cpu",) if block_diagonal else ())
     layers = _three_layers()
     assert len({a.scale for a in (layer.current_adapter() for layer in layers)}) == 3
     x = torch.randn(2, 5, 48, requires_grad=True)
@@ -144,15 +146,45 @@ def test_unit_with_different_ranks_and_scales_matches_the_modules(concat, monkey
         loss = sum((o * w).sum() for o, w in zip(outputs, weights))
         return [o.detach() for o in outputs], torch.autograd.grad(loss, [x, *params])
 
-    got_out, got = run(fused_qkv.lora_qkv(x, *layers))
+    with _GemmCounts() as gemms:
+        got_out, got = run(fused_qkv.lora_qkv(x, *layers))
     want_out, want = run([layer(x) for layer in layers])
     for a, b in zip((*got_out, *got), (*want_out, *want)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # GEMMs. Forward: the base (one on the concatenated weights, else three), x·Aᵀ, the updates
+    # (one with the block-diagonal B, else three). Backward: g (one, else three), dx (one, else
+    # three) and its low-rank part, dA, the three dB.
+    base = 1 if concat else 3
+    updates = 1 if concat and block_diagonal else 3
+    assert gemms.n == (base + 1 + updates) + (updates + base + 1 + 1 + 3)
+
+
+class _GemmCounts:
+    """GEMM calls (mm, addmm and their variants) dispatched inside the block."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer, self.n = self, 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                outer.n += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
 
 
 @pytest.mark.parametrize("concat", [True, False], ids=["concat", "three-gemms"])
-def test_unit_gradcheck_fp64(concat, monkeypatch):
+@pytest.mark.parametrize("block_diagonal", [True, False], ids=["block-diagonal-b", "three-bs"])
+def test_unit_gradcheck_fp64(concat, block_diagonal, monkeypatch):
     monkeypatch.setattr(fused_qkv, "CONCAT_WEIGHTS", concat)
+    monkeypatch.setattr(fused_qkv, "BLOCK_DIAGONAL_B_DEVICES", ("cpu",) if block_diagonal else ())
     layers = _three_layers(dtype=torch.float64)
     params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
     x = torch.randn(1, 3, 48, dtype=torch.float64, requires_grad=True)
@@ -165,8 +197,10 @@ def test_unit_gradcheck_fp64(concat, monkeypatch):
     assert calls.n > 0
 
 
-def test_nothing_dense_is_kept_for_backward():
+@pytest.mark.parametrize("block_diagonal", [True, False])
+def test_nothing_dense_is_kept_for_backward(block_diagonal, monkeypatch):
     # Saved: x, x·[Aq;Ak;Av]ᵀ, the cast adapters; never a dequantized weight [N, K].
+    monkeypatch.setattr(fused_qkv, "BLOCK_DIAGONAL_B_DEVICES", ("cpu",) if block_diagonal else ())
     layers = _three_layers()
     x = torch.randn(2, 5, 48, requires_grad=True)
     q, _, _ = fused_qkv.lora_qkv(x, *layers)
@@ -174,8 +208,9 @@ def test_nothing_dense_is_kept_for_backward():
     assert any(t is x or (t.shape == x.shape and t.data_ptr() == x.data_ptr()) for t in saved)
     shapes = [tuple(t.shape) for t in saved]
     assert not {(64, 48), (16, 48), (96, 48)} & set(shapes), shapes  # no dequantized W
-    # x, xa [10, 9], [Aq; Ak; Av] [9, 48] and the B's [N_i, r_i]: nothing else
-    assert sum(t.numel() for t in saved) == x.numel() + 10 * 9 + 9 * 48 + (64 * 4 + 16 * 2 + 16 * 3), shapes
+    # x, xa [10, 9], [Aq; Ak; Av] [9, 48] and the B's [N_i, r_i] (or their block-diagonal [96, 9]): nothing else
+    bs = 96 * 9 if block_diagonal else 64 * 4 + 16 * 2 + 16 * 3
+    assert sum(t.numel() for t in saved) == x.numel() + 10 * 9 + 9 * 48 + bs, shapes
 
 
 @pytest.mark.parametrize("device", devices)

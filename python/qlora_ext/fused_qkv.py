@@ -171,6 +171,36 @@ def _cast_bs(b_s, dtype: torch.dtype, b_cat: Tensor | None = None) -> list[Tenso
     return list(cast.split([t.shape[0] for t in b_s]))
 
 
+#: Device types where the fused LoRA Q/K/V unit, with its weights concatenated, treats the three
+#: low-rank updates as one of rank rq+rk+rv with the block-diagonal B = diag(s_q·Bq, s_k·Bk,
+#: s_v·Bv) [Nq+Nk+Nv, rq+rk+rv]: one GEMM adds them to the output and one forms the backward's
+#: thin gradient g (instead of three each). The zero blocks cost (N·r·M multiply-adds, ~1% of the
+#: base GEMM at r 16), the scale is folded into B (rounded once, as the K-extended gate/up fold
+#: it), and a checkpointed layer builds B once (checkpointing.kept_constant).
+BLOCK_DIAGONAL_B_DEVICES: tuple[str, ...] = ("cpu", "cuda")
+
+
+def _block_diagonal_b(b_s, scales, dtype: torch.dtype) -> Tensor:
+    """diag(s_q·Bq, s_k·Bk, s_v·Bv) in `dtype`, [Nq+Nk+Nv, rq+rk+rv]."""
+
+    def make():
+        ns, rs = [t.shape[0] for t in b_s], [t.shape[1] for t in b_s]
+        out = b_s[0].new_zeros((sum(ns), sum(rs)), dtype=dtype)
+        row = col = 0
+        for b, s, n, r in zip(b_s, scales, ns, rs):
+            block = out[row : row + n, col : col + r]
+            torch.mul(b, s, out=block) if s != 1 else block.copy_(b)
+            row, col = row + n, col + r
+        return out
+
+    key = ("qlora_ext.fused_qkv.b_block_diagonal", *(id(t) for t in b_s), *(t._version for t in b_s), *scales, dtype)
+    return checkpointing.kept_constant(key, make, *b_s)
+
+
+def _block_diagonal_applies(concat: bool, x: Tensor) -> bool:
+    return concat and x.device.type in BLOCK_DIAGONAL_B_DEVICES
+
+
 def _add_low_rank(outs, x2: Tensor, a: Tensor, rs: list[int], b_s, scales,
                   b_cat: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
     """outs[i] += s_i·(x·A_iᵀ)·B_iᵀ in place, nf4_lora_linear's order, with one thin GEMM
@@ -184,17 +214,22 @@ def _add_low_rank(outs, x2: Tensor, a: Tensor, rs: list[int], b_s, scales,
 
 
 def _low_rank_backward(dys, dy: Tensor | None, x: Tensor, xa: Tensor, a: Tensor, bs, scales, specs, need_x: bool,
-                       need_a, need_b, a_dtypes, b_dtypes) -> tuple[Tensor | None, list, list]:  # fmt: skip
+                       need_a, need_b, a_dtypes, b_dtypes, ranks=None) -> tuple[Tensor | None, list, list]:  # fmt: skip
     """dx, the A's and the B's gradients of out_i = x·W_iᵀ + s_i·(x·A_iᵀ)·B_iᵀ from dout_i = dys[i]
     (with `dy` their [M, Nq+Nk+Nv] concatenation: dx by one GEMM on the concatenated weights;
-    None: three). g_i = s_i·dy_i·B_i goes into one g [M, rq+rk+rv]; dx = dy·W + g·[Aq; Ak; Av]."""
+    None: three). g_i = s_i·dy_i·B_i goes into one g [M, rq+rk+rv]; dx = dy·W + g·[Aq; Ak; Av].
+    `bs`: the B's cast, or one block-diagonal [s_q·Bq ...] (_block_diagonal_b) with the `ranks`."""
     m, k = dys[0].shape[0], x.shape[-1]
-    rs = [b.shape[1] for b in bs]
-    g = xa.new_empty((m, sum(rs)))  # [M, rq+rk+rv]: the gradient reaching xa
-    for dy_i, b, g_i, s in zip(dys, bs, g.split(rs, dim=1), scales):
-        torch.mm(dy_i, b, out=g_i)
-        if s != 1:
-            g_i.mul_(s)
+    if isinstance(bs, Tensor):  # the block-diagonal s·B (BLOCK_DIAGONAL_B_DEVICES): g in one GEMM
+        rs = ranks
+        g = torch.mm(dy, bs)
+    else:
+        rs = [b.shape[1] for b in bs]
+        g = xa.new_empty((m, sum(rs)))  # [M, rq+rk+rv]: the gradient reaching xa
+        for dy_i, b, g_i, s in zip(dys, bs, g.split(rs, dim=1), scales):
+            torch.mm(dy_i, b, out=g_i)
+            if s != 1:
+                g_i.mul_(s)
     dx = None
     if need_x:
         w = _dequantized(specs, x.dtype, dy is not None)
@@ -233,12 +268,14 @@ class _LoRAQKV(torch.autograd.Function):
         ctx.device_type = x.device.type
         with _autocast_off(x.device.type):
             x2 = x.reshape(m, k)
+            block_diagonal = _block_diagonal_applies(concat, x)
             if checkpointing.projection_outputs_unused():
                 # a recomputation whose q, k, v feed only replayed values (attention_replay): no
                 # dequantization, no GEMM; what the backward reads (xa, the casts) as usual
                 outs = list(x2.new_empty((m, sum(ns))).split(ns, dim=1))
                 a, rs = _cat_cast(a_s, dtype)
-                xa, bs = F.linear(x2, a), _cast_bs(b_s, dtype)
+                xa = F.linear(x2, a)
+                bs = _block_diagonal_b(b_s, scales, dtype) if block_diagonal else _cast_bs(b_s, dtype)
             else:
                 w = _dequantized(specs, dtype, concat)
                 if concat:
@@ -248,13 +285,18 @@ class _LoRAQKV(torch.autograd.Function):
                     outs = [F.linear(x2, wi, None if b is None else b.to(dtype)) for wi, b in zip(w, biases)]
                 del w  # the only dense W; gone before the thin products allocate
                 a, rs = _cat_cast(a_s, dtype)  # [rq+rk+rv, K]
-                xa, bs = _add_low_rank(outs, x2, a, rs, b_s, scales)
+                if block_diagonal:  # y += xa·diag(s·B)ᵀ: the three updates in one GEMM
+                    xa, bs = F.linear(x2, a), _block_diagonal_b(b_s, scales, dtype)
+                    y.addmm_(xa, bs.t())
+                else:
+                    xa, bs = _add_low_rank(outs, x2, a, rs, b_s, scales)
         ctx.shapes = (ns, rs, m, k)
         ctx.scales, ctx.specs, ctx.concat = scales, specs, concat
         ctx.param_dtypes = ([None if b is None else b.dtype for b in biases], [t.dtype for t in a_s],
                             [t.dtype for t in b_s])  # fmt: skip
         # x is an input (autograd keeps it anyway); a and the cast B's are adapter-sized.
-        ctx.save_for_backward(x, xa, a, *bs)
+        ctx.block_diagonal = block_diagonal
+        ctx.save_for_backward(x, xa, a, *((bs,) if block_diagonal else bs))
         return tuple(o.view(*lead, o.shape[1]) for o in outs)
 
     @staticmethod
@@ -275,8 +317,10 @@ class _LoRAQKV(torch.autograd.Function):
             if any(need[4:7]):
                 sums = dy.sum(0).split(ns) if ctx.concat else [d.sum(0) for d in dys]
                 dbiases = [s.to(t) if need[4 + i] else None for i, (s, t) in enumerate(zip(sums, bias_dtypes))]
-            dx, das, dbs = _low_rank_backward(dys, dy if ctx.concat else None, x, xa, a, bs, ctx.scales, ctx.specs,
-                                              need[0], need[7:10], need[10:13], a_dtypes, b_dtypes)  # fmt: skip
+            dx, das, dbs = _low_rank_backward(dys, dy if ctx.concat else None, x, xa, a,
+                                              bs[0] if ctx.block_diagonal else bs, ctx.scales, ctx.specs,
+                                              need[0], need[7:10], need[10:13], a_dtypes, b_dtypes,
+                                              ranks=ctx.shapes[1])  # fmt: skip
         return dx, None, None, None, *dbiases, *das, *dbs
 
 
