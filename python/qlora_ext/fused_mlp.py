@@ -317,6 +317,8 @@ def _joint_gate_up_backward_applies(kind: _Kind, gate: _Saved, up: _Saved, dg: T
     if not (gate.x_is_lora_input and up.x_is_lora_input):
         return False
     x_g, x_u = gate.saved_tensors[0], up.saved_tensors[0]
+    if x_g.shape[-1] == 0:
+        return False
     same_x = x_g is x_u or (x_g.data_ptr() == x_u.data_ptr() and x_g.shape == x_u.shape and x_g.stride() == x_u.stride())
     casts = [getattr(st, "low_rank_casts", None) for st in (gate, up)]
     return same_x and all(c is not None and c[0].dtype == dg.dtype for c in casts)
@@ -334,7 +336,7 @@ def _gate_up_lora_backward(gate: _Saved, up: _Saved, dg: Tensor, du: Tensor) -> 
     (a_g, b_g), (a_u, b_u) = gate.low_rank_casts, up.low_rank_casts
     need_g, need_u = gate.needs_input_grad, up.needs_input_grad
     k = xl.shape[-1]
-    m = xl.numel() // k if k else 0
+    m = xl.numel() // k
     rg, ru = a_g.shape[0], a_u.shape[0]
     dg2, du2, x2 = dg.reshape(m, dg.shape[-1]), du.reshape(m, du.shape[-1]), xl.reshape(m, k)
     g = dg2.new_empty((m, rg + ru))
