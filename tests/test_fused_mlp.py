@@ -7,7 +7,7 @@ import collections
 
 import pytest
 import torch
-from train_helpers import train_side_by_side, assert_fused_bf16_within_twice_the_modules, builtin_tiny_llama, llama_with_biases, train_biases, CountApplies, force_fused_linear_route, lm_loss, trainable_grads, devices, hf_model, randomize_adapters, token_batch
+from train_helpers import CountGemms, train_side_by_side, assert_fused_bf16_within_twice_the_modules, builtin_tiny_llama, llama_with_biases, train_biases, CountApplies, force_fused_linear_route, lm_loss, trainable_grads, devices, hf_model, randomize_adapters, token_batch
 
 import qlora_ext
 from qlora_ext import fused_blocks, fused_mlp
@@ -115,37 +115,13 @@ def test_joint_gate_up_backward_matches_the_module_path(device, kind, r, k_exten
     for joint in (False, True):
         monkeypatch.setattr(fused_mlp, "JOINT_GATE_UP_BACKWARD_DEVICES", (device,) if joint else ())
         joint_calls.clear()
-        with _AtenCounts() as counts:
+        with CountGemms() as counts:
             _loss(_model(kind, device=device, r=r), token_batch(batch=2, seq=12, seed=5).to(device)).backward()
-        gemms[joint] = counts.gemms
+        gemms[joint] = counts.n
         assert joint_calls["joint"] == (2 if joint else 0)  # two layers
         fused, plain = _model(kind, device=device, r=r), _model(kind, fused=False, device=device, r=r)
         list(train_side_by_side(fused, plain, device, steps=2))
     assert gemms[False] - gemms[True] == 2 * 2
-
-
-class _AtenCounts:
-    """GEMM calls (mm, addmm) dispatched inside the block."""
-
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        outer = self
-        self.gemms = 0
-        gemm_ops = {torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default,
-                    torch.ops.aten.addmm_.default, torch.ops.aten.addmm.out, torch.ops.aten.mm.dtype}  # fmt: skip
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                outer.gemms += func in gemm_ops
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode()
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
 
 
 @pytest.mark.parametrize("device", devices)

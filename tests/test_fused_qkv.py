@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import CountDoRANorms, sgd_step, train_side_by_side, assert_fused_bf16_within_twice_the_modules, builtin_tiny_llama, llama_with_biases, train_biases, CountApplies, force_fused_linear_route, lm_loss, trainable_grads, devices, hf_config, hf_model, randomize_adapters, token_batch
+from train_helpers import CountDoRANorms, CountGemms, sgd_step, train_side_by_side, assert_fused_bf16_within_twice_the_modules, builtin_tiny_llama, llama_with_biases, train_biases, CountApplies, force_fused_linear_route, lm_loss, trainable_grads, devices, hf_config, hf_model, randomize_adapters, token_batch
 
 import qlora_ext
 from qlora_ext import fused_qkv
@@ -146,7 +146,7 @@ def test_unit_with_different_ranks_and_scales_matches_the_modules(concat, block_
         loss = sum((o * w).sum() for o, w in zip(outputs, weights))
         return [o.detach() for o in outputs], torch.autograd.grad(loss, [x, *params])
 
-    with _GemmCounts() as gemms:
+    with CountGemms() as gemms:
         got_out, got = run(fused_qkv.lora_qkv(x, *layers))
     want_out, want = run([layer(x) for layer in layers])
     for a, b in zip((*got_out, *got), (*want_out, *want)):
@@ -157,27 +157,6 @@ def test_unit_with_different_ranks_and_scales_matches_the_modules(concat, block_
     base = 1 if concat else 3
     updates = 1 if concat and block_diagonal else 3
     assert gemms.n == (base + 1 + updates) + (updates + base + 1 + 1 + 3)
-
-
-class _GemmCounts:
-    """GEMM calls (mm, addmm and their variants) dispatched inside the block."""
-
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        outer, self.n = self, 0
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                outer.n += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode()
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
 
 
 @pytest.mark.parametrize("concat", [True, False], ids=["concat", "three-gemms"])

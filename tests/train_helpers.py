@@ -309,3 +309,26 @@ def record_parks(monkeypatch) -> list:
     monkeypatch.setattr(checkpointing._offloader, "park", spy)
     monkeypatch.setattr(checkpointing._offloader, "park_together", spy_together)
     return parks
+
+
+class CountGemms:
+    """Context manager: `n`, the GEMM calls (aten mm, addmm, addmm_ in any overload) dispatched
+    inside the block, on any device."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer, self.n = self, 0
+        packets = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                outer.n += func.overloadpacket in packets
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
