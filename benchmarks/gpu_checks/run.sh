@@ -277,6 +277,14 @@ for stage in "$@"; do
       STEP_TIMEOUT=150 step train_1b_s20 "$PY" benchmarks/bench_train.py --model 1b --seq 2048 --steps 10 \
         --stacks ours,unsloth --out "$OUT/train_1b_s20_${GPU_TAG:-h100}.json"
       ;;
+    s20_short)
+      # s20 for a short budget: the CUDA tests of its changes, then 8B at 2048 only
+      STEP_TIMEOUT=150 step s20_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_checkpointing.py \
+        tests/test_attention_replay.py tests/test_fused_qkv.py tests/test_fused_mlp.py \
+        -k "cuda and (casts or tuple or offload or replay or joint or k_extended or unit or bf16)"
+      STEP_TIMEOUT=240 step train_8b_s20 "$PY" benchmarks/bench_train.py --model 8b --seq 2048 --steps 6 \
+        --stacks "${TRAIN_STACKS:-ours,unsloth,ours_s19}" --out "$OUT/train_8b_2048_s20_${GPU_TAG:-h100}.json"
+      ;;
     gaps)
       # session 18: where the 8B step leaves the GPU idle (host-bound stretches, synchronisations)
       for seq in ${GAP_SEQS:-2048 8192}; do
