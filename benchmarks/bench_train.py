@@ -1,6 +1,7 @@
 """End-to-end QLoRA training step: qlora_ext vs transformers+bitsandbytes+PEFT vs Unsloth.
 
     python benchmarks/bench_train.py --model 8b --seq 2048 --steps 10 [--stacks ours,bnb_peft,unsloth] [--out F]
+    python benchmarks/bench_train.py --model 8b --seq 2048 --steps 6 --stacks ours,ours_s19,unsloth --rounds 3
     python benchmarks/bench_train.py --model 8b --cap-gib 24 --steps 3 --stacks ours_offload,unsloth \
         --seq 16384 24576 32768 49152 65536        # the longest sequence that trains under a 24 GiB cap
 
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -362,6 +364,11 @@ def main() -> None:
     parser.add_argument("--child-timeout", type=float,
                         help="seconds one case (stack, length) may run; past it the case is recorded as skipped "
                              "(with --cap-gib its stack stops there too)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the stacks this many times per length, alternating their order, and report per "
+                             "stack the median over rounds of tokens/s and of its ratio to ours in the same round "
+                             "(a shared host drifts by tens of percent within minutes; ratios within a round "
+                             "cancel most of it)")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -377,39 +384,48 @@ def main() -> None:
     if not args.no_warmup_run:
         print("warm-up run (discarded): " + " ".join(warmup_command(args.model, stacks[0], seqs[0])), flush=True)
         subprocess.run(warmup_command(args.model, stacks[0], seqs[0]), capture_output=True, text=True)
-    for seq in seqs:
-        for stack in stacks:
-            if stack in failed:
-                continue
-            cmd = child_command(stack, args.model, seq, args.steps, args.cap_gib, args.kernel_time)
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
-                lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            except subprocess.TimeoutExpired:
-                lines, tail = [], [f"timed out after {args.child_timeout:g} s (--child-timeout)"]
-            if lines:
-                record = {**env, **json.loads(lines[-1][len("RESULT "):])}
-            else:
-                record = {**env, "stack": stack, "model": args.model, "seq": seq, "skipped": " | ".join(tail),
-                          "cap_gib": args.cap_gib}  # fmt: skip
-                if args.cap_gib:
-                    failed.add(stack)
-            print(json.dumps(record), flush=True)
-            records.append(record)
-            if args.out:  # after every case: a run cut short keeps what it measured
-                write_records(args.out, records)
-    ours = {r["seq"]: r for r in records if r["stack"] == "ours" and "tokens_per_s" in r}
+    order = [(seq, k, stack) for seq in seqs for k in range(max(1, args.rounds))
+             for stack in (stacks if k % 2 == 0 else stacks[::-1])]  # fmt: skip
+    for seq, round_index, stack in order:
+        if stack in failed:
+            continue
+        cmd = child_command(stack, args.model, seq, args.steps, args.cap_gib, args.kernel_time)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        except subprocess.TimeoutExpired:
+            lines, tail = [], [f"timed out after {args.child_timeout:g} s (--child-timeout)"]
+        if lines:
+            record = {**env, **json.loads(lines[-1][len("RESULT "):]), "round": round_index}
+        else:
+            record = {**env, "stack": stack, "model": args.model, "seq": seq, "skipped": " | ".join(tail),
+                      "cap_gib": args.cap_gib}  # fmt: skip
+            if args.cap_gib:
+                failed.add(stack)
+        print(json.dumps(record), flush=True)
+        records.append(record)
+        if args.out:  # after every case: a run cut short keeps what it measured
+            write_records(args.out, records)
+    ours = {(r["seq"], r.get("round")): r for r in records if r["stack"] == "ours" and "tokens_per_s" in r}
     print(f"\n{'stack':10} {'seq':>6} {'tokens/s':>9} {'peak GiB':>9} {'(torch':>7} {'+ paged)':>8} {'MFU':>6} {'ours/this':>9}"
           f"{' kernel ms' if args.kernel_time else ''}")
     for r in records:
         if "tokens_per_s" not in r:
             print(f"{r['stack']:10} {r['seq']:>6}  skipped: {r['skipped'][:90]}")
             continue
-        ratio = ours[r["seq"]]["tokens_per_s"] / r["tokens_per_s"] if r["seq"] in ours else float("nan")
+        same_round = ours.get((r["seq"], r.get("round")))
+        ratio = same_round["tokens_per_s"] / r["tokens_per_s"] if same_round else float("nan")
         print(f"{r['stack']:10} {r['seq']:>6} {r['tokens_per_s']:>9.0f} {r['peak_device_gib']:>9.2f} {r['peak_allocated_gib']:>7.2f} "
               f"{r['managed_optimizer_state_gib']:>8.2f} {r['mfu_vs_748_tflops']:>6.1%} {ratio:>9.2f}"
               + ("" if r.get("kernel_ms") is None else f" {r['kernel_ms']:>9.1f}"))
+    if args.rounds > 1:
+        records += round_summaries(records, env)
+        print(f"\nover {args.rounds} rounds (medians): ")
+        for summary in (r for r in records if r.get("summary") == "rounds"):
+            print(f"{summary['stack']:10} {summary['seq']:>6} {summary['median_tokens_per_s']:>9.0f} tok/s  "
+                  f"ours/this {summary['median_ratio_ours_to_this']:.3f} (rounds: "
+                  + ", ".join(f"{x:.3f}" for x in summary["ratios_ours_to_this"]) + ")")
     if args.cap_gib:
         longest = {s: max((r["seq"] for r in records if r["stack"] == s and "tokens_per_s" in r), default=0)
                    for s in args.stacks.split(",")}  # fmt: skip
@@ -418,6 +434,22 @@ def main() -> None:
         records.append({**env, "summary": "longest_seq", "cap_gib": args.cap_gib, "longest": longest})
     if args.out:
         write_records(args.out, records)
+
+
+def round_summaries(records: list[dict], env: dict) -> list[dict]:
+    """Per (stack, seq) over the rounds: the median tokens/s, and the ratio ours/this of each round
+    (ours and this stack measured minutes apart in one round) with its median."""
+    measured = [r for r in records if "tokens_per_s" in r and "round" in r]
+    ours = {(r["seq"], r["round"]): r["tokens_per_s"] for r in measured if r["stack"] == "ours"}
+    summaries = []
+    for stack, seq in dict.fromkeys((r["stack"], r["seq"]) for r in measured):
+        mine = [r for r in measured if r["stack"] == stack and r["seq"] == seq]
+        ratios = [ours[seq, r["round"]] / r["tokens_per_s"] for r in mine if (seq, r["round"]) in ours]
+        summaries.append({**env, "summary": "rounds", "stack": stack, "seq": seq, "rounds": len(mine),
+                          "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine),
+                          "ratios_ours_to_this": ratios,
+                          "median_ratio_ours_to_this": statistics.median(ratios) if ratios else float("nan")})  # fmt: skip
+    return summaries
 
 
 def write_records(path: str, records: list[dict]) -> None:

@@ -86,3 +86,42 @@ def test_a_case_past_its_time_is_skipped_and_the_file_keeps_what_was_measured(mo
     assert "tokens_per_s" in records[0] and "timed out after 30 s" in records[1]["skipped"]
     assert len(records) == 3 and records[2]["longest"] == {"ours": 4096}  # 16384 never ran
     assert written == [None, [4096]]  # on disk before the next case starts
+
+
+def test_rounds_alternate_the_order_and_report_ratios_within_each_round(monkeypatch, tmp_path):
+    """--rounds: the stacks run that many times per length, in alternating order, and each
+    stack's summary holds its ratio ours/this per round (measured side by side) and their
+    median, so a host that drifts between rounds does not bias the ratio."""
+    import json
+    import subprocess
+    import sys
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_train as bench  # noqa: PLC0415
+
+    ran = []
+    speed = {"ours": 300.0, "peer": 200.0}  # ours 1.5x the peer's in every round ...
+    drift = [1.0, 0.5, 2.0]  # ... while the host's speed changes between rounds
+
+    def fake_run(cmd, capture_output, text, timeout=None):
+        stack = cmd[cmd.index("--child") + 1]
+        round_index = len(ran) // 2
+        ran.append(stack)
+        result = {"stack": stack, "model": "1b", "seq": 2048, "tokens_per_s": speed[stack] * drift[round_index],
+                  "peak_device_gib": 1.0, "peak_allocated_gib": 1.0, "managed_optimizer_state_gib": 0.0,
+                  "mfu_vs_748_tflops": 0.5}  # fmt: skip
+        return subprocess.CompletedProcess(cmd, 0, "RESULT " + json.dumps(result) + "\n", "")
+
+    out = tmp_path / "rounds.json"
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "environment", lambda: {"device": "test"})
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--model", "1b", "--stacks", "ours,peer", "--rounds", "3",
+                                      "--no-warmup-run", "--out", str(out)])  # fmt: skip
+    bench.main()
+    assert ran == ["ours", "peer", "peer", "ours", "ours", "peer"]
+    records = json.loads(out.read_text())
+    assert [r["round"] for r in records if "round" in r] == [0, 0, 1, 1, 2, 2]
+    summaries = {r["stack"]: r for r in records if r.get("summary") == "rounds"}
+    assert summaries["peer"]["ratios_ours_to_this"] == [1.5, 1.5, 1.5]
+    assert summaries["peer"]["median_ratio_ours_to_this"] == 1.5 and summaries["ours"]["median_ratio_ours_to_this"] == 1.0
+    assert summaries["peer"]["median_tokens_per_s"] == 200.0 and summaries["peer"]["rounds"] == 3

@@ -38,6 +38,7 @@
 #     bash benchmarks/gpu_checks/run.sh build s19          # K-extended gate/up (rows dequantize): CUDA tests, memcheck,
 #                                                          # 8B A/B with the former two GEMMs and Unsloth
 #     bash benchmarks/gpu_checks/run.sh build s20          # 8B (2048, 8192) and 1B vs Unsloth, same run
+#     bash benchmarks/gpu_checks/run.sh build rounds_2048  # 8B 2048: ours, ours_s19, Unsloth in 3 alternating rounds
 #     bash benchmarks/gpu_checks/run.sh build train_final_8b  # 8B training vs Unsloth (2048, 8192), kernel time
 #     bash benchmarks/gpu_checks/run.sh train_final_rest      # 1B vs Unsloth, decode of every stack (bnb too)
 #                                                           # (two calls: together they exceed one call's 600 s)
@@ -284,6 +285,12 @@ for stage in "$@"; do
         -k "cuda and (casts or tuple or offload or replay or joint or k_extended or unit or bf16)"
       STEP_TIMEOUT=240 step train_8b_s20 "$PY" benchmarks/bench_train.py --model 8b --seq 2048 --steps 6 \
         --stacks "${TRAIN_STACKS:-ours,unsloth,ours_s19}" --out "$OUT/train_8b_2048_s20_${GPU_TAG:-h100}.json"
+      ;;
+    rounds_2048)
+      # an A/B on a noisy host: 8B at 2048, the stacks in 3 alternating rounds, ratios within rounds
+      # (session 20: ours ranged 8,460-10,930 tok/s within minutes on one machine)
+      STEP_TIMEOUT=560 step train_8b_rounds "$PY" benchmarks/bench_train.py --model 8b --seq 2048 --steps 6 --rounds 3 \
+        --stacks "${TRAIN_STACKS:-ours,ours_s19,unsloth}" --out "$OUT/train_8b_2048_rounds_${GPU_TAG:-h100}.json"
       ;;
     gaps)
       # session 18: where the 8B step leaves the GPU idle (host-bound stretches, synchronisations)
