@@ -331,7 +331,7 @@ def _gate_up_lora_backward(gate: _Saved, up: _Saved, dg: Tensor, du: Tensor) -> 
     each way: the thin gradients g = s·dy·B go into one [M, rg + ru] buffer, so that
     dx = dg·Wg + du·Wu + [g_g | g_u]·[Ag; Au] takes three GEMMs accumulating into one output
     (instead of four and an add) and [dAg; dAu] = [g_g | g_u]ᵀ·x one (instead of two)."""
-    xl, xa_g, lora_a_g, lora_b_g, *quant_g = gate.saved_tensors
+    xl, xa_g, lora_a_g, lora_b_g, *quant_g = gate.saved_tensors  # (the parameters; the casts below)
     _, xa_u, lora_a_u, lora_b_u, *quant_u = up.saved_tensors
     (a_g, b_g), (a_u, b_u) = gate.low_rank_casts, up.low_rank_casts
     need_g, need_u = gate.needs_input_grad, up.needs_input_grad
@@ -346,7 +346,6 @@ def _gate_up_lora_backward(gate: _Saved, up: _Saved, dg: Tensor, du: Tensor) -> 
             g_part.mul_(s)
     dx = None
     if need_g[0] or need_u[0]:
-        dx = None
         for dy2, state, quant in ((dg2, gate, quant_g), (du2, up, quant_u)):
             blocksize, nested_blocksize, shape, wdtype = state.quant
             w = _dequantize(*quant, blocksize, nested_blocksize, shape, wdtype, dg.dtype)
