@@ -164,7 +164,8 @@ def kept_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     at 2048 tokens is host-bound in its backward, where the recomputation cast every adapter
     again (~13 launches a layer); the casts cost their size in device memory from the first
     forward until the layer's backward (bf16 LoRA r 16 on all seven projections of Llama-3-8B:
-    2.6 MiB a layer, at most ~84 MiB at the end of the forward, below the backward's peak).
+    2.6 MiB a layer, ~3.3 MiB with fused_qkv's block-diagonal B; at most ~0.1 GiB at the end of
+    the forward, below the backward's peak, where the H100 measured +3 MiB).
     Keyed by the tensor's identity and version, so a parameter changed in between is cast anew."""
     if t.dtype == dtype:
         return t
