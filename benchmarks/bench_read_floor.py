@@ -60,6 +60,95 @@ extern "C" __global__ void read_floor(const uint4* __restrict__ p, long long n16
 """
 
 
+# The GEMV's own access pattern without its arithmetic (`--patterns`): what "factored" could read
+# at best with its tiles, its lanes' load width and its loads in flight. 256 threads (8 warps) a CTA,
+# a persistent grid of CTAS per SM, 16-row tiles; the warps split a tile's row length in steps of
+# 128 bytes a row (256 k, SEG 4). Lane (g, t) reads rows g and g + 8 of the tile: LOADB 8 as the
+# kernel does (8 bytes at 8t + 32s, s < 4: one 32-byte sector of a row per 4-lane group and
+# instruction), LOADB 16 the same bytes as 16-byte loads (16t + 64s, s < 2). DEPTH steps' loads are
+# issued before any is used (the kernel's prefetch of the next step is DEPTH 2). A __syncthreads
+# after each tile stands for the kernel's per-tile reduction.
+PATTERN_KERNEL = r"""
+// The fold as volatile asm: ordered after every volatile load above it, so that the compiler cannot
+// consume (and wait for) an early load before the later ones are issued.
+#define FOLD(acc, v) asm volatile("xor.b32 %0, %0, %1;" : "+r"(acc) : "r"(v))
+extern "C" __global__ void read_tiles(const unsigned char* __restrict__ p, long long n_rows,
+                                      long long row_bytes, unsigned* out) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const long long n_tiles = n_rows / 16, n_steps = row_bytes / 128;
+  unsigned acc = 0;
+  for (long long tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+    const unsigned char* r0 = p + (tile * 16 + g) * row_bytes;
+    const unsigned char* r1 = r0 + 8 * row_bytes;
+    for (long long step = warp; step < n_steps; step += 8 * DEPTH) {
+#if LOADB == 8
+      uint2 v[DEPTH][8];
+#pragma unroll
+      for (int d = 0; d < DEPTH; ++d) {
+        const long long off = (step + 8 * d < n_steps ? step + 8 * d : step) * 128;
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];"
+                       : "=r"(v[d][s].x), "=r"(v[d][s].y) : "l"(r0 + off + 32 * s + 8 * t));
+          asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];"
+                       : "=r"(v[d][4 + s].x), "=r"(v[d][4 + s].y) : "l"(r1 + off + 32 * s + 8 * t));
+        }
+      }
+#pragma unroll
+      for (int d = 0; d < DEPTH; ++d)
+#pragma unroll
+        for (int s = 0; s < 8; ++s) FOLD(acc, v[d][s].x ^ v[d][s].y);
+#else
+      uint4 v[DEPTH][4];
+#pragma unroll
+      for (int d = 0; d < DEPTH; ++d) {
+        const long long off = (step + 8 * d < n_steps ? step + 8 * d : step) * 128;
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                       : "=r"(v[d][s].x), "=r"(v[d][s].y), "=r"(v[d][s].z), "=r"(v[d][s].w)
+                       : "l"(r0 + off + 64 * s + 16 * t));
+          asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                       : "=r"(v[d][2 + s].x), "=r"(v[d][2 + s].y), "=r"(v[d][2 + s].z), "=r"(v[d][2 + s].w)
+                       : "l"(r1 + off + 64 * s + 16 * t));
+        }
+      }
+#pragma unroll
+      for (int d = 0; d < DEPTH; ++d)
+#pragma unroll
+        for (int s = 0; s < 4; ++s) FOLD(acc, v[d][s].x ^ v[d][s].y ^ v[d][s].z ^ v[d][s].w);
+#endif
+    }
+    __syncthreads();
+  }
+  if (acc == 0x9e3779b9u) out[0] = acc;
+}
+"""
+PATTERNS = [(loadb, depth, ctas) for loadb in (8, 16) for depth in (1, 2, 4) for ctas in (2, 4, 8)]
+
+
+def pattern_us(cupy, n: int, k: int) -> dict:
+    """Median µs of the GEMV's access pattern over the codes of an [n, k] weight, per (LOADB, DEPTH,
+    CTAS per SM)."""
+    row_bytes = k // 2
+    nbytes = n * row_bytes
+    bufs = [torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_() for _ in range(copies_for(nbytes))]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sink = cupy.zeros(1, dtype=cupy.uint32)
+    out = {}
+    for loadb, depth, ctas in PATTERNS:
+        kernel = cupy.RawKernel(PATTERN_KERNEL, "read_tiles", options=(f"-DLOADB={loadb}", f"-DDEPTH={depth}"))
+
+        def read(buf, kernel=kernel, ctas=ctas):
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+            kernel((min(sms * ctas, n // 16),), (256,), (buf.data_ptr(), cupy.int64(n), cupy.int64(row_bytes), sink),
+                   stream=stream)  # fmt: skip
+
+        out[f"load{loadb}_depth{depth}_ctas{ctas}"] = round(time_graph([lambda b=b: read(b) for b in bufs], reps=15), 3)
+    del bufs
+    return out
+
+
 def make_reader(cupy, unroll: int, threads: int, ctas_per_sm: int):
     kernel = cupy.RawKernel(KERNEL, "read_floor", options=(f"-DUNROLL={unroll}",))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -94,6 +183,8 @@ def best_read_us(cupy, nbytes: int) -> tuple[float, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out")
+    parser.add_argument("--patterns", action="store_true",
+                        help="also time the GEMV's own access pattern (tiles, load width, depth, CTAs a SM)")
     args = parser.parse_args()
     try:
         import cupy
@@ -116,6 +207,8 @@ def main() -> None:
                    nf4_read_fraction_of_copy=round(nf4_bytes / (nf4_us * 1e-6) / copy_bw, 3),
                    bf16_read_us=round(bf16_read_us, 3), bf16_read_cfg=bf16_cfg, bf16_cublas_us=round(bf16_us, 3),
                    max_speedup_vs_bf16=round(bf16_us / nf4_us, 3), bar_M1=3.0)  # fmt: skip
+        if args.patterns:
+            row["codes_pattern_us"] = pattern_us(cupy, n, k)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
@@ -126,6 +219,12 @@ def main() -> None:
         print(f"{r['shape_NK'][0]:>5}x{r['shape_NK'][1]:<6} {r['nf4_bytes'] / 1e6:>8.2f} {r['nf4_read_us']:>12.2f} "
               f"{100 * r['nf4_read_fraction_of_copy']:>5.0f}% {r['bf16_read_us']:>13.2f} {r['bf16_cublas_us']:>15.2f} "
               f"{r['max_speedup_vs_bf16']:>10.2f}")  # fmt: skip
+    for r in rows:
+        if "codes_pattern_us" in r:
+            print(f"\nthe GEMV's access pattern over the codes of {r['shape_NK'][0]}x{r['shape_NK'][1]} "
+                  f"(floor {r['nf4_read_us']:.2f} us for codes and scales):")
+            for name, us in sorted(r["codes_pattern_us"].items(), key=lambda kv: kv[1]):
+                print(f"  {name:<24} {us:>8.2f} us")
 
 
 if __name__ == "__main__":
