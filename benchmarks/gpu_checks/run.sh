@@ -17,6 +17,7 @@
 #     bash benchmarks/gpu_checks/run.sh build decode_profile # the kernels of a decode step (bf16, NF4 merged)
 #     bash benchmarks/gpu_checks/run.sh build stream_ab    # streamed GEMV: tests, A/B, decode per variant, sanitizers
 #     bash benchmarks/gpu_checks/run.sh build ncu_gemv     # Nsight Compute on the GEMV variants (M = 1)
+#     bash benchmarks/gpu_checks/run.sh build ncu_stalls   # "factored" at M = 1: stall reasons, pipes, shared wavefronts
 #     bash benchmarks/gpu_checks/run.sh build wide_ab      # the 64 KB-table GEMV and the grouped GEMV: tests, A/B,
 #                                                          # decode, decode profile
 #     bash benchmarks/gpu_checks/run.sh build wide_checks  # then: nf4_gemm timed, ncu, sanitizers
@@ -358,6 +359,22 @@ for stage in "$@"; do
             --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
             --section Occupancy --section SchedulerStats "$PY" benchmarks/gpu_checks/ncu_gemv.py
         done
+      done
+      ;;
+    ncu_stalls)
+      # session 21: why "factored" runs at ~1.7x the time of its own access pattern (bench_read_floor.py
+      # --patterns): warp stall reasons by kind and by source line, the pipes' load, shared-memory
+      # wavefronts and bank conflicts, at M = 1 on the largest and the smallest shape
+      for shape in ${NCU_SHAPES:-28672x8192 4096x4096}; do
+        VARIANTS=${NCU_VARIANT:-factored} SHAPES=$shape STEP_TIMEOUT=150 TAIL=2 step "ncu_stalls_$shape" ncu --kernel-name regex:nf4_gemv \
+          --launch-skip 1 --launch-count 1 --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
+          --section InstructionStats --section SourceCounters --section SchedulerStats \
+          --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio "$PY" benchmarks/gpu_checks/ncu_gemv.py
+        VARIANTS=${NCU_VARIANT:-factored} SHAPES=$shape STEP_TIMEOUT=90 TAIL=2 step "ncu_pipes_$shape" ncu --kernel-name regex:nf4_gemv \
+          --launch-skip 1 --launch-count 1 --metrics l1tex__data_pipe_lsu_wavefronts.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,\
+l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,sm__inst_executed_pipe_lsu.sum,sm__inst_executed.sum,smsp__inst_executed_op_shared_ld.sum,\
+smsp__inst_executed_op_global_ld.sum,sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active,\
+l1tex__throughput.avg.pct_of_peak_sustained_active,sm__cycles_elapsed.avg "$PY" benchmarks/gpu_checks/ncu_gemv.py
       done
       ;;
     decode_profile)
