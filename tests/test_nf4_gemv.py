@@ -278,11 +278,15 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         if not names:
             pytest.skip("the profiler recorded no CUDA kernels here (no CUPTI?)")
         assert any(kernel in n for n in names), f"variant {variant}, K={K}: ran {names}, expected {kernel}"
-        # the template's flags are <..., SPLIT, WIDE, CTAS, GLU> (demangled, or Itanium-mangled)
-        if variant == "factored_split" and kernel == expected:
-            assert any("true, false, 2, false>" in n or "Lb1ELb0ELi2ELb0E" in n for n in names), names
-        if variant == "factored_wide" and kernel == expected:
-            assert any("false, true, 2, false>" in n or "Lb0ELb1ELi2ELb0E" in n for n in names), names
+        # the template's flags are <..., SPLIT, WIDE, CTAS, GLU, LEAN> (demangled, or Itanium-mangled)
+        flags = {
+            "factored_split": ("true, false, 2, false, false>", "Lb1ELb0ELi2ELb0ELb0E"),
+            "factored_wide": ("false, true, 2, false, false>", "Lb0ELb1ELi2ELb0ELb0E"),
+            "factored_lean": ("false, false, 3, false, true>", "Lb0ELb0ELi3ELb0ELb1E"),
+            "factored_lean_wide": ("false, true, 3, false, true>", "Lb0ELb1ELi3ELb0ELb1E"),
+        }.get(variant)
+        if flags and kernel == expected:
+            assert any(flags[0] in n or flags[1] in n for n in names), names
     if variant == "factored_fill":  # 2 x SMs + 1 tiles of 16 rows: one round at 3 CTAs a SM
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         x, weight, bias = make_case("cuda", torch.bfloat16, 1, 16 * (2 * sms + 1), 256)
@@ -290,7 +294,7 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
             gemv(x, weight, bias)
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if "nf4_gemv" in e.name]
-        assert any("false, false, 3, false>" in n or "Lb0ELb0ELi3ELb0E" in n for n in names), names
+        assert any("false, false, 3, false, false>" in n or "Lb0ELb0ELi3ELb0ELb0E" in n for n in names), names
 
 
 def test_variant_switch_api(use_variant):
@@ -472,3 +476,27 @@ def test_variant_from_the_environment(monkeypatch, use_variant):
         monkeypatch.setenv(ops.GEMV_VARIANT_ENV, VARIANTS[-1])
         ops.apply_gemv_variant_from_env()
         assert ops.nf4_gemv_variant() == VARIANTS[-1]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")
+@pytest.mark.parametrize("lean", ["factored_lean", "factored_lean_wide"])
+@pytest.mark.parametrize("M", [1, 5, 8, 9, 16])
+@pytest.mark.parametrize(
+    "N,K,double_quant",
+    [
+        (4096, 4096, True),  # one tile per CTA
+        (16 * 1000 + 5, 512, True),  # several tiles per CTA (> 3 per SM on any GPU), rows past N
+        (1000, 4160, False),  # plain scales; K not a multiple of the 256-k step
+        (48, 64, True),  # one segment
+    ],
+)
+def test_lean_variants_equal_factored_bit_for_bit(lean, M, N, K, double_quant, use_variant):
+    # LEAN only folds the part search and selects of the one-weight launch away and runs at 3 CTAs
+    # a SM: the same tiles, steps and summation order as "factored", so the same bits.
+    x, weight, bias = make_case("cuda", torch.bfloat16, M, N, K, double_quant=double_quant)
+    use_variant("factored")
+    expected = gemv(x, weight, bias)
+    use_variant(lean)
+    out = gemv(x, weight, bias)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert_close_to_reference(out, x, weight, bias)

@@ -18,6 +18,7 @@
 #     bash benchmarks/gpu_checks/run.sh build stream_ab    # streamed GEMV: tests, A/B, decode per variant, sanitizers
 #     bash benchmarks/gpu_checks/run.sh build ncu_gemv     # Nsight Compute on the GEMV variants (M = 1)
 #     bash benchmarks/gpu_checks/run.sh build ncu_stalls   # "factored" at M = 1: stall reasons, pipes, shared wavefronts
+#     bash benchmarks/gpu_checks/run.sh build lean         # factored_lean(_wide): tests, A/B at M = 1 and 16, memcheck
 #     bash benchmarks/gpu_checks/run.sh build wide_ab      # the 64 KB-table GEMV and the grouped GEMV: tests, A/B,
 #                                                          # decode, decode profile
 #     bash benchmarks/gpu_checks/run.sh build wide_checks  # then: nf4_gemm timed, ncu, sanitizers
@@ -393,6 +394,17 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,sm__cycles_elapsed.avg "$PY" 
         K_2='cuda-stream and (many_tiles or deterministic or misaligned)' \
         K_3='cuda-stream and bfloat16 and (300x3072 or 37x1536 or 64x4096)' STEP_TIMEOUT="${SANITIZE_TIMEOUT:-240}" \
         step sanitize_stream bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_stream_h100.txt" 3
+      ;;
+    lean)
+      # session 21: factored_lean / factored_lean_wide (the one-weight factored kernel at 80 registers,
+      # 3 CTAs a SM): the GEMV tests of every variant (bit-equality with "factored" included), then the
+      # A/B against the default at M = 1 and 16, then memcheck on the new variants' tests
+      STEP_TIMEOUT=200 step lean_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
+        tests/test_nf4_gemv_grouped.py tests/test_nf4_gemv_swiglu.py -k "cuda or variant or lean"
+      STEP_TIMEOUT=150 step lean_ab "$PY" benchmarks/bench_nf4_linear.py --variants factored_fill,factored_lean,factored_lean_wide \
+        --m 1 16 --out "$OUT/nf4_gemv_lean_${GPU_TAG:-h100}.json"
+      STEP_TIMEOUT=120 step lean_memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m pytest -q -p no:cacheprovider \
+        -x tests/test_nf4_gemv.py -k "lean"
       ;;
     gemv_ab)
       step gemv_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py tests/test_nf4_gemm.py -k "cuda or variant"

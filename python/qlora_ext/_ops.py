@@ -177,7 +177,11 @@ def nf4_gemv_variants() -> list[str]:
     CTAs a SM and not at 2 (8B's grouped q/k/v), which take factored_o3's shape: q/k/v 13.9 ->
     12.0 us, the 8B decode 2% faster (H200; nf4_gemv_swiglu_h200.json). Where it takes that shape
     a grouped launch's sums are ordered differently from the per-part launches' (equal within the
-    reference's tolerance, not bit for bit). They
+    reference's tolerance, not bit for bit). "factored_lean" and "factored_lean_wide" (session 21)
+    are "factored" for one weight with the per-step part search and pointer selects folded away at
+    compile time, which fits its full step in 80 registers: 3 CTAs a SM instead of 2 at M <= 8, the
+    same bits as "factored" ("_wide": with factored_wide's 64 KB table); grouped launches take
+    factored_fill's kernels. They
     apply where their kernel does (fp16/bf16, K % 64 == 0, blocksize >= 64, 16-byte aligned data,
     sm_80+); other cases take variant 0's path whatever the setting.
     """

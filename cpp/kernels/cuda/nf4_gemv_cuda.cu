@@ -511,12 +511,17 @@ __device__ __forceinline__ V select_part(const V (&v)[kMaxGemvParts], int p) {
 // rows: MMA rows g (h = 0) read gate row out0 + 8r + g and rows g + 8 (h = 1) the up row of the same
 // index, so both sums of an output meet in one CTA (reduce_and_store_glu). The same work per byte
 // as the grouped launch; one kernel and the [M, 2N] round trip fewer.
-template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE, int CTAS = 2, bool GLU = false>
+// LEAN: one weight (parts.count == 1, no GLU), known at compile time: the part search and the
+// select chains over the parts' pointers fold away, which cuts the per-step address work of the
+// plain GEMV (session 21's Nsight Compute: 10.4 instructions per code byte, most of them around
+// the table lookups rather than in them) and the registers it holds.
+template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE, int CTAS = 2, bool GLU = false, bool LEAN = false>
 __global__ void __launch_bounds__(kThreads, CTAS)
 nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, int blocksize_log2,
                          int nested_log2, int64_t K, const T* __restrict__ bias, T* __restrict__ y) {
 #if QLORA_GEMV_MMA
   static_assert(SEG == 1 || SEG == 2 || SEG == 4, "lane t computes the scale of segment t % SEG");
+  static_assert(!(LEAN && GLU), "LEAN is the one-weight GEMV");
   constexpr int kRows = 16 * R;
   constexpr int kCols = 8 * MT;
   constexpr int kStepK = kSegment * SEG;
@@ -549,17 +554,17 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, in
     // part h for rows g + 8h (below), st.part unused.
     const int64_t tile_row = tile * kTileOutputs;
     int p = 0;
-    if constexpr (!GLU) {
+    if constexpr (!GLU && !LEAN) {
 #pragma unroll
       for (int i = 0; i + 1 < kMaxGemvParts; ++i) p += (i + 1 < parts.count && tile_row >= parts.end_row[i]) ? 1 : 0;
     }
     st.part = p;
-    const uint8_t* const packed = select_part(parts.packed, p);
-    const float* const absmax = select_part(parts.absmax, p);
-    const uint8_t* const absmax_codes = select_part(parts.absmax_codes, p);
-    const float* const nested_absmax = select_part(parts.nested_absmax, p);
-    const int64_t part_start = p == 0 ? 0 : select_part(parts.end_row, p - 1);
-    const int64_t part_last = select_part(parts.end_row, p) - 1;
+    const uint8_t* const packed = LEAN ? parts.packed[0] : select_part(parts.packed, p);
+    const float* const absmax = LEAN ? parts.absmax[0] : select_part(parts.absmax, p);
+    const uint8_t* const absmax_codes = LEAN ? parts.absmax_codes[0] : select_part(parts.absmax_codes, p);
+    const float* const nested_absmax = LEAN ? parts.nested_absmax[0] : select_part(parts.nested_absmax, p);
+    const int64_t part_start = LEAN || p == 0 ? 0 : select_part(parts.end_row, p - 1);
+    const int64_t part_last = (LEAN ? N : select_part(parts.end_row, p)) - 1;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -663,7 +668,7 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, in
       for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float offset = double_quant ? part_offset[GLU ? h : cur.part] : 0.0f;
+          const float offset = double_quant ? part_offset[GLU ? h : LEAN ? 0 : cur.part] : 0.0f;
           float v = cur.scale_raw[r][h];
           if (double_quant) v = __fadd_rn(__fmul_rn(nested_map[cur.scale_code[r][h]], v), offset);
           mine[r][h] = mine_valid ? v : 0.0f;
@@ -1037,27 +1042,34 @@ cudaError_t launch_mma(const T* x, int M, const uint8_t* packed, const NF4Scales
 }
 
 // Raises `kernel`'s dynamic shared-memory limit to `bytes` once per device (a bit per device in
-// `configured`, one mask per kernel).
+// `configured`, one mask per kernel); `max_shared` also asks for the whole unified L1/shared array
+// as shared memory, so that as many CTAs fit as the launch bounds promise (factored_lean_wide:
+// 3 x 64 KB tables a SM; these kernels read their codes past L1, x stays in the rest).
 template <typename Kernel>
-cudaError_t allow_dynamic_shared(Kernel kernel, int bytes, std::atomic<uint64_t>& configured) {
+cudaError_t allow_dynamic_shared(Kernel kernel, int bytes, std::atomic<uint64_t>& configured, bool max_shared = false) {
   int device = 0;
   cudaError_t status = cudaGetDevice(&device);
   if (status != cudaSuccess) return status;
   const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
   if (bit != 0 && (configured.load(std::memory_order_relaxed) & bit) != 0) return cudaSuccess;
   status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (status == cudaSuccess && max_shared) {
+    status = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  }
   if (status == cudaSuccess) configured.fetch_or(bit, std::memory_order_relaxed);
   return status;
 }
 
-template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE = false, int CTAS = 2, bool GLU = false>
+template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE = false, int CTAS = 2, bool GLU = false,
+          bool LEAN = false>
 cudaError_t launch_factored(const T* x, int M, const FactoredParts& parts, int blocksize_log2, int nested_log2,
                             int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream) {
-  auto kernel = nf4_gemv_factored_kernel<T, MT, R, SEG, SPLIT, WIDE, CTAS, GLU>;
+  if (LEAN && parts.count != 1) return cudaErrorInvalidValue;  // the launcher's contract
+  auto kernel = nf4_gemv_factored_kernel<T, MT, R, SEG, SPLIT, WIDE, CTAS, GLU, LEAN>;
   constexpr int kDynamicBytes = WIDE ? 64 * 1024 : 0;
   if constexpr (WIDE) {
     static std::atomic<uint64_t> configured{0};
-    const cudaError_t status = allow_dynamic_shared(kernel, kDynamicBytes, configured);
+    const cudaError_t status = allow_dynamic_shared(kernel, kDynamicBytes, configured, CTAS > 2);
     if (status != cudaSuccess) return status;
   }
   const int64_t tiles = GLU ? ceil_div(parts.end_row[0], 8 * R) : ceil_div(parts.end_row[parts.count - 1], 16 * R);
@@ -1096,7 +1108,8 @@ inline bool stream_applies(int SW, int M, int64_t K, int64_t blocksize, const NF
 // kernels_cuda.h). Index = the variant number.
 constexpr const char* kVariantNames[] = {"mma",         "factored",    "factored_split", "factored_r2",
                                          "factored_r1", "stream",      "stream2",        "factored_wide",
-                                         "factored_o3", "factored_o4", "factored_fill"};
+                                         "factored_o3", "factored_o4", "factored_fill", "factored_lean",
+                                         "factored_lean_wide"};
 constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0]));
 // "factored_fill": "factored" (faster than "mma" at every measured shape, nf4_gemv_variants_h100.json)
 // with one round of 3-CTA tiles where "factored" takes two rounds: 8B's grouped q/k/v 13.9 -> 12.0 us,
@@ -1133,7 +1146,27 @@ cudaError_t launch_factored_variant(int variant, const T* x, int m, const Factor
   return launch_factored<T, MT, R, SEG, SPLIT, WIDE, CTAS>(x, m, parts, blocksize_log2, nested_log2, K, bias, y, \
                                                            sm_count, stream)
 #define QLORA_FACTORED(MT, R, SEG, SPLIT, WIDE) QLORA_FACTORED_CTAS(MT, R, SEG, SPLIT, WIDE, 2)
+#define QLORA_FACTORED_LEAN(MT, R, SEG, WIDE, CTAS)                                                         \
+  return launch_factored<T, MT, R, SEG, false, WIDE, CTAS, false, true>(x, m, parts, blocksize_log2, nested_log2, K, \
+                                                                       bias, y, sm_count, stream)
   switch (variant) {
+    // factored_lean / factored_lean_wide (session 21): one weight (a grouped launch takes
+    // factored_fill's shapes). For M <= 8 "factored"'s tiles and its full step (256 k, SEG 4) at 3 CTAs
+    // a SM: LEAN drops the per-step part search and pointer selects, which brings the kernel from 128
+    // registers to 80 without spills, so 50% more warps have the same bytes in flight each (the
+    // earlier factored_o3 had to halve the step to fit). _wide: with the 64 KB table (one PRMT a lookup).
+    case 12:
+      if (parts.count == 1) {
+        if (m <= 8) QLORA_FACTORED_LEAN(1, 1, 4, true, 3);
+        QLORA_FACTORED_LEAN(2, 2, 2, false, 2);
+      }
+      [[fallthrough]];
+    case 11:
+      if (parts.count == 1) {
+        if (m <= 8) QLORA_FACTORED_LEAN(1, 1, 4, false, 3);
+        QLORA_FACTORED_LEAN(2, 2, 2, false, 2);
+      }
+      [[fallthrough]];
     case 10:  // factored_fill: "factored", except that an M <= 8 launch whose 16-row tiles need a second
               // round at 2 CTAs a SM but fit one at 3 (Llama-3-8B's grouped q/k/v: 384 tiles, 264 CTAs,
               // 120 of them working twice) takes factored_o3's shape, one round of slower CTAs
@@ -1170,6 +1203,7 @@ cudaError_t launch_factored_variant(int variant, const T* x, int m, const Factor
   }
 #undef QLORA_FACTORED
 #undef QLORA_FACTORED_CTAS
+#undef QLORA_FACTORED_LEAN
 }
 
 // Whether the factored kernels serve this case on this device: sm_80+ with this file's sm_80+ code
