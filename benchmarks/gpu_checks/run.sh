@@ -19,6 +19,7 @@
 #     bash benchmarks/gpu_checks/run.sh build ncu_gemv     # Nsight Compute on the GEMV variants (M = 1)
 #     bash benchmarks/gpu_checks/run.sh build ncu_stalls   # "factored" at M = 1: stall reasons, pipes, shared wavefronts
 #     bash benchmarks/gpu_checks/run.sh build lean         # factored_lean(_wide): tests, A/B at M = 1 and 16, memcheck
+#     bash benchmarks/gpu_checks/run.sh build gemv_sass    # "factored"'s stalls per SASS instruction, and its SASS
 #     bash benchmarks/gpu_checks/run.sh build wide_ab      # the 64 KB-table GEMV and the grouped GEMV: tests, A/B,
 #                                                          # decode, decode profile
 #     bash benchmarks/gpu_checks/run.sh build wide_checks  # then: nf4_gemm timed, ncu, sanitizers
@@ -394,6 +395,15 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,sm__cycles_elapsed.avg "$PY" 
         K_2='cuda-stream and (many_tiles or deterministic or misaligned)' \
         K_3='cuda-stream and bfloat16 and (300x3072 or 37x1536 or 64x4096)' STEP_TIMEOUT="${SANITIZE_TIMEOUT:-240}" \
         step sanitize_stream bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_stream_h100.txt" 3
+      ;;
+    gemv_sass)
+      # next after session 21: where in the SASS "factored" stalls (per-instruction warp-state samples,
+      # M = 1, 28672x8192), and the SASS of the M <= 8 factored kernels to count instructions per step
+      VARIANTS=${NCU_VARIANT:-factored} SHAPES=${NCU_SHAPES:-28672x8192} STEP_TIMEOUT=150 TAIL=2 step gemv_sass_stalls \
+        ncu --kernel-name regex:nf4_gemv --launch-skip 1 --launch-count 1 --section WarpStateStats --section SourceCounters \
+        --page source --print-source sass "$PY" benchmarks/gpu_checks/ncu_gemv.py
+      so=$(ls python/qlora_ext/_C*.so | head -1)
+      STEP_TIMEOUT=60 TAIL=2 step gemv_sass_dump bash -c "cuobjdump -sass -fun '$(printf '%s' 'nf4_gemv_factored_kernel')' '$so' || cuobjdump -sass '$so' | awk '/Function : .*nf4_gemv_factored_kernel/,/\.\.\.\.\.\.\.\.\./'"
       ;;
     lean)
       # session 21: factored_lean / factored_lean_wide (the one-weight factored kernel at 80 registers,
