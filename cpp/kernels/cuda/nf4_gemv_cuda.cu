@@ -514,7 +514,8 @@ __device__ __forceinline__ V select_part(const V (&v)[kMaxGemvParts], int p) {
 // LEAN: one weight (parts.count == 1, no GLU), known at compile time: the part search and the
 // select chains over the parts' pointers fold away, which cuts the per-step address work of the
 // plain GEMV (session 21's Nsight Compute: 10.4 instructions per code byte, most of them around
-// the table lookups rather than in them) and the registers it holds.
+// the table lookups rather than in them) and the registers it holds. Measured (H100,
+// nf4_gemv_lean_h100.json): M = 1 within -3..+8% of "factored" at 3 CTAs a SM, M > 8 3-5% faster.
 template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE, int CTAS = 2, bool GLU = false, bool LEAN = false>
 __global__ void __launch_bounds__(kThreads, CTAS)
 nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, int blocksize_log2,
@@ -1155,6 +1156,8 @@ cudaError_t launch_factored_variant(int variant, const T* x, int m, const Factor
     // a SM: LEAN drops the per-step part search and pointer selects, which brings the kernel from 128
     // registers to 80 without spills, so 50% more warps have the same bytes in flight each (the
     // earlier factored_o3 had to halve the step to fit). _wide: with the 64 KB table (one PRMT a lookup).
+    // H100 2026-12-07: M = 1 unchanged (more warps did not help, as with o3); _wide 22-61% slower
+    // (three 64 KB tables leave ~28 KB of L1 for x and the scales). Kept for the A/B.
     case 12:
       if (parts.count == 1) {
         if (m <= 8) QLORA_FACTORED_LEAN(1, 1, 4, true, 3);
