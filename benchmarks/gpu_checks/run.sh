@@ -20,6 +20,7 @@
 #     bash benchmarks/gpu_checks/run.sh build ncu_stalls   # "factored" at M = 1: stall reasons, pipes, shared wavefronts
 #     bash benchmarks/gpu_checks/run.sh build lean         # factored_lean(_wide): tests, A/B at M = 1 and 16, memcheck
 #     bash benchmarks/gpu_checks/run.sh build gemv_sass    # "factored"'s stalls per SASS instruction, and its SASS
+#     bash benchmarks/gpu_checks/run.sh build gemv_v16     # the 16-byte-load GEMV experiment (CuPy): check, A/B, ncu
 #     bash benchmarks/gpu_checks/run.sh build wide_ab      # the 64 KB-table GEMV and the grouped GEMV: tests, A/B,
 #                                                          # decode, decode profile
 #     bash benchmarks/gpu_checks/run.sh build wide_checks  # then: nf4_gemm timed, ncu, sanitizers
@@ -395,6 +396,15 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,sm__cycles_elapsed.avg "$PY" 
         K_2='cuda-stream and (many_tiles or deterministic or misaligned)' \
         K_3='cuda-stream and bfloat16 and (300x3072 or 37x1536 or 64x4096)' STEP_TIMEOUT="${SANITIZE_TIMEOUT:-240}" \
         step sanitize_stream bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_stream_h100.txt" 3
+      ;;
+    gemv_v16)
+      # session 21's prepared experiment (not yet run): the GEMV with 16-byte code loads and the two
+      # blocks of a half-step in the MMA's column pairs (CuPy-compiled; checked against the reference,
+      # then timed against the library's nf4_gemv and bf16 cuBLAS), and its L1 wavefronts under ncu
+      STEP_TIMEOUT=200 step gemv_v16 "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py --out "$OUT/gemv_v16_${GPU_TAG:-h100}.json"
+      STEP_TIMEOUT=150 TAIL=30 step gemv_v16_ncu ncu --kernel-name regex:"gemv_v16|nf4_gemv" --launch-skip 8 --launch-count 2 \
+        --metrics l1tex__data_pipe_lsu_wavefronts.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,sm__inst_executed.sum,\
+l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py --m 1
       ;;
     gemv_sass)
       # next after session 21: where in the SASS "factored" stalls (per-instruction warp-state samples,

@@ -1,0 +1,355 @@
+"""Experiment (session 21, not yet run on a GPU): an NF4 GEMV whose code loads are 16 bytes a lane.
+
+    python benchmarks/gpu_checks/gemv_v16_experiment.py [--out FILE.json]
+
+Why (README, "4-bit GEMV" paragraphs of session 21): "factored" runs at 1.5-1.85x the time of its
+own access pattern. Neither ~10% fewer instructions ("factored_wide") nor 50% more warps
+("factored_lean") moved it. The likelier limit is the L1 data pipe, at 0.67 wavefronts a cycle per SM,
+which ncu splits into table lookups (shared) and code, scale and x loads (global). Its 8-byte code
+loads touch 8 rows a warp-instruction for 256 bytes; 16-byte loads carry 512 bytes for the same 8
+rows, which would cut the code loads' wavefronts in half.
+
+The catch is the factored scale. With 16 bytes (32 k) a lane, the 4 t-lanes of a row span two
+quantization blocks: t = 0, 1 hold block 2h and t = 2, 3 block 2h + 1 of the half-step h. The two
+blocks' partial sums are kept apart in the MMA's N dimension instead. B column 2m holds x row m at
+block 2h's k and zero at block 2h + 1's; column 2m + 1 holds the reverse. One MMA a k-step, as in
+"factored", then leaves both partial sums in the lane that holds columns 2m and 2m + 1 (t = m). That
+lane scales each by its block's fp32 scale and adds it to the accumulator. This costs half of the
+MMA's 8 columns, so it covers M <= 4.
+
+The kernel is compiled at run time with CuPy (the GPU machine's image has it), like
+bench_read_floor.py, so the library stays as tested. It covers M <= 4, bf16, blocksize 64, double
+quantization, K % 2048 == 0 (every warp has a step in every tile) and N % 16 == 0. It is checked
+against the fp32 reference with the tests' rule (<= 2x plain PyTorch's error plus one ulp), then
+timed against the library's nf4_gemv (the default variant) and bf16 cuBLAS with bench_nf4_linear's
+CUDA-graph timer over weight copies rotating past the L2 cache.
+
+If it wins, it belongs in nf4_gemv_cuda.cu as a variant. The GPU tests then cover it with the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import qlora_ext  # noqa: E402
+from bench_nf4_linear import copies_for, git_commit, time_graph  # noqa: E402
+from qlora_ext import codebooks, ops, reference  # noqa: E402
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
+
+KERNEL = r"""
+typedef unsigned int u32;
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef long long i64;
+
+// fp32 -> bf16 bits, round to nearest even (finite inputs).
+__device__ __forceinline__ u32 bf16_bits(float f) {
+  u32 u = __float_as_uint(f);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return u >> 16;
+}
+
+// 16 bytes of codes, read once: not kept in L1 (x lives there).
+__device__ __forceinline__ uint4 load_codes16(const u8* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+               "{%8, %9}, {%0, %1, %2, %3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 word_of(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
+// The table word of byte p of `word` from the lane's copy (`lane_table`: its shared address).
+__device__ __forceinline__ u32 lookup(u32 lane_table, u32 word, u32 p) {
+  const u32 byte = __byte_perm(word, 0u, 0x4440u | p);  // byte p alone, zero above
+  u32 v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lane_table + (byte << 7)));
+  return v;
+}
+
+// One (tile, step) item's loads: rows g and g + 8 of the tile, 2 x 16 bytes each (the step's 128
+// bytes a row: lane t holds bytes 16t.. of each 64-byte half), and lane t's block-scale ingredients
+// (block 4 step + t of each row).
+struct Item {
+  uint4 codes[2][2];  // [row g / g + 8][half]
+  u32 scale_code[2];
+  float nested[2];
+};
+
+__device__ __forceinline__ void load_item(Item& it, const u8* __restrict__ packed, const u8* __restrict__ absmax_codes,
+                                          const float* __restrict__ nested_absmax, i64 K, i64 tile, i64 step,
+                                          int g, int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const i64 row = tile * 16 + g + 8 * r;
+    const u8* p = packed + row * (K >> 1) + step * 128 + 16 * t;
+    it.codes[r][0] = load_codes16(p);
+    it.codes[r][1] = load_codes16(p + 64);
+    const i64 b = row * (K >> 6) + step * 4 + t;
+    it.scale_code[r] = __ldg(absmax_codes + b);
+    it.nested[r] = __ldg(nested_absmax + (b >> 8));
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+gemv_v16(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const u8* __restrict__ absmax_codes,
+         const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
+         const float* __restrict__ nested_offset, const float* __restrict__ nf4, i64 N, i64 K, u16* __restrict__ y) {
+  __shared__ u32 table[256 * 32];  // the T2 word of code byte b at byte offset b * 128 + lane * 4: conflict-free
+  __shared__ float nested_map[256];
+  __shared__ float partial[8][16][5];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const i64 n_steps = K >> 8, n_tiles = N >> 4;
+  Item cur, nxt;
+  i64 tile = blockIdx.x, step = warp;
+  if (tile < n_tiles) load_item(cur, packed, absmax_codes, nested_absmax, K, tile, step, g, t);  // under the table build
+  for (int i = tid; i < 256 * 32; i += 256) {
+    const int b = i >> 5;
+    table[i] = bf16_bits(nf4[b >> 4]) | (bf16_bits(nf4[b & 15]) << 16);  // even k (high nibble) low
+  }
+  nested_map[tid] = nested_code[tid];
+  const float offset = nested_offset[0];
+  __syncthreads();
+  // The lane's copy of the table as a shared-window address: a lookup is then one byte permute (the
+  // code byte alone), one LEA (byte * 128 + this) and the load.
+  u32 table_address;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(table_address) : "l"(table));
+  const u32 lane_table = table_address + u32(lane) * 4;
+  // B columns in pairs: column 2m holds x row m where the k belongs to block 2h (A lanes t < 2),
+  // column 2m + 1 x row m where it belongs to block 2h + 1 (t >= 2), zero elsewhere. One MMA then
+  // gives both blocks' partial sums, C[row][2m] and C[row][2m + 1], which lane t = m holds as
+  // (c0, c1) for row g and (c2, c3) for row g + 8. Lane (g, t) supplies column g at owner t's k.
+  const int xm = g >> 1;
+  const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);
+  const u16* x_lane = x + (x_loads ? xm : 0) * K + 32 * t;
+  uint4 xv[4] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u),
+                 make_uint4(0u, 0u, 0u, 0u)};  // written only where x_loads: zero elsewhere for good
+  float acc[2] = {0.f, 0.f};  // rows g and g + 8, x row t (lanes t < M)
+  // One item: the next one's loads, this one's arithmetic, the tile's end. Two buffers in turn (the
+  // loop below runs it twice a round), so that no item is copied from one to the other.
+  auto item = [&](const Item& cur, Item& nxt) {
+    i64 next_tile = tile, next_step = step + 8;
+    if (next_step >= n_steps) {
+      next_tile += gridDim.x;
+      next_step = warp;
+    }
+    if (next_tile < n_tiles) load_item(nxt, packed, absmax_codes, nested_absmax, K, next_tile, next_step, g, t);
+    float scale[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) scale[r] = __fadd_rn(__fmul_rn(nested_map[cur.scale_code[r]], cur.nested[r]), offset);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (x_loads) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + step * 256 + 128 * h + 8 * q));
+      }
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        // A: code bytes 2j (k slots 2t, 2t+1) and 2j + 1 (slots 2t+8, 2t+9) of rows g (a0, a2), g + 8 (a1, a3)
+        const u32 wg = word_of(cur.codes[0][h], j >> 1), wg8 = word_of(cur.codes[1][h], j >> 1);
+        const u32 p0 = 2 * (j & 1);
+        const u32 a0 = lookup(lane_table, wg, p0), a1 = lookup(lane_table, wg8, p0);
+        const u32 a2 = lookup(lane_table, wg, p0 + 1), a3 = lookup(lane_table, wg8, p0 + 1);
+        // B: x words 2j and 2j + 1 of the lane's 16 (the same k as a0 / a2)
+        mma16816(c, a0, a1, a2, a3, word_of(xv[j >> 1], (2 * j) & 3), word_of(xv[j >> 1], (2 * j + 1) & 3));
+      }
+      // block 4 step + 2h's scale is lane t = 2h's, block 4 step + 2h + 1's lane 2h + 1's
+      const int src = lane & ~3;
+      const float lo_g = __shfl_sync(0xffffffffu, scale[0], src | (2 * h));
+      const float hi_g = __shfl_sync(0xffffffffu, scale[0], src | (2 * h + 1));
+      const float lo_g8 = __shfl_sync(0xffffffffu, scale[1], src | (2 * h));
+      const float hi_g8 = __shfl_sync(0xffffffffu, scale[1], src | (2 * h + 1));
+      acc[0] = fmaf(hi_g, c[1], fmaf(lo_g, c[0], acc[0]));
+      acc[1] = fmaf(hi_g8, c[3], fmaf(lo_g8, c[2], acc[1]));
+    }
+    if (next_tile != tile) {  // every warp ends the tile here, once (K % 2048 == 0: each has a step)
+      if (t < M) {
+        partial[warp][g][t] = acc[0];
+        partial[warp][g + 8][t] = acc[1];
+      }
+      __syncthreads();
+      if (tid < 16 * 4) {
+        const int r = tid & 15, m = tid >> 4;
+        if (m < M) {
+          float s = 0.f;
+#pragma unroll
+          for (int w = 0; w < 8; ++w) s += partial[w][r][m];
+          y[i64(m) * N + tile * 16 + r] = u16(bf16_bits(s));
+        }
+      }
+      __syncthreads();
+      acc[0] = acc[1] = 0.f;
+    }
+    tile = next_tile;
+    step = next_step;
+  };
+  while (tile < n_tiles) {
+    item(cur, nxt);
+    if (tile >= n_tiles) break;
+    item(nxt, cur);
+  }
+}
+"""
+
+
+def emulate(x: torch.Tensor, q: qlora_ext.NF4Weight, nf4_values: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's data movement in plain PyTorch (CPU, fp32), lane by lane as the kernel indexes it.
+
+    For each (tile, warp, step, half, k-step) it builds the MMA's A fragment words, which lane (g, t)
+    fills from its 16 code bytes, and the B column pairs (x row m at block 2h's k in column 2m, at
+    block 2h + 1's in column 2m + 1). It multiplies them as mma.m16n8k16 does and scales the partial
+    sums as the lanes do. With `nf4_values` exact (the default), the result equals the fp32 reference up
+    to summation order, so a wrong index shows up as a large error. tests/test_gemv_v16_emulation.py
+    runs it.
+    """
+    N, K = q.shape
+    M = x.shape[0]
+    codes = q.packed.reshape(-1).to(torch.int64)
+    nested = q.nested
+    scales = reference.nested_absmax(q.absmax, nested.absmax2, nested.code, nested.offset, nested.blocksize)
+    values = codebooks.nf4_code() if nf4_values is None else nf4_values
+    xf = x.float()
+    y = torch.zeros(M, N)
+    n_steps = K // 256
+    for tile in range(N // 16):
+        acc = torch.zeros(16, M)  # rows of the tile x rows of x, summed over the warps
+        for warp in range(8):
+            for step in range(warp, n_steps, 8):
+                for h in range(2):
+                    lo_hi = torch.zeros(16, 8)  # C of this half-step: 16 rows x 8 columns
+                    for j in range(8):
+                        A = torch.zeros(16, 16)
+                        B = torch.zeros(16, 8)
+                        for g in range(8):
+                            for t in range(4):
+                                for r, row in ((g, tile * 16 + g), (g + 8, tile * 16 + g + 8)):
+                                    base = row * (K // 2) + step * 128 + 64 * h + 16 * t
+                                    for slot0, byte in ((2 * t, 2 * j), (2 * t + 8, 2 * j + 1)):
+                                        c = int(codes[base + byte])
+                                        A[r, slot0] = values[c >> 4]  # even k: high nibble, low half
+                                        A[r, slot0 + 1] = values[c & 15]
+                                xm = g >> 1
+                                if xm < M and ((g & 1) == 0) == (t < 2):
+                                    k0 = step * 256 + 128 * h + 32 * t
+                                    for slot0, word in ((2 * t, 2 * j), (2 * t + 8, 2 * j + 1)):
+                                        B[slot0, g] = xf[xm, k0 + 2 * word]
+                                        B[slot0 + 1, g] = xf[xm, k0 + 2 * word + 1]
+                        lo_hi += A @ B
+                    for r in range(16):
+                        row = tile * 16 + r
+                        block = row * (K // 64) + step * 4 + 2 * h
+                        for m in range(M):
+                            acc[r, m] += scales[block] * lo_hi[r, 2 * m] + scales[block + 1] * lo_hi[r, 2 * m + 1]
+        y[:, tile * 16 : tile * 16 + 16] = acc.T
+    return y
+
+
+def make_gemv(cupy):
+    kernel = cupy.RawKernel(KERNEL, "gemv_v16", options=("--std=c++17",))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    nf4 = codebooks.nf4_code("cuda")
+
+    def gemv(x: torch.Tensor, q: qlora_ext.NF4Weight) -> torch.Tensor:
+        N, K = q.shape
+        M = x.shape[0]
+        if not (M <= 4 and K % 2048 == 0 and N % 16 == 0 and q.blocksize == 64 and q.nested is not None
+                and q.nested.blocksize == 256 and x.dtype == torch.bfloat16 and x.is_contiguous()):  # fmt: skip
+            raise ValueError("gemv_v16 covers M <= 4, bf16, blocksize 64, double quantization, K % 2048, N % 16")
+        y = torch.empty(M, N, dtype=torch.bfloat16, device=x.device)
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+        grid = min(N // 16, 2 * sms)
+        args = (x.data_ptr(), cupy.int32(M), q.packed.data_ptr(), q.absmax.data_ptr(), q.nested.absmax2.data_ptr(),
+                q.nested.code.data_ptr(), q.nested.offset.data_ptr(), nf4.data_ptr(), cupy.int64(N), cupy.int64(K),
+                y.data_ptr())  # fmt: skip
+        kernel((grid,), (256,), args, stream=stream)
+        return y
+
+    return gemv
+
+
+def check(gemv, M, N, K) -> dict:
+    """The tests' rule: error against the fp32 reference <= 2x plain PyTorch's in bf16, plus one ulp."""
+    w = torch.randn(N, K, device="cuda") * 0.05
+    q = qlora_ext.NF4Weight.from_float(w, 64, True)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    args = ops._weight_args(q)
+    ref = reference.nf4_gemv(x, *args[:4], None, *args[4:])
+    out = gemv(x, q)
+    err = (out.float() - ref).abs().max().item()
+    base = (F.linear(x, q.dequantize(torch.bfloat16)).float() - ref).abs().max().item()
+    slack = torch.finfo(torch.bfloat16).eps * ref.abs().max().item()
+    ok = bool(torch.isfinite(out).all()) and err <= 2 * base + slack
+    return dict(M=M, N=N, K=K, max_err=err, pytorch_max_err=base, correct=ok)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out")
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 4])
+    args = parser.parse_args()
+    try:
+        import cupy
+    except ImportError:
+        print("gemv_v16_experiment: needs CuPy (the GPU machine's image has it)", file=sys.stderr)
+        return 2
+    gemv = make_gemv(cupy)
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, commit=git_commit(),
+               library_variant=ops.nf4_gemv_variant())  # fmt: skip
+    failures = 0
+    for M, N, K in [(1, 64, 2048), (3, 48, 4096), (4, 2000, 6144), (1, 4096, 14336)]:  # odd tiles, several per CTA
+        row = dict(env, kind="check", **check(gemv, M, N, K))
+        failures += not row["correct"]
+        print(json.dumps(row), flush=True)
+    rows = []
+    for N, K in SHAPES:
+        w = torch.randn(N, K, device="cuda") * 0.05
+        q = qlora_ext.NF4Weight.from_float(w, 64, True)
+        dense = w.to(torch.bfloat16)
+        del w
+        copies = [q] + [qlora_ext.NF4Weight(q.packed.clone(), q.absmax.clone(), q.shape, q.dtype, q.blocksize,
+                                            type(q.nested)(q.nested.absmax2.clone(), q.nested.code, q.nested.offset))
+                        for _ in range(copies_for(q.nbytes) - 1)]  # fmt: skip
+        denses = [dense] + [dense.clone() for _ in range(copies_for(2 * N * K) - 1)]
+        for M in args.m:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                v16_us = time_graph([lambda c=c: gemv(x, c) for c in copies])
+                lib_us = time_graph([lambda c=c: ops.nf4_gemv_weight(x, c) for c in copies])
+                bf16_us = time_graph([lambda d=d: F.linear(x, d) for d in denses])
+            row = dict(env, kind="time", shape_NK=[N, K], M=M, v16_us=round(v16_us, 3), library_us=round(lib_us, 3),
+                       bf16_cublas_us=round(bf16_us, 3), v16_vs_bf16=round(bf16_us / v16_us, 3),
+                       library_vs_bf16=round(bf16_us / lib_us, 3), bar_M1=3.0)  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del copies, denses
+        torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"\n{'N x K':>13} {'M':>2} {'v16 us':>8} {'library us':>10} {'bf16 us':>8} {'v16 x bf16':>10} {'lib x bf16':>10}")
+    for r in rows:
+        print(f"{r['shape_NK'][0]:>6}x{r['shape_NK'][1]:<6} {r['M']:>2} {r['v16_us']:>8.2f} {r['library_us']:>10.2f} "
+              f"{r['bf16_cublas_us']:>8.2f} {r['v16_vs_bf16']:>10.2f} {r['library_vs_bf16']:>10.2f}")  # fmt: skip
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
