@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -286,11 +285,8 @@ def make_gemv(cupy):
     return gemv
 
 
-def check(gemv, M, N, K) -> dict:
+def check(gemv, x: torch.Tensor, q: qlora_ext.NF4Weight) -> dict:
     """The tests' rule: error against the fp32 reference <= 2x plain PyTorch's in bf16, plus one ulp."""
-    w = torch.randn(N, K, device="cuda") * 0.05
-    q = qlora_ext.NF4Weight.from_float(w, 64, True)
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     args = ops._weight_args(q)
     ref = reference.nf4_gemv(x, *args[:4], None, *args[4:])
     out = gemv(x, q)
@@ -298,7 +294,12 @@ def check(gemv, M, N, K) -> dict:
     base = (F.linear(x, q.dequantize(torch.bfloat16)).float() - ref).abs().max().item()
     slack = torch.finfo(torch.bfloat16).eps * ref.abs().max().item()
     ok = bool(torch.isfinite(out).all()) and err <= 2 * base + slack
-    return dict(M=M, N=N, K=K, max_err=err, pytorch_max_err=base, correct=ok)
+    return dict(M=x.shape[0], N=q.shape[0], K=q.shape[1], max_err=err, pytorch_max_err=base, correct=ok)
+
+
+def random_case(M: int, N: int, K: int) -> tuple[torch.Tensor, qlora_ext.NF4Weight]:
+    q = qlora_ext.NF4Weight.from_float(torch.randn(N, K, device="cuda") * 0.05, 64, True)
+    return torch.randn(M, K, device="cuda", dtype=torch.bfloat16), q
 
 
 def main() -> int:
@@ -316,7 +317,7 @@ def main() -> int:
                library_variant=ops.nf4_gemv_variant())  # fmt: skip
     failures = 0
     for M, N, K in [(1, 64, 2048), (3, 48, 4096), (4, 2000, 6144), (1, 4096, 14336)]:  # odd tiles, several per CTA
-        row = dict(env, kind="check", **check(gemv, M, N, K))
+        row = dict(env, kind="check", **check(gemv, *random_case(M, N, K)))
         failures += not row["correct"]
         print(json.dumps(row), flush=True)
     rows = []
@@ -331,13 +332,16 @@ def main() -> int:
         denses = [dense] + [dense.clone() for _ in range(copies_for(2 * N * K) - 1)]
         for M in args.m:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            verdict = check(gemv, x, q)
+            failures += not verdict["correct"]
             with torch.no_grad():
                 v16_us = time_graph([lambda c=c: gemv(x, c) for c in copies])
                 lib_us = time_graph([lambda c=c: ops.nf4_gemv_weight(x, c) for c in copies])
                 bf16_us = time_graph([lambda d=d: F.linear(x, d) for d in denses])
             row = dict(env, kind="time", shape_NK=[N, K], M=M, v16_us=round(v16_us, 3), library_us=round(lib_us, 3),
                        bf16_cublas_us=round(bf16_us, 3), v16_vs_bf16=round(bf16_us / v16_us, 3),
-                       library_vs_bf16=round(bf16_us / lib_us, 3), bar_M1=3.0)  # fmt: skip
+                       library_vs_bf16=round(bf16_us / lib_us, 3), bar_M1=3.0, correct=verdict["correct"],
+                       max_err=verdict["max_err"], pytorch_max_err=verdict["pytorch_max_err"])  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
         del copies, denses
