@@ -515,7 +515,7 @@ __device__ __forceinline__ V select_part(const V (&v)[kMaxGemvParts], int p) {
 // select chains over the parts' pointers fold away, which cuts the per-step address work of the
 // plain GEMV (session 21's Nsight Compute: 10.4 instructions per code byte, most of them around
 // the table lookups rather than in them) and the registers it holds. Measured (H100,
-// nf4_gemv_lean_h100.json): M = 1 within -3..+8% of "factored" at 3 CTAs a SM, M > 8 3-5% faster.
+// nf4_gemv_lean_h100.json): M = 1 from 4% slower to 8% faster than factored_fill at 3 CTAs a SM, M > 8 3-5% faster.
 template <typename T, int MT, int R, int SEG, bool SPLIT, bool WIDE, int CTAS = 2, bool GLU = false, bool LEAN = false>
 __global__ void __launch_bounds__(kThreads, CTAS)
 nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, int blocksize_log2,
