@@ -69,8 +69,10 @@ extern "C" __global__ void read_floor(const uint4* __restrict__ p, long long n16
 # issued before any is used (the kernel's prefetch of the next step is DEPTH 2). A __syncthreads
 # after each tile stands for the kernel's per-tile reduction.
 PATTERN_KERNEL = r"""
-// The fold as volatile asm: ordered after every volatile load above it, so that the compiler cannot
-// consume (and wait for) an early load before the later ones are issued.
+// The fold as volatile asm, so that NVVM keeps it after every load above it. ptxas may still
+// interleave: LOADB 16 with DEPTH 4 compiles to 43 registers, fewer than its 64 bytes of loads a
+// lane, so not all of them are in flight at once there: its rows in read_floor_patterns_h100.json
+// measure less depth than they name.
 #define FOLD(acc, v) asm volatile("xor.b32 %0, %0, %1;" : "+r"(acc) : "r"(v))
 extern "C" __global__ void read_tiles(const unsigned char* __restrict__ p, long long n_rows,
                                       long long row_bytes, unsigned* out) {

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import qlora_ext  # noqa: E402
+from bench_nf4_gemm import weight_copies  # noqa: E402
 from bench_nf4_linear import copies_for, git_commit, time_graph  # noqa: E402
 from qlora_ext import codebooks, ops, reference  # noqa: E402
 
@@ -326,9 +327,7 @@ def main() -> int:
         q = qlora_ext.NF4Weight.from_float(w, 64, True)
         dense = w.to(torch.bfloat16)
         del w
-        copies = [q] + [qlora_ext.NF4Weight(q.packed.clone(), q.absmax.clone(), q.shape, q.dtype, q.blocksize,
-                                            type(q.nested)(q.nested.absmax2.clone(), q.nested.code, q.nested.offset))
-                        for _ in range(copies_for(q.nbytes) - 1)]  # fmt: skip
+        copies = weight_copies(q, "cuda")
         denses = [dense] + [dense.clone() for _ in range(copies_for(2 * N * K) - 1)]
         for M in args.m:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)

@@ -413,7 +413,7 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         ncu --kernel-name regex:nf4_gemv --launch-skip 1 --launch-count 1 --section WarpStateStats --section SourceCounters \
         --page source --print-source sass "$PY" benchmarks/gpu_checks/ncu_gemv.py
       so=$(ls python/qlora_ext/_C*.so | head -1)
-      STEP_TIMEOUT=60 TAIL=2 step gemv_sass_dump bash -c "cuobjdump -sass -fun '$(printf '%s' 'nf4_gemv_factored_kernel')' '$so' || cuobjdump -sass '$so' | awk '/Function : .*nf4_gemv_factored_kernel/,/\.\.\.\.\.\.\.\.\./'"
+      STEP_TIMEOUT=60 TAIL=2 step gemv_sass_dump bash -c "cuobjdump -sass '$so' | awk '/Function : .*nf4_gemv_factored_kernel/,/\.\.\.\.\.\.\.\.\./'"
       ;;
     lean)
       # session 21: factored_lean / factored_lean_wide (the one-weight factored kernel at 80 registers,
