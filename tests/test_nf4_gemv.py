@@ -121,6 +121,8 @@ SHAPES = [  # (N, K): aligned, K not a multiple of 64 or 32 (blocks straddle row
     (17, 192),  # fewer k-steps than warps: idle warps in every tile
     (37, 1536),  # K % 512 == 0, not % 1024: "stream" runs 3 stages a tile, "stream2" falls back
     (300, 3072),  # 3 "stream2" stages a tile, 19 tiles with a part-empty last one
+    (17, 256),  # "ring": one 256-k item a tile, 7 of 8 warps idle, a one-row last tile
+    (50, 768),  # "ring": 3 items a tile
 ]
 MS = [1, 2, 3, 7, 8, 9, 16]
 
@@ -147,6 +149,18 @@ def test_many_tiles(device, variant, M, K, use_variant):
     assert_close_to_reference(gemv(x, weight, bias), x, weight, bias)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double_quant"])
+@pytest.mark.parametrize("M", [1, 4])
+def test_ring_large_weight(dtype, double_quant, M, use_variant):
+    # N * K >= 2^27 takes the ring kernel's 3-stage, 2-CTA configuration (the smaller weights above
+    # its 2-stage, 3-CTA one); N % 16 != 0 and many tiles a CTA
+    use_variant("ring")
+    x, weight, bias = make_case("cuda", dtype, M, 16400, 8192, double_quant=double_quant)
+    assert_close_to_reference(gemv(x, weight, bias), x, weight, bias)
+
+
 @pytest.mark.parametrize("device,variant", DEVICE_VARIANTS)
 @pytest.mark.parametrize("blocksize", ops.NF4_BLOCKSIZES)
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double_quant"])
@@ -161,6 +175,7 @@ def test_block_sizes_and_scales(device, variant, blocksize, double_quant, with_b
         (torch.float16, (16, 33, 2 * blocksize + 64)),
         (torch.bfloat16, (8, 50, 3 * blocksize + 128)),
         (torch.float16, (2, 45, 2048)),  # the streamed kernels at blocksize 64 (staged scales)
+        (torch.bfloat16, (4, 33, 1280)),  # "ring" at blocksize 64: 5 items a tile, 3 warps idle
     ]
     for dtype, (M, N, K) in cases:
         x, weight, bias = make_case(device, dtype, M, N, K, blocksize, double_quant, with_bias)
@@ -264,9 +279,12 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
     # case outside the factored kernels' domain (K % 64 == 32) falls back to the "mma" kernel.
     use_variant(variant)
     assert ops.nf4_gemv_variant() == variant
-    expected = {"mma": "nf4_gemv_mma_kernel", "stream": "nf4_gemv_stream_kernel", "stream2": "nf4_gemv_stream_kernel"}.get(
-        variant, "nf4_gemv_factored_kernel"
-    )
+    expected = {
+        "mma": "nf4_gemv_mma_kernel",
+        "stream": "nf4_gemv_stream_kernel",
+        "stream2": "nf4_gemv_stream_kernel",
+        "ring": "nf4_gemv_ring_kernel",
+    }.get(variant, "nf4_gemv_factored_kernel")
     for K, kernel in [(4096, expected), (4096 + 32, "nf4_gemv_mma_kernel")]:
         x, weight, bias = make_case("cuda", torch.bfloat16, 3, 64, K)
         gemv(x, weight, bias)  # warm-up outside the profile
@@ -287,6 +305,14 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         }.get(variant)
         if flags and kernel == expected:
             assert any(flags[0] in n or flags[1] in n for n in names), names
+    if variant == "ring":  # outside its domain (M > 4, blocksize 128, K % 256 != 0): factored_fill's kernel
+        for M, K, blocksize in [(5, 4096, 64), (1, 4096, 128), (1, 4096 + 64, 64)]:
+            x, weight, bias = make_case("cuda", torch.bfloat16, M, 64, K, blocksize)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                gemv(x, weight, bias)
+                torch.cuda.synchronize()
+            names = [e.name for e in prof.events() if "nf4_gemv" in e.name]
+            assert any("nf4_gemv_factored_kernel" in n for n in names), (M, K, blocksize, names)
     if variant == "factored_fill":  # 2 x SMs + 1 tiles of 16 rows: one round at 3 CTAs a SM
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         x, weight, bias = make_case("cuda", torch.bfloat16, 1, 16 * (2 * sms + 1), 256)
@@ -305,9 +331,9 @@ def test_variant_switch_api(use_variant):
             ops.set_nf4_gemv_variant(0)
         return
     assert names[0] == "mma" and "factored" in names and "factored_split" in names
-    # "factored" is the default (faster than "mma" at every shape of nf4_gemv_variants_h100.json),
+    # "ring" is the default (faster than factored_fill at M <= 4, which it runs elsewhere; gemv_ring_h100.json),
     # unless the process was started on another (QLORA_NF4_GEMV_VARIANT)
-    assert ops.nf4_gemv_variant() == (os.environ.get(ops.GEMV_VARIANT_ENV, "").strip() or "factored_fill")
+    assert ops.nf4_gemv_variant() == (os.environ.get(ops.GEMV_VARIANT_ENV, "").strip() or "ring")
     for i, name in enumerate(names):
         ops.set_nf4_gemv_variant(name)
         assert ops.nf4_gemv_variant() == name

@@ -21,6 +21,7 @@
 #     bash benchmarks/gpu_checks/run.sh build lean         # factored_lean(_wide): tests, A/B at M = 1 and 16, memcheck
 #     bash benchmarks/gpu_checks/run.sh build gemv_sass    # "factored"'s stalls per SASS instruction, and its SASS
 #     bash benchmarks/gpu_checks/run.sh build gemv_v16     # the 16-byte-load GEMV experiment (CuPy): check, A/B, ncu
+#     bash benchmarks/gpu_checks/run.sh build ring         # the "ring" GEMV (the default at M <= 4): tests, sanitizers, A/B
 #     bash benchmarks/gpu_checks/run.sh build wide_ab      # the 64 KB-table GEMV and the grouped GEMV: tests, A/B,
 #                                                          # decode, decode profile
 #     bash benchmarks/gpu_checks/run.sh build wide_checks  # then: nf4_gemm timed, ncu, sanitizers
@@ -405,6 +406,21 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,sm__cycles_elapsed.avg "$PY" 
       STEP_TIMEOUT=150 TAIL=30 step gemv_v16_ncu ncu --kernel-name regex:"gemv_v16|nf4_gemv" --launch-skip 8 --launch-count 2 \
         --metrics l1tex__data_pipe_lsu_wavefronts.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,sm__inst_executed.sum,\
 l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py --m 1
+      ;;
+    ring)
+      # session 22: the "ring" GEMV variant (M <= 4, per-warp cp.async rings, 16-byte code runs; the
+      # default): the GEMV tests of every variant, memcheck and racecheck on the ring's cases, then the
+      # A/B against factored_fill and bf16 cuBLAS at M = 1, 4, 16 (M = 16: factored_fill either way)
+      STEP_TIMEOUT=240 step ring_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
+        tests/test_nf4_gemv_grouped.py tests/test_nf4_gemv_swiglu.py
+      STEP_TIMEOUT=150 step ring_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q \
+        -p no:cacheprovider -m "not not_under_sanitizer" tests/test_nf4_gemv.py \
+        -k "cuda-ring and (matches_reference and bfloat16 or many_tiles or block_sizes) or ring_large"
+      STEP_TIMEOUT=150 step ring_racecheck compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -m pytest -q \
+        -p no:cacheprovider -m "not not_under_sanitizer" tests/test_nf4_gemv.py \
+        -k "cuda-ring and matches_reference and bfloat16 and (17x256 or 50x768 or 64x4096 or 300x3072)"
+      STEP_TIMEOUT=150 step ring_ab "$PY" benchmarks/bench_nf4_linear.py --variants ring,factored_fill \
+        --m 1 4 16 --out "$OUT/nf4_gemv_ring_${GPU_TAG:-h100}.json"
       ;;
     gemv_sass)
       # next after session 21: where in the SASS "factored" stalls (per-instruction warp-state samples,

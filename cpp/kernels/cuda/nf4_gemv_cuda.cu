@@ -988,6 +988,210 @@ nf4_gemv_stream_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
 #endif  // QLORA_GEMV_MMA
 }
 
+// ---- fast path for M <= 4: per-warp rings, 16-byte code runs (variant "ring") ---------------
+//
+// "factored"'s arithmetic (T(nf4) table words, each 64-k segment's fp32 partial sum times its
+// block's fp32 scale) with two changes, measured first as a CuPy experiment
+// (benchmarks/gpu_checks/gemv_v16_experiment.py, gemv_ring_h100.json; H100, M = 1, 13-34% faster
+// than factored_fill):
+//   - Each warp streams its own items (one item = 16 rows x 256 k: 2 KB of codes) through a ring of
+//     STAGES shared-memory stages filled by cp.async, so STAGES - 1 items are in flight without
+//     holding registers and without a CTA barrier per item ("stream" had both). "factored" keeps one
+//     item in registers; session 21's replay of its access pattern read 44.8 us at one item in flight
+//     and 41.5 at two (28672 x 8192), where "factored" took 72.
+//   - 16-byte code runs: lane (g, t) reads bytes [16t, 16t + 16) of each 64-byte half of its rows'
+//     128 bytes, so the 4 t-lanes of a row span two quantization blocks (t < 2: block 2h, t >= 2:
+//     block 2h + 1 of half h). Their partial sums are kept apart in the MMA's N dimension: B column
+//     2m holds x row m at block 2h's k and zero at block 2h + 1's, column 2m + 1 the reverse. One MMA
+//     a k-step leaves both sums in lane t = m (c0 / c1 for row g, c2 / c3 for row g + 8), which scales
+//     each by its block's scale. That spends 2 of the MMA's 8 columns a row of x, hence M <= 4.
+//   A lookup is 3 instructions (byte permute, multiply-add into the lane's table copy, LDS from a
+//   32-bit shared address); the table is built with one 16-byte store per thread and copy group.
+// Stage layout: 16 rows x 128 code bytes, a row's two 64-byte halves swapped on odd rows (the
+// compute reads rows g and g + 1 in one quarter-warp: different banks), then the scales: plain,
+// 4 fp32 absmax a row (16 B); double quantization, 4 block codes a row (64 B) and a nested absmax a
+// row (64 B). Every block of a row's step shares one nested block (nested blocksize >= 4, K % 256).
+// Domain: fp16/bf16, M <= 4, blocksize 64, K % 256 == 0, aligned x, codes and scales (see
+// ring_applies); elsewhere "factored_fill". Any N: rows past N read row N - 1 and are not stored.
+constexpr int kRingMaxM = 4;
+constexpr int kRingStepK = 256;                              // k of one item
+constexpr int kRingCodeBytes = 16 * kRingStepK / 2;          // 16 rows x 128 bytes
+constexpr int kRingScaleBytes = 16 * 16;                     // see the stage layout above
+constexpr int kRingStageBytes = kRingCodeBytes + kRingScaleBytes;
+constexpr int kRingTableBytes = 256 * 32 * 4;                // 32 copies of 256 T2 words
+
+template <int STAGES>
+constexpr int ring_shared_bytes() {
+  return kRingTableBytes + kWarps * STAGES * kRingStageBytes;
+}
+
+#if QLORA_GEMV_MMA
+// The table word of byte `pos` of `word`, from the lane's copy (`lane_table`: its shared address;
+// byte b's 32 copies lie at b * 128).
+__device__ __forceinline__ uint32_t ring_lookup(uint32_t lane_table, uint32_t word, uint32_t pos) {
+  const uint32_t byte = __byte_perm(word, 0u, 0x4440u | pos);  // byte pos alone, zeros above
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lane_table + (byte << 7)));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+#endif
+
+template <typename T, int STAGES, int CTAS>
+__global__ void __launch_bounds__(kThreads, CTAS)
+nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed, NF4Scales scales,
+                     int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y) {
+#if QLORA_GEMV_MMA
+  static_assert(STAGES >= 2, "one stage computes while the others fill");
+  extern __shared__ __align__(16) unsigned char ring_shared[];
+  __shared__ float partial[kWarps][16][kRingMaxM + 1];
+  __shared__ float nested_map[256];
+  __shared__ float codes[16];
+  uint32_t* const table = reinterpret_cast<uint32_t*>(ring_shared);
+  unsigned char* const ring = ring_shared + kRingTableBytes + (threadIdx.x >> 5) * STAGES * kRingStageBytes;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const bool double_quant = scales.absmax == nullptr;
+  const int64_t n_steps = K / kRingStepK, n_tiles = (N + 15) / 16, blocks_per_row = K / 64;
+  const uint32_t ring_address = shared_address(ring);
+
+  // The producer's cursor: the warp's next item (tiles blockIdx.x + i * gridDim.x, steps warp + 8j);
+  // a warp with no step (K < 2048) issues nothing but still commits a group per call.
+  int64_t issue_tile = blockIdx.x, issue_step = warp;
+  auto issue_next = [&](int slot) {
+    if (issue_tile < n_tiles && issue_step < n_steps) {
+      const uint32_t stage = ring_address + slot * kRingStageBytes;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int piece = lane + 32 * i, row = piece >> 3, col = (piece & 7) * 16;
+        const int64_t n = min(issue_tile * 16 + row, N - 1);
+        cp_async16(stage + row * 128 + (col ^ ((row & 1) * 64)), packed + n * (K >> 1) + issue_step * 128 + col);
+      }
+      const int row = lane & 15;
+      const int64_t b0 = min(issue_tile * 16 + row, N - 1) * blocks_per_row + issue_step * 4;
+      if (double_quant) {
+        if (lane < 16) {
+          cp_async4(stage + kRingCodeBytes + 4 * row, scales.absmax_codes + b0);
+        } else {
+          cp_async4(stage + kRingCodeBytes + 64 + 4 * row, scales.nested_absmax + (b0 >> nested_log2));
+        }
+      } else if (lane < 16) {
+        cp_async16(stage + kRingCodeBytes + 16 * row, scales.absmax + b0);
+      }
+    }
+    cp_async_commit();  // empty groups too: the consumer's wait counts groups
+    issue_step += kWarps;
+    if (issue_step >= n_steps) {
+      issue_step = warp;
+      issue_tile += gridDim.x;
+    }
+  };
+
+  allow_dependents();  // (programmatic dependent launch: dependent_launch.cuh)
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) issue_next(s);  // in flight while the tables are built
+
+  load_nf4_codes(codes);
+  if (double_quant) nested_map[tid] = __ldg(scales.nested_code + tid);  // 256 threads, 256 entries
+  const float offset = double_quant ? __ldg(scales.nested_offset) : 0.0f;
+  __syncthreads();
+  {  // thread b writes byte b's 32 copies: 8 16-byte stores, rotated so that a quarter-warp's 8 hit 8 bank groups
+    const T hi = Element<T>::from_float(codes[tid >> 4]), lo = Element<T>::from_float(codes[tid & 15]);
+    const uint32_t word = bits_of(hi) | (bits_of(lo) << 16);  // the even element (high nibble) low
+    uint4* const copies = reinterpret_cast<uint4*>(table + tid * 32);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) copies[(q + tid) & 7] = make_uint4(word, word, word, word);
+  }
+  __syncthreads();
+  // Everything above read weights and constants only; x (and y's memory) may belong to the
+  // kernel before this one, which a programmatic launch overlaps up to here.
+  dependency_wait();
+
+  const uint32_t lane_table = shared_address(table) + uint32_t(lane) * 4;
+  // B columns: lane (g, t) supplies column g at its own k; column 2m is x row m where t < 2 (block
+  // 2h), column 2m + 1 x row m where t >= 2 (block 2h + 1), zero elsewhere.
+  const int xm = g >> 1;
+  const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);
+  const T* const x_lane = x + int64_t(x_loads ? xm : 0) * K + 32 * t;
+  const int swizzle = (g & 1) * 64;  // rows g and g + 8 have the same parity
+  int slot = 0;
+  for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+    float acc[2] = {0.0f, 0.0f};  // rows g and g + 8, x row t
+#pragma unroll 1
+    for (int64_t step = warp; step < n_steps; step += kWarps) {
+      cp_async_wait<STAGES - 2>();
+      __syncwarp();  // every lane's copies of this item landed; every lane is done with the previous slot
+      issue_next(slot == 0 ? STAGES - 1 : slot - 1);
+      const unsigned char* const stage = ring + slot * kRingStageBytes;
+      const unsigned char* const scale_bytes = stage + kRingCodeBytes;
+      float scale[2];  // lane t's block (4 step + t) of rows g and g + 8
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = g + 8 * r;
+        if (double_quant) {
+          const float nested = reinterpret_cast<const float*>(scale_bytes + 64)[row];
+          scale[r] = __fadd_rn(__fmul_rn(nested_map[scale_bytes[4 * row + t]], nested), offset);
+        } else {
+          scale[r] = reinterpret_cast<const float*>(scale_bytes)[4 * row + t];
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint4 cg = *reinterpret_cast<const uint4*>(stage + g * 128 + ((16 * t + 64 * h) ^ swizzle));
+        const uint4 cg8 = *reinterpret_cast<const uint4*>(stage + (g + 8) * 128 + ((16 * t + 64 * h) ^ swizzle));
+        uint4 xv[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          xv[q] = x_loads ? __ldg(reinterpret_cast<const uint4*>(x_lane + step * kRingStepK + 128 * h + 8 * q))
+                          : make_uint4(0u, 0u, 0u, 0u);
+        }
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          // A: code bytes 2j (k slots 2t, 2t + 1) and 2j + 1 (slots 2t + 8, 2t + 9) of rows g (a0, a2)
+          // and g + 8 (a1, a3); B: the lane's x words 2j and 2j + 1 (the same k)
+          const uint32_t wg = word_of(cg, j >> 1), wg8 = word_of(cg8, j >> 1), p0 = 2 * (j & 1);
+          const uint32_t a0 = ring_lookup(lane_table, wg, p0), a1 = ring_lookup(lane_table, wg8, p0);
+          const uint32_t a2 = ring_lookup(lane_table, wg, p0 + 1), a3 = ring_lookup(lane_table, wg8, p0 + 1);
+          mma_16816(T{}, c, a0, a1, a2, a3, word_of(xv[j >> 1], (2 * j) & 3), word_of(xv[j >> 1], (2 * j + 1) & 3));
+        }
+        // block 4 step + 2h's scale is lane t = 2h's, block 4 step + 2h + 1's lane 2h + 1's
+        const int src = lane & ~3;
+        const float lo_g = __shfl_sync(0xffffffffu, scale[0], src | (2 * h));
+        const float hi_g = __shfl_sync(0xffffffffu, scale[0], src | (2 * h + 1));
+        const float lo_g8 = __shfl_sync(0xffffffffu, scale[1], src | (2 * h));
+        const float hi_g8 = __shfl_sync(0xffffffffu, scale[1], src | (2 * h + 1));
+        acc[0] = fmaf(hi_g, c[1], fmaf(lo_g, c[0], acc[0]));
+        acc[1] = fmaf(hi_g8, c[3], fmaf(lo_g8, c[2], acc[1]));
+      }
+      slot = slot == STAGES - 1 ? 0 : slot + 1;
+    }
+    // The 8 warps' sums meet (a warp without a step adds zeros); bias, one rounding to T.
+    if (t < M) {
+      partial[warp][g][t] = acc[0];
+      partial[warp][g + 8][t] = acc[1];
+    }
+    __syncthreads();
+    if (tid < 16 * kRingMaxM) {
+      const int row = tid & 15, m = tid >> 4;
+      const int64_t n = tile * 16 + row;
+      if (m < M && n < N) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) sum += partial[w][row][m];
+        if (bias != nullptr) sum += Element<T>::to_float(bias[n]);
+        y[int64_t(m) * N + n] = Element<T>::from_float(sum);
+      }
+    }
+    __syncthreads();  // partial is rewritten by the next tile
+  }
+  cp_async_wait_all();  // no copy may outlive the CTA (the trailing groups are empty, but be sure)
+#endif  // QLORA_GEMV_MMA
+}
+
 // ---- generic path ----------------------------------------------------------------------------
 
 template <typename T>
@@ -1097,6 +1301,55 @@ cudaError_t launch_stream(const T* x, int M, const uint8_t* packed, const NF4Sca
   return cudaGetLastError();
 }
 
+// The ring kernel's persistent grid: as many CTAs a SM as fit on this device (CTAS on an H100;
+// fewer where a SM has less shared memory, 100 KB on consumer Ampere / Ada), asked once per device.
+// 0: it does not fit at all (the caller falls back).
+template <typename T, int STAGES, int CTAS>
+cudaError_t ring_ctas_per_sm(int& ctas) {
+  auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS>;
+  constexpr int kBytes = ring_shared_bytes<STAGES>();
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};  // CTAs a SM + 1; 0: not asked yet
+  static std::atomic<uint64_t> configured{0};
+  int device = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status != cudaSuccess) return status;
+  if (device < kMaxDevices && cache[device].load(std::memory_order_relaxed) > 0) {
+    ctas = cache[device].load(std::memory_order_relaxed) - 1;
+    return cudaSuccess;
+  }
+  int optin = 0;
+  status = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (status != cudaSuccess) return status;
+  ctas = 0;
+  if (optin >= kBytes) {
+    status = allow_dynamic_shared(kernel, kBytes, configured, /*max_shared=*/true);
+    if (status == cudaSuccess) status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kThreads, kBytes);
+    if (status != cudaSuccess) return status;
+    ctas = std::min(ctas, CTAS);
+  }
+  if (device < kMaxDevices) cache[device].store(ctas + 1, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+template <typename T, int STAGES, int CTAS>
+cudaError_t launch_ring(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2, int64_t N,
+                        int64_t K, const T* bias, T* y, int sm_count, int ctas_per_sm, cudaStream_t stream) {
+  const int64_t grid = std::min<int64_t>(ceil_div(N, 16), int64_t(sm_count) * ctas_per_sm);
+  return launch_kernel(nf4_gemv_ring_kernel<T, STAGES, CTAS>, dim3(unsigned(grid)), dim3(kThreads),
+                       ring_shared_bytes<STAGES>(), stream, x, M, packed, scales, nested_log2, N, K, bias, y);
+}
+
+// Whether the ring kernel covers this case (see its comment); the device checks are the caller's.
+inline bool ring_applies(int M, int64_t K, int64_t blocksize, const void* x, const uint8_t* packed,
+                         const NF4Scales& scales) {
+  if (M > kRingMaxM || blocksize != 64 || K % kRingStepK != 0 || !is_aligned(x, 16) || !is_aligned(packed, 16)) {
+    return false;
+  }
+  if (scales.absmax != nullptr) return is_aligned(scales.absmax, 16);
+  return scales.nested_blocksize >= 4 && is_aligned(scales.absmax_codes, 4) && is_aligned(scales.nested_absmax, 4);
+}
+
 // Whether the streamed kernel with SW segments a warp per stage covers this case (see its comment).
 inline bool stream_applies(int SW, int M, int64_t K, int64_t blocksize, const NF4Scales& scales) {
   if (M > kMaxM || blocksize != 64 || K % (512 * SW) != 0) return false;
@@ -1110,12 +1363,14 @@ inline bool stream_applies(int SW, int M, int64_t K, int64_t blocksize, const NF
 constexpr const char* kVariantNames[] = {"mma",         "factored",    "factored_split", "factored_r2",
                                          "factored_r1", "stream",      "stream2",        "factored_wide",
                                          "factored_o3", "factored_o4", "factored_fill", "factored_lean",
-                                         "factored_lean_wide"};
+                                         "factored_lean_wide", "ring"};
 constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0]));
 // "factored_fill": "factored" (faster than "mma" at every measured shape, nf4_gemv_variants_h100.json)
 // with one round of 3-CTA tiles where "factored" takes two rounds: 8B's grouped q/k/v 13.9 -> 12.0 us,
 // decode +2% (H200, 2026-12-06, nf4_gemv_swiglu_h200.json and decode_8b_glu_h200.json).
-std::atomic<int> g_variant{10};
+// "ring" (session 22, the default since): M <= 4 in its domain takes the ring kernel, everything else
+// (M > 4, other shapes, the grouped and SwiGLU launches) factored_fill's kernels.
+std::atomic<int> g_variant{13};
 
 }  // namespace
 
@@ -1169,6 +1424,8 @@ cudaError_t launch_factored_variant(int variant, const T* x, int m, const Factor
         if (m <= 8) QLORA_FACTORED_LEAN(1, 1, 4, false, 3);
         QLORA_FACTORED_LEAN(2, 2, 2, false, 2);
       }
+      [[fallthrough]];
+    case 13:  // ring: what the ring kernel does not take
       [[fallthrough]];
     case 10:  // factored_fill: "factored", except that an M <= 8 launch whose 16-row tiles need a second
               // round at 2 CTAs a SM but fit one at 3 (Llama-3-8B's grouped q/k/v: 384 tiles, 264 CTAs,
@@ -1254,6 +1511,22 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
         QLORA_STREAM(2, 2, 6);
       }
 #undef QLORA_STREAM
+      if (variant == 13 && ring_applies(m, K, blocksize, x, packed, scales)) {
+        // 3 stages at 2 CTAs a SM for the large weights, 2 stages at 3 CTAs below: H100, M = 1
+        // (gemv_ring_h100.json): 28672 x 8192 47.2 against 49.3 us, the three smaller shapes 6-10% the
+        // other way (more CTAs fill the SMs where a CTA has few tiles)
+        int ctas = 0;
+        cudaError_t ring_status = cudaSuccess;
+        if (N * K >= (int64_t(1) << 27)) {
+          ring_status = ring_ctas_per_sm<T, 3, 2>(ctas);
+          if (ring_status != cudaSuccess) return ring_status;
+          if (ctas > 0) return launch_ring<T, 3, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, ctas, stream);
+        } else {
+          ring_status = ring_ctas_per_sm<T, 2, 3>(ctas);
+          if (ring_status != cudaSuccess) return ring_status;
+          if (ctas > 0) return launch_ring<T, 2, 3>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, ctas, stream);
+        }
+      }
       if (variant != 0) {
         FactoredParts parts;
         parts.add(packed, scales, N);
