@@ -422,6 +422,18 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       STEP_TIMEOUT=150 step ring_ab "$PY" benchmarks/bench_nf4_linear.py --variants ring,factored_fill \
         --m 1 4 16 --out "$OUT/nf4_gemv_ring_${GPU_TAG:-h100}.json"
       ;;
+    ring_final)
+      # session 22, after the ring kernel's wait lost its memory clobber: the library's ring against the
+      # CuPy ring kernels it came from ("library" column), the A/B with factored_fill, the 8B decode
+      # (bf16, bitsandbytes, NF4 merged / with LoRA), then every test outside the GEMV files
+      STEP_TIMEOUT=120 step ring_vs_experiment "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py --variants ring3 ring2_c3 \
+        --m 1 4 --out "$OUT/gemv_ring_library_${GPU_TAG:-h100}.json"
+      STEP_TIMEOUT=100 step ring_ab "$PY" benchmarks/bench_nf4_linear.py --variants ring,factored_fill \
+        --m 1 4 16 --out "$OUT/nf4_gemv_ring_${GPU_TAG:-h100}.json"
+      STEP_TIMEOUT=150 step decode "$PY" benchmarks/bench_decode.py --repeats 2 --out "$OUT/decode_8b_ring_${GPU_TAG:-h100}.json"
+      STEP_TIMEOUT=${REST_TIMEOUT:-180} step rest_tests "$PY" -m pytest tests -n 14 -q -p no:cacheprovider -rfE \
+        --ignore tests/test_nf4_gemv.py --ignore tests/test_nf4_gemv_grouped.py --ignore tests/test_nf4_gemv_swiglu.py
+      ;;
     gemv_sass)
       # next after session 21: where in the SASS "factored" stalls (per-instruction warp-state samples,
       # M = 1, 28672x8192), and the SASS of the M <= 8 factored kernels to count instructions per step
