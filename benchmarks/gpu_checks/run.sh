@@ -434,6 +434,21 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       STEP_TIMEOUT=${REST_TIMEOUT:-180} step rest_tests "$PY" -m pytest tests -n 14 -q -p no:cacheprovider -rfE \
         --ignore tests/test_nf4_gemv.py --ignore tests/test_nf4_gemv_grouped.py --ignore tests/test_nf4_gemv_swiglu.py
       ;;
+    ring_check)
+      # session 22's last call: the 8B decode with the ring default against factored_fill (same run),
+      # the GEMV tests after the issue path's fixed per-lane offsets, the library's ring against the CuPy
+      # ring kernels, and ring_final's three memory-measuring failures rerun alone
+      STEP_TIMEOUT=130 step decode_ab "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --repeats 2 \
+        --gemv-variants ring,factored_fill --out "$OUT/decode_8b_ring_ab_${GPU_TAG:-h100}.json"
+      STEP_TIMEOUT=170 step ring_tests "$PY" -m pytest -n 14 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
+        tests/test_nf4_gemv_grouped.py tests/test_nf4_gemv_swiglu.py
+      STEP_TIMEOUT=60 step ring_vs_experiment "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py --variants ring3 ring2_c3 \
+        --m 1 --out "$OUT/gemv_ring_library2_${GPU_TAG:-h100}.json"
+      STEP_TIMEOUT=60 step memory_tests "$PY" -m pytest -q -p no:cacheprovider -rfE \
+        "tests/test_fused_loss.py::test_a_chunk_holds_its_fp32_logits_and_one_model_dtype_copy_only" \
+        "tests/test_fused_mlp.py::test_fewer_activations_kept_on_the_device" \
+        "tests/test_fused_path.py::test_sdpa_priority_trains_within_the_rule_and_runs_its_backend"
+      ;;
     gemv_sass)
       # next after session 21: where in the SASS "factored" stalls (per-instruction warp-state samples,
       # M = 1, 28672x8192), and the SASS of the M <= 8 factored kernels to count instructions per step

@@ -1060,18 +1060,29 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
 
   // The producer's cursor: the warp's next item (tiles blockIdx.x + i * gridDim.x, steps warp + 8j);
   // a warp with no step (K < 2048) issues nothing but still commits a group per call.
+  // Lane l copies rows l / 8 + 4i (i < 4) at column (l % 8) * 16 of the item: fixed offsets from the
+  // item's first code byte and from the stage (a row's parity, hence its swizzle, is the same for all i).
+  const int copy_row = lane >> 3, copy_col = (lane & 7) * 16;
+  const int64_t lane_code_offset = copy_row * (K >> 1) + copy_col;
+  const uint32_t lane_stage_offset = copy_row * 128 + (copy_col ^ ((copy_row & 1) * 64));
   int64_t issue_tile = blockIdx.x, issue_step = warp;
   auto issue_next = [&](int slot) {
     if (issue_tile < n_tiles && issue_step < n_steps) {
       const uint32_t stage = ring_address + slot * kRingStageBytes;
+      const int64_t first_row = issue_tile * 16;
+      if (first_row + 16 <= N) {
+        const uint8_t* const src = packed + first_row * (K >> 1) + issue_step * 128 + lane_code_offset;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int piece = lane + 32 * i, row = piece >> 3, col = (piece & 7) * 16;
-        const int64_t n = min(issue_tile * 16 + row, N - 1);
-        cp_async16(stage + row * 128 + (col ^ ((row & 1) * 64)), packed + n * (K >> 1) + issue_step * 128 + col);
+        for (int i = 0; i < 4; ++i) cp_async16(stage + lane_stage_offset + 512 * i, src + i * 2 * K);
+      } else {  // the last tile: rows past N read row N - 1 (finite codes, never stored)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int64_t n = min(first_row + copy_row + 4 * i, N - 1);
+          cp_async16(stage + lane_stage_offset + 512 * i, packed + n * (K >> 1) + issue_step * 128 + copy_col);
+        }
       }
       const int row = lane & 15;
-      const int64_t b0 = min(issue_tile * 16 + row, N - 1) * blocks_per_row + issue_step * 4;
+      const int64_t b0 = min(first_row + row, N - 1) * blocks_per_row + issue_step * 4;
       if (double_quant) {
         if (lane < 16) {
           cp_async4(stage + kRingCodeBytes + 4 * row, scales.absmax_codes + b0);
