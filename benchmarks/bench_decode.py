@@ -244,6 +244,9 @@ def main(argv=None) -> int:
     parser.add_argument("--stacks", default="bf16,bnb,nf4_lora,nf4_merged")
     parser.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
     parser.add_argument("--gemv-variants", help="nf4_merged once per nf4_gemv CUDA variant (comma-separated names)")
+    parser.add_argument("--variants-without-pdl", action="store_true",
+                        help="with --gemv-variants: each variant also without programmatic dependent launch "
+                             "(does the \"ring\" variant's slower decode come from its launches' overlap?)")
     parser.add_argument("--grouped-ab", action="store_true",
                         help="nf4_merged also with q/k/v and gate/up launching one GEMV each (layers.GROUPED_GEMV_ENABLED off)")
     parser.add_argument("--fusion-ab", action="store_true",
@@ -353,6 +356,9 @@ def main(argv=None) -> int:
                 for variant in args.gemv_variants.split(","):
                     qlora_ext.ops.set_nf4_gemv_variant(variant)
                     record(bench(f"nf4_merged[{variant}]", model))
+                    if args.variants_without_pdl:
+                        with switched(qlora_ext.generation, "PROGRAMMATIC_LAUNCH", False):
+                            record(bench(f"nf4_merged[{variant}, no PDL]", model))
                 qlora_ext.ops.set_nf4_gemv_variant(before)
             else:
                 record(bench("nf4_merged", model))

@@ -21,7 +21,8 @@
 #     bash benchmarks/gpu_checks/run.sh build lean         # factored_lean(_wide): tests, A/B at M = 1 and 16, memcheck
 #     bash benchmarks/gpu_checks/run.sh build gemv_sass    # "factored"'s stalls per SASS instruction, and its SASS
 #     bash benchmarks/gpu_checks/run.sh build gemv_v16     # the 16-byte-load GEMV experiment (CuPy): check, A/B, ncu
-#     bash benchmarks/gpu_checks/run.sh build ring         # the "ring" GEMV (the default at M <= 4): tests, sanitizers, A/B
+#     bash benchmarks/gpu_checks/run.sh build ring         # the "ring" GEMV (M <= 4): tests, sanitizers, A/B
+#     bash benchmarks/gpu_checks/run.sh build ring_decode  # why "ring" slows the 8B decode: with/without PDL, profile
 #     bash benchmarks/gpu_checks/run.sh build wide_ab      # the 64 KB-table GEMV and the grouped GEMV: tests, A/B,
 #                                                          # decode, decode profile
 #     bash benchmarks/gpu_checks/run.sh build wide_checks  # then: nf4_gemm timed, ncu, sanitizers
@@ -408,8 +409,7 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,sm__cycles_elapsed.avg "$PY" 
 l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py --m 1
       ;;
     ring)
-      # session 22: the "ring" GEMV variant (M <= 4, per-warp cp.async rings, 16-byte code runs; the
-      # default): the GEMV tests of every variant, memcheck and racecheck on the ring's cases, then the
+      # session 22: the "ring" GEMV variant (M <= 4, per-warp cp.async rings, 16-byte code runs): the GEMV tests of every variant, memcheck and racecheck on the ring's cases, then the
       # A/B against factored_fill and bf16 cuBLAS at M = 1, 4, 16 (M = 16: factored_fill either way)
       STEP_TIMEOUT=240 step ring_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
         tests/test_nf4_gemv_grouped.py tests/test_nf4_gemv_swiglu.py
@@ -448,6 +448,18 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         "tests/test_fused_loss.py::test_a_chunk_holds_its_fp32_logits_and_one_model_dtype_copy_only" \
         "tests/test_fused_mlp.py::test_fewer_activations_kept_on_the_device" \
         "tests/test_fused_path.py::test_sdpa_priority_trains_within_the_rule_and_runs_its_backend"
+      ;;
+    ring_decode)
+      # next after session 22: "ring" is 13-25% faster than factored_fill alone at M = 1 but the 8B decode
+      # ran 13% slower with it (+8 us a ring launch). Hypothesis: with programmatic dependent launch its
+      # persistent grid (73-92 KB of shared memory a CTA) cannot sit beside the kernel before it, so CTAs
+      # start late and the slowest SM sets the time. Decode per variant with and without PDL, then the
+      # kernels of a decode step per variant (8 layers)
+      STEP_TIMEOUT=200 step ring_decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --repeats 2 \
+        --gemv-variants ring,factored_fill --variants-without-pdl --out "$OUT/decode_8b_ring_pdl_${GPU_TAG:-h100}.json"
+      for v in ring factored_fill; do
+        QLORA_NF4_GEMV_VARIANT=$v STEP_TIMEOUT=120 TAIL=40 step "decode_profile_$v" "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
+      done
       ;;
     gemv_sass)
       # next after session 21: where in the SASS "factored" stalls (per-instruction warp-state samples,

@@ -163,13 +163,14 @@ def nf4_gemv(
 def nf4_gemv_variants() -> list[str]:
     """Names of nf4_gemv's CUDA fast-path kernel variants; the index is the variant number.
 
-    Empty for a build without CUDA. "ring" is the default since 2026-12-07: for M <= 4 with
-    blocksize 64 and K % 256 == 0 (fp16/bf16, aligned data, sm_80+) each warp streams its 16-row x
-    256-k items through a cp.async ring in shared memory and reads its codes in 16-byte runs, the two
-    quantization blocks of a run kept apart in the MMA's column pairs; every other case takes
-    factored_fill's kernels. On the H100 at M = 1 it ran 13-34% faster than factored_fill
-    (benchmarks/results/gemv_ring_h100.json, nf4_gemv_ring_h100.json). "factored_fill" (below) was the
-    default from 2026-12-06; before, variant 1 ("factored"): on the H100 it beat
+    Empty for a build without CUDA. "ring" (2026-12-07): for M <= 4 with blocksize 64 and
+    K % 256 == 0 (fp16/bf16, aligned data, sm_80+) each warp streams its 16-row x 256-k items through
+    a cp.async ring in shared memory and reads its codes in 16-byte runs, the two quantization blocks
+    of a run kept apart in the MMA's column pairs; every other case takes factored_fill's kernels.
+    Alone, on the H100, it is 13-25% faster than factored_fill at M = 1 and 9-17% at M = 4
+    (benchmarks/results/nf4_gemv_ring_h100.json), but the 8B decode ran 13% slower with it in the
+    same run (decode_8b_ring_ab_h100.json), so it is not the default.
+    "factored_fill" (below) is the default since 2026-12-06; before, variant 1 ("factored"): on the H100 it beat
     variant 0 ("mma") at every measured shape, M = 1 and 16 (1.83-2.37x bf16 at M = 1 against
     1.59-2.02x; benchmarks/results/nf4_gemv_variants_h100.json), and the CUDA suite's GEMV users
     passed on it. The others stay switchable so that one process can measure them against each

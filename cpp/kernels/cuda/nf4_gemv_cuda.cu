@@ -1381,9 +1381,11 @@ constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0
 // "factored_fill": "factored" (faster than "mma" at every measured shape, nf4_gemv_variants_h100.json)
 // with one round of 3-CTA tiles where "factored" takes two rounds: 8B's grouped q/k/v 13.9 -> 12.0 us,
 // decode +2% (H200, 2026-12-06, nf4_gemv_swiglu_h200.json and decode_8b_glu_h200.json).
-// "ring" (session 22, the default since): M <= 4 in its domain takes the ring kernel, everything else
-// (M > 4, other shapes, the grouped and SwiGLU launches) factored_fill's kernels.
-std::atomic<int> g_variant{13};
+// "ring" (session 22): M <= 4 in its domain takes the ring kernel, everything else (M > 4, other
+// shapes, the grouped and SwiGLU launches) factored_fill's kernels. Alone it is 13-25% faster than
+// factored_fill at M = 1 (nf4_gemv_ring_h100.json), but it made the 8B decode 13% slower in the same
+// run (238.4 against 273.5 tok/s, decode_8b_ring_ab_h100.json), so it is not the default.
+std::atomic<int> g_variant{10};
 
 }  // namespace
 
