@@ -636,7 +636,7 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, in
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[r][mt][i] = 0.0f;
 
-    for (int64_t step = warp; step < n_steps; step += kWarps) {
+    for (int step = warp; step < n_steps; step += kWarps) {
       // The next item's loads first: the rest of this iteration hides their latency.
       int64_t next_tile = tile, next_step = step + kWarps;
       if (next_step >= n_steps) {
@@ -1040,7 +1040,9 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
 }
 #endif
 
-template <typename T, int STAGES, int CTAS>
+// DQ: double quantization (8-bit block codes, nested absmax) or plain fp32 absmax, known at compile
+// time so that neither the producer nor the consumer branches on it per item.
+template <typename T, int STAGES, int CTAS, bool DQ>
 __global__ void __launch_bounds__(kThreads, CTAS)
 nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed, NF4Scales scales,
                      int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y) {
@@ -1054,51 +1056,65 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
   unsigned char* const ring = ring_shared + kRingTableBytes + (threadIdx.x >> 5) * STAGES * kRingStageBytes;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const bool double_quant = scales.absmax == nullptr;
-  const int64_t n_steps = K / kRingStepK, n_tiles = (N + 15) / 16, blocks_per_row = K / 64;
+  const int n_steps = int(K / kRingStepK);  // K < 2^31 * 256
+  const int64_t n_tiles = (N + 15) / 16, blocks_per_row = K / 64;
   const uint32_t ring_address = shared_address(ring);
 
-  // The producer's cursor: the warp's next item (tiles blockIdx.x + i * gridDim.x, steps warp + 8j);
-  // a warp with no step (K < 2048) issues nothing but still commits a group per call.
-  // Lane l copies rows l / 8 + 4i (i < 4) at column (l % 8) * 16 of the item: fixed offsets from the
-  // item's first code byte and from the stage (a row's parity, hence its swizzle, is the same for all i).
-  const int copy_row = lane >> 3, copy_col = (lane & 7) * 16;
-  const int64_t lane_code_offset = copy_row * (K >> 1) + copy_col;
-  const uint32_t lane_stage_offset = copy_row * 128 + (copy_col ^ ((copy_row & 1) * 64));
-  int64_t issue_tile = blockIdx.x, issue_step = warp;
+  // The producer: the warp's items in order (tiles blockIdx.x + i * gridDim.x, steps warp + 8j), each
+  // issued into the slot the consumer freed; a warp with no step (K < 2048) issues nothing but still
+  // commits a group per call. Lane l copies rows l / 8 + 4i (i < 4) of the item at column (l % 8) * 16,
+  // and its scale piece: row l % 16's 4 block codes (l < 16) or nested absmax (l >= 16) under double
+  // quantization, row l's 4 absmax (l < 16) without. Within a tile its sources advance by constants
+  // (1 KB of codes, 32 blocks a step); they are recomputed where the tile changes, and in the last
+  // tile rows past N read row N - 1 (finite codes, never stored).
+  const int copy_row = lane >> 3, copy_col = (lane & 7) * 16, scale_row = lane & 15;
+  const uint32_t lane_stage_offset = copy_row * 128 + (copy_col ^ ((copy_row & 1) * 64));  // same parity for all i
+  const uint32_t lane_scale_offset = kRingCodeBytes + (DQ ? (lane < 16 ? 4 * scale_row : 64 + 4 * scale_row) : 16 * scale_row);
+  const bool copies_scale = DQ || lane < 16;
+  int64_t issue_tile = blockIdx.x;
+  int issue_step = warp;
+  bool full_tile = true;
+  const uint8_t* code_src = nullptr;  // row copy_row's byte copy_col of the item (full tiles)
+  int64_t block = 0;                  // scale_row's first block of the item
+  auto enter_tile = [&]() {
+    const int64_t first_row = issue_tile * 16;
+    full_tile = first_row + 16 <= N;
+    code_src = packed + (first_row + copy_row) * (K >> 1) + issue_step * 128 + copy_col;
+    block = min(first_row + scale_row, N - 1) * blocks_per_row + issue_step * 4;
+  };
+  if (issue_tile < n_tiles && issue_step < n_steps) enter_tile();
   auto issue_next = [&](int slot) {
     if (issue_tile < n_tiles && issue_step < n_steps) {
       const uint32_t stage = ring_address + slot * kRingStageBytes;
-      const int64_t first_row = issue_tile * 16;
-      if (first_row + 16 <= N) {
-        const uint8_t* const src = packed + first_row * (K >> 1) + issue_step * 128 + lane_code_offset;
+      if (full_tile) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) cp_async16(stage + lane_stage_offset + 512 * i, src + i * 2 * K);
-      } else {  // the last tile: rows past N read row N - 1 (finite codes, never stored)
+        for (int i = 0; i < 4; ++i) cp_async16(stage + lane_stage_offset + 512 * i, code_src + i * 2 * K);
+      } else {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const int64_t n = min(first_row + copy_row + 4 * i, N - 1);
+          const int64_t n = min(issue_tile * 16 + copy_row + 4 * i, N - 1);
           cp_async16(stage + lane_stage_offset + 512 * i, packed + n * (K >> 1) + issue_step * 128 + copy_col);
         }
       }
-      const int row = lane & 15;
-      const int64_t b0 = min(first_row + row, N - 1) * blocks_per_row + issue_step * 4;
-      if (double_quant) {
+      if constexpr (DQ) {
         if (lane < 16) {
-          cp_async4(stage + kRingCodeBytes + 4 * row, scales.absmax_codes + b0);
+          cp_async4(stage + lane_scale_offset, scales.absmax_codes + block);
         } else {
-          cp_async4(stage + kRingCodeBytes + 64 + 4 * row, scales.nested_absmax + (b0 >> nested_log2));
+          cp_async4(stage + lane_scale_offset, scales.nested_absmax + (block >> nested_log2));
         }
-      } else if (lane < 16) {
-        cp_async16(stage + kRingCodeBytes + 16 * row, scales.absmax + b0);
+      } else if (copies_scale) {
+        cp_async16(stage + lane_scale_offset, scales.absmax + block);
+      }
+      issue_step += kWarps;
+      code_src += kWarps * kRingStepK / 2;
+      block += kWarps * kRingStepK / 64;
+      if (issue_step >= n_steps) {
+        issue_step = warp;
+        issue_tile += gridDim.x;
+        if (issue_tile < n_tiles) enter_tile();
       }
     }
     cp_async_commit();  // empty groups too: the consumer's wait counts groups
-    issue_step += kWarps;
-    if (issue_step >= n_steps) {
-      issue_step = warp;
-      issue_tile += gridDim.x;
-    }
   };
 
   allow_dependents();  // (programmatic dependent launch: dependent_launch.cuh)
@@ -1106,8 +1122,8 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
   for (int s = 0; s < STAGES - 1; ++s) issue_next(s);  // in flight while the tables are built
 
   load_nf4_codes(codes);
-  if (double_quant) nested_map[tid] = __ldg(scales.nested_code + tid);  // 256 threads, 256 entries
-  const float offset = double_quant ? __ldg(scales.nested_offset) : 0.0f;
+  if constexpr (DQ) nested_map[tid] = __ldg(scales.nested_code + tid);  // 256 threads, 256 entries
+  const float offset = DQ ? __ldg(scales.nested_offset) : 0.0f;
   __syncthreads();
   {  // thread b writes byte b's 32 copies: 8 16-byte stores, rotated so that a quarter-warp's 8 hit 8 bank groups
     const T hi = Element<T>::from_float(codes[tid >> 4]), lo = Element<T>::from_float(codes[tid & 15]);
@@ -1133,7 +1149,7 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
   for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
     float acc[2] = {0.0f, 0.0f};  // rows g and g + 8, x row t
 #pragma unroll 1
-    for (int64_t step = warp; step < n_steps; step += kWarps) {
+    for (int step = warp; step < n_steps; step += kWarps) {
       // The wait without cp_async_wait's "memory" clobber: the __syncwarp after it already orders the
       // stage's reads, and the clobber also pinned the x loads below it (the CuPy kernel without it
       // ran 47 us at 28672 x 8192, M = 1, this one with it 54).
@@ -1146,9 +1162,10 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = g + 8 * r;
-        if (double_quant) {
+        if constexpr (DQ) {
+          const uint32_t block_codes = reinterpret_cast<const uint32_t*>(scale_bytes)[row];  // the row's 4 blocks
           const float nested = reinterpret_cast<const float*>(scale_bytes + 64)[row];
-          scale[r] = __fadd_rn(__fmul_rn(nested_map[scale_bytes[4 * row + t]], nested), offset);
+          scale[r] = __fadd_rn(__fmul_rn(nested_map[(block_codes >> (8 * t)) & 0xffu], nested), offset);
         } else {
           scale[r] = reinterpret_cast<const float*>(scale_bytes)[4 * row + t];
         }
@@ -1159,7 +1176,9 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
         const uint4 cg8 = *reinterpret_cast<const uint4*>(stage + (g + 8) * 128 + ((16 * t + 64 * h) ^ swizzle));
         if (x_loads) {
 #pragma unroll
-          for (int q = 0; q < 4; ++q) xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + step * kRingStepK + 128 * h + 8 * q));
+          for (int q = 0; q < 4; ++q) {
+            xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + int64_t(step) * kRingStepK + 128 * h + 8 * q));
+          }
         }
         float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
@@ -1317,9 +1336,9 @@ cudaError_t launch_stream(const T* x, int M, const uint8_t* packed, const NF4Sca
 // The ring kernel's persistent grid: as many CTAs a SM as fit on this device (CTAS on an H100;
 // fewer where a SM has less shared memory, 100 KB on consumer Ampere / Ada), asked once per device.
 // 0: it does not fit at all (the caller falls back).
-template <typename T, int STAGES, int CTAS>
+template <typename T, int STAGES, int CTAS, bool DQ>
 cudaError_t ring_ctas_per_sm(int& ctas) {
-  auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS>;
+  auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ>;
   constexpr int kBytes = ring_shared_bytes<STAGES>();
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cache[kMaxDevices] = {};  // CTAs a SM + 1; 0: not asked yet
@@ -1345,12 +1364,29 @@ cudaError_t ring_ctas_per_sm(int& ctas) {
   return cudaSuccess;
 }
 
+// The ring kernel for these scales (double quantization or plain) at STAGES / CTAS, or `launched` false
+// where it does not fit this device.
+template <typename T, int STAGES, int CTAS, bool DQ>
+cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
+                             int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool& launched) {
+  int ctas = 0;
+  const cudaError_t status = ring_ctas_per_sm<T, STAGES, CTAS, DQ>(ctas);
+  launched = status == cudaSuccess && ctas > 0;
+  if (!launched) return status;
+  const int64_t grid = std::min<int64_t>(ceil_div(N, 16), int64_t(sm_count) * ctas);
+  return launch_kernel(nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ>, dim3(unsigned(grid)), dim3(kThreads),
+                       ring_shared_bytes<STAGES>(), stream, x, M, packed, scales, nested_log2, N, K, bias, y);
+}
+
 template <typename T, int STAGES, int CTAS>
 cudaError_t launch_ring(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2, int64_t N,
-                        int64_t K, const T* bias, T* y, int sm_count, int ctas_per_sm, cudaStream_t stream) {
-  const int64_t grid = std::min<int64_t>(ceil_div(N, 16), int64_t(sm_count) * ctas_per_sm);
-  return launch_kernel(nf4_gemv_ring_kernel<T, STAGES, CTAS>, dim3(unsigned(grid)), dim3(kThreads),
-                       ring_shared_bytes<STAGES>(), stream, x, M, packed, scales, nested_log2, N, K, bias, y);
+                        int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool& launched) {
+  if (scales.absmax == nullptr) {
+    return launch_ring_form<T, STAGES, CTAS, true>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
+                                                   launched);
+  }
+  return launch_ring_form<T, STAGES, CTAS, false>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
+                                                  launched);
 }
 
 // Whether the ring kernel covers this case (see its comment); the device checks are the caller's.
@@ -1530,17 +1566,12 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
         // 3 stages at 2 CTAs a SM for the large weights, 2 stages at 3 CTAs below: H100, M = 1
         // (gemv_ring_h100.json): 28672 x 8192 47.2 against 49.3 us, the three smaller shapes 6-10% the
         // other way (more CTAs fill the SMs where a CTA has few tiles)
-        int ctas = 0;
-        cudaError_t ring_status = cudaSuccess;
-        if (N * K >= (int64_t(1) << 27)) {
-          ring_status = ring_ctas_per_sm<T, 3, 2>(ctas);
-          if (ring_status != cudaSuccess) return ring_status;
-          if (ctas > 0) return launch_ring<T, 3, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, ctas, stream);
-        } else {
-          ring_status = ring_ctas_per_sm<T, 2, 3>(ctas);
-          if (ring_status != cudaSuccess) return ring_status;
-          if (ctas > 0) return launch_ring<T, 2, 3>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, ctas, stream);
-        }
+        bool launched = false;
+        const cudaError_t ring_status =
+            N * K >= (int64_t(1) << 27)
+                ? launch_ring<T, 3, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched)
+                : launch_ring<T, 2, 3>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched);
+        if (launched || ring_status != cudaSuccess) return ring_status;  // else: does not fit this device
       }
       if (variant != 0) {
         FactoredParts parts;
