@@ -44,6 +44,9 @@
 //   nf4_gemv_factored_kernel. It also serves nf4_gemv_grouped_cuda (several weights stacked along
 //   N in one launch, FactoredParts).
 //
+// Ring path (variant 13 "ring", session 22; not the default): M <= 4 with blocksize 64 and K % 256 == 0,
+//   per-warp cp.async rings and 16-byte code runs, see nf4_gemv_ring_kernel.
+//
 // Generic path (anything else: fp32, K % 32 != 0, misaligned pointers, pre-Ampere GPUs or a build
 // without sm_80+ code for the device): one warp per output row, lanes striding over k with scalar
 // loads, scale decoded per element. Correct for every shape (blocks straddling rows included), not
