@@ -284,6 +284,7 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         "stream": "nf4_gemv_stream_kernel",
         "stream2": "nf4_gemv_stream_kernel",
         "ring": "nf4_gemv_ring_kernel",
+        "ring_plain": "nf4_gemv_ring_kernel",
     }.get(variant, "nf4_gemv_factored_kernel")
     for K, kernel in [(4096, expected), (4096 + 32, "nf4_gemv_mma_kernel")]:
         x, weight, bias = make_case("cuda", torch.bfloat16, 3, 64, K)
@@ -305,7 +306,7 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         }.get(variant)
         if flags and kernel == expected:
             assert any(flags[0] in n or flags[1] in n for n in names), names
-    if variant == "ring":  # outside its domain (M > 4, blocksize 128, K % 256 != 0): factored_fill's kernel
+    if variant in ("ring", "ring_plain"):  # outside its domain (M > 4, blocksize 128, K % 256 != 0): factored_fill's kernel
         for M, K, blocksize in [(5, 4096, 64), (1, 4096, 128), (1, 4096 + 64, 64)]:
             x, weight, bias = make_case("cuda", torch.bfloat16, M, 64, K, blocksize)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -421,6 +421,8 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         -k "cuda-ring and matches_reference and bfloat16 and (17x256 or 50x768 or 64x4096 or 300x3072)"
       STEP_TIMEOUT=150 step ring_ab "$PY" benchmarks/bench_nf4_linear.py --variants ring,factored_fill \
         --m 1 4 16 --out "$OUT/nf4_gemv_ring_${GPU_TAG:-h100}.json"
+      STEP_TIMEOUT=60 step ring_vs_experiment "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py --variants ring3 ring2_c3 \
+        --m 1 --out "$OUT/gemv_ring_library_${GPU_TAG:-h100}.json"
       ;;
     ring_final)
       # session 22, after the ring kernel's wait lost its memory clobber: the library's ring against the
@@ -456,8 +458,8 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # start late and the slowest SM sets the time. Decode per variant with and without PDL, then the
       # kernels of a decode step per variant (8 layers)
       STEP_TIMEOUT=200 step ring_decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --repeats 2 \
-        --gemv-variants ring,factored_fill --variants-without-pdl --out "$OUT/decode_8b_ring_pdl_${GPU_TAG:-h100}.json"
-      for v in ring factored_fill; do
+        --gemv-variants ring,ring_plain,factored_fill --variants-without-pdl --out "$OUT/decode_8b_ring_pdl_${GPU_TAG:-h100}.json"
+      for v in ring ring_plain factored_fill; do
         QLORA_NF4_GEMV_VARIANT=$v STEP_TIMEOUT=120 TAIL=40 step "decode_profile_$v" "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
       done
       ;;

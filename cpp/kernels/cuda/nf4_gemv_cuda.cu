@@ -1369,27 +1369,38 @@ cudaError_t ring_ctas_per_sm(int& ctas) {
 
 // The ring kernel for these scales (double quantization or plain) at STAGES / CTAS, or `launched` false
 // where it does not fit this device.
+// `programmatic` false: a plain launch even where generation turned programmatic dependent launch on
+// (variant "ring_plain"), so that the persistent grid starts whole once the kernel before has ended
+// instead of CTA by CTA beside it.
 template <typename T, int STAGES, int CTAS, bool DQ>
 cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
-                             int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool& launched) {
+                             int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream,
+                             bool programmatic, bool& launched) {
   int ctas = 0;
   const cudaError_t status = ring_ctas_per_sm<T, STAGES, CTAS, DQ>(ctas);
   launched = status == cudaSuccess && ctas > 0;
   if (!launched) return status;
   const int64_t grid = std::min<int64_t>(ceil_div(N, 16), int64_t(sm_count) * ctas);
-  return launch_kernel(nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ>, dim3(unsigned(grid)), dim3(kThreads),
-                       ring_shared_bytes<STAGES>(), stream, x, M, packed, scales, nested_log2, N, K, bias, y);
+  auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ>;
+  constexpr int kBytes = ring_shared_bytes<STAGES>();
+  if (!programmatic) {
+    kernel<<<dim3(unsigned(grid)), kThreads, kBytes, stream>>>(x, M, packed, scales, nested_log2, N, K, bias, y);
+    return cudaGetLastError();
+  }
+  return launch_kernel(kernel, dim3(unsigned(grid)), dim3(kThreads), kBytes, stream, x, M, packed, scales, nested_log2,
+                       N, K, bias, y);
 }
 
 template <typename T, int STAGES, int CTAS>
 cudaError_t launch_ring(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2, int64_t N,
-                        int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool& launched) {
+                        int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool programmatic,
+                        bool& launched) {
   if (scales.absmax == nullptr) {
     return launch_ring_form<T, STAGES, CTAS, true>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
-                                                   launched);
+                                                   programmatic, launched);
   }
   return launch_ring_form<T, STAGES, CTAS, false>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
-                                                  launched);
+                                                  programmatic, launched);
 }
 
 // Whether the ring kernel covers this case (see its comment); the device checks are the caller's.
@@ -1415,7 +1426,7 @@ inline bool stream_applies(int SW, int M, int64_t K, int64_t blocksize, const NF
 constexpr const char* kVariantNames[] = {"mma",         "factored",    "factored_split", "factored_r2",
                                          "factored_r1", "stream",      "stream2",        "factored_wide",
                                          "factored_o3", "factored_o4", "factored_fill", "factored_lean",
-                                         "factored_lean_wide", "ring"};
+                                         "factored_lean_wide", "ring",        "ring_plain"};
 constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0]));
 // "factored_fill": "factored" (faster than "mma" at every measured shape, nf4_gemv_variants_h100.json)
 // with one round of 3-CTA tiles where "factored" takes two rounds: 8B's grouped q/k/v 13.9 -> 12.0 us,
@@ -1423,7 +1434,8 @@ constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0
 // "ring" (session 22): M <= 4 in its domain takes the ring kernel, everything else (M > 4, other
 // shapes, the grouped and SwiGLU launches) factored_fill's kernels. Alone it is 13-25% faster than
 // factored_fill at M = 1 (nf4_gemv_ring_h100.json), but it made the 8B decode 13% slower in the same
-// run (238.4 against 273.5 tok/s, decode_8b_ring_ab_h100.json), so it is not the default.
+// run (238.4 against 273.5 tok/s, decode_8b_ring_ab_h100.json), so it is not the default. "ring_plain"
+// (not yet measured): the same, launched without programmatic dependent launch (launch_ring_form).
 std::atomic<int> g_variant{10};
 
 }  // namespace
@@ -1479,7 +1491,8 @@ cudaError_t launch_factored_variant(int variant, const T* x, int m, const Factor
         QLORA_FACTORED_LEAN(2, 2, 2, false, 2);
       }
       [[fallthrough]];
-    case 13:  // ring: what the ring kernel does not take
+    case 13:  // ring, ring_plain: what the ring kernel does not take
+    case 14:
       [[fallthrough]];
     case 10:  // factored_fill: "factored", except that an M <= 8 launch whose 16-row tiles need a second
               // round at 2 CTAs a SM but fit one at 3 (Llama-3-8B's grouped q/k/v: 384 tiles, 264 CTAs,
@@ -1565,15 +1578,18 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
         QLORA_STREAM(2, 2, 6);
       }
 #undef QLORA_STREAM
-      if (variant == 13 && ring_applies(m, K, blocksize, x, packed, scales)) {
+      if ((variant == 13 || variant == 14) && ring_applies(m, K, blocksize, x, packed, scales)) {
         // 3 stages at 2 CTAs a SM for the large weights, 2 stages at 3 CTAs below: H100, M = 1
         // (gemv_ring_h100.json): 28672 x 8192 47.2 against 49.3 us, the three smaller shapes 6-10% the
         // other way (more CTAs fill the SMs where a CTA has few tiles)
         bool launched = false;
+        const bool programmatic = variant == 13;
         const cudaError_t ring_status =
             N * K >= (int64_t(1) << 27)
-                ? launch_ring<T, 3, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched)
-                : launch_ring<T, 2, 3>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched);
+                ? launch_ring<T, 3, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
+                                       programmatic, launched)
+                : launch_ring<T, 2, 3>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
+                                       programmatic, launched);
         if (launched || ring_status != cudaSuccess) return ring_status;  // else: does not fit this device
       }
       if (variant != 0) {
