@@ -130,6 +130,49 @@ def test_sdpa_priority_trains_within_the_rule_and_runs_its_backend(first, monkey
         assert not cudnn and any("flash" in n for n in names), names
 
 
+@pytest.mark.parametrize("first,records", [(None, True), ("CUDNN_ATTENTION", True), ("FLASH_ATTENTION", False),
+                                           ("EFFICIENT_ATTENTION", False)])
+def test_sdpa_priority_decides_whether_the_attention_replay_records(first, records, monkeypatch):
+    """The attention replay keeps cuDNN's attention (_KeptAttention), so a layer records it only where
+    SDPA_PRIORITY leaves cuDNN first; otherwise the recomputation runs SDPA in the asked order (on the
+    H100 the flash-first case ran cuDNN's kernels before this, through the replay)."""
+    from torch.nn.attention import SDPBackend
+
+    from qlora_ext import attention_replay, fused_blocks
+
+    seen = []
+    real = attention_replay.attention_call
+
+    def spy(*args, record=True, **kwargs):
+        seen.append(record)
+        return real(*args, record=record, **kwargs)
+
+    monkeypatch.setattr(attention_replay, "attention_call", spy)
+    if first is not None:
+        monkeypatch.setattr(fused_blocks, "SDPA_PRIORITY", fused_blocks.sdpa_order(getattr(SDPBackend, first)))
+    model = _model(True, "cpu", torch.float32)
+    ids = token_batch(batch=2, seq=16, seed=4)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert seen and all(r == records for r in seen), seen
+
+
+def test_attention_call_without_record_keeps_nothing_but_consumes_a_replay(monkeypatch):
+    from qlora_ext import attention_replay
+
+    q = k = v = torch.randn(1, 2, 8, 4)
+    monkeypatch.setattr(attention_replay, "_recording", lambda: object())  # a layer is recording
+    monkeypatch.setattr(attention_replay, "kernel_applies", lambda *a: True)
+    assert attention_replay.attention_call(q, k, v, 0.5, None, 0.0, {}, record=False) is None
+    kept = []
+    monkeypatch.setattr(attention_replay._KeptAttention, "apply", lambda *a: kept.append(a[-1]) or "replayed")
+    attention_replay._state.replaying = "the first forward's"
+    try:
+        assert attention_replay.attention_call(q, k, v, 0.5, None, 0.0, {}, record=False) == "replayed"
+    finally:
+        attention_replay._state.replaying = None
+    assert kept == ["the first forward's"]
+
+
 def test_sdpa_priority_is_a_no_op_off_cuda(monkeypatch):
     """On the CPU the switch changes nothing: the same loss bits with and without it."""
     from torch.nn.attention import SDPBackend

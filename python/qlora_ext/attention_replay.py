@@ -181,16 +181,18 @@ def _scope(recording: list | None, replaying: tuple | None):
 
 
 def attention_call(q: Tensor, k: Tensor, v: Tensor, scale: float, attention_mask, dropout: float,
-                   kwargs: dict) -> Tensor | None:  # fmt: skip
+                   kwargs: dict, record: bool = True) -> Tensor | None:  # fmt: skip
     """For fused_blocks.hf_attention: the attention output [B, T, Hq, D] where this layer's
     attention half is being recorded or replayed and the call is one `_KeptAttention` takes
     (causal, no mask, no dropout, no variable-length kwargs); None otherwise (the caller runs
-    transformers' attention function)."""
+    transformers' attention function). `record` False: a recording layer does not keep this call
+    (`_KeptAttention` runs cuDNN's kernels, which fused_blocks.SDPA_PRIORITY may rank below
+    another backend); a replay the first forward kept is still consumed."""
     replaying = getattr(_state, "replaying", None)
     if replaying is not None:  # the first forward checked this call (the same one) and kept its result
         _state.replaying = None  # consumed: one attention per layer
         return _KeptAttention.apply(q, k, v, scale, replaying)
-    if _recording() is None:
+    if not record or _recording() is None:
         return None
     if attention_mask is not None or dropout != 0.0 or any(key.startswith(("cu_seq", "max_length")) for key in kwargs):
         return None

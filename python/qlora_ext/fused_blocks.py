@@ -368,7 +368,8 @@ def hf_attention(self, spec: _AttentionSpec, hidden_states, position_embeddings,
     if (cache is None and _sliding_window(self, spec) is None and self.config._attn_implementation == "sdpa"
             and getattr(self, "is_causal", True)):  # fmt: skip
         # a checkpointed layer's attention kept for, or replayed in, its recomputation
-        attn_output = attention_replay.attention_call(query, key, value, self.scaling, attention_mask, dropout, kwargs)
+        attn_output = attention_replay.attention_call(query, key, value, self.scaling, attention_mask, dropout, kwargs,
+                                                      record=_replay_keeps_sdpa_priority())  # fmt: skip
         if attn_output is not None:
             return output(attn_output.reshape(*input_shape, -1)), None
     attention = spec.attention_functions.get_interface(self.config._attn_implementation, spec.eager_attention_forward)
@@ -397,6 +398,17 @@ def sdpa_order(first) -> tuple:
     if first not in order:
         raise ValueError(f"first must be one of {[b.name for b in order]}, got {first!r}")
     return (first, *[b for b in order if b != first])
+
+
+def _replay_keeps_sdpa_priority() -> bool:
+    """Whether attention_replay may keep a layer's attention: its `_KeptAttention` runs cuDNN's
+    kernels, so not where SDPA_PRIORITY asks for another backend first (the layer's recomputation
+    then runs SDPA again, in that order)."""
+    if SDPA_PRIORITY is None:
+        return True
+    from torch.nn.attention import SDPBackend
+
+    return SDPA_PRIORITY[0] == SDPBackend.CUDNN_ATTENTION
 
 
 def _sdpa_priority(module, query):

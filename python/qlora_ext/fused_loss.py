@@ -90,6 +90,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w.addmm_(dz.t().float(), h.float())
             if need_b:
                 grad_b += dz.float().sum(0)
+            # Free this chunk's dL/dz now: bound until the next chunk's assignment, it would stay alive
+            # beside that chunk's logits, a second model-dtype [c, V] buffer at the peak.
+            del dz
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
