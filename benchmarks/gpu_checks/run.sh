@@ -23,6 +23,7 @@
 #     bash benchmarks/gpu_checks/run.sh build gemv_v16     # the 16-byte-load GEMV experiment (CuPy): check, A/B, ncu
 #     bash benchmarks/gpu_checks/run.sh build ring         # the "ring" GEMV (M <= 4): tests, sanitizers, A/B
 #     bash benchmarks/gpu_checks/run.sh build ring_decode  # why "ring" slows the 8B decode: with/without PDL, profile
+#     bash benchmarks/gpu_checks/run.sh build fixes_s22    # session 22's fixes of three CUDA tests (no GPU then)
 #     bash benchmarks/gpu_checks/run.sh build wide_ab      # the 64 KB-table GEMV and the grouped GEMV: tests, A/B,
 #                                                          # decode, decode profile
 #     bash benchmarks/gpu_checks/run.sh build wide_checks  # then: nf4_gemm timed, ncu, sanitizers
@@ -462,6 +463,16 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       for v in ring ring_plain factored_fill; do
         QLORA_NF4_GEMV_VARIANT=$v STEP_TIMEOUT=120 TAIL=40 step "decode_profile_$v" "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
       done
+      ;;
+    fixes_s22)
+      # session 22's fixes of three CUDA tests that failed on the H100 (made without a GPU): the chunked
+      # loss's freed dL/dz, the attention replay under SDPA_PRIORITY, the fused MLP's temporary input
+      STEP_TIMEOUT=120 step fixes_s22 "$PY" -m pytest -q -p no:cacheprovider -rfE \
+        "tests/test_fused_loss.py::test_a_chunk_holds_its_fp32_logits_and_one_model_dtype_copy_only" \
+        "tests/test_fused_mlp.py::test_fewer_activations_kept_on_the_device" \
+        "tests/test_fused_path.py::test_sdpa_priority_trains_within_the_rule_and_runs_its_backend"
+      STEP_TIMEOUT=120 step fixes_s22_replay "$PY" -m pytest -q -p no:cacheprovider -rfE tests/test_fused_path.py \
+        tests/test_attention_replay.py -k "sdpa or replay or record"
       ;;
     gemv_sass)
       # next after session 21: where in the SASS "factored" stalls (per-instruction warp-state samples,
