@@ -639,7 +639,7 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, in
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[r][mt][i] = 0.0f;
 
-    for (int step = warp; step < n_steps; step += kWarps) {
+    for (int64_t step = warp; step < n_steps; step += kWarps) {
       // The next item's loads first: the rest of this iteration hides their latency.
       int64_t next_tile = tile, next_step = step + kWarps;
       if (next_step >= n_steps) {
