@@ -85,6 +85,52 @@ __device__ __forceinline__ u32 lookup(u32 lane_table, u32 word, u32 p) {
   return v;
 }
 
+// Half h of an item (128 k: code words of rows g and g + 8, x words, the lane's block scales of both
+// rows): 8 MMAs into a fresh C, whose column pairs hold block 2h's and block 2h + 1's partial sums
+// in lane t = m, each scaled by its block's scale (from lanes 2h and 2h + 1 of the row's 4) into acc.
+__device__ __forceinline__ void half_step(float (&acc)[2], const uint4& cg, const uint4& cg8, const uint4 (&xv)[4],
+                                          const float (&scale)[2], u32 lane_table, int lane, int h) {
+  float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    // A: code bytes 2j (k slots 2t, 2t+1) and 2j + 1 (slots 2t+8, 2t+9) of rows g (a0, a2), g + 8 (a1, a3)
+    const u32 wg = word_of(cg, j >> 1), wg8 = word_of(cg8, j >> 1);
+    const u32 p0 = 2 * (j & 1);
+    const u32 a0 = lookup(lane_table, wg, p0), a1 = lookup(lane_table, wg8, p0);
+    const u32 a2 = lookup(lane_table, wg, p0 + 1), a3 = lookup(lane_table, wg8, p0 + 1);
+    // B: x words 2j and 2j + 1 of the lane's 16 (the same k as a0 / a2)
+    mma16816(c, a0, a1, a2, a3, word_of(xv[j >> 1], (2 * j) & 3), word_of(xv[j >> 1], (2 * j + 1) & 3));
+  }
+  const int src = lane & ~3;
+  const float lo_g = __shfl_sync(0xffffffffu, scale[0], src | (2 * h));
+  const float hi_g = __shfl_sync(0xffffffffu, scale[0], src | (2 * h + 1));
+  const float lo_g8 = __shfl_sync(0xffffffffu, scale[1], src | (2 * h));
+  const float hi_g8 = __shfl_sync(0xffffffffu, scale[1], src | (2 * h + 1));
+  acc[0] = fmaf(hi_g, c[1], fmaf(lo_g, c[0], acc[0]));
+  acc[1] = fmaf(hi_g8, c[3], fmaf(lo_g8, c[2], acc[1]));
+}
+
+// The end of a tile: the 8 warps' sums meet in shared memory, 64 threads store y rows tile*16.. (bf16).
+__device__ __forceinline__ void end_tile(float (&acc)[2], float (&partial)[8][16][5], int warp, int g, int t, int tid,
+                                         int M, i64 N, i64 tile, u16* __restrict__ y) {
+  if (t < M) {
+    partial[warp][g][t] = acc[0];
+    partial[warp][g + 8][t] = acc[1];
+  }
+  __syncthreads();
+  if (tid < 16 * 4) {
+    const int r = tid & 15, m = tid >> 4;
+    if (m < M) {
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < 8; ++w) s += partial[w][r][m];
+      y[i64(m) * N + tile * 16 + r] = u16(bf16_bits(s));
+    }
+  }
+  __syncthreads();
+  acc[0] = acc[1] = 0.f;
+}
+
 // One (tile, step) item's loads: rows g and g + 8 of the tile, 2 x 16 bytes each (the step's 128
 // bytes a row: lane t holds bytes 16t.. of each 64-byte half), and lane t's block-scale ingredients
 // (block 4 step + t of each row).
@@ -205,44 +251,9 @@ gemv_v16(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const 
 #pragma unroll
         for (int q = 0; q < 4; ++q) xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + step * 256 + 128 * h + 8 * q));
       }
-      float c[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        // A: code bytes 2j (k slots 2t, 2t+1) and 2j + 1 (slots 2t+8, 2t+9) of rows g (a0, a2), g + 8 (a1, a3)
-        const u32 wg = word_of(cur.codes[0][h], j >> 1), wg8 = word_of(cur.codes[1][h], j >> 1);
-        const u32 p0 = 2 * (j & 1);
-        const u32 a0 = lookup(lane_table, wg, p0), a1 = lookup(lane_table, wg8, p0);
-        const u32 a2 = lookup(lane_table, wg, p0 + 1), a3 = lookup(lane_table, wg8, p0 + 1);
-        // B: x words 2j and 2j + 1 of the lane's 16 (the same k as a0 / a2)
-        mma16816(c, a0, a1, a2, a3, word_of(xv[j >> 1], (2 * j) & 3), word_of(xv[j >> 1], (2 * j + 1) & 3));
-      }
-      // block 4 step + 2h's scale is lane t = 2h's, block 4 step + 2h + 1's lane 2h + 1's
-      const int src = lane & ~3;
-      const float lo_g = __shfl_sync(0xffffffffu, scale[0], src | (2 * h));
-      const float hi_g = __shfl_sync(0xffffffffu, scale[0], src | (2 * h + 1));
-      const float lo_g8 = __shfl_sync(0xffffffffu, scale[1], src | (2 * h));
-      const float hi_g8 = __shfl_sync(0xffffffffu, scale[1], src | (2 * h + 1));
-      acc[0] = fmaf(hi_g, c[1], fmaf(lo_g, c[0], acc[0]));
-      acc[1] = fmaf(hi_g8, c[3], fmaf(lo_g8, c[2], acc[1]));
+      half_step(acc, cur.codes[0][h], cur.codes[1][h], xv, scale, lane_table, lane, h);
     }
-    if (next_tile != tile) {  // every warp ends the tile here, once (K % 2048 == 0: each has a step)
-      if (t < M) {
-        partial[warp][g][t] = acc[0];
-        partial[warp][g + 8][t] = acc[1];
-      }
-      __syncthreads();
-      if (tid < 16 * 4) {
-        const int r = tid & 15, m = tid >> 4;
-        if (m < M) {
-          float s = 0.f;
-#pragma unroll
-          for (int w = 0; w < 8; ++w) s += partial[w][r][m];
-          y[i64(m) * N + tile * 16 + r] = u16(bf16_bits(s));
-        }
-      }
-      __syncthreads();
-      acc[0] = acc[1] = 0.f;
-    }
+    if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid, M, N, tile, y);  // every warp, once (K % 2048)
     tile = next_tile;
     step = next_step;
   };
@@ -302,7 +313,7 @@ gemv_ring(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const
   extern __shared__ __align__(16) u8 smem[];
   u32* table = reinterpret_cast<u32*>(smem);                       // 32 KB, as gemv_v16's
   float* nested_map = reinterpret_cast<float*>(smem + 32768);     // 256 floats
-  float(*partial)[16][5] = reinterpret_cast<float(*)[16][5]>(smem + 32768 + 1024);
+  float(&partial)[8][16][5] = *reinterpret_cast<float(*)[8][16][5]>(smem + 32768 + 1024);
   u8* rings = smem + 32768 + 1024 + 8 * 16 * 5 * 4;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const i64 n_steps = K >> 8, n_tiles = N >> 4;
@@ -363,22 +374,7 @@ gemv_ring(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const
 #pragma unroll
         for (int q = 0; q < 4; ++q) xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + step * 256 + 128 * h + 8 * q));
       }
-      float c[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const u32 wg = word_of(cg, j >> 1), wg8 = word_of(cg8, j >> 1);
-        const u32 p0 = 2 * (j & 1);
-        const u32 a0 = lookup(lane_table, wg, p0), a1 = lookup(lane_table, wg8, p0);
-        const u32 a2 = lookup(lane_table, wg, p0 + 1), a3 = lookup(lane_table, wg8, p0 + 1);
-        mma16816(c, a0, a1, a2, a3, word_of(xv[j >> 1], (2 * j) & 3), word_of(xv[j >> 1], (2 * j + 1) & 3));
-      }
-      const int src = lane & ~3;
-      const float lo_g = __shfl_sync(0xffffffffu, scale[0], src | (2 * h));
-      const float hi_g = __shfl_sync(0xffffffffu, scale[0], src | (2 * h + 1));
-      const float lo_g8 = __shfl_sync(0xffffffffu, scale[1], src | (2 * h));
-      const float hi_g8 = __shfl_sync(0xffffffffu, scale[1], src | (2 * h + 1));
-      acc[0] = fmaf(hi_g, c[1], fmaf(lo_g, c[0], acc[0]));
-      acc[1] = fmaf(hi_g8, c[3], fmaf(lo_g8, c[2], acc[1]));
+      half_step(acc, cg, cg8, xv, scale, lane_table, lane, h);
     }
     stage = stage == STAGES - 1 ? 0 : stage + 1;
     i64 next_tile = tile, next_step = step + 8;
@@ -386,24 +382,7 @@ gemv_ring(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const
       next_tile += gridDim.x;
       next_step = warp;
     }
-    if (next_tile != tile) {  // every warp ends the tile here, once (K % 2048 == 0: each has a step)
-      if (t < M) {
-        partial[warp][g][t] = acc[0];
-        partial[warp][g + 8][t] = acc[1];
-      }
-      __syncthreads();
-      if (tid < 16 * 4) {
-        const int r = tid & 15, m = tid >> 4;
-        if (m < M) {
-          float s = 0.f;
-#pragma unroll
-          for (int w = 0; w < 8; ++w) s += partial[w][r][m];
-          y[i64(m) * N + tile * 16 + r] = u16(bf16_bits(s));
-        }
-      }
-      __syncthreads();
-      acc[0] = acc[1] = 0.f;
-    }
+    if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid, M, N, tile, y);  // every warp, once (K % 2048)
     tile = next_tile;
     step = next_step;
   }
