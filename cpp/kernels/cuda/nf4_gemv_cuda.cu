@@ -995,8 +995,8 @@ nf4_gemv_stream_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
 //
 // "factored"'s arithmetic (T(nf4) table words, each 64-k segment's fp32 partial sum times its
 // block's fp32 scale) with two changes, measured first as a CuPy experiment
-// (benchmarks/gpu_checks/gemv_v16_experiment.py, gemv_ring_h100.json; H100, M = 1, 13-34% faster
-// than factored_fill):
+// (benchmarks/gpu_checks/gemv_v16_experiment.py, gemv_ring_h100.json; H100, M = 1: 22-35% less time
+// than factored_fill; this port 15-30% less, nf4_gemv_ring_h100.json, see the README for why not more):
 //   - Each warp streams its own items (one item = 16 rows x 256 k: 2 KB of codes) through a ring of
 //     STAGES shared-memory stages filled by cp.async, so STAGES - 1 items are in flight without
 //     holding registers and without a CTA barrier per item ("stream" had both). "factored" keeps one
