@@ -306,6 +306,41 @@ __device__ __forceinline__ void issue_item(u32 stage, const u8* __restrict__ pac
   }
 }
 
+// Thread b writes code byte b's 32 table copies: 8 16-byte stores, rotated so a quarter-warp's 8 hit
+// 8 bank groups.
+__device__ __forceinline__ void build_table(u32* table, const float* __restrict__ nf4, int tid) {
+  const u32 w = bf16_bits(nf4[tid >> 4]) | (bf16_bits(nf4[tid & 15]) << 16);
+  const uint4 v = make_uint4(w, w, w, w);
+  uint4* row = reinterpret_cast<uint4*>(table + tid * 32);
+#pragma unroll
+  for (int q = 0; q < 8; ++q) row[(q + tid) & 7] = v;
+}
+
+// One item's arithmetic from its stage `st` (codes, then 16 rows' 4 scale codes and nested absmax).
+__device__ __forceinline__ void ring_item(float (&acc)[2], const u8* st, const float* nested_map, float offset,
+                                          bool x_loads, const u16* x_lane, uint4 (&xv)[4], i64 step, u32 lane_table,
+                                          int lane) {
+  const int g = lane >> 2, t = lane & 3, swizzle = (g & 1) * 64;
+  const u32* scale_words = reinterpret_cast<const u32*>(st + kCodeBytes);
+  const float* nested = reinterpret_cast<const float*>(st + kCodeBytes + 64);
+  float scale[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const u32 code = (scale_words[g + 8 * r] >> (8 * t)) & 0xffu;
+    scale[r] = __fadd_rn(__fmul_rn(nested_map[code], nested[g + 8 * r]), offset);
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint4 cg = *reinterpret_cast<const uint4*>(st + g * 128 + ((16 * t + 64 * h) ^ swizzle));
+    const uint4 cg8 = *reinterpret_cast<const uint4*>(st + (g + 8) * 128 + ((16 * t + 64 * h) ^ swizzle));
+    if (x_loads) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + step * 256 + 128 * h + 8 * q));
+    }
+    half_step(acc, cg, cg8, xv, scale, lane_table, lane, h);
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(256, CTAS)
 gemv_ring(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const u8* __restrict__ absmax_codes,
           const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
@@ -333,13 +368,7 @@ gemv_ring(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const
   };
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) issue_next(s);  // under the table build
-  {
-    const u32 w = bf16_bits(nf4[tid >> 4]) | (bf16_bits(nf4[tid & 15]) << 16);
-    const uint4 v = make_uint4(w, w, w, w);
-    uint4* row = reinterpret_cast<uint4*>(table + tid * 32);
-#pragma unroll
-    for (int q = 0; q < 8; ++q) row[(q + tid) & 7] = v;
-  }
+  build_table(table, nf4, tid);
   nested_map[tid] = nested_code[tid];
   const float offset = nested_offset[0];
   __syncthreads();
@@ -352,30 +381,11 @@ gemv_ring(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const
   float acc[2] = {0.f, 0.f};
   i64 tile = blockIdx.x, step = warp;
   int stage = 0;
-  const int swizzle = (g & 1) * 64;
   while (tile < n_tiles) {
     asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
     __syncwarp();  // every lane's copies of this item landed; every lane is done with the stage refilled next
     issue_next(stage == 0 ? STAGES - 1 : stage - 1);
-    const u8* st = ring + stage * kStageBytes;
-    const u32* scale_words = reinterpret_cast<const u32*>(st + kCodeBytes);
-    const float* nested = reinterpret_cast<const float*>(st + kCodeBytes + 64);
-    float scale[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const u32 code = (scale_words[g + 8 * r] >> (8 * t)) & 0xffu;
-      scale[r] = __fadd_rn(__fmul_rn(nested_map[code], nested[g + 8 * r]), offset);
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint4 cg = *reinterpret_cast<const uint4*>(st + g * 128 + ((16 * t + 64 * h) ^ swizzle));
-      const uint4 cg8 = *reinterpret_cast<const uint4*>(st + (g + 8) * 128 + ((16 * t + 64 * h) ^ swizzle));
-      if (x_loads) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + step * 256 + 128 * h + 8 * q));
-      }
-      half_step(acc, cg, cg8, xv, scale, lane_table, lane, h);
-    }
+    ring_item(acc, ring + stage * kStageBytes, nested_map, offset, x_loads, x_lane, xv, step, lane_table, lane);
     stage = stage == STAGES - 1 ? 0 : stage + 1;
     i64 next_tile = tile, next_step = step + 8;
     if (next_step >= n_steps) {
@@ -385,6 +395,110 @@ gemv_ring(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const
     if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid, M, N, tile, y);  // every warp, once (K % 2048)
     tile = next_tile;
     step = next_step;
+  }
+  asm volatile("cp.async.wait_all;");
+}
+
+// ---- the balanced ring (session 22, not yet run): CTA b takes the items [b L, (b + 1) L) of the
+// tile-major list of all (tile, step) items, L = ceil(items / grid), so every CTA does the same work
+// whatever the tile count (gemv_ring: 896 tiles on 396 CTAs leave the last round 26% full). A tile
+// whose steps two or more CTAs share is finished by the last of them to arrive: each writes its
+// 16 x 4 sums to `workspace` (tile, its slot), then counts itself in `counters[tile]`; the one that
+// makes the count complete adds the slots in order (deterministic) and resets the counter to 0.
+extern "C" __global__ void __launch_bounds__(256, CTAS)
+gemv_ring_sk(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const u8* __restrict__ absmax_codes,
+             const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
+             const float* __restrict__ nested_offset, const float* __restrict__ nf4, i64 N, i64 K, u16* __restrict__ y,
+             float* __restrict__ workspace, unsigned* __restrict__ counters, i64 per_cta, int max_parts) {
+  extern __shared__ __align__(16) u8 smem[];
+  __shared__ int finishes;
+  u32* table = reinterpret_cast<u32*>(smem);
+  float* nested_map = reinterpret_cast<float*>(smem + 32768);
+  float(&partial)[8][16][5] = *reinterpret_cast<float(*)[8][16][5]>(smem + 32768 + 1024);
+  u8* rings = smem + 32768 + 1024 + 8 * 16 * 5 * 4;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const i64 n_steps = K >> 8, n_tiles = N >> 4;
+  const i64 begin = blockIdx.x * per_cta, end = min(begin + per_cta, n_tiles * n_steps);
+  if (begin >= end) return;  // the whole CTA: no barrier is shared with another
+  const i64 first_tile = begin / n_steps, last_tile = (end - 1) / n_steps;
+  auto lo_of = [&](i64 tile) { return max(begin - tile * n_steps, i64(0)); };  // the CTA's steps of `tile`
+  auto hi_of = [&](i64 tile) { return min(end - tile * n_steps, n_steps); };
+  u8* ring = rings + warp * STAGES * kStageBytes;
+  const u32 ring_address = shared_address(ring);
+  // the producer walks the same (tile, step) sequence as the consumer loops below
+  i64 issue_tile = first_tile, issue_step = lo_of(first_tile) + warp;
+  auto settle = [&]() {
+    while (issue_tile <= last_tile && issue_step >= hi_of(issue_tile)) {
+      ++issue_tile;
+      issue_step = lo_of(issue_tile) + warp;
+    }
+  };
+  settle();
+  auto issue_next = [&](int stage) {
+    if (issue_tile <= last_tile) {
+      issue_item(ring_address + stage * kStageBytes, packed, absmax_codes, nested_absmax, K, issue_tile, issue_step, lane);
+      issue_step += 8;
+      settle();
+    }
+    asm volatile("cp.async.commit_group;");
+  };
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) issue_next(s);
+  build_table(table, nf4, tid);
+  nested_map[tid] = nested_code[tid];
+  const float offset = nested_offset[0];
+  __syncthreads();
+  const u32 lane_table = shared_address(table) + u32(lane) * 4;
+  const int xm = g >> 1;
+  const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);
+  const u16* x_lane = x + (x_loads ? xm : 0) * K + 32 * t;
+  uint4 xv[4] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u),
+                 make_uint4(0u, 0u, 0u, 0u)};
+  int stage = 0;
+  for (i64 tile = first_tile; tile <= last_tile; ++tile) {
+    const i64 lo = lo_of(tile), hi = hi_of(tile);
+    float acc[2] = {0.f, 0.f};
+    for (i64 step = lo + warp; step < hi; step += 8) {
+      asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
+      __syncwarp();
+      issue_next(stage == 0 ? STAGES - 1 : stage - 1);
+      ring_item(acc, ring + stage * kStageBytes, nested_map, offset, x_loads, x_lane, xv, step, lane_table, lane);
+      stage = stage == STAGES - 1 ? 0 : stage + 1;
+    }
+    if (t < M) {
+      partial[warp][g][t] = acc[0];
+      partial[warp][g + 8][t] = acc[1];
+    }
+    __syncthreads();
+    const int r = tid & 15, m = tid >> 4;
+    float sum = 0.f;
+    if (tid < 64 && m < M) {
+#pragma unroll
+      for (int w = 0; w < 8; ++w) sum += partial[w][r][m];
+    }
+    if (lo == 0 && hi == n_steps) {  // the whole tile here
+      if (tid < 64 && m < M) y[i64(m) * N + tile * 16 + r] = u16(bf16_bits(sum));
+    } else {
+      const i64 first_cta = tile * n_steps / per_cta, last_cta = ((tile + 1) * n_steps - 1) / per_cta;
+      float* slots = workspace + tile * max_parts * 64;
+      if (tid < 64) {
+        slots[(blockIdx.x - first_cta) * 64 + tid] = sum;
+        __threadfence();  // the sums are visible device-wide before the count says so
+      }
+      __syncthreads();
+      if (tid == 0) finishes = atomicAdd(counters + tile, 1u) == unsigned(last_cta - first_cta);
+      __syncthreads();
+      if (finishes) {
+        __threadfence();
+        if (tid < 64 && m < M) {
+          float total = 0.f;
+          for (i64 part = 0; part <= last_cta - first_cta; ++part) total += __ldcg(slots + part * 64 + tid);
+          y[i64(m) * N + tile * 16 + r] = u16(bf16_bits(total));
+        }
+        if (tid == 0) counters[tile] = 0u;  // ready for the next launch
+      }
+    }
+    __syncthreads();  // partial is rewritten by the next tile
   }
   asm volatile("cp.async.wait_all;");
 }
@@ -454,21 +568,72 @@ VARIANTS = {
     "ring4": ("gemv_ring", ("-DSTAGES=4",), 2),
     "ring3": ("gemv_ring", ("-DSTAGES=3",), 2),
     "ring2_c3": ("gemv_ring", ("-DSTAGES=2", "-DCTAS=3"), 3),
+    "sk3": ("gemv_ring_sk", ("-DSTAGES=3",), 2),
+    "sk2_c3": ("gemv_ring_sk", ("-DSTAGES=2", "-DCTAS=3"), 3),
 }
 RING_FIXED_BYTES = 32768 + 1024 + 8 * 16 * 5 * 4  # table, nested map, partial sums
 RING_STAGE_BYTES = 16 * 128 + 16 * 4 * 2
+
+
+def balanced_plan(n_tiles: int, n_steps: int, grid: int) -> dict:
+    """gemv_ring_sk's work split, as its index arithmetic computes it: per CTA and warp, the (tile, step)
+    items the producer issues and the consumer loops over (they must be the same sequence), and per
+    tile the CTAs that share it (slot = CTA - the tile's first CTA, < max_parts)."""
+    items = n_tiles * n_steps
+    per_cta = -(-items // grid)
+    max_parts = -(-n_steps // per_cta) + 1
+    plan = {"per_cta": per_cta, "max_parts": max_parts, "consumed": {}, "issued": {}, "slots": {}}
+    for cta in range(grid):
+        begin, end = cta * per_cta, min(cta * per_cta + per_cta, items)
+        if begin >= end:
+            continue
+        first_tile, last_tile = begin // n_steps, (end - 1) // n_steps
+
+        def lo_of(tile, begin=begin):
+            return max(begin - tile * n_steps, 0)
+
+        def hi_of(tile, end=end):
+            return min(end - tile * n_steps, n_steps)
+
+        for warp in range(8):
+            consumed = [(tile, step) for tile in range(first_tile, last_tile + 1)
+                        for step in range(lo_of(tile) + warp, hi_of(tile), 8)]  # fmt: skip
+            issued, tile, step = [], first_tile, lo_of(first_tile) + warp
+            while True:  # settle(), then issue, as the kernel's producer
+                while tile <= last_tile and step >= hi_of(tile):
+                    tile, step = tile + 1, lo_of(tile + 1) + warp
+                if tile > last_tile:
+                    break
+                issued.append((tile, step))
+                step += 8
+            plan["consumed"][cta, warp], plan["issued"][cta, warp] = consumed, issued
+        for tile in range(first_tile, last_tile + 1):
+            if not (lo_of(tile) == 0 and hi_of(tile) == n_steps):
+                first_cta, last_cta = tile * n_steps // per_cta, ((tile + 1) * n_steps - 1) // per_cta
+                plan["slots"].setdefault(tile, []).append((cta - first_cta, last_cta - first_cta + 1))
+    return plan
 
 
 def make_gemv(cupy, name: str = "v16"):
     kernel_name, defines, ctas = VARIANTS[name]
     kernel = cupy.RawKernel(KERNEL, kernel_name, options=("--std=c++17", *defines))
     smem = 0
-    if kernel_name == "gemv_ring":
+    if kernel_name in ("gemv_ring", "gemv_ring_sk"):
         stages = int(next(d for d in defines if d.startswith("-DSTAGES=")).split("=")[1])
         smem = RING_FIXED_BYTES + 8 * stages * RING_STAGE_BYTES
         kernel.max_dynamic_shared_size_bytes = smem
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     nf4 = codebooks.nf4_code("cuda")
+    buffers = {}
+
+    def split_buffers(n_tiles: int, max_parts: int):
+        """The balanced kernel's partial sums and per-tile arrival counters (zero; the kernel leaves them
+        zero), made once per shape, outside any graph capture (the checks run first)."""
+        key = (n_tiles, max_parts)
+        if key not in buffers:
+            buffers[key] = (torch.empty(n_tiles * max_parts * 64, device="cuda"),
+                            torch.zeros(n_tiles, dtype=torch.int32, device="cuda"))  # fmt: skip
+        return buffers[key]
 
     def gemv(x: torch.Tensor, q: qlora_ext.NF4Weight) -> torch.Tensor:
         N, K = q.shape
@@ -482,6 +647,13 @@ def make_gemv(cupy, name: str = "v16"):
         args = (x.data_ptr(), cupy.int32(M), q.packed.data_ptr(), q.absmax.data_ptr(), q.nested.absmax2.data_ptr(),
                 q.nested.code.data_ptr(), q.nested.offset.data_ptr(), nf4.data_ptr(), cupy.int64(N), cupy.int64(K),
                 y.data_ptr())  # fmt: skip
+        if kernel_name == "gemv_ring_sk":  # every resident CTA, an equal run of the (tile, step) items each
+            grid = ctas * sms
+            items = (N // 16) * (K // 256)
+            per_cta = -(-items // grid)
+            max_parts = -(-(K // 256) // per_cta) + 1
+            workspace, counters = split_buffers(N // 16, max_parts)
+            args += (workspace.data_ptr(), counters.data_ptr(), cupy.int64(per_cta), cupy.int32(max_parts))
         kernel((grid,), (256,), args, stream=stream, shared_mem=smem)
         return y
 
@@ -522,10 +694,13 @@ def main() -> int:
                library_variant=ops.nf4_gemv_variant())  # fmt: skip
     failures = 0
     for name, gemv in gemvs.items():
-        for M, N, K in [(1, 64, 2048), (3, 48, 4096), (4, 2000, 6144), (1, 4096, 14336)]:  # odd tiles, several per CTA
-            row = dict(env, kind="check", variant=name, **check(gemv, *random_case(M, N, K)))
-            failures += not row["correct"]
-            print(json.dumps(row), flush=True)
+        # odd tile counts, several tiles a CTA, and (the balanced kernel) tiles shared by 2-3 CTAs
+        for M, N, K in [(1, 64, 2048), (3, 48, 4096), (4, 2000, 6144), (1, 4096, 14336), (2, 14336, 4096)]:
+            case = random_case(M, N, K)
+            for call in range(2):  # twice: the balanced kernel must leave its counters ready
+                row = dict(env, kind="check", variant=name, call=call, **check(gemv, *case))
+                failures += not row["correct"]
+                print(json.dumps(row), flush=True)
     rows = []
     for N, K in SHAPES:
         w = torch.randn(N, K, device="cuda") * 0.05

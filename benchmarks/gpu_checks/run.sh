@@ -422,8 +422,9 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         -k "cuda-ring and matches_reference and bfloat16 and (17x256 or 50x768 or 64x4096 or 300x3072)"
       STEP_TIMEOUT=150 step ring_ab "$PY" benchmarks/bench_nf4_linear.py --variants ring,factored_fill \
         --m 1 4 16 --out "$OUT/nf4_gemv_ring_${GPU_TAG:-h100}.json"
-      STEP_TIMEOUT=60 step ring_vs_experiment "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py --variants ring3 ring2_c3 \
-        --m 1 --out "$OUT/gemv_ring_library_${GPU_TAG:-h100}.json"
+      # with the balanced CuPy kernels (gemv_ring_sk: equal item runs a CTA, shared tiles finished by the last CTA)
+      STEP_TIMEOUT=90 step ring_vs_experiment "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
+        --variants ring3 ring2_c3 sk3 sk2_c3 --m 1 4 --out "$OUT/gemv_ring_sk_${GPU_TAG:-h100}.json"
       ;;
     ring_final)
       # session 22, after the ring kernel's wait lost its memory clobber: the library's ring against the
