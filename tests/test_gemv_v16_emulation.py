@@ -29,7 +29,7 @@ def experiment(monkeypatch):
     sys.modules.pop("gemv_v16_experiment", None)
 
 
-@pytest.mark.parametrize("M", [1, 2, 4])
+@pytest.mark.parametrize("M", [1, 2, 4, 7, 16])  # 7, 16: gemv_ring_mc's column groups
 def test_emulated_layout_gives_the_reference_product(experiment, M):
     N, K = 32, 2048  # two tiles; every warp one step
     q = qlora_ext.NF4Weight.from_float(torch.randn(N, K) * 0.05, blocksize=64, double_quant=True)

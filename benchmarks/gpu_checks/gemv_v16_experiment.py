@@ -502,6 +502,135 @@ gemv_ring_sk(const u16* __restrict__ x, int M, const u8* __restrict__ packed, co
   }
   asm volatile("cp.async.wait_all;");
 }
+
+// ---- the ring for M <= 16 (session 22, not yet run): MC column groups of 8 (x rows 4c .. 4c + 3, each
+// in a column pair for the two blocks of a run), one MMA per group and k-step on the same A fragments;
+// lane t = m of group c holds x row 4c + m's sums. Tile-strided like gemv_ring.
+#ifndef MC
+#define MC 4
+#endif
+// 16 bytes of x as volatile asm, so that ptxas keeps each q's loads beside their MMAs (as __ldg it
+// hoisted all 16 of a half-step and spilled)
+__device__ __forceinline__ uint4 load_x16(const u16* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+extern "C" __global__ void __launch_bounds__(256, CTAS)
+gemv_ring_mc(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const u8* __restrict__ absmax_codes,
+             const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
+             const float* __restrict__ nested_offset, const float* __restrict__ nf4, i64 N, i64 K, u16* __restrict__ y) {
+  extern __shared__ __align__(16) u8 smem[];
+  u32* table = reinterpret_cast<u32*>(smem);
+  float* nested_map = reinterpret_cast<float*>(smem + 32768);
+  float(&partial)[8][16][17] = *reinterpret_cast<float(*)[8][16][17]>(smem + 32768 + 1024);
+  u8* rings = smem + 32768 + 1024 + 8 * 16 * 17 * 4;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const i64 n_steps = K >> 8, n_tiles = N >> 4;
+  u8* ring = rings + warp * STAGES * kStageBytes;
+  const u32 ring_address = shared_address(ring);
+  i64 issue_tile = blockIdx.x, issue_step = warp;
+  auto issue_next = [&](int stage) {
+    if (issue_tile < n_tiles)
+      issue_item(ring_address + stage * kStageBytes, packed, absmax_codes, nested_absmax, K, issue_tile, issue_step, lane);
+    asm volatile("cp.async.commit_group;");
+    issue_step += 8;
+    if (issue_step >= n_steps) {
+      issue_step = warp;
+      issue_tile += gridDim.x;
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) issue_next(s);
+  build_table(table, nf4, tid);
+  nested_map[tid] = nested_code[tid];
+  const float offset = nested_offset[0];
+  __syncthreads();
+  const u32 lane_table = shared_address(table) + u32(lane) * 4;
+  const int swizzle = (g & 1) * 64;
+  const bool parity = ((g & 1) == 0) == (t < 2);  // this lane's k belongs to its column's block
+  // group c's x row is 4c + g / 2: one base pointer, rows 4K elements apart; bit c of x_loads says
+  // whether this lane loads group c's row (its parity, and a row below M)
+  const u16* x_lane = x + (g >> 1) * K + 32 * t;
+  u32 x_loads = 0;
+#pragma unroll
+  for (int c = 0; c < MC; ++c) x_loads |= u32(parity && 4 * c + (g >> 1) < M) << c;
+  int stage = 0;  // the ring slot of the next item: runs on across tiles, as the producer's does
+  for (i64 tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+    float acc[MC][2];
+#pragma unroll
+    for (int c = 0; c < MC; ++c) acc[c][0] = acc[c][1] = 0.f;
+    for (i64 step = warp; step < n_steps; step += 8) {
+      asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
+      __syncwarp();
+      issue_next(stage == 0 ? STAGES - 1 : stage - 1);
+      const u8* st = ring + stage * kStageBytes;
+      const u32* scale_words = reinterpret_cast<const u32*>(st + kCodeBytes);
+      const float* nested = reinterpret_cast<const float*>(st + kCodeBytes + 64);
+      float scale[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const u32 code = (scale_words[g + 8 * r] >> (8 * t)) & 0xffu;
+        scale[r] = __fadd_rn(__fmul_rn(nested_map[code], nested[g + 8 * r]), offset);
+      }
+#pragma unroll 1  // one half at a time: unrolled, ptxas interleaved both halves' MMAs and spilled
+      for (int h = 0; h < 2; ++h) {
+        const uint4 cg = *reinterpret_cast<const uint4*>(st + g * 128 + ((16 * t + 64 * h) ^ swizzle));
+        const uint4 cg8 = *reinterpret_cast<const uint4*>(st + (g + 8) * 128 + ((16 * t + 64 * h) ^ swizzle));
+        float cacc[MC][4];
+#pragma unroll
+        for (int c = 0; c < MC; ++c) cacc[c][0] = cacc[c][1] = cacc[c][2] = cacc[c][3] = 0.f;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          uint4 xq[MC];
+#pragma unroll
+          for (int c = 0; c < MC; ++c) {
+            xq[c] = (x_loads >> c) & 1u ? load_x16(x_lane + 4 * c * K + step * 256 + 128 * h + 8 * q)
+                                        : make_uint4(0u, 0u, 0u, 0u);
+          }
+#pragma unroll
+          for (int jj = 0; jj < 2; ++jj) {
+            const int j = 2 * q + jj;
+            const u32 wg = word_of(cg, j >> 1), wg8 = word_of(cg8, j >> 1);
+            const u32 p0 = 2 * (j & 1);
+            const u32 a0 = lookup(lane_table, wg, p0), a1 = lookup(lane_table, wg8, p0);
+            const u32 a2 = lookup(lane_table, wg, p0 + 1), a3 = lookup(lane_table, wg8, p0 + 1);
+#pragma unroll
+            for (int c = 0; c < MC; ++c) mma16816(cacc[c], a0, a1, a2, a3, word_of(xq[c], 2 * jj), word_of(xq[c], 2 * jj + 1));
+          }
+        }
+        const int src = lane & ~3;
+        const float lo_g = __shfl_sync(0xffffffffu, scale[0], src | (2 * h));
+        const float hi_g = __shfl_sync(0xffffffffu, scale[0], src | (2 * h + 1));
+        const float lo_g8 = __shfl_sync(0xffffffffu, scale[1], src | (2 * h));
+        const float hi_g8 = __shfl_sync(0xffffffffu, scale[1], src | (2 * h + 1));
+#pragma unroll
+        for (int c = 0; c < MC; ++c) {
+          acc[c][0] = fmaf(hi_g, cacc[c][1], fmaf(lo_g, cacc[c][0], acc[c][0]));
+          acc[c][1] = fmaf(hi_g8, cacc[c][3], fmaf(lo_g8, cacc[c][2], acc[c][1]));
+        }
+      }
+      stage = stage == STAGES - 1 ? 0 : stage + 1;
+    }
+#pragma unroll
+    for (int c = 0; c < MC; ++c) {
+      partial[warp][g][4 * c + t] = acc[c][0];
+      partial[warp][g + 8][4 * c + t] = acc[c][1];
+    }
+    __syncthreads();
+    for (int i = tid; i < 16 * 16; i += 256) {
+      const int r = i & 15, m = i >> 4;
+      if (m < M) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < 8; ++w) s += partial[w][r][m];
+        y[i64(m) * N + tile * 16 + r] = u16(bf16_bits(s));
+      }
+    }
+    __syncthreads();
+  }
+  asm volatile("cp.async.wait_all;");
+}
 """
 
 
@@ -510,7 +639,8 @@ def emulate(x: torch.Tensor, q: qlora_ext.NF4Weight, nf4_values: torch.Tensor | 
 
     For each (tile, warp, step, half, k-step) it builds the MMA's A fragment words, which lane (g, t)
     fills from its 16 code bytes, and the B column pairs (x row m at block 2h's k in column 2m, at
-    block 2h + 1's in column 2m + 1). It multiplies them as mma.m16n8k16 does and scales the partial
+    block 2h + 1's in column 2m + 1; for M > 4, gemv_ring_mc's groups of 8 columns, x rows 4c..4c + 3
+    in group c). It multiplies them as mma.m16n8k16 does and scales the partial
     sums as the lanes do. With `nf4_values` exact (the default), the result equals the fp32 reference up
     to summation order, so a wrong index shows up as a large error. tests/test_gemv_v16_emulation.py
     runs it.
@@ -524,15 +654,16 @@ def emulate(x: torch.Tensor, q: qlora_ext.NF4Weight, nf4_values: torch.Tensor | 
     xf = x.float()
     y = torch.zeros(M, N)
     n_steps = K // 256
+    groups = -(-M // 4)  # column groups of 8 (one MMA each): x rows 4c .. 4c + 3, gemv_ring_mc's MC
     for tile in range(N // 16):
         acc = torch.zeros(16, M)  # rows of the tile x rows of x, summed over the warps
         for warp in range(8):
             for step in range(warp, n_steps, 8):
                 for h in range(2):
-                    lo_hi = torch.zeros(16, 8)  # C of this half-step: 16 rows x 8 columns
+                    lo_hi = torch.zeros(16, 8 * groups)  # C of this half-step: 16 rows x 8 columns a group
                     for j in range(8):
                         A = torch.zeros(16, 16)
-                        B = torch.zeros(16, 8)
+                        B = torch.zeros(16, 8 * groups)
                         for g in range(8):
                             for t in range(4):
                                 for r, row in ((g, tile * 16 + g), (g + 8, tile * 16 + g + 8)):
@@ -541,18 +672,20 @@ def emulate(x: torch.Tensor, q: qlora_ext.NF4Weight, nf4_values: torch.Tensor | 
                                         c = int(codes[base + byte])
                                         A[r, slot0] = values[c >> 4]  # even k: high nibble, low half
                                         A[r, slot0 + 1] = values[c & 15]
-                                xm = g >> 1
-                                if xm < M and ((g & 1) == 0) == (t < 2):
-                                    k0 = step * 256 + 128 * h + 32 * t
-                                    for slot0, word in ((2 * t, 2 * j), (2 * t + 8, 2 * j + 1)):
-                                        B[slot0, g] = xf[xm, k0 + 2 * word]
-                                        B[slot0 + 1, g] = xf[xm, k0 + 2 * word + 1]
+                                for c in range(groups):  # column 8c + g: x row 4c + g / 2 at block parity g % 2
+                                    xm = 4 * c + (g >> 1)
+                                    if xm < M and ((g & 1) == 0) == (t < 2):
+                                        k0 = step * 256 + 128 * h + 32 * t
+                                        for slot0, word in ((2 * t, 2 * j), (2 * t + 8, 2 * j + 1)):
+                                            B[slot0, 8 * c + g] = xf[xm, k0 + 2 * word]
+                                            B[slot0 + 1, 8 * c + g] = xf[xm, k0 + 2 * word + 1]
                         lo_hi += A @ B
                     for r in range(16):
                         row = tile * 16 + r
                         block = row * (K // 64) + step * 4 + 2 * h
                         for m in range(M):
-                            acc[r, m] += scales[block] * lo_hi[r, 2 * m] + scales[block + 1] * lo_hi[r, 2 * m + 1]
+                            col = 8 * (m // 4) + 2 * (m % 4)
+                            acc[r, m] += scales[block] * lo_hi[r, col] + scales[block + 1] * lo_hi[r, col + 1]
         y[:, tile * 16 : tile * 16 + 16] = acc.T
     return y
 
@@ -570,8 +703,20 @@ VARIANTS = {
     "ring2_c3": ("gemv_ring", ("-DSTAGES=2", "-DCTAS=3"), 3),
     "sk3": ("gemv_ring_sk", ("-DSTAGES=3",), 2),
     "sk2_c3": ("gemv_ring_sk", ("-DSTAGES=2", "-DCTAS=3"), 3),
+    # M <= 8 / 16: column groups (gemv_ring_mc)
+    "mc2": ("gemv_ring_mc", ("-DSTAGES=3", "-DMC=2"), 2),
+    "mc2_c3": ("gemv_ring_mc", ("-DSTAGES=2", "-DCTAS=3", "-DMC=2"), 3),
+    "mc4": ("gemv_ring_mc", ("-DSTAGES=3", "-DMC=4"), 2),
+    "mc4_s2": ("gemv_ring_mc", ("-DSTAGES=2", "-DMC=4"), 2),
 }
+
+
+def max_rows(name: str) -> int:
+    """The rows of x a variant takes: 4 a column group."""
+    defines = VARIANTS[name][1]
+    return 4 * next((int(d.split("=")[1]) for d in defines if d.startswith("-DMC=")), 1)
 RING_FIXED_BYTES = 32768 + 1024 + 8 * 16 * 5 * 4  # table, nested map, partial sums
+RING_MC_FIXED_BYTES = 32768 + 1024 + 8 * 16 * 17 * 4  # gemv_ring_mc: 16 columns of partial sums
 RING_STAGE_BYTES = 16 * 128 + 16 * 4 * 2
 
 
@@ -618,12 +763,14 @@ def make_gemv(cupy, name: str = "v16"):
     kernel_name, defines, ctas = VARIANTS[name]
     kernel = cupy.RawKernel(KERNEL, kernel_name, options=("--std=c++17", *defines))
     smem = 0
-    if kernel_name in ("gemv_ring", "gemv_ring_sk"):
+    if kernel_name in ("gemv_ring", "gemv_ring_sk", "gemv_ring_mc"):
         stages = int(next(d for d in defines if d.startswith("-DSTAGES=")).split("=")[1])
-        smem = RING_FIXED_BYTES + 8 * stages * RING_STAGE_BYTES
+        fixed = RING_MC_FIXED_BYTES if kernel_name == "gemv_ring_mc" else RING_FIXED_BYTES
+        smem = fixed + 8 * stages * RING_STAGE_BYTES
         kernel.max_dynamic_shared_size_bytes = smem
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     nf4 = codebooks.nf4_code("cuda")
+    rows = max_rows(name)
     buffers = {}
 
     def split_buffers(n_tiles: int, max_parts: int):
@@ -638,9 +785,9 @@ def make_gemv(cupy, name: str = "v16"):
     def gemv(x: torch.Tensor, q: qlora_ext.NF4Weight) -> torch.Tensor:
         N, K = q.shape
         M = x.shape[0]
-        if not (M <= 4 and K % 2048 == 0 and N % 16 == 0 and q.blocksize == 64 and q.nested is not None
+        if not (M <= rows and K % 2048 == 0 and N % 16 == 0 and q.blocksize == 64 and q.nested is not None
                 and q.nested.blocksize == 256 and x.dtype == torch.bfloat16 and x.is_contiguous()):  # fmt: skip
-            raise ValueError("gemv_v16 covers M <= 4, bf16, blocksize 64, double quantization, K % 2048, N % 16")
+            raise ValueError(f"{name} covers M <= {rows}, bf16, blocksize 64, double quantization, K % 2048, N % 16")
         y = torch.empty(M, N, dtype=torch.bfloat16, device=x.device)
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
         grid = min(N // 16, ctas * sms)
@@ -695,7 +842,9 @@ def main() -> int:
     failures = 0
     for name, gemv in gemvs.items():
         # odd tile counts, several tiles a CTA, and (the balanced kernel) tiles shared by 2-3 CTAs
-        for M, N, K in [(1, 64, 2048), (3, 48, 4096), (4, 2000, 6144), (1, 4096, 14336), (2, 14336, 4096)]:
+        cases = [(1, 64, 2048), (3, 48, 4096), (4, 2000, 6144), (1, 4096, 14336), (2, 14336, 4096),
+                 (7, 48, 4096), (16, 2000, 6144), (13, 4096, 8192)]  # fmt: skip
+        for M, N, K in [c for c in cases if c[0] <= max_rows(name)]:
             case = random_case(M, N, K)
             for call in range(2):  # twice: the balanced kernel must leave its counters ready
                 row = dict(env, kind="check", variant=name, call=call, **check(gemv, *case))
@@ -712,8 +861,11 @@ def main() -> int:
         for M in args.m:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             row = dict(env, kind="time", shape_NK=[N, K], M=M)
+            verdict = None
             with torch.no_grad():
                 for name, gemv in gemvs.items():
+                    if M > max_rows(name):
+                        continue
                     verdict = check(gemv, x, q)
                     failures += not verdict["correct"]
                     row[f"{name}_us"] = round(time_graph([lambda c=c, f=gemv: f(x, c) for c in copies]), 3)
@@ -721,7 +873,7 @@ def main() -> int:
                     row[f"{name}_max_err"] = verdict["max_err"]
                 row["library_us"] = round(time_graph([lambda c=c: ops.nf4_gemv_weight(x, c) for c in copies]), 3)
                 row["bf16_cublas_us"] = round(time_graph([lambda d=d: F.linear(x, d) for d in denses]), 3)
-            row["pytorch_max_err"] = verdict["pytorch_max_err"]
+            row["pytorch_max_err"] = verdict["pytorch_max_err"] if verdict else None
             row["bar_M1"] = 3.0
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -731,11 +883,13 @@ def main() -> int:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     names = list(gemvs) + ["library"]
     print(f"\n{'N x K':>13} {'M':>2} " + " ".join(f"{n + ' us':>12}" for n in names) + f" {'bf16 us':>8}  best x bf16")
-    for r in rows:
-        best = min(r[f"{n}_us"] for n in names)
-        print(f"{r['shape_NK'][0]:>6}x{r['shape_NK'][1]:<6} {r['M']:>2} " + " ".join(f"{r[n + '_us']:>12.2f}" for n in names)
-              + f" {r['bf16_cublas_us']:>8.2f}  {r['bf16_cublas_us'] / best:.2f}")  # fmt: skip
+    for r in rows:  # (a variant that does not take this M: "-")
+        best = min(r[f"{n}_us"] for n in names if f"{n}_us" in r)
+        cells = " ".join(f"{r[n + '_us']:>12.2f}" if f"{n}_us" in r else f"{'-':>12}" for n in names)
+        print(f"{r['shape_NK'][0]:>6}x{r['shape_NK'][1]:<6} {r['M']:>2} {cells} {r['bf16_cublas_us']:>8.2f}  "
+              f"{r['bf16_cublas_us'] / best:.2f}")  # fmt: skip
     return 1 if failures else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
