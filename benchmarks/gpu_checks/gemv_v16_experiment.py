@@ -85,6 +85,23 @@ __device__ __forceinline__ u32 lookup(u32 lane_table, u32 word, u32 p) {
   return v;
 }
 
+// The scales of half h's two blocks for rows g and g + 8: block 4 step + 2h's is lane t = 2h's,
+// block 4 step + 2h + 1's lane 2h + 1's (lane t decodes block 4 step + t of its rows).
+struct BlockScales {
+  float lo_g, hi_g, lo_g8, hi_g8;
+};
+__device__ __forceinline__ BlockScales block_scales(const float (&scale)[2], int lane, int h) {
+  const int src = lane & ~3;
+  return {__shfl_sync(0xffffffffu, scale[0], src | (2 * h)), __shfl_sync(0xffffffffu, scale[0], src | (2 * h + 1)),
+          __shfl_sync(0xffffffffu, scale[1], src | (2 * h)), __shfl_sync(0xffffffffu, scale[1], src | (2 * h + 1))};
+}
+
+// acc (rows g, g + 8) += each column pair of a half-step's C, times its block's scale.
+__device__ __forceinline__ void add_scaled(float (&acc)[2], const float (&c)[4], const BlockScales& s) {
+  acc[0] = fmaf(s.hi_g, c[1], fmaf(s.lo_g, c[0], acc[0]));
+  acc[1] = fmaf(s.hi_g8, c[3], fmaf(s.lo_g8, c[2], acc[1]));
+}
+
 // Half h of an item (128 k: code words of rows g and g + 8, x words, the lane's block scales of both
 // rows): 8 MMAs into a fresh C, whose column pairs hold block 2h's and block 2h + 1's partial sums
 // in lane t = m, each scaled by its block's scale (from lanes 2h and 2h + 1 of the row's 4) into acc.
@@ -101,13 +118,7 @@ __device__ __forceinline__ void half_step(float (&acc)[2], const uint4& cg, cons
     // B: x words 2j and 2j + 1 of the lane's 16 (the same k as a0 / a2)
     mma16816(c, a0, a1, a2, a3, word_of(xv[j >> 1], (2 * j) & 3), word_of(xv[j >> 1], (2 * j + 1) & 3));
   }
-  const int src = lane & ~3;
-  const float lo_g = __shfl_sync(0xffffffffu, scale[0], src | (2 * h));
-  const float hi_g = __shfl_sync(0xffffffffu, scale[0], src | (2 * h + 1));
-  const float lo_g8 = __shfl_sync(0xffffffffu, scale[1], src | (2 * h));
-  const float hi_g8 = __shfl_sync(0xffffffffu, scale[1], src | (2 * h + 1));
-  acc[0] = fmaf(hi_g, c[1], fmaf(lo_g, c[0], acc[0]));
-  acc[1] = fmaf(hi_g8, c[3], fmaf(lo_g8, c[2], acc[1]));
+  add_scaled(acc, c, block_scales(scale, lane, h));
 }
 
 // The end of a tile: the 8 warps' sums meet in shared memory, 64 threads store y rows tile*16.. (bf16).
@@ -306,6 +317,43 @@ __device__ __forceinline__ void issue_item(u32 stage, const u8* __restrict__ pac
   }
 }
 
+// The ring kernels' parameters (gemv_ring_sk adds its own) and shared memory: the T2 table (32 KB),
+// the nested map (1 KB), the warps' partial sums [8][16][COLS] (COLS: x rows + 1), then the rings.
+#define RING_PARAMS                                                                                             \
+  const u16 *__restrict__ x, int M, const u8 *__restrict__ packed, const u8 *__restrict__ absmax_codes,         \
+      const float *__restrict__ nested_absmax, const float *__restrict__ nested_code,                           \
+      const float *__restrict__ nested_offset, const float *__restrict__ nf4, i64 N, i64 K, u16 *__restrict__ y
+template <int COLS>
+__device__ __forceinline__ constexpr int ring_fixed_bytes() { return 32768 + 1024 + 8 * 16 * COLS * 4; }
+template <int COLS>
+__device__ __forceinline__ float (&ring_partials(u8* smem))[8][16][COLS] {
+  return *reinterpret_cast<float(*)[8][16][COLS]>(smem + 32768 + 1024);
+}
+
+// A ring kernel's start: its shared memory (partial sums with COLS columns), thread ids, sizes.
+#define RING_CTA(COLS)                                                                 \
+  extern __shared__ __align__(16) u8 smem[];                                           \
+  u32* table = reinterpret_cast<u32*>(smem);                                           \
+  float* nested_map = reinterpret_cast<float*>(smem + 32768);                          \
+  float(&partial)[8][16][COLS] = ring_partials<COLS>(smem);                            \
+  u8* rings = smem + ring_fixed_bytes<COLS>();                                         \
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3; \
+  const i64 n_steps = K >> 8, n_tiles = N >> 4
+
+// The tile-strided kernels' next lines: the warp's ring, its producer STAGES - 1 items ahead (the
+// first items fly while the tables are built), the nested offset and the lane's table copy.
+#define RING_STRIDED_START()                                                                            \
+  u8* ring = rings + warp * STAGES * kStageBytes;                                                       \
+  const u32 ring_address = shared_address(ring);                                                        \
+  StridedProducer producer{blockIdx.x, warp, n_tiles, n_steps, warp};                                   \
+  auto issue_next = [&](int stage) {                                                                    \
+    producer.issue_next(ring_address + stage * kStageBytes, packed, absmax_codes, nested_absmax, K, lane); \
+  };                                                                                                    \
+  for (int s = 0; s < STAGES - 1; ++s) issue_next(s);                                                   \
+  build_tables(table, nested_map, nf4, nested_code, tid);                                               \
+  const float offset = nested_offset[0];                                                                \
+  const u32 lane_table = shared_address(table) + u32(lane) * 4
+
 // Thread b writes code byte b's 32 table copies: 8 16-byte stores, rotated so a quarter-warp's 8 hit
 // 8 bank groups.
 __device__ __forceinline__ void build_table(u32* table, const float* __restrict__ nf4, int tid) {
@@ -316,19 +364,52 @@ __device__ __forceinline__ void build_table(u32* table, const float* __restrict_
   for (int q = 0; q < 8; ++q) row[(q + tid) & 7] = v;
 }
 
-// One item's arithmetic from its stage `st` (codes, then 16 rows' 4 scale codes and nested absmax).
-__device__ __forceinline__ void ring_item(float (&acc)[2], const u8* st, const float* nested_map, float offset,
-                                          bool x_loads, const u16* x_lane, uint4 (&xv)[4], i64 step, u32 lane_table,
-                                          int lane) {
-  const int g = lane >> 2, t = lane & 3, swizzle = (g & 1) * 64;
+// Lane t's block scales (block 4 step + t of rows g and g + 8) from a stage's staged scale codes and
+// nested absmax.
+__device__ __forceinline__ void item_scales(float (&scale)[2], const u8* st, const float* nested_map, float offset,
+                                            int g, int t) {
   const u32* scale_words = reinterpret_cast<const u32*>(st + kCodeBytes);
   const float* nested = reinterpret_cast<const float*>(st + kCodeBytes + 64);
-  float scale[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const u32 code = (scale_words[g + 8 * r] >> (8 * t)) & 0xffu;
     scale[r] = __fadd_rn(__fmul_rn(nested_map[code], nested[g + 8 * r]), offset);
   }
+}
+
+// The producer of the tile-strided ring kernels: the warp's items in order (tiles blockIdx.x +
+// i * gridDim.x, steps warp + 8j), each copied into the stage the consumer freed; past the last tile
+// it commits empty groups (the consumer's wait counts groups).
+struct StridedProducer {
+  i64 tile, step, n_tiles, n_steps;
+  int warp;
+  __device__ void issue_next(u32 stage, const u8* __restrict__ packed, const u8* __restrict__ absmax_codes,
+                             const float* __restrict__ nested_absmax, i64 K, int lane) {
+    if (tile < n_tiles) issue_item(stage, packed, absmax_codes, nested_absmax, K, tile, step, lane);
+    asm volatile("cp.async.commit_group;");
+    step += 8;
+    if (step >= n_steps) {
+      step = warp;
+      tile += gridDim.x;
+    }
+  }
+};
+
+// The tables every ring kernel builds while its first items fly: the T2 table and the nested map.
+__device__ __forceinline__ void build_tables(u32* table, float* nested_map, const float* __restrict__ nf4,
+                                             const float* __restrict__ nested_code, int tid) {
+  build_table(table, nf4, tid);
+  nested_map[tid] = nested_code[tid];
+  __syncthreads();
+}
+
+// One item's arithmetic from its stage `st` (codes, then 16 rows' 4 scale codes and nested absmax).
+__device__ __forceinline__ void ring_item(float (&acc)[2], const u8* st, const float* nested_map, float offset,
+                                          bool x_loads, const u16* x_lane, uint4 (&xv)[4], i64 step, u32 lane_table,
+                                          int lane) {
+  const int g = lane >> 2, t = lane & 3, swizzle = (g & 1) * 64;
+  float scale[2];
+  item_scales(scale, st, nested_map, offset, g, t);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const uint4 cg = *reinterpret_cast<const uint4*>(st + g * 128 + ((16 * t + 64 * h) ^ swizzle));
@@ -342,37 +423,9 @@ __device__ __forceinline__ void ring_item(float (&acc)[2], const u8* st, const f
 }
 
 extern "C" __global__ void __launch_bounds__(256, CTAS)
-gemv_ring(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const u8* __restrict__ absmax_codes,
-          const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
-          const float* __restrict__ nested_offset, const float* __restrict__ nf4, i64 N, i64 K, u16* __restrict__ y) {
-  extern __shared__ __align__(16) u8 smem[];
-  u32* table = reinterpret_cast<u32*>(smem);                       // 32 KB, as gemv_v16's
-  float* nested_map = reinterpret_cast<float*>(smem + 32768);     // 256 floats
-  float(&partial)[8][16][5] = *reinterpret_cast<float(*)[8][16][5]>(smem + 32768 + 1024);
-  u8* rings = smem + 32768 + 1024 + 8 * 16 * 5 * 4;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const i64 n_steps = K >> 8, n_tiles = N >> 4;
-  u8* ring = rings + warp * STAGES * kStageBytes;
-  const u32 ring_address = shared_address(ring);
-  // issue cursor: the warp's items in order, STAGES - 1 ahead of the compute cursor (tile, step)
-  i64 issue_tile = blockIdx.x, issue_step = warp;
-  auto issue_next = [&](int stage) {
-    if (issue_tile < n_tiles)
-      issue_item(ring_address + stage * kStageBytes, packed, absmax_codes, nested_absmax, K, issue_tile, issue_step, lane);
-    asm volatile("cp.async.commit_group;");  // empty groups too: the wait below counts groups
-    issue_step += 8;
-    if (issue_step >= n_steps) {
-      issue_step = warp;
-      issue_tile += gridDim.x;
-    }
-  };
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) issue_next(s);  // under the table build
-  build_table(table, nf4, tid);
-  nested_map[tid] = nested_code[tid];
-  const float offset = nested_offset[0];
-  __syncthreads();
-  const u32 lane_table = shared_address(table) + u32(lane) * 4;
+gemv_ring(RING_PARAMS) {
+  RING_CTA(5);
+  RING_STRIDED_START();
   const int xm = g >> 1;
   const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);
   const u16* x_lane = x + (x_loads ? xm : 0) * K + 32 * t;
@@ -406,18 +459,10 @@ gemv_ring(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const
 // 16 x 4 sums to `workspace` (tile, its slot), then counts itself in `counters[tile]`; the one that
 // makes the count complete adds the slots in order (deterministic) and resets the counter to 0.
 extern "C" __global__ void __launch_bounds__(256, CTAS)
-gemv_ring_sk(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const u8* __restrict__ absmax_codes,
-             const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
-             const float* __restrict__ nested_offset, const float* __restrict__ nf4, i64 N, i64 K, u16* __restrict__ y,
-             float* __restrict__ workspace, unsigned* __restrict__ counters, i64 per_cta, int max_parts) {
-  extern __shared__ __align__(16) u8 smem[];
+gemv_ring_sk(RING_PARAMS, float* __restrict__ workspace, unsigned* __restrict__ counters,
+             i64 per_cta, int max_parts) {
   __shared__ int finishes;
-  u32* table = reinterpret_cast<u32*>(smem);
-  float* nested_map = reinterpret_cast<float*>(smem + 32768);
-  float(&partial)[8][16][5] = *reinterpret_cast<float(*)[8][16][5]>(smem + 32768 + 1024);
-  u8* rings = smem + 32768 + 1024 + 8 * 16 * 5 * 4;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const i64 n_steps = K >> 8, n_tiles = N >> 4;
+  RING_CTA(5);
   const i64 begin = blockIdx.x * per_cta, end = min(begin + per_cta, n_tiles * n_steps);
   if (begin >= end) return;  // the whole CTA: no barrier is shared with another
   const i64 first_tile = begin / n_steps, last_tile = (end - 1) / n_steps;
@@ -444,10 +489,8 @@ gemv_ring_sk(const u16* __restrict__ x, int M, const u8* __restrict__ packed, co
   };
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) issue_next(s);
-  build_table(table, nf4, tid);
-  nested_map[tid] = nested_code[tid];
+  build_tables(table, nested_map, nf4, nested_code, tid);
   const float offset = nested_offset[0];
-  __syncthreads();
   const u32 lane_table = shared_address(table) + u32(lane) * 4;
   const int xm = g >> 1;
   const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);
@@ -517,36 +560,9 @@ __device__ __forceinline__ uint4 load_x16(const u16* p) {
   return v;
 }
 extern "C" __global__ void __launch_bounds__(256, CTAS)
-gemv_ring_mc(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const u8* __restrict__ absmax_codes,
-             const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
-             const float* __restrict__ nested_offset, const float* __restrict__ nf4, i64 N, i64 K, u16* __restrict__ y) {
-  extern __shared__ __align__(16) u8 smem[];
-  u32* table = reinterpret_cast<u32*>(smem);
-  float* nested_map = reinterpret_cast<float*>(smem + 32768);
-  float(&partial)[8][16][17] = *reinterpret_cast<float(*)[8][16][17]>(smem + 32768 + 1024);
-  u8* rings = smem + 32768 + 1024 + 8 * 16 * 17 * 4;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const i64 n_steps = K >> 8, n_tiles = N >> 4;
-  u8* ring = rings + warp * STAGES * kStageBytes;
-  const u32 ring_address = shared_address(ring);
-  i64 issue_tile = blockIdx.x, issue_step = warp;
-  auto issue_next = [&](int stage) {
-    if (issue_tile < n_tiles)
-      issue_item(ring_address + stage * kStageBytes, packed, absmax_codes, nested_absmax, K, issue_tile, issue_step, lane);
-    asm volatile("cp.async.commit_group;");
-    issue_step += 8;
-    if (issue_step >= n_steps) {
-      issue_step = warp;
-      issue_tile += gridDim.x;
-    }
-  };
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) issue_next(s);
-  build_table(table, nf4, tid);
-  nested_map[tid] = nested_code[tid];
-  const float offset = nested_offset[0];
-  __syncthreads();
-  const u32 lane_table = shared_address(table) + u32(lane) * 4;
+gemv_ring_mc(RING_PARAMS) {
+  RING_CTA(17);
+  RING_STRIDED_START();
   const int swizzle = (g & 1) * 64;
   const bool parity = ((g & 1) == 0) == (t < 2);  // this lane's k belongs to its column's block
   // group c's x row is 4c + g / 2: one base pointer, rows 4K elements apart; bit c of x_loads says
@@ -565,14 +581,8 @@ gemv_ring_mc(const u16* __restrict__ x, int M, const u8* __restrict__ packed, co
       __syncwarp();
       issue_next(stage == 0 ? STAGES - 1 : stage - 1);
       const u8* st = ring + stage * kStageBytes;
-      const u32* scale_words = reinterpret_cast<const u32*>(st + kCodeBytes);
-      const float* nested = reinterpret_cast<const float*>(st + kCodeBytes + 64);
       float scale[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const u32 code = (scale_words[g + 8 * r] >> (8 * t)) & 0xffu;
-        scale[r] = __fadd_rn(__fmul_rn(nested_map[code], nested[g + 8 * r]), offset);
-      }
+      item_scales(scale, st, nested_map, offset, g, t);
 #pragma unroll 1  // one half at a time: unrolled, ptxas interleaved both halves' MMAs and spilled
       for (int h = 0; h < 2; ++h) {
         const uint4 cg = *reinterpret_cast<const uint4*>(st + g * 128 + ((16 * t + 64 * h) ^ swizzle));
@@ -599,16 +609,9 @@ gemv_ring_mc(const u16* __restrict__ x, int M, const u8* __restrict__ packed, co
             for (int c = 0; c < MC; ++c) mma16816(cacc[c], a0, a1, a2, a3, word_of(xq[c], 2 * jj), word_of(xq[c], 2 * jj + 1));
           }
         }
-        const int src = lane & ~3;
-        const float lo_g = __shfl_sync(0xffffffffu, scale[0], src | (2 * h));
-        const float hi_g = __shfl_sync(0xffffffffu, scale[0], src | (2 * h + 1));
-        const float lo_g8 = __shfl_sync(0xffffffffu, scale[1], src | (2 * h));
-        const float hi_g8 = __shfl_sync(0xffffffffu, scale[1], src | (2 * h + 1));
+        const BlockScales scales = block_scales(scale, lane, h);
 #pragma unroll
-        for (int c = 0; c < MC; ++c) {
-          acc[c][0] = fmaf(hi_g, cacc[c][1], fmaf(lo_g, cacc[c][0], acc[c][0]));
-          acc[c][1] = fmaf(hi_g8, cacc[c][3], fmaf(lo_g8, cacc[c][2], acc[c][1]));
-        }
+        for (int c = 0; c < MC; ++c) add_scaled(acc[c], cacc[c], scales);
       }
       stage = stage == STAGES - 1 ? 0 : stage + 1;
     }

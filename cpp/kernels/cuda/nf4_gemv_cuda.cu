@@ -1073,7 +1073,6 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
   const int copy_row = lane >> 3, copy_col = (lane & 7) * 16, scale_row = lane & 15;
   const uint32_t lane_stage_offset = copy_row * 128 + (copy_col ^ ((copy_row & 1) * 64));  // same parity for all i
   const uint32_t lane_scale_offset = kRingCodeBytes + (DQ ? (lane < 16 ? 4 * scale_row : 64 + 4 * scale_row) : 16 * scale_row);
-  const bool copies_scale = DQ || lane < 16;
   int64_t issue_tile = blockIdx.x;
   int issue_step = warp;
   bool full_tile = true;
@@ -1105,7 +1104,7 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
         } else {
           cp_async4(stage + lane_scale_offset, scales.nested_absmax + (block >> nested_log2));
         }
-      } else if (copies_scale) {
+      } else if (lane < 16) {  // plain: a row's 4 absmax in one 16-byte piece
         cp_async16(stage + lane_scale_offset, scales.absmax + block);
       }
       issue_step += kWarps;
