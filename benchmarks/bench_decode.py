@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -233,6 +234,24 @@ def switched(module, name: str, value):
         setattr(module, name, before)
 
 
+@contextlib.contextmanager
+def environment(setting: str):
+    """The environment variables of "NAME=VALUE[,NAME=VALUE]" set for the block, then as before."""
+    pairs = [item.split("=", 1) for item in setting.split(",") if item]
+    if any(len(pair) != 2 or not pair[0] for pair in pairs):
+        raise ValueError(f"--env-ab: {setting!r} is not NAME=VALUE[,NAME=VALUE]")
+    before = {name: os.environ.get(name) for name, _ in pairs}
+    os.environ.update(dict(pairs))
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write the results (one JSON document) here")
@@ -247,6 +266,9 @@ def main(argv=None) -> int:
     parser.add_argument("--variants-without-pdl", action="store_true",
                         help="with --gemv-variants: each variant also without programmatic dependent launch "
                              "(does the \"ring\" variant's slower decode come from its launches' overlap?)")
+    parser.add_argument("--env-ab", nargs="*", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                        help="with --gemv-variants: each variant also under each of these environment settings "
+                             "(the CUDA launchers' experiment switches, read at launch)")
     parser.add_argument("--grouped-ab", action="store_true",
                         help="nf4_merged also with q/k/v and gate/up launching one GEMV each (layers.GROUPED_GEMV_ENABLED off)")
     parser.add_argument("--fusion-ab", action="store_true",
@@ -359,6 +381,9 @@ def main(argv=None) -> int:
                     if args.variants_without_pdl:
                         with switched(qlora_ext.generation, "PROGRAMMATIC_LAUNCH", False):
                             record(bench(f"nf4_merged[{variant}, no PDL]", model))
+                    for setting in args.env_ab:
+                        with environment(setting):
+                            record(bench(f"nf4_merged[{variant}, {setting}]", model))
                 qlora_ext.ops.set_nf4_gemv_variant(before)
             else:
                 record(bench("nf4_merged", model))

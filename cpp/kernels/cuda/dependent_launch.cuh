@@ -19,6 +19,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <utility>
 
 #include "device_facts.cuh"
@@ -46,6 +47,13 @@ __device__ __forceinline__ void allow_dependents() {
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
                           cudaStream_t stream, Args&&... args) {
+  // EXPERIMENT (session 23, the ring's decode A/B): QLORA_PDL_CARVEOUT=<percent> sets every
+  // programmatically launched kernel's preferred shared-memory carveout.
+  if (const char* carveout = std::getenv("QLORA_PDL_CARVEOUT")) {
+    const cudaError_t status =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, std::atoi(carveout));
+    if (status != cudaSuccess) return status;
+  }
   DeviceFacts facts;
   if (!programmatic_launch_enabled() || device_facts(facts) != cudaSuccess || facts.major < 9) {
     kernel<<<grid, block, shared_bytes, stream>>>(std::forward<Args>(args)...);

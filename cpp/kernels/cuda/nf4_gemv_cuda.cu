@@ -53,6 +53,8 @@
 // fast.
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda_common.cuh"
 #include "cp_async.cuh"
@@ -1048,7 +1050,8 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
 template <typename T, int STAGES, int CTAS, bool DQ>
 __global__ void __launch_bounds__(kThreads, CTAS)
 nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed, NF4Scales scales,
-                     int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y) {
+                     int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y,
+                     bool trigger_late) {
 #if QLORA_GEMV_MMA
   static_assert(STAGES >= 2, "one stage computes while the others fill");
   extern __shared__ __align__(16) unsigned char ring_shared[];
@@ -1119,7 +1122,7 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
     cp_async_commit();  // empty groups too: the consumer's wait counts groups
   };
 
-  allow_dependents();  // (programmatic dependent launch: dependent_launch.cuh)
+  if (!trigger_late) allow_dependents();  // (programmatic dependent launch: dependent_launch.cuh)
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) issue_next(s);  // in flight while the tables are built
 
@@ -1222,6 +1225,7 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
     }
     __syncthreads();  // partial is rewritten by the next tile
   }
+  if (trigger_late) allow_dependents();
   cp_async_wait_all();  // no copy may outlive the CTA (the trailing groups are empty, but be sure)
 #endif  // QLORA_GEMV_MMA
 }
@@ -1382,12 +1386,17 @@ cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4
   const int64_t grid = std::min<int64_t>(ceil_div(N, 16), int64_t(sm_count) * ctas);
   auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ>;
   constexpr int kBytes = ring_shared_bytes<STAGES>();
+  // EXPERIMENT (session 23, the decode A/B): QLORA_RING_TRIGGER=late lets the next kernel launch
+  // only once this one's tiles are done.
+  const char* trigger = std::getenv("QLORA_RING_TRIGGER");
+  const bool trigger_late = trigger != nullptr && std::strcmp(trigger, "late") == 0;
   if (!programmatic) {
-    kernel<<<dim3(unsigned(grid)), kThreads, kBytes, stream>>>(x, M, packed, scales, nested_log2, N, K, bias, y);
+    kernel<<<dim3(unsigned(grid)), kThreads, kBytes, stream>>>(x, M, packed, scales, nested_log2, N, K, bias, y,
+                                                               trigger_late);
     return cudaGetLastError();
   }
   return launch_kernel(kernel, dim3(unsigned(grid)), dim3(kThreads), kBytes, stream, x, M, packed, scales, nested_log2,
-                       N, K, bias, y);
+                       N, K, bias, y, trigger_late);
 }
 
 template <typename T, int STAGES, int CTAS>
@@ -1583,8 +1592,14 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
         // other way (more CTAs fill the SMs where a CTA has few tiles)
         bool launched = false;
         const bool programmatic = variant == 13;
+        // EXPERIMENT (session 23): QLORA_RING_CONFIG=32 / 23 / 22 forces <3 stages, 2 CTAs> / <2, 3> / <2, 2>.
+        const char* forced = std::getenv("QLORA_RING_CONFIG");
+        const bool large = forced != nullptr ? std::strcmp(forced, "32") == 0 : N * K >= (int64_t(1) << 27);
+        const bool two_two = forced != nullptr && std::strcmp(forced, "22") == 0;
         const cudaError_t ring_status =
-            N * K >= (int64_t(1) << 27)
+            two_two ? launch_ring<T, 2, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
+                                           programmatic, launched) :
+            large
                 ? launch_ring<T, 3, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
                                        programmatic, launched)
                 : launch_ring<T, 2, 3>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
