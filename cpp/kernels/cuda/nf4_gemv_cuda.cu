@@ -55,6 +55,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "cuda_common.cuh"
 #include "cp_async.cuh"
@@ -1023,20 +1024,26 @@ constexpr int kRingStepK = 256;                              // k of one item
 constexpr int kRingCodeBytes = 16 * kRingStepK / 2;          // 16 rows x 128 bytes
 constexpr int kRingScaleBytes = 16 * 16;                     // see the stage layout above
 constexpr int kRingStageBytes = kRingCodeBytes + kRingScaleBytes;
-constexpr int kRingTableBytes = 256 * 32 * 4;                // 32 copies of 256 T2 words
+// The table: COPIES copies of 256 T2 words (32: a copy per lane, no bank conflict; 16: half the
+// bytes, lanes l and l + 16 share a copy)
+template <int COPIES>
+constexpr int ring_table_bytes() {
+  return 256 * COPIES * 4;
+}
 
-template <int STAGES>
+template <int STAGES, int COPIES>
 constexpr int ring_shared_bytes() {
-  return kRingTableBytes + kWarps * STAGES * kRingStageBytes;
+  return ring_table_bytes<COPIES>() + kWarps * STAGES * kRingStageBytes;
 }
 
 #if QLORA_GEMV_MMA
 // The table word of byte `pos` of `word`, from the lane's copy (`lane_table`: its shared address;
 // byte b's 32 copies lie at b * 128).
+template <int COPIES>
 __device__ __forceinline__ uint32_t ring_lookup(uint32_t lane_table, uint32_t word, uint32_t pos) {
   const uint32_t byte = __byte_perm(word, 0u, 0x4440u | pos);  // byte pos alone, zeros above
   uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lane_table + (byte << 7)));
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lane_table + byte * (COPIES * 4)));
   return v;
 }
 
@@ -1047,7 +1054,7 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
 
 // DQ: double quantization (8-bit block codes, nested absmax) or plain fp32 absmax, known at compile
 // time so that neither the producer nor the consumer branches on it per item.
-template <typename T, int STAGES, int CTAS, bool DQ>
+template <typename T, int STAGES, int CTAS, bool DQ, int COPIES>
 __global__ void __launch_bounds__(kThreads, CTAS)
 nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed, NF4Scales scales,
                      int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y,
@@ -1059,7 +1066,8 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
   __shared__ float nested_map[256];
   __shared__ float codes[16];
   uint32_t* const table = reinterpret_cast<uint32_t*>(ring_shared);
-  unsigned char* const ring = ring_shared + kRingTableBytes + (threadIdx.x >> 5) * STAGES * kRingStageBytes;
+  unsigned char* const ring =
+      ring_shared + ring_table_bytes<COPIES>() + (threadIdx.x >> 5) * STAGES * kRingStageBytes;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int n_steps = int(K / kRingStepK);  // K < 2^31 * 256
@@ -1133,16 +1141,16 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
   {  // thread b writes byte b's 32 copies: 8 16-byte stores, rotated so that a quarter-warp's 8 hit 8 bank groups
     const T hi = Element<T>::from_float(codes[tid >> 4]), lo = Element<T>::from_float(codes[tid & 15]);
     const uint32_t word = bits_of(hi) | (bits_of(lo) << 16);  // the even element (high nibble) low
-    uint4* const copies = reinterpret_cast<uint4*>(table + tid * 32);
+    uint4* const copies = reinterpret_cast<uint4*>(table + tid * COPIES);
 #pragma unroll
-    for (int q = 0; q < 8; ++q) copies[(q + tid) & 7] = make_uint4(word, word, word, word);
+    for (int q = 0; q < COPIES / 4; ++q) copies[(q + tid) & (COPIES / 4 - 1)] = make_uint4(word, word, word, word);
   }
   __syncthreads();
   // Everything above read weights and constants only; x (and y's memory) may belong to the
   // kernel before this one, which a programmatic launch overlaps up to here.
   dependency_wait();
 
-  const uint32_t lane_table = shared_address(table) + uint32_t(lane) * 4;
+  const uint32_t lane_table = shared_address(table) + uint32_t(lane & (COPIES - 1)) * 4;
   // B columns: lane (g, t) supplies column g at its own k; column 2m is x row m where t < 2 (block
   // 2h), column 2m + 1 x row m where t >= 2 (block 2h + 1), zero elsewhere.
   const int xm = g >> 1;
@@ -1191,8 +1199,8 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
           // A: code bytes 2j (k slots 2t, 2t + 1) and 2j + 1 (slots 2t + 8, 2t + 9) of rows g (a0, a2)
           // and g + 8 (a1, a3); B: the lane's x words 2j and 2j + 1 (the same k)
           const uint32_t wg = word_of(cg, j >> 1), wg8 = word_of(cg8, j >> 1), p0 = 2 * (j & 1);
-          const uint32_t a0 = ring_lookup(lane_table, wg, p0), a1 = ring_lookup(lane_table, wg8, p0);
-          const uint32_t a2 = ring_lookup(lane_table, wg, p0 + 1), a3 = ring_lookup(lane_table, wg8, p0 + 1);
+          const uint32_t a0 = ring_lookup<COPIES>(lane_table, wg, p0), a1 = ring_lookup<COPIES>(lane_table, wg8, p0);
+          const uint32_t a2 = ring_lookup<COPIES>(lane_table, wg, p0 + 1), a3 = ring_lookup<COPIES>(lane_table, wg8, p0 + 1);
           mma_16816(T{}, c, a0, a1, a2, a3, word_of(xv[j >> 1], (2 * j) & 3), word_of(xv[j >> 1], (2 * j + 1) & 3));
         }
         // block 4 step + 2h's scale is lane t = 2h's, block 4 step + 2h + 1's lane 2h + 1's
@@ -1342,10 +1350,10 @@ cudaError_t launch_stream(const T* x, int M, const uint8_t* packed, const NF4Sca
 // The ring kernel's persistent grid: as many CTAs a SM as fit on this device (CTAS on an H100;
 // fewer where a SM has less shared memory, 100 KB on consumer Ampere / Ada), asked once per device.
 // 0: it does not fit at all (the caller falls back).
-template <typename T, int STAGES, int CTAS, bool DQ>
+template <typename T, int STAGES, int CTAS, bool DQ, int COPIES>
 cudaError_t ring_ctas_per_sm(int& ctas) {
-  auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ>;
-  constexpr int kBytes = ring_shared_bytes<STAGES>();
+  auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES>;
+  constexpr int kBytes = ring_shared_bytes<STAGES, COPIES>();
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cache[kMaxDevices] = {};  // CTAs a SM + 1; 0: not asked yet
   static std::atomic<uint64_t> configured{0};
@@ -1375,17 +1383,17 @@ cudaError_t ring_ctas_per_sm(int& ctas) {
 // `programmatic` false: a plain launch even where generation turned programmatic dependent launch on
 // (variant "ring_plain"), so that the persistent grid starts whole once the kernel before has ended
 // instead of CTA by CTA beside it.
-template <typename T, int STAGES, int CTAS, bool DQ>
+template <typename T, int STAGES, int CTAS, bool DQ, int COPIES>
 cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
                              int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream,
                              bool programmatic, bool& launched) {
   int ctas = 0;
-  const cudaError_t status = ring_ctas_per_sm<T, STAGES, CTAS, DQ>(ctas);
+  const cudaError_t status = ring_ctas_per_sm<T, STAGES, CTAS, DQ, COPIES>(ctas);
   launched = status == cudaSuccess && ctas > 0;
   if (!launched) return status;
   const int64_t grid = std::min<int64_t>(ceil_div(N, 16), int64_t(sm_count) * ctas);
-  auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ>;
-  constexpr int kBytes = ring_shared_bytes<STAGES>();
+  auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES>;
+  constexpr int kBytes = ring_shared_bytes<STAGES, COPIES>();
   // EXPERIMENT (session 23, the decode A/B): QLORA_RING_TRIGGER=late lets the next kernel launch
   // only once this one's tiles are done.
   const char* trigger = std::getenv("QLORA_RING_TRIGGER");
@@ -1399,15 +1407,15 @@ cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4
                        N, K, bias, y, trigger_late);
 }
 
-template <typename T, int STAGES, int CTAS>
+template <typename T, int STAGES, int CTAS, int COPIES = 32>
 cudaError_t launch_ring(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2, int64_t N,
                         int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool programmatic,
                         bool& launched) {
   if (scales.absmax == nullptr) {
-    return launch_ring_form<T, STAGES, CTAS, true>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
+    return launch_ring_form<T, STAGES, CTAS, true, COPIES>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
                                                    programmatic, launched);
   }
-  return launch_ring_form<T, STAGES, CTAS, false>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
+  return launch_ring_form<T, STAGES, CTAS, false, COPIES>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
                                                   programmatic, launched);
 }
 
@@ -1592,13 +1600,25 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
         // other way (more CTAs fill the SMs where a CTA has few tiles)
         bool launched = false;
         const bool programmatic = variant == 13;
-        // EXPERIMENT (session 23): QLORA_RING_CONFIG=32 / 23 / 22 forces <3 stages, 2 CTAs> / <2, 3> / <2, 2>.
-        const char* forced = std::getenv("QLORA_RING_CONFIG");
-        const bool large = forced != nullptr ? std::strcmp(forced, "32") == 0 : N * K >= (int64_t(1) << 27);
-        const bool two_two = forced != nullptr && std::strcmp(forced, "22") == 0;
+        // EXPERIMENT (session 23): QLORA_RING_CONFIG=32 / 23 / 22 / 21 forces <3 stages, 2 CTAs> / <2, 3> /
+        // <2, 2> / <2, 1>; a trailing h (22h, 23h, 32h) the table of 16 copies.
+        const char* forced_env = std::getenv("QLORA_RING_CONFIG");
+        const std::string forced = forced_env != nullptr ? forced_env : "";
+        const bool large = !forced.empty() ? forced == "32" : N * K >= (int64_t(1) << 27);
+#define QLORA_RING_FORCED(NAME, S, C, COPIES)                                                                 \
+  if (forced == NAME) {                                                                                        \
+    const cudaError_t forced_status = launch_ring<T, S, C, COPIES>(xt, m, packed, scales, nested_log2, N, K, bt, \
+                                                                   yt, facts.sm_count, stream, programmatic,  \
+                                                                   launched);                                 \
+    if (launched || forced_status != cudaSuccess) return forced_status;                                       \
+  }
+        QLORA_RING_FORCED("22", 2, 2, 32)
+        QLORA_RING_FORCED("21", 2, 1, 32)
+        QLORA_RING_FORCED("22h", 2, 2, 16)
+        QLORA_RING_FORCED("23h", 2, 3, 16)
+        QLORA_RING_FORCED("32h", 3, 2, 16)
+#undef QLORA_RING_FORCED
         const cudaError_t ring_status =
-            two_two ? launch_ring<T, 2, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
-                                           programmatic, launched) :
             large
                 ? launch_ring<T, 3, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
                                        programmatic, launched)
