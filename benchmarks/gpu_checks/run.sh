@@ -24,6 +24,7 @@
 #     bash benchmarks/gpu_checks/run.sh build ring         # the "ring" GEMV (M <= 4): tests, sanitizers, A/B
 #     bash benchmarks/gpu_checks/run.sh build ring_decode  # why "ring" slows the 8B decode: with/without PDL, profile
 #     bash benchmarks/gpu_checks/run.sh build ring_exp     # the prepared CuPy kernels: balanced ring, M <= 16 ring
+#     bash benchmarks/gpu_checks/run.sh build ring_configs # the ring's footprint in the decode (carveout), per config
 #     bash benchmarks/gpu_checks/run.sh build fixes_s22    # session 22's fixes of three CUDA tests (no GPU then)
 #     bash benchmarks/gpu_checks/run.sh build wide_ab      # the 64 KB-table GEMV and the grouped GEMV: tests, A/B,
 #                                                          # decode, decode profile
@@ -468,6 +469,21 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         --gemv-variants ring,ring_plain,factored_fill --variants-without-pdl --out "$OUT/decode_8b_ring_pdl_${GPU_TAG:-h100}.json"
       for v in ring ring_plain factored_fill; do
         QLORA_NF4_GEMV_VARIANT=$v STEP_TIMEOUT=120 TAIL=40 step "decode_profile_$v" "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
+      done
+      ;;
+    ring_configs)
+      # session 23: the ring's footprint in the decode (its carveout), forced through QLORA_RING_CONFIG
+      # (<stages, CTAs a SM>, h: a table of 16 copies): the shared-memory configuration each GEMV kernel
+      # gets, the 8B decode per config, and the ring GEMV tests under the two new footprints
+      STEP_TIMEOUT=60 TAIL=40 step ncu_carveout ncu --kernel-name regex:"nf4_gemv" --metrics \
+        launch__shared_mem_config_size,launch__shared_mem_per_block_dynamic,launch__shared_mem_per_block_static,launch__grid_size \
+        "$PY" benchmarks/gpu_checks/ncu_probe_carveout.py
+      STEP_TIMEOUT=200 TAIL=20 step decode_configs "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --repeats 2 \
+        --gemv-variants ring,factored_fill --env-ab QLORA_RING_CONFIG=22 QLORA_RING_CONFIG=21 QLORA_RING_CONFIG=22h \
+        QLORA_RING_CONFIG=21h QLORA_RING_CONFIG=22,QLORA_RING_TRIGGER=late --out "$OUT/decode_8b_ring_configs_${GPU_TAG:-h100}.json"
+      for c in 22h 21h; do
+        QLORA_RING_CONFIG=$c STEP_TIMEOUT=60 TAIL=3 step "ring_tests_$c" "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE \
+          tests/test_nf4_gemv.py -k "cuda-ring or ring_large"
       done
       ;;
     fixes_s22)

@@ -1601,7 +1601,7 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
         bool launched = false;
         const bool programmatic = variant == 13;
         // EXPERIMENT (session 23): QLORA_RING_CONFIG=32 / 23 / 22 / 21 forces <3 stages, 2 CTAs> / <2, 3> /
-        // <2, 2> / <2, 1>; a trailing h (22h, 23h, 32h) the table of 16 copies.
+        // <2, 2> / <2, 1>; a trailing h (22h, 21h, 23h, 32h) the table of 16 copies.
         const char* forced_env = std::getenv("QLORA_RING_CONFIG");
         const std::string forced = forced_env != nullptr ? forced_env : "";
         const bool large = !forced.empty() ? forced == "32" : N * K >= (int64_t(1) << 27);
@@ -1615,6 +1615,7 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
         QLORA_RING_FORCED("22", 2, 2, 32)
         QLORA_RING_FORCED("21", 2, 1, 32)
         QLORA_RING_FORCED("22h", 2, 2, 16)
+        QLORA_RING_FORCED("21h", 2, 1, 16)
         QLORA_RING_FORCED("23h", 2, 3, 16)
         QLORA_RING_FORCED("32h", 3, 2, 16)
 #undef QLORA_RING_FORCED
