@@ -285,6 +285,7 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         "stream2": "nf4_gemv_stream_kernel",
         "ring": "nf4_gemv_ring_kernel",
         "ring_plain": "nf4_gemv_ring_kernel",
+        "auto": "nf4_gemv_ring_kernel",  # (programmatic launch is off here)
     }.get(variant, "nf4_gemv_factored_kernel")
     for K, kernel in [(4096, expected), (4096 + 32, "nf4_gemv_mma_kernel")]:
         x, weight, bias = make_case("cuda", torch.bfloat16, 3, 64, K)
@@ -306,7 +307,7 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         }.get(variant)
         if flags and kernel == expected:
             assert any(flags[0] in n or flags[1] in n for n in names), names
-    if variant in ("ring", "ring_plain"):  # outside its domain (M > 4, blocksize 128, K % 256 != 0): factored_fill's kernel
+    if variant in ("ring", "ring_plain", "auto"):  # outside its domain (M > 4, blocksize 128, K % 256 != 0): factored_fill's kernel
         for M, K, blocksize in [(5, 4096, 64), (1, 4096, 128), (1, 4096 + 64, 64)]:
             x, weight, bias = make_case("cuda", torch.bfloat16, M, 64, K, blocksize)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -324,6 +325,27 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         assert any("false, false, 3, false, false>" in n or "Lb0ELb0ELi3ELb0ELb0E" in n for n in names), names
 
 
+@pytest.mark.not_under_sanitizer  # reads kernel names from torch.profiler (CUPTI)
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")
+@pytest.mark.parametrize("programmatic", [False, True])
+def test_auto_takes_the_ring_only_without_programmatic_launch(programmatic, use_variant):
+    # Under programmatic dependent launch (generation's decode) the ring's shared-memory carveout costs
+    # its neighbours more than it saves (decode_8b_ring_pdl_h100.json), so "auto" runs factored_fill's
+    # kernel there; the output is the reference's either way.
+    use_variant("auto")
+    x, weight, bias = make_case("cuda", torch.bfloat16, 2, 96, 4096)
+    with ops.programmatic_launch(programmatic):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = gemv(x, weight, bias)
+            torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "nf4_gemv" in e.name]
+    if not names:
+        pytest.skip("the profiler recorded no CUDA kernels here (no CUPTI?)")
+    expected = "nf4_gemv_factored_kernel" if programmatic else "nf4_gemv_ring_kernel"
+    assert any(expected in n for n in names), (programmatic, names)
+    assert_close_to_reference(out, x, weight, bias)
+
+
 def test_variant_switch_api(use_variant):
     names = ops.nf4_gemv_variants()
     if not HAS_CUDA:
@@ -332,9 +354,9 @@ def test_variant_switch_api(use_variant):
             ops.set_nf4_gemv_variant(0)
         return
     assert names[0] == "mma" and "factored" in names and "factored_split" in names
-    # "factored_fill" is the default ("ring" is faster alone but made the 8B decode slower,
-    # decode_8b_ring_ab_h100.json), unless the process was started on another (QLORA_NF4_GEMV_VARIANT)
-    assert ops.nf4_gemv_variant() == (os.environ.get(ops.GEMV_VARIANT_ENV, "").strip() or "factored_fill")
+    # "auto" is the default (the ring without programmatic launch, factored_fill's kernels with it),
+    # unless the process was started on another (QLORA_NF4_GEMV_VARIANT)
+    assert ops.nf4_gemv_variant() == (os.environ.get(ops.GEMV_VARIANT_ENV, "").strip() or "auto")
     for i, name in enumerate(names):
         ops.set_nf4_gemv_variant(name)
         assert ops.nf4_gemv_variant() == name

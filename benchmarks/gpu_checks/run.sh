@@ -472,19 +472,22 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       done
       ;;
     ring_configs)
-      # session 23: the ring's footprint in the decode (its carveout), forced through QLORA_RING_CONFIG
-      # (<stages, CTAs a SM>, h: a table of 16 copies): the shared-memory configuration each GEMV kernel
-      # gets, the 8B decode per config, and the ring GEMV tests under the two new footprints
-      STEP_TIMEOUT=60 TAIL=40 step ncu_carveout ncu --kernel-name regex:"nf4_gemv" --metrics \
-        launch__shared_mem_config_size,launch__shared_mem_per_block_dynamic,launch__shared_mem_per_block_static,launch__grid_size \
-        "$PY" benchmarks/gpu_checks/ncu_probe_carveout.py
-      STEP_TIMEOUT=200 TAIL=20 step decode_configs "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --repeats 2 \
+      # session 23: "auto" (the new default: the ring without programmatic launch) in the GEMV tests; the
+      # ring's footprint in the decode (its carveout), forced through QLORA_RING_CONFIG (<stages, CTAs a
+      # SM>, h: a table of 16 copies); the ring tests under the two 16-copy footprints; the
+      # shared-memory configuration each GEMV kernel gets (ncu)
+      STEP_TIMEOUT=60 TAIL=3 step auto_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
+        tests/test_nf4_gemv_grouped.py tests/test_nf4_gemv_swiglu.py -k "cuda-auto or auto_takes or variant_switch_api"
+      STEP_TIMEOUT=170 TAIL=20 step decode_configs "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --repeats 2 \
         --gemv-variants ring,factored_fill --env-ab QLORA_RING_CONFIG=22 QLORA_RING_CONFIG=21 QLORA_RING_CONFIG=22h \
         QLORA_RING_CONFIG=21h QLORA_RING_CONFIG=22,QLORA_RING_TRIGGER=late --out "$OUT/decode_8b_ring_configs_${GPU_TAG:-h100}.json"
       for c in 22h 21h; do
-        QLORA_RING_CONFIG=$c STEP_TIMEOUT=60 TAIL=3 step "ring_tests_$c" "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE \
+        QLORA_RING_CONFIG=$c STEP_TIMEOUT=40 TAIL=3 step "ring_tests_$c" "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE \
           tests/test_nf4_gemv.py -k "cuda-ring or ring_large"
       done
+      STEP_TIMEOUT=40 TAIL=40 step ncu_carveout ncu --kernel-name regex:"nf4_gemv" --metrics \
+        launch__shared_mem_config_size,launch__shared_mem_per_block_dynamic,launch__shared_mem_per_block_static,launch__grid_size \
+        "$PY" benchmarks/gpu_checks/ncu_probe_carveout.py
       ;;
     fixes_s22)
       # session 22's fixes of three CUDA tests that failed on the H100 (made without a GPU): the chunked

@@ -1442,17 +1442,23 @@ inline bool stream_applies(int SW, int M, int64_t K, int64_t blocksize, const NF
 constexpr const char* kVariantNames[] = {"mma",         "factored",    "factored_split", "factored_r2",
                                          "factored_r1", "stream",      "stream2",        "factored_wide",
                                          "factored_o3", "factored_o4", "factored_fill", "factored_lean",
-                                         "factored_lean_wide", "ring",        "ring_plain"};
+                                         "factored_lean_wide", "ring",        "ring_plain",     "auto"};
 constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0]));
 // "factored_fill": "factored" (faster than "mma" at every measured shape, nf4_gemv_variants_h100.json)
 // with one round of 3-CTA tiles where "factored" takes two rounds: 8B's grouped q/k/v 13.9 -> 12.0 us,
 // decode +2% (H200, 2026-12-06, nf4_gemv_swiglu_h200.json and decode_8b_glu_h200.json).
 // "ring" (session 22): M <= 4 in its domain takes the ring kernel, everything else (M > 4, other
-// shapes, the grouped and SwiGLU launches) factored_fill's kernels. Alone it is 13-25% faster than
-// factored_fill at M = 1 (nf4_gemv_ring_h100.json), but it made the 8B decode 13% slower in the same
-// run (238.4 against 273.5 tok/s, decode_8b_ring_ab_h100.json), so it is not the default. "ring_plain"
-// (not yet measured): the same, launched without programmatic dependent launch (launch_ring_form).
-std::atomic<int> g_variant{10};
+// shapes, the grouped and SwiGLU launches) factored_fill's kernels. Alone it is 15-27% faster than
+// factored_fill at M = 1 (nf4_gemv_ring_s23_h100.json). "ring_plain": the same, never launched
+// programmatically. "auto" (the default, session 23): the ring where programmatic dependent launch is
+// off, factored_fill's kernels where it is on (qlora_ext.generate's decode). The 8B decode on the H100
+// (decode_8b_ring_pdl_h100.json, one run): without PDL ring 258.8 against factored_fill 248.4 tok/s;
+// with PDL factored_fill 273.7, ring 238.8 and ring_plain 241.4. The ring's CTAs need the largest
+// shared-memory carveout, which its neighbours do not use: with every launch asking for that carveout
+// factored_fill's decode fell to 215 tok/s (decode_8b_ring_carveout_h100.json), and a ring that lets
+// its dependents launch only at its end recovers most of the loss (266), so the overlap PDL buys is
+// what the switch costs.
+std::atomic<int> g_variant{15};
 
 }  // namespace
 
@@ -1507,8 +1513,9 @@ cudaError_t launch_factored_variant(int variant, const T* x, int m, const Factor
         QLORA_FACTORED_LEAN(2, 2, 2, false, 2);
       }
       [[fallthrough]];
-    case 13:  // ring, ring_plain: what the ring kernel does not take
+    case 13:  // ring, ring_plain, auto: what the ring kernel does not take
     case 14:
+    case 15:
       [[fallthrough]];
     case 10:  // factored_fill: "factored", except that an M <= 8 launch whose 16-row tiles need a second
               // round at 2 CTAs a SM but fit one at 3 (Llama-3-8B's grouped q/k/v: 384 tiles, 264 CTAs,
@@ -1594,12 +1601,14 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
         QLORA_STREAM(2, 2, 6);
       }
 #undef QLORA_STREAM
-      if ((variant == 13 || variant == 14) && ring_applies(m, K, blocksize, x, packed, scales)) {
+      // "auto" takes the ring only where no programmatic launch overlaps it with its neighbours (see kVariantNames)
+      const bool ring_variant = variant == 13 || variant == 14 || (variant == 15 && !programmatic_launch_enabled());
+      if (ring_variant && ring_applies(m, K, blocksize, x, packed, scales)) {
         // 3 stages at 2 CTAs a SM for the large weights, 2 stages at 3 CTAs below: H100, M = 1
         // (gemv_ring_h100.json): 28672 x 8192 47.2 against 49.3 us, the three smaller shapes 6-10% the
         // other way (more CTAs fill the SMs where a CTA has few tiles)
         bool launched = false;
-        const bool programmatic = variant == 13;
+        const bool programmatic = variant != 14;
         // EXPERIMENT (session 23): QLORA_RING_CONFIG=32 / 23 / 22 / 21 forces <3 stages, 2 CTAs> / <2, 3> /
         // <2, 2> / <2, 1>; a trailing h (22h, 21h, 23h, 32h) the table of 16 copies.
         const char* forced_env = std::getenv("QLORA_RING_CONFIG");
