@@ -1450,15 +1450,16 @@ constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0
 // "ring" (session 22): M <= 4 in its domain takes the ring kernel, everything else (M > 4, other
 // shapes, the grouped and SwiGLU launches) factored_fill's kernels. Alone it is 15-27% faster than
 // factored_fill at M = 1 (nf4_gemv_ring_s23_h100.json). "ring_plain": the same, never launched
-// programmatically. "auto" (the default, session 23): the ring where programmatic dependent launch is
-// off, factored_fill's kernels where it is on (qlora_ext.generate's decode). The 8B decode on the H100
-// (decode_8b_ring_pdl_h100.json, one run): without PDL ring 258.8 against factored_fill 248.4 tok/s;
-// with PDL factored_fill 273.7, ring 238.8 and ring_plain 241.4. The ring's CTAs need the largest
-// shared-memory carveout, which its neighbours do not use: with every launch asking for that carveout
-// factored_fill's decode fell to 215 tok/s (decode_8b_ring_carveout_h100.json), and a ring that lets
-// its dependents launch only at its end recovers most of the loss (266), so the overlap PDL buys is
-// what the switch costs.
-std::atomic<int> g_variant{15};
+// programmatically. "auto" (session 23; built, not yet run on a GPU, so not yet the default): the ring
+// where programmatic dependent launch is off, factored_fill's kernels where it is on
+// (qlora_ext.generate's decode). The 8B decode on the H100 (decode_8b_ring_pdl_h100.json, one run):
+// without PDL ring 258.8 against factored_fill 248.4 tok/s; with PDL factored_fill 273.7, ring 238.8,
+// ring_plain 241.4. The likely cause is the shared-memory carveout: the ring's 3 CTAs a SM need the
+// largest, and with every launch asking for the largest factored_fill's decode fell to 215 tok/s
+// (decode_8b_ring_carveout_h100.json); the ring at <3 stages, 2 CTAs> (no carveout request) decoded
+// at 271-273, and <2, 3> with its dependents launched at its end instead of its start at 266
+// (decode_8b_ring_knobs_h100.json). run.sh ring_configs measures smaller footprints next.
+std::atomic<int> g_variant{10};
 
 }  // namespace
 
