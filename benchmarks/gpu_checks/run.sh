@@ -472,10 +472,10 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       done
       ;;
     ring_configs)
-      # session 23: "auto" (the new default: the ring without programmatic launch) in the GEMV tests; the
+      # session 23: "auto" (the candidate default: the ring without programmatic launch) in the GEMV tests; the
       # ring's footprint in the decode (its carveout), forced through QLORA_RING_CONFIG (<stages, CTAs a
       # SM>, h: a table of 16 copies); the ring tests under the two 16-copy footprints; the
-      # shared-memory configuration each GEMV kernel gets (ncu)
+      # shared-memory configuration each GEMV kernel gets (ncu), alone and in two decode steps
       STEP_TIMEOUT=60 TAIL=3 step auto_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
         tests/test_nf4_gemv_grouped.py tests/test_nf4_gemv_swiglu.py -k "cuda-auto or auto_takes or variant_switch_api"
       STEP_TIMEOUT=170 TAIL=20 step decode_configs "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --repeats 2 \
@@ -485,9 +485,13 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         QLORA_RING_CONFIG=$c STEP_TIMEOUT=40 TAIL=3 step "ring_tests_$c" "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE \
           tests/test_nf4_gemv.py -k "cuda-ring or ring_large"
       done
-      STEP_TIMEOUT=40 TAIL=40 step ncu_carveout ncu --kernel-name regex:"nf4_gemv" --metrics \
-        launch__shared_mem_config_size,launch__shared_mem_per_block_dynamic,launch__shared_mem_per_block_static,launch__grid_size \
+      ncu_metrics=launch__shared_mem_config_size,launch__shared_mem_per_block_dynamic,launch__shared_mem_per_block_static,launch__grid_size
+      STEP_TIMEOUT=40 TAIL=40 step ncu_carveout ncu --kernel-name regex:"nf4_gemv" --metrics "$ncu_metrics" \
         "$PY" benchmarks/gpu_checks/ncu_probe_carveout.py
+      for v in ring factored_fill; do  # every kernel of two decode steps (2 layers)
+        STEP_TIMEOUT=90 TAIL=80 step "ncu_carveout_decode_$v" ncu --profile-from-start off --metrics "$ncu_metrics" \
+          "$PY" benchmarks/gpu_checks/ncu_probe_carveout.py --decode --variant $v
+      done
       ;;
     fixes_s22)
       # session 22's fixes of three CUDA tests that failed on the H100 (made without a GPU): the chunked
