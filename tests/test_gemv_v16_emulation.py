@@ -29,7 +29,7 @@ def experiment(monkeypatch):
     sys.modules.pop("gemv_v16_experiment", None)
 
 
-@pytest.mark.parametrize("M", [1, 2, 4, 7, 16])  # 7, 16: gemv_ring_mc's column groups
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
 def test_emulated_layout_gives_the_reference_product(experiment, M):
     N, K = 32, 2048  # two tiles; every warp one step
     q = qlora_ext.NF4Weight.from_float(torch.randn(N, K) * 0.05, blocksize=64, double_quant=True)
@@ -56,24 +56,3 @@ def test_emulation_catches_a_wrong_layout(experiment, monkeypatch):
     monkeypatch.setattr(experiment.reference, "nested_absmax", swapped)
     got = experiment.emulate(x, q)
     assert (got - ref).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("n_tiles,n_steps,grid", [(896, 16, 396), (256, 56, 396), (256, 16, 396), (1792, 32, 264),
-                                                  (3, 8, 396), (125, 24, 264)])
-def test_balanced_plan_covers_every_item_once(experiment, n_tiles, n_steps, grid):
-    # gemv_ring_sk's split (balanced_plan mirrors its index arithmetic): every (tile, step) item once,
-    # each warp's producer issuing exactly the sequence its consumer loops over, a shared tile's CTAs
-    # in distinct slots below max_parts, and no CTA with more than per_cta items
-    plan = experiment.balanced_plan(n_tiles, n_steps, grid)
-    seen = [item for items in plan["consumed"].values() for item in items]
-    assert sorted(seen) == [(tile, step) for tile in range(n_tiles) for step in range(n_steps)]
-    assert plan["issued"] == plan["consumed"]
-    for tile, slots in plan["slots"].items():
-        parts = {p for _, p in slots}
-        assert len(parts) == 1, (tile, slots)
-        (count,) = parts
-        assert sorted(s for s, _ in slots) == list(range(count)) and count <= plan["max_parts"], (tile, slots)
-    per_cta = {}
-    for (cta, _), items in plan["consumed"].items():
-        per_cta[cta] = per_cta.get(cta, 0) + len(items)
-    assert max(per_cta.values()) <= plan["per_cta"]

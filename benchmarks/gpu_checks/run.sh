@@ -23,7 +23,7 @@
 #     bash benchmarks/gpu_checks/run.sh build gemv_v16     # the 16-byte-load GEMV experiment (CuPy): check, A/B, ncu
 #     bash benchmarks/gpu_checks/run.sh build ring         # the "ring" GEMV (M <= 4): tests, sanitizers, A/B
 #     bash benchmarks/gpu_checks/run.sh build ring_decode  # why "ring" slows the 8B decode: with/without PDL, profile
-#     bash benchmarks/gpu_checks/run.sh build ring_exp     # the prepared CuPy kernels: balanced ring, M <= 16 ring
+#     bash benchmarks/gpu_checks/run.sh build ring_exp     # the CuPy ring against the library
 #     bash benchmarks/gpu_checks/run.sh build ring_configs # the ring's footprint in the decode (carveout), per config
 #     bash benchmarks/gpu_checks/run.sh build fixes_s22    # session 22's fixes of three CUDA tests (no GPU then)
 #     bash benchmarks/gpu_checks/run.sh build wide_ab      # the 64 KB-table GEMV and the grouped GEMV: tests, A/B,
@@ -426,11 +426,11 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         --m 1 4 16 --out "$OUT/nf4_gemv_ring_${GPU_TAG:-h100}.json"
       ;;
     ring_exp)
-      # session 22's prepared CuPy kernels against the CuPy ring and the library (default variant): the
-      # balanced ring (gemv_ring_sk: equal item runs a CTA, shared tiles finished by the last CTA to
-      # arrive) at M = 1, 4 and the column-group ring for M <= 8 / 16 (gemv_ring_mc) at M = 8, 16
+      # session 22's prepared CuPy kernels, run in session 23 (gemv_ring_exp_h100.json): the balanced ring
+      # (gemv_ring_sk) and the column-group ring for M <= 16 (gemv_ring_mc) were slower and are gone;
+      # what is left times the CuPy ring against the library (default variant)
       STEP_TIMEOUT=150 step ring_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
-        --variants ring3 ring2_c3 sk3 sk2_c3 mc2 mc2_c3 mc4 mc4_s2 --m 1 4 8 16 --out "$OUT/gemv_ring_exp_${GPU_TAG:-h100}.json"
+        --variants ring3 ring2_c3 --m 1 4 --out "$OUT/gemv_ring_exp_${GPU_TAG:-h100}.json"
       ;;
     ring_final)
       # session 22, after the ring kernel's wait lost its memory clobber: the library's ring against the
