@@ -25,6 +25,7 @@
 #     bash benchmarks/gpu_checks/run.sh build ring_decode  # why "ring" slows the 8B decode: with/without PDL, profile
 #     bash benchmarks/gpu_checks/run.sh build ring_exp     # the CuPy ring against the library
 #     bash benchmarks/gpu_checks/run.sh build ring_configs # the ring's footprint in the decode (carveout), per config
+#     bash benchmarks/gpu_checks/run.sh build auto_default # every CUDA test with "auto" selected, decode auto vs factored_fill
 #     bash benchmarks/gpu_checks/run.sh build fixes_s22    # session 22's fixes of three CUDA tests (no GPU then)
 #     bash benchmarks/gpu_checks/run.sh build wide_ab      # the 64 KB-table GEMV and the grouped GEMV: tests, A/B,
 #                                                          # decode, decode profile
@@ -492,6 +493,14 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         STEP_TIMEOUT=90 TAIL=80 step "ncu_carveout_decode_$v" ncu --profile-from-start off --metrics "$ncu_metrics" \
           "$PY" benchmarks/gpu_checks/ncu_probe_carveout.py --decode --variant $v
       done
+      ;;
+    auto_default)
+      # before "auto" becomes the default: every CUDA test with it selected at process start (the
+      # GEMV tests already run each variant), and the 8B decode with it against factored_fill
+      QLORA_NF4_GEMV_VARIANT=auto STEP_TIMEOUT=330 TAIL=6 step auto_all_tests "$PY" -m pytest tests -n 14 -q \
+        -p no:cacheprovider -rfE
+      STEP_TIMEOUT=150 step auto_decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --repeats 2 \
+        --gemv-variants auto,factored_fill --variants-without-pdl --out "$OUT/decode_8b_auto_${GPU_TAG:-h100}.json"
       ;;
     fixes_s22)
       # session 22's fixes of three CUDA tests that failed on the H100 (made without a GPU): the chunked
