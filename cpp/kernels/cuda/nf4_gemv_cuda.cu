@@ -1038,7 +1038,7 @@ constexpr int ring_shared_bytes() {
 
 #if QLORA_GEMV_MMA
 // The table word of byte `pos` of `word`, from the lane's copy (`lane_table`: its shared address;
-// byte b's 32 copies lie at b * 128).
+// byte b's COPIES copies lie at b * COPIES * 4).
 template <int COPIES>
 __device__ __forceinline__ uint32_t ring_lookup(uint32_t lane_table, uint32_t word, uint32_t pos) {
   const uint32_t byte = __byte_perm(word, 0u, 0x4440u | pos);  // byte pos alone, zeros above
@@ -1138,7 +1138,8 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
   if constexpr (DQ) nested_map[tid] = __ldg(scales.nested_code + tid);  // 256 threads, 256 entries
   const float offset = DQ ? __ldg(scales.nested_offset) : 0.0f;
   __syncthreads();
-  {  // thread b writes byte b's 32 copies: 8 16-byte stores, rotated so that a quarter-warp's 8 hit 8 bank groups
+  {  // thread b writes byte b's copies in 16-byte stores (8 for 32 copies), rotated so that a quarter-warp's
+     // stores spread over the bank groups
     const T hi = Element<T>::from_float(codes[tid >> 4]), lo = Element<T>::from_float(codes[tid & 15]);
     const uint32_t word = bits_of(hi) | (bits_of(lo) << 16);  // the even element (high nibble) low
     uint4* const copies = reinterpret_cast<uint4*>(table + tid * COPIES);
@@ -1199,8 +1200,10 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
           // A: code bytes 2j (k slots 2t, 2t + 1) and 2j + 1 (slots 2t + 8, 2t + 9) of rows g (a0, a2)
           // and g + 8 (a1, a3); B: the lane's x words 2j and 2j + 1 (the same k)
           const uint32_t wg = word_of(cg, j >> 1), wg8 = word_of(cg8, j >> 1), p0 = 2 * (j & 1);
-          const uint32_t a0 = ring_lookup<COPIES>(lane_table, wg, p0), a1 = ring_lookup<COPIES>(lane_table, wg8, p0);
-          const uint32_t a2 = ring_lookup<COPIES>(lane_table, wg, p0 + 1), a3 = ring_lookup<COPIES>(lane_table, wg8, p0 + 1);
+          const uint32_t a0 = ring_lookup<COPIES>(lane_table, wg, p0);
+          const uint32_t a1 = ring_lookup<COPIES>(lane_table, wg8, p0);
+          const uint32_t a2 = ring_lookup<COPIES>(lane_table, wg, p0 + 1);
+          const uint32_t a3 = ring_lookup<COPIES>(lane_table, wg8, p0 + 1);
           mma_16816(T{}, c, a0, a1, a2, a3, word_of(xv[j >> 1], (2 * j) & 3), word_of(xv[j >> 1], (2 * j + 1) & 3));
         }
         // block 4 step + 2h's scale is lane t = 2h's, block 4 step + 2h + 1's lane 2h + 1's
@@ -1412,11 +1415,11 @@ cudaError_t launch_ring(const T* x, int M, const uint8_t* packed, const NF4Scale
                         int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool programmatic,
                         bool& launched) {
   if (scales.absmax == nullptr) {
-    return launch_ring_form<T, STAGES, CTAS, true, COPIES>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
-                                                   programmatic, launched);
+    return launch_ring_form<T, STAGES, CTAS, true, COPIES>(x, M, packed, scales, nested_log2, N, K, bias, y,
+                                                           sm_count, stream, programmatic, launched);
   }
-  return launch_ring_form<T, STAGES, CTAS, false, COPIES>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
-                                                  programmatic, launched);
+  return launch_ring_form<T, STAGES, CTAS, false, COPIES>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count,
+                                                          stream, programmatic, launched);
 }
 
 // Whether the ring kernel covers this case (see its comment); the device checks are the caller's.
