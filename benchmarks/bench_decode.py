@@ -158,22 +158,9 @@ def copy_bandwidth(device: str) -> float | None:
     """Device-to-device copy bandwidth in bytes/s (bytes read plus written); None on the CPU."""
     if device != "cuda":
         return None
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    del src, dst
-    return 2 * n / statistics.median(times)
+    from bench_nf4_linear import copy_bandwidth as device_copy_bandwidth  # (this script's directory)
+
+    return device_copy_bandwidth()
 
 
 def bench_stack(name, model, prompt, new_tokens, repeats, device, copy_bw, graphs) -> dict:

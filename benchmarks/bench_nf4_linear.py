@@ -101,13 +101,28 @@ def time_graph(fns, reps: int = 30, calls_per_rep: int | None = None) -> float:
 
 
 def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written: the median
+    of ten 1 GiB copies, each launched eagerly and timed with events.
+
+    Not from a CUDA graph: captured, the same copy ran at 2.43-2.45 TB/s on the H100 against
+    2.95-3.0 TB/s launched eagerly (every `*_h100.json` of this script and its importers before
+    2026-12-07's session 23 used the graph figure; bench_decode.py always used this one)."""
     n = 1 << 30
     src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    us = time_graph([lambda: dst.copy_(src)], reps=10, calls_per_rep=4)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
     del src, dst
-    return 2 * n / (us * 1e-6)
+    return 2 * n / statistics.median(times)
 
 
 def nf4_bytes(weight: qlora_ext.NF4Weight) -> int:
