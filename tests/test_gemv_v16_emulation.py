@@ -56,3 +56,32 @@ def test_emulation_catches_a_wrong_layout(experiment, monkeypatch):
     monkeypatch.setattr(experiment.reference, "nested_absmax", swapped)
     got = experiment.emulate(x, q)
     assert (got - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_ring32_emulated_layout_gives_the_reference_product(experiment, M):
+    # gemv_ring32 (M <= 16, 32-row tiles, the k order inside each block): two tiles, 8 steps
+    N, K = 64, 1024
+    q = qlora_ext.NF4Weight.from_float(torch.randn(N, K) * 0.05, blocksize=64, double_quant=True)
+    x = torch.randn(M, K)
+    args = ops._weight_args(q)
+    ref = reference.nf4_gemv(x, *args[:4], None, *args[4:])
+    got = experiment.emulate_ring32(x, q)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ring32_emulation_catches_a_wrong_layout(experiment, monkeypatch):
+    # the test above can fail: with the two blocks of every step swapped in the scales it is far off
+    N, K = 32, 1024
+    q = qlora_ext.NF4Weight.from_float(torch.randn(N, K) * 0.05, blocksize=64, double_quant=True)
+    x = torch.randn(3, K)
+    args = ops._weight_args(q)
+    ref = reference.nf4_gemv(x, *args[:4], None, *args[4:])
+    real = reference.nested_absmax
+
+    def swapped(*a, **kw):
+        return real(*a, **kw).reshape(-1, 2).flip(1).reshape(-1)
+
+    monkeypatch.setattr(experiment.reference, "nested_absmax", swapped)
+    got = experiment.emulate_ring32(x, q)
+    assert (got - ref).abs().max() > 1e-3

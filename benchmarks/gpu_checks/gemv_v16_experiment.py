@@ -1,4 +1,5 @@
-"""Experiment (session 21, not yet run on a GPU): an NF4 GEMV whose code loads are 16 bytes a lane.
+"""Experiment (session 21; run in sessions 22-23, its ring is the library's "ring" variant): an NF4 GEMV
+whose code loads are 16 bytes a lane, and (session 23, not yet run) gemv_ring32 for M <= 16.
 
     python benchmarks/gpu_checks/gemv_v16_experiment.py [--out FILE.json]
 
@@ -25,6 +26,11 @@ timed against the library's nf4_gemv (the default variant) and bf16 cuBLAS with 
 CUDA-graph timer over weight copies rotating past the L2 cache.
 
 If it wins, it belongs in nf4_gemv_cuda.cu as a variant. The GPU tests then cover it with the rest.
+
+gemv_ring32 (variants r32_s3, r32_s2; docs/nf4_gemv_m16.md) keeps the ring but changes the tile for M <= 16:
+32 rows a tile (x is read from L2 once per tile, so taller tiles read it less), and the k order kept
+inside each quantization block, so that a plain B carries 16 x rows in two n8 MMAs. It covers
+M <= 16, K % 1024 == 0 and N % 32 == 0; emulate_ring32 checks its layout on the CPU.
 """
 
 from __future__ import annotations
@@ -451,6 +457,150 @@ gemv_ring(RING_PARAMS) {
   }
   asm volatile("cp.async.wait_all;");
 }
+// ---- gemv_ring32 (session 23, not yet run; docs/nf4_gemv_m16.md): M <= 16 on 32-row tiles. An item is
+// 32 rows x 128 k (2 quantization blocks a row, 2 KB of codes). Inside each block lane t takes code bytes
+// 8t .. 8t + 7 of its rows (16 k), so every k16 slice of an MMA lies in one block: a plain B (x rows g and
+// g + 8 in two n8 MMAs) and the block's scale applied to the MMA's sums in fp32 (factored rounding).
+// Stage: 32 rows x 64 bytes, 16-byte pieces of rows with (row >> 1) odd swapped in pairs (p ^ 2) so that a
+// half-warp's 8-byte reads of rows g (4 rows) hit 16 distinct bank pairs; then a 4-byte word of scale codes
+// a row (the aligned word holding its 2 blocks) and the row's nested absmax.
+constexpr int kR32Code = 32 * 64;
+constexpr int kR32Stage = kR32Code + 32 * 4 + 32 * 4;
+constexpr int kR32Fixed = 32768 + 1024 + 8 * 32 * 16 * 4;  // table, nested map, partial sums [8][32][16]
+
+extern "C" __global__ void __launch_bounds__(256, CTAS)
+gemv_ring32(RING_PARAMS) {
+  extern __shared__ __align__(16) u8 smem[];
+  u32* table = reinterpret_cast<u32*>(smem);
+  float* nested_map = reinterpret_cast<float*>(smem + 32768);
+  float(&partial)[8][32][16] = *reinterpret_cast<float(*)[8][32][16]>(smem + 32768 + 1024);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const i64 n_steps = K >> 7, n_tiles = N >> 5, blocks_per_row = K >> 6;
+  u8* ring = smem + kR32Fixed + warp * STAGES * kR32Stage;
+  const u32 ring_address = shared_address(ring);
+
+  i64 issue_tile = blockIdx.x, issue_step = warp;
+  auto issue_next = [&](int stage) {
+    if (issue_tile < n_tiles) {
+      const u32 st = ring_address + stage * kR32Stage;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int piece = lane + 32 * i, row = piece >> 2, p16 = piece & 3;
+        const u8* src = packed + (issue_tile * 32 + row) * (K >> 1) + issue_step * 64 + 16 * p16;
+        const u32 dst = st + row * 64 + 16 * (p16 ^ (2 * ((row >> 1) & 1)));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+      }
+      const i64 b0 = (issue_tile * 32 + lane) * blocks_per_row + 2 * issue_step;  // row `lane`'s first block
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(st + kR32Code + 4 * lane), "l"(absmax_codes + (b0 & ~i64(3))));
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(st + kR32Code + 128 + 4 * lane),
+                   "l"(nested_absmax + (b0 >> 8)));
+    }
+    asm volatile("cp.async.commit_group;");
+    issue_step += 8;
+    if (issue_step >= n_steps) {
+      issue_step = warp;
+      issue_tile += gridDim.x;
+    }
+  };
+  for (int s = 0; s < STAGES - 1; ++s) issue_next(s);
+  build_tables(table, nested_map, nf4, nested_code, tid);
+  const float offset = nested_offset[0];
+  const u32 lane_table = shared_address(table) + u32(lane) * 4;
+
+  // x rows g (n8 0) and g + 8 (n8 1); rows >= M read row 0 and are zeroed
+  const bool x0 = g < M, x1 = g + 8 < M;
+  const u16* x_row0 = x + (x0 ? g : 0) * K + 16 * t;
+  const u16* x_row1 = x + (x1 ? g + 8 : 0) * K + 16 * t;
+  float acc[2][2][4];  // [row group q][n8][C fragment]
+#pragma unroll
+  for (int q = 0; q < 2; ++q)
+#pragma unroll
+    for (int n = 0; n < 2; ++n) acc[q][n][0] = acc[q][n][1] = acc[q][n][2] = acc[q][n][3] = 0.f;
+  i64 tile = blockIdx.x, step = warp;
+  int stage = 0;
+  while (tile < n_tiles) {
+    asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
+    __syncwarp();
+    issue_next(stage == 0 ? STAGES - 1 : stage - 1);
+    const u8* st = ring + stage * kR32Stage;
+#pragma unroll
+    for (int bb = 0; bb < 2; ++bb) {
+      // x: k = 64 (2 step + bb) + 16 t .. + 15 of rows g and g + 8 (slice s: words 2s, 2s + 1)
+      const i64 k0 = (2 * step + bb) * 64;
+      const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+      const uint4 xa0 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + k0)) : zero;
+      const uint4 xa1 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + k0 + 8)) : zero;
+      const uint4 xb0 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + k0)) : zero;
+      const uint4 xb1 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + k0 + 8)) : zero;
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int r0 = 16 * q + g, r1 = r0 + 8;  // (r >> 1) & 1 and r & 1 are g's for both
+        const int chunk = (bb * 2 + (t >> 1)) ^ (2 * ((g >> 1) & 1));  // the 16-byte piece holding bytes 8t ..
+        const uint2 c0 = *reinterpret_cast<const uint2*>(st + r0 * 64 + 16 * chunk + 8 * (t & 1));
+        const uint2 c1 = *reinterpret_cast<const uint2*>(st + r1 * 64 + 16 * chunk + 8 * (t & 1));
+        float sc[2];  // block 2 step + bb of rows r0, r1
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = r ? r1 : r0;
+          const i64 b0 = (tile * 32 + row) * blocks_per_row + 2 * step;
+          const u32 word = reinterpret_cast<const u32*>(st + kR32Code)[row];
+          const u32 code = (word >> (8 * ((b0 & 3) + bb))) & 0xffu;
+          sc[r] = __fadd_rn(__fmul_rn(nested_map[code], reinterpret_cast<const float*>(st + kR32Code + 128)[row]), offset);
+        }
+        float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          // A: bytes 2s (k slots 2t, 2t + 1) and 2s + 1 (2t + 8, 2t + 9) of the lane's 8, rows r0 (a0, a2), r1 (a1, a3)
+          const u32 w0 = s < 2 ? c0.x : c0.y, w1 = s < 2 ? c1.x : c1.y, p = 2 * (s & 1);
+          const u32 a0 = lookup(lane_table, w0, p), a1 = lookup(lane_table, w1, p);
+          const u32 a2 = lookup(lane_table, w0, p + 1), a3 = lookup(lane_table, w1, p + 1);
+          mma16816(c[0], a0, a1, a2, a3, word_of(s < 2 ? xa0 : xa1, (2 * s) & 3), word_of(s < 2 ? xa0 : xa1, (2 * s + 1) & 3));
+          mma16816(c[1], a0, a1, a2, a3, word_of(s < 2 ? xb0 : xb1, (2 * s) & 3), word_of(s < 2 ? xb0 : xb1, (2 * s + 1) & 3));
+        }
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          acc[q][n][0] = fmaf(sc[0], c[n][0], acc[q][n][0]);
+          acc[q][n][1] = fmaf(sc[0], c[n][1], acc[q][n][1]);
+          acc[q][n][2] = fmaf(sc[1], c[n][2], acc[q][n][2]);
+          acc[q][n][3] = fmaf(sc[1], c[n][3], acc[q][n][3]);
+        }
+      }
+    }
+    stage = stage == STAGES - 1 ? 0 : stage + 1;
+    i64 next_tile = tile, next_step = step + 8;
+    if (next_step >= n_steps) {
+      next_tile += gridDim.x;
+      next_step = warp;
+    }
+    if (next_tile != tile) {  // every warp, once a tile (K % 1024 == 0)
+#pragma unroll
+      for (int q = 0; q < 2; ++q)
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          // C: rows g (0, 1) and g + 8 (2, 3), columns (x rows) 8n + 2t, 8n + 2t + 1
+          partial[warp][16 * q + g][8 * n + 2 * t] = acc[q][n][0];
+          partial[warp][16 * q + g][8 * n + 2 * t + 1] = acc[q][n][1];
+          partial[warp][16 * q + g + 8][8 * n + 2 * t] = acc[q][n][2];
+          partial[warp][16 * q + g + 8][8 * n + 2 * t + 1] = acc[q][n][3];
+          acc[q][n][0] = acc[q][n][1] = acc[q][n][2] = acc[q][n][3] = 0.f;
+        }
+      __syncthreads();
+      for (int i = tid; i < 32 * 16; i += 256) {
+        const int r = i & 31, m = i >> 5;
+        if (m < M) {
+          float sum = 0.f;
+#pragma unroll
+          for (int w = 0; w < 8; ++w) sum += partial[w][r][m];
+          y[i64(m) * N + tile * 32 + r] = u16(bf16_bits(sum));
+        }
+      }
+      __syncthreads();
+    }
+    tile = next_tile;
+    step = next_step;
+  }
+  asm volatile("cp.async.wait_all;");
+}
 """
 
 
@@ -509,6 +659,56 @@ def emulate(x: torch.Tensor, q: qlora_ext.NF4Weight, nf4_values: torch.Tensor | 
     return y
 
 
+def emulate_ring32(x: torch.Tensor, q: qlora_ext.NF4Weight, nf4_values: torch.Tensor | None = None) -> torch.Tensor:
+    """gemv_ring32's data movement in plain PyTorch (CPU, fp32), lane by lane as the kernel indexes it.
+
+    Per (tile of 32 rows, step of 128 k, block bb, row group q, k16 slice s): lane (g, t)'s A words come
+    from code bytes 8t + 2s (k slots 2t, 2t + 1) and 8t + 2s + 1 (slots 2t + 8, 2t + 9) of the block's 32
+    bytes of rows 16q + g and 16q + g + 8, its B words from x rows g and g + 8 (two n8 MMAs) at
+    k = 64 block + 16t + 4s .. + 3; each block's product is scaled by the rows' block scales. With exact
+    NF4 values it equals the fp32 reference up to summation order (tests/test_gemv_v16_emulation.py).
+    """
+    N, K = q.shape
+    M = x.shape[0]
+    if M > 16 or N % 32 or K % 128:
+        raise ValueError("gemv_ring32 takes M <= 16, N % 32 == 0, K % 128 == 0")
+    codes = q.packed.reshape(N, K // 2).to(torch.int64)
+    nested = q.nested
+    scales = reference.nested_absmax(q.absmax, nested.absmax2, nested.code, nested.offset, nested.blocksize)
+    scales = scales.reshape(N, K // 64)
+    values = codebooks.nf4_code() if nf4_values is None else nf4_values
+    xf = torch.zeros(16, K)
+    xf[:M] = x.float()
+    y = torch.zeros(M, N)
+    for tile in range(N // 32):
+        acc = torch.zeros(32, 16)
+        for step in range(K // 128):
+            for bb in range(2):
+                block = 2 * step + bb
+                for qg in range(2):
+                    c = torch.zeros(16, 16)  # the block's product: rows 16 qg + 0..15 x the 16 x rows
+                    for s in range(4):
+                        A = torch.zeros(16, 16)
+                        B = torch.zeros(16, 16)
+                        for g in range(8):
+                            for t in range(4):
+                                for r in (g, g + 8):
+                                    row = tile * 32 + 16 * qg + r
+                                    for slot0, byte in ((2 * t, 8 * t + 2 * s), (2 * t + 8, 8 * t + 2 * s + 1)):
+                                        code = int(codes[row, 32 * block + byte])
+                                        A[r, slot0] = values[code >> 4]  # even k: high nibble, low half
+                                        A[r, slot0 + 1] = values[code & 15]
+                                for n8 in range(2):
+                                    k = 64 * block + 16 * t + 4 * s
+                                    B[2 * t, 8 * n8 + g], B[2 * t + 1, 8 * n8 + g] = xf[8 * n8 + g, k], xf[8 * n8 + g, k + 1]
+                                    B[2 * t + 8, 8 * n8 + g] = xf[8 * n8 + g, k + 2]
+                                    B[2 * t + 9, 8 * n8 + g] = xf[8 * n8 + g, k + 3]
+                        c += A @ B
+                    rows = tile * 32 + 16 * qg + torch.arange(16)
+                    acc[16 * qg : 16 * qg + 16] += scales[rows, block].unsqueeze(1) * c
+        y[:, tile * 32 : tile * 32 + 32] = acc[:, :M].T
+    return y
+
 # The kernels' compile-time options, A/B'd against each other in one run (session 22): TABLE_V4 (the
 # table built with 16-byte stores, one code byte a thread), PREFETCH (tiles asked of L2 ahead), and
 # the ring kernel's STAGES and CTAs a SM: name -> (kernel, defines, CTAs a SM).
@@ -520,45 +720,58 @@ VARIANTS = {
     "ring4": ("gemv_ring", ("-DSTAGES=4",), 2),
     "ring3": ("gemv_ring", ("-DSTAGES=3",), 2),
     "ring2_c3": ("gemv_ring", ("-DSTAGES=2", "-DCTAS=3"), 3),
+    # M <= 16 on 32-row tiles, the k order kept inside each block (gemv_ring32, docs/nf4_gemv_m16.md)
+    "r32_s3": ("gemv_ring32", ("-DSTAGES=3",), 2),
+    "r32_s2": ("gemv_ring32", ("-DSTAGES=2",), 2),
 }
 # Measured and dropped in session 23 (gemv_ring_exp_h100.json; the kernels are in git history before
 # its cleanup): gemv_ring_sk, equal item runs a CTA with shared tiles finished by the last CTA, 9-65%
 # slower than gemv_ring; gemv_ring_mc, column groups for M <= 16, within 3% of factored_fill at M = 8 and
 # 1-35% slower at M = 16.
-MAX_ROWS = 4  # x rows a kernel takes: one column pair each in the MMA's 8 columns
+MAX_ROWS = 4  # x rows gemv_ring takes: one column pair each in the MMA's 8 columns
+# Per kernel: (x rows, tile rows, K multiple: every warp a step in every tile, fixed shared bytes, stage bytes)
+DOMAINS = {
+    "gemv_v16": (4, 16, 2048, 0, 0),
+    "gemv_ring": (4, 16, 2048, 32768 + 1024 + 8 * 16 * 5 * 4, 16 * 128 + 16 * 4 * 2),
+    "gemv_ring32": (16, 32, 1024, 32768 + 1024 + 8 * 32 * 16 * 4, 32 * 64 + 32 * 4 * 2),
+}
 
 
-RING_FIXED_BYTES = 32768 + 1024 + 8 * 16 * 5 * 4  # table, nested map, partial sums
-RING_STAGE_BYTES = 16 * 128 + 16 * 4 * 2
+
 
 
 def make_gemv(cupy, name: str = "v16"):
     kernel_name, defines, ctas = VARIANTS[name]
     kernel = cupy.RawKernel(KERNEL, kernel_name, options=("--std=c++17", *defines))
+    rows, tile_rows, k_multiple, fixed_bytes, stage_bytes = DOMAINS[kernel_name]
     smem = 0
-    if kernel_name == "gemv_ring":
+    if stage_bytes:
         stages = int(next(d for d in defines if d.startswith("-DSTAGES=")).split("=")[1])
-        smem = RING_FIXED_BYTES + 8 * stages * RING_STAGE_BYTES
+        smem = fixed_bytes + 8 * stages * stage_bytes
         kernel.max_dynamic_shared_size_bytes = smem
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     nf4 = codebooks.nf4_code("cuda")
-    rows = MAX_ROWS
+
+    def covers(M: int, N: int, K: int) -> bool:
+        return M <= rows and K % k_multiple == 0 and N % tile_rows == 0
 
     def gemv(x: torch.Tensor, q: qlora_ext.NF4Weight) -> torch.Tensor:
         N, K = q.shape
         M = x.shape[0]
-        if not (M <= rows and K % 2048 == 0 and N % 16 == 0 and q.blocksize == 64 and q.nested is not None
-                and q.nested.blocksize == 256 and x.dtype == torch.bfloat16 and x.is_contiguous()):  # fmt: skip
-            raise ValueError(f"{name} covers M <= {rows}, bf16, blocksize 64, double quantization, K % 2048, N % 16")
+        if not (covers(M, N, K) and q.blocksize == 64 and q.nested is not None and q.nested.blocksize == 256
+                and x.dtype == torch.bfloat16 and x.is_contiguous()):  # fmt: skip
+            raise ValueError(f"{name} covers M <= {rows}, bf16, blocksize 64, double quantization, "
+                             f"K % {k_multiple}, N % {tile_rows}")  # fmt: skip
         y = torch.empty(M, N, dtype=torch.bfloat16, device=x.device)
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-        grid = min(N // 16, ctas * sms)
+        grid = min(N // tile_rows, ctas * sms)
         args = (x.data_ptr(), cupy.int32(M), q.packed.data_ptr(), q.absmax.data_ptr(), q.nested.absmax2.data_ptr(),
                 q.nested.code.data_ptr(), q.nested.offset.data_ptr(), nf4.data_ptr(), cupy.int64(N), cupy.int64(K),
                 y.data_ptr())  # fmt: skip
         kernel((grid,), (256,), args, stream=stream, shared_mem=smem)
         return y
 
+    gemv.covers = covers
     return gemv
 
 
@@ -596,9 +809,10 @@ def main() -> int:
                library_variant=ops.nf4_gemv_variant())  # fmt: skip
     failures = 0
     for name, gemv in gemvs.items():
-        # odd tile counts and several tiles a CTA
-        cases = [(1, 64, 2048), (3, 48, 4096), (4, 2000, 6144), (1, 4096, 14336), (2, 14336, 4096)]
-        for M, N, K in cases:
+        # odd tile counts, several tiles a CTA, and (gemv_ring32) M up to 16
+        cases = [(1, 64, 2048), (3, 48, 4096), (4, 2000, 6144), (1, 4096, 14336), (2, 14336, 4096),
+                 (5, 96, 2048), (16, 2048, 6144), (13, 4096, 8192), (8, 14336, 4096), (16, 32, 1024)]  # fmt: skip
+        for M, N, K in [c for c in cases if gemv.covers(*c)]:
             case = random_case(M, N, K)
             for call in range(2):
                 row = dict(env, kind="check", variant=name, call=call, **check(gemv, *case))
@@ -618,7 +832,7 @@ def main() -> int:
             verdict = None
             with torch.no_grad():
                 for name, gemv in gemvs.items():
-                    if M > MAX_ROWS:
+                    if not gemv.covers(M, N, K):
                         continue
                     verdict = check(gemv, x, q)
                     failures += not verdict["correct"]

@@ -23,7 +23,8 @@
 #     bash benchmarks/gpu_checks/run.sh build gemv_v16     # the 16-byte-load GEMV experiment (CuPy): check, A/B, ncu
 #     bash benchmarks/gpu_checks/run.sh build ring         # the "ring" GEMV (M <= 4): tests, sanitizers, A/B
 #     bash benchmarks/gpu_checks/run.sh build ring_decode  # why "ring" slows the 8B decode: with/without PDL, profile
-#     bash benchmarks/gpu_checks/run.sh build ring_exp     # the CuPy ring against the library's ring, one process
+#     bash benchmarks/gpu_checks/run.sh build ring_exp     # the CuPy ring against the library's ring, one process;
+#                                                          # gemv_ring32 (M <= 16) against the default
 #     bash benchmarks/gpu_checks/run.sh build ring_configs # the ring's footprint in the decode (carveout), per config
 #     bash benchmarks/gpu_checks/run.sh build auto_default # every CUDA test with "auto" selected, decode auto vs factored_fill
 #     bash benchmarks/gpu_checks/run.sh build fixes_s22    # session 22's fixes of three CUDA tests (no GPU then)
@@ -429,10 +430,13 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
     ring_exp)
       # session 22's prepared CuPy kernels, run in session 23 (gemv_ring_exp_h100.json): the balanced ring
       # (gemv_ring_sk) and the column-group ring for M <= 16 (gemv_ring_mc) were slower and are gone;
-      # what is left times the CuPy ring against the library's ring in one process (session 23's SASS:
+      # the CuPy ring against the library's ring in one process (session 23's SASS:
       # 469 instructions an item in the library's <3, 2> loop against the CuPy ring3's 461)
       QLORA_NF4_GEMV_VARIANT=ring STEP_TIMEOUT=150 step ring_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
         --variants ring3 ring2_c3 --m 1 4 --out "$OUT/gemv_ring_exp_${GPU_TAG:-h100}.json"
+      # session 23's gemv_ring32 (M <= 16, 32-row tiles; docs/nf4_gemv_m16.md) against the library's default
+      STEP_TIMEOUT=150 step ring32_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
+        --variants r32_s3 r32_s2 --m 1 4 8 16 --out "$OUT/gemv_ring32_exp_${GPU_TAG:-h100}.json"
       ;;
     ring_final)
       # session 22, after the ring kernel's wait lost its memory clobber: the library's ring against the
