@@ -586,7 +586,7 @@ gemv_ring32(RING_PARAMS) {
         }
       __syncthreads();
       for (int i = tid; i < 32 * 16; i += 256) {
-        const int r = i & 31, m = i >> 5;
+        const int m = i & 15, r = i >> 4;  // a half-warp reads one row's 16 columns: no bank conflict
         if (m < M) {
           float sum = 0.f;
 #pragma unroll
