@@ -523,6 +523,25 @@ gemv_ring32(RING_PARAMS) {
     __syncwarp();
     issue_next(stage == 0 ? STAGES - 1 : stage - 1);
     const u8* st = ring + stage * kR32Stage;
+    // The scales of the lane's rows 16q + g + 8r, blocks 2 step + bb. A row's staged word starts at its
+    // first block rounded down to 4; the first block's byte in it, ((tile 32 + row) blocks_per_row +
+    // 2 step) & 3, is (2 step + (row & 1) (blocks_per_row & 2)) & 3 for even blocks_per_row, the same for
+    // all four rows (their parity is g's).
+    const u32 first_byte = (u32(2 * step) + u32(g & 1) * (u32(blocks_per_row) & 2u)) & 3u;
+    float sc[2][2][2];  // [q][r][bb]
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = 16 * q + g + 8 * r;
+        const u32 word = reinterpret_cast<const u32*>(st + kR32Code)[row];
+        const float nested = reinterpret_cast<const float*>(st + kR32Code + 128)[row];
+#pragma unroll
+        for (int bb = 0; bb < 2; ++bb) {
+          const u32 code = (word >> (8 * (first_byte + bb))) & 0xffu;
+          sc[q][r][bb] = __fadd_rn(__fmul_rn(nested_map[code], nested), offset);
+        }
+      }
 #pragma unroll
     for (int bb = 0; bb < 2; ++bb) {
       // x: k = 64 (2 step + bb) + 16 t .. + 15 of rows g and g + 8 (slice s: words 2s, 2s + 1)
@@ -538,15 +557,6 @@ gemv_ring32(RING_PARAMS) {
         const int chunk = (bb * 2 + (t >> 1)) ^ (2 * ((g >> 1) & 1));  // the 16-byte piece holding bytes 8t ..
         const uint2 c0 = *reinterpret_cast<const uint2*>(st + r0 * 64 + 16 * chunk + 8 * (t & 1));
         const uint2 c1 = *reinterpret_cast<const uint2*>(st + r1 * 64 + 16 * chunk + 8 * (t & 1));
-        float sc[2];  // block 2 step + bb of rows r0, r1
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = r ? r1 : r0;
-          const i64 b0 = (tile * 32 + row) * blocks_per_row + 2 * step;
-          const u32 word = reinterpret_cast<const u32*>(st + kR32Code)[row];
-          const u32 code = (word >> (8 * ((b0 & 3) + bb))) & 0xffu;
-          sc[r] = __fadd_rn(__fmul_rn(nested_map[code], reinterpret_cast<const float*>(st + kR32Code + 128)[row]), offset);
-        }
         float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
@@ -559,10 +569,10 @@ gemv_ring32(RING_PARAMS) {
         }
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
-          acc[q][n][0] = fmaf(sc[0], c[n][0], acc[q][n][0]);
-          acc[q][n][1] = fmaf(sc[0], c[n][1], acc[q][n][1]);
-          acc[q][n][2] = fmaf(sc[1], c[n][2], acc[q][n][2]);
-          acc[q][n][3] = fmaf(sc[1], c[n][3], acc[q][n][3]);
+          acc[q][n][0] = fmaf(sc[q][0][bb], c[n][0], acc[q][n][0]);
+          acc[q][n][1] = fmaf(sc[q][0][bb], c[n][1], acc[q][n][1]);
+          acc[q][n][2] = fmaf(sc[q][1][bb], c[n][2], acc[q][n][2]);
+          acc[q][n][3] = fmaf(sc[q][1][bb], c[n][3], acc[q][n][3]);
         }
       }
     }
