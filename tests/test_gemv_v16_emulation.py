@@ -29,59 +29,34 @@ def experiment(monkeypatch):
     sys.modules.pop("gemv_v16_experiment", None)
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4])
-def test_emulated_layout_gives_the_reference_product(experiment, M):
-    N, K = 32, 2048  # two tiles; every warp one step
+# (emulation, M, N, K): gemv_ring on two 16-row tiles with every warp one step (M <= 4); gemv_ring32
+# (M <= 16, 32-row tiles, the k order inside each block) on two tiles of 8 steps
+CASES = [("emulate", M, 32, 2048) for M in (1, 2, 3, 4)] + [("emulate_ring32", M, 64, 1024) for M in (1, 5, 16)]
+
+
+def random_case(M, N, K):
     q = qlora_ext.NF4Weight.from_float(torch.randn(N, K) * 0.05, blocksize=64, double_quant=True)
     x = torch.randn(M, K)
     args = ops._weight_args(q)
-    ref = reference.nf4_gemv(x, *args[:4], None, *args[4:])
-    got = experiment.emulate(x, q)
+    return x, q, reference.nf4_gemv(x, *args[:4], None, *args[4:])
+
+
+@pytest.mark.parametrize("emulation,M,N,K", CASES)
+def test_emulated_layout_gives_the_reference_product(experiment, emulation, M, N, K):
+    x, q, ref = random_case(M, N, K)
+    got = getattr(experiment, emulation)(x, q)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_emulation_catches_a_wrong_layout(experiment, monkeypatch):
-    # the test above can fail: the same emulation with the two blocks' scales swapped is far off
-    N, K = 16, 2048
-    q = qlora_ext.NF4Weight.from_float(torch.randn(N, K) * 0.05, blocksize=64, double_quant=True)
-    x = torch.randn(1, K)
-    args = ops._weight_args(q)
-    ref = reference.nf4_gemv(x, *args[:4], None, *args[4:])
-    real = reference.nested_absmax
-
-    def swapped(*a, **kw):
-        s = real(*a, **kw)
-        return s.reshape(-1, 2).flip(1).reshape(-1)
-
-    monkeypatch.setattr(experiment.reference, "nested_absmax", swapped)
-    got = experiment.emulate(x, q)
-    assert (got - ref).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("M", [1, 5, 16])
-def test_ring32_emulated_layout_gives_the_reference_product(experiment, M):
-    # gemv_ring32 (M <= 16, 32-row tiles, the k order inside each block): two tiles, 8 steps
-    N, K = 64, 1024
-    q = qlora_ext.NF4Weight.from_float(torch.randn(N, K) * 0.05, blocksize=64, double_quant=True)
-    x = torch.randn(M, K)
-    args = ops._weight_args(q)
-    ref = reference.nf4_gemv(x, *args[:4], None, *args[4:])
-    got = experiment.emulate_ring32(x, q)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-
-
-def test_ring32_emulation_catches_a_wrong_layout(experiment, monkeypatch):
-    # the test above can fail: with the two blocks of every step swapped in the scales it is far off
-    N, K = 32, 1024
-    q = qlora_ext.NF4Weight.from_float(torch.randn(N, K) * 0.05, blocksize=64, double_quant=True)
-    x = torch.randn(3, K)
-    args = ops._weight_args(q)
-    ref = reference.nf4_gemv(x, *args[:4], None, *args[4:])
+@pytest.mark.parametrize("emulation,M,N,K", [("emulate", 1, 16, 2048), ("emulate_ring32", 3, 32, 1024)])
+def test_emulation_catches_a_wrong_layout(experiment, monkeypatch, emulation, M, N, K):
+    # the test above can fail: the same emulation with the two blocks of each pair's scales swapped is far off
+    x, q, ref = random_case(M, N, K)
     real = reference.nested_absmax
 
     def swapped(*a, **kw):
         return real(*a, **kw).reshape(-1, 2).flip(1).reshape(-1)
 
     monkeypatch.setattr(experiment.reference, "nested_absmax", swapped)
-    got = experiment.emulate_ring32(x, q)
+    got = getattr(experiment, emulation)(x, q)
     assert (got - ref).abs().max() > 1e-3
