@@ -1,7 +1,8 @@
-"""The data layout of benchmarks/gpu_checks/gemv_v16_experiment.py's kernel (16-byte code loads,
-the two quantization blocks of a half-step kept apart in the MMA's column pairs), emulated lane by
-lane on the CPU: with exact NF4 values it must give the fp32 reference's product up to summation
-order. (The kernel itself needs a GPU and CuPy; this checks the indexing it is written with.)"""
+"""The data layouts of benchmarks/gpu_checks/gemv_v16_experiment.py's ring kernels, emulated lane by
+lane on the CPU: gemv_ring (16-byte code loads, the two quantization blocks of a half-step kept apart
+in the MMA's column pairs) and gemv_ring32 (M <= 16, the k order kept inside each block). With exact
+NF4 values each must give the fp32 reference's product up to summation order. (The kernels
+themselves need a GPU and CuPy; this checks the indexing they are written with.)"""
 
 from __future__ import annotations
 
