@@ -437,6 +437,9 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # session 23's gemv_ring32 (M <= 16, 32-row tiles; docs/nf4_gemv_m16.md) against the library's default
       STEP_TIMEOUT=150 step ring32_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
         --variants r32_s3 r32_s2 --m 1 4 8 16 --out "$OUT/gemv_ring32_exp_${GPU_TAG:-h100}.json"
+      # session 24: the fixed cost of an M = 1 call (a graph node's floor, each variant with PDL off and on,
+      # bf16 cuBLAS), for the 3x bar at the small shapes
+      STEP_TIMEOUT=120 TAIL=14 step gemv_floor "$PY" benchmarks/gpu_checks/gemv_floor.py --out "$OUT/gemv_floor_${GPU_TAG:-h100}.json"
       ;;
     ring_final)
       # session 22, after the ring kernel's wait lost its memory clobber: the library's ring against the
