@@ -25,6 +25,7 @@
 #     bash benchmarks/gpu_checks/run.sh build ring_decode  # why "ring" slows the 8B decode: with/without PDL, profile
 #     bash benchmarks/gpu_checks/run.sh build ring_exp     # the CuPy ring against the library's ring, one process;
 #                                                          # gemv_ring32 (M <= 16) against the default
+#     bash benchmarks/gpu_checks/run.sh build auto_tests   # the "auto" variant's GEMV tests
 #     bash benchmarks/gpu_checks/run.sh build ring_configs # the ring's footprint in the decode (carveout), per config
 #     bash benchmarks/gpu_checks/run.sh build auto_default # every CUDA test with "auto" selected, decode auto vs factored_fill
 #     bash benchmarks/gpu_checks/run.sh build fixes_s22    # session 22's fixes of three CUDA tests (no GPU then)
@@ -480,13 +481,15 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         QLORA_NF4_GEMV_VARIANT=$v STEP_TIMEOUT=120 TAIL=40 step "decode_profile_$v" "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
       done
       ;;
-    ring_configs)
-      # session 23: "auto" (the candidate default: the ring without programmatic launch) in the GEMV tests; the
-      # ring's footprint in the decode (its carveout), forced through QLORA_RING_CONFIG (<stages, CTAs a
-      # SM>, h: a table of 16 copies); the ring tests under the two 16-copy footprints; the
-      # shared-memory configuration each GEMV kernel gets (ncu), alone and in two decode steps
+    auto_tests)
+      # session 23's "auto" variant in the GEMV tests (ring_configs ran these first until session 24)
       STEP_TIMEOUT=60 TAIL=3 step auto_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
         tests/test_nf4_gemv_grouped.py tests/test_nf4_gemv_swiglu.py -k "cuda-auto or auto_takes or variant_switch_api"
+      ;;
+    ring_configs)
+      # session 23: the ring's footprint in the decode (its carveout), forced through QLORA_RING_CONFIG (<stages, CTAs a
+      # SM>, h: a table of 16 copies); the ring tests under the two 16-copy footprints; the
+      # shared-memory configuration each GEMV kernel gets (ncu), alone and in two decode steps
       STEP_TIMEOUT=170 TAIL=20 step decode_configs "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --repeats 2 \
         --gemv-variants ring,factored_fill --env-ab QLORA_RING_CONFIG=22 QLORA_RING_CONFIG=21 QLORA_RING_CONFIG=22h \
         QLORA_RING_CONFIG=21h QLORA_RING_CONFIG=22,QLORA_RING_TRIGGER=late --out "$OUT/decode_8b_ring_configs_${GPU_TAG:-h100}.json"
