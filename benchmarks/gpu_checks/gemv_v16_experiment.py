@@ -83,6 +83,10 @@ __device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, 
 
 __device__ __forceinline__ u32 word_of(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 
+struct CtaSync {  // the CTA's barrier, for end_tile
+  __device__ void operator()() const { __syncthreads(); }
+};
+
 // The table word of byte p of `word` from the lane's copy (`lane_table`: its shared address).
 __device__ __forceinline__ u32 lookup(u32 lane_table, u32 word, u32 p) {
   const u32 byte = __byte_perm(word, 0u, 0x4440u | p);  // byte p alone, zero above
@@ -111,16 +115,18 @@ __device__ __forceinline__ void add_scaled(float (&acc)[2], const float (&c)[4],
 // Half h of an item (128 k: code words of rows g and g + 8, x words, the lane's block scales of both
 // rows): 8 MMAs into a fresh C, whose column pairs hold block 2h's and block 2h + 1's partial sums
 // in lane t = m, each scaled by its block's scale (from lanes 2h and 2h + 1 of the row's 4) into acc.
+// `look(word, p)`: the table word of byte p of `word` (the lane's copy).
+template <typename Lookup>
 __device__ __forceinline__ void half_step(float (&acc)[2], const uint4& cg, const uint4& cg8, const uint4 (&xv)[4],
-                                          const float (&scale)[2], u32 lane_table, int lane, int h) {
+                                          const float (&scale)[2], const Lookup& look, int lane, int h) {
   float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     // A: code bytes 2j (k slots 2t, 2t+1) and 2j + 1 (slots 2t+8, 2t+9) of rows g (a0, a2), g + 8 (a1, a3)
     const u32 wg = word_of(cg, j >> 1), wg8 = word_of(cg8, j >> 1);
     const u32 p0 = 2 * (j & 1);
-    const u32 a0 = lookup(lane_table, wg, p0), a1 = lookup(lane_table, wg8, p0);
-    const u32 a2 = lookup(lane_table, wg, p0 + 1), a3 = lookup(lane_table, wg8, p0 + 1);
+    const u32 a0 = look(wg, p0), a1 = look(wg8, p0);
+    const u32 a2 = look(wg, p0 + 1), a3 = look(wg8, p0 + 1);
     // B: x words 2j and 2j + 1 of the lane's 16 (the same k as a0 / a2)
     mma16816(c, a0, a1, a2, a3, word_of(xv[j >> 1], (2 * j) & 3), word_of(xv[j >> 1], (2 * j + 1) & 3));
   }
@@ -128,13 +134,15 @@ __device__ __forceinline__ void half_step(float (&acc)[2], const uint4& cg, cons
 }
 
 // The end of a tile: the 8 warps' sums meet in shared memory, 64 threads store y rows tile*16.. (bf16).
+// `tid`: the thread's index among the 256 that share `partial`; `sync()`: their barrier.
+template <typename Barrier>
 __device__ __forceinline__ void end_tile(float (&acc)[2], float (&partial)[8][16][5], int warp, int g, int t, int tid,
-                                         int M, i64 N, i64 tile, u16* __restrict__ y) {
+                                         int M, i64 N, i64 tile, u16* __restrict__ y, const Barrier& sync) {
   if (t < M) {
     partial[warp][g][t] = acc[0];
     partial[warp][g + 8][t] = acc[1];
   }
-  __syncthreads();
+  sync();
   if (tid < 16 * 4) {
     const int r = tid & 15, m = tid >> 4;
     if (m < M) {
@@ -144,7 +152,7 @@ __device__ __forceinline__ void end_tile(float (&acc)[2], float (&partial)[8][16
       y[i64(m) * N + tile * 16 + r] = u16(bf16_bits(s));
     }
   }
-  __syncthreads();
+  sync();
   acc[0] = acc[1] = 0.f;
 }
 
@@ -234,6 +242,7 @@ gemv_v16(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const 
   u32 table_address;
   asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(table_address) : "l"(table));
   const u32 lane_table = table_address + u32(lane) * 4;
+  const auto look = [lane_table](u32 w, u32 p) { return lookup(lane_table, w, p); };
   // B columns in pairs: column 2m holds x row m where the k belongs to block 2h (A lanes t < 2),
   // column 2m + 1 x row m where it belongs to block 2h + 1 (t >= 2), zero elsewhere. One MMA then
   // gives both blocks' partial sums, C[row][2m] and C[row][2m + 1], which lane t = m holds as
@@ -268,9 +277,9 @@ gemv_v16(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const 
 #pragma unroll
         for (int q = 0; q < 4; ++q) xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + step * 256 + 128 * h + 8 * q));
       }
-      half_step(acc, cur.codes[0][h], cur.codes[1][h], xv, scale, lane_table, lane, h);
+      half_step(acc, cur.codes[0][h], cur.codes[1][h], xv, scale, look, lane, h);
     }
-    if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid, M, N, tile, y);  // every warp, once (K % 2048)
+    if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid, M, N, tile, y, CtaSync{});  // every warp, once (K % 2048)
     tile = next_tile;
     step = next_step;
   };
@@ -358,7 +367,8 @@ __device__ __forceinline__ float (&ring_partials(u8* smem))[8][16][COLS] {
   for (int s = 0; s < STAGES - 1; ++s) issue_next(s);                                                   \
   build_tables(table, nested_map, nf4, nested_code, tid);                                               \
   const float offset = nested_offset[0];                                                                \
-  const u32 lane_table = shared_address(table) + u32(lane) * 4
+  const u32 lane_table = shared_address(table) + u32(lane) * 4;                                         \
+  const auto look = [lane_table](u32 w, u32 p) { return lookup(lane_table, w, p); }
 
 // Thread b writes code byte b's 32 table copies: 8 16-byte stores, rotated so a quarter-warp's 8 hit
 // 8 bank groups.
@@ -410,8 +420,9 @@ __device__ __forceinline__ void build_tables(u32* table, float* nested_map, cons
 }
 
 // One item's arithmetic from its stage `st` (codes, then 16 rows' 4 scale codes and nested absmax).
+template <typename Lookup>
 __device__ __forceinline__ void ring_item(float (&acc)[2], const u8* st, const float* nested_map, float offset,
-                                          bool x_loads, const u16* x_lane, uint4 (&xv)[4], i64 step, u32 lane_table,
+                                          bool x_loads, const u16* x_lane, uint4 (&xv)[4], i64 step, const Lookup& look,
                                           int lane) {
   const int g = lane >> 2, t = lane & 3, swizzle = (g & 1) * 64;
   float scale[2];
@@ -424,7 +435,7 @@ __device__ __forceinline__ void ring_item(float (&acc)[2], const u8* st, const f
 #pragma unroll
       for (int q = 0; q < 4; ++q) xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + step * 256 + 128 * h + 8 * q));
     }
-    half_step(acc, cg, cg8, xv, scale, lane_table, lane, h);
+    half_step(acc, cg, cg8, xv, scale, look, lane, h);
   }
 }
 
@@ -444,19 +455,116 @@ gemv_ring(RING_PARAMS) {
     asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
     __syncwarp();  // every lane's copies of this item landed; every lane is done with the stage refilled next
     issue_next(stage == 0 ? STAGES - 1 : stage - 1);
-    ring_item(acc, ring + stage * kStageBytes, nested_map, offset, x_loads, x_lane, xv, step, lane_table, lane);
+    ring_item(acc, ring + stage * kStageBytes, nested_map, offset, x_loads, x_lane, xv, step, look, lane);
     stage = stage == STAGES - 1 ? 0 : stage + 1;
     i64 next_tile = tile, next_step = step + 8;
     if (next_step >= n_steps) {
       next_tile += gridDim.x;
       next_step = warp;
     }
-    if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid, M, N, tile, y);  // every warp, once (K % 2048)
+    if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid, M, N, tile, y, CtaSync{});  // every warp, once (K % 2048)
     tile = next_tile;
     step = next_step;
   }
   asm volatile("cp.async.wait_all;");
 }
+// ---- gemv_ring_p (session 24, not yet run): gemv_ring with a two-instruction lookup. gemv_ring's lookup
+// is three: a byte permute isolating the code byte, an IMAD (byte * 128 + the lane's copy) and the LDS
+// (64 of each a lane and item: 192 of the ring3 loop's 461 SASS instructions). Here the table rows are
+// 256 bytes apart, so one byte permute builds the whole offset (the code byte at bits 8..15, lane * 4
+// at bits 0..7) and the LDS adds the table's base from a uniform register. The table doubles to 64 KB
+// (the high 128 bytes of each row unused), so the CTA holds 16 warps, one CTA a SM, as two groups of 8
+// that each run gemv_ring's loop on their own tiles (2 blockIdx + group, stride 2 gridDim) with their
+// own partial sums and named barrier.
+#ifndef LOOKUP3
+#define LOOKUP3 0
+#endif
+constexpr int kPTableBytes = 256 * 256;
+constexpr int kPFixed = kPTableBytes + 1024 + 2 * 8 * 16 * 5 * 4;  // table, nested map, partials [2][8][16][5]
+
+// byte p of `word` at bits 8..15 (its table row), lane4 (lane * 4 < 256) at bits 0..7 (the lane's copy)
+__device__ __forceinline__ u32 lookup_p(const u8* table, u32 lane4, u32 word, u32 p) {
+  return *reinterpret_cast<const u32*>(table + __byte_perm(word, lane4, 0x5504u | (p << 4)));
+}
+
+struct GroupSync {  // the 256 threads of group `id` (named barrier id + 1; 0 is __syncthreads')
+  int id;
+  __device__ void operator()() const { asm volatile("bar.sync %0, 256;" ::"r"(id + 1) : "memory"); }
+};
+
+extern "C" __global__ void __launch_bounds__(512, 1)
+gemv_ring_p(RING_PARAMS) {
+  extern __shared__ __align__(16) u8 smem[];
+  const int tid = threadIdx.x, lane = tid & 31, group = tid >> 8, warp = (tid >> 5) & 7, g = lane >> 2, t = lane & 3;
+  float* nested_map = reinterpret_cast<float*>(smem + kPTableBytes);
+  float(&partial)[8][16][5] = reinterpret_cast<float(*)[8][16][5]>(smem + kPTableBytes + 1024)[group];
+  const i64 n_steps = K >> 8, n_tiles = N >> 4, tile_stride = 2 * i64(gridDim.x);
+  u8* ring = smem + kPFixed + (tid >> 5) * STAGES * kStageBytes;
+  const u32 ring_address = shared_address(ring);
+  i64 issue_tile = 2 * i64(blockIdx.x) + group, issue_step = warp;
+  auto issue_next = [&](int stage) {
+    if (issue_tile < n_tiles) {
+      issue_item(ring_address + stage * kStageBytes, packed, absmax_codes, nested_absmax, K, issue_tile, issue_step, lane);
+    }
+    asm volatile("cp.async.commit_group;");
+    issue_step += 8;
+    if (issue_step >= n_steps) {
+      issue_step = warp;
+      issue_tile += tile_stride;
+    }
+  };
+  for (int s = 0; s < STAGES - 1; ++s) issue_next(s);
+  {  // byte b = tid / 2's copies 16 (tid & 1) .. + 15
+    const int b = tid >> 1;
+    const u32 w = bf16_bits(nf4[b >> 4]) | (bf16_bits(nf4[b & 15]) << 16);
+    const uint4 v = make_uint4(w, w, w, w);
+    uint4* row = reinterpret_cast<uint4*>(smem + b * 256 + (tid & 1) * 64);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) row[(q + tid) & 3] = v;
+  }
+  if (tid < 256) nested_map[tid] = nested_code[tid];
+  __syncthreads();
+  const float offset = nested_offset[0];
+#if LOOKUP3  // the control: the same CTA and table, gemv_ring's three-instruction lookup (byte << 8 + lane copy)
+  const u32 lane_table = shared_address(smem) + u32(lane) * 4;
+  const auto look = [lane_table](u32 w, u32 p) {
+    u32 v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lane_table + (__byte_perm(w, 0u, 0x4440u | p) << 8)));
+    return v;
+  };
+#else
+  const u32 lane4 = u32(lane) * 4;
+  const u8* table = smem;
+  const auto look = [table, lane4](u32 w, u32 p) { return lookup_p(table, lane4, w, p); };
+#endif
+  const GroupSync group_sync{group};
+
+  const int xm = g >> 1;
+  const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);
+  const u16* x_lane = x + (x_loads ? xm : 0) * K + 32 * t;
+  uint4 xv[4] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u),
+                 make_uint4(0u, 0u, 0u, 0u)};
+  float acc[2] = {0.f, 0.f};
+  i64 tile = 2 * i64(blockIdx.x) + group, step = warp;
+  int stage = 0;
+  while (tile < n_tiles) {
+    asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
+    __syncwarp();
+    issue_next(stage == 0 ? STAGES - 1 : stage - 1);
+    ring_item(acc, ring + stage * kStageBytes, nested_map, offset, x_loads, x_lane, xv, step, look, lane);
+    stage = stage == STAGES - 1 ? 0 : stage + 1;
+    i64 next_tile = tile, next_step = step + 8;
+    if (next_step >= n_steps) {
+      next_tile += tile_stride;
+      next_step = warp;
+    }
+    if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid & 255, M, N, tile, y, group_sync);
+    tile = next_tile;
+    step = next_step;
+  }
+  asm volatile("cp.async.wait_all;");
+}
+
 // ---- gemv_ring32 (session 23, not yet run; docs/nf4_gemv_m16.md): M <= 16 on 32-row tiles. An item is
 // 32 rows x 128 k (2 quantization blocks a row, 2 KB of codes). Inside each block lane t takes code bytes
 // 8t .. 8t + 7 of its rows (16 k), so every k16 slice of an MMA lies in one block: a plain B (x rows g and
@@ -730,6 +838,11 @@ VARIANTS = {
     "ring4": ("gemv_ring", ("-DSTAGES=4",), 2),
     "ring3": ("gemv_ring", ("-DSTAGES=3",), 2),
     "ring2_c3": ("gemv_ring", ("-DSTAGES=2", "-DCTAS=3"), 3),
+    # session 24: the two-instruction lookup (64 KB table, one CTA of 16 warps a SM), and its control with
+    # gemv_ring's three-instruction lookup in the same CTA
+    "ringp3": ("gemv_ring_p", ("-DSTAGES=3",), 1),
+    "ringp3_l3": ("gemv_ring_p", ("-DSTAGES=3", "-DLOOKUP3=1"), 1),
+    "ringp2": ("gemv_ring_p", ("-DSTAGES=2",), 1),
     # M <= 16 on 32-row tiles, the k order kept inside each block (gemv_ring32, docs/nf4_gemv_m16.md)
     "r32_s3": ("gemv_ring32", ("-DSTAGES=3",), 2),
     "r32_s2": ("gemv_ring32", ("-DSTAGES=2",), 2),
@@ -739,11 +852,13 @@ VARIANTS = {
 # slower than gemv_ring; gemv_ring_mc, column groups for M <= 16, within 3% of factored_fill at M = 8 and
 # 1-35% slower at M = 16.
 MAX_ROWS = 4  # x rows gemv_ring takes: one column pair each in the MMA's 8 columns
-# Per kernel: (x rows, tile rows, K multiple: every warp a step in every tile, fixed shared bytes, stage bytes)
+# Per kernel: (x rows, tile rows, K multiple: every warp a step in every tile, fixed shared bytes, stage bytes,
+# warps a CTA: groups of 8 that each take a tile at a time)
 DOMAINS = {
-    "gemv_v16": (4, 16, 2048, 0, 0),
-    "gemv_ring": (4, 16, 2048, 32768 + 1024 + 8 * 16 * 5 * 4, 16 * 128 + 16 * 4 * 2),
-    "gemv_ring32": (16, 32, 1024, 32768 + 1024 + 8 * 32 * 16 * 4, 32 * 64 + 32 * 4 * 2),
+    "gemv_v16": (4, 16, 2048, 0, 0, 8),
+    "gemv_ring": (4, 16, 2048, 32768 + 1024 + 8 * 16 * 5 * 4, 16 * 128 + 16 * 4 * 2, 8),
+    "gemv_ring_p": (4, 16, 2048, 65536 + 1024 + 2 * 8 * 16 * 5 * 4, 16 * 128 + 16 * 4 * 2, 16),
+    "gemv_ring32": (16, 32, 1024, 32768 + 1024 + 8 * 32 * 16 * 4, 32 * 64 + 32 * 4 * 2, 8),
 }
 
 
@@ -753,11 +868,12 @@ DOMAINS = {
 def make_gemv(cupy, name: str = "v16"):
     kernel_name, defines, ctas = VARIANTS[name]
     kernel = cupy.RawKernel(KERNEL, kernel_name, options=("--std=c++17", *defines))
-    rows, tile_rows, k_multiple, fixed_bytes, stage_bytes = DOMAINS[kernel_name]
+    rows, tile_rows, k_multiple, fixed_bytes, stage_bytes, warps = DOMAINS[kernel_name]
+    groups = warps // 8
     smem = 0
     if stage_bytes:
         stages = int(next(d for d in defines if d.startswith("-DSTAGES=")).split("=")[1])
-        smem = fixed_bytes + 8 * stages * stage_bytes
+        smem = fixed_bytes + warps * stages * stage_bytes
         kernel.max_dynamic_shared_size_bytes = smem
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     nf4 = codebooks.nf4_code("cuda")
@@ -774,11 +890,11 @@ def make_gemv(cupy, name: str = "v16"):
                              f"K % {k_multiple}, N % {tile_rows}")  # fmt: skip
         y = torch.empty(M, N, dtype=torch.bfloat16, device=x.device)
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-        grid = min(N // tile_rows, ctas * sms)
+        grid = min(-(-(N // tile_rows) // groups), ctas * sms)
         args = (x.data_ptr(), cupy.int32(M), q.packed.data_ptr(), q.absmax.data_ptr(), q.nested.absmax2.data_ptr(),
                 q.nested.code.data_ptr(), q.nested.offset.data_ptr(), nf4.data_ptr(), cupy.int64(N), cupy.int64(K),
                 y.data_ptr())  # fmt: skip
-        kernel((grid,), (256,), args, stream=stream, shared_mem=smem)
+        kernel((grid,), (32 * warps,), args, stream=stream, shared_mem=smem)
         return y
 
     gemv.covers = covers
