@@ -313,21 +313,25 @@ __device__ __forceinline__ u32 shared_address(const void* p) {
 // (row = piece / 8; a row's two 64-byte halves swap places on odd rows so that the compute's 16-byte
 // reads, rows g and g + 1 of a quarter-warp, fall in different banks), lanes 0-15 row l's 4 scale codes,
 // lanes 16-31 row l - 16's nested absmax.
+// ROW: the bytes between two code rows of a stage (gemv_ring_g's stages lie in its table's gaps: 256);
+// `scales`: where the stage's scale ingredients go (right after the codes in the other kernels).
+template <int ROW = 128>
 __device__ __forceinline__ void issue_item(u32 stage, const u8* __restrict__ packed, const u8* __restrict__ absmax_codes,
-                                           const float* __restrict__ nested_absmax, i64 K, i64 tile, i64 step, int lane) {
+                                           const float* __restrict__ nested_absmax, i64 K, i64 tile, i64 step, int lane,
+                                           u32 scales) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int piece = lane + 32 * i, row = piece >> 3, col = (piece & 7) * 16;
     const u8* src = packed + (tile * 16 + row) * (K >> 1) + step * 128 + col;
-    const u32 dst = stage + row * 128 + (col ^ ((row & 1) * 64));
+    const u32 dst = stage + row * ROW + (col ^ ((row & 1) * 64));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
   }
   const int row = lane & 15;
   const i64 b = (tile * 16 + row) * (K >> 6) + step * 4;
   if (lane < 16) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(stage + kCodeBytes + 4 * row), "l"(absmax_codes + b));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(scales + 4 * row), "l"(absmax_codes + b));
   } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(stage + kCodeBytes + 64 + 4 * row),
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(scales + 64 + 4 * row),
                  "l"(nested_absmax + (b >> 8)));
   }
 }
@@ -382,10 +386,10 @@ __device__ __forceinline__ void build_table(u32* table, const float* __restrict_
 
 // Lane t's block scales (block 4 step + t of rows g and g + 8) from a stage's staged scale codes and
 // nested absmax.
-__device__ __forceinline__ void item_scales(float (&scale)[2], const u8* st, const float* nested_map, float offset,
+__device__ __forceinline__ void item_scales(float (&scale)[2], const u8* scale_bytes, const float* nested_map, float offset,
                                             int g, int t) {
-  const u32* scale_words = reinterpret_cast<const u32*>(st + kCodeBytes);
-  const float* nested = reinterpret_cast<const float*>(st + kCodeBytes + 64);
+  const u32* scale_words = reinterpret_cast<const u32*>(scale_bytes);
+  const float* nested = reinterpret_cast<const float*>(scale_bytes + 64);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const u32 code = (scale_words[g + 8 * r] >> (8 * t)) & 0xffu;
@@ -401,7 +405,7 @@ struct StridedProducer {
   int warp;
   __device__ void issue_next(u32 stage, const u8* __restrict__ packed, const u8* __restrict__ absmax_codes,
                              const float* __restrict__ nested_absmax, i64 K, int lane) {
-    if (tile < n_tiles) issue_item(stage, packed, absmax_codes, nested_absmax, K, tile, step, lane);
+    if (tile < n_tiles) issue_item(stage, packed, absmax_codes, nested_absmax, K, tile, step, lane, stage + kCodeBytes);
     asm volatile("cp.async.commit_group;");
     step += 8;
     if (step >= n_steps) {
@@ -420,17 +424,18 @@ __device__ __forceinline__ void build_tables(u32* table, float* nested_map, cons
 }
 
 // One item's arithmetic from its stage `st` (codes, then 16 rows' 4 scale codes and nested absmax).
-template <typename Lookup>
-__device__ __forceinline__ void ring_item(float (&acc)[2], const u8* st, const float* nested_map, float offset,
+// An item from its staged codes (`st`, rows ROW bytes apart) and scale ingredients (`sb`).
+template <int ROW = 128, typename Lookup>
+__device__ __forceinline__ void ring_item(float (&acc)[2], const u8* st, const u8* sb, const float* nested_map, float offset,
                                           bool x_loads, const u16* x_lane, uint4 (&xv)[4], i64 step, const Lookup& look,
                                           int lane) {
   const int g = lane >> 2, t = lane & 3, swizzle = (g & 1) * 64;
   float scale[2];
-  item_scales(scale, st, nested_map, offset, g, t);
+  item_scales(scale, sb, nested_map, offset, g, t);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const uint4 cg = *reinterpret_cast<const uint4*>(st + g * 128 + ((16 * t + 64 * h) ^ swizzle));
-    const uint4 cg8 = *reinterpret_cast<const uint4*>(st + (g + 8) * 128 + ((16 * t + 64 * h) ^ swizzle));
+    const uint4 cg = *reinterpret_cast<const uint4*>(st + g * ROW + ((16 * t + 64 * h) ^ swizzle));
+    const uint4 cg8 = *reinterpret_cast<const uint4*>(st + (g + 8) * ROW + ((16 * t + 64 * h) ^ swizzle));
     if (x_loads) {
 #pragma unroll
       for (int q = 0; q < 4; ++q) xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + step * 256 + 128 * h + 8 * q));
@@ -455,7 +460,8 @@ gemv_ring(RING_PARAMS) {
     asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
     __syncwarp();  // every lane's copies of this item landed; every lane is done with the stage refilled next
     issue_next(stage == 0 ? STAGES - 1 : stage - 1);
-    ring_item(acc, ring + stage * kStageBytes, nested_map, offset, x_loads, x_lane, xv, step, look, lane);
+    ring_item(acc, ring + stage * kStageBytes, ring + stage * kStageBytes + kCodeBytes, nested_map, offset, x_loads, x_lane,
+              xv, step, look, lane);
     stage = stage == STAGES - 1 ? 0 : stage + 1;
     i64 next_tile = tile, next_step = step + 8;
     if (next_step >= n_steps) {
@@ -504,7 +510,8 @@ gemv_ring_p(RING_PARAMS) {
   i64 issue_tile = 2 * i64(blockIdx.x) + group, issue_step = warp;
   auto issue_next = [&](int stage) {
     if (issue_tile < n_tiles) {
-      issue_item(ring_address + stage * kStageBytes, packed, absmax_codes, nested_absmax, K, issue_tile, issue_step, lane);
+      const u32 st = ring_address + stage * kStageBytes;
+      issue_item(st, packed, absmax_codes, nested_absmax, K, issue_tile, issue_step, lane, st + kCodeBytes);
     }
     asm volatile("cp.async.commit_group;");
     issue_step += 8;
@@ -551,7 +558,8 @@ gemv_ring_p(RING_PARAMS) {
     asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
     __syncwarp();
     issue_next(stage == 0 ? STAGES - 1 : stage - 1);
-    ring_item(acc, ring + stage * kStageBytes, nested_map, offset, x_loads, x_lane, xv, step, look, lane);
+    ring_item(acc, ring + stage * kStageBytes, ring + stage * kStageBytes + kCodeBytes, nested_map, offset, x_loads, x_lane,
+              xv, step, look, lane);
     stage = stage == STAGES - 1 ? 0 : stage + 1;
     i64 next_tile = tile, next_step = step + 8;
     if (next_step >= n_steps) {
@@ -559,6 +567,82 @@ gemv_ring_p(RING_PARAMS) {
       next_step = warp;
     }
     if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid & 255, M, N, tile, y, group_sync);
+    tile = next_tile;
+    step = next_step;
+  }
+  asm volatile("cp.async.wait_all;");
+}
+
+// ---- gemv_ring_g (session 24, not yet run): gemv_ring_p's two-instruction lookup at gemv_ring's footprint.
+// The 64 KB table uses the low 128 bytes of each 256-byte row; the high halves (256 x 128 bytes) hold the
+// code rows of 16 stages (16 rows each: stage s, row r at (16 s + r) * 256 + 128), so 8 warps x 2 stages
+// fit exactly; the stages' scale ingredients (128 bytes each) follow the table. 64 + 2 + 1 + 2.5 KB a CTA:
+// 3 CTAs a SM, as ring2_c3 (gemv_ring at 2 stages, 3 CTAs a SM, the fastest CuPy ring at three shapes).
+constexpr int kGStages = 2;  // 8 warps x 2 stages = the 16 stages the table's gaps hold
+constexpr int kGScaleBytes = 16 * 4 * 2;
+constexpr int kGFixed = kPTableBytes + 8 * kGStages * kGScaleBytes + 1024 + 8 * 16 * 5 * 4;
+
+extern "C" __global__ void __launch_bounds__(256, 3)
+gemv_ring_g(RING_PARAMS) {
+  extern __shared__ __align__(16) u8 smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  u8* const scale_area = smem + kPTableBytes;  // [warp][stage][128]
+  float* nested_map = reinterpret_cast<float*>(scale_area + 8 * kGStages * kGScaleBytes);
+  float(&partial)[8][16][5] = *reinterpret_cast<float(*)[8][16][5]>(scale_area + 8 * kGStages * kGScaleBytes + 1024);
+  const i64 n_steps = K >> 8, n_tiles = N >> 4;
+  // The warp's stages: codes in the gaps, scales after the table.
+  u8* const codes = smem + warp * kGStages * 16 * 256 + 128;
+  u8* const scales = scale_area + warp * kGStages * kGScaleBytes;
+  const u32 codes_address = shared_address(codes), scales_address = shared_address(scales);
+  StridedProducer producer{blockIdx.x, warp, n_tiles, n_steps, warp};
+  auto issue_next = [&](int stage) {
+    if (producer.tile < n_tiles) {
+      issue_item<256>(codes_address + stage * 16 * 256, packed, absmax_codes, nested_absmax, K, producer.tile,
+                      producer.step, lane, scales_address + stage * kGScaleBytes);
+    }
+    asm volatile("cp.async.commit_group;");
+    producer.step += 8;
+    if (producer.step >= n_steps) {
+      producer.step = warp;
+      producer.tile += gridDim.x;
+    }
+  };
+  issue_next(0);  // kGStages - 1 items ahead
+  {  // thread b writes byte b's 32 copies (the low half of its row), rotated over the bank groups
+    const u32 w = bf16_bits(nf4[tid >> 4]) | (bf16_bits(nf4[tid & 15]) << 16);
+    const uint4 v = make_uint4(w, w, w, w);
+    uint4* row = reinterpret_cast<uint4*>(smem + tid * 256);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) row[(q + tid) & 7] = v;
+  }
+  nested_map[tid] = nested_code[tid];
+  __syncthreads();
+  const float offset = nested_offset[0];
+  const u32 lane4 = u32(lane) * 4;
+  const u8* table = smem;
+  const auto look = [table, lane4](u32 w, u32 p) { return lookup_p(table, lane4, w, p); };
+
+  const int xm = g >> 1;
+  const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);
+  const u16* x_lane = x + (x_loads ? xm : 0) * K + 32 * t;
+  uint4 xv[4] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u),
+                 make_uint4(0u, 0u, 0u, 0u)};
+  float acc[2] = {0.f, 0.f};
+  i64 tile = blockIdx.x, step = warp;
+  int stage = 0;
+  while (tile < n_tiles) {
+    asm volatile("cp.async.wait_group 0;");  // kGStages - 2
+    __syncwarp();
+    issue_next(stage ^ 1);
+    ring_item<256>(acc, codes + stage * 16 * 256, scales + stage * kGScaleBytes, nested_map, offset, x_loads, x_lane, xv,
+                   step, look, lane);
+    stage ^= 1;
+    i64 next_tile = tile, next_step = step + 8;
+    if (next_step >= n_steps) {
+      next_tile += gridDim.x;
+      next_step = warp;
+    }
+    if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid, M, N, tile, y, CtaSync{});
     tile = next_tile;
     step = next_step;
   }
@@ -843,6 +927,7 @@ VARIANTS = {
     "ringp3": ("gemv_ring_p", ("-DSTAGES=3",), 1),
     "ringp3_l3": ("gemv_ring_p", ("-DSTAGES=3", "-DLOOKUP3=1"), 1),
     "ringp2": ("gemv_ring_p", ("-DSTAGES=2",), 1),
+    "ringg2_c3": ("gemv_ring_g", (), 3),
     # M <= 16 on 32-row tiles, the k order kept inside each block (gemv_ring32, docs/nf4_gemv_m16.md)
     "r32_s3": ("gemv_ring32", ("-DSTAGES=3",), 2),
     "r32_s2": ("gemv_ring32", ("-DSTAGES=2",), 2),
@@ -858,6 +943,8 @@ DOMAINS = {
     "gemv_v16": (4, 16, 2048, 0, 0, 8),
     "gemv_ring": (4, 16, 2048, 32768 + 1024 + 8 * 16 * 5 * 4, 16 * 128 + 16 * 4 * 2, 8),
     "gemv_ring_p": (4, 16, 2048, 65536 + 1024 + 2 * 8 * 16 * 5 * 4, 16 * 128 + 16 * 4 * 2, 16),
+    # its 16 stages lie in the table's 64 KB (fixed: table, the stages' scales, nested map, partial sums)
+    "gemv_ring_g": (4, 16, 2048, 65536 + 8 * 2 * 128 + 1024 + 8 * 16 * 5 * 4, 0, 8),
     "gemv_ring32": (16, 32, 1024, 32768 + 1024 + 8 * 32 * 16 * 4, 32 * 64 + 32 * 4 * 2, 8),
 }
 
@@ -870,10 +957,11 @@ def make_gemv(cupy, name: str = "v16"):
     kernel = cupy.RawKernel(KERNEL, kernel_name, options=("--std=c++17", *defines))
     rows, tile_rows, k_multiple, fixed_bytes, stage_bytes, warps = DOMAINS[kernel_name]
     groups = warps // 8
-    smem = 0
+    smem = fixed_bytes
     if stage_bytes:
         stages = int(next(d for d in defines if d.startswith("-DSTAGES=")).split("=")[1])
         smem = fixed_bytes + warps * stages * stage_bytes
+    if smem:
         kernel.max_dynamic_shared_size_bytes = smem
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     nf4 = codebooks.nf4_code("cuda")

@@ -433,9 +433,10 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # (gemv_ring_sk) and the column-group ring for M <= 16 (gemv_ring_mc) were slower and are gone;
       # the CuPy ring against the library's ring in one process (session 23's SASS:
       # 469 instructions an item in the library's <3, 2> loop against the CuPy ring3's 461); session 24's
-      # gemv_ring_p (a two-instruction lookup: 406 an item) and its control ringp3_l3 (same CTA, old lookup)
+      # gemv_ring_p (a two-instruction lookup: 406 an item) and its control ringp3_l3 (same CTA, old lookup),
+      # gemv_ring_g (the same lookup at ring2_c3's footprint, the stages in the table's gaps: 420 against 471)
       QLORA_NF4_GEMV_VARIANT=ring STEP_TIMEOUT=150 step ring_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
-        --variants ring3 ring2_c3 ringp3 ringp3_l3 ringp2 --m 1 4 --out "$OUT/gemv_ring_exp_${GPU_TAG:-h100}.json"
+        --variants ring3 ring2_c3 ringp3 ringp3_l3 ringp2 ringg2_c3 --m 1 4 --out "$OUT/gemv_ring_exp_${GPU_TAG:-h100}.json"
       # session 23's gemv_ring32 (M <= 16, 32-row tiles; docs/nf4_gemv_m16.md) against the library's default
       STEP_TIMEOUT=150 step ring32_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
         --variants r32_s3 r32_s2 --m 1 4 8 16 --out "$OUT/gemv_ring32_exp_${GPU_TAG:-h100}.json"
