@@ -443,6 +443,9 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # session 24: the fixed cost of an M = 1 call (a graph node's floor, each variant with PDL off and on,
       # bf16 cuBLAS), for the 3x bar at the small shapes
       STEP_TIMEOUT=120 TAIL=14 step gemv_floor "$PY" benchmarks/gpu_checks/gemv_floor.py --out "$OUT/gemv_floor_${GPU_TAG:-h100}.json"
+      # the 80% criterion under ncu: DRAM bytes / duration of the ring and factored_fill against a 1 GiB copy
+      STEP_TIMEOUT=90 TAIL=60 step ncu_bandwidth ncu --profile-from-start off --metrics \
+        dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum "$PY" benchmarks/gpu_checks/ncu_bandwidth.py
       ;;
     ring_final)
       # session 22, after the ring kernel's wait lost its memory clobber: the library's ring against the
