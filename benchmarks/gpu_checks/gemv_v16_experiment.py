@@ -374,6 +374,16 @@ __device__ __forceinline__ float (&ring_partials(u8* smem))[8][16][COLS] {
   const u32 lane_table = shared_address(table) + u32(lane) * 4;                                         \
   const auto look = [lane_table](u32 w, u32 p) { return lookup(lane_table, w, p); }
 
+// The ring kernels' B operand and sums: lane (g, t) loads x row g / 2 at block 2h's k (t < 2, even g) or
+// block 2h + 1's (t >= 2, odd g) into xv, zeros elsewhere for good; acc: rows g and g + 8, x row t.
+#define RING_X_LANE()                                                                            \
+  const int xm = g >> 1;                                                                         \
+  const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);                                      \
+  const u16* x_lane = x + (x_loads ? xm : 0) * K + 32 * t;                                       \
+  uint4 xv[4] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u), \
+                 make_uint4(0u, 0u, 0u, 0u)};                                                    \
+  float acc[2] = {0.f, 0.f}
+
 // Thread b writes code byte b's 32 table copies: 8 16-byte stores, rotated so a quarter-warp's 8 hit
 // 8 bank groups.
 __device__ __forceinline__ void build_table(u32* table, const float* __restrict__ nf4, int tid) {
@@ -448,12 +458,7 @@ extern "C" __global__ void __launch_bounds__(256, CTAS)
 gemv_ring(RING_PARAMS) {
   RING_CTA(5);
   RING_STRIDED_START();
-  const int xm = g >> 1;
-  const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);
-  const u16* x_lane = x + (x_loads ? xm : 0) * K + 32 * t;
-  uint4 xv[4] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u),
-                 make_uint4(0u, 0u, 0u, 0u)};
-  float acc[2] = {0.f, 0.f};
+  RING_X_LANE();
   i64 tile = blockIdx.x, step = warp;
   int stage = 0;
   while (tile < n_tiles) {
@@ -546,12 +551,7 @@ gemv_ring_p(RING_PARAMS) {
 #endif
   const GroupSync group_sync{group};
 
-  const int xm = g >> 1;
-  const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);
-  const u16* x_lane = x + (x_loads ? xm : 0) * K + 32 * t;
-  uint4 xv[4] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u),
-                 make_uint4(0u, 0u, 0u, 0u)};
-  float acc[2] = {0.f, 0.f};
+  RING_X_LANE();
   i64 tile = 2 * i64(blockIdx.x) + group, step = warp;
   int stage = 0;
   while (tile < n_tiles) {
@@ -622,12 +622,7 @@ gemv_ring_g(RING_PARAMS) {
   const u8* table = smem;
   const auto look = [table, lane4](u32 w, u32 p) { return lookup_p(table, lane4, w, p); };
 
-  const int xm = g >> 1;
-  const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);
-  const u16* x_lane = x + (x_loads ? xm : 0) * K + 32 * t;
-  uint4 xv[4] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u),
-                 make_uint4(0u, 0u, 0u, 0u)};
-  float acc[2] = {0.f, 0.f};
+  RING_X_LANE();
   i64 tile = blockIdx.x, step = warp;
   int stage = 0;
   while (tile < n_tiles) {
