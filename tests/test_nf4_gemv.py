@@ -286,7 +286,6 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         "ring": "nf4_gemv_ring_kernel",
         "ring_plain": "nf4_gemv_ring_kernel",
         "auto": "nf4_gemv_ring_kernel",  # (programmatic launch is off here)
-        "ring_gaps": "nf4_gemv_ring_kernel",
     }.get(variant, "nf4_gemv_factored_kernel")
     for K, kernel in [(4096, expected), (4096 + 32, "nf4_gemv_mma_kernel")]:
         x, weight, bias = make_case("cuda", torch.bfloat16, 3, 64, K)
@@ -305,12 +304,10 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
             "factored_wide": ("false, true, 2, false, false>", "Lb0ELb1ELi2ELb0ELb0E"),
             "factored_lean": ("false, false, 3, false, true>", "Lb0ELb0ELi3ELb0ELb1E"),
             "factored_lean_wide": ("false, true, 3, false, true>", "Lb0ELb1ELi3ELb0ELb1E"),
-            # the ring's <T, STAGES, CTAS, DQ, COPIES, GAPS>
-            "ring_gaps": ("2, 3, true, 32, true>", "Li2ELi3ELb1ELi32ELb1E"),
         }.get(variant)
         if flags and kernel == expected:
             assert any(flags[0] in n or flags[1] in n for n in names), names
-    if variant in ("ring", "ring_plain", "auto", "ring_gaps"):  # outside its domain (M > 4, blocksize 128, K % 256 != 0): factored_fill's kernel
+    if variant in ("ring", "ring_plain", "auto"):  # outside its domain (M > 4, blocksize 128, K % 256 != 0): factored_fill's kernel
         for M, K, blocksize in [(5, 4096, 64), (1, 4096, 128), (1, 4096 + 64, 64)]:
             x, weight, bias = make_case("cuda", torch.bfloat16, M, 64, K, blocksize)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

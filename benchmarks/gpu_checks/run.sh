@@ -26,8 +26,6 @@
 #     bash benchmarks/gpu_checks/run.sh build ring_exp     # the CuPy ring against the library's ring, one process;
 #                                                          # gemv_ring32 (M <= 16) against the default
 #     bash benchmarks/gpu_checks/run.sh build auto_tests   # the "auto" variant's GEMV tests
-#     bash benchmarks/gpu_checks/run.sh build ring_gaps    # "ring_gaps": its GEMV tests, A/B with ring and factored_fill
-#     bash benchmarks/gpu_checks/run.sh build ring_gaps_sanitize # its cases under memcheck and racecheck
 #     bash benchmarks/gpu_checks/run.sh build ring_configs # the ring's footprint in the decode (carveout), per config
 #     bash benchmarks/gpu_checks/run.sh build auto_default # every CUDA test with "auto" selected, decode auto vs factored_fill
 #     bash benchmarks/gpu_checks/run.sh build fixes_s22    # session 22's fixes of three CUDA tests (no GPU then)
@@ -438,7 +436,7 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # gemv_ring_p (a two-instruction lookup: 406 an item) and its control ringp3_l3 (same CTA, old lookup),
       # gemv_ring_g (the same lookup at ring2_c3's footprint, the stages in the table's gaps: 420 against 471)
       QLORA_NF4_GEMV_VARIANT=ring STEP_TIMEOUT=150 step ring_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
-        --variants ring3 ring2_c3 ringp3 ringp3_l3 ringg2_c3 --m 1 4 --out "$OUT/gemv_ring_exp_${GPU_TAG:-h100}.json"
+        --variants ring3 ring2_c3 ringp3 ringp3_l3 ringp2 ringg2_c3 --m 1 4 --out "$OUT/gemv_ring_exp_${GPU_TAG:-h100}.json"
       # session 23's gemv_ring32 (M <= 16, 32-row tiles; docs/nf4_gemv_m16.md) against the library's default
       STEP_TIMEOUT=150 step ring32_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
         --variants r32_s3 r32_s2 --m 1 4 8 16 --out "$OUT/gemv_ring32_exp_${GPU_TAG:-h100}.json"
@@ -448,24 +446,6 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # the 80% criterion under ncu: DRAM bytes / duration of the ring and factored_fill against a 1 GiB copy
       STEP_TIMEOUT=90 TAIL=60 step ncu_bandwidth ncu --profile-from-start off --metrics \
         dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum "$PY" benchmarks/gpu_checks/ncu_bandwidth.py
-      ;;
-    ring_gaps)
-      # session 24: "ring_gaps", the library's ring at <2 stages, 3 CTAs> with the two-instruction lookup (the
-      # 64 KB table's unused row halves hold the stages' codes; 411 SASS instructions an item against 470):
-      # its GEMV tests (every parametrized case of the variant), then the A/B with ring and factored_fill
-      STEP_TIMEOUT=120 TAIL=3 step ring_gaps_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
-        -k "ring_gaps"
-      STEP_TIMEOUT=150 step ring_gaps_ab "$PY" benchmarks/bench_nf4_linear.py --variants ring,ring_gaps,factored_fill \
-        --m 1 4 --out "$OUT/nf4_gemv_ring_gaps_${GPU_TAG:-h100}.json"
-      ;;
-    ring_gaps_sanitize)
-      # ring_gaps' cases under memcheck and racecheck (its stages share rows with the table)
-      STEP_TIMEOUT=150 step ring_gaps_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q \
-        -p no:cacheprovider -m "not not_under_sanitizer" tests/test_nf4_gemv.py \
-        -k "cuda-ring_gaps and (matches_reference and bfloat16 or many_tiles or block_sizes)"
-      STEP_TIMEOUT=150 step ring_gaps_racecheck compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -m pytest -q \
-        -p no:cacheprovider -m "not not_under_sanitizer" tests/test_nf4_gemv.py \
-        -k "cuda-ring_gaps and matches_reference and bfloat16 and (17x256 or 50x768 or 64x4096 or 300x3072)"
       ;;
     ring_final)
       # session 22, after the ring kernel's wait lost its memory clobber: the library's ring against the

@@ -173,10 +173,7 @@ def nf4_gemv_variants() -> list[str]:
     default) takes the ring where programmatic dependent launch is off and factored_fill's kernels
     where it is on: the 8B decode (decode_8b_ring_pdl_h100.json) ran 258.8 tok/s with the ring
     against 248.4 without PDL, but 238.8 against 273.7 with it (the likely cause: the shared-memory
-    carveout the ring's 3 CTAs a SM need, decode_8b_ring_carveout_h100.json). "ring_gaps"
-    (session 24; built, not yet measured) is the ring at 2 stages, 3 CTAs a SM with a two-instruction
-    table lookup: the table's rows are 256 bytes apart, so one byte permute builds a lookup's offset,
-    and the rows' unused halves hold the stages' code rows (12% fewer SASS instructions an item).
+    carveout the ring's 3 CTAs a SM need, decode_8b_ring_carveout_h100.json).
     "factored_fill" (below) is the default since 2026-12-06; before, variant 1 ("factored"): on the H100 it beat
     variant 0 ("mma") at every measured shape, M = 1 and 16 (1.83-2.37x bf16 at M = 1 against
     1.59-2.02x; benchmarks/results/nf4_gemv_variants_h100.json), and the CUDA suite's GEMV users

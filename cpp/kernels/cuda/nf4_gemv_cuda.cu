@@ -1025,26 +1025,15 @@ constexpr int kRingCodeBytes = 16 * kRingStepK / 2;          // 16 rows x 128 by
 constexpr int kRingScaleBytes = 16 * 16;                     // see the stage layout above
 constexpr int kRingStageBytes = kRingCodeBytes + kRingScaleBytes;
 // The table: COPIES copies of 256 T2 words (32: a copy per lane, no bank conflict; 16: half the
-// bytes, lanes l and l + 16 share a copy), byte b's copies in a row of ring_table_row bytes.
-// GAPS (session 24, "ring_gaps"): rows of 256 bytes, so that one byte permute builds a lookup's whole
-// offset (the code byte at bits 8..15, lane * 4 below) and a lookup is 2 instructions instead of 3
-// (gemv_ring_g in benchmarks/gpu_checks/gemv_v16_experiment.py: 420 SASS instructions an item against
-// 471 at <2 stages, 3 CTAs>). The rows' unused high halves (256 x 128 bytes) hold the code rows of the
-// 8 warps' 2 stages (16 x 16 rows of 128 bytes); the stages' scale bytes follow the table. 64 + 4 KB a
-// CTA, about the 2-stage ring's 32 + 36.
-template <int COPIES, bool GAPS>
-constexpr int ring_table_row() {
-  return GAPS ? 256 : COPIES * 4;
-}
-
-template <int COPIES, bool GAPS>
+// bytes, lanes l and l + 16 share a copy)
+template <int COPIES>
 constexpr int ring_table_bytes() {
-  return 256 * ring_table_row<COPIES, GAPS>();
+  return 256 * COPIES * 4;
 }
 
-template <int STAGES, int COPIES, bool GAPS>
+template <int STAGES, int COPIES>
 constexpr int ring_shared_bytes() {
-  return ring_table_bytes<COPIES, GAPS>() + kWarps * STAGES * (GAPS ? kRingScaleBytes : kRingStageBytes);
+  return ring_table_bytes<COPIES>() + kWarps * STAGES * kRingStageBytes;
 }
 
 #if QLORA_GEMV_MMA
@@ -1058,12 +1047,6 @@ __device__ __forceinline__ uint32_t ring_lookup(uint32_t lane_table, uint32_t wo
   return v;
 }
 
-// The same from the 256-byte-row table (GAPS): `lane4` = lane * 4 (< 256) in its low byte.
-__device__ __forceinline__ uint32_t ring_lookup_gaps(const unsigned char* table, uint32_t lane4, uint32_t word,
-                                                     uint32_t pos) {
-  return *reinterpret_cast<const uint32_t*>(table + __byte_perm(word, lane4, 0x5504u | (pos << 4)));
-}
-
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -1071,33 +1054,25 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
 
 // DQ: double quantization (8-bit block codes, nested absmax) or plain fp32 absmax, known at compile
 // time so that neither the producer nor the consumer branches on it per item.
-template <typename T, int STAGES, int CTAS, bool DQ, int COPIES, bool GAPS>
+template <typename T, int STAGES, int CTAS, bool DQ, int COPIES>
 __global__ void __launch_bounds__(kThreads, CTAS)
 nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed, NF4Scales scales,
                      int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y,
                      bool trigger_late) {
 #if QLORA_GEMV_MMA
   static_assert(STAGES >= 2, "one stage computes while the others fill");
-  static_assert(!GAPS || (COPIES == 32 && kWarps * STAGES * 16 == 256), "the table's gaps hold 16 stages");
   extern __shared__ __align__(16) unsigned char ring_shared[];
   __shared__ float partial[kWarps][16][kRingMaxM + 1];
   __shared__ float nested_map[256];
   __shared__ float codes[16];
-  // The warp's stages: slot s's code rows at ring_codes + s * kSlotCodes, kRow bytes apart, its scale
-  // bytes at ring_scales + s * kSlotScales (right after the codes, or after the table with GAPS).
-  constexpr int kRow = GAPS ? 256 : 128;
-  constexpr int kSlotCodes = GAPS ? 16 * 256 : kRingStageBytes;
-  constexpr int kSlotScales = GAPS ? kRingScaleBytes : kRingStageBytes;
-  const int warp_stages = (threadIdx.x >> 5) * STAGES;
-  unsigned char* const ring_codes =
-      GAPS ? ring_shared + warp_stages * kSlotCodes + 128 : ring_shared + ring_table_bytes<COPIES, GAPS>() + warp_stages * kRingStageBytes;
-  unsigned char* const ring_scales =
-      GAPS ? ring_shared + ring_table_bytes<COPIES, GAPS>() + warp_stages * kRingScaleBytes : ring_codes + kRingCodeBytes;
+  uint32_t* const table = reinterpret_cast<uint32_t*>(ring_shared);
+  unsigned char* const ring =
+      ring_shared + ring_table_bytes<COPIES>() + (threadIdx.x >> 5) * STAGES * kRingStageBytes;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int n_steps = int(K / kRingStepK);  // K < 2^31 * 256
   const int64_t n_tiles = (N + 15) / 16, blocks_per_row = K / 64;
-  const uint32_t codes_address = shared_address(ring_codes), scales_address = shared_address(ring_scales);
+  const uint32_t ring_address = shared_address(ring);
 
   // The producer: the warp's items in order (tiles blockIdx.x + i * gridDim.x, steps warp + 8j), each
   // issued into the slot the consumer freed; a warp with no step (K < 2048) issues nothing but still
@@ -1107,8 +1082,8 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
   // (1 KB of codes, 32 blocks a step); they are recomputed where the tile changes, and in the last
   // tile rows past N read row N - 1 (finite codes, never stored).
   const int copy_row = lane >> 3, copy_col = (lane & 7) * 16, scale_row = lane & 15;
-  const uint32_t lane_stage_offset = copy_row * kRow + (copy_col ^ ((copy_row & 1) * 64));  // same parity for all i
-  const uint32_t lane_scale_offset = DQ ? (lane < 16 ? 4 * scale_row : 64 + 4 * scale_row) : 16 * scale_row;
+  const uint32_t lane_stage_offset = copy_row * 128 + (copy_col ^ ((copy_row & 1) * 64));  // same parity for all i
+  const uint32_t lane_scale_offset = kRingCodeBytes + (DQ ? (lane < 16 ? 4 * scale_row : 64 + 4 * scale_row) : 16 * scale_row);
   int64_t issue_tile = blockIdx.x;
   int issue_step = warp;
   bool full_tile = true;
@@ -1123,25 +1098,25 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
   if (issue_tile < n_tiles && issue_step < n_steps) enter_tile();
   auto issue_next = [&](int slot) {
     if (issue_tile < n_tiles && issue_step < n_steps) {
-      const uint32_t stage = codes_address + slot * kSlotCodes, scale_stage = scales_address + slot * kSlotScales;
+      const uint32_t stage = ring_address + slot * kRingStageBytes;
       if (full_tile) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) cp_async16(stage + lane_stage_offset + 4 * kRow * i, code_src + i * 2 * K);
+        for (int i = 0; i < 4; ++i) cp_async16(stage + lane_stage_offset + 512 * i, code_src + i * 2 * K);
       } else {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int64_t n = min(issue_tile * 16 + copy_row + 4 * i, N - 1);
-          cp_async16(stage + lane_stage_offset + 4 * kRow * i, packed + n * (K >> 1) + issue_step * 128 + copy_col);
+          cp_async16(stage + lane_stage_offset + 512 * i, packed + n * (K >> 1) + issue_step * 128 + copy_col);
         }
       }
       if constexpr (DQ) {
         if (lane < 16) {
-          cp_async4(scale_stage + lane_scale_offset, scales.absmax_codes + block);
+          cp_async4(stage + lane_scale_offset, scales.absmax_codes + block);
         } else {
-          cp_async4(scale_stage + lane_scale_offset, scales.nested_absmax + (block >> nested_log2));
+          cp_async4(stage + lane_scale_offset, scales.nested_absmax + (block >> nested_log2));
         }
       } else if (lane < 16) {  // plain: a row's 4 absmax in one 16-byte piece
-        cp_async16(scale_stage + lane_scale_offset, scales.absmax + block);
+        cp_async16(stage + lane_scale_offset, scales.absmax + block);
       }
       issue_step += kWarps;
       code_src += kWarps * kRingStepK / 2;
@@ -1167,7 +1142,7 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
      // stores spread over the bank groups
     const T hi = Element<T>::from_float(codes[tid >> 4]), lo = Element<T>::from_float(codes[tid & 15]);
     const uint32_t word = bits_of(hi) | (bits_of(lo) << 16);  // the even element (high nibble) low
-    uint4* const copies = reinterpret_cast<uint4*>(ring_shared + tid * ring_table_row<COPIES, GAPS>());
+    uint4* const copies = reinterpret_cast<uint4*>(table + tid * COPIES);
 #pragma unroll
     for (int q = 0; q < COPIES / 4; ++q) copies[(q + tid) & (COPIES / 4 - 1)] = make_uint4(word, word, word, word);
   }
@@ -1176,14 +1151,7 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
   // kernel before this one, which a programmatic launch overlaps up to here.
   dependency_wait();
 
-  const uint32_t lane_table = shared_address(ring_shared) + uint32_t(lane & (COPIES - 1)) * 4;
-  const auto lookup = [&](uint32_t word, uint32_t pos) {
-    if constexpr (GAPS) {
-      return ring_lookup_gaps(ring_shared, uint32_t(lane) * 4, word, pos);
-    } else {
-      return ring_lookup<COPIES>(lane_table, word, pos);
-    }
-  };
+  const uint32_t lane_table = shared_address(table) + uint32_t(lane & (COPIES - 1)) * 4;
   // B columns: lane (g, t) supplies column g at its own k; column 2m is x row m where t < 2 (block
   // 2h), column 2m + 1 x row m where t >= 2 (block 2h + 1), zero elsewhere.
   const int xm = g >> 1;
@@ -1202,8 +1170,8 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
       asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
       __syncwarp();  // every lane's copies of this item landed; every lane is done with the previous slot
       issue_next(slot == 0 ? STAGES - 1 : slot - 1);
-      const unsigned char* const stage = ring_codes + slot * kSlotCodes;
-      const unsigned char* const scale_bytes = ring_scales + slot * kSlotScales;
+      const unsigned char* const stage = ring + slot * kRingStageBytes;
+      const unsigned char* const scale_bytes = stage + kRingCodeBytes;
       float scale[2];  // lane t's block (4 step + t) of rows g and g + 8
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -1218,8 +1186,8 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const uint4 cg = *reinterpret_cast<const uint4*>(stage + g * kRow + ((16 * t + 64 * h) ^ swizzle));
-        const uint4 cg8 = *reinterpret_cast<const uint4*>(stage + (g + 8) * kRow + ((16 * t + 64 * h) ^ swizzle));
+        const uint4 cg = *reinterpret_cast<const uint4*>(stage + g * 128 + ((16 * t + 64 * h) ^ swizzle));
+        const uint4 cg8 = *reinterpret_cast<const uint4*>(stage + (g + 8) * 128 + ((16 * t + 64 * h) ^ swizzle));
         if (x_loads) {
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
@@ -1232,7 +1200,10 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
           // A: code bytes 2j (k slots 2t, 2t + 1) and 2j + 1 (slots 2t + 8, 2t + 9) of rows g (a0, a2)
           // and g + 8 (a1, a3); B: the lane's x words 2j and 2j + 1 (the same k)
           const uint32_t wg = word_of(cg, j >> 1), wg8 = word_of(cg8, j >> 1), p0 = 2 * (j & 1);
-          const uint32_t a0 = lookup(wg, p0), a1 = lookup(wg8, p0), a2 = lookup(wg, p0 + 1), a3 = lookup(wg8, p0 + 1);
+          const uint32_t a0 = ring_lookup<COPIES>(lane_table, wg, p0);
+          const uint32_t a1 = ring_lookup<COPIES>(lane_table, wg8, p0);
+          const uint32_t a2 = ring_lookup<COPIES>(lane_table, wg, p0 + 1);
+          const uint32_t a3 = ring_lookup<COPIES>(lane_table, wg8, p0 + 1);
           mma_16816(T{}, c, a0, a1, a2, a3, word_of(xv[j >> 1], (2 * j) & 3), word_of(xv[j >> 1], (2 * j + 1) & 3));
         }
         // block 4 step + 2h's scale is lane t = 2h's, block 4 step + 2h + 1's lane 2h + 1's
@@ -1382,10 +1353,10 @@ cudaError_t launch_stream(const T* x, int M, const uint8_t* packed, const NF4Sca
 // The ring kernel's persistent grid: as many CTAs a SM as fit on this device (CTAS on an H100;
 // fewer where a SM has less shared memory, 100 KB on consumer Ampere / Ada), asked once per device.
 // 0: it does not fit at all (the caller falls back).
-template <typename T, int STAGES, int CTAS, bool DQ, int COPIES, bool GAPS>
+template <typename T, int STAGES, int CTAS, bool DQ, int COPIES>
 cudaError_t ring_ctas_per_sm(int& ctas) {
-  auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES, GAPS>;
-  constexpr int kBytes = ring_shared_bytes<STAGES, COPIES, GAPS>();
+  auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES>;
+  constexpr int kBytes = ring_shared_bytes<STAGES, COPIES>();
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cache[kMaxDevices] = {};  // CTAs a SM + 1; 0: not asked yet
   static std::atomic<uint64_t> configured{0};
@@ -1415,17 +1386,17 @@ cudaError_t ring_ctas_per_sm(int& ctas) {
 // `programmatic` false: a plain launch even where generation turned programmatic dependent launch on
 // (variant "ring_plain"), so that the persistent grid starts whole once the kernel before has ended
 // instead of CTA by CTA beside it.
-template <typename T, int STAGES, int CTAS, bool DQ, int COPIES, bool GAPS>
+template <typename T, int STAGES, int CTAS, bool DQ, int COPIES>
 cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
                              int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream,
                              bool programmatic, bool& launched) {
   int ctas = 0;
-  const cudaError_t status = ring_ctas_per_sm<T, STAGES, CTAS, DQ, COPIES, GAPS>(ctas);
+  const cudaError_t status = ring_ctas_per_sm<T, STAGES, CTAS, DQ, COPIES>(ctas);
   launched = status == cudaSuccess && ctas > 0;
   if (!launched) return status;
   const int64_t grid = std::min<int64_t>(ceil_div(N, 16), int64_t(sm_count) * ctas);
-  auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES, GAPS>;
-  constexpr int kBytes = ring_shared_bytes<STAGES, COPIES, GAPS>();
+  auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES>;
+  constexpr int kBytes = ring_shared_bytes<STAGES, COPIES>();
   // EXPERIMENT (session 23, the decode A/B): QLORA_RING_TRIGGER=late lets the next kernel launch
   // only once this one's tiles are done.
   const char* trigger = std::getenv("QLORA_RING_TRIGGER");
@@ -1439,15 +1410,15 @@ cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4
                        N, K, bias, y, trigger_late);
 }
 
-template <typename T, int STAGES, int CTAS, int COPIES = 32, bool GAPS = false>
+template <typename T, int STAGES, int CTAS, int COPIES = 32>
 cudaError_t launch_ring(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2, int64_t N,
                         int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool programmatic,
                         bool& launched) {
   if (scales.absmax == nullptr) {
-    return launch_ring_form<T, STAGES, CTAS, true, COPIES, GAPS>(x, M, packed, scales, nested_log2, N, K, bias, y,
+    return launch_ring_form<T, STAGES, CTAS, true, COPIES>(x, M, packed, scales, nested_log2, N, K, bias, y,
                                                            sm_count, stream, programmatic, launched);
   }
-  return launch_ring_form<T, STAGES, CTAS, false, COPIES, GAPS>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count,
+  return launch_ring_form<T, STAGES, CTAS, false, COPIES>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count,
                                                           stream, programmatic, launched);
 }
 
@@ -1474,8 +1445,7 @@ inline bool stream_applies(int SW, int M, int64_t K, int64_t blocksize, const NF
 constexpr const char* kVariantNames[] = {"mma",         "factored",    "factored_split", "factored_r2",
                                          "factored_r1", "stream",      "stream2",        "factored_wide",
                                          "factored_o3", "factored_o4", "factored_fill", "factored_lean",
-                                         "factored_lean_wide", "ring",        "ring_plain",     "auto",
-                                         "ring_gaps"};
+                                         "factored_lean_wide", "ring",        "ring_plain",     "auto"};
 constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0]));
 // "factored_fill": "factored" (faster than "mma" at every measured shape, nf4_gemv_variants_h100.json)
 // with one round of 3-CTA tiles where "factored" takes two rounds: 8B's grouped q/k/v 13.9 -> 12.0 us,
@@ -1547,10 +1517,9 @@ cudaError_t launch_factored_variant(int variant, const T* x, int m, const Factor
         QLORA_FACTORED_LEAN(2, 2, 2, false, 2);
       }
       [[fallthrough]];
-    case 13:  // ring, ring_plain, auto, ring_gaps: what the ring kernel does not take
+    case 13:  // ring, ring_plain, auto: what the ring kernel does not take
     case 14:
     case 15:
-    case 16:
       [[fallthrough]];
     case 10:  // factored_fill: "factored", except that an M <= 8 launch whose 16-row tiles need a second
               // round at 2 CTAs a SM but fit one at 3 (Llama-3-8B's grouped q/k/v: 384 tiles, 264 CTAs,
@@ -1637,8 +1606,7 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
       }
 #undef QLORA_STREAM
       // "auto" takes the ring only where no programmatic launch overlaps it with its neighbours (see kVariantNames)
-      const bool ring_variant =
-          variant == 13 || variant == 14 || variant == 16 || (variant == 15 && !programmatic_launch_enabled());
+      const bool ring_variant = variant == 13 || variant == 14 || (variant == 15 && !programmatic_launch_enabled());
       if (ring_variant && ring_applies(m, K, blocksize, x, packed, scales)) {
         // 3 stages at 2 CTAs a SM for the large weights, 2 stages at 3 CTAs below: H100, M = 1
         // (gemv_ring_h100.json): 28672 x 8192 47.2 against 49.3 us, the three smaller shapes 6-10% the
@@ -1664,11 +1632,6 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
         QLORA_RING_FORCED("23h", 2, 3, 16)
         QLORA_RING_FORCED("32h", 3, 2, 16)
 #undef QLORA_RING_FORCED
-        if (variant == 16) {  // ring_gaps (session 24, not yet measured): <2 stages, 3 CTAs> in the 64 KB table's gaps
-          const cudaError_t gaps_status = launch_ring<T, 2, 3, 32, true>(xt, m, packed, scales, nested_log2, N, K, bt, yt,
-                                                                         facts.sm_count, stream, programmatic, launched);
-          if (launched || gaps_status != cudaSuccess) return gaps_status;
-        }
         const cudaError_t ring_status =
             large
                 ? launch_ring<T, 3, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
