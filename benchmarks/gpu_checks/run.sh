@@ -26,6 +26,7 @@
 #     bash benchmarks/gpu_checks/run.sh build ring_exp     # the CuPy ring against the library's ring, one process;
 #                                                          # gemv_ring32 (M <= 16) against the default
 #     bash benchmarks/gpu_checks/run.sh build auto_tests   # the "auto" variant's GEMV tests
+#     bash benchmarks/gpu_checks/run.sh build ring_hoist   # the ring with x loaded above its producer: tests, A/B, CuPy
 #     bash benchmarks/gpu_checks/run.sh build ring_configs # the ring's footprint in the decode (carveout), per config
 #     bash benchmarks/gpu_checks/run.sh build auto_default # every CUDA test with "auto" selected, decode auto vs factored_fill
 #     bash benchmarks/gpu_checks/run.sh build fixes_s22    # session 22's fixes of three CUDA tests (no GPU then)
@@ -446,6 +447,16 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # the 80% criterion under ncu: DRAM bytes / duration of the ring and factored_fill against a 1 GiB copy
       STEP_TIMEOUT=90 TAIL=60 step ncu_bandwidth ncu --profile-from-start off --metrics \
         dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum "$PY" benchmarks/gpu_checks/ncu_bandwidth.py
+      ;;
+    ring_hoist)
+      # session 24: the library ring with its first half-step's x loads above the producer (the CuPy ring's
+      # order): the ring's GEMV tests, the A/B with factored_fill, and the CuPy ring kernels in one process
+      STEP_TIMEOUT=90 TAIL=3 step ring_hoist_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
+        -k "cuda-ring or ring_large or cuda-auto"
+      STEP_TIMEOUT=60 step ring_hoist_ab "$PY" benchmarks/bench_nf4_linear.py --variants ring,factored_fill \
+        --m 1 4 --out "$OUT/nf4_gemv_ring_hoist_${GPU_TAG:-h100}.json"
+      QLORA_NF4_GEMV_VARIANT=ring STEP_TIMEOUT=60 step ring_hoist_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
+        --variants ring3 ring2_c3 --m 1 --out "$OUT/gemv_ring_hoist_exp_${GPU_TAG:-h100}.json"
       ;;
     ring_final)
       # session 22, after the ring kernel's wait lost its memory clobber: the library's ring against the
