@@ -354,10 +354,9 @@ def test_variant_switch_api(use_variant):
             ops.set_nf4_gemv_variant(0)
         return
     assert names[0] == "mma" and "factored" in names and "factored_split" in names
-    # "factored_fill" is the default ("auto", the ring without programmatic launch and factored_fill's
-    # kernels with it, waits for its first GPU run), unless the process was started on another
-    # (QLORA_NF4_GEMV_VARIANT)
-    assert ops.nf4_gemv_variant() == (os.environ.get(ops.GEMV_VARIANT_ENV, "").strip() or "factored_fill")
+    # "auto" (the ring without programmatic launch, factored_fill's kernels with it) is the default,
+    # unless the process was started on another (QLORA_NF4_GEMV_VARIANT)
+    assert ops.nf4_gemv_variant() == (os.environ.get(ops.GEMV_VARIANT_ENV, "").strip() or "auto")
     for i, name in enumerate(names):
         ops.set_nf4_gemv_variant(name)
         assert ops.nf4_gemv_variant() == name

@@ -169,12 +169,13 @@ def nf4_gemv_variants() -> list[str]:
     of a run kept apart in the MMA's column pairs; every other case takes factored_fill's kernels.
     Alone, on the H100, it takes 15-30% less time than factored_fill at M = 1 and 10-22% less at
     M = 4 (benchmarks/results/nf4_gemv_ring_h100.json). "ring_plain" is the same kernel never
-    launched programmatically. "auto" (2026-12-07; built, not yet run on a GPU, so not yet the
-    default) takes the ring where programmatic dependent launch is off and factored_fill's kernels
-    where it is on: the 8B decode (decode_8b_ring_pdl_h100.json) ran 258.8 tok/s with the ring
-    against 248.4 without PDL, but 238.8 against 273.7 with it (the likely cause: the shared-memory
-    carveout the ring's 3 CTAs a SM need, decode_8b_ring_carveout_h100.json).
-    "factored_fill" (below) is the default since 2026-12-06; before, variant 1 ("factored"): on the H100 it beat
+    launched programmatically. "auto", the default since session 24 (2026-12-07), takes the ring
+    where programmatic dependent launch is off and factored_fill's kernels where it is on: the 8B
+    decode (decode_8b_ring_pdl_h100.json) ran 258.8 tok/s with the ring against 248.4 without PDL,
+    but 238.8 against 273.7 with it (the likely cause: the shared-memory carveout the ring's 3 CTAs
+    a SM need, decode_8b_ring_carveout_h100.json); with "auto", 271.5 with PDL and 256.0 without
+    (factored_fill 275.5 / 246.9, decode_8b_auto_h100.json), and the whole CUDA suite passed with it.
+    "factored_fill" (below) was the default from 2026-12-06; before, variant 1 ("factored"): on the H100 it beat
     variant 0 ("mma") at every measured shape, M = 1 and 16 (1.83-2.37x bf16 at M = 1 against
     1.59-2.02x; benchmarks/results/nf4_gemv_variants_h100.json), and the CUDA suite's GEMV users
     passed on it. The others stay switchable so that one process can measure them against each

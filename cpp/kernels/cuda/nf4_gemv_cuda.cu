@@ -1460,8 +1460,8 @@ constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0
 // "ring" (session 22): M <= 4 in its domain takes the ring kernel, everything else (M > 4, other
 // shapes, the grouped and SwiGLU launches) factored_fill's kernels. Alone it is 15-27% faster than
 // factored_fill at M = 1 (nf4_gemv_ring_s23_h100.json). "ring_plain": the same, never launched
-// programmatically. "auto" (session 23; built, not yet run on a GPU, so not yet the default): the ring
-// where programmatic dependent launch is off, factored_fill's kernels where it is on
+// programmatically. "auto" (session 23; the default since session 24): the ring where programmatic
+// dependent launch is off, factored_fill's kernels where it is on
 // (qlora_ext.generate's decode). The 8B decode on the H100 (decode_8b_ring_pdl_h100.json, one run):
 // without PDL ring 258.8 against factored_fill 248.4 tok/s; with PDL factored_fill 273.7, ring 238.8,
 // ring_plain 241.4. The likely cause is the shared-memory carveout: the ring's 3 CTAs a SM need the
@@ -1469,7 +1469,7 @@ constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0
 // (decode_8b_ring_carveout_h100.json); the ring at <3 stages, 2 CTAs> (no carveout request) decoded
 // at 271-273, and <2, 3> with its dependents launched at its end instead of its start at 266
 // (decode_8b_ring_knobs_h100.json). run.sh ring_configs measures smaller footprints next.
-std::atomic<int> g_variant{10};
+std::atomic<int> g_variant{15};  // "auto" (session 24)
 
 }  // namespace
 
