@@ -1169,13 +1169,6 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
       // ran 47 us at 28672 x 8192, M = 1, this one with it 54).
       asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
       __syncwarp();  // every lane's copies of this item landed; every lane is done with the previous slot
-      // The first half-step's x before the producer's branches, so that its L2 latency hides under the
-      // copies' issue and the scales (ncu, H100, 4096 x 14336: with them after, long-scoreboard stalls
-      // were 2.25 a issue against the CuPy ring's 1.2, which loads them here; 20.4 against 18.3 us)
-      if (x_loads) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + int64_t(step) * kRingStepK + 8 * q));
-      }
       issue_next(slot == 0 ? STAGES - 1 : slot - 1);
       const unsigned char* const stage = ring + slot * kRingStageBytes;
       const unsigned char* const scale_bytes = stage + kRingCodeBytes;
@@ -1195,10 +1188,10 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
       for (int h = 0; h < 2; ++h) {
         const uint4 cg = *reinterpret_cast<const uint4*>(stage + g * 128 + ((16 * t + 64 * h) ^ swizzle));
         const uint4 cg8 = *reinterpret_cast<const uint4*>(stage + (g + 8) * 128 + ((16 * t + 64 * h) ^ swizzle));
-        if (x_loads && h == 1) {  // (h = 0's: above)
+        if (x_loads) {
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
-            xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + int64_t(step) * kRingStepK + 128 + 8 * q));
+            xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + int64_t(step) * kRingStepK + 128 * h + 8 * q));
           }
         }
         float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
