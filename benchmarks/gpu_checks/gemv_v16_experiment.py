@@ -1,5 +1,5 @@
 """Experiment (session 21; run in sessions 22-23, its ring is the library's "ring" variant): an NF4 GEMV
-whose code loads are 16 bytes a lane, and (session 23, not yet run) gemv_ring32 for M <= 16.
+whose code loads are 16 bytes a lane, and (session 23, run in session 24) gemv_ring32 for M <= 16.
 
     python benchmarks/gpu_checks/gemv_v16_experiment.py [--out FILE.json]
 
@@ -83,10 +83,6 @@ __device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, 
 
 __device__ __forceinline__ u32 word_of(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 
-struct CtaSync {  // the CTA's barrier, for end_tile
-  __device__ void operator()() const { __syncthreads(); }
-};
-
 // The table word of byte p of `word` from the lane's copy (`lane_table`: its shared address).
 __device__ __forceinline__ u32 lookup(u32 lane_table, u32 word, u32 p) {
   const u32 byte = __byte_perm(word, 0u, 0x4440u | p);  // byte p alone, zero above
@@ -115,18 +111,16 @@ __device__ __forceinline__ void add_scaled(float (&acc)[2], const float (&c)[4],
 // Half h of an item (128 k: code words of rows g and g + 8, x words, the lane's block scales of both
 // rows): 8 MMAs into a fresh C, whose column pairs hold block 2h's and block 2h + 1's partial sums
 // in lane t = m, each scaled by its block's scale (from lanes 2h and 2h + 1 of the row's 4) into acc.
-// `look(word, p)`: the table word of byte p of `word` (the lane's copy).
-template <typename Lookup>
 __device__ __forceinline__ void half_step(float (&acc)[2], const uint4& cg, const uint4& cg8, const uint4 (&xv)[4],
-                                          const float (&scale)[2], const Lookup& look, int lane, int h) {
+                                          const float (&scale)[2], u32 lane_table, int lane, int h) {
   float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     // A: code bytes 2j (k slots 2t, 2t+1) and 2j + 1 (slots 2t+8, 2t+9) of rows g (a0, a2), g + 8 (a1, a3)
     const u32 wg = word_of(cg, j >> 1), wg8 = word_of(cg8, j >> 1);
     const u32 p0 = 2 * (j & 1);
-    const u32 a0 = look(wg, p0), a1 = look(wg8, p0);
-    const u32 a2 = look(wg, p0 + 1), a3 = look(wg8, p0 + 1);
+    const u32 a0 = lookup(lane_table, wg, p0), a1 = lookup(lane_table, wg8, p0);
+    const u32 a2 = lookup(lane_table, wg, p0 + 1), a3 = lookup(lane_table, wg8, p0 + 1);
     // B: x words 2j and 2j + 1 of the lane's 16 (the same k as a0 / a2)
     mma16816(c, a0, a1, a2, a3, word_of(xv[j >> 1], (2 * j) & 3), word_of(xv[j >> 1], (2 * j + 1) & 3));
   }
@@ -134,15 +128,13 @@ __device__ __forceinline__ void half_step(float (&acc)[2], const uint4& cg, cons
 }
 
 // The end of a tile: the 8 warps' sums meet in shared memory, 64 threads store y rows tile*16.. (bf16).
-// `tid`: the thread's index among the 256 that share `partial`; `sync()`: their barrier.
-template <typename Barrier>
 __device__ __forceinline__ void end_tile(float (&acc)[2], float (&partial)[8][16][5], int warp, int g, int t, int tid,
-                                         int M, i64 N, i64 tile, u16* __restrict__ y, const Barrier& sync) {
+                                         int M, i64 N, i64 tile, u16* __restrict__ y) {
   if (t < M) {
     partial[warp][g][t] = acc[0];
     partial[warp][g + 8][t] = acc[1];
   }
-  sync();
+  __syncthreads();
   if (tid < 16 * 4) {
     const int r = tid & 15, m = tid >> 4;
     if (m < M) {
@@ -152,7 +144,7 @@ __device__ __forceinline__ void end_tile(float (&acc)[2], float (&partial)[8][16
       y[i64(m) * N + tile * 16 + r] = u16(bf16_bits(s));
     }
   }
-  sync();
+  __syncthreads();
   acc[0] = acc[1] = 0.f;
 }
 
@@ -242,7 +234,6 @@ gemv_v16(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const 
   u32 table_address;
   asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(table_address) : "l"(table));
   const u32 lane_table = table_address + u32(lane) * 4;
-  const auto look = [lane_table](u32 w, u32 p) { return lookup(lane_table, w, p); };
   // B columns in pairs: column 2m holds x row m where the k belongs to block 2h (A lanes t < 2),
   // column 2m + 1 x row m where it belongs to block 2h + 1 (t >= 2), zero elsewhere. One MMA then
   // gives both blocks' partial sums, C[row][2m] and C[row][2m + 1], which lane t = m holds as
@@ -277,9 +268,9 @@ gemv_v16(const u16* __restrict__ x, int M, const u8* __restrict__ packed, const 
 #pragma unroll
         for (int q = 0; q < 4; ++q) xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + step * 256 + 128 * h + 8 * q));
       }
-      half_step(acc, cur.codes[0][h], cur.codes[1][h], xv, scale, look, lane, h);
+      half_step(acc, cur.codes[0][h], cur.codes[1][h], xv, scale, lane_table, lane, h);
     }
-    if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid, M, N, tile, y, CtaSync{});  // every warp, once (K % 2048)
+    if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid, M, N, tile, y);  // every warp, once (K % 2048)
     tile = next_tile;
     step = next_step;
   };
@@ -313,25 +304,21 @@ __device__ __forceinline__ u32 shared_address(const void* p) {
 // (row = piece / 8; a row's two 64-byte halves swap places on odd rows so that the compute's 16-byte
 // reads, rows g and g + 1 of a quarter-warp, fall in different banks), lanes 0-15 row l's 4 scale codes,
 // lanes 16-31 row l - 16's nested absmax.
-// ROW: the bytes between two code rows of a stage (gemv_ring_g's stages lie in its table's gaps: 256);
-// `scales`: where the stage's scale ingredients go (right after the codes in the other kernels).
-template <int ROW = 128>
 __device__ __forceinline__ void issue_item(u32 stage, const u8* __restrict__ packed, const u8* __restrict__ absmax_codes,
-                                           const float* __restrict__ nested_absmax, i64 K, i64 tile, i64 step, int lane,
-                                           u32 scales) {
+                                           const float* __restrict__ nested_absmax, i64 K, i64 tile, i64 step, int lane) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int piece = lane + 32 * i, row = piece >> 3, col = (piece & 7) * 16;
     const u8* src = packed + (tile * 16 + row) * (K >> 1) + step * 128 + col;
-    const u32 dst = stage + row * ROW + (col ^ ((row & 1) * 64));
+    const u32 dst = stage + row * 128 + (col ^ ((row & 1) * 64));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
   }
   const int row = lane & 15;
   const i64 b = (tile * 16 + row) * (K >> 6) + step * 4;
   if (lane < 16) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(scales + 4 * row), "l"(absmax_codes + b));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(stage + kCodeBytes + 4 * row), "l"(absmax_codes + b));
   } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(scales + 64 + 4 * row),
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(stage + kCodeBytes + 64 + 4 * row),
                  "l"(nested_absmax + (b >> 8)));
   }
 }
@@ -371,18 +358,7 @@ __device__ __forceinline__ float (&ring_partials(u8* smem))[8][16][COLS] {
   for (int s = 0; s < STAGES - 1; ++s) issue_next(s);                                                   \
   build_tables(table, nested_map, nf4, nested_code, tid);                                               \
   const float offset = nested_offset[0];                                                                \
-  const u32 lane_table = shared_address(table) + u32(lane) * 4;                                         \
-  const auto look = [lane_table](u32 w, u32 p) { return lookup(lane_table, w, p); }
-
-// The ring kernels' B operand and sums: lane (g, t) loads x row g / 2 at block 2h's k (t < 2, even g) or
-// block 2h + 1's (t >= 2, odd g) into xv, zeros elsewhere for good; acc: rows g and g + 8, x row t.
-#define RING_X_LANE()                                                                            \
-  const int xm = g >> 1;                                                                         \
-  const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);                                      \
-  const u16* x_lane = x + (x_loads ? xm : 0) * K + 32 * t;                                       \
-  uint4 xv[4] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u), \
-                 make_uint4(0u, 0u, 0u, 0u)};                                                    \
-  float acc[2] = {0.f, 0.f}
+  const u32 lane_table = shared_address(table) + u32(lane) * 4
 
 // Thread b writes code byte b's 32 table copies: 8 16-byte stores, rotated so a quarter-warp's 8 hit
 // 8 bank groups.
@@ -396,10 +372,10 @@ __device__ __forceinline__ void build_table(u32* table, const float* __restrict_
 
 // Lane t's block scales (block 4 step + t of rows g and g + 8) from a stage's staged scale codes and
 // nested absmax.
-__device__ __forceinline__ void item_scales(float (&scale)[2], const u8* scale_bytes, const float* nested_map, float offset,
+__device__ __forceinline__ void item_scales(float (&scale)[2], const u8* st, const float* nested_map, float offset,
                                             int g, int t) {
-  const u32* scale_words = reinterpret_cast<const u32*>(scale_bytes);
-  const float* nested = reinterpret_cast<const float*>(scale_bytes + 64);
+  const u32* scale_words = reinterpret_cast<const u32*>(st + kCodeBytes);
+  const float* nested = reinterpret_cast<const float*>(st + kCodeBytes + 64);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const u32 code = (scale_words[g + 8 * r] >> (8 * t)) & 0xffu;
@@ -415,7 +391,7 @@ struct StridedProducer {
   int warp;
   __device__ void issue_next(u32 stage, const u8* __restrict__ packed, const u8* __restrict__ absmax_codes,
                              const float* __restrict__ nested_absmax, i64 K, int lane) {
-    if (tile < n_tiles) issue_item(stage, packed, absmax_codes, nested_absmax, K, tile, step, lane, stage + kCodeBytes);
+    if (tile < n_tiles) issue_item(stage, packed, absmax_codes, nested_absmax, K, tile, step, lane);
     asm volatile("cp.async.commit_group;");
     step += 8;
     if (step >= n_steps) {
@@ -434,23 +410,21 @@ __device__ __forceinline__ void build_tables(u32* table, float* nested_map, cons
 }
 
 // One item's arithmetic from its stage `st` (codes, then 16 rows' 4 scale codes and nested absmax).
-// An item from its staged codes (`st`, rows ROW bytes apart) and scale ingredients (`sb`).
-template <int ROW = 128, typename Lookup>
-__device__ __forceinline__ void ring_item(float (&acc)[2], const u8* st, const u8* sb, const float* nested_map, float offset,
-                                          bool x_loads, const u16* x_lane, uint4 (&xv)[4], i64 step, const Lookup& look,
+__device__ __forceinline__ void ring_item(float (&acc)[2], const u8* st, const float* nested_map, float offset,
+                                          bool x_loads, const u16* x_lane, uint4 (&xv)[4], i64 step, u32 lane_table,
                                           int lane) {
   const int g = lane >> 2, t = lane & 3, swizzle = (g & 1) * 64;
   float scale[2];
-  item_scales(scale, sb, nested_map, offset, g, t);
+  item_scales(scale, st, nested_map, offset, g, t);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const uint4 cg = *reinterpret_cast<const uint4*>(st + g * ROW + ((16 * t + 64 * h) ^ swizzle));
-    const uint4 cg8 = *reinterpret_cast<const uint4*>(st + (g + 8) * ROW + ((16 * t + 64 * h) ^ swizzle));
+    const uint4 cg = *reinterpret_cast<const uint4*>(st + g * 128 + ((16 * t + 64 * h) ^ swizzle));
+    const uint4 cg8 = *reinterpret_cast<const uint4*>(st + (g + 8) * 128 + ((16 * t + 64 * h) ^ swizzle));
     if (x_loads) {
 #pragma unroll
       for (int q = 0; q < 4; ++q) xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + step * 256 + 128 * h + 8 * q));
     }
-    half_step(acc, cg, cg8, xv, scale, look, lane, h);
+    half_step(acc, cg, cg8, xv, scale, lane_table, lane, h);
   }
 }
 
@@ -458,193 +432,32 @@ extern "C" __global__ void __launch_bounds__(256, CTAS)
 gemv_ring(RING_PARAMS) {
   RING_CTA(5);
   RING_STRIDED_START();
-  RING_X_LANE();
+  const int xm = g >> 1;
+  const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);
+  const u16* x_lane = x + (x_loads ? xm : 0) * K + 32 * t;
+  uint4 xv[4] = {make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u), make_uint4(0u, 0u, 0u, 0u),
+                 make_uint4(0u, 0u, 0u, 0u)};
+  float acc[2] = {0.f, 0.f};
   i64 tile = blockIdx.x, step = warp;
   int stage = 0;
   while (tile < n_tiles) {
     asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
     __syncwarp();  // every lane's copies of this item landed; every lane is done with the stage refilled next
     issue_next(stage == 0 ? STAGES - 1 : stage - 1);
-    ring_item(acc, ring + stage * kStageBytes, ring + stage * kStageBytes + kCodeBytes, nested_map, offset, x_loads, x_lane,
-              xv, step, look, lane);
+    ring_item(acc, ring + stage * kStageBytes, nested_map, offset, x_loads, x_lane, xv, step, lane_table, lane);
     stage = stage == STAGES - 1 ? 0 : stage + 1;
     i64 next_tile = tile, next_step = step + 8;
     if (next_step >= n_steps) {
       next_tile += gridDim.x;
       next_step = warp;
     }
-    if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid, M, N, tile, y, CtaSync{});  // every warp, once (K % 2048)
+    if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid, M, N, tile, y);  // every warp, once (K % 2048)
     tile = next_tile;
     step = next_step;
   }
   asm volatile("cp.async.wait_all;");
 }
-// ---- gemv_ring_p (session 24, not yet run): gemv_ring with a two-instruction lookup. gemv_ring's lookup
-// is three: a byte permute isolating the code byte, an IMAD (byte * 128 + the lane's copy) and the LDS
-// (64 of each a lane and item: 192 of the ring3 loop's 461 SASS instructions). Here the table rows are
-// 256 bytes apart, so one byte permute builds the whole offset (the code byte at bits 8..15, lane * 4
-// at bits 0..7) and the LDS adds the table's base from a uniform register. The table doubles to 64 KB
-// (the high 128 bytes of each row unused), so the CTA holds 16 warps, one CTA a SM, as two groups of 8
-// that each run gemv_ring's loop on their own tiles (2 blockIdx + group, stride 2 gridDim) with their
-// own partial sums and named barrier.
-#ifndef LOOKUP3
-#define LOOKUP3 0
-#endif
-constexpr int kPTableBytes = 256 * 256;
-constexpr int kPFixed = kPTableBytes + 1024 + 2 * 8 * 16 * 5 * 4;  // table, nested map, partials [2][8][16][5]
-
-// byte p of `word` at bits 8..15 (its table row), lane4 (lane * 4 < 256) at bits 0..7 (the lane's copy)
-__device__ __forceinline__ u32 lookup_p(const u8* table, u32 lane4, u32 word, u32 p) {
-  return *reinterpret_cast<const u32*>(table + __byte_perm(word, lane4, 0x5504u | (p << 4)));
-}
-
-struct GroupSync {  // the 256 threads of group `id` (named barrier id + 1; 0 is __syncthreads')
-  int id;
-  __device__ void operator()() const { asm volatile("bar.sync %0, 256;" ::"r"(id + 1) : "memory"); }
-};
-
-extern "C" __global__ void __launch_bounds__(512, 1)
-gemv_ring_p(RING_PARAMS) {
-  extern __shared__ __align__(16) u8 smem[];
-  const int tid = threadIdx.x, lane = tid & 31, group = tid >> 8, warp = (tid >> 5) & 7, g = lane >> 2, t = lane & 3;
-  float* nested_map = reinterpret_cast<float*>(smem + kPTableBytes);
-  float(&partial)[8][16][5] = reinterpret_cast<float(*)[8][16][5]>(smem + kPTableBytes + 1024)[group];
-  const i64 n_steps = K >> 8, n_tiles = N >> 4, tile_stride = 2 * i64(gridDim.x);
-  u8* ring = smem + kPFixed + (tid >> 5) * STAGES * kStageBytes;
-  const u32 ring_address = shared_address(ring);
-  i64 issue_tile = 2 * i64(blockIdx.x) + group, issue_step = warp;
-  auto issue_next = [&](int stage) {
-    if (issue_tile < n_tiles) {
-      const u32 st = ring_address + stage * kStageBytes;
-      issue_item(st, packed, absmax_codes, nested_absmax, K, issue_tile, issue_step, lane, st + kCodeBytes);
-    }
-    asm volatile("cp.async.commit_group;");
-    issue_step += 8;
-    if (issue_step >= n_steps) {
-      issue_step = warp;
-      issue_tile += tile_stride;
-    }
-  };
-  for (int s = 0; s < STAGES - 1; ++s) issue_next(s);
-  {  // byte b = tid / 2's copies 16 (tid & 1) .. + 15
-    const int b = tid >> 1;
-    const u32 w = bf16_bits(nf4[b >> 4]) | (bf16_bits(nf4[b & 15]) << 16);
-    const uint4 v = make_uint4(w, w, w, w);
-    uint4* row = reinterpret_cast<uint4*>(smem + b * 256 + (tid & 1) * 64);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) row[(q + tid) & 3] = v;
-  }
-  if (tid < 256) nested_map[tid] = nested_code[tid];
-  __syncthreads();
-  const float offset = nested_offset[0];
-#if LOOKUP3  // the control: the same CTA and table, gemv_ring's three-instruction lookup (byte << 8 + lane copy)
-  const u32 lane_table = shared_address(smem) + u32(lane) * 4;
-  const auto look = [lane_table](u32 w, u32 p) {
-    u32 v;
-    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lane_table + (__byte_perm(w, 0u, 0x4440u | p) << 8)));
-    return v;
-  };
-#else
-  const u32 lane4 = u32(lane) * 4;
-  const u8* table = smem;
-  const auto look = [table, lane4](u32 w, u32 p) { return lookup_p(table, lane4, w, p); };
-#endif
-  const GroupSync group_sync{group};
-
-  RING_X_LANE();
-  i64 tile = 2 * i64(blockIdx.x) + group, step = warp;
-  int stage = 0;
-  while (tile < n_tiles) {
-    asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
-    __syncwarp();
-    issue_next(stage == 0 ? STAGES - 1 : stage - 1);
-    ring_item(acc, ring + stage * kStageBytes, ring + stage * kStageBytes + kCodeBytes, nested_map, offset, x_loads, x_lane,
-              xv, step, look, lane);
-    stage = stage == STAGES - 1 ? 0 : stage + 1;
-    i64 next_tile = tile, next_step = step + 8;
-    if (next_step >= n_steps) {
-      next_tile += tile_stride;
-      next_step = warp;
-    }
-    if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid & 255, M, N, tile, y, group_sync);
-    tile = next_tile;
-    step = next_step;
-  }
-  asm volatile("cp.async.wait_all;");
-}
-
-// ---- gemv_ring_g (session 24, not yet run): gemv_ring_p's two-instruction lookup at gemv_ring's footprint.
-// The 64 KB table uses the low 128 bytes of each 256-byte row; the high halves (256 x 128 bytes) hold the
-// code rows of 16 stages (16 rows each: stage s, row r at (16 s + r) * 256 + 128), so 8 warps x 2 stages
-// fit exactly; the stages' scale ingredients (128 bytes each) follow the table. 64 + 2 + 1 + 2.5 KB a CTA:
-// 3 CTAs a SM, as ring2_c3 (gemv_ring at 2 stages, 3 CTAs a SM, the fastest CuPy ring at three shapes).
-constexpr int kGStages = 2;  // 8 warps x 2 stages = the 16 stages the table's gaps hold
-constexpr int kGScaleBytes = 16 * 4 * 2;
-constexpr int kGFixed = kPTableBytes + 8 * kGStages * kGScaleBytes + 1024 + 8 * 16 * 5 * 4;
-
-extern "C" __global__ void __launch_bounds__(256, 3)
-gemv_ring_g(RING_PARAMS) {
-  extern __shared__ __align__(16) u8 smem[];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  u8* const scale_area = smem + kPTableBytes;  // [warp][stage][128]
-  float* nested_map = reinterpret_cast<float*>(scale_area + 8 * kGStages * kGScaleBytes);
-  float(&partial)[8][16][5] = *reinterpret_cast<float(*)[8][16][5]>(scale_area + 8 * kGStages * kGScaleBytes + 1024);
-  const i64 n_steps = K >> 8, n_tiles = N >> 4;
-  // The warp's stages: codes in the gaps, scales after the table.
-  u8* const codes = smem + warp * kGStages * 16 * 256 + 128;
-  u8* const scales = scale_area + warp * kGStages * kGScaleBytes;
-  const u32 codes_address = shared_address(codes), scales_address = shared_address(scales);
-  StridedProducer producer{blockIdx.x, warp, n_tiles, n_steps, warp};
-  auto issue_next = [&](int stage) {
-    if (producer.tile < n_tiles) {
-      issue_item<256>(codes_address + stage * 16 * 256, packed, absmax_codes, nested_absmax, K, producer.tile,
-                      producer.step, lane, scales_address + stage * kGScaleBytes);
-    }
-    asm volatile("cp.async.commit_group;");
-    producer.step += 8;
-    if (producer.step >= n_steps) {
-      producer.step = warp;
-      producer.tile += gridDim.x;
-    }
-  };
-  issue_next(0);  // kGStages - 1 items ahead
-  {  // thread b writes byte b's 32 copies (the low half of its row), rotated over the bank groups
-    const u32 w = bf16_bits(nf4[tid >> 4]) | (bf16_bits(nf4[tid & 15]) << 16);
-    const uint4 v = make_uint4(w, w, w, w);
-    uint4* row = reinterpret_cast<uint4*>(smem + tid * 256);
-#pragma unroll
-    for (int q = 0; q < 8; ++q) row[(q + tid) & 7] = v;
-  }
-  nested_map[tid] = nested_code[tid];
-  __syncthreads();
-  const float offset = nested_offset[0];
-  const u32 lane4 = u32(lane) * 4;
-  const u8* table = smem;
-  const auto look = [table, lane4](u32 w, u32 p) { return lookup_p(table, lane4, w, p); };
-
-  RING_X_LANE();
-  i64 tile = blockIdx.x, step = warp;
-  int stage = 0;
-  while (tile < n_tiles) {
-    asm volatile("cp.async.wait_group 0;");  // kGStages - 2
-    __syncwarp();
-    issue_next(stage ^ 1);
-    ring_item<256>(acc, codes + stage * 16 * 256, scales + stage * kGScaleBytes, nested_map, offset, x_loads, x_lane, xv,
-                   step, look, lane);
-    stage ^= 1;
-    i64 next_tile = tile, next_step = step + 8;
-    if (next_step >= n_steps) {
-      next_tile += gridDim.x;
-      next_step = warp;
-    }
-    if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid, M, N, tile, y, CtaSync{});
-    tile = next_tile;
-    step = next_step;
-  }
-  asm volatile("cp.async.wait_all;");
-}
-
-// ---- gemv_ring32 (session 23, not yet run; docs/nf4_gemv_m16.md): M <= 16 on 32-row tiles. An item is
+// ---- gemv_ring32 (session 23, run in session 24: gemv_ring32_exp_h100.json; docs/nf4_gemv_m16.md): M <= 16 on 32-row tiles. An item is
 // 32 rows x 128 k (2 quantization blocks a row, 2 KB of codes). Inside each block lane t takes code bytes
 // 8t .. 8t + 7 of its rows (16 k), so every k16 slice of an MMA lies in one block: a plain B (x rows g and
 // g + 8 in two n8 MMAs) and the block's scale applied to the MMA's sums in fp32 (factored rounding).
@@ -917,12 +730,6 @@ VARIANTS = {
     "ring4": ("gemv_ring", ("-DSTAGES=4",), 2),
     "ring3": ("gemv_ring", ("-DSTAGES=3",), 2),
     "ring2_c3": ("gemv_ring", ("-DSTAGES=2", "-DCTAS=3"), 3),
-    # session 24: the two-instruction lookup (64 KB table, one CTA of 16 warps a SM), and its control with
-    # gemv_ring's three-instruction lookup in the same CTA
-    "ringp3": ("gemv_ring_p", ("-DSTAGES=3",), 1),
-    "ringp3_l3": ("gemv_ring_p", ("-DSTAGES=3", "-DLOOKUP3=1"), 1),
-    "ringp2": ("gemv_ring_p", ("-DSTAGES=2",), 1),
-    "ringg2_c3": ("gemv_ring_g", (), 3),
     # M <= 16 on 32-row tiles, the k order kept inside each block (gemv_ring32, docs/nf4_gemv_m16.md)
     "r32_s3": ("gemv_ring32", ("-DSTAGES=3",), 2),
     "r32_s2": ("gemv_ring32", ("-DSTAGES=2",), 2),
@@ -931,16 +738,19 @@ VARIANTS = {
 # its cleanup): gemv_ring_sk, equal item runs a CTA with shared tiles finished by the last CTA, 9-65%
 # slower than gemv_ring; gemv_ring_mc, column groups for M <= 16, within 3% of factored_fill at M = 8 and
 # 1-35% slower at M = 16.
+# Measured and dropped in session 24 (gemv_ring_exp_s24_h100.json; the kernels are in git history at
+# 98d8b8c): gemv_ring_p, a two-instruction table lookup (a 64 KB table with 256-byte rows, so that one
+# byte permute builds the lookup's offset and the LDS adds the base from a uniform register; one CTA of 16
+# warps a SM), 2-18% slower than ring3 and no faster than the same CTA with the three-instruction lookup;
+# gemv_ring_g, that lookup at ring2_c3's footprint (the stages' code rows in the table's unused row halves),
+# 3-8% slower than ring2_c3. Fewer instructions do not make the ring faster: it is not issue-bound (ncu:
+# 44-54% of issue slots busy).
 MAX_ROWS = 4  # x rows gemv_ring takes: one column pair each in the MMA's 8 columns
-# Per kernel: (x rows, tile rows, K multiple: every warp a step in every tile, fixed shared bytes, stage bytes,
-# warps a CTA: groups of 8 that each take a tile at a time)
+# Per kernel: (x rows, tile rows, K multiple: every warp a step in every tile, fixed shared bytes, stage bytes)
 DOMAINS = {
-    "gemv_v16": (4, 16, 2048, 0, 0, 8),
-    "gemv_ring": (4, 16, 2048, 32768 + 1024 + 8 * 16 * 5 * 4, 16 * 128 + 16 * 4 * 2, 8),
-    "gemv_ring_p": (4, 16, 2048, 65536 + 1024 + 2 * 8 * 16 * 5 * 4, 16 * 128 + 16 * 4 * 2, 16),
-    # its 16 stages lie in the table's 64 KB (fixed: table, the stages' scales, nested map, partial sums)
-    "gemv_ring_g": (4, 16, 2048, 65536 + 8 * 2 * 128 + 1024 + 8 * 16 * 5 * 4, 0, 8),
-    "gemv_ring32": (16, 32, 1024, 32768 + 1024 + 8 * 32 * 16 * 4, 32 * 64 + 32 * 4 * 2, 8),
+    "gemv_v16": (4, 16, 2048, 0, 0),
+    "gemv_ring": (4, 16, 2048, 32768 + 1024 + 8 * 16 * 5 * 4, 16 * 128 + 16 * 4 * 2),
+    "gemv_ring32": (16, 32, 1024, 32768 + 1024 + 8 * 32 * 16 * 4, 32 * 64 + 32 * 4 * 2),
 }
 
 
@@ -950,13 +760,11 @@ DOMAINS = {
 def make_gemv(cupy, name: str = "v16"):
     kernel_name, defines, ctas = VARIANTS[name]
     kernel = cupy.RawKernel(KERNEL, kernel_name, options=("--std=c++17", *defines))
-    rows, tile_rows, k_multiple, fixed_bytes, stage_bytes, warps = DOMAINS[kernel_name]
-    groups = warps // 8
-    smem = fixed_bytes
+    rows, tile_rows, k_multiple, fixed_bytes, stage_bytes = DOMAINS[kernel_name]
+    smem = 0
     if stage_bytes:
         stages = int(next(d for d in defines if d.startswith("-DSTAGES=")).split("=")[1])
-        smem = fixed_bytes + warps * stages * stage_bytes
-    if smem:
+        smem = fixed_bytes + 8 * stages * stage_bytes
         kernel.max_dynamic_shared_size_bytes = smem
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     nf4 = codebooks.nf4_code("cuda")
@@ -973,11 +781,11 @@ def make_gemv(cupy, name: str = "v16"):
                              f"K % {k_multiple}, N % {tile_rows}")  # fmt: skip
         y = torch.empty(M, N, dtype=torch.bfloat16, device=x.device)
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-        grid = min(-(-(N // tile_rows) // groups), ctas * sms)
+        grid = min(N // tile_rows, ctas * sms)
         args = (x.data_ptr(), cupy.int32(M), q.packed.data_ptr(), q.absmax.data_ptr(), q.nested.absmax2.data_ptr(),
                 q.nested.code.data_ptr(), q.nested.offset.data_ptr(), nf4.data_ptr(), cupy.int64(N), cupy.int64(K),
                 y.data_ptr())  # fmt: skip
-        kernel((grid,), (32 * warps,), args, stream=stream, shared_mem=smem)
+        kernel((grid,), (256,), args, stream=stream, shared_mem=smem)
         return y
 
     gemv.covers = covers

@@ -433,9 +433,8 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # session 22's prepared CuPy kernels, run in session 23 (gemv_ring_exp_h100.json): the balanced ring
       # (gemv_ring_sk) and the column-group ring for M <= 16 (gemv_ring_mc) were slower and are gone;
       # the CuPy ring against the library's ring in one process (session 23's SASS:
-      # 469 instructions an item in the library's <3, 2> loop against the CuPy ring3's 461); session 24's
-      # gemv_ring_p (a two-instruction lookup: 406 an item) and its control ringp3_l3 (same CTA, old lookup),
-      # gemv_ring_g (the same lookup at ring2_c3's footprint, the stages in the table's gaps: 420 against 471)
+      # 469 instructions an item in the library's <3, 2> loop against the CuPy ring3's 461; session 24 ran
+      # it with gemv_ring_p and gemv_ring_g, since dropped: gemv_ring_exp_s24_h100.json)
       QLORA_NF4_GEMV_VARIANT=ring STEP_TIMEOUT=150 step ring_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
         --variants ring3 ring2_c3 ringp3 ringp3_l3 ringp2 ringg2_c3 --m 1 4 --out "$OUT/gemv_ring_exp_${GPU_TAG:-h100}.json"
       # session 23's gemv_ring32 (M <= 16, 32-row tiles; docs/nf4_gemv_m16.md) against the library's default
@@ -449,7 +448,8 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum "$PY" benchmarks/gpu_checks/ncu_bandwidth.py
       ;;
     ring_hoist)
-      # session 24: the library ring with its first half-step's x loads above the producer (the CuPy ring's
+      # session 24 (cherry-pick b4e8169 first: backed out until measured): the library ring with its first
+      # half-step's x loads above the producer (the CuPy ring's
       # order): the ring's GEMV tests, the A/B with factored_fill, and the CuPy ring kernels in one process
       STEP_TIMEOUT=90 TAIL=3 step ring_hoist_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
         -k "cuda-ring or ring_large or cuda-auto"
