@@ -61,3 +61,18 @@ def test_emulation_catches_a_wrong_layout(experiment, monkeypatch, emulation, M,
     monkeypatch.setattr(experiment.reference, "nested_absmax", swapped)
     got = getattr(experiment, emulation)(x, q)
     assert (got - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("tiles", [1, 2, 4])
+@pytest.mark.parametrize("n_tiles,n_steps,grid", [(1, 8, 4), (3, 16, 2), (64, 48, 20), (896, 64, 264), (5, 8, 1)])
+def test_ring32_schedule_covers_every_tile_and_step_once(experiment, tiles, n_tiles, n_steps, grid):
+    # gemv_ring32 with TILES tiles a CTA round: every tile's sum holds each of its steps exactly once, from
+    # warps of one CTA (the round's barrier orders their partial sums)
+    grid = min(grid, -(-n_tiles // tiles))  # the launcher's grid
+    added = experiment.ring32_schedule(n_tiles, n_steps, grid, tiles)
+    assert sorted(added) == list(range(n_tiles))
+    for tile, items in added.items():
+        assert sorted(step for _, _, step in items) == list(range(n_steps)), tile
+        assert len({cta for cta, _, _ in items}) == 1, tile
+        assert {warp % tiles for _, warp, _ in items} == {tile % tiles}, tile
+

@@ -464,6 +464,15 @@ gemv_ring(RING_PARAMS) {
 // Stage: 32 rows x 64 bytes, 16-byte pieces of rows with (row >> 1) odd swapped in pairs (p ^ 2) so that a
 // half-warp's 8-byte reads of rows g (4 rows) hit 16 distinct bank pairs; then a 4-byte word of scale codes
 // a row (the aligned word holding its 2 blocks) and the row's nested absmax.
+// TILES (session 24, not yet run): the CTA's 8 warps work on TILES tiles at a time, 8 / TILES warps (k groups)
+// a tile, instead of 8 warps on one tile. Warps on different tiles at the same step read the same slice of x,
+// so L1 serves all but the first: ncu at M = 16 (ncu_m16_ring32_vs_factored_h100.txt) showed the L2 moving
+// 325-341 MB for 122 MB of DRAM reads, x re-read by every tile.
+#ifndef TILES
+#define TILES 1
+#endif
+constexpr int kR32KGroups = 8 / TILES;
+static_assert(TILES == 1 || TILES == 2 || TILES == 4 || TILES == 8, "8 warps split into tiles x k groups");
 constexpr int kR32Code = 32 * 64;
 constexpr int kR32Stage = kR32Code + 32 * 4 + 32 * 4;
 constexpr int kR32Fixed = 32768 + 1024 + 8 * 32 * 16 * 4;  // table, nested map, partial sums [8][32][16]
@@ -478,10 +487,16 @@ gemv_ring32(RING_PARAMS) {
   const i64 n_steps = K >> 7, n_tiles = N >> 5, blocks_per_row = K >> 6;
   u8* ring = smem + kR32Fixed + warp * STAGES * kR32Stage;
   const u32 ring_address = shared_address(ring);
+  // The warp's tile in each of the CTA's rounds: base + sub (base = (blockIdx + r grid) TILES); its steps
+  // kg, kg + 8 / TILES, ... A tile past the last (the CTA's last round) reads the last tile and stores nothing,
+  // so that every warp reaches the round's barriers.
+  const int sub = warp % TILES, kg = warp / TILES;
+  const i64 base_stride = i64(gridDim.x) * TILES;
 
-  i64 issue_tile = blockIdx.x, issue_step = warp;
+  i64 issue_base = i64(blockIdx.x) * TILES, issue_step = kg;
   auto issue_next = [&](int stage) {
-    if (issue_tile < n_tiles) {
+    if (issue_base < n_tiles) {
+      const i64 issue_tile = min(issue_base + sub, n_tiles - 1);
       const u32 st = ring_address + stage * kR32Stage;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -496,10 +511,10 @@ gemv_ring32(RING_PARAMS) {
                    "l"(nested_absmax + (b0 >> 8)));
     }
     asm volatile("cp.async.commit_group;");
-    issue_step += 8;
+    issue_step += kR32KGroups;
     if (issue_step >= n_steps) {
-      issue_step = warp;
-      issue_tile += gridDim.x;
+      issue_step = kg;
+      issue_base += base_stride;
     }
   };
   for (int s = 0; s < STAGES - 1; ++s) issue_next(s);
@@ -516,9 +531,9 @@ gemv_ring32(RING_PARAMS) {
   for (int q = 0; q < 2; ++q)
 #pragma unroll
     for (int n = 0; n < 2; ++n) acc[q][n][0] = acc[q][n][1] = acc[q][n][2] = acc[q][n][3] = 0.f;
-  i64 tile = blockIdx.x, step = warp;
+  i64 base = i64(blockIdx.x) * TILES, step = kg;
   int stage = 0;
-  while (tile < n_tiles) {
+  while (base < n_tiles) {
     asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
     __syncwarp();
     issue_next(stage == 0 ? STAGES - 1 : stage - 1);
@@ -577,12 +592,12 @@ gemv_ring32(RING_PARAMS) {
       }
     }
     stage = stage == STAGES - 1 ? 0 : stage + 1;
-    i64 next_tile = tile, next_step = step + 8;
+    i64 next_base = base, next_step = step + kR32KGroups;
     if (next_step >= n_steps) {
-      next_tile += gridDim.x;
-      next_step = warp;
+      next_base += base_stride;
+      next_step = kg;
     }
-    if (next_tile != tile) {  // every warp, once a tile (K % 1024 == 0)
+    if (next_base != base) {  // every warp, once a round (K % 1024 == 0)
 #pragma unroll
       for (int q = 0; q < 2; ++q)
 #pragma unroll
@@ -595,18 +610,20 @@ gemv_ring32(RING_PARAMS) {
           acc[q][n][0] = acc[q][n][1] = acc[q][n][2] = acc[q][n][3] = 0.f;
         }
       __syncthreads();
-      for (int i = tid; i < 32 * 16; i += 256) {
-        const int m = i & 15, r = i >> 4;  // a half-warp reads one row's 16 columns: no bank conflict
-        if (m < M) {
+      for (int i = tid; i < TILES * 32 * 16; i += 256) {
+        // a half-warp reads one row's 16 columns: no bank conflict; tile base + sj's sum over its k groups
+        const int m = i & 15, r = (i >> 4) & 31, sj = i >> 9;
+        const i64 tile = base + sj;
+        if (m < M && tile < n_tiles) {
           float sum = 0.f;
 #pragma unroll
-          for (int w = 0; w < 8; ++w) sum += partial[w][r][m];
+          for (int k = 0; k < kR32KGroups; ++k) sum += partial[k * TILES + sj][r][m];
           y[i64(m) * N + tile * 32 + r] = u16(bf16_bits(sum));
         }
       }
       __syncthreads();
     }
-    tile = next_tile;
+    base = next_base;
     step = next_step;
   }
   asm volatile("cp.async.wait_all;");
@@ -719,6 +736,25 @@ def emulate_ring32(x: torch.Tensor, q: qlora_ext.NF4Weight, nf4_values: torch.Te
         y[:, tile * 32 : tile * 32 + 32] = acc[:, :M].T
     return y
 
+def ring32_schedule(n_tiles: int, n_steps: int, grid: int, tiles: int) -> dict[int, list[tuple[int, int, int]]]:
+    """gemv_ring32's work split, as its loops run it: for each output tile, the (CTA, warp, step) items whose
+    partial sums its round adds (warps on tiles past the last compute a clamped copy that is never added).
+    Every tile must get every step exactly once (tests/test_gemv_v16_emulation.py)."""
+    groups = 8 // tiles
+    added: dict[int, list[tuple[int, int, int]]] = {}
+    for cta in range(grid):
+        for warp in range(8):
+            sub, kg = warp % tiles, warp // tiles
+            base, step = cta * tiles, kg
+            while base < n_tiles:  # the consumer loop; the producer issues the same sequence ahead
+                if base + sub < n_tiles:  # the round's sum reads partial[k * tiles + sub] for k < groups
+                    added.setdefault(base + sub, []).append((cta, warp, step))
+                step += groups
+                if step >= n_steps:
+                    base, step = base + grid * tiles, kg
+    return added
+
+
 # The kernels' compile-time options, A/B'd against each other in one run (session 22): TABLE_V4 (the
 # table built with 16-byte stores, one code byte a thread), PREFETCH (tiles asked of L2 ahead), and
 # the ring kernel's STAGES and CTAs a SM: name -> (kernel, defines, CTAs a SM).
@@ -733,6 +769,9 @@ VARIANTS = {
     # M <= 16 on 32-row tiles, the k order kept inside each block (gemv_ring32, docs/nf4_gemv_m16.md)
     "r32_s3": ("gemv_ring32", ("-DSTAGES=3",), 2),
     "r32_s2": ("gemv_ring32", ("-DSTAGES=2",), 2),
+    # session 24: 2 / 4 tiles at a time a CTA (x slices shared through L1 by the warps of a step)
+    "r32_t2": ("gemv_ring32", ("-DSTAGES=2", "-DTILES=2"), 2),
+    "r32_t4": ("gemv_ring32", ("-DSTAGES=2", "-DTILES=4"), 2),
 }
 # Measured and dropped in session 23 (gemv_ring_exp_h100.json; the kernels are in git history before
 # its cleanup): gemv_ring_sk, equal item runs a CTA with shared tiles finished by the last CTA, 9-65%
@@ -781,7 +820,8 @@ def make_gemv(cupy, name: str = "v16"):
                              f"K % {k_multiple}, N % {tile_rows}")  # fmt: skip
         y = torch.empty(M, N, dtype=torch.bfloat16, device=x.device)
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-        grid = min(N // tile_rows, ctas * sms)
+        tiles_a_cta = int(next((d.split("=")[1] for d in defines if d.startswith("-DTILES=")), 1))
+        grid = min(-(-(N // tile_rows) // tiles_a_cta), ctas * sms)
         args = (x.data_ptr(), cupy.int32(M), q.packed.data_ptr(), q.absmax.data_ptr(), q.nested.absmax2.data_ptr(),
                 q.nested.code.data_ptr(), q.nested.offset.data_ptr(), nf4.data_ptr(), cupy.int64(N), cupy.int64(K),
                 y.data_ptr())  # fmt: skip

@@ -437,9 +437,10 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # it with gemv_ring_p and gemv_ring_g, since dropped: gemv_ring_exp_s24_h100.json)
       QLORA_NF4_GEMV_VARIANT=ring STEP_TIMEOUT=150 step ring_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
         --variants ring3 ring2_c3 ringp3 ringp3_l3 ringp2 ringg2_c3 --m 1 4 --out "$OUT/gemv_ring_exp_${GPU_TAG:-h100}.json"
-      # session 23's gemv_ring32 (M <= 16, 32-row tiles; docs/nf4_gemv_m16.md) against the library's default
+      # session 23's gemv_ring32 (M <= 16, 32-row tiles; docs/nf4_gemv_m16.md) against the library's default;
+      # session 24's r32_t2 / r32_t4 (2 / 4 tiles a CTA round, x shared through L1), not yet run
       STEP_TIMEOUT=150 step ring32_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
-        --variants r32_s3 r32_s2 --m 1 4 8 16 --out "$OUT/gemv_ring32_exp_${GPU_TAG:-h100}.json"
+        --variants r32_s2 r32_t2 r32_t4 --m 1 4 8 16 --out "$OUT/gemv_ring32_exp_${GPU_TAG:-h100}.json"
       # session 24: the fixed cost of an M = 1 call (a graph node's floor, each variant with PDL off and on,
       # bf16 cuBLAS), for the 3x bar at the small shapes
       STEP_TIMEOUT=120 TAIL=14 step gemv_floor "$PY" benchmarks/gpu_checks/gemv_floor.py --out "$OUT/gemv_floor_${GPU_TAG:-h100}.json"
