@@ -286,6 +286,7 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         "ring": "nf4_gemv_ring_kernel",
         "ring_plain": "nf4_gemv_ring_kernel",
         "auto": "nf4_gemv_ring_kernel",  # (programmatic launch is off here)
+        "ring32": "nf4_gemv_ring32_kernel",
     }.get(variant, "nf4_gemv_factored_kernel")
     for K, kernel in [(4096, expected), (4096 + 32, "nf4_gemv_mma_kernel")]:
         x, weight, bias = make_case("cuda", torch.bfloat16, 3, 64, K)
@@ -307,8 +308,11 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         }.get(variant)
         if flags and kernel == expected:
             assert any(flags[0] in n or flags[1] in n for n in names), names
-    if variant in ("ring", "ring_plain", "auto"):  # outside its domain (M > 4, blocksize 128, K % 256 != 0): factored_fill's kernel
-        for M, K, blocksize in [(5, 4096, 64), (1, 4096, 128), (1, 4096 + 64, 64)]:
+    if variant in ("ring", "ring_plain", "auto", "ring32"):
+        # outside its domain (the ring: M > 4, blocksize 128, K % 256 != 0; ring32: blocksize 128, K % 128 != 0):
+        # factored_fill's kernel
+        outside = [(1, 4096, 128), (1, 4096 + 64, 64)] + ([(5, 4096, 64)] if variant != "ring32" else [])
+        for M, K, blocksize in outside:
             x, weight, bias = make_case("cuda", torch.bfloat16, M, 64, K, blocksize)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 gemv(x, weight, bias)

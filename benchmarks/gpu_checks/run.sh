@@ -27,6 +27,7 @@
 #                                                          # gemv_ring32 (M <= 16) against the default
 #     bash benchmarks/gpu_checks/run.sh build auto_tests   # the "auto" variant's GEMV tests
 #     bash benchmarks/gpu_checks/run.sh build ring_hoist   # the ring with x loaded above its producer: tests, A/B, CuPy
+#     bash benchmarks/gpu_checks/run.sh build ring32       # variant "ring32" (M <= 16): tests, sanitizers, A/B
 #     bash benchmarks/gpu_checks/run.sh build ring_configs # the ring's footprint in the decode (carveout), per config
 #     bash benchmarks/gpu_checks/run.sh build auto_default # every CUDA test with "auto" selected, decode auto vs factored_fill
 #     bash benchmarks/gpu_checks/run.sh build fixes_s22    # session 22's fixes of three CUDA tests (no GPU then)
@@ -458,6 +459,20 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         --m 1 4 --out "$OUT/nf4_gemv_ring_hoist_${GPU_TAG:-h100}.json"
       QLORA_NF4_GEMV_VARIANT=ring STEP_TIMEOUT=60 step ring_hoist_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
         --variants ring3 ring2_c3 --m 1 --out "$OUT/gemv_ring_hoist_exp_${GPU_TAG:-h100}.json"
+      ;;
+    ring32)
+      # session 24's library port of gemv_ring32 (variant "ring32": M <= 16 on 32-row tiles; not yet run): its
+      # GEMV tests, memcheck and racecheck on its cases, then the A/B with auto and factored_fill at M = 1..16
+      STEP_TIMEOUT=120 TAIL=3 step ring32_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
+        -k "cuda-ring32 or (variant_switch and ring32)"
+      STEP_TIMEOUT=150 step ring32_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q \
+        -p no:cacheprovider -m "not not_under_sanitizer" tests/test_nf4_gemv.py \
+        -k "cuda-ring32 and (matches_reference and bfloat16 or many_tiles or block_sizes)"
+      STEP_TIMEOUT=150 step ring32_racecheck compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -m pytest -q \
+        -p no:cacheprovider -m "not not_under_sanitizer" tests/test_nf4_gemv.py \
+        -k "cuda-ring32 and matches_reference and bfloat16 and (17x256 or 50x768 or 64x4096 or 300x3072)"
+      STEP_TIMEOUT=150 step ring32_ab "$PY" benchmarks/bench_nf4_linear.py --variants ring32,auto,factored_fill \
+        --m 1 4 8 16 --out "$OUT/nf4_gemv_ring32_${GPU_TAG:-h100}.json"
       ;;
     ring_final)
       # session 22, after the ring kernel's wait lost its memory clobber: the library's ring against the

@@ -1241,6 +1241,218 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
 #endif  // QLORA_GEMV_MMA
 }
 
+// ---- M <= 16: per-warp rings on 32-row tiles (variant "ring32", session 24; not yet run on a GPU) --------
+//
+// The CuPy gemv_ring32 (benchmarks/gpu_checks/gemv_v16_experiment.py, docs/nf4_gemv_m16.md; H100, M = 16,
+// gemv_ring32_exp_h100.json: 10.4 / 23.8 / 28.1 / 85.1 us at the four shapes against factored_fill's 12.7 /
+// 31.1 / 32.8 / 104.0) with the library's domain (fp16, plain scales, bias, any N):
+//   - The ring's per-warp cp.async rings, but an item is 32 rows x 128 k (2 quantization blocks a row,
+//     2 KB of codes): x, re-read from L2 by every tile, costs half of what 16-row tiles cost.
+//   - Inside each block lane t takes code bytes 8t .. 8t + 7 of its rows (16 k), so every k16 slice of an
+//     MMA lies in one block: a plain B carries x rows g and g + 8 in two n8 MMAs (M <= 16), and each
+//     block's 4 slices sum into a temporary C that its fp32 scale then adds to the accumulators.
+//   - Stage: 32 rows x 64 bytes, the 16-byte pieces of rows with (row >> 1) odd swapped in pairs (p ^ 2), so
+//     that a half-warp's 8-byte reads of rows g (4 rows) fall in 16 distinct bank pairs; then the scales:
+//     double quantization, each row's aligned 4-byte word of block codes holding its 2 blocks (128 bytes)
+//     and its nested absmax (128 bytes); plain, each row's 2 fp32 absmax (256 bytes).
+//   - TILES tiles a CTA round, 8 / TILES warps (k groups) a tile; the round's sums meet in shared memory.
+// Domain (ring32_applies): fp16/bf16, M <= 16, blocksize 64, K % 128 == 0, 16-byte aligned x and codes;
+// double quantization with 4-byte aligned codes and nested absmax and nested blocksize >= 2, or plain
+// absmax 8-byte aligned. Any N: rows past N read row N - 1 and are not stored.
+constexpr int kR32Rows = 32;
+constexpr int kR32StepK = 128;
+constexpr int kR32CodeBytes = kR32Rows * kR32StepK / 2;  // 2 KB
+constexpr int kR32ScaleBytes = kR32Rows * 8;
+constexpr int kR32StageBytes = kR32CodeBytes + kR32ScaleBytes;
+constexpr int kR32TableBytes = 256 * 32 * 4;  // the ring's T2 table, a copy per lane
+constexpr int kR32PartialBytes = kWarps * kR32Rows * kMaxM * 4;
+
+template <int STAGES>
+constexpr int ring32_shared_bytes() {
+  return kR32TableBytes + kWarps * STAGES * kR32StageBytes + kR32PartialBytes;
+}
+
+template <typename T, int STAGES, bool DQ, int TILES>
+__global__ void __launch_bounds__(kThreads, 2)
+nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed, NF4Scales scales,
+                       int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y) {
+#if QLORA_GEMV_MMA
+  static_assert(STAGES >= 2, "one stage computes while the others fill");
+  static_assert(TILES == 1 || TILES == 2 || TILES == 4 || TILES == 8, "8 warps split into tiles x k groups");
+  constexpr int kGroups = kWarps / TILES;
+  extern __shared__ __align__(16) unsigned char ring32_shared[];
+  __shared__ float nested_map[256];
+  __shared__ float codes[16];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int sub = warp % TILES, kg = warp / TILES;  // the warp's tile in a round, its k group
+  unsigned char* const ring = ring32_shared + kR32TableBytes + warp * STAGES * kR32StageBytes;
+  float(&partial)[kWarps][kR32Rows][kMaxM] = *reinterpret_cast<float(*)[kWarps][kR32Rows][kMaxM]>(
+      ring32_shared + kR32TableBytes + kWarps * STAGES * kR32StageBytes);
+  const int n_steps = int(K / kR32StepK);  // K < 2^31 * 128
+  const int64_t n_tiles = (N + kR32Rows - 1) / kR32Rows, blocks_per_row = K / 64;
+  const int64_t round_stride = int64_t(gridDim.x) * TILES;
+  const uint32_t ring_address = shared_address(ring);
+
+  // The producer: the warp's items in order (rounds base = (blockIdx + r grid) TILES, its tile base + sub,
+  // steps kg + kGroups j), each into the slot the consumer freed; a warp with no step issues nothing but
+  // commits a group per call. Lane l copies 16-byte pieces l + 32i (row (l + 32i) / 4) and row l's scales.
+  int64_t issue_base = int64_t(blockIdx.x) * TILES;
+  int issue_step = kg;
+  auto issue_next = [&](int slot) {
+    if (issue_base < n_tiles && issue_step < n_steps) {
+      const uint32_t stage = ring_address + slot * kR32StageBytes;
+      const int64_t first_row = min(issue_base + sub, n_tiles - 1) * kR32Rows;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int piece = lane + 32 * i, row = piece >> 2, p16 = piece & 3;
+        const int64_t n = min(first_row + row, N - 1);
+        cp_async16(stage + row * 64 + 16 * (p16 ^ (2 * ((row >> 1) & 1))),
+                   packed + n * (K >> 1) + int64_t(issue_step) * 64 + 16 * p16);
+      }
+      const int64_t b0 = min(first_row + lane, N - 1) * blocks_per_row + 2 * issue_step;  // row lane's first block
+      if constexpr (DQ) {
+        cp_async4(stage + kR32CodeBytes + 4 * lane, scales.absmax_codes + (b0 & ~int64_t(3)));
+        cp_async4(stage + kR32CodeBytes + 128 + 4 * lane, scales.nested_absmax + (b0 >> nested_log2));
+      } else {
+        cp_async8(stage + kR32CodeBytes + 8 * lane, scales.absmax + b0);
+      }
+      issue_step += kGroups;
+      if (issue_step >= n_steps) {
+        issue_step = kg;
+        issue_base += round_stride;
+      }
+    }
+    cp_async_commit();  // empty groups too: the consumer's wait counts groups
+  };
+
+  allow_dependents();  // (programmatic dependent launch: dependent_launch.cuh)
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) issue_next(s);  // in flight while the tables are built
+
+  load_nf4_codes(codes);
+  if constexpr (DQ) nested_map[tid] = __ldg(scales.nested_code + tid);  // 256 threads, 256 entries
+  const float offset = DQ ? __ldg(scales.nested_offset) : 0.0f;
+  __syncthreads();
+  {  // thread b writes byte b's 32 copies in 8 16-byte stores, rotated over the bank groups
+    const T hi = Element<T>::from_float(codes[tid >> 4]), lo = Element<T>::from_float(codes[tid & 15]);
+    const uint32_t word = bits_of(hi) | (bits_of(lo) << 16);  // the even element (high nibble) low
+    uint4* const copies = reinterpret_cast<uint4*>(ring32_shared + tid * 128);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) copies[(q + tid) & 7] = make_uint4(word, word, word, word);
+  }
+  __syncthreads();
+  dependency_wait();  // x (and y's memory) may belong to the kernel before this one
+
+  const uint32_t lane_table = shared_address(ring32_shared) + uint32_t(lane) * 4;
+  // B: x rows g (n8 0) and g + 8 (n8 1) at k = 64 block + 16t .. + 15; rows >= M are zero
+  const bool x0 = g < M, x1 = g + 8 < M;
+  const T* const x_row0 = x + int64_t(x0 ? g : 0) * K + 16 * t;
+  const T* const x_row1 = x + int64_t(x1 ? g + 8 : 0) * K + 16 * t;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  int slot = 0;
+  for (int64_t base = int64_t(blockIdx.x) * TILES; base < n_tiles; base += round_stride) {
+    float acc[2][2][4] = {};  // [row group q (rows 16q + g, + 8)][n8][C fragment]
+#pragma unroll 1
+    for (int step = kg; step < n_steps; step += kGroups) {
+      asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));  // (no "memory" clobber: see the ring)
+      __syncwarp();  // every lane's copies of this item landed; every lane is done with the previous slot
+      issue_next(slot == 0 ? STAGES - 1 : slot - 1);
+      const unsigned char* const stage = ring + slot * kR32StageBytes;
+      // The block scales of the lane's rows 16q + g + 8r, blocks 2 step + bb. Under double quantization a
+      // row's staged word starts at its first block rounded down to 4, so that block's byte in it is
+      // ((tile 32 + row) blocks_per_row + 2 step) & 3 = (2 step + (row & 1) (blocks_per_row & 2)) & 3
+      // (blocks_per_row is even), the same for the lane's four rows (their parity is g's). Rows past N
+      // read row N - 1's word with the wrong byte: finite, and never stored.
+      const uint32_t first_byte = (uint32_t(2 * step) + uint32_t(g & 1) * (uint32_t(blocks_per_row) & 2u)) & 3u;
+      float sc[2][2][2];  // [q][r][bb]
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = 16 * q + g + 8 * r;
+          if constexpr (DQ) {
+            const uint32_t word = reinterpret_cast<const uint32_t*>(stage + kR32CodeBytes)[row];
+            const float nested = reinterpret_cast<const float*>(stage + kR32CodeBytes + 128)[row];
+#pragma unroll
+            for (int bb = 0; bb < 2; ++bb) {
+              const uint32_t code = (word >> (8 * (first_byte + bb))) & 0xffu;
+              sc[q][r][bb] = __fadd_rn(__fmul_rn(nested_map[code], nested), offset);
+            }
+          } else {
+            const float2 pair = reinterpret_cast<const float2*>(stage + kR32CodeBytes)[row];
+            sc[q][r][0] = pair.x;
+            sc[q][r][1] = pair.y;
+          }
+        }
+      }
+#pragma unroll
+      for (int bb = 0; bb < 2; ++bb) {
+        const int64_t k0 = int64_t(2 * step + bb) * 64;
+        const uint4 xa0 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + k0)) : zero;
+        const uint4 xa1 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + k0 + 8)) : zero;
+        const uint4 xb0 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + k0)) : zero;
+        const uint4 xb1 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + k0 + 8)) : zero;
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int r0 = 16 * q + g, r1 = r0 + 8;  // (r >> 1) & 1 is g's for both
+          const int chunk = (bb * 2 + (t >> 1)) ^ (2 * ((g >> 1) & 1));  // the 16-byte piece holding bytes 8t ..
+          const uint2 c0 = *reinterpret_cast<const uint2*>(stage + r0 * 64 + 16 * chunk + 8 * (t & 1));
+          const uint2 c1 = *reinterpret_cast<const uint2*>(stage + r1 * 64 + 16 * chunk + 8 * (t & 1));
+          float c[2][4] = {};
+#pragma unroll
+          for (int s = 0; s < 4; ++s) {
+            // A: bytes 2s (k slots 2t, 2t + 1) and 2s + 1 (2t + 8, 2t + 9) of the lane's 8, rows r0 (a0, a2),
+            // r1 (a1, a3); B: x words 2s and 2s + 1 of the lane's 8 (the same k)
+            const uint32_t w0 = s < 2 ? c0.x : c0.y, w1 = s < 2 ? c1.x : c1.y, p = 2 * (s & 1);
+            const uint32_t a0 = ring_lookup<32>(lane_table, w0, p), a1 = ring_lookup<32>(lane_table, w1, p);
+            const uint32_t a2 = ring_lookup<32>(lane_table, w0, p + 1), a3 = ring_lookup<32>(lane_table, w1, p + 1);
+            const uint4& xa = s < 2 ? xa0 : xa1;
+            const uint4& xb = s < 2 ? xb0 : xb1;
+            mma_16816(T{}, c[0], a0, a1, a2, a3, word_of(xa, (2 * s) & 3), word_of(xa, (2 * s + 1) & 3));
+            mma_16816(T{}, c[1], a0, a1, a2, a3, word_of(xb, (2 * s) & 3), word_of(xb, (2 * s + 1) & 3));
+          }
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+            acc[q][n][0] = fmaf(sc[q][0][bb], c[n][0], acc[q][n][0]);
+            acc[q][n][1] = fmaf(sc[q][0][bb], c[n][1], acc[q][n][1]);
+            acc[q][n][2] = fmaf(sc[q][1][bb], c[n][2], acc[q][n][2]);
+            acc[q][n][3] = fmaf(sc[q][1][bb], c[n][3], acc[q][n][3]);
+          }
+        }
+      }
+      slot = slot == STAGES - 1 ? 0 : slot + 1;
+    }
+    // The round's sums meet (a warp without a step adds zeros): tile base + j is the sum of its k groups'
+    // partials, in a fixed order; bias, one rounding to T.
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        // C: rows g (0, 1) and g + 8 (2, 3), columns (x rows) 8n + 2t, 8n + 2t + 1
+        partial[warp][16 * q + g][8 * n + 2 * t] = acc[q][n][0];
+        partial[warp][16 * q + g][8 * n + 2 * t + 1] = acc[q][n][1];
+        partial[warp][16 * q + g + 8][8 * n + 2 * t] = acc[q][n][2];
+        partial[warp][16 * q + g + 8][8 * n + 2 * t + 1] = acc[q][n][3];
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < TILES * kR32Rows * kMaxM; i += kThreads) {
+      const int m = i % kMaxM, row = (i / kMaxM) % kR32Rows, j = i / (kR32Rows * kMaxM);
+      const int64_t n = (base + j) * kR32Rows + row;
+      if (m < M && base + j < n_tiles && n < N) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int k = 0; k < kGroups; ++k) sum += partial[k * TILES + j][row][m];
+        if (bias != nullptr) sum += Element<T>::to_float(bias[n]);
+        y[int64_t(m) * N + n] = Element<T>::from_float(sum);
+      }
+    }
+    __syncthreads();  // partial is rewritten by the next round
+  }
+  cp_async_wait_all();  // no copy may outlive the CTA (the trailing groups are empty, but be sure)
+#endif  // QLORA_GEMV_MMA
+}
+
 // ---- generic path ----------------------------------------------------------------------------
 
 template <typename T>
@@ -1350,13 +1562,12 @@ cudaError_t launch_stream(const T* x, int M, const uint8_t* packed, const NF4Sca
   return cudaGetLastError();
 }
 
-// The ring kernel's persistent grid: as many CTAs a SM as fit on this device (CTAS on an H100;
-// fewer where a SM has less shared memory, 100 KB on consumer Ampere / Ada), asked once per device.
-// 0: it does not fit at all (the caller falls back).
-template <typename T, int STAGES, int CTAS, bool DQ, int COPIES>
-cudaError_t ring_ctas_per_sm(int& ctas) {
-  auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES>;
-  constexpr int kBytes = ring_shared_bytes<STAGES, COPIES>();
+// A persistent kernel's grid (the ring kernels'): as many CTAs a SM as fit on this device (CTAS on an
+// H100; fewer where a SM has less shared memory, 100 KB on consumer Ampere / Ada) with kBytes of dynamic
+// shared memory, asked once per device. 0: it does not fit at all (the caller falls back).
+template <auto kKernel, int kBytes, int CTAS>
+cudaError_t persistent_ctas_per_sm(int& ctas) {
+  const auto kernel = kKernel;
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cache[kMaxDevices] = {};  // CTAs a SM + 1; 0: not asked yet
   static std::atomic<uint64_t> configured{0};
@@ -1391,7 +1602,9 @@ cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4
                              int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream,
                              bool programmatic, bool& launched) {
   int ctas = 0;
-  const cudaError_t status = ring_ctas_per_sm<T, STAGES, CTAS, DQ, COPIES>(ctas);
+  const cudaError_t status =
+      persistent_ctas_per_sm<nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES>, ring_shared_bytes<STAGES, COPIES>(),
+                             CTAS>(ctas);
   launched = status == cudaSuccess && ctas > 0;
   if (!launched) return status;
   const int64_t grid = std::min<int64_t>(ceil_div(N, 16), int64_t(sm_count) * ctas);
@@ -1422,6 +1635,43 @@ cudaError_t launch_ring(const T* x, int M, const uint8_t* packed, const NF4Scale
                                                           stream, programmatic, launched);
 }
 
+// The ring32 kernel for one scale form at STAGES / TILES, or `launched` false where it does not fit this device.
+template <typename T, int STAGES, bool DQ, int TILES>
+cudaError_t launch_ring32_form(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
+                               int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream,
+                               bool& launched) {
+  constexpr int kBytes = ring32_shared_bytes<STAGES>();
+  int ctas = 0;
+  const cudaError_t status = persistent_ctas_per_sm<nf4_gemv_ring32_kernel<T, STAGES, DQ, TILES>, kBytes, 2>(ctas);
+  launched = status == cudaSuccess && ctas > 0;
+  if (!launched) return status;
+  const int64_t rounds = ceil_div(ceil_div(N, int64_t(kR32Rows)), int64_t(TILES));
+  const int64_t grid = std::min<int64_t>(rounds, int64_t(sm_count) * ctas);
+  return launch_kernel(nf4_gemv_ring32_kernel<T, STAGES, DQ, TILES>, dim3(unsigned(grid)), dim3(kThreads), kBytes,
+                       stream, x, M, packed, scales, nested_log2, N, K, bias, y);
+}
+
+template <typename T, int STAGES, int TILES>
+cudaError_t launch_ring32(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
+                          int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool& launched) {
+  if (scales.absmax == nullptr) {
+    return launch_ring32_form<T, STAGES, true, TILES>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count,
+                                                      stream, launched);
+  }
+  return launch_ring32_form<T, STAGES, false, TILES>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count,
+                                                     stream, launched);
+}
+
+// Whether the ring32 kernel covers this case (see its comment); the device checks are the caller's.
+inline bool ring32_applies(int M, int64_t K, int64_t blocksize, const void* x, const uint8_t* packed,
+                           const NF4Scales& scales) {
+  if (M > kMaxM || blocksize != 64 || K % kR32StepK != 0 || !is_aligned(x, 16) || !is_aligned(packed, 16)) {
+    return false;
+  }
+  if (scales.absmax != nullptr) return is_aligned(scales.absmax, 8);
+  return scales.nested_blocksize >= 2 && is_aligned(scales.absmax_codes, 4) && is_aligned(scales.nested_absmax, 4);
+}
+
 // Whether the ring kernel covers this case (see its comment); the device checks are the caller's.
 inline bool ring_applies(int M, int64_t K, int64_t blocksize, const void* x, const uint8_t* packed,
                          const NF4Scales& scales) {
@@ -1445,7 +1695,8 @@ inline bool stream_applies(int SW, int M, int64_t K, int64_t blocksize, const NF
 constexpr const char* kVariantNames[] = {"mma",         "factored",    "factored_split", "factored_r2",
                                          "factored_r1", "stream",      "stream2",        "factored_wide",
                                          "factored_o3", "factored_o4", "factored_fill", "factored_lean",
-                                         "factored_lean_wide", "ring",        "ring_plain",     "auto"};
+                                         "factored_lean_wide", "ring",        "ring_plain",     "auto",
+                                         "ring32"};
 constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0]));
 // "factored_fill": "factored" (faster than "mma" at every measured shape, nf4_gemv_variants_h100.json)
 // with one round of 3-CTA tiles where "factored" takes two rounds: 8B's grouped q/k/v 13.9 -> 12.0 us,
@@ -1517,9 +1768,10 @@ cudaError_t launch_factored_variant(int variant, const T* x, int m, const Factor
         QLORA_FACTORED_LEAN(2, 2, 2, false, 2);
       }
       [[fallthrough]];
-    case 13:  // ring, ring_plain, auto: what the ring kernel does not take
+    case 13:  // ring, ring_plain, auto, ring32: what the ring kernels do not take
     case 14:
     case 15:
+    case 16:
       [[fallthrough]];
     case 10:  // factored_fill: "factored", except that an M <= 8 launch whose 16-row tiles need a second
               // round at 2 CTAs a SM but fit one at 3 (Llama-3-8B's grouped q/k/v: 384 tiles, 264 CTAs,
@@ -1605,6 +1857,13 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
         QLORA_STREAM(2, 2, 6);
       }
 #undef QLORA_STREAM
+      // "ring32" (session 24, not yet run on a GPU): M <= 16 on 32-row tiles, see nf4_gemv_ring32_kernel
+      if (variant == 16 && ring32_applies(m, K, blocksize, x, packed, scales)) {
+        bool launched = false;
+        const cudaError_t ring32_status =
+            launch_ring32<T, 2, 1>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched);
+        if (launched || ring32_status != cudaSuccess) return ring32_status;  // else: does not fit this device
+      }
       // "auto" takes the ring only where no programmatic launch overlaps it with its neighbours (see kVariantNames)
       const bool ring_variant = variant == 13 || variant == 14 || (variant == 15 && !programmatic_launch_enabled());
       if (ring_variant && ring_applies(m, K, blocksize, x, packed, scales)) {
