@@ -1050,6 +1050,26 @@ __device__ __forceinline__ uint32_t ring_lookup(uint32_t lane_table, uint32_t wo
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
+
+// The ring kernels' tables, built by the CTA's 256 threads while their first items fly: the T2 table
+// (COPIES copies of byte b's word at table + b * COPIES * 4; thread b writes them in 16-byte stores,
+// rotated so that a quarter-warp's stores spread over the bank groups), under double quantization the
+// nested code map. Returns the nested offset (0 for plain scales). Ends with the CTA's barrier.
+template <typename T, bool DQ, int COPIES>
+__device__ __forceinline__ float build_ring_tables(unsigned char* table, float* codes, float* nested_map,
+                                                   const NF4Scales& scales, int tid) {
+  load_nf4_codes(codes);
+  if constexpr (DQ) nested_map[tid] = __ldg(scales.nested_code + tid);  // 256 threads, 256 entries
+  const float offset = DQ ? __ldg(scales.nested_offset) : 0.0f;
+  __syncthreads();
+  const T hi = Element<T>::from_float(codes[tid >> 4]), lo = Element<T>::from_float(codes[tid & 15]);
+  const uint32_t word = bits_of(hi) | (bits_of(lo) << 16);  // the even element (high nibble) low
+  uint4* const copies = reinterpret_cast<uint4*>(table + tid * COPIES * 4);
+#pragma unroll
+  for (int q = 0; q < COPIES / 4; ++q) copies[(q + tid) & (COPIES / 4 - 1)] = make_uint4(word, word, word, word);
+  __syncthreads();
+  return offset;
+}
 #endif
 
 // DQ: double quantization (8-bit block codes, nested absmax) or plain fp32 absmax, known at compile
@@ -1134,19 +1154,7 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) issue_next(s);  // in flight while the tables are built
 
-  load_nf4_codes(codes);
-  if constexpr (DQ) nested_map[tid] = __ldg(scales.nested_code + tid);  // 256 threads, 256 entries
-  const float offset = DQ ? __ldg(scales.nested_offset) : 0.0f;
-  __syncthreads();
-  {  // thread b writes byte b's copies in 16-byte stores (8 for 32 copies), rotated so that a quarter-warp's
-     // stores spread over the bank groups
-    const T hi = Element<T>::from_float(codes[tid >> 4]), lo = Element<T>::from_float(codes[tid & 15]);
-    const uint32_t word = bits_of(hi) | (bits_of(lo) << 16);  // the even element (high nibble) low
-    uint4* const copies = reinterpret_cast<uint4*>(table + tid * COPIES);
-#pragma unroll
-    for (int q = 0; q < COPIES / 4; ++q) copies[(q + tid) & (COPIES / 4 - 1)] = make_uint4(word, word, word, word);
-  }
-  __syncthreads();
+  const float offset = build_ring_tables<T, DQ, COPIES>(ring_shared, codes, nested_map, scales, tid);
   // Everything above read weights and constants only; x (and y's memory) may belong to the
   // kernel before this one, which a programmatic launch overlaps up to here.
   dependency_wait();
@@ -1329,18 +1337,7 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) issue_next(s);  // in flight while the tables are built
 
-  load_nf4_codes(codes);
-  if constexpr (DQ) nested_map[tid] = __ldg(scales.nested_code + tid);  // 256 threads, 256 entries
-  const float offset = DQ ? __ldg(scales.nested_offset) : 0.0f;
-  __syncthreads();
-  {  // thread b writes byte b's 32 copies in 8 16-byte stores, rotated over the bank groups
-    const T hi = Element<T>::from_float(codes[tid >> 4]), lo = Element<T>::from_float(codes[tid & 15]);
-    const uint32_t word = bits_of(hi) | (bits_of(lo) << 16);  // the even element (high nibble) low
-    uint4* const copies = reinterpret_cast<uint4*>(ring32_shared + tid * 128);
-#pragma unroll
-    for (int q = 0; q < 8; ++q) copies[(q + tid) & 7] = make_uint4(word, word, word, word);
-  }
-  __syncthreads();
+  const float offset = build_ring_tables<T, DQ, 32>(ring32_shared, codes, nested_map, scales, tid);
   dependency_wait();  // x (and y's memory) may belong to the kernel before this one
 
   const uint32_t lane_table = shared_address(ring32_shared) + uint32_t(lane) * 4;
