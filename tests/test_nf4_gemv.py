@@ -287,6 +287,7 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         "ring_plain": "nf4_gemv_ring_kernel",
         "auto": "nf4_gemv_ring_kernel",  # (programmatic launch is off here)
         "ring32": "nf4_gemv_ring32_kernel",
+        "ring_early_x": "nf4_gemv_ring_kernel",
     }.get(variant, "nf4_gemv_factored_kernel")
     for K, kernel in [(4096, expected), (4096 + 32, "nf4_gemv_mma_kernel")]:
         x, weight, bias = make_case("cuda", torch.bfloat16, 3, 64, K)
@@ -308,7 +309,7 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         }.get(variant)
         if flags and kernel == expected:
             assert any(flags[0] in n or flags[1] in n for n in names), names
-    if variant in ("ring", "ring_plain", "auto", "ring32"):
+    if variant in ("ring", "ring_plain", "auto", "ring32", "ring_early_x"):
         # outside its domain (the ring: M > 4, blocksize 128, K % 256 != 0; ring32: blocksize 128, K % 128 != 0):
         # factored_fill's kernel
         outside = [(1, 4096, 128), (1, 4096 + 64, 64)] + ([(5, 4096, 64)] if variant != "ring32" else [])

@@ -26,7 +26,7 @@
 #     bash benchmarks/gpu_checks/run.sh build ring_exp     # the CuPy ring against the library's ring, one process;
 #                                                          # gemv_ring32 (M <= 16) against the default
 #     bash benchmarks/gpu_checks/run.sh build auto_tests   # the "auto" variant's GEMV tests
-#     bash benchmarks/gpu_checks/run.sh build ring_hoist   # the ring with x loaded above its producer: tests, A/B, CuPy
+#     bash benchmarks/gpu_checks/run.sh build ring_hoist   # "ring_early_x" (x loaded above the producer): tests, A/B, CuPy
 #     bash benchmarks/gpu_checks/run.sh build ring32       # variant "ring32" (M <= 16): tests, sanitizers, A/B
 #     bash benchmarks/gpu_checks/run.sh build ring_configs # the ring's footprint in the decode (carveout), per config
 #     bash benchmarks/gpu_checks/run.sh build auto_default # every CUDA test with "auto" selected, decode auto vs factored_fill
@@ -450,15 +450,15 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum "$PY" benchmarks/gpu_checks/ncu_bandwidth.py
       ;;
     ring_hoist)
-      # session 24 (cherry-pick b4e8169 first: backed out until measured): the library ring with its first
-      # half-step's x loads above the producer (the CuPy ring's
-      # order): the ring's GEMV tests, the A/B with factored_fill, and the CuPy ring kernels in one process
+      # session 24: "ring_early_x", the library ring with its first half-step's x loads above the producer (the
+      # CuPy ring's order; ncu found the ring stalling twice as long on the long scoreboard): the ring variants'
+      # GEMV tests, the A/B with the ring and factored_fill in one process, and the CuPy ring kernels
       STEP_TIMEOUT=90 TAIL=3 step ring_hoist_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
         -k "cuda-ring or ring_large or cuda-auto"
-      STEP_TIMEOUT=60 step ring_hoist_ab "$PY" benchmarks/bench_nf4_linear.py --variants ring,factored_fill \
-        --m 1 4 --out "$OUT/nf4_gemv_ring_hoist_${GPU_TAG:-h100}.json"
-      QLORA_NF4_GEMV_VARIANT=ring STEP_TIMEOUT=60 step ring_hoist_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
-        --variants ring3 ring2_c3 --m 1 --out "$OUT/gemv_ring_hoist_exp_${GPU_TAG:-h100}.json"
+      STEP_TIMEOUT=60 step ring_hoist_ab "$PY" benchmarks/bench_nf4_linear.py --variants ring,ring_early_x,factored_fill \
+        --m 1 4 --out "$OUT/nf4_gemv_ring_early_x_${GPU_TAG:-h100}.json"
+      QLORA_NF4_GEMV_VARIANT=ring_early_x STEP_TIMEOUT=60 step ring_hoist_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
+        --variants ring3 ring2_c3 --m 1 --out "$OUT/gemv_ring_early_x_exp_${GPU_TAG:-h100}.json"
       ;;
     ring32)
       # session 24's library port of gemv_ring32 (variant "ring32": M <= 16 on 32-row tiles; not yet run): its

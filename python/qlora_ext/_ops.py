@@ -179,6 +179,9 @@ def nf4_gemv_variants() -> list[str]:
     K % 128 == 0) on 32-row tiles through the same kind of per-warp rings, the k order kept inside each
     quantization block so that 16 x rows fit one MMA's columns; its CuPy original took 17-24% less time
     than factored_fill at M = 16 (benchmarks/results/gemv_ring32_exp_h100.json).
+    "ring_early_x" (session 24; built, not yet run on a GPU) is "ring" with each item's first x loads
+    issued before its next copies, the CuPy ring's order (the library ring stalled twice as long on
+    them, benchmarks/results/ncu_ring_library_vs_cupy_h100.txt).
     "factored_fill" (below) was the default from 2026-12-06; before, variant 1 ("factored"): on the H100 it beat
     variant 0 ("mma") at every measured shape, M = 1 and 16 (1.83-2.37x bf16 at M = 1 against
     1.59-2.02x; benchmarks/results/nf4_gemv_variants_h100.json), and the CUDA suite's GEMV users

@@ -1074,7 +1074,11 @@ __device__ __forceinline__ float build_ring_tables(unsigned char* table, float* 
 
 // DQ: double quantization (8-bit block codes, nested absmax) or plain fp32 absmax, known at compile
 // time so that neither the producer nor the consumer branches on it per item.
-template <typename T, int STAGES, int CTAS, bool DQ, int COPIES>
+// EARLY_X (session 24, variant "ring_early_x"; not yet run on a GPU): an item's first half-step x loads
+// right after the ring wait, above the producer's branches, as the CuPy ring issues them. Nsight Compute
+// at 4096 x 14336 (ncu_ring_library_vs_cupy_h100.txt) found this kernel stalling on the long scoreboard
+// twice as long as the CuPy ring2_c3 (2.25 against 1.2 cycles an issue), 20.5 against 18.3 us.
+template <typename T, int STAGES, int CTAS, bool DQ, int COPIES, bool EARLY_X = false>
 __global__ void __launch_bounds__(kThreads, CTAS)
 nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed, NF4Scales scales,
                      int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y,
@@ -1177,6 +1181,10 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
       // ran 47 us at 28672 x 8192, M = 1, this one with it 54).
       asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
       __syncwarp();  // every lane's copies of this item landed; every lane is done with the previous slot
+      if (EARLY_X && x_loads) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + int64_t(step) * kRingStepK + 8 * q));
+      }
       issue_next(slot == 0 ? STAGES - 1 : slot - 1);
       const unsigned char* const stage = ring + slot * kRingStageBytes;
       const unsigned char* const scale_bytes = stage + kRingCodeBytes;
@@ -1196,7 +1204,7 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
       for (int h = 0; h < 2; ++h) {
         const uint4 cg = *reinterpret_cast<const uint4*>(stage + g * 128 + ((16 * t + 64 * h) ^ swizzle));
         const uint4 cg8 = *reinterpret_cast<const uint4*>(stage + (g + 8) * 128 + ((16 * t + 64 * h) ^ swizzle));
-        if (x_loads) {
+        if (x_loads && (!EARLY_X || h == 1)) {  // (EARLY_X: h = 0's above)
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
             xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + int64_t(step) * kRingStepK + 128 * h + 8 * q));
@@ -1353,6 +1361,11 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
     for (int step = kg; step < n_steps; step += kGroups) {
       asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));  // (no "memory" clobber: see the ring)
       __syncwarp();  // every lane's copies of this item landed; every lane is done with the previous slot
+      // block 2 step's x before the producer's branches (the ring's EARLY_X: its L2 latency hides under them)
+      uint4 xa0 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + int64_t(step) * kR32StepK)) : zero;
+      uint4 xa1 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + int64_t(step) * kR32StepK + 8)) : zero;
+      uint4 xb0 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + int64_t(step) * kR32StepK)) : zero;
+      uint4 xb1 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + int64_t(step) * kR32StepK + 8)) : zero;
       issue_next(slot == 0 ? STAGES - 1 : slot - 1);
       const unsigned char* const stage = ring + slot * kR32StageBytes;
       // The block scales of the lane's rows 16q + g + 8r, blocks 2 step + bb. Under double quantization a
@@ -1384,11 +1397,13 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
       }
 #pragma unroll
       for (int bb = 0; bb < 2; ++bb) {
-        const int64_t k0 = int64_t(2 * step + bb) * 64;
-        const uint4 xa0 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + k0)) : zero;
-        const uint4 xa1 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + k0 + 8)) : zero;
-        const uint4 xb0 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + k0)) : zero;
-        const uint4 xb1 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + k0 + 8)) : zero;
+        if (bb == 1) {  // block 2 step + 1's x (block 2 step's: above)
+          const int64_t k0 = int64_t(step) * kR32StepK + 64;
+          xa0 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + k0)) : zero;
+          xa1 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + k0 + 8)) : zero;
+          xb0 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + k0)) : zero;
+          xb1 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + k0 + 8)) : zero;
+        }
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
           const int r0 = 16 * q + g, r1 = r0 + 8;  // (r >> 1) & 1 is g's for both
@@ -1594,18 +1609,18 @@ cudaError_t persistent_ctas_per_sm(int& ctas) {
 // `programmatic` false: a plain launch even where generation turned programmatic dependent launch on
 // (variant "ring_plain"), so that the persistent grid starts whole once the kernel before has ended
 // instead of CTA by CTA beside it.
-template <typename T, int STAGES, int CTAS, bool DQ, int COPIES>
+template <typename T, int STAGES, int CTAS, bool DQ, int COPIES, bool EARLY_X>
 cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
                              int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream,
                              bool programmatic, bool& launched) {
   int ctas = 0;
   const cudaError_t status =
-      persistent_ctas_per_sm<nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES>, ring_shared_bytes<STAGES, COPIES>(),
+      persistent_ctas_per_sm<nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES, EARLY_X>, ring_shared_bytes<STAGES, COPIES>(),
                              CTAS>(ctas);
   launched = status == cudaSuccess && ctas > 0;
   if (!launched) return status;
   const int64_t grid = std::min<int64_t>(ceil_div(N, 16), int64_t(sm_count) * ctas);
-  auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES>;
+  auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES, EARLY_X>;
   constexpr int kBytes = ring_shared_bytes<STAGES, COPIES>();
   // EXPERIMENT (session 23, the decode A/B): QLORA_RING_TRIGGER=late lets the next kernel launch
   // only once this one's tiles are done.
@@ -1620,15 +1635,15 @@ cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4
                        N, K, bias, y, trigger_late);
 }
 
-template <typename T, int STAGES, int CTAS, int COPIES = 32>
+template <typename T, int STAGES, int CTAS, int COPIES = 32, bool EARLY_X = false>
 cudaError_t launch_ring(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2, int64_t N,
                         int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool programmatic,
                         bool& launched) {
   if (scales.absmax == nullptr) {
-    return launch_ring_form<T, STAGES, CTAS, true, COPIES>(x, M, packed, scales, nested_log2, N, K, bias, y,
+    return launch_ring_form<T, STAGES, CTAS, true, COPIES, EARLY_X>(x, M, packed, scales, nested_log2, N, K, bias, y,
                                                            sm_count, stream, programmatic, launched);
   }
-  return launch_ring_form<T, STAGES, CTAS, false, COPIES>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count,
+  return launch_ring_form<T, STAGES, CTAS, false, COPIES, EARLY_X>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count,
                                                           stream, programmatic, launched);
 }
 
@@ -1693,7 +1708,7 @@ constexpr const char* kVariantNames[] = {"mma",         "factored",    "factored
                                          "factored_r1", "stream",      "stream2",        "factored_wide",
                                          "factored_o3", "factored_o4", "factored_fill", "factored_lean",
                                          "factored_lean_wide", "ring",        "ring_plain",     "auto",
-                                         "ring32"};
+                                         "ring32",      "ring_early_x"};
 constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0]));
 // "factored_fill": "factored" (faster than "mma" at every measured shape, nf4_gemv_variants_h100.json)
 // with one round of 3-CTA tiles where "factored" takes two rounds: 8B's grouped q/k/v 13.9 -> 12.0 us,
@@ -1765,10 +1780,11 @@ cudaError_t launch_factored_variant(int variant, const T* x, int m, const Factor
         QLORA_FACTORED_LEAN(2, 2, 2, false, 2);
       }
       [[fallthrough]];
-    case 13:  // ring, ring_plain, auto, ring32: what the ring kernels do not take
+    case 13:  // ring, ring_plain, auto, ring32, ring_early_x: what the ring kernels do not take
     case 14:
     case 15:
     case 16:
+    case 17:
       [[fallthrough]];
     case 10:  // factored_fill: "factored", except that an M <= 8 launch whose 16-row tiles need a second
               // round at 2 CTAs a SM but fit one at 3 (Llama-3-8B's grouped q/k/v: 384 tiles, 264 CTAs,
@@ -1862,7 +1878,8 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
         if (launched || ring32_status != cudaSuccess) return ring32_status;  // else: does not fit this device
       }
       // "auto" takes the ring only where no programmatic launch overlaps it with its neighbours (see kVariantNames)
-      const bool ring_variant = variant == 13 || variant == 14 || (variant == 15 && !programmatic_launch_enabled());
+      const bool ring_variant =
+          variant == 13 || variant == 14 || variant == 17 || (variant == 15 && !programmatic_launch_enabled());
       if (ring_variant && ring_applies(m, K, blocksize, x, packed, scales)) {
         // 3 stages at 2 CTAs a SM for the large weights, 2 stages at 3 CTAs below: H100, M = 1
         // (gemv_ring_h100.json): 28672 x 8192 47.2 against 49.3 us, the three smaller shapes 6-10% the
@@ -1889,11 +1906,15 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
         QLORA_RING_FORCED("32h", 3, 2, 16)
 #undef QLORA_RING_FORCED
         const cudaError_t ring_status =
-            large
-                ? launch_ring<T, 3, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
-                                       programmatic, launched)
-                : launch_ring<T, 2, 3>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
-                                       programmatic, launched);
+            variant == 17
+                ? (large ? launch_ring<T, 3, 2, 32, true>(xt, m, packed, scales, nested_log2, N, K, bt, yt,
+                                                          facts.sm_count, stream, programmatic, launched)
+                         : launch_ring<T, 2, 3, 32, true>(xt, m, packed, scales, nested_log2, N, K, bt, yt,
+                                                          facts.sm_count, stream, programmatic, launched))
+            : large ? launch_ring<T, 3, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
+                                           programmatic, launched)
+                    : launch_ring<T, 2, 3>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
+                                           programmatic, launched);
         if (launched || ring_status != cudaSuccess) return ring_status;  // else: does not fit this device
       }
       if (variant != 0) {
