@@ -1273,8 +1273,9 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
 //     and its nested absmax (128 bytes); plain, each row's 2 fp32 absmax (256 bytes).
 //   - TILES tiles a CTA round, 8 / TILES warps (k groups) a tile; the round's sums meet in shared memory.
 // Domain (ring32_applies): fp16/bf16, M <= 16, blocksize 64, K % 128 == 0, 16-byte aligned x and codes;
-// double quantization with 4-byte aligned codes and nested absmax and nested blocksize >= 2, or plain
-// absmax 8-byte aligned. Any N: rows past N read row N - 1 and are not stored.
+// double quantization with 4-byte aligned codes and nested absmax, nested blocksize >= 2 and N * K / 64 % 4
+// == 0 (the last row's 4-byte word of block codes must lie inside the array), or plain absmax 8-byte
+// aligned. Any N: rows past N read row N - 1 and are not stored.
 constexpr int kR32Rows = 32;
 constexpr int kR32StepK = 128;
 constexpr int kR32CodeBytes = kR32Rows * kR32StepK / 2;  // 2 KB
@@ -1613,15 +1614,13 @@ template <typename T, int STAGES, int CTAS, bool DQ, int COPIES, bool EARLY_X>
 cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
                              int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream,
                              bool programmatic, bool& launched) {
+  constexpr auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES, EARLY_X>;
+  constexpr int kBytes = ring_shared_bytes<STAGES, COPIES>();
   int ctas = 0;
-  const cudaError_t status =
-      persistent_ctas_per_sm<nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES, EARLY_X>, ring_shared_bytes<STAGES, COPIES>(),
-                             CTAS>(ctas);
+  const cudaError_t status = persistent_ctas_per_sm<kernel, kBytes, CTAS>(ctas);
   launched = status == cudaSuccess && ctas > 0;
   if (!launched) return status;
   const int64_t grid = std::min<int64_t>(ceil_div(N, 16), int64_t(sm_count) * ctas);
-  auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES, EARLY_X>;
-  constexpr int kBytes = ring_shared_bytes<STAGES, COPIES>();
   // EXPERIMENT (session 23, the decode A/B): QLORA_RING_TRIGGER=late lets the next kernel launch
   // only once this one's tiles are done.
   const char* trigger = std::getenv("QLORA_RING_TRIGGER");
@@ -1641,10 +1640,10 @@ cudaError_t launch_ring(const T* x, int M, const uint8_t* packed, const NF4Scale
                         bool& launched) {
   if (scales.absmax == nullptr) {
     return launch_ring_form<T, STAGES, CTAS, true, COPIES, EARLY_X>(x, M, packed, scales, nested_log2, N, K, bias, y,
-                                                           sm_count, stream, programmatic, launched);
+                                                                    sm_count, stream, programmatic, launched);
   }
-  return launch_ring_form<T, STAGES, CTAS, false, COPIES, EARLY_X>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count,
-                                                          stream, programmatic, launched);
+  return launch_ring_form<T, STAGES, CTAS, false, COPIES, EARLY_X>(x, M, packed, scales, nested_log2, N, K, bias, y,
+                                                                   sm_count, stream, programmatic, launched);
 }
 
 // The ring32 kernel for one scale form at STAGES / TILES, or `launched` false where it does not fit this device.
@@ -1652,15 +1651,16 @@ template <typename T, int STAGES, bool DQ, int TILES>
 cudaError_t launch_ring32_form(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
                                int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream,
                                bool& launched) {
+  constexpr auto kernel = nf4_gemv_ring32_kernel<T, STAGES, DQ, TILES>;
   constexpr int kBytes = ring32_shared_bytes<STAGES>();
   int ctas = 0;
-  const cudaError_t status = persistent_ctas_per_sm<nf4_gemv_ring32_kernel<T, STAGES, DQ, TILES>, kBytes, 2>(ctas);
+  const cudaError_t status = persistent_ctas_per_sm<kernel, kBytes, 2>(ctas);
   launched = status == cudaSuccess && ctas > 0;
   if (!launched) return status;
   const int64_t rounds = ceil_div(ceil_div(N, int64_t(kR32Rows)), int64_t(TILES));
   const int64_t grid = std::min<int64_t>(rounds, int64_t(sm_count) * ctas);
-  return launch_kernel(nf4_gemv_ring32_kernel<T, STAGES, DQ, TILES>, dim3(unsigned(grid)), dim3(kThreads), kBytes,
-                       stream, x, M, packed, scales, nested_log2, N, K, bias, y);
+  return launch_kernel(kernel, dim3(unsigned(grid)), dim3(kThreads), kBytes, stream, x, M, packed, scales, nested_log2,
+                       N, K, bias, y);
 }
 
 template <typename T, int STAGES, int TILES>
@@ -1675,13 +1675,14 @@ cudaError_t launch_ring32(const T* x, int M, const uint8_t* packed, const NF4Sca
 }
 
 // Whether the ring32 kernel covers this case (see its comment); the device checks are the caller's.
-inline bool ring32_applies(int M, int64_t K, int64_t blocksize, const void* x, const uint8_t* packed,
+inline bool ring32_applies(int M, int64_t N, int64_t K, int64_t blocksize, const void* x, const uint8_t* packed,
                            const NF4Scales& scales) {
   if (M > kMaxM || blocksize != 64 || K % kR32StepK != 0 || !is_aligned(x, 16) || !is_aligned(packed, 16)) {
     return false;
   }
   if (scales.absmax != nullptr) return is_aligned(scales.absmax, 8);
-  return scales.nested_blocksize >= 2 && is_aligned(scales.absmax_codes, 4) && is_aligned(scales.nested_absmax, 4);
+  return scales.nested_blocksize >= 2 && (N * (K / 64)) % 4 == 0 && is_aligned(scales.absmax_codes, 4) &&
+         is_aligned(scales.nested_absmax, 4);
 }
 
 // Whether the ring kernel covers this case (see its comment); the device checks are the caller's.
@@ -1871,7 +1872,7 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
       }
 #undef QLORA_STREAM
       // "ring32" (session 24, not yet run on a GPU): M <= 16 on 32-row tiles, see nf4_gemv_ring32_kernel
-      if (variant == 16 && ring32_applies(m, K, blocksize, x, packed, scales)) {
+      if (variant == 16 && ring32_applies(m, N, K, blocksize, x, packed, scales)) {
         bool launched = false;
         const cudaError_t ring32_status =
             launch_ring32<T, 2, 1>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched);
