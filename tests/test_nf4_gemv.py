@@ -285,9 +285,8 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         "stream2": "nf4_gemv_stream_kernel",
         "ring": "nf4_gemv_ring_kernel",
         "ring_plain": "nf4_gemv_ring_kernel",
-        "auto": "nf4_gemv_ring_kernel",  # (programmatic launch is off here)
+        "auto": "nf4_gemv_ring_kernel",  # (programmatic launch is off here; M = 3)
         "ring32": "nf4_gemv_ring32_kernel",
-        "ring_early_x": "nf4_gemv_ring_kernel",
     }.get(variant, "nf4_gemv_factored_kernel")
     for K, kernel in [(4096, expected), (4096 + 32, "nf4_gemv_mma_kernel")]:
         x, weight, bias = make_case("cuda", torch.bfloat16, 3, 64, K)
@@ -309,12 +308,14 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         }.get(variant)
         if flags and kernel == expected:
             assert any(flags[0] in n or flags[1] in n for n in names), names
-    if variant in ("ring", "ring_plain", "auto", "ring32", "ring_early_x"):
+    if variant in ("ring", "ring_plain", "auto", "ring32"):
         # outside its domain (the ring: M > 4, blocksize 128, K % 256 != 0; ring32: blocksize 128, K % 128 != 0,
-        # and double-quantized block codes whose last 4-byte word would end past the array, N K / 64 % 4 == 2):
-        # factored_fill's kernel
+        # and double-quantized block codes whose last 4-byte word would end past the array, N K / 64 % 4 == 2;
+        # auto: the ring's domain at M <= 4, ring32's at M >= 5): factored_fill's kernel
         outside = [(1, 64, 4096, 128), (1, 64, 4096 + 64, 64)]
-        outside += [(1, 63, 128, 64)] if variant == "ring32" else [(5, 64, 4096, 64)]
+        outside += {"ring32": [(1, 63, 128, 64)], "auto": [(5, 64, 4096, 128), (5, 63, 128, 64)]}.get(
+            variant, [(5, 64, 4096, 64)]
+        )
         for M, N, K, blocksize in outside:
             x, weight, bias = make_case("cuda", torch.bfloat16, M, N, K, blocksize)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -335,12 +336,14 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
 @pytest.mark.not_under_sanitizer  # reads kernel names from torch.profiler (CUPTI)
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")
 @pytest.mark.parametrize("programmatic", [False, True])
-def test_auto_takes_the_ring_only_without_programmatic_launch(programmatic, use_variant):
+@pytest.mark.parametrize("M", [2, 4, 5, 16])
+def test_auto_takes_the_rings_only_without_programmatic_launch(M, programmatic, use_variant):
     # Under programmatic dependent launch (generation's decode) the ring's shared-memory carveout costs
     # its neighbours more than it saves (decode_8b_ring_pdl_h100.json), so "auto" runs factored_fill's
-    # kernel there; the output is the reference's either way.
+    # kernel there; without it the ring at M <= 4 and ring32 at 5 <= M <= 16 (nf4_gemv_ring32_h100.json).
+    # The output is the reference's either way.
     use_variant("auto")
-    x, weight, bias = make_case("cuda", torch.bfloat16, 2, 96, 4096)
+    x, weight, bias = make_case("cuda", torch.bfloat16, M, 96, 4096)
     with ops.programmatic_launch(programmatic):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             out = gemv(x, weight, bias)
@@ -348,8 +351,9 @@ def test_auto_takes_the_ring_only_without_programmatic_launch(programmatic, use_
     names = [e.name for e in prof.events() if "nf4_gemv" in e.name]
     if not names:
         pytest.skip("the profiler recorded no CUDA kernels here (no CUPTI?)")
-    expected = "nf4_gemv_factored_kernel" if programmatic else "nf4_gemv_ring_kernel"
-    assert any(expected in n for n in names), (programmatic, names)
+    ring = "nf4_gemv_ring_kernel" if M <= 4 else "nf4_gemv_ring32_kernel"
+    expected = "nf4_gemv_factored_kernel" if programmatic else ring
+    assert any(expected in n for n in names), (M, programmatic, names)
     assert_close_to_reference(out, x, weight, bias)
 
 

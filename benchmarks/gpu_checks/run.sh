@@ -26,7 +26,7 @@
 #     bash benchmarks/gpu_checks/run.sh build ring_exp     # the CuPy ring against the library's ring, one process;
 #                                                          # gemv_ring32 (M <= 16) against the default
 #     bash benchmarks/gpu_checks/run.sh build auto_tests   # the "auto" variant's GEMV tests
-#     bash benchmarks/gpu_checks/run.sh build ring_hoist   # "ring_early_x" (x loaded above the producer): tests, A/B, CuPy
+#     bash benchmarks/gpu_checks/run.sh build auto_rings   # "auto" (ring M <= 4, ring32 5..16): tests, racecheck, A/B, decode
 #     bash benchmarks/gpu_checks/run.sh build ring32       # variant "ring32" (M <= 16): tests, sanitizers, A/B
 #     bash benchmarks/gpu_checks/run.sh build ring_configs # the ring's footprint in the decode (carveout), per config
 #     bash benchmarks/gpu_checks/run.sh build auto_default # every CUDA test with "auto" selected, decode auto vs factored_fill
@@ -437,7 +437,7 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # 469 instructions an item in the library's <3, 2> loop against the CuPy ring3's 461; session 24 ran
       # it with gemv_ring_p and gemv_ring_g, since dropped: gemv_ring_exp_s24_h100.json)
       QLORA_NF4_GEMV_VARIANT=ring STEP_TIMEOUT=150 step ring_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
-        --variants ring3 ring2_c3 ringp3 ringp3_l3 ringp2 ringg2_c3 --m 1 4 --out "$OUT/gemv_ring_exp_${GPU_TAG:-h100}.json"
+        --variants ring3 ring2_c3 --m 1 4 --out "$OUT/gemv_ring_exp_${GPU_TAG:-h100}.json"
       # session 23's gemv_ring32 (M <= 16, 32-row tiles; docs/nf4_gemv_m16.md) against the library's default;
       # session 24's r32_t2 / r32_t4 (2 / 4 tiles a CTA round, x shared through L1), not yet run
       STEP_TIMEOUT=150 step ring32_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
@@ -449,16 +449,23 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       STEP_TIMEOUT=90 TAIL=60 step ncu_bandwidth ncu --profile-from-start off --metrics \
         dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum "$PY" benchmarks/gpu_checks/ncu_bandwidth.py
       ;;
-    ring_hoist)
-      # session 24: "ring_early_x", the library ring with its first half-step's x loads above the producer (the
-      # CuPy ring's order; ncu found the ring stalling twice as long on the long scoreboard): the ring variants'
-      # GEMV tests, the A/B with the ring and factored_fill in one process, and the CuPy ring kernels
-      STEP_TIMEOUT=90 TAIL=3 step ring_hoist_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
-        -k "cuda-ring or ring_large or cuda-auto"
-      STEP_TIMEOUT=60 step ring_hoist_ab "$PY" benchmarks/bench_nf4_linear.py --variants ring,ring_early_x,factored_fill \
-        --m 1 4 --out "$OUT/nf4_gemv_ring_early_x_${GPU_TAG:-h100}.json"
-      QLORA_NF4_GEMV_VARIANT=ring_early_x STEP_TIMEOUT=60 step ring_hoist_exp "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
-        --variants ring3 ring2_c3 --m 1 --out "$OUT/gemv_ring_early_x_exp_${GPU_TAG:-h100}.json"
+    auto_rings)
+      # session 25: "auto" with the ring's x loads hoisted (ring_early_x, the only order now) and ring32 at
+      # 5 <= M <= 16: the GEMV tests of the ring variants and auto, racecheck of ring32 on its kernels only
+      # (the reference's cuBLAS split-K kernels report hazards of their own), the A/B at M = 1..16, the 8B decode
+      STEP_TIMEOUT=120 TAIL=3 step auto_rings_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
+        -k "cuda-ring or ring_large or cuda-auto or auto_takes or variant_switch"
+      # (--kernel-name filtering breaks racecheck on the H100; so every kernel is instrumented and the step fails
+      # on a hazard reported in any kernel but cuBLAS's nvjet ones, or on a failed test)
+      STEP_TIMEOUT=150 TAIL=8 step ring32_racecheck bash -c "compute-sanitizer --tool racecheck $PY -m pytest -q \
+        -p no:cacheprovider -m 'not not_under_sanitizer' tests/test_nf4_gemv.py -k 'cuda-ring32 and matches_reference \
+        and bfloat16 and (17x256 or 50x768 or 64x4096 or 300x3072)' > $OUT/ring32_racecheck_full.log 2>&1; rc=\$?; \
+        grep 'Race reported' $OUT/ring32_racecheck_full.log | sort | uniq -c; \
+        ! grep 'Race reported' $OUT/ring32_racecheck_full.log | grep -qv nvjet && [ \$rc -eq 0 ] && tail -3 $OUT/ring32_racecheck_full.log"
+      STEP_TIMEOUT=150 step auto_rings_ab "$PY" benchmarks/bench_nf4_linear.py --variants auto,ring32,factored_fill \
+        --m 1 2 4 5 6 7 8 12 16 --out "$OUT/nf4_gemv_auto_rings_${GPU_TAG:-h100}.json"
+      STEP_TIMEOUT=150 step auto_rings_decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --repeats 2 \
+        --gemv-variants auto,factored_fill --variants-without-pdl --out "$OUT/decode_8b_auto_rings_${GPU_TAG:-h100}.json"
       ;;
     ring32)
       # session 24's library port of gemv_ring32 (variant "ring32": M <= 16 on 32-row tiles; not yet run): its

@@ -175,13 +175,13 @@ def nf4_gemv_variants() -> list[str]:
     but 238.8 against 273.7 with it (the likely cause: the shared-memory carveout the ring's 3 CTAs
     a SM need, decode_8b_ring_carveout_h100.json); with "auto", 271.5 with PDL and 256.0 without
     (factored_fill 275.5 / 246.9, decode_8b_auto_h100.json), and the whole CUDA suite passed with it.
-    "ring32" (session 24; built, not yet run on a GPU) takes every M <= 16 in its domain (blocksize 64,
-    K % 128 == 0) on 32-row tiles through the same kind of per-warp rings, the k order kept inside each
-    quantization block so that 16 x rows fit one MMA's columns; its CuPy original took 17-24% less time
-    than factored_fill at M = 16 (benchmarks/results/gemv_ring32_exp_h100.json).
-    "ring_early_x" (session 24; built, not yet run on a GPU) is "ring" with each item's first x loads
-    issued before its next copies, the CuPy ring's order (the library ring stalled twice as long on
-    them, benchmarks/results/ncu_ring_library_vs_cupy_h100.txt).
+    "ring32" (session 24) takes every M <= 16 in its domain (blocksize 64, K % 128 == 0) on 32-row
+    tiles through the same kind of per-warp rings, the k order kept inside each quantization block so
+    that 16 x rows fit one MMA's columns. On the H100 it took 22-30% less time than factored_fill at
+    M = 16 and 2-24% less at M = 8 (benchmarks/results/nf4_gemv_ring32_h100.json); since session 25
+    "auto" runs it at 5 <= M <= 16 where programmatic launch is off. Each ring item's first x loads
+    are issued before its next copies (the CuPy ring's order, session 24's variant "ring_early_x",
+    the only order since session 25: 4-7% less time at M = 1, nf4_gemv_ring_early_x_h100.json).
     "factored_fill" (below) was the default from 2026-12-06; before, variant 1 ("factored"): on the H100 it beat
     variant 0 ("mma") at every measured shape, M = 1 and 16 (1.83-2.37x bf16 at M = 1 against
     1.59-2.02x; benchmarks/results/nf4_gemv_variants_h100.json), and the CUDA suite's GEMV users

@@ -1074,11 +1074,13 @@ __device__ __forceinline__ float build_ring_tables(unsigned char* table, float* 
 
 // DQ: double quantization (8-bit block codes, nested absmax) or plain fp32 absmax, known at compile
 // time so that neither the producer nor the consumer branches on it per item.
-// EARLY_X (session 24, variant "ring_early_x"; not yet run on a GPU): an item's first half-step x loads
-// right after the ring wait, above the producer's branches, as the CuPy ring issues them. Nsight Compute
-// at 4096 x 14336 (ncu_ring_library_vs_cupy_h100.txt) found this kernel stalling on the long scoreboard
-// twice as long as the CuPy ring2_c3 (2.25 against 1.2 cycles an issue), 20.5 against 18.3 us.
-template <typename T, int STAGES, int CTAS, bool DQ, int COPIES, bool EARLY_X = false>
+// An item's first half-step x loads sit right after the ring wait, above the producer's branches, as
+// the CuPy ring issues them (session 24's variant "ring_early_x", made the only order in session 25).
+// With them below the producer, Nsight Compute at 4096 x 14336 (ncu_ring_library_vs_cupy_h100.txt) found
+// this kernel stalling on the long scoreboard twice as long as the CuPy ring2_c3 (2.25 against 1.2 cycles
+// an issue); hoisted, M = 1 took 4-7% less time at the four shapes (nf4_gemv_ring_early_x_h100.json:
+// 7.70 / 16.58 / 16.21 / 51.21 -> 7.34 / 15.90 / 15.13 / 49.42 us).
+template <typename T, int STAGES, int CTAS, bool DQ, int COPIES>
 __global__ void __launch_bounds__(kThreads, CTAS)
 nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed, NF4Scales scales,
                      int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y,
@@ -1181,7 +1183,7 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
       // ran 47 us at 28672 x 8192, M = 1, this one with it 54).
       asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
       __syncwarp();  // every lane's copies of this item landed; every lane is done with the previous slot
-      if (EARLY_X && x_loads) {
+      if (x_loads) {  // h = 0's x: its L2 latency hides under the producer below
 #pragma unroll
         for (int q = 0; q < 4; ++q) xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + int64_t(step) * kRingStepK + 8 * q));
       }
@@ -1204,7 +1206,7 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
       for (int h = 0; h < 2; ++h) {
         const uint4 cg = *reinterpret_cast<const uint4*>(stage + g * 128 + ((16 * t + 64 * h) ^ swizzle));
         const uint4 cg8 = *reinterpret_cast<const uint4*>(stage + (g + 8) * 128 + ((16 * t + 64 * h) ^ swizzle));
-        if (x_loads && (!EARLY_X || h == 1)) {  // (EARLY_X: h = 0's above)
+        if (x_loads && h == 1) {  // (h = 0's above)
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
             xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + int64_t(step) * kRingStepK + 128 * h + 8 * q));
@@ -1257,11 +1259,12 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
 #endif  // QLORA_GEMV_MMA
 }
 
-// ---- M <= 16: per-warp rings on 32-row tiles (variant "ring32", session 24; not yet run on a GPU) --------
+// ---- M <= 16: per-warp rings on 32-row tiles (variant "ring32"; "auto" at 5 <= M <= 16) ----------------------
 //
-// The CuPy gemv_ring32 (benchmarks/gpu_checks/gemv_v16_experiment.py, docs/nf4_gemv_m16.md; H100, M = 16,
-// gemv_ring32_exp_h100.json: 10.4 / 23.8 / 28.1 / 85.1 us at the four shapes against factored_fill's 12.7 /
-// 31.1 / 32.8 / 104.0) with the library's domain (fp16, plain scales, bias, any N):
+// The CuPy gemv_ring32 (benchmarks/gpu_checks/gemv_v16_experiment.py, docs/nf4_gemv_m16.md) with the library's
+// domain (fp16, plain scales, bias, any N). H100 (nf4_gemv_ring32_h100.json, the four shapes): at M = 16
+// 9.40 / 22.77 / 23.08 / 80.34 us against factored_fill's 12.71 / 30.25 / 32.77 / 103.79, at M = 8 8.93 /
+// 20.64 / 22.48 / 71.33 against 9.39 / 27.24 / 23.04 / 82.73; at M <= 4 the ring is faster.
 //   - The ring's per-warp cp.async rings, but an item is 32 rows x 128 k (2 quantization blocks a row,
 //     2 KB of codes): x, re-read from L2 by every tile, costs half of what 16-row tiles cost.
 //   - Inside each block lane t takes code bytes 8t .. 8t + 7 of its rows (16 k), so every k16 slice of an
@@ -1283,6 +1286,7 @@ constexpr int kR32ScaleBytes = kR32Rows * 8;
 constexpr int kR32StageBytes = kR32CodeBytes + kR32ScaleBytes;
 constexpr int kR32TableBytes = 256 * 32 * 4;  // the ring's T2 table, a copy per lane
 constexpr int kR32PartialBytes = kWarps * kR32Rows * kMaxM * 4;
+constexpr int kRing32AutoMinM = kRingMaxM + 1;  // "auto": the ring up to kRingMaxM, ring32 above
 
 template <int STAGES>
 constexpr int ring32_shared_bytes() {
@@ -1362,7 +1366,7 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
     for (int step = kg; step < n_steps; step += kGroups) {
       asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));  // (no "memory" clobber: see the ring)
       __syncwarp();  // every lane's copies of this item landed; every lane is done with the previous slot
-      // block 2 step's x before the producer's branches (the ring's EARLY_X: its L2 latency hides under them)
+      // block 2 step's x before the producer's branches (as the ring does: its L2 latency hides under them)
       uint4 xa0 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + int64_t(step) * kR32StepK)) : zero;
       uint4 xa1 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + int64_t(step) * kR32StepK + 8)) : zero;
       uint4 xb0 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + int64_t(step) * kR32StepK)) : zero;
@@ -1610,11 +1614,11 @@ cudaError_t persistent_ctas_per_sm(int& ctas) {
 // `programmatic` false: a plain launch even where generation turned programmatic dependent launch on
 // (variant "ring_plain"), so that the persistent grid starts whole once the kernel before has ended
 // instead of CTA by CTA beside it.
-template <typename T, int STAGES, int CTAS, bool DQ, int COPIES, bool EARLY_X>
+template <typename T, int STAGES, int CTAS, bool DQ, int COPIES>
 cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
                              int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream,
                              bool programmatic, bool& launched) {
-  constexpr auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES, EARLY_X>;
+  constexpr auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES>;
   constexpr int kBytes = ring_shared_bytes<STAGES, COPIES>();
   int ctas = 0;
   const cudaError_t status = persistent_ctas_per_sm<kernel, kBytes, CTAS>(ctas);
@@ -1634,16 +1638,16 @@ cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4
                        N, K, bias, y, trigger_late);
 }
 
-template <typename T, int STAGES, int CTAS, int COPIES = 32, bool EARLY_X = false>
+template <typename T, int STAGES, int CTAS, int COPIES = 32>
 cudaError_t launch_ring(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2, int64_t N,
                         int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool programmatic,
                         bool& launched) {
   if (scales.absmax == nullptr) {
-    return launch_ring_form<T, STAGES, CTAS, true, COPIES, EARLY_X>(x, M, packed, scales, nested_log2, N, K, bias, y,
-                                                                    sm_count, stream, programmatic, launched);
+    return launch_ring_form<T, STAGES, CTAS, true, COPIES>(x, M, packed, scales, nested_log2, N, K, bias, y,
+                                                           sm_count, stream, programmatic, launched);
   }
-  return launch_ring_form<T, STAGES, CTAS, false, COPIES, EARLY_X>(x, M, packed, scales, nested_log2, N, K, bias, y,
-                                                                   sm_count, stream, programmatic, launched);
+  return launch_ring_form<T, STAGES, CTAS, false, COPIES>(x, M, packed, scales, nested_log2, N, K, bias, y,
+                                                          sm_count, stream, programmatic, launched);
 }
 
 // The ring32 kernel for one scale form at STAGES / TILES, or `launched` false where it does not fit this device.
@@ -1709,7 +1713,7 @@ constexpr const char* kVariantNames[] = {"mma",         "factored",    "factored
                                          "factored_r1", "stream",      "stream2",        "factored_wide",
                                          "factored_o3", "factored_o4", "factored_fill", "factored_lean",
                                          "factored_lean_wide", "ring",        "ring_plain",     "auto",
-                                         "ring32",      "ring_early_x"};
+                                         "ring32"};
 constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0]));
 // "factored_fill": "factored" (faster than "mma" at every measured shape, nf4_gemv_variants_h100.json)
 // with one round of 3-CTA tiles where "factored" takes two rounds: 8B's grouped q/k/v 13.9 -> 12.0 us,
@@ -1717,10 +1721,10 @@ constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0
 // "ring" (session 22): M <= 4 in its domain takes the ring kernel, everything else (M > 4, other
 // shapes, the grouped and SwiGLU launches) factored_fill's kernels. Alone it is 15-27% faster than
 // factored_fill at M = 1 (nf4_gemv_ring_s23_h100.json). "ring_plain": the same, never launched
-// programmatically. "auto" (session 23; the default since session 24): the ring where programmatic
-// dependent launch is off, factored_fill's kernels where it is on
-// (qlora_ext.generate's decode). The 8B decode on the H100 (decode_8b_ring_pdl_h100.json, one run):
-// without PDL ring 258.8 against factored_fill 248.4 tok/s; with PDL factored_fill 273.7, ring 238.8,
+// programmatically. "auto" (session 23; the default since session 24): where programmatic dependent
+// launch is off, the ring at M <= 4 and ring32 at 5 <= M <= 16 (session 25), factored_fill's kernels
+// elsewhere and wherever it is on (qlora_ext.generate's decode). The 8B decode on the H100
+// (decode_8b_ring_pdl_h100.json, one run): without PDL ring 258.8 against factored_fill 248.4 tok/s; with PDL factored_fill 273.7, ring 238.8,
 // ring_plain 241.4. The likely cause is the shared-memory carveout: the ring's 3 CTAs a SM need the
 // largest, and with every launch asking for the largest factored_fill's decode fell to 215 tok/s
 // (decode_8b_ring_carveout_h100.json); the ring at <3 stages, 2 CTAs> (no carveout request) decoded
@@ -1781,11 +1785,10 @@ cudaError_t launch_factored_variant(int variant, const T* x, int m, const Factor
         QLORA_FACTORED_LEAN(2, 2, 2, false, 2);
       }
       [[fallthrough]];
-    case 13:  // ring, ring_plain, auto, ring32, ring_early_x: what the ring kernels do not take
+    case 13:  // ring, ring_plain, auto, ring32: what the ring kernels do not take
     case 14:
     case 15:
     case 16:
-    case 17:
       [[fallthrough]];
     case 10:  // factored_fill: "factored", except that an M <= 8 launch whose 16-row tiles need a second
               // round at 2 CTAs a SM but fit one at 3 (Llama-3-8B's grouped q/k/v: 384 tiles, 264 CTAs,
@@ -1871,16 +1874,17 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
         QLORA_STREAM(2, 2, 6);
       }
 #undef QLORA_STREAM
-      // "ring32" (session 24, not yet run on a GPU): M <= 16 on 32-row tiles, see nf4_gemv_ring32_kernel
-      if (variant == 16 && ring32_applies(m, N, K, blocksize, x, packed, scales)) {
+      // Without programmatic dependent launch "auto" takes the ring at M <= 4 and ring32 at 5 <= M <= 16;
+      // with it (qlora_ext.generate's decode), factored_fill's kernels (see kVariantNames)
+      const bool auto_rings = variant == 15 && !programmatic_launch_enabled();
+      if ((variant == 16 || (auto_rings && m >= kRing32AutoMinM)) &&
+          ring32_applies(m, N, K, blocksize, x, packed, scales)) {
         bool launched = false;
         const cudaError_t ring32_status =
             launch_ring32<T, 2, 1>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched);
         if (launched || ring32_status != cudaSuccess) return ring32_status;  // else: does not fit this device
       }
-      // "auto" takes the ring only where no programmatic launch overlaps it with its neighbours (see kVariantNames)
-      const bool ring_variant =
-          variant == 13 || variant == 14 || variant == 17 || (variant == 15 && !programmatic_launch_enabled());
+      const bool ring_variant = variant == 13 || variant == 14 || auto_rings;
       if (ring_variant && ring_applies(m, K, blocksize, x, packed, scales)) {
         // 3 stages at 2 CTAs a SM for the large weights, 2 stages at 3 CTAs below: H100, M = 1
         // (gemv_ring_h100.json): 28672 x 8192 47.2 against 49.3 us, the three smaller shapes 6-10% the
@@ -1907,15 +1911,10 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
         QLORA_RING_FORCED("32h", 3, 2, 16)
 #undef QLORA_RING_FORCED
         const cudaError_t ring_status =
-            variant == 17
-                ? (large ? launch_ring<T, 3, 2, 32, true>(xt, m, packed, scales, nested_log2, N, K, bt, yt,
-                                                          facts.sm_count, stream, programmatic, launched)
-                         : launch_ring<T, 2, 3, 32, true>(xt, m, packed, scales, nested_log2, N, K, bt, yt,
-                                                          facts.sm_count, stream, programmatic, launched))
-            : large ? launch_ring<T, 3, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
-                                           programmatic, launched)
-                    : launch_ring<T, 2, 3>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
-                                           programmatic, launched);
+            large ? launch_ring<T, 3, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
+                                         programmatic, launched)
+                  : launch_ring<T, 2, 3>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
+                                         programmatic, launched);
         if (launched || ring_status != cudaSuccess) return ring_status;  // else: does not fit this device
       }
       if (variant != 0) {
