@@ -1,4 +1,4 @@
-"""Kernels for Nsight Compute's launch__shared_mem_config_size (run.sh ring_configs): which shared-memory
+"""Kernels for Nsight Compute's launch__shared_mem_config_size (run.sh carveout): which shared-memory
 configuration each kernel gets, to test session 23's hypothesis that the "ring" GEMV slows the 8B
 decode under programmatic dependent launch because its carveout differs from its neighbours'.
 

@@ -28,7 +28,7 @@
 #     bash benchmarks/gpu_checks/run.sh build auto_tests   # the "auto" variant's GEMV tests
 #     bash benchmarks/gpu_checks/run.sh build auto_rings   # "auto" (ring M <= 4, ring32 5..16): tests, racecheck, A/B, decode
 #     bash benchmarks/gpu_checks/run.sh build ring32       # variant "ring32" (M <= 16): tests, sanitizers, A/B
-#     bash benchmarks/gpu_checks/run.sh build ring_configs # the ring's footprint in the decode (carveout), per config
+#     bash benchmarks/gpu_checks/run.sh build carveout     # the shared-memory configuration of each GEMV kernel (ncu)
 #     bash benchmarks/gpu_checks/run.sh build auto_default # every CUDA test with "auto" selected, decode auto vs factored_fill
 #     bash benchmarks/gpu_checks/run.sh build fixes_s22    # session 22's fixes of three CUDA tests (no GPU then)
 #     bash benchmarks/gpu_checks/run.sh build wide_ab      # the 64 KB-table GEMV and the grouped GEMV: tests, A/B,
@@ -521,21 +521,13 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       done
       ;;
     auto_tests)
-      # session 23's "auto" variant in the GEMV tests (ring_configs ran these first until session 24)
+      # session 23's "auto" variant in the GEMV tests
       STEP_TIMEOUT=60 TAIL=3 step auto_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
         tests/test_nf4_gemv_grouped.py tests/test_nf4_gemv_swiglu.py -k "cuda-auto or auto_takes or variant_switch_api"
       ;;
-    ring_configs)
-      # session 23: the ring's footprint in the decode (its carveout), forced through QLORA_RING_CONFIG (<stages, CTAs a
-      # SM>, h: a table of 16 copies); the ring tests under the two 16-copy footprints; the
-      # shared-memory configuration each GEMV kernel gets (ncu), alone and in two decode steps
-      STEP_TIMEOUT=170 TAIL=20 step decode_configs "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --repeats 2 \
-        --gemv-variants ring,factored_fill --env-ab QLORA_RING_CONFIG=22 QLORA_RING_CONFIG=21 QLORA_RING_CONFIG=22h \
-        QLORA_RING_CONFIG=21h QLORA_RING_CONFIG=22,QLORA_RING_TRIGGER=late --out "$OUT/decode_8b_ring_configs_${GPU_TAG:-h100}.json"
-      for c in 22h 21h; do
-        QLORA_RING_CONFIG=$c STEP_TIMEOUT=40 TAIL=3 step "ring_tests_$c" "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE \
-          tests/test_nf4_gemv.py -k "cuda-ring or ring_large"
-      done
+    carveout)
+      # the shared-memory configuration each GEMV kernel gets (ncu), alone and in two decode steps (session 25
+      # ran this with the decode at forced ring footprints, switches since removed: decode_8b_ring_configs_h100.json)
       ncu_metrics=launch__shared_mem_config_size,launch__shared_mem_per_block_dynamic,launch__shared_mem_per_block_static,launch__grid_size
       STEP_TIMEOUT=40 TAIL=40 step ncu_carveout ncu --kernel-name regex:"nf4_gemv" --metrics "$ncu_metrics" \
         "$PY" benchmarks/gpu_checks/ncu_probe_carveout.py

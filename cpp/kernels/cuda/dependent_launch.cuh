@@ -19,7 +19,6 @@
 
 #include <cuda_runtime.h>
 
-#include <cstdlib>
 #include <utility>
 
 #include "device_facts.cuh"
@@ -47,14 +46,6 @@ __device__ __forceinline__ void allow_dependents() {
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
                           cudaStream_t stream, Args&&... args) {
-  // EXPERIMENT (session 23, the ring's decode A/B): QLORA_PDL_CARVEOUT=<percent> in the process's
-  // environment sets the preferred shared-memory carveout of every kernel launched through here.
-  static const char* const carveout = std::getenv("QLORA_PDL_CARVEOUT");  // once per kernel signature
-  if (carveout != nullptr) {
-    const cudaError_t status =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, std::atoi(carveout));
-    if (status != cudaSuccess) return status;
-  }
   DeviceFacts facts;
   if (!programmatic_launch_enabled() || device_facts(facts) != cudaSuccess || facts.major < 9) {
     kernel<<<grid, block, shared_bytes, stream>>>(std::forward<Args>(args)...);

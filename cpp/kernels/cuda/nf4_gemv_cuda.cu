@@ -54,8 +54,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <cstring>
-#include <string>
 
 #include "cuda_common.cuh"
 #include "cp_async.cuh"
@@ -1025,7 +1023,10 @@ constexpr int kRingCodeBytes = 16 * kRingStepK / 2;          // 16 rows x 128 by
 constexpr int kRingScaleBytes = 16 * 16;                     // see the stage layout above
 constexpr int kRingStageBytes = kRingCodeBytes + kRingScaleBytes;
 // The table: COPIES copies of 256 T2 words (32: a copy per lane, no bank conflict; 16: half the
-// bytes, lanes l and l + 16 share a copy)
+// bytes, lanes l and l + 16 share a copy). The launches use 32: in session 25's PDL decode the ring with
+// 16 copies was faster than with 32 (252-256 against 242 tok/s) but still behind factored_fill's 277
+// (decode_8b_ring_configs_h100.json), and without PDL 32 copies have no bank conflicts to lose.
+constexpr int kRingTableCopies = 32;
 template <int COPIES>
 constexpr int ring_table_bytes() {
   return 256 * COPIES * 4;
@@ -1083,8 +1084,7 @@ __device__ __forceinline__ float build_ring_tables(unsigned char* table, float* 
 template <typename T, int STAGES, int CTAS, bool DQ, int COPIES>
 __global__ void __launch_bounds__(kThreads, CTAS)
 nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed, NF4Scales scales,
-                     int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y,
-                     bool trigger_late) {
+                     int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y) {
 #if QLORA_GEMV_MMA
   static_assert(STAGES >= 2, "one stage computes while the others fill");
   extern __shared__ __align__(16) unsigned char ring_shared[];
@@ -1156,7 +1156,7 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
     cp_async_commit();  // empty groups too: the consumer's wait counts groups
   };
 
-  if (!trigger_late) allow_dependents();  // (programmatic dependent launch: dependent_launch.cuh)
+  allow_dependents();  // (programmatic dependent launch: dependent_launch.cuh)
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) issue_next(s);  // in flight while the tables are built
 
@@ -1254,7 +1254,6 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
     }
     __syncthreads();  // partial is rewritten by the next tile
   }
-  if (trigger_late) allow_dependents();
   cp_async_wait_all();  // no copy may outlive the CTA (the trailing groups are empty, but be sure)
 #endif  // QLORA_GEMV_MMA
 }
@@ -1274,7 +1273,9 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
 //     that a half-warp's 8-byte reads of rows g (4 rows) fall in 16 distinct bank pairs; then the scales:
 //     double quantization, each row's aligned 4-byte word of block codes holding its 2 blocks (128 bytes)
 //     and its nested absmax (128 bytes); plain, each row's 2 fp32 absmax (256 bytes).
-//   - TILES tiles a CTA round, 8 / TILES warps (k groups) a tile; the round's sums meet in shared memory.
+//   - The CTA's 8 warps split a tile's k steps; their sums meet in shared memory. (The CuPy r32_t2 / r32_t4,
+//     2 or 4 tiles a CTA round so that the warps of a step share x through L1, were slower at three of the
+//     four shapes and 1-4% faster at 28672 x 8192: gemv_ring32_tiles_exp_h100.json.)
 // Domain (ring32_applies): fp16/bf16, M <= 16, blocksize 64, K % 128 == 0, 16-byte aligned x and codes;
 // double quantization with 4-byte aligned codes and nested absmax, nested blocksize >= 2 and N * K / 64 % 4
 // == 0 (the last row's 4-byte word of block codes must lie inside the array), or plain absmax 8-byte
@@ -1293,36 +1294,32 @@ constexpr int ring32_shared_bytes() {
   return kR32TableBytes + kWarps * STAGES * kR32StageBytes + kR32PartialBytes;
 }
 
-template <typename T, int STAGES, bool DQ, int TILES>
+template <typename T, int STAGES, bool DQ>
 __global__ void __launch_bounds__(kThreads, 2)
 nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed, NF4Scales scales,
                        int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y) {
 #if QLORA_GEMV_MMA
   static_assert(STAGES >= 2, "one stage computes while the others fill");
-  static_assert(TILES == 1 || TILES == 2 || TILES == 4 || TILES == 8, "8 warps split into tiles x k groups");
-  constexpr int kGroups = kWarps / TILES;
   extern __shared__ __align__(16) unsigned char ring32_shared[];
   __shared__ float nested_map[256];
   __shared__ float codes[16];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int sub = warp % TILES, kg = warp / TILES;  // the warp's tile in a round, its k group
   unsigned char* const ring = ring32_shared + kR32TableBytes + warp * STAGES * kR32StageBytes;
   float(&partial)[kWarps][kR32Rows][kMaxM] = *reinterpret_cast<float(*)[kWarps][kR32Rows][kMaxM]>(
       ring32_shared + kR32TableBytes + kWarps * STAGES * kR32StageBytes);
   const int n_steps = int(K / kR32StepK);  // K < 2^31 * 128
   const int64_t n_tiles = (N + kR32Rows - 1) / kR32Rows, blocks_per_row = K / 64;
-  const int64_t round_stride = int64_t(gridDim.x) * TILES;
   const uint32_t ring_address = shared_address(ring);
 
-  // The producer: the warp's items in order (rounds base = (blockIdx + r grid) TILES, its tile base + sub,
-  // steps kg + kGroups j), each into the slot the consumer freed; a warp with no step issues nothing but
-  // commits a group per call. Lane l copies 16-byte pieces l + 32i (row (l + 32i) / 4) and row l's scales.
-  int64_t issue_base = int64_t(blockIdx.x) * TILES;
-  int issue_step = kg;
+  // The producer: the warp's items in order (tiles blockIdx.x + i gridDim.x, steps warp + 8j), each into the
+  // slot the consumer freed; a warp with no step issues nothing but commits a group per call. Lane l copies
+  // 16-byte pieces l + 32i (row (l + 32i) / 4) and row l's scales.
+  int64_t issue_tile = blockIdx.x;
+  int issue_step = warp;
   auto issue_next = [&](int slot) {
-    if (issue_base < n_tiles && issue_step < n_steps) {
+    if (issue_tile < n_tiles && issue_step < n_steps) {
       const uint32_t stage = ring_address + slot * kR32StageBytes;
-      const int64_t first_row = min(issue_base + sub, n_tiles - 1) * kR32Rows;
+      const int64_t first_row = issue_tile * kR32Rows;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int piece = lane + 32 * i, row = piece >> 2, p16 = piece & 3;
@@ -1337,10 +1334,10 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
       } else {
         cp_async8(stage + kR32CodeBytes + 8 * lane, scales.absmax + b0);
       }
-      issue_step += kGroups;
+      issue_step += kWarps;
       if (issue_step >= n_steps) {
-        issue_step = kg;
-        issue_base += round_stride;
+        issue_step = warp;
+        issue_tile += gridDim.x;
       }
     }
     cp_async_commit();  // empty groups too: the consumer's wait counts groups
@@ -1360,10 +1357,10 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
   const T* const x_row1 = x + int64_t(x1 ? g + 8 : 0) * K + 16 * t;
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
   int slot = 0;
-  for (int64_t base = int64_t(blockIdx.x) * TILES; base < n_tiles; base += round_stride) {
+  for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
     float acc[2][2][4] = {};  // [row group q (rows 16q + g, + 8)][n8][C fragment]
 #pragma unroll 1
-    for (int step = kg; step < n_steps; step += kGroups) {
+    for (int step = warp; step < n_steps; step += kWarps) {
       asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));  // (no "memory" clobber: see the ring)
       __syncwarp();  // every lane's copies of this item landed; every lane is done with the previous slot
       // block 2 step's x before the producer's branches (as the ring does: its L2 latency hides under them)
@@ -1439,8 +1436,7 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
       }
       slot = slot == STAGES - 1 ? 0 : slot + 1;
     }
-    // The round's sums meet (a warp without a step adds zeros): tile base + j is the sum of its k groups'
-    // partials, in a fixed order; bias, one rounding to T.
+    // The 8 warps' sums meet (a warp without a step adds zeros), in a fixed order; bias, one rounding to T.
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
 #pragma unroll
@@ -1453,18 +1449,18 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
       }
     }
     __syncthreads();
-    for (int i = tid; i < TILES * kR32Rows * kMaxM; i += kThreads) {
-      const int m = i % kMaxM, row = (i / kMaxM) % kR32Rows, j = i / (kR32Rows * kMaxM);
-      const int64_t n = (base + j) * kR32Rows + row;
-      if (m < M && base + j < n_tiles && n < N) {
+    for (int i = tid; i < kR32Rows * kMaxM; i += kThreads) {
+      const int m = i % kMaxM, row = i / kMaxM;
+      const int64_t n = tile * kR32Rows + row;
+      if (m < M && n < N) {
         float sum = 0.0f;
 #pragma unroll
-        for (int k = 0; k < kGroups; ++k) sum += partial[k * TILES + j][row][m];
+        for (int w = 0; w < kWarps; ++w) sum += partial[w][row][m];
         if (bias != nullptr) sum += Element<T>::to_float(bias[n]);
         y[int64_t(m) * N + n] = Element<T>::from_float(sum);
       }
     }
-    __syncthreads();  // partial is rewritten by the next round
+    __syncthreads();  // partial is rewritten by the next tile
   }
   cp_async_wait_all();  // no copy may outlive the CTA (the trailing groups are empty, but be sure)
 #endif  // QLORA_GEMV_MMA
@@ -1614,68 +1610,62 @@ cudaError_t persistent_ctas_per_sm(int& ctas) {
 // `programmatic` false: a plain launch even where generation turned programmatic dependent launch on
 // (variant "ring_plain"), so that the persistent grid starts whole once the kernel before has ended
 // instead of CTA by CTA beside it.
-template <typename T, int STAGES, int CTAS, bool DQ, int COPIES>
+template <typename T, int STAGES, int CTAS, bool DQ>
 cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
                              int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream,
                              bool programmatic, bool& launched) {
-  constexpr auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, COPIES>;
-  constexpr int kBytes = ring_shared_bytes<STAGES, COPIES>();
+  constexpr auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, kRingTableCopies>;
+  constexpr int kBytes = ring_shared_bytes<STAGES, kRingTableCopies>();
   int ctas = 0;
   const cudaError_t status = persistent_ctas_per_sm<kernel, kBytes, CTAS>(ctas);
   launched = status == cudaSuccess && ctas > 0;
   if (!launched) return status;
   const int64_t grid = std::min<int64_t>(ceil_div(N, 16), int64_t(sm_count) * ctas);
-  // EXPERIMENT (session 23, the decode A/B): QLORA_RING_TRIGGER=late lets the next kernel launch
-  // only once this one's tiles are done.
-  const char* trigger = std::getenv("QLORA_RING_TRIGGER");
-  const bool trigger_late = trigger != nullptr && std::strcmp(trigger, "late") == 0;
   if (!programmatic) {
-    kernel<<<dim3(unsigned(grid)), kThreads, kBytes, stream>>>(x, M, packed, scales, nested_log2, N, K, bias, y,
-                                                               trigger_late);
+    kernel<<<dim3(unsigned(grid)), kThreads, kBytes, stream>>>(x, M, packed, scales, nested_log2, N, K, bias, y);
     return cudaGetLastError();
   }
   return launch_kernel(kernel, dim3(unsigned(grid)), dim3(kThreads), kBytes, stream, x, M, packed, scales, nested_log2,
-                       N, K, bias, y, trigger_late);
+                       N, K, bias, y);
 }
 
-template <typename T, int STAGES, int CTAS, int COPIES = 32>
+template <typename T, int STAGES, int CTAS>
 cudaError_t launch_ring(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2, int64_t N,
                         int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool programmatic,
                         bool& launched) {
   if (scales.absmax == nullptr) {
-    return launch_ring_form<T, STAGES, CTAS, true, COPIES>(x, M, packed, scales, nested_log2, N, K, bias, y,
-                                                           sm_count, stream, programmatic, launched);
+    return launch_ring_form<T, STAGES, CTAS, true>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
+                                                   programmatic, launched);
   }
-  return launch_ring_form<T, STAGES, CTAS, false, COPIES>(x, M, packed, scales, nested_log2, N, K, bias, y,
-                                                          sm_count, stream, programmatic, launched);
+  return launch_ring_form<T, STAGES, CTAS, false>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
+                                                  programmatic, launched);
 }
 
-// The ring32 kernel for one scale form at STAGES / TILES, or `launched` false where it does not fit this device.
-template <typename T, int STAGES, bool DQ, int TILES>
+// The ring32 kernel for one scale form at STAGES, or `launched` false where it does not fit this device.
+template <typename T, int STAGES, bool DQ>
 cudaError_t launch_ring32_form(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
                                int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream,
                                bool& launched) {
-  constexpr auto kernel = nf4_gemv_ring32_kernel<T, STAGES, DQ, TILES>;
+  constexpr auto kernel = nf4_gemv_ring32_kernel<T, STAGES, DQ>;
   constexpr int kBytes = ring32_shared_bytes<STAGES>();
   int ctas = 0;
   const cudaError_t status = persistent_ctas_per_sm<kernel, kBytes, 2>(ctas);
   launched = status == cudaSuccess && ctas > 0;
   if (!launched) return status;
-  const int64_t rounds = ceil_div(ceil_div(N, int64_t(kR32Rows)), int64_t(TILES));
-  const int64_t grid = std::min<int64_t>(rounds, int64_t(sm_count) * ctas);
+  const int64_t grid = std::min<int64_t>(ceil_div(N, int64_t(kR32Rows)), int64_t(sm_count) * ctas);
   return launch_kernel(kernel, dim3(unsigned(grid)), dim3(kThreads), kBytes, stream, x, M, packed, scales, nested_log2,
                        N, K, bias, y);
 }
 
-template <typename T, int STAGES, int TILES>
+template <typename T, int STAGES>
 cudaError_t launch_ring32(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
                           int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool& launched) {
   if (scales.absmax == nullptr) {
-    return launch_ring32_form<T, STAGES, true, TILES>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count,
-                                                      stream, launched);
+    return launch_ring32_form<T, STAGES, true>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
+                                               launched);
   }
-  return launch_ring32_form<T, STAGES, false, TILES>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count,
-                                                     stream, launched);
+  return launch_ring32_form<T, STAGES, false>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
+                                              launched);
 }
 
 // Whether the ring32 kernel covers this case (see its comment); the device checks are the caller's.
@@ -1724,12 +1714,12 @@ constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0
 // programmatically. "auto" (session 23; the default since session 24): where programmatic dependent
 // launch is off, the ring at M <= 4 and ring32 at 5 <= M <= 16 (session 25), factored_fill's kernels
 // elsewhere and wherever it is on (qlora_ext.generate's decode). The 8B decode on the H100
-// (decode_8b_ring_pdl_h100.json, one run): without PDL ring 258.8 against factored_fill 248.4 tok/s; with PDL factored_fill 273.7, ring 238.8,
-// ring_plain 241.4. The likely cause is the shared-memory carveout: the ring's 3 CTAs a SM need the
-// largest, and with every launch asking for the largest factored_fill's decode fell to 215 tok/s
-// (decode_8b_ring_carveout_h100.json); the ring at <3 stages, 2 CTAs> (no carveout request) decoded
-// at 271-273, and <2, 3> with its dependents launched at its end instead of its start at 266
-// (decode_8b_ring_knobs_h100.json). run.sh ring_configs measures smaller footprints next.
+// (decode_8b_ring_pdl_h100.json, one run): without PDL ring 258.8 against factored_fill 248.4 tok/s; with
+// PDL factored_fill 273.7, ring 238.8, ring_plain 241.4. The ring's footprint is not the whole cause: in
+// session 25 (decode_8b_ring_configs_h100.json; auto 277.3 with PDL, 264.5 without, factored_fill 277.4 /
+// 252.2 in decode_8b_auto_rings_h100.json) the ring at <2, 2>, <2, 1> or with 16 table copies decoded at
+// 242-256 tok/s under PDL; only with its dependents launched at its end did it reach 274, still below
+// factored_fill's 277. So the decode keeps factored_fill.
 std::atomic<int> g_variant{15};  // "auto" (session 24)
 
 }  // namespace
@@ -1879,9 +1869,15 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
       const bool auto_rings = variant == 15 && !programmatic_launch_enabled();
       if ((variant == 16 || (auto_rings && m >= kRing32AutoMinM)) &&
           ring32_applies(m, N, K, blocksize, x, packed, scales)) {
+        // 2 stages at 2 CTAs a SM; a weight of at most one 32-row tile a SM (N <= 4224 on the H100) has one CTA
+        // a SM whatever its footprint, so it takes 4 stages: 3 items in flight a warp instead of 1 (at 2 stages
+        // the 4096-row shapes ran at 33-46% of copy, the others at 46-61%: nf4_gemv_auto_rings_h100.json)
         bool launched = false;
+        const bool one_tile_a_sm = ceil_div(N, int64_t(kR32Rows)) <= int64_t(facts.sm_count);
         const cudaError_t ring32_status =
-            launch_ring32<T, 2, 1>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched);
+            one_tile_a_sm
+                ? launch_ring32<T, 4>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched)
+                : launch_ring32<T, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched);
         if (launched || ring32_status != cudaSuccess) return ring32_status;  // else: does not fit this device
       }
       const bool ring_variant = variant == 13 || variant == 14 || auto_rings;
@@ -1891,25 +1887,7 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
         // other way (more CTAs fill the SMs where a CTA has few tiles)
         bool launched = false;
         const bool programmatic = variant != 14;
-        // EXPERIMENT (session 23): QLORA_RING_CONFIG=32 / 23 / 22 / 21 forces <3 stages, 2 CTAs> / <2, 3> /
-        // <2, 2> / <2, 1>; a trailing h (22h, 21h, 23h, 32h) the table of 16 copies.
-        const char* forced_env = std::getenv("QLORA_RING_CONFIG");
-        const std::string forced = forced_env != nullptr ? forced_env : "";
-        const bool large = !forced.empty() ? forced == "32" : N * K >= (int64_t(1) << 27);
-#define QLORA_RING_FORCED(NAME, S, C, COPIES)                                                                 \
-  if (forced == NAME) {                                                                                        \
-    const cudaError_t forced_status = launch_ring<T, S, C, COPIES>(xt, m, packed, scales, nested_log2, N, K, bt, \
-                                                                   yt, facts.sm_count, stream, programmatic,  \
-                                                                   launched);                                 \
-    if (launched || forced_status != cudaSuccess) return forced_status;                                       \
-  }
-        QLORA_RING_FORCED("22", 2, 2, 32)
-        QLORA_RING_FORCED("21", 2, 1, 32)
-        QLORA_RING_FORCED("22h", 2, 2, 16)
-        QLORA_RING_FORCED("21h", 2, 1, 16)
-        QLORA_RING_FORCED("23h", 2, 3, 16)
-        QLORA_RING_FORCED("32h", 3, 2, 16)
-#undef QLORA_RING_FORCED
+        const bool large = N * K >= (int64_t(1) << 27);
         const cudaError_t ring_status =
             large ? launch_ring<T, 3, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
                                          programmatic, launched)
