@@ -28,6 +28,7 @@
 #     bash benchmarks/gpu_checks/run.sh build auto_tests   # the "auto" variant's GEMV tests
 #     bash benchmarks/gpu_checks/run.sh build auto_rings   # "auto" (ring M <= 4, ring32 5..16): tests, racecheck, A/B, decode
 #     bash benchmarks/gpu_checks/run.sh build ring32       # variant "ring32" (M <= 16): tests, sanitizers, A/B
+#     bash benchmarks/gpu_checks/run.sh build ring32_stages # ring32 at 4 stages on one-round weights: tests, memcheck, A/B
 #     bash benchmarks/gpu_checks/run.sh build carveout     # the shared-memory configuration of each GEMV kernel (ncu)
 #     bash benchmarks/gpu_checks/run.sh build auto_default # every CUDA test with "auto" selected, decode auto vs factored_fill
 #     bash benchmarks/gpu_checks/run.sh build fixes_s22    # session 22's fixes of three CUDA tests (no GPU then)
@@ -466,6 +467,16 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         --m 1 2 4 5 6 7 8 12 16 --out "$OUT/nf4_gemv_auto_rings_${GPU_TAG:-h100}.json"
       STEP_TIMEOUT=150 step auto_rings_decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --repeats 2 \
         --gemv-variants auto,factored_fill --variants-without-pdl --out "$OUT/decode_8b_auto_rings_${GPU_TAG:-h100}.json"
+      ;;
+    ring32_stages)
+      # session 25: ring32 at 4 stages where its tiles fit one round at one CTA a SM (N <= 32 SMs): its GEMV tests
+      # (the stage configurations either side of the boundary), memcheck on them, the A/B at M = 1..16
+      STEP_TIMEOUT=120 TAIL=3 step ring32_stages_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
+        -k "cuda-ring32 or cuda-auto or ring32_stage or auto_takes or variant_switch"
+      STEP_TIMEOUT=120 TAIL=3 step ring32_stages_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest \
+        -q -p no:cacheprovider tests/test_nf4_gemv.py -k "ring32_stage or (cuda-ring32 and many_tiles)"
+      STEP_TIMEOUT=150 step ring32_stages_ab "$PY" benchmarks/bench_nf4_linear.py --variants auto,factored_fill \
+        --m 1 4 5 8 16 --out "$OUT/nf4_gemv_ring32_stages_${GPU_TAG:-h100}.json"
       ;;
     ring32)
       # session 24's library port of gemv_ring32 (variant "ring32": M <= 16 on 32-row tiles; not yet run): its
