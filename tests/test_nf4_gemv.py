@@ -166,9 +166,9 @@ def test_ring_large_weight(dtype, double_quant, M, use_variant):
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double_quant"])
 @pytest.mark.parametrize("M", [5, 16])
 @pytest.mark.parametrize("extra_rows", [0, 1, 33])
-def test_ring32_stage_configurations(dtype, double_quant, M, extra_rows, use_variant):
-    # Up to one 32-row tile a SM ring32 runs 4 stages at one CTA a SM, past it 2 stages at 2 CTAs a SM; the
-    # weights either side of the boundary (the last with a partial tile), through "auto" (5 <= M <= 16)
+def test_ring32_through_auto_around_one_tile_a_sm(dtype, double_quant, M, extra_rows, use_variant):
+    # "auto" at 5 <= M <= 16 runs ring32: weights of one 32-row tile a SM, and just past it (the last with a
+    # partial tile), where a CTA's second tile begins
     use_variant("auto")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     x, weight, bias = make_case("cuda", dtype, M, 32 * sms + extra_rows, 1280, double_quant=double_quant)

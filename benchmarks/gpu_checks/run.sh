@@ -472,9 +472,9 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # session 25: ring32 at 4 stages where its tiles fit one round at one CTA a SM (N <= 32 SMs): its GEMV tests
       # (the stage configurations either side of the boundary), memcheck on them, the A/B at M = 1..16
       STEP_TIMEOUT=120 TAIL=3 step ring32_stages_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
-        -k "cuda-ring32 or cuda-auto or ring32_stage or auto_takes or variant_switch"
+        -k "cuda-ring32 or cuda-auto or ring32_through_auto or auto_takes or variant_switch"
       STEP_TIMEOUT=120 TAIL=3 step ring32_stages_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest \
-        -q -p no:cacheprovider tests/test_nf4_gemv.py -k "ring32_stage or (cuda-ring32 and many_tiles)"
+        -q -p no:cacheprovider tests/test_nf4_gemv.py -k "ring32_through_auto or (cuda-ring32 and many_tiles)"
       STEP_TIMEOUT=150 step ring32_stages_ab "$PY" benchmarks/bench_nf4_linear.py --variants auto,factored_fill \
         --m 1 4 5 8 16 --out "$OUT/nf4_gemv_ring32_stages_${GPU_TAG:-h100}.json"
       ;;

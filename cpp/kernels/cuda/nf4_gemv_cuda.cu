@@ -1869,15 +1869,12 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
       const bool auto_rings = variant == 15 && !programmatic_launch_enabled();
       if ((variant == 16 || (auto_rings && m >= kRing32AutoMinM)) &&
           ring32_applies(m, N, K, blocksize, x, packed, scales)) {
-        // 2 stages at 2 CTAs a SM; a weight of at most one 32-row tile a SM (N <= 4224 on the H100) has one CTA
-        // a SM whatever its footprint, so it takes 4 stages: 3 items in flight a warp instead of 1 (at 2 stages
-        // the 4096-row shapes ran at 33-46% of copy, the others at 46-61%: nf4_gemv_auto_rings_h100.json)
+        // 2 stages at 2 CTAs a SM. 4 stages where the tiles fit one round at one CTA a SM anyway (N <= 32 SMs)
+        // were 0-5% slower at the 4096-row shapes (session 25, nf4_gemv_ring32_stages_h100.json): bytes in
+        // flight are not what holds those back, more likely 8 warps a SM too few to hide the consumer's latencies
         bool launched = false;
-        const bool one_tile_a_sm = ceil_div(N, int64_t(kR32Rows)) <= int64_t(facts.sm_count);
         const cudaError_t ring32_status =
-            one_tile_a_sm
-                ? launch_ring32<T, 4>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched)
-                : launch_ring32<T, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched);
+            launch_ring32<T, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched);
         if (launched || ring32_status != cudaSuccess) return ring32_status;  // else: does not fit this device
       }
       const bool ring_variant = variant == 13 || variant == 14 || auto_rings;
