@@ -1274,8 +1274,8 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
 //     double quantization, each row's aligned 4-byte word of block codes holding its 2 blocks (128 bytes)
 //     and its nested absmax (128 bytes); plain, each row's 2 fp32 absmax (256 bytes).
 //   - The CTA's 8 warps split a tile's k steps; their sums meet in shared memory. (The CuPy r32_t2 / r32_t4,
-//     2 or 4 tiles a CTA round so that the warps of a step share x through L1, were slower at three of the
-//     four shapes and 1-4% faster at 28672 x 8192: gemv_ring32_tiles_exp_h100.json.)
+//     2 or 4 tiles a CTA round so that the warps of a step share x through L1, were 1-4% faster at the two
+//     large-N shapes and 49-236% slower at the 4096-row ones: gemv_ring32_tiles_exp_h100.json.)
 // Domain (ring32_applies): fp16/bf16, M <= 16, blocksize 64, K % 128 == 0, 16-byte aligned x and codes;
 // double quantization with 4-byte aligned codes and nested absmax, nested blocksize >= 2 and N * K / 64 % 4
 // == 0 (the last row's 4-byte word of block codes must lie inside the array), or plain absmax 8-byte
