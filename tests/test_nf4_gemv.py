@@ -119,8 +119,8 @@ SHAPES = [  # (N, K): aligned, K not a multiple of 64 or 32 (blocks straddle row
     (45, 4160),  # K % 64 == 0, not a multiple of a factored step (256 k): a part-empty last step
     (300, 2112),  # N not a multiple of 16 or 32 rows
     (17, 192),  # fewer k-steps than warps: idle warps in every tile
-    (37, 1536),  # K % 512 == 0, not % 1024: "stream" runs 3 stages a tile, "stream2" falls back
-    (300, 3072),  # 3 "stream2" stages a tile, 19 tiles with a part-empty last one
+    (37, 1536),  # "ring": 6 items a tile; ring32: 12 steps, 4 of 8 warps take two, a 5-row last tile
+    (300, 3072),  # 10 tiles of 32 rows (ring32) with a 12-row last one, 24 k-steps a tile
     (17, 256),  # "ring": one 256-k item a tile, 7 of 8 warps idle, a one-row last tile
     (50, 768),  # "ring": 3 items a tile
 ]
@@ -295,8 +295,6 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
     assert ops.nf4_gemv_variant() == variant
     expected = {
         "mma": "nf4_gemv_mma_kernel",
-        "stream": "nf4_gemv_stream_kernel",
-        "stream2": "nf4_gemv_stream_kernel",
         "ring": "nf4_gemv_ring_kernel",
         "ring_plain": "nf4_gemv_ring_kernel",
         "auto": "nf4_gemv_ring_kernel",  # (programmatic launch is off here; M = 3)

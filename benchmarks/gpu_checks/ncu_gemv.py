@@ -13,7 +13,7 @@ import torch
 import qlora_ext
 from qlora_ext import ops
 
-variants = os.environ.get("VARIANTS", "factored,stream2").split(",")
+variants = os.environ.get("VARIANTS", "factored,ring").split(",")
 shapes = [tuple(int(v) for v in s.split("x")) for s in os.environ.get("SHAPES", "28672x8192,4096x4096").split(",")]
 ms = [int(m) for m in os.environ.get("MS", "1").split(",")]
 for N, K in shapes:

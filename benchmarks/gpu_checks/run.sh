@@ -13,9 +13,7 @@
 #     bash benchmarks/gpu_checks/run.sh build units        # fused MLP (LoRA, DoRA) / Q/K/V units: CUDA tests,
 #                                                          # QDoRA vs QLoRA (8B, 1B), 1B training with/without fused Q/K/V
 #     bash benchmarks/gpu_checks/run.sh build gemv_ab      # every nf4_gemv variant: CUDA tests + A/B benchmark
-#     bash benchmarks/gpu_checks/run.sh build gemv_stream  # the streamed GEMV: tests, sanitizers, A/B; nf4_gemm timed
 #     bash benchmarks/gpu_checks/run.sh build decode_profile # the kernels of a decode step (bf16, NF4 merged)
-#     bash benchmarks/gpu_checks/run.sh build stream_ab    # streamed GEMV: tests, A/B, decode per variant, sanitizers
 #     bash benchmarks/gpu_checks/run.sh build ncu_gemv     # Nsight Compute on the GEMV variants (M = 1)
 #     bash benchmarks/gpu_checks/run.sh build ncu_stalls   # "factored" at M = 1: stall reasons, pipes, shared wavefronts
 #     bash benchmarks/gpu_checks/run.sh build lean         # factored_lean(_wide): tests, A/B at M = 1 and 16, memcheck
@@ -28,7 +26,7 @@
 #     bash benchmarks/gpu_checks/run.sh build auto_tests   # the "auto" variant's GEMV tests
 #     bash benchmarks/gpu_checks/run.sh build auto_rings   # "auto" (ring M <= 4, ring32 5..16): tests, racecheck, A/B, decode
 #     bash benchmarks/gpu_checks/run.sh build ring32       # variant "ring32" (M <= 16): tests, sanitizers, A/B
-#     bash benchmarks/gpu_checks/run.sh build ring32_stages # ring32 at 4 stages on one-round weights: tests, memcheck, A/B
+#     bash benchmarks/gpu_checks/run.sh build ring32_stages # ring32 around one tile a SM: tests, memcheck, A/B
 #     bash benchmarks/gpu_checks/run.sh build carveout     # the shared-memory configuration of each GEMV kernel (ncu)
 #     bash benchmarks/gpu_checks/run.sh build auto_default # every CUDA test with "auto" selected, decode auto vs factored_fill
 #     bash benchmarks/gpu_checks/run.sh build fixes_s22    # session 22's fixes of three CUDA tests (no GPU then)
@@ -159,22 +157,6 @@ for stage in "$@"; do
         --out "$OUT/lora_family_dora_units_h100.json"
       step train_qkv "$PY" benchmarks/bench_train.py --model 1b --seq 2048 --steps 10 --stacks ours,ours_qkv_off,ours_qkv_three_gemms,unsloth \
         --out "$OUT/train_1b_qkv_h100.json"
-      ;;
-    stream_ab)
-      # One device call for the streamed GEMV (2026-12-06): its CUDA tests, the kernel A/B at M = 1
-      # and 16, decode of the 8B shape with each variant as the process default, its sanitizers,
-      # and where a decode step's time goes
-      step gemv_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py -k "cuda or variant"
-      step gemv_stream_ab "$PY" benchmarks/bench_nf4_linear.py --variants factored,stream,stream2 --m 1 16 \
-        --shapes 4096x4096,1024x4096,14336x4096,4096x14336,28672x8192 --out "$OUT/nf4_gemv_stream_h100.json"
-      step decode "$PY" benchmarks/bench_decode.py --stacks bf16,nf4_merged --gemv-variants stream,factored \
-        --repeats 2 --out "$OUT/decode_8b_stream_h100.json"
-      RUNS=$'memcheck tests/test_nf4_gemv.py 1\nracecheck tests/test_nf4_gemv.py 2\nracecheck tests/test_nf4_gemv.py 3' \
-        K_1='cuda-stream and (bfloat16 or many_tiles or block_sizes or misaligned or deterministic)' \
-        K_2='cuda-stream and (many_tiles or deterministic or misaligned)' \
-        K_3='cuda-stream and bfloat16 and (300x3072 or 37x1536 or 64x4096)' STEP_TIMEOUT="${SANITIZE_TIMEOUT:-240}" \
-        step sanitize_stream bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_stream_h100.txt" 3
-      TAIL=70 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
       ;;
     wide_ab)
       # The GEMV with the 64 KB table ("factored_wide") and the grouped GEMV (q/k/v, gate/up in one
@@ -364,10 +346,10 @@ for stage in "$@"; do
         step sanitize_wide bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_wide_h100.txt" 3
       ;;
     ncu_gemv)
-      # Nsight Compute on one launch of "factored" and "stream2" (the second of each case) at
+      # Nsight Compute on one launch of "factored", "factored_wide" and the ring (the second of each case) at
       # 28672x8192, M = 1: throughput against the roofline, memory, warp stalls, occupancy
       # (SHAPES=...,4096x4096 for the latency-bound small shape too)
-      for v in factored factored_wide stream2; do
+      for v in factored factored_wide ring; do
         for shape in ${NCU_SHAPES:-28672x8192}; do
           VARIANTS=$v SHAPES=$shape STEP_TIMEOUT=90 TAIL=4 step "ncu_${v}_$shape" ncu --kernel-name regex:nf4_gemv --launch-skip 1 \
             --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
@@ -393,20 +375,6 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,sm__cycles_elapsed.avg "$PY" 
       ;;
     decode_profile)
       TAIL=70 step decode_profile "$PY" benchmarks/profile_decode.py --layers 8 --steps 8
-      ;;
-    gemv_stream)
-      # the streamed GEMV kernels ("stream", "stream2", 2026-12-06): the GEMV/GEMM CUDA tests, the
-      # A/B against "factored", nf4_gemm against dequantize + cuBLAS, then the new kernels'
-      # tests under memcheck and racecheck (a cp.async ring with one barrier a stage)
-      step gemv_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py tests/test_nf4_gemm.py -k "cuda or variant"
-      step gemv_stream_ab "$PY" benchmarks/bench_nf4_linear.py --variants factored,stream,stream2 --m 1 8 16 \
-        --shapes 4096x4096,1024x4096,14336x4096,4096x14336,28672x8192 --out "$OUT/nf4_gemv_stream_h100.json"
-      step nf4_gemm "$PY" benchmarks/bench_nf4_gemm.py --m 16 17 64 256 --out "$OUT/nf4_gemm_h100.json"
-      RUNS=$'memcheck tests/test_nf4_gemv.py 1\nracecheck tests/test_nf4_gemv.py 2\nracecheck tests/test_nf4_gemv.py 3' \
-        K_1='cuda-stream and (bfloat16 or many_tiles or block_sizes or misaligned or deterministic)' \
-        K_2='cuda-stream and (many_tiles or deterministic or misaligned)' \
-        K_3='cuda-stream and bfloat16 and (300x3072 or 37x1536 or 64x4096)' STEP_TIMEOUT="${SANITIZE_TIMEOUT:-240}" \
-        step sanitize_stream bash benchmarks/gpu_checks/sanitize_tests.sh "$OUT/sanitizer_tests_stream_h100.txt" 3
       ;;
     gemv_v16)
       # session 21's prepared experiment (not yet run): the GEMV with 16-byte code loads and the two
@@ -469,8 +437,8 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         --gemv-variants auto,factored_fill --variants-without-pdl --out "$OUT/decode_8b_auto_rings_${GPU_TAG:-h100}.json"
       ;;
     ring32_stages)
-      # session 25: ring32 at 4 stages where its tiles fit one round at one CTA a SM (N <= 32 SMs): its GEMV tests
-      # (the stage configurations either side of the boundary), memcheck on them, the A/B at M = 1..16
+      # session 25 (then with 4 stages where the tiles fit one round at one CTA a SM, N <= 32 SMs; reverted): ring32's
+      # GEMV tests (weights either side of that boundary), memcheck on them, the A/B at M = 1..16
       STEP_TIMEOUT=120 TAIL=3 step ring32_stages_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
         -k "cuda-ring32 or cuda-auto or ring32_through_auto or auto_takes or variant_switch"
       STEP_TIMEOUT=120 TAIL=3 step ring32_stages_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest \

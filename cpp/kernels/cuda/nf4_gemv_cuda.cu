@@ -751,247 +751,6 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, in
 #endif  // QLORA_GEMV_MMA
 }
 
-// ---- fast path, streamed through shared memory (variants "stream", "stream2") ----------------
-//
-// The arithmetic of "factored" (T(nf4) table words, each 64-k segment's fp32 partial
-// times its block's fp32 scale), with different data movement. "factored" keeps one step of codes
-// per warp in registers (~32 KB a SM in flight at best) and measured 1.0-1.8 TB/s at M = 1 against
-// bf16 cuBLAS's 2.1-2.9 (nf4_gemv_variants_h100.json). Here each CTA streams its work through a
-// ring of STAGES shared-memory stages (8 or 6) filled by cp.async, so (stages - 1) x 4-8 KB per CTA
-// stay in flight whatever the warps are doing (the per-tile reduction and barriers included).
-//   Work: 16-row tiles, persistent CTAs (tile = blockIdx.x + i * gridDim.x); a tile is a run of
-//   stages of SW x 512 k (SW = 1: "stream", 2: "stream2"). 16 consecutive rows are contiguous in
-//   the packed codes, so a stage is 16 runs of SW x 256 bytes, one per row, each copied by
-//   16 x SW threads in 16-byte pieces; each row's 8 x SW block-scale codes (blocksize 64) and its
-//   nested absmax (one per row and stage: nested blocks are >= 8 blocks) come with it.
-//   Compute: warp w takes segments w + 8s (s < SW) of every stage: two conflict-free LDS.64 of
-//   codes (rows g, g+8, codes [16t, 16t+16)), the scale from the staged bytes, and 4 MMAs; x (the
-//   B fragments) comes from global memory (L1/L2-resident), loaded one stage ahead.
-//   One __syncthreads per stage: after it, stage p is complete for every thread and slot p - 1 is
-//   free, which is where stage p + stages - 1 is issued.
-// x rows: one group of 8 (MT = 1, M <= 8) or two (MT = 2, M <= 16) per MMA B fragment.
-// Measured (H100, 2026-12-06, nf4_gemv_stream_h100.json): not faster. At M = 1 "stream" ran 17-35%
-// behind "factored", "stream2" 0-15% (equal at 28672x8192, 72% of copy bandwidth); both won only
-// at 1024x4096, M = 16. So bytes in flight were not "factored"'s limit; halving the barriers
-// per byte (8 KB stages) was worth more than the extra depth. Kept for the A/B and Nsight Compute
-// (run.sh ncu_gemv).
-// Domain: fp16/bf16, blocksize 64, K % (512 SW) == 0, nested blocksize >= 8 (always 256 in
-// bitsandbytes' files), aligned codes / scales; elsewhere the launcher falls back to "factored".
-// (Outside the QLORA_GEMV_MMA guard: the host-side launcher sizes the ring from it in every pass.)
-constexpr int kStreamTileRows = 16;
-
-template <int SW, int STAGES>
-struct StreamLayout {
-  static constexpr int kStageK = 512 * SW;
-  static constexpr int kRowBytes = kStageK / 2;
-  // +32 bytes: row r starts 8r banks on, so a half-warp's LDS.64 (rows g, 4 values of g; 4 t's 8 B
-  // apart) covers the 32 banks once.
-  static constexpr int kRowPitch = kRowBytes + 32;
-  static constexpr int kCodesBytes = kStreamTileRows * kRowPitch;
-  static constexpr int kBlocksPerRow = kStageK / 64;
-  // Scales: 8-bit codes (double quantization) or fp32 absmax (plain), whichever is larger.
-  static constexpr int kScaleBytes = kStreamTileRows * kBlocksPerRow * 4;
-  static constexpr int kNestedBytes = kStreamTileRows * 4;
-  static constexpr int kStageBytes = kCodesBytes + kScaleBytes + kNestedBytes;
-  static_assert(kStageBytes % 16 == 0, "stages start 16-byte aligned");
-  static constexpr int kRingBytes = STAGES * kStageBytes;
-};
-
-template <typename T, int MT, int SW, int STAGES>
-__global__ void __launch_bounds__(kThreads, 2)
-nf4_gemv_stream_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed,
-                       NF4Scales scales, int nested_log2, int64_t N, int64_t K,
-                       const T* __restrict__ bias, T* __restrict__ y) {
-#if QLORA_GEMV_MMA
-  using L = StreamLayout<SW, STAGES>;
-  extern __shared__ __align__(16) unsigned char ring[];
-  __shared__ uint32_t table[256 * 32];  // T2 word of each code byte, 32 copies (see "factored")
-  __shared__ float partial[kWarps / 2][kStreamTileRows][8 * MT + 1];
-  __shared__ float nested_map[256];
-  __shared__ float codes[16];
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const bool double_quant = scales.absmax == nullptr;
-  const int64_t n_tiles = (N + kStreamTileRows - 1) / kStreamTileRows;
-  const int stages_per_tile = int(K / L::kStageK);
-  const int64_t my_tiles = blockIdx.x < n_tiles ? (n_tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
-  const int64_t n_items = my_tiles * stages_per_tile;
-  const int64_t blocks_per_row = K / 64;
-
-  // The producer's position: the next item to issue (tile, stage, ring slot). Counters, not
-  // divisions of the item number: 64-bit division costs ~100 instructions.
-  int64_t issued = 0, issue_tile = blockIdx.x;
-  int issue_stage = 0, issue_slot = 0;
-  // Issue the copies of the next item into its ring slot and commit them as one group (empty past
-  // the end, so that the group count stays one per item).
-  auto issue_next = [&]() {
-    if (issued < n_items) {
-      const int64_t tile = issue_tile;
-      const int stage = issue_stage;
-      const uint32_t slot_addr = shared_address(ring + issue_slot * L::kStageBytes);
-#pragma unroll
-      for (int i = 0; i < SW; ++i) {
-        const int chunk = tid + i * kThreads;  // 16 rows x (16 SW) chunks of 16 bytes
-        const int row = chunk / (16 * SW), piece = chunk % (16 * SW);
-        // Rows past N read row N - 1 (finite codes; their sums are never stored).
-        const int64_t n = min(tile * kStreamTileRows + row, N - 1);
-        cp_async16(slot_addr + row * L::kRowPitch + piece * 16,
-                   packed + ((n * K) >> 1) + stage * L::kRowBytes + piece * 16);
-      }
-      const uint32_t scale_addr = slot_addr + L::kCodesBytes;
-      if (double_quant) {
-        if (tid < kStreamTileRows) {
-          const int64_t n = min(tile * kStreamTileRows + tid, N - 1);
-          const int64_t b0 = n * blocks_per_row + stage * L::kBlocksPerRow;
-          if constexpr (SW == 1) {
-            cp_async8(scale_addr + tid * L::kBlocksPerRow, scales.absmax_codes + b0);
-          } else {
-            cp_async16(scale_addr + tid * L::kBlocksPerRow, scales.absmax_codes + b0);
-          }
-          cp_async4(scale_addr + L::kScaleBytes + tid * 4, scales.nested_absmax + (b0 >> nested_log2));
-        }
-      } else if (tid < kStreamTileRows * 2 * SW) {  // 8 SW floats a row: 2 SW pieces of 16 bytes
-        const int row = tid / (2 * SW), piece = tid % (2 * SW);
-        const int64_t n = min(tile * kStreamTileRows + row, N - 1);
-        const int64_t b0 = n * blocks_per_row + stage * L::kBlocksPerRow;
-        cp_async16(scale_addr + (row * L::kBlocksPerRow + piece * 4) * 4, scales.absmax + b0 + piece * 4);
-      }
-      ++issued;
-      if (++issue_stage == stages_per_tile) {
-        issue_stage = 0;
-        issue_tile += gridDim.x;
-      }
-      if (++issue_slot == STAGES) issue_slot = 0;
-    }
-    cp_async_commit();
-  };
-
-  // The first stages' copies fly while the tables are built.
-#pragma unroll 1
-  for (int p = 0; p < STAGES - 1; ++p) issue_next();
-
-  load_nf4_codes(codes);
-  if (double_quant) {
-    for (int i = tid; i < 256; i += kThreads) nested_map[i] = __ldg(scales.nested_code + i);
-  }
-  __syncthreads();
-  for (int i = tid; i < 256 * 32; i += kThreads) {
-    const int byte = i >> 5;
-    const T a = Element<T>::from_float(codes[byte >> 4]), b = Element<T>::from_float(codes[byte & 15]);
-    table[i] = bits_of(a) | (bits_of(b) << 16);  // the even element (high nibble) low
-  }
-  const char* table_bytes = reinterpret_cast<const char*>(table);
-  const uint32_t lane_offset = uint32_t(lane) * 4;
-  const float offset = double_quant ? __ldg(scales.nested_offset) : 0.0f;
-
-  // x: rows m = g + 8 mt (< M), the lane's 16 k of each of its segments; one stage ahead in
-  // registers.
-  bool has_x_row[MT];
-  const T* x_row[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    has_x_row[mt] = g + 8 * mt < M;
-    x_row[mt] = x + int64_t(has_x_row[mt] ? g + 8 * mt : 0) * K + 16 * t;
-  }
-  auto load_x = [&](int stage, uint4 (&v)[SW][MT][2]) {
-    const int64_t k0 = int64_t(stage) * L::kStageK;
-#pragma unroll
-    for (int s = 0; s < SW; ++s)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const uint4* src = reinterpret_cast<const uint4*>(x_row[mt] + k0 + 64 * (warp + 8 * s));
-        v[s][mt][0] = has_x_row[mt] ? __ldg(src) : make_uint4(0, 0, 0, 0);
-        v[s][mt][1] = has_x_row[mt] ? __ldg(src + 1) : make_uint4(0, 0, 0, 0);
-      }
-  };
-  uint4 xv[SW][MT][2];
-  if (n_items > 0) load_x(0, xv);
-
-  float acc[1][MT][4] = {};  // reduce_and_store's [R][MT][4] with one 16-row tile
-  int64_t tile = blockIdx.x;
-  int stage = 0, slot_index = 0;
-#pragma unroll 1
-  for (int64_t p = 0; p < n_items; ++p) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();  // item p is in for every thread; the slot of item p - 1 is free
-    issue_next();     // item p + STAGES - 1, into that slot
-
-    const bool last_stage = stage + 1 == stages_per_tile;
-    uint4 xn[SW][MT][2];
-    const bool more = p + 1 < n_items;
-    if (more) load_x(last_stage ? 0 : stage + 1, xn);
-
-    const unsigned char* slot = ring + slot_index * L::kStageBytes;
-    const unsigned char* scale_bytes = slot + L::kCodesBytes;
-#pragma unroll
-    for (int s = 0; s < SW; ++s) {
-      const int seg = warp + 8 * s;
-      const uint2 cg = *reinterpret_cast<const uint2*>(slot + g * L::kRowPitch + 32 * seg + 8 * t);
-      const uint2 cg8 = *reinterpret_cast<const uint2*>(slot + (g + 8) * L::kRowPitch + 32 * seg + 8 * t);
-      float scale_g, scale_g8;
-      if (double_quant) {
-        const float* nested = reinterpret_cast<const float*>(scale_bytes + L::kScaleBytes);
-        scale_g = __fadd_rn(__fmul_rn(nested_map[scale_bytes[g * L::kBlocksPerRow + seg]], nested[g]), offset);
-        scale_g8 = __fadd_rn(__fmul_rn(nested_map[scale_bytes[(g + 8) * L::kBlocksPerRow + seg]], nested[g + 8]),
-                             offset);
-      } else {
-        const float* absmax = reinterpret_cast<const float*>(scale_bytes);
-        scale_g = absmax[g * L::kBlocksPerRow + seg];
-        scale_g8 = absmax[(g + 8) * L::kBlocksPerRow + seg];
-      }
-      float tmp[MT][4] = {};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        uint32_t o[4];
-        step_table_offsets(j, cg, cg8, lane_offset, o);
-        const uint32_t a0 = *reinterpret_cast<const uint32_t*>(table_bytes + o[0]);
-        const uint32_t a1 = *reinterpret_cast<const uint32_t*>(table_bytes + o[1]);
-        const uint32_t a2 = *reinterpret_cast<const uint32_t*>(table_bytes + o[2]);
-        const uint32_t a3 = *reinterpret_cast<const uint32_t*>(table_bytes + o[3]);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const uint4& v = xv[s][mt][j >> 1];
-          mma_16816(T{}, tmp[mt], a0, a1, a2, a3, (j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y);
-        }
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        float(&a)[4] = acc[0][mt];
-        a[0] = fmaf(scale_g, tmp[mt][0], a[0]);
-        a[1] = fmaf(scale_g, tmp[mt][1], a[1]);
-        a[2] = fmaf(scale_g8, tmp[mt][2], a[2]);
-        a[3] = fmaf(scale_g8, tmp[mt][3], a[3]);
-      }
-    }
-    if (more) {
-#pragma unroll
-      for (int s = 0; s < SW; ++s)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          xv[s][mt][0] = xn[s][mt][0];
-          xv[s][mt][1] = xn[s][mt][1];
-        }
-    }
-
-    if (++slot_index == STAGES) slot_index = 0;
-    if (last_stage) {  // the 8 warps' sums of the tile meet
-      reduce_and_store<T, MT, 1>(acc, partial, warp, g, t, tile * kStreamTileRows, M, N, bias, y);
-      __syncthreads();  // partial is rewritten by the next tile
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[0][mt][i] = 0.0f;
-      stage = 0;
-      tile += gridDim.x;
-    } else {
-      ++stage;
-    }
-  }
-  cp_async_wait_all();  // no copy may outlive the CTA (the trailing groups are empty, but be sure)
-#endif  // QLORA_GEMV_MMA
-}
-
 // ---- fast path for M <= 4: per-warp rings, 16-byte code runs (variant "ring") ---------------
 //
 // "factored"'s arithmetic (T(nf4) table words, each 64-k segment's fp32 partial sum times its
@@ -1000,7 +759,7 @@ nf4_gemv_stream_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
 // than factored_fill; this port 15-30% less, nf4_gemv_ring_h100.json, see the README for why not more):
 //   - Each warp streams its own items (one item = 16 rows x 256 k: 2 KB of codes) through a ring of
 //     STAGES shared-memory stages filled by cp.async, so STAGES - 1 items are in flight without
-//     holding registers and without a CTA barrier per item ("stream" had both). "factored" keeps one
+//     holding registers and without a CTA barrier per item (the former streamed kernel had both). "factored" keeps one
 //     item in registers; session 21's replay of its access pattern read 44.8 us at one item in flight
 //     and 41.5 at two (28672 x 8192), where "factored" took 72.
 //   - 16-byte code runs: lane (g, t) reads bytes [16t, 16t + 16) of each 64-byte half of its rows'
@@ -1558,23 +1317,6 @@ cudaError_t launch_factored(const T* x, int M, const FactoredParts& parts, int b
                        nested_log2, K, bias, y);
 }
 
-template <typename T, int MT, int SW, int STAGES>
-cudaError_t launch_stream(const T* x, int M, const uint8_t* packed, const NF4Scales& scales,
-                          int nested_log2, int64_t N, int64_t K, const T* bias, T* y, int sm_count,
-                          cudaStream_t stream) {
-  constexpr int kRingBytes = StreamLayout<SW, STAGES>::kRingBytes;
-  auto kernel = nf4_gemv_stream_kernel<T, MT, SW, STAGES>;
-  // The ring is dynamic shared memory; with the static tables it passes the default 48 KB, which
-  // needs the per-function opt-in.
-  static std::atomic<uint64_t> configured{0};
-  const cudaError_t status = allow_dynamic_shared(kernel, kRingBytes, configured);
-  if (status != cudaSuccess) return status;
-  const int64_t tiles = ceil_div(N, kStreamTileRows);
-  const int64_t grid = std::min<int64_t>(tiles, int64_t(sm_count) * 2);  // persistent, 2 CTAs a SM
-  kernel<<<dim3(unsigned(grid)), kThreads, kRingBytes, stream>>>(x, M, packed, scales, nested_log2, N, K, bias, y);
-  return cudaGetLastError();
-}
-
 // A persistent kernel's grid (the ring kernels'): as many CTAs a SM as fit on this device (CTAS on an
 // H100; fewer where a SM has less shared memory, 100 KB on consumer Ampere / Ada) with kBytes of dynamic
 // shared memory, asked once per device. 0: it does not fit at all (the caller falls back).
@@ -1689,22 +1431,33 @@ inline bool ring_applies(int M, int64_t K, int64_t blocksize, const void* x, con
   return scales.nested_blocksize >= 4 && is_aligned(scales.absmax_codes, 4) && is_aligned(scales.nested_absmax, 4);
 }
 
-// Whether the streamed kernel with SW segments a warp per stage covers this case (see its comment).
-inline bool stream_applies(int SW, int M, int64_t K, int64_t blocksize, const NF4Scales& scales) {
-  if (M > kMaxM || blocksize != 64 || K % (512 * SW) != 0) return false;
-  if (scales.absmax != nullptr) return is_aligned(scales.absmax, 16);
-  return scales.nested_blocksize >= 8 * SW && is_aligned(scales.absmax_codes, 8 * SW) &&
-         is_aligned(scales.nested_absmax, 4);
-}
-
 // Fast-path kernel choice, switchable at run time so that one process can A/B them (see
-// kernels_cuda.h). Index = the variant number.
-constexpr const char* kVariantNames[] = {"mma",         "factored",    "factored_split", "factored_r2",
-                                         "factored_r1", "stream",      "stream2",        "factored_wide",
-                                         "factored_o3", "factored_o4", "factored_fill", "factored_lean",
-                                         "factored_lean_wide", "ring",        "ring_plain",     "auto",
-                                         "ring32"};
-constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0]));
+// kernels_cuda.h). The variant number is the index into kVariantNames. (Session 25 removed "stream" and
+// "stream2", a cp.async shared-memory ring with a CTA barrier a stage: 0-35% slower than "factored" at
+// M = 1, nf4_gemv_stream_h100.json; the kernel is in history at 4bb9552.)
+enum GemvVariant : int {
+  kVariantMma,
+  kVariantFactored,
+  kVariantFactoredSplit,
+  kVariantFactoredR2,
+  kVariantFactoredR1,
+  kVariantFactoredWide,
+  kVariantFactoredO3,
+  kVariantFactoredO4,
+  kVariantFactoredFill,
+  kVariantFactoredLean,
+  kVariantFactoredLeanWide,
+  kVariantRing,
+  kVariantRingPlain,
+  kVariantAuto,
+  kVariantRing32,
+  kVariantCount
+};
+constexpr const char* kVariantNames[] = {"mma",         "factored",      "factored_split", "factored_r2",
+                                         "factored_r1", "factored_wide", "factored_o3",    "factored_o4",
+                                         "factored_fill", "factored_lean", "factored_lean_wide", "ring",
+                                         "ring_plain",  "auto",          "ring32"};
+static_assert(sizeof(kVariantNames) / sizeof(kVariantNames[0]) == kVariantCount, "a name for every variant");
 // "factored_fill": "factored" (faster than "mma" at every measured shape, nf4_gemv_variants_h100.json)
 // with one round of 3-CTA tiles where "factored" takes two rounds: 8B's grouped q/k/v 13.9 -> 12.0 us,
 // decode +2% (H200, 2026-12-06, nf4_gemv_swiglu_h200.json and decode_8b_glu_h200.json).
@@ -1720,7 +1473,7 @@ constexpr int kVariantCount = int(sizeof(kVariantNames) / sizeof(kVariantNames[0
 // 252.2 in decode_8b_auto_rings_h100.json) the ring at <2, 2>, <2, 1> or with 16 table copies decoded at
 // 242-256 tok/s under PDL; only with its dependents launched at its end did it reach 274, still below
 // factored_fill's 277. So the decode keeps factored_fill.
-std::atomic<int> g_variant{15};  // "auto" (session 24)
+std::atomic<int> g_variant{kVariantAuto};  // the default since session 24
 
 }  // namespace
 
@@ -1740,8 +1493,8 @@ int nf4_gemv_cuda_variant() { return g_variant.load(std::memory_order_relaxed); 
 
 namespace {
 
-// A variant's factored kernel for these parts; variants that are not factored ("mma", the
-// streamed ones) get "factored". Tile shapes (MT, R, SEG): MT groups of 8 x rows, R 16-row tiles
+// A variant's factored kernel for these parts; "mma" gets "factored", the ring variants
+// factored_fill's kernels. Tile shapes (MT, R, SEG): MT groups of 8 x rows, R 16-row tiles
 // per CTA, SEG 64-k segments per step (a warp has one step of codes in flight while it computes
 // the previous one). Every shape's tile is 16 or 32 rows (see kGroupedPartRows).
 template <typename T>
@@ -1763,24 +1516,24 @@ cudaError_t launch_factored_variant(int variant, const T* x, int m, const Factor
     // earlier factored_o3 had to halve the step to fit). _wide: with the 64 KB table (one PRMT a lookup).
     // H100 2026-12-07: M = 1 unchanged (more warps did not help, as with o3); _wide 22-61% slower
     // (three 64 KB tables leave ~28 KB of L1 for x and the scales). Kept for the A/B.
-    case 12:
+    case kVariantFactoredLeanWide:
       if (parts.count == 1) {
         if (m <= 8) QLORA_FACTORED_LEAN(1, 1, 4, true, 3);
         QLORA_FACTORED_LEAN(2, 2, 2, false, 2);
       }
       [[fallthrough]];
-    case 11:
+    case kVariantFactoredLean:
       if (parts.count == 1) {
         if (m <= 8) QLORA_FACTORED_LEAN(1, 1, 4, false, 3);
         QLORA_FACTORED_LEAN(2, 2, 2, false, 2);
       }
       [[fallthrough]];
-    case 13:  // ring, ring_plain, auto, ring32: what the ring kernels do not take
-    case 14:
-    case 15:
-    case 16:
+    case kVariantRing:  // ring, ring_plain, auto, ring32: what the ring kernels do not take
+    case kVariantRingPlain:
+    case kVariantAuto:
+    case kVariantRing32:
       [[fallthrough]];
-    case 10:  // factored_fill: "factored", except that an M <= 8 launch whose 16-row tiles need a second
+    case kVariantFactoredFill:  // factored_fill: "factored", except that an M <= 8 launch whose 16-row tiles need a second
               // round at 2 CTAs a SM but fit one at 3 (Llama-3-8B's grouped q/k/v: 384 tiles, 264 CTAs,
               // 120 of them working twice) takes factored_o3's shape, one round of slower CTAs
       if (m <= 8) {
@@ -1791,22 +1544,22 @@ cudaError_t launch_factored_variant(int variant, const T* x, int m, const Factor
       QLORA_FACTORED(2, 2, 2, false, false);
     // H100 2026-12-06, M = 1: o3 7-25% and o4 41-63% slower than "factored" (nf4_gemv_occupancy_h100.json):
     // more warps with fewer bytes in flight each lose. Kept for the A/B.
-    case 8:  // factored_o3: M <= 8: 128 k per step in 80 registers, 3 CTAs a SM (more warps in flight)
+    case kVariantFactoredO3:  // factored_o3: M <= 8: 128 k per step in 80 registers, 3 CTAs a SM (more warps in flight)
       if (m <= 8) QLORA_FACTORED_CTAS(1, 1, 2, false, false, 3);
       QLORA_FACTORED(2, 2, 2, false, false);
-    case 9:  // factored_o4: M <= 8: 64 k per step in 64 registers, 4 CTAs a SM
+    case kVariantFactoredO4:  // factored_o4: M <= 8: 64 k per step in 64 registers, 4 CTAs a SM
       if (m <= 8) QLORA_FACTORED_CTAS(1, 1, 1, false, false, 4);
       QLORA_FACTORED(2, 2, 2, false, false);
-    case 2:  // factored_split: "factored"'s shapes, hi/lo weights
+    case kVariantFactoredSplit:  // factored_split: "factored"'s shapes, hi/lo weights
       if (m <= 8) QLORA_FACTORED(1, 1, 4, true, false);
       QLORA_FACTORED(2, 2, 2, true, false);
-    case 3:  // factored_r2: 32-row tiles, 128 k per step; M > 8: 64 k per step (registers)
+    case kVariantFactoredR2:  // factored_r2: 32-row tiles, 128 k per step; M > 8: 64 k per step (registers)
       if (m <= 8) QLORA_FACTORED(1, 2, 2, false, false);
       QLORA_FACTORED(2, 2, 1, false, false);
-    case 4:  // factored_r1: 16-row tiles, 128 k per step (twice the CTAs of r2 on small N)
+    case kVariantFactoredR1:  // factored_r1: 16-row tiles, 128 k per step (twice the CTAs of r2 on small N)
       if (m <= 8) QLORA_FACTORED(1, 1, 2, false, false);
       QLORA_FACTORED(2, 1, 2, false, false);
-    case 7:  // factored_wide: "factored"'s shapes with the 64 KB table (one PRMT per lookup). H100
+    case kVariantFactoredWide:  // factored_wide: "factored"'s shapes with the 64 KB table (one PRMT per lookup). H100
              // 2026-12-06: 8% fewer instructions issued, the same time (-4..+2%): latency-bound
       if (m <= 8) QLORA_FACTORED(1, 1, 4, false, true);
       QLORA_FACTORED(2, 2, 2, false, true);
@@ -1843,7 +1596,7 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
                             is_aligned(x, 16) && is_aligned(packed, 16);
   const bool fast = tensor_cores && K % 32 == 0;
   const bool factored = tensor_cores && factored_applies(facts, type, K, blocksize, x);
-  const int variant = factored ? nf4_gemv_cuda_variant() : 0;
+  const int variant = factored ? nf4_gemv_cuda_variant() : kVariantMma;
   const int m = int(M);
   return dispatch_float_type(type, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
@@ -1851,23 +1604,10 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
     const T* bt = static_cast<const T*>(bias);
     T* yt = static_cast<T*>(y);
     if constexpr (!std::is_same_v<T, float>) {
-#define QLORA_STREAM(MT, SW, STAGES)                                                                    \
-  return launch_stream<T, MT, SW, STAGES>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream)
-      // stream: through a shared-memory ring of 4 KB stages; stream2: 8 KB stages (half the
-      // barriers per byte), 6 of them; where they do not apply, "factored"
-      if (variant == 5 && stream_applies(1, m, K, blocksize, scales)) {
-        if (m <= 8) QLORA_STREAM(1, 1, 8);
-        QLORA_STREAM(2, 1, 8);
-      }
-      if (variant == 6 && stream_applies(2, m, K, blocksize, scales)) {
-        if (m <= 8) QLORA_STREAM(1, 2, 6);
-        QLORA_STREAM(2, 2, 6);
-      }
-#undef QLORA_STREAM
       // Without programmatic dependent launch "auto" takes the ring at M <= 4 and ring32 at 5 <= M <= 16;
       // with it (qlora_ext.generate's decode), factored_fill's kernels (see kVariantNames)
-      const bool auto_rings = variant == 15 && !programmatic_launch_enabled();
-      if ((variant == 16 || (auto_rings && m >= kRing32AutoMinM)) &&
+      const bool auto_rings = variant == kVariantAuto && !programmatic_launch_enabled();
+      if ((variant == kVariantRing32 || (auto_rings && m >= kRing32AutoMinM)) &&
           ring32_applies(m, N, K, blocksize, x, packed, scales)) {
         // 2 stages at 2 CTAs a SM. 4 stages where the tiles fit one round at one CTA a SM anyway (N <= 32 SMs)
         // were 0-5% slower at the 4096-row shapes (session 25, nf4_gemv_ring32_stages_h100.json): bytes in
@@ -1877,13 +1617,13 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
             launch_ring32<T, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched);
         if (launched || ring32_status != cudaSuccess) return ring32_status;  // else: does not fit this device
       }
-      const bool ring_variant = variant == 13 || variant == 14 || auto_rings;
+      const bool ring_variant = variant == kVariantRing || variant == kVariantRingPlain || auto_rings;
       if (ring_variant && ring_applies(m, K, blocksize, x, packed, scales)) {
         // 3 stages at 2 CTAs a SM for the large weights, 2 stages at 3 CTAs below: H100, M = 1
         // (gemv_ring_h100.json): 28672 x 8192 47.2 against 49.3 us, the three smaller shapes 6-10% the
         // other way (more CTAs fill the SMs where a CTA has few tiles)
         bool launched = false;
-        const bool programmatic = variant != 14;
+        const bool programmatic = variant != kVariantRingPlain;
         const bool large = N * K >= (int64_t(1) << 27);
         const cudaError_t ring_status =
             large ? launch_ring<T, 3, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
@@ -1892,7 +1632,7 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
                                          programmatic, launched);
         if (launched || ring_status != cudaSuccess) return ring_status;  // else: does not fit this device
       }
-      if (variant != 0) {
+      if (variant != kVariantMma) {
         FactoredParts parts;
         parts.add(packed, scales, N);
         return launch_factored_variant<T>(variant, xt, m, parts, blocksize_log2, nested_log2, K, bt, yt,
