@@ -464,10 +464,12 @@ gemv_ring(RING_PARAMS) {
 // Stage: 32 rows x 64 bytes, 16-byte pieces of rows with (row >> 1) odd swapped in pairs (p ^ 2) so that a
 // half-warp's 8-byte reads of rows g (4 rows) hit 16 distinct bank pairs; then a 4-byte word of scale codes
 // a row (the aligned word holding its 2 blocks) and the row's nested absmax.
-// TILES (session 24, not yet run): the CTA's 8 warps work on TILES tiles at a time, 8 / TILES warps (k groups)
+// TILES (session 24): the CTA's 8 warps work on TILES tiles at a time, 8 / TILES warps (k groups)
 // a tile, instead of 8 warps on one tile. Warps on different tiles at the same step read the same slice of x,
 // so L1 serves all but the first: ncu at M = 16 (ncu_m16_ring32_vs_factored_h100.txt) showed the L2 moving
-// 325-341 MB for 122 MB of DRAM reads, x re-read by every tile.
+// 325-341 MB for 122 MB of DRAM reads, x re-read by every tile. Measured in session 25
+// (gemv_ring32_tiles_exp_h100.json): TILES 2 was 2-4% faster at 14336 x 4096, TILES 4 1-2% at 28672 x 8192, both
+// 49-236% slower at the 4096-row shapes; the library kernel keeps one tile a CTA.
 #ifndef TILES
 #define TILES 1
 #endif
