@@ -189,8 +189,8 @@ def nf4_gemv_variants() -> list[str]:
     other (bench_nf4_linear.py --variants); "stream" and "stream2" (a cp.async shared-memory ring
     with a CTA barrier a stage, 2026-12-06) measured slower than "factored" except at 1024x4096,
     M = 16 (benchmarks/results/nf4_gemv_stream_h100.json) and were removed in session 25;
-    "factored_wide" (a 64 KB table, one byte permute a lookup) within -4..+2% of it (nf4_gemv_wide_h100.json); "factored_o3" / "factored_o4"
-    (3 / 4 CTAs a SM for M <= 8) 7-25% / 41-63% slower (nf4_gemv_occupancy_h100.json);
+    "factored_wide" (a 64 KB table, one byte permute a lookup) within -4..+2% of it
+    (nf4_gemv_wide_h100.json); "factored_o3" / "factored_o4" (3 / 4 CTAs a SM for M <= 8) 7-25% / 41-63% slower (nf4_gemv_occupancy_h100.json);
     "factored_fill" is "factored" but for M <= 8 launches whose 16-row tiles fit one round at 3
     CTAs a SM and not at 2 (8B's grouped q/k/v), which take factored_o3's shape: q/k/v 13.9 ->
     12.0 us, the 8B decode 2% faster (H200; nf4_gemv_swiglu_h200.json). Where it takes that shape
