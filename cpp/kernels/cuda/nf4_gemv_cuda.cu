@@ -830,6 +830,20 @@ __device__ __forceinline__ float build_ring_tables(unsigned char* table, float* 
   __syncthreads();
   return offset;
 }
+
+// The ring kernels' end of a tile: output n (tile row `row`) for x row m is the sum of the CTA's 8 warps'
+// partial sums in warp order, plus the bias, rounded once to T. Rows past N and x rows past M store nothing.
+template <typename T, int kRows, int kCols>
+__device__ __forceinline__ void store_warp_sums(const float (&partial)[kWarps][kRows][kCols], int row, int m,
+                                                int64_t n, int M, int64_t N, const T* __restrict__ bias,
+                                                T* __restrict__ y) {
+  if (m >= M || n >= N) return;
+  float sum = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) sum += partial[w][row][m];
+  if (bias != nullptr) sum += Element<T>::to_float(bias[n]);
+  y[int64_t(m) * N + n] = Element<T>::from_float(sum);
+}
 #endif
 
 // DQ: double quantization (8-bit block codes, nested absmax) or plain fp32 absmax, known at compile
@@ -1002,14 +1016,7 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
     __syncthreads();
     if (tid < 16 * kRingMaxM) {
       const int row = tid & 15, m = tid >> 4;
-      const int64_t n = tile * 16 + row;
-      if (m < M && n < N) {
-        float sum = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) sum += partial[w][row][m];
-        if (bias != nullptr) sum += Element<T>::to_float(bias[n]);
-        y[int64_t(m) * N + n] = Element<T>::from_float(sum);
-      }
+      store_warp_sums(partial, row, m, tile * 16 + row, M, N, bias, y);
     }
     __syncthreads();  // partial is rewritten by the next tile
   }
@@ -1210,14 +1217,7 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
     __syncthreads();
     for (int i = tid; i < kR32Rows * kMaxM; i += kThreads) {
       const int m = i % kMaxM, row = i / kMaxM;
-      const int64_t n = tile * kR32Rows + row;
-      if (m < M && n < N) {
-        float sum = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) sum += partial[w][row][m];
-        if (bias != nullptr) sum += Element<T>::to_float(bias[n]);
-        y[int64_t(m) * N + n] = Element<T>::from_float(sum);
-      }
+      store_warp_sums(partial, row, m, tile * kR32Rows + row, M, N, bias, y);
     }
     __syncthreads();  // partial is rewritten by the next tile
   }
