@@ -781,29 +781,23 @@ constexpr int kRingStepK = 256;                              // k of one item
 constexpr int kRingCodeBytes = 16 * kRingStepK / 2;          // 16 rows x 128 bytes
 constexpr int kRingScaleBytes = 16 * 16;                     // see the stage layout above
 constexpr int kRingStageBytes = kRingCodeBytes + kRingScaleBytes;
-// The table: COPIES copies of 256 T2 words (32: a copy per lane, no bank conflict; 16: half the
-// bytes, lanes l and l + 16 share a copy). The launches use 32: in session 25's PDL decode the ring with
-// 16 copies was faster than with 32 (252-256 against 242 tok/s) but still behind factored_fill's 277
-// (decode_8b_ring_configs_h100.json), and without PDL 32 copies have no bank conflicts to lose.
-constexpr int kRingTableCopies = 32;
-template <int COPIES>
-constexpr int ring_table_bytes() {
-  return 256 * COPIES * 4;
-}
+// The ring kernels' table: 256 T2 words, a copy per lane (no bank conflict), 32 KB. (Session 25's PDL
+// decode ran the ring with 16 copies, half the bytes, at 252-256 tok/s against 242 with 32, both behind
+// factored_fill's 277: decode_8b_ring_configs_h100.json. That switch is gone; the copies are 32.)
+constexpr int kRingTableBytes = 256 * 32 * 4;
 
-template <int STAGES, int COPIES>
+template <int STAGES>
 constexpr int ring_shared_bytes() {
-  return ring_table_bytes<COPIES>() + kWarps * STAGES * kRingStageBytes;
+  return kRingTableBytes + kWarps * STAGES * kRingStageBytes;
 }
 
 #if QLORA_GEMV_MMA
 // The table word of byte `pos` of `word`, from the lane's copy (`lane_table`: its shared address;
-// byte b's COPIES copies lie at b * COPIES * 4).
-template <int COPIES>
+// byte b's 32 copies lie at b * 128).
 __device__ __forceinline__ uint32_t ring_lookup(uint32_t lane_table, uint32_t word, uint32_t pos) {
   const uint32_t byte = __byte_perm(word, 0u, 0x4440u | pos);  // byte pos alone, zeros above
   uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lane_table + byte * (COPIES * 4)));
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lane_table + byte * 128));
   return v;
 }
 
@@ -812,10 +806,10 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
 }
 
 // The ring kernels' tables, built by the CTA's 256 threads while their first items fly: the T2 table
-// (COPIES copies of byte b's word at table + b * COPIES * 4; thread b writes them in 16-byte stores,
+// (32 copies of byte b's word at table + b * 128; thread b writes them in 16-byte stores,
 // rotated so that a quarter-warp's stores spread over the bank groups), under double quantization the
 // nested code map. Returns the nested offset (0 for plain scales). Ends with the CTA's barrier.
-template <typename T, bool DQ, int COPIES>
+template <typename T, bool DQ>
 __device__ __forceinline__ float build_ring_tables(unsigned char* table, float* codes, float* nested_map,
                                                    const NF4Scales& scales, int tid) {
   load_nf4_codes(codes);
@@ -824,9 +818,9 @@ __device__ __forceinline__ float build_ring_tables(unsigned char* table, float* 
   __syncthreads();
   const T hi = Element<T>::from_float(codes[tid >> 4]), lo = Element<T>::from_float(codes[tid & 15]);
   const uint32_t word = bits_of(hi) | (bits_of(lo) << 16);  // the even element (high nibble) low
-  uint4* const copies = reinterpret_cast<uint4*>(table + tid * COPIES * 4);
+  uint4* const copies = reinterpret_cast<uint4*>(table + tid * 128);
 #pragma unroll
-  for (int q = 0; q < COPIES / 4; ++q) copies[(q + tid) & (COPIES / 4 - 1)] = make_uint4(word, word, word, word);
+  for (int q = 0; q < 8; ++q) copies[(q + tid) & 7] = make_uint4(word, word, word, word);
   __syncthreads();
   return offset;
 }
@@ -854,7 +848,7 @@ __device__ __forceinline__ void store_warp_sums(const float (&partial)[kWarps][k
 // this kernel stalling on the long scoreboard twice as long as the CuPy ring2_c3 (2.25 against 1.2 cycles
 // an issue); hoisted, M = 1 took 4-7% less time at the four shapes (nf4_gemv_ring_early_x_h100.json:
 // 7.70 / 16.58 / 16.21 / 51.21 -> 7.34 / 15.90 / 15.13 / 49.42 us).
-template <typename T, int STAGES, int CTAS, bool DQ, int COPIES>
+template <typename T, int STAGES, int CTAS, bool DQ>
 __global__ void __launch_bounds__(kThreads, CTAS)
 nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed, NF4Scales scales,
                      int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y) {
@@ -866,7 +860,7 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
   __shared__ float codes[16];
   uint32_t* const table = reinterpret_cast<uint32_t*>(ring_shared);
   unsigned char* const ring =
-      ring_shared + ring_table_bytes<COPIES>() + (threadIdx.x >> 5) * STAGES * kRingStageBytes;
+      ring_shared + kRingTableBytes + (threadIdx.x >> 5) * STAGES * kRingStageBytes;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int n_steps = int(K / kRingStepK);  // K < 2^31 * 256
@@ -933,12 +927,12 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) issue_next(s);  // in flight while the tables are built
 
-  const float offset = build_ring_tables<T, DQ, COPIES>(ring_shared, codes, nested_map, scales, tid);
+  const float offset = build_ring_tables<T, DQ>(ring_shared, codes, nested_map, scales, tid);
   // Everything above read weights and constants only; x (and y's memory) may belong to the
   // kernel before this one, which a programmatic launch overlaps up to here.
   dependency_wait();
 
-  const uint32_t lane_table = shared_address(table) + uint32_t(lane & (COPIES - 1)) * 4;
+  const uint32_t lane_table = shared_address(table) + uint32_t(lane) * 4;
   // B columns: lane (g, t) supplies column g at its own k; column 2m is x row m where t < 2 (block
   // 2h), column 2m + 1 x row m where t >= 2 (block 2h + 1), zero elsewhere.
   const int xm = g >> 1;
@@ -991,10 +985,10 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
           // A: code bytes 2j (k slots 2t, 2t + 1) and 2j + 1 (slots 2t + 8, 2t + 9) of rows g (a0, a2)
           // and g + 8 (a1, a3); B: the lane's x words 2j and 2j + 1 (the same k)
           const uint32_t wg = word_of(cg, j >> 1), wg8 = word_of(cg8, j >> 1), p0 = 2 * (j & 1);
-          const uint32_t a0 = ring_lookup<COPIES>(lane_table, wg, p0);
-          const uint32_t a1 = ring_lookup<COPIES>(lane_table, wg8, p0);
-          const uint32_t a2 = ring_lookup<COPIES>(lane_table, wg, p0 + 1);
-          const uint32_t a3 = ring_lookup<COPIES>(lane_table, wg8, p0 + 1);
+          const uint32_t a0 = ring_lookup(lane_table, wg, p0);
+          const uint32_t a1 = ring_lookup(lane_table, wg8, p0);
+          const uint32_t a2 = ring_lookup(lane_table, wg, p0 + 1);
+          const uint32_t a3 = ring_lookup(lane_table, wg8, p0 + 1);
           mma_16816(T{}, c, a0, a1, a2, a3, word_of(xv[j >> 1], (2 * j) & 3), word_of(xv[j >> 1], (2 * j + 1) & 3));
         }
         // block 4 step + 2h's scale is lane t = 2h's, block 4 step + 2h + 1's lane 2h + 1's
@@ -1051,13 +1045,12 @@ constexpr int kR32StepK = 128;
 constexpr int kR32CodeBytes = kR32Rows * kR32StepK / 2;  // 2 KB
 constexpr int kR32ScaleBytes = kR32Rows * 8;
 constexpr int kR32StageBytes = kR32CodeBytes + kR32ScaleBytes;
-constexpr int kR32TableBytes = 256 * 32 * 4;  // the ring's T2 table, a copy per lane
 constexpr int kR32PartialBytes = kWarps * kR32Rows * kMaxM * 4;
 constexpr int kRing32AutoMinM = kRingMaxM + 1;  // "auto": the ring up to kRingMaxM, ring32 above
 
 template <int STAGES>
 constexpr int ring32_shared_bytes() {
-  return kR32TableBytes + kWarps * STAGES * kR32StageBytes + kR32PartialBytes;
+  return kRingTableBytes + kWarps * STAGES * kR32StageBytes + kR32PartialBytes;
 }
 
 template <typename T, int STAGES, bool DQ>
@@ -1070,9 +1063,9 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
   __shared__ float nested_map[256];
   __shared__ float codes[16];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  unsigned char* const ring = ring32_shared + kR32TableBytes + warp * STAGES * kR32StageBytes;
+  unsigned char* const ring = ring32_shared + kRingTableBytes + warp * STAGES * kR32StageBytes;
   float(&partial)[kWarps][kR32Rows][kMaxM] = *reinterpret_cast<float(*)[kWarps][kR32Rows][kMaxM]>(
-      ring32_shared + kR32TableBytes + kWarps * STAGES * kR32StageBytes);
+      ring32_shared + kRingTableBytes + kWarps * STAGES * kR32StageBytes);
   const int n_steps = int(K / kR32StepK);  // K < 2^31 * 128
   const int64_t n_tiles = (N + kR32Rows - 1) / kR32Rows, blocks_per_row = K / 64;
   const uint32_t ring_address = shared_address(ring);
@@ -1113,7 +1106,7 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) issue_next(s);  // in flight while the tables are built
 
-  const float offset = build_ring_tables<T, DQ, 32>(ring32_shared, codes, nested_map, scales, tid);
+  const float offset = build_ring_tables<T, DQ>(ring32_shared, codes, nested_map, scales, tid);
   dependency_wait();  // x (and y's memory) may belong to the kernel before this one
 
   const uint32_t lane_table = shared_address(ring32_shared) + uint32_t(lane) * 4;
@@ -1184,8 +1177,8 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
             // A: bytes 2s (k slots 2t, 2t + 1) and 2s + 1 (2t + 8, 2t + 9) of the lane's 8, rows r0 (a0, a2),
             // r1 (a1, a3); B: x words 2s and 2s + 1 of the lane's 8 (the same k)
             const uint32_t w0 = s < 2 ? c0.x : c0.y, w1 = s < 2 ? c1.x : c1.y, p = 2 * (s & 1);
-            const uint32_t a0 = ring_lookup<32>(lane_table, w0, p), a1 = ring_lookup<32>(lane_table, w1, p);
-            const uint32_t a2 = ring_lookup<32>(lane_table, w0, p + 1), a3 = ring_lookup<32>(lane_table, w1, p + 1);
+            const uint32_t a0 = ring_lookup(lane_table, w0, p), a1 = ring_lookup(lane_table, w1, p);
+            const uint32_t a2 = ring_lookup(lane_table, w0, p + 1), a3 = ring_lookup(lane_table, w1, p + 1);
             const uint4& xa = s < 2 ? xa0 : xa1;
             const uint4& xb = s < 2 ? xb0 : xb1;
             mma_16816(T{}, c[0], a0, a1, a2, a3, word_of(xa, (2 * s) & 3), word_of(xa, (2 * s + 1) & 3));
@@ -1356,8 +1349,8 @@ template <typename T, int STAGES, int CTAS, bool DQ>
 cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
                              int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream,
                              bool programmatic, bool& launched) {
-  constexpr auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, kRingTableCopies>;
-  constexpr int kBytes = ring_shared_bytes<STAGES, kRingTableCopies>();
+  constexpr auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ>;
+  constexpr int kBytes = ring_shared_bytes<STAGES>();
   int ctas = 0;
   const cudaError_t status = persistent_ctas_per_sm<kernel, kBytes, CTAS>(ctas);
   launched = status == cudaSuccess && ctas > 0;
