@@ -130,3 +130,38 @@ def test_generate_is_the_same_with_and_without(monkeypatch):
     plain = qlora_ext.generate(model, prompt, max_new_tokens=12)
     assert torch.equal(with_pdl, plain)
     assert not ops.programmatic_launch_enabled()  # generate put the switch back
+
+
+@requires_cuda
+@pytest.mark.parametrize("variant", ["ring", "ring_xpf", "ring_xpf_s3"])
+def test_ring_gemv_reads_the_x_the_kernel_before_wrote(variant):
+    # The ring kernels read their weights before dependency_wait and x only after it ("ring_xpf" loads
+    # its first x right after the wait: ptxas hoisted an __ldg of it above the wait once). Each GEMV
+    # here reads the RMSNorm written right before it, and feeds the next norm; with programmatic launch
+    # every output must equal the plain launches' bit for bit. (The grouped and SwiGLU launches of
+    # Chain above never take the ring, whatever the variant.)
+    gen = torch.Generator().manual_seed(1)
+    D = 1024  # K % 256 == 0 (the ring's domain), 64 tiles
+    weight = qlora_ext.NF4Weight.from_float((torch.randn(D, D, generator=gen) * 0.05).cuda())
+    norm_weight = (1 + 0.1 * torch.randn(D, generator=gen)).cuda().to(torch.bfloat16)
+    x0 = torch.randn(1, D, generator=gen).cuda().to(torch.bfloat16)
+
+    def chain(pdl):
+        x, outputs = x0.clone(), []
+        with ops.programmatic_launch(pdl), torch.inference_mode():
+            for _ in range(8):
+                x = ops.nf4_gemv_weight(block_ops.rms_norm(x, norm_weight), weight)
+                outputs.append(x)
+        torch.cuda.synchronize()
+        return outputs
+
+    before = ops.nf4_gemv_variant()
+    ops.set_nf4_gemv_variant(variant)
+    try:
+        plain, with_pdl = chain(False), chain(True)
+    finally:
+        ops.set_nf4_gemv_variant(before)
+    assert len(plain) == len(with_pdl) == 8
+    assert not torch.equal(plain[0], plain[1])  # the steps differ, so a stale x would show
+    for step, (a, b) in enumerate(zip(with_pdl, plain)):
+        assert torch.equal(a, b), step

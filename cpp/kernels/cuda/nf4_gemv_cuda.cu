@@ -848,7 +848,7 @@ __device__ __forceinline__ void store_warp_sums(const float (&partial)[kWarps][k
 // this kernel stalling on the long scoreboard twice as long as the CuPy ring2_c3 (2.25 against 1.2 cycles
 // an issue); hoisted, M = 1 took 4-7% less time at the four shapes (nf4_gemv_ring_early_x_h100.json:
 // 7.70 / 16.58 / 16.21 / 51.21 -> 7.34 / 15.90 / 15.13 / 49.42 us).
-template <typename T, int STAGES, int CTAS, bool DQ>
+template <typename T, int STAGES, int CTAS, bool DQ, bool XPF>
 __global__ void __launch_bounds__(kThreads, CTAS)
 nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed, NF4Scales scales,
                      int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y) {
@@ -939,7 +939,31 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
   const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);
   const T* const x_lane = x + int64_t(x_loads ? xm : 0) * K + 32 * t;
   const int swizzle = (g & 1) * 64;  // rows g and g + 8 have the same parity
-  uint4 xv[4] = {};  // written only where x_loads: zero elsewhere for good
+  // x half h of step `step` (the lane's 32 k), where x_loads. XPF issues them as volatile asm: the
+  // compiler moves __ldg (an invariant load to it) freely, and placed the first item's above
+  // dependency_wait (a read of x before the kernel that writes it has finished) and the next ones
+  // below the ring wait they are meant to overlap; volatile asm keeps program order with both.
+  auto load_x = [&](uint4 (&dst)[4], int step, int h) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const T* const src = x_lane + int64_t(step) * kRingStepK + 128 * h + 8 * q;
+      if constexpr (XPF) {
+        asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(dst[q].x), "=r"(dst[q].y), "=r"(dst[q].z), "=r"(dst[q].w)
+                     : "l"(src));
+      } else {
+        dst[q] = __ldg(reinterpret_cast<const uint4*>(src));
+      }
+    }
+  };
+  uint4 xv[4] = {};  // written only where x_loads: zero elsewhere for good. XPF: half 0's, an item ahead
+  uint4 xh[4] = {};  // XPF: half 1's, an item ahead
+  if constexpr (XPF) {
+    if (x_loads && warp < n_steps) {  // the first item's, in flight beside its codes
+      load_x(xv, warp, 0);
+      load_x(xh, warp, 1);
+    }
+  }
   int slot = 0;
   for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
     float acc[2] = {0.0f, 0.0f};  // rows g and g + 8, x row t
@@ -950,9 +974,8 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
       // ran 47 us at 28672 x 8192, M = 1, this one with it 54).
       asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
       __syncwarp();  // every lane's copies of this item landed; every lane is done with the previous slot
-      if (x_loads) {  // h = 0's x: its L2 latency hides under the producer below
-#pragma unroll
-        for (int q = 0; q < 4; ++q) xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + int64_t(step) * kRingStepK + 8 * q));
+      if constexpr (!XPF) {
+        if (x_loads) load_x(xv, step, 0);  // h = 0's x: its L2 latency hides under the producer below
       }
       issue_next(slot == 0 ? STAGES - 1 : slot - 1);
       const unsigned char* const stage = ring + slot * kRingStageBytes;
@@ -973,12 +996,10 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
       for (int h = 0; h < 2; ++h) {
         const uint4 cg = *reinterpret_cast<const uint4*>(stage + g * 128 + ((16 * t + 64 * h) ^ swizzle));
         const uint4 cg8 = *reinterpret_cast<const uint4*>(stage + (g + 8) * 128 + ((16 * t + 64 * h) ^ swizzle));
-        if (x_loads && h == 1) {  // (h = 0's above)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + int64_t(step) * kRingStepK + 128 * h + 8 * q));
-          }
+        if constexpr (!XPF) {
+          if (x_loads && h == 1) load_x(xv, step, 1);  // (h = 0's above)
         }
+        const uint4(&xk)[4] = XPF && h == 1 ? xh : xv;
         float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -989,7 +1010,13 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
           const uint32_t a1 = ring_lookup(lane_table, wg8, p0);
           const uint32_t a2 = ring_lookup(lane_table, wg, p0 + 1);
           const uint32_t a3 = ring_lookup(lane_table, wg8, p0 + 1);
-          mma_16816(T{}, c, a0, a1, a2, a3, word_of(xv[j >> 1], (2 * j) & 3), word_of(xv[j >> 1], (2 * j + 1) & 3));
+          mma_16816(T{}, c, a0, a1, a2, a3, word_of(xk[j >> 1], (2 * j) & 3), word_of(xk[j >> 1], (2 * j + 1) & 3));
+        }
+        if constexpr (XPF) {
+          // half h's x of the warp's next item (the next tile's first step past this tile's last; a warp
+          // with no item left loads one it never uses), in flight under the rest of this item and the
+          // next ring wait. (Issued above that wait in the loop, ptxas moved them below it.)
+          if (x_loads) load_x(h == 0 ? xv : xh, step + kWarps < n_steps ? step + kWarps : warp, h);
         }
         // block 4 step + 2h's scale is lane t = 2h's, block 4 step + 2h + 1's lane 2h + 1's
         const int src = lane & ~3;
@@ -1345,11 +1372,11 @@ cudaError_t persistent_ctas_per_sm(int& ctas) {
 // `programmatic` false: a plain launch even where generation turned programmatic dependent launch on
 // (variant "ring_plain"), so that the persistent grid starts whole once the kernel before has ended
 // instead of CTA by CTA beside it.
-template <typename T, int STAGES, int CTAS, bool DQ>
+template <typename T, int STAGES, int CTAS, bool DQ, bool XPF>
 cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
                              int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream,
                              bool programmatic, bool& launched) {
-  constexpr auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ>;
+  constexpr auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, XPF>;
   constexpr int kBytes = ring_shared_bytes<STAGES>();
   int ctas = 0;
   const cudaError_t status = persistent_ctas_per_sm<kernel, kBytes, CTAS>(ctas);
@@ -1364,15 +1391,15 @@ cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4
                        N, K, bias, y);
 }
 
-template <typename T, int STAGES, int CTAS>
+template <typename T, int STAGES, int CTAS, bool XPF>
 cudaError_t launch_ring(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2, int64_t N,
                         int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool programmatic,
                         bool& launched) {
   if (scales.absmax == nullptr) {
-    return launch_ring_form<T, STAGES, CTAS, true>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
+    return launch_ring_form<T, STAGES, CTAS, true, XPF>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
                                                    programmatic, launched);
   }
-  return launch_ring_form<T, STAGES, CTAS, false>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
+  return launch_ring_form<T, STAGES, CTAS, false, XPF>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
                                                   programmatic, launched);
 }
 
@@ -1444,12 +1471,15 @@ enum GemvVariant : int {
   kVariantRingPlain,
   kVariantAuto,
   kVariantRing32,
+  kVariantRingXpf,
+  kVariantRingXpfS3,
   kVariantCount
 };
 constexpr const char* kVariantNames[] = {"mma",         "factored",      "factored_split", "factored_r2",
                                          "factored_r1", "factored_wide", "factored_o3",    "factored_o4",
                                          "factored_fill", "factored_lean", "factored_lean_wide", "ring",
-                                         "ring_plain",  "auto",          "ring32"};
+                                         "ring_plain",  "auto",          "ring32",         "ring_xpf",
+                                         "ring_xpf_s3"};
 static_assert(sizeof(kVariantNames) / sizeof(kVariantNames[0]) == kVariantCount, "a name for every variant");
 // "factored_fill": "factored" (faster than "mma" at every measured shape, nf4_gemv_variants_h100.json)
 // with one round of 3-CTA tiles where "factored" takes two rounds: 8B's grouped q/k/v 13.9 -> 12.0 us,
@@ -1610,19 +1640,24 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
             launch_ring32<T, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched);
         if (launched || ring32_status != cudaSuccess) return ring32_status;  // else: does not fit this device
       }
-      const bool ring_variant = variant == kVariantRing || variant == kVariantRingPlain || auto_rings;
+      const bool xpf = variant == kVariantRingXpf || variant == kVariantRingXpfS3;
+      const bool ring_variant = variant == kVariantRing || variant == kVariantRingPlain || auto_rings || xpf;
       if (ring_variant && ring_applies(m, K, blocksize, x, packed, scales)) {
         // 3 stages at 2 CTAs a SM for the large weights, 2 stages at 3 CTAs below: H100, M = 1
         // (gemv_ring_h100.json): 28672 x 8192 47.2 against 49.3 us, the three smaller shapes 6-10% the
         // other way (more CTAs fill the SMs where a CTA has few tiles)
         bool launched = false;
         const bool programmatic = variant != kVariantRingPlain;
-        const bool large = N * K >= (int64_t(1) << 27);
+        const bool large = N * K >= (int64_t(1) << 27) || variant == kVariantRingXpfS3;
         const cudaError_t ring_status =
-            large ? launch_ring<T, 3, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
-                                         programmatic, launched)
-                  : launch_ring<T, 2, 3>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
-                                         programmatic, launched);
+            xpf ? (large ? launch_ring<T, 3, 2, true>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count,
+                                                      stream, programmatic, launched)
+                         : launch_ring<T, 2, 3, true>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count,
+                                                      stream, programmatic, launched))
+            : large ? launch_ring<T, 3, 2, false>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count,
+                                                  stream, programmatic, launched)
+                    : launch_ring<T, 2, 3, false>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count,
+                                                  stream, programmatic, launched);
         if (launched || ring_status != cudaSuccess) return ring_status;  // else: does not fit this device
       }
       if (variant != kVariantMma) {
