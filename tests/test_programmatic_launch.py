@@ -133,7 +133,7 @@ def test_generate_is_the_same_with_and_without(monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("variant", ["ring", "ring_xpf", "ring_xpf_s3"])
+@pytest.mark.parametrize("variant", ["ring", "ring_xpf", "ring_xpf_s3", "ring32", "ring32_xpf"])
 def test_ring_gemv_reads_the_x_the_kernel_before_wrote(variant):
     # The ring kernels read their weights before dependency_wait and x only after it ("ring_xpf" loads
     # its first x right after the wait: ptxas hoisted an __ldg of it above the wait once). Each GEMV

@@ -420,15 +420,18 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum "$PY" benchmarks/gpu_checks/ncu_bandwidth.py
       ;;
     ring_xpf)
-      # session 26: the ring with x one item ahead (variants ring_xpf, ring_xpf_s3 = 3 stages at every size): the GEMV
-      # tests of every ring variant and auto, the PDL chains, memcheck on ring_xpf, the A/B at M = 1, 2, 4
+      # session 26: the rings with x one item ahead (variants ring_xpf, ring_xpf_s3 = 3 stages at every size, ring32_xpf):
+      # the GEMV tests of every ring variant and auto, the PDL chains, memcheck on both, the A/B at M = 1, 2, 4 and 5, 8, 16
       STEP_TIMEOUT=150 TAIL=3 step ring_xpf_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
         tests/test_programmatic_launch.py -k "cuda-ring or ring_large or cuda-auto or auto_takes or variant_switch or chain \
         or reads_the_x or generate"
       STEP_TIMEOUT=120 TAIL=3 step ring_xpf_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest \
-        -q -p no:cacheprovider -m "not not_under_sanitizer" tests/test_nf4_gemv.py -k "cuda-ring_xpf and (many_tiles or block_sizes)"
+        -q -p no:cacheprovider -m "not not_under_sanitizer" tests/test_nf4_gemv.py \
+        -k "(cuda-ring_xpf or cuda-ring32_xpf) and (many_tiles or block_sizes)"
       STEP_TIMEOUT=150 step ring_xpf_ab "$PY" benchmarks/bench_nf4_linear.py --variants auto,ring_xpf,ring_xpf_s3 \
         --m 1 2 4 --out "$OUT/nf4_gemv_ring_xpf_${GPU_TAG:-h100}.json"
+      STEP_TIMEOUT=150 step ring32_xpf_ab "$PY" benchmarks/bench_nf4_linear.py --variants auto,ring32_xpf \
+        --m 5 8 16 --out "$OUT/nf4_gemv_ring32_xpf_${GPU_TAG:-h100}.json"
       ;;
     auto_rings)
       # session 25: "auto" with the ring's x loads hoisted (ring_early_x, the only order now) and ring32 at

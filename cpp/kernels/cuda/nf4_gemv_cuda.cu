@@ -805,6 +805,17 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// A 16-byte load of x that keeps its place in program order. The compiler and ptxas move __ldg (an
+// invariant load to them) freely: they placed a ring's first x load above dependency_wait (a read of x
+// before the kernel that writes it has finished) and loads meant to overlap a ring wait below it. A
+// coherent load in volatile asm stays after dependency_wait; ptxas still sinks it below a
+// cp.async.wait_group that follows it in the same block, so prefetches sit at the end of an item.
+__device__ __forceinline__ uint4 load_x_ordered(const void* src) {
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src));
+  return v;
+}
+
 // The ring kernels' tables, built by the CTA's 256 threads while their first items fly: the T2 table
 // (32 copies of byte b's word at table + b * 128; thread b writes them in 16-byte stores,
 // rotated so that a quarter-warp's stores spread over the bank groups), under double quantization the
@@ -939,21 +950,12 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
   const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);
   const T* const x_lane = x + int64_t(x_loads ? xm : 0) * K + 32 * t;
   const int swizzle = (g & 1) * 64;  // rows g and g + 8 have the same parity
-  // x half h of step `step` (the lane's 32 k), where x_loads. XPF issues them as volatile asm: the
-  // compiler moves __ldg (an invariant load to it) freely, and placed the first item's above
-  // dependency_wait (a read of x before the kernel that writes it has finished) and the next ones
-  // below the ring wait they are meant to overlap; volatile asm keeps program order with both.
+  // x half h of step `step` (the lane's 32 k), where x_loads (XPF: load_x_ordered, see there)
   auto load_x = [&](uint4 (&dst)[4], int step, int h) {
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const T* const src = x_lane + int64_t(step) * kRingStepK + 128 * h + 8 * q;
-      if constexpr (XPF) {
-        asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(dst[q].x), "=r"(dst[q].y), "=r"(dst[q].z), "=r"(dst[q].w)
-                     : "l"(src));
-      } else {
-        dst[q] = __ldg(reinterpret_cast<const uint4*>(src));
-      }
+      dst[q] = XPF ? load_x_ordered(src) : __ldg(reinterpret_cast<const uint4*>(src));
     }
   };
   uint4 xv[4] = {};  // written only where x_loads: zero elsewhere for good. XPF: half 0's, an item ahead
@@ -1080,7 +1082,7 @@ constexpr int ring32_shared_bytes() {
   return kRingTableBytes + kWarps * STAGES * kR32StageBytes + kR32PartialBytes;
 }
 
-template <typename T, int STAGES, bool DQ>
+template <typename T, int STAGES, bool DQ, bool XPF>
 __global__ void __launch_bounds__(kThreads, 2)
 nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed, NF4Scales scales,
                        int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y) {
@@ -1142,6 +1144,25 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
   const T* const x_row0 = x + int64_t(x0 ? g : 0) * K + 16 * t;
   const T* const x_row1 = x + int64_t(x1 ? g + 8 : 0) * K + 16 * t;
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  // XPF: both blocks' x of the warp's next item ([block][xa0, xa1, xb0, xb1]), zero for rows >= M
+  uint4 xnext[2][4] = {};
+  auto prefetch_x = [&](int step, int bb) {
+    const int64_t k0 = int64_t(step) * kR32StepK + 64 * bb;
+    if (x0) {
+      xnext[bb][0] = load_x_ordered(x_row0 + k0);
+      xnext[bb][1] = load_x_ordered(x_row0 + k0 + 8);
+    }
+    if (x1) {
+      xnext[bb][2] = load_x_ordered(x_row1 + k0);
+      xnext[bb][3] = load_x_ordered(x_row1 + k0 + 8);
+    }
+  };
+  if constexpr (XPF) {
+    if (warp < n_steps) {
+      prefetch_x(warp, 0);
+      prefetch_x(warp, 1);
+    }
+  }
   int slot = 0;
   for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
     float acc[2][2][4] = {};  // [row group q (rows 16q + g, + 8)][n8][C fragment]
@@ -1150,10 +1171,13 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
       asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));  // (no "memory" clobber: see the ring)
       __syncwarp();  // every lane's copies of this item landed; every lane is done with the previous slot
       // block 2 step's x before the producer's branches (as the ring does: its L2 latency hides under them)
-      uint4 xa0 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + int64_t(step) * kR32StepK)) : zero;
-      uint4 xa1 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + int64_t(step) * kR32StepK + 8)) : zero;
-      uint4 xb0 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + int64_t(step) * kR32StepK)) : zero;
-      uint4 xb1 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + int64_t(step) * kR32StepK + 8)) : zero;
+      uint4 xa0 = zero, xa1 = zero, xb0 = zero, xb1 = zero;
+      if constexpr (!XPF) {
+        xa0 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + int64_t(step) * kR32StepK)) : zero;
+        xa1 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + int64_t(step) * kR32StepK + 8)) : zero;
+        xb0 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + int64_t(step) * kR32StepK)) : zero;
+        xb1 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + int64_t(step) * kR32StepK + 8)) : zero;
+      }
       issue_next(slot == 0 ? STAGES - 1 : slot - 1);
       const unsigned char* const stage = ring + slot * kR32StageBytes;
       // The block scales of the lane's rows 16q + g + 8r, blocks 2 step + bb. Under double quantization a
@@ -1185,7 +1209,12 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
       }
 #pragma unroll
       for (int bb = 0; bb < 2; ++bb) {
-        if (bb == 1) {  // block 2 step + 1's x (block 2 step's: above)
+        if constexpr (XPF) {  // loaded an item ahead
+          xa0 = xnext[bb][0];
+          xa1 = xnext[bb][1];
+          xb0 = xnext[bb][2];
+          xb1 = xnext[bb][3];
+        } else if (bb == 1) {  // block 2 step + 1's x (block 2 step's: above)
           const int64_t k0 = int64_t(step) * kR32StepK + 64;
           xa0 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + k0)) : zero;
           xa1 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + k0 + 8)) : zero;
@@ -1218,6 +1247,9 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
             acc[q][n][2] = fmaf(sc[q][1][bb], c[n][2], acc[q][n][2]);
             acc[q][n][3] = fmaf(sc[q][1][bb], c[n][3], acc[q][n][3]);
           }
+        }
+        if constexpr (XPF) {  // this block's x of the warp's next item (as the ring's, a warp with none left loads one)
+          prefetch_x(step + kWarps < n_steps ? step + kWarps : warp, bb);
         }
       }
       slot = slot == STAGES - 1 ? 0 : slot + 1;
@@ -1404,11 +1436,11 @@ cudaError_t launch_ring(const T* x, int M, const uint8_t* packed, const NF4Scale
 }
 
 // The ring32 kernel for one scale form at STAGES, or `launched` false where it does not fit this device.
-template <typename T, int STAGES, bool DQ>
+template <typename T, int STAGES, bool DQ, bool XPF>
 cudaError_t launch_ring32_form(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
                                int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream,
                                bool& launched) {
-  constexpr auto kernel = nf4_gemv_ring32_kernel<T, STAGES, DQ>;
+  constexpr auto kernel = nf4_gemv_ring32_kernel<T, STAGES, DQ, XPF>;
   constexpr int kBytes = ring32_shared_bytes<STAGES>();
   int ctas = 0;
   const cudaError_t status = persistent_ctas_per_sm<kernel, kBytes, 2>(ctas);
@@ -1419,14 +1451,14 @@ cudaError_t launch_ring32_form(const T* x, int M, const uint8_t* packed, const N
                        N, K, bias, y);
 }
 
-template <typename T, int STAGES>
+template <typename T, int STAGES, bool XPF>
 cudaError_t launch_ring32(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
                           int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool& launched) {
   if (scales.absmax == nullptr) {
-    return launch_ring32_form<T, STAGES, true>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
+    return launch_ring32_form<T, STAGES, true, XPF>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
                                                launched);
   }
-  return launch_ring32_form<T, STAGES, false>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
+  return launch_ring32_form<T, STAGES, false, XPF>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
                                               launched);
 }
 
@@ -1473,13 +1505,14 @@ enum GemvVariant : int {
   kVariantRing32,
   kVariantRingXpf,
   kVariantRingXpfS3,
+  kVariantRing32Xpf,
   kVariantCount
 };
 constexpr const char* kVariantNames[] = {"mma",         "factored",      "factored_split", "factored_r2",
                                          "factored_r1", "factored_wide", "factored_o3",    "factored_o4",
                                          "factored_fill", "factored_lean", "factored_lean_wide", "ring",
                                          "ring_plain",  "auto",          "ring32",         "ring_xpf",
-                                         "ring_xpf_s3"};
+                                         "ring_xpf_s3", "ring32_xpf"};
 static_assert(sizeof(kVariantNames) / sizeof(kVariantNames[0]) == kVariantCount, "a name for every variant");
 // "factored_fill": "factored" (faster than "mma" at every measured shape, nf4_gemv_variants_h100.json)
 // with one round of 3-CTA tiles where "factored" takes two rounds: 8B's grouped q/k/v 13.9 -> 12.0 us,
@@ -1630,14 +1663,18 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
       // Without programmatic dependent launch "auto" takes the ring at M <= 4 and ring32 at 5 <= M <= 16;
       // with it (qlora_ext.generate's decode), factored_fill's kernels (see kVariantNames)
       const bool auto_rings = variant == kVariantAuto && !programmatic_launch_enabled();
-      if ((variant == kVariantRing32 || (auto_rings && m >= kRing32AutoMinM)) &&
+      if ((variant == kVariantRing32 || variant == kVariantRing32Xpf || (auto_rings && m >= kRing32AutoMinM)) &&
           ring32_applies(m, N, K, blocksize, x, packed, scales)) {
         // 2 stages at 2 CTAs a SM. 4 stages where the tiles fit one round at one CTA a SM anyway (N <= 32 SMs)
         // were 0-5% slower at the 4096-row shapes (session 25, nf4_gemv_ring32_stages_h100.json): bytes in
         // flight are not what holds those back, more likely 8 warps a SM too few to hide the consumer's latencies
         bool launched = false;
         const cudaError_t ring32_status =
-            launch_ring32<T, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched);
+            variant == kVariantRing32Xpf
+                ? launch_ring32<T, 2, true>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
+                                            launched)
+                : launch_ring32<T, 2, false>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
+                                             launched);
         if (launched || ring32_status != cudaSuccess) return ring32_status;  // else: does not fit this device
       }
       const bool xpf = variant == kVariantRingXpf || variant == kVariantRingXpfS3;
