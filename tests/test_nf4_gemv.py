@@ -153,11 +153,10 @@ def test_many_tiles(device, variant, M, K, use_variant):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double_quant"])
 @pytest.mark.parametrize("M", [1, 4])
-@pytest.mark.parametrize("variant", ["ring", "ring_xpf"])
-def test_ring_large_weight(dtype, double_quant, M, variant, use_variant):
+def test_ring_large_weight(dtype, double_quant, M, use_variant):
     # N * K >= 2^27 takes the ring kernel's 3-stage, 2-CTA configuration (the smaller weights above
     # its 2-stage, 3-CTA one); N % 16 != 0 and many tiles a CTA
-    use_variant(variant)
+    use_variant("ring")
     x, weight, bias = make_case("cuda", dtype, M, 16400, 8192, double_quant=double_quant)
     assert_close_to_reference(gemv(x, weight, bias), x, weight, bias)
 
@@ -300,9 +299,6 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         "ring_plain": "nf4_gemv_ring_kernel",
         "auto": "nf4_gemv_ring_kernel",  # (programmatic launch is off here; M = 3)
         "ring32": "nf4_gemv_ring32_kernel",
-        "ring_xpf": "nf4_gemv_ring_kernel",
-        "ring_xpf_s3": "nf4_gemv_ring_kernel",
-        "ring32_xpf": "nf4_gemv_ring32_kernel",
     }.get(variant, "nf4_gemv_factored_kernel")
     for K, kernel in [(4096, expected), (4096 + 32, "nf4_gemv_mma_kernel")]:
         x, weight, bias = make_case("cuda", torch.bfloat16, 3, 64, K)
@@ -324,12 +320,12 @@ def test_cuda_variant_switch_launches_its_kernel(variant, use_variant):
         }.get(variant)
         if flags and kernel == expected:
             assert any(flags[0] in n or flags[1] in n for n in names), names
-    if variant in ("ring", "ring_plain", "auto", "ring32", "ring_xpf", "ring_xpf_s3", "ring32_xpf"):
+    if variant in ("ring", "ring_plain", "auto", "ring32"):
         # outside its domain (the ring: M > 4, blocksize 128, K % 256 != 0; ring32: blocksize 128, K % 128 != 0,
         # and double-quantized block codes whose last 4-byte word would end past the array, N K / 64 % 4 == 2;
         # auto: the ring's domain at M <= 4, ring32's at M >= 5): factored_fill's kernel
         outside = [(1, 64, 4096, 128), (1, 64, 4096 + 64, 64)]
-        outside += {"ring32": [(1, 63, 128, 64)], "ring32_xpf": [(1, 63, 128, 64)], "auto": [(5, 64, 4096, 128), (5, 63, 128, 64)]}.get(
+        outside += {"ring32": [(1, 63, 128, 64)], "auto": [(5, 64, 4096, 128), (5, 63, 128, 64)]}.get(
             variant, [(5, 64, 4096, 64)]
         )
         for M, N, K, blocksize in outside:

@@ -806,10 +806,10 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
 }
 
 // A 16-byte load of x that keeps its place in program order. The compiler and ptxas move __ldg (an
-// invariant load to them) freely: they placed a ring's first x load above dependency_wait (a read of x
-// before the kernel that writes it has finished) and loads meant to overlap a ring wait below it. A
-// coherent load in volatile asm stays after dependency_wait; ptxas still sinks it below a
-// cp.async.wait_group that follows it in the same block, so prefetches sit at the end of an item.
+// invariant load to them) freely: in session 26 they placed an x prefetch above dependency_wait (a read
+// of x before the kernel that writes it has finished) and loads meant to overlap a ring wait below it.
+// A coherent load in volatile asm stays after dependency_wait; ptxas still sinks it below a
+// cp.async.wait_group that follows it in the same block, so ring32's prefetches sit at an item's end.
 __device__ __forceinline__ uint4 load_x_ordered(const void* src) {
   uint4 v;
   asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src));
@@ -859,7 +859,7 @@ __device__ __forceinline__ void store_warp_sums(const float (&partial)[kWarps][k
 // this kernel stalling on the long scoreboard twice as long as the CuPy ring2_c3 (2.25 against 1.2 cycles
 // an issue); hoisted, M = 1 took 4-7% less time at the four shapes (nf4_gemv_ring_early_x_h100.json:
 // 7.70 / 16.58 / 16.21 / 51.21 -> 7.34 / 15.90 / 15.13 / 49.42 us).
-template <typename T, int STAGES, int CTAS, bool DQ, bool XPF>
+template <typename T, int STAGES, int CTAS, bool DQ>
 __global__ void __launch_bounds__(kThreads, CTAS)
 nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed, NF4Scales scales,
                      int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y) {
@@ -950,22 +950,7 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
   const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);
   const T* const x_lane = x + int64_t(x_loads ? xm : 0) * K + 32 * t;
   const int swizzle = (g & 1) * 64;  // rows g and g + 8 have the same parity
-  // x half h of step `step` (the lane's 32 k), where x_loads (XPF: load_x_ordered, see there)
-  auto load_x = [&](uint4 (&dst)[4], int step, int h) {
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const T* const src = x_lane + int64_t(step) * kRingStepK + 128 * h + 8 * q;
-      dst[q] = XPF ? load_x_ordered(src) : __ldg(reinterpret_cast<const uint4*>(src));
-    }
-  };
-  uint4 xv[4] = {};  // written only where x_loads: zero elsewhere for good. XPF: half 0's, an item ahead
-  uint4 xh[4] = {};  // XPF: half 1's, an item ahead
-  if constexpr (XPF) {
-    if (x_loads && warp < n_steps) {  // the first item's, in flight beside its codes
-      load_x(xv, warp, 0);
-      load_x(xh, warp, 1);
-    }
-  }
+  uint4 xv[4] = {};  // written only where x_loads: zero elsewhere for good
   int slot = 0;
   for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
     float acc[2] = {0.0f, 0.0f};  // rows g and g + 8, x row t
@@ -976,8 +961,9 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
       // ran 47 us at 28672 x 8192, M = 1, this one with it 54).
       asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
       __syncwarp();  // every lane's copies of this item landed; every lane is done with the previous slot
-      if constexpr (!XPF) {
-        if (x_loads) load_x(xv, step, 0);  // h = 0's x: its L2 latency hides under the producer below
+      if (x_loads) {  // h = 0's x: its L2 latency hides under the producer below
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + int64_t(step) * kRingStepK + 8 * q));
       }
       issue_next(slot == 0 ? STAGES - 1 : slot - 1);
       const unsigned char* const stage = ring + slot * kRingStageBytes;
@@ -998,10 +984,12 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
       for (int h = 0; h < 2; ++h) {
         const uint4 cg = *reinterpret_cast<const uint4*>(stage + g * 128 + ((16 * t + 64 * h) ^ swizzle));
         const uint4 cg8 = *reinterpret_cast<const uint4*>(stage + (g + 8) * 128 + ((16 * t + 64 * h) ^ swizzle));
-        if constexpr (!XPF) {
-          if (x_loads && h == 1) load_x(xv, step, 1);  // (h = 0's above)
+        if (x_loads && h == 1) {  // (h = 0's above)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            xv[q] = __ldg(reinterpret_cast<const uint4*>(x_lane + int64_t(step) * kRingStepK + 128 * h + 8 * q));
+          }
         }
-        const uint4(&xk)[4] = XPF && h == 1 ? xh : xv;
         float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -1012,13 +1000,7 @@ nf4_gemv_ring_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__
           const uint32_t a1 = ring_lookup(lane_table, wg8, p0);
           const uint32_t a2 = ring_lookup(lane_table, wg, p0 + 1);
           const uint32_t a3 = ring_lookup(lane_table, wg8, p0 + 1);
-          mma_16816(T{}, c, a0, a1, a2, a3, word_of(xk[j >> 1], (2 * j) & 3), word_of(xk[j >> 1], (2 * j + 1) & 3));
-        }
-        if constexpr (XPF) {
-          // half h's x of the warp's next item (the next tile's first step past this tile's last; a warp
-          // with no item left loads one it never uses), in flight under the rest of this item and the
-          // next ring wait. (Issued above that wait in the loop, ptxas moved them below it.)
-          if (x_loads) load_x(h == 0 ? xv : xh, step + kWarps < n_steps ? step + kWarps : warp, h);
+          mma_16816(T{}, c, a0, a1, a2, a3, word_of(xv[j >> 1], (2 * j) & 3), word_of(xv[j >> 1], (2 * j + 1) & 3));
         }
         // block 4 step + 2h's scale is lane t = 2h's, block 4 step + 2h + 1's lane 2h + 1's
         const int src = lane & ~3;
@@ -1082,7 +1064,7 @@ constexpr int ring32_shared_bytes() {
   return kRingTableBytes + kWarps * STAGES * kR32StageBytes + kR32PartialBytes;
 }
 
-template <typename T, int STAGES, bool DQ, bool XPF>
+template <typename T, int STAGES, bool DQ>
 __global__ void __launch_bounds__(kThreads, 2)
 nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict__ packed, NF4Scales scales,
                        int nested_log2, int64_t N, int64_t K, const T* __restrict__ bias, T* __restrict__ y) {
@@ -1143,8 +1125,10 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
   const bool x0 = g < M, x1 = g + 8 < M;
   const T* const x_row0 = x + int64_t(x0 ? g : 0) * K + 16 * t;
   const T* const x_row1 = x + int64_t(x1 ? g + 8 : 0) * K + 16 * t;
-  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-  // XPF: both blocks' x of the warp's next item ([block][xa0, xa1, xb0, xb1]), zero for rows >= M
+  // x one item ahead: both blocks' B words of the warp's next item ([block][xa0, xa1, xb0, xb1]; rows >= M
+  // stay zero). Loaded after the first item's wait they left the consumer stalled on their L2 latency;
+  // one item ahead, at 5 <= M <= 16, it took 4-16% less time at the four shapes (session 26, H200,
+  // nf4_gemv_ring32_xpf_h200.json; variant "ring32_xpf", the only form since). In 128 registers, no spills.
   uint4 xnext[2][4] = {};
   auto prefetch_x = [&](int step, int bb) {
     const int64_t k0 = int64_t(step) * kR32StepK + 64 * bb;
@@ -1157,11 +1141,9 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
       xnext[bb][3] = load_x_ordered(x_row1 + k0 + 8);
     }
   };
-  if constexpr (XPF) {
-    if (warp < n_steps) {
-      prefetch_x(warp, 0);
-      prefetch_x(warp, 1);
-    }
+  if (warp < n_steps) {  // the first item's, in flight beside its codes
+    prefetch_x(warp, 0);
+    prefetch_x(warp, 1);
   }
   int slot = 0;
   for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
@@ -1170,14 +1152,6 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
     for (int step = warp; step < n_steps; step += kWarps) {
       asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));  // (no "memory" clobber: see the ring)
       __syncwarp();  // every lane's copies of this item landed; every lane is done with the previous slot
-      // block 2 step's x before the producer's branches (as the ring does: its L2 latency hides under them)
-      uint4 xa0 = zero, xa1 = zero, xb0 = zero, xb1 = zero;
-      if constexpr (!XPF) {
-        xa0 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + int64_t(step) * kR32StepK)) : zero;
-        xa1 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + int64_t(step) * kR32StepK + 8)) : zero;
-        xb0 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + int64_t(step) * kR32StepK)) : zero;
-        xb1 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + int64_t(step) * kR32StepK + 8)) : zero;
-      }
       issue_next(slot == 0 ? STAGES - 1 : slot - 1);
       const unsigned char* const stage = ring + slot * kR32StageBytes;
       // The block scales of the lane's rows 16q + g + 8r, blocks 2 step + bb. Under double quantization a
@@ -1209,18 +1183,7 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
       }
 #pragma unroll
       for (int bb = 0; bb < 2; ++bb) {
-        if constexpr (XPF) {  // loaded an item ahead
-          xa0 = xnext[bb][0];
-          xa1 = xnext[bb][1];
-          xb0 = xnext[bb][2];
-          xb1 = xnext[bb][3];
-        } else if (bb == 1) {  // block 2 step + 1's x (block 2 step's: above)
-          const int64_t k0 = int64_t(step) * kR32StepK + 64;
-          xa0 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + k0)) : zero;
-          xa1 = x0 ? __ldg(reinterpret_cast<const uint4*>(x_row0 + k0 + 8)) : zero;
-          xb0 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + k0)) : zero;
-          xb1 = x1 ? __ldg(reinterpret_cast<const uint4*>(x_row1 + k0 + 8)) : zero;
-        }
+        const uint4 xa0 = xnext[bb][0], xa1 = xnext[bb][1], xb0 = xnext[bb][2], xb1 = xnext[bb][3];
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
           const int r0 = 16 * q + g, r1 = r0 + 8;  // (r >> 1) & 1 is g's for both
@@ -1248,9 +1211,9 @@ nf4_gemv_ring32_kernel(const T* __restrict__ x, int M, const uint8_t* __restrict
             acc[q][n][3] = fmaf(sc[q][1][bb], c[n][3], acc[q][n][3]);
           }
         }
-        if constexpr (XPF) {  // this block's x of the warp's next item (as the ring's, a warp with none left loads one)
-          prefetch_x(step + kWarps < n_steps ? step + kWarps : warp, bb);
-        }
+        // this block's x of the warp's next item (the next tile's first step past this tile's last; a warp
+        // with no item left loads one it never uses)
+        prefetch_x(step + kWarps < n_steps ? step + kWarps : warp, bb);
       }
       slot = slot == STAGES - 1 ? 0 : slot + 1;
     }
@@ -1404,11 +1367,11 @@ cudaError_t persistent_ctas_per_sm(int& ctas) {
 // `programmatic` false: a plain launch even where generation turned programmatic dependent launch on
 // (variant "ring_plain"), so that the persistent grid starts whole once the kernel before has ended
 // instead of CTA by CTA beside it.
-template <typename T, int STAGES, int CTAS, bool DQ, bool XPF>
+template <typename T, int STAGES, int CTAS, bool DQ>
 cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
                              int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream,
                              bool programmatic, bool& launched) {
-  constexpr auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ, XPF>;
+  constexpr auto kernel = nf4_gemv_ring_kernel<T, STAGES, CTAS, DQ>;
   constexpr int kBytes = ring_shared_bytes<STAGES>();
   int ctas = 0;
   const cudaError_t status = persistent_ctas_per_sm<kernel, kBytes, CTAS>(ctas);
@@ -1423,24 +1386,24 @@ cudaError_t launch_ring_form(const T* x, int M, const uint8_t* packed, const NF4
                        N, K, bias, y);
 }
 
-template <typename T, int STAGES, int CTAS, bool XPF>
+template <typename T, int STAGES, int CTAS>
 cudaError_t launch_ring(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2, int64_t N,
                         int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool programmatic,
                         bool& launched) {
   if (scales.absmax == nullptr) {
-    return launch_ring_form<T, STAGES, CTAS, true, XPF>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
+    return launch_ring_form<T, STAGES, CTAS, true>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
                                                    programmatic, launched);
   }
-  return launch_ring_form<T, STAGES, CTAS, false, XPF>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
+  return launch_ring_form<T, STAGES, CTAS, false>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
                                                   programmatic, launched);
 }
 
 // The ring32 kernel for one scale form at STAGES, or `launched` false where it does not fit this device.
-template <typename T, int STAGES, bool DQ, bool XPF>
+template <typename T, int STAGES, bool DQ>
 cudaError_t launch_ring32_form(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
                                int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream,
                                bool& launched) {
-  constexpr auto kernel = nf4_gemv_ring32_kernel<T, STAGES, DQ, XPF>;
+  constexpr auto kernel = nf4_gemv_ring32_kernel<T, STAGES, DQ>;
   constexpr int kBytes = ring32_shared_bytes<STAGES>();
   int ctas = 0;
   const cudaError_t status = persistent_ctas_per_sm<kernel, kBytes, 2>(ctas);
@@ -1451,14 +1414,14 @@ cudaError_t launch_ring32_form(const T* x, int M, const uint8_t* packed, const N
                        N, K, bias, y);
 }
 
-template <typename T, int STAGES, bool XPF>
+template <typename T, int STAGES>
 cudaError_t launch_ring32(const T* x, int M, const uint8_t* packed, const NF4Scales& scales, int nested_log2,
                           int64_t N, int64_t K, const T* bias, T* y, int sm_count, cudaStream_t stream, bool& launched) {
   if (scales.absmax == nullptr) {
-    return launch_ring32_form<T, STAGES, true, XPF>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
+    return launch_ring32_form<T, STAGES, true>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
                                                launched);
   }
-  return launch_ring32_form<T, STAGES, false, XPF>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
+  return launch_ring32_form<T, STAGES, false>(x, M, packed, scales, nested_log2, N, K, bias, y, sm_count, stream,
                                               launched);
 }
 
@@ -1503,16 +1466,12 @@ enum GemvVariant : int {
   kVariantRingPlain,
   kVariantAuto,
   kVariantRing32,
-  kVariantRingXpf,
-  kVariantRingXpfS3,
-  kVariantRing32Xpf,
   kVariantCount
 };
 constexpr const char* kVariantNames[] = {"mma",         "factored",      "factored_split", "factored_r2",
                                          "factored_r1", "factored_wide", "factored_o3",    "factored_o4",
                                          "factored_fill", "factored_lean", "factored_lean_wide", "ring",
-                                         "ring_plain",  "auto",          "ring32",         "ring_xpf",
-                                         "ring_xpf_s3", "ring32_xpf"};
+                                         "ring_plain",  "auto",          "ring32"};
 static_assert(sizeof(kVariantNames) / sizeof(kVariantNames[0]) == kVariantCount, "a name for every variant");
 // "factored_fill": "factored" (faster than "mma" at every measured shape, nf4_gemv_variants_h100.json)
 // with one round of 3-CTA tiles where "factored" takes two rounds: 8B's grouped q/k/v 13.9 -> 12.0 us,
@@ -1663,38 +1622,29 @@ cudaError_t nf4_gemv_cuda(const void* x, FloatType type, int64_t M, int64_t K,
       // Without programmatic dependent launch "auto" takes the ring at M <= 4 and ring32 at 5 <= M <= 16;
       // with it (qlora_ext.generate's decode), factored_fill's kernels (see kVariantNames)
       const bool auto_rings = variant == kVariantAuto && !programmatic_launch_enabled();
-      if ((variant == kVariantRing32 || variant == kVariantRing32Xpf || (auto_rings && m >= kRing32AutoMinM)) &&
+      if ((variant == kVariantRing32 || (auto_rings && m >= kRing32AutoMinM)) &&
           ring32_applies(m, N, K, blocksize, x, packed, scales)) {
         // 2 stages at 2 CTAs a SM. 4 stages where the tiles fit one round at one CTA a SM anyway (N <= 32 SMs)
         // were 0-5% slower at the 4096-row shapes (session 25, nf4_gemv_ring32_stages_h100.json): bytes in
         // flight are not what holds those back, more likely 8 warps a SM too few to hide the consumer's latencies
         bool launched = false;
         const cudaError_t ring32_status =
-            variant == kVariantRing32Xpf
-                ? launch_ring32<T, 2, true>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
-                                            launched)
-                : launch_ring32<T, 2, false>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
-                                             launched);
+            launch_ring32<T, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream, launched);
         if (launched || ring32_status != cudaSuccess) return ring32_status;  // else: does not fit this device
       }
-      const bool xpf = variant == kVariantRingXpf || variant == kVariantRingXpfS3;
-      const bool ring_variant = variant == kVariantRing || variant == kVariantRingPlain || auto_rings || xpf;
+      const bool ring_variant = variant == kVariantRing || variant == kVariantRingPlain || auto_rings;
       if (ring_variant && ring_applies(m, K, blocksize, x, packed, scales)) {
         // 3 stages at 2 CTAs a SM for the large weights, 2 stages at 3 CTAs below: H100, M = 1
         // (gemv_ring_h100.json): 28672 x 8192 47.2 against 49.3 us, the three smaller shapes 6-10% the
         // other way (more CTAs fill the SMs where a CTA has few tiles)
         bool launched = false;
         const bool programmatic = variant != kVariantRingPlain;
-        const bool large = N * K >= (int64_t(1) << 27) || variant == kVariantRingXpfS3;
+        const bool large = N * K >= (int64_t(1) << 27);
         const cudaError_t ring_status =
-            xpf ? (large ? launch_ring<T, 3, 2, true>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count,
-                                                      stream, programmatic, launched)
-                         : launch_ring<T, 2, 3, true>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count,
-                                                      stream, programmatic, launched))
-            : large ? launch_ring<T, 3, 2, false>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count,
-                                                  stream, programmatic, launched)
-                    : launch_ring<T, 2, 3, false>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count,
-                                                  stream, programmatic, launched);
+            large ? launch_ring<T, 3, 2>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
+                                         programmatic, launched)
+                  : launch_ring<T, 2, 3>(xt, m, packed, scales, nested_log2, N, K, bt, yt, facts.sm_count, stream,
+                                         programmatic, launched);
         if (launched || ring_status != cudaSuccess) return ring_status;  // else: does not fit this device
       }
       if (variant != kVariantMma) {
