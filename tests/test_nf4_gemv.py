@@ -104,7 +104,18 @@ def assert_close_to_reference(out, x, weight, bias):
     dot_scale = (x.float().abs() @ w.float().abs().T).max().item() if x.numel() else 0.0
     order_noise = torch.finfo(torch.float32).eps * math.sqrt(x.shape[-1]) * dot_scale
     slack = torch.finfo(x.dtype).eps * ref.abs().max().item() + order_noise + 1e-7
-    assert err <= 2 * base_err + slack, f"error {err:.3g} > 2 x PyTorch's {base_err:.3g} + {slack:.2g}"
+    # PyTorch's error is one draw of how rounding W to x's dtype falls; over a few outputs its max can land
+    # far below that rounding's usual size (N = 1, K = 4160 failed once on the H200 in session 26: 0.0076
+    # against PyTorch's 0.00023 + 0.0057, on a kernel that rounds W as finely). The yardstick is the larger of
+    # that draw and the usual size, eps / 2 * sqrt(sum_k (x_k w_k)^2) (~1.7 sigma of a uniform rounding). A
+    # simulated kernel with PyTorch's own error model failed the bare draw 39 times in 1,000 at N = 1 and
+    # this one never; a wrong element or block costs |x_k w_k| or more, far above it.
+    x2 = x.float().reshape(-1, x.shape[-1]) ** 2
+    usual = torch.finfo(x.dtype).eps / 2 * (x2 @ (w.float() ** 2).T).sqrt().max().item()
+    yardstick = max(base_err, usual)
+    assert err <= 2 * yardstick + slack, (
+        f"error {err:.3g} > 2 x PyTorch's {base_err:.3g} (its usual {usual:.3g}) + {slack:.2g}"
+    )
 
 
 # ---- correctness ------------------------------------------------------------------------------
