@@ -25,7 +25,7 @@
 #                                                          # gemv_ring32 (M <= 16) against the default
 #     bash benchmarks/gpu_checks/run.sh build auto_tests   # the "auto" variant's GEMV tests
 #     bash benchmarks/gpu_checks/run.sh build auto_rings   # "auto" (ring M <= 4, ring32 5..16): tests, racecheck, A/B, decode
-#     bash benchmarks/gpu_checks/run.sh build ring_xpf     # ring32 with x one item ahead: tests, memcheck, A/B
+#     bash benchmarks/gpu_checks/run.sh build x_ahead      # ring32 with x one item ahead: tests, memcheck, A/B
 #     bash benchmarks/gpu_checks/run.sh build ring32       # variant "ring32" (M <= 16): tests, sanitizers, A/B
 #     bash benchmarks/gpu_checks/run.sh build ring32_stages # ring32 around one tile a SM: tests, memcheck, A/B
 #     bash benchmarks/gpu_checks/run.sh build carveout     # the shared-memory configuration of each GEMV kernel (ncu)
@@ -419,16 +419,16 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       STEP_TIMEOUT=90 TAIL=60 step ncu_bandwidth ncu --profile-from-start off --metrics \
         dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum "$PY" benchmarks/gpu_checks/ncu_bandwidth.py
       ;;
-    ring_xpf)
-      # session 26: ring32 with x one item ahead (the only form now; the M <= 4 ring's "ring_xpf" was 1-8% slower and
-      # is gone): the GEMV tests of the ring variants and auto, the PDL chains, memcheck on ring32, the A/B of auto
+    x_ahead)
+      # session 26: ring32 with x one item ahead (the only form now; the M <= 4 ring's, variant "ring_xpf" then, was
+      # 1-8% slower and is gone): the GEMV tests of the ring variants and auto, the PDL chains, memcheck on ring32, the A/B of auto
       # against factored_fill at M = 1..16 (the bars' numbers)
-      STEP_TIMEOUT=150 TAIL=3 step ring_xpf_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
+      STEP_TIMEOUT=150 TAIL=3 step x_ahead_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE tests/test_nf4_gemv.py \
         tests/test_programmatic_launch.py -k "cuda-ring or ring_large or cuda-auto or auto_takes or variant_switch or chain \
         or reads_the_x or generate"
-      STEP_TIMEOUT=120 TAIL=3 step ring_xpf_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest \
+      STEP_TIMEOUT=120 TAIL=3 step x_ahead_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest \
         -q -p no:cacheprovider -m "not not_under_sanitizer" tests/test_nf4_gemv.py -k "cuda-ring32 and (many_tiles or block_sizes)"
-      STEP_TIMEOUT=150 step ring_xpf_ab "$PY" benchmarks/bench_nf4_linear.py --variants auto,factored_fill \
+      STEP_TIMEOUT=150 step x_ahead_ab "$PY" benchmarks/bench_nf4_linear.py --variants auto,factored_fill \
         --m 1 4 5 8 16 --out "$OUT/nf4_gemv_ring32_x_ahead_${GPU_TAG:-h100}.json"
       ;;
     auto_rings)
