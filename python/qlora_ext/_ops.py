@@ -180,8 +180,8 @@ def nf4_gemv_variants() -> list[str]:
     that 16 x rows fit one MMA's columns. On the H100 it took 22-30% less time than factored_fill at
     M = 16 and 2-24% less at M = 8 (benchmarks/results/nf4_gemv_ring32_h100.json); since session 25
     "auto" runs it at 5 <= M <= 16 where programmatic launch is off; since session 26 it loads x one
-    item ahead (4-16% less time at M 5-16 on the H200, nf4_gemv_ring32_xpf_h200.json). Each ring item's first x loads
-    are issued before its next copies (the CuPy ring's order, session 24's variant "ring_early_x",
+    item ahead (4-16% less time at M 5-16 on the H200, nf4_gemv_ring32_xpf_h200.json). Each item of the
+    M <= 4 ring issues its first x loads before its next copies (the CuPy ring's order, session 24's variant "ring_early_x",
     the only order since session 25: 4-7% less time at M = 1, nf4_gemv_ring_early_x_h100.json).
     "factored_fill" (below) was the default from 2026-12-06; before, variant 1 ("factored"): on the H100 it beat
     variant 0 ("mma") at every measured shape, M = 1 and 16 (1.83-2.37x bf16 at M = 1 against
