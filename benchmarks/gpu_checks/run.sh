@@ -26,6 +26,7 @@
 #     bash benchmarks/gpu_checks/run.sh build auto_tests   # the "auto" variant's GEMV tests
 #     bash benchmarks/gpu_checks/run.sh build auto_rings   # "auto" (ring M <= 4, ring32 5..16): tests, racecheck, A/B, decode
 #     bash benchmarks/gpu_checks/run.sh build x_ahead      # ring32 with x one item ahead: tests, memcheck, A/B
+#     bash benchmarks/gpu_checks/run.sh build gemv_scaling # M = 1 GEMV time against weight size: fixed cost vs stream rate
 #     bash benchmarks/gpu_checks/run.sh build ring32       # variant "ring32" (M <= 16): tests, sanitizers, A/B
 #     bash benchmarks/gpu_checks/run.sh build ring32_stages # ring32 around one tile a SM: tests, memcheck, A/B
 #     bash benchmarks/gpu_checks/run.sh build carveout     # the shared-memory configuration of each GEMV kernel (ncu)
@@ -418,6 +419,12 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # the 80% criterion under ncu: DRAM bytes / duration of the ring and factored_fill against a 1 GiB copy
       STEP_TIMEOUT=90 TAIL=60 step ncu_bandwidth ncu --profile-from-start off --metrics \
         dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum "$PY" benchmarks/gpu_checks/ncu_bandwidth.py
+      ;;
+    gemv_scaling)
+      # session 26: the M = 1 GEMV ("auto") and bf16 cuBLAS against the weight's size, K = 4096 and 14336, with a
+      # fixed + bytes / bandwidth fit each: is the small shapes' gap to the 3x bar a fixed cost or a streaming rate?
+      STEP_TIMEOUT=200 TAIL=20 step gemv_scaling "$PY" benchmarks/gpu_checks/gemv_scaling.py \
+        --out "$OUT/gemv_scaling_${GPU_TAG:-h100}.json"
       ;;
     x_ahead)
       # session 26: ring32 with x one item ahead (the only form now; the M <= 4 ring's, variant "ring_xpf" then, was
