@@ -428,10 +428,40 @@ __device__ __forceinline__ void ring_item(float (&acc)[2], const u8* st, const f
   }
 }
 
+// With -DTRACE=SLOTS (ring_timeline.py), lane 0 of each warp stamps %globaltimer and clock64 at: 0 the
+// kernel's entry, 1 the tables built, 2 + i item i's wait done (i < SLOTS - 4), SLOTS - 2 the last item's
+// arithmetic done, SLOTS - 1 the exit; g_trace_sm holds the warp's SM. Without TRACE the points are empty.
+#ifdef TRACE
+__device__ unsigned long long g_trace[TRACE_WARPS * TRACE * 2];
+__device__ unsigned int g_trace_sm[TRACE_WARPS];
+#define TRACE_POINT(slot)                                                                                \
+  do {                                                                                                   \
+    const int trace_warp = blockIdx.x * 8 + warp, trace_slot = (slot);                                   \
+    if (lane == 0 && trace_warp < TRACE_WARPS && trace_slot < TRACE) {                                    \
+      unsigned long long now;                                                                            \
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));                                             \
+      g_trace[(trace_warp * TRACE + trace_slot) * 2] = now;                                              \
+      g_trace[(trace_warp * TRACE + trace_slot) * 2 + 1] = clock64();                                    \
+    }                                                                                                    \
+  } while (0)
+#else
+#define TRACE_POINT(slot)
+#endif
+
 extern "C" __global__ void __launch_bounds__(256, CTAS)
 gemv_ring(RING_PARAMS) {
   RING_CTA(5);
+  TRACE_POINT(0);
+#ifdef TRACE
+  if (lane == 0 && blockIdx.x * 8 + warp < TRACE_WARPS) {
+    unsigned int sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    g_trace_sm[blockIdx.x * 8 + warp] = sm;
+  }
+  int trace_item = 0;
+#endif
   RING_STRIDED_START();
+  TRACE_POINT(1);
   const int xm = g >> 1;
   const bool x_loads = xm < M && ((g & 1) == 0) == (t < 2);
   const u16* x_lane = x + (x_loads ? xm : 0) * K + 32 * t;
@@ -443,6 +473,10 @@ gemv_ring(RING_PARAMS) {
   while (tile < n_tiles) {
     asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
     __syncwarp();  // every lane's copies of this item landed; every lane is done with the stage refilled next
+#ifdef TRACE
+    if (trace_item < TRACE - 4) TRACE_POINT(2 + trace_item);
+    ++trace_item;
+#endif
     issue_next(stage == 0 ? STAGES - 1 : stage - 1);
     ring_item(acc, ring + stage * kStageBytes, nested_map, offset, x_loads, x_lane, xv, step, lane_table, lane);
     stage = stage == STAGES - 1 ? 0 : stage + 1;
@@ -451,11 +485,13 @@ gemv_ring(RING_PARAMS) {
       next_tile += gridDim.x;
       next_step = warp;
     }
+    if (next_tile >= n_tiles) TRACE_POINT(TRACE - 2);
     if (next_tile != tile) end_tile(acc, partial, warp, g, t, tid, M, N, tile, y);  // every warp, once (K % 2048)
     tile = next_tile;
     step = next_step;
   }
   asm volatile("cp.async.wait_all;");
+  TRACE_POINT(TRACE - 1);
 }
 // ---- gemv_ring32 (session 23, run in session 24: gemv_ring32_exp_h100.json; docs/nf4_gemv_m16.md): M <= 16 on 32-row tiles. An item is
 // 32 rows x 128 k (2 quantization blocks a row, 2 KB of codes). Inside each block lane t takes code bytes

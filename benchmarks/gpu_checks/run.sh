@@ -27,6 +27,7 @@
 #     bash benchmarks/gpu_checks/run.sh build auto_rings   # "auto" (ring M <= 4, ring32 5..16): tests, racecheck, A/B, decode
 #     bash benchmarks/gpu_checks/run.sh build x_ahead      # ring32 with x one item ahead: tests, memcheck, A/B
 #     bash benchmarks/gpu_checks/run.sh build gemv_scaling # M = 1 GEMV time against weight size: fixed cost vs stream rate
+#     bash benchmarks/gpu_checks/run.sh timeline           # the CuPy ring's per-warp timeline at M = 1 (no build needed)
 #     bash benchmarks/gpu_checks/run.sh build ring32       # variant "ring32" (M <= 16): tests, sanitizers, A/B
 #     bash benchmarks/gpu_checks/run.sh build ring32_stages # ring32 around one tile a SM: tests, memcheck, A/B
 #     bash benchmarks/gpu_checks/run.sh build carveout     # the shared-memory configuration of each GEMV kernel (ncu)
@@ -425,6 +426,12 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # fixed + bytes / bandwidth fit each: is the small shapes' gap to the 3x bar a fixed cost or a streaming rate?
       STEP_TIMEOUT=200 TAIL=20 step gemv_scaling "$PY" benchmarks/gpu_checks/gemv_scaling.py \
         --out "$OUT/gemv_scaling_${GPU_TAG:-h100}.json"
+      ;;
+    timeline)
+      # session 27: the CuPy ring's per-warp timeline at M = 1 (ring_timeline.py): where the small shapes' fixed
+      # cost goes (warp starts, tables, first arrival, arrivals, tile end) in ring2_c3 and ring3
+      STEP_TIMEOUT=200 TAIL=12 step ring_timeline "$PY" benchmarks/gpu_checks/ring_timeline.py \
+        --out "$OUT/ring_timeline_${GPU_TAG:-h100}.json"
       ;;
     x_ahead)
       # session 26: ring32 with x one item ahead (the only form now; the M <= 4 ring's, variant "ring_xpf" then, was
