@@ -1,0 +1,448 @@
+// The implementation of nf4_gemm_sm90.cuh (included by it). Design and measurements: docs/nf4_gemm_sm90.md.
+//
+// Yᵀ = W Xᵀ with W as the register operand of wgmma (A: the consumers dequantize straight into fragment registers,
+// so the dequantized weight never touches shared memory) and X as the shared-memory operand (B: TMA, 128-byte
+// swizzle, K-major, the layout wgmma reads as is). A CTA computes a tile of 128 W rows x 256 X rows:
+//   - warps 0-7: two consumer warpgroups, 64 W rows each (the wgmma's M), 128 fp32 accumulators a thread
+//     (m64n256), 4 wgmma a 64-k stage;
+//   - warp 8: the producer, one lane issuing each stage's two TMA copies (X: 256 rows x 64 k, 32 KB; the codes:
+//     128 rows x 32 bytes, 4 KB) on the stage's full barrier.
+// No warp specialisation of registers (setmaxnreg) is needed: 288 threads leave 224 registers a thread.
+//
+// Dequantization is exact: the weight is T(nf4[c] * s), the product in fp32 rounded once to bf16, as
+// nf4_dequantize writes it, so the kernel's error is that of a bf16 GEMM on the dequantized weight. A lane holds
+// the A fragment of mma.m16n8k16's layout for each k16 slice: rows g and g + 8 of its warp's 16, k = 2t, 2t + 1
+// (one code byte: byte 8j + t of the row's 32-byte stage segment for slice j) and 2t + 8, 2t + 9 (byte 8j + 4 + t).
+// Per byte: a byte permute, one 8-byte lookup of the (nf4[hi], nf4[lo]) float pair (16 table copies, one per
+// lane of a half-warp: no bank conflict), two fp32 multiplies by the row's block scale and one paired conversion.
+//
+// Pipelining: the A registers of stage kb are read by its wgmmas asynchronously, so the consumer loop is unrolled
+// by two stages with two register sets: stage kb + 1 is dequantized while stage kb's wgmmas run, and
+// wgmma.wait_group 1 after committing kb + 1 frees kb's set and X stage (then the warp arrives on kb's empty
+// barrier for the producer).
+#pragma once
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+#include <mutex>
+
+#include "qlora/nf4.h"
+
+namespace qlora {
+namespace sm90 {
+namespace detail {
+
+constexpr int kTileN = 128;                           // W rows a CTA: 2 consumer warpgroups x 64
+constexpr int kTileM = 256;                           // X rows a CTA: the wgmma's N
+constexpr int kStageK = 64;                           // one quantization block of each row
+constexpr int kStages = 5;
+constexpr int kConsumerWarps = 8;
+constexpr int kThreads = (kConsumerWarps + 1) * 32;   // + the producer warp
+// 288 threads leave 227 registers a thread; ptxas under __launch_bounds__(288, 1) allocated only 168 (as for 384
+// threads), which serialised the wgmmas, so the cap is given directly.
+constexpr int kMaxRegisters = 224;
+static_assert(kMaxRegisters * kThreads <= 65536, "one CTA a SM");
+constexpr int kXStageBytes = kTileM * kStageK * 2;    // 32 KB
+constexpr int kCodeStageBytes = kTileN * kStageK / 2; // 4 KB: 128 rows x 32 bytes
+constexpr int kTableCopies = 16;
+constexpr int kTableBytes = 256 * kTableCopies * 8;   // (nf4[hi], nf4[lo]) float pairs, 32 KB
+constexpr int kXOffset = 0;                           // 1024-aligned: the 128-byte swizzle's period
+constexpr int kCodeOffset = kXOffset + kStages * kXStageBytes;
+constexpr int kTableOffset = kCodeOffset + kStages * kCodeStageBytes;
+constexpr int kMapOffset = kTableOffset + kTableBytes;
+constexpr int kBarrierOffset = kMapOffset + 256 * 4;
+constexpr int kSharedBytes = kBarrierOffset + 2 * kStages * 8 + 1024;  // + the base's alignment slack
+// The epilogue's staging of the output tile (after the main loop, over the X stages): per warpgroup 256 X rows
+// of 64 outputs, rows padded to 72 so that a quarter-warp's 2-byte stores hit distinct banks.
+constexpr int kStageRowElems = 72;
+constexpr int kEpilogueBytes = 2 * kTileM * kStageRowElems * 2;
+static_assert(kEpilogueBytes <= kStages * kXStageBytes, "the epilogue reuses the X stages");
+static_assert(kSharedBytes <= 227 * 1024, "one CTA a SM");
+
+struct Params {
+  const float* absmax;
+  const uint8_t* absmax_codes;
+  const float* nested_code;
+  const float* nested_absmax;
+  const float* nested_offset;
+  int nested_log2;
+  const __nv_bfloat16* bias;
+  __nv_bfloat16* y;
+  int M, N, K;
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define QLORA_SM90_DEVICE 1
+#else
+#define QLORA_SM90_DEVICE 0
+#endif
+
+#if QLORA_SM90_DEVICE
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+// A 2-D TMA copy of the box at (c0, c1) (innermost first) into shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          dst),
+      "l"(map), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+}
+// Keeps the compiler from moving accesses of these registers across the wgmma fences (CUTLASS does the same).
+__device__ __forceinline__ void fence_registers(float (&d)[128]) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+__device__ __forceinline__ void fence_registers(uint32_t (&a)[4][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[j][i])::"memory");
+  }
+}
+
+// The shared-memory matrix descriptor of a K-major, 128-byte-swizzled operand tile (rows of 64 bf16, 8-row groups
+// 1024 bytes apart) at shared address `addr` (1024-aligned at the tile, plus the slice's 32-byte k offset).
+__device__ __forceinline__ uint64_t sw128_descriptor(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+__device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t b_desc) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22,"
+      "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43,"
+      "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64,"
+      "%65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85,"
+      "%86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104,"
+      "%105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121,"
+      "%122, %123, %124, %125, %126, %127"
+      "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]),
+        "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
+        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]),
+        "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]),
+        "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(1));
+}
+// The A-fragment register of one code byte (byte t of `word`, t in the selector): T(nf4[hi] * s) in the low half
+// (the even k), T(nf4[lo] * s) in the high half.
+__device__ __forceinline__ uint32_t dequantize_byte(uint32_t table_lane, uint32_t word, uint32_t selector, float s) {
+  const uint32_t code = __byte_perm(word, 0u, selector);
+  float hi_nibble, lo_nibble;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
+               : "=f"(hi_nibble), "=f"(lo_nibble)
+               : "r"(table_lane + code * (kTableCopies * 8)));
+  uint32_t pair;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(__fmul_rn(lo_nibble, s)), "f"(__fmul_rn(hi_nibble, s)));
+  return pair;
+}
+
+// Which of the two A-register sets (and scale-input sets) a stage uses: a type, so that each is a compile-time index.
+template <int kSet>
+struct RegisterSet {
+  static constexpr int value = kSet;
+};
+#endif  // QLORA_SM90_DEVICE
+
+template <bool kDoubleQuant>
+__global__ void __maxnreg__(kMaxRegisters)
+    nf4_gemm_sm90_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map,
+                         const Params p) {
+#if QLORA_SM90_DEVICE
+  extern __shared__ unsigned char shared_raw[];
+  __shared__ float nf4_values[16];
+  // 1024-aligned (the swizzle's period), by an offset from the array so that the compiler keeps these accesses
+  // in the shared space (an integer round trip made them generic loads)
+  unsigned char* const smem = shared_raw + ((1024u - (smem_u32(shared_raw) & 1023u)) & 1023u);
+  const uint32_t base = smem_u32(smem);
+  const uint32_t full0 = base + kBarrierOffset, empty0 = full0 + kStages * 8;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int m0 = blockIdx.x * kTileM, n0 = blockIdx.y * kTileN;  // m fastest: a wave's CTAs share W tiles in L2
+  const int n_k = p.K / kStageK;
+
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full0 + 8 * s, 1);                 // the producer's arrive (with the stage's bytes)
+      mbar_init(empty0 + 8 * s, kConsumerWarps);  // one arrive a consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    if (tid == i) nf4_values[i] = nf4_code(i);
+  }
+  __syncthreads();
+  if (tid < 256) {  // table entry `tid`: its 16 copies in 8 16-byte stores, rotated across the bank groups
+    const float hi = nf4_values[tid >> 4], lo = nf4_values[tid & 15];
+    float4* const copies = reinterpret_cast<float4*>(smem + kTableOffset + tid * kTableCopies * 8);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) copies[(q + tid) & 7] = make_float4(hi, lo, hi, lo);
+    if constexpr (kDoubleQuant) reinterpret_cast<float*>(smem + kMapOffset)[tid] = __ldg(p.nested_code + tid);
+  }
+  __syncthreads();
+
+  if (warp == kConsumerWarps) {  // the producer
+    if (lane == 0) {
+      for (int kb = 0; kb < n_k; ++kb) {
+        const int s = kb % kStages;
+        if (kb >= kStages) mbar_wait(empty0 + 8 * s, ((kb / kStages) - 1) & 1);
+        mbar_arrive_expect_tx(full0 + 8 * s, kXStageBytes + kCodeStageBytes);
+        tma_load_2d(base + kXOffset + s * kXStageBytes, &x_map, full0 + 8 * s, kb * kStageK, m0);
+        tma_load_2d(base + kCodeOffset + s * kCodeStageBytes, &code_map, full0 + 8 * s, kb * (kStageK / 2), n0);
+      }
+    }
+    return;  // (no CTA-wide barrier follows: the epilogue's are the consumers' own)
+  }
+
+  // The consumers. Lane (g, t) of warp w in warpgroup wg holds tile rows row0 = 64 wg + 16 (w % 4) + g and
+  // row0 + 8 of W (the A fragment's rows), and after the loop their outputs for X rows 8c + 2t, 8c + 2t + 1.
+  const int wg = warp >> 2, g = lane >> 2, t = lane & 3;
+  const int row0 = wg * 64 + (warp & 3) * 16 + g;
+  const uint32_t selector = 0x4440u | uint32_t(t);  // byte t of a word, zeros above
+  const uint32_t table_lane = base + kTableOffset + (lane & 15) * 8;
+  const float* const nested_map = reinterpret_cast<const float*>(smem + kMapOffset);
+  const int64_t blocks_per_row = p.K / kStageK;
+  // rows past N take row N - 1's scales (their codes are TMA's zero fill; their outputs are not stored)
+  const int64_t block0 = int64_t(min(n0 + row0, p.N - 1)) * blocks_per_row;
+  const int64_t block1 = int64_t(min(n0 + row0 + 8, p.N - 1)) * blocks_per_row;
+  const float offset = kDoubleQuant ? __ldg(p.nested_offset) : 0.0f;
+
+  // The block scales' inputs of stage kb in set kb % 2, loaded two stages ahead: under double quantization the
+  // 8-bit code and the nested absmax of each row, plain the absmax itself.
+  uint32_t scale_code[2][2] = {};
+  float scale_factor[2][2] = {};
+  auto load_scale_inputs = [&](auto set_tag, int kb) {
+    constexpr int set = decltype(set_tag)::value;
+    if (kb < n_k) {
+      if constexpr (kDoubleQuant) {
+        scale_code[set][0] = __ldg(p.absmax_codes + block0 + kb);
+        scale_code[set][1] = __ldg(p.absmax_codes + block1 + kb);
+        scale_factor[set][0] = __ldg(p.nested_absmax + ((block0 + kb) >> p.nested_log2));
+        scale_factor[set][1] = __ldg(p.nested_absmax + ((block1 + kb) >> p.nested_log2));
+      } else {
+        scale_factor[set][0] = __ldg(p.absmax + block0 + kb);
+        scale_factor[set][1] = __ldg(p.absmax + block1 + kb);
+      }
+    }
+  };
+  auto block_scale = [&](auto set_tag, int r) -> float {
+    constexpr int set = decltype(set_tag)::value;
+    if constexpr (kDoubleQuant) {  // nf4_block_scale's two roundings
+      return __fadd_rn(__fmul_rn(nested_map[scale_code[set][r]], scale_factor[set][r]), offset);
+    } else {
+      return scale_factor[set][r];
+    }
+  };
+
+  float acc[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+  uint32_t a[2][4][4];  // [set][k16 slice][fragment register]
+  load_scale_inputs(RegisterSet<0>{}, 0);
+  load_scale_inputs(RegisterSet<1>{}, 1);
+
+  auto stage = [&](auto set_tag, int kb) {
+    constexpr int set = decltype(set_tag)::value;
+    const int s = kb % kStages;
+    const float scale0 = block_scale(set_tag, 0), scale1 = block_scale(set_tag, 1);
+    load_scale_inputs(set_tag, kb + 2);
+    mbar_wait(full0 + 8 * s, (kb / kStages) & 1);
+    const unsigned char* const codes = smem + kCodeOffset + s * kCodeStageBytes;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // slice j: bytes 8j + t (k 16j + 2t) and 8j + 4 + t (k 16j + 8 + 2t)
+      const uint2 w0 = *reinterpret_cast<const uint2*>(codes + row0 * 32 + 8 * j);
+      const uint2 w1 = *reinterpret_cast<const uint2*>(codes + (row0 + 8) * 32 + 8 * j);
+      a[set][j][0] = dequantize_byte(table_lane, w0.x, selector, scale0);
+      a[set][j][1] = dequantize_byte(table_lane, w1.x, selector, scale1);
+      a[set][j][2] = dequantize_byte(table_lane, w0.y, selector, scale0);
+      a[set][j][3] = dequantize_byte(table_lane, w1.y, selector, scale1);
+    }
+    fence_registers(a[set]);
+    wgmma_fence();
+    const uint32_t x_stage = base + kXOffset + s * kXStageBytes;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wgmma_m64n256k16_rs(acc, a[set][j], sw128_descriptor(x_stage + 32 * j));
+    wgmma_commit();
+    wgmma_wait<1>();  // stage kb - 1's wgmmas are done: its register set and its stage are free
+    fence_registers(a[set ^ 1]);
+    if (kb > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((kb - 1) % kStages));
+  };
+
+  fence_registers(acc);
+  int kb = 0;
+#pragma unroll 1
+  for (; kb + 1 < n_k; kb += 2) {
+    stage(RegisterSet<0>{}, kb);
+    stage(RegisterSet<1>{}, kb + 1);
+  }
+  if (kb < n_k) stage(RegisterSet<0>{}, kb);
+  wgmma_wait<0>();
+  fence_registers(acc);
+
+  // Epilogue: every consumer warp is past its last wgmma before the X stages are overwritten; each warpgroup
+  // stages its 64 x 256 outputs (bias added in fp32, one rounding) as rows of Y, then stores 16-byte pieces.
+  asm volatile("bar.sync 1, 256;" ::: "memory");
+  __nv_bfloat16* const staged = reinterpret_cast<__nv_bfloat16*>(smem + kXOffset) + wg * kTileM * kStageRowElems;
+  const int col = (warp & 3) * 16 + g;  // the lane's first output column in the warpgroup's 64
+  const bool has_bias = p.bias != nullptr;
+  const float bias0 = has_bias && n0 + row0 < p.N ? __bfloat162float(p.bias[n0 + row0]) : 0.0f;
+  const float bias1 = has_bias && n0 + row0 + 8 < p.N ? __bfloat162float(p.bias[n0 + row0 + 8]) : 0.0f;
+#pragma unroll
+  for (int c = 0; c < 32; ++c) {
+    const int m = 8 * c + 2 * t;
+    staged[m * kStageRowElems + col] = __float2bfloat16_rn(acc[4 * c] + bias0);
+    staged[(m + 1) * kStageRowElems + col] = __float2bfloat16_rn(acc[4 * c + 1] + bias0);
+    staged[m * kStageRowElems + col + 8] = __float2bfloat16_rn(acc[4 * c + 2] + bias1);
+    staged[(m + 1) * kStageRowElems + col + 8] = __float2bfloat16_rn(acc[4 * c + 3] + bias1);
+  }
+  if (wg == 0) {
+    asm volatile("bar.sync 2, 128;" ::: "memory");
+  } else {
+    asm volatile("bar.sync 3, 128;" ::: "memory");
+  }
+  const int thread_in_wg = tid & 127;
+#pragma unroll 4
+  for (int i = 0; i < kTileM * 8 / 128; ++i) {  // 256 rows x 8 pieces of 16 bytes
+    const int piece = thread_in_wg + 128 * i, row = piece >> 3, col8 = (piece & 7) * 8;
+    const int m = m0 + row, n = n0 + wg * 64 + col8;
+    if (m < p.M && n < p.N) {  // N % 8 == 0: a piece is whole or out
+      *reinterpret_cast<uint4*>(p.y + int64_t(m) * p.N + n) =
+          *reinterpret_cast<const uint4*>(staged + row * kStageRowElems + col8);
+    }
+  }
+#else
+  __trap();  // built without sm_90a code: nf4_gemm_sm90_covers refuses such builds, so this is a caller's error
+#endif
+}
+
+// cuTensorMapEncodeTiled from the driver, through the runtime (no link against libcuda).
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) ==
+            cudaSuccess &&
+        found == cudaDriverEntryPointSuccess) {
+      encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+    }
+  });
+  return encode;
+}
+
+// A row-major [rows, cols] tensor's map with boxes of box_rows x box_cols.
+inline bool encode_2d(CUtensorMap& map, CUtensorMapDataType type, const void* data, uint64_t rows, uint64_t cols,
+                      uint64_t row_bytes, uint32_t box_rows, uint32_t box_cols, CUtensorMapSwizzle swizzle) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {cols, rows};
+  const cuuint64_t strides[1] = {row_bytes};
+  const cuuint32_t box[2] = {box_cols, box_rows};
+  const cuuint32_t element_strides[2] = {1, 1};
+  return encode(&map, type, 2, const_cast<void*>(data), dims, strides, box, element_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <bool kDoubleQuant>
+cudaError_t launch(const NF4GemmArgs& args, cudaStream_t stream) {
+  constexpr auto kernel = nf4_gemm_sm90_kernel<kDoubleQuant>;
+  static const cudaError_t configured =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes);
+  if (configured != cudaSuccess) return configured;
+  CUtensorMap x_map, code_map;
+  if (!encode_2d(x_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, args.x, args.M, args.K, uint64_t(args.K) * 2, kTileM,
+                 kStageK, CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !encode_2d(code_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, args.packed, args.N, args.K / 2, uint64_t(args.K) / 2,
+                 kTileN, kStageK / 2, CU_TENSOR_MAP_SWIZZLE_NONE)) {
+    return cudaErrorInvalidValue;
+  }
+  const Params params{args.absmax, args.absmax_codes, args.nested_code, args.nested_absmax, args.nested_offset,
+                      args.nested_log2, args.bias, args.y, args.M, args.N, args.K};
+  const dim3 grid((args.M + kTileM - 1) / kTileM, (args.N + kTileN - 1) / kTileN);
+  kernel<<<grid, kThreads, kSharedBytes, stream>>>(x_map, code_map, params);
+  return cudaGetLastError();
+}
+
+}  // namespace detail
+
+inline bool nf4_gemm_sm90_covers(const NF4GemmArgs& args) {
+  if (args.M <= 0 || args.N <= 0 || args.K <= 0 || args.K % detail::kStageK != 0 || args.N % 8 != 0) return false;
+  if (args.N > 65535 * detail::kTileN || args.x == nullptr || args.packed == nullptr || args.y == nullptr) return false;
+  if (reinterpret_cast<uintptr_t>(args.x) % 16 != 0 || reinterpret_cast<uintptr_t>(args.packed) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(args.y) % 16 != 0) {
+    return false;
+  }
+  const bool double_quant = args.absmax == nullptr;
+  if (double_quant && (args.absmax_codes == nullptr || args.nested_code == nullptr || args.nested_absmax == nullptr ||
+                       args.nested_offset == nullptr)) {
+    return false;
+  }
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    return false;
+  }
+  if (major != 9 || minor != 0) return false;
+  // sm_90a machine code in this binary (a plain sm_90 or PTX-only build compiles the kernel body out)
+  cudaFuncAttributes attributes{};
+  return cudaFuncGetAttributes(&attributes, detail::nf4_gemm_sm90_kernel<true>) == cudaSuccess &&
+         attributes.binaryVersion == 90 && attributes.numRegs > 32;
+}
+
+inline cudaError_t nf4_gemm_sm90(const NF4GemmArgs& args, cudaStream_t stream) {
+  if (!nf4_gemm_sm90_covers(args)) return cudaErrorInvalidValue;
+  return args.absmax == nullptr ? detail::launch<true>(args, stream) : detail::launch<false>(args, stream);
+}
+
+}  // namespace sm90
+}  // namespace qlora
