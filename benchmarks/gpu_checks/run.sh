@@ -27,6 +27,7 @@
 #     bash benchmarks/gpu_checks/run.sh build auto_rings   # "auto" (ring M <= 4, ring32 5..16): tests, racecheck, A/B, decode
 #     bash benchmarks/gpu_checks/run.sh build x_ahead      # ring32 with x one item ahead: tests, memcheck, A/B
 #     bash benchmarks/gpu_checks/run.sh build gemv_scaling # M = 1 GEMV time against weight size: fixed cost vs stream rate
+#     bash benchmarks/gpu_checks/run.sh gemm_sm90          # the Hopper NF4 GEMM's standalone check and M = 2048 timing
 #     bash benchmarks/gpu_checks/run.sh timeline           # the CuPy ring's per-warp timeline at M = 1 (no build needed)
 #     bash benchmarks/gpu_checks/run.sh build ring32       # variant "ring32" (M <= 16): tests, sanitizers, A/B
 #     bash benchmarks/gpu_checks/run.sh build ring32_stages # ring32 around one tile a SM: tests, memcheck, A/B
@@ -426,6 +427,11 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # fixed + bytes / bandwidth fit each: is the small shapes' gap to the 3x bar a fixed cost or a streaming rate?
       STEP_TIMEOUT=200 TAIL=20 step gemv_scaling "$PY" benchmarks/gpu_checks/gemv_scaling.py \
         --out "$OUT/gemv_scaling_${GPU_TAG:-h100}.json"
+      ;;
+    gemm_sm90)
+      # session 27: the Hopper NF4 GEMM (cpp/kernels/cuda/nf4_gemm_sm90*.cuh), standalone: its checks against cuBLAS on
+      # the dequantized weight, then M = 2048 against bf16 cuBLAS (no build needed; its own timeout inside)
+      TAIL=40 step gemm_sm90 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh
       ;;
     timeline)
       # session 27: the CuPy ring's per-warp timeline at M = 1 (ring_timeline.py): where the small shapes' fixed

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Build and run the standalone check + benchmark of the Hopper NF4 GEMM (nf4_gemm_sm90_check.cu beside this file):
+# correctness against cuBLAS on the dequantized weight at 9 shapes, then the M = 2048 timings against bf16 cuBLAS.
+# No torch, no extension build: one nvcc call (sm_90a only), then the program under a timeout, because a kernel
+# stuck in a barrier wait would otherwise hold the whole device call. Results land in $OUT (default ./out).
+#
+#     bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh [--check-only | --time-only] [--time-anyway]
+#                                                       [--shapes NxK,...] [--m M]
+#     SANITIZE=1 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh   # memcheck over the checks instead
+#     GPU_TAG=h200 ...                                                # names the result file
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 2
+OUT="${OUT:-out}"
+mkdir -p "$OUT"
+BIN=/tmp/nf4_gemm_sm90_check
+BUILD_LOG="$OUT/nf4_gemm_sm90_build.txt"
+
+# cuBLAS: nvcc's own toolkit when it has it; otherwise the nvidia-cublas wheel beside PyTorch, which ships only the
+# versioned library (libcublas.so.13, no libcublas.so), hence -l: and an rpath. A tiny probe decides in seconds.
+CUBLAS_FLAGS=(-lcublas)
+probe=$(mktemp -d)
+printf '#include <cublas_v2.h>\nint main() { cublasHandle_t h; return int(cublasCreate(&h)); }\n' >"$probe/probe.cu"
+if ! nvcc -o "$probe/probe" "$probe/probe.cu" -lcublas >/dev/null 2>&1; then
+  cublas_dir=$(python3 -c '
+import glob, os, nvidia
+for root in nvidia.__path__:
+    for lib in sorted(glob.glob(os.path.join(root, "*", "lib", "libcublas.so.*"))):
+        print(os.path.dirname(os.path.dirname(lib)), os.path.basename(lib)); raise SystemExit
+' 2>/dev/null)
+  if [ -z "$cublas_dir" ]; then
+    echo "cuBLAS not found (neither nvcc's toolkit nor python3's nvidia wheels)" | tee "$BUILD_LOG"
+    rm -rf "$probe"
+    exit 2
+  fi
+  read -r cublas_root cublas_lib <<<"$cublas_dir"
+  CUBLAS_FLAGS=(-I"$cublas_root/include" -L"$cublas_root/lib" "-l:$cublas_lib"
+                -Xlinker -rpath -Xlinker "$cublas_root/lib")
+  echo "cuBLAS from $cublas_root/lib/$cublas_lib"
+fi
+rm -rf "$probe"
+
+echo "building $BIN (sm_90a; ptxas report in $BUILD_LOG)"
+nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icpp/include -Icpp/kernels/cuda -Xptxas -v \
+  -o "$BIN" benchmarks/gpu_checks/nf4_gemm_sm90_check.cu "${CUBLAS_FLAGS[@]}" >"$BUILD_LOG" 2>&1
+build_status=$?
+# The kernel under test's entries only (the harness's own kernels live in an anonymous namespace, _GLOBAL__N_),
+# plus every warning or error: register count, spills and wgmma serialisation (C7513) are what matter here.
+awk '/Compiling entry function/ { show = ($0 !~ /_GLOBAL__N_/) }
+     /warning|error/ { print; next }
+     show && /nf4_gemm_sm90|registers|spill|stack frame/ { print }' "$BUILD_LOG"
+if [ $build_status -ne 0 ]; then
+  echo "build failed ($build_status):"
+  tail -30 "$BUILD_LOG"
+  exit 2
+fi
+
+if [ "${SANITIZE:-0}" = 1 ]; then
+  command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not on PATH"; exit 2; }
+  # memcheck slows every kernel (cuBLAS' and the reference's too); the timings would mean nothing under it.
+  timeout -k 10 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN" --check-only "$@" 2>&1 \
+    | tee "$OUT/nf4_gemm_sm90_memcheck_${GPU_TAG:-h100}.txt"
+  status=${PIPESTATUS[0]}
+else
+  # stderr too: its "# running ..." lines name the case a hang or a fault happened in.
+  timeout -k 10 120 "$BIN" "$@" 2>&1 | tee "$OUT/nf4_gemm_sm90_check_${GPU_TAG:-h100}.json.txt"
+  status=${PIPESTATUS[0]}
+fi
+case "$status" in
+  124 | 137) echo "TIMEOUT: the program was killed (a hang, most likely a barrier wait that never completes)" ;;
+esac
+exit "$status"
