@@ -26,12 +26,13 @@ struct NF4GemmArgs {
   const float* nested_offset = nullptr;  // [1]
   int nested_log2 = 8;                   // log2 of the nested blocksize (blocks of 64 per nested scale)
   const __nv_bfloat16* bias = nullptr;   // [N] or nullptr
-  __nv_bfloat16* y = nullptr;            // [M, N] row-major
+  __nv_bfloat16* y = nullptr;            // [M, N] row-major, 16-byte aligned; y = T(sum + bias), one rounding
   int M = 0, N = 0, K = 0;
 };
 
-// Whether this device and these sizes are covered: compute capability 9.0 and a build with sm_90a code,
-// K % 64 == 0 (one quantization block a pipeline stage), N % 8 == 0 (16-byte output stores), M, N, K > 0.
+// Whether this device and these sizes are covered: compute capability 9.0, a build with sm_90a code and the driver's
+// tensor-map encoder; K % 64 == 0 (one quantization block a pipeline stage), N % 8 == 0 (16-byte output stores),
+// M, N, K > 0, aligned x, packed and y, and the double-quantization pointers where absmax is null.
 inline bool nf4_gemm_sm90_covers(const NF4GemmArgs& args);
 
 // Launches on `stream`. cudaErrorInvalidValue where nf4_gemm_sm90_covers is false.

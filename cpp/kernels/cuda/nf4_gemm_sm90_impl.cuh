@@ -25,7 +25,7 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
-#include <algorithm>
+#include <atomic>
 #include <mutex>
 
 #include "qlora/nf4.h"
@@ -392,12 +392,36 @@ inline bool encode_2d(CUtensorMap& map, CUtensorMapDataType type, const void* da
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// What a device offers this kernel, asked once per device: compute capability 9.0 and sm_90a machine code in this
+// binary (a plain sm_90 or PTX-only build compiles the kernel body down to a trap, a handful of registers), and the
+// dynamic shared memory limit raised for both kernels.
+inline bool device_ready() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};  // 0: not asked yet, 1: no, 2: yes
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (device < kMaxDevices && cache[device].load(std::memory_order_relaxed) != 0) {
+    return cache[device].load(std::memory_order_relaxed) == 2;
+  }
+  int major = 0, minor = 0;
+  cudaFuncAttributes attributes{};
+  const bool ready =
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess && major == 9 &&
+      minor == 0 && cudaFuncGetAttributes(&attributes, nf4_gemm_sm90_kernel<true>) == cudaSuccess &&
+      attributes.binaryVersion == 90 && attributes.numRegs > 32 &&
+      cudaFuncSetAttribute(nf4_gemm_sm90_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes) ==
+          cudaSuccess &&
+      cudaFuncSetAttribute(nf4_gemm_sm90_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes) ==
+          cudaSuccess &&
+      tensor_map_encoder() != nullptr;
+  if (device < kMaxDevices) cache[device].store(ready ? 2 : 1, std::memory_order_relaxed);
+  return ready;
+}
+
 template <bool kDoubleQuant>
 cudaError_t launch(const NF4GemmArgs& args, cudaStream_t stream) {
   constexpr auto kernel = nf4_gemm_sm90_kernel<kDoubleQuant>;
-  static const cudaError_t configured =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes);
-  if (configured != cudaSuccess) return configured;
   CUtensorMap x_map, code_map;
   if (!encode_2d(x_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, args.x, args.M, args.K, uint64_t(args.K) * 2, kTileM,
                  kStageK, CU_TENSOR_MAP_SWIZZLE_128B) ||
@@ -423,20 +447,10 @@ inline bool nf4_gemm_sm90_covers(const NF4GemmArgs& args) {
   }
   const bool double_quant = args.absmax == nullptr;
   if (double_quant && (args.absmax_codes == nullptr || args.nested_code == nullptr || args.nested_absmax == nullptr ||
-                       args.nested_offset == nullptr)) {
+                       args.nested_offset == nullptr || args.nested_log2 < 0 || args.nested_log2 > 30)) {
     return false;
   }
-  int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    return false;
-  }
-  if (major != 9 || minor != 0) return false;
-  // sm_90a machine code in this binary (a plain sm_90 or PTX-only build compiles the kernel body out)
-  cudaFuncAttributes attributes{};
-  return cudaFuncGetAttributes(&attributes, detail::nf4_gemm_sm90_kernel<true>) == cudaSuccess &&
-         attributes.binaryVersion == 90 && attributes.numRegs > 32;
+  return detail::device_ready();
 }
 
 inline cudaError_t nf4_gemm_sm90(const NF4GemmArgs& args, cudaStream_t stream) {
