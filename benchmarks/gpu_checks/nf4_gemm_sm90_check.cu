@@ -5,19 +5,27 @@
 // nf4_dequantize writes it; "PyTorch" is the same GEMM with bf16 output. PASS iff every output is finite and
 //   max|ours - ref| <= 2 * max|pytorch - ref| + 2^-7 * max|ref|.
 // Timing: median of 7 runs, each the mean of 10 back-to-back launches, ours and cuBLAS interleaved run by run.
-// stdout: one JSON object per line per check and timing, then a table. Exit 0: all ran cases passed; 1: a check
-// failed or the kernel reported an error; 2: a CUDA/cuBLAS error in the harness itself.
+// Probes (after a failed check, or alone with --probe): small exact problems (X = identity, W = a selector, W = its
+// scales) whose wrong outputs name where the kernel's data mapping goes wrong; see "Probes" below.
+// stdout: one JSON object per line per check, probe and timing, then a table. Exit 0: all ran cases passed; 1: a
+// check failed or the kernel reported an error (probes do not change it), or with --probe alone, a probe found
+// wrong elements; 2: a CUDA/cuBLAS error in the harness itself.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdarg>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <map>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "nf4_gemm_sm90.cuh"
@@ -353,6 +361,399 @@ bool check_case(Context& ctx, const Case& cs, uint64_t seed, int& ran, int& skip
   return correct;
 }
 
+// ---- Probes: WHERE the kernel's data mapping goes wrong, not only that it does. Each probe's inputs make every
+// output one nonzero product (or 64 equal ones), so the fp32 sum is exact in any order and each output must equal
+// the host's bit for bit (+0 and -0 aside); a wrong output's value is then looked up in the matrix it should have
+// come from, and where it does occur, relative to where it should, names the mapping error. Diagnostics: they run
+// after a failed check (the exit status still follows the checks), or alone with --probe.
+
+void to_device(void* dst, const void* src, size_t bytes, cudaStream_t stream) {
+  CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
+  CUDA_CHECK(cudaStreamSynchronize(stream));  // src is the caller's pageable memory
+}
+
+std::vector<uint16_t> to_host_bits(const bf16* src, size_t count, cudaStream_t stream) {
+  std::vector<uint16_t> out(count);
+  CUDA_CHECK(cudaMemcpyAsync(out.data(), src, count * sizeof(bf16), cudaMemcpyDeviceToHost, stream));
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  return out;
+}
+
+uint16_t bf16_bits(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+// Value equality: a NaN (0xFFFF, the unwritten marker, included) never matches; +0 matches -0, whose sign a
+// sum of zero products may set either way.
+bool same_value(uint16_t a, uint16_t b) { return host_bf16(a) == host_bf16(b); }
+
+// bf16(X W^T) on the host. Exact for the probes' inputs (every partial sum is representable), so the fp32 order
+// does not matter; it checks each probe's premise (below) as much as it gives the expected outputs.
+std::vector<uint16_t> host_gemm(const std::vector<uint16_t>& x, const std::vector<uint16_t>& w, int M, int N, int K) {
+  std::vector<uint16_t> y(size_t(M) * N);
+  for (int m = 0; m < M; ++m) {
+    for (int n = 0; n < N; ++n) {
+      float acc = 0.0f;
+      for (int k = 0; k < K; ++k) acc += host_bf16(x[size_t(m) * K + k]) * host_bf16(w[size_t(n) * K + k]);
+      y[size_t(m) * N + n] = bf16_bits(acc);
+    }
+  }
+  return y;
+}
+
+__attribute__((format(printf, 2, 3))) void appendf(std::string& out, const char* format, ...) {
+  char buffer[512];
+  va_list args;
+  va_start(args, format);
+  std::vsnprintf(buffer, sizeof buffer, format, args);
+  va_end(args);
+  out += buffer;
+}
+
+// The matrix a wrong output's value is looked up in (W, X or the block scales), indexed by value.
+struct Source {
+  std::string name, row, col, scope;      // e.g. "W", "n", "k", "W's n-tile"
+  int rows = 0, cols = 0, tile_rows = 0;  // lookups keep the expected row's tile of tile_rows rows (0: all rows)
+  std::vector<uint16_t> bits;             // [rows, cols] row-major
+  std::vector<std::pair<uint16_t, uint32_t>> by_bits;  // (bits, flat index), sorted
+};
+
+Source make_source(const char* name, const char* row, const char* col, const char* scope, std::vector<uint16_t> bits,
+                   int rows, int cols, int tile_rows) {
+  Source s{name, row, col, scope, rows, cols, tile_rows, std::move(bits), {}};
+  for (size_t i = 0; i < s.bits.size(); ++i) s.by_bits.emplace_back(s.bits[i], uint32_t(i));
+  std::sort(s.by_bits.begin(), s.by_bits.end());
+  return s;
+}
+
+// The positions (row, col) holding exactly `bits` in (row, col)'s tile, nearest first: the same row, then by distance.
+std::vector<std::pair<int, int>> find_in(const Source& s, uint16_t bits, int row, int col) {
+  const auto by_value = [](const std::pair<uint16_t, uint32_t>& a, const std::pair<uint16_t, uint32_t>& b) {
+    return a.first < b.first;
+  };
+  const auto range = std::equal_range(s.by_bits.begin(), s.by_bits.end(), std::make_pair(bits, 0u), by_value);
+  std::vector<std::pair<int, int>> found;
+  for (auto it = range.first; it != range.second; ++it) {
+    const int r = int(it->second / s.cols), c = int(it->second % s.cols);
+    if (s.tile_rows == 0 || r / s.tile_rows == row / s.tile_rows) found.emplace_back(r, c);
+  }
+  const auto distance = [&](const std::pair<int, int>& p) {
+    return std::make_tuple(p.first != row, std::abs(p.first - row), std::abs(p.second - col));
+  };
+  std::sort(found.begin(), found.end(), [&](const auto& a, const auto& b) { return distance(a) < distance(b); });
+  return found;
+}
+
+// A class of outputs to count wrong elements by, e.g. "n%16": 16 bins.
+struct Histogram {
+  const char* name;
+  int bins;
+  std::function<int(int m, int n)> bin;
+};
+
+struct ProbeRun {
+  std::string name, title;              // "weight"; what it shows, for people
+  int M = 0, N = 0, K = 0, kb = -1;     // kb: the scale probe's k-block
+  bool dq = false;
+  std::vector<uint16_t> y, expected;    // [M, N]: the kernel's (empty: not covered) and the host's
+  const Source* source = nullptr;
+  std::function<std::pair<int, int>(int m, int n)> expected_at;  // where Y[m][n]'s right value sits in the source
+  std::vector<Histogram> histograms;
+  bool examples_by_n = false;           // identical rows: spread the examples over n rather than m
+};
+
+// Y of the kernel on p (pre-filled with 0xFFFF, a NaN it never writes), or empty where the kernel does not cover p.
+std::vector<uint16_t> probe_output(Context& ctx, Problem& p, const std::string& name) {
+  DeviceBuffer<bf16> y(size_t(p.args.M) * p.args.N);
+  p.args.y = y.get();
+  if (!qlora::sm90::nf4_gemm_sm90_covers(p.args)) return {};
+  CUDA_CHECK(cudaMemsetAsync(y.get(), 0xFF, y.size() * sizeof(bf16), ctx.stream));
+  std::fprintf(stderr, "# running probe %s\n", name.c_str());
+  run_ours(p.args, ctx.stream, /*sync=*/true);
+  return to_host_bits(y.get(), y.size(), ctx.stream);
+}
+
+// Compares, classifies and prints one probe run (a JSON line, "#" lines, a table row). Returns its wrong count, or
+// -1 where the probe's own premise failed (a harness bug: its outputs would mislead, so none are judged).
+long long report_probe(Context& ctx, const ProbeRun& r) {
+  constexpr size_t kExamples = 16, kShown = 4, kMaxVoters = 64, kTopShifts = 6;
+  const Source& s = *r.source;
+  std::string head, row_label;
+  appendf(head, "\"kind\":\"probe\",\"probe\":\"%s\",\"M\":%d,\"N\":%d,\"K\":%d,\"mode\":\"%s\"", r.name.c_str(), r.M,
+          r.N, r.K, r.dq ? "dq" : "plain");
+  appendf(row_label, "probe %-10s %5d x %5d x %5d  %-5s", r.name.c_str(), r.M, r.N, r.K, r.dq ? "dq" : "plain");
+  if (r.kb >= 0) {
+    appendf(head, ",\"kb\":%d", r.kb);
+    appendf(row_label, " kb=%d", r.kb);
+  }
+  if (r.y.empty()) {
+    std::printf("{%s,\"skipped\":\"not covered\",\"device\":\"%s\"}\n", head.c_str(), ctx.device.c_str());
+    ctx.table.push_back(row_label + "  SKIP (not covered)");
+    return 0;
+  }
+  std::vector<size_t> wrong;
+  std::vector<std::vector<long long>> hist;
+  for (const Histogram& h : r.histograms) hist.emplace_back(h.bins, 0);
+  long long unwritten = 0, nonfinite = 0, zero = 0, nowhere = 0;
+  std::map<std::pair<int, int>, long long> shifts;  // (found - expected) position in the source -> votes
+  for (int m = 0; m < r.M; ++m) {
+    for (int n = 0; n < r.N; ++n) {
+      const size_t i = size_t(m) * r.N + n;
+      const auto [row, col] = r.expected_at(m, n);
+      const uint16_t closed_form = s.bits[size_t(row) * s.cols + col];
+      if (!same_value(r.expected[i], closed_form)) {  // the probe's own premise: the host GEMM is that one value
+        std::printf("{%s,\"error\":\"premise: host Y[%d][%d] = 0x%04x, not %s[%d][%d] = 0x%04x\",\"device\":\"%s\"}\n",
+                    head.c_str(), m, n, r.expected[i], s.name.c_str(), row, col, closed_form, ctx.device.c_str());
+        ctx.table.push_back(row_label + "  PROBE BUG (premise failed; see its JSON line)");
+        return -1;
+      }
+      const uint16_t got = r.y[i];
+      if (same_value(got, r.expected[i])) continue;
+      wrong.push_back(i);
+      for (size_t h = 0; h < hist.size(); ++h) ++hist[h][r.histograms[h].bin(m, n)];
+      const float v = host_bf16(got);
+      if (got == 0xFFFFu) {
+        ++unwritten;
+      } else if (!std::isfinite(v)) {
+        ++nonfinite;
+      } else if (v == 0.0f) {
+        ++zero;  // not looked up: zeros are everywhere in W, and an input a wrong mapping read as zero fill
+      } else {
+        const auto found = find_in(s, got, row, col);
+        if (found.empty()) ++nowhere;
+        // Every candidate votes for its displacement: a layout bug moves whole classes of elements by the same
+        // offsets, which then outvote the coincidences (a W block has only 16 distinct values in 64 places).
+        if (found.size() <= kMaxVoters)
+          for (const auto& [fr, fc] : found) ++shifts[{fr - row, fc - col}];
+      }
+    }
+  }
+  std::vector<std::pair<long long, std::pair<int, int>>> top;
+  for (const auto& [shift, votes] : shifts) top.push_back({votes, shift});
+  std::sort(top.begin(), top.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  if (top.size() > kTopShifts) top.resize(kTopShifts);
+
+  // Examples spread evenly over the wrong elements (over n first when the rows are all alike).
+  std::vector<size_t> order = wrong;
+  if (r.examples_by_n) {
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return a % r.N < b % r.N; });
+  }
+  std::vector<size_t> examples;
+  for (size_t e = 0; e < std::min(kExamples, order.size()); ++e)
+    examples.push_back(order[e * order.size() / kExamples]);
+
+  std::string json, human;
+  appendf(json, "{%s,\"elements\":%zu,\"wrong\":%zu,\"unwritten\":%lld,\"nonfinite\":%lld,\"zero\":%lld,"
+          "\"not_found\":%lld,\"hist\":{",
+          head.c_str(), r.y.size(), wrong.size(), unwritten, nonfinite, zero, nowhere);
+  for (size_t h = 0; h < hist.size(); ++h) {
+    appendf(json, "%s\"%s\":[", h ? "," : "", r.histograms[h].name);
+    for (size_t b = 0; b < hist[h].size(); ++b) appendf(json, "%s%lld", b ? "," : "", hist[h][b]);
+    json += "]";
+  }
+  json += "},\"shifts\":[";
+  for (size_t t = 0; t < top.size(); ++t) {
+    appendf(json, "%s{\"d%s\":%d,\"d%s\":%d,\"votes\":%lld}", t ? "," : "", s.row.c_str(), top[t].second.first,
+            s.col.c_str(), top[t].second.second, top[t].first);
+  }
+  json += "],\"examples\":[";
+  for (size_t e = 0; e < examples.size(); ++e) {
+    const int m = int(examples[e] / r.N), n = int(examples[e] % r.N);
+    const std::pair<int, int> right = r.expected_at(m, n);
+    const int row = right.first, col = right.second;  // (not a structured binding: the lambda below captures them)
+    const uint16_t got = r.y[examples[e]], want = r.expected[examples[e]];
+    const float v = host_bf16(got);
+    auto found = std::isfinite(v) && v != 0.0f ? find_in(s, got, row, col) : std::vector<std::pair<int, int>>{};
+    // The places whose displacement most wrong elements share first: the mapping's, not the coincidences.
+    const auto votes = [&](const std::pair<int, int>& at) {
+      const auto it = shifts.find({at.first - row, at.second - col});
+      return it == shifts.end() ? 0ll : it->second;
+    };
+    std::stable_sort(found.begin(), found.end(), [&](const auto& a, const auto& b) { return votes(a) > votes(b); });
+    appendf(json, "%s{\"m\":%d,\"n\":%d,\"got\":\"0x%04x\",\"want\":\"0x%04x\",\"matches\":%zu,\"at\":[", e ? "," : "",
+            m, n, got, want, found.size());
+    appendf(human, "#   Y[%d][%d] = %.6g (0x%04x), want %.6g (0x%04x) = %s[%d][%d]; ", m, n, v, got,
+            host_bf16(want), want, s.name.c_str(), row, col);
+    if (got == 0xFFFFu) human += "never written";
+    else if (!std::isfinite(v)) human += "non-finite";
+    else if (v == 0.0f) human += "zero, not looked up";
+    else if (found.empty()) appendf(human, "found nowhere in %s", s.scope.c_str());
+    else human += "found at";
+    for (size_t c = 0; c < std::min(kShown, found.size()); ++c) {
+      appendf(json, "%s[%d,%d]", c ? "," : "", found[c].first, found[c].second);
+      appendf(human, " %s[%d][%d]", s.name.c_str(), found[c].first, found[c].second);
+    }
+    if (!found.empty()) appendf(human, " (%zu in %s)", found.size(), s.scope.c_str());
+    json += "]}";
+    human += "\n";
+  }
+  appendf(json, "],\"device\":\"%s\"}", ctx.device.c_str());
+  std::printf("%s\n# probe %s: %s\n# probe %s: %zu of %zu wrong\n", json.c_str(), r.name.c_str(), r.title.c_str(),
+              r.name.c_str(), wrong.size(), r.y.size());
+  if (!wrong.empty()) {
+    std::printf("#   wrong values: %lld never written (0xffff), %lld other non-finite, %lld zero, "
+                "%lld found nowhere in %s\n", unwritten, nonfinite, zero, nowhere, s.scope.c_str());
+    for (size_t h = 0; h < hist.size(); ++h) {
+      std::printf("#   wrong by %-18s:", r.histograms[h].name);
+      for (long long count : hist[h]) std::printf(" %lld", count);
+      std::printf("\n");
+    }
+    std::printf("#   where the wrong values sit in %s, relative to the right %s[%s][%s], by votes (d%s, d%s):",
+                s.name.c_str(), s.name.c_str(), s.row.c_str(), s.col.c_str(), s.row.c_str(), s.col.c_str());
+    for (const auto& [votes, shift] : top) std::printf("  (%+d, %+d) %lld votes", shift.first, shift.second, votes);
+    std::printf("%s\n%s", top.empty() ? "  none" : "", human.c_str());
+  }
+  std::string result;
+  appendf(result, "  wrong %zu of %zu", wrong.size(), r.y.size());
+  if (!wrong.empty()) appendf(result, " (%lld unwritten, %lld zero)", unwritten, zero);
+  if (!top.empty()) {
+    appendf(result, "  top shift (d%s,d%s) = (%+d,%+d)", s.row.c_str(), s.col.c_str(), top[0].second.first,
+            top[0].second.second);
+  }
+  ctx.table.push_back(row_label + result + (wrong.empty() ? "  OK" : "  WRONG"));
+  return (long long)wrong.size();
+}
+
+using qlora::sm90::detail::kTileM;
+using qlora::sm90::detail::kTileN;
+
+// The probes' host-built inputs (bf16 as bits).
+constexpr uint16_t kOne = 0x3F80;  // 1.0
+
+std::vector<uint16_t> identity_x(int M, int K) {
+  std::vector<uint16_t> x(size_t(M) * K, 0);
+  for (int m = 0; m < std::min(M, K); ++m) x[size_t(m) * K + m] = kOne;
+  return x;
+}
+
+// Every value distinct and naming its place: sign = m % 2, exponent 52 + m / 2 (normal numbers from 2^-75 up, exact
+// through the products and the fp32 sum), mantissa = k. Needs K <= 128 and M <= 404.
+std::vector<uint16_t> activation_x(int M, int K) {
+  std::vector<uint16_t> x(size_t(M) * K);
+  for (int m = 0; m < M; ++m)
+    for (int k = 0; k < K; ++k) x[size_t(m) * K + k] = uint16_t((m & 1) << 15 | (52 + (m >> 1)) << 7 | k);
+  return x;
+}
+
+// Codes 7 (0.0) everywhere but 15 (1.0) at k = n % K: with scales 1, W[n][k] = (k == n % K).
+std::vector<uint8_t> selector_codes(int N, int K) {
+  std::vector<uint8_t> packed(size_t(N) * K / 2);
+  for (int n = 0; n < N; ++n)
+    for (int b = 0; b < K / 2; ++b)  // k = 2b in the high nibble, 2b + 1 in the low one
+      packed[size_t(n) * (K / 2) + b] = uint8_t((2 * b == n % K ? 0xF0 : 0x70) | (2 * b + 1 == n % K ? 0xF : 0x7));
+  return packed;
+}
+
+// X = 1 on k-block kb (k in [64 kb, 64 kb + 64)), 0 elsewhere, in every row.
+std::vector<uint16_t> block_x(int M, int K, int kb) {
+  std::vector<uint16_t> x(size_t(M) * K, 0);
+  for (int m = 0; m < M; ++m) std::fill_n(x.begin() + size_t(m) * K + 64 * kb, 64, kOne);
+  return x;
+}
+
+// 64 * W[n][64 b] for each block (n, b): with all codes 15, W[n][k] = bf16(scale(n, k / 64)), and a bf16 times 64
+// is exact, so this is the block's whole sum.
+std::vector<uint16_t> block_sums(const std::vector<uint16_t>& w, int N, int K) {
+  std::vector<uint16_t> sums(size_t(N) * (K / 64));
+  for (int n = 0; n < N; ++n)
+    for (int b = 0; b < K / 64; ++b)
+      sums[size_t(n) * (K / 64) + b] = bf16_bits(64.0f * host_bf16(w[size_t(n) * K + 64 * b]));
+  return sums;
+}
+
+// The probes' classes of outputs (the kernel's: 16-row fragments, 64-row warpgroups, 128-row n-tiles, 256-row m-tiles).
+Histogram by_n(const char* name, int divisor, int modulus) {
+  return {name, modulus / divisor, [=](int, int n) { return n % modulus / divisor; }};
+}
+Histogram by_m(const char* name, int divisor, int modulus) {
+  return {name, modulus / divisor, [=](int m, int) { return m % modulus / divisor; }};
+}
+
+// 1. The weight's mapping: X = identity (M = K), so Y[m][n] must be W[n][m], with random codes and double-quantized
+// scales. K = 192: three k-stages, i.e. both register sets and the odd tail; N = 256: two n-tiles.
+long long probe_weight(Context& ctx) {
+  constexpr int M = 192, N = 256, K = M;
+  Problem p;
+  make_problem(p, M, N, K, /*double_quant=*/true, /*with_bias=*/false, 0x9B0BE000ull, ctx.stream);
+  const std::vector<uint16_t> x = identity_x(M, K);
+  to_device(p.x.get(), x.data(), x.size() * 2, ctx.stream);
+  const std::vector<uint16_t> w = to_host_bits(p.w.get(), p.w.size(), ctx.stream);
+  const Source source = make_source("W", "n", "k", "W's n-tile", w, N, K, kTileN);
+  ProbeRun r;
+  r.name = "weight", r.title = "X = identity, so Y[m][n] must be W[n][m] (m is k here)";
+  r.M = M, r.N = N, r.K = K, r.dq = true, r.source = &source;
+  r.expected = host_gemm(x, w, M, N, K);
+  r.expected_at = [](int m, int n) { return std::make_pair(n, m); };
+  r.histograms = {by_m("k%16", 1, 16),      by_m("k%64/16 (slice)", 16, 64), by_m("k/64 (stage)", 64, K),
+                  by_n("n%16", 1, 16),      by_n("n%64/16 (warp)", 16, 64),  by_n("n%128/64 (wgroup)", 64, kTileN),
+                  by_n("n/128 (n-tile)", kTileN, N)};
+  r.y = probe_output(ctx, p, r.name);
+  return report_probe(ctx, r);
+}
+
+// 2. The activation's mapping: W selects k = n % K (plain scales, all 1), so Y[m][n] must be X[m][n % K], with X's
+// values unique (activation_x). M = 300: a second, partial m-tile.
+long long probe_activation(Context& ctx) {
+  constexpr int M = 300, N = 256, K = 128;
+  Problem p;
+  make_problem(p, M, N, K, /*double_quant=*/false, /*with_bias=*/false, 0xAC71000ull, ctx.stream);
+  const std::vector<uint16_t> x = activation_x(M, K);
+  const std::vector<uint8_t> packed = selector_codes(N, K);
+  const std::vector<float> ones(p.absmax.size(), 1.0f);
+  to_device(p.x.get(), x.data(), x.size() * 2, ctx.stream);
+  to_device(p.packed.get(), packed.data(), packed.size(), ctx.stream);
+  to_device(p.absmax.get(), ones.data(), ones.size() * sizeof(float), ctx.stream);
+  dequantize_reference<<<grid_for(p.w.size()), 256, 0, ctx.stream>>>(p.args, p.w.get());
+  CUDA_CHECK(cudaGetLastError());
+  const std::vector<uint16_t> w = to_host_bits(p.w.get(), p.w.size(), ctx.stream);
+  const Source source = make_source("X", "m", "k", "X", x, M, K, 0);  // values unique: all of X
+  ProbeRun r;
+  r.name = "activation", r.title = "W selects k = n % 128, so Y[m][n] must be X[m][n % 128] (X's values unique)";
+  r.M = M, r.N = N, r.K = K, r.dq = false, r.source = &source;
+  r.expected = host_gemm(x, w, M, N, K);
+  r.expected_at = [](int m, int n) { return std::make_pair(m, n % K); };
+  r.histograms = {by_m("m%16", 1, 16), by_m("m%256/64", 64, kTileM), by_m("m/256 (m-tile)", kTileM, 2 * kTileM),
+                  by_n("n%16", 1, 16), by_n("n%128/64 (wgroup)", 64, kTileN)};
+  r.y = probe_output(ctx, p, r.name);
+  return report_probe(ctx, r);
+}
+
+// 3. The block scales' indexing: all codes 15 (W = its scales) and X = 1 on k-block kb only, so Y[m][n] must be
+// 64 * scale(n, kb) (64 equal bf16 terms: exact in fp32, and a bf16 again), for kb = 0, 1 and the last, in one
+// scale mode. K = 448: 7 k-blocks, so the 5-stage ring wraps and the last block is the odd tail. Returns the runs
+// that found wrong elements (or failed their premise).
+int probe_scales(Context& ctx, bool dq) {
+  constexpr int M = 64, N = 256, K = 448;
+  Problem p;
+  make_problem(p, M, N, K, dq, /*with_bias=*/false, dq ? 0x5CA1E000ull : 0x5CA1E001ull, ctx.stream);
+  CUDA_CHECK(cudaMemsetAsync(p.packed.get(), 0xFF, p.packed.size(), ctx.stream));
+  dequantize_reference<<<grid_for(p.w.size()), 256, 0, ctx.stream>>>(p.args, p.w.get());
+  CUDA_CHECK(cudaGetLastError());
+  const std::vector<uint16_t> w = to_host_bits(p.w.get(), p.w.size(), ctx.stream);
+  const Source source = make_source("64*scale", "n", "kb", "the n-tile's scales", block_sums(w, N, K), N, K / 64,
+                                    kTileN);
+  int failing = 0;
+  for (const int kb : {0, 1, K / 64 - 1}) {
+    const std::vector<uint16_t> x = block_x(M, K, kb);
+    to_device(p.x.get(), x.data(), x.size() * 2, ctx.stream);
+    ProbeRun r;
+    r.name = "scale";
+    appendf(r.title, "codes all 15, X = 1 on k-block %d only, so Y[m][n] must be 64 * scale(n, %d)", kb, kb);
+    r.M = M, r.N = N, r.K = K, r.kb = kb, r.dq = dq, r.source = &source, r.examples_by_n = true;
+    r.expected = host_gemm(x, w, M, N, K);
+    r.expected_at = [kb](int, int n) { return std::make_pair(n, kb); };
+    r.histograms = {by_n("n%16", 1, 16), by_n("n%64/16 (warp)", 16, 64), by_n("n%128/64 (wgroup)", 64, kTileN),
+                    by_n("n/128 (n-tile)", kTileN, N)};
+    r.y = probe_output(ctx, p, "scale " + std::string(dq ? "dq" : "plain") + " kb=" + std::to_string(kb));
+    failing += report_probe(ctx, r) != 0;
+  }
+  return failing;
+}
+
+// All probes (8 runs); returns how many found wrong elements (or failed their premise).
+int run_probes(Context& ctx) {
+  int failing = (probe_weight(ctx) != 0) + (probe_activation(ctx) != 0);
+  for (const bool dq : {true, false}) failing += probe_scales(ctx, dq);
+  return failing;
+}
+
 // Timing of one M x N x K shape (double quantization, no bias): ours against the bf16 cuBLAS GEMM on the
 // dequantized weight, the dense route's GEMM alone (its dequantization pass is not counted: the bar is the GEMM).
 void time_shape(Context& ctx, int M, int N, int K, uint64_t seed) {
@@ -408,24 +809,28 @@ void time_shape(Context& ctx, int M, int N, int K, uint64_t seed) {
 }
 
 struct Options {
-  bool check = true, time = true, time_anyway = false;
+  bool check = true, time = true, time_anyway = false, probe = false;
   int time_m = 2048;
   std::vector<std::pair<int, int>> shapes{{4096, 4096}, {14336, 4096}, {4096, 14336}, {28672, 8192}};
 };
 
 [[noreturn]] void usage(const char* argv0) {
-  std::fprintf(stderr, "usage: %s [--check-only | --time-only] [--time-anyway] [--shapes NxK,...] [--m M]\n", argv0);
+  std::fprintf(stderr, "usage: %s [--check-only | --time-only] [--time-anyway] [--probe] [--shapes NxK,...] [--m M]\n"
+               "  --probe alone runs only the probes; with --check-only or --time-only, those as well\n", argv0);
   std::exit(2);
 }
 
 Options parse(int argc, char** argv) {
   Options o;
+  bool mode_given = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--check-only") {
-      o.time = false;
+      o.time = false, mode_given = true;
     } else if (arg == "--time-only") {
-      o.check = false;
+      o.check = false, mode_given = true;
+    } else if (arg == "--probe") {
+      o.probe = true;
     } else if (arg == "--time-anyway") {
       o.time_anyway = true;
     } else if (arg == "--m" && i + 1 < argc) {
@@ -447,6 +852,7 @@ Options parse(int argc, char** argv) {
     }
   }
   if (!o.check && !o.time) usage(argv[0]);
+  if (o.probe && !mode_given) o.check = o.time = false;  // --probe alone: the probes only
   return o;
 }
 
@@ -478,6 +884,8 @@ int main(int argc, char** argv) {
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; ++c)
       all_passed &= check_case(ctx, cases[c], 0x5EED0000ull + c, ran, skipped);
   }
+  int probes_failing = 0;
+  if (opt.probe || !all_passed) probes_failing = run_probes(ctx);  // before the timings: a hang there loses nothing
   if (opt.time && (all_passed || opt.time_anyway)) {
     for (size_t s = 0; s < opt.shapes.size(); ++s)
       time_shape(ctx, opt.time_m, opt.shapes[s].first, opt.shapes[s].second, 0x7143E000ull + s);
@@ -487,7 +895,18 @@ int main(int argc, char** argv) {
 
   std::printf("\nnf4_gemm_sm90 on %s\n", prop.name);
   for (const std::string& line : ctx.table) std::printf("%s\n", line.c_str());
-  std::printf("RESULT: %s (%d checks ran, %d skipped as not covered)\n", all_passed ? "PASS" : "FAIL", ran, skipped);
+  const bool probes_only = !opt.check && !opt.time;
+  if (probes_only) {  // --probe alone: the probes decide
+    all_passed = probes_failing == 0;
+    std::printf("RESULT: %s (probes only: %d of 8 runs found wrong elements)\n", all_passed ? "PASS" : "FAIL",
+                probes_failing);
+  } else {
+    if (opt.probe || !all_passed) {
+      std::printf("PROBES: %d of 8 runs found wrong elements (diagnostics: the exit status follows the checks)\n",
+                  probes_failing);
+    }
+    std::printf("RESULT: %s (%d checks ran, %d skipped as not covered)\n", all_passed ? "PASS" : "FAIL", ran, skipped);
+  }
   CUBLAS_CHECK(cublasDestroy(ctx.handle));
   CUDA_CHECK(cudaStreamDestroy(ctx.stream));
   return all_passed ? 0 : 1;
