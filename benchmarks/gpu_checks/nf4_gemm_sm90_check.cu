@@ -866,6 +866,12 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
   std::fprintf(stderr, "# device %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
+  {  // what nf4_gemm_sm90_covers reads: a "not covered" on every case is explained here
+    cudaFuncAttributes attributes{};
+    CUDA_CHECK(cudaFuncGetAttributes(&attributes, qlora::sm90::detail::nf4_gemm_sm90_kernel<true>));
+    std::fprintf(stderr, "# kernel: binaryVersion %d, %d registers, %zu bytes static shared\n",
+                 attributes.binaryVersion, attributes.numRegs, attributes.sharedSizeBytes);
+  }
   Context ctx;
   ctx.device = json_escape(prop.name);
   CUDA_CHECK(cudaStreamCreateWithFlags(&ctx.stream, cudaStreamNonBlocking));

@@ -40,7 +40,7 @@ fi
 rm -rf "$probe"
 
 echo "building $BIN (sm_90a; ptxas report in $BUILD_LOG)"
-nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icpp/include -Icpp/kernels/cuda -Xptxas -v \
+nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DQLORA_SM90_WATCHDOG=1 -Icpp/include -Icpp/kernels/cuda -Xptxas -v \
   -o "$BIN" benchmarks/gpu_checks/nf4_gemm_sm90_check.cu "${CUBLAS_FLAGS[@]}" >"$BUILD_LOG" 2>&1
 build_status=$?
 # The kernel under test's entries only (the harness's own kernels live in an anonymous namespace, _GLOBAL__N_),
