@@ -316,14 +316,19 @@ __global__ void __maxnreg__(kMaxRegisters)
     load_scale_inputs(set_tag, kb + 2);
     mbar_wait(full0 + 8 * s, (kb / kStages) & 1);
     const unsigned char* const codes = smem + kCodeOffset + s * kCodeStageBytes;
+    // the two rows' 32 code bytes of the stage (16-byte reads; the 4 t-lanes of a row read the same bytes)
+    const uint4 row0_lo = *reinterpret_cast<const uint4*>(codes + row0 * 32);
+    const uint4 row0_hi = *reinterpret_cast<const uint4*>(codes + row0 * 32 + 16);
+    const uint4 row1_lo = *reinterpret_cast<const uint4*>(codes + (row0 + 8) * 32);
+    const uint4 row1_hi = *reinterpret_cast<const uint4*>(codes + (row0 + 8) * 32 + 16);
+    const uint32_t words0[8] = {row0_lo.x, row0_lo.y, row0_lo.z, row0_lo.w, row0_hi.x, row0_hi.y, row0_hi.z, row0_hi.w};
+    const uint32_t words1[8] = {row1_lo.x, row1_lo.y, row1_lo.z, row1_lo.w, row1_hi.x, row1_hi.y, row1_hi.z, row1_hi.w};
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {  // slice j: bytes 8j + t (k 16j + 2t) and 8j + 4 + t (k 16j + 8 + 2t)
-      const uint2 w0 = *reinterpret_cast<const uint2*>(codes + row0 * 32 + 8 * j);
-      const uint2 w1 = *reinterpret_cast<const uint2*>(codes + (row0 + 8) * 32 + 8 * j);
-      a[set][j][0] = dequantize_byte(table_lane, w0.x, selector, scale0);
-      a[set][j][1] = dequantize_byte(table_lane, w1.x, selector, scale1);
-      a[set][j][2] = dequantize_byte(table_lane, w0.y, selector, scale0);
-      a[set][j][3] = dequantize_byte(table_lane, w1.y, selector, scale1);
+    for (int j = 0; j < 4; ++j) {  // slice j: byte t of word 2j (k 16j + 2t) and of word 2j + 1 (k 16j + 8 + 2t)
+      a[set][j][0] = dequantize_byte(table_lane, words0[2 * j], selector, scale0);
+      a[set][j][1] = dequantize_byte(table_lane, words1[2 * j], selector, scale1);
+      a[set][j][2] = dequantize_byte(table_lane, words0[2 * j + 1], selector, scale0);
+      a[set][j][3] = dequantize_byte(table_lane, words1[2 * j + 1], selector, scale1);
     }
     fence_registers(a[set]);
     wgmma_fence();
