@@ -61,18 +61,6 @@ constexpr int kEpilogueBytes = 2 * kTileM * kStageRowElems * 2;
 static_assert(kEpilogueBytes <= kStages * kXStageBytes, "the epilogue reuses the X stages");
 static_assert(kSharedBytes <= 227 * 1024, "one CTA a SM");
 
-struct Params {
-  const float* absmax;
-  const uint8_t* absmax_codes;
-  const float* nested_code;
-  const float* nested_absmax;
-  const float* nested_offset;
-  int nested_log2;
-  const __nv_bfloat16* bias;
-  __nv_bfloat16* y;
-  int M, N, K;
-};
-
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define QLORA_SM90_DEVICE 1
 #else
@@ -214,7 +202,7 @@ struct RegisterSet {
 template <bool kDoubleQuant>
 __global__ void __maxnreg__(kMaxRegisters)
     nf4_gemm_sm90_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map,
-                         const Params p) {
+                         const NF4GemmArgs p) {  // (x and packed arrive through the tensor maps)
 #if QLORA_SM90_DEVICE
   extern __shared__ unsigned char shared_raw[];
   __shared__ float nf4_values[16];
@@ -455,10 +443,8 @@ cudaError_t launch(const NF4GemmArgs& args, cudaStream_t stream) {
                  kTileN, kStageK / 2, CU_TENSOR_MAP_SWIZZLE_NONE)) {
     return cudaErrorInvalidValue;
   }
-  const Params params{args.absmax, args.absmax_codes, args.nested_code, args.nested_absmax, args.nested_offset,
-                      args.nested_log2, args.bias, args.y, args.M, args.N, args.K};
   const dim3 grid((args.M + kTileM - 1) / kTileM, (args.N + kTileN - 1) / kTileN);
-  kernel<<<grid, kThreads, kSharedBytes, stream>>>(x_map, code_map, params);
+  kernel<<<grid, kThreads, kSharedBytes, stream>>>(x_map, code_map, args);
   return cudaGetLastError();
 }
 
