@@ -3,11 +3,15 @@
 // Yᵀ = W Xᵀ with W as the register operand of wgmma (A: the consumers dequantize straight into fragment registers,
 // so the dequantized weight never touches shared memory) and X as the shared-memory operand (B: TMA, 128-byte
 // swizzle, K-major, the layout wgmma reads as is). A CTA computes a tile of 128 W rows x 256 X rows:
-//   - warps 0-7: two consumer warpgroups, 64 W rows each (the wgmma's M), 128 fp32 accumulators a thread
-//     (m64n256), 4 wgmma a 64-k stage;
-//   - warp 8: the producer, one lane issuing each stage's two TMA copies (X: 256 rows x 64 k, 32 KB; the codes:
-//     128 rows x 32 bytes, 4 KB) on the stage's full barrier.
-// No warp specialisation of registers (setmaxnreg) is needed: 288 threads leave 224 registers a thread.
+//   - 256 threads, two warpgroups, 64 W rows each (the wgmma's M), 128 fp32 accumulators a thread (m64n256),
+//     4 wgmma a 64-k stage;
+//   - thread 0 also issues each stage's two TMA copies (X: 256 rows x 64 k, 32 KB; the codes: 128 rows x 32 bytes,
+//     4 KB) on the stage's full barrier: the first kStages before the loop, then in stage kb the refill of the slot
+//     that stage kb - 2 read (retired by every warp one stage earlier, so the wait is short).
+// No producer warp: the register file is split among the SM's four sub-partitions (16K registers each) and a
+// warp takes its registers from one of them, so a ninth warp puts three warps of 224 registers (21.5K) on one
+// sub-partition and the launch fails (cudaErrorLaunchOutOfResources, seen on the H100; ptxas' 168-register choice
+// under __launch_bounds__(288, 1) was this limit). Eight warps, two a sub-partition, may use up to 255.
 //
 // Dequantization is exact: the weight is T(nf4[c] * s), the product in fp32 rounded once to bf16, as
 // nf4_dequantize writes it, so the kernel's error is that of a bf16 GEMM on the dequantized weight. A lane holds
@@ -19,7 +23,7 @@
 // Pipelining: the A registers of stage kb are read by its wgmmas asynchronously, so the consumer loop is unrolled
 // by two stages with two register sets: stage kb + 1 is dequantized while stage kb's wgmmas run, and
 // wgmma.wait_group 1 after committing kb + 1 frees kb's set and X stage (then the warp arrives on kb's empty
-// barrier for the producer).
+// barrier, from which thread 0 refills it).
 #pragma once
 
 #include <cuda.h>
@@ -39,11 +43,10 @@ constexpr int kTileM = 256;                           // X rows a CTA: the wgmma
 constexpr int kStageK = 64;                           // one quantization block of each row
 constexpr int kStages = 5;
 constexpr int kConsumerWarps = 8;
-constexpr int kThreads = (kConsumerWarps + 1) * 32;   // + the producer warp
-// 288 threads leave 227 registers a thread; ptxas under __launch_bounds__(288, 1) allocated only 168 (as for 384
-// threads), which serialised the wgmmas, so the cap is given directly.
-constexpr int kMaxRegisters = 224;
-static_assert(kMaxRegisters * kThreads <= 65536, "one CTA a SM");
+constexpr int kThreads = kConsumerWarps * 32;
+// Two warps a sub-partition (16K registers each): up to 255 registers a thread (the accumulators alone take 128).
+constexpr int kMaxRegisters = 255;
+static_assert(((kMaxRegisters + 7) / 8 * 8) * 32 * ((kConsumerWarps + 3) / 4) <= 16384, "registers a sub-partition");
 constexpr int kXStageBytes = kTileM * kStageK * 2;    // 32 KB
 constexpr int kCodeStageBytes = kTileN * kStageK / 2; // 4 KB: 128 rows x 32 bytes
 constexpr int kTableCopies = 16;
@@ -200,7 +203,7 @@ struct RegisterSet {
 #endif  // QLORA_SM90_DEVICE
 
 template <bool kDoubleQuant>
-__global__ void __maxnreg__(kMaxRegisters)
+__global__ void __launch_bounds__(kThreads, 1)
     nf4_gemm_sm90_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map,
                          const NF4GemmArgs p) {  // (x and packed arrive through the tensor maps)
 #if QLORA_SM90_DEVICE
@@ -218,7 +221,7 @@ __global__ void __maxnreg__(kMaxRegisters)
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full0 + 8 * s, 1);                 // the producer's arrive (with the stage's bytes)
+      mbar_init(full0 + 8 * s, 1);                 // thread 0's arrive (with the stage's bytes)
       mbar_init(empty0 + 8 * s, kConsumerWarps);  // one arrive a consumer warp
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -237,20 +240,18 @@ __global__ void __maxnreg__(kMaxRegisters)
   }
   __syncthreads();
 
-  if (warp == kConsumerWarps) {  // the producer
-    if (lane == 0) {
-      for (int kb = 0; kb < n_k; ++kb) {
-        const int s = kb % kStages;
-        if (kb >= kStages) mbar_wait(empty0 + 8 * s, ((kb / kStages) - 1) & 1);
-        mbar_arrive_expect_tx(full0 + 8 * s, kXStageBytes + kCodeStageBytes);
-        tma_load_2d(base + kXOffset + s * kXStageBytes, &x_map, full0 + 8 * s, kb * kStageK, m0);
-        tma_load_2d(base + kCodeOffset + s * kCodeStageBytes, &code_map, full0 + 8 * s, kb * (kStageK / 2), n0);
-      }
-    }
-    return;  // (no CTA-wide barrier follows: the epilogue's are the consumers' own)
+  // Stage kb's copies into slot kb % kStages, issued by thread 0 (whose warp computes too).
+  auto issue_copies = [&](int kb) {
+    const int s = kb % kStages;
+    mbar_arrive_expect_tx(full0 + 8 * s, kXStageBytes + kCodeStageBytes);
+    tma_load_2d(base + kXOffset + s * kXStageBytes, &x_map, full0 + 8 * s, kb * kStageK, m0);
+    tma_load_2d(base + kCodeOffset + s * kCodeStageBytes, &code_map, full0 + 8 * s, kb * (kStageK / 2), n0);
+  };
+  if (tid == 0) {
+    for (int kb = 0; kb < kStages && kb < n_k; ++kb) issue_copies(kb);
   }
 
-  // The consumers. Lane (g, t) of warp w in warpgroup wg holds tile rows row0 = 64 wg + 16 (w % 4) + g and
+  // Lane (g, t) of warp w in warpgroup wg holds tile rows row0 = 64 wg + 16 (w % 4) + g and
   // row0 + 8 of W (the A fragment's rows), and after the loop their outputs for X rows 8c + 2t, 8c + 2t + 1.
   const int wg = warp >> 2, g = lane >> 2, t = lane & 3;
   const int row0 = wg * 64 + (warp & 3) * 16 + g;
@@ -327,6 +328,13 @@ __global__ void __maxnreg__(kMaxRegisters)
     wgmma_wait<1>();  // stage kb - 1's wgmmas are done: its register set and its stage are free
     fence_registers(a[set ^ 1]);
     if (kb > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((kb - 1) % kStages));
+    // Refill the slot of stage kb - 2 (every warp arrived on it during stage kb - 1) with stage kb - 2 + kStages.
+    const int refill = kb - 2 + kStages;
+    if (tid == 0 && kb >= 2 && refill < n_k) {
+      mbar_wait(empty0 + 8 * ((kb - 2) % kStages), ((kb - 2) / kStages) & 1);
+      issue_copies(refill);
+    }
+    __syncwarp();  // warp 0 whole again before the next stage's warpgroup-wide (.aligned) wgmma instructions
   };
 
   fence_registers(acc);
