@@ -103,6 +103,15 @@ def bench_case(N, K, M, dtype, device, bnb, bnbf, env):
     # linear". Since the route stops at NF4_GEMM_ROUTE_MAX_ROWS, the kernel is timed by its op.)
     weights = weight_copies(q, device)
     t_ours = time_route(x, weights, device)
+    # The dense route (dequantize + linear) that the fused ones replace, past the GEMV's rows.
+    t_dense = t_ours if route == ops.ROUTE_DENSE else None
+    if t_dense is None and M > ops.NF4_GEMV_MAX_ROWS:
+        switches = (ops.NF4_GEMM_ENABLED, ops.NF4_GEMM_SM90_ENABLED)
+        ops.NF4_GEMM_ENABLED = ops.NF4_GEMM_SM90_ENABLED = False
+        try:
+            t_dense = time_route(x, weights, device)
+        finally:
+            ops.NF4_GEMM_ENABLED, ops.NF4_GEMM_SM90_ENABLED = switches
     t_gemm = None
     if gemm_kernel_serves(x, q):
         if route == ops.ROUTE_GEMM:
@@ -149,6 +158,9 @@ def bench_case(N, K, M, dtype, device, bnb, bnbf, env):
         "tflops": round(2 * M * N * K / (t_ours * 1e-6) / 1e12, 2),
         "bf16_cublas_us": round(t_bf16, 3),
         "speedup_vs_bf16": round(speedup, 3),
+        "dense_route_us": round(t_dense, 3) if t_dense else None,
+        "dense_route_speedup_vs_bf16": round(t_bf16 / t_dense, 3) if t_dense else None,
+        "hopper_kernel": bool(M >= ops.nf4_gemm_sm90_min_rows() >= 1 and ops.nf4_gemm_sm90_applies(x, q)),
         "nf4_gemm_us": round(t_gemm, 3) if t_gemm else None,
         "nf4_gemm_speedup_vs_bf16": round(t_bf16 / t_gemm, 3) if t_gemm else None,
         "bar_vs_bf16": BARS.get(M),
@@ -161,16 +173,17 @@ def bench_case(N, K, M, dtype, device, bnb, bnbf, env):
 def print_table(results) -> None:
     print()
     print(f"{'N x K':>13} {'M':>5} {'route':>20} {'ours us':>9} {'TFLOP/s':>8} {'bf16 us':>9} {'x bf16':>7} "
-          f"{'bar':>5} {'gemm xbf16':>9} {'bnb us':>9} {'x bnb':>6} ok")  # fmt: skip
+          f"{'bar':>5} {'gemm xbf16':>9} {'dense xbf16':>11} {'bnb us':>9} {'x bnb':>6} ok")  # fmt: skip
     for r in results:
         bnb_us = f"{r['bnb_us']:9.2f}" if r["bnb_us"] else f"{'-':>9}"
         x_bnb = f"{r['speedup_vs_bnb']:6.2f}" if r["speedup_vs_bnb"] else f"{'-':>6}"
         x_deq = f"{r['nf4_gemm_speedup_vs_bf16']:9.2f}" if r["nf4_gemm_speedup_vs_bf16"] else f"{'-':>9}"
+        x_dense = f"{r['dense_route_speedup_vs_bf16']:11.2f}" if r["dense_route_speedup_vs_bf16"] else f"{'-':>11}"
         bar = f"{r['bar_vs_bf16']:.2f}" if r["bar_vs_bf16"] else "-"
         verdict = ("PASS" if r["meets_bar"] else "MISS") if r["meets_bar"] is not None else ""
         print(
             f"{r['shape_NK'][0]:>6}x{r['shape_NK'][1]:<6} {r['M']:>5} {r['route']:>20} {r['median_us']:9.2f} "
-            f"{r['tflops']:8.2f} {r['bf16_cublas_us']:9.2f} {r['speedup_vs_bf16']:7.2f} {bar:>5} {x_deq} "
+            f"{r['tflops']:8.2f} {r['bf16_cublas_us']:9.2f} {r['speedup_vs_bf16']:7.2f} {bar:>5} {x_deq} {x_dense} "
             f"{bnb_us} {x_bnb} {'yes' if r['correct'] else 'NO'} {verdict}"
         )
 
@@ -181,7 +194,13 @@ def main(argv=None) -> int:
     parser.add_argument("--m", type=int, nargs="+", help="rows of x (default: 1 16 17 64 128 256 2048)")
     parser.add_argument("--shapes", type=str, help="N1xK1,N2xK2,... (default: the Llama-3-8B set)")
     parser.add_argument("--tiny", action="store_true", help="one small shape, a few M; runs on the CPU too")
+    parser.add_argument("--sm90", action="store_true",
+                        help="switch nf4_gemm's Hopper kernel on (route and op, from 65 rows) whatever the defaults")
     args = parser.parse_args(argv)
+    if args.sm90:
+        ops.NF4_GEMM_SM90_ENABLED = True
+        if ops.nf4_gemm_sm90_min_rows() >= 1:
+            ops.set_nf4_gemm_sm90_min_rows(ops.NF4_GEMM_ROUTE_MAX_ROWS + 1)
     device = "cuda" if torch.cuda.is_available() and qlora_ext.build_info()["with_cuda"] else "cpu"
     if device == "cpu" and not args.tiny:
         print("needs a CUDA GPU and a CUDA build of qlora_ext (or --tiny for a CPU smoke run)", file=sys.stderr)

@@ -28,6 +28,8 @@
 #     bash benchmarks/gpu_checks/run.sh build x_ahead      # ring32 with x one item ahead: tests, memcheck, A/B
 #     bash benchmarks/gpu_checks/run.sh build gemv_scaling # M = 1 GEMV time against weight size: fixed cost vs stream rate
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90          # the Hopper NF4 GEMM's standalone check and M = 2048 timing
+#     bash benchmarks/gpu_checks/run.sh build sm90_route   # nf4_gemm's Hopper kernel in the library: tests, memcheck,
+#                                                          # the routes at M 65..2048 against dense and bf16 cuBLAS
 #     bash benchmarks/gpu_checks/run.sh build timeline     # the CuPy ring's per-warp timeline at M = 1 (imports qlora_ext)
 #     bash benchmarks/gpu_checks/run.sh build ring32       # variant "ring32" (M <= 16): tests, sanitizers, A/B
 #     bash benchmarks/gpu_checks/run.sh build ring32_stages # ring32 around one tile a SM: tests, memcheck, A/B
@@ -438,6 +440,16 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # cost goes (warp starts, tables, first arrival, arrivals, tile end) in ring2_c3 and ring3
       STEP_TIMEOUT=200 TAIL=12 step ring_timeline "$PY" benchmarks/gpu_checks/ring_timeline.py \
         --out "$OUT/ring_timeline_${GPU_TAG:-h100}.json"
+      ;;
+    sm90_route)
+      # session 28: nf4_gemm's Hopper kernel in the library (past 64 rows, bf16, blocksize 64): its tests and the
+      # tiled kernel's, memcheck on its tests, then the routes at M 65..2048 against the dense route and bf16 cuBLAS
+      STEP_TIMEOUT=200 TAIL=4 step sm90_tests "$PY" -m pytest -n 12 -q -p no:cacheprovider -rfE \
+        tests/test_nf4_gemm_sm90.py tests/test_nf4_gemm.py
+      STEP_TIMEOUT=150 TAIL=3 step sm90_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest \
+        -q -p no:cacheprovider -m "not not_under_sanitizer" tests/test_nf4_gemm_sm90.py -k "matches_reference and 1000x1024"
+      STEP_TIMEOUT=200 step sm90_bench "$PY" benchmarks/bench_nf4_gemm.py --sm90 --m 65 128 256 512 1024 2048 \
+        --out "$OUT/nf4_gemm_sm90_route_${GPU_TAG:-h100}.json"
       ;;
     x_ahead)
       # session 26: ring32 with x one item ahead (the only form now; the M <= 4 ring's, variant "ring_xpf" then, was

@@ -92,6 +92,30 @@ PYBIND11_MODULE(_C, m) {
     (void)enabled;
 #endif
   });
+  // The Hopper NF4 GEMM (kernels_cuda.h): whether the current device runs it (compute capability 9.0 and this
+  // build's sm_90a code), and the fewest rows for which nf4_gemm takes it (benchmarks and tests move it).
+  m.def("_nf4_gemm_sm90_ready", []() {
+#if defined(QLORA_WITH_CUDA)
+    return qlora::nf4_gemm_sm90_cuda_device_ready();
+#else
+    return false;
+#endif
+  });
+  m.def("_nf4_gemm_sm90_min_rows", []() {
+#if defined(QLORA_WITH_CUDA)
+    return qlora::nf4_gemm_sm90_min_rows();
+#else
+    return int64_t(0);
+#endif
+  });
+  m.def("_set_nf4_gemm_sm90_min_rows", [](int64_t rows) {
+#if defined(QLORA_WITH_CUDA)
+    if (qlora::nf4_gemm_set_sm90_min_rows(rows)) return;
+    throw std::invalid_argument("rows must be >= 1, got " + std::to_string(rows));
+#else
+    throw std::invalid_argument("rows: this qlora_ext build has no CUDA kernels (got " + std::to_string(rows) + ")");
+#endif
+  });
   m.def("_set_nf4_gemv_variant", [](int variant) {
 #if defined(QLORA_WITH_CUDA)
     if (qlora::nf4_gemv_cuda_set_variant(variant)) return;

@@ -3,6 +3,7 @@
 #include <c10/core/DeviceGuard.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 namespace qlora_torch {
@@ -295,7 +296,8 @@ NF4GemvArgs check_nf4_gemm(const at::Tensor& x, const at::Tensor& packed, const 
                            const std::optional<at::Tensor>& nested_code,
                            const std::optional<at::Tensor>& nested_offset,
                            int64_t nested_blocksize) {
-  return check_nf4_product("nf4_gemm", qlora::kNF4GemmMaxRows,
+  // Any number of rows: past the kernels' ranges the op dequantizes and multiplies (ops_cuda.cpp).
+  return check_nf4_product("nf4_gemm", std::numeric_limits<int64_t>::max(),
                            "nf4_dequantize and a matrix product", x, packed, absmax, blocksize,
                            weight_shape, bias, nested_absmax, nested_code, nested_offset,
                            nested_blocksize);

@@ -123,7 +123,7 @@ NF4GemvArgs check_nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const 
                            const std::optional<at::Tensor>& nested_code,
                            const std::optional<at::Tensor>& nested_offset,
                            int64_t nested_blocksize);
-// The same checks for nf4_gemm: at most qlora::kNF4GemmMaxRows rows.
+// The same checks for nf4_gemm, which takes any number of rows.
 NF4GemvArgs check_nf4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                            int64_t blocksize, c10::SymIntArrayRef weight_shape,
                            const std::optional<at::Tensor>& bias,

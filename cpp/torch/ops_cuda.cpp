@@ -181,10 +181,19 @@ at::Tensor nf4_gemm_cuda(const at::Tensor& x, const at::Tensor& packed, const at
   qlora::NF4Scales scales = a.weight.scales();
   scales.nested_blocksize = nested_blocksize;
   const uint8_t* codes = a.weight.packed.data_ptr<uint8_t>();
+  if (a.M >= qlora::nf4_gemm_sm90_min_rows() &&
+      qlora::nf4_gemm_sm90_cuda_supported(a.type, a.M, a.N, a.K, blocksize, scales, a.x.data_ptr(), codes)) {
+    at::Tensor y = at::empty({a.M, a.N}, x.options());
+    check_launch(qlora::nf4_gemm_sm90_cuda(a.x.data_ptr(), a.type, a.M, a.K, codes, scales, blocksize, a.N,
+                                           a.bias.defined() ? a.bias.data_ptr() : nullptr, y.data_ptr(),
+                                           at::cuda::getCurrentCUDAStream()),
+                 "nf4_gemm (Hopper)");
+    return y.view(a.out_shape);
+  }
   if (!qlora::nf4_gemm_cuda_supported(a.type, a.M, a.N, a.K, a.x.data_ptr(), codes)) {
-    // fp32, K % 64 != 0, misaligned data or a pre-Ampere GPU: dequantize to x's dtype and let
-    // cuBLAS multiply (the tensor-core kernel has no path for these; cuBLAS is not available to
-    // the torch-free kernels).
+    // fp32, K % 64 != 0, misaligned data, a pre-Ampere GPU, or more than kNF4GemmMaxRows rows where the
+    // Hopper kernel does not apply: dequantize to x's dtype and let cuBLAS multiply (the tensor-core kernels
+    // have no path for these; cuBLAS is not available to the torch-free kernels).
     at::Tensor w = at::empty({a.N, a.K}, x.options());
     check_launch(qlora::nf4_dequantize_cuda(codes, scales, a.N * a.K, blocksize, w.data_ptr(),
                                             a.type, at::cuda::getCurrentCUDAStream()),

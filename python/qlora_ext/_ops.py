@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NF4_GEMV_MAX_ROWS = 16  # largest prod(x.shape[:-1]) that nf4_gemv takes (decode-sized batches)
-NF4_GEMM_MAX_ROWS = 256  # largest prod(x.shape[:-1]) that nf4_gemm takes (prefill-sized batches)
+NF4_GEMM_MAX_ROWS = 256  # largest prod(x.shape[:-1]) of nf4_gemm's tiled kernel (the op itself takes any)
 NF4_GEMM_K_MULTIPLE = 64  # nf4_gemm's tensor-core path needs K % 64 == 0 (else it dequantizes)
 
 # Whether `linear_route` may pick nf4_gemm, for 17..NF4_GEMM_ROUTE_MAX_ROWS rows; off, those take
@@ -35,6 +35,12 @@ NF4_GEMM_K_MULTIPLE = 64  # nf4_gemm's tensor-core path needs K % 64 == 0 (else 
 # batches keep dequantize + cuBLAS.
 NF4_GEMM_ENABLED = True
 NF4_GEMM_ROUTE_MAX_ROWS = 64
+
+# Whether `linear_route` may pick nf4_gemm past NF4_GEMM_ROUTE_MAX_ROWS rows where the op runs its Hopper kernel
+# (compute capability 9.0 and a build with sm_90a code; bf16 x, blocksize 64, N % 8 == 0, K % 64 == 0:
+# `nf4_gemm_sm90_applies`). Off, those rows take dequantize + linear. Off until the kernel has run on a GPU
+# (session 28); `nf4_gemm_sm90_min_rows` is off (never) in the library until then too.
+NF4_GEMM_SM90_ENABLED = False
 
 ROUTE_GEMV = "nf4_gemv"
 ROUTE_GEMM = "nf4_gemm"
@@ -305,6 +311,46 @@ def _weight_args(weight: NF4Weight) -> tuple:
     )  # fmt: skip
 
 
+_NF4_GEMM_SM90_READY: dict[int, bool] = {}
+
+
+@torch.compiler.assume_constant_result
+def _nf4_gemm_sm90_ready(device_index: int) -> bool:
+    # Asked once per device (the answer cannot change in a process); a constant for torch.compile, so that a
+    # compiled route reads it too.
+    ready = _NF4_GEMM_SM90_READY.get(device_index)
+    if ready is None:
+        lib = native()
+        with torch.cuda.device(device_index):
+            ready = bool(lib.with_cuda and lib._nf4_gemm_sm90_ready())
+        _NF4_GEMM_SM90_READY[device_index] = ready
+    return ready
+
+
+def nf4_gemm_sm90_applies(x: torch.Tensor, weight: NF4Weight) -> bool:
+    """Whether nf4_gemm runs `x · deq(weight)ᵀ` with its Hopper kernel (past `nf4_gemm_sm90_min_rows()` rows): x
+    bf16 on a compute capability 9.0 device, a build with sm_90a code, blocksize 64, N % 8 == 0, K % 64 == 0.
+    Reads shapes, dtypes and (once per device) the device's capability, never tensor values."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and weight.blocksize == 64 and len(weight.shape) == 2):
+        return False
+    n, k = weight.shape
+    if n % 8 != 0 or k % NF4_GEMM_K_MULTIPLE != 0:
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _nf4_gemm_sm90_ready(index)
+
+
+def nf4_gemm_sm90_min_rows() -> int:
+    """The fewest rows for which nf4_gemm takes its Hopper kernel where it applies (0 in a build without CUDA)."""
+    return int(native()._nf4_gemm_sm90_min_rows())
+
+
+def set_nf4_gemm_sm90_min_rows(rows: int) -> None:
+    """Move `nf4_gemm_sm90_min_rows` (process-wide): fewer rows than this take the tiled kernel (<= 256 rows) or
+    dequantize + cuBLAS inside nf4_gemm. For benchmarks and tests that compare the kernels."""
+    native()._set_nf4_gemm_sm90_min_rows(int(rows))
+
+
 def linear_route(
     x: torch.Tensor,
     weight: NF4Weight,
@@ -317,8 +363,9 @@ def linear_route(
     The fused ops serve inference (x on CUDA, fp16/bf16, bias absent or in x's dtype, no gradient
     needed for x, bias or the tensors in `trainable`, a layer's adapters): `nf4_gemv` for at most
     16 rows (decode), `nf4_gemm` for 17..NF4_GEMM_ROUTE_MAX_ROWS (64) rows with K % 64 == 0
-    (prefill chunks; switch: NF4_GEMM_ENABLED). Everything else dequantizes and calls cuBLAS, which wins once the product
-    is compute-bound. Reads only shapes, dtypes and flags, never tensor values, so a CUDA graph
+    (prefill chunks; switch: NF4_GEMM_ENABLED) and for more rows where its Hopper kernel applies
+    (`nf4_gemm_sm90_applies`; switch: NF4_GEMM_SM90_ENABLED). Everything else dequantizes and calls cuBLAS, which
+    wins once the product is compute-bound. Reads only shapes, dtypes and flags, never tensor values, so a CUDA graph
     capture decides exactly as eager execution does. Logs the route at debug level on the
     "qlora_ext" logger, as "<caller>: <route> (...)".
     """
@@ -337,6 +384,8 @@ def linear_route(
         route = ROUTE_GEMV
     elif (fusable and NF4_GEMM_ENABLED and rows <= min(NF4_GEMM_ROUTE_MAX_ROWS, NF4_GEMM_MAX_ROWS)
           and weight.shape[1] % NF4_GEMM_K_MULTIPLE == 0):  # fmt: skip
+        route = ROUTE_GEMM
+    elif fusable and NF4_GEMM_SM90_ENABLED and rows > NF4_GEMM_ROUTE_MAX_ROWS and nf4_gemm_sm90_applies(x, weight):
         route = ROUTE_GEMM
     if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
         logger.debug(
@@ -426,7 +475,7 @@ def grouped_gemv_compatible(weights: Sequence[NF4Weight]) -> bool:
 
 
 def nf4_gemm_weight(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`nf4_gemm` with the weight given as an NF4Weight [N, K] (no routing: x must have <= 256 rows)."""
+    """`nf4_gemm` with the weight given as an NF4Weight [N, K] (no routing; any number of rows)."""
     packed, absmax, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_bs = _weight_args(weight)
     return _ops().nf4_gemm(x, packed, absmax, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_bs)
 
@@ -563,7 +612,7 @@ def register_fakes() -> None:
         return fake
 
     torch.library.register_fake("qlora_ext::nf4_gemv", _nf4_product_fake("nf4_gemv", NF4_GEMV_MAX_ROWS))
-    torch.library.register_fake("qlora_ext::nf4_gemm", _nf4_product_fake("nf4_gemm", NF4_GEMM_MAX_ROWS))
+    torch.library.register_fake("qlora_ext::nf4_gemm", _nf4_product_fake("nf4_gemm", math.inf))
 
     def _gemv_setup_context(ctx, inputs, output):
         x, packed, absmax, blocksize, weight_shape, bias, nested_absmax, nested_code, nested_offset, nested_bs = inputs

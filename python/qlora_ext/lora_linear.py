@@ -407,8 +407,7 @@ def nf4_lora_decode(
     scale: float,
     x_lora: Tensor | None = None,
 ) -> Tensor:
-    """Inference-only `nf4_lora_linear` for decode- and prefill-sized x (at most 256 rows; no
-    autograd).
+    """Inference-only `nf4_lora_linear` where `linear_route` picks a fused op (no autograd).
 
     y = nf4_gemv(x, W) (+ bias) (nf4_gemm above 16 rows), then y += scale·(x_lora·Aᵀ)·Bᵀ with A, B
     in x's dtype, as the training op computes it: three kernels per layer (the fused GEMV, one thin GEMM, one addmm

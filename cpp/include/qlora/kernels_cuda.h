@@ -101,6 +101,23 @@ cudaError_t nf4_gemm_cuda(const void* x, FloatType type, int64_t M, int64_t K, c
                           const NF4Scales& scales, int64_t blocksize, int64_t N, const void* bias,
                           void* y, float* workspace, cudaStream_t stream);
 
+// nf4_gemm_sm90.cu: the Hopper NF4 GEMM (wgmma with the weight dequantized into registers, TMA for x;
+// docs/nf4_gemm_sm90.md), the same product as nf4_gemm_cuda for bf16 x, blocksize 64, K % 64 == 0, N % 8 == 0,
+// 16-byte aligned x, packed and y (y is checked at launch), any M. It exists where the build has sm_90a code (CMake:
+// 90 in the architecture list); elsewhere supported() is false. device_ready: the current device is compute
+// capability 9.0 and this build has the kernel's sm_90a code (asked once per device, then cached).
+bool nf4_gemm_sm90_cuda_device_ready();
+bool nf4_gemm_sm90_cuda_supported(FloatType type, int64_t M, int64_t N, int64_t K, int64_t blocksize,
+                                  const NF4Scales& scales, const void* x, const uint8_t* packed);
+cudaError_t nf4_gemm_sm90_cuda(const void* x, FloatType type, int64_t M, int64_t K, const uint8_t* packed,
+                               const NF4Scales& scales, int64_t blocksize, int64_t N, const void* bias, void* y,
+                               cudaStream_t stream);
+// nf4_gemm_cuda.cu: the fewest rows for which the torch op nf4_gemm takes the Hopper kernel where it is supported
+// (below: the tiled mma kernel up to kNF4GemmMaxRows rows, then dequantize + cuBLAS). Process-wide; tests and
+// benchmarks move it to reach either kernel. set returns false (and changes nothing) for rows < 1.
+int64_t nf4_gemm_sm90_min_rows();
+bool nf4_gemm_set_sm90_min_rows(int64_t rows);
+
 // blockwise8_cuda.cu: x [n] fp32 -> codes [n] uint8, absmax [ceil(n/blocksize)] fp32, of
 // x - *offset when offset (a device pointer to one fp32) is given. code_map is a device pointer
 // to the 256-entry sorted map.

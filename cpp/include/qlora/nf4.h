@@ -135,8 +135,8 @@ QLORA_HOST_DEVICE float nf4_block_scale(const NF4Scales& s, int64_t b) {
 #endif
 }
 
-// Largest M (rows of x) of the tiled NF4 GEMM (nf4_gemm); above it a dequantized weight and a
-// dense GEMM win (the 4-bit read no longer dominates).
+// Largest M (rows of x) of the tiled NF4 GEMM (nf4_gemm_cuda's mma kernel); above it the op takes the Hopper
+// kernel where it applies, else a dequantized weight and a dense GEMM (the 4-bit read no longer dominates).
 constexpr int64_t kNF4GemmMaxRows = 256;
 
 // Quantize blocks [block_begin, block_end) of x (n elements of `type`). Writes the bytes of those

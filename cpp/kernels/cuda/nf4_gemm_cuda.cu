@@ -38,6 +38,8 @@
 // the codes 16-byte aligned. The torch layer routes every other case to nf4_dequantize + a matrix
 // product (cuBLAS is not available to this torch-free library).
 #include <algorithm>
+#include <atomic>
+#include <limits>
 
 #include "cuda_common.cuh"
 #include "cp_async.cuh"
@@ -390,7 +392,32 @@ cudaError_t launch_mma(const T* x, int64_t M, const uint8_t* packed, const NF4Sc
   return cudaGetLastError();
 }
 
+// From this many rows nf4_gemm takes the Hopper kernel (kernels_cuda.h). Off (never) until the kernel has run on a
+// GPU: benchmarks and tests set it.
+std::atomic<int64_t> g_sm90_min_rows{std::numeric_limits<int64_t>::max()};
+
 }  // namespace
+
+int64_t nf4_gemm_sm90_min_rows() { return g_sm90_min_rows.load(std::memory_order_relaxed); }
+
+bool nf4_gemm_set_sm90_min_rows(int64_t rows) {
+  if (rows < 1) return false;
+  g_sm90_min_rows.store(rows, std::memory_order_relaxed);
+  return true;
+}
+
+#if !defined(QLORA_WITH_SM90_GEMM)
+// This build has no sm_90a code (no 90 in its architecture list): the Hopper kernel supports nothing.
+bool nf4_gemm_sm90_cuda_device_ready() { return false; }
+bool nf4_gemm_sm90_cuda_supported(FloatType, int64_t, int64_t, int64_t, int64_t, const NF4Scales&, const void*,
+                                  const uint8_t*) {
+  return false;
+}
+cudaError_t nf4_gemm_sm90_cuda(const void*, FloatType, int64_t, int64_t, const uint8_t*, const NF4Scales&, int64_t,
+                               int64_t, const void*, void*, cudaStream_t) {
+  return cudaErrorInvalidValue;
+}
+#endif
 
 bool nf4_gemm_cuda_supported(FloatType type, int64_t M, int64_t N, int64_t K, const void* x,
                              const uint8_t* packed) {
