@@ -175,11 +175,10 @@ def test_cuda_takes_the_tensor_core_kernel(tiled_kernel_only):
     assert not any("nf4_gemm_mma_kernel" in n for n in names), names
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")
-def test_cuda_graph_capture():
-    # Prefill chunks may run inside a captured graph: the op must capture (after one warm-up call
-    # that sets the kernel's shared-memory limit) and replay to the same result.
-    x, weight, bias = make_case("cuda", torch.bfloat16, 64, 256, 4096)
+def check_cuda_graph_capture(M, N, K):
+    """Prefill chunks may run inside a captured graph: nf4_gemm must capture (after one warm-up call that sets the
+    kernel's shared-memory limit) and replay to the result of the graph's x, not the captured one."""
+    x, weight, bias = make_case("cuda", torch.bfloat16, M, N, K)
     expected = gemm(x, weight, bias)
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
@@ -194,6 +193,11 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     assert torch.equal(out, gemm(x, weight, bias))
     assert not torch.equal(out, expected)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and GPU")
+def test_cuda_graph_capture():
+    check_cuda_graph_capture(64, 256, 4096)
 
 
 def test_cpu_kernel_is_registered():
@@ -283,7 +287,9 @@ def _expected_route(device, dtype, M, K):
     if M <= min(ops.NF4_GEMM_ROUTE_MAX_ROWS, ops.NF4_GEMM_MAX_ROWS) and K % ops.NF4_GEMM_K_MULTIPLE == 0:
         return ops.ROUTE_GEMM
     hopper = dtype == torch.bfloat16 and K % 64 == 0 and torch.cuda.get_device_capability()[0] == 9
-    if ops.NF4_GEMM_SM90_ENABLED and hopper and ops.native()._nf4_gemm_sm90_ready():  # N = 24: N % 8 == 0
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    # N = 24 in these cases (N % 8 == 0): one column of tiles, too few to fill a GPU, so never the Hopper kernel
+    if ops.NF4_GEMM_SM90_ENABLED and hopper and ops.native()._nf4_gemm_sm90_ready() and ops.nf4_gemm_sm90_wins(M, 24, sms):
         return ops.ROUTE_GEMM
     return ops.ROUTE_DENSE
 

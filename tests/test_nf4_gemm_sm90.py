@@ -7,12 +7,15 @@ the route on, whatever the defaults). Same tolerance as tests/test_nf4_gemm.py. 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from qlora_ext import ops
 from train_helpers import cuda_kernel_names
 
+from test_nf4_gemm import check_cuda_graph_capture, gemm
 from test_nf4_gemv import HAS_CUDA, assert_close_to_reference, make_case, opcheck_op
 
 pytest.importorskip("qlora_ext._C", reason="the compiled extension is not built")
@@ -28,11 +31,6 @@ def _hopper_ready() -> bool:
 HOPPER = _hopper_ready()
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU and a build with sm_90a code")
 KERNEL = "nf4_gemm_sm90_kernel"
-
-
-def gemm(x, weight, bias=None):
-    packed, absmax, blocksize, shape, nested_absmax, nested_code, nested_offset, nested_bs = ops._weight_args(weight)
-    return ops.nf4_gemm(x, packed, absmax, blocksize, shape, bias, nested_absmax, nested_code, nested_offset, nested_bs)
 
 
 @pytest.fixture(autouse=True)
@@ -157,21 +155,7 @@ def test_misaligned_x_takes_another_path():
 
 @needs_hopper
 def test_cuda_graph_capture():
-    x, weight, bias = make_case("cuda", torch.bfloat16, 512, 256, 1024)
-    expected = gemm(x, weight, bias)
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        gemm(x, weight, bias)
-        with torch.cuda.graph(graph):
-            out = gemm(x, weight, bias)
-    torch.cuda.current_stream().wait_stream(stream)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, gemm(x, weight, bias))
-    assert not torch.equal(out, expected)
+    check_cuda_graph_capture(512, 256, 1024)
 
 
 @needs_hopper
@@ -185,27 +169,71 @@ def test_opcheck():
 # ---- the route ---------------------------------------------------------------------------------
 
 
+def filling_n(rows: int) -> int:
+    """The fewest W rows (a multiple of 128) whose tiles, at `rows` rows of x, fill the GPU enough for the route."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles_needed = math.ceil(ops.NF4_GEMM_SM90_MIN_SM_FILL * sms)
+    return 128 * math.ceil(tiles_needed / math.ceil(rows / 256))
+
+
 @needs_hopper
-def test_linear_forward_routes_large_batches_here(monkeypatch):
-    x, weight, bias = make_case("cuda", torch.bfloat16, 300, 136, 512)
+def test_linear_forward_routes_batches_that_fill_the_gpu_here(monkeypatch):
+    n = filling_n(300)
+    x, weight, bias = make_case("cuda", torch.bfloat16, 300, n, 64)
     assert ops.linear_route(x, weight, bias) == ops.ROUTE_GEMM
     assert_close_to_reference(ops.nf4_linear_forward(x, weight, bias), x, weight, bias)
     monkeypatch.setattr(ops, "NF4_GEMM_SM90_ENABLED", False)
     assert ops.linear_route(x, weight, bias) == ops.ROUTE_DENSE
     monkeypatch.setattr(ops, "NF4_GEMM_SM90_ENABLED", True)
     assert ops.linear_route(x.half(), weight, bias.half()) == ops.ROUTE_DENSE
-    assert ops.linear_route(x.requires_grad_(True), weight, bias) == ops.ROUTE_DENSE
+    with torch.enable_grad():
+        assert ops.linear_route(x.clone().requires_grad_(True), weight, bias) == ops.ROUTE_DENSE
+    # too few tiles (N - 128 rows), too many rows: the dense route
+    few, weight_few, _ = make_case("cuda", torch.bfloat16, 300, n - 128, 64)
+    assert ops.linear_route(few, weight_few) == ops.ROUTE_DENSE
+    many = torch.randn(ops.NF4_GEMM_SM90_ROUTE_MAX_ROWS + 1, 64, device="cuda", dtype=torch.bfloat16)
+    assert ops.linear_route(many, weight) == ops.ROUTE_DENSE
+
+
+@needs_hopper
+def test_checkpointed_layers_keep_the_dense_route():
+    # A checkpointed layer's first forward runs without a graph; it must leave what its recomputation reuses
+    from qlora_ext import checkpointing
+
+    x, weight, bias = make_case("cuda", torch.bfloat16, 300, filling_n(300), 64)
+    with torch.no_grad(), checkpointing._in_phase(("forward", 1), {}):
+        assert ops.linear_route(x, weight, bias) == ops.ROUTE_DENSE
+    with torch.no_grad():
+        assert ops.linear_route(x, weight, bias) == ops.ROUTE_GEMM
 
 
 @needs_hopper
 def test_compiled_route():
-    x, weight, bias = make_case("cuda", torch.bfloat16, 300, 32, 256)
+    x, weight, bias = make_case("cuda", torch.bfloat16, 300, filling_n(300), 64)
+    assert ops.linear_route(x, weight, bias) == ops.ROUTE_GEMM
 
     def f(x, bias):
         return ops.nf4_linear_forward(x, weight, bias) * 2
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, bias), f(x, bias))
+
+
+def test_wins_where_tiles_fill_the_gpu():
+    # The route's rule on its own (no GPU needed): past the tiled kernel's rows, at most
+    # NF4_GEMM_SM90_ROUTE_MAX_ROWS, and at least NF4_GEMM_SM90_MIN_SM_FILL of the SMs' worth of 128 x 256 tiles.
+    sms = 132
+    needed = math.ceil(ops.NF4_GEMM_SM90_MIN_SM_FILL * sms)
+    rows = 300  # two tiles of x rows
+    n_fill = 128 * math.ceil(needed / 2)
+    assert ops.nf4_gemm_sm90_wins(rows, n_fill, sms)
+    assert not ops.nf4_gemm_sm90_wins(rows, n_fill - 128, sms)
+    assert ops.nf4_gemm_sm90_wins(rows, n_fill - 127, sms)  # a partial tile counts
+    assert not ops.nf4_gemm_sm90_wins(ops.NF4_GEMM_ROUTE_MAX_ROWS, 10**6, sms)
+    assert ops.nf4_gemm_sm90_wins(ops.NF4_GEMM_ROUTE_MAX_ROWS + 1, 10**6, sms)
+    assert ops.nf4_gemm_sm90_wins(ops.NF4_GEMM_SM90_ROUTE_MAX_ROWS, 10**6, sms)
+    assert not ops.nf4_gemm_sm90_wins(ops.NF4_GEMM_SM90_ROUTE_MAX_ROWS + 1, 10**6, sms)
+    assert not ops.nf4_gemm_sm90_wins(rows, n_fill, 2 * sms)
 
 
 def test_applies_only_to_its_domain():

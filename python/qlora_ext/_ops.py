@@ -38,9 +38,16 @@ NF4_GEMM_ROUTE_MAX_ROWS = 64
 
 # Whether `linear_route` may pick nf4_gemm past NF4_GEMM_ROUTE_MAX_ROWS rows where the op runs its Hopper kernel
 # (compute capability 9.0 and a build with sm_90a code; bf16 x, blocksize 64, N % 8 == 0, K % 64 == 0:
-# `nf4_gemm_sm90_applies`). Off, those rows take dequantize + linear. Off until the kernel has run on a GPU
-# (session 28); `nf4_gemm_sm90_min_rows` is off (never) in the library until then too.
-NF4_GEMM_SM90_ENABLED = False
+# `nf4_gemm_sm90_applies`) and beats dequantize + cuBLAS (`nf4_gemm_sm90_wins`). Off, those rows take dequantize +
+# linear. Measured on the H100 (session 28, bench_nf4_gemm.py --sm90, nf4_gemm_sm90_route_h100.json, the four 8B
+# shapes, M 128-2048): the kernel is ~0.82-0.93x bf16 cuBLAS where its 128 x 256 tiles fill the SMs, and the dense
+# route pays the dequantization (14336x4096, M 256: 56.8 against 110 µs; 28672x8192, M 1024: 838 against 927);
+# with few tiles (N = 4096 below M = 1024: 32-64 CTAs on 132 SMs) or past 1,024 rows (cuBLAS at ~0.97 of peak
+# against the kernel's ~0.85) the dense route is faster (4096x4096, M 2048: 121.7 against 117.4 µs).
+NF4_GEMM_SM90_ENABLED = True
+NF4_GEMM_SM90_ROUTE_MAX_ROWS = 1024
+NF4_GEMM_SM90_MIN_SM_FILL = 0.75  # CTAs (128 W rows x 256 x rows each) against the SM count, at the least
+
 
 ROUTE_GEMV = "nf4_gemv"
 ROUTE_GEMM = "nf4_gemm"
@@ -311,20 +318,21 @@ def _weight_args(weight: NF4Weight) -> tuple:
     )  # fmt: skip
 
 
-_NF4_GEMM_SM90_READY: dict[int, bool] = {}
+_NF4_GEMM_SM90_SMS: dict[int, int] = {}
 
 
 @torch.compiler.assume_constant_result
-def _nf4_gemm_sm90_ready(device_index: int) -> bool:
-    # Asked once per device (the answer cannot change in a process); a constant for torch.compile, so that a
-    # compiled route reads it too.
-    ready = _NF4_GEMM_SM90_READY.get(device_index)
-    if ready is None:
+def _nf4_gemm_sm90_sms(device_index: int) -> int:
+    # The device's SM count where it runs the Hopper kernel, else 0. Asked once per device (the answer cannot
+    # change in a process); a constant for torch.compile, so that a compiled route reads it too.
+    sms = _NF4_GEMM_SM90_SMS.get(device_index)
+    if sms is None:
         lib = native()
         with torch.cuda.device(device_index):
             ready = bool(lib.with_cuda and lib._nf4_gemm_sm90_ready())
-        _NF4_GEMM_SM90_READY[device_index] = ready
-    return ready
+        sms = torch.cuda.get_device_properties(device_index).multi_processor_count if ready else 0
+        _NF4_GEMM_SM90_SMS[device_index] = sms
+    return sms
 
 
 def nf4_gemm_sm90_applies(x: torch.Tensor, weight: NF4Weight) -> bool:
@@ -336,8 +344,20 @@ def nf4_gemm_sm90_applies(x: torch.Tensor, weight: NF4Weight) -> bool:
     n, k = weight.shape
     if n % 8 != 0 or k % NF4_GEMM_K_MULTIPLE != 0:
         return False
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return _nf4_gemm_sm90_ready(index)
+    return _sm_count(x) > 0
+
+
+def _sm_count(x: torch.Tensor) -> int:
+    return _nf4_gemm_sm90_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+def nf4_gemm_sm90_wins(rows: int, n: int, sm_count: int) -> bool:
+    """Whether the Hopper kernel beats dequantize + cuBLAS for `rows` x [n, K] on `sm_count` SMs: past the tiled
+    kernel's rows, at most NF4_GEMM_SM90_ROUTE_MAX_ROWS, and enough 128 x 256 tiles to fill
+    NF4_GEMM_SM90_MIN_SM_FILL of the SMs (measurements: NF4_GEMM_SM90_ENABLED's comment)."""
+    tiles = _ceil_div(n, 128) * _ceil_div(rows, 256)
+    return (NF4_GEMM_ROUTE_MAX_ROWS < rows <= NF4_GEMM_SM90_ROUTE_MAX_ROWS
+            and tiles >= NF4_GEMM_SM90_MIN_SM_FILL * sm_count)  # fmt: skip
 
 
 def nf4_gemm_sm90_min_rows() -> int:
@@ -349,6 +369,16 @@ def set_nf4_gemm_sm90_min_rows(rows: int) -> None:
     """Move `nf4_gemm_sm90_min_rows` (process-wide): fewer rows than this take the tiled kernel (<= 256 rows) or
     dequantize + cuBLAS inside nf4_gemm. For benchmarks and tests that compare the kernels."""
     native()._set_nf4_gemm_sm90_min_rows(int(rows))
+
+
+def outside_checkpointing() -> bool:
+    """Whether no checkpointed layer is running its first forward or its recomputation (checkpointing.phase();
+    assumed under torch.compile, which does not trace into the thread-local phase)."""
+    if torch.compiler.is_compiling():
+        return True
+    from . import checkpointing
+
+    return checkpointing.phase() is None
 
 
 def linear_route(
@@ -363,9 +393,10 @@ def linear_route(
     The fused ops serve inference (x on CUDA, fp16/bf16, bias absent or in x's dtype, no gradient
     needed for x, bias or the tensors in `trainable`, a layer's adapters): `nf4_gemv` for at most
     16 rows (decode), `nf4_gemm` for 17..NF4_GEMM_ROUTE_MAX_ROWS (64) rows with K % 64 == 0
-    (prefill chunks; switch: NF4_GEMM_ENABLED) and for more rows where its Hopper kernel applies
-    (`nf4_gemm_sm90_applies`; switch: NF4_GEMM_SM90_ENABLED). Everything else dequantizes and calls cuBLAS, which
-    wins once the product is compute-bound. Reads only shapes, dtypes and flags, never tensor values, so a CUDA graph
+    (prefill chunks; switch: NF4_GEMM_ENABLED) and for up to 1,024 rows where its Hopper kernel applies and fills
+    the GPU (`nf4_gemm_sm90_applies`, `nf4_gemm_sm90_wins`; switch: NF4_GEMM_SM90_ENABLED), outside checkpointed
+    layers (whose first forward runs without a graph but must leave what the recomputation reuses). Everything
+    else dequantizes and calls cuBLAS, which wins once the product is compute-bound. Reads only shapes, dtypes and flags, never tensor values, so a CUDA graph
     capture decides exactly as eager execution does. Logs the route at debug level on the
     "qlora_ext" logger, as "<caller>: <route> (...)".
     """
@@ -385,7 +416,9 @@ def linear_route(
     elif (fusable and NF4_GEMM_ENABLED and rows <= min(NF4_GEMM_ROUTE_MAX_ROWS, NF4_GEMM_MAX_ROWS)
           and weight.shape[1] % NF4_GEMM_K_MULTIPLE == 0):  # fmt: skip
         route = ROUTE_GEMM
-    elif fusable and NF4_GEMM_SM90_ENABLED and rows > NF4_GEMM_ROUTE_MAX_ROWS and nf4_gemm_sm90_applies(x, weight):
+    elif (fusable and NF4_GEMM_SM90_ENABLED and NF4_GEMM_ROUTE_MAX_ROWS < rows <= NF4_GEMM_SM90_ROUTE_MAX_ROWS
+          and outside_checkpointing() and nf4_gemm_sm90_applies(x, weight)
+          and nf4_gemm_sm90_wins(rows, weight.shape[0], _sm_count(x))):  # fmt: skip
         route = ROUTE_GEMM
     if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
         logger.debug(

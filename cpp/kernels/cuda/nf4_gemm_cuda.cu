@@ -392,9 +392,11 @@ cudaError_t launch_mma(const T* x, int64_t M, const uint8_t* packed, const NF4Sc
   return cudaGetLastError();
 }
 
-// From this many rows nf4_gemm takes the Hopper kernel (kernels_cuda.h). Off (never) until the kernel has run on a
-// GPU: benchmarks and tests set it.
-std::atomic<int64_t> g_sm90_min_rows{std::numeric_limits<int64_t>::max()};
+// From this many rows nf4_gemm takes the Hopper kernel (kernels_cuda.h): past the rows the route gives the tiled kernel
+// (NF4_GEMM_ROUTE_MAX_ROWS). On the H100 it beat the tiled kernel at 256 rows on all four 8B shapes (4096x4096: 50.4
+// against 67.2 µs; 28672x8192: 231 against 645) and at 128 where N >= 14336 (56.4 against 97.9 µs at 14336x4096);
+// at 128 rows with N = 4096 the tiled one was faster, and the dense route faster than both (docs/nf4_gemm_sm90.md).
+std::atomic<int64_t> g_sm90_min_rows{65};
 
 }  // namespace
 
