@@ -8,8 +8,9 @@ For each weight shape [N, K] (bf16, block 64, double quantization) and each M it
   1. checks `ops.nf4_linear_forward` (under no_grad: the inference route) against the fp32
      reference on fresh random data (FlashAttention rule: error <= 2x plain PyTorch's in bf16,
      plus one ulp),
-  2. times it (the route the defaults take), the nf4_gemm route where that kernel could serve
-     (the kernel's own op for 17..256 rows, whatever the route), bf16 cuBLAS (`F.linear` with a bf16 weight), and
+  2. times it (the route the defaults take), nf4_gemm wherever one of its kernels serves, whatever the route (the
+     tiled kernel for 17..256 rows, the Hopper kernel from nf4_gemm_sm90_min_rows() rows where it applies), the
+     dense route (dequantize + linear) past 16 rows, bf16 cuBLAS (`F.linear` with a bf16 weight), and
      bnb.matmul_4bit when importable, with bench_nf4_linear's CUDA-graph timer over weight copies
      rotating beyond the L2 cache,
   3. prints one JSON object per case and a table: median time, TFLOP/s, the route, and the speed
@@ -65,10 +66,19 @@ def weight_copies(q: qlora_ext.NF4Weight, device: str) -> list:
 
 
 def gemm_kernel_serves(x, q) -> bool:
-    """Whether the nf4_gemm CUDA kernel itself computes this case (its domain, whatever the route)."""
+    """Whether one of nf4_gemm's CUDA kernels computes this case (their domains, whatever the route): the tiled
+    kernel for 17..256 rows, the Hopper kernel from nf4_gemm_sm90_min_rows() where it applies."""
     rows = x.numel() // x.shape[-1]
-    return (x.is_cuda and x.dtype != torch.float32 and ops.NF4_GEMV_MAX_ROWS < rows <= ops.NF4_GEMM_MAX_ROWS
-            and q.shape[1] % ops.NF4_GEMM_K_MULTIPLE == 0)  # fmt: skip
+    if not (x.is_cuda and x.dtype != torch.float32 and rows > ops.NF4_GEMV_MAX_ROWS):
+        return False
+    hopper = rows >= ops.nf4_gemm_sm90_min_rows() >= 1 and ops.nf4_gemm_sm90_applies(x, q)
+    return hopper or (rows <= ops.NF4_GEMM_MAX_ROWS and q.shape[1] % ops.NF4_GEMM_K_MULTIPLE == 0)
+
+
+def gemm_kernel_name(x, q) -> str:
+    """Which of nf4_gemm's kernels serves this case ("hopper" or "tiled"), where gemm_kernel_serves."""
+    rows = x.numel() // x.shape[-1]
+    return "hopper" if rows >= ops.nf4_gemm_sm90_min_rows() >= 1 and ops.nf4_gemm_sm90_applies(x, q) else "tiled"
 
 
 def time_route(x, weights, device: str) -> float:
@@ -160,7 +170,7 @@ def bench_case(N, K, M, dtype, device, bnb, bnbf, env):
         "speedup_vs_bf16": round(speedup, 3),
         "dense_route_us": round(t_dense, 3) if t_dense else None,
         "dense_route_speedup_vs_bf16": round(t_bf16 / t_dense, 3) if t_dense else None,
-        "hopper_kernel": bool(M >= ops.nf4_gemm_sm90_min_rows() >= 1 and ops.nf4_gemm_sm90_applies(x, q)),
+        "nf4_gemm_kernel": gemm_kernel_name(x, q) if t_gemm else None,
         "nf4_gemm_us": round(t_gemm, 3) if t_gemm else None,
         "nf4_gemm_speedup_vs_bf16": round(t_bf16 / t_gemm, 3) if t_gemm else None,
         "bar_vs_bf16": BARS.get(M),
@@ -194,13 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--m", type=int, nargs="+", help="rows of x (default: 1 16 17 64 128 256 2048)")
     parser.add_argument("--shapes", type=str, help="N1xK1,N2xK2,... (default: the Llama-3-8B set)")
     parser.add_argument("--tiny", action="store_true", help="one small shape, a few M; runs on the CPU too")
-    parser.add_argument("--sm90", action="store_true",
-                        help="switch nf4_gemm's Hopper kernel on (route and op, from 65 rows) whatever the defaults")
     args = parser.parse_args(argv)
-    if args.sm90:
-        ops.NF4_GEMM_SM90_ENABLED = True
-        if ops.nf4_gemm_sm90_min_rows() >= 1:
-            ops.set_nf4_gemm_sm90_min_rows(ops.NF4_GEMM_ROUTE_MAX_ROWS + 1)
     device = "cuda" if torch.cuda.is_available() and qlora_ext.build_info()["with_cuda"] else "cpu"
     if device == "cpu" and not args.tiny:
         print("needs a CUDA GPU and a CUDA build of qlora_ext (or --tiny for a CPU smoke run)", file=sys.stderr)

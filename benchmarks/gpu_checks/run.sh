@@ -28,6 +28,7 @@
 #     bash benchmarks/gpu_checks/run.sh build x_ahead      # ring32 with x one item ahead: tests, memcheck, A/B
 #     bash benchmarks/gpu_checks/run.sh build gemv_scaling # M = 1 GEMV time against weight size: fixed cost vs stream rate
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90          # the Hopper NF4 GEMM's standalone check and M = 2048 timing
+#     bash benchmarks/gpu_checks/run.sh gemm_sm90 ncu_gemm_sm90 # Nsight Compute on the Hopper NF4 GEMM at M = 2048
 #     bash benchmarks/gpu_checks/run.sh build sm90_route   # nf4_gemm's Hopper kernel in the library: tests, memcheck,
 #                                                          # the routes at M 65..2048 against dense and bf16 cuBLAS
 #     bash benchmarks/gpu_checks/run.sh build timeline     # the CuPy ring's per-warp timeline at M = 1 (imports qlora_ext)
@@ -435,6 +436,19 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # the dequantized weight, then M = 2048 against bf16 cuBLAS (no build needed; its own timeout inside)
       TAIL=40 step gemm_sm90 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh
       ;;
+    ncu_gemm_sm90)
+      # session 28's question for the next device call: why the Hopper NF4 GEMM runs at ~560 TFLOP/s against cuBLAS'
+      # ~768 at M = 2048 (docs/nf4_gemm_sm90.md). Nsight Compute on one launch at 4096x4096 and 28672x8192 (the check's
+      # binary, built by the gemm_sm90 stage): tensor-pipe and issue utilisation, warp stalls (per SASS line in the
+      # SourceCounters section), shared-memory wavefronts
+      [ -x /tmp/nf4_gemm_sm90_check ] || step gemm_sm90_build bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh --check-only
+      for shape in 4096x4096 28672x8192; do
+        STEP_TIMEOUT=150 TAIL=60 step "ncu_gemm_sm90_$shape" ncu --kernel-name regex:nf4_gemm_sm90 --launch-skip 2 \
+          --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+          --section SchedulerStats --section InstructionStats --section MemoryWorkloadAnalysis --section SourceCounters \
+          /tmp/nf4_gemm_sm90_check --time-only --shapes "$shape" --m 2048
+      done
+      ;;
     timeline)
       # session 27: the CuPy ring's per-warp timeline at M = 1 (ring_timeline.py): where the small shapes' fixed
       # cost goes (warp starts, tables, first arrival, arrivals, tile end) in ring2_c3 and ring3
@@ -448,7 +462,7 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         tests/test_nf4_gemm_sm90.py tests/test_nf4_gemm.py
       STEP_TIMEOUT=150 TAIL=3 step sm90_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest \
         -q -p no:cacheprovider -m "not not_under_sanitizer" tests/test_nf4_gemm_sm90.py -k "matches_reference and 1000x1024"
-      STEP_TIMEOUT=200 step sm90_bench "$PY" benchmarks/bench_nf4_gemm.py --sm90 --m 65 128 256 512 1024 2048 \
+      STEP_TIMEOUT=200 step sm90_bench "$PY" benchmarks/bench_nf4_gemm.py --m 65 128 256 512 1024 2048 \
         --out "$OUT/nf4_gemm_sm90_route_${GPU_TAG:-h100}.json"
       ;;
     x_ahead)
