@@ -8,12 +8,23 @@
 #                                                       [--shapes NxK,...] [--m M]
 #     SANITIZE=1 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh   # memcheck over the checks instead
 #     GPU_TAG=h200 ...                                                # names the result file
+#     DIAG=1 (or 2) ... --time-only      # the diagnostic builds (QLORA_SM90_DIAG in nf4_gemm_sm90_impl.cuh):
+#                                        # 1 without the dequantization, 2 without the table; timings only
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
+DIAG="${DIAG:-0}"
+DIAG_FLAGS=()
 BIN=/tmp/nf4_gemm_sm90_check
 BUILD_LOG="$OUT/nf4_gemm_sm90_build.txt"
+RESULT="$OUT/nf4_gemm_sm90_check_${GPU_TAG:-h100}.json.txt"
+if [ "$DIAG" != 0 ]; then
+  DIAG_FLAGS=(-DQLORA_SM90_DIAG="$DIAG")
+  BIN=/tmp/nf4_gemm_sm90_check_diag$DIAG
+  BUILD_LOG="$OUT/nf4_gemm_sm90_build_diag$DIAG.txt"
+  RESULT="$OUT/nf4_gemm_sm90_diag${DIAG}_${GPU_TAG:-h100}.json.txt"
+fi
 
 # cuBLAS: nvcc's own toolkit when it has it; otherwise the nvidia-cublas wheel beside PyTorch, which ships only the
 # versioned library (libcublas.so.13, no libcublas.so), hence -l: and an rpath. A tiny probe decides in seconds.
@@ -40,7 +51,7 @@ fi
 rm -rf "$probe"
 
 echo "building $BIN (sm_90a; ptxas report in $BUILD_LOG)"
-nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DQLORA_SM90_WATCHDOG=1 -Icpp/include -Icpp/kernels/cuda -Xptxas -v \
+nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DQLORA_SM90_WATCHDOG=1 "${DIAG_FLAGS[@]}" -Icpp/include -Icpp/kernels/cuda -Xptxas -v \
   -o "$BIN" benchmarks/gpu_checks/nf4_gemm_sm90_check.cu "${CUBLAS_FLAGS[@]}" >"$BUILD_LOG" 2>&1
 build_status=$?
 # The kernel under test's entries only (the harness's own kernels live in an anonymous namespace, _GLOBAL__N_),
@@ -62,7 +73,7 @@ if [ "${SANITIZE:-0}" = 1 ]; then
   status=${PIPESTATUS[0]}
 else
   # stderr too: its "# running ..." lines name the case a hang or a fault happened in.
-  timeout -k 10 120 "$BIN" "$@" 2>&1 | tee "$OUT/nf4_gemm_sm90_check_${GPU_TAG:-h100}.json.txt"
+  timeout -k 10 120 "$BIN" "$@" 2>&1 | tee "$RESULT"
   status=${PIPESTATUS[0]}
 fi
 case "$status" in

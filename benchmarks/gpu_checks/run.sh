@@ -29,6 +29,7 @@
 #     bash benchmarks/gpu_checks/run.sh build gemv_scaling # M = 1 GEMV time against weight size: fixed cost vs stream rate
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90          # the Hopper NF4 GEMM's standalone check and M = 2048 timing
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90 ncu_gemm_sm90 # Nsight Compute on the Hopper NF4 GEMM at M = 2048
+#     bash benchmarks/gpu_checks/run.sh gemm_sm90_diag     # its M = 2048 time without the dequantization / the table
 #     bash benchmarks/gpu_checks/run.sh build sm90_route   # nf4_gemm's Hopper kernel in the library: tests, memcheck,
 #                                                          # the routes at M 65..2048 against dense and bf16 cuBLAS
 #     bash benchmarks/gpu_checks/run.sh build timeline     # the CuPy ring's per-warp timeline at M = 1 (imports qlora_ext)
@@ -435,6 +436,14 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # session 27: the Hopper NF4 GEMM (cpp/kernels/cuda/nf4_gemm_sm90*.cuh), standalone: its checks against cuBLAS on
       # the dequantized weight, then M = 2048 against bf16 cuBLAS (no build needed; its own timeout inside)
       TAIL=40 step gemm_sm90 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh
+      ;;
+    gemm_sm90_diag)
+      # session 28: where the Hopper NF4 GEMM's main loop spends its time: M = 2048 at the four shapes with the
+      # dequantization skipped (DIAG=1) and with the table lookup replaced by a conversion (DIAG=2), beside the real
+      # kernel; timings only (the diagnostic builds compute wrong results on purpose)
+      for d in 0 1 2; do
+        DIAG=$d STEP_TIMEOUT=150 TAIL=6 step "gemm_sm90_diag$d" bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh --time-only
+      done
       ;;
     ncu_gemm_sm90)
       # session 28's question for the next device call: why the Hopper NF4 GEMM runs at ~560 TFLOP/s against cuBLAS'

@@ -184,12 +184,24 @@ __device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], const uint3
 }
 // The A-fragment register of one code byte (byte t of `word`, t in the selector): T(nf4[hi] * s) in the low half
 // (the even k), T(nf4[lo] * s) in the high half.
+//
+// QLORA_SM90_DIAG (a diagnostic build of the standalone check only; wrong results, timing alone): 1 skips the
+// dequantization (the fragment is the code word itself), 2 replaces the table lookup by an integer conversion (the
+// products and the paired rounding stay), so that three timings split the main loop's time between the wgmma/TMA
+// pipeline, the table and the arithmetic.
 __device__ __forceinline__ uint32_t dequantize_byte(uint32_t table_lane, uint32_t word, uint32_t selector, float s) {
   const uint32_t code = __byte_perm(word, 0u, selector);
+#if defined(QLORA_SM90_DIAG) && QLORA_SM90_DIAG == 1
+  return code ^ table_lane;
+#endif
   float hi_nibble, lo_nibble;
+#if defined(QLORA_SM90_DIAG) && QLORA_SM90_DIAG == 2
+  hi_nibble = __uint2float_rn(code >> 4), lo_nibble = __uint2float_rn(code & 15u);
+#else
   asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
                : "=f"(hi_nibble), "=f"(lo_nibble)
                : "r"(table_lane + code * (kTableCopies * 8)));
+#endif
   uint32_t pair;
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(__fmul_rn(lo_nibble, s)), "f"(__fmul_rn(hi_nibble, s)));
   return pair;
