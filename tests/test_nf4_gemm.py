@@ -219,6 +219,7 @@ def test_opcheck(device):
         (torch.bfloat16, 17, 130, 256, 64, False, False, False),
         (torch.float16, 64, 9, 4160, 128, True, True, False),
         (torch.bfloat16, 100, 5, 128, 32, True, True, True),
+        (torch.bfloat16, 300, 16, 128, 64, True, True, False),  # past the tiled kernel's 256 rows
     ])  # fmt: skip
 
 
