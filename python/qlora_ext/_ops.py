@@ -39,11 +39,11 @@ NF4_GEMM_ROUTE_MAX_ROWS = 64
 # Whether `linear_route` may pick nf4_gemm past NF4_GEMM_ROUTE_MAX_ROWS rows where the op runs its Hopper kernel
 # (compute capability 9.0 and a build with sm_90a code; bf16 x, blocksize 64, N % 8 == 0, K % 64 == 0:
 # `nf4_gemm_sm90_applies`) and beats dequantize + cuBLAS (`nf4_gemm_sm90_wins`). Off, those rows take dequantize +
-# linear. Measured on the H100 (session 28, bench_nf4_gemm.py --sm90, nf4_gemm_sm90_route_h100.json, the four 8B
-# shapes, M 128-2048): the kernel is ~0.82-0.93x bf16 cuBLAS where its 128 x 256 tiles fill the SMs, and the dense
-# route pays the dequantization (14336x4096, M 256: 56.8 against 110 µs; 28672x8192, M 1024: 838 against 927);
-# with few tiles (N = 4096 below M = 1024: 32-64 CTAs on 132 SMs) or past 1,024 rows (cuBLAS at ~0.97 of peak
-# against the kernel's ~0.85) the dense route is faster (4096x4096, M 2048: 121.7 against 117.4 µs).
+# linear. Measured on the H100 (session 28, bench_nf4_gemm.py with the route forced to the kernel,
+# nf4_gemm_sm90_route_h100.json, the four 8B shapes, M 128-2048): where its 128 x 256 tiles fill the SMs it skips
+# the dequantization the dense route writes (14336x4096, M 256: 56.8 against 109.0 µs; 28672x8192, M 1024: 838
+# against 923); with few tiles (N = 4096 below M = 1024: 32-64 CTAs on 132 SMs) or past 1,024 rows (cuBLAS near its
+# peak against the kernel's ~0.85 of cuBLAS) the dense route is faster (4096x4096, M 2048: 117.8 against 121.7 µs).
 NF4_GEMM_SM90_ENABLED = True
 NF4_GEMM_SM90_ROUTE_MAX_ROWS = 1024
 NF4_GEMM_SM90_MIN_SM_FILL = 0.75  # CTAs (128 W rows x 256 x rows each) against the SM count, at the least
@@ -396,9 +396,9 @@ def linear_route(
     (prefill chunks; switch: NF4_GEMM_ENABLED) and for up to 1,024 rows where its Hopper kernel applies and fills
     the GPU (`nf4_gemm_sm90_applies`, `nf4_gemm_sm90_wins`; switch: NF4_GEMM_SM90_ENABLED), outside checkpointed
     layers (whose first forward runs without a graph but must leave what the recomputation reuses). Everything
-    else dequantizes and calls cuBLAS, which wins once the product is compute-bound. Reads only shapes, dtypes and flags, never tensor values, so a CUDA graph
-    capture decides exactly as eager execution does. Logs the route at debug level on the
-    "qlora_ext" logger, as "<caller>: <route> (...)".
+    else dequantizes and calls cuBLAS, which wins once the product is compute-bound. Reads only shapes, dtypes
+    and flags, never tensor values, so a CUDA graph capture decides exactly as eager execution does. Logs the
+    route at debug level on the "qlora_ext" logger, as "<caller>: <route> (...)".
     """
     rows = math.prod(x.shape[:-1])
     needs_grad = torch.is_grad_enabled() and any(
