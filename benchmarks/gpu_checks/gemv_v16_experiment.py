@@ -348,6 +348,19 @@ __device__ __forceinline__ float (&ring_partials(u8* smem))[8][16][COLS] {
 
 // The tile-strided kernels' next lines: the warp's ring, its producer STAGES - 1 items ahead (the
 // first items fly while the tables are built), the nested offset and the lane's table copy.
+// TABLES_FIRST (session 28, ring_timeline_h100.json): by default the tables' global loads are issued after the
+// weight's first copies (ptxas places them there whatever the source order) and queue behind them, so the tables
+// are ready only when the first item is. Here the NF4 table comes from constants and the nested map is the first
+// cp.async group, ahead of the weight's; a wait for that group alone and a barrier make it visible.
+#ifdef TABLES_FIRST
+#define RING_TABLE_INPUTS() copy_nested_map(nested_map, nested_code, tid)
+#define RING_BUILD_TABLES() build_tables_from_constants<STAGES - 1>(table, tid)
+#define RING_OFFSET() nested_offset[0]
+#else
+#define RING_TABLE_INPUTS() (void)0
+#define RING_BUILD_TABLES() build_tables(table, nested_map, nf4, nested_code, tid)
+#define RING_OFFSET() nested_offset[0]
+#endif
 #define RING_STRIDED_START()                                                                            \
   u8* ring = rings + warp * STAGES * kStageBytes;                                                       \
   const u32 ring_address = shared_address(ring);                                                        \
@@ -355,9 +368,10 @@ __device__ __forceinline__ float (&ring_partials(u8* smem))[8][16][COLS] {
   auto issue_next = [&](int stage) {                                                                    \
     producer.issue_next(ring_address + stage * kStageBytes, packed, absmax_codes, nested_absmax, K, lane); \
   };                                                                                                    \
+  RING_TABLE_INPUTS();                                                                                  \
   for (int s = 0; s < STAGES - 1; ++s) issue_next(s);                                                   \
-  build_tables(table, nested_map, nf4, nested_code, tid);                                               \
-  const float offset = nested_offset[0];                                                                \
+  RING_BUILD_TABLES();                                                                                  \
+  const float offset = RING_OFFSET();                                                                   \
   const u32 lane_table = shared_address(table) + u32(lane) * 4
 
 // Thread b writes code byte b's 32 table copies: 8 16-byte stores, rotated so a quarter-warp's 8 hit
@@ -406,6 +420,29 @@ __device__ __forceinline__ void build_tables(u32* table, float* nested_map, cons
                                              const float* __restrict__ nested_code, int tid) {
   build_table(table, nf4, tid);
   nested_map[tid] = nested_code[tid];
+  __syncthreads();
+}
+
+// TABLES_FIRST: entry tid of the nested map as a cp.async group of its own, committed before the weight's.
+__device__ __forceinline__ void copy_nested_map(float* nested_map, const float* __restrict__ nested_code, int tid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(shared_address(nested_map + tid)), "l"(nested_code + tid));
+  asm volatile("cp.async.commit_group;");
+}
+// TABLES_FIRST: the table from the NF4 constants (no global load), then the map's group awaited (the LATER groups,
+// the weight's first items, may still fly) and a barrier.
+template <int LATER>
+__device__ __forceinline__ void build_tables_from_constants(u32* table, int tid) {
+  constexpr float kNF4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+                              -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+                              0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,
+                              0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+                              0.7229568362236023f, 1.0f};
+  const u32 w = bf16_bits(kNF4[tid >> 4]) | (bf16_bits(kNF4[tid & 15]) << 16);
+  const uint4 v = make_uint4(w, w, w, w);
+  uint4* row = reinterpret_cast<uint4*>(table + tid * 32);
+#pragma unroll
+  for (int q = 0; q < 8; ++q) row[(q + tid) & 7] = v;
+  asm volatile("cp.async.wait_group %0;" ::"n"(LATER));
   __syncthreads();
 }
 
@@ -804,6 +841,9 @@ VARIANTS = {
     "ring4": ("gemv_ring", ("-DSTAGES=4",), 2),
     "ring3": ("gemv_ring", ("-DSTAGES=3",), 2),
     "ring2_c3": ("gemv_ring", ("-DSTAGES=2", "-DCTAS=3"), 3),
+    # session 28: the tables' inputs loaded before the weight's first copies (TABLES_FIRST)
+    "ring3_tf": ("gemv_ring", ("-DSTAGES=3", "-DTABLES_FIRST=1"), 2),
+    "ring2_c3_tf": ("gemv_ring", ("-DSTAGES=2", "-DCTAS=3", "-DTABLES_FIRST=1"), 3),
     # M <= 16 on 32-row tiles, the k order kept inside each block (gemv_ring32, docs/nf4_gemv_m16.md)
     "r32_s3": ("gemv_ring32", ("-DSTAGES=3",), 2),
     "r32_s2": ("gemv_ring32", ("-DSTAGES=2",), 2),

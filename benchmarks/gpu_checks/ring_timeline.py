@@ -33,7 +33,8 @@ from bench_nf4_linear import git_commit  # noqa: E402
 from qlora_ext import codebooks  # noqa: E402
 
 SLOTS = 28  # entry, tables, 24 item arrivals, last arithmetic, exit
-CONFIGS = {"ring2_c3": (2, 3), "ring3": (3, 2)}  # stages, CTAs a SM
+# stages, CTAs a SM, TABLES_FIRST (session 28: the NF4 table from constants, the nested map copied ahead of the weight)
+CONFIGS = {"ring2_c3": (2, 3, False), "ring3": (3, 2, False), "ring2_c3_tf": (2, 3, True), "ring3_tf": (3, 2, True)}
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
 
 
@@ -44,9 +45,10 @@ def pct(values: list[float]) -> dict:
             "max": round(s[-1], 3)}  # fmt: skip
 
 
-def traced_ring(cupy, stages: int, ctas: int, sms: int):
+def traced_ring(cupy, stages: int, ctas: int, sms: int, tables_first: bool = False):
     warps = sms * ctas * 8
-    options = ("--std=c++17", f"-DSTAGES={stages}", f"-DCTAS={ctas}", f"-DTRACE={SLOTS}", f"-DTRACE_WARPS={warps}")
+    options = ("--std=c++17", f"-DSTAGES={stages}", f"-DCTAS={ctas}", f"-DTRACE={SLOTS}", f"-DTRACE_WARPS={warps}",
+               *(("-DTABLES_FIRST=1",) if tables_first else ()))
     module = cupy.RawModule(code=exp.KERNEL, options=options)
     kernel = module.get_function("gemv_ring")
     rows, tile_rows, k_multiple, fixed_bytes, stage_bytes = exp.DOMAINS["gemv_ring"]
@@ -119,6 +121,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="default: all")
     args = parser.parse_args(argv)
     try:
         import cupy
@@ -128,8 +131,10 @@ def main(argv=None) -> int:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # past the L2: each launch starts cold
     results = []
-    for name, (stages, ctas) in CONFIGS.items():
-        launch, trace, trace_sm = traced_ring(cupy, stages, ctas, sms)
+    for name, (stages, ctas, tables_first) in CONFIGS.items():
+        if args.configs and name not in args.configs:
+            continue
+        launch, trace, trace_sm = traced_ring(cupy, stages, ctas, sms, tables_first)
         for N, K in SHAPES:
             x, q = exp.random_case(1, N, K)
             y = torch.empty(1, N, dtype=torch.bfloat16, device="cuda")

@@ -30,6 +30,7 @@
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90          # the Hopper NF4 GEMM's standalone check and M = 2048 timing
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90 ncu_gemm_sm90 # Nsight Compute on the Hopper NF4 GEMM at M = 2048
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90_diag     # its M = 2048 time without the dequantization / the table
+#     bash benchmarks/gpu_checks/run.sh build ring_tables_first # the M = 1 ring with its tables ready before the weight
 #     bash benchmarks/gpu_checks/run.sh build sm90_route   # nf4_gemm's Hopper kernel in the library: tests, memcheck,
 #                                                          # the routes at M 65..2048 against dense and bf16 cuBLAS
 #     bash benchmarks/gpu_checks/run.sh build timeline     # the CuPy ring's per-warp timeline at M = 1 (imports qlora_ext)
@@ -444,6 +445,15 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       for d in 0 1 2; do
         DIAG=$d STEP_TIMEOUT=150 TAIL=6 step "gemm_sm90_diag$d" bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh --time-only
       done
+      ;;
+    ring_tables_first)
+      # session 28: the M = 1 ring with the NF4 table from constants and the nested map copied ahead of the weight
+      # (TABLES_FIRST in gemv_v16_experiment.py): whether the tables or the stream gate the first item. The traced
+      # timeline of both forms, then the untraced A/B at M = 1 and 4
+      STEP_TIMEOUT=200 TAIL=3 step ring_tables_first_timeline "$PY" benchmarks/gpu_checks/ring_timeline.py \
+        --out "$OUT/ring_timeline_tables_first_${GPU_TAG:-h100}.json"
+      STEP_TIMEOUT=150 step ring_tables_first_ab "$PY" benchmarks/gpu_checks/gemv_v16_experiment.py \
+        --variants ring2_c3 ring2_c3_tf ring3 ring3_tf --m 1 4 --out "$OUT/gemv_ring_tables_first_${GPU_TAG:-h100}.json"
       ;;
     ncu_gemm_sm90)
       # session 28's question for the next device call: why the Hopper NF4 GEMM runs at ~560 TFLOP/s against cuBLAS'
