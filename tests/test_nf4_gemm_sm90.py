@@ -244,6 +244,16 @@ def test_applies_only_to_its_domain():
     assert ops.linear_route(x, weight) == ops.ROUTE_DENSE
 
 
+def test_outside_checkpointing():
+    from qlora_ext import checkpointing
+
+    assert ops.outside_checkpointing()
+    for phase in ("forward", "recompute"):
+        with checkpointing._in_phase((phase, 1), {}):
+            assert not ops.outside_checkpointing()
+    assert ops.outside_checkpointing()
+
+
 def test_min_rows_setting(min_rows):
     if not ops.native().with_cuda:
         with pytest.raises(ValueError, match="no CUDA kernels"):
