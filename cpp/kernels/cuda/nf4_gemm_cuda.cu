@@ -1,5 +1,6 @@
 // NF4 GEMM for prefill-sized batches: y[M, N] = x[M, K] · deq(W[N, K])ᵀ (+ bias), 17 <= M <= 256
-// (any M >= 1 works; the Python route sends M <= 16 to nf4_gemv and M > 256 to cuBLAS).
+// (any M >= 1 works; the Python route sends it 17..64 rows, M <= 16 to nf4_gemv, and more rows to the Hopper kernel
+// of nf4_gemm_sm90.cu where that wins, else to dequantize + cuBLAS).
 //
 //   deq(W)[n, k] = T(nf4[code(i)] * scale(i / blocksize)),  i = n*K + k (row-major flat index),
 //   exactly the value nf4_dequantize writes (fp32 product, one rounding to T); y accumulates in fp32

@@ -1,7 +1,7 @@
 // NF4 GEMM for large M on Hopper (sm_90a): Y[m, n] = sum_k X[m, k] W[n, k] (+ bias[n]), W dequantized inside the
-// kernel, for #5's M = 2048 bar (>= 0.95x bf16 cuBLAS; dequantize + cuBLAS measures 0.86-0.88x). Design:
-// docs/nf4_gemm_sm90.md. Standalone for now: benchmarks/gpu_checks/nf4_gemm_sm90_check.cu checks and times it;
-// no operator calls it until it beats the dense route.
+// kernel. Design and measurements: docs/nf4_gemm_sm90.md. The library calls it through nf4_gemm_sm90.cu (nf4_gemm
+// from nf4_gemm_sm90_min_rows() rows; the Python route for 65-1,024 rows where its tiles fill the GPU);
+// benchmarks/gpu_checks/nf4_gemm_sm90_check.cu checks and times it alone, against cuBLAS.
 //
 // Interface. Everything the kernel reads is a plain device pointer; the weight is the library's NF4 layout
 // (bitsandbytes' byte order: byte b of a row holds k = 2b in its high nibble and 2b + 1 in its low one),
