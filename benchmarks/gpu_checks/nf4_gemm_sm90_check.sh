@@ -10,6 +10,9 @@
 #     GPU_TAG=h200 ...                                                # names the result file
 #     DIAG=1 (or 2) ... --time-only      # the diagnostic builds (QLORA_SM90_DIAG in nf4_gemm_sm90_impl.cuh):
 #                                        # 1 without the dequantization, 2 without the table; timings only
+#     CLUSTER=2 ...                      # clusters of 2 CTAs sharing X by multicast (QLORA_SM90_CLUSTER_N)
+#     BUILD_ONLY=1 ...                   # build the binary and stop (e.g. in the background of other GPU work)
+#     REUSE_BIN=1 ...                    # run the binary already built for these settings, if there is one
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 OUT="${OUT:-out}"
@@ -24,6 +27,12 @@ if [ "$DIAG" != 0 ]; then
   BIN=/tmp/nf4_gemm_sm90_check_diag$DIAG
   BUILD_LOG="$OUT/nf4_gemm_sm90_build_diag$DIAG.txt"
   RESULT="$OUT/nf4_gemm_sm90_diag${DIAG}_${GPU_TAG:-h100}.json.txt"
+fi
+if [ -n "${CLUSTER:-}" ]; then
+  DIAG_FLAGS+=(-DQLORA_SM90_CLUSTER_N="$CLUSTER")
+  BIN="${BIN}_cluster$CLUSTER"
+  BUILD_LOG="${BUILD_LOG%.txt}_cluster$CLUSTER.txt"
+  RESULT="${RESULT%_${GPU_TAG:-h100}.json.txt}_cluster${CLUSTER}_${GPU_TAG:-h100}.json.txt"
 fi
 
 # cuBLAS: nvcc's own toolkit when it has it; otherwise the nvidia-cublas wheel beside PyTorch, which ships only the
@@ -50,20 +59,25 @@ for root in nvidia.__path__:
 fi
 rm -rf "$probe"
 
-echo "building $BIN (sm_90a; ptxas report in $BUILD_LOG)"
-nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DQLORA_SM90_WATCHDOG=1 "${DIAG_FLAGS[@]}" -Icpp/include -Icpp/kernels/cuda -Xptxas -v \
-  -o "$BIN" benchmarks/gpu_checks/nf4_gemm_sm90_check.cu "${CUBLAS_FLAGS[@]}" >"$BUILD_LOG" 2>&1
-build_status=$?
-# The kernel under test's entries only (the harness's own kernels live in an anonymous namespace, _GLOBAL__N_),
-# plus every warning or error: register count, spills and wgmma serialisation (C7513) are what matter here.
-awk '/Compiling entry function/ { show = ($0 !~ /_GLOBAL__N_/) }
-     /warning|error/ { print; next }
-     show && /nf4_gemm_sm90|registers|spill|stack frame/ { print }' "$BUILD_LOG"
-if [ $build_status -ne 0 ]; then
-  echo "build failed ($build_status):"
-  tail -30 "$BUILD_LOG"
-  exit 2
+if [ "${REUSE_BIN:-0}" = 1 ] && [ -x "$BIN" ]; then
+  echo "reusing $BIN"
+else
+  echo "building $BIN (sm_90a; ptxas report in $BUILD_LOG)"
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DQLORA_SM90_WATCHDOG=1 "${DIAG_FLAGS[@]}" -Icpp/include -Icpp/kernels/cuda -Xptxas -v \
+    -o "$BIN" benchmarks/gpu_checks/nf4_gemm_sm90_check.cu "${CUBLAS_FLAGS[@]}" >"$BUILD_LOG" 2>&1
+  build_status=$?
+  # The kernel under test's entries only (the harness's own kernels live in an anonymous namespace, _GLOBAL__N_),
+  # plus every warning or error: register count, spills and wgmma serialisation (C7513) are what matter here.
+  awk '/Compiling entry function/ { show = ($0 !~ /_GLOBAL__N_/) }
+       /warning|error/ { print; next }
+       show && /nf4_gemm_sm90|registers|spill|stack frame/ { print }' "$BUILD_LOG"
+  if [ $build_status -ne 0 ]; then
+    echo "build failed ($build_status):"
+    tail -30 "$BUILD_LOG"
+    exit 2
+  fi
 fi
+[ "${BUILD_ONLY:-0}" = 1 ] && exit 0
 
 if [ "${SANITIZE:-0}" = 1 ]; then
   command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not on PATH"; exit 2; }

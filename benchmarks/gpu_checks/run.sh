@@ -30,6 +30,9 @@
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90          # the Hopper NF4 GEMM's standalone check and M = 2048 timing
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90 ncu_gemm_sm90 # Nsight Compute on the Hopper NF4 GEMM at M = 2048
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90_diag     # its M = 2048 time without the dequantization / the table
+#     bash benchmarks/gpu_checks/run.sh gemm_sm90_cluster  # the same check and timing with clusters of 2 sharing X
+#     REUSE_BIN=1 bash benchmarks/gpu_checks/run.sh sm90_prebuild build tests gemm_sm90 gemm_sm90_cluster gemm_sm90_diag
+#                                                          # (the standalone binaries built beside the other stages)
 #     bash benchmarks/gpu_checks/run.sh build ring_tables_first # the M = 1 ring with its tables ready before the weight
 #     bash benchmarks/gpu_checks/run.sh build sm90_route   # nf4_gemm's Hopper kernel in the library: tests, memcheck,
 #                                                          # the routes at M 65..2048 against dense and bf16 cuBLAS
@@ -434,16 +437,32 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         --out "$OUT/gemv_scaling_${GPU_TAG:-h100}.json"
       ;;
     gemm_sm90)
+      wait  # for sm90_prebuild's builds, if it ran
       # session 27: the Hopper NF4 GEMM (cpp/kernels/cuda/nf4_gemm_sm90*.cuh), standalone: its checks against cuBLAS on
       # the dequantized weight, then M = 2048 against bf16 cuBLAS (no build needed; its own timeout inside)
       TAIL=40 step gemm_sm90 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh
       ;;
     gemm_sm90_diag)
+      wait  # for sm90_prebuild's builds, if it ran
       # session 28: where the Hopper NF4 GEMM's main loop spends its time: M = 2048 at the four shapes with the
       # dequantization skipped (DIAG=1) and with the table lookup replaced by a conversion (DIAG=2), beside the real
       # kernel; timings only (the diagnostic builds compute wrong results on purpose)
-      for d in 0 1 2; do
+      for d in ${DIAGS:-0 1 2}; do
         DIAG=$d STEP_TIMEOUT=150 TAIL=6 step "gemm_sm90_diag$d" bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh --time-only
+      done
+      ;;
+    gemm_sm90_cluster)
+      wait  # for sm90_prebuild's builds, if it ran
+      # session 29: clusters of 2 CTAs along N sharing each X tile by TMA multicast (QLORA_SM90_CLUSTER_N=2): the
+      # standalone check's cases, then M = 2048 at the four shapes (the X feed, 32 KB a CTA and stage, is ~36 B/clk
+      # a SM at the MMA rate, above the L2's share of ~24)
+      CLUSTER=2 TAIL=40 step gemm_sm90_cluster bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh
+      ;;
+    sm90_prebuild)
+      # the standalone binaries of gemm_sm90, gemm_sm90_cluster and gemm_sm90_diag built in the background (CPU only),
+      # for a later stage of the same call with REUSE_BIN=1
+      for variant in "" "CLUSTER=2" "DIAG=1" "DIAG=2"; do
+        env $variant BUILD_ONLY=1 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh > "$OUT/prebuild_$(echo "${variant:-plain}" | tr -d =).log" 2>&1 &
       done
       ;;
     ring_tables_first)
