@@ -453,15 +453,17 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       ;;
     gemm_sm90_cluster)
       wait  # for sm90_prebuild's builds, if it ran
-      # session 29: clusters of 2 CTAs along N sharing each X tile by TMA multicast (QLORA_SM90_CLUSTER_N=2): the
+      # session 29: clusters of 2 (and 4) CTAs along N sharing each X tile by TMA multicast (QLORA_SM90_CLUSTER_N=2): the
       # standalone check's cases, then M = 2048 at the four shapes (the X feed, 32 KB a CTA and stage, is ~36 B/clk
       # a SM at the MMA rate, above the L2's share of ~24)
-      CLUSTER=2 TAIL=40 step gemm_sm90_cluster bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh
+      for c in ${CLUSTERS:-2 4}; do
+        CLUSTER=$c TAIL=40 step "gemm_sm90_cluster$c" bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh
+      done
       ;;
     sm90_prebuild)
       # the standalone binaries of gemm_sm90, gemm_sm90_cluster and gemm_sm90_diag built in the background (CPU only),
       # for a later stage of the same call with REUSE_BIN=1
-      for variant in "" "CLUSTER=2" "DIAG=1" "DIAG=2"; do
+      for variant in "" "CLUSTER=2" "CLUSTER=4" "DIAG=1" "DIAG=2"; do
         env $variant BUILD_ONLY=1 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh > "$OUT/prebuild_$(echo "${variant:-plain}" | tr -d =).log" 2>&1 &
       done
       ;;

@@ -50,14 +50,14 @@ static_assert(((kMaxRegisters + 7) / 8 * 8) * 32 * ((kConsumerWarps + 3) / 4) <=
 constexpr int kXStageBytes = kTileM * kStageK * 2;    // 32 KB
 constexpr int kCodeStageBytes = kTileN * kStageK / 2; // 4 KB: 128 rows x 32 bytes
 constexpr int kTableCopies = 16;
-// CTAs a cluster along W rows (grid y). With 2, the pair shares one X tile: each CTA copies half of its rows and
-// multicasts them into both CTAs' shared memory, halving the X traffic from L2 (32 KB a CTA and stage, the main
+// CTAs a cluster along W rows (grid y). With 2 (or 4), the CTAs share one X tile: each copies its half (quarter) of
+// its rows and multicasts them into every CTA's shared memory, halving (quartering) the X traffic from L2 (32 KB a CTA and stage, the main
 // loop's largest feed). QLORA_SM90_CLUSTER_N sets the library's choice (the check builds both to compare).
 #ifndef QLORA_SM90_CLUSTER_N
 #define QLORA_SM90_CLUSTER_N 1
 #endif
 constexpr int kDefaultClusterN = QLORA_SM90_CLUSTER_N;
-static_assert(kDefaultClusterN == 1 || kDefaultClusterN == 2, "clusters of 1 or 2 CTAs");
+static_assert(kDefaultClusterN == 1 || kDefaultClusterN == 2 || kDefaultClusterN == 4, "clusters of 1, 2 or 4 CTAs");
 constexpr int kTableBytes = 256 * kTableCopies * 8;   // (nf4[hi], nf4[lo]) float pairs, 32 KB
 constexpr int kXOffset = 0;                           // 1024-aligned: the 128-byte swizzle's period
 constexpr int kCodeOffset = kXOffset + kStages * kXStageBytes;
