@@ -463,8 +463,11 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
     sm90_prebuild)
       # the standalone binaries of gemm_sm90, gemm_sm90_cluster and gemm_sm90_diag built in the background (CPU only),
       # for a later stage of the same call with REUSE_BIN=1
-      for variant in "" "CLUSTER=2" "CLUSTER=4" "DIAG=1" "DIAG=2"; do
-        env $variant BUILD_ONLY=1 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh > "$OUT/prebuild_$(echo "${variant:-plain}" | tr -d =).log" 2>&1 &
+      for variant in ${PREBUILD_VARIANTS:-plain CLUSTER=2 CLUSTER=4 DIAG=1 DIAG=2}; do
+        settings=$variant
+        [ "$variant" = plain ] && settings=
+        env $settings BUILD_ONLY=1 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh \
+          > "$OUT/prebuild_$(echo "$variant" | tr -d =).log" 2>&1 &
       done
       ;;
     ring_tables_first)
@@ -481,12 +484,19 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # ~768 at M = 2048 (docs/nf4_gemm_sm90.md). Nsight Compute on one launch at 4096x4096 and 28672x8192 (the check's
       # binary, built by the gemm_sm90 stage): tensor-pipe and issue utilisation, warp stalls (per SASS line in the
       # SourceCounters section), shared-memory wavefronts
-      [ -x /tmp/nf4_gemm_sm90_check ] || step gemm_sm90_build bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh --check-only
-      for shape in 4096x4096 28672x8192; do
-        STEP_TIMEOUT=150 TAIL=60 step "ncu_gemm_sm90_$shape" ncu --kernel-name regex:nf4_gemm_sm90 --launch-skip 2 \
-          --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
-          --section SchedulerStats --section InstructionStats --section MemoryWorkloadAnalysis --section SourceCounters \
-          /tmp/nf4_gemm_sm90_check --time-only --shapes "$shape" --m 2048
+      # NCU_DIAGS="0 1" profiles the diagnostic build without the dequantization too (session 29: the pipeline alone
+      # runs at ~0.86x cuBLAS, the real kernel at ~0.70x)
+      wait  # for sm90_prebuild's builds, if it ran
+      for d in ${NCU_DIAGS:-0}; do
+        bin=/tmp/nf4_gemm_sm90_check
+        [ "$d" = 0 ] || bin=/tmp/nf4_gemm_sm90_check_diag$d
+        [ -x "$bin" ] || DIAG=$d BUILD_ONLY=1 step "gemm_sm90_build_diag$d" bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh
+        for shape in ${NCU_SHAPES:-4096x4096 28672x8192}; do
+          STEP_TIMEOUT=150 TAIL=${NCU_TAIL:-60} step "ncu_gemm_sm90_diag${d}_$shape" ncu --kernel-name regex:nf4_gemm_sm90 \
+            --launch-skip 2 --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+            --section WarpStateStats --section SchedulerStats --section InstructionStats --section MemoryWorkloadAnalysis \
+            --section SourceCounters "$bin" --time-only --shapes "$shape" --m 2048
+        done
       done
       ;;
     timeline)
