@@ -868,8 +868,7 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "# device %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
   {  // what nf4_gemm_sm90_covers reads: a "not covered" on every case is explained here
     cudaFuncAttributes attributes{};
-    CUDA_CHECK(cudaFuncGetAttributes(&attributes, qlora::sm90::detail::nf4_gemm_sm90_kernel<true, qlora::sm90::detail::kDefaultClusterN>));
-    std::fprintf(stderr, "# cluster of %d CTAs along N\n", qlora::sm90::detail::kDefaultClusterN);
+    CUDA_CHECK(cudaFuncGetAttributes(&attributes, qlora::sm90::detail::nf4_gemm_sm90_kernel<true>));
     std::fprintf(stderr, "# kernel: binaryVersion %d, %d registers, %zu bytes static shared\n",
                  attributes.binaryVersion, attributes.numRegs, attributes.sharedSizeBytes);
   }

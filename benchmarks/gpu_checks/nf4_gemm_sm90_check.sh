@@ -10,7 +10,6 @@
 #     GPU_TAG=h200 ...                                                # names the result file
 #     DIAG=1 (or 2) ... --time-only      # the diagnostic builds (QLORA_SM90_DIAG in nf4_gemm_sm90_impl.cuh):
 #                                        # 1 without the dequantization, 2 without the table; timings only
-#     CLUSTER=2 ...                      # clusters of 2 CTAs sharing X by multicast (QLORA_SM90_CLUSTER_N)
 #     BUILD_ONLY=1 ...                   # build the binary and stop (e.g. in the background of other GPU work)
 #     REUSE_BIN=1 ...                    # run the binary already built for these settings, if there is one
 set -uo pipefail
@@ -27,12 +26,6 @@ if [ "$DIAG" != 0 ]; then
   BIN=/tmp/nf4_gemm_sm90_check_diag$DIAG
   BUILD_LOG="$OUT/nf4_gemm_sm90_build_diag$DIAG.txt"
   RESULT="$OUT/nf4_gemm_sm90_diag${DIAG}_${GPU_TAG:-h100}.json.txt"
-fi
-if [ -n "${CLUSTER:-}" ]; then
-  DIAG_FLAGS+=(-DQLORA_SM90_CLUSTER_N="$CLUSTER")
-  BIN="${BIN}_cluster$CLUSTER"
-  BUILD_LOG="${BUILD_LOG%.txt}_cluster$CLUSTER.txt"
-  RESULT="${RESULT%_${GPU_TAG:-h100}.json.txt}_cluster${CLUSTER}_${GPU_TAG:-h100}.json.txt"
 fi
 
 # cuBLAS: nvcc's own toolkit when it has it; otherwise the nvidia-cublas wheel beside PyTorch, which ships only the

@@ -30,8 +30,7 @@
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90          # the Hopper NF4 GEMM's standalone check and M = 2048 timing
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90 ncu_gemm_sm90 # Nsight Compute on the Hopper NF4 GEMM at M = 2048
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90_diag     # its M = 2048 time without the dequantization / the table
-#     bash benchmarks/gpu_checks/run.sh gemm_sm90_cluster  # the same check and timing with clusters of 2 sharing X
-#     REUSE_BIN=1 bash benchmarks/gpu_checks/run.sh sm90_prebuild build tests gemm_sm90 gemm_sm90_cluster gemm_sm90_diag
+#     REUSE_BIN=1 bash benchmarks/gpu_checks/run.sh sm90_prebuild build tests gemm_sm90 gemm_sm90_diag
 #                                                          # (the standalone binaries built beside the other stages)
 #     bash benchmarks/gpu_checks/run.sh build ring_tables_first # the M = 1 ring with its tables ready before the weight
 #     bash benchmarks/gpu_checks/run.sh build sm90_route   # nf4_gemm's Hopper kernel in the library: tests, memcheck,
@@ -451,19 +450,10 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         DIAG=$d STEP_TIMEOUT=150 TAIL=6 step "gemm_sm90_diag$d" bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh --time-only
       done
       ;;
-    gemm_sm90_cluster)
-      wait  # for sm90_prebuild's builds, if it ran
-      # session 29: clusters of 2 (and 4) CTAs along N sharing each X tile by TMA multicast (QLORA_SM90_CLUSTER_N=2): the
-      # standalone check's cases, then M = 2048 at the four shapes (the X feed, 32 KB a CTA and stage, is ~36 B/clk
-      # a SM at the MMA rate, above the L2's share of ~24)
-      for c in ${CLUSTERS:-2 4}; do
-        CLUSTER=$c TAIL=40 step "gemm_sm90_cluster$c" bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh
-      done
-      ;;
     sm90_prebuild)
-      # the standalone binaries of gemm_sm90, gemm_sm90_cluster and gemm_sm90_diag built in the background (CPU only),
+      # the standalone binaries of gemm_sm90 and gemm_sm90_diag built in the background (CPU only),
       # for a later stage of the same call with REUSE_BIN=1
-      for variant in ${PREBUILD_VARIANTS:-plain CLUSTER=2 CLUSTER=4 DIAG=1 DIAG=2}; do
+      for variant in ${PREBUILD_VARIANTS:-plain DIAG=1 DIAG=2}; do
         settings=$variant
         [ "$variant" = plain ] && settings=
         env $settings BUILD_ONLY=1 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh \

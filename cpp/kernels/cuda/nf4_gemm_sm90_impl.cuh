@@ -50,14 +50,6 @@ static_assert(((kMaxRegisters + 7) / 8 * 8) * 32 * ((kConsumerWarps + 3) / 4) <=
 constexpr int kXStageBytes = kTileM * kStageK * 2;    // 32 KB
 constexpr int kCodeStageBytes = kTileN * kStageK / 2; // 4 KB: 128 rows x 32 bytes
 constexpr int kTableCopies = 16;
-// CTAs a cluster along W rows (grid y). With 2 (or 4), the CTAs share one X tile: each copies its half (quarter) of
-// its rows and multicasts them into every CTA's shared memory, halving (quartering) the X traffic from L2 (32 KB a CTA and stage, the main
-// loop's largest feed). QLORA_SM90_CLUSTER_N sets the library's choice (the check builds both to compare).
-#ifndef QLORA_SM90_CLUSTER_N
-#define QLORA_SM90_CLUSTER_N 1
-#endif
-constexpr int kDefaultClusterN = QLORA_SM90_CLUSTER_N;
-static_assert(kDefaultClusterN == 1 || kDefaultClusterN == 2 || kDefaultClusterN == 4, "clusters of 1, 2 or 4 CTAs");
 constexpr int kTableBytes = 256 * kTableCopies * 8;   // (nf4[hi], nf4[lo]) float pairs, 32 KB
 constexpr int kXOffset = 0;                           // 1024-aligned: the 128-byte swizzle's period
 constexpr int kCodeOffset = kXOffset + kStages * kXStageBytes;
@@ -121,34 +113,6 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 }
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-// Arrives on the barrier at the same offset in cluster CTA `rank`'s shared memory (this CTA's own included).
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
-  asm volatile(
-      "{\n"
-      ".reg .b32 remote;\n"
-      "mapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
-      "}\n" ::"r"(bar),
-      "r"(rank)
-      : "memory");
-}
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t rank;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  return rank;
-}
-__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.aligned;" ::: "memory"); }
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
-// The 2-D TMA copy of tma_load_2d, written into every CTA of `cta_mask` at this CTA's offsets, completing on each
-// one's barrier at `bar`'s offset.
-__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0,
-                                                      int c1, uint16_t cta_mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-      " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
-      "l"(map), "r"(c0), "r"(c1), "r"(bar), "h"(cta_mask)
-      : "memory");
 }
 // A 2-D TMA copy of the box at (c0, c1) (innermost first) into shared memory, completing on `bar`.
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
@@ -250,7 +214,7 @@ struct RegisterSet {
 };
 #endif  // QLORA_SM90_DEVICE
 
-template <bool kDoubleQuant, int kClusterN>
+template <bool kDoubleQuant>
 __global__ void __launch_bounds__(kThreads, 1)
     nf4_gemm_sm90_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map,
                          const NF4GemmArgs p) {  // (x and packed arrive through the tensor maps)
@@ -270,7 +234,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full0 + 8 * s, 1);                 // thread 0's arrive (with the stage's bytes)
-      mbar_init(empty0 + 8 * s, kConsumerWarps * kClusterN);  // one arrive a consumer warp of the cluster
+      mbar_init(empty0 + 8 * s, kConsumerWarps);  // one arrive a consumer warp
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -287,23 +251,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kDoubleQuant) reinterpret_cast<float*>(smem + kMapOffset)[tid] = __ldg(p.nested_code + tid);
   }
   __syncthreads();
-  // The peer's barriers are initialised before any multicast or remote arrive reaches them.
-  const uint32_t rank = kClusterN > 1 ? cluster_rank() : 0;
-  if constexpr (kClusterN > 1) cluster_arrive(), cluster_wait();
 
-  // Stage kb's copies into slot kb % kStages, issued by thread 0 (whose warp computes too). In a cluster, this CTA's
-  // share of the X tile (rows rank * kTileM / kClusterN on) goes to every CTA of it; the full barrier counts the
-  // whole tile's bytes, whichever CTA sent them.
+  // Stage kb's copies into slot kb % kStages, issued by thread 0 (whose warp computes too).
   auto issue_copies = [&](int kb) {
     const int s = kb % kStages;
     mbar_arrive_expect_tx(full0 + 8 * s, kXStageBytes + kCodeStageBytes);
-    if constexpr (kClusterN > 1) {
-      constexpr int kShareRows = kTileM / kClusterN;
-      tma_load_2d_multicast(base + kXOffset + s * kXStageBytes + rank * (kXStageBytes / kClusterN), &x_map,
-                            full0 + 8 * s, kb * kStageK, m0 + int(rank) * kShareRows, (1u << kClusterN) - 1);
-    } else {
-      tma_load_2d(base + kXOffset + s * kXStageBytes, &x_map, full0 + 8 * s, kb * kStageK, m0);
-    }
+    tma_load_2d(base + kXOffset + s * kXStageBytes, &x_map, full0 + 8 * s, kb * kStageK, m0);
     tma_load_2d(base + kCodeOffset + s * kCodeStageBytes, &code_map, full0 + 8 * s, kb * (kStageK / 2), n0);
   };
   if (tid == 0) {
@@ -386,14 +339,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_commit();
     wgmma_wait<1>();  // stage kb - 1's wgmmas are done: its register set and its stage are free
     fence_registers(a[set ^ 1]);
-    if (kb > 0 && lane == 0) {  // in a cluster, every CTA's copies of the next use write into this CTA
-      if constexpr (kClusterN > 1) {
-#pragma unroll
-        for (int r = 0; r < kClusterN; ++r) mbar_arrive_cluster(empty0 + 8 * ((kb - 1) % kStages), r);
-      } else {
-        mbar_arrive(empty0 + 8 * ((kb - 1) % kStages));
-      }
-    }
+    if (kb > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((kb - 1) % kStages));
     // Refill the slot of stage kb - 2 (every warp arrived on it during stage kb - 1) with stage kb - 2 + kStages.
     const int refill = kb - 2 + kStages;
     if (tid == 0 && kb >= 2 && refill < n_k) {
@@ -413,9 +359,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (kb < n_k) stage(RegisterSet<0>{}, kb);
   wgmma_wait<0>();
   fence_registers(acc);
-  // No CTA of a cluster exits while a peer may still arrive on its barriers (waited for at the end). The X stages
-  // are free for the epilogue already: every copy into them completed before this CTA's last full-barrier wait.
-  if constexpr (kClusterN > 1) cluster_arrive();
 
   // Epilogue: every consumer warp is past its last wgmma before the X stages are overwritten; each warpgroup
   // stages its 64 x 256 outputs (bias added in fp32, one rounding) as rows of Y, then stores 16-byte pieces.
@@ -448,7 +391,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           *reinterpret_cast<const uint4*>(staged + row * kStageRowElems + col8);
     }
   }
-  if constexpr (kClusterN > 1) cluster_wait();
 #else
   __trap();  // built without sm_90a code: nf4_gemm_sm90_covers refuses such builds, so this is a caller's error
 #endif
@@ -500,55 +442,37 @@ inline bool device_ready() {
   const bool ready =
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess && major == 9 &&
-      minor == 0 && cudaFuncGetAttributes(&attributes, nf4_gemm_sm90_kernel<true, kDefaultClusterN>) == cudaSuccess &&
+      minor == 0 && cudaFuncGetAttributes(&attributes, nf4_gemm_sm90_kernel<true>) == cudaSuccess &&
       attributes.binaryVersion == 90 && attributes.numRegs > 32 &&
-      cudaFuncSetAttribute(nf4_gemm_sm90_kernel<true, kDefaultClusterN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           kSharedBytes) == cudaSuccess &&
-      cudaFuncSetAttribute(nf4_gemm_sm90_kernel<false, kDefaultClusterN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           kSharedBytes) == cudaSuccess &&
+      cudaFuncSetAttribute(nf4_gemm_sm90_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes) ==
+          cudaSuccess &&
+      cudaFuncSetAttribute(nf4_gemm_sm90_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes) ==
+          cudaSuccess &&
       tensor_map_encoder() != nullptr;
   if (device < kMaxDevices) cache[device].store(ready ? 2 : 1, std::memory_order_relaxed);
   return ready;
 }
 
-template <bool kDoubleQuant, int kClusterN = kDefaultClusterN>
+template <bool kDoubleQuant>
 cudaError_t launch(const NF4GemmArgs& args, cudaStream_t stream) {
-  constexpr auto kernel = nf4_gemm_sm90_kernel<kDoubleQuant, kClusterN>;
+  constexpr auto kernel = nf4_gemm_sm90_kernel<kDoubleQuant>;
   CUtensorMap x_map, code_map;
-  if (!encode_2d(x_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, args.x, args.M, args.K, uint64_t(args.K) * 2,
-                 kTileM / kClusterN, kStageK, CU_TENSOR_MAP_SWIZZLE_128B) ||
+  if (!encode_2d(x_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, args.x, args.M, args.K, uint64_t(args.K) * 2, kTileM,
+                 kStageK, CU_TENSOR_MAP_SWIZZLE_128B) ||
       !encode_2d(code_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, args.packed, args.N, args.K / 2, uint64_t(args.K) / 2,
                  kTileN, kStageK / 2, CU_TENSOR_MAP_SWIZZLE_NONE)) {
     return cudaErrorInvalidValue;
   }
-  // A cluster's CTAs are adjacent along y; a last CTA past N (an odd tile count) computes rows it does not store.
-  const int n_tiles = (args.N + kTileN - 1) / kTileN;
-  const dim3 grid((args.M + kTileM - 1) / kTileM, (n_tiles + kClusterN - 1) / kClusterN * kClusterN);
-  if constexpr (kClusterN == 1) {
-    kernel<<<grid, kThreads, kSharedBytes, stream>>>(x_map, code_map, args);
-    return cudaGetLastError();
-  } else {
-    cudaLaunchConfig_t config{};
-    config.gridDim = grid;
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = kSharedBytes;
-    config.stream = stream;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = 1;
-    attribute[0].val.clusterDim.y = kClusterN;
-    attribute[0].val.clusterDim.z = 1;
-    config.attrs = attribute;
-    config.numAttrs = 1;
-    return cudaLaunchKernelEx(&config, kernel, x_map, code_map, args);
-  }
+  const dim3 grid((args.M + kTileM - 1) / kTileM, (args.N + kTileN - 1) / kTileN);
+  kernel<<<grid, kThreads, kSharedBytes, stream>>>(x_map, code_map, args);
+  return cudaGetLastError();
 }
 
 }  // namespace detail
 
 inline bool nf4_gemm_sm90_covers(const NF4GemmArgs& args) {
   if (args.M <= 0 || args.N <= 0 || args.K <= 0 || args.K % detail::kStageK != 0 || args.N % 8 != 0) return false;
-  if (args.N > 65535 / detail::kDefaultClusterN * detail::kDefaultClusterN * detail::kTileN || args.x == nullptr || args.packed == nullptr || args.y == nullptr) return false;
+  if (args.N > 65535 * detail::kTileN || args.x == nullptr || args.packed == nullptr || args.y == nullptr) return false;
   if (reinterpret_cast<uintptr_t>(args.x) % 16 != 0 || reinterpret_cast<uintptr_t>(args.packed) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(args.y) % 16 != 0) {
     return false;
