@@ -486,6 +486,12 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
             --launch-skip 2 --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
             --section WarpStateStats --section SchedulerStats --section InstructionStats --section MemoryWorkloadAnalysis \
             --section SourceCounters "$bin" --time-only --shapes "$shape" --m 2048
+          # the numbers the sections draw as charts only: each stall reason per issued instruction, the tensor and
+          # shared-memory pipes' activity, shared-memory wavefronts
+          STEP_TIMEOUT=150 TAIL=${NCU_TAIL:-60} step "ncu_gemm_sm90_metrics_diag${d}_$shape" ncu \
+            --kernel-name regex:nf4_gemm_sm90 --launch-skip 2 --launch-count 1 --metrics \
+            "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$,regex:^sm__pipe_tensor_op.*cycles_active\.avg\.pct_of_peak_sustained_active$,regex:^sm__pipe_shared_cycles_active.*pct_of_peak_sustained_active$,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,smsp__inst_executed.sum" \
+            "$bin" --time-only --shapes "$shape" --m 2048
         done
       done
       ;;
