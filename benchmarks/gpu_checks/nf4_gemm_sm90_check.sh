@@ -10,6 +10,7 @@
 #     GPU_TAG=h200 ...                                                # names the result file
 #     DIAG=1 (or 2) ... --time-only      # the diagnostic builds (QLORA_SM90_DIAG in nf4_gemm_sm90_impl.cuh):
 #                                        # 1 without the dequantization, 2 without the table; timings only
+#     PRODUCER=1 ...                     # a producer warpgroup issues the copies (QLORA_SM90_PRODUCER_WG), with DIAG too
 #     BUILD_ONLY=1 ...                   # build the binary and stop (e.g. in the background of other GPU work)
 #     REUSE_BIN=1 ...                    # run the binary already built for these settings, if there is one
 set -uo pipefail
@@ -26,6 +27,12 @@ if [ "$DIAG" != 0 ]; then
   BIN=/tmp/nf4_gemm_sm90_check_diag$DIAG
   BUILD_LOG="$OUT/nf4_gemm_sm90_build_diag$DIAG.txt"
   RESULT="$OUT/nf4_gemm_sm90_diag${DIAG}_${GPU_TAG:-h100}.json.txt"
+fi
+if [ "${PRODUCER:-0}" = 1 ]; then
+  DIAG_FLAGS+=(-DQLORA_SM90_PRODUCER_WG=1)
+  BIN="${BIN}_producer"
+  BUILD_LOG="${BUILD_LOG%.txt}_producer.txt"
+  RESULT="${RESULT%_${GPU_TAG:-h100}.json.txt}_producer_${GPU_TAG:-h100}.json.txt"
 fi
 
 # cuBLAS: nvcc's own toolkit when it has it; otherwise the nvidia-cublas wheel beside PyTorch, which ships only the

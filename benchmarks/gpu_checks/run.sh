@@ -30,6 +30,7 @@
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90          # the Hopper NF4 GEMM's standalone check and M = 2048 timing
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90 ncu_gemm_sm90 # Nsight Compute on the Hopper NF4 GEMM at M = 2048
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90_diag     # its M = 2048 time without the dequantization / the table
+#     bash benchmarks/gpu_checks/run.sh gemm_sm90_producer # the same with a producer warpgroup issuing the copies
 #     REUSE_BIN=1 bash benchmarks/gpu_checks/run.sh sm90_prebuild build tests gemm_sm90 gemm_sm90_diag
 #                                                          # (the standalone binaries built beside the other stages)
 #     bash benchmarks/gpu_checks/run.sh build ring_tables_first # the M = 1 ring with its tables ready before the weight
@@ -450,14 +451,21 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         DIAG=$d STEP_TIMEOUT=150 TAIL=6 step "gemm_sm90_diag$d" bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh --time-only
       done
       ;;
+    gemm_sm90_producer)
+      wait  # for sm90_prebuild's builds, if it ran
+      # session 29: a producer warpgroup issues the copies (QLORA_SM90_PRODUCER_WG; setmaxnreg 40 / 232): the checks
+      # and M = 2048, then its diag 1 build (no dequantization), beside gemm_sm90 and gemm_sm90_diag's numbers
+      PRODUCER=1 TAIL=16 step gemm_sm90_producer bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh
+      PRODUCER=1 DIAG=1 TAIL=6 step gemm_sm90_producer_diag1 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh --time-only
+      ;;
     sm90_prebuild)
       # the standalone binaries of gemm_sm90 and gemm_sm90_diag built in the background (CPU only),
       # for a later stage of the same call with REUSE_BIN=1
-      for variant in ${PREBUILD_VARIANTS:-plain DIAG=1 DIAG=2}; do
-        settings=$variant
+      for variant in ${PREBUILD_VARIANTS:-plain DIAG=1 DIAG=2 PRODUCER=1 PRODUCER=1,DIAG=1}; do
+        settings=${variant//,/ }
         [ "$variant" = plain ] && settings=
         env $settings BUILD_ONLY=1 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh \
-          > "$OUT/prebuild_$(echo "$variant" | tr -d =).log" 2>&1 &
+          > "$OUT/prebuild_$(echo "$variant" | tr -d = | tr , _).log" 2>&1 &
       done
       ;;
     ring_tables_first)

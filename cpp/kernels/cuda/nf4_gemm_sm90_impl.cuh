@@ -43,10 +43,20 @@ constexpr int kTileM = 256;                           // X rows a CTA: the wgmma
 constexpr int kStageK = 64;                           // one quantization block of each row
 constexpr int kStages = 5;
 constexpr int kConsumerWarps = 8;
-constexpr int kThreads = kConsumerWarps * 32;
-// Two warps a sub-partition (16K registers each): up to 255 registers a thread (the accumulators alone take 128).
+// QLORA_SM90_PRODUCER_WG (an experiment, off): a third warpgroup issues the copies, so that no consumer warp waits on
+// an empty barrier or spends issue slots on TMA; `setmaxnreg` moves registers from it (40 a thread) to the consumers
+// (232): per sub-partition 2 x 232 x 32 + 40 x 32 = 16,128 of 16,384.
+#ifndef QLORA_SM90_PRODUCER_WG
+#define QLORA_SM90_PRODUCER_WG 0
+#endif
+constexpr bool kProducerWarpgroup = QLORA_SM90_PRODUCER_WG != 0;
+constexpr int kThreads = kConsumerWarps * 32 + (kProducerWarpgroup ? 128 : 0);
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+// Two consumer warps a sub-partition (16K registers each): up to 255 registers a thread (the accumulators alone
+// take 128).
 constexpr int kMaxRegisters = 255;
 static_assert(((kMaxRegisters + 7) / 8 * 8) * 32 * ((kConsumerWarps + 3) / 4) <= 16384, "registers a sub-partition");
+static_assert(2 * kConsumerRegisters * 32 + kProducerRegisters * 32 <= 16384, "registers a sub-partition (producer)");
 constexpr int kXStageBytes = kTileM * kStageK * 2;    // 32 KB
 constexpr int kCodeStageBytes = kTileN * kStageK / 2; // 4 KB: 128 rows x 32 bytes
 constexpr int kTableCopies = 16;
@@ -259,7 +269,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     tma_load_2d(base + kXOffset + s * kXStageBytes, &x_map, full0 + 8 * s, kb * kStageK, m0);
     tma_load_2d(base + kCodeOffset + s * kCodeStageBytes, &code_map, full0 + 8 * s, kb * (kStageK / 2), n0);
   };
-  if (tid == 0) {
+  if constexpr (kProducerWarpgroup) {
+    if (tid >= kConsumerWarps * 32) {  // the producer warpgroup: one thread issues every stage's copies
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegisters));
+      if (tid == kConsumerWarps * 32) {
+        for (int kb = 0; kb < n_k; ++kb) {
+          if (kb >= kStages) mbar_wait(empty0 + 8 * (kb % kStages), ((kb / kStages) - 1) & 1);
+          issue_copies(kb);
+        }
+      }
+      return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegisters));
+  } else if (tid == 0) {
     for (int kb = 0; kb < kStages && kb < n_k; ++kb) issue_copies(kb);
   }
 
@@ -342,7 +364,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (kb > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((kb - 1) % kStages));
     // Refill the slot of stage kb - 2 (every warp arrived on it during stage kb - 1) with stage kb - 2 + kStages.
     const int refill = kb - 2 + kStages;
-    if (tid == 0 && kb >= 2 && refill < n_k) {
+    if (!kProducerWarpgroup && tid == 0 && kb >= 2 && refill < n_k) {
       mbar_wait(empty0 + 8 * ((kb - 2) % kStages), ((kb - 2) / kStages) & 1);
       issue_copies(refill);
     }
