@@ -10,7 +10,9 @@
 #     GPU_TAG=h200 ...                                                # names the result file
 #     DIAG=1 (or 2) ... --time-only      # the diagnostic builds (QLORA_SM90_DIAG in nf4_gemm_sm90_impl.cuh):
 #                                        # 1 without the dequantization, 2 without the table; timings only
-#     PRODUCER=1 ...                     # a producer warpgroup issues the copies (QLORA_SM90_PRODUCER_WG), with DIAG too
+#     PRODUCER=1 ...                     # a producer warpgroup issues the copies (QLORA_SM90_PRODUCER_WG)
+#     SLICED=1 ...                       # each k16 slice's wgmma issued as soon as it is dequantized (QLORA_SM90_SLICED)
+#                                        # (DIAG, PRODUCER and SLICED combine)
 #     BUILD_ONLY=1 ...                   # build the binary and stop (e.g. in the background of other GPU work)
 #     REUSE_BIN=1 ...                    # run the binary already built for these settings, if there is one
 set -uo pipefail
@@ -18,22 +20,15 @@ cd "$(dirname "$0")/../.." || exit 2
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
 DIAG="${DIAG:-0}"
-DIAG_FLAGS=()
-BIN=/tmp/nf4_gemm_sm90_check
-BUILD_LOG="$OUT/nf4_gemm_sm90_build.txt"
-RESULT="$OUT/nf4_gemm_sm90_check_${GPU_TAG:-h100}.json.txt"
-if [ "$DIAG" != 0 ]; then
-  DIAG_FLAGS=(-DQLORA_SM90_DIAG="$DIAG")
-  BIN=/tmp/nf4_gemm_sm90_check_diag$DIAG
-  BUILD_LOG="$OUT/nf4_gemm_sm90_build_diag$DIAG.txt"
-  RESULT="$OUT/nf4_gemm_sm90_diag${DIAG}_${GPU_TAG:-h100}.json.txt"
-fi
-if [ "${PRODUCER:-0}" = 1 ]; then
-  DIAG_FLAGS+=(-DQLORA_SM90_PRODUCER_WG=1)
-  BIN="${BIN}_producer"
-  BUILD_LOG="${BUILD_LOG%.txt}_producer.txt"
-  RESULT="${RESULT%_${GPU_TAG:-h100}.json.txt}_producer_${GPU_TAG:-h100}.json.txt"
-fi
+# Each experiment's macro, and its suffix on the binary, the build log and the result
+VARIANT_FLAGS=()
+VARIANT=
+if [ "$DIAG" != 0 ]; then VARIANT_FLAGS+=(-DQLORA_SM90_DIAG="$DIAG"); VARIANT+=_diag$DIAG; fi
+if [ "${PRODUCER:-0}" = 1 ]; then VARIANT_FLAGS+=(-DQLORA_SM90_PRODUCER_WG=1); VARIANT+=_producer; fi
+if [ "${SLICED:-0}" = 1 ]; then VARIANT_FLAGS+=(-DQLORA_SM90_SLICED=1); VARIANT+=_sliced; fi
+BIN=/tmp/nf4_gemm_sm90_check$VARIANT
+BUILD_LOG="$OUT/nf4_gemm_sm90_build$VARIANT.txt"
+RESULT="$OUT/nf4_gemm_sm90${VARIANT:-_check}_${GPU_TAG:-h100}.json.txt"
 
 # cuBLAS: nvcc's own toolkit when it has it; otherwise the nvidia-cublas wheel beside PyTorch, which ships only the
 # versioned library (libcublas.so.13, no libcublas.so), hence -l: and an rpath. A tiny probe decides in seconds.
@@ -63,7 +58,7 @@ if [ "${REUSE_BIN:-0}" = 1 ] && [ -x "$BIN" ]; then
   echo "reusing $BIN"
 else
   echo "building $BIN (sm_90a; ptxas report in $BUILD_LOG)"
-  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DQLORA_SM90_WATCHDOG=1 "${DIAG_FLAGS[@]}" -Icpp/include -Icpp/kernels/cuda -Xptxas -v \
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DQLORA_SM90_WATCHDOG=1 "${VARIANT_FLAGS[@]}" -Icpp/include -Icpp/kernels/cuda -Xptxas -v \
     -o "$BIN" benchmarks/gpu_checks/nf4_gemm_sm90_check.cu "${CUBLAS_FLAGS[@]}" >"$BUILD_LOG" 2>&1
   build_status=$?
   # The kernel under test's entries only (the harness's own kernels live in an anonymous namespace, _GLOBAL__N_),

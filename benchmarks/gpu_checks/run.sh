@@ -30,8 +30,8 @@
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90          # the Hopper NF4 GEMM's standalone check and M = 2048 timing
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90 ncu_gemm_sm90 # Nsight Compute on the Hopper NF4 GEMM at M = 2048
 #     bash benchmarks/gpu_checks/run.sh gemm_sm90_diag     # its M = 2048 time without the dequantization / the table
-#     bash benchmarks/gpu_checks/run.sh gemm_sm90_producer # the same with a producer warpgroup issuing the copies
-#     REUSE_BIN=1 bash benchmarks/gpu_checks/run.sh sm90_prebuild build tests gemm_sm90 gemm_sm90_diag
+#     bash benchmarks/gpu_checks/run.sh gemm_sm90_variants # its experiments (a producer warpgroup, sliced wgmma issue)
+#     REUSE_BIN=1 bash benchmarks/gpu_checks/run.sh sm90_prebuild gemm_sm90 gemm_sm90_diag gemm_sm90_variants ncu_gemm_sm90
 #                                                          # (the standalone binaries built beside the other stages)
 #     bash benchmarks/gpu_checks/run.sh build ring_tables_first # the M = 1 ring with its tables ready before the weight
 #     bash benchmarks/gpu_checks/run.sh build sm90_route   # nf4_gemm's Hopper kernel in the library: tests, memcheck,
@@ -451,17 +451,22 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
         DIAG=$d STEP_TIMEOUT=150 TAIL=6 step "gemm_sm90_diag$d" bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh --time-only
       done
       ;;
-    gemm_sm90_producer)
+    gemm_sm90_variants)
       wait  # for sm90_prebuild's builds, if it ran
-      # session 29: a producer warpgroup issues the copies (QLORA_SM90_PRODUCER_WG; setmaxnreg 40 / 232): the checks
-      # and M = 2048, then its diag 1 build (no dequantization), beside gemm_sm90 and gemm_sm90_diag's numbers
-      PRODUCER=1 TAIL=16 step gemm_sm90_producer bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh
+      # session 29's experiments on the Hopper NF4 GEMM, each checked then timed at M = 2048 (beside gemm_sm90 and
+      # gemm_sm90_diag's numbers): a producer warpgroup issuing the copies (PRODUCER, setmaxnreg 40 / 232), each k16
+      # slice's wgmma issued as soon as it is dequantized (SLICED), both; then the producer's diag 1 build (no
+      # dequantization: its pipeline alone)
+      for variant in ${SM90_VARIANTS:-PRODUCER=1 SLICED=1 PRODUCER=1,SLICED=1}; do
+        env ${variant//,/ } TAIL=16 step "gemm_sm90_$(echo "$variant" | tr -d = | tr , _)" \
+          bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh
+      done
       PRODUCER=1 DIAG=1 TAIL=6 step gemm_sm90_producer_diag1 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh --time-only
       ;;
     sm90_prebuild)
-      # the standalone binaries of gemm_sm90 and gemm_sm90_diag built in the background (CPU only),
+      # the standalone binaries of gemm_sm90, gemm_sm90_diag and gemm_sm90_variants built in the background (CPU only),
       # for a later stage of the same call with REUSE_BIN=1
-      for variant in ${PREBUILD_VARIANTS:-plain DIAG=1 DIAG=2 PRODUCER=1 PRODUCER=1,DIAG=1}; do
+      for variant in ${PREBUILD_VARIANTS:-plain DIAG=1 DIAG=2 PRODUCER=1 SLICED=1 PRODUCER=1,SLICED=1 PRODUCER=1,DIAG=1}; do
         settings=${variant//,/ }
         [ "$variant" = plain ] && settings=
         env $settings BUILD_ONLY=1 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh \

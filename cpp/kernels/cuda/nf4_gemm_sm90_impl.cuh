@@ -57,6 +57,13 @@ constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
 constexpr int kMaxRegisters = 255;
 static_assert(((kMaxRegisters + 7) / 8 * 8) * 32 * ((kConsumerWarps + 3) / 4) <= 16384, "registers a sub-partition");
 static_assert(2 * kConsumerRegisters * 32 + kProducerRegisters * 32 <= 16384, "registers a sub-partition (producer)");
+// QLORA_SM90_SLICED (an experiment, off): each k16 slice's wgmma is issued as soon as its 4 fragment registers are
+// dequantized, instead of after the whole stage, so that the tensor cores get a stage's first work a quarter of
+// the dequantization earlier (one wgmma.fence a slice instead of one a stage).
+#ifndef QLORA_SM90_SLICED
+#define QLORA_SM90_SLICED 0
+#endif
+constexpr bool kSliced = QLORA_SM90_SLICED != 0;
 constexpr int kXStageBytes = kTileM * kStageK * 2;    // 32 KB
 constexpr int kCodeStageBytes = kTileN * kStageK / 2; // 4 KB: 128 rows x 32 bytes
 constexpr int kTableCopies = 16;
@@ -144,12 +151,13 @@ __device__ __forceinline__ void fence_registers(float (&d)[128]) {
 #pragma unroll
   for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+__device__ __forceinline__ void fence_registers(uint32_t (&a)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[i])::"memory");
+}
 __device__ __forceinline__ void fence_registers(uint32_t (&a)[4][4]) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[j][i])::"memory");
-  }
+  for (int j = 0; j < 4; ++j) fence_registers(a[j]);
 }
 
 // The shared-memory matrix descriptor of a K-major, 128-byte-swizzled operand tile (rows of 64 bf16, 8-row groups
@@ -346,18 +354,29 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint4 row1_hi = *reinterpret_cast<const uint4*>(codes + (row0 + 8) * 32 + 16);
     const uint32_t words0[8] = {row0_lo.x, row0_lo.y, row0_lo.z, row0_lo.w, row0_hi.x, row0_hi.y, row0_hi.z, row0_hi.w};
     const uint32_t words1[8] = {row1_lo.x, row1_lo.y, row1_lo.z, row1_lo.w, row1_hi.x, row1_hi.y, row1_hi.z, row1_hi.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {  // slice j: byte t of word 2j (k 16j + 2t) and of word 2j + 1 (k 16j + 8 + 2t)
+    const uint32_t x_stage = base + kXOffset + s * kXStageBytes;
+    auto dequantize_slice = [&](int j) {  // slice j: byte t of word 2j (k 16j + 2t) and of word 2j + 1 (k 16j + 8 + 2t)
       a[set][j][0] = dequantize_byte(table_lane, words0[2 * j], selector, scale0);
       a[set][j][1] = dequantize_byte(table_lane, words1[2 * j], selector, scale1);
       a[set][j][2] = dequantize_byte(table_lane, words0[2 * j + 1], selector, scale0);
       a[set][j][3] = dequantize_byte(table_lane, words1[2 * j + 1], selector, scale1);
-    }
-    fence_registers(a[set]);
-    wgmma_fence();
-    const uint32_t x_stage = base + kXOffset + s * kXStageBytes;
+    };
+    if constexpr (kSliced) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) wgmma_m64n256k16_rs(acc, a[set][j], sw128_descriptor(x_stage + 32 * j));
+      for (int j = 0; j < 4; ++j) {
+        dequantize_slice(j);
+        fence_registers(a[set][j]);
+        wgmma_fence();
+        wgmma_m64n256k16_rs(acc, a[set][j], sw128_descriptor(x_stage + 32 * j));
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) dequantize_slice(j);
+      fence_registers(a[set]);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wgmma_m64n256k16_rs(acc, a[set][j], sw128_descriptor(x_stage + 32 * j));
+    }
     wgmma_commit();
     wgmma_wait<1>();  // stage kb - 1's wgmmas are done: its register set and its stage are free
     fence_registers(a[set ^ 1]);
