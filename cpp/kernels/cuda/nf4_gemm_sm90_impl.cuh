@@ -64,6 +64,16 @@ static_assert(2 * kConsumerRegisters * 32 + kProducerRegisters * 32 <= 16384, "r
 #define QLORA_SM90_SLICED 0
 #endif
 constexpr bool kSliced = QLORA_SM90_SLICED != 0;
+// QLORA_SM90_CLUSTER_N (an experiment, 1 = off): clusters of 2 or 4 CTAs along W rows (grid y) share each X tile;
+// each CTA copies its share of the rows and multicasts it into every CTA of the cluster, dividing the X traffic
+// from L2 (32 KB a CTA and stage; the kernel moves ~6 TB/s from L2 without the dequantization, about what cuBLAS
+// moves). Each slot's empty barrier then counts every CTA's consumer warps. Without a producer warpgroup that made
+// warpgroup 0 wait at every refill for the slowest warp of the cluster: 1.7-3.9x slower (session 29).
+#ifndef QLORA_SM90_CLUSTER_N
+#define QLORA_SM90_CLUSTER_N 1
+#endif
+constexpr int kClusterN = QLORA_SM90_CLUSTER_N;
+static_assert(kClusterN == 1 || kClusterN == 2 || kClusterN == 4, "clusters of 1, 2 or 4 CTAs");
 constexpr int kXStageBytes = kTileM * kStageK * 2;    // 32 KB
 constexpr int kCodeStageBytes = kTileN * kStageK / 2; // 4 KB: 128 rows x 32 bytes
 constexpr int kTableCopies = 16;
@@ -130,6 +140,34 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 }
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Arrives on the barrier at the same offset in cluster CTA `rank`'s shared memory (this CTA's own included).
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
+  asm volatile(
+      "{\n"
+      ".reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
+      "}\n" ::"r"(bar),
+      "r"(rank)
+      : "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  return rank;
+}
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+// tma_load_2d's copy written into every CTA of `cta_mask` at this CTA's offsets, completing on each one's barrier
+// at `bar`'s offset.
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0,
+                                                      int c1, uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
+      "l"(map), "r"(c0), "r"(c1), "r"(bar), "h"(cta_mask)
+      : "memory");
 }
 // A 2-D TMA copy of the box at (c0, c1) (innermost first) into shared memory, completing on `bar`.
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
@@ -252,7 +290,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full0 + 8 * s, 1);                 // thread 0's arrive (with the stage's bytes)
-      mbar_init(empty0 + 8 * s, kConsumerWarps);  // one arrive a consumer warp
+      mbar_init(empty0 + 8 * s, kConsumerWarps * kClusterN);  // one arrive a consumer warp of the cluster
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -269,12 +307,23 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kDoubleQuant) reinterpret_cast<float*>(smem + kMapOffset)[tid] = __ldg(p.nested_code + tid);
   }
   __syncthreads();
+  // In a cluster, the peers' barriers are initialised before any multicast or remote arrive reaches them.
+  const uint32_t rank = kClusterN > 1 ? cluster_rank() : 0;
+  if constexpr (kClusterN > 1) cluster_arrive(), cluster_wait();
 
-  // Stage kb's copies into slot kb % kStages, issued by thread 0 (whose warp computes too).
+  // Stage kb's copies into slot kb % kStages, issued by thread 0 (whose warp computes too) or the producer. In a
+  // cluster this CTA's share of the X tile goes to every CTA of it; the full barrier counts the whole tile's bytes,
+  // whichever CTA sent them.
   auto issue_copies = [&](int kb) {
     const int s = kb % kStages;
     mbar_arrive_expect_tx(full0 + 8 * s, kXStageBytes + kCodeStageBytes);
-    tma_load_2d(base + kXOffset + s * kXStageBytes, &x_map, full0 + 8 * s, kb * kStageK, m0);
+    if constexpr (kClusterN > 1) {
+      constexpr int kShareRows = kTileM / kClusterN;
+      tma_load_2d_multicast(base + kXOffset + s * kXStageBytes + rank * (kXStageBytes / kClusterN), &x_map,
+                            full0 + 8 * s, kb * kStageK, m0 + int(rank) * kShareRows, (1u << kClusterN) - 1);
+    } else {
+      tma_load_2d(base + kXOffset + s * kXStageBytes, &x_map, full0 + 8 * s, kb * kStageK, m0);
+    }
     tma_load_2d(base + kCodeOffset + s * kCodeStageBytes, &code_map, full0 + 8 * s, kb * (kStageK / 2), n0);
   };
   if constexpr (kProducerWarpgroup) {
@@ -285,6 +334,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (kb >= kStages) mbar_wait(empty0 + 8 * (kb % kStages), ((kb / kStages) - 1) & 1);
           issue_copies(kb);
         }
+      }
+      if constexpr (kClusterN > 1) {  // every thread of the cluster takes part in its barrier (see the end)
+        __syncwarp();
+        cluster_arrive();
+        cluster_wait();
       }
       return;
     }
@@ -380,7 +434,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_commit();
     wgmma_wait<1>();  // stage kb - 1's wgmmas are done: its register set and its stage are free
     fence_registers(a[set ^ 1]);
-    if (kb > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((kb - 1) % kStages));
+    if (kb > 0 && lane == 0) {  // in a cluster, every CTA's copies of the slot's next use write into this CTA
+      if constexpr (kClusterN > 1) {
+#pragma unroll
+        for (int r = 0; r < kClusterN; ++r) mbar_arrive_cluster(empty0 + 8 * ((kb - 1) % kStages), r);
+      } else {
+        mbar_arrive(empty0 + 8 * ((kb - 1) % kStages));
+      }
+    }
     // Refill the slot of stage kb - 2 (every warp arrived on it during stage kb - 1) with stage kb - 2 + kStages.
     const int refill = kb - 2 + kStages;
     if (!kProducerWarpgroup && tid == 0 && kb >= 2 && refill < n_k) {
@@ -400,6 +461,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (kb < n_k) stage(RegisterSet<0>{}, kb);
   wgmma_wait<0>();
   fence_registers(acc);
+  // No CTA of a cluster exits while a peer may still arrive on its barriers (waited for at the end). The X stages
+  // are free for the epilogue already: every copy into them completed before this CTA's last full-barrier wait.
+  if constexpr (kClusterN > 1) cluster_arrive();
 
   // Epilogue: every consumer warp is past its last wgmma before the X stages are overwritten; each warpgroup
   // stages its 64 x 256 outputs (bias added in fp32, one rounding) as rows of Y, then stores 16-byte pieces.
@@ -432,6 +496,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           *reinterpret_cast<const uint4*>(staged + row * kStageRowElems + col8);
     }
   }
+  if constexpr (kClusterN > 1) cluster_wait();
 #else
   __trap();  // built without sm_90a code: nf4_gemm_sm90_covers refuses such builds, so this is a caller's error
 #endif
@@ -498,22 +563,41 @@ template <bool kDoubleQuant>
 cudaError_t launch(const NF4GemmArgs& args, cudaStream_t stream) {
   constexpr auto kernel = nf4_gemm_sm90_kernel<kDoubleQuant>;
   CUtensorMap x_map, code_map;
-  if (!encode_2d(x_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, args.x, args.M, args.K, uint64_t(args.K) * 2, kTileM,
-                 kStageK, CU_TENSOR_MAP_SWIZZLE_128B) ||
+  if (!encode_2d(x_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, args.x, args.M, args.K, uint64_t(args.K) * 2,
+                 kTileM / kClusterN, kStageK, CU_TENSOR_MAP_SWIZZLE_128B) ||
       !encode_2d(code_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, args.packed, args.N, args.K / 2, uint64_t(args.K) / 2,
                  kTileN, kStageK / 2, CU_TENSOR_MAP_SWIZZLE_NONE)) {
     return cudaErrorInvalidValue;
   }
-  const dim3 grid((args.M + kTileM - 1) / kTileM, (args.N + kTileN - 1) / kTileN);
-  kernel<<<grid, kThreads, kSharedBytes, stream>>>(x_map, code_map, args);
-  return cudaGetLastError();
+  // A cluster's CTAs are adjacent along y; a last CTA past N (a tile count not a multiple of the cluster) computes
+  // rows it does not store.
+  const int n_tiles = (args.N + kTileN - 1) / kTileN;
+  const dim3 grid((args.M + kTileM - 1) / kTileM, (n_tiles + kClusterN - 1) / kClusterN * kClusterN);
+  if constexpr (kClusterN == 1) {
+    kernel<<<grid, kThreads, kSharedBytes, stream>>>(x_map, code_map, args);
+    return cudaGetLastError();
+  } else {
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = kSharedBytes;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = 1;
+    attribute[0].val.clusterDim.y = kClusterN;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, kernel, x_map, code_map, args);
+  }
 }
 
 }  // namespace detail
 
 inline bool nf4_gemm_sm90_covers(const NF4GemmArgs& args) {
   if (args.M <= 0 || args.N <= 0 || args.K <= 0 || args.K % detail::kStageK != 0 || args.N % 8 != 0) return false;
-  if (args.N > 65535 * detail::kTileN || args.x == nullptr || args.packed == nullptr || args.y == nullptr) return false;
+  if (args.N > 65535 / detail::kClusterN * detail::kClusterN * detail::kTileN || args.x == nullptr || args.packed == nullptr || args.y == nullptr) return false;
   if (reinterpret_cast<uintptr_t>(args.x) % 16 != 0 || reinterpret_cast<uintptr_t>(args.packed) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(args.y) % 16 != 0) {
     return false;
