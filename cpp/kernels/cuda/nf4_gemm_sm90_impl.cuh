@@ -24,6 +24,11 @@
 // by two stages with two register sets: stage kb + 1 is dequantized while stage kb's wgmmas run, and
 // wgmma.wait_group 1 after committing kb + 1 frees kb's set and X stage (then the warp arrives on kb's empty
 // barrier, from which thread 0 refills it).
+//
+// Experiments (macros, off by default; timed by benchmarks/gpu_checks/run.sh gemm_sm90_variants): a producer
+// warpgroup with setmaxnreg (QLORA_SM90_PRODUCER_WG: the 12 warps fit the sub-partitions once the producer drops to
+// 40 registers), each slice's wgmma issued once dequantized (QLORA_SM90_SLICED), clusters sharing X by multicast
+// (QLORA_SM90_CLUSTER_N).
 #pragma once
 
 #include <cuda.h>
@@ -66,8 +71,8 @@ static_assert(2 * kConsumerRegisters * 32 + kProducerRegisters * 32 <= 16384, "r
 constexpr bool kSliced = QLORA_SM90_SLICED != 0;
 // QLORA_SM90_CLUSTER_N (an experiment, 1 = off): clusters of 2 or 4 CTAs along W rows (grid y) share each X tile;
 // each CTA copies its share of the rows and multicasts it into every CTA of the cluster, dividing the X traffic
-// from L2 (32 KB a CTA and stage; the kernel moves ~6 TB/s from L2 without the dequantization, about what cuBLAS
-// moves). Each slot's empty barrier then counts every CTA's consumer warps. Without a producer warpgroup that made
+// from L2 (32 KB a CTA and stage; without the dequantization the kernel moves ~6 TB/s from L2). Each slot's empty
+// barrier then counts every CTA's consumer warps. Without a producer warpgroup that made
 // warpgroup 0 wait at every refill for the slowest warp of the cluster: 1.7-3.9x slower (session 29).
 #ifndef QLORA_SM90_CLUSTER_N
 #define QLORA_SM90_CLUSTER_N 1
@@ -289,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full0 + 8 * s, 1);                 // thread 0's arrive (with the stage's bytes)
+      mbar_init(full0 + 8 * s, 1);                 // the issuing thread's arrive (with the stage's bytes)
       mbar_init(empty0 + 8 * s, kConsumerWarps * kClusterN);  // one arrive a consumer warp of the cluster
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -597,7 +602,9 @@ cudaError_t launch(const NF4GemmArgs& args, cudaStream_t stream) {
 
 inline bool nf4_gemm_sm90_covers(const NF4GemmArgs& args) {
   if (args.M <= 0 || args.N <= 0 || args.K <= 0 || args.K % detail::kStageK != 0 || args.N % 8 != 0) return false;
-  if (args.N > 65535 / detail::kClusterN * detail::kClusterN * detail::kTileN || args.x == nullptr || args.packed == nullptr || args.y == nullptr) return false;
+  // grid y (N tiles rounded up to whole clusters) at most 65535
+  if (args.N > 65535 / detail::kClusterN * detail::kClusterN * detail::kTileN) return false;
+  if (args.x == nullptr || args.packed == nullptr || args.y == nullptr) return false;
   if (reinterpret_cast<uintptr_t>(args.x) % 16 != 0 || reinterpret_cast<uintptr_t>(args.packed) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(args.y) % 16 != 0) {
     return false;
