@@ -458,8 +458,10 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # slice's wgmma issued as soon as it is dequantized (SLICED), both, the producer with clusters of 2 and 4
       # sharing X by multicast (CLUSTER); then the producer's diag 1 build (no dequantization: its pipeline alone)
       for variant in ${SM90_VARIANTS:-PRODUCER=1 SLICED=1 PRODUCER=1,SLICED=1 PRODUCER=1,CLUSTER=2 PRODUCER=1,CLUSTER=4}; do
-        env ${variant//,/ } TAIL=16 step "gemm_sm90_$(echo "$variant" | tr -d = | tr , _)" \
-          bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh
+        settings=${variant//,/ }
+        export $settings  # (step is a function: env cannot run it)
+        TAIL=16 step "gemm_sm90_$(echo "$variant" | tr -d = | tr , _)" bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh
+        for setting in $settings; do unset "${setting%%=*}"; done
       done
       PRODUCER=1 DIAG=1 TAIL=6 step gemm_sm90_producer_diag1 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh --time-only
       ;;
