@@ -871,6 +871,15 @@ int main(int argc, char** argv) {
     CUDA_CHECK(cudaFuncGetAttributes(&attributes, qlora::sm90::detail::nf4_gemm_sm90_kernel<true>));
     std::fprintf(stderr, "# kernel: binaryVersion %d, %d registers, %zu bytes static shared\n",
                  attributes.binaryVersion, attributes.numRegs, attributes.sharedSizeBytes);
+    namespace d = qlora::sm90::detail;
+    std::fprintf(stderr, "# build: %d threads, producer warpgroup %d, sliced issue %d, cluster %d, diag %d\n",
+                 d::kThreads, int(d::kProducerWarpgroup), int(d::kSliced), d::kClusterN,
+#ifdef QLORA_SM90_DIAG
+                 QLORA_SM90_DIAG
+#else
+                 0
+#endif
+    );
   }
   Context ctx;
   ctx.device = json_escape(prop.name);
