@@ -107,6 +107,17 @@ build() {
     cp /tmp/qlora-gpu-install/qlora_ext/_C*.so python/qlora_ext/
 }
 
+# One run of nf4_gemm_sm90_check.sh with a variant's settings (KEY=VALUE,KEY=VALUE: its build macros) exported for
+# it alone; then tail lines of its log; then the script's arguments.
+sm90_variant_step() {
+  local variant=$1 tail=$2 settings setting
+  shift 2
+  settings=${variant//,/ }
+  export $settings  # (step is a function: env cannot run it)
+  TAIL=$tail step "gemm_sm90_$(echo "$variant" | tr -d = | tr , _)" bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh "$@"
+  for setting in $settings; do unset "${setting%%=*}"; done
+}
+
 racecheck_parts() {  # pytest -k of sanitize_tests.sh's parts (RUNS "tool file N" takes K_N)
   export K_1='cuda-mma' K_2='cuda-factored_split' K_3='cuda-factored_r2' K_4='cuda-factored_r1' \
     K_5='factored and not factored_' K_6='not mma and not factored' K_7='into' K_8='swiglu_scaled' \
@@ -459,17 +470,10 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # sharing X by multicast (CLUSTER); then diag 1 builds of the producer, alone and with clusters of 2 (no
       # dequantization: their pipelines alone)
       for variant in ${SM90_VARIANTS:-PRODUCER=1 SLICED=1 PRODUCER=1,SLICED=1 PRODUCER=1,CLUSTER=2 PRODUCER=1,CLUSTER=4}; do
-        settings=${variant//,/ }
-        export $settings  # (step is a function: env cannot run it)
-        TAIL=16 step "gemm_sm90_$(echo "$variant" | tr -d = | tr , _)" bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh
-        for setting in $settings; do unset "${setting%%=*}"; done
+        sm90_variant_step "$variant" 16
       done
-      for variant in ${SM90_DIAG_VARIANTS:-PRODUCER=1,DIAG=1 PRODUCER=1,CLUSTER=2,DIAG=1}; do  # timings only
-        settings=${variant//,/ }
-        export $settings
-        TAIL=6 step "gemm_sm90_$(echo "$variant" | tr -d = | tr , _)" bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh \
-          --time-only
-        for setting in $settings; do unset "${setting%%=*}"; done
+      for variant in ${SM90_DIAG_VARIANTS:-PRODUCER=1,DIAG=1 PRODUCER=1,CLUSTER=2,DIAG=1}; do
+        sm90_variant_step "$variant" 6 --time-only
       done
       ;;
     sm90_prebuild)
