@@ -8,8 +8,9 @@
 #                                                       [--shapes NxK,...] [--m M]
 #     SANITIZE=1 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh   # memcheck over the checks instead
 #     GPU_TAG=h200 ...                                                # names the result file
-#     DIAG=1 (or 2) ... --time-only      # the diagnostic builds (QLORA_SM90_DIAG in nf4_gemm_sm90_impl.cuh):
-#                                        # 1 without the dequantization, 2 without the table; timings only
+#     DIAG=1 (2, 3) ... --time-only      # the diagnostic builds (QLORA_SM90_DIAG in nf4_gemm_sm90_impl.cuh):
+#                                        # 1 without the dequantization, 2 without the table, 3 with the
+#                                        # dequantization not waited for; timings only
 #     PRODUCER=1 ...                     # a producer warpgroup issues the copies (QLORA_SM90_PRODUCER_WG)
 #     SLICED=1 ...                       # each k16 slice's wgmma issued as soon as it is dequantized (QLORA_SM90_SLICED)
 #     CLUSTER=2 (or 4) ...               # clusters sharing X by TMA multicast (QLORA_SM90_CLUSTER_N)

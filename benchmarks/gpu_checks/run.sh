@@ -456,9 +456,10 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
     gemm_sm90_diag)
       wait  # for sm90_prebuild's builds, if it ran
       # session 28: where the Hopper NF4 GEMM's main loop spends its time: M = 2048 at the four shapes with the
-      # dequantization skipped (DIAG=1) and with the table lookup replaced by a conversion (DIAG=2), beside the real
-      # kernel; timings only (the diagnostic builds compute wrong results on purpose)
-      for d in ${DIAGS:-0 1 2}; do
+      # dequantization skipped (DIAG=1), with the table lookup replaced by a conversion (DIAG=2), and (session 29) with
+      # the whole dequantization done but not waited for (DIAG=3), beside the real kernel; timings only (the
+      # diagnostic builds compute wrong results on purpose)
+      for d in ${DIAGS:-0 1 2 3}; do
         DIAG=$d STEP_TIMEOUT=150 TAIL=6 step "gemm_sm90_diag$d" bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh --time-only
       done
       ;;
@@ -467,19 +468,19 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # session 29's experiments on the Hopper NF4 GEMM, each checked then timed at M = 2048 (beside gemm_sm90 and
       # gemm_sm90_diag's numbers): a producer warpgroup issuing the copies (PRODUCER, setmaxnreg 40 / 232), each k16
       # slice's wgmma issued as soon as it is dequantized (SLICED), both, the producer with clusters of 2 and 4
-      # sharing X by multicast (CLUSTER); then diag 1 builds of the producer, alone and with clusters of 2 (no
-      # dequantization: their pipelines alone)
+      # sharing X by multicast (CLUSTER); then diagnostic builds of the producer: diag 1 alone and with clusters of 2
+      # (no dequantization: their pipelines alone), diag 3 (the dequantization not waited for)
       for variant in ${SM90_VARIANTS:-PRODUCER=1 SLICED=1 PRODUCER=1,SLICED=1 PRODUCER=1,CLUSTER=2 PRODUCER=1,CLUSTER=4}; do
         sm90_variant_step "$variant" 16
       done
-      for variant in ${SM90_DIAG_VARIANTS:-PRODUCER=1,DIAG=1 PRODUCER=1,CLUSTER=2,DIAG=1}; do
+      for variant in ${SM90_DIAG_VARIANTS:-PRODUCER=1,DIAG=1 PRODUCER=1,DIAG=3 PRODUCER=1,CLUSTER=2,DIAG=1}; do
         sm90_variant_step "$variant" 6 --time-only
       done
       ;;
     sm90_prebuild)
       # the standalone binaries of gemm_sm90, gemm_sm90_diag and gemm_sm90_variants built in the background (CPU only),
       # for a later stage of the same call with REUSE_BIN=1
-      for variant in ${PREBUILD_VARIANTS:-plain DIAG=1 DIAG=2 PRODUCER=1 SLICED=1 PRODUCER=1,SLICED=1 PRODUCER=1,CLUSTER=2 PRODUCER=1,CLUSTER=4 PRODUCER=1,DIAG=1 PRODUCER=1,CLUSTER=2,DIAG=1}; do
+      for variant in ${PREBUILD_VARIANTS:-plain DIAG=1 DIAG=2 DIAG=3 PRODUCER=1 SLICED=1 PRODUCER=1,SLICED=1 PRODUCER=1,CLUSTER=2 PRODUCER=1,CLUSTER=4 PRODUCER=1,DIAG=1 PRODUCER=1,DIAG=3 PRODUCER=1,CLUSTER=2,DIAG=1}; do
         settings=${variant//,/ }
         [ "$variant" = plain ] && settings=
         env $settings BUILD_ONLY=1 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh \

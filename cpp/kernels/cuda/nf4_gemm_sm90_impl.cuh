@@ -249,7 +249,9 @@ __device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], const uint3
 // QLORA_SM90_DIAG (a diagnostic build of the standalone check only; wrong results, timing alone): 1 skips the
 // dequantization (the fragment is the code word itself), 2 replaces the table lookup by an integer conversion (the
 // products and the paired rounding stay), so that three timings split the main loop's time between the wgmma/TMA
-// pipeline, the table and the arithmetic.
+// pipeline, the table and the arithmetic. 3 does the whole dequantization but feeds the wgmmas diag 1's fragments
+// (the real ones go into a sink that is never read): nothing waits for it, so its time against diag 1 says whether
+// the dequantization only delays the wgmmas (3 ≈ 1) or slows the SM beside them (3 ≈ the real kernel).
 __device__ __forceinline__ uint32_t dequantize_byte(uint32_t table_lane, uint32_t word, uint32_t selector, float s) {
   const uint32_t code = __byte_perm(word, 0u, selector);
 #if defined(QLORA_SM90_DIAG) && QLORA_SM90_DIAG == 1
@@ -392,6 +394,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
+#if defined(QLORA_SM90_DIAG) && QLORA_SM90_DIAG == 3
+  uint32_t diag_sink = 0;
+#endif
   float acc[128];
 #pragma unroll
   for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
@@ -419,6 +424,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       a[set][j][1] = dequantize_byte(table_lane, words1[2 * j], selector, scale1);
       a[set][j][2] = dequantize_byte(table_lane, words0[2 * j + 1], selector, scale0);
       a[set][j][3] = dequantize_byte(table_lane, words1[2 * j + 1], selector, scale1);
+#if defined(QLORA_SM90_DIAG) && QLORA_SM90_DIAG == 3
+#pragma unroll
+      for (int i = 0; i < 4; ++i) diag_sink ^= a[set][j][i];
+      a[set][j][0] = words0[2 * j] ^ table_lane, a[set][j][1] = words1[2 * j] ^ table_lane;
+      a[set][j][2] = words0[2 * j + 1] ^ table_lane, a[set][j][3] = words1[2 * j + 1] ^ table_lane;
+#endif
     };
     if constexpr (kSliced) {
 #pragma unroll
@@ -502,6 +513,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   if constexpr (kClusterN > 1) cluster_wait();
+#if defined(QLORA_SM90_DIAG) && QLORA_SM90_DIAG == 3
+  if (p.M < 0) reinterpret_cast<uint32_t*>(p.y)[0] = diag_sink;  // never true; keeps the sink's inputs computed
+#endif
 #else
   __trap();  // built without sm_90a code: nf4_gemm_sm90_covers refuses such builds, so this is a caller's error
 #endif
