@@ -872,8 +872,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "# kernel: binaryVersion %d, %d registers, %zu bytes static shared\n",
                  attributes.binaryVersion, attributes.numRegs, attributes.sharedSizeBytes);
     namespace d = qlora::sm90::detail;
-    std::fprintf(stderr, "# build: %d threads, producer warpgroup %d, sliced issue %d, cluster %d, diag %d\n",
-                 d::kThreads, int(d::kProducerWarpgroup), int(d::kSliced), d::kClusterN,
+    std::fprintf(stderr, "# build: %d threads, producer warpgroup %d, sliced issue %d, cluster %d, %d A-register sets, "
+                 "diag %d\n", d::kThreads, int(d::kProducerWarpgroup), int(d::kSliced), d::kClusterN, d::kSets,
 #ifdef QLORA_SM90_DIAG
                  QLORA_SM90_DIAG
 #else

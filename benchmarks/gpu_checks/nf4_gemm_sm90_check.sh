@@ -14,7 +14,8 @@
 #     PRODUCER=1 ...                     # a producer warpgroup issues the copies (QLORA_SM90_PRODUCER_WG)
 #     SLICED=1 ...                       # each k16 slice's wgmma issued as soon as it is dequantized (QLORA_SM90_SLICED)
 #     CLUSTER=2 (or 4) ...               # clusters sharing X by TMA multicast (QLORA_SM90_CLUSTER_N)
-#                                        # (DIAG, PRODUCER, SLICED and CLUSTER combine)
+#     SETS=3 ...                         # three A-register sets, two stages of wgmmas in flight (QLORA_SM90_SETS)
+#                                        # (DIAG, PRODUCER, SLICED, CLUSTER and SETS combine)
 #     BUILD_ONLY=1 ...                   # build the binary and stop (e.g. in the background of other GPU work)
 #     REUSE_BIN=1 ...                    # run the binary already built for these settings, if there is one
 set -uo pipefail
@@ -29,6 +30,7 @@ if [ "$DIAG" != 0 ]; then VARIANT_FLAGS+=(-DQLORA_SM90_DIAG="$DIAG"); VARIANT+=_
 if [ "${PRODUCER:-0}" = 1 ]; then VARIANT_FLAGS+=(-DQLORA_SM90_PRODUCER_WG=1); VARIANT+=_producer; fi
 if [ "${SLICED:-0}" = 1 ]; then VARIANT_FLAGS+=(-DQLORA_SM90_SLICED=1); VARIANT+=_sliced; fi
 if [ "${CLUSTER:-1}" != 1 ]; then VARIANT_FLAGS+=(-DQLORA_SM90_CLUSTER_N="$CLUSTER"); VARIANT+=_cluster$CLUSTER; fi
+if [ "${SETS:-2}" != 2 ]; then VARIANT_FLAGS+=(-DQLORA_SM90_SETS="$SETS"); VARIANT+=_sets$SETS; fi
 BIN=/tmp/nf4_gemm_sm90_check$VARIANT
 BUILD_LOG="$OUT/nf4_gemm_sm90_build$VARIANT.txt"
 RESULT="$OUT/nf4_gemm_sm90${VARIANT:-_check}_${GPU_TAG:-h100}.json.txt"

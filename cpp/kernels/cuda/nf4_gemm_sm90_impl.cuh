@@ -28,7 +28,7 @@
 // Experiments (macros, off by default; timed by benchmarks/gpu_checks/run.sh gemm_sm90_variants): a producer
 // warpgroup with setmaxnreg (QLORA_SM90_PRODUCER_WG: the 12 warps fit the sub-partitions once the producer drops to
 // 40 registers), each slice's wgmma issued once dequantized (QLORA_SM90_SLICED), clusters sharing X by multicast
-// (QLORA_SM90_CLUSTER_N).
+// (QLORA_SM90_CLUSTER_N), three A-register sets (QLORA_SM90_SETS).
 #pragma once
 
 #include <cuda.h>
@@ -69,6 +69,13 @@ static_assert(2 * kConsumerRegisters * 32 + kProducerRegisters * 32 <= 16384, "r
 #define QLORA_SM90_SLICED 0
 #endif
 constexpr bool kSliced = QLORA_SM90_SLICED != 0;
+// QLORA_SM90_SETS (an experiment; 2 by default): A-register sets, i.e. stages whose wgmmas may be in flight while
+// the next is dequantized (wgmma.wait_group kSets - 1). 3 keeps two stages of each warpgroup queued (+16 registers).
+#ifndef QLORA_SM90_SETS
+#define QLORA_SM90_SETS 2
+#endif
+constexpr int kSets = QLORA_SM90_SETS;
+static_assert(kSets == 2 || kSets == 3, "2 or 3 register sets");
 // QLORA_SM90_CLUSTER_N (an experiment, 1 = off): clusters of 2 or 4 CTAs along W rows (grid y) share each X tile;
 // each CTA copies its share of the rows and multicasts it into every CTA of the cluster, dividing the X traffic
 // from L2 (32 KB a CTA and stage; without the dequantization the kernel moves ~6 TB/s from L2). Each slot's empty
@@ -367,10 +374,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t block1 = int64_t(min(n0 + row0 + 8, p.N - 1)) * blocks_per_row;
   const float offset = kDoubleQuant ? __ldg(p.nested_offset) : 0.0f;
 
-  // The block scales' inputs of stage kb in set kb % 2, loaded two stages ahead: under double quantization the
+  // The block scales' inputs of stage kb in set kb % kSets, loaded two stages ahead: under double quantization the
   // 8-bit code and the nested absmax of each row, plain the absmax itself.
-  uint32_t scale_code[2][2] = {};
-  float scale_factor[2][2] = {};
+  uint32_t scale_code[kSets][2] = {};
+  float scale_factor[kSets][2] = {};
   auto load_scale_inputs = [&](auto set_tag, int kb) {
     constexpr int set = decltype(set_tag)::value;
     if (kb < n_k) {
@@ -400,7 +407,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float acc[128];
 #pragma unroll
   for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-  uint32_t a[2][4][4] = {};  // [set][k16 slice][fragment register] (zero: the first stage fences set 1 unwritten)
+  uint32_t a[kSets][4][4] = {};  // [set][k16 slice][fragment register] (zero: the first stage fences set 1 unwritten)
   load_scale_inputs(RegisterSet<0>{}, 0);
   load_scale_inputs(RegisterSet<1>{}, 1);
 
@@ -408,7 +415,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     constexpr int set = decltype(set_tag)::value;
     const int s = kb % kStages;
     const float scale0 = block_scale(set_tag, 0), scale1 = block_scale(set_tag, 1);
-    load_scale_inputs(set_tag, kb + 2);
+    load_scale_inputs(RegisterSet<(set + 2) % kSets>{}, kb + 2);  // the set whose scales stage kb - 1 used
     mbar_wait(full0 + 8 * s, (kb / kStages) & 1);
     const unsigned char* const codes = smem + kCodeOffset + s * kCodeStageBytes;
     // the two rows' 32 code bytes of the stage (16-byte reads; the 4 t-lanes of a row read the same bytes)
@@ -448,20 +455,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int j = 0; j < 4; ++j) wgmma_m64n256k16_rs(acc, a[set][j], sw128_descriptor(x_stage + 32 * j));
     }
     wgmma_commit();
-    wgmma_wait<1>();  // stage kb - 1's wgmmas are done: its register set and its stage are free
-    fence_registers(a[set ^ 1]);
-    if (kb > 0 && lane == 0) {  // in a cluster, every CTA's copies of the slot's next use write into this CTA
+    // stage kb - (kSets - 1)'s wgmmas are done (kb - 1 with two sets): its register set and its stage are free
+    wgmma_wait<kSets - 1>();
+    fence_registers(a[(set + 1) % kSets]);
+    const int retired = kb - (kSets - 1);
+    if (retired >= 0 && lane == 0) {  // in a cluster, every CTA's copies of the slot's next use write into this CTA
       if constexpr (kClusterN > 1) {
 #pragma unroll
-        for (int r = 0; r < kClusterN; ++r) mbar_arrive_cluster(empty0 + 8 * ((kb - 1) % kStages), r);
+        for (int r = 0; r < kClusterN; ++r) mbar_arrive_cluster(empty0 + 8 * (retired % kStages), r);
       } else {
-        mbar_arrive(empty0 + 8 * ((kb - 1) % kStages));
+        mbar_arrive(empty0 + 8 * (retired % kStages));
       }
     }
-    // Refill the slot of stage kb - 2 (every warp arrived on it during stage kb - 1) with stage kb - 2 + kStages.
-    const int refill = kb - 2 + kStages;
-    if (!kProducerWarpgroup && tid == 0 && kb >= 2 && refill < n_k) {
-      mbar_wait(empty0 + 8 * ((kb - 2) % kStages), ((kb - 2) / kStages) & 1);
+    // Refill the slot of stage retired - 1 (every warp arrived on it during stage kb - 1) with its stage + kStages.
+    const int refill = retired - 1 + kStages;
+    if (!kProducerWarpgroup && tid == 0 && retired >= 1 && refill < n_k) {
+      mbar_wait(empty0 + 8 * ((retired - 1) % kStages), ((retired - 1) / kStages) & 1);
       issue_copies(refill);
     }
     __syncwarp();  // warp 0 whole again before the next stage's warpgroup-wide (.aligned) wgmma instructions
@@ -470,11 +479,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   fence_registers(acc);
   int kb = 0;
 #pragma unroll 1
-  for (; kb + 1 < n_k; kb += 2) {
+  for (; kb + kSets - 1 < n_k; kb += kSets) {
     stage(RegisterSet<0>{}, kb);
     stage(RegisterSet<1>{}, kb + 1);
+    if constexpr (kSets == 3) stage(RegisterSet<2 % kSets>{}, kb + 2);
   }
   if (kb < n_k) stage(RegisterSet<0>{}, kb);
+  if (kSets == 3 && kb + 1 < n_k) stage(RegisterSet<1>{}, kb + 1);
   wgmma_wait<0>();
   fence_registers(acc);
   // No CTA of a cluster exits while a peer may still arrive on its barriers (waited for at the end). The X stages
