@@ -415,7 +415,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     constexpr int set = decltype(set_tag)::value;
     const int s = kb % kStages;
     const float scale0 = block_scale(set_tag, 0), scale1 = block_scale(set_tag, 1);
-    load_scale_inputs(RegisterSet<(set + 2) % kSets>{}, kb + 2);  // the set whose scales stage kb - 1 used
+    // stage kb + 2's set: its previous stage (kb + 2 - kSets, this one with two sets) has read its scales already
+    load_scale_inputs(RegisterSet<(set + 2) % kSets>{}, kb + 2);
     mbar_wait(full0 + 8 * s, (kb / kStages) & 1);
     const unsigned char* const codes = smem + kCodeOffset + s * kCodeStageBytes;
     // the two rows' 32 code bytes of the stage (16-byte reads; the 4 t-lanes of a row read the same bytes)
