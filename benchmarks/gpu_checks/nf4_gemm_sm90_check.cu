@@ -916,7 +916,8 @@ int main(int argc, char** argv) {
                  attributes.binaryVersion, attributes.numRegs, attributes.sharedSizeBytes);
     namespace d = qlora::sm90::detail;
     std::fprintf(stderr, "# build: %d threads, producer warpgroup %d, sliced issue %d, cluster %d, %d A-register sets, "
-                 "diag %d\n", d::kThreads, int(d::kProducerWarpgroup), int(d::kSliced), d::kClusterN, d::kSets,
+                 "bf16 pairs %d, diag %d\n", d::kThreads, int(d::kProducerWarpgroup), int(d::kSliced), d::kClusterN,
+                 d::kSets, int(d::kBf16Pairs),
 #ifdef QLORA_SM90_DIAG
                  QLORA_SM90_DIAG
 #else

@@ -15,7 +15,9 @@
 #     SLICED=1 ...                       # each k16 slice's wgmma issued as soon as it is dequantized (QLORA_SM90_SLICED)
 #     CLUSTER=2 (or 4) ...               # clusters sharing X by TMA multicast (QLORA_SM90_CLUSTER_N)
 #     SETS=3 ...                         # three A-register sets, two stages of wgmmas in flight (QLORA_SM90_SETS)
-#                                        # (DIAG, PRODUCER, SLICED, CLUSTER and SETS combine)
+#     BF16_PAIRS=1 ...                   # a bf16-pair table and one bf16x2 multiply a byte (QLORA_SM90_BF16_PAIRS)
+#                                        # (DIAG, PRODUCER, SLICED, CLUSTER, SETS and BF16_PAIRS combine, but
+#                                        # BF16_PAIRS not with DIAG 1 or 2)
 #     BUILD_ONLY=1 ...                   # build the binary and stop (e.g. in the background of other GPU work)
 #     REUSE_BIN=1 ...                    # run the binary already built for these settings, if there is one
 set -uo pipefail
@@ -31,6 +33,7 @@ if [ "${PRODUCER:-0}" = 1 ]; then VARIANT_FLAGS+=(-DQLORA_SM90_PRODUCER_WG=1); V
 if [ "${SLICED:-0}" = 1 ]; then VARIANT_FLAGS+=(-DQLORA_SM90_SLICED=1); VARIANT+=_sliced; fi
 if [ "${CLUSTER:-1}" != 1 ]; then VARIANT_FLAGS+=(-DQLORA_SM90_CLUSTER_N="$CLUSTER"); VARIANT+=_cluster$CLUSTER; fi
 if [ "${SETS:-2}" != 2 ]; then VARIANT_FLAGS+=(-DQLORA_SM90_SETS="$SETS"); VARIANT+=_sets$SETS; fi
+if [ "${BF16_PAIRS:-0}" = 1 ]; then VARIANT_FLAGS+=(-DQLORA_SM90_BF16_PAIRS=1); VARIANT+=_bf16pairs; fi
 BIN=/tmp/nf4_gemm_sm90_check$VARIANT
 BUILD_LOG="$OUT/nf4_gemm_sm90_build$VARIANT.txt"
 RESULT="$OUT/nf4_gemm_sm90${VARIANT:-_check}_${GPU_TAG:-h100}.json.txt"

@@ -469,9 +469,10 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       # gemm_sm90_diag's numbers): a producer warpgroup issuing the copies (PRODUCER, setmaxnreg 40 / 232), each k16
       # slice's wgmma issued as soon as it is dequantized (SLICED), both, the producer with clusters of 2 and 4
       # sharing X by multicast (CLUSTER), three A-register sets (SETS: two stages of wgmmas in flight), alone and with
-      # the producer; then diagnostic builds of the producer: diag 1 alone and with clusters of 2
+      # the producer; (session 30) a bf16-pair table with one bf16x2 multiply a byte (BF16_PAIRS), alone and with the
+      # producer; then diagnostic builds of the producer: diag 1 alone and with clusters of 2
       # (no dequantization: their pipelines alone), diag 3 (the dequantization not waited for)
-      for variant in ${SM90_VARIANTS:-PRODUCER=1 SLICED=1 PRODUCER=1,SLICED=1 PRODUCER=1,CLUSTER=2 PRODUCER=1,CLUSTER=4 SETS=3 PRODUCER=1,SETS=3}; do
+      for variant in ${SM90_VARIANTS:-PRODUCER=1 SLICED=1 PRODUCER=1,SLICED=1 PRODUCER=1,CLUSTER=2 PRODUCER=1,CLUSTER=4 SETS=3 PRODUCER=1,SETS=3 BF16_PAIRS=1 PRODUCER=1,BF16_PAIRS=1}; do
         sm90_variant_step "$variant" 16
       done
       for variant in ${SM90_DIAG_VARIANTS:-PRODUCER=1,DIAG=1 PRODUCER=1,DIAG=3 PRODUCER=1,CLUSTER=2,DIAG=1}; do
@@ -481,7 +482,7 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
     sm90_prebuild)
       # the standalone binaries of gemm_sm90, gemm_sm90_diag and gemm_sm90_variants built in the background (CPU only),
       # for a later stage of the same call with REUSE_BIN=1
-      for variant in ${PREBUILD_VARIANTS:-plain DIAG=1 DIAG=2 DIAG=3 PRODUCER=1 SLICED=1 PRODUCER=1,SLICED=1 PRODUCER=1,CLUSTER=2 PRODUCER=1,CLUSTER=4 SETS=3 PRODUCER=1,SETS=3 PRODUCER=1,DIAG=1 PRODUCER=1,DIAG=3 PRODUCER=1,CLUSTER=2,DIAG=1}; do
+      for variant in ${PREBUILD_VARIANTS:-plain DIAG=1 DIAG=2 DIAG=3 PRODUCER=1 SLICED=1 PRODUCER=1,SLICED=1 PRODUCER=1,CLUSTER=2 PRODUCER=1,CLUSTER=4 SETS=3 PRODUCER=1,SETS=3 BF16_PAIRS=1 PRODUCER=1,BF16_PAIRS=1 PRODUCER=1,DIAG=1 PRODUCER=1,DIAG=3 PRODUCER=1,CLUSTER=2,DIAG=1}; do
         settings=${variant//,/ }
         [ "$variant" = plain ] && settings=
         env $settings BUILD_ONLY=1 bash benchmarks/gpu_checks/nf4_gemm_sm90_check.sh \

@@ -86,10 +86,24 @@ static_assert(kSets == 2 || kSets == 3, "2 or 3 register sets");
 #endif
 constexpr int kClusterN = QLORA_SM90_CLUSTER_N;
 static_assert(kClusterN == 1 || kClusterN == 2 || kClusterN == 4, "clusters of 1, 2 or 4 CTAs");
+// QLORA_SM90_BF16_PAIRS (an experiment, off): the table holds (T(nf4[hi]), T(nf4[lo])) as a bf16 pair, 32 copies
+// (one a lane: conflict-free 4-byte loads), and a code byte's fragment register is one bf16x2 multiply by (T(s),
+// T(s)): 4 instructions a byte instead of 6 and half the table's shared-memory bytes (16 KB a stage instead of 32),
+// for two more roundings (the weight becomes T(T(nf4[c]) T(s)) instead of T(nf4[c] s)). For the case where the
+// dequantization slows the wgmmas beside it (diag 3 near the kernel) rather than only delaying them.
+#ifndef QLORA_SM90_BF16_PAIRS
+#define QLORA_SM90_BF16_PAIRS 0
+#endif
+constexpr bool kBf16Pairs = QLORA_SM90_BF16_PAIRS != 0;
+#if defined(QLORA_SM90_DIAG) && (QLORA_SM90_DIAG == 1 || QLORA_SM90_DIAG == 2)
+static_assert(!kBf16Pairs, "diag 1 and 2 replace the fp32 table's lookup: build them without QLORA_SM90_BF16_PAIRS");
+#endif
 constexpr int kXStageBytes = kTileM * kStageK * 2;    // 32 KB
 constexpr int kCodeStageBytes = kTileN * kStageK / 2; // 4 KB: 128 rows x 32 bytes
-constexpr int kTableCopies = 16;
-constexpr int kTableBytes = 256 * kTableCopies * 8;   // (nf4[hi], nf4[lo]) float pairs, 32 KB
+constexpr int kTableEntryBytes = kBf16Pairs ? 4 : 8;  // a bf16 pair, or an fp32 pair
+constexpr int kTableCopies = kBf16Pairs ? 32 : 16;    // one a lane of the warp, or of the half-warp an LDS.64 serves
+constexpr int kTableStride = kTableCopies * kTableEntryBytes;  // 128 bytes from one entry's copies to the next's
+constexpr int kTableBytes = 256 * kTableStride;       // 32 KB
 constexpr int kXOffset = 0;                           // 1024-aligned: the 128-byte swizzle's period
 constexpr int kCodeOffset = kXOffset + kStages * kXStageBytes;
 constexpr int kTableOffset = kCodeOffset + kStages * kCodeStageBytes;
@@ -270,11 +284,21 @@ __device__ __forceinline__ uint32_t dequantize_byte(uint32_t table_lane, uint32_
 #else
   asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
                : "=f"(hi_nibble), "=f"(lo_nibble)
-               : "r"(table_lane + code * (kTableCopies * 8)));
+               : "r"(table_lane + code * kTableStride));
 #endif
   uint32_t pair;
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(__fmul_rn(lo_nibble, s)), "f"(__fmul_rn(hi_nibble, s)));
   return pair;
+}
+
+// QLORA_SM90_BF16_PAIRS's form: the byte's (T(nf4[hi]), T(nf4[lo])) pair times (T(s), T(s)), one bf16x2 multiply.
+__device__ __forceinline__ uint32_t dequantize_byte_bf16_pairs(uint32_t table_lane, uint32_t word, uint32_t selector,
+                                                               uint32_t scale_pair) {
+  const uint32_t code = __byte_perm(word, 0u, selector);
+  uint32_t pair, scaled;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(pair) : "r"(table_lane + code * kTableStride));
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(scaled) : "r"(pair), "r"(scale_pair));
+  return scaled;
 }
 
 // Which of the two A-register sets (and scale-input sets) a stage uses: a type, so that each is a compile-time index.
@@ -315,9 +339,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (tid < 256) {  // table entry `tid`: its 16 copies in 8 16-byte stores, rotated across the bank groups
     const float hi = nf4_values[tid >> 4], lo = nf4_values[tid & 15];
-    float4* const copies = reinterpret_cast<float4*>(smem + kTableOffset + tid * kTableCopies * 8);
+    uint4* const copies = reinterpret_cast<uint4*>(smem + kTableOffset + tid * kTableStride);
+    uint4 piece;  // 16 bytes of copies: 2 fp32 pairs or 4 bf16 pairs
+    if constexpr (kBf16Pairs) {
+      uint32_t pair;
+      asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(lo), "f"(hi));  // hi in the low half: the even k
+      piece = make_uint4(pair, pair, pair, pair);
+    } else {
+      piece = make_uint4(__float_as_uint(hi), __float_as_uint(lo), __float_as_uint(hi), __float_as_uint(lo));
+    }
+    static_assert(kTableStride == 8 * 16, "an entry's copies are 8 16-byte pieces");
 #pragma unroll
-    for (int q = 0; q < 8; ++q) copies[(q + tid) & 7] = make_float4(hi, lo, hi, lo);
+    for (int q = 0; q < 8; ++q) copies[(q + tid) & 7] = piece;
     if constexpr (kDoubleQuant) reinterpret_cast<float*>(smem + kMapOffset)[tid] = __ldg(p.nested_code + tid);
   }
   __syncthreads();
@@ -366,7 +399,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = warp >> 2, g = lane >> 2, t = lane & 3;
   const int row0 = wg * 64 + (warp & 3) * 16 + g;
   const uint32_t selector = 0x4440u | uint32_t(t);  // byte t of a word, zeros above
-  const uint32_t table_lane = base + kTableOffset + (lane & 15) * 8;
+  const uint32_t table_lane = base + kTableOffset + (lane % kTableCopies) * kTableEntryBytes;
   const float* const nested_map = reinterpret_cast<const float*>(smem + kMapOffset);
   const int64_t blocks_per_row = p.K / kStageK;
   // rows past N take row N - 1's scales (their codes are TMA's zero fill; their outputs are not stored)
@@ -427,11 +460,23 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint32_t words0[8] = {row0_lo.x, row0_lo.y, row0_lo.z, row0_lo.w, row0_hi.x, row0_hi.y, row0_hi.z, row0_hi.w};
     const uint32_t words1[8] = {row1_lo.x, row1_lo.y, row1_lo.z, row1_lo.w, row1_hi.x, row1_hi.y, row1_hi.z, row1_hi.w};
     const uint32_t x_stage = base + kXOffset + s * kXStageBytes;
+    [[maybe_unused]] uint32_t scale_pair0 = 0, scale_pair1 = 0;  // (T(s), T(s)) of each row, for QLORA_SM90_BF16_PAIRS
+    if constexpr (kBf16Pairs) {
+      asm("cvt.rn.bf16x2.f32 %0, %1, %1;" : "=r"(scale_pair0) : "f"(scale0));
+      asm("cvt.rn.bf16x2.f32 %0, %1, %1;" : "=r"(scale_pair1) : "f"(scale1));
+    }
     auto dequantize_slice = [&](int j) {  // slice j: byte t of word 2j (k 16j + 2t) and of word 2j + 1 (k 16j + 8 + 2t)
-      a[set][j][0] = dequantize_byte(table_lane, words0[2 * j], selector, scale0);
-      a[set][j][1] = dequantize_byte(table_lane, words1[2 * j], selector, scale1);
-      a[set][j][2] = dequantize_byte(table_lane, words0[2 * j + 1], selector, scale0);
-      a[set][j][3] = dequantize_byte(table_lane, words1[2 * j + 1], selector, scale1);
+      if constexpr (kBf16Pairs) {
+        a[set][j][0] = dequantize_byte_bf16_pairs(table_lane, words0[2 * j], selector, scale_pair0);
+        a[set][j][1] = dequantize_byte_bf16_pairs(table_lane, words1[2 * j], selector, scale_pair1);
+        a[set][j][2] = dequantize_byte_bf16_pairs(table_lane, words0[2 * j + 1], selector, scale_pair0);
+        a[set][j][3] = dequantize_byte_bf16_pairs(table_lane, words1[2 * j + 1], selector, scale_pair1);
+      } else {
+        a[set][j][0] = dequantize_byte(table_lane, words0[2 * j], selector, scale0);
+        a[set][j][1] = dequantize_byte(table_lane, words1[2 * j], selector, scale1);
+        a[set][j][2] = dequantize_byte(table_lane, words0[2 * j + 1], selector, scale0);
+        a[set][j][3] = dequantize_byte(table_lane, words1[2 * j + 1], selector, scale1);
+      }
 #if defined(QLORA_SM90_DIAG) && QLORA_SM90_DIAG == 3
 #pragma unroll
       for (int i = 0; i < 4; ++i) diag_sink ^= a[set][j][i];
