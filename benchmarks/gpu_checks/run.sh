@@ -478,6 +478,9 @@ l1tex__throughput.avg.pct_of_peak_sustained_active,gpu__time_duration.sum "$PY" 
       for variant in ${SM90_DIAG_VARIANTS:-PRODUCER=1,DIAG=1 PRODUCER=1,DIAG=3 PRODUCER=1,CLUSTER=2,DIAG=1}; do
         sm90_variant_step "$variant" 6 --time-only
       done
+      # every build's checks and speeds so far in this call (gemm_sm90, gemm_sm90_diag and these) in one table
+      STEP_TIMEOUT=30 TAIL=30 step gemm_sm90_summary python3 benchmarks/gpu_checks/nf4_gemm_sm90_summary.py "$OUT" \
+        --out "$OUT/nf4_gemm_sm90_summary_${GPU_TAG:-h100}.md"
       ;;
     sm90_prebuild)
       # the standalone binaries of gemm_sm90, gemm_sm90_diag and gemm_sm90_variants built in the background (CPU only),
