@@ -3,7 +3,7 @@ whose code loads are 16 bytes a lane, and (session 23, run in session 24) gemv_r
 
     python benchmarks/gpu_checks/gemv_v16_experiment.py [--out FILE.json]
 
-Why (README, "4-bit GEMV" paragraphs of session 21): "factored" runs at 1.5-1.85x the time of its
+Why (docs/nf4_gemv.md, session 21's paragraphs): "factored" runs at 1.5-1.85x the time of its
 own access pattern. Neither ~10% fewer instructions ("factored_wide") nor 50% more warps
 ("factored_lean") moved it. The likelier limit is the L1 data pipe, at 0.67 wavefronts a cycle per SM,
 which ncu splits into table lookups (shared) and code, scale and x loads (global). Its 8-byte code

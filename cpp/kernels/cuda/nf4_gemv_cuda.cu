@@ -756,7 +756,7 @@ nf4_gemv_factored_kernel(const T* __restrict__ x, int M, FactoredParts parts, in
 // "factored"'s arithmetic (T(nf4) table words, each 64-k segment's fp32 partial sum times its
 // block's fp32 scale) with two changes, measured first as a CuPy experiment
 // (benchmarks/gpu_checks/gemv_v16_experiment.py, gemv_ring_h100.json; H100, M = 1: 22-35% less time
-// than factored_fill; this port 15-30% less, nf4_gemv_ring_h100.json, see the README for why not more):
+// than factored_fill; this port 15-30% less, nf4_gemv_ring_h100.json, see docs/nf4_gemv.md for why not more):
 //   - Each warp streams its own items (one item = 16 rows x 256 k: 2 KB of codes) through a ring of
 //     STAGES shared-memory stages filled by cp.async, so STAGES - 1 items are in flight without
 //     holding registers and without a CTA barrier per item (the former streamed kernel had both). "factored" keeps one
