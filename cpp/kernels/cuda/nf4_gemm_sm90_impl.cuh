@@ -28,7 +28,8 @@
 // Experiments (macros, off by default; timed by benchmarks/gpu_checks/run.sh gemm_sm90_variants): a producer
 // warpgroup with setmaxnreg (QLORA_SM90_PRODUCER_WG: the 12 warps fit the sub-partitions once the producer drops to
 // 40 registers), each slice's wgmma issued once dequantized (QLORA_SM90_SLICED), clusters sharing X by multicast
-// (QLORA_SM90_CLUSTER_N), three A-register sets (QLORA_SM90_SETS).
+// (QLORA_SM90_CLUSTER_N), three A-register sets (QLORA_SM90_SETS), a bf16-pair table with one bf16x2 multiply a
+// byte (QLORA_SM90_BF16_PAIRS).
 #pragma once
 
 #include <cuda.h>
@@ -337,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tid == i) nf4_values[i] = nf4_code(i);
   }
   __syncthreads();
-  if (tid < 256) {  // table entry `tid`: its 16 copies in 8 16-byte stores, rotated across the bank groups
+  if (tid < 256) {  // table entry `tid`: its copies in 8 16-byte stores, rotated across the bank groups
     const float hi = nf4_values[tid >> 4], lo = nf4_values[tid & 15];
     uint4* const copies = reinterpret_cast<uint4*>(smem + kTableOffset + tid * kTableStride);
     uint4 piece;  // 16 bytes of copies: 2 fp32 pairs or 4 bf16 pairs
@@ -465,18 +466,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       asm("cvt.rn.bf16x2.f32 %0, %1, %1;" : "=r"(scale_pair0) : "f"(scale0));
       asm("cvt.rn.bf16x2.f32 %0, %1, %1;" : "=r"(scale_pair1) : "f"(scale1));
     }
-    auto dequantize_slice = [&](int j) {  // slice j: byte t of word 2j (k 16j + 2t) and of word 2j + 1 (k 16j + 8 + 2t)
+    auto dequantize = [&](uint32_t word, int row) {  // row 0 or 1 of the lane's two (a constant at each call)
       if constexpr (kBf16Pairs) {
-        a[set][j][0] = dequantize_byte_bf16_pairs(table_lane, words0[2 * j], selector, scale_pair0);
-        a[set][j][1] = dequantize_byte_bf16_pairs(table_lane, words1[2 * j], selector, scale_pair1);
-        a[set][j][2] = dequantize_byte_bf16_pairs(table_lane, words0[2 * j + 1], selector, scale_pair0);
-        a[set][j][3] = dequantize_byte_bf16_pairs(table_lane, words1[2 * j + 1], selector, scale_pair1);
+        return dequantize_byte_bf16_pairs(table_lane, word, selector, row == 0 ? scale_pair0 : scale_pair1);
       } else {
-        a[set][j][0] = dequantize_byte(table_lane, words0[2 * j], selector, scale0);
-        a[set][j][1] = dequantize_byte(table_lane, words1[2 * j], selector, scale1);
-        a[set][j][2] = dequantize_byte(table_lane, words0[2 * j + 1], selector, scale0);
-        a[set][j][3] = dequantize_byte(table_lane, words1[2 * j + 1], selector, scale1);
+        return dequantize_byte(table_lane, word, selector, row == 0 ? scale0 : scale1);
       }
+    };
+    auto dequantize_slice = [&](int j) {  // slice j: byte t of word 2j (k 16j + 2t) and of word 2j + 1 (k 16j + 8 + 2t)
+      a[set][j][0] = dequantize(words0[2 * j], 0);
+      a[set][j][1] = dequantize(words1[2 * j], 1);
+      a[set][j][2] = dequantize(words0[2 * j + 1], 0);
+      a[set][j][3] = dequantize(words1[2 * j + 1], 1);
 #if defined(QLORA_SM90_DIAG) && QLORA_SM90_DIAG == 3
 #pragma unroll
       for (int i = 0; i < 4; ++i) diag_sink ^= a[set][j][i];
