@@ -85,6 +85,15 @@ fi
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
+# Result files carry the card in their names (…_h100.json, …_h200.json): from GPU_TAG if set, else from the first
+# GPU's name, so that a call that lands on an H200 does not write files named for the H100.
+if [ -z "${GPU_TAG:-}" ]; then
+  case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)" in
+    *H200*) export GPU_TAG=h200 ;;
+    *H100*) export GPU_TAG=h100 ;;
+  esac
+fi
+echo "== result files tagged ${GPU_TAG:-h100}"
 status=0
 
 step() {  # name, command...: runs it, logs to $OUT/<name>.log, prints the tail, remembers failures
