@@ -812,8 +812,9 @@ void time_shape(Context& ctx, int M, int N, int K, uint64_t seed) {
   }
   // The copies: the first is p; the others have their own codes, scales and dequantized weight, and p's X.
   const size_t nf4_bytes = size_t(N) * K / 2 + size_t(N) * K / 64;
-  int l2_bytes = 0;
-  CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, 0));
+  int device = 0, l2_bytes = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
   const int copies = copies_for(nf4_bytes, l2_bytes);  // more than cuBLAS' 4-byte-a-weight copies need
   std::vector<Problem> rotating(copies - 1);
   for (int c = 0; c + 1 < copies; ++c) {
